@@ -1,0 +1,107 @@
+//! Hypervisor drivers.
+//!
+//! A driver turns "this VM should exist and be running" into processes on the
+//! host. The agent's reconciler is the only caller; it never touches QEMU
+//! itself. Every method is idempotent: calling `start` on a running VM or
+//! `destroy` on a VM that is gone succeeds, so the reconciler can repeat any
+//! step after a crash.
+//!
+//! Layout: each VM owns a directory `<root>/<vm id>/` holding its disk
+//! overlay, its QMP socket, its pid file and its serial console log. Nothing
+//! about a VM is kept only in memory, which is what lets a restarted agent
+//! re-attach to QEMUs that kept running.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use virt8ra_api::Hypervisor;
+
+pub mod qemu;
+
+/// What a driver needs to run one VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    /// The cached base image (qcow2) the VM's copy-on-write overlay sits on.
+    pub base_image: PathBuf,
+    /// Guest TCP port -> host loopback port.
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// What a driver observes of one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverVmState {
+    /// No VM directory: never created or destroyed.
+    Absent,
+    /// Disk exists, no process.
+    Stopped,
+    /// The process is alive and answers on QMP.
+    Running,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    #[error("qemu-img failed: {0}")]
+    QemuImg(String),
+    #[error("QEMU did not start: {0}")]
+    Start(String),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = DriverError> = std::result::Result<T, E>;
+
+#[async_trait::async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// `qemu` or `sim`.
+    fn name(&self) -> &'static str;
+    /// KVM or emulation, as probed when the driver was created.
+    fn hypervisor(&self) -> Hypervisor;
+    /// Version of the hypervisor, e.g. `QEMU 7.2.22`.
+    fn version(&self) -> String;
+    /// Directory of one VM.
+    fn vm_dir(&self, id: &str) -> PathBuf;
+    /// Create the VM's directory and its copy-on-write disk over the base
+    /// image, sized to at least `disk_gib`. Keeps an existing disk.
+    async fn prepare(&self, cfg: &VmConfig) -> Result<()>;
+    /// Start the VM's process if it is not running. Requires `prepare`.
+    async fn start(&self, cfg: &VmConfig) -> Result<()>;
+    async fn state(&self, id: &str) -> Result<DriverVmState>;
+    /// Ask the guest to power down (ACPI), wait up to `timeout`, then force it off.
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<()>;
+    /// Reset the guest.
+    async fn reboot(&self, id: &str) -> Result<()>;
+    /// Kill the process if any and delete the VM's directory.
+    async fn destroy(&self, id: &str) -> Result<()>;
+    /// Ids of the VMs that have a directory on this host.
+    async fn list(&self) -> Result<Vec<String>>;
+    /// Path of the serial console log.
+    fn console_path(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("console.log")
+    }
+}
+
+/// The last `max_bytes` of a console log, lossily decoded, and whether older
+/// output was cut.
+pub fn read_tail(path: &Path, max_bytes: u64) -> std::io::Result<(String, bool)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), false)),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(max_bytes);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::with_capacity((len - start) as usize);
+    f.read_to_end(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf).into_owned(), start > 0))
+}

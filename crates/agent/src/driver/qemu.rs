@@ -1,0 +1,1 @@
+//! QEMU driver (to be written).

@@ -1,0 +1,186 @@
+//! The agent protocol.
+//!
+//! An agent dials out to the control plane (so a host behind NAT needs no
+//! inbound port) and keeps one WebSocket open at `GET /api/v1/agent/connect`,
+//! authenticated with its host token. Every frame is one JSON text message:
+//! [`AgentMessage`] upstream, [`ServerMessage`] downstream, tagged by `type`.
+//!
+//! The first message is the agent's [`AgentMessage::Hello`] naming the range
+//! of protocol versions it speaks; the server answers [`ServerMessage::Welcome`]
+//! with the version both use, or [`ServerMessage::Reject`] and closes. Within a
+//! major protocol version, fields are only ever added, and both sides ignore
+//! fields they do not know, so agents and the control plane can be upgraded at
+//! different times.
+//!
+//! The control plane is declarative towards the agent: it sends the complete
+//! set of VMs the host should have ([`ServerMessage::DesiredState`]) whenever it
+//! changes and on every connect. The agent persists it, reconciles its QEMU
+//! processes towards it, and reports what it has ([`VmReport`]) on every change
+//! and with each heartbeat. Reboot is expressed declaratively too, as a
+//! generation counter that the agent compares with the last one it acted on.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{HostInventory, HostUsage, PortForward, PowerState};
+
+/// Newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Agent to control plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    Hello {
+        /// Newest version the agent speaks.
+        protocol: u32,
+        /// Oldest version the agent speaks.
+        min_protocol: u32,
+        inventory: HostInventory,
+    },
+    Heartbeat {
+        seq: u64,
+        usage: HostUsage,
+        vms: Vec<VmReport>,
+    },
+    /// Sent when a VM's observed state changes, between heartbeats.
+    VmReport(VmReport),
+    /// Answer to [`ServerMessage::ConsoleRequest`].
+    ConsoleData {
+        request_id: u64,
+        vm_id: String,
+        data: String,
+        truncated: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// Control plane to agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Welcome {
+        protocol: u32,
+        host_id: String,
+        heartbeat_interval_s: u64,
+    },
+    Reject {
+        reason: String,
+    },
+    /// The full set of VMs this host should have. Anything else is removed.
+    DesiredState {
+        /// Increases with every change; the agent ignores an older one.
+        generation: u64,
+        vms: Vec<DesiredVm>,
+    },
+    ConsoleRequest {
+        request_id: u64,
+        vm_id: String,
+        /// Return at most this many bytes from the end of the log.
+        max_bytes: u64,
+    },
+}
+
+/// A VM as the control plane wants it on this host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredVm {
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub image: ImageRef,
+    #[serde(default)]
+    pub user_data: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    pub power: PowerState,
+    pub reboot_generation: u64,
+    /// Seconds to wait for an ACPI power-down before forcing the VM off.
+    pub stop_timeout_s: u32,
+}
+
+/// Where the agent gets a VM's base image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub id: String,
+    pub name: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// Path on the control plane, e.g. `/api/v1/images/ID/data`.
+    pub url_path: String,
+}
+
+/// What the agent observes of one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmReport {
+    pub id: String,
+    pub phase: AgentVmPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
+    /// The last reboot generation the agent carried out.
+    pub reboot_generation: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentVmPhase {
+    Provisioning,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+    /// Removed from the host: process gone, disk deleted.
+    Deleted,
+}
+
+/// Pick the protocol version both sides speak, if any.
+pub fn negotiate(agent_min: u32, agent_max: u32) -> Option<u32> {
+    let hi = agent_max.min(PROTOCOL_VERSION);
+    let lo = agent_min.max(MIN_PROTOCOL_VERSION);
+    (lo <= hi).then_some(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_picks_highest_common_version() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 7), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
+        assert_eq!(negotiate(0, 0), None);
+    }
+
+    #[test]
+    fn unknown_fields_from_a_newer_peer_are_ignored() {
+        let raw = r#"{"type":"reject","reason":"x","added_in_v2":true}"#;
+        let m: ServerMessage = serde_json::from_str(raw).expect("parse");
+        assert_eq!(
+            m,
+            ServerMessage::Reject {
+                reason: "x".into()
+            }
+        );
+    }
+
+    #[test]
+    fn messages_are_tagged_by_type() {
+        let m = AgentMessage::ConsoleData {
+            request_id: 3,
+            vm_id: "v".into(),
+            data: "boot".into(),
+            truncated: false,
+            error: None,
+        };
+        let v = serde_json::to_value(&m).expect("json");
+        assert_eq!(v["type"], "console_data");
+        let back: AgentMessage = serde_json::from_value(v).expect("back");
+        assert_eq!(back, m);
+    }
+}

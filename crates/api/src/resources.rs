@@ -1,0 +1,521 @@
+//! API resources: providers, sites, hosts, images, VMs and tokens.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+// ---------------------------------------------------------------- providers
+
+/// A cloud or edge operator that owns sites. Its legal country and
+/// jurisdiction decide which law applies to the data on its hosts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Provider {
+    pub id: String,
+    pub name: String,
+    /// ISO 3166-1 alpha-2 code of the country where the provider is incorporated.
+    pub country: String,
+    /// Legal jurisdiction, e.g. `EU`, `EEA`, `CH`, `US`.
+    pub jurisdiction: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderCreate {
+    pub name: String,
+    pub country: String,
+    #[serde(default = "default_jurisdiction")]
+    pub jurisdiction: String,
+}
+
+fn default_jurisdiction() -> String {
+    "EU".to_string()
+}
+
+// -------------------------------------------------------------------- sites
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Core,
+    Edge,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Core => "core",
+            Tier::Edge => "edge",
+        }
+    }
+}
+
+/// Facts about a site that placement weighs: energy and price.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteFacts {
+    /// Grid carbon intensity in gCO2eq/kWh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid_gco2_per_kwh: Option<f64>,
+    /// Power usage effectiveness of the data centre (>= 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pue: Option<f64>,
+    /// Price per vCPU-hour, in EUR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_vcpu_hour: Option<f64>,
+    /// Price per GiB of memory per hour, in EUR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_gib_hour: Option<f64>,
+}
+
+/// A location of a provider: a core data centre or an edge site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Site {
+    pub id: String,
+    pub name: String,
+    /// Name of the provider that runs the site.
+    pub provider: String,
+    /// ISO 3166-1 alpha-2 code of the country the site is in.
+    pub country: String,
+    pub city: String,
+    pub latitude: f64,
+    pub longitude: f64,
+    pub tier: Tier,
+    #[serde(default)]
+    pub facts: SiteFacts,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteCreate {
+    pub name: String,
+    /// Provider name or id.
+    pub provider: String,
+    pub country: String,
+    pub city: String,
+    pub latitude: f64,
+    pub longitude: f64,
+    #[serde(default = "default_tier")]
+    pub tier: Tier,
+    #[serde(default)]
+    pub facts: SiteFacts,
+}
+
+fn default_tier() -> Tier {
+    Tier::Core
+}
+
+// -------------------------------------------------------------------- hosts
+
+/// How the host runs guests: hardware virtualisation or CPU emulation (TCG).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Hypervisor {
+    Kvm,
+    Emulation,
+}
+
+impl Hypervisor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hypervisor::Kvm => "kvm",
+            Hypervisor::Emulation => "emulation",
+        }
+    }
+}
+
+/// What a host has, as its agent reports it at join and on every connect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostInventory {
+    pub hostname: String,
+    /// `x86_64`, `aarch64`, `riscv64`.
+    pub arch: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub cpu_model: String,
+    #[serde(default)]
+    pub cpu_flags: Vec<String>,
+    #[serde(default)]
+    pub accelerators: Vec<String>,
+    pub hypervisor: Hypervisor,
+    pub agent_version: String,
+    #[serde(default)]
+    pub qemu_version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Connected and heartbeating: placement may use it.
+    Ready,
+    /// No heartbeat within three intervals.
+    Unreachable,
+    /// Taken out of placement by an operator; its VMs keep running.
+    Disabled,
+    /// Under maintenance: no new VMs.
+    Maintenance,
+}
+
+impl HostState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Ready => "ready",
+            HostState::Unreachable => "unreachable",
+            HostState::Disabled => "disabled",
+            HostState::Maintenance => "maintenance",
+        }
+    }
+}
+
+/// Live usage, as measured by the agent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostUsage {
+    pub vms_running: u32,
+    /// One-minute load average of the host.
+    pub load_1m: f64,
+    pub memory_used_mib: u64,
+    pub disk_used_gib: u64,
+}
+
+/// Resources committed to VMs placed on the host (by the control plane).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Allocation {
+    pub vms: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub id: String,
+    pub name: String,
+    pub site: String,
+    pub provider: String,
+    pub country: String,
+    pub inventory: HostInventory,
+    pub state: HostState,
+    /// Whether the agent's channel is open right now.
+    pub connected: bool,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub usage: HostUsage,
+    pub allocated: Allocation,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Operator changes to a host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostUpdate {
+    /// `ready`, `disabled` or `maintenance` (`unreachable` is set by the control plane only).
+    pub state: HostState,
+}
+
+// ------------------------------------------------------------------- images
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    /// Content address: sha256 of the stored qcow2 file, lowercase hex.
+    pub sha256: String,
+    /// Format as stored (always `qcow2`; other formats are converted on import).
+    pub format: String,
+    /// Format the file had when it was imported.
+    pub source_format: String,
+    pub size_bytes: u64,
+    pub virtual_size_bytes: u64,
+    pub arch: String,
+    pub created_at: DateTime<Utc>,
+}
+
+// ---------------------------------------------------------------------- VMs
+
+/// Where a VM may run, at this stage explicit pins; the placement engine adds more.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementConstraints {
+    /// Site name: the VM runs only there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// Provider name: the VM runs only at this provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// ISO country code: the VM runs only in this country.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+}
+
+impl PlacementConstraints {
+    pub fn is_empty(&self) -> bool {
+        self.site.is_none() && self.provider.is_none() && self.country.is_none()
+    }
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    /// Image name or id, as given.
+    pub image: String,
+    #[serde(default)]
+    pub placement: PlacementConstraints,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// Guest TCP ports the agent forwards to a port on the host's loopback.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    pub name: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "default_disk")]
+    pub disk_gib: u64,
+    pub image: String,
+    #[serde(default)]
+    pub placement: PlacementConstraints,
+    #[serde(default)]
+    pub user_data: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Start the VM once placed (default true).
+    #[serde(default = "default_true")]
+    pub start: bool,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    256
+}
+fn default_disk() -> u64 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+
+impl VmCreate {
+    pub fn spec(&self) -> VmSpec {
+        VmSpec {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disk_gib: self.disk_gib,
+            image: self.image.clone(),
+            placement: self.placement.clone(),
+            user_data: self.user_data.clone(),
+            ports: self.ports.clone(),
+        }
+    }
+}
+
+/// The life cycle of a VM.
+///
+/// ```text
+///  pending ──► scheduled ──► provisioning ──► running ◄──► stopping ──► stopped
+///     │            │               │             │                        │
+///     └────────────┴───────────────┴─────► failed (reason) ◄──────────────┘
+///  any ──► deleting ──► deleted
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmPhase {
+    /// Accepted, waiting for a host.
+    Pending,
+    /// A host was chosen; its agent has not reported yet.
+    Scheduled,
+    /// The agent fetches the image and creates the disk.
+    Provisioning,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+    Deleting,
+    Deleted,
+}
+
+impl VmPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmPhase::Pending => "pending",
+            VmPhase::Scheduled => "scheduled",
+            VmPhase::Provisioning => "provisioning",
+            VmPhase::Running => "running",
+            VmPhase::Stopping => "stopping",
+            VmPhase::Stopped => "stopped",
+            VmPhase::Failed => "failed",
+            VmPhase::Deleting => "deleting",
+            VmPhase::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VmPhase> {
+        Some(match s {
+            "pending" => VmPhase::Pending,
+            "scheduled" => VmPhase::Scheduled,
+            "provisioning" => VmPhase::Provisioning,
+            "running" => VmPhase::Running,
+            "stopping" => VmPhase::Stopping,
+            "stopped" => VmPhase::Stopped,
+            "failed" => VmPhase::Failed,
+            "deleting" => VmPhase::Deleting,
+            "deleted" => VmPhase::Deleted,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether the user wants the VM on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    Running,
+    Stopped,
+}
+
+/// A guest TCP port reachable on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortForward {
+    pub guest_port: u16,
+    /// `127.0.0.1:PORT` on the host that runs the VM.
+    pub host_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStatus {
+    pub phase: VmPhase,
+    pub host: Option<String>,
+    pub host_id: Option<String>,
+    pub site: Option<String>,
+    pub provider: Option<String>,
+    pub country: Option<String>,
+    /// Resolved image id.
+    pub image_id: Option<String>,
+    /// Why the VM is where it is, or why it is still pending.
+    pub placement_reason: Option<String>,
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
+    pub started_at: Option<DateTime<Utc>>,
+    /// Hypervisor the VM runs under (`kvm` or `emulation`).
+    pub hypervisor: Option<Hypervisor>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    pub spec: VmSpec,
+    /// Desired power state.
+    pub power: PowerState,
+    /// Bumped by each reboot request; the agent reboots when it sees a new value.
+    pub reboot_generation: u64,
+    pub status: VmStatus,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmEvent {
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    /// Phase after the event.
+    pub phase: VmPhase,
+    pub message: String,
+}
+
+/// Console output of a VM's serial port.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleLog {
+    pub vm: String,
+    /// The last bytes of the log (lossy UTF-8).
+    pub data: String,
+    /// True when older output was cut off.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmAction {
+    Start,
+    Stop,
+    Reboot,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmActionRequest {
+    pub action: VmAction,
+    /// For `stop`: seconds to wait for the guest's ACPI power-down before forcing it off.
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+}
+
+// ------------------------------------------------------------------- tokens
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenCreate {
+    /// Site name or id the joining host will belong to.
+    pub site: String,
+    /// Validity in seconds (default one hour).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+    /// How many hosts may join with it (default 1).
+    #[serde(default)]
+    pub max_uses: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinToken {
+    pub id: String,
+    pub site: String,
+    /// The secret, shown once; only its hash is stored.
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+    pub max_uses: u32,
+}
+
+/// Sent by an agent with its join token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentJoin {
+    /// Host name to register (unique).
+    pub name: String,
+    pub inventory: HostInventory,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentJoined {
+    pub host_id: String,
+    pub host_name: String,
+    pub site: String,
+    /// The host's own credential for the agent channel and image downloads.
+    pub host_token: String,
+}
+
+/// A page of a list.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `?cursor=` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
