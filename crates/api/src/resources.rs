@@ -421,6 +421,8 @@ pub struct Vm {
     pub power: PowerState,
     /// Bumped by each reboot request; the agent reboots when it sees a new value.
     pub reboot_generation: u64,
+    /// Seconds a stop waits for the guest's ACPI power-down before forcing it off.
+    pub stop_timeout_s: u32,
     pub status: VmStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -1,1 +1,154 @@
-//! stub
+//! The control plane's durable state.
+//!
+//! [`Store`] is the seam between the control plane and its database. The
+//! embedded SQLite backend ([`SqliteStore`]) is the zero-set-up default; a
+//! PostgreSQL backend implements the same trait. Every method that changes
+//! state returns only after the change is committed durably (SQLite in WAL
+//! mode with `synchronous=FULL`), so an acknowledged API write survives a
+//! SIGKILL of the control plane at any moment.
+//!
+//! Rows keep a few indexed columns (id, name, foreign keys, phase) for lookups
+//! and constraints, and the whole resource as JSON in `body`, so adding a field
+//! to a resource needs no schema migration; schema changes that do need one are
+//! numbered migrations in [`migrations`].
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use virt8ra_api::{Host, Image, Provider, Site, Vm, VmEvent, VmPhase};
+
+pub mod migrations;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `{kind} '{key}' not found`
+    #[error("{kind} '{key}' not found")]
+    NotFound { kind: &'static str, key: String },
+    /// A uniqueness or reference rule would be broken.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Db(String),
+}
+
+impl StoreError {
+    pub fn not_found(kind: &'static str, key: impl Into<String>) -> Self {
+        StoreError::NotFound {
+            kind,
+            key: key.into(),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What a token lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// Full access to the API.
+    Admin,
+    /// May register one (or `uses_left`) host at `site`.
+    Join,
+    /// The credential of one host's agent.
+    Host,
+}
+
+impl TokenKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Admin => "admin",
+            TokenKind::Join => "join",
+            TokenKind::Host => "host",
+        }
+    }
+    pub fn parse(s: &str) -> Option<TokenKind> {
+        Some(match s {
+            "admin" => TokenKind::Admin,
+            "join" => TokenKind::Join,
+            "host" => TokenKind::Host,
+            _ => return None,
+        })
+    }
+}
+
+/// A stored token: only the SHA-256 of the secret is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub kind: TokenKind,
+    pub hash: String,
+    /// Site name (join tokens).
+    pub site: Option<String>,
+    /// Host id (host tokens).
+    pub host_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub uses_left: Option<u32>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Filters for listing VMs. `None` matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct VmFilter {
+    pub host_id: Option<String>,
+    pub site: Option<String>,
+    pub provider: Option<String>,
+    pub country: Option<String>,
+    pub phase: Option<VmPhase>,
+    /// Include VMs in phase `deleted` (default: no).
+    pub include_deleted: bool,
+    /// Return VMs whose id sorts after this one (cursor pagination).
+    pub after_id: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // providers
+    async fn create_provider(&self, p: &Provider) -> Result<()>;
+    async fn list_providers(&self) -> Result<Vec<Provider>>;
+    /// By id or name.
+    async fn get_provider(&self, key: &str) -> Result<Provider>;
+    /// Refused while sites belong to it.
+    async fn delete_provider(&self, id: &str) -> Result<()>;
+
+    // sites
+    async fn create_site(&self, s: &Site) -> Result<()>;
+    async fn list_sites(&self) -> Result<Vec<Site>>;
+    async fn get_site(&self, key: &str) -> Result<Site>;
+    /// Refused while hosts belong to it.
+    async fn delete_site(&self, id: &str) -> Result<()>;
+
+    // hosts
+    /// Creates the host and its credential in one transaction, and consumes
+    /// one use of the join token that admitted it.
+    async fn create_host(&self, h: &Host, host_token: &TokenRecord, join_token_id: &str)
+        -> Result<()>;
+    async fn update_host(&self, h: &Host) -> Result<()>;
+    async fn list_hosts(&self) -> Result<Vec<Host>>;
+    async fn get_host(&self, key: &str) -> Result<Host>;
+    /// Refused while VMs are placed on it. Revokes the host's tokens.
+    async fn delete_host(&self, id: &str) -> Result<()>;
+
+    // images
+    async fn create_image(&self, i: &Image) -> Result<()>;
+    async fn list_images(&self) -> Result<Vec<Image>>;
+    async fn get_image(&self, key: &str) -> Result<Image>;
+    /// Refused while VMs that are not deleted use it.
+    async fn delete_image(&self, id: &str) -> Result<()>;
+
+    // VMs
+    /// Creates the VM with its first event.
+    async fn create_vm(&self, vm: &Vm, event: &str) -> Result<()>;
+    /// Replaces the VM; appends an event when `event` is given (atomically).
+    async fn update_vm(&self, vm: &Vm, event: Option<&str>) -> Result<()>;
+    async fn get_vm(&self, key: &str) -> Result<Vm>;
+    async fn list_vms(&self, f: &VmFilter) -> Result<Vec<Vm>>;
+    async fn vm_events(&self, vm_id: &str) -> Result<Vec<VmEvent>>;
+
+    // tokens
+    async fn create_token(&self, t: &TokenRecord) -> Result<()>;
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>>;
+    async fn count_tokens(&self, kind: TokenKind) -> Result<usize>;
+}

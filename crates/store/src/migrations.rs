@@ -1,0 +1,68 @@
+//! Versioned schema migrations.
+//!
+//! Each entry is applied once, in order, inside one transaction together with
+//! the bump of `PRAGMA user_version`; a database newer than this build is
+//! refused rather than guessed at. Never edit a released migration: add one.
+
+pub const MIGRATIONS: &[(&str, &str)] = &[(
+    "initial schema",
+    r#"
+CREATE TABLE providers (
+    id   TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    body TEXT NOT NULL
+);
+CREATE TABLE sites (
+    id       TEXT PRIMARY KEY,
+    name     TEXT NOT NULL UNIQUE,
+    provider TEXT NOT NULL,
+    body     TEXT NOT NULL
+);
+CREATE INDEX sites_provider ON sites(provider);
+CREATE TABLE hosts (
+    id   TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    site TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX hosts_site ON hosts(site);
+CREATE TABLE images (
+    id     TEXT PRIMARY KEY,
+    name   TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL,
+    body   TEXT NOT NULL
+);
+CREATE TABLE vms (
+    id       TEXT PRIMARY KEY,
+    name     TEXT NOT NULL,
+    phase    TEXT NOT NULL,
+    host_id  TEXT,
+    site     TEXT,
+    provider TEXT,
+    country  TEXT,
+    image_id TEXT,
+    body     TEXT NOT NULL
+);
+CREATE UNIQUE INDEX vms_live_name ON vms(name) WHERE phase <> 'deleted';
+CREATE INDEX vms_host ON vms(host_id);
+CREATE INDEX vms_image ON vms(image_id);
+CREATE TABLE vm_events (
+    vm_id   TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    at      TEXT NOT NULL,
+    phase   TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (vm_id, seq)
+);
+CREATE TABLE tokens (
+    id         TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    hash       TEXT NOT NULL UNIQUE,
+    site       TEXT,
+    host_id    TEXT,
+    expires_at TEXT,
+    uses_left  INTEGER,
+    created_at TEXT NOT NULL
+);
+"#,
+)];

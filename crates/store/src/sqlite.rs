@@ -1,0 +1,838 @@
+//! The embedded SQLite backend.
+//!
+//! One connection, used from a blocking thread (`spawn_blocking`) so a slow
+//! fsync never stalls the async runtime. WAL mode with `synchronous=FULL`:
+//! a commit is on disk before the call returns.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use virt8ra_api::{Host, Image, Provider, Site, Vm, VmEvent, VmPhase};
+
+use crate::migrations::MIGRATIONS;
+use crate::{Result, Store, StoreError, TokenKind, TokenRecord, VmFilter};
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Db(format!("encode: {e}")))
+}
+
+fn from_json<T: DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Db(format!("corrupt row: {e}")))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        let conn = Connection::open(path).map_err(db)?;
+        Self::init(conn)
+    }
+
+    /// A private in-memory database, for tests.
+    pub fn in_memory() -> Result<SqliteStore> {
+        Self::init(Connection::open_in_memory().map_err(db)?)
+    }
+
+    fn init(mut conn: Connection) -> Result<SqliteStore> {
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<u32> {
+        let conn = self.lock()?;
+        conn.pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.conn
+            .lock()
+            .map_err(|_| StoreError::Db("database lock poisoned".into()))
+    }
+
+    /// Runs `f` with the connection on a blocking thread.
+    async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Db("database lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Db(format!("store task failed: {e}")))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: u32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(db)?;
+    let latest = MIGRATIONS.len() as u32;
+    if current > latest {
+        return Err(StoreError::Db(format!(
+            "database schema version {current} is newer than this build understands ({latest}); \
+             run a newer virt8ra"
+        )));
+    }
+    for (i, (_name, sql)) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction().map_err(db)?;
+        tx.execute_batch(sql).map_err(db)?;
+        tx.pragma_update(None, "user_version", (i + 1) as u32)
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Finds a row by id or by name.
+fn get_body<T: DeserializeOwned>(
+    conn: &Connection,
+    table: &str,
+    kind: &'static str,
+    key: &str,
+) -> Result<T> {
+    let sql = format!("SELECT body FROM {table} WHERE id = ?1 OR name = ?1 LIMIT 1");
+    let body: Option<String> = conn
+        .query_row(&sql, [key], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    match body {
+        Some(b) => from_json(&b),
+        None => Err(StoreError::not_found(kind, key)),
+    }
+}
+
+fn list_bodies<T: DeserializeOwned>(conn: &Connection, table: &str) -> Result<Vec<T>> {
+    let sql = format!("SELECT body FROM {table} ORDER BY name");
+    let mut st = conn.prepare(&sql).map_err(db)?;
+    let rows = st
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(db)?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.push(from_json(&r.map_err(db)?)?);
+    }
+    Ok(out)
+}
+
+fn delete_row(conn: &Connection, table: &str, kind: &'static str, id: &str) -> Result<()> {
+    let n = conn
+        .execute(&format!("DELETE FROM {table} WHERE id = ?1"), [id])
+        .map_err(db)?;
+    if n == 0 {
+        return Err(StoreError::not_found(kind, id));
+    }
+    Ok(())
+}
+
+fn conflict_or_db(e: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError {
+    if is_unique_violation(&e) {
+        StoreError::Conflict(what())
+    } else {
+        db(e)
+    }
+}
+
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn parse_ts(s: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Db(format!("corrupt timestamp {s:?}: {e}")))
+}
+
+fn insert_event(conn: &Connection, vm: &Vm, message: &str) -> Result<()> {
+    let seq: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM vm_events WHERE vm_id = ?1",
+            [&vm.id],
+            |r| r.get(0),
+        )
+        .map_err(db)?;
+    conn.execute(
+        "INSERT INTO vm_events (vm_id, seq, at, phase, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            vm.id,
+            seq,
+            ts(&Utc::now()),
+            vm.status.phase.as_str(),
+            message
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_provider(&self, p: &Provider) -> Result<()> {
+        let p = p.clone();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO providers (id, name, body) VALUES (?1, ?2, ?3)",
+                params![p.id, p.name, to_json(&p)?],
+            )
+            .map_err(|e| conflict_or_db(e, || format!("provider '{}' already exists", p.name)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_providers(&self) -> Result<Vec<Provider>> {
+        self.run(|c| list_bodies(c, "providers")).await
+    }
+
+    async fn get_provider(&self, key: &str) -> Result<Provider> {
+        let key = key.to_string();
+        self.run(move |c| get_body(c, "providers", "provider", &key))
+            .await
+    }
+
+    async fn delete_provider(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let p: Provider = get_body(&tx, "providers", "provider", &id)?;
+            let n: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM sites WHERE provider = ?1",
+                    [&p.name],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if n > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "provider '{}' still has {n} site(s); delete them first",
+                    p.name
+                )));
+            }
+            delete_row(&tx, "providers", "provider", &p.id)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn create_site(&self, s: &Site) -> Result<()> {
+        let s = s.clone();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO sites (id, name, provider, body) VALUES (?1, ?2, ?3, ?4)",
+                params![s.id, s.name, s.provider, to_json(&s)?],
+            )
+            .map_err(|e| conflict_or_db(e, || format!("site '{}' already exists", s.name)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_sites(&self) -> Result<Vec<Site>> {
+        self.run(|c| list_bodies(c, "sites")).await
+    }
+
+    async fn get_site(&self, key: &str) -> Result<Site> {
+        let key = key.to_string();
+        self.run(move |c| get_body(c, "sites", "site", &key)).await
+    }
+
+    async fn delete_site(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let s: Site = get_body(&tx, "sites", "site", &id)?;
+            let n: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM hosts WHERE site = ?1",
+                    [&s.name],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if n > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "site '{}' still has {n} host(s); delete them first",
+                    s.name
+                )));
+            }
+            delete_row(&tx, "sites", "site", &s.id)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn create_host(
+        &self,
+        h: &Host,
+        host_token: &TokenRecord,
+        join_token_id: &str,
+    ) -> Result<()> {
+        let h = h.clone();
+        let t = host_token.clone();
+        let join_id = join_token_id.to_string();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let left: Option<Option<i64>> = tx
+                .query_row(
+                    "SELECT uses_left FROM tokens WHERE id = ?1 AND kind = 'join'",
+                    [&join_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            match left {
+                None => return Err(StoreError::not_found("join token", join_id)),
+                Some(Some(n)) if n <= 0 => {
+                    return Err(StoreError::Conflict("join token is used up".into()))
+                }
+                Some(Some(_)) => {
+                    tx.execute(
+                        "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1",
+                        [&join_id],
+                    )
+                    .map_err(db)?;
+                }
+                Some(None) => {}
+            }
+            tx.execute(
+                "INSERT INTO hosts (id, name, site, body) VALUES (?1, ?2, ?3, ?4)",
+                params![h.id, h.name, h.site, to_json(&h)?],
+            )
+            .map_err(|e| conflict_or_db(e, || format!("host '{}' already exists", h.name)))?;
+            insert_token(&tx, &t)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn update_host(&self, h: &Host) -> Result<()> {
+        let h = h.clone();
+        self.run(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE hosts SET body = ?2 WHERE id = ?1",
+                    params![h.id, to_json(&h)?],
+                )
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::not_found("host", h.id));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<Host>> {
+        self.run(|c| list_bodies(c, "hosts")).await
+    }
+
+    async fn get_host(&self, key: &str) -> Result<Host> {
+        let key = key.to_string();
+        self.run(move |c| get_body(c, "hosts", "host", &key)).await
+    }
+
+    async fn delete_host(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let h: Host = get_body(&tx, "hosts", "host", &id)?;
+            let n: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM vms WHERE host_id = ?1 AND phase <> 'deleted'",
+                    [&h.id],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if n > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "host '{}' still has {n} VM(s); delete or move them first",
+                    h.name
+                )));
+            }
+            delete_row(&tx, "hosts", "host", &h.id)?;
+            tx.execute("DELETE FROM tokens WHERE host_id = ?1", [&h.id])
+                .map_err(db)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn create_image(&self, i: &Image) -> Result<()> {
+        let i = i.clone();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO images (id, name, sha256, body) VALUES (?1, ?2, ?3, ?4)",
+                params![i.id, i.name, i.sha256, to_json(&i)?],
+            )
+            .map_err(|e| conflict_or_db(e, || format!("image '{}' already exists", i.name)))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_images(&self) -> Result<Vec<Image>> {
+        self.run(|c| list_bodies(c, "images")).await
+    }
+
+    async fn get_image(&self, key: &str) -> Result<Image> {
+        let key = key.to_string();
+        self.run(move |c| get_body(c, "images", "image", &key)).await
+    }
+
+    async fn delete_image(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let i: Image = get_body(&tx, "images", "image", &id)?;
+            let n: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM vms WHERE image_id = ?1 AND phase <> 'deleted'",
+                    [&i.id],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if n > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "image '{}' is used by {n} VM(s)",
+                    i.name
+                )));
+            }
+            delete_row(&tx, "images", "image", &i.id)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn create_vm(&self, vm: &Vm, event: &str) -> Result<()> {
+        let vm = vm.clone();
+        let event = event.to_string();
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            tx.execute(
+                "INSERT INTO vms (id, name, phase, host_id, site, provider, country, image_id, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    vm.id,
+                    vm.name,
+                    vm.status.phase.as_str(),
+                    vm.status.host_id,
+                    vm.status.site,
+                    vm.status.provider,
+                    vm.status.country,
+                    vm.status.image_id,
+                    to_json(&vm)?
+                ],
+            )
+            .map_err(|e| conflict_or_db(e, || format!("VM '{}' already exists", vm.name)))?;
+            insert_event(&tx, &vm, &event)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn update_vm(&self, vm: &Vm, event: Option<&str>) -> Result<()> {
+        let vm = vm.clone();
+        let event = event.map(str::to_string);
+        self.run(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let n = tx
+                .execute(
+                    "UPDATE vms SET phase = ?2, host_id = ?3, site = ?4, provider = ?5,
+                     country = ?6, image_id = ?7, body = ?8 WHERE id = ?1",
+                    params![
+                        vm.id,
+                        vm.status.phase.as_str(),
+                        vm.status.host_id,
+                        vm.status.site,
+                        vm.status.provider,
+                        vm.status.country,
+                        vm.status.image_id,
+                        to_json(&vm)?
+                    ],
+                )
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::not_found("VM", vm.id));
+            }
+            if let Some(e) = event {
+                insert_event(&tx, &vm, &e)?;
+            }
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn get_vm(&self, key: &str) -> Result<Vm> {
+        let key = key.to_string();
+        self.run(move |c| {
+            // A live VM's name wins over a deleted one's.
+            let body: Option<String> = c
+                .query_row(
+                    "SELECT body FROM vms WHERE id = ?1 OR name = ?1
+                     ORDER BY (phase = 'deleted') LIMIT 1",
+                    [&key],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            match body {
+                Some(b) => from_json(&b),
+                None => Err(StoreError::not_found("VM", key)),
+            }
+        })
+        .await
+    }
+
+    async fn list_vms(&self, f: &VmFilter) -> Result<Vec<Vm>> {
+        let f = f.clone();
+        self.run(move |c| {
+            let mut sql = String::from("SELECT body FROM vms WHERE 1=1");
+            let mut args: Vec<String> = Vec::new();
+            let mut add = |col: &str, v: &Option<String>, sql: &mut String| {
+                if let Some(v) = v {
+                    args.push(v.clone());
+                    sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+                }
+            };
+            add("host_id", &f.host_id, &mut sql);
+            add("site", &f.site, &mut sql);
+            add("provider", &f.provider, &mut sql);
+            add("country", &f.country, &mut sql);
+            add(
+                "phase",
+                &f.phase.map(|p| p.as_str().to_string()),
+                &mut sql,
+            );
+            if let Some(after) = &f.after_id {
+                args.push(after.clone());
+                sql.push_str(&format!(" AND id > ?{}", args.len()));
+            }
+            if !f.include_deleted && f.phase != Some(VmPhase::Deleted) {
+                sql.push_str(" AND phase <> 'deleted'");
+            }
+            sql.push_str(" ORDER BY id");
+            if let Some(l) = f.limit {
+                sql.push_str(&format!(" LIMIT {l}"));
+            }
+            let mut st = c.prepare(&sql).map_err(db)?;
+            let rows = st
+                .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                    r.get::<_, String>(0)
+                })
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(from_json(&r.map_err(db)?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn vm_events(&self, vm_id: &str) -> Result<Vec<VmEvent>> {
+        let vm_id = vm_id.to_string();
+        self.run(move |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT seq, at, phase, message FROM vm_events WHERE vm_id = ?1 ORDER BY seq",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([&vm_id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for r in rows {
+                let (seq, at, phase, message) = r.map_err(db)?;
+                out.push(VmEvent {
+                    seq: seq as u64,
+                    at: parse_ts(&at)?,
+                    phase: VmPhase::parse(&phase)
+                        .ok_or_else(|| StoreError::Db(format!("corrupt phase {phase:?}")))?,
+                    message,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn create_token(&self, t: &TokenRecord) -> Result<()> {
+        let t = t.clone();
+        self.run(move |c| insert_token(c, &t)).await
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        let hash = hash.to_string();
+        self.run(move |c| {
+            let row = c
+                .query_row(
+                    "SELECT id, kind, hash, site, host_id, expires_at, uses_left, created_at
+                     FROM tokens WHERE hash = ?1",
+                    [&hash],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, Option<String>>(3)?,
+                            r.get::<_, Option<String>>(4)?,
+                            r.get::<_, Option<String>>(5)?,
+                            r.get::<_, Option<i64>>(6)?,
+                            r.get::<_, String>(7)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(db)?;
+            let Some((id, kind, hash, site, host_id, exp, uses, created)) = row else {
+                return Ok(None);
+            };
+            Ok(Some(TokenRecord {
+                id,
+                kind: TokenKind::parse(&kind)
+                    .ok_or_else(|| StoreError::Db(format!("corrupt token kind {kind:?}")))?,
+                hash,
+                site,
+                host_id,
+                expires_at: exp.as_deref().map(parse_ts).transpose()?,
+                uses_left: uses.map(|u| u.max(0) as u32),
+                created_at: parse_ts(&created)?,
+            }))
+        })
+        .await
+    }
+
+    async fn count_tokens(&self, kind: TokenKind) -> Result<usize> {
+        self.run(move |c| {
+            let n: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM tokens WHERE kind = ?1",
+                    [kind.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            Ok(n as usize)
+        })
+        .await
+    }
+}
+
+fn insert_token(c: &Connection, t: &TokenRecord) -> Result<()> {
+    c.execute(
+        "INSERT INTO tokens (id, kind, hash, site, host_id, expires_at, uses_left, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            t.id,
+            t.kind.as_str(),
+            t.hash,
+            t.site,
+            t.host_id,
+            t.expires_at.as_ref().map(ts),
+            t.uses_left,
+            ts(&t.created_at)
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virt8ra_api::*;
+
+    fn provider(name: &str) -> Provider {
+        Provider {
+            id: format!("id-{name}"),
+            name: name.into(),
+            country: "DE".into(),
+            jurisdiction: "EU".into(),
+            created_at: Utc::now(),
+        }
+    }
+
+    fn vm(name: &str) -> Vm {
+        Vm {
+            id: format!("vm-{name}"),
+            name: name.into(),
+            spec: VmSpec {
+                vcpus: 1,
+                memory_mib: 128,
+                disk_gib: 1,
+                image: "img".into(),
+                placement: Default::default(),
+                user_data: None,
+                ports: vec![],
+            },
+            power: PowerState::Running,
+            reboot_generation: 0,
+            stop_timeout_s: 30,
+            status: VmStatus {
+                phase: VmPhase::Pending,
+                host: None,
+                host_id: None,
+                site: None,
+                provider: None,
+                country: None,
+                image_id: None,
+                placement_reason: None,
+                last_error: None,
+                ports: vec![],
+                started_at: None,
+                hypervisor: None,
+            },
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn duplicate_names_conflict_and_lookup_by_name_or_id() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.create_provider(&provider("a")).await.unwrap();
+        let e = s.create_provider(&provider("a")).await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        assert_eq!(s.get_provider("a").await.unwrap().id, "id-a");
+        assert_eq!(s.get_provider("id-a").await.unwrap().name, "a");
+        assert!(matches!(
+            s.get_provider("b").await.unwrap_err(),
+            StoreError::NotFound { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn deleted_vm_frees_its_name_and_keeps_history() {
+        let s = SqliteStore::in_memory().unwrap();
+        let mut a = vm("web");
+        s.create_vm(&a, "created").await.unwrap();
+        let mut dup = vm("web");
+        dup.id = "other".into();
+        assert!(matches!(
+            s.create_vm(&dup, "x").await.unwrap_err(),
+            StoreError::Conflict(_)
+        ));
+        a.status.phase = VmPhase::Deleted;
+        s.update_vm(&a, Some("deleted")).await.unwrap();
+        s.create_vm(&dup, "created again").await.unwrap();
+        assert_eq!(s.get_vm("web").await.unwrap().id, "other");
+        let ev = s.vm_events("vm-web").await.unwrap();
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[1].phase, VmPhase::Deleted);
+        assert_eq!(s.list_vms(&VmFilter::default()).await.unwrap().len(), 1);
+        let all = VmFilter {
+            include_deleted: true,
+            ..Default::default()
+        };
+        assert_eq!(s.list_vms(&all).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.create_provider(&provider("p")).await.unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        assert_eq!(s.list_providers().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn join_token_uses_are_counted() {
+        let s = SqliteStore::in_memory().unwrap();
+        let join = TokenRecord {
+            id: "j".into(),
+            kind: TokenKind::Join,
+            hash: "h".into(),
+            site: Some("s".into()),
+            host_id: None,
+            expires_at: None,
+            uses_left: Some(1),
+            created_at: Utc::now(),
+        };
+        s.create_token(&join).await.unwrap();
+        let found = s.find_token("h").await.unwrap().unwrap();
+        assert_eq!((found.kind, found.uses_left), (TokenKind::Join, Some(1)));
+        assert_eq!(found.site.as_deref(), Some("s"));
+        let host = |n: &str| Host {
+            id: n.into(),
+            name: n.into(),
+            site: "s".into(),
+            provider: "p".into(),
+            country: "DE".into(),
+            inventory: HostInventory {
+                hostname: n.into(),
+                arch: "x86_64".into(),
+                vcpus: 2,
+                memory_mib: 1024,
+                disk_gib: 10,
+                cpu_model: "x".into(),
+                cpu_flags: vec![],
+                accelerators: vec![],
+                hypervisor: Hypervisor::Emulation,
+                agent_version: "0".into(),
+                qemu_version: String::new(),
+            },
+            state: HostState::Ready,
+            connected: false,
+            last_heartbeat: None,
+            usage: Default::default(),
+            allocated: Default::default(),
+            created_at: Utc::now(),
+        };
+        let tok = |n: &str| TokenRecord {
+            id: format!("t{n}"),
+            kind: TokenKind::Host,
+            hash: format!("hash{n}"),
+            site: None,
+            host_id: Some(n.into()),
+            expires_at: None,
+            uses_left: None,
+            created_at: Utc::now(),
+        };
+        s.create_host(&host("h1"), &tok("h1"), "j").await.unwrap();
+        let e = s.create_host(&host("h2"), &tok("h2"), "j").await.unwrap_err();
+        assert!(e.to_string().contains("used up"), "{e}");
+        assert!(s.get_host("h2").await.is_err(), "nothing changed");
+        assert!(s.find_token("hashh2").await.unwrap().is_none());
+    }
+}
