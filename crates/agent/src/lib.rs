@@ -1,7 +1,235 @@
 //! The virt8ra host agent.
 //!
-//! It dials out to the control plane, keeps its desired state on local disk so
-//! VMs survive a lost control plane and a host reboot, and reconciles that
-//! state into hypervisor processes through a [`driver::Driver`].
+//! It joins the control plane once with a join token and keeps the host
+//! credential it is given; then it dials out to the control plane over one
+//! persistent channel ([`channel`]), keeps its desired state on local disk so
+//! VMs survive a lost control plane and a host reboot ([`reconciler`]), and
+//! turns that state into hypervisor processes through a [`driver::Driver`].
+//!
+//! Data directory layout:
+//! ```text
+//! credentials.json   host id and host token (mode 0600)
+//! desired.json       the last desired state from the control plane
+//! images/            cached base images, <sha256>.qcow2
+//! vms/<id>/          one directory per VM, owned by the driver
+//! vmstate/<id>.json  the agent's own per-VM state (ports, reboots)
+//! ```
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use virt8ra_api::{AgentJoin, AgentJoined, ErrorBody};
+
+pub mod channel;
 pub mod driver;
+pub mod images;
+pub mod inventory;
+pub mod reconciler;
+
+/// `virt8ra agent`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// URL of the control plane, e.g. http://10.0.0.1:8480.
+    #[arg(long, env = "VIRT8RA_SERVER")]
+    pub server: String,
+    /// Join token (`virt8ra host join-token create --site S`); needed on first start only.
+    #[arg(long, env = "VIRT8RA_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    /// Directory for the agent's state, images and VM disks.
+    #[arg(long, default_value = "/var/lib/virt8ra/agent")]
+    pub data_dir: PathBuf,
+    /// Hypervisor driver: qemu (real VMs).
+    #[arg(long, default_value = "qemu")]
+    pub driver: String,
+    /// Hardware acceleration: auto (probe KVM by booting a guest), kvm, or emulation.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    /// Host name to register (default: the machine's hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Report this many vCPUs instead of the machine's.
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Report this much memory (MiB) instead of the machine's.
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Report this much disk (GiB) instead of the data directory's filesystem.
+    #[arg(long)]
+    pub disk_gib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Credentials {
+    server: String,
+    host_id: String,
+    host_name: String,
+    site: String,
+    host_token: String,
+}
+
+fn load_credentials(path: &Path) -> anyhow::Result<Option<Credentials>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!("{} is corrupt; remove it and join again", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+fn save_credentials(path: &Path, c: &Credentials) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(c)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+async fn join(
+    server: &str,
+    token: &str,
+    req: &AgentJoin,
+) -> anyhow::Result<AgentJoined> {
+    let url = format!("{}/api/v1/agent/join", server.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(token)
+        .json(req)
+        .send()
+        .await
+        .with_context(|| format!("join: cannot reach {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let msg = resp
+            .json::<ErrorBody>()
+            .await
+            .map(|b| b.error.message)
+            .unwrap_or_else(|_| status.to_string());
+        bail!("join refused: {msg}");
+    }
+    Ok(resp.json().await?)
+}
+
+/// Runs the agent until the process is stopped.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    if args.driver != "qemu" {
+        bail!(
+            "unknown driver {:?}: this build has the qemu driver",
+            args.driver
+        );
+    }
+    let accel = match args.accel.as_str() {
+        "auto" => driver::qemu::AccelChoice::Auto,
+        "kvm" => driver::qemu::AccelChoice::Kvm,
+        "emulation" => driver::qemu::AccelChoice::Emulation,
+        other => bail!("unknown --accel {other:?}: use auto, kvm or emulation"),
+    };
+    channel::ws_url(&args.server)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("create {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+
+    let qemu = driver::qemu::QemuDriver::new(data_dir.join("vms"), accel)
+        .context("start the QEMU driver")?;
+    let driver: Arc<dyn driver::Driver> = Arc::new(qemu);
+    let name = args.name.clone().unwrap_or_else(inventory::hostname);
+    let inv = inventory::collect(
+        &name,
+        &data_dir,
+        driver.hypervisor(),
+        &driver.version(),
+        &inventory::Overrides {
+            vcpus: args.vcpus,
+            memory_mib: args.memory_mib,
+            disk_gib: args.disk_gib,
+        },
+    );
+    tracing::info!(
+        hypervisor = driver.hypervisor().as_str(),
+        vcpus = inv.vcpus,
+        memory_mib = inv.memory_mib,
+        "host inventory"
+    );
+
+    let cred_path = data_dir.join("credentials.json");
+    let creds = match load_credentials(&cred_path)? {
+        Some(c) => c,
+        None => {
+            let Some(token) = &args.join_token else {
+                bail!(
+                    "this agent has not joined yet: pass --join-token (create one with `virt8ra host join-token create --site SITE`)"
+                );
+            };
+            let joined = join(
+                &args.server,
+                token,
+                &AgentJoin {
+                    name: name.clone(),
+                    inventory: inv.clone(),
+                },
+            )
+            .await?;
+            let c = Credentials {
+                server: args.server.clone(),
+                host_id: joined.host_id,
+                host_name: joined.host_name,
+                site: joined.site,
+                host_token: joined.host_token,
+            };
+            save_credentials(&cred_path, &c)?;
+            println!("joined as host {} at site {}", c.host_name, c.site);
+            c
+        }
+    };
+
+    let images = Arc::new(images::ImageCache::new(
+        data_dir.join("images"),
+        &args.server,
+        &creds.host_token,
+    )?);
+    let (reports, changes) = reconciler::Reports::new();
+    let rec = reconciler::Reconciler::new(&data_dir, driver.clone(), images, reports.clone())?;
+    rec.resume().await?;
+    let ch = channel::Channel {
+        server: args.server.clone(),
+        host_token: creds.host_token.clone(),
+        inventory: inv,
+        data_dir: data_dir.clone(),
+        driver,
+        reconciler: rec,
+        reports,
+    };
+    println!(
+        "virt8ra agent: host {} ({}) connecting to {}",
+        creds.host_name, creds.host_id, args.server
+    );
+    tokio::select! {
+        _ = ch.run(changes) => {}
+        _ = shutdown_signal() => {
+            tracing::info!("agent stopping; VMs keep running");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -161,12 +161,7 @@ mod tests {
     fn unknown_fields_from_a_newer_peer_are_ignored() {
         let raw = r#"{"type":"reject","reason":"x","added_in_v2":true}"#;
         let m: ServerMessage = serde_json::from_str(raw).expect("parse");
-        assert_eq!(
-            m,
-            ServerMessage::Reject {
-                reason: "x".into()
-            }
-        );
+        assert_eq!(m, ServerMessage::Reject { reason: "x".into() });
     }
 
     #[test]

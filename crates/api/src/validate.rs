@@ -119,7 +119,10 @@ pub fn vm(v: &VmCreate) -> Result<(), String> {
         ));
     }
     if v.disk_gib == 0 || v.disk_gib > MAX_DISK_GIB {
-        return Err(format!("disk_gib {} is outside 1..{MAX_DISK_GIB}", v.disk_gib));
+        return Err(format!(
+            "disk_gib {} is outside 1..{MAX_DISK_GIB}",
+            v.disk_gib
+        ));
     }
     if v.image.trim().is_empty() {
         return Err("image must not be empty".into());
@@ -204,8 +207,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_rejected() {
-        let r: Result<VmCreate, _> =
-            serde_json::from_str(r#"{"name":"a","image":"i","vcpu":2}"#);
+        let r: Result<VmCreate, _> = serde_json::from_str(r#"{"name":"a","image":"i","vcpu":2}"#);
         assert!(r.unwrap_err().to_string().contains("unknown field `vcpu`"));
     }
 }

@@ -1,1 +1,1029 @@
-//! stub
+//! The virt8ra client CLI: every verb of `virt8ra` except `server` and `agent`.
+//!
+//! The control plane's URL and token come from `--url`/`--token`, then
+//! `VIRT8RA_URL`/`VIRT8RA_TOKEN`, then `~/.config/virt8ra/config.yaml`
+//! (`url:` and `token:`). Errors are one line on stderr and a non-zero exit.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use virt8ra_api::*;
+
+pub mod client;
+pub mod output;
+
+use client::{seg, Client};
+use output::{ago, emit, fields, opt, table, Format};
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalOpts {
+    /// Control plane URL [env: VIRT8RA_URL; default http://127.0.0.1:8480]
+    #[arg(long, global = true)]
+    pub url: Option<String>,
+    /// API token [env: VIRT8RA_TOKEN]
+    #[arg(long, global = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value = "table"
+    )]
+    pub output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Providers: operators that own sites.
+    #[command(subcommand)]
+    Provider(ProviderCmd),
+    /// Sites: core and edge locations of providers.
+    #[command(subcommand)]
+    Site(SiteCmd),
+    /// Hosts: machines registered by their agents.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Images: base disks for VMs.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProviderCmd {
+    Create {
+        name: String,
+        /// ISO country code of the provider's legal seat, e.g. DE.
+        #[arg(long)]
+        country: String,
+        /// Jurisdiction, e.g. EU.
+        #[arg(long, default_value = "EU")]
+        jurisdiction: String,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCmd {
+    Create {
+        name: String,
+        #[arg(long)]
+        provider: String,
+        #[arg(long)]
+        country: String,
+        #[arg(long)]
+        city: String,
+        #[arg(long, allow_negative_numbers = true)]
+        lat: f64,
+        #[arg(long, allow_negative_numbers = true)]
+        lon: f64,
+        /// core or edge.
+        #[arg(long, default_value = "core")]
+        tier: String,
+        /// Grid carbon intensity, gCO2eq/kWh.
+        #[arg(long)]
+        carbon: Option<f64>,
+        #[arg(long)]
+        pue: Option<f64>,
+        /// EUR per vCPU-hour.
+        #[arg(long)]
+        price_vcpu_hour: Option<f64>,
+        /// EUR per GiB-hour.
+        #[arg(long)]
+        price_gib_hour: Option<f64>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCmd {
+    List {
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        country: Option<String>,
+    },
+    Show {
+        name: String,
+    },
+    /// Take a host out of placement (disabled, maintenance) or back (ready).
+    SetState {
+        name: String,
+        state: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Join tokens, with which agents register.
+    #[command(subcommand)]
+    JoinToken(JoinTokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCmd {
+    Create {
+        /// Site the host will belong to.
+        #[arg(long)]
+        site: String,
+        /// Validity in seconds (default 3600).
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// How many hosts may join with it (default 1).
+        #[arg(long)]
+        max_uses: Option<u32>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Upload a disk image (qcow2, raw, VMDK, VHD, VHDX); it is stored as qcow2.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        arch: Option<String>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    Create {
+        /// VM name (omit with -f when the spec names it).
+        name: Option<String>,
+        /// Spec file (JSON or YAML, the API's VmCreate); flags override it.
+        #[arg(short = 'f', long = "file")]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        disk_gib: Option<u64>,
+        /// Pin to a site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Pin to a provider.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Pin to a country (ISO code).
+        #[arg(long)]
+        country: Option<String>,
+        /// File with user data for the guest.
+        #[arg(long)]
+        user_data: Option<PathBuf>,
+        /// Guest TCP port to forward to the host (repeatable).
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        /// Create it stopped.
+        #[arg(long)]
+        no_start: bool,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    List {
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        country: Option<String>,
+        #[arg(long)]
+        phase: Option<String>,
+        /// Include deleted VMs.
+        #[arg(long)]
+        all: bool,
+    },
+    Show {
+        name: String,
+    },
+    Start {
+        name: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// Graceful ACPI power-down, forced after the timeout.
+    Stop {
+        name: String,
+        /// Seconds to wait for the guest before forcing it off.
+        #[arg(long)]
+        timeout: Option<u32>,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    Reboot {
+        name: String,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// The guest's serial console output.
+    Console {
+        name: String,
+        /// At most this many bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+    },
+    /// The VM's event history.
+    Events {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WaitOpts {
+    /// Wait until the operation has finished, showing progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub wait_timeout: u64,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct ConfigFile {
+    url: Option<String>,
+    token: Option<String>,
+}
+
+fn config_file() -> ConfigFile {
+    let Some(home) = std::env::var_os("HOME") else {
+        return ConfigFile::default();
+    };
+    let path = PathBuf::from(home).join(".config/virt8ra/config.yaml");
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_yaml::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn connect(g: &GlobalOpts) -> anyhow::Result<Client> {
+    let cfg = config_file();
+    let url = g
+        .url
+        .clone()
+        .or_else(|| std::env::var("VIRT8RA_URL").ok())
+        .or(cfg.url)
+        .unwrap_or_else(|| "http://127.0.0.1:8480".into());
+    let token = g
+        .token
+        .clone()
+        .or_else(|| std::env::var("VIRT8RA_TOKEN").ok())
+        .or(cfg.token)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no API token: set VIRT8RA_TOKEN (the server writes the admin token to DATA_DIR/admin.token)"
+            )
+        })?;
+    Ok(Client::new(&url, token.trim()))
+}
+
+pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
+    let c = connect(&g)?;
+    let o = g.output;
+    match cmd {
+        Command::Provider(p) => provider(&c, o, p).await,
+        Command::Site(s) => site(&c, o, s).await,
+        Command::Host(h) => host(&c, o, h).await,
+        Command::Image(i) => image(&c, o, i).await,
+        Command::Vm(v) => vm(&c, o, v).await,
+    }
+}
+
+async fn provider(c: &Client, o: Format, cmd: ProviderCmd) -> anyhow::Result<()> {
+    let show = |p: &Provider| {
+        fields(vec![
+            ("name", p.name.clone()),
+            ("id", p.id.clone()),
+            ("country", p.country.clone()),
+            ("jurisdiction", p.jurisdiction.clone()),
+        ])
+    };
+    match cmd {
+        ProviderCmd::Create {
+            name,
+            country,
+            jurisdiction,
+        } => {
+            let p: Provider = c
+                .post(
+                    "/providers",
+                    &ProviderCreate {
+                        name,
+                        country,
+                        jurisdiction,
+                    },
+                )
+                .await?;
+            emit(o, &p, show)
+        }
+        ProviderCmd::List => {
+            let page: Page<Provider> = c.get("/providers").await?;
+            emit(o, &page.items, |ps| {
+                table(
+                    &["name", "country", "jurisdiction"],
+                    ps.iter()
+                        .map(|p| vec![p.name.clone(), p.country.clone(), p.jurisdiction.clone()])
+                        .collect(),
+                )
+            })
+        }
+        ProviderCmd::Show { name } => {
+            let p: Provider = c.get(&format!("/providers/{}", seg(&name))).await?;
+            emit(o, &p, show)
+        }
+        ProviderCmd::Delete { name } => {
+            c.delete(&format!("/providers/{}", seg(&name))).await?;
+            done(o, &format!("provider {name} deleted"))
+        }
+    }
+}
+
+fn done(o: Format, msg: &str) -> anyhow::Result<()> {
+    emit(o, &serde_json::json!({ "result": msg }), |_| {
+        println!("{msg}")
+    })
+}
+
+async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<()> {
+    let show = |s: &Site| {
+        fields(vec![
+            ("name", s.name.clone()),
+            ("id", s.id.clone()),
+            ("provider", s.provider.clone()),
+            ("country", s.country.clone()),
+            ("city", s.city.clone()),
+            ("location", format!("{:.4}, {:.4}", s.latitude, s.longitude)),
+            ("tier", s.tier.as_str().into()),
+            ("carbon gCO2/kWh", opt(&s.facts.grid_gco2_per_kwh)),
+            ("pue", opt(&s.facts.pue)),
+        ])
+    };
+    match cmd {
+        SiteCmd::Create {
+            name,
+            provider,
+            country,
+            city,
+            lat,
+            lon,
+            tier,
+            carbon,
+            pue,
+            price_vcpu_hour,
+            price_gib_hour,
+        } => {
+            let tier = match tier.as_str() {
+                "core" => Tier::Core,
+                "edge" => Tier::Edge,
+                t => bail!("unknown tier {t:?}: use core or edge"),
+            };
+            let s: Site = c
+                .post(
+                    "/sites",
+                    &SiteCreate {
+                        name,
+                        provider,
+                        country,
+                        city,
+                        latitude: lat,
+                        longitude: lon,
+                        tier,
+                        facts: SiteFacts {
+                            grid_gco2_per_kwh: carbon,
+                            pue,
+                            price_vcpu_hour,
+                            price_gib_hour,
+                        },
+                    },
+                )
+                .await?;
+            emit(o, &s, show)
+        }
+        SiteCmd::List => {
+            let page: Page<Site> = c.get("/sites").await?;
+            emit(o, &page.items, |ss| {
+                table(
+                    &["name", "provider", "country", "city", "tier", "gco2/kwh"],
+                    ss.iter()
+                        .map(|s| {
+                            vec![
+                                s.name.clone(),
+                                s.provider.clone(),
+                                s.country.clone(),
+                                s.city.clone(),
+                                s.tier.as_str().into(),
+                                opt(&s.facts.grid_gco2_per_kwh),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        SiteCmd::Show { name } => {
+            let s: Site = c.get(&format!("/sites/{}", seg(&name))).await?;
+            emit(o, &s, show)
+        }
+        SiteCmd::Delete { name } => {
+            c.delete(&format!("/sites/{}", seg(&name))).await?;
+            done(o, &format!("site {name} deleted"))
+        }
+    }
+}
+
+fn host_row(h: &Host) -> Vec<String> {
+    vec![
+        h.name.clone(),
+        h.site.clone(),
+        h.provider.clone(),
+        h.country.clone(),
+        h.state.as_str().into(),
+        h.inventory.hypervisor.as_str().into(),
+        format!("{}/{}", h.allocated.vcpus, h.inventory.vcpus),
+        format!("{}/{}", h.allocated.memory_mib, h.inventory.memory_mib),
+        h.allocated.vms.to_string(),
+        ago(&h.last_heartbeat),
+    ]
+}
+
+async fn host(c: &Client, o: Format, cmd: HostCmd) -> anyhow::Result<()> {
+    let show = |h: &Host| {
+        fields(vec![
+            ("name", h.name.clone()),
+            ("id", h.id.clone()),
+            ("site", h.site.clone()),
+            ("provider", h.provider.clone()),
+            ("country", h.country.clone()),
+            ("state", h.state.as_str().into()),
+            ("connected", h.connected.to_string()),
+            ("last heartbeat", ago(&h.last_heartbeat)),
+            ("arch", h.inventory.arch.clone()),
+            ("hypervisor", h.inventory.hypervisor.as_str().into()),
+            ("cpu", h.inventory.cpu_model.clone()),
+            (
+                "vcpus (allocated/total)",
+                format!("{}/{}", h.allocated.vcpus, h.inventory.vcpus),
+            ),
+            (
+                "memory MiB (allocated/total)",
+                format!("{}/{}", h.allocated.memory_mib, h.inventory.memory_mib),
+            ),
+            (
+                "disk GiB (allocated/total)",
+                format!("{}/{}", h.allocated.disk_gib, h.inventory.disk_gib),
+            ),
+            ("vms", h.allocated.vms.to_string()),
+            ("load 1m", format!("{:.2}", h.usage.load_1m)),
+            ("agent", h.inventory.agent_version.clone()),
+            ("qemu", h.inventory.qemu_version.clone()),
+        ])
+    };
+    match cmd {
+        HostCmd::List {
+            site,
+            provider,
+            country,
+        } => {
+            let mut q = Vec::new();
+            for (k, v) in [("site", site), ("provider", provider), ("country", country)] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", seg(&v)));
+                }
+            }
+            let path = if q.is_empty() {
+                "/hosts".to_string()
+            } else {
+                format!("/hosts?{}", q.join("&"))
+            };
+            let page: Page<Host> = c.get(&path).await?;
+            emit(o, &page.items, |hs| {
+                table(
+                    &[
+                        "name",
+                        "site",
+                        "provider",
+                        "country",
+                        "state",
+                        "hypervisor",
+                        "vcpus",
+                        "memory",
+                        "vms",
+                        "heartbeat",
+                    ],
+                    hs.iter().map(host_row).collect(),
+                )
+            })
+        }
+        HostCmd::Show { name } => {
+            let h: Host = c.get(&format!("/hosts/{}", seg(&name))).await?;
+            emit(o, &h, show)
+        }
+        HostCmd::SetState { name, state } => {
+            let state = match state.as_str() {
+                "ready" => HostState::Ready,
+                "disabled" => HostState::Disabled,
+                "maintenance" => HostState::Maintenance,
+                s => bail!("unknown state {s:?}: use ready, disabled or maintenance"),
+            };
+            let h: Host = c
+                .request(
+                    reqwest::Method::PATCH,
+                    &format!("/hosts/{}", seg(&name)),
+                    Some(&HostUpdate { state }),
+                )
+                .await?;
+            emit(o, &h, show)
+        }
+        HostCmd::Delete { name } => {
+            c.delete(&format!("/hosts/{}", seg(&name))).await?;
+            done(o, &format!("host {name} deleted"))
+        }
+        HostCmd::JoinToken(JoinTokenCmd::Create {
+            site,
+            ttl,
+            max_uses,
+        }) => {
+            let t: JoinToken = c
+                .post(
+                    "/join-tokens",
+                    &JoinTokenCreate {
+                        site,
+                        ttl_s: ttl,
+                        max_uses,
+                    },
+                )
+                .await?;
+            emit(o, &t, |t| println!("{}", t.token))
+        }
+    }
+}
+
+async fn image(c: &Client, o: Format, cmd: ImageCmd) -> anyhow::Result<()> {
+    let show = |i: &Image| {
+        fields(vec![
+            ("name", i.name.clone()),
+            ("id", i.id.clone()),
+            ("sha256", i.sha256.clone()),
+            (
+                "format",
+                format!("{} (imported as {})", i.format, i.source_format),
+            ),
+            ("size", format!("{} bytes", i.size_bytes)),
+            ("virtual size", format!("{} bytes", i.virtual_size_bytes)),
+            ("arch", i.arch.clone()),
+        ])
+    };
+    match cmd {
+        ImageCmd::Import { file, name, arch } => {
+            if !file.is_file() {
+                bail!("{} is not a file", file.display());
+            }
+            let mut path = format!("/images?name={}", seg(&name));
+            if let Some(a) = arch {
+                path.push_str(&format!("&arch={}", seg(&a)));
+            }
+            if o == Format::Table {
+                eprintln!("uploading {} ...", file.display());
+            }
+            let i: Image = c.upload(&path, &file).await?;
+            emit(o, &i, show)
+        }
+        ImageCmd::List => {
+            let page: Page<Image> = c.get("/images").await?;
+            emit(o, &page.items, |is| {
+                table(
+                    &["name", "sha256", "size", "arch"],
+                    is.iter()
+                        .map(|i| {
+                            vec![
+                                i.name.clone(),
+                                i.sha256.chars().take(12).collect(),
+                                format!("{:.1} MiB", i.size_bytes as f64 / 1048576.0),
+                                i.arch.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        ImageCmd::Show { name } => {
+            let i: Image = c.get(&format!("/images/{}", seg(&name))).await?;
+            emit(o, &i, show)
+        }
+        ImageCmd::Delete { name } => {
+            c.delete(&format!("/images/{}", seg(&name))).await?;
+            done(o, &format!("image {name} deleted"))
+        }
+    }
+}
+
+fn show_vm(v: &Vm) {
+    let s = &v.status;
+    fields(vec![
+        ("name", v.name.clone()),
+        ("id", v.id.clone()),
+        ("phase", s.phase.as_str().into()),
+        (
+            "power (desired)",
+            match v.power {
+                PowerState::Running => "running".into(),
+                PowerState::Stopped => "stopped".into(),
+            },
+        ),
+        ("host", opt(&s.host)),
+        ("site", opt(&s.site)),
+        ("provider", opt(&s.provider)),
+        ("country", opt(&s.country)),
+        (
+            "hypervisor",
+            s.hypervisor
+                .map(|h| h.as_str().to_string())
+                .unwrap_or("-".into()),
+        ),
+        ("vcpus", v.spec.vcpus.to_string()),
+        ("memory", format!("{} MiB", v.spec.memory_mib)),
+        ("disk", format!("{} GiB", v.spec.disk_gib)),
+        ("image", v.spec.image.clone()),
+        (
+            "ports",
+            if s.ports.is_empty() {
+                "-".into()
+            } else {
+                s.ports
+                    .iter()
+                    .map(|p| format!("{} -> {}", p.host_addr, p.guest_port))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
+        ("placement", opt(&s.placement_reason)),
+        ("last error", opt(&s.last_error)),
+        ("started", ago(&s.started_at)),
+        ("created", v.created_at.to_rfc3339()),
+    ])
+}
+
+async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> {
+    match cmd {
+        VmCmd::Create {
+            name,
+            file,
+            image,
+            vcpus,
+            memory_mib,
+            disk_gib,
+            site,
+            provider,
+            country,
+            user_data,
+            ports,
+            no_start,
+            wait,
+        } => {
+            let mut spec: serde_json::Value = match &file {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f)
+                        .with_context(|| format!("read {}", f.display()))?;
+                    serde_yaml::from_str(&text)
+                        .with_context(|| format!("{} is not valid JSON or YAML", f.display()))?
+                }
+                None => serde_json::json!({}),
+            };
+            let Some(obj) = spec.as_object_mut() else {
+                bail!("the spec must be a mapping of fields");
+            };
+            let mut set = |k: &str, v: serde_json::Value| {
+                obj.insert(k.to_string(), v);
+            };
+            if let Some(v) = name {
+                set("name", v.into());
+            }
+            if let Some(v) = image {
+                set("image", v.into());
+            }
+            if let Some(v) = vcpus {
+                set("vcpus", v.into());
+            }
+            if let Some(v) = memory_mib {
+                set("memory_mib", v.into());
+            }
+            if let Some(v) = disk_gib {
+                set("disk_gib", v.into());
+            }
+            if let Some(p) = user_data {
+                let ud = std::fs::read_to_string(&p)
+                    .with_context(|| format!("read user data {}", p.display()))?;
+                set("user_data", ud.into());
+            }
+            if !ports.is_empty() {
+                set("ports", serde_json::json!(ports));
+            }
+            if no_start {
+                set("start", false.into());
+            }
+            let mut pins = obj
+                .get("placement")
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({}));
+            for (k, v) in [("site", site), ("provider", provider), ("country", country)] {
+                if let (Some(v), Some(m)) = (v, pins.as_object_mut()) {
+                    m.insert(k.into(), v.into());
+                }
+            }
+            obj.insert("placement".into(), pins);
+            if !obj.contains_key("name") {
+                bail!("give the VM a name (virt8ra vm create NAME ...)");
+            }
+            if !obj.contains_key("image") {
+                bail!("name an image with --image (`virt8ra image list` shows what exists)");
+            }
+            let v: Vm = c.post("/vms", &spec).await?;
+            let target = if no_start {
+                VmPhase::Stopped
+            } else {
+                VmPhase::Running
+            };
+            let v = if wait.wait {
+                wait_for(c, &v.id, &[target], &wait, o).await?
+            } else {
+                v
+            };
+            emit(o, &v, show_vm)
+        }
+        VmCmd::List {
+            site,
+            provider,
+            country,
+            phase,
+            all,
+        } => {
+            let mut q = Vec::new();
+            for (k, v) in [
+                ("site", site),
+                ("provider", provider),
+                ("country", country),
+                ("phase", phase),
+            ] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", seg(&v)));
+                }
+            }
+            if all {
+                q.push("include_deleted=true".into());
+            }
+            let mut items: Vec<Vm> = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut qq = q.clone();
+                if let Some(cur) = &cursor {
+                    qq.push(format!("cursor={}", seg(cur)));
+                }
+                let path = if qq.is_empty() {
+                    "/vms".into()
+                } else {
+                    format!("/vms?{}", qq.join("&"))
+                };
+                let page: Page<Vm> = c.get(&path).await?;
+                items.extend(page.items);
+                match page.next_cursor {
+                    Some(n) => cursor = Some(n),
+                    None => break,
+                }
+            }
+            emit(o, &items, |vs| {
+                table(
+                    &[
+                        "name", "phase", "host", "site", "provider", "country", "vcpus", "memory",
+                    ],
+                    vs.iter()
+                        .map(|v| {
+                            vec![
+                                v.name.clone(),
+                                v.status.phase.as_str().into(),
+                                opt(&v.status.host),
+                                opt(&v.status.site),
+                                opt(&v.status.provider),
+                                opt(&v.status.country),
+                                v.spec.vcpus.to_string(),
+                                format!("{} MiB", v.spec.memory_mib),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        VmCmd::Show { name } => {
+            let v: Vm = c.get(&format!("/vms/{}", seg(&name))).await?;
+            emit(o, &v, show_vm)
+        }
+        VmCmd::Start { name, wait } => {
+            act(
+                c,
+                o,
+                &name,
+                VmAction::Start,
+                None,
+                &wait,
+                &[VmPhase::Running],
+            )
+            .await
+        }
+        VmCmd::Stop {
+            name,
+            timeout,
+            wait,
+        } => {
+            act(
+                c,
+                o,
+                &name,
+                VmAction::Stop,
+                timeout,
+                &wait,
+                &[VmPhase::Stopped],
+            )
+            .await
+        }
+        VmCmd::Reboot { name } => {
+            let wait = WaitOpts {
+                wait: false,
+                wait_timeout: 0,
+            };
+            act(c, o, &name, VmAction::Reboot, None, &wait, &[]).await
+        }
+        VmCmd::Delete { name, wait } => {
+            let v: Option<serde_json::Value> = c.delete(&format!("/vms/{}", seg(&name))).await?;
+            let id = v
+                .as_ref()
+                .and_then(|v| v["id"].as_str())
+                .unwrap_or(&name)
+                .to_string();
+            if wait.wait {
+                let v = wait_for(c, &id, &[VmPhase::Deleted], &wait, o).await?;
+                return emit(o, &v, |_| println!("VM {name} deleted"));
+            }
+            emit(o, &v, |_| println!("VM {name} is being deleted"))
+        }
+        VmCmd::Console { name, bytes } => {
+            let log: ConsoleLog = c
+                .get(&format!("/vms/{}/console?bytes={bytes}", seg(&name)))
+                .await?;
+            emit(o, &log, |l| {
+                if l.truncated {
+                    eprintln!("[... earlier output cut; --bytes shows more]");
+                }
+                print!("{}", l.data);
+                let _ = std::io::stdout().flush();
+            })
+        }
+        VmCmd::Events { name } => {
+            let ev: Vec<VmEvent> = c.get(&format!("/vms/{}/events", seg(&name))).await?;
+            emit(o, &ev, |ev| {
+                table(
+                    &["time", "phase", "event"],
+                    ev.iter()
+                        .map(|e| {
+                            vec![
+                                e.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                                e.phase.as_str().into(),
+                                e.message.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+    }
+}
+
+async fn act(
+    c: &Client,
+    o: Format,
+    name: &str,
+    action: VmAction,
+    timeout_s: Option<u32>,
+    wait: &WaitOpts,
+    target: &[VmPhase],
+) -> anyhow::Result<()> {
+    let v: Vm = c
+        .post(
+            &format!("/vms/{}/actions", seg(name)),
+            &VmActionRequest { action, timeout_s },
+        )
+        .await?;
+    let v = if wait.wait && !target.is_empty() {
+        wait_for(c, &v.id, target, wait, o).await?
+    } else {
+        v
+    };
+    emit(o, &v, show_vm)
+}
+
+/// Polls the VM until it reaches one of `target`, showing progress on stderr.
+async fn wait_for(
+    c: &Client,
+    id: &str,
+    target: &[VmPhase],
+    w: &WaitOpts,
+    o: Format,
+) -> anyhow::Result<Vm> {
+    let start = Instant::now();
+    let spinner = ['|', '/', '-', '\\'];
+    let tty = o == Format::Table;
+    let mut last_phase = None;
+    let mut i = 0usize;
+    loop {
+        let v: Vm = c.get(&format!("/vms/{}", seg(id))).await?;
+        let phase = v.status.phase;
+        if tty && last_phase != Some(phase) {
+            if last_phase.is_some() {
+                eprintln!();
+            }
+            last_phase = Some(phase);
+        }
+        if tty {
+            eprint!(
+                "\r{} {}: {} ({}s){}",
+                spinner[i % 4],
+                v.name,
+                phase.as_str(),
+                start.elapsed().as_secs(),
+                v.status
+                    .host
+                    .as_ref()
+                    .map(|h| format!(" on {h}"))
+                    .unwrap_or_default()
+            );
+            let _ = std::io::stderr().flush();
+        }
+        i += 1;
+        if target.contains(&phase) {
+            if tty {
+                eprintln!();
+            }
+            return Ok(v);
+        }
+        if phase == VmPhase::Failed {
+            if tty {
+                eprintln!();
+            }
+            bail!(
+                "VM {} failed: {}",
+                v.name,
+                v.status
+                    .last_error
+                    .unwrap_or_else(|| "no reason given".into())
+            );
+        }
+        if start.elapsed() > Duration::from_secs(w.wait_timeout) {
+            if tty {
+                eprintln!();
+            }
+            let why = v
+                .status
+                .placement_reason
+                .filter(|_| phase == VmPhase::Pending)
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            bail!(
+                "gave up after {} s: VM {} is still {}{why}",
+                w.wait_timeout,
+                v.name,
+                phase.as_str()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -1,1 +1,150 @@
-//! stub
+//! The virt8ra control plane.
+//!
+//! `virt8ra server` runs one process that serves the HTTP API, holds the
+//! agents' channels (the hub) and runs the scheduler. State lives in the
+//! store; everything in memory (agent connections, heartbeats) is rebuilt
+//! when agents reconnect, so a SIGKILL loses nothing that was acknowledged,
+//! and work in flight resumes: pending VMs are placed by the next scheduler
+//! pass, and agents get their desired state again when they reconnect.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use virt8ra_store::{SqliteStore, Store, TokenKind, TokenRecord};
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod hub;
+pub mod scheduler;
+pub mod state;
+
+pub use state::{App, AppState};
+
+/// `virt8ra server`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8480", env = "VIRT8RA_LISTEN")]
+    pub listen: SocketAddr,
+    /// Directory for the database, images and the admin token.
+    #[arg(
+        long,
+        default_value = "/var/lib/virt8ra/server",
+        env = "VIRT8RA_DATA_DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// Seconds between agent heartbeats; a host is unreachable after three missed ones.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_interval: u64,
+}
+
+/// Builds the control plane's state on `data_dir`: opens (and migrates) the
+/// database and makes sure an admin token exists. Returns the admin token if
+/// it was created now (it is shown once).
+pub async fn open(data_dir: &Path, heartbeat: Duration) -> anyhow::Result<(App, Option<String>)> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("create data directory {}", data_dir.display()))?;
+    let images_dir = data_dir.join("images");
+    std::fs::create_dir_all(&images_dir)
+        .with_context(|| format!("create {}", images_dir.display()))?;
+    let store = SqliteStore::open(&data_dir.join("virt8ra.db"))
+        .with_context(|| format!("open database in {}", data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let created = ensure_admin_token(store.as_ref(), data_dir).await?;
+    let app = Arc::new(AppState {
+        store,
+        hub: hub::Hub::default(),
+        data_dir: data_dir.to_path_buf(),
+        images_dir,
+        heartbeat_interval: heartbeat,
+        wake: tokio::sync::Notify::new(),
+        vm_lock: tokio::sync::Mutex::new(()),
+        placer: Box::new(scheduler::SimpleFit),
+    });
+    Ok((app, created))
+}
+
+async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Option<String>> {
+    if store.count_tokens(TokenKind::Admin).await? > 0 {
+        return Ok(None);
+    }
+    let secret = auth::new_secret();
+    let path = data_dir.join("admin.token");
+    write_secret(&path, &secret)?;
+    store
+        .create_token(&TokenRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind: TokenKind::Admin,
+            hash: auth::hash(&secret),
+            site: None,
+            host_id: None,
+            expires_at: None,
+            uses_left: None,
+            created_at: Utc::now(),
+        })
+        .await?;
+    Ok(Some(secret))
+}
+
+/// Writes a secret readable by the owner only (mode 0600), durably.
+fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs the control plane until the process is stopped.
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let (app, created) = open(
+        &args.data_dir,
+        Duration::from_secs(args.heartbeat_interval.max(1)),
+    )
+    .await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    if let Some(token) = created {
+        println!(
+            "admin token (shown once; also in {}): {token}",
+            args.data_dir.join("admin.token").display()
+        );
+    }
+    println!(
+        "virt8ra control plane listening on http://{}",
+        listener.local_addr()?
+    );
+    tokio::spawn(scheduler::run(app.clone()));
+    axum::serve(listener, api::router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serve")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -123,8 +123,12 @@ pub trait Store: Send + Sync + 'static {
     // hosts
     /// Creates the host and its credential in one transaction, and consumes
     /// one use of the join token that admitted it.
-    async fn create_host(&self, h: &Host, host_token: &TokenRecord, join_token_id: &str)
-        -> Result<()>;
+    async fn create_host(
+        &self,
+        h: &Host,
+        host_token: &TokenRecord,
+        join_token_id: &str,
+    ) -> Result<()>;
     async fn update_host(&self, h: &Host) -> Result<()>;
     async fn list_hosts(&self) -> Result<Vec<Host>>;
     async fn get_host(&self, key: &str) -> Result<Host>;

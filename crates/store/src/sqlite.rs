@@ -52,8 +52,10 @@ impl SqliteStore {
     }
 
     fn init(mut conn: Connection) -> Result<SqliteStore> {
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
@@ -136,9 +138,7 @@ fn get_body<T: DeserializeOwned>(
 fn list_bodies<T: DeserializeOwned>(conn: &Connection, table: &str) -> Result<Vec<T>> {
     let sql = format!("SELECT body FROM {table} ORDER BY name");
     let mut st = conn.prepare(&sql).map_err(db)?;
-    let rows = st
-        .query_map([], |r| r.get::<_, String>(0))
-        .map_err(db)?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
     let mut out = Vec::new();
     for r in rows {
         out.push(from_json(&r.map_err(db)?)?);
@@ -406,7 +406,8 @@ impl Store for SqliteStore {
 
     async fn get_image(&self, key: &str) -> Result<Image> {
         let key = key.to_string();
-        self.run(move |c| get_body(c, "images", "image", &key)).await
+        self.run(move |c| get_body(c, "images", "image", &key))
+            .await
     }
 
     async fn delete_image(&self, id: &str) -> Result<()> {
@@ -528,11 +529,7 @@ impl Store for SqliteStore {
             add("site", &f.site, &mut sql);
             add("provider", &f.provider, &mut sql);
             add("country", &f.country, &mut sql);
-            add(
-                "phase",
-                &f.phase.map(|p| p.as_str().to_string()),
-                &mut sql,
-            );
+            add("phase", &f.phase.map(|p| p.as_str().to_string()), &mut sql);
             if let Some(after) = &f.after_id {
                 args.push(after.clone());
                 sql.push_str(&format!(" AND id > ?{}", args.len()));
@@ -830,7 +827,10 @@ mod tests {
             created_at: Utc::now(),
         };
         s.create_host(&host("h1"), &tok("h1"), "j").await.unwrap();
-        let e = s.create_host(&host("h2"), &tok("h2"), "j").await.unwrap_err();
+        let e = s
+            .create_host(&host("h2"), &tok("h2"), "j")
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("used up"), "{e}");
         assert!(s.get_host("h2").await.is_err(), "nothing changed");
         assert!(s.find_token("hashh2").await.unwrap().is_none());

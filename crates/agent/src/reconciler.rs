@@ -1,0 +1,367 @@
+//! The agent's reconciler: desired state in, QEMU processes out.
+//!
+//! The desired state the control plane sent last is persisted in
+//! `desired.json` before anything acts on it, so after an agent restart or a
+//! host reboot, and while the control plane is unreachable, the agent keeps
+//! converging towards it on its own.
+//!
+//! Each VM has one owning task (an actor) that is told the VM's desired state
+//! through a watch channel and converges towards it, one idempotent driver
+//! step at a time, re-checking every few seconds (a guest that died is
+//! started again). Actors publish what they observe in [`Reports`], which the
+//! channel sends upstream immediately and with every heartbeat.
+//!
+//! ```text
+//!   desired None ──► destroy ──► report deleted, actor ends
+//!   desired Some ──► image ──► prepare disk ──► power running: start, reboot if generation grew
+//!                                           └─► power stopped: ACPI stop, forced after the timeout
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use virt8ra_api::protocol::{AgentVmPhase, DesiredVm, VmReport};
+use virt8ra_api::{PortForward, PowerState};
+
+use crate::driver::{Driver, DriverVmState, VmConfig};
+use crate::images::ImageCache;
+
+/// The latest observation of every VM, and a channel for changes.
+pub struct Reports {
+    map: Mutex<HashMap<String, VmReport>>,
+    changes: mpsc::UnboundedSender<VmReport>,
+}
+
+impl Reports {
+    pub fn new() -> (Arc<Reports>, mpsc::UnboundedReceiver<VmReport>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Reports {
+                map: Mutex::new(HashMap::new()),
+                changes: tx,
+            }),
+            rx,
+        )
+    }
+
+    fn set(&self, r: VmReport) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&r.id) == Some(&r) {
+            return;
+        }
+        if r.phase == AgentVmPhase::Deleted {
+            m.remove(&r.id);
+        } else {
+            m.insert(r.id.clone(), r.clone());
+        }
+        let _ = self.changes.send(r);
+    }
+
+    /// Every VM the agent has (for heartbeats).
+    pub fn all(&self) -> Vec<VmReport> {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<VmReport> = m.values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn running(&self) -> u32 {
+        let m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.values()
+            .filter(|r| r.phase == AgentVmPhase::Running)
+            .count() as u32
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct DesiredFile {
+    generation: u64,
+    vms: Vec<DesiredVm>,
+}
+
+/// Per-VM state the agent keeps beside the driver's: the host ports it chose
+/// and the last reboot it carried out.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct LocalVm {
+    ports: Vec<(u16, u16)>,
+    reboot_generation: u64,
+}
+
+pub struct Reconciler {
+    driver: Arc<dyn Driver>,
+    images: Arc<ImageCache>,
+    reports: Arc<Reports>,
+    state_dir: PathBuf,
+    desired_path: PathBuf,
+    actors: Mutex<HashMap<String, watch::Sender<Option<DesiredVm>>>>,
+    generation: Mutex<u64>,
+}
+
+/// Writes a file atomically and durably (temp file, fsync, rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+impl Reconciler {
+    pub fn new(
+        data_dir: &Path,
+        driver: Arc<dyn Driver>,
+        images: Arc<ImageCache>,
+        reports: Arc<Reports>,
+    ) -> std::io::Result<Arc<Reconciler>> {
+        let state_dir = data_dir.join("vmstate");
+        std::fs::create_dir_all(&state_dir)?;
+        Ok(Arc::new(Reconciler {
+            driver,
+            images,
+            reports,
+            state_dir,
+            desired_path: data_dir.join("desired.json"),
+            actors: Mutex::new(HashMap::new()),
+            generation: Mutex::new(0),
+        }))
+    }
+
+    /// Resumes from the persisted desired state (agent restart, host reboot).
+    pub async fn resume(self: &Arc<Self>) -> anyhow::Result<()> {
+        let desired: DesiredFile = match std::fs::read(&self.desired_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                anyhow::anyhow!("{} is corrupt: {e}", self.desired_path.display())
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(
+            vms = desired.vms.len(),
+            "resuming from the local desired state"
+        );
+        self.converge(desired.generation, desired.vms).await;
+        Ok(())
+    }
+
+    /// Applies a desired state from the control plane: persist, then act.
+    pub async fn apply(self: &Arc<Self>, generation: u64, vms: Vec<DesiredVm>) -> anyhow::Result<()> {
+        {
+            let g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
+            if generation < *g {
+                tracing::debug!(generation, current = *g, "ignoring an older desired state");
+                return Ok(());
+            }
+        }
+        let file = DesiredFile {
+            generation,
+            vms: vms.clone(),
+        };
+        write_atomic(&self.desired_path, &serde_json::to_vec_pretty(&file)?)?;
+        self.converge(generation, vms).await;
+        Ok(())
+    }
+
+    async fn converge(self: &Arc<Self>, generation: u64, vms: Vec<DesiredVm>) {
+        *self.generation.lock().unwrap_or_else(|p| p.into_inner()) = generation;
+        let wanted: HashMap<String, DesiredVm> =
+            vms.into_iter().map(|v| (v.id.clone(), v)).collect();
+        // VMs on disk that nobody wants any more, e.g. deleted while the agent was down.
+        let on_disk = self.driver.list().await.unwrap_or_default();
+        let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, d) in &wanted {
+            match actors.get(id) {
+                Some(tx) if !tx.is_closed() => {
+                    tx.send_replace(Some(d.clone()));
+                }
+                _ => {
+                    let (tx, rx) = watch::channel(Some(d.clone()));
+                    actors.insert(id.clone(), tx);
+                    tokio::spawn(self.clone().actor(id.clone(), rx));
+                }
+            }
+        }
+        for (id, tx) in actors.iter() {
+            if !wanted.contains_key(id) {
+                tx.send_replace(None);
+            }
+        }
+        for id in on_disk {
+            if !wanted.contains_key(&id) && !actors.contains_key(&id) {
+                let (tx, rx) = watch::channel(None);
+                actors.insert(id.clone(), tx);
+                tokio::spawn(self.clone().actor(id, rx));
+            }
+        }
+    }
+
+    fn local_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join(format!("{id}.json"))
+    }
+
+    fn load_local(&self, id: &str) -> Option<LocalVm> {
+        let b = std::fs::read(self.local_path(id)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    fn save_local(&self, id: &str, l: &LocalVm) -> std::io::Result<()> {
+        let b = serde_json::to_vec(l).map_err(std::io::Error::other)?;
+        write_atomic(&self.local_path(id), &b)
+    }
+
+    fn report(&self, id: &str, phase: AgentVmPhase, error: Option<String>, local: &LocalVm) {
+        self.reports.set(VmReport {
+            id: id.to_string(),
+            phase,
+            error,
+            ports: local
+                .ports
+                .iter()
+                .map(|(g, h)| PortForward {
+                    guest_port: *g,
+                    host_addr: format!("127.0.0.1:{h}"),
+                })
+                .collect(),
+            reboot_generation: local.reboot_generation,
+        });
+    }
+
+    /// The one task that owns VM `id`.
+    async fn actor(self: Arc<Self>, id: String, mut rx: watch::Receiver<Option<DesiredVm>>) {
+        let mut failures: u32 = 0;
+        loop {
+            let desired = rx.borrow_and_update().clone();
+            let Some(d) = desired else {
+                match self.driver.destroy(&id).await {
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(self.local_path(&id));
+                        self.report(&id, AgentVmPhase::Deleted, None, &LocalVm::default());
+                        tracing::info!(vm = %id, "VM removed");
+                        let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+                        // Only end if nobody wanted the VM back in the meantime.
+                        if rx.borrow().is_none() {
+                            actors.remove(&id);
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %id, error = %e, "removing VM failed; will retry");
+                        failures += 1;
+                    }
+                }
+                self.wait(&mut rx, failures).await;
+                continue;
+            };
+            match self.step(&d).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(vm = %d.name, error = %e, "VM step failed; will retry");
+                    let local = self.load_local(&id).unwrap_or_default();
+                    self.report(&id, AgentVmPhase::Failed, Some(e.to_string()), &local);
+                }
+            }
+            self.wait(&mut rx, failures).await;
+        }
+    }
+
+    async fn wait(&self, rx: &mut watch::Receiver<Option<DesiredVm>>, failures: u32) {
+        let delay = if failures == 0 {
+            Duration::from_secs(3)
+        } else {
+            Duration::from_secs((2u64 << failures.min(5)).min(60))
+        };
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    /// One convergence step for a VM that should exist.
+    async fn step(&self, d: &DesiredVm) -> anyhow::Result<()> {
+        let mut local = match self.load_local(&d.id) {
+            Some(l) => l,
+            None => {
+                let l = LocalVm {
+                    ports: allocate_ports(&d.ports)?,
+                    // A new VM starts fresh: no reboot owed.
+                    reboot_generation: d.reboot_generation,
+                };
+                self.save_local(&d.id, &l)?;
+                l
+            }
+        };
+        let state = self.driver.state(&d.id).await?;
+        let base = if state == DriverVmState::Absent {
+            self.report(&d.id, AgentVmPhase::Provisioning, None, &local);
+            self.images.get(&d.image).await?
+        } else {
+            self.images.path_of(&d.image.sha256)
+        };
+        let cfg = VmConfig {
+            id: d.id.clone(),
+            name: d.name.clone(),
+            vcpus: d.vcpus,
+            memory_mib: d.memory_mib,
+            disk_gib: d.disk_gib,
+            base_image: base,
+            ports: local.ports.clone(),
+        };
+        if state == DriverVmState::Absent {
+            self.driver.prepare(&cfg).await?;
+        }
+        match d.power {
+            PowerState::Running => {
+                if self.driver.state(&d.id).await? != DriverVmState::Running {
+                    if state == DriverVmState::Running {
+                        tracing::warn!(vm = %d.name, "VM process went away; starting it again");
+                    }
+                    self.driver.start(&cfg).await?;
+                    tracing::info!(vm = %d.name, "VM started");
+                } else if d.reboot_generation > local.reboot_generation {
+                    self.driver.reboot(&d.id).await?;
+                    tracing::info!(vm = %d.name, "VM rebooted");
+                }
+                if d.reboot_generation != local.reboot_generation {
+                    local.reboot_generation = d.reboot_generation;
+                    self.save_local(&d.id, &local)?;
+                }
+                self.report(&d.id, AgentVmPhase::Running, None, &local);
+            }
+            PowerState::Stopped => {
+                if self.driver.state(&d.id).await? == DriverVmState::Running {
+                    self.report(&d.id, AgentVmPhase::Stopping, None, &local);
+                    self.driver
+                        .stop(&d.id, Duration::from_secs(u64::from(d.stop_timeout_s)))
+                        .await?;
+                    tracing::info!(vm = %d.name, "VM stopped");
+                }
+                self.report(&d.id, AgentVmPhase::Stopped, None, &local);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Picks a free loopback port for each guest port.
+fn allocate_ports(guest_ports: &[u16]) -> std::io::Result<Vec<(u16, u16)>> {
+    let mut out = Vec::new();
+    let mut held = Vec::new();
+    for g in guest_ports {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        out.push((*g, l.local_addr()?.port()));
+        held.push(l); // keep bound until all are chosen, so they differ
+    }
+    Ok(out)
+}

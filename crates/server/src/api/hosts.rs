@@ -1,0 +1,161 @@
+//! Hosts and join tokens. Hosts are created by their agents (see `agent.rs`);
+//! operators list them, change their state and remove them.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{Duration, Utc};
+use serde::Deserialize;
+use virt8ra_api::{validate, Host, HostState, HostUpdate, JoinToken, JoinTokenCreate, Page};
+use virt8ra_store::{StoreError, TokenKind, TokenRecord, VmFilter};
+
+use super::{missing_ref, Body, Query};
+use crate::auth::{self, Admin};
+use crate::error::{ApiError, ApiResult};
+use crate::scheduler::{allocations, host_view};
+use crate::state::App;
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HostQuery {
+    pub site: Option<String>,
+    pub provider: Option<String>,
+    pub country: Option<String>,
+    pub state: Option<HostState>,
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", params(HostQuery),
+    responses((status = 200, body = Page<Host>)), security(("bearer" = [])))]
+pub async fn list(
+    _: Admin,
+    State(app): State<App>,
+    Query(q): Query<HostQuery>,
+) -> ApiResult<Json<Page<Host>>> {
+    let vms = app.store.list_vms(&VmFilter::default()).await?;
+    let alloc = allocations(&vms);
+    let items = app
+        .store
+        .list_hosts()
+        .await?
+        .into_iter()
+        .map(|h| {
+            let a = alloc.get(&h.id).copied();
+            host_view(&app, h, a.as_ref())
+        })
+        .filter(|h| {
+            q.site.as_ref().is_none_or(|s| *s == h.site)
+                && q.provider.as_ref().is_none_or(|s| *s == h.provider)
+                && q.country.as_ref().is_none_or(|s| *s == h.country)
+                && q.state.is_none_or(|s| s == h.state)
+        })
+        .collect();
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
+}
+
+async fn load(app: &App, key: &str) -> ApiResult<Host> {
+    let h = app.store.get_host(key).await?;
+    let vms = app
+        .store
+        .list_vms(&VmFilter {
+            host_id: Some(h.id.clone()),
+            ..Default::default()
+        })
+        .await?;
+    let a = allocations(&vms).get(&h.id).copied();
+    Ok(host_view(app, h, a.as_ref()))
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts/{key}", tag = "hosts",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Host), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Host>> {
+    Ok(Json(load(&app, &key).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/hosts/{key}", tag = "hosts", request_body = HostUpdate,
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Host), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Body(req): Body<HostUpdate>,
+) -> ApiResult<Json<Host>> {
+    if req.state == HostState::Unreachable {
+        return Err(ApiError::Invalid(
+            "state 'unreachable' is set by the control plane; use ready, disabled or maintenance"
+                .into(),
+        ));
+    }
+    let mut h = app.store.get_host(&key).await?;
+    h.state = req.state;
+    app.store.update_host(&h).await?;
+    app.wake.notify_one();
+    Ok(Json(load(&app, &h.id).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/hosts/{key}", tag = "hosts",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 204), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    let h = app.store.get_host(&key).await?;
+    app.store.delete_host(&h.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/join-tokens", tag = "hosts", request_body = JoinTokenCreate,
+    responses((status = 201, body = JoinToken), (status = 400, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_join_token(
+    _: Admin,
+    State(app): State<App>,
+    Body(req): Body<JoinTokenCreate>,
+) -> ApiResult<(StatusCode, Json<JoinToken>)> {
+    validate::join_token(&req).map_err(ApiError::Invalid)?;
+    let site = match app.store.get_site(&req.site).await {
+        Ok(s) => s,
+        Err(StoreError::NotFound { .. }) => return Err(missing_ref("site", &req.site, "site")),
+        Err(e) => return Err(e.into()),
+    };
+    let secret = auth::new_secret();
+    let ttl = req.ttl_s.unwrap_or(3600);
+    let max_uses = req.max_uses.unwrap_or(1);
+    let expires_at = Utc::now() + Duration::seconds(ttl as i64);
+    let rec = TokenRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: TokenKind::Join,
+        hash: auth::hash(&secret),
+        site: Some(site.name.clone()),
+        host_id: None,
+        expires_at: Some(expires_at),
+        uses_left: Some(max_uses),
+        created_at: Utc::now(),
+    };
+    app.store.create_token(&rec).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinToken {
+            id: rec.id,
+            site: site.name,
+            token: secret,
+            expires_at,
+            max_uses,
+        }),
+    ))
+}

@@ -1,0 +1,104 @@
+//! The HTTP API under `/api/v1`.
+//!
+//! Handlers validate, record intent in the store, wake the scheduler and
+//! answer. They never wait for an agent to act (the console read is the one
+//! exception: it is a read of the agent's disk) and never retry.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::state::App;
+
+pub mod agent;
+pub mod hosts;
+pub mod images;
+pub mod openapi;
+pub mod providers;
+pub mod sites;
+pub mod vms;
+
+/// A JSON body whose every rejection (bad syntax, unknown field, wrong type,
+/// missing content type) is a 400 with our error body.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Body(v)),
+            Err(rej) => Err(ApiError::Invalid(rej.body_text())),
+        }
+    }
+}
+
+/// Query parameters, with a 400 on anything malformed.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(rej) => Err(ApiError::Invalid(rej.body_text())),
+        }
+    }
+}
+
+/// Turns "not found" of a referenced resource into a 400 that says how to
+/// find what exists.
+pub fn missing_ref(kind: &str, name: &str, list_cmd: &str) -> ApiError {
+    ApiError::Invalid(format!(
+        "{kind} '{name}' not found; `virt8ra {list_cmd} list` shows what exists"
+    ))
+}
+
+pub fn router(app: App) -> Router {
+    let v1 = Router::new()
+        .route("/openapi.json", get(openapi::serve))
+        .route("/providers", get(providers::list).post(providers::create))
+        .route(
+            "/providers/{key}",
+            get(providers::show).delete(providers::delete),
+        )
+        .route("/sites", get(sites::list).post(sites::create))
+        .route("/sites/{key}", get(sites::show).delete(sites::delete))
+        .route("/hosts", get(hosts::list))
+        .route(
+            "/hosts/{key}",
+            get(hosts::show).patch(hosts::update).delete(hosts::delete),
+        )
+        .route("/join-tokens", post(hosts::create_join_token))
+        .route("/images", get(images::list).post(images::upload))
+        .route("/images/{key}", get(images::show).delete(images::delete))
+        .route("/images/{key}/data", get(images::download))
+        .route("/vms", get(vms::list).post(vms::create))
+        .route("/vms/{key}", get(vms::show).delete(vms::delete))
+        .route("/vms/{key}/actions", post(vms::action))
+        .route("/vms/{key}/console", get(vms::console))
+        .route("/vms/{key}/events", get(vms::events))
+        .route("/agent/join", post(agent::join))
+        .route("/agent/connect", get(agent::connect));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .nest("/api/v1", v1)
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
+        .with_state(app)
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "system",
+    responses((status = 200, description = "The control plane is alive", body = virt8ra_api::Health)))]
+pub async fn healthz() -> axum::Json<virt8ra_api::Health> {
+    axum::Json(virt8ra_api::Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
+}

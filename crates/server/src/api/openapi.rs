@@ -1,0 +1,80 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations and the
+//! wire types. A copy is committed at `openapi/virt8ra.json`; a test fails
+//! when it is stale (`UPDATE_OPENAPI=1 cargo test -p virt8ra-server openapi` refreshes it;
+//! `virt8ra openapi` prints it).
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::{agent, hosts, images, providers, sites, vms};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "virt8ra",
+        description = "Sovereign multi-provider cloud-edge control plane. Every call except /healthz and this document needs `Authorization: Bearer TOKEN`.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        super::healthz, serve,
+        providers::list, providers::create, providers::show, providers::delete,
+        sites::list, sites::create, sites::show, sites::delete,
+        hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,
+        images::list, images::upload, images::show, images::delete, images::download,
+        vms::list, vms::create, vms::show, vms::delete, vms::action, vms::console, vms::events,
+        agent::join, agent::connect,
+    ),
+    modifiers(&Bearer),
+    tags(
+        (name = "providers", description = "Operators that own sites"),
+        (name = "sites", description = "Core and edge locations"),
+        (name = "hosts", description = "Bare-metal hosts, registered by their agents"),
+        (name = "images", description = "Content-addressed disk images"),
+        (name = "vms", description = "Virtual machines"),
+        (name = "agent", description = "Host agents' endpoints"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The document as pretty JSON, as committed in the repository.
+pub fn document() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "system",
+    responses((status = 200, description = "This document")))]
+pub async fn serve() -> Json<serde_json::Value> {
+    Json(serde_json::to_value(ApiDoc::openapi()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_openapi_document_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../openapi/virt8ra.json");
+        let current = super::document();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, format!("{}\n", current.trim())).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed.trim() == current.trim(),
+            "openapi/virt8ra.json is stale: run `UPDATE_OPENAPI=1 cargo test -p virt8ra-server openapi`"
+        );
+    }
+}

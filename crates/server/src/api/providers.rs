@@ -1,0 +1,69 @@
+//! Providers.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::Utc;
+use virt8ra_api::{validate, Page, Provider, ProviderCreate};
+
+use super::Body;
+use crate::auth::Admin;
+use crate::error::{ApiError, ApiResult};
+use crate::state::App;
+
+#[utoipa::path(get, path = "/api/v1/providers", tag = "providers",
+    responses((status = 200, body = Page<Provider>)), security(("bearer" = [])))]
+pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Provider>>> {
+    Ok(Json(Page {
+        items: app.store.list_providers().await?,
+        next_cursor: None,
+    }))
+}
+
+#[utoipa::path(post, path = "/api/v1/providers", tag = "providers", request_body = ProviderCreate,
+    responses((status = 201, body = Provider), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create(
+    _: Admin,
+    State(app): State<App>,
+    Body(req): Body<ProviderCreate>,
+) -> ApiResult<(StatusCode, Json<Provider>)> {
+    validate::provider(&req).map_err(ApiError::Invalid)?;
+    let p = Provider {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: req.name,
+        country: req.country,
+        jurisdiction: req.jurisdiction,
+        created_at: Utc::now(),
+    };
+    app.store.create_provider(&p).await?;
+    Ok((StatusCode::CREATED, Json(p)))
+}
+
+#[utoipa::path(get, path = "/api/v1/providers/{key}", tag = "providers",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Provider), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Provider>> {
+    Ok(Json(app.store.get_provider(&key).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/providers/{key}", tag = "providers",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 204), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    let p = app.store.get_provider(&key).await?;
+    app.store.delete_provider(&p.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

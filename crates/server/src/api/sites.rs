@@ -1,0 +1,82 @@
+//! Sites.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::Utc;
+use virt8ra_api::{validate, Page, Site, SiteCreate};
+use virt8ra_store::StoreError;
+
+use super::{missing_ref, Body};
+use crate::auth::Admin;
+use crate::error::{ApiError, ApiResult};
+use crate::state::App;
+
+#[utoipa::path(get, path = "/api/v1/sites", tag = "sites",
+    responses((status = 200, body = Page<Site>)), security(("bearer" = [])))]
+pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Site>>> {
+    Ok(Json(Page {
+        items: app.store.list_sites().await?,
+        next_cursor: None,
+    }))
+}
+
+#[utoipa::path(post, path = "/api/v1/sites", tag = "sites", request_body = SiteCreate,
+    responses((status = 201, body = Site), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create(
+    _: Admin,
+    State(app): State<App>,
+    Body(req): Body<SiteCreate>,
+) -> ApiResult<(StatusCode, Json<Site>)> {
+    validate::site(&req).map_err(ApiError::Invalid)?;
+    let provider = match app.store.get_provider(&req.provider).await {
+        Ok(p) => p,
+        Err(StoreError::NotFound { .. }) => {
+            return Err(missing_ref("provider", &req.provider, "provider"))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let s = Site {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: req.name,
+        provider: provider.name,
+        country: req.country,
+        city: req.city,
+        latitude: req.latitude,
+        longitude: req.longitude,
+        tier: req.tier,
+        facts: req.facts,
+        created_at: Utc::now(),
+    };
+    app.store.create_site(&s).await?;
+    Ok((StatusCode::CREATED, Json(s)))
+}
+
+#[utoipa::path(get, path = "/api/v1/sites/{key}", tag = "sites",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Site), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Site>> {
+    Ok(Json(app.store.get_site(&key).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/sites/{key}", tag = "sites",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 204), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    let s = app.store.get_site(&key).await?;
+    app.store.delete_site(&s.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,411 @@
+//! Virtual machines: create, inspect, power actions, console, events, delete;
+//! and the application of agents' reports to VM status.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::Utc;
+use serde::Deserialize;
+use virt8ra_api::protocol::{AgentVmPhase, VmReport};
+use virt8ra_api::{
+    validate, ConsoleLog, Page, PowerState, Vm, VmAction, VmActionRequest, VmCreate, VmEvent,
+    VmPhase, VmStatus,
+};
+use virt8ra_store::{StoreError, VmFilter};
+
+use super::{missing_ref, Body, Query};
+use crate::auth::Admin;
+use crate::error::{ApiError, ApiResult};
+use crate::state::App;
+
+const DEFAULT_STOP_TIMEOUT_S: u32 = 30;
+const MAX_PAGE: usize = 1000;
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct VmQuery {
+    pub site: Option<String>,
+    pub provider: Option<String>,
+    pub country: Option<String>,
+    /// Host id.
+    pub host: Option<String>,
+    pub phase: Option<VmPhase>,
+    /// Include deleted VMs (their history is kept).
+    #[serde(default)]
+    pub include_deleted: bool,
+    /// Page size, at most 1000 (default 1000).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms", params(VmQuery),
+    responses((status = 200, body = Page<Vm>), (status = 400, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(
+    _: Admin,
+    State(app): State<App>,
+    Query(q): Query<VmQuery>,
+) -> ApiResult<Json<Page<Vm>>> {
+    let limit = q.limit.unwrap_or(MAX_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::Invalid(format!(
+            "limit {limit} is outside 1..{MAX_PAGE}"
+        )));
+    }
+    let items = app
+        .store
+        .list_vms(&VmFilter {
+            host_id: q.host,
+            site: q.site,
+            provider: q.provider,
+            country: q.country,
+            phase: q.phase,
+            include_deleted: q.include_deleted,
+            after_id: q.cursor,
+            limit: Some(limit),
+        })
+        .await?;
+    let next_cursor = (items.len() == limit)
+        .then(|| items.last().map(|v| v.id.clone()))
+        .flatten();
+    Ok(Json(Page { items, next_cursor }))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = VmCreate,
+    responses((status = 201, body = Vm), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create(
+    _: Admin,
+    State(app): State<App>,
+    Body(req): Body<VmCreate>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
+    validate::vm(&req).map_err(ApiError::Invalid)?;
+    let image = match app.store.get_image(&req.image).await {
+        Ok(i) => i,
+        Err(StoreError::NotFound { .. }) => return Err(missing_ref("image", &req.image, "image")),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(s) = &req.placement.site {
+        if let Err(StoreError::NotFound { .. }) = app.store.get_site(s).await {
+            return Err(missing_ref("site", s, "site"));
+        }
+    }
+    if let Some(p) = &req.placement.provider {
+        if let Err(StoreError::NotFound { .. }) = app.store.get_provider(p).await {
+            return Err(missing_ref("provider", p, "provider"));
+        }
+    }
+    let now = Utc::now();
+    let vm = Vm {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: req.name.clone(),
+        spec: req.spec(),
+        power: if req.start {
+            PowerState::Running
+        } else {
+            PowerState::Stopped
+        },
+        reboot_generation: 0,
+        stop_timeout_s: DEFAULT_STOP_TIMEOUT_S,
+        status: VmStatus {
+            phase: VmPhase::Pending,
+            host: None,
+            host_id: None,
+            site: None,
+            provider: None,
+            country: None,
+            image_id: Some(image.id),
+            placement_reason: None,
+            last_error: None,
+            ports: vec![],
+            started_at: None,
+            hypervisor: None,
+        },
+        created_at: now,
+        updated_at: now,
+    };
+    app.store.create_vm(&vm, "created").await?;
+    app.wake.notify_one();
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{key}", tag = "vms",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Vm), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vm>> {
+    Ok(Json(app.store.get_vm(&key).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{key}", tag = "vms",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 202, body = Vm, description = "Deletion under way (or done, phase `deleted`)"),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
+    let _g = app.vm_lock.lock().await;
+    let mut vm = app.store.get_vm(&key).await?;
+    if vm.status.phase == VmPhase::Deleted {
+        return Err(ApiError::NotFound(format!("VM '{key}' not found")));
+    }
+    if vm.status.phase == VmPhase::Deleting {
+        return Ok((StatusCode::ACCEPTED, Json(vm)));
+    }
+    vm.power = PowerState::Stopped;
+    vm.updated_at = Utc::now();
+    if vm.status.host_id.is_none() {
+        vm.status.phase = VmPhase::Deleted;
+        app.store
+            .update_vm(&vm, Some("deleted (never placed)"))
+            .await?;
+    } else {
+        vm.status.phase = VmPhase::Deleting;
+        app.store.update_vm(&vm, Some("delete requested")).await?;
+    }
+    drop(_g);
+    app.wake.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(vm)))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{key}/actions", tag = "vms", request_body = VmActionRequest,
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 202, body = Vm), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 404, body = virt8ra_api::ErrorBody), (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn action(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Body(req): Body<VmActionRequest>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
+    if let Some(t) = req.timeout_s {
+        if req.action != VmAction::Stop {
+            return Err(ApiError::Invalid("timeout_s applies to stop only".into()));
+        }
+        if t > 3600 {
+            return Err(ApiError::Invalid(format!(
+                "timeout_s {t} is outside 0..3600"
+            )));
+        }
+    }
+    let _g = app.vm_lock.lock().await;
+    let mut vm = app.store.get_vm(&key).await?;
+    if matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted) {
+        return Err(ApiError::Conflict(format!(
+            "VM '{}' is {}",
+            vm.name,
+            vm.status.phase.as_str()
+        )));
+    }
+    let event = match req.action {
+        VmAction::Start => {
+            vm.power = PowerState::Running;
+            if vm.status.phase == VmPhase::Failed && vm.status.host_id.is_none() {
+                vm.status.phase = VmPhase::Pending;
+            }
+            "start requested".to_string()
+        }
+        VmAction::Stop => {
+            vm.power = PowerState::Stopped;
+            vm.stop_timeout_s = req.timeout_s.unwrap_or(DEFAULT_STOP_TIMEOUT_S);
+            if vm.status.host_id.is_none() {
+                vm.status.phase = VmPhase::Stopped;
+            }
+            format!(
+                "stop requested (ACPI power-down, forced after {} s)",
+                vm.stop_timeout_s
+            )
+        }
+        VmAction::Reboot => {
+            if vm.status.phase != VmPhase::Running {
+                return Err(ApiError::Conflict(format!(
+                    "VM '{}' is {}, not running; start it instead",
+                    vm.name,
+                    vm.status.phase.as_str()
+                )));
+            }
+            vm.reboot_generation += 1;
+            "reboot requested".to_string()
+        }
+    };
+    vm.updated_at = Utc::now();
+    app.store.update_vm(&vm, Some(&event)).await?;
+    drop(_g);
+    app.wake.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(vm)))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleQuery {
+    /// Return at most this many bytes from the end (default 65536, at most 4 MiB).
+    pub bytes: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{key}/console", tag = "vms", params(("key" = String, Path, description = "Name or id"), ConsoleQuery),
+    responses((status = 200, body = ConsoleLog), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody), (status = 503, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn console(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> ApiResult<Json<ConsoleLog>> {
+    let max = q.bytes.unwrap_or(65536);
+    if max == 0 || max > 4 << 20 {
+        return Err(ApiError::Invalid(format!(
+            "bytes {max} is outside 1..4194304"
+        )));
+    }
+    let vm = app.store.get_vm(&key).await?;
+    let host_id = vm.status.host_id.clone().ok_or_else(|| {
+        ApiError::Conflict(format!(
+            "VM '{}' has not been placed on a host yet, so it has no console",
+            vm.name
+        ))
+    })?;
+    let r = app.hub.console(&host_id, &vm.id, max).await?;
+    if let Some(e) = r.error {
+        return Err(ApiError::Unavailable(format!(
+            "agent could not read the console: {e}"
+        )));
+    }
+    Ok(Json(ConsoleLog {
+        vm: vm.name,
+        data: r.data,
+        truncated: r.truncated,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{key}/events", tag = "vms",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Vec<VmEvent>), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn events(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vec<VmEvent>>> {
+    let vm = app.store.get_vm(&key).await?;
+    Ok(Json(app.store.vm_events(&vm.id).await?))
+}
+
+fn phase_of(p: AgentVmPhase) -> VmPhase {
+    match p {
+        AgentVmPhase::Provisioning => VmPhase::Provisioning,
+        AgentVmPhase::Running => VmPhase::Running,
+        AgentVmPhase::Stopping => VmPhase::Stopping,
+        AgentVmPhase::Stopped => VmPhase::Stopped,
+        AgentVmPhase::Failed => VmPhase::Failed,
+        AgentVmPhase::Deleted => VmPhase::Deleted,
+    }
+}
+
+/// Applies what an agent observed of one VM to the VM's status.
+pub async fn apply_report(app: &App, host_id: &str, r: &VmReport) -> ApiResult<()> {
+    if !app.hub.report_changed(host_id, r) {
+        return Ok(());
+    }
+    let result = apply_report_inner(app, host_id, r).await;
+    if result.is_err() {
+        app.hub.forget_report(host_id, &r.id);
+    }
+    result
+}
+
+async fn apply_report_inner(app: &App, host_id: &str, r: &VmReport) -> ApiResult<()> {
+    let _g = app.vm_lock.lock().await;
+    let mut vm = match app.store.get_vm(&r.id).await {
+        Ok(v) => v,
+        Err(StoreError::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if vm.status.host_id.as_deref() != Some(host_id) || vm.status.phase == VmPhase::Deleted {
+        return Ok(());
+    }
+    let phase = phase_of(r.phase);
+    if vm.status.phase == VmPhase::Deleting && phase != VmPhase::Deleted {
+        return Ok(());
+    }
+    if phase == VmPhase::Deleted && vm.status.phase != VmPhase::Deleting {
+        return Ok(());
+    }
+    let mut event = None;
+    let host = vm.status.host.clone().unwrap_or_default();
+    if phase != vm.status.phase {
+        event = Some(match (&r.error, phase) {
+            (Some(e), VmPhase::Failed) => format!("failed on host {host}: {e}"),
+            _ => format!("{} on host {host}", phase.as_str()),
+        });
+        if phase == VmPhase::Running {
+            vm.status.started_at = Some(Utc::now());
+            vm.status.last_error = None;
+        }
+        if phase == VmPhase::Stopped {
+            vm.status.started_at = None;
+        }
+        vm.status.phase = phase;
+    }
+    if phase == VmPhase::Failed && r.error.is_some() && vm.status.last_error != r.error {
+        vm.status.last_error = r.error.clone();
+        if event.is_none() {
+            event = Some(format!(
+                "still failing on host {host}: {}",
+                r.error.clone().unwrap_or_default()
+            ));
+        }
+    }
+    let ports_changed = vm.status.ports != r.ports;
+    if ports_changed {
+        vm.status.ports = r.ports.clone();
+    }
+    if event.is_none() && !ports_changed {
+        return Ok(());
+    }
+    vm.updated_at = Utc::now();
+    app.store.update_vm(&vm, event.as_deref()).await?;
+    Ok(())
+}
+
+/// VMs being deleted on `host_id` that the agent no longer has are gone.
+pub async fn confirm_deletions(app: &App, host_id: &str, present: &[String]) -> ApiResult<()> {
+    let deleting = app
+        .store
+        .list_vms(&VmFilter {
+            host_id: Some(host_id.to_string()),
+            phase: Some(VmPhase::Deleting),
+            ..Default::default()
+        })
+        .await?;
+    if deleting.is_empty() {
+        return Ok(());
+    }
+    let _g = app.vm_lock.lock().await;
+    for vm in deleting {
+        if present.contains(&vm.id) {
+            continue;
+        }
+        let mut vm = app.store.get_vm(&vm.id).await?;
+        if vm.status.phase != VmPhase::Deleting {
+            continue;
+        }
+        vm.status.phase = VmPhase::Deleted;
+        vm.status.ports.clear();
+        vm.updated_at = Utc::now();
+        app.store
+            .update_vm(&vm, Some("deleted: the host agent removed it"))
+            .await?;
+    }
+    Ok(())
+}
