@@ -1,0 +1,362 @@
+//! A harness for end-to-end tests: the real `virt8ra` binary started as
+//! separate processes (a control plane on SQLite and agents with the QEMU
+//! driver), talked to over HTTP and through the CLI.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_virt8ra")
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds (or reuses) the test appliance and returns its qcow2.
+pub fn test_image() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/test-image.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/test-image.sh");
+    assert!(out.status.success(), "scripts/test-image.sh failed");
+    let p = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(p.is_file(), "{} is not a file", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub url: String,
+    pub token: String,
+    pub server: Option<Proc>,
+    pub agents: Vec<(String, Option<Proc>)>,
+    http: reqwest::blocking::Client,
+}
+
+/// Three providers in three EU countries, one site each.
+pub const TOPOLOGY: &[(&str, &str, &str, &str, f64, f64)] = &[
+    ("provider-es", "ES", "es-logrono", "Logroño", 42.4627, -2.4449),
+    ("provider-de", "DE", "de-frankfurt", "Frankfurt", 50.1109, 8.6821),
+    ("provider-pl", "PL", "pl-gdansk", "Gdańsk", 54.3520, 18.6466),
+];
+
+impl Cluster {
+    /// Starts a control plane on a fresh data directory.
+    pub fn start() -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("virt8ra-e2e-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let mut c = Cluster {
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            port,
+            token: String::new(),
+            server: None,
+            agents: Vec::new(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        c.start_server();
+        c.token = std::fs::read_to_string(c.server_dir().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        c
+    }
+
+    pub fn server_dir(&self) -> PathBuf {
+        self.dir.path().join("server")
+    }
+
+    pub fn start_server(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["server", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(self.server_dir())
+            .args(["--heartbeat-interval", "1"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.server = Some(Proc {
+            child,
+            name: "server".into(),
+        });
+        let url = format!("{}/healthz", self.url);
+        wait_until("the control plane to answer", Duration::from_secs(20), || {
+            self.http
+                .get(&url)
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+        });
+    }
+
+    pub fn kill_server(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.kill();
+        }
+    }
+
+    /// An API call; returns the status code and the JSON body (Null if none).
+    pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.api_raw(method, path, body.map(|b| b.to_string()), Some(&self.token))
+    }
+
+    pub fn api_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut rb = self.http.request(m, format!("{}{}", self.url, path));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb
+                .header("content-type", "application/json")
+                .body(b);
+        }
+        let resp = rb.send().unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (s, v) = self.api(method, path, body);
+        assert!((200..300).contains(&s), "{method} {path} -> {s}: {v}");
+        v
+    }
+
+    /// Runs the CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .env("VIRT8RA_URL", &self.url)
+            .env("VIRT8RA_TOKEN", &self.token)
+            .env("HOME", self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "virt8ra {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Creates the three providers and sites of [`TOPOLOGY`].
+    pub fn create_topology(&self) {
+        for (provider, country, site, city, lat, lon) in TOPOLOGY {
+            self.ok(
+                "POST",
+                "/api/v1/providers",
+                Some(json!({"name": provider, "country": country})),
+            );
+            self.ok(
+                "POST",
+                "/api/v1/sites",
+                Some(json!({"name": site, "provider": provider, "country": country,
+                            "city": city, "latitude": lat, "longitude": lon})),
+            );
+        }
+    }
+
+    pub fn agent_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("agent-{name}"))
+    }
+
+    /// Joins and starts an agent named `name` at `site`.
+    pub fn start_agent(&mut self, name: &str, site: Option<&str>) {
+        let mut cmd = Command::new(bin());
+        cmd.args(["agent", "--server", &self.url, "--name", name])
+            .arg("--data-dir")
+            .arg(self.agent_dir(name))
+            .args(["--vcpus", "4", "--memory-mib", "2048", "--disk-gib", "20"])
+            .env("VIRT8RA_LOG", "info");
+        if let Some(site) = site {
+            let t = self.ok(
+                "POST",
+                "/api/v1/join-tokens",
+                Some(json!({"site": site})),
+            );
+            cmd.args(["--join-token", t["token"].as_str().unwrap()]);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("agent-{name}.log")))
+            .unwrap();
+        let child = cmd
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let p = Proc {
+            child,
+            name: name.into(),
+        };
+        match self.agents.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = Some(p),
+            None => self.agents.push((name.to_string(), Some(p))),
+        }
+    }
+
+    pub fn kill_agent(&mut self, name: &str) {
+        if let Some((_, Some(p))) = self.agents.iter_mut().find(|(n, _)| n == name) {
+            p.kill();
+        }
+    }
+
+    /// Waits until `n` hosts are ready.
+    pub fn wait_hosts_ready(&self, n: usize) {
+        wait_until(
+            &format!("{n} ready hosts"),
+            Duration::from_secs(90),
+            || {
+                let (s, v) = self.api("GET", "/api/v1/hosts?state=ready", None);
+                (s == 200 && v["items"].as_array().map(|a| a.len()) == Some(n)).then_some(())
+            },
+        );
+    }
+
+    pub fn vm(&self, name: &str) -> Value {
+        self.ok("GET", &format!("/api/v1/vms/{name}"), None)
+    }
+
+    pub fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) -> Value {
+        wait_until(&format!("VM {name} to be {phase}"), timeout, || {
+            let (s, v) = self.api("GET", &format!("/api/v1/vms/{name}"), None);
+            if s == 200 && v["status"]["phase"] == "failed" && phase != "failed" {
+                panic!("VM {name} failed: {}", v["status"]["last_error"]);
+            }
+            (s == 200 && v["status"]["phase"] == phase).then_some(v)
+        })
+    }
+
+    pub fn console(&self, name: &str) -> String {
+        let v = self.ok("GET", &format!("/api/v1/vms/{name}/console"), None);
+        v["data"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Pids of QEMU processes whose command line mentions this cluster's directory.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        qemu_pids_under(self.dir.path())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, a) in self.agents.iter_mut() {
+            if let Some(p) = a {
+                p.kill();
+            }
+        }
+        self.kill_server();
+        // Leave no guest behind, whatever the test did.
+        for pid in self.qemu_pids() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        if std::env::var_os("VIRT8RA_KEEP_TEST_DIR").is_some() {
+            let p = self.dir.path().to_path_buf();
+            eprintln!("keeping {}", p.display());
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().unwrap(),
+            ));
+        }
+    }
+}
+
+/// Live (non-zombie) QEMU processes with `dir` in their command line.
+pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if !cmd.contains("qemu-system") || !cmd.contains(&needle) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false);
+        if !zombie {
+            out.push(pid);
+        }
+    }
+    out
+}

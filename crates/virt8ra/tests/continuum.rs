@@ -1,0 +1,182 @@
+//! End to end with real QEMU guests: a control plane and three agents as
+//! separate processes, modelled as three providers in three EU countries.
+//!
+//! One cluster serves the whole scenario, since booting guests under
+//! emulation on a two-core machine is the expensive part.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, Cluster, TOPOLOGY};
+use serde_json::json;
+
+const BOOT_LINE: &str = "VIRT8RA-GUEST-BOOTED";
+const BOOT: Duration = Duration::from_secs(120);
+
+fn boots(console: &str) -> usize {
+    console.matches(BOOT_LINE).count()
+}
+
+#[test]
+fn vms_run_across_three_providers_and_survive_restarts() {
+    let image = common::test_image();
+    let mut c = Cluster::start();
+    c.create_topology();
+    for (i, (_, _, site, ..)) in TOPOLOGY.iter().enumerate() {
+        c.start_agent(&format!("host-{i}"), Some(site));
+    }
+    c.wait_hosts_ready(3);
+    let hosts = c.ok("GET", "/api/v1/hosts", None);
+    for h in hosts["items"].as_array().unwrap() {
+        assert!(h["connected"].as_bool().unwrap());
+        let hv = h["inventory"]["hypervisor"].as_str().unwrap();
+        assert!(hv == "kvm" || hv == "emulation");
+    }
+    c.cli_ok(&["image", "import", image.to_str().unwrap(), "--name", "test"]);
+
+    // --- create a VM pinned to Poland through the CLI, wait for it to run.
+    let out = c.cli_ok(&[
+        "vm", "create", "web-pl", "--image", "test", "--memory-mib", "128", "--country", "PL",
+        "--port", "80", "--wait", "-o", "json",
+    ]);
+    let vm: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(vm["status"]["phase"], "running");
+    assert_eq!(vm["status"]["country"], "PL");
+    assert_eq!(vm["status"]["site"], "pl-gdansk");
+    assert_eq!(vm["status"]["provider"], "provider-pl");
+    assert!(vm["status"]["placement_reason"]
+        .as_str()
+        .unwrap()
+        .contains("pl-gdansk"));
+    let fwd = vm["status"]["ports"][0]["host_addr"].as_str().unwrap();
+    assert!(fwd.starts_with("127.0.0.1:"), "{fwd}");
+
+    // The guest really booted: its boot line is on the console.
+    wait_until("the boot line", BOOT, || {
+        (boots(&c.console("web-pl")) == 1).then_some(())
+    });
+    let out = c.cli_ok(&["vm", "console", "web-pl"]);
+    assert!(out.contains(BOOT_LINE));
+    assert_eq!(c.qemu_pids().len(), 1);
+
+    // --- a VM that cannot be placed stays pending and says why.
+    c.ok(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "too-big", "image": "test", "memory_mib": 65536})),
+    );
+    let v = wait_until("an explanation", Duration::from_secs(20), || {
+        let v = c.vm("too-big");
+        v["status"]["placement_reason"].is_string().then_some(v)
+    });
+    assert_eq!(v["status"]["phase"], "pending");
+    let why = v["status"]["placement_reason"].as_str().unwrap();
+    assert!(why.contains("0 of 3 hosts fit") && why.contains("without room"), "{why}");
+    c.ok("DELETE", "/api/v1/vms/too-big", None);
+    assert_eq!(c.vm("too-big")["status"]["phase"], "deleted");
+
+    // --- graceful stop, start again, reboot.
+    let out = c.cli_ok(&["vm", "stop", "web-pl", "--wait", "-o", "json"]);
+    assert!(out.contains("\"stopped\""));
+    assert!(c.qemu_pids().is_empty(), "QEMU still running after stop");
+    let console = c.console("web-pl");
+    assert!(
+        console.contains("VIRT8RA-GUEST-POWEROFF"),
+        "the guest was not powered down gracefully: {console}"
+    );
+    c.cli_ok(&["vm", "start", "web-pl", "--wait"]);
+    wait_until("the second boot", BOOT, || {
+        (boots(&c.console("web-pl")) == 2).then_some(())
+    });
+    c.cli_ok(&["vm", "reboot", "web-pl"]);
+    wait_until("the boot after reboot", BOOT, || {
+        (boots(&c.console("web-pl")) == 3).then_some(())
+    });
+    let events = c.cli_ok(&["vm", "events", "web-pl"]);
+    for e in ["created", "scheduled", "provisioning", "running", "stop requested", "stopped", "reboot requested"] {
+        assert!(events.contains(e), "event {e:?} missing from:\n{events}");
+    }
+
+    // --- restart the agent: the VM keeps running and is re-attached.
+    let host = c.vm("web-pl")["status"]["host"].as_str().unwrap().to_string();
+    let pids = c.qemu_pids();
+    assert_eq!(pids.len(), 1);
+    c.kill_agent(&host);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.qemu_pids(), pids, "the VM must survive its agent");
+    c.start_agent(&host, None);
+    c.wait_hosts_ready(3);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(c.qemu_pids(), pids, "the restarted agent must re-attach, not restart");
+    assert_eq!(c.vm("web-pl")["status"]["phase"], "running");
+    assert_eq!(boots(&c.console("web-pl")), 3, "the guest did not reboot");
+
+    // --- SIGKILL the control plane while VMs run: nothing is lost.
+    c.ok(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "web-de", "image": "test", "memory_mib": 128,
+                    "placement": {"provider": "provider-de"}})),
+    );
+    c.wait_phase("web-de", "running", BOOT);
+    let before = (
+        c.ok("GET", "/api/v1/providers", None)["items"].clone(),
+        c.ok("GET", "/api/v1/sites", None)["items"].clone(),
+        c.ok("GET", "/api/v1/images", None)["items"].clone(),
+        c.ok("GET", "/api/v1/vms?include_deleted=true", None)["items"].clone(),
+    );
+    let pids = c.qemu_pids();
+    assert_eq!(pids.len(), 2);
+    c.kill_server();
+    // Work acknowledged while... nothing: the server is gone. Restart it.
+    std::thread::sleep(Duration::from_secs(1));
+    c.start_server();
+    let after = (
+        c.ok("GET", "/api/v1/providers", None)["items"].clone(),
+        c.ok("GET", "/api/v1/sites", None)["items"].clone(),
+        c.ok("GET", "/api/v1/images", None)["items"].clone(),
+        c.ok("GET", "/api/v1/vms?include_deleted=true", None)["items"].clone(),
+    );
+    assert_eq!(before, after, "state changed across a SIGKILL");
+    assert_eq!(c.qemu_pids(), pids, "VMs must keep running while the control plane is down");
+    c.wait_hosts_ready(3);
+    // It carries on: a VM created now is placed and runs.
+    c.ok(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "web-es", "image": "test", "memory_mib": 128,
+                    "placement": {"site": "es-logrono"}})),
+    );
+    c.wait_phase("web-es", "running", BOOT);
+    assert_eq!(c.vm("web-pl")["status"]["phase"], "running");
+    assert_eq!(c.vm("web-de")["status"]["phase"], "running");
+
+    // --- delete everything: no QEMU process is left.
+    for name in ["web-pl", "web-de", "web-es"] {
+        c.cli_ok(&["vm", "delete", name, "--wait"]);
+        assert_eq!(c.vm(name)["status"]["phase"], "deleted");
+    }
+    wait_until("all QEMU processes to end", Duration::from_secs(30), || {
+        c.qemu_pids().is_empty().then_some(())
+    });
+    for (name, _) in &c.agents {
+        let vms = c.agent_dir(name).join("vms");
+        let left: Vec<_> = std::fs::read_dir(&vms)
+            .map(|d| d.flatten().collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "VM directories left on {name}: {left:?}");
+    }
+    // The VM list is empty, the history is kept.
+    assert_eq!(
+        c.ok("GET", "/api/v1/vms", None)["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let ev = c.ok("GET", "/api/v1/vms/web-pl/events", None);
+    assert!(ev.as_array().unwrap().len() > 5);
+}

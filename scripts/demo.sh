@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The continuum on one machine: a control plane on SQLite and three host
+# agents modelled as three providers in three EU countries (Spain, Germany,
+# Poland), a real VM placed on one of them, and its guest console.
+#
+#   scripts/demo.sh         start (or restart) the demo
+#   scripts/demo.sh stop    stop everything it started, VMs included
+#
+# Everything lives in .demo/ in the repository.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DEMO="$ROOT/.demo"
+PORT="${VIRT8RA_DEMO_PORT:-8480}"
+URL="http://127.0.0.1:$PORT"
+BIN="$ROOT/target/release/virt8ra"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+stop() {
+  if [ -d "$DEMO" ]; then
+    # Delete VMs through the API first so agents shut their guests down.
+    if [ -f "$DEMO/server/admin.token" ] && [ -x "$BIN" ] && curl -fs "$URL/healthz" >/dev/null 2>&1; then
+      export VIRT8RA_URL="$URL" VIRT8RA_TOKEN="$(cat "$DEMO/server/admin.token")"
+      for vm in $("$BIN" vm list -o json 2>/dev/null | sed -n 's/^    "name": "\(.*\)",$/\1/p'); do
+        "$BIN" vm delete "$vm" --wait --wait-timeout 60 >/dev/null 2>&1 || true
+      done
+    fi
+    for f in "$DEMO"/*.pid; do
+      [ -f "$f" ] || continue
+      kill "$(cat "$f")" 2>/dev/null || true
+      rm -f "$f"
+    done
+    # Any guest left behind by an earlier run.
+    pkill -f "qemu-system-x86_64.*$DEMO" 2>/dev/null || true
+  fi
+}
+
+if [ "${1:-}" = "stop" ]; then
+  stop
+  echo "demo stopped"
+  exit 0
+fi
+
+say "Installing missing system packages"
+bash "$ROOT/scripts/deps.sh"
+
+say "Building virt8ra (release)"
+(cd "$ROOT" && cargo build --release --locked)
+
+say "Building the test appliance (a busybox guest with Debian's cloud kernel)"
+IMAGE="$(bash "$ROOT/scripts/test-image.sh")"
+echo "$IMAGE"
+
+stop
+rm -rf "$DEMO"
+mkdir -p "$DEMO"
+
+say "Starting the control plane on $URL (SQLite in .demo/server)"
+"$BIN" server --listen "127.0.0.1:$PORT" --data-dir "$DEMO/server" >"$DEMO/server.log" 2>&1 &
+echo $! >"$DEMO/server.pid"
+for _ in $(seq 1 100); do
+  curl -fs "$URL/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fs "$URL/healthz" >/dev/null || { echo "the control plane did not start; see $DEMO/server.log" >&2; exit 1; }
+export VIRT8RA_URL="$URL"
+export VIRT8RA_TOKEN="$(cat "$DEMO/server/admin.token")"
+
+say "Three providers in three countries, one site each"
+# name        provider      country city       lat      lon      gCO2/kWh
+while read -r site provider country city lat lon carbon; do
+  "$BIN" provider create "$provider" --country "$country" >/dev/null
+  "$BIN" site create "$site" --provider "$provider" --country "$country" --city "$city" \
+    --lat "$lat" --lon "$lon" --carbon "$carbon" >/dev/null
+done <<'TOPO'
+es-logrono   provider-a  ES  Logroño    42.4627  -2.4449  130
+de-frankfurt provider-c  DE  Frankfurt  50.1109   8.6821  380
+pl-gdansk    provider-e  PL  Gdańsk     54.3520  18.6466  650
+TOPO
+"$BIN" site list
+
+say "Starting three host agents; each joins its site with a one-time join token"
+for site in es-logrono de-frankfurt pl-gdansk; do
+  host="host-${site%%-*}"
+  token="$("$BIN" host join-token create --site "$site")"
+  "$BIN" agent --server "$URL" --join-token "$token" --name "$host" \
+    --data-dir "$DEMO/$host" --vcpus 2 --memory-mib 2048 --disk-gib 20 \
+    >"$DEMO/$host.log" 2>&1 &
+  echo $! >"$DEMO/$host.pid"
+done
+for _ in $(seq 1 120); do
+  n=$("$BIN" host list -o json | grep -c '"state": "ready"' || true)
+  [ "$n" = 3 ] && break
+  sleep 0.5
+done
+"$BIN" host list
+
+say "Importing the appliance image"
+"$BIN" image import "$IMAGE" --name busybox
+
+say "Creating a VM that must stay in Poland"
+"$BIN" vm create demo-vm --image busybox --memory-mib 128 --country PL --port 80 --wait
+"$BIN" vm show demo-vm
+
+say "The guest's serial console"
+for _ in $(seq 1 120); do
+  "$BIN" vm console demo-vm 2>/dev/null | grep -q VIRT8RA-GUEST-BOOTED && break
+  sleep 0.5
+done
+"$BIN" vm console demo-vm | tail -n 15
+
+say "The continuum is running"
+cat <<EOT
+Try it yourself:
+  export VIRT8RA_URL=$URL
+  export VIRT8RA_TOKEN=\$(cat $DEMO/server/admin.token)
+  $BIN vm list
+  $BIN vm create another --image busybox --country ES --wait
+  $BIN vm events demo-vm
+  $BIN vm stop demo-vm --wait
+Logs are in $DEMO/. Stop everything with: scripts/demo.sh stop
+EOT

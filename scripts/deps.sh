@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs the system packages virt8ra needs on Debian/Ubuntu, only if missing.
+# QEMU (system emulator and qemu-img), and what scripts/test-image.sh builds
+# the test appliance from: a cloud kernel, busybox, syslinux, mtools.
+set -euo pipefail
+
+need=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+for p in qemu-system-x86 qemu-utils syslinux syslinux-common mtools dosfstools busybox-static cpio gzip; do
+  have "$p" || need+=("$p")
+done
+ls /boot/vmlinuz-*cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+command -v curl >/dev/null || need+=(curl ca-certificates)
+
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q >&2
+  if ! $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >&2; then
+    # A newer qemu-utils (e.g. from backports) can conflict with the release's
+    # qemu-system-x86: install both at the release's version, in one command.
+    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    echo "retrying with qemu-utils=$v beside qemu-system-x86=$v" >&2
+    rest=()
+    for p in "${need[@]}"; do [ "$p" = qemu-utils ] || [ "$p" = qemu-system-x86 ] || rest+=("$p"); done
+    $SUDO apt-get install -y -q --no-install-recommends --allow-downgrades \
+      "qemu-system-x86=$v" "qemu-utils=$v" "${rest[@]}" >&2
+  fi
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "error: cargo (Rust 1.85 or newer) is needed: install it with rustup or your distribution's package" >&2
+  exit 1
+fi
