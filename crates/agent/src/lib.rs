@@ -140,6 +140,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
 
     let qemu = driver::qemu::QemuDriver::new(data_dir.join("vms"), accel)
+        .await
         .context("start the QEMU driver")?;
     let driver: Arc<dyn driver::Driver> = Arc::new(qemu);
     let name = args.name.clone().unwrap_or_else(inventory::hostname);

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use virt8ra_api::Hypervisor;
 
+pub mod kvm_probe;
 pub mod qemu;
+pub mod qmp;
 
 /// What a driver needs to run one VM.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,1 +1,395 @@
-//! QEMU driver (to be written).
+//! The QEMU driver: each VM is one `qemu-system-x86_64` process controlled
+//! over QMP.
+//!
+//! QEMU runs daemonised (`-daemonize -pidfile`), in its own session, so it
+//! outlives the agent: an agent restart or upgrade does not touch the guests.
+//! Everything needed to find a VM again lives in its directory — the pid file,
+//! the QMP socket, the console log and `vm.json` with the configuration it was
+//! started with — which is how a restarted agent re-attaches.
+//!
+//! Disks are qcow2 overlays over the cached base image, so a VM costs only
+//! the blocks it writes. The serial console goes to `console.log` (appended
+//! across reboots and restarts). Networking is QEMU user mode with host port
+//! forwards on loopback, until virtual networks arrive.
+//!
+//! Hardware acceleration is probed once per host boot ([`super::kvm_probe`]);
+//! under emulation the CPU model is the fixed `qemu64`, under KVM `host`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+use virt8ra_api::Hypervisor;
+
+use super::{kvm_probe, qmp, Driver, DriverError, DriverVmState, Result, VmConfig};
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// How to choose the accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    /// Probe KVM by booting a guest; fall back to emulation.
+    Auto,
+    Kvm,
+    Emulation,
+}
+
+pub struct QemuDriver {
+    root: PathBuf,
+    hypervisor: Hypervisor,
+    version: String,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+    let what = what.into();
+    move |e| DriverError::Io(what, e)
+}
+
+impl QemuDriver {
+    /// A driver keeping VM directories under `root`.
+    pub async fn new(root: PathBuf, accel: AccelChoice) -> Result<QemuDriver> {
+        std::fs::create_dir_all(&root).map_err(io_err(format!("create {}", root.display())))?;
+        let out = Command::new(QEMU)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| {
+                DriverError::Start(format!(
+                    "cannot run {QEMU} ({e}): install qemu-system-x86 (scripts/deps.sh)"
+                ))
+            })?;
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("QEMU")
+            .replace("QEMU emulator version", "QEMU")
+            .trim()
+            .to_string();
+        let hypervisor = match accel {
+            AccelChoice::Kvm => Hypervisor::Kvm,
+            AccelChoice::Emulation => Hypervisor::Emulation,
+            AccelChoice::Auto => {
+                let parent = root.parent().unwrap_or(&root).to_path_buf();
+                let (kvm, why) = kvm_probe::probe(&parent, &parent.join("kvm-probe.json")).await;
+                if kvm {
+                    tracing::info!(reason = %why, "using KVM");
+                    Hypervisor::Kvm
+                } else {
+                    tracing::info!(reason = %why, "KVM not usable; using emulation (TCG)");
+                    Hypervisor::Emulation
+                }
+            }
+        };
+        Ok(QemuDriver {
+            root,
+            hypervisor,
+            version,
+        })
+    }
+
+    fn pid_file(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("qemu.pid")
+    }
+
+    fn qmp_socket(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("qmp.sock")
+    }
+
+    /// The pid of the VM's QEMU if it is alive (and really is that QEMU).
+    fn live_pid(&self, id: &str) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.pid_file(id))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        is_our_qemu(pid, &self.vm_dir(id)).then_some(pid)
+    }
+
+    /// The command line that runs `cfg`.
+    pub fn command_line(&self, cfg: &VmConfig) -> Vec<String> {
+        let dir = self.vm_dir(&cfg.id);
+        let p = |f: &str| dir.join(f).to_string_lossy().to_string();
+        let (accel, cpu) = match self.hypervisor {
+            Hypervisor::Kvm => ("kvm", "host"),
+            Hypervisor::Emulation => ("tcg", "qemu64"),
+        };
+        let mut net = String::from("user,id=net0");
+        for (guest, host) in &cfg.ports {
+            net.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("{},process=virt8ra-{}", cfg.name, cfg.id),
+            "-machine".into(),
+            format!("pc,accel={accel}"),
+            "-cpu".into(),
+            cpu.into(),
+            "-smp".into(),
+            cfg.vcpus.to_string(),
+            "-m".into(),
+            cfg.memory_mib.to_string(),
+            "-nodefaults".into(),
+            "-display".into(),
+            "none".into(),
+            "-vga".into(),
+            "none".into(),
+            "-drive".into(),
+            format!(
+                "file={},if=virtio,format=qcow2,cache=writeback,discard=unmap",
+                p("disk.qcow2")
+            ),
+            "-chardev".into(),
+            format!("file,id=con0,path={},append=on", p("console.log")),
+            "-serial".into(),
+            "chardev:con0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p("qmp.sock")),
+            "-netdev".into(),
+            net,
+            "-device".into(),
+            "virtio-net-pci,netdev=net0".into(),
+            "-daemonize".into(),
+            "-pidfile".into(),
+            p("qemu.pid"),
+        ];
+        a.shrink_to_fit();
+        a
+    }
+
+    async fn wait_gone(&self, id: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.live_pid(id).is_none() {
+                return true;
+            }
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Ends the process: QMP `quit`, then SIGKILL. Waits until it is gone.
+    async fn force_off(&self, id: &str) -> Result<()> {
+        let Some(pid) = self.live_pid(id) else {
+            return Ok(());
+        };
+        let _ = qmp::execute(&self.qmp_socket(id), "quit", None).await;
+        if self.wait_gone(id, Duration::from_secs(5)).await {
+            return Ok(());
+        }
+        tracing::warn!(vm = %id, pid, "QEMU ignored quit; killing it");
+        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+        if self.wait_gone(id, Duration::from_secs(10)).await {
+            Ok(())
+        } else {
+            Err(DriverError::Other(format!(
+                "QEMU process {pid} of VM {id} does not go away"
+            )))
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) QEMU started for the VM in `dir`.
+fn is_our_qemu(pid: i32, dir: &Path) -> bool {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(cmd) = std::fs::read(proc.join("cmdline")) else {
+        return false;
+    };
+    let cmd = String::from_utf8_lossy(&cmd);
+    if !cmd.contains("qemu-system") || !cmd.contains(&*dir.to_string_lossy()) {
+        return false;
+    }
+    let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
+async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| DriverError::QemuImg(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(DriverError::QemuImg(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(out.stdout)
+}
+
+fn tail(path: &Path, max: u64) -> String {
+    super::read_tail(path, max)
+        .map(|(s, _)| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[async_trait::async_trait]
+impl Driver for QemuDriver {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn hypervisor(&self) -> Hypervisor {
+        self.hypervisor
+    }
+
+    fn version(&self) -> String {
+        self.version.clone()
+    }
+
+    fn vm_dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    async fn prepare(&self, cfg: &VmConfig) -> Result<()> {
+        let dir = self.vm_dir(&cfg.id);
+        let disk = dir.join("disk.qcow2");
+        if disk.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let base = cfg.base_image.to_string_lossy().to_string();
+        let info = qemu_img(&["info", "--output=json", "-f", "qcow2", &base]).await?;
+        let v: serde_json::Value = serde_json::from_slice(&info)
+            .map_err(|e| DriverError::QemuImg(format!("qemu-img info: {e}")))?;
+        let base_size = v["virtual-size"].as_u64().unwrap_or(0);
+        let size = base_size.max(cfg.disk_gib << 30);
+        let tmp = dir.join("disk.qcow2.tmp");
+        let tmp_s = tmp.to_string_lossy().to_string();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            &base,
+            &tmp_s,
+            &size.to_string(),
+        ])
+        .await?;
+        std::fs::rename(&tmp, &disk).map_err(io_err("create the VM disk"))?;
+        Ok(())
+    }
+
+    async fn start(&self, cfg: &VmConfig) -> Result<()> {
+        if self.live_pid(&cfg.id).is_some() {
+            return Ok(());
+        }
+        let dir = self.vm_dir(&cfg.id);
+        if !dir.join("disk.qcow2").exists() {
+            return Err(DriverError::Start(format!(
+                "VM {} has no disk; prepare it first",
+                cfg.id
+            )));
+        }
+        let _ = std::fs::remove_file(self.qmp_socket(&cfg.id));
+        let _ = std::fs::remove_file(self.pid_file(&cfg.id));
+        let args = self.command_line(cfg);
+        let record = serde_json::json!({
+            "id": cfg.id, "name": cfg.name, "vcpus": cfg.vcpus, "memory_mib": cfg.memory_mib,
+            "disk_gib": cfg.disk_gib, "base_image": cfg.base_image, "ports": cfg.ports,
+            "hypervisor": self.hypervisor, "command": args,
+        });
+        std::fs::write(
+            dir.join("vm.json"),
+            serde_json::to_vec_pretty(&record).unwrap_or_default(),
+        )
+        .map_err(io_err("write vm.json"))?;
+        let stderr_path = dir.join("qemu.stderr");
+        let stderr = std::fs::File::create(&stderr_path).map_err(io_err("create qemu.stderr"))?;
+        // With -daemonize the command returns once the guest is set up and
+        // the daemon detached; a non-zero exit means QEMU refused to start.
+        let status = Command::new(QEMU)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .status()
+            .await
+            .map_err(|e| DriverError::Start(format!("cannot run {QEMU}: {e}")))?;
+        if !status.success() {
+            return Err(DriverError::Start(format!(
+                "{QEMU} exited with {status}: {}",
+                tail(&stderr_path, 2000)
+            )));
+        }
+        if self.live_pid(&cfg.id).is_none() {
+            return Err(DriverError::Start(format!(
+                "QEMU exited right after starting: {}",
+                tail(&stderr_path, 2000)
+            )));
+        }
+        Ok(())
+    }
+
+    async fn state(&self, id: &str) -> Result<DriverVmState> {
+        let dir = self.vm_dir(id);
+        if !dir.join("disk.qcow2").exists() {
+            return Ok(DriverVmState::Absent);
+        }
+        if self.live_pid(id).is_some() {
+            Ok(DriverVmState::Running)
+        } else {
+            Ok(DriverVmState::Stopped)
+        }
+    }
+
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<()> {
+        if self.live_pid(id).is_none() {
+            return Ok(());
+        }
+        if !timeout.is_zero() {
+            match qmp::execute(&self.qmp_socket(id), "system_powerdown", None).await {
+                Ok(_) => {
+                    if self.wait_gone(id, timeout).await {
+                        return Ok(());
+                    }
+                    tracing::warn!(vm = %id, timeout_s = timeout.as_secs(), "guest did not power down in time; forcing it off");
+                }
+                Err(e) => tracing::warn!(vm = %id, error = %e, "ACPI power-down failed; forcing it off"),
+            }
+        }
+        self.force_off(id).await
+    }
+
+    async fn reboot(&self, id: &str) -> Result<()> {
+        if self.live_pid(id).is_none() {
+            return Err(DriverError::Other(format!("VM {id} is not running")));
+        }
+        qmp::execute(&self.qmp_socket(id), "system_reset", None).await?;
+        Ok(())
+    }
+
+    async fn destroy(&self, id: &str) -> Result<()> {
+        self.force_off(id).await?;
+        let dir = self.vm_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DriverError::Io(format!("remove {}", dir.display()), e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<String>> {
+        let rd = match std::fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(DriverError::Io(format!("list {}", self.root.display()), e)),
+        };
+        let mut out: Vec<String> = rd
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+}

@@ -1,0 +1,157 @@
+//! Does KVM really work here?
+//!
+//! Some hosts expose `/dev/kvm` but guests hang under it (nested
+//! virtualisation without the right CPU features, for one). Opening the device
+//! proves nothing, so the probe boots a guest: a 512-byte boot sector that
+//! writes one byte to the serial port. KVM counts as working only if that byte
+//! arrives within the timeout. The answer is cached for the current boot of
+//! the host (keyed by `/proc/sys/kernel/random/boot_id`), so restarting the
+//! agent does not probe again.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The marker the probe guest prints.
+pub const MARKER: u8 = b'K';
+
+/// A boot sector: `mov dx,0x3f8; mov al,'K'; out dx,al; cli; hlt; jmp $-1`.
+pub fn boot_sector() -> [u8; 512] {
+    let mut s = [0u8; 512];
+    let code = [
+        0xBA, 0xF8, 0x03, // mov dx, 0x3f8 (COM1)
+        0xB0, MARKER, // mov al, 'K'
+        0xEE, // out dx, al
+        0xFA, // cli
+        0xF4, // hlt
+        0xEB, 0xFD, // jmp back to hlt
+    ];
+    s[..code.len()].copy_from_slice(&code);
+    s[510] = 0x55;
+    s[511] = 0xAA;
+    s
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Cached {
+    boot_id: String,
+    kvm: bool,
+    reason: String,
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether KVM works, and why we think so.
+pub async fn probe(work_dir: &Path, cache: &Path) -> (bool, String) {
+    let id = boot_id();
+    if let Ok(b) = std::fs::read(cache) {
+        if let Ok(c) = serde_json::from_slice::<Cached>(&b) {
+            if c.boot_id == id && !id.is_empty() {
+                return (c.kvm, format!("{} (cached for this boot)", c.reason));
+            }
+        }
+    }
+    let (kvm, reason) = run_probe(work_dir).await;
+    let c = Cached {
+        boot_id: id,
+        kvm,
+        reason: reason.clone(),
+    };
+    if let Ok(b) = serde_json::to_vec(&c) {
+        let _ = std::fs::write(cache, b);
+    }
+    (kvm, reason)
+}
+
+async fn run_probe(work_dir: &Path) -> (bool, String) {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        return (false, "/dev/kvm does not exist".into());
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return (false, "/dev/kvm cannot be opened".into());
+    }
+    let dir = work_dir.join("kvm-probe");
+    let _ = std::fs::create_dir_all(&dir);
+    let disk = dir.join("boot.bin");
+    let out = dir.join("serial.out");
+    let _ = std::fs::remove_file(&out);
+    if let Err(e) = std::fs::write(&disk, boot_sector()) {
+        return (false, format!("cannot write the probe disk: {e}"));
+    }
+    let child = tokio::process::Command::new("qemu-system-x86_64")
+        .args(["-machine", "pc,accel=kvm", "-cpu", "host", "-m", "16"])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=floppy", disk.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", out.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return (false, format!("cannot run qemu-system-x86_64: {e}")),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut result = (false, "a guest under KVM printed nothing within 5 s".to_string());
+    while std::time::Instant::now() < deadline {
+        if std::fs::read(&out)
+            .map(|b| b.contains(&MARKER))
+            .unwrap_or(false)
+        {
+            result = (true, "a probe guest booted under KVM".into());
+            break;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            result = (false, format!("QEMU with KVM exited early ({st})"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill().await;
+    let _ = child.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_sector_is_bootable_and_prints_the_marker() {
+        let s = boot_sector();
+        assert_eq!(s.len(), 512);
+        assert_eq!((s[510], s[511]), (0x55, 0xAA));
+        assert_eq!(&s[..3], &[0xBA, 0xF8, 0x03], "mov dx, 0x3f8");
+        assert_eq!(&s[3..5], &[0xB0, MARKER]);
+        assert_eq!(s[5], 0xEE, "out dx, al");
+    }
+
+    #[tokio::test]
+    async fn the_result_is_cached_per_boot() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("probe.json");
+        let c = Cached {
+            boot_id: boot_id(),
+            kvm: true,
+            reason: "planted".into(),
+        };
+        std::fs::write(&cache, serde_json::to_vec(&c).unwrap()).unwrap();
+        let (kvm, why) = probe(d.path(), &cache).await;
+        assert!(kvm);
+        assert!(why.contains("planted") && why.contains("cached"));
+    }
+}

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Builds the tiny test appliance, offline, from Debian packages only, and
+# prints the path of its qcow2 on stdout (everything else goes to stderr).
+#
+# The guest: Debian's cloud kernel and an initramfs with busybox-static. Its
+# /init prints "VIRT8RA-GUEST-BOOTED hostname=... uptime=..." on the serial
+# console, then "VIRT8RA-TICK n uptime=..." every second, powers off cleanly
+# on an ACPI power-button press (printing "VIRT8RA-GUEST-POWEROFF"), and
+# leaves a shell on the console.
+#
+# The disk is a whole-disk FAT volume with syslinux in its boot sector,
+# written with mtools (no mounting, no root needed), converted to qcow2.
+# The result is cached under ${VIRT8RA_CACHE:-REPO/.cache}/test-image/ and
+# rebuilt only when the kernel or this script changes.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CACHE="${VIRT8RA_CACHE:-$ROOT/.cache}/test-image"
+log() { echo "test-image: $*" >&2; }
+
+KERNEL="$(ls -1 /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -n 1 || true)"
+[ -n "$KERNEL" ] || { log "no /boot/vmlinuz-*-cloud-amd64: install linux-image-cloud-amd64 (scripts/deps.sh)"; exit 1; }
+KVER="${KERNEL#/boot/vmlinuz-}"
+MODDIR="/lib/modules/$KVER"
+for tool in busybox mformat mcopy syslinux qemu-img cpio gzip; do
+  command -v "$tool" >/dev/null || { log "missing $tool: run scripts/deps.sh"; exit 1; }
+done
+[ -x /bin/busybox ] || { log "missing /bin/busybox: install busybox-static"; exit 1; }
+
+KEY="$(printf '%s\n%s\n' "$KVER" "$(sha256sum "$0" | cut -d' ' -f1)" | sha256sum | cut -c1-16)"
+OUT="$CACHE/test-appliance-$KEY.qcow2"
+if [ -s "$OUT" ]; then
+  echo "$OUT"
+  exit 0
+fi
+
+mkdir -p "$CACHE"
+WORK="$(mktemp -d "$CACHE/build.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+log "building the test appliance with kernel $KVER"
+
+# --- initramfs
+IR="$WORK/initramfs"
+mkdir -p "$IR"/{bin,sbin,etc/acpi/PWRF,proc,sys,dev,tmp,run,modules,root}
+cp /bin/busybox "$IR/bin/busybox"
+for m in kernel/drivers/acpi/button.ko kernel/drivers/input/evdev.ko \
+         kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko \
+         kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_pci_legacy_dev.ko \
+         kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko; do
+  for f in "$MODDIR/$m" "$MODDIR/$m.xz"; do
+    [ -f "$f" ] && cp "$f" "$IR/modules/"
+  done
+done
+
+cat >"$IR/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+# Modules, in dependency order; a missing one is not fatal.
+for m in button evdev virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+  [ -f /modules/$m.ko ] && insmod /modules/$m.ko 2>/dev/null
+done
+HOST=virt8ra-guest
+hostname "$HOST"
+up() { cut -d' ' -f1 /proc/uptime; }
+echo "VIRT8RA-GUEST-BOOTED hostname=$(hostname) uptime=$(up)" >/dev/console
+# ACPI power button -> clean power-off (busybox acpid runs /etc/acpi/PWRF/00000080).
+acpid -c /etc/acpi -a /etc/acpid.conf -l /tmp/acpid.log 2>/dev/null
+(
+  n=0
+  while true; do
+    n=$((n + 1))
+    echo "VIRT8RA-TICK $n uptime=$(up)" >/dev/console
+    sleep 1
+  done
+) &
+while true; do
+  setsid cttyhack sh </dev/console >/dev/console 2>&1 || sh </dev/console >/dev/console 2>&1
+  sleep 1
+done
+INIT
+chmod +x "$IR/init"
+
+cat >"$IR/etc/acpi/PWRF/00000080" <<'PWR'
+#!/bin/sh
+echo "VIRT8RA-GUEST-POWEROFF uptime=$(cut -d' ' -f1 /proc/uptime)" >/dev/console
+sync
+poweroff -f
+PWR
+chmod +x "$IR/etc/acpi/PWRF/00000080"
+echo "PWRF PWRF/00000080" >"$IR/etc/acpid.conf"
+
+(cd "$IR" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) >"$WORK/initrd.img"
+
+# --- boot disk: a FAT volume with syslinux
+cat >"$WORK/syslinux.cfg" <<'CFG'
+DEFAULT linux
+PROMPT 0
+TIMEOUT 1
+LABEL linux
+  KERNEL vmlinuz
+  APPEND initrd=initrd.img console=ttyS0,115200 quiet loglevel=3 panic=-1
+CFG
+size_kib=$(( ( $(stat -c %s "$KERNEL") + $(stat -c %s "$WORK/initrd.img") ) / 1024 + 4096 ))
+DISK="$WORK/disk.raw"
+truncate -s "${size_kib}K" "$DISK"
+mformat -i "$DISK" -v VIRT8RA ::
+syslinux --install "$DISK"
+mcopy -i "$DISK" "$KERNEL" ::vmlinuz
+mcopy -i "$DISK" "$WORK/initrd.img" ::initrd.img
+mcopy -i "$DISK" "$WORK/syslinux.cfg" ::syslinux.cfg
+qemu-img convert -q -f raw -O qcow2 "$DISK" "$WORK/out.qcow2"
+mv "$WORK/out.qcow2" "$OUT"
+# Drop images built from older inputs.
+find "$CACHE" -maxdepth 1 -name 'test-appliance-*.qcow2' ! -name "$(basename "$OUT")" -delete
+log "built $OUT ($(stat -c %s "$OUT") bytes)"
+echo "$OUT"
