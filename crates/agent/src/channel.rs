@@ -53,7 +53,9 @@ impl Channel {
             let started = std::time::Instant::now();
             match self.session(&mut changes).await {
                 Ok(()) => tracing::info!("control plane closed the channel"),
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "channel to the control plane failed"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "channel to the control plane failed")
+                }
             }
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = Duration::from_millis(500);
@@ -91,7 +93,9 @@ impl Channel {
             let m = tokio::time::timeout(Duration::from_secs(15), stream.next())
                 .await
                 .context("no welcome from the control plane")?;
-            let Some(m) = m else { bail!("closed before welcome") };
+            let Some(m) = m else {
+                bail!("closed before welcome")
+            };
             if let Message::Text(t) = m? {
                 match serde_json::from_str::<ServerMessage>(&t)? {
                     ServerMessage::Welcome {

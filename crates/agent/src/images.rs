@@ -136,7 +136,8 @@ impl ImageCache {
             .await?;
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| fetch_err(format!("transfer broke at {have} bytes: {e}")))?;
+            let chunk =
+                chunk.map_err(|e| fetch_err(format!("transfer broke at {have} bytes: {e}")))?;
             hasher.update(&chunk);
             f.write_all(&chunk).await?;
             have += chunk.len() as u64;

@@ -94,7 +94,9 @@ pub fn collect(
         hostname: hostname.to_string(),
         arch: std::env::consts::ARCH.to_string(),
         vcpus: o.vcpus.unwrap_or(vcpus),
-        memory_mib: o.memory_mib.unwrap_or_else(|| meminfo("MemTotal:").unwrap_or(0)),
+        memory_mib: o
+            .memory_mib
+            .unwrap_or_else(|| meminfo("MemTotal:").unwrap_or(0)),
         disk_gib: o.disk_gib.unwrap_or_else(|| disk(data_dir).0),
         cpu_model,
         cpu_flags,

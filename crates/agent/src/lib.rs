@@ -95,11 +95,7 @@ fn save_credentials(path: &Path, c: &Credentials) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn join(
-    server: &str,
-    token: &str,
-    req: &AgentJoin,
-) -> anyhow::Result<AgentJoined> {
+async fn join(server: &str, token: &str, req: &AgentJoin) -> anyhow::Result<AgentJoined> {
     let url = format!("{}/api/v1/agent/join", server.trim_end_matches('/'));
     let resp = reqwest::Client::new()
         .post(&url)
@@ -224,11 +220,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

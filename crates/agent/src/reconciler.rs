@@ -140,9 +140,8 @@ impl Reconciler {
     /// Resumes from the persisted desired state (agent restart, host reboot).
     pub async fn resume(self: &Arc<Self>) -> anyhow::Result<()> {
         let desired: DesiredFile = match std::fs::read(&self.desired_path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                anyhow::anyhow!("{} is corrupt: {e}", self.desired_path.display())
-            })?,
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", self.desired_path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
         };
@@ -155,7 +154,11 @@ impl Reconciler {
     }
 
     /// Applies a desired state from the control plane: persist, then act.
-    pub async fn apply(self: &Arc<Self>, generation: u64, vms: Vec<DesiredVm>) -> anyhow::Result<()> {
+    pub async fn apply(
+        self: &Arc<Self>,
+        generation: u64,
+        vms: Vec<DesiredVm>,
+    ) -> anyhow::Result<()> {
         {
             let g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
             if generation < *g {

@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "virt8ra", version, about = "Sovereign multi-provider cloud-edge control plane")]
+#[command(
+    name = "virt8ra",
+    version,
+    about = "Sovereign multi-provider cloud-edge control plane"
+)]
 struct Cli {
     #[command(flatten)]
     global: virt8ra_cli::GlobalOpts,
@@ -35,7 +39,10 @@ fn init_logging() {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -182,8 +182,10 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
         c.api(
             "POST",
             "/api/v1/sites",
-            Some(json!({"name": "s", "provider": "provider-es", "country": "ES",
-                        "city": "x", "latitude": 123.0, "longitude": 0.0})),
+            Some(
+                json!({"name": "s", "provider": "provider-es", "country": "ES",
+                        "city": "x", "latitude": 123.0, "longitude": 0.0}),
+            ),
         ),
         400,
         "latitude",
@@ -198,11 +200,7 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
         400,
         "provider 'ghost' not found",
     );
-    assert_error(
-        c.api("GET", "/api/v1/vms?limit=0", None),
-        400,
-        "limit",
-    );
+    assert_error(c.api("GET", "/api/v1/vms?limit=0", None), 400, "limit");
     assert_error(c.api("GET", "/api/v1/vms/nope", None), 404, "not found");
     assert_error(
         c.api("DELETE", "/api/v1/providers/provider-es", None),

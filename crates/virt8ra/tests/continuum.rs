@@ -39,8 +39,20 @@ fn vms_run_across_three_providers_and_survive_restarts() {
 
     // --- create a VM pinned to Poland through the CLI, wait for it to run.
     let out = c.cli_ok(&[
-        "vm", "create", "web-pl", "--image", "test", "--memory-mib", "128", "--country", "PL",
-        "--port", "80", "--wait", "-o", "json",
+        "vm",
+        "create",
+        "web-pl",
+        "--image",
+        "test",
+        "--memory-mib",
+        "128",
+        "--country",
+        "PL",
+        "--port",
+        "80",
+        "--wait",
+        "-o",
+        "json",
     ]);
     let vm: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(vm["status"]["phase"], "running");
@@ -74,7 +86,10 @@ fn vms_run_across_three_providers_and_survive_restarts() {
     });
     assert_eq!(v["status"]["phase"], "pending");
     let why = v["status"]["placement_reason"].as_str().unwrap();
-    assert!(why.contains("0 of 3 hosts fit") && why.contains("without room"), "{why}");
+    assert!(
+        why.contains("0 of 3 hosts fit") && why.contains("without room"),
+        "{why}"
+    );
     c.ok("DELETE", "/api/v1/vms/too-big", None);
     assert_eq!(c.vm("too-big")["status"]["phase"], "deleted");
 
@@ -96,12 +111,23 @@ fn vms_run_across_three_providers_and_survive_restarts() {
         (boots(&c.console("web-pl")) == 3).then_some(())
     });
     let events = c.cli_ok(&["vm", "events", "web-pl"]);
-    for e in ["created", "scheduled", "provisioning", "running", "stop requested", "stopped", "reboot requested"] {
+    for e in [
+        "created",
+        "scheduled",
+        "provisioning",
+        "running",
+        "stop requested",
+        "stopped",
+        "reboot requested",
+    ] {
         assert!(events.contains(e), "event {e:?} missing from:\n{events}");
     }
 
     // --- restart the agent: the VM keeps running and is re-attached.
-    let host = c.vm("web-pl")["status"]["host"].as_str().unwrap().to_string();
+    let host = c.vm("web-pl")["status"]["host"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let pids = c.qemu_pids();
     assert_eq!(pids.len(), 1);
     c.kill_agent(&host);
@@ -110,7 +136,11 @@ fn vms_run_across_three_providers_and_survive_restarts() {
     c.start_agent(&host, None);
     c.wait_hosts_ready(3);
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(c.qemu_pids(), pids, "the restarted agent must re-attach, not restart");
+    assert_eq!(
+        c.qemu_pids(),
+        pids,
+        "the restarted agent must re-attach, not restart"
+    );
     assert_eq!(c.vm("web-pl")["status"]["phase"], "running");
     assert_eq!(boots(&c.console("web-pl")), 3, "the guest did not reboot");
 
@@ -141,7 +171,11 @@ fn vms_run_across_three_providers_and_survive_restarts() {
         c.ok("GET", "/api/v1/vms?include_deleted=true", None)["items"].clone(),
     );
     assert_eq!(before, after, "state changed across a SIGKILL");
-    assert_eq!(c.qemu_pids(), pids, "VMs must keep running while the control plane is down");
+    assert_eq!(
+        c.qemu_pids(),
+        pids,
+        "VMs must keep running while the control plane is down"
+    );
     c.wait_hosts_ready(3);
     // It carries on: a VM created now is placed and runs.
     c.ok(

@@ -2,9 +2,15 @@
 //!
 //! Some hosts expose `/dev/kvm` but guests hang under it (nested
 //! virtualisation without the right CPU features, for one). Opening the device
-//! proves nothing, so the probe boots a guest: a 512-byte boot sector that
-//! writes one byte to the serial port. KVM counts as working only if that byte
-//! arrives within the timeout. The answer is cached for the current boot of
+//! proves nothing, so the probe boots a guest under KVM and waits for it to
+//! get far. On hosts measured here, a boot sector that switches to long mode
+//! and writes to the serial port works under such a broken KVM, while a Linux
+//! kernel hangs in its decompressor; so where the host has a kernel in
+//! `/boot`, the probe boots it (with no root file system) and waits for its
+//! final panic message, which a working KVM reaches in about a second.
+//! Without a kernel, the probe falls back to a 512-byte boot sector that
+//! writes one byte to the serial port, and says that it is the weaker test.
+//! The answer is cached for the current boot of
 //! the host (keyed by `/proc/sys/kernel/random/boot_id`), so restarting the
 //! agent does not probe again.
 
@@ -22,9 +28,9 @@ pub fn boot_sector() -> [u8; 512] {
     let code = [
         0xBA, 0xF8, 0x03, // mov dx, 0x3f8 (COM1)
         0xB0, MARKER, // mov al, 'K'
-        0xEE, // out dx, al
-        0xFA, // cli
-        0xF4, // hlt
+        0xEE,   // out dx, al
+        0xFA,   // cli
+        0xF4,   // hlt
         0xEB, 0xFD, // jmp back to hlt
     ];
     s[..code.len()].copy_from_slice(&code);
@@ -68,6 +74,22 @@ pub async fn probe(work_dir: &Path, cache: &Path) -> (bool, String) {
     (kvm, reason)
 }
 
+/// The newest kernel in /boot, if any.
+fn host_kernel() -> Option<std::path::PathBuf> {
+    let mut ks: Vec<std::path::PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+                .unwrap_or(false)
+        })
+        .collect();
+    ks.sort();
+    ks.pop()
+}
+
 async fn run_probe(work_dir: &Path) -> (bool, String) {
     if std::fs::metadata("/dev/kvm").is_err() {
         return (false, "/dev/kvm does not exist".into());
@@ -82,17 +104,38 @@ async fn run_probe(work_dir: &Path) -> (bool, String) {
     }
     let dir = work_dir.join("kvm-probe");
     let _ = std::fs::create_dir_all(&dir);
-    let disk = dir.join("boot.bin");
     let out = dir.join("serial.out");
     let _ = std::fs::remove_file(&out);
-    if let Err(e) = std::fs::write(&disk, boot_sector()) {
-        return (false, format!("cannot write the probe disk: {e}"));
-    }
-    let child = tokio::process::Command::new("qemu-system-x86_64")
-        .args(["-machine", "pc,accel=kvm", "-cpu", "host", "-m", "16"])
-        .args(["-nodefaults", "-display", "none", "-no-reboot"])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=floppy", disk.display()))
+    let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "pc,accel=kvm", "-cpu", "host", "-m", "256"])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"]);
+    let kernel = host_kernel();
+    let (needle, what, limit): (&[u8], String, u64) = match &kernel {
+        Some(k) => {
+            cmd.arg("-kernel")
+                .arg(k)
+                .args(["-append", "console=ttyS0 panic=-1 init=/virt8ra-kvm-probe"]);
+            (
+                b"Kernel panic",
+                format!("a Linux kernel ({})", k.display()),
+                8,
+            )
+        }
+        None => {
+            let disk = dir.join("boot.bin");
+            if let Err(e) = std::fs::write(&disk, boot_sector()) {
+                return (false, format!("cannot write the probe disk: {e}"));
+            }
+            cmd.arg("-drive")
+                .arg(format!("file={},format=raw,if=floppy", disk.display()));
+            (
+                &[MARKER][..],
+                "a boot sector (no kernel in /boot for the stronger test)".to_string(),
+                5,
+            )
+        }
+    };
+    let child = cmd
         .arg("-serial")
         .arg(format!("file:{}", out.display()))
         .stdin(std::process::Stdio::null())
@@ -104,14 +147,17 @@ async fn run_probe(work_dir: &Path) -> (bool, String) {
         Ok(c) => c,
         Err(e) => return (false, format!("cannot run qemu-system-x86_64: {e}")),
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut result = (false, "a guest under KVM printed nothing within 5 s".to_string());
+    let deadline = std::time::Instant::now() + Duration::from_secs(limit);
+    let mut result = (
+        false,
+        format!("{what} did not finish booting under KVM within {limit} s"),
+    );
     while std::time::Instant::now() < deadline {
         if std::fs::read(&out)
-            .map(|b| b.contains(&MARKER))
+            .map(|b| b.windows(needle.len()).any(|w| w == needle))
             .unwrap_or(false)
         {
-            result = (true, "a probe guest booted under KVM".into());
+            result = (true, format!("{what} booted under KVM"));
             break;
         }
         if let Ok(Some(st)) = child.try_wait() {

@@ -354,7 +354,9 @@ impl Driver for QemuDriver {
                     }
                     tracing::warn!(vm = %id, timeout_s = timeout.as_secs(), "guest did not power down in time; forcing it off");
                 }
-                Err(e) => tracing::warn!(vm = %id, error = %e, "ACPI power-down failed; forcing it off"),
+                Err(e) => {
+                    tracing::warn!(vm = %id, error = %e, "ACPI power-down failed; forcing it off")
+                }
             }
         }
         self.force_off(id).await

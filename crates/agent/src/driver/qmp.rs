@@ -44,7 +44,11 @@ async fn read_reply(
 }
 
 /// Runs one QMP command and returns its `return` value.
-pub async fn execute(socket: &Path, command: &str, args: Option<Value>) -> Result<Value, DriverError> {
+pub async fn execute(
+    socket: &Path,
+    command: &str,
+    args: Option<Value>,
+) -> Result<Value, DriverError> {
     let stream = tokio::time::timeout(TIMEOUT, UnixStream::connect(socket))
         .await
         .map_err(|_| DriverError::Qmp("connect timed out".into()))?

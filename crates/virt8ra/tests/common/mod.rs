@@ -83,8 +83,22 @@ pub struct Cluster {
 
 /// Three providers in three EU countries, one site each.
 pub const TOPOLOGY: &[(&str, &str, &str, &str, f64, f64)] = &[
-    ("provider-es", "ES", "es-logrono", "Logroño", 42.4627, -2.4449),
-    ("provider-de", "DE", "de-frankfurt", "Frankfurt", 50.1109, 8.6821),
+    (
+        "provider-es",
+        "ES",
+        "es-logrono",
+        "Logroño",
+        42.4627,
+        -2.4449,
+    ),
+    (
+        "provider-de",
+        "DE",
+        "de-frankfurt",
+        "Frankfurt",
+        50.1109,
+        8.6821,
+    ),
     ("provider-pl", "PL", "pl-gdansk", "Gdańsk", 54.3520, 18.6466),
 ];
 
@@ -140,13 +154,17 @@ impl Cluster {
             name: "server".into(),
         });
         let url = format!("{}/healthz", self.url);
-        wait_until("the control plane to answer", Duration::from_secs(20), || {
-            self.http
-                .get(&url)
-                .send()
-                .ok()
-                .filter(|r| r.status().is_success())
-        });
+        wait_until(
+            "the control plane to answer",
+            Duration::from_secs(20),
+            || {
+                self.http
+                    .get(&url)
+                    .send()
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            },
+        );
     }
 
     pub fn kill_server(&mut self) {
@@ -173,9 +191,7 @@ impl Cluster {
             rb = rb.bearer_auth(t);
         }
         if let Some(b) = body {
-            rb = rb
-                .header("content-type", "application/json")
-                .body(b);
+            rb = rb.header("content-type", "application/json").body(b);
         }
         let resp = rb.send().unwrap();
         let status = resp.status().as_u16();
@@ -222,8 +238,10 @@ impl Cluster {
             self.ok(
                 "POST",
                 "/api/v1/sites",
-                Some(json!({"name": site, "provider": provider, "country": country,
-                            "city": city, "latitude": lat, "longitude": lon})),
+                Some(
+                    json!({"name": site, "provider": provider, "country": country,
+                            "city": city, "latitude": lat, "longitude": lon}),
+                ),
             );
         }
     }
@@ -241,11 +259,7 @@ impl Cluster {
             .args(["--vcpus", "4", "--memory-mib", "2048", "--disk-gib", "20"])
             .env("VIRT8RA_LOG", "info");
         if let Some(site) = site {
-            let t = self.ok(
-                "POST",
-                "/api/v1/join-tokens",
-                Some(json!({"site": site})),
-            );
+            let t = self.ok("POST", "/api/v1/join-tokens", Some(json!({"site": site})));
             cmd.args(["--join-token", t["token"].as_str().unwrap()]);
         }
         let log = std::fs::OpenOptions::new()
@@ -276,14 +290,10 @@ impl Cluster {
 
     /// Waits until `n` hosts are ready.
     pub fn wait_hosts_ready(&self, n: usize) {
-        wait_until(
-            &format!("{n} ready hosts"),
-            Duration::from_secs(90),
-            || {
-                let (s, v) = self.api("GET", "/api/v1/hosts?state=ready", None);
-                (s == 200 && v["items"].as_array().map(|a| a.len()) == Some(n)).then_some(())
-            },
-        );
+        wait_until(&format!("{n} ready hosts"), Duration::from_secs(90), || {
+            let (s, v) = self.api("GET", "/api/v1/hosts?state=ready", None);
+            (s == 200 && v["items"].as_array().map(|a| a.len()) == Some(n)).then_some(())
+        });
     }
 
     pub fn vm(&self, name: &str) -> Value {
