@@ -144,6 +144,28 @@ fn vms_run_across_three_providers_and_survive_restarts() {
     assert_eq!(c.vm("web-pl")["status"]["phase"], "running");
     assert_eq!(boots(&c.console("web-pl")), 3, "the guest did not reboot");
 
+    // --- a host reboot: agent and guests die together. The agent comes back
+    // and starts the VM again from its local desired state.
+    c.kill_agent(&host);
+    for pid in &pids {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    wait_until("the guest to die", Duration::from_secs(10), || {
+        c.qemu_pids().is_empty().then_some(())
+    });
+    c.kill_server(); // the control plane is unreachable too
+    c.start_agent(&host, None);
+    wait_until("the VM to be started again", BOOT, || {
+        (c.qemu_pids().len() == 1).then_some(())
+    });
+    c.start_server();
+    wait_until("the boot after the host reboot", BOOT, || {
+        (boots(&c.console("web-pl")) == 4).then_some(())
+    });
+    c.wait_phase("web-pl", "running", BOOT);
+
     // --- SIGKILL the control plane while VMs run: nothing is lost.
     c.ok(
         "POST",
