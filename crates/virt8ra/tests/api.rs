@@ -71,7 +71,10 @@ fn acknowledged_writes_survive_sigkill() {
         .map(|p| p["name"].as_str().unwrap().to_string())
         .collect();
     for name in &acked {
-        assert!(stored.contains(name), "acknowledged provider {name} was lost");
+        assert!(
+            stored.contains(name),
+            "acknowledged provider {name} was lost"
+        );
     }
 }
 
