@@ -66,6 +66,10 @@ pub struct SiteFacts {
     /// Price per GiB of memory per hour, in EUR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_gib_hour: Option<f64>,
+    /// Round-trip time from the site's edge router to its hosts, in ms
+    /// (added to the distance model; default 1 ms core, 0.5 ms edge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_latency_ms: Option<f64>,
 }
 
 /// A location of a provider: a core data centre or an edge site.
@@ -83,6 +87,9 @@ pub struct Site {
     pub tier: Tier,
     #[serde(default)]
     pub facts: SiteFacts,
+    /// Free-form labels that placement rules can select on.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -100,6 +107,8 @@ pub struct SiteCreate {
     pub tier: Tier,
     #[serde(default)]
     pub facts: SiteFacts,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn default_tier() -> Tier {
@@ -233,7 +242,9 @@ pub struct Image {
 
 // ---------------------------------------------------------------------- VMs
 
-/// Where a VM may run, at this stage explicit pins; the placement engine adds more.
+/// Where a VM may run: hard rules the placement engine enforces (on
+/// creation and on every later move), and the weights of its soft
+/// preferences. Every field is optional; an empty object means "anywhere".
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementConstraints {
@@ -246,12 +257,131 @@ pub struct PlacementConstraints {
     /// ISO country code: the VM runs only in this country.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub country: Option<String>,
+    /// Residency: the VM runs only in one of these countries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<String>,
+    /// Residency: never in these countries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_countries: Vec<String>,
+    /// Residency: the site's country must be in one of these jurisdictions
+    /// (`EU`, `EEA`, or a country code).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jurisdictions: Vec<String>,
+    /// Provider nationality: the provider's legal seat must be in one of these
+    /// jurisdictions (`EU`, `EEA`, or a country code).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provider_jurisdictions: Vec<String>,
+    /// Only these providers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_providers: Vec<String>,
+    /// Only these sites.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_sites: Vec<String>,
+    /// Only sites of this tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
+    /// Site labels that must all match.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Host architecture (`x86_64`, `aarch64`, `riscv64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Only hosts with working KVM (not emulation).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_kvm: bool,
+    /// CPU flags the host must have, e.g. `avx2`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_flags: Vec<String>,
+    /// Accelerators the host must have, e.g. `gpu-nvidia`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accelerators: Vec<String>,
+    /// Confidential computing: `sev-snp` or `tdx`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidential: Option<String>,
+    /// Maximum round-trip time from where the users are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency: Option<LatencyBound>,
+    /// Never share this level with other members of the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<GroupRule>,
+    /// Always share this level with the other members of the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<GroupRule>,
+    /// Weights of the soft preferences; operator defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PlacementPolicy>,
 }
 
 impl PlacementConstraints {
     pub fn is_empty(&self) -> bool {
-        self.site.is_none() && self.provider.is_none() && self.country.is_none()
+        *self == PlacementConstraints::default()
     }
+}
+
+/// A latency bound from a user location: a known city (`from`) or coordinates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyBound {
+    /// A city name known to the control plane, e.g. `Gdańsk` or `Munich`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latitude: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longitude: Option<f64>,
+    /// Maximum round-trip time in milliseconds.
+    pub max_rtt_ms: f64,
+}
+
+/// The level at which a group's members are kept together or apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Host,
+    Site,
+    Provider,
+    Country,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRule {
+    pub group: String,
+    pub level: Level,
+}
+
+/// Weights of the soft preferences (each 0..=10; higher matters more).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementPolicy {
+    /// `pack` fills hosts before using new ones; `spread` balances load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<f64>,
+    /// Lower grid carbon intensity × PUE is better.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy: Option<f64>,
+    /// Lower price is better.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// Closer to the users (of `max_latency`) is better.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<f64>,
+    /// Providers with less of the load are better.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    Pack,
+    Spread,
 }
 
 /// What the user asked for.

@@ -426,7 +426,9 @@ async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<()> {
                             pue,
                             price_vcpu_hour,
                             price_gib_hour,
+                            access_latency_ms: None,
                         },
+                        labels: Default::default(),
                     },
                 )
                 .await?;

@@ -378,6 +378,7 @@ mod tests {
                 longitude: 0.0,
                 tier: Tier::Core,
                 facts: Default::default(),
+                labels: Default::default(),
                 created_at: Utc::now(),
             },
             provider: Provider {

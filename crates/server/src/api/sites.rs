@@ -48,6 +48,7 @@ pub async fn create(
         longitude: req.longitude,
         tier: req.tier,
         facts: req.facts,
+        labels: req.labels,
         created_at: Utc::now(),
     };
     app.store.create_site(&s).await?;

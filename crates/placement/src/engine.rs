@@ -1,0 +1,658 @@
+//! The placement engine: indexes over hosts and the decision procedure.
+//!
+//! Hosts' live capacity is kept in memory, indexed per site by free memory
+//! (a `BTreeSet<(free MiB, host)>` of the site's ready hosts). A decision
+//! works at two levels:
+//!
+//! 1. Site-level rules (residency, provider, tier, labels, latency) and the
+//!    site-level part of the score (energy, cost, latency) depend only on the
+//!    request's shape, not on current placements, so they are evaluated once
+//!    per shape and cached: a sorted list of the sites that pass.
+//! 2. Within each passing site, the index yields the best-fitting host with
+//!    enough free memory in O(log n); the remaining host checks (vCPUs, disk,
+//!    features, host-level groups) run on the few hosts the index yields.
+//!    Sites are visited best score first, and the search stops as soon as no
+//!    remaining site could beat the best host found (branch and bound).
+//!
+//! Every candidate is accepted only through the same checks the explanation
+//! and the tests' brute-force oracle use (`rules.rs`), so the fast path can
+//! never accept a host that breaks a hard rule. When nothing fits, a full scan
+//! counts, for every host, the first rule it breaks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use virt8ra_api::Level;
+
+use crate::geo;
+use crate::model::{Host, HostInfo, Resources, SiteInfo};
+use crate::rules::{check_capacity, check_features, check_site, level_key, Request, Rule, Weights};
+
+/// A placement: where, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub host: String,
+    pub site: String,
+    pub provider: String,
+    pub country: String,
+    /// 0..1, higher is better.
+    pub score: f64,
+    /// Weighted score components, largest first.
+    pub components: Vec<(String, f64)>,
+    /// Round-trip time from the request's user location, when bounded.
+    pub rtt_ms: Option<f64>,
+    /// For people.
+    pub reason: String,
+}
+
+/// Why nothing fits: every host counted under the first rule it breaks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unplaceable {
+    pub total_hosts: usize,
+    pub counts: Vec<(Rule, usize)>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Unplaceable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Thousands separators, for explanations people read.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+struct SiteEval {
+    site: u32,
+    rtt: Option<f64>,
+    /// Weighted static part of the score (energy, cost, latency).
+    score: f64,
+    energy: f64,
+    cost: f64,
+    latency: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Placed {
+    host: u32,
+    res: Resources,
+    req: Request,
+}
+
+/// Members of a group: how many at each host, site, provider and country.
+#[derive(Debug, Clone, Default)]
+struct Group {
+    at: [HashMap<String, u32>; 4],
+}
+
+fn level_idx(l: Level) -> usize {
+    match l {
+        Level::Host => 0,
+        Level::Site => 1,
+        Level::Provider => 2,
+        Level::Country => 3,
+    }
+}
+
+const LEVELS: [Level; 4] = [Level::Host, Level::Site, Level::Provider, Level::Country];
+
+#[derive(Debug, Clone)]
+pub struct Engine {
+    sites: Vec<SiteInfo>,
+    site_by_name: HashMap<String, u32>,
+    site_hosts: Vec<Vec<u32>>,
+    site_free: Vec<BTreeSet<(u64, u32)>>,
+    hosts: Vec<Host>,
+    host_by_name: HashMap<String, u32>,
+    vms: HashMap<String, Placed>,
+    groups: HashMap<String, Group>,
+    provider_mem: HashMap<String, u64>,
+    measured: HashMap<(u32, String), f64>,
+    cache: HashMap<String, Arc<Vec<SiteEval>>>,
+    defaults: Weights,
+    max_carbon: f64,
+    max_price: f64,
+}
+
+impl Engine {
+    pub fn new(sites: Vec<SiteInfo>, hosts: Vec<HostInfo>) -> Result<Engine, String> {
+        let mut e = Engine {
+            sites: Vec::new(),
+            site_by_name: HashMap::new(),
+            site_hosts: Vec::new(),
+            site_free: Vec::new(),
+            hosts: Vec::new(),
+            host_by_name: HashMap::new(),
+            vms: HashMap::new(),
+            groups: HashMap::new(),
+            provider_mem: HashMap::new(),
+            measured: HashMap::new(),
+            cache: HashMap::new(),
+            defaults: Weights::default(),
+            max_carbon: 1.0,
+            max_price: 1.0,
+        };
+        for s in sites {
+            e.upsert_site(s);
+        }
+        for h in hosts {
+            e.upsert_host(h)?;
+        }
+        Ok(e)
+    }
+
+    /// The operator's default weights for requests that set none.
+    pub fn set_default_weights(&mut self, w: Weights) {
+        self.defaults = w;
+        self.cache.clear();
+    }
+
+    pub fn default_weights(&self) -> Weights {
+        self.defaults
+    }
+
+    pub fn host_count(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn site_count(&self) -> usize {
+        self.sites.len()
+    }
+
+    pub fn upsert_site(&mut self, s: SiteInfo) {
+        self.cache.clear();
+        match self.site_by_name.get(&s.name) {
+            Some(&i) => self.sites[i as usize] = s,
+            None => {
+                let i = self.sites.len() as u32;
+                self.site_by_name.insert(s.name.clone(), i);
+                self.sites.push(s);
+                self.site_hosts.push(Vec::new());
+                self.site_free.push(BTreeSet::new());
+            }
+        }
+        self.max_carbon = self
+            .sites
+            .iter()
+            .filter_map(|s| s.carbon_per_it_kwh())
+            .fold(1.0, f64::max);
+        self.max_price = self
+            .sites
+            .iter()
+            .filter_map(|s| s.unit_price())
+            .fold(1e-9, f64::max);
+    }
+
+    /// Adds a host or updates its description (keeping its allocations).
+    pub fn upsert_host(&mut self, info: HostInfo) -> Result<(), String> {
+        let site = *self
+            .site_by_name
+            .get(&info.site)
+            .ok_or_else(|| format!("host {}: unknown site {:?}", info.name, info.site))?;
+        match self.host_by_name.get(&info.name).copied() {
+            Some(id) => {
+                self.unindex(id);
+                let old = &self.hosts[id as usize];
+                let (used, vms, old_site) = (old.used, old.vms, old.site);
+                if old_site != site {
+                    self.site_hosts[old_site as usize].retain(|h| *h != id);
+                    self.site_hosts[site as usize].push(id);
+                }
+                let mut h = Host::new(info, site);
+                h.used = used;
+                h.vms = vms;
+                self.hosts[id as usize] = h;
+                self.index(id);
+            }
+            None => {
+                let id = self.hosts.len() as u32;
+                self.host_by_name.insert(info.name.clone(), id);
+                self.hosts.push(Host::new(info, site));
+                self.site_hosts[site as usize].push(id);
+                self.index(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks a host ready or not (unreachable, disabled, maintenance).
+    pub fn set_ready(&mut self, host: &str, ready: bool) -> Result<(), String> {
+        let id = self.host_id(host)?;
+        self.unindex(id);
+        self.hosts[id as usize].info.ready = ready;
+        self.index(id);
+        Ok(())
+    }
+
+    /// A measured round-trip time from a named user location to a site,
+    /// which then overrides the model.
+    pub fn set_measured_rtt(&mut self, site: &str, location: &str, ms: f64) -> Result<(), String> {
+        let s = *self
+            .site_by_name
+            .get(site)
+            .ok_or_else(|| format!("unknown site {site:?}"))?;
+        self.measured.insert((s, location.to_lowercase()), ms);
+        self.cache.clear();
+        Ok(())
+    }
+
+    fn host_id(&self, name: &str) -> Result<u32, String> {
+        self.host_by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("unknown host {name:?}"))
+    }
+
+    fn index(&mut self, id: u32) {
+        let h = &self.hosts[id as usize];
+        if h.info.ready {
+            self.site_free[h.site as usize].insert((h.free_mem(), id));
+        }
+    }
+
+    fn unindex(&mut self, id: u32) {
+        let h = &self.hosts[id as usize];
+        self.site_free[h.site as usize].remove(&(h.free_mem(), id));
+    }
+
+    pub fn hosts(&self) -> impl Iterator<Item = &Host> {
+        self.hosts.iter()
+    }
+
+    pub fn site_of(&self, h: &Host) -> &SiteInfo {
+        &self.sites[h.site as usize]
+    }
+
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.host_by_name
+            .get(name)
+            .map(|&i| &self.hosts[i as usize])
+    }
+
+    pub fn site(&self, name: &str) -> Option<&SiteInfo> {
+        self.site_by_name
+            .get(name)
+            .map(|&i| &self.sites[i as usize])
+    }
+
+    /// VMs placed through the engine: (vm, host name).
+    pub fn placements(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.vms
+            .iter()
+            .map(|(v, p)| (v.as_str(), self.hosts[p.host as usize].info.name.as_str()))
+    }
+
+    pub fn request_of(&self, vm: &str) -> Option<&Request> {
+        self.vms.get(vm).map(|p| &p.req)
+    }
+
+    fn rtt(&self, site: u32, r: &Request) -> Option<f64> {
+        let (lat, lon, _) = r.latency?;
+        if let Some(loc) = &r.latency_from {
+            if let Some(ms) = self.measured.get(&(site, loc.to_lowercase())) {
+                return Some(*ms);
+            }
+        }
+        let s = &self.sites[site as usize];
+        Some(geo::model_rtt_ms(lat, lon, s.lat, s.lon, s.access_ms()))
+    }
+
+    /// Sites that pass the site-level rules, best static score first.
+    fn site_evals(&mut self, r: &Request) -> Arc<Vec<SiteEval>> {
+        let key = r.site_key();
+        if let Some(v) = self.cache.get(&key) {
+            return v.clone();
+        }
+        let w = &r.weights;
+        let mut out = Vec::new();
+        for (i, s) in self.sites.iter().enumerate() {
+            let rtt = self.rtt(i as u32, r);
+            if check_site(s, r, rtt).is_err() {
+                continue;
+            }
+            let energy = s
+                .carbon_per_it_kwh()
+                .map(|c| 1.0 - c / self.max_carbon)
+                .unwrap_or(0.5);
+            let cost = s
+                .unit_price()
+                .map(|p| 1.0 - p / self.max_price)
+                .unwrap_or(0.5);
+            let latency = match (rtt, r.latency) {
+                (Some(rtt), Some((_, _, max))) => (1.0 - rtt / max).clamp(0.0, 1.0),
+                _ => 0.0,
+            };
+            out.push(SiteEval {
+                site: i as u32,
+                rtt,
+                score: w.energy * energy + w.cost * cost + w.latency * latency,
+                energy,
+                cost,
+                latency,
+            });
+        }
+        out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.site.cmp(&b.site)));
+        let v = Arc::new(out);
+        if self.cache.len() > 4096 {
+            self.cache.clear();
+        }
+        self.cache.insert(key, v.clone());
+        v
+    }
+
+    /// Group rules for a host: `Err(Rule::Group)` when it is excluded.
+    fn check_groups(&self, host_name: &str, site: &SiteInfo, r: &Request) -> Result<(), Rule> {
+        if let Some(g) = &r.c.anti_affinity {
+            if let Some(members) = self.groups.get(&g.group) {
+                let key = level_key(g.level, host_name, site);
+                if members.at[level_idx(g.level)].contains_key(&key) {
+                    return Err(Rule::Group);
+                }
+            }
+        }
+        if let Some(g) = &r.c.affinity {
+            if let Some(members) = self.groups.get(&g.group) {
+                let at = &members.at[level_idx(g.level)];
+                if !at.is_empty() && !at.contains_key(&level_key(g.level, host_name, site)) {
+                    return Err(Rule::Group);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Site-level part of the group rules (levels site, provider, country).
+    fn site_excluded_by_groups(&self, site: &SiteInfo, r: &Request) -> bool {
+        if let Some(g) = &r.c.anti_affinity {
+            if g.level != Level::Host {
+                if let Some(m) = self.groups.get(&g.group) {
+                    if m.at[level_idx(g.level)].contains_key(&level_key(g.level, "", site)) {
+                        return true;
+                    }
+                }
+            }
+        }
+        if let Some(g) = &r.c.affinity {
+            if g.level != Level::Host {
+                if let Some(m) = self.groups.get(&g.group) {
+                    let at = &m.at[level_idx(g.level)];
+                    if !at.is_empty() && !at.contains_key(&level_key(g.level, "", site)) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// Every hard rule for one host: the oracle the fast path agrees with.
+    pub fn check_host(&self, host: &Host, r: &Request) -> Result<(), Rule> {
+        let site = &self.sites[host.site as usize];
+        check_site(site, r, self.rtt(host.site, r))?;
+        if !host.info.ready {
+            return Err(Rule::NotReady);
+        }
+        self.check_groups(&host.info.name, site, r)?;
+        check_features(&host.info, r)?;
+        check_capacity(host, &r.res)
+    }
+
+    /// Chooses a host for `r` without allocating anything.
+    pub fn place(&mut self, r: &Request) -> Result<Decision, Unplaceable> {
+        let evals = self.site_evals(r);
+        let w = r.weights;
+        let max_pm = self.provider_mem.values().copied().max().unwrap_or(0);
+        let bound = w.capacity + w.balance;
+        // (raw score, host, eval index, capacity component, balance component)
+        let mut best: Option<(f64, u32, usize, f64, f64)> = None;
+        for (ei, ev) in evals.iter().enumerate() {
+            if best.is_some_and(|b| ev.score + bound <= b.0) {
+                break;
+            }
+            let site = &self.sites[ev.site as usize];
+            if self.site_excluded_by_groups(site, r) {
+                continue;
+            }
+            let Some(hid) = self.best_host_in(ev.site, r) else {
+                continue;
+            };
+            let h = &self.hosts[hid as usize];
+            let util =
+                (h.used.memory_mib + r.res.memory_mib) as f64 / h.cap.memory_mib.max(1) as f64;
+            let cap_c = if w.pack { util } else { 1.0 - util };
+            let pm = self.provider_mem.get(&site.provider).copied().unwrap_or(0);
+            let bal_c = if max_pm == 0 {
+                1.0
+            } else {
+                1.0 - pm as f64 / max_pm as f64
+            };
+            let raw = ev.score + w.capacity * cap_c + w.balance * bal_c;
+            if best.is_none_or(|b| raw > b.0) {
+                best = Some((raw, hid, ei, cap_c, bal_c));
+            }
+        }
+        let Some((raw, hid, ei, cap_c, bal_c)) = best else {
+            return Err(self.explain(r));
+        };
+        let ev = &evals[ei];
+        let h = &self.hosts[hid as usize];
+        let s = &self.sites[ev.site as usize];
+        let total_w = (w.capacity + w.energy + w.cost + w.latency + w.balance).max(1e-9);
+        let mut components: Vec<(String, f64)> = vec![
+            (
+                if w.pack { "pack" } else { "spread" }.to_string(),
+                w.capacity * cap_c / total_w,
+            ),
+            ("energy".to_string(), w.energy * ev.energy / total_w),
+            ("cost".to_string(), w.cost * ev.cost / total_w),
+            ("latency".to_string(), w.latency * ev.latency / total_w),
+            ("balance".to_string(), w.balance * bal_c / total_w),
+        ];
+        components.retain(|(_, v)| *v > 0.0);
+        components.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let score = raw / total_w;
+        let top: Vec<String> = components
+            .iter()
+            .take(3)
+            .map(|(n, v)| format!("{n} {v:.2}"))
+            .collect();
+        let mut facts = Vec::new();
+        if let Some(rtt) = ev.rtt {
+            facts.push(format!("{rtt:.1} ms from the users"));
+        }
+        if let Some(c) = s.carbon {
+            facts.push(format!("{c:.0} gCO2/kWh"));
+        }
+        let reason = format!(
+            "host {} at site {} ({}, {}): score {:.2} ({}){}; {} of {} sites pass the hard rules",
+            h.info.name,
+            s.name,
+            s.provider,
+            s.country,
+            score,
+            top.join(", "),
+            if facts.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", facts.join(", "))
+            },
+            evals.len(),
+            self.sites.len()
+        );
+        Ok(Decision {
+            host: h.info.name.clone(),
+            site: s.name.clone(),
+            provider: s.provider.clone(),
+            country: s.country.clone(),
+            score,
+            components,
+            rtt_ms: ev.rtt,
+            reason,
+        })
+    }
+
+    /// The best host of a site for `r`: best fit by free memory for packing,
+    /// most free memory for spreading; the first that passes every host check.
+    fn best_host_in(&self, site: u32, r: &Request) -> Option<u32> {
+        let s = &self.sites[site as usize];
+        let range = self.site_free[site as usize].range((r.res.memory_mib, 0)..);
+        let ok = |&&(_, hid): &&(u64, u32)| {
+            let h = &self.hosts[hid as usize];
+            check_capacity(h, &r.res).is_ok()
+                && check_features(&h.info, r).is_ok()
+                && self.check_groups(&h.info.name, s, r).is_ok()
+        };
+        if r.weights.pack {
+            range.clone().find(ok).map(|&(_, h)| h)
+        } else {
+            range.rev().find(ok).map(|&(_, h)| h)
+        }
+    }
+
+    /// Counts, for every host, the first hard rule it breaks.
+    pub fn explain(&self, r: &Request) -> Unplaceable {
+        let mut counts: BTreeMap<Rule, usize> = BTreeMap::new();
+        for (si, site) in self.sites.iter().enumerate() {
+            let n = self.site_hosts[si].len();
+            if n == 0 {
+                continue;
+            }
+            if let Err(rule) = check_site(site, r, self.rtt(si as u32, r)) {
+                *counts.entry(rule).or_default() += n;
+                continue;
+            }
+            for &hid in &self.site_hosts[si] {
+                let h = &self.hosts[hid as usize];
+                let rule = if !h.info.ready {
+                    Rule::NotReady
+                } else if let Err(rule) = self.check_groups(&h.info.name, site, r) {
+                    rule
+                } else if let Err(rule) = check_features(&h.info, r) {
+                    rule
+                } else if let Err(rule) = check_capacity(h, &r.res) {
+                    rule
+                } else {
+                    // Cannot happen: place() would have found this host.
+                    continue;
+                };
+                *counts.entry(rule).or_default() += 1;
+            }
+        }
+        let total = self.hosts.len();
+        let counts: Vec<(Rule, usize)> = counts.into_iter().filter(|(_, n)| *n > 0).collect();
+        let message = if total == 0 {
+            "0 hosts fit: no host has joined".to_string()
+        } else {
+            let parts: Vec<String> = counts
+                .iter()
+                .map(|(rule, n)| format!("{} {}", thousands(*n), rule.describe()))
+                .collect();
+            format!("0 of {} hosts fit: {}", thousands(total), parts.join(", "))
+        };
+        Unplaceable {
+            total_hosts: total,
+            counts,
+            message,
+        }
+    }
+
+    /// Allocates `vm` on `host` (after `place`, or to record an existing VM).
+    pub fn commit(&mut self, vm: &str, host: &str, r: &Request) -> Result<(), String> {
+        if self.vms.contains_key(vm) {
+            self.release(vm);
+        }
+        let id = self.host_id(host)?;
+        self.unindex(id);
+        let h = &mut self.hosts[id as usize];
+        h.used.add(&r.res);
+        h.vms += 1;
+        let site = self.sites[h.site as usize].clone();
+        let name = h.info.name.clone();
+        self.index(id);
+        *self.provider_mem.entry(site.provider.clone()).or_default() += r.res.memory_mib;
+        for g in [&r.c.anti_affinity, &r.c.affinity].into_iter().flatten() {
+            let grp = self.groups.entry(g.group.clone()).or_default();
+            for l in LEVELS {
+                *grp.at[level_idx(l)]
+                    .entry(level_key(l, &name, &site))
+                    .or_default() += 1;
+            }
+        }
+        self.vms.insert(
+            vm.to_string(),
+            Placed {
+                host: id,
+                res: r.res,
+                req: r.clone(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Frees what `vm` held. Unknown VMs are ignored.
+    pub fn release(&mut self, vm: &str) {
+        let Some(p) = self.vms.remove(vm) else {
+            return;
+        };
+        self.unindex(p.host);
+        let h = &mut self.hosts[p.host as usize];
+        h.used.sub(&p.res);
+        h.vms = h.vms.saturating_sub(1);
+        let site = self.sites[h.site as usize].clone();
+        let name = h.info.name.clone();
+        self.index(p.host);
+        if let Some(m) = self.provider_mem.get_mut(&site.provider) {
+            *m = m.saturating_sub(p.res.memory_mib);
+        }
+        for g in [&p.req.c.anti_affinity, &p.req.c.affinity]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(grp) = self.groups.get_mut(&g.group) {
+                for l in LEVELS {
+                    let map = &mut grp.at[level_idx(l)];
+                    let key = level_key(l, &name, &site);
+                    if let Some(n) = map.get_mut(&key) {
+                        *n -= 1;
+                        if *n == 0 {
+                            map.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Approximate bytes the engine keeps per host (host record, names and
+    /// flags, index entries).
+    pub fn bytes_per_host(&self) -> usize {
+        if self.hosts.is_empty() {
+            return 0;
+        }
+        let mut total = 0usize;
+        for h in &self.hosts {
+            total += std::mem::size_of::<Host>()
+                + h.info.name.capacity()
+                + h.info.site.capacity()
+                + h.info.arch.capacity()
+                + h.info.cpu_flags.iter().map(|f| f.capacity() + 24).sum::<usize>()
+                + h.info.accelerators.iter().map(|f| f.capacity() + 24).sum::<usize>()
+                // BTreeSet entry (16 bytes + node overhead), name map entry, site list entry
+                + 32
+                + (h.info.name.capacity() + 24 + 4 + 8)
+                + 4;
+        }
+        total / self.hosts.len()
+    }
+}
