@@ -20,7 +20,18 @@ use crate::model::{HostInfo, Resources, SiteInfo};
 use crate::rules::{Request, Weights};
 
 /// site, provider, country, city, lat, lon, tier, gCO2/kWh
-pub const EU_SITES: &[(&str, &str, &str, &str, f64, f64, Tier, f64)] = &[
+pub type SiteRow = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    f64,
+    f64,
+    Tier,
+    f64,
+);
+
+pub const EU_SITES: &[SiteRow] = &[
     (
         "es-logrono",
         "provider-a",
@@ -182,7 +193,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -191,10 +202,10 @@ impl Rng {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -353,14 +364,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// First-fit decreasing over the same hosts and hard rules: the baseline for
-/// packing quality.
+/// packing quality. VMs largest first; hosts largest first (so the baseline,
+/// like the engine, opens big hosts before small ones).
 pub fn ffd_hosts_used(sites: &[SiteInfo], hosts: &[HostInfo], reqs: &[(String, Request)]) -> usize {
     let Ok(mut e) = Engine::new(sites.to_vec(), hosts.to_vec()) else {
         return 0;
     };
     let mut order: Vec<&(String, Request)> = reqs.iter().collect();
     order.sort_by_key(|(_, r)| std::cmp::Reverse((r.res.memory_mib, r.res.vcpus)));
-    let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+    let mut by_size: Vec<&HostInfo> = hosts.iter().collect();
+    by_size.sort_by_key(|h| std::cmp::Reverse(h.memory_mib));
+    let names: Vec<String> = by_size.iter().map(|h| h.name.clone()).collect();
     for (vm, r) in order {
         let found = names
             .iter()

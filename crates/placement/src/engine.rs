@@ -64,7 +64,7 @@ pub fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -112,7 +112,9 @@ pub struct Engine {
     sites: Vec<SiteInfo>,
     site_by_name: HashMap<String, u32>,
     site_hosts: Vec<Vec<u32>>,
-    site_free: Vec<BTreeSet<(u64, u32)>>,
+    /// Per site, its ready hosts keyed by (empty?, free MiB, host): hosts
+    /// already in use sort before empty ones, so packing fills them first.
+    site_free: Vec<BTreeSet<(u8, u64, u32)>>,
     hosts: Vec<Host>,
     host_by_name: HashMap<String, u32>,
     vms: HashMap<String, Placed>,
@@ -123,6 +125,8 @@ pub struct Engine {
     defaults: Weights,
     max_carbon: f64,
     max_price: f64,
+    /// Largest host memory capacity, to prefer big hosts when opening one.
+    max_host_mem: u64,
 }
 
 impl Engine {
@@ -142,6 +146,7 @@ impl Engine {
             defaults: Weights::default(),
             max_carbon: 1.0,
             max_price: 1.0,
+            max_host_mem: 1,
         };
         for s in sites {
             e.upsert_site(s);
@@ -256,14 +261,15 @@ impl Engine {
 
     fn index(&mut self, id: u32) {
         let h = &self.hosts[id as usize];
+        self.max_host_mem = self.max_host_mem.max(h.cap.memory_mib);
         if h.info.ready {
-            self.site_free[h.site as usize].insert((h.free_mem(), id));
+            self.site_free[h.site as usize].insert((u8::from(h.vms == 0), h.free_mem(), id));
         }
     }
 
     fn unindex(&mut self, id: u32) {
         let h = &self.hosts[id as usize];
-        self.site_free[h.site as usize].remove(&(h.free_mem(), id));
+        self.site_free[h.site as usize].remove(&(u8::from(h.vms == 0), h.free_mem(), id));
     }
 
     pub fn hosts(&self) -> impl Iterator<Item = &Host> {
@@ -430,7 +436,18 @@ impl Engine {
             let h = &self.hosts[hid as usize];
             let util =
                 (h.used.memory_mib + r.res.memory_mib) as f64 / h.cap.memory_mib.max(1) as f64;
-            let cap_c = if w.pack { util } else { 1.0 - util };
+            // Packing prefers any host already in use over an empty one,
+            // then the fuller; of empty hosts, the bigger (fewer hosts in
+            // use in the end). Spreading prefers the emptier.
+            let cap_c = if w.pack {
+                if h.vms > 0 {
+                    0.5 + 0.5 * util
+                } else {
+                    0.5 * h.cap.memory_mib as f64 / self.max_host_mem as f64
+                }
+            } else {
+                1.0 - util
+            };
             let pm = self.provider_mem.get(&site.provider).copied().unwrap_or(0);
             let bal_c = if max_pm == 0 {
                 1.0
@@ -502,22 +519,30 @@ impl Engine {
         })
     }
 
-    /// The best host of a site for `r`: best fit by free memory for packing,
-    /// most free memory for spreading; the first that passes every host check.
+    /// The best host of a site for `r`, the first that passes every host
+    /// check: for packing, the tightest fit among hosts already in use, else
+    /// the largest empty host (fewer hosts in use); for spreading, the most
+    /// free memory, empty hosts first.
     fn best_host_in(&self, site: u32, r: &Request) -> Option<u32> {
         let s = &self.sites[site as usize];
-        let range = self.site_free[site as usize].range((r.res.memory_mib, 0)..);
-        let ok = |&&(_, hid): &&(u64, u32)| {
+        let idx = &self.site_free[site as usize];
+        let need = r.res.memory_mib;
+        let ok = |&&(_, _, hid): &&(u8, u64, u32)| {
             let h = &self.hosts[hid as usize];
             check_capacity(h, &r.res).is_ok()
                 && check_features(&h.info, r).is_ok()
                 && self.check_groups(&h.info.name, s, r).is_ok()
         };
-        if r.weights.pack {
-            range.clone().find(ok).map(|&(_, h)| h)
+        let used = idx.range((0, need, 0)..(1, 0, 0));
+        let empty = idx.range((1, need, 0)..);
+        let found = if r.weights.pack {
+            used.clone()
+                .find(ok)
+                .or_else(|| empty.clone().rev().find(ok))
         } else {
-            range.rev().find(ok).map(|&(_, h)| h)
-        }
+            empty.rev().find(ok).or_else(|| used.rev().find(ok))
+        };
+        found.map(|&(_, _, h)| h)
     }
 
     /// Counts, for every host, the first hard rule it breaks.
