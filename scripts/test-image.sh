@@ -8,10 +8,13 @@
 # on an ACPI power-button press (printing "VIRT8RA-GUEST-POWEROFF"), and
 # leaves a shell on the console.
 #
-# The disk is a whole-disk FAT volume with syslinux in its boot sector,
-# written with mtools (no mounting, no root needed), converted to qcow2.
-# The result is cached under ${VIRT8RA_CACHE:-REPO/.cache}/test-image/ and
-# rebuilt only when the kernel or this script changes.
+# The disk is a whole-disk FAT volume (mkfs.fat, or mformat without
+# dosfstools) with syslinux in its boot sector, filled with mtools (no
+# mounting, no root needed), converted to qcow2. SeaBIOS boots such a
+# "superfloppy" directly from a virtio or IDE disk, so no partition table or
+# MBR is needed. The result is cached under
+# ${VIRT8RA_CACHE:-REPO/.cache}/test-image/ and rebuilt only when the kernel,
+# busybox or this script changes.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -27,7 +30,8 @@ for tool in busybox mformat mcopy syslinux qemu-img cpio gzip; do
 done
 [ -x /bin/busybox ] || { log "missing /bin/busybox: install busybox-static"; exit 1; }
 
-KEY="$(printf '%s\n%s\n' "$KVER" "$(sha256sum "$0" | cut -d' ' -f1)" | sha256sum | cut -c1-16)"
+KEY="$(printf '%s\n%s\n%s\n' "$KVER" "$(sha256sum "$0" | cut -d' ' -f1)" \
+  "$(sha256sum /bin/busybox | cut -d' ' -f1)" | sha256sum | cut -c1-16)"
 OUT="$CACHE/test-appliance-$KEY.qcow2"
 if [ -s "$OUT" ]; then
   echo "$OUT"
@@ -108,7 +112,11 @@ CFG
 size_kib=$(( ( $(stat -c %s "$KERNEL") + $(stat -c %s "$WORK/initrd.img") ) / 1024 + 4096 ))
 DISK="$WORK/disk.raw"
 truncate -s "${size_kib}K" "$DISK"
-mformat -i "$DISK" -v VIRT8RA ::
+if command -v mkfs.fat >/dev/null; then
+  mkfs.fat -n VIRT8RA "$DISK" >&2
+else
+  mformat -i "$DISK" -v VIRT8RA ::
+fi
 syslinux --install "$DISK"
 mcopy -i "$DISK" "$KERNEL" ::vmlinuz
 mcopy -i "$DISK" "$WORK/initrd.img" ::initrd.img

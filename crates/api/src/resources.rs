@@ -651,3 +651,29 @@ pub struct Health {
     pub status: String,
     pub version: String,
 }
+
+/// A placement decision, as `POST /api/v1/vms/plan` (a dry run) reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlacementPlan {
+    /// Whether some host fits.
+    pub placed: bool,
+    pub host: Option<String>,
+    pub site: Option<String>,
+    pub provider: Option<String>,
+    pub country: Option<String>,
+    /// 0..1, higher is better.
+    pub score: Option<f64>,
+    /// Weighted score components of the chosen host.
+    #[serde(default)]
+    pub components: std::collections::BTreeMap<String, f64>,
+    /// Round-trip time from the user location, when the VM has a latency bound.
+    pub rtt_ms: Option<f64>,
+    /// Why this host, or why none.
+    pub reason: String,
+    /// When nothing fits: how many hosts there are ...
+    pub total_hosts: Option<usize>,
+    /// ... and how many each hard rule excluded (each host counted once, under
+    /// the first rule it breaks).
+    #[serde(default)]
+    pub excluded: std::collections::BTreeMap<String, usize>,
+}

@@ -179,37 +179,17 @@ pub enum VmCmd {
     Create {
         /// VM name (omit with -f when the spec names it).
         name: Option<String>,
-        /// Spec file (JSON or YAML, the API's VmCreate); flags override it.
-        #[arg(short = 'f', long = "file")]
-        file: Option<PathBuf>,
-        #[arg(long)]
-        image: Option<String>,
-        #[arg(long)]
-        vcpus: Option<u32>,
-        #[arg(long)]
-        memory_mib: Option<u64>,
-        #[arg(long)]
-        disk_gib: Option<u64>,
-        /// Pin to a site.
-        #[arg(long)]
-        site: Option<String>,
-        /// Pin to a provider.
-        #[arg(long)]
-        provider: Option<String>,
-        /// Pin to a country (ISO code).
-        #[arg(long)]
-        country: Option<String>,
-        /// File with user data for the guest.
-        #[arg(long)]
-        user_data: Option<PathBuf>,
-        /// Guest TCP port to forward to the host (repeatable).
-        #[arg(long = "port")]
-        ports: Vec<u16>,
-        /// Create it stopped.
-        #[arg(long)]
-        no_start: bool,
+        #[command(flatten)]
+        spec: SpecArgs,
         #[command(flatten)]
         wait: WaitOpts,
+    },
+    /// Where would this VM go? A dry run of placement: nothing is created.
+    Plan {
+        /// VM name (optional for a plan).
+        name: Option<String>,
+        #[command(flatten)]
+        spec: SpecArgs,
     },
     List {
         #[arg(long)]
@@ -260,6 +240,40 @@ pub enum VmCmd {
     Events {
         name: String,
     },
+}
+
+/// A VM spec from a file and flags.
+#[derive(Debug, Clone, Args)]
+pub struct SpecArgs {
+    /// Spec file (JSON or YAML, the API's VmCreate); flags override it.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    #[arg(long)]
+    image: Option<String>,
+    #[arg(long)]
+    vcpus: Option<u32>,
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    #[arg(long)]
+    disk_gib: Option<u64>,
+    /// Pin to a site.
+    #[arg(long)]
+    site: Option<String>,
+    /// Pin to a provider.
+    #[arg(long)]
+    provider: Option<String>,
+    /// Pin to a country (ISO code).
+    #[arg(long)]
+    country: Option<String>,
+    /// File with user data for the guest.
+    #[arg(long)]
+    user_data: Option<PathBuf>,
+    /// Guest TCP port to forward to the host (repeatable).
+    #[arg(long = "port")]
+    ports: Vec<u16>,
+    /// Create it stopped.
+    #[arg(long)]
+    no_start: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -699,76 +713,13 @@ fn show_vm(v: &Vm) {
 
 async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> {
     match cmd {
-        VmCmd::Create {
-            name,
-            file,
-            image,
-            vcpus,
-            memory_mib,
-            disk_gib,
-            site,
-            provider,
-            country,
-            user_data,
-            ports,
-            no_start,
-            wait,
-        } => {
-            let mut spec: serde_json::Value = match &file {
-                Some(f) => {
-                    let text = std::fs::read_to_string(f)
-                        .with_context(|| format!("read {}", f.display()))?;
-                    serde_yaml::from_str(&text)
-                        .with_context(|| format!("{} is not valid JSON or YAML", f.display()))?
-                }
-                None => serde_json::json!({}),
-            };
-            let Some(obj) = spec.as_object_mut() else {
-                bail!("the spec must be a mapping of fields");
-            };
-            let mut set = |k: &str, v: serde_json::Value| {
-                obj.insert(k.to_string(), v);
-            };
-            if let Some(v) = name {
-                set("name", v.into());
-            }
-            if let Some(v) = image {
-                set("image", v.into());
-            }
-            if let Some(v) = vcpus {
-                set("vcpus", v.into());
-            }
-            if let Some(v) = memory_mib {
-                set("memory_mib", v.into());
-            }
-            if let Some(v) = disk_gib {
-                set("disk_gib", v.into());
-            }
-            if let Some(p) = user_data {
-                let ud = std::fs::read_to_string(&p)
-                    .with_context(|| format!("read user data {}", p.display()))?;
-                set("user_data", ud.into());
-            }
-            if !ports.is_empty() {
-                set("ports", serde_json::json!(ports));
-            }
-            if no_start {
-                set("start", false.into());
-            }
-            let mut pins = obj
-                .get("placement")
-                .cloned()
-                .unwrap_or_else(|| serde_json::json!({}));
-            for (k, v) in [("site", site), ("provider", provider), ("country", country)] {
-                if let (Some(v), Some(m)) = (v, pins.as_object_mut()) {
-                    m.insert(k.into(), v.into());
-                }
-            }
-            obj.insert("placement".into(), pins);
-            if !obj.contains_key("name") {
+        VmCmd::Create { name, spec, wait } => {
+            let no_start = spec.no_start;
+            let spec = build_spec(name, &spec)?;
+            if spec.get("name").is_none() {
                 bail!("give the VM a name (virt8ra vm create NAME ...)");
             }
-            if !obj.contains_key("image") {
+            if spec.get("image").is_none() {
                 bail!("name an image with --image (`virt8ra image list` shows what exists)");
             }
             let v: Vm = c.post("/vms", &spec).await?;
@@ -783,6 +734,31 @@ async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> {
                 v
             };
             emit(o, &v, show_vm)
+        }
+        VmCmd::Plan { name, spec } => {
+            let mut spec = build_spec(name, &spec)?;
+            if let Some(obj) = spec.as_object_mut() {
+                obj.entry("name").or_insert_with(|| "plan".into());
+                obj.entry("image").or_insert_with(|| "none".into());
+            }
+            let p: PlacementPlan = c.post("/vms/plan", &spec).await?;
+            emit(o, &p, |p| {
+                if p.placed {
+                    fields(vec![
+                        ("host", opt(&p.host)),
+                        ("site", opt(&p.site)),
+                        ("provider", opt(&p.provider)),
+                        ("country", opt(&p.country)),
+                        (
+                            "score",
+                            p.score.map(|s| format!("{s:.2}")).unwrap_or_default(),
+                        ),
+                        ("why", p.reason.clone()),
+                    ])
+                } else {
+                    println!("no host fits: {}", p.reason);
+                }
+            })
         }
         VmCmd::List {
             site,
@@ -928,6 +904,66 @@ async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// Merges a spec file and flags into a VmCreate body.
+fn build_spec(name: Option<String>, a: &SpecArgs) -> anyhow::Result<serde_json::Value> {
+    let mut spec: serde_json::Value = match &a.file {
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+            serde_yaml::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON or YAML", f.display()))?
+        }
+        None => serde_json::json!({}),
+    };
+    let Some(obj) = spec.as_object_mut() else {
+        bail!("the spec must be a mapping of fields");
+    };
+    let mut set = |k: &str, v: serde_json::Value| {
+        obj.insert(k.to_string(), v);
+    };
+    if let Some(v) = name {
+        set("name", v.into());
+    }
+    if let Some(v) = &a.image {
+        set("image", v.clone().into());
+    }
+    if let Some(v) = a.vcpus {
+        set("vcpus", v.into());
+    }
+    if let Some(v) = a.memory_mib {
+        set("memory_mib", v.into());
+    }
+    if let Some(v) = a.disk_gib {
+        set("disk_gib", v.into());
+    }
+    if let Some(p) = &a.user_data {
+        let ud = std::fs::read_to_string(p)
+            .with_context(|| format!("read user data {}", p.display()))?;
+        set("user_data", ud.into());
+    }
+    if !a.ports.is_empty() {
+        set("ports", serde_json::json!(a.ports));
+    }
+    if a.no_start {
+        set("start", false.into());
+    }
+    let mut pins = obj
+        .get("placement")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    for (k, v) in [
+        ("site", &a.site),
+        ("provider", &a.provider),
+        ("country", &a.country),
+    ] {
+        if let (Some(v), Some(m)) = (v, pins.as_object_mut()) {
+            m.insert(k.into(), v.clone().into());
+        }
+    }
+    obj.insert("placement".into(), pins);
+    Ok(spec)
 }
 
 async fn act(

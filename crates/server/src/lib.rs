@@ -20,6 +20,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod hub;
+pub mod placement;
 pub mod scheduler;
 pub mod state;
 
@@ -41,12 +42,22 @@ pub struct ServerArgs {
     /// Seconds between agent heartbeats; a host is unreachable after three missed ones.
     #[arg(long, default_value_t = 5)]
     pub heartbeat_interval: u64,
+    /// vCPU overcommit ratio applied to every host (vCPUs placed per physical vCPU).
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
+    /// Memory overcommit ratio applied to every host.
+    #[arg(long, default_value_t = 1.0)]
+    pub memory_overcommit: f64,
 }
 
 /// Builds the control plane's state on `data_dir`: opens (and migrates) the
 /// database and makes sure an admin token exists. Returns the admin token if
 /// it was created now (it is shown once).
-pub async fn open(data_dir: &Path, heartbeat: Duration) -> anyhow::Result<(App, Option<String>)> {
+pub async fn open(
+    data_dir: &Path,
+    heartbeat: Duration,
+    placement_config: placement::PlacementConfig,
+) -> anyhow::Result<(App, Option<String>)> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("create data directory {}", data_dir.display()))?;
     let images_dir = data_dir.join("images");
@@ -64,7 +75,7 @@ pub async fn open(data_dir: &Path, heartbeat: Duration) -> anyhow::Result<(App, 
         heartbeat_interval: heartbeat,
         wake: tokio::sync::Notify::new(),
         vm_lock: tokio::sync::Mutex::new(()),
-        placer: Box::new(scheduler::SimpleFit),
+        placement: placement::Placement::new(placement_config),
     });
     Ok((app, created))
 }
@@ -112,9 +123,23 @@ fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
 
 /// Runs the control plane until the process is stopped.
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    for (what, v) in [
+        ("--cpu-overcommit", args.cpu_overcommit),
+        ("--memory-overcommit", args.memory_overcommit),
+    ] {
+        if !(0.1..=64.0).contains(&v) {
+            anyhow::bail!("{what} {v} is outside 0.1..64");
+        }
+    }
+    let cfg = placement::PlacementConfig {
+        cpu_overcommit: args.cpu_overcommit,
+        memory_overcommit: args.memory_overcommit,
+        ..Default::default()
+    };
     let (app, created) = open(
         &args.data_dir,
         Duration::from_secs(args.heartbeat_interval.max(1)),
+        cfg,
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(args.listen)

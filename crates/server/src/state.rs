@@ -9,7 +9,7 @@ use tokio::sync::{Mutex, Notify};
 use virt8ra_store::Store;
 
 use crate::hub::Hub;
-use crate::scheduler::Placer;
+use crate::placement::Placement;
 
 pub type App = Arc<AppState>;
 
@@ -25,7 +25,8 @@ pub struct AppState {
     /// Serialises read-modify-write of VMs between API handlers, agent
     /// reports and the scheduler, so no update is lost between them.
     pub vm_lock: Mutex<()>,
-    pub placer: Box<dyn Placer>,
+    /// The placement engine, loaded with the topology.
+    pub placement: Placement,
 }
 
 impl AppState {

@@ -24,8 +24,56 @@ enum Top {
     Agent(virt8ra_agent::AgentArgs),
     /// Print the OpenAPI document of the control plane's API.
     Openapi,
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(Bench),
     #[command(flatten)]
     Client(virt8ra_cli::Command),
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// The placement engine on a generated EU topology (11 providers, 7
+    /// countries), mixed load, packing policy; compared with first-fit
+    /// decreasing.
+    Placement {
+        #[arg(long, default_value_t = 10_000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 100_000)]
+        placements: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
+    match b {
+        Bench::Placement {
+            hosts,
+            placements,
+            seed,
+        } => {
+            if hosts == 0 || placements == 0 {
+                anyhow::bail!("--hosts and --placements must be at least 1");
+            }
+            let r = virt8ra_placement::bench::run_bench(hosts, placements, seed);
+            virt8ra_cli::output::emit(o, &r, |r| {
+                virt8ra_cli::output::fields(vec![
+                    ("hosts", format!("{} in {} sites", r.hosts, r.sites)),
+                    (
+                        "placements",
+                        format!("{} ({} placed)", r.placements, r.placed),
+                    ),
+                    ("placements/s", format!("{:.0}", r.placements_per_s)),
+                    ("p50", format!("{:.1} µs", r.p50_us)),
+                    ("p99", format!("{:.1} µs", r.p99_us)),
+                    ("hosts used (pack)", r.hosts_used.to_string()),
+                    ("hosts used (FFD)", r.ffd_hosts_used.to_string()),
+                    ("index bytes/host", r.index_bytes_per_host.to_string()),
+                ])
+            })
+        }
+    }
 }
 
 fn init_logging() {
@@ -63,6 +111,7 @@ fn main() {
                 println!("{}", virt8ra_server::api::openapi::document());
                 Ok(())
             }
+            Top::Bench(b) => bench(b, cli.global.output),
             Top::Client(c) => virt8ra_cli::run(cli.global, c).await,
         }
     });

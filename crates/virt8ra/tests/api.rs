@@ -219,6 +219,44 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
     assert_error(
         c.api(
             "POST",
+            "/api/v1/vms",
+            Some(json!({"name": "a", "image": "tiny", "placement": {"countries": ["PL", "QQ"]}})),
+        ),
+        400,
+        "unknown country code \"QQ\"",
+    );
+    assert_error(
+        c.api(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": "a", "image": "tiny",
+                        "placement": {"max_latency": {"from": "Gdańsk", "max_rtt_ms": -1}}})),
+        ),
+        400,
+        "max_rtt_ms must be a positive number",
+    );
+    assert_error(
+        c.api(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": "a", "image": "tiny",
+                        "placement": {"countries": ["PL"], "deny_countries": ["PL"]}})),
+        ),
+        400,
+        "both allowed and denied",
+    );
+    assert_error(
+        c.api(
+            "POST",
+            "/api/v1/vms/plan",
+            Some(json!({"name": "a", "image": "tiny", "placement": {"tier": "orbit"}})),
+        ),
+        400,
+        "unknown variant `orbit`",
+    );
+    assert_error(
+        c.api(
+            "POST",
             "/api/v1/providers",
             Some(json!({"name": "provider-es", "country": "ES"})),
         ),

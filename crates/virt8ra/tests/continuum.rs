@@ -37,19 +37,39 @@ fn vms_run_across_three_providers_and_survive_restarts() {
     }
     c.cli_ok(&["image", "import", image.to_str().unwrap(), "--name", "test"]);
 
-    // --- create a VM pinned to Poland through the CLI, wait for it to run.
+    // --- a VM that must stay in Poland, within 20 ms of Gdańsk: first a dry
+    // run, then for real through the CLI with a YAML spec.
+    let spec = c.dir.path().join("web-pl.yaml");
+    std::fs::write(
+        &spec,
+        "name: web-pl\nimage: test\nmemory_mib: 128\nports: [80]\nplacement:\n  countries: [PL]\n  max_latency: {from: Gdańsk, max_rtt_ms: 20}\n",
+    )
+    .unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&c.cli_ok(&[
+        "vm",
+        "plan",
+        "-f",
+        spec.to_str().unwrap(),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(plan["placed"], true, "{plan}");
+    assert_eq!(plan["site"], "pl-gdansk");
+    assert!(plan["rtt_ms"].as_f64().unwrap() <= 20.0);
+    assert_eq!(
+        c.ok("GET", "/api/v1/vms", None)["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0,
+        "a plan creates nothing"
+    );
     let out = c.cli_ok(&[
         "vm",
         "create",
-        "web-pl",
-        "--image",
-        "test",
-        "--memory-mib",
-        "128",
-        "--country",
-        "PL",
-        "--port",
-        "80",
+        "-f",
+        spec.to_str().unwrap(),
         "--wait",
         "-o",
         "json",
@@ -59,10 +79,12 @@ fn vms_run_across_three_providers_and_survive_restarts() {
     assert_eq!(vm["status"]["country"], "PL");
     assert_eq!(vm["status"]["site"], "pl-gdansk");
     assert_eq!(vm["status"]["provider"], "provider-pl");
-    assert!(vm["status"]["placement_reason"]
-        .as_str()
-        .unwrap()
-        .contains("pl-gdansk"));
+    let why = vm["status"]["placement_reason"].as_str().unwrap();
+    assert!(
+        why.contains("pl-gdansk") && why.contains("ms from the users"),
+        "{why}"
+    );
+    assert!(why.contains("1 of 3 sites pass the hard rules"), "{why}");
     let fwd = vm["status"]["ports"][0]["host_addr"].as_str().unwrap();
     assert!(fwd.starts_with("127.0.0.1:"), "{fwd}");
 
@@ -74,24 +96,38 @@ fn vms_run_across_three_providers_and_survive_restarts() {
     assert!(out.contains(BOOT_LINE));
     assert_eq!(c.qemu_pids().len(), 1);
 
-    // --- a VM that cannot be placed stays pending and says why.
+    // --- VMs that cannot be placed stay pending and say why.
+    c.ok(
+        "POST",
+        "/api/v1/vms",
+        Some(
+            json!({"name": "in-france", "image": "test", "memory_mib": 128,
+                    "placement": {"countries": ["FR"]}}),
+        ),
+    );
     c.ok(
         "POST",
         "/api/v1/vms",
         Some(json!({"name": "too-big", "image": "test", "memory_mib": 65536})),
     );
-    let v = wait_until("an explanation", Duration::from_secs(20), || {
-        let v = c.vm("too-big");
-        v["status"]["placement_reason"].is_string().then_some(v)
-    });
-    assert_eq!(v["status"]["phase"], "pending");
-    let why = v["status"]["placement_reason"].as_str().unwrap();
-    assert!(
-        why.contains("0 of 3 hosts fit") && why.contains("without room"),
-        "{why}"
-    );
-    c.ok("DELETE", "/api/v1/vms/too-big", None);
-    assert_eq!(c.vm("too-big")["status"]["phase"], "deleted");
+    for (name, why_expected) in [
+        (
+            "in-france",
+            "0 of 3 hosts fit: 3 outside the allowed countries",
+        ),
+        ("too-big", "0 of 3 hosts fit: 3 short of memory"),
+    ] {
+        let v = wait_until("an explanation", Duration::from_secs(20), || {
+            let v = c.vm(name);
+            v["status"]["placement_reason"].is_string().then_some(v)
+        });
+        assert_eq!(v["status"]["phase"], "pending");
+        assert_eq!(v["status"]["placement_reason"], why_expected);
+        let show = c.cli_ok(&["vm", "show", name]);
+        assert!(show.contains(why_expected), "{show}");
+        c.ok("DELETE", &format!("/api/v1/vms/{name}"), None);
+        assert_eq!(c.vm(name)["status"]["phase"], "deleted");
+    }
 
     // --- graceful stop, start again, reboot.
     let out = c.cli_ok(&["vm", "stop", "web-pl", "--wait", "-o", "json"]);

@@ -69,7 +69,12 @@ pub async fn probe(work_dir: &Path, cache: &Path) -> (bool, String) {
         reason: reason.clone(),
     };
     if let Ok(b) = serde_json::to_vec(&c) {
-        let _ = std::fs::write(cache, b);
+        // Written whole or not at all: a reader never sees half a file.
+        let tmp = cache.with_extension(format!("tmp.{}", std::process::id()));
+        if let Err(e) = std::fs::write(&tmp, b).and_then(|()| std::fs::rename(&tmp, cache)) {
+            tracing::warn!(path = %cache.display(), error = %e, "cannot cache the KVM probe result");
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
     (kvm, reason)
 }
@@ -102,7 +107,8 @@ async fn run_probe(work_dir: &Path) -> (bool, String) {
     {
         return (false, "/dev/kvm cannot be opened".into());
     }
-    let dir = work_dir.join("kvm-probe");
+    // Per process, so two agents probing at once do not share files.
+    let dir = work_dir.join(format!("kvm-probe.{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let out = dir.join("serial.out");
     let _ = std::fs::remove_file(&out);
@@ -166,8 +172,15 @@ async fn run_probe(work_dir: &Path) -> (bool, String) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = child.kill().await;
-    let _ = child.wait().await;
+    let _ = child.start_kill();
+    // A QEMU stuck in the kernel under a broken KVM may take a moment to die;
+    // do not hang the agent's start on it.
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the KVM probe's QEMU does not exit after SIGKILL");
+    }
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

@@ -58,6 +58,12 @@ impl QemuDriver {
                     "cannot run {QEMU} ({e}): install qemu-system-x86 (scripts/deps.sh)"
                 ))
             })?;
+        if !out.status.success() {
+            return Err(DriverError::Start(format!(
+                "{QEMU} --version failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
         let version = String::from_utf8_lossy(&out.stdout)
             .lines()
             .next()
@@ -96,19 +102,36 @@ impl QemuDriver {
     }
 
     /// The pid of the VM's QEMU if it is alive (and really is that QEMU).
+    ///
+    /// The pid file is the normal way; a scan of `/proc` catches a QEMU whose
+    /// pid file was lost (deleted by hand, or a crash between the fork and the
+    /// write), so such a process is neither reported as stopped nor left
+    /// running as an orphan by `destroy`.
     fn live_pid(&self, id: &str) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.pid_file(id))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        is_our_qemu(pid, &self.vm_dir(id)).then_some(pid)
+        let dir = self.vm_dir(id);
+        let from_file = std::fs::read_to_string(self.pid_file(id))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        match from_file {
+            Some(pid) if is_our_qemu(pid, &dir) => Some(pid),
+            _ => vm_processes(&dir).into_iter().next(),
+        }
+    }
+
+    /// The run state QEMU reports over QMP (`running`, `paused`,
+    /// `shutdown`, ...), for diagnostics and tests.
+    pub async fn qmp_status(&self, id: &str) -> Result<String> {
+        if self.live_pid(id).is_none() {
+            return Err(DriverError::Other(format!("VM {id} is not running")));
+        }
+        qmp::query_status(&self.qmp_socket(id)).await
     }
 
     /// The command line that runs `cfg`.
     pub fn command_line(&self, cfg: &VmConfig) -> Vec<String> {
         let dir = self.vm_dir(&cfg.id);
-        let p = |f: &str| dir.join(f).to_string_lossy().to_string();
+        // QEMU option values are comma-separated: a literal comma is doubled.
+        let p = |f: &str| opt_escape(&dir.join(f).to_string_lossy());
         let (accel, cpu) = match self.hypervisor {
             Hypervisor::Kvm => ("kvm", "host"),
             Hypervisor::Emulation => ("tcg", "qemu64"),
@@ -117,9 +140,13 @@ impl QemuDriver {
         for (guest, host) in &cfg.ports {
             net.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
         }
-        let mut a: Vec<String> = vec![
+        let a: Vec<String> = vec![
             "-name".into(),
-            format!("{},process=virt8ra-{}", cfg.name, cfg.id),
+            format!(
+                "{},process=virt8ra-{}",
+                opt_escape(&cfg.name),
+                opt_escape(&cfg.id)
+            ),
             "-machine".into(),
             format!("pc,accel={accel}"),
             "-cpu".into(),
@@ -152,7 +179,6 @@ impl QemuDriver {
             "-pidfile".into(),
             p("qemu.pid"),
         ];
-        a.shrink_to_fit();
         a
     }
 
@@ -169,37 +195,68 @@ impl QemuDriver {
         }
     }
 
-    /// Ends the process: QMP `quit`, then SIGKILL. Waits until it is gone.
+    /// Ends the process: QMP `quit`, then SIGKILL (to every QEMU naming the
+    /// VM's directory). Waits until it is gone.
     async fn force_off(&self, id: &str) -> Result<()> {
         let Some(pid) = self.live_pid(id) else {
             return Ok(());
         };
-        let _ = qmp::execute(&self.qmp_socket(id), "quit", None).await;
+        if let Err(e) = qmp::execute(&self.qmp_socket(id), "quit", None).await {
+            tracing::debug!(vm = %id, error = %e, "QMP quit");
+        }
         if self.wait_gone(id, Duration::from_secs(5)).await {
             return Ok(());
         }
         tracing::warn!(vm = %id, pid, "QEMU ignored quit; killing it");
-        if let Some(p) = rustix::process::Pid::from_raw(pid) {
-            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        let dir = self.vm_dir(id);
+        let mut pids = vm_processes(&dir);
+        if is_our_qemu(pid, &dir) && !pids.contains(&pid) {
+            pids.push(pid);
+        }
+        for pid in pids {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                if let Err(e) = rustix::process::kill_process(p, rustix::process::Signal::KILL) {
+                    tracing::warn!(vm = %id, pid, error = %e, "SIGKILL failed");
+                }
+            }
         }
         if self.wait_gone(id, Duration::from_secs(10)).await {
             Ok(())
         } else {
             Err(DriverError::Other(format!(
-                "QEMU process {pid} of VM {id} does not go away"
+                "QEMU process {pid} of VM {id} does not go away after SIGKILL"
             )))
         }
     }
 }
 
-/// Whether `pid` is a live (not zombie) QEMU started for the VM in `dir`.
-fn is_our_qemu(pid: i32, dir: &Path) -> bool {
+/// Doubles the commas of a QEMU option value (`a,b` -> `a,,b`).
+pub fn opt_escape(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
+/// Whether `pid` is a live (not zombie) QEMU started for the VM in `dir`:
+/// its program is `qemu-system-*` and an argument names a file inside `dir`
+/// (`<dir>/`, so VM `a1` is not mistaken for VM `a10`).
+pub fn is_our_qemu(pid: i32, dir: &Path) -> bool {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let Ok(cmd) = std::fs::read(proc.join("cmdline")) else {
         return false;
     };
-    let cmd = String::from_utf8_lossy(&cmd);
-    if !cmd.contains("qemu-system") || !cmd.contains(&*dir.to_string_lossy()) {
+    let mut args = cmd.split(|b| *b == 0).map(String::from_utf8_lossy);
+    let is_qemu = args
+        .next()
+        .map(|a0| {
+            Path::new(&*a0)
+                .file_name()
+                .map(|n| n.to_string_lossy().starts_with("qemu-system"))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false);
+    let inside = format!("{}/", dir.to_string_lossy());
+    // Paths appear escaped (doubled commas) inside option values.
+    let inside_escaped = opt_escape(&inside);
+    if !is_qemu || !args.any(|a| a.contains(&inside) || a.contains(&inside_escaped)) {
         return false;
     }
     let stat = std::fs::read_to_string(proc.join("stat")).unwrap_or_default();
@@ -207,6 +264,21 @@ fn is_our_qemu(pid: i32, dir: &Path) -> bool {
         .rsplit_once(')')
         .and_then(|(_, rest)| rest.trim_start().chars().next());
     !matches!(state, Some('Z') | Some('X') | None)
+}
+
+/// Every live QEMU process started for the VM in `dir`, found by scanning
+/// `/proc`. Normally one at most.
+pub fn vm_processes(dir: &Path) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let mut pids: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| is_our_qemu(*pid, dir))
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
@@ -254,8 +326,13 @@ impl Driver for QemuDriver {
             return Ok(());
         }
         std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-        let base = cfg.base_image.to_string_lossy().to_string();
-        let info = qemu_img(&["info", "--output=json", "-f", "qcow2", &base]).await?;
+        // An absolute backing path: qemu-img resolves a relative one against
+        // the overlay's directory, not ours.
+        let base = std::fs::canonicalize(&cfg.base_image)
+            .map_err(io_err(format!("base image {}", cfg.base_image.display())))?;
+        let base = base.to_string_lossy().to_string();
+        // -U: the base may be open (read-only) by running VMs.
+        let info = qemu_img(&["info", "-U", "--output=json", "-f", "qcow2", &base]).await?;
         let v: serde_json::Value = serde_json::from_slice(&info)
             .map_err(|e| DriverError::QemuImg(format!("qemu-img info: {e}")))?;
         let base_size = v["virtual-size"].as_u64().unwrap_or(0);
@@ -290,7 +367,14 @@ impl Driver for QemuDriver {
                 cfg.id
             )));
         }
-        let _ = std::fs::remove_file(self.qmp_socket(&cfg.id));
+        let sock = self.qmp_socket(&cfg.id);
+        if sock.as_os_str().len() >= 108 {
+            return Err(DriverError::Start(format!(
+                "QMP socket path {} is longer than a unix socket address allows (107 bytes); use a shorter data directory",
+                sock.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&sock);
         let _ = std::fs::remove_file(self.pid_file(&cfg.id));
         let args = self.command_line(cfg);
         let record = serde_json::json!({
@@ -330,15 +414,17 @@ impl Driver for QemuDriver {
         Ok(())
     }
 
+    /// Running if our QEMU is alive; otherwise Stopped if the disk exists,
+    /// Absent if not (a directory left without a disk by an interrupted
+    /// `prepare` counts as absent, so the reconciler prepares it again).
     async fn state(&self, id: &str) -> Result<DriverVmState> {
-        let dir = self.vm_dir(id);
-        if !dir.join("disk.qcow2").exists() {
-            return Ok(DriverVmState::Absent);
-        }
         if self.live_pid(id).is_some() {
-            Ok(DriverVmState::Running)
-        } else {
+            return Ok(DriverVmState::Running);
+        }
+        if self.vm_dir(id).join("disk.qcow2").exists() {
             Ok(DriverVmState::Stopped)
+        } else {
+            Ok(DriverVmState::Absent)
         }
     }
 
@@ -393,5 +479,76 @@ impl Driver for QemuDriver {
             .collect();
         out.sort();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::read_tail;
+
+    #[test]
+    fn read_tail_returns_the_end_and_says_when_it_cut() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        assert_eq!(read_tail(&p, 10).unwrap(), (String::new(), false));
+        std::fs::write(&p, b"line one\nline two\n").unwrap();
+        assert_eq!(
+            read_tail(&p, 100).unwrap(),
+            ("line one\nline two\n".into(), false)
+        );
+        assert_eq!(read_tail(&p, 9).unwrap(), ("line two\n".into(), true));
+        // A cut through a multi-byte character is decoded lossily, not an error.
+        std::fs::write(&p, "é".as_bytes()).unwrap();
+        assert_eq!(read_tail(&p, 1).unwrap(), ("\u{fffd}".into(), true));
+    }
+
+    #[test]
+    fn option_values_escape_commas() {
+        assert_eq!(opt_escape("/a,b/c"), "/a,,b/c");
+        assert_eq!(opt_escape("plain"), "plain");
+    }
+
+    #[test]
+    fn our_own_process_is_not_a_qemu() {
+        let d = tempfile::tempdir().unwrap();
+        let me = i32::try_from(std::process::id()).unwrap();
+        assert!(!is_our_qemu(me, d.path()));
+        assert!(!is_our_qemu(i32::MAX, d.path()));
+        assert!(vm_processes(d.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn command_line_has_what_the_vm_needs() {
+        let d = tempfile::tempdir().unwrap();
+        let drv = QemuDriver::new(d.path().join("v,ms"), AccelChoice::Emulation)
+            .await
+            .unwrap();
+        let cfg = VmConfig {
+            id: "a1".into(),
+            name: "web".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            disk_gib: 1,
+            base_image: PathBuf::from("/nonexistent"),
+            ports: vec![(22, 2222), (80, 8080)],
+        };
+        let a = drv.command_line(&cfg).join(" ");
+        let dir = opt_escape(&drv.vm_dir("a1").to_string_lossy());
+        assert!(dir.contains(",,"));
+        for want in [
+            "-machine pc,accel=tcg".to_string(),
+            "-cpu qemu64".into(),
+            "-smp 2".into(),
+            "-m 256".into(),
+            format!("file={dir}/disk.qcow2,if=virtio,format=qcow2"),
+            format!("path={dir}/console.log,append=on"),
+            format!("-qmp unix:{dir}/qmp.sock,server=on,wait=off"),
+            "hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:8080-:80".into(),
+            "-device virtio-net-pci,netdev=net0".into(),
+            format!("-daemonize -pidfile {dir}/qemu.pid"),
+        ] {
+            assert!(a.contains(&want), "{want:?} not in {a}");
+        }
     }
 }

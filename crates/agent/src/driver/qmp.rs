@@ -75,3 +75,12 @@ pub async fn execute(
     let v = read_reply(&mut lines).await?;
     Ok(v["return"].clone())
 }
+
+/// `query-status`: the VM's run state (`running`, `paused`, `shutdown`, ...).
+pub async fn query_status(socket: &Path) -> Result<String, DriverError> {
+    let v = execute(socket, "query-status", None).await?;
+    v.get("status")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| DriverError::Qmp(format!("query-status: no status in {v}")))
+}

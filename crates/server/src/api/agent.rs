@@ -64,6 +64,7 @@ pub async fn join(
         created_at: Utc::now(),
     };
     app.store.create_host(&host, &rec, &token.id).await?;
+    app.placement.invalidate();
     tracing::info!(host = %host.name, site = %site.name, "host joined");
     Ok((
         StatusCode::CREATED,
@@ -129,6 +130,7 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
             if let Err(e) = app.store.update_host(&h).await {
                 tracing::warn!(error = %e, "recording host inventory");
             }
+            app.placement.invalidate();
             tracing::info!(host = %h.name, protocol = version, "agent connected");
         }
         Err(e) => {

@@ -100,6 +100,7 @@ pub async fn update(
     let mut h = app.store.get_host(&key).await?;
     h.state = req.state;
     app.store.update_host(&h).await?;
+    app.placement.invalidate();
     app.wake.notify_one();
     Ok(Json(load(&app, &h.id).await?))
 }
@@ -116,6 +117,7 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let h = app.store.get_host(&key).await?;
     app.store.delete_host(&h.id).await?;
+    app.placement.invalidate();
     Ok(StatusCode::NO_CONTENT)
 }
 

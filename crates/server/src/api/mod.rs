@@ -76,6 +76,7 @@ pub fn router(app: App) -> Router {
         .route("/images/{key}", get(images::show).delete(images::delete))
         .route("/images/{key}/data", get(images::download))
         .route("/vms", get(vms::list).post(vms::create))
+        .route("/vms/plan", post(vms::plan))
         .route("/vms/{key}", get(vms::show).delete(vms::delete))
         .route("/vms/{key}/actions", post(vms::action))
         .route("/vms/{key}/console", get(vms::console))

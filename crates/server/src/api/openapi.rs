@@ -22,7 +22,7 @@ use super::{agent, hosts, images, providers, sites, vms};
         sites::list, sites::create, sites::show, sites::delete,
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,
         images::list, images::upload, images::show, images::delete, images::download,
-        vms::list, vms::create, vms::show, vms::delete, vms::action, vms::console, vms::events,
+        vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events,
         agent::join, agent::connect,
     ),
     modifiers(&Bearer),

@@ -38,6 +38,7 @@ pub async fn create(
         created_at: Utc::now(),
     };
     app.store.create_provider(&p).await?;
+    app.placement.invalidate();
     Ok((StatusCode::CREATED, Json(p)))
 }
 
@@ -65,5 +66,6 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let p = app.store.get_provider(&key).await?;
     app.store.delete_provider(&p.id).await?;
+    app.placement.invalidate();
     Ok(StatusCode::NO_CONTENT)
 }

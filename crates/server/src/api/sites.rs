@@ -52,6 +52,7 @@ pub async fn create(
         created_at: Utc::now(),
     };
     app.store.create_site(&s).await?;
+    app.placement.invalidate();
     Ok((StatusCode::CREATED, Json(s)))
 }
 
@@ -79,5 +80,6 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let s = app.store.get_site(&key).await?;
     app.store.delete_site(&s.id).await?;
+    app.placement.invalidate();
     Ok(StatusCode::NO_CONTENT)
 }

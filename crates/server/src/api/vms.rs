@@ -8,8 +8,8 @@ use chrono::Utc;
 use serde::Deserialize;
 use virt8ra_api::protocol::{AgentVmPhase, VmReport};
 use virt8ra_api::{
-    validate, ConsoleLog, Page, PowerState, Vm, VmAction, VmActionRequest, VmCreate, VmEvent,
-    VmPhase, VmStatus,
+    validate, ConsoleLog, Page, PlacementPlan, PowerState, Vm, VmAction, VmActionRequest, VmCreate,
+    VmEvent, VmPhase, VmStatus,
 };
 use virt8ra_store::{StoreError, VmFilter};
 
@@ -82,6 +82,7 @@ pub async fn create(
     Body(req): Body<VmCreate>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
     validate::vm(&req).map_err(ApiError::Invalid)?;
+    check_rules(&app, &req)?;
     let image = match app.store.get_image(&req.image).await {
         Ok(i) => i,
         Err(StoreError::NotFound { .. }) => return Err(missing_ref("image", &req.image, "image")),
@@ -375,6 +376,9 @@ async fn apply_report_inner(app: &App, host_id: &str, r: &VmReport) -> ApiResult
     }
     vm.updated_at = Utc::now();
     app.store.update_vm(&vm, event.as_deref()).await?;
+    if vm.status.phase == VmPhase::Deleted {
+        app.placement.release(&vm.id);
+    }
     Ok(())
 }
 
@@ -406,6 +410,66 @@ pub async fn confirm_deletions(app: &App, host_id: &str, present: &[String]) -> 
         app.store
             .update_vm(&vm, Some("deleted: the host agent removed it"))
             .await?;
+        app.placement.release(&vm.id);
     }
     Ok(())
+}
+
+fn check_rules(app: &App, req: &VmCreate) -> ApiResult<virt8ra_placement::Request> {
+    virt8ra_placement::Request::new(
+        virt8ra_placement::Resources {
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            disk_gib: req.disk_gib,
+        },
+        req.placement.clone(),
+        app.placement.config.weights,
+    )
+    .map_err(|e| ApiError::Invalid(format!("placement: {e}")))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/plan", tag = "vms", request_body = VmCreate,
+    responses((status = 200, body = PlacementPlan, description = "Where the VM would go, or why nowhere; nothing is created"),
+              (status = 400, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn plan(
+    _: Admin,
+    State(app): State<App>,
+    Body(req): Body<VmCreate>,
+) -> ApiResult<Json<PlacementPlan>> {
+    validate::vm(&req).map_err(ApiError::Invalid)?;
+    let r = check_rules(&app, &req)?;
+    let out = app.placement.with_engine(&app, |e| e.place(&r)).await?;
+    Ok(Json(match out {
+        Ok(d) => PlacementPlan {
+            placed: true,
+            host: Some(d.host),
+            site: Some(d.site),
+            provider: Some(d.provider),
+            country: Some(d.country),
+            score: Some(d.score),
+            components: d.components.into_iter().collect(),
+            rtt_ms: d.rtt_ms,
+            reason: d.reason,
+            total_hosts: None,
+            excluded: Default::default(),
+        },
+        Err(u) => PlacementPlan {
+            placed: false,
+            host: None,
+            site: None,
+            provider: None,
+            country: None,
+            score: None,
+            components: Default::default(),
+            rtt_ms: None,
+            reason: u.message,
+            total_hosts: Some(u.total_hosts),
+            excluded: u
+                .counts
+                .into_iter()
+                .map(|(rule, n)| (rule.key().to_string(), n))
+                .collect(),
+        },
+    }))
 }

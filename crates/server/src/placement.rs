@@ -1,0 +1,240 @@
+//! The control plane's side of placement: it keeps the placement engine
+//! (`virt8ra-placement`, pure) loaded with the current sites, hosts and
+//! allocations, in memory, so a decision never scans the database.
+//!
+//! The engine is rebuilt from the store only when the topology changed (a
+//! site, provider or host was added, changed or removed; a VM was deleted);
+//! placements made by the scheduler are committed to it directly, and host
+//! readiness (from heartbeats) is refreshed on every scheduler pass.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use virt8ra_api::{Host, HostState, Hypervisor, PlacementConstraints, Provider, Site, Vm, VmPhase};
+use virt8ra_placement::{Engine, HostInfo, Request, Resources, SiteInfo, Weights};
+use virt8ra_store::VmFilter;
+
+use crate::error::{ApiError, ApiResult};
+use crate::scheduler::host_view;
+use crate::state::App;
+
+/// Operator settings for placement.
+#[derive(Debug, Clone, Copy)]
+pub struct PlacementConfig {
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+    pub weights: Weights,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+            weights: Weights::default(),
+        }
+    }
+}
+
+pub struct Placement {
+    pub config: PlacementConfig,
+    loaded: Mutex<Option<Loaded>>,
+}
+
+struct Loaded {
+    engine: Engine,
+    /// Host name -> (id, operator state), for readiness.
+    hosts: HashMap<String, (String, HostState)>,
+}
+
+impl Placement {
+    pub fn new(config: PlacementConfig) -> Placement {
+        Placement {
+            config,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    /// The topology changed: rebuild before the next decision.
+    pub fn invalidate(&self) {
+        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Frees a VM's allocation (it was deleted).
+    pub fn release(&self, vm_id: &str) {
+        if let Some(l) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            l.engine.release(vm_id);
+        }
+    }
+
+    /// Runs `f` on an up-to-date engine.
+    pub async fn with_engine<T>(
+        &self,
+        app: &App,
+        f: impl FnOnce(&mut Engine) -> T,
+    ) -> ApiResult<T> {
+        let missing = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none();
+        if missing {
+            let l = self.build(app).await?;
+            let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+            if g.is_none() {
+                *g = Some(l);
+            }
+        }
+        let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let l = g
+            .as_mut()
+            .ok_or_else(|| ApiError::Internal("placement engine missing".into()))?;
+        refresh_readiness(app, l);
+        Ok(f(&mut l.engine))
+    }
+
+    async fn build(&self, app: &App) -> ApiResult<Loaded> {
+        let providers: HashMap<String, Provider> = app
+            .store
+            .list_providers()
+            .await?
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        let sites: Vec<SiteInfo> = app
+            .store
+            .list_sites()
+            .await?
+            .iter()
+            .map(|s| site_info(s, providers.get(&s.provider)))
+            .collect();
+        let hosts: Vec<Host> = app.store.list_hosts().await?;
+        let infos: Vec<HostInfo> = hosts
+            .iter()
+            .map(|h| host_info(&host_view(app, h.clone(), None), &self.config))
+            .collect();
+        let mut e = Engine::new(sites, infos).map_err(ApiError::Internal)?;
+        e.set_default_weights(self.config.weights);
+        let by_id: HashMap<&str, &str> = hosts
+            .iter()
+            .map(|h| (h.id.as_str(), h.name.as_str()))
+            .collect();
+        for vm in app.store.list_vms(&VmFilter::default()).await? {
+            if vm.status.phase == VmPhase::Deleted {
+                continue;
+            }
+            let Some(host) = vm.status.host_id.as_deref().and_then(|id| by_id.get(id)) else {
+                continue;
+            };
+            let req = request(&vm, self.config.weights).unwrap_or_else(|_| {
+                // A spec from an older rule set: keep its capacity accounted.
+                Request::new(
+                    resources(&vm),
+                    PlacementConstraints::default(),
+                    self.config.weights,
+                )
+                .unwrap_or_else(|_| unreachable_request(&vm))
+            });
+            let _ = e.commit(&vm.id, host, &req);
+        }
+        Ok(Loaded {
+            engine: e,
+            hosts: hosts
+                .iter()
+                .map(|h| (h.name.clone(), (h.id.clone(), h.state)))
+                .collect(),
+        })
+    }
+}
+
+fn unreachable_request(vm: &Vm) -> Request {
+    Request {
+        res: resources(vm),
+        c: PlacementConstraints::default(),
+        latency: None,
+        latency_from: None,
+        weights: Weights::default(),
+    }
+}
+
+/// Host readiness follows heartbeats and the operator's state.
+fn refresh_readiness(app: &App, l: &mut Loaded) {
+    let window = app.liveness_window();
+    let names: Vec<(String, bool)> = l
+        .engine
+        .hosts()
+        .map(|h| (h.info.name.clone(), h.info.ready))
+        .collect();
+    for (name, was) in names {
+        let ready = l.hosts.get(&name).is_some_and(|(id, state)| {
+            *state == HostState::Ready && app.hub.view(id, window).is_some_and(|v| v.alive)
+        });
+        if ready != was {
+            let _ = l.engine.set_ready(&name, ready);
+        }
+    }
+}
+
+pub fn resources(vm: &Vm) -> Resources {
+    Resources {
+        vcpus: vm.spec.vcpus,
+        memory_mib: vm.spec.memory_mib,
+        disk_gib: vm.spec.disk_gib,
+    }
+}
+
+/// The placement request of a VM (validated).
+pub fn request(vm: &Vm, defaults: Weights) -> Result<Request, String> {
+    Request::new(resources(vm), vm.spec.placement.clone(), defaults)
+}
+
+pub fn site_info(s: &Site, p: Option<&Provider>) -> SiteInfo {
+    SiteInfo {
+        name: s.name.clone(),
+        provider: s.provider.clone(),
+        provider_country: p.map(|p| p.country.clone()).unwrap_or_default(),
+        provider_jurisdiction: p.map(|p| p.jurisdiction.clone()).unwrap_or_default(),
+        country: s.country.clone(),
+        tier: s.tier,
+        lat: s.latitude,
+        lon: s.longitude,
+        carbon: s.facts.grid_gco2_per_kwh,
+        pue: s.facts.pue,
+        price_vcpu_hour: s.facts.price_vcpu_hour,
+        price_gib_hour: s.facts.price_gib_hour,
+        access_latency_ms: s.facts.access_latency_ms,
+        labels: s.labels.clone(),
+    }
+}
+
+pub fn host_info(h: &Host, cfg: &PlacementConfig) -> HostInfo {
+    let inv = &h.inventory;
+    HostInfo {
+        name: h.name.clone(),
+        site: h.site.clone(),
+        arch: inv.arch.clone(),
+        vcpus: inv.vcpus,
+        memory_mib: inv.memory_mib,
+        disk_gib: inv.disk_gib,
+        cpu_flags: inv.cpu_flags.clone(),
+        accelerators: inv.accelerators.clone(),
+        kvm: inv.hypervisor == Hypervisor::Kvm,
+        confidential: inv
+            .cpu_flags
+            .iter()
+            .filter_map(|f| match f.as_str() {
+                "sev_snp" => Some("sev-snp".to_string()),
+                "tdx_guest" | "tdx" => Some("tdx".to_string()),
+                _ => None,
+            })
+            .collect(),
+        ready: h.state == HostState::Ready,
+        cpu_ratio: cfg.cpu_overcommit,
+        mem_ratio: cfg.memory_overcommit,
+    }
+}
