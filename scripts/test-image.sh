@@ -6,7 +6,8 @@
 # /init prints "VIRT8RA-GUEST-BOOTED hostname=... uptime=..." on the serial
 # console, then "VIRT8RA-TICK n uptime=..." every second, powers off cleanly
 # on an ACPI power-button press (printing "VIRT8RA-GUEST-POWEROFF"), and
-# leaves a shell on the console.
+# leaves a shell on the console. It brings up its virtio NIC with QEMU's
+# user-mode addresses and serves a page naming itself on port 80.
 #
 # The disk is a whole-disk FAT volume (mkfs.fat, or mformat without
 # dosfstools) with syslinux in its boot sector, filled with mtools (no
@@ -50,7 +51,8 @@ cp /bin/busybox "$IR/bin/busybox"
 for m in kernel/drivers/acpi/button.ko kernel/drivers/input/evdev.ko \
          kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko \
          kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_pci_legacy_dev.ko \
-         kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko; do
+         kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko \
+         kernel/net/core/failover.ko kernel/drivers/net/net_failover.ko kernel/drivers/net/virtio_net.ko; do
   for f in "$MODDIR/$m" "$MODDIR/$m.xz"; do
     [ -f "$f" ] && cp "$f" "$IR/modules/"
   done
@@ -65,12 +67,23 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 # Modules, in dependency order; a missing one is not fatal.
-for m in button evdev virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+for m in button evdev virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk \
+         failover net_failover virtio_net; do
   [ -f /modules/$m.ko ] && insmod /modules/$m.ko 2>/dev/null
 done
 HOST=virt8ra-guest
 hostname "$HOST"
 up() { cut -d' ' -f1 /proc/uptime; }
+# QEMU user-mode networking: fixed addresses; a web page on port 80 that
+# names the guest, so tests can reach it through the agent's port forward.
+ip link set lo up
+if ip link set eth0 up 2>/dev/null; then
+  ip addr add 10.0.2.15/24 dev eth0
+  ip route add default via 10.0.2.2
+fi
+mkdir -p /www
+echo "virt8ra test appliance: hostname=$(hostname)" >/www/index.html
+httpd -p 80 -h /www
 echo "VIRT8RA-GUEST-BOOTED hostname=$(hostname) uptime=$(up)" >/dev/console
 # ACPI power button -> clean power-off (busybox acpid runs /etc/acpi/PWRF/00000080).
 acpid -c /etc/acpi -a /etc/acpid.conf -l /tmp/acpid.log 2>/dev/null
