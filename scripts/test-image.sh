@@ -67,7 +67,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 # Modules, in dependency order; a missing one is not fatal.
-for m in button evdev virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk \
+for m in button evdev virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk \
          failover net_failover virtio_net; do
   [ -f /modules/$m.ko ] && insmod /modules/$m.ko 2>/dev/null
 done

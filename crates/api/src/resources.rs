@@ -211,6 +211,12 @@ pub struct Host {
     pub last_heartbeat: Option<DateTime<Utc>>,
     pub usage: HostUsage,
     pub allocated: Allocation,
+    /// vCPU overcommit ratio for this host; the control plane's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_overcommit: Option<f64>,
+    /// Memory overcommit ratio for this host; the control plane's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_overcommit: Option<f64>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -219,7 +225,14 @@ pub struct Host {
 #[serde(deny_unknown_fields)]
 pub struct HostUpdate {
     /// `ready`, `disabled` or `maintenance` (`unreachable` is set by the control plane only).
-    pub state: HostState,
+    #[serde(default)]
+    pub state: Option<HostState>,
+    /// vCPU overcommit ratio (0.1..64) for this host.
+    #[serde(default)]
+    pub cpu_overcommit: Option<f64>,
+    /// Memory overcommit ratio (0.1..64) for this host.
+    #[serde(default)]
+    pub memory_overcommit: Option<f64>,
 }
 
 // ------------------------------------------------------------------- images

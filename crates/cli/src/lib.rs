@@ -132,6 +132,14 @@ pub enum HostCmd {
         name: String,
         state: String,
     },
+    /// Set the host's overcommit ratios (vCPUs and memory placed per physical unit).
+    SetOvercommit {
+        name: String,
+        #[arg(long)]
+        cpu: Option<f64>,
+        #[arg(long)]
+        memory: Option<f64>,
+    },
     Delete {
         name: String,
     },
@@ -577,7 +585,25 @@ async fn host(c: &Client, o: Format, cmd: HostCmd) -> anyhow::Result<()> {
                 .request(
                     reqwest::Method::PATCH,
                     &format!("/hosts/{}", seg(&name)),
-                    Some(&HostUpdate { state }),
+                    Some(&HostUpdate {
+                        state: Some(state),
+                        cpu_overcommit: None,
+                        memory_overcommit: None,
+                    }),
+                )
+                .await?;
+            emit(o, &h, show)
+        }
+        HostCmd::SetOvercommit { name, cpu, memory } => {
+            let h: Host = c
+                .request(
+                    reqwest::Method::PATCH,
+                    &format!("/hosts/{}", seg(&name)),
+                    Some(&HostUpdate {
+                        state: None,
+                        cpu_overcommit: cpu,
+                        memory_overcommit: memory,
+                    }),
                 )
                 .await?;
             emit(o, &h, show)

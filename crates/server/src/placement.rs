@@ -234,7 +234,7 @@ pub fn host_info(h: &Host, cfg: &PlacementConfig) -> HostInfo {
             })
             .collect(),
         ready: h.state == HostState::Ready,
-        cpu_ratio: cfg.cpu_overcommit,
-        mem_ratio: cfg.memory_overcommit,
+        cpu_ratio: h.cpu_overcommit.unwrap_or(cfg.cpu_overcommit),
+        mem_ratio: h.memory_overcommit.unwrap_or(cfg.memory_overcommit),
     }
 }

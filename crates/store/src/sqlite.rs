@@ -814,6 +814,8 @@ mod tests {
             last_heartbeat: None,
             usage: Default::default(),
             allocated: Default::default(),
+            cpu_overcommit: None,
+            memory_overcommit: None,
             created_at: Utc::now(),
         };
         let tok = |n: &str| TokenRecord {

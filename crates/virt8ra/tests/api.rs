@@ -90,6 +90,14 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
     assert!(v["openapi"].as_str().unwrap().starts_with("3."));
     assert!(v["paths"]["/api/v1/vms"].is_object());
 
+    // The admin token file is the owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(c.server_dir().join("admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "admin.token mode {mode:o}");
+
     c.create_topology();
     // A tiny valid image.
     let img = c.dir.path().join("tiny.qcow2");

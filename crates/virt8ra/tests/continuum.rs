@@ -94,6 +94,14 @@ fn vms_run_across_three_providers_and_survive_restarts() {
     });
     let out = c.cli_ok(&["vm", "console", "web-pl"]);
     assert!(out.contains(BOOT_LINE));
+    // The guest's web server answers through the agent's port forward.
+    let page = wait_until("the guest's page", Duration::from_secs(30), || {
+        reqwest::blocking::get(format!("http://{fwd}/"))
+            .ok()
+            .and_then(|r| r.text().ok())
+            .filter(|t| t.contains("virt8ra test appliance"))
+    });
+    assert!(page.contains("hostname=virt8ra-guest"), "{page}");
     assert_eq!(c.qemu_pids().len(), 1);
 
     // --- VMs that cannot be placed stay pending and say why.
@@ -128,6 +136,29 @@ fn vms_run_across_three_providers_and_survive_restarts() {
         c.ok("DELETE", &format!("/api/v1/vms/{name}"), None);
         assert_eq!(c.vm(name)["status"]["phase"], "deleted");
     }
+
+    // --- per-host overcommit: host-0 (4 vCPUs) at 0.5 holds at most 2 vCPUs.
+    c.cli_ok(&["host", "set-overcommit", "host-0", "--cpu", "0.5"]);
+    let plan = c.ok(
+        "POST",
+        "/api/v1/vms/plan",
+        Some(
+            json!({"name": "x", "image": "test", "vcpus": 3, "memory_mib": 128,
+                    "placement": {"site": "es-logrono"}}),
+        ),
+    );
+    assert_eq!(plan["placed"], false, "{plan}");
+    assert_eq!(plan["excluded"], json!({"site": 2, "vcpus": 1}), "{plan}");
+    c.cli_ok(&["host", "set-overcommit", "host-0", "--cpu", "4"]);
+    let plan = c.ok(
+        "POST",
+        "/api/v1/vms/plan",
+        Some(
+            json!({"name": "x", "image": "test", "vcpus": 3, "memory_mib": 128,
+                    "placement": {"site": "es-logrono"}}),
+        ),
+    );
+    assert_eq!(plan["placed"], true, "{plan}");
 
     // --- graceful stop, start again, reboot.
     let out = c.cli_ok(&["vm", "stop", "web-pl", "--wait", "-o", "json"]);

@@ -50,6 +50,8 @@ pub async fn join(
         last_heartbeat: None,
         usage: Default::default(),
         allocated: Default::default(),
+        cpu_overcommit: None,
+        memory_overcommit: None,
         created_at: Utc::now(),
     };
     let secret = auth::new_secret();

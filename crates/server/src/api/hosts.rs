@@ -91,14 +91,37 @@ pub async fn update(
     Path(key): Path<String>,
     Body(req): Body<HostUpdate>,
 ) -> ApiResult<Json<Host>> {
-    if req.state == HostState::Unreachable {
+    if req.state == Some(HostState::Unreachable) {
         return Err(ApiError::Invalid(
             "state 'unreachable' is set by the control plane; use ready, disabled or maintenance"
                 .into(),
         ));
     }
+    for (what, v) in [
+        ("cpu_overcommit", req.cpu_overcommit),
+        ("memory_overcommit", req.memory_overcommit),
+    ] {
+        if let Some(v) = v {
+            if !(0.1..=64.0).contains(&v) {
+                return Err(ApiError::Invalid(format!("{what} {v} is outside 0.1..64")));
+            }
+        }
+    }
+    if req.state.is_none() && req.cpu_overcommit.is_none() && req.memory_overcommit.is_none() {
+        return Err(ApiError::Invalid(
+            "nothing to change: give state, cpu_overcommit or memory_overcommit".into(),
+        ));
+    }
     let mut h = app.store.get_host(&key).await?;
-    h.state = req.state;
+    if let Some(s) = req.state {
+        h.state = s;
+    }
+    if req.cpu_overcommit.is_some() {
+        h.cpu_overcommit = req.cpu_overcommit;
+    }
+    if req.memory_overcommit.is_some() {
+        h.memory_overcommit = req.memory_overcommit;
+    }
     app.store.update_host(&h).await?;
     app.placement.invalidate();
     app.wake.notify_one();
