@@ -135,14 +135,26 @@ impl ImageCache {
             .open(&part)
             .await?;
         let mut stream = resp.bytes_stream();
+        let mut broke = None;
         while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|e| fetch_err(format!("transfer broke at {have} bytes: {e}")))?;
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    broke = Some(fetch_err(format!("transfer broke at {have} bytes: {e}")));
+                    break;
+                }
+            };
             hasher.update(&chunk);
             f.write_all(&chunk).await?;
             have += chunk.len() as u64;
         }
+        // Whatever arrived is kept, flushed, so the next attempt resumes
+        // exactly where this one stopped.
+        f.flush().await?;
         f.sync_all().await?;
+        if let Some(e) = broke {
+            return Err(e);
+        }
         drop(f);
         let actual = hex::encode(hasher.finalize());
         if actual != r.sha256 {
@@ -156,5 +168,150 @@ impl ImageCache {
         tokio::fs::rename(&part, dest).await?;
         tracing::info!(image = %r.name, bytes = have, "image cached");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A tiny HTTP server for one file. The first `cut_first` responses stop
+    /// after half the bytes and close the connection (a broken transfer).
+    /// Returns the base URL, the request count and the ranges asked for.
+    async fn serve(
+        body: Vec<u8>,
+        cut_first: usize,
+    ) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<u64>>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let (c, r) = (count.clone(), ranges.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                let body = body.clone();
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let Ok(k) = s.read(&mut buf).await else {
+                            return;
+                        };
+                        if k == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..k]);
+                    }
+                    let text = String::from_utf8_lossy(&req).to_lowercase();
+                    let start: u64 = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("range: bytes="))
+                        .and_then(|v| v.trim().trim_end_matches('-').parse().ok())
+                        .unwrap_or(0);
+                    r.lock().unwrap().push(start);
+                    let rest = &body[start as usize..];
+                    let status = if start > 0 {
+                        "206 Partial Content"
+                    } else {
+                        "200 OK"
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        rest.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    if n < cut_first {
+                        let _ = s.write_all(&rest[..rest.len() / 2]).await;
+                        let _ = s.flush().await;
+                        // Drop the connection mid-body.
+                        return;
+                    }
+                    let _ = s.write_all(rest).await;
+                });
+            }
+        });
+        (url, count, ranges)
+    }
+
+    fn image(body: &[u8]) -> ImageRef {
+        ImageRef {
+            id: "i".into(),
+            name: "img".into(),
+            sha256: hex::encode(Sha256::digest(body)),
+            size_bytes: body.len() as u64,
+            url_path: "/api/v1/images/i/data".into(),
+        }
+    }
+
+    fn body() -> Vec<u8> {
+        (0..3_000_000u32).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn concurrent_users_share_one_download() {
+        let body = body();
+        let (url, count, _) = serve(body.clone(), 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ImageCache::new(dir.path().to_path_buf(), &url, "t").unwrap());
+        let r = image(&body);
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let (c, r) = (cache.clone(), r.clone());
+                tokio::spawn(async move { c.get(&r).await })
+            })
+            .collect();
+        for t in tasks {
+            let p = t.await.unwrap().unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), body);
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1, "one download for four VMs");
+    }
+
+    #[tokio::test]
+    async fn a_broken_transfer_resumes_where_it_stopped() {
+        let body = body();
+        let (url, count, ranges) = serve(body.clone(), 1).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path().to_path_buf(), &url, "t").unwrap();
+        let r = image(&body);
+        assert!(cache.get(&r).await.is_err(), "the first transfer breaks");
+        let part = dir.path().join(format!("{}.part", r.sha256));
+        let have = std::fs::metadata(&part).unwrap().len();
+        assert!(have > 0 && have < body.len() as u64);
+        let p = cache.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        assert_eq!(*ranges.lock().unwrap(), vec![0, have], "resumed at {have}");
+        assert!(!part.exists());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_download_or_cached_copy_is_refused_and_fetched_again() {
+        let body = body();
+        let (url, count, _) = serve(body.clone(), 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path().to_path_buf(), &url, "t").unwrap();
+        // The server's bytes do not match the checksum the control plane gave.
+        let mut wrong = image(&body);
+        wrong.sha256 = hex::encode(Sha256::digest(b"something else"));
+        let e = cache.get(&wrong).await.unwrap_err();
+        assert!(e.to_string().contains("checksum mismatch"), "{e}");
+        assert!(!cache.path_of(&wrong.sha256).exists());
+        // A truncated cached copy is noticed and replaced.
+        let r = image(&body);
+        std::fs::write(cache.path_of(&r.sha256), &body[..1000]).unwrap();
+        let p = cache.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
     }
 }
