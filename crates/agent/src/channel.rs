@@ -19,7 +19,7 @@ use virt8ra_api::protocol::{
 };
 use virt8ra_api::HostInventory;
 
-use crate::driver::{read_tail, Driver};
+use crate::driver::Driver;
 use crate::reconciler::{Reconciler, Reports};
 
 pub struct Channel {
@@ -169,10 +169,10 @@ impl Channel {
                 vm_id,
                 max_bytes,
             } => {
-                let path = self.driver.console_path(&vm_id);
+                let driver = self.driver.clone();
                 let out = out.clone();
                 tokio::task::spawn_blocking(move || {
-                    let (data, truncated, error) = match read_tail(&path, max_bytes) {
+                    let (data, truncated, error) = match driver.console_tail(&vm_id, max_bytes) {
                         Ok((d, t)) => (d, t, None),
                         Err(e) => (String::new(), false, Some(e.to_string())),
                     };

@@ -40,7 +40,7 @@ pub struct AgentArgs {
     /// Directory for the agent's state, images and VM disks.
     #[arg(long, default_value = "/var/lib/virt8ra/agent")]
     pub data_dir: PathBuf,
-    /// Hypervisor driver: qemu (real VMs).
+    /// Hypervisor driver: qemu (real VMs), or sim (simulated VMs in memory, for scale tests only).
     #[arg(long, default_value = "qemu")]
     pub driver: String,
     /// Hardware acceleration: auto (probe KVM by booting a guest), kvm, or emulation.
@@ -118,9 +118,9 @@ async fn join(server: &str, token: &str, req: &AgentJoin) -> anyhow::Result<Agen
 
 /// Runs the agent until the process is stopped.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    if args.driver != "qemu" {
+    if args.driver != "qemu" && args.driver != "sim" {
         bail!(
-            "unknown driver {:?}: this build has the qemu driver",
+            "unknown driver {:?}: use qemu, or sim for scale tests",
             args.driver
         );
     }
@@ -135,10 +135,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("create {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
 
-    let qemu = driver::qemu::QemuDriver::new(data_dir.join("vms"), accel)
-        .await
-        .context("start the QEMU driver")?;
-    let driver: Arc<dyn driver::Driver> = Arc::new(qemu);
+    let driver: Arc<dyn driver::Driver> = if args.driver == "sim" {
+        tracing::warn!("simulated driver: VMs exist only in memory (scale tests only)");
+        Arc::new(driver::sim::SimDriver::new(
+            data_dir.join("vms"),
+            args.memory_mib.unwrap_or(64 * 1024),
+            driver::sim::SimTimings::default(),
+        ))
+    } else {
+        Arc::new(
+            driver::qemu::QemuDriver::new(data_dir.join("vms"), accel)
+                .await
+                .context("start the QEMU driver")?,
+        )
+    };
     let name = args.name.clone().unwrap_or_else(inventory::hostname);
     let inv = inventory::collect(
         &name,

@@ -306,8 +306,10 @@ impl Reconciler {
             }
         };
         let state = self.driver.state(&d.id).await?;
-        let base = if state == DriverVmState::Absent {
+        if state == DriverVmState::Absent {
             self.report(&d.id, AgentVmPhase::Provisioning, None, &local);
+        }
+        let base = if state == DriverVmState::Absent && self.driver.needs_image() {
             self.images.get(&d.image).await?
         } else {
             self.images.path_of(&d.image.sha256)

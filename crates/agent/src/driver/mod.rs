@@ -19,6 +19,7 @@ use virt8ra_api::Hypervisor;
 pub mod kvm_probe;
 pub mod qemu;
 pub mod qmp;
+pub mod sim;
 
 /// What a driver needs to run one VM.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +89,15 @@ pub trait Driver: Send + Sync + 'static {
     /// Path of the serial console log.
     fn console_path(&self, id: &str) -> PathBuf {
         self.vm_dir(id).join("console.log")
+    }
+    /// The last `max_bytes` of the console, and whether older output was cut.
+    fn console_tail(&self, id: &str, max_bytes: u64) -> std::io::Result<(String, bool)> {
+        read_tail(&self.console_path(id), max_bytes)
+    }
+    /// Whether VMs need their base image on this host (the simulated driver
+    /// does not).
+    fn needs_image(&self) -> bool {
+        true
     }
 }
 

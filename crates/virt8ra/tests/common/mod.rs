@@ -252,11 +252,17 @@ impl Cluster {
 
     /// Joins and starts an agent named `name` at `site`.
     pub fn start_agent(&mut self, name: &str, site: Option<&str>) {
+        self.start_agent_with(name, site, &[]);
+    }
+
+    /// Same, with extra agent arguments (e.g. `--driver sim`).
+    pub fn start_agent_with(&mut self, name: &str, site: Option<&str>, extra: &[&str]) {
         let mut cmd = Command::new(bin());
         cmd.args(["agent", "--server", &self.url, "--name", name])
             .arg("--data-dir")
             .arg(self.agent_dir(name))
             .args(["--vcpus", "4", "--memory-mib", "2048", "--disk-gib", "20"])
+            .args(extra)
             .env("VIRT8RA_LOG", "info");
         if let Some(site) = site {
             let t = self.ok("POST", "/api/v1/join-tokens", Some(json!({"site": site})));

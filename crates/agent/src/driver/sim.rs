@@ -1,0 +1,224 @@
+//! The simulated driver, for scale tests only: `virt8ra agent --driver sim`.
+//!
+//! Same agent, same protocol, same reconciler; the VMs exist only in this
+//! process's memory. Operations take a realistic time (a boot is a sleep, not
+//! a QEMU), and resources are accounted for: a VM that does not fit in the
+//! host's remaining memory fails to start, as it would on a real host. The
+//! console holds a few synthetic lines. Never a default; the host reports its
+//! hypervisor as `emulation` and its QEMU version as `simulated`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use virt8ra_api::Hypervisor;
+
+use super::{Driver, DriverError, DriverVmState, Result, VmConfig};
+
+/// How long simulated operations take.
+#[derive(Debug, Clone, Copy)]
+pub struct SimTimings {
+    pub prepare: Duration,
+    pub boot: Duration,
+    pub stop: Duration,
+}
+
+impl Default for SimTimings {
+    fn default() -> Self {
+        SimTimings {
+            prepare: Duration::from_millis(5),
+            boot: Duration::from_millis(50),
+            stop: Duration::from_millis(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SimVm {
+    name: String,
+    memory_mib: u64,
+    running: bool,
+    boots: u32,
+}
+
+pub struct SimDriver {
+    root: PathBuf,
+    memory_mib: u64,
+    timings: SimTimings,
+    vms: Mutex<HashMap<String, SimVm>>,
+}
+
+impl SimDriver {
+    /// A simulated host with `memory_mib` of memory for guests.
+    pub fn new(root: PathBuf, memory_mib: u64, timings: SimTimings) -> SimDriver {
+        SimDriver {
+            root,
+            memory_mib,
+            timings,
+            vms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SimVm>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Memory of the running VMs.
+    pub fn memory_in_use(&self) -> u64 {
+        self.lock()
+            .values()
+            .filter(|v| v.running)
+            .map(|v| v.memory_mib)
+            .sum()
+    }
+}
+
+#[async_trait::async_trait]
+impl Driver for SimDriver {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn hypervisor(&self) -> Hypervisor {
+        Hypervisor::Emulation
+    }
+
+    fn version(&self) -> String {
+        "simulated".into()
+    }
+
+    fn needs_image(&self) -> bool {
+        false
+    }
+
+    fn vm_dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    async fn prepare(&self, cfg: &VmConfig) -> Result<()> {
+        tokio::time::sleep(self.timings.prepare).await;
+        self.lock().entry(cfg.id.clone()).or_insert(SimVm {
+            name: cfg.name.clone(),
+            memory_mib: cfg.memory_mib,
+            running: false,
+            boots: 0,
+        });
+        Ok(())
+    }
+
+    async fn start(&self, cfg: &VmConfig) -> Result<()> {
+        {
+            let m = self.lock();
+            let Some(vm) = m.get(&cfg.id) else {
+                return Err(DriverError::Start(format!(
+                    "VM {} has no disk; prepare it first",
+                    cfg.id
+                )));
+            };
+            if vm.running {
+                return Ok(());
+            }
+            let used: u64 = m.values().filter(|v| v.running).map(|v| v.memory_mib).sum();
+            if used + cfg.memory_mib > self.memory_mib {
+                return Err(DriverError::Start(format!(
+                    "cannot allocate {} MiB of guest memory: {} of {} MiB in use",
+                    cfg.memory_mib, used, self.memory_mib
+                )));
+            }
+        }
+        tokio::time::sleep(self.timings.boot).await;
+        if let Some(vm) = self.lock().get_mut(&cfg.id) {
+            vm.running = true;
+            vm.boots += 1;
+        }
+        Ok(())
+    }
+
+    async fn state(&self, id: &str) -> Result<DriverVmState> {
+        Ok(match self.lock().get(id) {
+            None => DriverVmState::Absent,
+            Some(v) if v.running => DriverVmState::Running,
+            Some(_) => DriverVmState::Stopped,
+        })
+    }
+
+    async fn stop(&self, id: &str, _timeout: Duration) -> Result<()> {
+        tokio::time::sleep(self.timings.stop).await;
+        if let Some(vm) = self.lock().get_mut(id) {
+            vm.running = false;
+        }
+        Ok(())
+    }
+
+    async fn reboot(&self, id: &str) -> Result<()> {
+        match self.lock().get_mut(id) {
+            Some(vm) if vm.running => {
+                vm.boots += 1;
+                Ok(())
+            }
+            _ => Err(DriverError::Other(format!("VM {id} is not running"))),
+        }
+    }
+
+    async fn destroy(&self, id: &str) -> Result<()> {
+        self.lock().remove(id);
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<String>> {
+        let mut v: Vec<String> = self.lock().keys().cloned().collect();
+        v.sort();
+        Ok(v)
+    }
+
+    fn console_tail(&self, id: &str, max_bytes: u64) -> std::io::Result<(String, bool)> {
+        let text = match self.lock().get(id) {
+            None => String::new(),
+            Some(vm) => (1..=vm.boots)
+                .map(|b| format!("VIRT8RA-SIM-BOOTED name={} boot={b}\n", vm.name))
+                .collect(),
+        };
+        let start = text.len().saturating_sub(max_bytes as usize);
+        Ok((text[start..].to_string(), start > 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(id: &str, mem: u64) -> VmConfig {
+        VmConfig {
+            id: id.into(),
+            name: format!("vm-{id}"),
+            vcpus: 1,
+            memory_mib: mem,
+            disk_gib: 1,
+            base_image: PathBuf::new(),
+            ports: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_and_memory_accounting() {
+        let d = SimDriver::new(PathBuf::from("/nonexistent"), 1024, SimTimings::default());
+        assert_eq!(d.state("a").await.unwrap(), DriverVmState::Absent);
+        d.prepare(&cfg("a", 768)).await.unwrap();
+        assert_eq!(d.state("a").await.unwrap(), DriverVmState::Stopped);
+        d.start(&cfg("a", 768)).await.unwrap();
+        assert_eq!(d.state("a").await.unwrap(), DriverVmState::Running);
+        assert_eq!(d.memory_in_use(), 768);
+        // A second VM does not fit in the remaining 256 MiB.
+        d.prepare(&cfg("b", 512)).await.unwrap();
+        let e = d.start(&cfg("b", 512)).await.unwrap_err();
+        assert!(e.to_string().contains("cannot allocate 512 MiB"), "{e}");
+        d.reboot("a").await.unwrap();
+        let (console, _) = d.console_tail("a", 1000).unwrap();
+        assert_eq!(console.matches("VIRT8RA-SIM-BOOTED").count(), 2);
+        d.stop("a", Duration::ZERO).await.unwrap();
+        d.start(&cfg("b", 512)).await.unwrap();
+        d.destroy("a").await.unwrap();
+        assert_eq!(d.list().await.unwrap(), vec!["b".to_string()]);
+    }
+}

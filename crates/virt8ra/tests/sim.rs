@@ -1,0 +1,96 @@
+//! The simulated driver end to end: the real control plane and real agents
+//! (separate processes, real WebSocket channels) whose VMs exist only in
+//! memory. A small run of what the scale benchmark does at size.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, Cluster, TOPOLOGY};
+use serde_json::json;
+
+#[test]
+fn simulated_agents_run_many_vms_through_the_real_control_plane() {
+    let mut c = Cluster::start();
+    c.create_topology();
+    for (i, (_, _, site, ..)) in TOPOLOGY.iter().enumerate() {
+        c.start_agent_with(&format!("sim-{i}"), Some(site), &["--driver", "sim"]);
+    }
+    c.wait_hosts_ready(3);
+    for h in c.ok("GET", "/api/v1/hosts", None)["items"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(h["inventory"]["qemu_version"], "simulated");
+    }
+    // The image is needed for the API; simulated agents never download it.
+    let img = c.dir.path().join("tiny.qcow2");
+    assert!(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .unwrap()
+        .success());
+    c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
+
+    // 30 VMs of 128 MiB: 3 hosts × 2048 MiB hold them all.
+    for i in 0..30 {
+        c.ok(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": format!("s{i}"), "image": "tiny", "memory_mib": 128})),
+        );
+    }
+    wait_until("30 running VMs", Duration::from_secs(60), || {
+        let v = c.ok("GET", "/api/v1/vms?phase=running", None);
+        (v["items"].as_array().unwrap().len() == 30).then_some(())
+    });
+    // Every host got some (spread by the default policy's balance and pack rules
+    // or not) and the control plane's accounting matches what was created.
+    let hosts = c.ok("GET", "/api/v1/hosts", None);
+    let placed: u64 = hosts["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["allocated"]["vms"].as_u64().unwrap())
+        .sum();
+    assert_eq!(placed, 30);
+    // The agents' view: the simulated console says the VM booted.
+    let con = c.ok("GET", "/api/v1/vms/s7/console", None);
+    assert!(con["data"]
+        .as_str()
+        .unwrap()
+        .contains("VIRT8RA-SIM-BOOTED name=s7"));
+    // Filters and cursor pagination over the list.
+    let page = c.ok("GET", "/api/v1/vms?limit=7", None);
+    assert_eq!(page["items"].as_array().unwrap().len(), 7);
+    let cursor = page["next_cursor"].as_str().unwrap().to_string();
+    let rest = c.ok(
+        "GET",
+        &format!("/api/v1/vms?limit=1000&cursor={cursor}"),
+        None,
+    );
+    assert_eq!(rest["items"].as_array().unwrap().len(), 23);
+    assert!(rest["next_cursor"].is_null());
+    let pl = c.ok("GET", "/api/v1/vms?country=PL", None);
+    for v in pl["items"].as_array().unwrap() {
+        assert_eq!(v["status"]["country"], "PL");
+    }
+
+    // Stop, then delete everything.
+    c.cli_ok(&["vm", "stop", "s0", "--wait"]);
+    for i in 0..30 {
+        c.ok("DELETE", &format!("/api/v1/vms/s{i}"), None);
+    }
+    wait_until("all deleted", Duration::from_secs(60), || {
+        let v = c.ok("GET", "/api/v1/vms", None);
+        v["items"].as_array().unwrap().is_empty().then_some(())
+    });
+    assert!(
+        c.qemu_pids().is_empty(),
+        "the simulated driver started a QEMU"
+    );
+}
