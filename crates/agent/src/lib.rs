@@ -27,6 +27,7 @@ pub mod driver;
 pub mod images;
 pub mod inventory;
 pub mod reconciler;
+pub mod simhost;
 
 /// `virt8ra agent`.
 #[derive(Debug, Clone, clap::Args)]
@@ -95,7 +96,11 @@ fn save_credentials(path: &Path, c: &Credentials) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn join(server: &str, token: &str, req: &AgentJoin) -> anyhow::Result<AgentJoined> {
+pub(crate) async fn join(
+    server: &str,
+    token: &str,
+    req: &AgentJoin,
+) -> anyhow::Result<AgentJoined> {
     let url = format!("{}/api/v1/agent/join", server.trim_end_matches('/'));
     let resp = reqwest::Client::new()
         .post(&url)

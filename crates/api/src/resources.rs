@@ -659,6 +659,17 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+/// Counters of the control plane, for operators and benchmarks.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Metrics {
+    pub agents_connected: u64,
+    /// Heartbeats received since the control plane started.
+    pub heartbeats_received: u64,
+    pub uptime_s: f64,
+    /// Heartbeat interval agents are told to use, in seconds.
+    pub heartbeat_interval_s: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,

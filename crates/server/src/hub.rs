@@ -40,6 +40,7 @@ struct Live {
 pub struct Hub {
     live: Mutex<HashMap<String, Live>>,
     next_id: AtomicU64,
+    heartbeats: AtomicU64,
     console: Mutex<HashMap<u64, oneshot::Sender<ConsoleReply>>>,
 }
 
@@ -88,7 +89,17 @@ impl Hub {
         }
     }
 
+    /// Heartbeats received so far.
+    pub fn heartbeats(&self) -> u64 {
+        self.heartbeats.load(Ordering::Relaxed)
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.lock().len()
+    }
+
     pub fn heartbeat(&self, host_id: &str, usage: HostUsage) {
+        self.heartbeats.fetch_add(1, Ordering::Relaxed);
         if let Some(l) = self.lock().get_mut(host_id) {
             l.last_beat = Instant::now();
             l.last_beat_at = Utc::now();

@@ -76,6 +76,7 @@ pub async fn open(
         wake: tokio::sync::Notify::new(),
         vm_lock: tokio::sync::Mutex::new(()),
         placement: placement::Placement::new(placement_config),
+        started: std::time::Instant::now(),
     });
     Ok((app, created))
 }

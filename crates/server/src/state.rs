@@ -27,6 +27,7 @@ pub struct AppState {
     pub vm_lock: Mutex<()>,
     /// The placement engine, loaded with the topology.
     pub placement: Placement,
+    pub started: std::time::Instant,
 }
 
 impl AppState {

@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod scale;
+
 #[derive(Parser)]
 #[command(
     name = "virt8ra",
@@ -44,10 +46,60 @@ enum Bench {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// The control plane under load: simulated hosts in this process, each
+    /// with its own channel, and VMs created through the API.
+    Scale {
+        #[arg(long, default_value_t = 100)]
+        hosts: usize,
+        #[arg(long, default_value_t = 1000)]
+        vms: usize,
+    },
 }
 
-fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
+async fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
     match b {
+        Bench::Scale { hosts, vms } => {
+            if hosts == 0 {
+                anyhow::bail!("--hosts must be at least 1");
+            }
+            let r = scale::run(hosts, vms, o == virt8ra_cli::output::Format::Table).await?;
+            virt8ra_cli::output::emit(o, &r, |r| {
+                virt8ra_cli::output::fields(vec![
+                    (
+                        "hosts connected",
+                        format!("{} of {}", r.hosts_connected, r.hosts),
+                    ),
+                    (
+                        "missed heartbeats",
+                        format!("{:.3}%", r.missed_heartbeat_ratio * 100.0),
+                    ),
+                    ("VMs running", format!("{} of {}", r.vms_running, r.vms)),
+                    ("create → running", format!("{:.0} VMs/s", r.create_per_s)),
+                    ("create call p99", format!("{:.1} ms", r.create_p99_ms)),
+                    ("GET one VM p99", format!("{:.1} ms", r.get_p99_ms)),
+                    (
+                        "list page (1000) p99",
+                        format!("{:.1} ms", r.list_page_p99_ms),
+                    ),
+                    (
+                        "server RSS",
+                        format!("{:.1} MiB", r.server_rss_bytes as f64 / 1048576.0),
+                    ),
+                    (
+                        "database",
+                        format!("{:.1} MiB", r.db_bytes as f64 / 1048576.0),
+                    ),
+                    (
+                        "restart to serving",
+                        format!("{:.0} ms", r.restart_to_serving_ms),
+                    ),
+                    (
+                        "mismatches",
+                        format!("{} of {} sampled", r.mismatches, r.sampled),
+                    ),
+                ])
+            })
+        }
         Bench::Placement {
             hosts,
             placements,
@@ -111,7 +163,7 @@ fn main() {
                 println!("{}", virt8ra_server::api::openapi::document());
                 Ok(())
             }
-            Top::Bench(b) => bench(b, cli.global.output),
+            Top::Bench(b) => bench(b, cli.global.output).await,
             Top::Client(c) => virt8ra_cli::run(cli.global, c).await,
         }
     });

@@ -94,3 +94,40 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
         "the simulated driver started a QEMU"
     );
 }
+
+/// `virt8ra bench scale` at a tiny size: many simulated hosts in one process
+/// (each with its own channel), VMs through the API, and the contract's
+/// figures; the agents' view matches the control plane's.
+#[test]
+fn the_scale_benchmark_runs_and_reports_its_contract() {
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "bench", "scale", "--hosts", "12", "--vms", "60", "-o", "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in [
+        "hosts_connected",
+        "missed_heartbeat_ratio",
+        "vms",
+        "create_per_s",
+        "create_p99_ms",
+        "get_p99_ms",
+        "list_page_p99_ms",
+        "server_rss_bytes",
+        "mismatches",
+    ] {
+        assert!(r.get(k).is_some(), "missing {k} in {r}");
+    }
+    assert_eq!(r["hosts_connected"], 12);
+    assert_eq!(r["vms_running"], 60);
+    assert_eq!(r["mismatches"], 0);
+    assert_eq!(r["sampled"], 60);
+    assert!(r["server_rss_bytes"].as_u64().unwrap() > 1 << 20);
+}

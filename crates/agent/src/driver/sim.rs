@@ -64,6 +64,16 @@ impl SimDriver {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether the VM is running here (for comparing with the control plane).
+    pub fn is_running(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|v| v.running)
+    }
+
+    /// How many VMs run here.
+    pub fn running_count(&self) -> usize {
+        self.lock().values().filter(|v| v.running).count()
+    }
+
     /// Memory of the running VMs.
     pub fn memory_in_use(&self) -> u64 {
         self.lock()

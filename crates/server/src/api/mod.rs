@@ -59,6 +59,7 @@ pub fn missing_ref(kind: &str, name: &str, list_cmd: &str) -> ApiError {
 pub fn router(app: App) -> Router {
     let v1 = Router::new()
         .route("/openapi.json", get(openapi::serve))
+        .route("/metrics", get(metrics))
         .route("/providers", get(providers::list).post(providers::create))
         .route(
             "/providers/{key}",
@@ -97,6 +98,20 @@ pub async fn healthz() -> axum::Json<virt8ra_api::Health> {
     axum::Json(virt8ra_api::Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/metrics", tag = "system",
+    responses((status = 200, body = virt8ra_api::Metrics)), security(("bearer" = [])))]
+pub async fn metrics(
+    _: crate::auth::Admin,
+    axum::extract::State(app): axum::extract::State<App>,
+) -> axum::Json<virt8ra_api::Metrics> {
+    axum::Json(virt8ra_api::Metrics {
+        agents_connected: app.hub.connected_count() as u64,
+        heartbeats_received: app.hub.heartbeats(),
+        uptime_s: app.started.elapsed().as_secs_f64(),
+        heartbeat_interval_s: app.heartbeat_interval.as_secs(),
     })
 }
 

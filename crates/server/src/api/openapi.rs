@@ -17,7 +17,7 @@ use super::{agent, hosts, images, providers, sites, vms};
         license(name = "Apache-2.0")
     ),
     paths(
-        super::healthz, serve,
+        super::healthz, serve, super::metrics,
         providers::list, providers::create, providers::show, providers::delete,
         sites::list, sites::create, sites::show, sites::delete,
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,

@@ -1,0 +1,396 @@
+//! `virt8ra bench scale`: the control plane under many hosts and VMs.
+//!
+//! Starts a control plane (this binary, `server`, as a child process on a
+//! temporary data directory, so its memory can be measured on its own),
+//! creates the example EU topology grown to the requested size, joins that
+//! many simulated hosts from this process (each a full agent with its own
+//! WebSocket channel; the simulated driver keeps VMs in memory), then drives
+//! load through the public API and measures. At the end a sample of VMs is
+//! compared between the control plane's view and the agents'.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::{json, Value};
+use virt8ra_agent::simhost::{self, SimHost};
+
+#[derive(Debug, Serialize)]
+pub struct ScaleReport {
+    pub hosts: usize,
+    pub hosts_connected: u64,
+    pub heartbeat_interval_s: u64,
+    pub missed_heartbeat_ratio: f64,
+    pub vms: usize,
+    pub vms_running: usize,
+    pub create_per_s: f64,
+    pub create_p50_ms: f64,
+    pub create_p99_ms: f64,
+    pub get_p99_ms: f64,
+    pub list_page_p99_ms: f64,
+    pub server_rss_bytes: u64,
+    pub db_bytes: u64,
+    pub restart_to_serving_ms: f64,
+    pub sampled: usize,
+    pub mismatches: usize,
+}
+
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[(((v.len() - 1) as f64) * p).round() as usize]
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn start_server(dir: &Path, port: u16) -> anyhow::Result<Server> {
+    let exe = std::env::current_exe()?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))?;
+    let child = Command::new(exe)
+        .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir.join("server"))
+        .env("VIRT8RA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("start the control plane")?;
+    Ok(Server(child))
+}
+
+struct Api {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut rb = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await?;
+        let status = r.status();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("{path}: {status}: {v}");
+        }
+        Ok(v)
+    }
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+}
+
+async fn wait_healthy(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if reqwest::get(format!("{url}/healthz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("the control plane did not answer within {timeout:?}")
+}
+
+pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<ScaleReport> {
+    let say = |m: String| {
+        if progress {
+            eprintln!("bench scale: {m}");
+        }
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("virt8ra-scale-")
+        .tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut server = start_server(tmp.path(), port)?;
+    wait_healthy(&url, Duration::from_secs(20)).await?;
+    let token = std::fs::read_to_string(tmp.path().join("server/admin.token"))?
+        .trim()
+        .to_string();
+    let api = Arc::new(Api {
+        url: url.clone(),
+        token,
+        http: reqwest::Client::new(),
+    });
+
+    // Topology: the example EU sites grown to size.
+    let (sites, host_infos) = virt8ra_placement::bench::topology(hosts, 42);
+    let mut providers = std::collections::BTreeMap::new();
+    for s in &sites {
+        providers
+            .entry(s.provider.clone())
+            .or_insert(s.provider_country.clone());
+    }
+    for (p, c) in &providers {
+        api.post("/providers", json!({"name": p, "country": c}))
+            .await?;
+    }
+    let mut per_site: std::collections::BTreeMap<String, usize> = Default::default();
+    for h in &host_infos {
+        *per_site.entry(h.site.clone()).or_default() += 1;
+    }
+    let mut tokens = std::collections::HashMap::new();
+    for s in &sites {
+        api.post(
+            "/sites",
+            json!({"name": s.name, "provider": s.provider, "country": s.country, "city": "x",
+                   "latitude": s.lat, "longitude": s.lon, "tier": s.tier,
+                   "facts": {"grid_gco2_per_kwh": s.carbon}}),
+        )
+        .await?;
+        let n = per_site.get(&s.name).copied().unwrap_or(0);
+        if n > 0 {
+            let t = api
+                .post(
+                    "/join-tokens",
+                    json!({"site": s.name, "max_uses": n.min(10_000)}),
+                )
+                .await?;
+            tokens.insert(
+                s.name.clone(),
+                t["token"].as_str().unwrap_or_default().to_string(),
+            );
+        }
+    }
+    say(format!(
+        "{} sites, {} providers; joining {hosts} simulated hosts",
+        sites.len(),
+        providers.len()
+    ));
+
+    // Hosts: join with bounded concurrency.
+    let agents_dir = tmp.path().join("agents");
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut joins = tokio::task::JoinSet::new();
+    for h in &host_infos {
+        let (sem, url, token, dir) = (
+            sem.clone(),
+            url.clone(),
+            tokens.get(&h.site).cloned().unwrap_or_default(),
+            agents_dir.join(&h.name),
+        );
+        let (name, mem) = (h.name.clone(), h.memory_mib);
+        let vcpus = h.vcpus;
+        joins.spawn(async move {
+            let _p = sem.acquire().await;
+            simhost::start(&url, &token, &name, &dir, vcpus, mem).await
+        });
+    }
+    let mut sim: Vec<SimHost> = Vec::new();
+    while let Some(r) = joins.join_next().await {
+        sim.push(r??);
+    }
+    let by_name: std::collections::HashMap<String, usize> = sim
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.clone(), i))
+        .collect();
+    let start = Instant::now();
+    loop {
+        let m = api.get("/metrics").await?;
+        if m["agents_connected"].as_u64().unwrap_or(0) as usize >= hosts {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "only {} of {hosts} hosts connected after 120 s",
+                m["agents_connected"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    say("all hosts connected".into());
+
+    // An image (agents of the simulated driver never download it).
+    let img = tmp.path().join("tiny.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .context("qemu-img")?;
+    if !st.success() {
+        bail!("qemu-img create failed");
+    }
+    let bytes = tokio::fs::read(&img).await?;
+    let r = api
+        .http
+        .post(format!("{url}/api/v1/images?name=tiny"))
+        .bearer_auth(&api.token)
+        .body(bytes)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("image upload: {}", r.status());
+    }
+
+    // Load: create VMs with bounded concurrency; measure each call.
+    say(format!("creating {vms} VMs"));
+    let t0 = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut creates = tokio::task::JoinSet::new();
+    for i in 0..vms {
+        let (sem, api) = (sem.clone(), api.clone());
+        creates.spawn(async move {
+            let _p = sem.acquire().await;
+            let t = Instant::now();
+            api.post(
+                "/vms",
+                json!({"name": format!("v{i}"), "image": "tiny", "memory_mib": 512, "vcpus": 1}),
+            )
+            .await
+            .map(|_| t.elapsed().as_secs_f64() * 1000.0)
+        });
+    }
+    let mut create_ms = Vec::with_capacity(vms);
+    while let Some(r) = creates.join_next().await {
+        create_ms.push(r??);
+    }
+    let running = |sim: &[SimHost]| -> usize { sim.iter().map(|s| s.driver.running_count()).sum() };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while running(&sim) < vms && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_running = t0.elapsed().as_secs_f64();
+    let vms_running = running(&sim);
+    say(format!(
+        "{vms_running} VMs running after {all_running:.1} s"
+    ));
+
+    // Reads.
+    let mut get_ms = Vec::new();
+    for i in 0..500usize {
+        let t = Instant::now();
+        api.get(&format!("/vms/v{}", (i * 7919) % vms.max(1)))
+            .await?;
+        get_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let mut list_ms = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..20 {
+        let path = match &cursor {
+            Some(c) => format!("/vms?limit=1000&cursor={c}"),
+            None => "/vms?limit=1000".to_string(),
+        };
+        let t = Instant::now();
+        let page = api.get(&path).await?;
+        list_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        cursor = page["next_cursor"].as_str().map(str::to_string);
+    }
+
+    // Heartbeats over a window.
+    let m0 = api.get("/metrics").await?;
+    let window = Duration::from_secs(12);
+    tokio::time::sleep(window).await;
+    let m1 = api.get("/metrics").await?;
+    let interval = m1["heartbeat_interval_s"].as_u64().unwrap_or(5).max(1);
+    let received = m1["heartbeats_received"].as_u64().unwrap_or(0)
+        - m0["heartbeats_received"].as_u64().unwrap_or(0);
+    let expected = hosts as f64 * window.as_secs_f64() / interval as f64;
+    // Beats are periodic, so a window catches floor or ceil of the expected
+    // count per host; allow one beat per host of slack before calling it missed.
+    let missed = ((expected - hosts as f64) - received as f64).max(0.0) / expected.max(1.0);
+
+    // Agents' view against the control plane's, on a sample.
+    let mut sampled = 0;
+    let mut mismatches = 0;
+    let page = api.get("/vms?limit=200").await?;
+    for v in page["items"].as_array().cloned().unwrap_or_default() {
+        sampled += 1;
+        let id = v["id"].as_str().unwrap_or_default();
+        let host = v["status"]["host"].as_str().unwrap_or_default();
+        let cp_running = v["status"]["phase"] == "running";
+        let agent_running = by_name
+            .get(host)
+            .is_some_and(|i| sim[*i].driver.is_running(id));
+        if cp_running != agent_running {
+            mismatches += 1;
+        }
+    }
+
+    let pid = server.0.id();
+    let server_rss = rss_bytes(pid);
+    let db = ["virt8ra.db", "virt8ra.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(tmp.path().join("server").join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let connected = m1["agents_connected"].as_u64().unwrap_or(0);
+
+    // Restart to serving.
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    let t = Instant::now();
+    let server2 = start_server(tmp.path(), port)?;
+    wait_healthy(&url, Duration::from_secs(600)).await?;
+    let restart_ms = t.elapsed().as_secs_f64() * 1000.0;
+    drop(server2);
+    for s in &sim {
+        s.task.abort();
+    }
+
+    Ok(ScaleReport {
+        hosts,
+        hosts_connected: connected,
+        heartbeat_interval_s: interval,
+        missed_heartbeat_ratio: missed,
+        vms,
+        vms_running,
+        create_per_s: vms as f64 / all_running.max(1e-9),
+        create_p50_ms: percentile(&mut create_ms.clone(), 0.5),
+        create_p99_ms: percentile(&mut create_ms, 0.99),
+        get_p99_ms: percentile(&mut get_ms, 0.99),
+        list_page_p99_ms: percentile(&mut list_ms, 0.99),
+        server_rss_bytes: server_rss,
+        db_bytes: db,
+        restart_to_serving_ms: restart_ms,
+        sampled,
+        mismatches,
+    })
+}
