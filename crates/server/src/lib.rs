@@ -74,7 +74,7 @@ pub async fn open(
         images_dir,
         heartbeat_interval: heartbeat,
         wake: tokio::sync::Notify::new(),
-        vm_lock: tokio::sync::Mutex::new(()),
+        vm_locks: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
         placement: placement::Placement::new(placement_config),
         started: std::time::Instant::now(),
     });

@@ -92,7 +92,6 @@ async fn place_pending(app: &App) -> ApiResult<()> {
     if pending.is_empty() {
         return Ok(());
     }
-    let _guard = app.vm_lock.lock().await;
     let hosts: HashMap<String, Host> = app
         .store
         .list_hosts()
@@ -100,59 +99,73 @@ async fn place_pending(app: &App) -> ApiResult<()> {
         .into_iter()
         .map(|h| (h.name.clone(), h))
         .collect();
-    for vm in pending {
-        // Re-read under the lock: it may have changed since the first list.
-        let mut vm = app.store.get_vm(&vm.id).await?;
-        if vm.status.phase != VmPhase::Pending {
-            continue;
+    // Decisions are taken one at a time (the engine is locked), but the
+    // writes run concurrently so that they share the store's group commits.
+    use futures_util::StreamExt;
+    let hosts = &hosts;
+    futures_util::stream::iter(pending)
+        .for_each_concurrent(256, |vm| async move {
+            if let Err(e) = place_one(app, vm, hosts).await {
+                tracing::warn!(error = %e, "placing a VM failed; retrying on the next pass");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResult<()> {
+    // Re-read under the VM's lock: it may have changed since the list.
+    let _guard = app.lock_vm(&vm.id).await;
+    let mut vm = app.store.get_vm(&vm.id).await?;
+    if vm.status.phase != VmPhase::Pending {
+        return Ok(());
+    }
+    let outcome = match placement::request(&vm, app.placement.config.weights) {
+        Err(e) => Err(format!("invalid placement rules: {e}")),
+        Ok(req) => {
+            app.placement
+                .with_engine(app, |e| match e.place(&req) {
+                    Ok(d) => match e.commit(&vm.id, &d.host, &req) {
+                        Ok(()) => Ok(d),
+                        Err(err) => Err(err),
+                    },
+                    Err(u) => Err(u.message),
+                })
+                .await?
         }
-        let outcome = match placement::request(&vm, app.placement.config.weights) {
-            Err(e) => Err(format!("invalid placement rules: {e}")),
-            Ok(req) => {
-                app.placement
-                    .with_engine(app, |e| match e.place(&req) {
-                        Ok(d) => match e.commit(&vm.id, &d.host, &req) {
-                            Ok(()) => Ok(d),
-                            Err(err) => Err(err),
-                        },
-                        Err(u) => Err(u.message),
-                    })
-                    .await?
+    };
+    match outcome {
+        Ok(d) => {
+            let Some(h) = hosts.get(&d.host) else {
+                app.placement.invalidate();
+                return Ok(());
+            };
+            vm.status.phase = VmPhase::Scheduled;
+            vm.status.host_id = Some(h.id.clone());
+            vm.status.host = Some(h.name.clone());
+            vm.status.site = Some(d.site.clone());
+            vm.status.provider = Some(d.provider.clone());
+            vm.status.country = Some(d.country.clone());
+            vm.status.hypervisor = Some(h.inventory.hypervisor);
+            vm.status.placement_reason = Some(d.reason.clone());
+            vm.status.last_error = None;
+            vm.updated_at = Utc::now();
+            if let Err(e) = app
+                .store
+                .update_vm(&vm, Some(&format!("scheduled: {}", d.reason)))
+                .await
+            {
+                app.placement.invalidate();
+                return Err(e.into());
             }
-        };
-        match outcome {
-            Ok(d) => {
-                let Some(h) = hosts.get(&d.host) else {
-                    app.placement.invalidate();
-                    continue;
-                };
-                vm.status.phase = VmPhase::Scheduled;
-                vm.status.host_id = Some(h.id.clone());
-                vm.status.host = Some(h.name.clone());
-                vm.status.site = Some(d.site.clone());
-                vm.status.provider = Some(d.provider.clone());
-                vm.status.country = Some(d.country.clone());
-                vm.status.hypervisor = Some(h.inventory.hypervisor);
-                vm.status.placement_reason = Some(d.reason.clone());
-                vm.status.last_error = None;
+        }
+        Err(why) => {
+            if vm.status.placement_reason.as_deref() != Some(why.as_str()) {
+                vm.status.placement_reason = Some(why.clone());
                 vm.updated_at = Utc::now();
-                if let Err(e) = app
-                    .store
-                    .update_vm(&vm, Some(&format!("scheduled: {}", d.reason)))
-                    .await
-                {
-                    app.placement.invalidate();
-                    return Err(e.into());
-                }
-            }
-            Err(why) => {
-                if vm.status.placement_reason.as_deref() != Some(why.as_str()) {
-                    vm.status.placement_reason = Some(why.clone());
-                    vm.updated_at = Utc::now();
-                    app.store
-                        .update_vm(&vm, Some(&format!("not placed: {why}")))
-                        .await?;
-                }
+                app.store
+                    .update_vm(&vm, Some(&format!("not placed: {why}")))
+                    .await?;
             }
         }
     }

@@ -22,15 +22,26 @@ pub struct AppState {
     pub heartbeat_interval: Duration,
     /// Wakes the scheduler early (a VM was created, a host connected).
     pub wake: Notify,
-    /// Serialises read-modify-write of VMs between API handlers, agent
-    /// reports and the scheduler, so no update is lost between them.
-    pub vm_lock: Mutex<()>,
+    /// Serialise read-modify-write of one VM between API handlers, agent
+    /// reports and the scheduler, so no update is lost between them. Striped
+    /// by VM id, so updates of different VMs run concurrently (and share the
+    /// store's group commits).
+    pub vm_locks: Vec<Mutex<()>>,
     /// The placement engine, loaded with the topology.
     pub placement: Placement,
     pub started: std::time::Instant,
 }
 
 impl AppState {
+    /// The lock of VM `id`. Hold at most one at a time.
+    pub async fn lock_vm(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        let i = (h.finish() as usize) % self.vm_locks.len().max(1);
+        self.vm_locks[i].lock().await
+    }
+
     /// A host counts as alive when it heartbeated within three intervals.
     pub fn liveness_window(&self) -> Duration {
         self.heartbeat_interval * 3

@@ -1,8 +1,11 @@
 //! The embedded SQLite backend.
 //!
-//! One connection, used from a blocking thread (`spawn_blocking`) so a slow
-//! fsync never stalls the async runtime. WAL mode with `synchronous=FULL`:
-//! a commit is on disk before the call returns.
+//! Writes go to one writer thread that commits everything queued at the same
+//! time in one transaction (group commit), each write in its own savepoint,
+//! and answers each write only after that commit is on disk (WAL,
+//! `synchronous=FULL`): many concurrent writes share one fsync, and none is
+//! acknowledged before it is durable. Reads use a second connection, which
+//! WAL lets read while the writer writes.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -17,10 +20,26 @@ use virt8ra_api::{Host, Image, Provider, Site, Vm, VmEvent, VmPhase};
 use crate::migrations::MIGRATIONS;
 use crate::{Result, Store, StoreError, TokenKind, TokenRecord, VmFilter};
 
+/// A write job: runs inside the writer's batch transaction and returns a
+/// finisher that delivers its result once the batch's commit is known.
+type Job = Box<dyn FnOnce(&mut Connection) -> Box<dyn FnOnce(Result<()>) + Send> + Send>;
+
+/// Most write jobs committed in one transaction.
+const MAX_BATCH: usize = 512;
+
 #[derive(Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    /// Queue of the writer thread (group commit).
+    writer: std::sync::mpsc::Sender<Job>,
+    /// Connections for reads (WAL lets them read while the writer writes),
+    /// used in turn; empty for in-memory databases, whose reads go through
+    /// the writer.
+    readers: Arc<Vec<Mutex<Connection>>>,
+    next_reader: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Read connections per store.
+const READERS: usize = 4;
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
@@ -39,60 +58,153 @@ fn from_json<T: DeserializeOwned>(s: &str) -> Result<T> {
     serde_json::from_str(s).map_err(|e| StoreError::Db(format!("corrupt row: {e}")))
 }
 
+fn configure(conn: &Connection) -> Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(db)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(db)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(db)?;
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<SqliteStore> {
-        let conn = Connection::open(path).map_err(db)?;
-        Self::init(conn)
+        let mut conn = Connection::open(path).map_err(db)?;
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            let r = Connection::open(path).map_err(db)?;
+            configure(&r)?;
+            readers.push(r);
+        }
+        Self::start(conn, readers)
     }
 
     /// A private in-memory database, for tests.
     pub fn in_memory() -> Result<SqliteStore> {
-        Self::init(Connection::open_in_memory().map_err(db)?)
+        let mut conn = Connection::open_in_memory().map_err(db)?;
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        Self::start(conn, Vec::new())
     }
 
-    fn init(mut conn: Connection) -> Result<SqliteStore> {
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(db)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(db)?;
-        migrate(&mut conn)?;
+    fn start(conn: Connection, readers: Vec<Connection>) -> Result<SqliteStore> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("virt8ra-store-writer".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: tx,
+            readers: Arc::new(readers.into_iter().map(Mutex::new).collect()),
+            next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
     /// The schema version the database is at.
     pub fn schema_version(&self) -> Result<u32> {
-        let conn = self.lock()?;
-        conn.pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(db)
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job: Job = Box::new(move |c: &mut Connection| {
+            let r: Result<u32> = c
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(db);
+            Box::new(move |_commit: Result<()>| {
+                let _ = tx.send(r);
+            })
+        });
+        self.writer
+            .send(job)
+            .map_err(|_| StoreError::Db("the store's writer has stopped".into()))?;
+        rx.recv()
+            .map_err(|_| StoreError::Db("the store's writer has stopped".into()))?
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
-        self.conn
-            .lock()
-            .map_err(|_| StoreError::Db("database lock poisoned".into()))
-    }
-
-    /// Runs `f` with the connection on a blocking thread.
-    async fn run<T, F>(&self, f: F) -> Result<T>
+    /// Runs a write on the writer thread. It is committed together with the
+    /// other writes queued at the same time (group commit), and its result is
+    /// delivered only once that commit is durable.
+    async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T>>();
+        let job: Job = Box::new(move |c: &mut Connection| {
+            let r = f(c);
+            Box::new(move |commit: Result<()>| {
+                let out = match (commit, r) {
+                    (Ok(()), r) => r,
+                    (Err(e), _) => Err(e),
+                };
+                let _ = tx.send(out);
+            })
+        });
+        self.writer
+            .send(job)
+            .map_err(|_| StoreError::Db("the store's writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Db("the store's writer has stopped".into()))?
+    }
+
+    /// Runs a read on the reader connection (a blocking thread).
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        if self.readers.is_empty() {
+            return self.write(f).await;
+        }
+        let readers = self.readers.clone();
+        let i = self
+            .next_reader
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % readers.len();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn
+            let mut guard = readers[i]
                 .lock()
                 .map_err(|_| StoreError::Db("database lock poisoned".into()))?;
             f(&mut guard)
         })
         .await
         .map_err(|e| StoreError::Db(format!("store task failed: {e}")))?
+    }
+}
+
+/// The writer thread: takes every job queued, runs them in one transaction
+/// (each job inside its own savepoint, so one job's failure undoes only that
+/// job), commits once, then answers them all.
+fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let begun = conn.execute_batch("BEGIN IMMEDIATE").map_err(db);
+        if let Err(e) = begun {
+            for job in batch {
+                let finish = job(&mut conn);
+                finish(Err(StoreError::Db(format!("begin: {e}"))));
+            }
+            continue;
+        }
+        let finishers: Vec<_> = batch.into_iter().map(|job| job(&mut conn)).collect();
+        let commit = conn.execute_batch("COMMIT").map_err(db);
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for f in finishers {
+            f(match &commit {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Db(format!("commit: {e}"))),
+            });
+        }
     }
 }
 
@@ -200,7 +312,7 @@ fn insert_event(conn: &Connection, vm: &Vm, message: &str) -> Result<()> {
 impl Store for SqliteStore {
     async fn create_provider(&self, p: &Provider) -> Result<()> {
         let p = p.clone();
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO providers (id, name, body) VALUES (?1, ?2, ?3)",
                 params![p.id, p.name, to_json(&p)?],
@@ -212,19 +324,19 @@ impl Store for SqliteStore {
     }
 
     async fn list_providers(&self) -> Result<Vec<Provider>> {
-        self.run(|c| list_bodies(c, "providers")).await
+        self.read(|c| list_bodies(c, "providers")).await
     }
 
     async fn get_provider(&self, key: &str) -> Result<Provider> {
         let key = key.to_string();
-        self.run(move |c| get_body(c, "providers", "provider", &key))
+        self.read(move |c| get_body(c, "providers", "provider", &key))
             .await
     }
 
     async fn delete_provider(&self, id: &str) -> Result<()> {
         let id = id.to_string();
-        self.run(move |c| {
-            let tx = c.transaction().map_err(db)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db)?;
             let p: Provider = get_body(&tx, "providers", "provider", &id)?;
             let n: i64 = tx
                 .query_row(
@@ -247,7 +359,7 @@ impl Store for SqliteStore {
 
     async fn create_site(&self, s: &Site) -> Result<()> {
         let s = s.clone();
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO sites (id, name, provider, body) VALUES (?1, ?2, ?3, ?4)",
                 params![s.id, s.name, s.provider, to_json(&s)?],
@@ -259,18 +371,18 @@ impl Store for SqliteStore {
     }
 
     async fn list_sites(&self) -> Result<Vec<Site>> {
-        self.run(|c| list_bodies(c, "sites")).await
+        self.read(|c| list_bodies(c, "sites")).await
     }
 
     async fn get_site(&self, key: &str) -> Result<Site> {
         let key = key.to_string();
-        self.run(move |c| get_body(c, "sites", "site", &key)).await
+        self.read(move |c| get_body(c, "sites", "site", &key)).await
     }
 
     async fn delete_site(&self, id: &str) -> Result<()> {
         let id = id.to_string();
-        self.run(move |c| {
-            let tx = c.transaction().map_err(db)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db)?;
             let s: Site = get_body(&tx, "sites", "site", &id)?;
             let n: i64 = tx
                 .query_row(
@@ -300,8 +412,8 @@ impl Store for SqliteStore {
         let h = h.clone();
         let t = host_token.clone();
         let join_id = join_token_id.to_string();
-        self.run(move |c| {
-            let tx = c.transaction().map_err(db)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db)?;
             let left: Option<Option<i64>> = tx
                 .query_row(
                     "SELECT uses_left FROM tokens WHERE id = ?1 AND kind = 'join'",
@@ -337,7 +449,7 @@ impl Store for SqliteStore {
 
     async fn update_host(&self, h: &Host) -> Result<()> {
         let h = h.clone();
-        self.run(move |c| {
+        self.write(move |c| {
             let n = c
                 .execute(
                     "UPDATE hosts SET body = ?2 WHERE id = ?1",
@@ -353,18 +465,18 @@ impl Store for SqliteStore {
     }
 
     async fn list_hosts(&self) -> Result<Vec<Host>> {
-        self.run(|c| list_bodies(c, "hosts")).await
+        self.read(|c| list_bodies(c, "hosts")).await
     }
 
     async fn get_host(&self, key: &str) -> Result<Host> {
         let key = key.to_string();
-        self.run(move |c| get_body(c, "hosts", "host", &key)).await
+        self.read(move |c| get_body(c, "hosts", "host", &key)).await
     }
 
     async fn delete_host(&self, id: &str) -> Result<()> {
         let id = id.to_string();
-        self.run(move |c| {
-            let tx = c.transaction().map_err(db)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db)?;
             let h: Host = get_body(&tx, "hosts", "host", &id)?;
             let n: i64 = tx
                 .query_row(
@@ -389,7 +501,7 @@ impl Store for SqliteStore {
 
     async fn create_image(&self, i: &Image) -> Result<()> {
         let i = i.clone();
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO images (id, name, sha256, body) VALUES (?1, ?2, ?3, ?4)",
                 params![i.id, i.name, i.sha256, to_json(&i)?],
@@ -401,19 +513,19 @@ impl Store for SqliteStore {
     }
 
     async fn list_images(&self) -> Result<Vec<Image>> {
-        self.run(|c| list_bodies(c, "images")).await
+        self.read(|c| list_bodies(c, "images")).await
     }
 
     async fn get_image(&self, key: &str) -> Result<Image> {
         let key = key.to_string();
-        self.run(move |c| get_body(c, "images", "image", &key))
+        self.read(move |c| get_body(c, "images", "image", &key))
             .await
     }
 
     async fn delete_image(&self, id: &str) -> Result<()> {
         let id = id.to_string();
-        self.run(move |c| {
-            let tx = c.transaction().map_err(db)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db)?;
             let i: Image = get_body(&tx, "images", "image", &id)?;
             let n: i64 = tx
                 .query_row(
@@ -437,8 +549,8 @@ impl Store for SqliteStore {
     async fn create_vm(&self, vm: &Vm, event: &str) -> Result<()> {
         let vm = vm.clone();
         let event = event.to_string();
-        self.run(move |c| {
-            let tx = c.transaction().map_err(db)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db)?;
             tx.execute(
                 "INSERT INTO vms (id, name, phase, host_id, site, provider, country, image_id, body)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -464,8 +576,8 @@ impl Store for SqliteStore {
     async fn update_vm(&self, vm: &Vm, event: Option<&str>) -> Result<()> {
         let vm = vm.clone();
         let event = event.map(str::to_string);
-        self.run(move |c| {
-            let tx = c.transaction().map_err(db)?;
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db)?;
             let n = tx
                 .execute(
                     "UPDATE vms SET phase = ?2, host_id = ?3, site = ?4, provider = ?5,
@@ -495,7 +607,7 @@ impl Store for SqliteStore {
 
     async fn get_vm(&self, key: &str) -> Result<Vm> {
         let key = key.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             // A live VM's name wins over a deleted one's.
             let body: Option<String> = c
                 .query_row(
@@ -516,7 +628,7 @@ impl Store for SqliteStore {
 
     async fn list_vms(&self, f: &VmFilter) -> Result<Vec<Vm>> {
         let f = f.clone();
-        self.run(move |c| {
+        self.read(move |c| {
             let mut sql = String::from("SELECT body FROM vms WHERE 1=1");
             let mut args: Vec<String> = Vec::new();
             let mut add = |col: &str, v: &Option<String>, sql: &mut String| {
@@ -558,7 +670,7 @@ impl Store for SqliteStore {
 
     async fn vm_events(&self, vm_id: &str) -> Result<Vec<VmEvent>> {
         let vm_id = vm_id.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             let mut st = c
                 .prepare(
                     "SELECT seq, at, phase, message FROM vm_events WHERE vm_id = ?1 ORDER BY seq",
@@ -592,12 +704,12 @@ impl Store for SqliteStore {
 
     async fn create_token(&self, t: &TokenRecord) -> Result<()> {
         let t = t.clone();
-        self.run(move |c| insert_token(c, &t)).await
+        self.write(move |c| insert_token(c, &t)).await
     }
 
     async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
         let hash = hash.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             let row = c
                 .query_row(
                     "SELECT id, kind, hash, site, host_id, expires_at, uses_left, created_at
@@ -637,7 +749,7 @@ impl Store for SqliteStore {
     }
 
     async fn count_tokens(&self, kind: TokenKind) -> Result<usize> {
-        self.run(move |c| {
+        self.read(move |c| {
             let n: i64 = c
                 .query_row(
                     "SELECT COUNT(*) FROM tokens WHERE kind = ?1",
@@ -758,6 +870,40 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.list_vms(&all).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_commit_together_and_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        // 300 concurrent creates, every third a duplicate of an earlier name.
+        let mut tasks = Vec::new();
+        for i in 0..300 {
+            let s = s.clone();
+            let name = if i % 3 == 2 {
+                format!("p{}", i - 1)
+            } else {
+                format!("p{i}")
+            };
+            let mut p = provider(&name);
+            p.id = format!("id{i}");
+            tasks.push(tokio::spawn(async move { s.create_provider(&p).await }));
+        }
+        let mut ok = 0;
+        let mut conflicts = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(()) => ok += 1,
+                Err(StoreError::Conflict(_)) => conflicts += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((ok, conflicts), (200, 100));
+        // A failed write did not undo the others committed with it.
+        assert_eq!(s.list_providers().await.unwrap().len(), 200);
+        drop(s);
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        assert_eq!(s.list_providers().await.unwrap().len(), 200);
     }
 
     #[tokio::test]

@@ -154,8 +154,9 @@ pub async fn delete(
     State(app): State<App>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
-    let _g = app.vm_lock.lock().await;
-    let mut vm = app.store.get_vm(&key).await?;
+    let id = app.store.get_vm(&key).await?.id;
+    let _g = app.lock_vm(&id).await;
+    let mut vm = app.store.get_vm(&id).await?;
     if vm.status.phase == VmPhase::Deleted {
         return Err(ApiError::NotFound(format!("VM '{key}' not found")));
     }
@@ -199,8 +200,9 @@ pub async fn action(
             )));
         }
     }
-    let _g = app.vm_lock.lock().await;
-    let mut vm = app.store.get_vm(&key).await?;
+    let id = app.store.get_vm(&key).await?.id;
+    let _g = app.lock_vm(&id).await;
+    let mut vm = app.store.get_vm(&id).await?;
     if matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted) {
         return Err(ApiError::Conflict(format!(
             "VM '{}' is {}",
@@ -326,7 +328,7 @@ pub async fn apply_report(app: &App, host_id: &str, r: &VmReport) -> ApiResult<(
 }
 
 async fn apply_report_inner(app: &App, host_id: &str, r: &VmReport) -> ApiResult<()> {
-    let _g = app.vm_lock.lock().await;
+    let _g = app.lock_vm(&r.id).await;
     let mut vm = match app.store.get_vm(&r.id).await {
         Ok(v) => v,
         Err(StoreError::NotFound { .. }) => return Ok(()),
@@ -395,11 +397,11 @@ pub async fn confirm_deletions(app: &App, host_id: &str, present: &[String]) -> 
     if deleting.is_empty() {
         return Ok(());
     }
-    let _g = app.vm_lock.lock().await;
     for vm in deleting {
         if present.contains(&vm.id) {
             continue;
         }
+        let _g = app.lock_vm(&vm.id).await;
         let mut vm = app.store.get_vm(&vm.id).await?;
         if vm.status.phase != VmPhase::Deleting {
             continue;
