@@ -353,6 +353,12 @@ pub struct BenchReport {
     /// hosts_used / ffd_hosts_used - 1.
     pub pack_overhead_vs_ffd: f64,
     pub index_bytes_per_host: usize,
+    /// Share of hosts (%) that pass every hard rule, over a sample of the
+    /// load's requests on the empty topology: the least, median and most
+    /// constrained request (unconstrained ones give 100).
+    pub feasible_pct_min: f64,
+    pub feasible_pct_median: f64,
+    pub feasible_pct_max: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -390,12 +396,32 @@ pub fn ffd_hosts_used(sites: &[SiteInfo], hosts: &[HostInfo], reqs: &[(String, R
 /// Runs the benchmark: `placements` decisions (each committed) over a
 /// generated topology of `hosts` hosts.
 pub fn run_bench(hosts: usize, placements: usize, seed: u64) -> BenchReport {
+    run_bench_with(hosts, placements, seed, true)
+}
+
+/// [`run_bench`] with a choice of scoring: `pack_only` scores by packing
+/// alone (the quality comparison with first-fit decreasing is meaningful
+/// only then); otherwise the requests carry the operator defaults
+/// ([`Weights::default`]: pack plus energy, cost, latency and balance), as
+/// the control plane schedules them.
+pub fn run_bench_with(hosts: usize, placements: usize, seed: u64, pack_only: bool) -> BenchReport {
     let (sites, hinfo) = topology(hosts, seed);
-    let reqs = requests(placements, seed, true);
+    let reqs = requests(placements, seed, pack_only);
     let mut e = match Engine::new(sites.clone(), hinfo.clone()) {
         Ok(e) => e,
         Err(err) => panic!("generated topology is invalid: {err}"),
     };
+    // How selective the load is, measured on the empty topology before the
+    // timed run (a brute-force check of every host for a sample of requests).
+    let mut feasible: Vec<f64> = reqs
+        .iter()
+        .step_by((reqs.len() / 100).max(1))
+        .map(|(_, r)| {
+            let n = e.hosts().filter(|h| e.check_host(h, r).is_ok()).count();
+            100.0 * n as f64 / e.host_count().max(1) as f64
+        })
+        .collect();
+    feasible.sort_by(f64::total_cmp);
     let mut lat = Vec::with_capacity(placements);
     let mut placed = 0;
     let start = Instant::now();
@@ -429,5 +455,8 @@ pub fn run_bench(hosts: usize, placements: usize, seed: u64) -> BenchReport {
             hosts_used as f64 / ffd as f64 - 1.0
         },
         index_bytes_per_host: e.bytes_per_host(),
+        feasible_pct_min: feasible.first().copied().unwrap_or(0.0),
+        feasible_pct_median: percentile(&feasible, 0.5),
+        feasible_pct_max: feasible.last().copied().unwrap_or(0.0),
     }
 }

@@ -87,7 +87,10 @@ struct SiteEval {
 struct Placed {
     host: u32,
     res: Resources,
-    req: Request,
+    /// Shared, so the map of VMs stays small (a resize moves 16-byte
+    /// pointers, not whole requests) and cloning the engine for a rebalance
+    /// plan does not copy every request.
+    req: Arc<Request>,
 }
 
 /// Members of a group: how many at each host, site, provider and country.
@@ -300,7 +303,7 @@ impl Engine {
     }
 
     pub fn request_of(&self, vm: &str) -> Option<&Request> {
-        self.vms.get(vm).map(|p| &p.req)
+        self.vms.get(vm).map(|p| p.req.as_ref())
     }
 
     fn rtt(&self, site: u32, r: &Request) -> Option<f64> {
@@ -619,7 +622,7 @@ impl Engine {
             Placed {
                 host: id,
                 res: r.res,
-                req: r.clone(),
+                req: Arc::new(r.clone()),
             },
         );
         Ok(())
