@@ -1,23 +1,28 @@
 //! The placement engine: indexes over hosts and the decision procedure.
 //!
-//! Hosts' live capacity is kept in memory, indexed per site by free memory
-//! (a `BTreeSet<(free MiB, host)>` of the site's ready hosts). A decision
-//! works at two levels:
+//! Hosts' live capacity is kept in memory, indexed per site and, within a
+//! site, per feature class (hosts with the same architecture, KVM, CPU
+//! flags, accelerators and confidential computing), each class's ready hosts
+//! in a `BTreeSet<(in use?, free MiB, host)>`. A decision works at two
+//! levels:
 //!
 //! 1. Site-level rules (residency, provider, tier, labels, latency) and the
 //!    site-level part of the score (energy, cost, latency) depend only on the
 //!    request's shape, not on current placements, so they are evaluated once
 //!    per shape and cached: a sorted list of the sites that pass.
 //! 2. Within each passing site, the index yields the best-fitting host with
-//!    enough free memory in O(log n); the remaining host checks (vCPUs, disk,
-//!    features, host-level groups) run on the few hosts the index yields.
+//!    enough free memory in O(log n), in the classes whose features pass
+//!    (decided once per class); the remaining host checks (vCPUs, disk,
+//!    host-level groups) run on the few hosts the index yields.
 //!    Sites are visited best score first, and the search stops as soon as no
 //!    remaining site could beat the best host found (branch and bound).
 //!
 //! Every candidate is accepted only through the same checks the explanation
 //! and the tests' brute-force oracle use (`rules.rs`), so the fast path can
-//! never accept a host that breaks a hard rule. When nothing fits, a full scan
-//! counts, for every host, the first rule it breaks.
+//! never accept a host that breaks a hard rule. When nothing fits, a scan
+//! counts, for every host, the first rule it breaks: site-level rules once
+//! per site (its hosts counted together), feature rules once per class, and
+//! only readiness, groups and capacity per host.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -110,15 +115,70 @@ fn level_idx(l: Level) -> usize {
 
 const LEVELS: [Level; 4] = [Level::Host, Level::Site, Level::Provider, Level::Country];
 
+/// The hosts of one site that share every feature a rule can ask for
+/// (architecture, KVM, CPU flags, accelerators, confidential computing).
+/// Feature rules are decided once per class, not once per host, so a
+/// request for a rare feature (a GPU, TDX) skips whole classes instead of
+/// scanning every host; a site typically has a handful of classes.
+#[derive(Debug, Clone)]
+struct Class {
+    /// The class's features, as a host description with sorted, deduplicated
+    /// lists (the other fields are blank), checked with the same
+    /// `check_features` as any host.
+    rep: HostInfo,
+    /// Ready members keyed by (empty?, free MiB, host): hosts already in use
+    /// sort before empty ones, so packing fills them first.
+    free: BTreeSet<(u8, u64, u32)>,
+    /// Hosts filed under this class, ready or not.
+    members: usize,
+}
+
+/// Same features, as sets (no allocation: this runs on every allocation).
+fn same_features(a: &HostInfo, b: &HostInfo) -> bool {
+    fn same_set(x: &[String], y: &[String]) -> bool {
+        x.iter().all(|v| y.contains(v)) && y.iter().all(|v| x.contains(v))
+    }
+    a.arch == b.arch
+        && a.kvm == b.kvm
+        && same_set(&a.cpu_flags, &b.cpu_flags)
+        && same_set(&a.accelerators, &b.accelerators)
+        && same_set(&a.confidential, &b.confidential)
+}
+
+fn feature_rep(h: &HostInfo) -> HostInfo {
+    let norm = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.dedup();
+        v
+    };
+    HostInfo {
+        name: String::new(),
+        site: String::new(),
+        arch: h.arch.clone(),
+        vcpus: 0,
+        memory_mib: 0,
+        disk_gib: 0,
+        cpu_flags: norm(&h.cpu_flags),
+        accelerators: norm(&h.accelerators),
+        kvm: h.kvm,
+        confidential: norm(&h.confidential),
+        ready: true,
+        cpu_ratio: 1.0,
+        mem_ratio: 1.0,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Engine {
     sites: Vec<SiteInfo>,
     site_by_name: HashMap<String, u32>,
     site_hosts: Vec<Vec<u32>>,
-    /// Per site, its ready hosts keyed by (empty?, free MiB, host): hosts
-    /// already in use sort before empty ones, so packing fills them first.
-    site_free: Vec<BTreeSet<(u8, u64, u32)>>,
+    /// Per site, its hosts by feature class, each class indexed by free memory.
+    site_classes: Vec<Vec<Class>>,
     hosts: Vec<Host>,
+    /// Each host's class within its site's `site_classes`.
+    host_class: Vec<u32>,
     host_by_name: HashMap<String, u32>,
     vms: HashMap<String, Placed>,
     groups: HashMap<String, Group>,
@@ -138,8 +198,9 @@ impl Engine {
             sites: Vec::new(),
             site_by_name: HashMap::new(),
             site_hosts: Vec::new(),
-            site_free: Vec::new(),
+            site_classes: Vec::new(),
             hosts: Vec::new(),
+            host_class: Vec::new(),
             host_by_name: HashMap::new(),
             vms: HashMap::new(),
             groups: HashMap::new(),
@@ -187,7 +248,7 @@ impl Engine {
                 self.site_by_name.insert(s.name.clone(), i);
                 self.sites.push(s);
                 self.site_hosts.push(Vec::new());
-                self.site_free.push(BTreeSet::new());
+                self.site_classes.push(Vec::new());
             }
         }
         self.max_carbon = self
@@ -227,6 +288,7 @@ impl Engine {
                 let id = self.hosts.len() as u32;
                 self.host_by_name.insert(info.name.clone(), id);
                 self.hosts.push(Host::new(info, site));
+                self.host_class.push(0);
                 self.site_hosts[site as usize].push(id);
                 self.index(id);
             }
@@ -262,17 +324,47 @@ impl Engine {
             .ok_or_else(|| format!("unknown host {name:?}"))
     }
 
+    /// Files a host under its feature class (found again, or created) and,
+    /// when ready, in that class's free-memory index. Classes are only ever
+    /// appended, so a host's stored class number stays valid.
     fn index(&mut self, id: u32) {
         let h = &self.hosts[id as usize];
         self.max_host_mem = self.max_host_mem.max(h.cap.memory_mib);
+        let classes = &mut self.site_classes[h.site as usize];
+        let cur = self.host_class[id as usize] as usize;
+        let c = if classes
+            .get(cur)
+            .is_some_and(|c| same_features(&c.rep, &h.info))
+        {
+            cur
+        } else if let Some(c) = classes.iter().position(|c| same_features(&c.rep, &h.info)) {
+            c
+        } else {
+            classes.push(Class {
+                rep: feature_rep(&h.info),
+                free: BTreeSet::new(),
+                members: 0,
+            });
+            classes.len() - 1
+        };
+        self.host_class[id as usize] = c as u32;
+        classes[c].members += 1;
         if h.info.ready {
-            self.site_free[h.site as usize].insert((u8::from(h.vms == 0), h.free_mem(), id));
+            classes[c]
+                .free
+                .insert((u8::from(h.vms == 0), h.free_mem(), id));
         }
     }
 
+    /// Undoes `index` (before the host's state, usage or site changes).
     fn unindex(&mut self, id: u32) {
         let h = &self.hosts[id as usize];
-        self.site_free[h.site as usize].remove(&(u8::from(h.vms == 0), h.free_mem(), id));
+        if let Some(c) =
+            self.site_classes[h.site as usize].get_mut(self.host_class[id as usize] as usize)
+        {
+            c.free.remove(&(u8::from(h.vms == 0), h.free_mem(), id));
+            c.members = c.members.saturating_sub(1);
+        }
     }
 
     pub fn hosts(&self) -> impl Iterator<Item = &Host> {
@@ -526,24 +618,47 @@ impl Engine {
     /// check: for packing, the tightest fit among hosts already in use, else
     /// the largest empty host (fewer hosts in use); for spreading, the most
     /// free memory, empty hosts first.
+    ///
+    /// Only classes whose features pass are searched; across classes the
+    /// same order applies (the key includes the host number, so ties break
+    /// the same way whatever the classes).
     fn best_host_in(&self, site: u32, r: &Request) -> Option<u32> {
         let s = &self.sites[site as usize];
-        let idx = &self.site_free[site as usize];
         let need = r.res.memory_mib;
         let ok = |&&(_, _, hid): &&(u8, u64, u32)| {
             let h = &self.hosts[hid as usize];
-            check_capacity(h, &r.res).is_ok()
-                && check_features(&h.info, r).is_ok()
-                && self.check_groups(&h.info.name, s, r).is_ok()
+            check_capacity(h, &r.res).is_ok() && self.check_groups(&h.info.name, s, r).is_ok()
         };
-        let used = idx.range((0, need, 0)..(1, 0, 0));
-        let empty = idx.range((1, need, 0)..);
+        let c = &r.c;
+        let any_feature = c.arch.is_some()
+            || c.require_kvm
+            || !c.cpu_flags.is_empty()
+            || !c.accelerators.is_empty()
+            || c.confidential.is_some();
+        let classes = || {
+            self.site_classes[site as usize].iter().filter(move |cl| {
+                !cl.free.is_empty() && (!any_feature || check_features(&cl.rep, r).is_ok())
+            })
+        };
+        let used_tightest = || {
+            classes()
+                .filter_map(|c| c.free.range((0, need, 0)..(1, 0, 0)).find(ok))
+                .min()
+        };
+        let used_emptiest = || {
+            classes()
+                .filter_map(|c| c.free.range((0, need, 0)..(1, 0, 0)).rev().find(ok))
+                .max()
+        };
+        let empty_largest = || {
+            classes()
+                .filter_map(|c| c.free.range((1, need, 0)..).rev().find(ok))
+                .max()
+        };
         let found = if r.weights.pack {
-            used.clone()
-                .find(ok)
-                .or_else(|| empty.clone().rev().find(ok))
+            used_tightest().or_else(empty_largest)
         } else {
-            empty.rev().find(ok).or_else(|| used.rev().find(ok))
+            empty_largest().or_else(used_emptiest)
         };
         found.map(|&(_, _, h)| h)
     }
@@ -560,13 +675,41 @@ impl Engine {
                 *counts.entry(rule).or_default() += n;
                 continue;
             }
+            // Feature rules once per class, as in `place`.
+            let verdicts: Vec<Result<(), Rule>> = self.site_classes[si]
+                .iter()
+                .map(|c| check_features(&c.rep, r))
+                .collect();
+            if r.c.anti_affinity.is_none() && r.c.affinity.is_none() {
+                // Without group rules, only capacity needs a look at single
+                // hosts: a class's hosts that are not ready, and the ready
+                // ones of a class whose features fail, are counted together.
+                for (c, v) in self.site_classes[si].iter().zip(&verdicts) {
+                    let not_ready = c.members - c.free.len();
+                    if not_ready > 0 {
+                        *counts.entry(Rule::NotReady).or_default() += not_ready;
+                    }
+                    match v {
+                        Err(rule) => *counts.entry(*rule).or_default() += c.free.len(),
+                        Ok(()) => {
+                            for &(_, _, hid) in &c.free {
+                                if let Err(rule) = check_capacity(&self.hosts[hid as usize], &r.res)
+                                {
+                                    *counts.entry(rule).or_default() += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
             for &hid in &self.site_hosts[si] {
                 let h = &self.hosts[hid as usize];
                 let rule = if !h.info.ready {
                     Rule::NotReady
                 } else if let Err(rule) = self.check_groups(&h.info.name, site, r) {
                     rule
-                } else if let Err(rule) = check_features(&h.info, r) {
+                } else if let Err(rule) = verdicts[self.host_class[hid as usize] as usize] {
                     rule
                 } else if let Err(rule) = check_capacity(h, &r.res) {
                     rule
@@ -679,7 +822,29 @@ impl Engine {
                 // BTreeSet entry (16 bytes + node overhead), name map entry, site list entry
                 + 32
                 + (h.info.name.capacity() + 24 + 4 + 8)
+                + 4
+                // its class number
                 + 4;
+        }
+        // The classes themselves, shared by their hosts.
+        for c in self.site_classes.iter().flatten() {
+            total += std::mem::size_of::<Class>()
+                + c.rep.arch.capacity()
+                + c.rep
+                    .cpu_flags
+                    .iter()
+                    .map(|f| f.capacity() + 24)
+                    .sum::<usize>()
+                + c.rep
+                    .accelerators
+                    .iter()
+                    .map(|f| f.capacity() + 24)
+                    .sum::<usize>()
+                + c.rep
+                    .confidential
+                    .iter()
+                    .map(|f| f.capacity() + 24)
+                    .sum::<usize>();
         }
         total / self.hosts.len()
     }
