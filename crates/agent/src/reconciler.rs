@@ -99,6 +99,8 @@ pub struct Reconciler {
     desired_path: PathBuf,
     actors: Mutex<HashMap<String, watch::Sender<Option<DesiredVm>>>>,
     generation: Mutex<u64>,
+    /// How often an actor re-checks a VM that is where it should be.
+    recheck: Duration,
 }
 
 /// Writes a file atomically and durably (temp file, fsync, rename).
@@ -134,7 +136,19 @@ impl Reconciler {
             desired_path: data_dir.join("desired.json"),
             actors: Mutex::new(HashMap::new()),
             generation: Mutex::new(0),
+            recheck: Duration::from_secs(3),
         }))
+    }
+
+    /// Sets how often a settled VM is re-checked (default 3 s).
+    pub fn with_recheck(self: Arc<Self>, recheck: Duration) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut r) => {
+                r.recheck = recheck;
+                Arc::new(r)
+            }
+            Err(a) => a,
+        }
     }
 
     /// Resumes from the persisted desired state (agent restart, host reboot).
@@ -242,6 +256,8 @@ impl Reconciler {
     /// The one task that owns VM `id`.
     async fn actor(self: Arc<Self>, id: String, mut rx: watch::Receiver<Option<DesiredVm>>) {
         let mut failures: u32 = 0;
+        // The agent's own state of this VM, read from disk once.
+        let mut cached: Option<LocalVm> = None;
         loop {
             let desired = rx.borrow_and_update().clone();
             let Some(d) = desired else {
@@ -266,12 +282,12 @@ impl Reconciler {
                 self.wait(&mut rx, failures).await;
                 continue;
             };
-            match self.step(&d).await {
+            match self.step(&d, &mut cached).await {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(vm = %d.name, error = %e, "VM step failed; will retry");
-                    let local = self.load_local(&id).unwrap_or_default();
+                    let local = cached.clone().unwrap_or_default();
                     self.report(&id, AgentVmPhase::Failed, Some(e.to_string()), &local);
                 }
             }
@@ -281,7 +297,7 @@ impl Reconciler {
 
     async fn wait(&self, rx: &mut watch::Receiver<Option<DesiredVm>>, failures: u32) {
         let delay = if failures == 0 {
-            Duration::from_secs(3)
+            self.recheck
         } else {
             Duration::from_secs((2u64 << failures.min(5)).min(60))
         };
@@ -292,8 +308,11 @@ impl Reconciler {
     }
 
     /// One convergence step for a VM that should exist.
-    async fn step(&self, d: &DesiredVm) -> anyhow::Result<()> {
-        let mut local = match self.load_local(&d.id) {
+    async fn step(&self, d: &DesiredVm, cached: &mut Option<LocalVm>) -> anyhow::Result<()> {
+        if cached.is_none() {
+            *cached = self.load_local(&d.id);
+        }
+        let mut local = match cached.clone() {
             Some(l) => l,
             None => {
                 let l = LocalVm {
@@ -302,6 +321,7 @@ impl Reconciler {
                     reboot_generation: d.reboot_generation,
                 };
                 self.save_local(&d.id, &l)?;
+                *cached = Some(l.clone());
                 l
             }
         };
@@ -341,6 +361,7 @@ impl Reconciler {
                 if d.reboot_generation != local.reboot_generation {
                     local.reboot_generation = d.reboot_generation;
                     self.save_local(&d.id, &local)?;
+                    *cached = Some(local.clone());
                 }
                 self.report(&d.id, AgentVmPhase::Running, None, &local);
             }

@@ -62,7 +62,10 @@ pub async fn start(
         &joined.host_token,
     )?);
     let (reports, changes) = reconciler::Reports::new();
-    let rec = reconciler::Reconciler::new(data_dir, driver.clone(), images, reports.clone())?;
+    // Simulated guests never die on their own: re-check them rarely, so that
+    // thousands of simulated hosts leave the CPU to the control plane.
+    let rec = reconciler::Reconciler::new(data_dir, driver.clone(), images, reports.clone())?
+        .with_recheck(std::time::Duration::from_secs(60));
     let ch = channel::Channel {
         server: server.to_string(),
         host_token: joined.host_token,

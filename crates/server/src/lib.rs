@@ -77,6 +77,7 @@ pub async fn open(
         vm_locks: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
         placement: placement::Placement::new(placement_config),
         started: std::time::Instant::now(),
+        marked_hosts: Default::default(),
     });
     Ok((app, created))
 }

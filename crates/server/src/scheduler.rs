@@ -61,8 +61,13 @@ pub fn host_view(app: &App, mut h: Host, alloc: Option<&Allocation>) -> Host {
 
 /// Runs the scheduler until the process ends.
 pub async fn run(app: App) {
+    let mut n: u64 = 0;
     loop {
-        if let Err(e) = pass(&app).await {
+        // Every 15th pass (about 30 s) recomputes every connected host's
+        // desired state, whatever was marked: a safety net, not the path.
+        let full = n.is_multiple_of(15);
+        n += 1;
+        if let Err(e) = pass(&app, full).await {
             tracing::warn!(error = %e, "scheduler pass failed; retrying");
         }
         tokio::select! {
@@ -73,11 +78,26 @@ pub async fn run(app: App) {
 }
 
 /// One reconciliation pass.
-pub async fn pass(app: &App) -> ApiResult<()> {
+///
+/// Hosts whose VMs changed were marked (`AppState::mark_host`); only their
+/// desired state is recomputed, unless `full`.
+pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
     place_pending(app).await?;
-    for host_id in app.hub.connected_hosts() {
-        sync_host(app, &host_id).await?;
-    }
+    let hosts = if full {
+        app.take_marked_hosts();
+        app.hub.connected_hosts()
+    } else {
+        app.take_marked_hosts()
+    };
+    use futures_util::StreamExt;
+    futures_util::stream::iter(hosts)
+        .for_each_concurrent(16, |h| async move {
+            if let Err(e) = sync_host(app, &h).await {
+                app.mark_host(&h);
+                tracing::warn!(host = %h, error = %e, "sending desired state failed");
+            }
+        })
+        .await;
     Ok(())
 }
 
@@ -158,6 +178,7 @@ async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResul
                 app.placement.invalidate();
                 return Err(e.into());
             }
+            app.mark_host(&h.id);
         }
         Err(why) => {
             if vm.status.placement_reason.as_deref() != Some(why.as_str()) {

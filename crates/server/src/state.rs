@@ -30,9 +30,25 @@ pub struct AppState {
     /// The placement engine, loaded with the topology.
     pub placement: Placement,
     pub started: std::time::Instant,
+    /// Hosts whose desired state may have changed since the last pass.
+    pub marked_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl AppState {
+    /// Notes that a host's VMs changed, so the scheduler sends it its
+    /// desired state on the next pass.
+    pub fn mark_host(&self, host_id: &str) {
+        self.marked_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host_id.to_string());
+    }
+
+    pub fn take_marked_hosts(&self) -> Vec<String> {
+        let mut m = self.marked_hosts.lock().unwrap_or_else(|p| p.into_inner());
+        m.drain().collect()
+    }
+
     /// The lock of VM `id`. Hold at most one at a time.
     pub async fn lock_vm(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
         use std::hash::{Hash, Hasher};

@@ -64,6 +64,9 @@ fn configure(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(db)?;
     conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+    // Truncate the WAL back to 64 MiB after checkpoints.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+        .map_err(db)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))
         .map_err(db)?;
     Ok(())

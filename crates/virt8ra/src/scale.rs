@@ -205,7 +205,20 @@ pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<Sca
     ));
 
     // Hosts: join with bounded concurrency.
-    let agents_dir = tmp.path().join("agents");
+    // The simulated agents' own state goes to memory when the machine has a
+    // tmpfs, so that their fsyncs do not compete with the control plane's
+    // on the disk being measured.
+    let shm = Path::new("/dev/shm");
+    let agents_tmp = if shm.is_dir() {
+        tempfile::Builder::new()
+            .prefix("virt8ra-scale-agents-")
+            .tempdir_in(shm)?
+    } else {
+        tempfile::Builder::new()
+            .prefix("virt8ra-scale-agents-")
+            .tempdir()?
+    };
+    let agents_dir = agents_tmp.path().to_path_buf();
     let sem = Arc::new(tokio::sync::Semaphore::new(32));
     let mut joins = tokio::task::JoinSet::new();
     for h in &host_infos {

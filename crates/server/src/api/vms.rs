@@ -173,6 +173,9 @@ pub async fn delete(
     } else {
         vm.status.phase = VmPhase::Deleting;
         app.store.update_vm(&vm, Some("delete requested")).await?;
+        if let Some(h) = &vm.status.host_id {
+            app.mark_host(h);
+        }
     }
     drop(_g);
     app.wake.notify_one();
@@ -243,6 +246,9 @@ pub async fn action(
     };
     vm.updated_at = Utc::now();
     app.store.update_vm(&vm, Some(&event)).await?;
+    if let Some(h) = &vm.status.host_id {
+        app.mark_host(h);
+    }
     drop(_g);
     app.wake.notify_one();
     Ok((StatusCode::ACCEPTED, Json(vm)))
