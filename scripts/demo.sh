@@ -100,14 +100,17 @@ say "Importing the appliance image"
 
 say "Creating a VM that must stay in Poland"
 "$BIN" vm create demo-vm --image busybox --memory-mib 128 --country PL --port 80 --wait
-"$BIN" vm show demo-vm
 
 say "The guest's serial console"
 for _ in $(seq 1 120); do
   "$BIN" vm console demo-vm 2>/dev/null | grep -q VIRT8RA-GUEST-BOOTED && break
   sleep 0.5
 done
-"$BIN" vm console demo-vm | tail -n 15
+"$BIN" vm console demo-vm | grep -a VIRT8RA | tail -n 5
+
+say "The guest's web page, through the agent's port forward"
+addr=$("$BIN" vm show demo-vm -o json | sed -n 's/.*"host_addr": "\(.*\)".*/\1/p' | head -n 1)
+curl -s --max-time 10 "http://$addr/" || echo "(the page is not up yet; try: curl http://$addr/)"
 
 say "The continuum is running"
 cat <<EOT
