@@ -659,6 +659,18 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+/// One event of `GET /api/v1/watch` (server-sent events; the event's `data`
+/// is this object as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchEvent {
+    /// A VM changed (durably): its whole new state.
+    Vm { vm: Box<Vm> },
+    /// The watcher fell behind and missed events: list again, then go on
+    /// watching.
+    Resync { missed: u64 },
+}
+
 /// Counters of the control plane, for operators and benchmarks.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Metrics {

@@ -171,7 +171,6 @@ async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResul
             vm.status.last_error = None;
             vm.updated_at = Utc::now();
             if let Err(e) = app
-                .store
                 .update_vm(&vm, Some(&format!("scheduled: {}", d.reason)))
                 .await
             {
@@ -184,8 +183,7 @@ async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResul
             if vm.status.placement_reason.as_deref() != Some(why.as_str()) {
                 vm.status.placement_reason = Some(why.clone());
                 vm.updated_at = Utc::now();
-                app.store
-                    .update_vm(&vm, Some(&format!("not placed: {why}")))
+                app.update_vm(&vm, Some(&format!("not placed: {why}")))
                     .await?;
             }
         }

@@ -32,9 +32,36 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// Hosts whose desired state may have changed since the last pass.
     pub marked_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Every durable VM change, for watchers (`GET /api/v1/watch`).
+    pub changes: tokio::sync::broadcast::Sender<virt8ra_api::WatchEvent>,
 }
 
 impl AppState {
+    /// Stores a new VM and tells watchers.
+    pub async fn create_vm(&self, vm: &virt8ra_api::Vm, event: &str) -> virt8ra_store::Result<()> {
+        self.store.create_vm(vm, event).await?;
+        self.publish(vm);
+        Ok(())
+    }
+
+    /// Stores a VM's new state and tells watchers.
+    pub async fn update_vm(
+        &self,
+        vm: &virt8ra_api::Vm,
+        event: Option<&str>,
+    ) -> virt8ra_store::Result<()> {
+        self.store.update_vm(vm, event).await?;
+        self.publish(vm);
+        Ok(())
+    }
+
+    fn publish(&self, vm: &virt8ra_api::Vm) {
+        // No receiver is not an error: nobody is watching.
+        let _ = self.changes.send(virt8ra_api::WatchEvent::Vm {
+            vm: Box::new(vm.clone()),
+        });
+    }
+
     /// Notes that a host's VMs changed, so the scheduler sends it its
     /// desired state on the next pass.
     pub fn mark_host(&self, host_id: &str) {

@@ -36,6 +36,43 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
         .success());
     c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
 
+    // A watcher sees a VM go from created to running, without polling.
+    let watch = {
+        let (url, token) = (c.url.clone(), c.token.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let resp = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap()
+                .get(format!("{url}/api/v1/watch?name=s0"))
+                .bearer_auth(token)
+                .send()
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            ready_tx.send(()).unwrap();
+            let mut phases = Vec::new();
+            for line in std::io::BufReader::new(resp).lines() {
+                let line = line.unwrap();
+                let Some(data) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                let ev: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+                assert_eq!(ev["type"], "vm");
+                assert_eq!(ev["vm"]["name"], "s0", "the filter lets other VMs through");
+                let phase = ev["vm"]["status"]["phase"].as_str().unwrap().to_string();
+                phases.push(phase.clone());
+                if phase == "running" {
+                    break;
+                }
+            }
+            phases
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        h
+    };
+
     // 30 VMs of 128 MiB: 3 hosts × 2048 MiB hold them all.
     for i in 0..30 {
         c.ok(
@@ -48,6 +85,19 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
         let v = c.ok("GET", "/api/v1/vms?phase=running", None);
         (v["items"].as_array().unwrap().len() == 30).then_some(())
     });
+    let phases = watch.join().unwrap();
+    assert_eq!(
+        phases.first().map(String::as_str),
+        Some("pending"),
+        "{phases:?}"
+    );
+    assert!(phases.contains(&"scheduled".to_string()), "{phases:?}");
+    assert_eq!(
+        phases.last().map(String::as_str),
+        Some("running"),
+        "{phases:?}"
+    );
+
     // Every host got some (spread by the default policy's balance and pack rules
     // or not) and the control plane's accounting matches what was created.
     let hosts = c.ok("GET", "/api/v1/hosts", None);

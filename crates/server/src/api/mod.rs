@@ -20,6 +20,7 @@ pub mod openapi;
 pub mod providers;
 pub mod sites;
 pub mod vms;
+pub mod watch;
 
 /// A JSON body whose every rejection (bad syntax, unknown field, wrong type,
 /// missing content type) is a 400 with our error body.
@@ -78,6 +79,7 @@ pub fn router(app: App) -> Router {
         .route("/images/{key}/data", get(images::download))
         .route("/vms", get(vms::list).post(vms::create))
         .route("/vms/plan", post(vms::plan))
+        .route("/watch", get(watch::watch))
         .route("/vms/{key}", get(vms::show).delete(vms::delete))
         .route("/vms/{key}/actions", post(vms::action))
         .route("/vms/{key}/console", get(vms::console))

@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agent, hosts, images, providers, sites, vms};
+use super::{agent, hosts, images, providers, sites, vms, watch};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,7 +22,7 @@ use super::{agent, hosts, images, providers, sites, vms};
         sites::list, sites::create, sites::show, sites::delete,
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,
         images::list, images::upload, images::show, images::delete, images::download,
-        vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events,
+        vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events, watch::watch,
         agent::join, agent::connect,
     ),
     modifiers(&Bearer),

@@ -127,7 +127,7 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
-    app.store.create_vm(&vm, "created").await?;
+    app.create_vm(&vm, "created").await?;
     app.wake.notify_one();
     Ok((StatusCode::CREATED, Json(vm)))
 }
@@ -167,12 +167,10 @@ pub async fn delete(
     vm.updated_at = Utc::now();
     if vm.status.host_id.is_none() {
         vm.status.phase = VmPhase::Deleted;
-        app.store
-            .update_vm(&vm, Some("deleted (never placed)"))
-            .await?;
+        app.update_vm(&vm, Some("deleted (never placed)")).await?;
     } else {
         vm.status.phase = VmPhase::Deleting;
-        app.store.update_vm(&vm, Some("delete requested")).await?;
+        app.update_vm(&vm, Some("delete requested")).await?;
         if let Some(h) = &vm.status.host_id {
             app.mark_host(h);
         }
@@ -245,7 +243,7 @@ pub async fn action(
         }
     };
     vm.updated_at = Utc::now();
-    app.store.update_vm(&vm, Some(&event)).await?;
+    app.update_vm(&vm, Some(&event)).await?;
     if let Some(h) = &vm.status.host_id {
         app.mark_host(h);
     }
@@ -383,7 +381,7 @@ async fn apply_report_inner(app: &App, host_id: &str, r: &VmReport) -> ApiResult
         return Ok(());
     }
     vm.updated_at = Utc::now();
-    app.store.update_vm(&vm, event.as_deref()).await?;
+    app.update_vm(&vm, event.as_deref()).await?;
     if vm.status.phase == VmPhase::Deleted {
         app.placement.release(&vm.id);
     }
@@ -415,8 +413,7 @@ pub async fn confirm_deletions(app: &App, host_id: &str, present: &[String]) -> 
         vm.status.phase = VmPhase::Deleted;
         vm.status.ports.clear();
         vm.updated_at = Utc::now();
-        app.store
-            .update_vm(&vm, Some("deleted: the host agent removed it"))
+        app.update_vm(&vm, Some("deleted: the host agent removed it"))
             .await?;
         app.placement.release(&vm.id);
     }

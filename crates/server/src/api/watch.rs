@@ -1,0 +1,80 @@
+//! `GET /api/v1/watch`: a stream of changes (server-sent events), so clients
+//! and the dashboard do not poll. Each durable VM change is one event `vm`
+//! carrying the VM's whole new state; a watcher that falls behind gets one
+//! `resync` event (list again, then keep watching). Filters narrow the stream.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::Stream;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+use virt8ra_api::WatchEvent;
+
+use super::Query;
+use crate::auth::Admin;
+use crate::state::App;
+
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WatchQuery {
+    /// Only VMs at this site.
+    pub site: Option<String>,
+    pub provider: Option<String>,
+    pub country: Option<String>,
+    /// Only the VM with this name.
+    pub name: Option<String>,
+}
+
+fn wanted(ev: &WatchEvent, q: &WatchQuery) -> bool {
+    match ev {
+        WatchEvent::Resync { .. } => true,
+        WatchEvent::Vm { vm } => {
+            let s = &vm.status;
+            q.site.as_ref().is_none_or(|x| s.site.as_ref() == Some(x))
+                && q.provider
+                    .as_ref()
+                    .is_none_or(|x| s.provider.as_ref() == Some(x))
+                && q.country
+                    .as_ref()
+                    .is_none_or(|x| s.country.as_ref() == Some(x))
+                && q.name.as_ref().is_none_or(|x| *x == vm.name)
+        }
+    }
+}
+
+fn event(ev: &WatchEvent) -> Event {
+    let kind = match ev {
+        WatchEvent::Vm { .. } => "vm",
+        WatchEvent::Resync { .. } => "resync",
+    };
+    Event::default()
+        .event(kind)
+        .data(serde_json::to_string(ev).unwrap_or_default())
+}
+
+#[utoipa::path(get, path = "/api/v1/watch", tag = "vms", params(WatchQuery),
+    responses((status = 200, description = "Server-sent events; each `data` is a WatchEvent",
+               body = virt8ra_api::WatchEvent, content_type = "text/event-stream")),
+    security(("bearer" = [])))]
+pub async fn watch(
+    _: Admin,
+    State(app): State<App>,
+    Query(q): Query<WatchQuery>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = app.changes.subscribe();
+    let stream = futures_util::stream::unfold((rx, q), |(mut rx, q)| async move {
+        loop {
+            let ev = match rx.recv().await {
+                Ok(ev) => ev,
+                Err(RecvError::Lagged(missed)) => WatchEvent::Resync { missed },
+                Err(RecvError::Closed) => return None,
+            };
+            if wanted(&ev, &q) {
+                return Some((Ok(event(&ev)), (rx, q)));
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
