@@ -7,7 +7,10 @@
 # console, then "VIRT8RA-TICK n uptime=..." every second, powers off cleanly
 # on an ACPI power-button press (printing "VIRT8RA-GUEST-POWEROFF"), and
 # leaves a shell on the console. It brings up its virtio NIC with QEMU's
-# user-mode addresses and serves a page naming itself on port 80.
+# user-mode addresses and serves a page naming itself and its site on port
+# 80. It honours a cloud-init NoCloud seed on its second disk: the hostname
+# and site from meta-data, and user-data run at every boot if it is a script
+# (the appliance keeps no state between boots).
 #
 # The disk is a whole-disk FAT volume (mkfs.fat, or mformat without
 # dosfstools) with syslinux in its boot sector, filled with mtools (no
@@ -52,7 +55,8 @@ for m in kernel/drivers/acpi/button.ko kernel/drivers/input/evdev.ko \
          kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko \
          kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_pci_legacy_dev.ko \
          kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko \
-         kernel/net/core/failover.ko kernel/drivers/net/net_failover.ko kernel/drivers/net/virtio_net.ko; do
+         kernel/net/core/failover.ko kernel/drivers/net/net_failover.ko kernel/drivers/net/virtio_net.ko \
+         kernel/fs/fat/fat.ko kernel/fs/fat/vfat.ko kernel/fs/nls/nls_cp437.ko kernel/fs/nls/nls_ascii.ko; do
   for f in "$MODDIR/$m" "$MODDIR/$m.xz"; do
     [ -f "$f" ] && cp "$f" "$IR/modules/"
   done
@@ -68,10 +72,23 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 # Modules, in dependency order; a missing one is not fatal.
 for m in button evdev virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk \
-         failover net_failover virtio_net; do
+         failover net_failover virtio_net fat vfat nls_cp437 nls_ascii; do
   [ -f /modules/$m.ko ] && insmod /modules/$m.ko 2>/dev/null
 done
 HOST=virt8ra-guest
+SITE=unknown
+# cloud-init NoCloud: a FAT volume labelled cidata on the second disk, with
+# meta-data (hostname, site) and user-data (run if it is a script).
+mkdir -p /seed
+for _ in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vdb ] && break; sleep 0.2; done
+if [ -b /dev/vdb ] && mount -t vfat -o ro /dev/vdb /seed 2>/dev/null; then
+  v() { sed -n "s/^$1: *\"\{0,1\}\([^\"]*\)\"\{0,1\} *$/\1/p" /seed/meta-data; }
+  [ -n "$(v local-hostname)" ] && HOST=$(v local-hostname)
+  [ -n "$(v virt8ra-site)" ] && SITE=$(v virt8ra-site)
+  if [ "$(head -c 2 /seed/user-data 2>/dev/null)" = "#!" ]; then
+    cp /seed/user-data /tmp/user-data && chmod +x /tmp/user-data
+  fi
+fi
 hostname "$HOST"
 up() { cut -d' ' -f1 /proc/uptime; }
 # QEMU user-mode networking: fixed addresses; a web page on port 80 that
@@ -82,9 +99,10 @@ if ip link set eth0 up 2>/dev/null; then
   ip route add default via 10.0.2.2
 fi
 mkdir -p /www
-echo "virt8ra test appliance: hostname=$(hostname)" >/www/index.html
+echo "virt8ra test appliance: hostname=$(hostname) site=$SITE" >/www/index.html
 httpd -p 80 -h /www
 echo "VIRT8RA-GUEST-BOOTED hostname=$(hostname) uptime=$(up)" >/dev/console
+[ -x /tmp/user-data ] && (/tmp/user-data >/dev/console 2>&1 &)
 # ACPI power button -> clean power-off (busybox acpid runs /etc/acpi/PWRF/00000080).
 acpid -c /etc/acpi -a /etc/acpid.conf -l /tmp/acpid.log 2>/dev/null
 (

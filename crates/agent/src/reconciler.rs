@@ -342,6 +342,12 @@ impl Reconciler {
             disk_gib: d.disk_gib,
             base_image: base,
             ports: local.ports.clone(),
+            context: crate::driver::GuestContext {
+                instance_id: d.id.clone(),
+                hostname: d.name.clone(),
+                site: d.site.clone(),
+                user_data: d.user_data.clone(),
+            },
         };
         if state == DriverVmState::Absent {
             self.driver.prepare(&cfg).await?;

@@ -95,6 +95,7 @@ async fn qemu_vm_lifecycle_with_reattach_and_graceful_stop() {
         disk_gib: 1,
         base_image: image,
         ports: vec![(22, free_port())],
+        context: Default::default(),
     };
     let dir = d.vm_dir(&cfg.id);
     let console = d.console_path(&cfg.id);
@@ -215,6 +216,7 @@ async fn qemu_errors_reach_the_caller() {
         disk_gib: 1,
         base_image: tmp.path().join("missing.qcow2"),
         ports: vec![],
+        context: Default::default(),
     };
     assert!(d.prepare(&cfg).await.is_err(), "missing base image");
     cfg.base_image = image;

@@ -100,6 +100,9 @@ pub struct DesiredVm {
     pub reboot_generation: u64,
     /// Seconds to wait for an ACPI power-down before forcing the VM off.
     pub stop_timeout_s: u32,
+    /// The site the VM runs at, for the guest's context.
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 /// Where the agent gets a VM's base image.

@@ -236,6 +236,7 @@ pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> 
             power: vm.power,
             reboot_generation: vm.reboot_generation,
             stop_timeout_s: vm.stop_timeout_s,
+            site: vm.status.site.clone(),
         });
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));

@@ -42,7 +42,7 @@ fn vms_run_across_three_providers_and_survive_restarts() {
     let spec = c.dir.path().join("web-pl.yaml");
     std::fs::write(
         &spec,
-        "name: web-pl\nimage: test\nmemory_mib: 128\nports: [80]\nplacement:\n  countries: [PL]\n  max_latency: {from: Gdańsk, max_rtt_ms: 20}\n",
+        "name: web-pl\nimage: test\nmemory_mib: 128\nports: [80]\nplacement:\n  countries: [PL]\n  max_latency: {from: Gdańsk, max_rtt_ms: 20}\nuser_data: |\n  #!/bin/sh\n  echo VIRT8RA-USERDATA-RAN $(hostname)\n",
     )
     .unwrap();
     let plan: serde_json::Value = serde_json::from_str(&c.cli_ok(&[
@@ -101,7 +101,10 @@ fn vms_run_across_three_providers_and_survive_restarts() {
             .and_then(|r| r.text().ok())
             .filter(|t| t.contains("virt8ra test appliance"))
     });
-    assert!(page.contains("hostname=virt8ra-guest"), "{page}");
+    // ... and knows its name and site from its cloud-init context, whose
+    // user-data script ran.
+    assert!(page.contains("hostname=web-pl site=pl-gdansk"), "{page}");
+    assert!(c.console("web-pl").contains("VIRT8RA-USERDATA-RAN web-pl"));
     assert_eq!(c.qemu_pids().len(), 1);
 
     // --- VMs that cannot be placed stay pending and say why.

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use virt8ra_api::Hypervisor;
 
+pub mod cloudinit;
 pub mod kvm_probe;
 pub mod qemu;
 pub mod qmp;
@@ -33,6 +34,17 @@ pub struct VmConfig {
     pub base_image: PathBuf,
     /// Guest TCP port -> host loopback port.
     pub ports: Vec<(u16, u16)>,
+    /// What the guest learns about itself at boot (cloud-init NoCloud).
+    pub context: GuestContext,
+}
+
+/// Contextualization data for the guest.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GuestContext {
+    pub instance_id: String,
+    pub hostname: String,
+    pub site: Option<String>,
+    pub user_data: Option<String>,
 }
 
 /// What a driver observes of one VM.

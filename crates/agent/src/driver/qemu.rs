@@ -165,6 +165,9 @@ impl QemuDriver {
                 "file={},if=virtio,format=qcow2,cache=writeback,discard=unmap",
                 p("disk.qcow2")
             ),
+            // The NoCloud seed (cloud-init), read-only.
+            "-drive".into(),
+            format!("file={},if=virtio,format=raw,readonly=on", p("seed.img")),
             "-chardev".into(),
             format!("file,id=con0,path={},append=on", p("console.log")),
             "-serial".into(),
@@ -353,6 +356,7 @@ impl Driver for QemuDriver {
         ])
         .await?;
         std::fs::rename(&tmp, &disk).map_err(io_err("create the VM disk"))?;
+        super::cloudinit::write_seed(&dir, &cfg.context).await?;
         Ok(())
     }
 
@@ -532,6 +536,7 @@ mod tests {
             disk_gib: 1,
             base_image: PathBuf::from("/nonexistent"),
             ports: vec![(22, 2222), (80, 8080)],
+            context: Default::default(),
         };
         let a = drv.command_line(&cfg).join(" ");
         let dir = opt_escape(&drv.vm_dir("a1").to_string_lossy());

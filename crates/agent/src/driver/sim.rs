@@ -207,6 +207,7 @@ mod tests {
             disk_gib: 1,
             base_image: PathBuf::new(),
             ports: vec![],
+            context: Default::default(),
         }
     }
 
