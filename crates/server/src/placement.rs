@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use virt8ra_api::{Host, HostState, Hypervisor, PlacementConstraints, Provider, Site, Vm, VmPhase};
+use virt8ra_api::{
+    Allocation, Host, HostState, Hypervisor, PlacementConstraints, Provider, Site, Vm, VmPhase,
+};
 use virt8ra_placement::{Engine, HostInfo, Request, Resources, SiteInfo, Weights};
 use virt8ra_store::VmFilter;
 
@@ -58,6 +60,27 @@ impl Placement {
     /// The topology changed: rebuild before the next decision.
     pub fn invalidate(&self) {
         *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// What is allocated on each host (by host name), from the engine's
+    /// in-memory books: no scan of the VMs in the store.
+    pub async fn allocations(&self, app: &App) -> ApiResult<HashMap<String, Allocation>> {
+        self.with_engine(app, |e| {
+            e.hosts()
+                .map(|h| {
+                    (
+                        h.info.name.clone(),
+                        Allocation {
+                            vms: h.vms,
+                            vcpus: h.used.vcpus,
+                            memory_mib: h.used.memory_mib,
+                            disk_gib: h.used.disk_gib,
+                        },
+                    )
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Frees a VM's allocation (it was deleted).

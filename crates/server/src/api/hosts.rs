@@ -31,15 +31,14 @@ pub async fn list(
     State(app): State<App>,
     Query(q): Query<HostQuery>,
 ) -> ApiResult<Json<Page<Host>>> {
-    let vms = app.store.list_vms(&VmFilter::default()).await?;
-    let alloc = allocations(&vms);
+    let alloc = app.placement.allocations(&app).await?;
     let items = app
         .store
         .list_hosts()
         .await?
         .into_iter()
         .map(|h| {
-            let a = alloc.get(&h.id).copied();
+            let a = alloc.get(&h.name).copied();
             host_view(&app, h, a.as_ref())
         })
         .filter(|h| {
