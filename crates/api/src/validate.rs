@@ -83,7 +83,19 @@ pub fn site(s: &SiteCreate) -> Result<(), String> {
     if !(-180.0..=180.0).contains(&s.longitude) {
         return Err(format!("longitude {} is outside -180..180", s.longitude));
     }
+    for (k, v) in &s.labels {
+        if k.is_empty() || k.len() > 63 || v.len() > 253 {
+            return Err(format!(
+                "label {k:?}: keys are 1-63 characters, values at most 253"
+            ));
+        }
+    }
     let f = &s.facts;
+    if let Some(a) = f.access_latency_ms {
+        if !(0.0..=1000.0).contains(&a) {
+            return Err(format!("access_latency_ms {a} is outside 0..1000"));
+        }
+    }
     if let Some(g) = f.grid_gco2_per_kwh {
         if !(0.0..=2000.0).contains(&g) {
             return Err(format!("grid_gco2_per_kwh {g} is outside 0..2000"));

@@ -104,6 +104,9 @@ pub enum SiteCmd {
         /// EUR per GiB-hour.
         #[arg(long)]
         price_gib_hour: Option<f64>,
+        /// A label placement rules can select on, KEY=VALUE (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
     },
     List,
     Show {
@@ -426,7 +429,15 @@ async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<()> {
             pue,
             price_vcpu_hour,
             price_gib_hour,
+            labels,
         } => {
+            let mut label_map = std::collections::BTreeMap::new();
+            for l in &labels {
+                let Some((k, v)) = l.split_once('=') else {
+                    bail!("label {l:?} must be KEY=VALUE");
+                };
+                label_map.insert(k.to_string(), v.to_string());
+            }
             let tier = match tier.as_str() {
                 "core" => Tier::Core,
                 "edge" => Tier::Edge,
@@ -450,7 +461,7 @@ async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<()> {
                             price_gib_hour,
                             access_latency_ms: None,
                         },
-                        labels: Default::default(),
+                        labels: label_map,
                     },
                 )
                 .await?;

@@ -121,6 +121,49 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
     assert_eq!(image["format"], "qcow2");
     assert_eq!(image["sha256"].as_str().unwrap().len(), 64);
 
+    let out = c.cli_ok(&[
+        "site",
+        "create",
+        "es-edge",
+        "--provider",
+        "provider-es",
+        "--country",
+        "ES",
+        "--city",
+        "Bilbao",
+        "--lat",
+        "43.26",
+        "--lon",
+        "-2.93",
+        "--tier",
+        "edge",
+        "--label",
+        "rack=a",
+        "-o",
+        "json",
+    ]);
+    let site: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(site["labels"], json!({"rack": "a"}));
+    assert_eq!(site["tier"], "edge");
+    let out = c.cli(&[
+        "site",
+        "create",
+        "x",
+        "--provider",
+        "provider-es",
+        "--country",
+        "ES",
+        "--city",
+        "x",
+        "--lat",
+        "1",
+        "--lon",
+        "1",
+        "--label",
+        "norack",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be KEY=VALUE"));
+
     let before = snapshot(&c);
 
     // Authentication.
@@ -298,7 +341,7 @@ fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
     assert_error(
         c.api("DELETE", "/api/v1/providers/provider-es", None),
         409,
-        "still has 1 site",
+        "still has 2 site",
     );
     assert_error(
         c.api(

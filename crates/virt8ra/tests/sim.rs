@@ -36,6 +36,14 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
         .success());
     c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
 
+    // Label selectors: no site carries rack=a, so every host is excluded by
+    // that rule.
+    let spec = json!({"name": "x", "image": "tiny", "memory_mib": 128,
+                      "placement": {"labels": {"rack": "a"}}});
+    let plan = c.ok("POST", "/api/v1/vms/plan", Some(spec.clone()));
+    assert_eq!(plan["placed"], false);
+    assert_eq!(plan["excluded"], json!({"labels": 3}), "{plan}");
+
     // A watcher sees a VM go from created to running, without polling.
     let watch = {
         let (url, token) = (c.url.clone(), c.token.clone());
