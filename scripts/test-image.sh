@@ -101,10 +101,13 @@ fi
 mkdir -p /www
 echo "virt8ra test appliance: hostname=$(hostname) site=$SITE" >/www/index.html
 httpd -p 80 -h /www
+# ACPI power button -> clean power-off (busybox acpid runs /etc/acpi/PWRF/00000080).
+# Started before the boot line, so a guest that says it booted also honours
+# a power-down request.
+acpid -c /etc/acpi -a /etc/acpid.conf -l /tmp/acpid.log 2>/dev/null
+sleep 0.2
 echo "VIRT8RA-GUEST-BOOTED hostname=$(hostname) uptime=$(up)" >/dev/console
 [ -x /tmp/user-data ] && (/tmp/user-data >/dev/console 2>&1 &)
-# ACPI power button -> clean power-off (busybox acpid runs /etc/acpi/PWRF/00000080).
-acpid -c /etc/acpi -a /etc/acpid.conf -l /tmp/acpid.log 2>/dev/null
 (
   n=0
   while true; do

@@ -166,9 +166,9 @@ async fn qemu_vm_lifecycle_with_reattach_and_graceful_stop() {
     let t = Instant::now();
     d.stop(&cfg.id, Duration::from_secs(20)).await.unwrap();
     eprintln!("stopped in {:?}", t.elapsed());
-    assert_eq!(
-        count(&console, "VIRT8RA-GUEST-POWEROFF"),
-        1,
+    // At least once: the driver presses again every 5 s until the guest is off.
+    assert!(
+        count(&console, "VIRT8RA-GUEST-POWEROFF") >= 1,
         "the ACPI power-down reached the guest"
     );
     assert!(

@@ -437,15 +437,26 @@ impl Driver for QemuDriver {
             return Ok(());
         }
         if !timeout.is_zero() {
-            match qmp::execute(&self.qmp_socket(id), "system_powerdown", None).await {
-                Ok(_) => {
-                    if self.wait_gone(id, timeout).await {
-                        return Ok(());
+            // Press the power button, and again every 5 s: a guest still
+            // booting may not listen yet, and a press is not queued.
+            let deadline = std::time::Instant::now() + timeout;
+            let mut pressed = false;
+            loop {
+                match qmp::execute(&self.qmp_socket(id), "system_powerdown", None).await {
+                    Ok(_) => pressed = true,
+                    Err(e) if !pressed => {
+                        tracing::warn!(vm = %id, error = %e, "ACPI power-down failed; forcing it off");
+                        break;
                     }
-                    tracing::warn!(vm = %id, timeout_s = timeout.as_secs(), "guest did not power down in time; forcing it off");
+                    Err(_) => {}
                 }
-                Err(e) => {
-                    tracing::warn!(vm = %id, error = %e, "ACPI power-down failed; forcing it off")
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if self.wait_gone(id, left.min(Duration::from_secs(5))).await {
+                    return Ok(());
+                }
+                if left <= Duration::from_secs(5) {
+                    tracing::warn!(vm = %id, timeout_s = timeout.as_secs(), "guest did not power down in time; forcing it off");
+                    break;
                 }
             }
         }
