@@ -50,11 +50,13 @@ impl Engine {
             .placements()
             .map(|(v, h)| (v.to_string(), h.to_string()))
             .collect();
-        // Largest first: they are the hardest to fit.
-        vms.sort_by_key(|(v, _)| {
-            std::cmp::Reverse(e.request_of(v).map(|r| r.res.memory_mib).unwrap_or(0))
+        // By host, and within a host largest first: they are the hardest to fit.
+        vms.sort_by_key(|(v, h)| {
+            (
+                h.clone(),
+                std::cmp::Reverse(e.request_of(v).map(|r| r.res.memory_mib).unwrap_or(0)),
+            )
         });
-        vms.sort_by(|a, b| a.1.cmp(&b.1).then(std::cmp::Ordering::Equal));
         match goal {
             Goal::DrainHost(_) | Goal::DrainSite(_) | Goal::DrainProvider(_) => {
                 let drained = |e: &Engine, host: &str| -> bool {

@@ -78,6 +78,7 @@ pub async fn open(
         placement: placement::Placement::new(placement_config),
         started: std::time::Instant::now(),
         marked_hosts: Default::default(),
+        deleting_hosts: Default::default(),
         changes: tokio::sync::broadcast::channel(4096).0,
     });
     Ok((app, created))

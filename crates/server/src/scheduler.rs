@@ -25,24 +25,6 @@ use crate::error::ApiResult;
 use crate::placement;
 use crate::state::App;
 
-/// Resources committed to each host by the VMs placed on it.
-pub fn allocations(vms: &[Vm]) -> HashMap<String, Allocation> {
-    let mut m: HashMap<String, Allocation> = HashMap::new();
-    for vm in vms {
-        if vm.status.phase == VmPhase::Deleted {
-            continue;
-        }
-        if let Some(h) = &vm.status.host_id {
-            let a = m.entry(h.clone()).or_default();
-            a.vms += 1;
-            a.vcpus += vm.spec.vcpus;
-            a.memory_mib += vm.spec.memory_mib;
-            a.disk_gib += vm.spec.disk_gib;
-        }
-    }
-    m
-}
-
 /// Fills in a host's live fields (connection, heartbeat, usage, state
 /// derived from liveness) and its allocation.
 pub fn host_view(app: &App, mut h: Host, alloc: Option<&Allocation>) -> Host {
@@ -85,6 +67,19 @@ pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
     place_pending(app).await?;
     let hosts = if full {
         app.take_marked_hosts();
+        // Deletions in flight, e.g. from before a restart of the control plane.
+        for vm in app
+            .store
+            .list_vms(&VmFilter {
+                phase: Some(VmPhase::Deleting),
+                ..Default::default()
+            })
+            .await?
+        {
+            if let Some(h) = &vm.status.host_id {
+                app.note_deletion(h);
+            }
+        }
         app.hub.connected_hosts()
     } else {
         app.take_marked_hosts()

@@ -32,6 +32,9 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// Hosts whose desired state may have changed since the last pass.
     pub marked_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Hosts with VMs in phase `deleting`, whose heartbeats must be checked
+    /// against the store.
+    pub deleting_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Every durable VM change, for watchers (`GET /api/v1/watch`).
     pub changes: tokio::sync::broadcast::Sender<virt8ra_api::WatchEvent>,
 }
@@ -69,6 +72,27 @@ impl AppState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(host_id.to_string());
+    }
+
+    pub fn note_deletion(&self, host_id: &str) {
+        self.deleting_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host_id.to_string());
+    }
+
+    pub fn has_deletions(&self, host_id: &str) -> bool {
+        self.deleting_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(host_id)
+    }
+
+    pub fn deletions_done(&self, host_id: &str) {
+        self.deleting_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host_id);
     }
 
     pub fn take_marked_hosts(&self) -> Vec<String> {

@@ -7,12 +7,12 @@ use axum::Json;
 use chrono::{Duration, Utc};
 use serde::Deserialize;
 use virt8ra_api::{validate, Host, HostState, HostUpdate, JoinToken, JoinTokenCreate, Page};
-use virt8ra_store::{StoreError, TokenKind, TokenRecord, VmFilter};
+use virt8ra_store::{StoreError, TokenKind, TokenRecord};
 
 use super::{missing_ref, Body, Query};
 use crate::auth::{self, Admin};
 use crate::error::{ApiError, ApiResult};
-use crate::scheduler::{allocations, host_view};
+use crate::scheduler::host_view;
 use crate::state::App;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -56,14 +56,7 @@ pub async fn list(
 
 async fn load(app: &App, key: &str) -> ApiResult<Host> {
     let h = app.store.get_host(key).await?;
-    let vms = app
-        .store
-        .list_vms(&VmFilter {
-            host_id: Some(h.id.clone()),
-            ..Default::default()
-        })
-        .await?;
-    let a = allocations(&vms).get(&h.id).copied();
+    let a = app.placement.allocations(app).await?.get(&h.name).copied();
     Ok(host_view(app, h, a.as_ref()))
 }
 

@@ -173,6 +173,7 @@ pub async fn delete(
         app.update_vm(&vm, Some("delete requested")).await?;
         if let Some(h) = &vm.status.host_id {
             app.mark_host(h);
+            app.note_deletion(h);
         }
     }
     drop(_g);
@@ -389,7 +390,15 @@ async fn apply_report_inner(app: &App, host_id: &str, r: &VmReport) -> ApiResult
 }
 
 /// VMs being deleted on `host_id` that the agent no longer has are gone.
+/// Called with every heartbeat, it reads the store only for hosts known to
+/// have deletions in flight.
 pub async fn confirm_deletions(app: &App, host_id: &str, present: &[String]) -> ApiResult<()> {
+    if !app.has_deletions(host_id) {
+        return Ok(());
+    }
+    // Forget the host first, then read: a deletion noted meanwhile is
+    // either seen by this read or noted again after it.
+    app.deletions_done(host_id);
     let deleting = app
         .store
         .list_vms(&VmFilter {
@@ -398,8 +407,9 @@ pub async fn confirm_deletions(app: &App, host_id: &str, present: &[String]) -> 
             ..Default::default()
         })
         .await?;
-    if deleting.is_empty() {
-        return Ok(());
+    if deleting.iter().any(|vm| present.contains(&vm.id)) {
+        // The agent still has some: look again on its next heartbeat.
+        app.note_deletion(host_id);
     }
     for vm in deleting {
         if present.contains(&vm.id) {
