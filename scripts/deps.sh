@@ -9,6 +9,13 @@ have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok ins
 for p in qemu-system-x86 qemu-utils syslinux syslinux-common mtools dosfstools busybox-static cpio gzip; do
   have "$p" || need+=("$p")
 done
+# Installing qemu-system-x86 alone can remove a newer qemu-utils (from
+# backports): the two are always installed in the same command.
+if [[ " ${need[*]-} " == *" qemu-system-x86 "* || " ${need[*]-} " == *" qemu-utils "* ]]; then
+  rest=()
+  for p in "${need[@]}"; do [ "$p" = qemu-utils ] || [ "$p" = qemu-system-x86 ] || rest+=("$p"); done
+  need=("${rest[@]}" qemu-system-x86 qemu-utils)
+fi
 ls /boot/vmlinuz-*cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v curl >/dev/null || need+=(curl ca-certificates)
@@ -18,7 +25,8 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -q >&2
-  if ! $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >&2; then
+  if ! $SUDO apt-get install -y -q --no-install-recommends "${need[@]}" >&2 \
+     || ! command -v qemu-img >/dev/null || ! command -v qemu-system-x86_64 >/dev/null; then
     # A newer qemu-utils (e.g. from backports) can conflict with the release's
     # qemu-system-x86: install both at the release's version, in one command.
     v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
