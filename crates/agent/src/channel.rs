@@ -30,6 +30,8 @@ pub struct Channel {
     pub driver: Arc<dyn Driver>,
     pub reconciler: Arc<Reconciler>,
     pub reports: Arc<Reports>,
+    /// Migrations and exports (absent for simulated hosts).
+    pub mover: Option<Arc<crate::mover::Mover>>,
 }
 
 /// `http://h:p` -> `ws://h:p/api/v1/agent/connect`.
@@ -114,6 +116,7 @@ impl Channel {
 
         // Drop changes queued while disconnected: the first heartbeat carries them all.
         while changes.try_recv().is_ok() {}
+        let mut migration_changes = self.mover.as_ref().map(|m| m.subscribe());
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMessage>();
         let mut tick = tokio::time::interval(interval);
         let mut seq = 0u64;
@@ -125,11 +128,20 @@ impl Channel {
                         seq,
                         usage: crate::inventory::usage(&self.data_dir, self.reports.running()),
                         vms: self.reports.all(),
+                        migrations: self.mover.as_ref().map(|m| m.all()).unwrap_or_default(),
                     };
                     sink.send(send(&hb)?).await?;
                 }
                 Some(r) = changes.recv() => {
                     sink.send(send(&AgentMessage::VmReport(r))?).await?;
+                }
+                Some(r) = async {
+                    match migration_changes.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    sink.send(send(&AgentMessage::MigrationReport(r))?).await?;
                 }
                 Some(m) = out_rx.recv() => {
                     sink.send(send(&m)?).await?;

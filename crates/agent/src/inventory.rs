@@ -104,6 +104,9 @@ pub fn collect(
         hypervisor,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         qemu_version: qemu_version.to_string(),
+        machine_types: vec![],
+        migration_address: None,
+        protocol: 0,
     }
 }
 

@@ -26,6 +26,7 @@ pub mod channel;
 pub mod driver;
 pub mod images;
 pub mod inventory;
+pub mod mover;
 pub mod reconciler;
 pub mod simhost;
 
@@ -59,6 +60,10 @@ pub struct AgentArgs {
     /// Report this much disk (GiB) instead of the data directory's filesystem.
     #[arg(long)]
     pub disk_gib: Option<u64>,
+    /// IP address (or name) where other hosts reach this one for incoming
+    /// live migrations. Without it the host takes only cold migrations.
+    #[arg(long, env = "VIRT8RA_MIGRATION_ADDRESS")]
+    pub migration_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -155,7 +160,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         )
     };
     let name = args.name.clone().unwrap_or_else(inventory::hostname);
-    let inv = inventory::collect(
+    let mut inv = inventory::collect(
         &name,
         &data_dir,
         driver.hypervisor(),
@@ -166,6 +171,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             disk_gib: args.disk_gib,
         },
     );
+    inv.machine_types = driver.machine_types();
+    if let Some(a) = &args.migration_address {
+        if a.is_empty() || a.contains(['/', ' ']) {
+            bail!("--migration-address {a:?} is not an address");
+        }
+        inv.migration_address = Some(a.clone());
+    }
     tracing::info!(
         hypervisor = driver.hypervisor().as_str(),
         vcpus = inv.vcpus,
@@ -211,6 +223,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     )?);
     let (reports, changes) = reconciler::Reports::new();
     let rec = reconciler::Reconciler::new(&data_dir, driver.clone(), images, reports.clone())?;
+    let mover = mover::Mover::new(
+        &data_dir,
+        &args.server,
+        &creds.host_token,
+        args.migration_address.clone(),
+    )?;
+    rec.set_mover(mover.clone());
     rec.resume().await?;
     let ch = channel::Channel {
         server: args.server.clone(),
@@ -220,6 +239,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         driver,
         reconciler: rec,
         reports,
+        mover: Some(mover),
     };
     println!(
         "virt8ra agent: host {} ({}) connecting to {}",

@@ -29,6 +29,7 @@ use virt8ra_api::{PortForward, PowerState};
 
 use crate::driver::{Driver, DriverVmState, VmConfig};
 use crate::images::ImageCache;
+use crate::mover::{self, Mover};
 
 /// The latest observation of every VM, and a channel for changes.
 pub struct Reports {
@@ -89,6 +90,9 @@ struct DesiredFile {
 struct LocalVm {
     ports: Vec<(u16, u16)>,
     reboot_generation: u64,
+    /// The QEMU machine type the VM runs with.
+    #[serde(default)]
+    machine: Option<String>,
 }
 
 pub struct Reconciler {
@@ -101,6 +105,8 @@ pub struct Reconciler {
     generation: Mutex<u64>,
     /// How often an actor re-checks a VM that is where it should be.
     recheck: Duration,
+    /// Migrations and exports (absent: this agent cannot migrate).
+    mover: std::sync::OnceLock<Arc<Mover>>,
 }
 
 /// Writes a file atomically and durably (temp file, fsync, rename).
@@ -137,6 +143,7 @@ impl Reconciler {
             actors: Mutex::new(HashMap::new()),
             generation: Mutex::new(0),
             recheck: Duration::from_secs(3),
+            mover: std::sync::OnceLock::new(),
         }))
     }
 
@@ -149,6 +156,11 @@ impl Reconciler {
             }
             Err(a) => a,
         }
+    }
+
+    /// Lets this agent take part in migrations and exports.
+    pub fn set_mover(&self, m: Arc<Mover>) {
+        let _ = self.mover.set(m);
     }
 
     /// Resumes from the persisted desired state (agent restart, host reboot).
@@ -250,6 +262,7 @@ impl Reconciler {
                 })
                 .collect(),
             reboot_generation: local.reboot_generation,
+            machine: local.machine.clone(),
         });
     }
 
@@ -261,6 +274,9 @@ impl Reconciler {
         loop {
             let desired = rx.borrow_and_update().clone();
             let Some(d) = desired else {
+                if let Some(m) = self.mover.get() {
+                    m.clear_vm(&id);
+                }
                 match self.driver.destroy(&id).await {
                     Ok(()) => {
                         let _ = std::fs::remove_file(self.local_path(&id));
@@ -319,6 +335,11 @@ impl Reconciler {
                     ports: allocate_ports(&d.ports)?,
                     // A new VM starts fresh: no reboot owed.
                     reboot_generation: d.reboot_generation,
+                    machine: d.machine.clone().or_else(|| {
+                        self.driver
+                            .as_qemu()
+                            .map(|q| q.default_machine().to_string())
+                    }),
                 };
                 self.save_local(&d.id, &l)?;
                 *cached = Some(l.clone());
@@ -326,6 +347,33 @@ impl Reconciler {
             }
         };
         let state = self.driver.state(&d.id).await?;
+        if let Some(role) = &d.migration {
+            let Some(mover) = self.mover.get() else {
+                anyhow::bail!("this agent cannot take part in migrations");
+            };
+            let base = if self.driver.needs_image() {
+                self.images.get(&d.image).await?
+            } else {
+                self.images.path_of(&d.image.sha256)
+            };
+            let mut cfg = self.config(d, base.clone(), &local.ports);
+            cfg.machine = local.machine.clone();
+            mover.ensure_job(&self.driver, d, cfg, role, Some(base));
+            return Ok(());
+        }
+        if let Some(m) = self.mover.get() {
+            m.clear_vm(&d.id);
+        }
+        if let Some(q) = self.driver.as_qemu() {
+            // The role was withdrawn after this host began sending the VM:
+            // a rollback. The control plane withdraws it only once the
+            // target copy is gone, so the guest may run here again.
+            if mover::is_marked_outgoing(q, &d.id) {
+                q.abort_outgoing(&d.id).await?;
+                mover::clear_outgoing(q, &d.id);
+                tracing::info!(vm = %d.name, "migration rolled back: the VM stays here");
+            }
+        }
         if state == DriverVmState::Absent {
             self.report(&d.id, AgentVmPhase::Provisioning, None, &local);
         }
@@ -334,21 +382,8 @@ impl Reconciler {
         } else {
             self.images.path_of(&d.image.sha256)
         };
-        let cfg = VmConfig {
-            id: d.id.clone(),
-            name: d.name.clone(),
-            vcpus: d.vcpus,
-            memory_mib: d.memory_mib,
-            disk_gib: d.disk_gib,
-            base_image: base,
-            ports: local.ports.clone(),
-            context: crate::driver::GuestContext {
-                instance_id: d.id.clone(),
-                hostname: d.name.clone(),
-                site: d.site.clone(),
-                user_data: d.user_data.clone(),
-            },
-        };
+        let mut cfg = self.config(d, base, &local.ports);
+        cfg.machine = local.machine.clone();
         if state == DriverVmState::Absent {
             self.driver.prepare(&cfg).await?;
         }
@@ -383,6 +418,27 @@ impl Reconciler {
             }
         }
         Ok(())
+    }
+}
+
+impl Reconciler {
+    fn config(&self, d: &DesiredVm, base: PathBuf, ports: &[(u16, u16)]) -> VmConfig {
+        VmConfig {
+            id: d.id.clone(),
+            name: d.name.clone(),
+            vcpus: d.vcpus,
+            memory_mib: d.memory_mib,
+            disk_gib: d.disk_gib,
+            base_image: base,
+            ports: ports.to_vec(),
+            context: crate::driver::GuestContext {
+                instance_id: d.id.clone(),
+                hostname: d.name.clone(),
+                site: d.site.clone(),
+                user_data: d.user_data.clone(),
+            },
+            machine: d.machine.clone(),
+        }
     }
 }
 

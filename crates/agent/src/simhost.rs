@@ -41,6 +41,9 @@ pub async fn start(
         hypervisor: Hypervisor::Emulation,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         qemu_version: "simulated".into(),
+        machine_types: vec![],
+        migration_address: None,
+        protocol: 0,
     };
     let joined = crate::join(
         server,
@@ -67,6 +70,7 @@ pub async fn start(
     let rec = reconciler::Reconciler::new(data_dir, driver.clone(), images, reports.clone())?
         .with_recheck(std::time::Duration::from_secs(60));
     let ch = channel::Channel {
+        mover: None,
         server: server.to_string(),
         host_token: joined.host_token,
         inventory,

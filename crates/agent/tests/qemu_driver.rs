@@ -96,6 +96,7 @@ async fn qemu_vm_lifecycle_with_reattach_and_graceful_stop() {
         base_image: image,
         ports: vec![(22, free_port())],
         context: Default::default(),
+        machine: None,
     };
     let dir = d.vm_dir(&cfg.id);
     let console = d.console_path(&cfg.id);
@@ -217,6 +218,7 @@ async fn qemu_errors_reach_the_caller() {
         base_image: tmp.path().join("missing.qcow2"),
         ports: vec![],
         context: Default::default(),
+        machine: None,
     };
     assert!(d.prepare(&cfg).await.is_err(), "missing base image");
     cfg.base_image = image;

@@ -18,13 +18,22 @@
 //! processes towards it, and reports what it has ([`VmReport`]) on every change
 //! and with each heartbeat. Reboot is expressed declaratively too, as a
 //! generation counter that the agent compares with the last one it acted on.
+//!
+//! Version 2 adds migration: a VM in the desired state may carry a
+//! [`MigrationRole`] (receive it, send it, or export its disk), and the agent
+//! answers with [`MigrationReport`]s. The control plane migrates only between
+//! agents that speak version 2, since an older agent would ignore the role
+//! and boot the VM from an empty disk.
 
 use serde::{Deserialize, Serialize};
 
+use crate::migration::{MigrationMode, MigrationProgress};
 use crate::{HostInventory, HostUsage, PortForward, PowerState};
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The first version with migration.
+pub const MIGRATION_PROTOCOL_VERSION: u32 = 2;
 /// Oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -43,9 +52,14 @@ pub enum AgentMessage {
         seq: u64,
         usage: HostUsage,
         vms: Vec<VmReport>,
+        /// Migrations and exports in progress on this host (v2).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        migrations: Vec<MigrationReport>,
     },
     /// Sent when a VM's observed state changes, between heartbeats.
     VmReport(VmReport),
+    /// A migration's (or export's) state on this host changed, or progress (v2).
+    MigrationReport(MigrationReport),
     /// Answer to [`ServerMessage::ConsoleRequest`].
     ConsoleData {
         request_id: u64,
@@ -100,9 +114,113 @@ pub struct DesiredVm {
     pub reboot_generation: u64,
     /// Seconds to wait for an ACPI power-down before forcing the VM off.
     pub stop_timeout_s: u32,
+    /// Pin the VM to this QEMU machine type (a migrated VM keeps its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
     /// The site the VM runs at, for the guest's context.
     #[serde(default)]
     pub site: Option<String>,
+    /// Set while the VM is being migrated or exported (v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationRole>,
+}
+
+/// What this host does for a VM on the move.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum MigrationRole {
+    /// Target: receive the VM. Never boot it from its disk: a live VM is
+    /// resumed from the incoming memory; a cold one waits for the commit,
+    /// when the role is removed and the VM is started normally.
+    Incoming {
+        migration_id: String,
+        mode: MigrationMode,
+        /// Cold: the disk staged on the control plane.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk: Option<StagedDisk>,
+    },
+    /// Source: send the VM. Live: to the target's endpoints; cold: power it
+    /// down and upload its disk to `upload_path`.
+    Outgoing {
+        migration_id: String,
+        mode: MigrationMode,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<LiveEndpoints>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        upload_path: Option<String>,
+    },
+    /// Upload a standalone copy (no backing image) of the stopped VM's disk.
+    Export {
+        export_id: String,
+        upload_path: String,
+    },
+}
+
+/// Where a live migration's streams go: both are TCP `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveEndpoints {
+    /// QEMU's incoming migration stream.
+    pub migrate: String,
+    /// The NBD server taking the disk mirror.
+    pub nbd: String,
+    pub export_name: String,
+}
+
+/// A disk staged on the control plane (cold migration, export).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedDisk {
+    pub url_path: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationSide {
+    Source,
+    Target,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationAgentState {
+    /// Getting ready (target: image, disk, incoming QEMU; source: powering down).
+    Preparing,
+    /// Target: ready to receive (live: `endpoints` set), or the cold disk is in place.
+    Ready,
+    /// Source: disk and memory (or the upload) under way.
+    Transferring,
+    /// Source: everything sent. Live: the source QEMU is paused for good
+    /// unless the control plane rolls back; cold/export: `disk` uploaded.
+    Sent,
+    /// Target (live): the guest runs here now.
+    Resumed,
+    Failed,
+}
+
+/// What an agent reports of a migration (or export) it takes part in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// The migration's id, or the export's.
+    pub migration_id: String,
+    pub vm_id: String,
+    pub side: MigrationSide,
+    pub state: MigrationAgentState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<MigrationProgress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<LiveEndpoints>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<StagedDisk>,
+    /// Source (live): QEMU's measured downtime; target: from the end of the
+    /// incoming stream to the guest running. Cold source: when it powered down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Bytes this side sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Where the agent gets a VM's base image.
@@ -127,6 +245,9 @@ pub struct VmReport {
     pub ports: Vec<PortForward>,
     /// The last reboot generation the agent carried out.
     pub reboot_generation: u64,
+    /// The concrete QEMU machine type the VM runs with (v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

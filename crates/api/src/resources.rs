@@ -152,6 +152,16 @@ pub struct HostInventory {
     pub agent_version: String,
     #[serde(default)]
     pub qemu_version: String,
+    /// Concrete QEMU machine types this host runs (e.g. `pc-i440fx-7.2`).
+    #[serde(default)]
+    pub machine_types: Vec<String>,
+    /// Address where peers reach this host's incoming live-migration
+    /// streams; none means the host takes only cold migrations.
+    #[serde(default)]
+    pub migration_address: Option<String>,
+    /// Agent protocol version spoken on the current connection.
+    #[serde(default)]
+    pub protocol: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -553,6 +563,12 @@ pub struct VmStatus {
     pub started_at: Option<DateTime<Utc>>,
     /// Hypervisor the VM runs under (`kvm` or `emulation`).
     pub hypervisor: Option<Hypervisor>,
+    /// The concrete QEMU machine type it was started with.
+    #[serde(default)]
+    pub machine: Option<String>,
+    /// The migration in progress, if any.
+    #[serde(default)]
+    pub migration: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

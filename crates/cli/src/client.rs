@@ -113,6 +113,42 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Downloads `path` into `dest`, resuming from the bytes already there.
+    /// Returns the final size.
+    pub async fn download(&self, path: &str, dest: &std::path::Path) -> anyhow::Result<u64> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let mut have = tokio::fs::metadata(dest)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let mut rb = self.http.get(self.url(path));
+        if have > 0 {
+            rb = rb.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        }
+        let resp = self.send(rb).await?;
+        if have > 0 && resp.status() == StatusCode::OK {
+            have = 0;
+            let _ = tokio::fs::remove_file(dest).await;
+        }
+        let mut f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dest)
+            .await
+            .with_context(|| format!("write {}", dest.display()))?;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.with_context(|| format!("download broke at {have} bytes"))?;
+            f.write_all(&chunk).await?;
+            have += chunk.len() as u64;
+        }
+        f.sync_all().await?;
+        Ok(have)
+    }
+}
+
 /// Escapes a path segment (names are restricted, but ids and user input pass through here).
 pub fn seg(s: &str) -> String {
     s.bytes()

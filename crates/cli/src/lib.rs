@@ -13,6 +13,7 @@ use clap::{Args, Subcommand};
 use virt8ra_api::*;
 
 pub mod client;
+pub mod migrate;
 pub mod output;
 
 use client::{seg, Client};
@@ -54,6 +55,9 @@ pub enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Migrations of VMs between hosts, sites, providers and countries.
+    #[command(subcommand)]
+    Migration(MigrationCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +77,16 @@ pub enum ProviderCmd {
     },
     Delete {
         name: String,
+    },
+    /// Move every VM away (under their placement rules), after putting its
+    /// hosts in maintenance.
+    Evacuate {
+        name: String,
+        /// live, cold, or auto.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        #[command(flatten)]
+        wait: WaitOpts,
     },
 }
 
@@ -115,6 +129,16 @@ pub enum SiteCmd {
     Delete {
         name: String,
     },
+    /// Move every VM away (under their placement rules), after putting its
+    /// hosts in maintenance.
+    Evacuate {
+        name: String,
+        /// live, cold, or auto.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +169,16 @@ pub enum HostCmd {
     },
     Delete {
         name: String,
+    },
+    /// Move every VM away (under their placement rules), after putting its
+    /// hosts in maintenance.
+    Evacuate {
+        name: String,
+        /// live, cold, or auto.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        #[command(flatten)]
+        wait: WaitOpts,
     },
     /// Join tokens, with which agents register.
     #[command(subcommand)]
@@ -251,6 +285,50 @@ pub enum VmCmd {
     Events {
         name: String,
     },
+    /// Move the VM to another host, site, provider or country (live when
+    /// possible); without a target the placement engine picks one.
+    Migrate {
+        name: String,
+        #[command(flatten)]
+        target: migrate::MigrateArgs,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+    /// The VM's migrations: where its data has been.
+    Migrations {
+        name: String,
+    },
+    /// Write the stopped VM as an open bundle: disk.qcow2 and manifest.json.
+    Export {
+        name: String,
+        /// Directory to write (new or empty). `-o DIR` works too.
+        #[arg(long = "dir")]
+        dir: PathBuf,
+    },
+    /// Create a VM from an export bundle or a foreign disk (qcow2, VMDK, VHD, VHDX, raw).
+    Import {
+        #[command(flatten)]
+        args: migrate::ImportArgs,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationCmd {
+    List {
+        /// Only this VM's.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only unfinished ones.
+        #[arg(long)]
+        active: bool,
+    },
+    Show {
+        id: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
 }
 
 /// A VM spec from a file and flags.
@@ -295,6 +373,33 @@ pub struct WaitOpts {
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub wait_timeout: u64,
+}
+
+impl WaitOpts {
+    /// How long to wait, if waiting was asked for.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.wait.then(|| Duration::from_secs(self.wait_timeout))
+    }
+}
+
+async fn migration(c: &Client, o: Format, cmd: MigrationCmd) -> anyhow::Result<()> {
+    match cmd {
+        MigrationCmd::List { vm, active } => {
+            let mut path = format!("/migrations?active={active}");
+            if let Some(v) = vm {
+                path.push_str(&format!("&vm={}", seg(&v)));
+            }
+            let page: Page<Migration> = c.get(&path).await?;
+            migrate::list_migrations(o, &page.items)
+        }
+        MigrationCmd::Show { id, wait } => {
+            let m: Migration = match wait.timeout() {
+                Some(t) => migrate::wait_migration(c, &id, t, o).await?,
+                None => c.get(&format!("/migrations/{}", seg(&id))).await?,
+            };
+            emit(o, &m, migrate::show_migration)
+        }
+    }
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -344,6 +449,7 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::Host(h) => host(&c, o, h).await,
         Command::Image(i) => image(&c, o, i).await,
         Command::Vm(v) => vm(&c, o, v).await,
+        Command::Migration(m) => migration(&c, o, m).await,
     }
 }
 
@@ -392,6 +498,9 @@ async fn provider(c: &Client, o: Format, cmd: ProviderCmd) -> anyhow::Result<()>
         ProviderCmd::Delete { name } => {
             c.delete(&format!("/providers/{}", seg(&name))).await?;
             done(o, &format!("provider {name} deleted"))
+        }
+        ProviderCmd::Evacuate { name, mode, wait } => {
+            migrate::evacuate(c, o, "providers", &name, &mode, wait.timeout()).await
         }
     }
 }
@@ -494,6 +603,9 @@ async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<()> {
         SiteCmd::Delete { name } => {
             c.delete(&format!("/sites/{}", seg(&name))).await?;
             done(o, &format!("site {name} deleted"))
+        }
+        SiteCmd::Evacuate { name, mode, wait } => {
+            migrate::evacuate(c, o, "sites", &name, &mode, wait.timeout()).await
         }
     }
 }
@@ -622,6 +734,9 @@ async fn host(c: &Client, o: Format, cmd: HostCmd) -> anyhow::Result<()> {
         HostCmd::Delete { name } => {
             c.delete(&format!("/hosts/{}", seg(&name))).await?;
             done(o, &format!("host {name} deleted"))
+        }
+        HostCmd::Evacuate { name, mode, wait } => {
+            migrate::evacuate(c, o, "hosts", &name, &mode, wait.timeout()).await
         }
         HostCmd::JoinToken(JoinTokenCmd::Create {
             site,
@@ -922,6 +1037,28 @@ async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> {
                 print!("{}", l.data);
                 let _ = std::io::stdout().flush();
             })
+        }
+        VmCmd::Migrate { name, target, wait } => {
+            migrate::migrate(c, o, &name, &target, wait.timeout()).await
+        }
+        VmCmd::Migrations { name } => {
+            let ms: Vec<Migration> = c.get(&format!("/vms/{}/migrations", seg(&name))).await?;
+            migrate::list_migrations(o, &ms)
+        }
+        VmCmd::Export { name, dir } => migrate::export(c, o, &name, &dir).await,
+        VmCmd::Import { args, wait } => {
+            let v = migrate::import(c, o, &args).await?;
+            let target: &[VmPhase] = if args.no_start {
+                &[VmPhase::Stopped]
+            } else {
+                &[VmPhase::Running]
+            };
+            let v = if wait.wait {
+                wait_for(c, &v.id, target, &wait, o).await?
+            } else {
+                v
+            };
+            emit(o, &v, show_vm)
         }
         VmCmd::Events { name } => {
             let ev: Vec<VmEvent> = c.get(&format!("/vms/{}/events", seg(&name))).await?;

@@ -34,6 +34,8 @@ struct Live {
     last_desired: Option<u64>,
     /// Last report per VM, to skip unchanged ones.
     reports: HashMap<String, VmReport>,
+    /// Protocol version negotiated on this connection.
+    protocol: u32,
 }
 
 #[derive(Default)]
@@ -73,6 +75,7 @@ impl Hub {
                 usage: HostUsage::default(),
                 last_desired: None,
                 reports: HashMap::new(),
+                protocol: 0,
             },
         );
         id
@@ -87,6 +90,18 @@ impl Hub {
         } else {
             false
         }
+    }
+
+    /// Records the protocol version of a host's current connection.
+    pub fn set_protocol(&self, host_id: &str, version: u32) {
+        if let Some(l) = self.lock().get_mut(host_id) {
+            l.protocol = version;
+        }
+    }
+
+    /// The protocol version a connected host speaks.
+    pub fn protocol(&self, host_id: &str) -> Option<u32> {
+        self.lock().get(host_id).map(|l| l.protocol)
     }
 
     /// Heartbeats received so far.

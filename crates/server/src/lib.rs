@@ -20,6 +20,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod hub;
+pub mod migration;
 pub mod placement;
 pub mod scheduler;
 pub mod state;
@@ -80,6 +81,7 @@ pub async fn open(
         marked_hosts: Default::default(),
         deleting_hosts: Default::default(),
         changes: tokio::sync::broadcast::channel(4096).0,
+        migrations: Default::default(),
     });
     Ok((app, created))
 }
@@ -159,6 +161,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         "virt8ra control plane listening on http://{}",
         listener.local_addr()?
     );
+    migration::resume_all(&app)
+        .await
+        .context("resume unfinished migrations")?;
     tokio::spawn(scheduler::run(app.clone()));
     axum::serve(listener, api::router(app))
         .with_graceful_shutdown(shutdown_signal())

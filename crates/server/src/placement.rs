@@ -165,6 +165,17 @@ impl Placement {
             });
             let _ = e.commit(&vm.id, host, &req);
         }
+        // Capacity held on the targets of migrations under way.
+        for m in app.migrations.active() {
+            if let (Some(host), Ok(vm)) = (
+                by_id.get(m.target.host_id.as_str()),
+                app.store.get_vm(&m.vm_id).await,
+            ) {
+                if let Ok(req) = request(&vm, self.config.weights) {
+                    let _ = e.commit(&format!("{}/migration/{}", vm.id, m.id), host, &req);
+                }
+            }
+        }
         Ok(Loaded {
             engine: e,
             hosts: hosts

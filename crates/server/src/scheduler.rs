@@ -186,7 +186,9 @@ async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResul
     Ok(())
 }
 
-/// The VMs a host should run, as the agent protocol carries them.
+/// The VMs a host should run, as the agent protocol carries them: those
+/// placed on it, with the migration roles of those on the move, and those
+/// migrating to it.
 pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> {
     let vms = app
         .store
@@ -201,41 +203,54 @@ pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> 
         if matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted) {
             continue;
         }
-        let Some(image_id) = vm.status.image_id.clone() else {
-            continue;
-        };
-        let image = match images.get(&image_id) {
-            Some(i) => i.clone(),
-            None => {
-                let i = app.store.get_image(&image_id).await?;
-                let r = ImageRef {
-                    url_path: format!("/api/v1/images/{}/data", i.id),
-                    id: i.id,
-                    name: i.name,
-                    sha256: i.sha256,
-                    size_bytes: i.size_bytes,
-                };
-                images.insert(image_id, r.clone());
-                r
-            }
-        };
-        out.push(DesiredVm {
-            id: vm.id,
-            name: vm.name,
-            vcpus: vm.spec.vcpus,
-            memory_mib: vm.spec.memory_mib,
-            disk_gib: vm.spec.disk_gib,
-            image,
-            user_data: vm.spec.user_data,
-            ports: vm.spec.ports,
-            power: vm.power,
-            reboot_generation: vm.reboot_generation,
-            stop_timeout_s: vm.stop_timeout_s,
-            site: vm.status.site.clone(),
-        });
+        if let Some(d) = desired_vm(app, &vm, &mut images).await? {
+            out.push(d);
+        }
     }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    crate::migration::apply_roles(app, host_id, &mut out, &mut images).await?;
     Ok(out)
+}
+
+/// One VM as the agent protocol carries it (`None` without an image).
+pub async fn desired_vm(
+    app: &App,
+    vm: &Vm,
+    images: &mut HashMap<String, ImageRef>,
+) -> ApiResult<Option<DesiredVm>> {
+    let Some(image_id) = vm.status.image_id.clone() else {
+        return Ok(None);
+    };
+    let image = match images.get(&image_id) {
+        Some(i) => i.clone(),
+        None => {
+            let i = app.store.get_image(&image_id).await?;
+            let r = ImageRef {
+                url_path: format!("/api/v1/images/{}/data", i.id),
+                id: i.id,
+                name: i.name,
+                sha256: i.sha256,
+                size_bytes: i.size_bytes,
+            };
+            images.insert(image_id, r.clone());
+            r
+        }
+    };
+    Ok(Some(DesiredVm {
+        id: vm.id.clone(),
+        name: vm.name.clone(),
+        vcpus: vm.spec.vcpus,
+        memory_mib: vm.spec.memory_mib,
+        disk_gib: vm.spec.disk_gib,
+        image,
+        user_data: vm.spec.user_data.clone(),
+        ports: vm.spec.ports.clone(),
+        power: vm.power,
+        reboot_generation: vm.reboot_generation,
+        stop_timeout_s: vm.stop_timeout_s,
+        machine: vm.status.machine.clone(),
+        site: vm.status.site.clone(),
+        migration: None,
+    }))
 }
 
 /// Sends the host its desired state if it changed since the last send.

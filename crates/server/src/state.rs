@@ -37,13 +37,15 @@ pub struct AppState {
     pub deleting_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Every durable VM change, for watchers (`GET /api/v1/watch`).
     pub changes: tokio::sync::broadcast::Sender<virt8ra_api::WatchEvent>,
+    /// Migrations and exports under way.
+    pub migrations: crate::migration::Migrations,
 }
 
 impl AppState {
     /// Stores a new VM and tells watchers.
     pub async fn create_vm(&self, vm: &virt8ra_api::Vm, event: &str) -> virt8ra_store::Result<()> {
         self.store.create_vm(vm, event).await?;
-        self.publish(vm);
+        self.publish_vm(vm);
         Ok(())
     }
 
@@ -54,11 +56,12 @@ impl AppState {
         event: Option<&str>,
     ) -> virt8ra_store::Result<()> {
         self.store.update_vm(vm, event).await?;
-        self.publish(vm);
+        self.publish_vm(vm);
         Ok(())
     }
 
-    fn publish(&self, vm: &virt8ra_api::Vm) {
+    /// Tells watchers about a VM's new state (already stored).
+    pub fn publish_vm(&self, vm: &virt8ra_api::Vm) {
         // No receiver is not an error: nobody is watching.
         let _ = self.changes.send(virt8ra_api::WatchEvent::Vm {
             vm: Box::new(vm.clone()),

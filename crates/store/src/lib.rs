@@ -14,7 +14,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use virt8ra_api::{Host, Image, Provider, Site, Vm, VmEvent, VmPhase};
+use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport, VmPhase};
 
 pub mod migrations;
 mod sqlite;
@@ -150,6 +150,27 @@ pub trait Store: Send + Sync + 'static {
     async fn get_vm(&self, key: &str) -> Result<Vm>;
     async fn list_vms(&self, f: &VmFilter) -> Result<Vec<Vm>>;
     async fn vm_events(&self, vm_id: &str) -> Result<Vec<VmEvent>>;
+
+    // migrations
+    /// Creates the migration and stores the VM (which names it) in one
+    /// transaction; refused while another migration of the VM is active.
+    async fn create_migration(&self, m: &Migration, vm: &Vm, event: &str) -> Result<()>;
+    /// Replaces the migration, and the VM with it when given (atomically),
+    /// appending `event` to the VM's events.
+    async fn update_migration(
+        &self,
+        m: &Migration,
+        vm: Option<&Vm>,
+        event: Option<&str>,
+    ) -> Result<()>;
+    async fn get_migration(&self, id: &str) -> Result<Migration>;
+    /// Oldest first; of one VM when `vm_id` is given; only unfinished ones
+    /// when `active`.
+    async fn list_migrations(&self, vm_id: Option<&str>, active: bool) -> Result<Vec<Migration>>;
+
+    // exports
+    async fn put_export(&self, e: &VmExport) -> Result<()>;
+    async fn get_export(&self, id: &str) -> Result<VmExport>;
 
     // tokens
     async fn create_token(&self, t: &TokenRecord) -> Result<()>;

@@ -4,9 +4,10 @@
 //! the bump of `PRAGMA user_version`; a database newer than this build is
 //! refused rather than guessed at. Never edit a released migration: add one.
 
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "initial schema",
-    r#"
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "initial schema",
+        r#"
 CREATE TABLE providers (
     id   TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -65,4 +66,26 @@ CREATE TABLE tokens (
     created_at TEXT NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        "VM migrations and exports",
+        r#"
+CREATE TABLE migrations (
+    id         TEXT PRIMARY KEY,
+    vm_id      TEXT NOT NULL,
+    phase      TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    body       TEXT NOT NULL
+);
+CREATE INDEX migrations_vm ON migrations(vm_id, created_at);
+-- At most one migration of a VM runs at a time.
+CREATE UNIQUE INDEX migrations_one_active ON migrations(vm_id)
+    WHERE phase NOT IN ('completed', 'failed');
+CREATE TABLE exports (
+    id    TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL,
+    body  TEXT NOT NULL
+);
+"#,
+    ),
+];

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use virt8ra_api::{Host, Image, Provider, Site, Vm, VmEvent, VmPhase};
+use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport, VmPhase};
 
 use crate::migrations::MIGRATIONS;
 use crate::{Result, Store, StoreError, TokenKind, TokenRecord, VmFilter};
@@ -287,6 +287,33 @@ fn parse_ts(s: &str) -> Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| StoreError::Db(format!("corrupt timestamp {s:?}: {e}")))
+}
+
+/// Replaces a VM row, and appends an event when given.
+fn write_vm(tx: &Connection, vm: &Vm, event: Option<&str>) -> Result<()> {
+    let n = tx
+        .execute(
+            "UPDATE vms SET phase = ?2, host_id = ?3, site = ?4, provider = ?5,
+             country = ?6, image_id = ?7, body = ?8 WHERE id = ?1",
+            params![
+                vm.id,
+                vm.status.phase.as_str(),
+                vm.status.host_id,
+                vm.status.site,
+                vm.status.provider,
+                vm.status.country,
+                vm.status.image_id,
+                to_json(vm)?
+            ],
+        )
+        .map_err(db)?;
+    if n == 0 {
+        return Err(StoreError::not_found("VM", vm.id.clone()));
+    }
+    if let Some(e) = event {
+        insert_event(tx, vm, e)?;
+    }
+    Ok(())
 }
 
 fn insert_event(conn: &Connection, vm: &Vm, message: &str) -> Result<()> {
@@ -581,29 +608,125 @@ impl Store for SqliteStore {
         let event = event.map(str::to_string);
         self.write(move |c| {
             let tx = c.savepoint().map_err(db)?;
+            write_vm(&tx, &vm, event.as_deref())?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn create_migration(&self, m: &Migration, vm: &Vm, event: &str) -> Result<()> {
+        let (m, vm, event) = (m.clone(), vm.clone(), event.to_string());
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db)?;
+            tx.execute(
+                "INSERT INTO migrations (id, vm_id, phase, created_at, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![m.id, m.vm_id, m.phase.as_str(), ts(&m.created_at), to_json(&m)?],
+            )
+            .map_err(|e| {
+                conflict_or_db(e, || format!("VM '{}' is already being migrated", m.vm))
+            })?;
+            write_vm(&tx, &vm, Some(&event))?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn update_migration(
+        &self,
+        m: &Migration,
+        vm: Option<&Vm>,
+        event: Option<&str>,
+    ) -> Result<()> {
+        let (m, vm, event) = (m.clone(), vm.cloned(), event.map(str::to_string));
+        self.write(move |c| {
+            let tx = c.savepoint().map_err(db)?;
             let n = tx
                 .execute(
-                    "UPDATE vms SET phase = ?2, host_id = ?3, site = ?4, provider = ?5,
-                     country = ?6, image_id = ?7, body = ?8 WHERE id = ?1",
-                    params![
-                        vm.id,
-                        vm.status.phase.as_str(),
-                        vm.status.host_id,
-                        vm.status.site,
-                        vm.status.provider,
-                        vm.status.country,
-                        vm.status.image_id,
-                        to_json(&vm)?
-                    ],
+                    "UPDATE migrations SET phase = ?2, body = ?3 WHERE id = ?1",
+                    params![m.id, m.phase.as_str(), to_json(&m)?],
                 )
                 .map_err(db)?;
             if n == 0 {
-                return Err(StoreError::not_found("VM", vm.id));
+                return Err(StoreError::not_found("migration", m.id));
             }
-            if let Some(e) = event {
-                insert_event(&tx, &vm, &e)?;
+            if let Some(vm) = vm {
+                write_vm(&tx, &vm, event.as_deref())?;
             }
             tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn get_migration(&self, id: &str) -> Result<Migration> {
+        let id = id.to_string();
+        self.read(move |c| {
+            let body: Option<String> = c
+                .query_row("SELECT body FROM migrations WHERE id = ?1", [&id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(db)?;
+            match body {
+                Some(b) => from_json(&b),
+                None => Err(StoreError::not_found("migration", id)),
+            }
+        })
+        .await
+    }
+
+    async fn list_migrations(&self, vm_id: Option<&str>, active: bool) -> Result<Vec<Migration>> {
+        let vm_id = vm_id.map(str::to_string);
+        self.read(move |c| {
+            let mut sql = String::from("SELECT body FROM migrations WHERE 1=1");
+            if vm_id.is_some() {
+                sql.push_str(" AND vm_id = ?1");
+            }
+            if active {
+                sql.push_str(" AND phase NOT IN ('completed', 'failed')");
+            }
+            sql.push_str(" ORDER BY created_at, id");
+            let mut st = c.prepare(&sql).map_err(db)?;
+            let mut rows = match &vm_id {
+                Some(v) => st.query([v]),
+                None => st.query([]),
+            }
+            .map_err(db)?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(db)? {
+                out.push(from_json(&r.get::<_, String>(0).map_err(db)?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_export(&self, e: &VmExport) -> Result<()> {
+        let e = e.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO exports (id, vm_id, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                params![e.id, e.vm_id, to_json(&e)?],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_export(&self, id: &str) -> Result<VmExport> {
+        let id = id.to_string();
+        self.read(move |c| {
+            let body: Option<String> = c
+                .query_row("SELECT body FROM exports WHERE id = ?1", [&id], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(db)?;
+            match body {
+                Some(b) => from_json(&b),
+                None => Err(StoreError::not_found("export", id)),
+            }
         })
         .await
     }
@@ -829,6 +952,8 @@ mod tests {
                 ports: vec![],
                 started_at: None,
                 hypervisor: None,
+                machine: None,
+                migration: None,
             },
             created_at: Utc::now(),
             updated_at: Utc::now(),
@@ -957,6 +1082,9 @@ mod tests {
                 hypervisor: Hypervisor::Emulation,
                 agent_version: "0".into(),
                 qemu_version: String::new(),
+                machine_types: vec![],
+                migration_address: None,
+                protocol: 0,
             },
             state: HostState::Ready,
             connected: false,

@@ -137,8 +137,24 @@ fn init_logging() {
         .init();
 }
 
+/// `vm export VM -o DIR` names a directory, while `-o` everywhere else is
+/// the output format: a value that is not a format becomes `--dir`.
+fn export_dir_alias(mut args: Vec<String>) -> Vec<String> {
+    let is_export = args.windows(2).any(|w| w[0] == "vm" && w[1] == "export");
+    if is_export {
+        for i in 0..args.len().saturating_sub(1) {
+            if (args[i] == "-o" || args[i] == "--output")
+                && !["table", "json", "yaml"].contains(&args[i + 1].as_str())
+            {
+                args[i] = "--dir".into();
+            }
+        }
+    }
+    args
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(export_dir_alias(std::env::args().collect()));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -19,6 +19,7 @@ use virt8ra_api::Hypervisor;
 pub mod cloudinit;
 pub mod kvm_probe;
 pub mod qemu;
+pub mod qemu_migrate;
 pub mod qmp;
 pub mod sim;
 
@@ -36,6 +37,8 @@ pub struct VmConfig {
     pub ports: Vec<(u16, u16)>,
     /// What the guest learns about itself at boot (cloud-init NoCloud).
     pub context: GuestContext,
+    /// QEMU machine type; `None` is the host QEMU's default `pc` type.
+    pub machine: Option<String>,
 }
 
 /// Contextualization data for the guest.
@@ -110,6 +113,14 @@ pub trait Driver: Send + Sync + 'static {
     /// does not).
     fn needs_image(&self) -> bool {
         true
+    }
+    /// Concrete machine types this host can run (empty: not QEMU).
+    fn machine_types(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The QEMU driver, for migration and disk export (which only it does).
+    fn as_qemu(&self) -> Option<&qemu::QemuDriver> {
+        None
     }
 }
 

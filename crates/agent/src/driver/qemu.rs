@@ -38,6 +38,9 @@ pub struct QemuDriver {
     root: PathBuf,
     hypervisor: Hypervisor,
     version: String,
+    /// Concrete machine types this QEMU offers, and the one `pc` stands for.
+    machine_types: Vec<String>,
+    default_machine: String,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
@@ -86,11 +89,31 @@ impl QemuDriver {
                 }
             }
         };
+        let (machine_types, default_machine) = machine_types().await;
         Ok(QemuDriver {
             root,
             hypervisor,
             version,
+            machine_types,
+            default_machine,
         })
+    }
+
+    /// The machine type a VM runs with: its own, or this QEMU's `pc`.
+    pub fn machine_of(&self, cfg: &VmConfig) -> String {
+        cfg.machine
+            .clone()
+            .unwrap_or_else(|| self.default_machine.clone())
+    }
+
+    /// The machine type `pc` stands for on this host.
+    pub fn default_machine(&self) -> &str {
+        &self.default_machine
+    }
+
+    /// The pid of the VM's QEMU, if it runs.
+    pub fn running_pid(&self, id: &str) -> Option<i32> {
+        self.live_pid(id)
     }
 
     fn pid_file(&self, id: &str) -> PathBuf {
@@ -148,7 +171,7 @@ impl QemuDriver {
                 opt_escape(&cfg.id)
             ),
             "-machine".into(),
-            format!("pc,accel={accel}"),
+            format!("{},accel={accel}", opt_escape(&self.machine_of(cfg))),
             "-cpu".into(),
             cpu.into(),
             "-smp".into(),
@@ -231,6 +254,48 @@ impl QemuDriver {
             )))
         }
     }
+
+    /// Runs QEMU with `args` (daemonised) and checks it stayed up.
+    pub async fn spawn_qemu(&self, cfg: &VmConfig, args: Vec<String>) -> Result<()> {
+        let dir = self.vm_dir(&cfg.id);
+        let _ = std::fs::remove_file(self.qmp_socket(&cfg.id));
+        let _ = std::fs::remove_file(self.pid_file(&cfg.id));
+        let record = serde_json::json!({
+            "id": cfg.id, "name": cfg.name, "vcpus": cfg.vcpus, "memory_mib": cfg.memory_mib,
+            "disk_gib": cfg.disk_gib, "base_image": cfg.base_image, "ports": cfg.ports,
+            "hypervisor": self.hypervisor, "machine": self.machine_of(cfg), "command": args,
+        });
+        std::fs::write(
+            dir.join("vm.json"),
+            serde_json::to_vec_pretty(&record).unwrap_or_default(),
+        )
+        .map_err(io_err("write vm.json"))?;
+        let stderr_path = dir.join("qemu.stderr");
+        let stderr = std::fs::File::create(&stderr_path).map_err(io_err("create qemu.stderr"))?;
+        // With -daemonize the command returns once the guest is set up and
+        // the daemon detached; a non-zero exit means QEMU refused to start.
+        let status = Command::new(QEMU)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .status()
+            .await
+            .map_err(|e| DriverError::Start(format!("cannot run {QEMU}: {e}")))?;
+        if !status.success() {
+            return Err(DriverError::Start(format!(
+                "{QEMU} exited with {status}: {}",
+                tail(&stderr_path, 2000)
+            )));
+        }
+        if self.live_pid(&cfg.id).is_none() {
+            return Err(DriverError::Start(format!(
+                "QEMU exited right after starting: {}",
+                tail(&stderr_path, 2000)
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Doubles the commas of a QEMU option value (`a,b` -> `a,,b`).
@@ -284,6 +349,35 @@ pub fn vm_processes(dir: &Path) -> Vec<i32> {
     pids
 }
 
+/// The concrete machine types of this QEMU, and the one `pc` is an alias of.
+async fn machine_types() -> (Vec<String>, String) {
+    let out = Command::new(QEMU).args(["-machine", "help"]).output().await;
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    let mut types = Vec::new();
+    let mut default = String::from("pc");
+    for line in text.lines().skip(1) {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if let Some(alias) = line
+            .split("(alias of ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+        {
+            if name == "pc" {
+                default = alias.to_string();
+            }
+            continue;
+        }
+        if name != "none" {
+            types.push(name.to_string());
+        }
+    }
+    (types, default)
+}
+
 async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
     let out = Command::new("qemu-img")
         .args(args)
@@ -320,6 +414,14 @@ impl Driver for QemuDriver {
 
     fn vm_dir(&self, id: &str) -> PathBuf {
         self.root.join(id)
+    }
+
+    fn machine_types(&self) -> Vec<String> {
+        self.machine_types.clone()
+    }
+
+    fn as_qemu(&self) -> Option<&QemuDriver> {
+        Some(self)
     }
 
     async fn prepare(&self, cfg: &VmConfig) -> Result<()> {
@@ -378,44 +480,8 @@ impl Driver for QemuDriver {
                 sock.display()
             )));
         }
-        let _ = std::fs::remove_file(&sock);
-        let _ = std::fs::remove_file(self.pid_file(&cfg.id));
         let args = self.command_line(cfg);
-        let record = serde_json::json!({
-            "id": cfg.id, "name": cfg.name, "vcpus": cfg.vcpus, "memory_mib": cfg.memory_mib,
-            "disk_gib": cfg.disk_gib, "base_image": cfg.base_image, "ports": cfg.ports,
-            "hypervisor": self.hypervisor, "command": args,
-        });
-        std::fs::write(
-            dir.join("vm.json"),
-            serde_json::to_vec_pretty(&record).unwrap_or_default(),
-        )
-        .map_err(io_err("write vm.json"))?;
-        let stderr_path = dir.join("qemu.stderr");
-        let stderr = std::fs::File::create(&stderr_path).map_err(io_err("create qemu.stderr"))?;
-        // With -daemonize the command returns once the guest is set up and
-        // the daemon detached; a non-zero exit means QEMU refused to start.
-        let status = Command::new(QEMU)
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .status()
-            .await
-            .map_err(|e| DriverError::Start(format!("cannot run {QEMU}: {e}")))?;
-        if !status.success() {
-            return Err(DriverError::Start(format!(
-                "{QEMU} exited with {status}: {}",
-                tail(&stderr_path, 2000)
-            )));
-        }
-        if self.live_pid(&cfg.id).is_none() {
-            return Err(DriverError::Start(format!(
-                "QEMU exited right after starting: {}",
-                tail(&stderr_path, 2000)
-            )));
-        }
-        Ok(())
+        self.spawn_qemu(cfg, args).await
     }
 
     /// Running if our QEMU is alive; otherwise Stopped if the disk exists,
@@ -473,6 +539,7 @@ impl Driver for QemuDriver {
 
     async fn destroy(&self, id: &str) -> Result<()> {
         self.force_off(id).await?;
+        self.kill_nbd(id).await;
         let dir = self.vm_dir(id);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -548,12 +615,13 @@ mod tests {
             base_image: PathBuf::from("/nonexistent"),
             ports: vec![(22, 2222), (80, 8080)],
             context: Default::default(),
+            machine: Some("pc-i440fx-7.2".into()),
         };
         let a = drv.command_line(&cfg).join(" ");
         let dir = opt_escape(&drv.vm_dir("a1").to_string_lossy());
         assert!(dir.contains(",,"));
         for want in [
-            "-machine pc,accel=tcg".to_string(),
+            "-machine pc-i440fx-7.2,accel=tcg".to_string(),
             "-cpu qemu64".into(),
             "-smp 2".into(),
             "-m 256".into(),

@@ -208,6 +208,7 @@ mod tests {
             base_image: PathBuf::new(),
             ports: vec![],
             context: Default::default(),
+            machine: None,
         }
     }
 

@@ -144,6 +144,7 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
     // 3. Register and start the writer.
     let (tx, mut rx) = mpsc::unbounded_channel::<ServerMessage>();
     let conn = app.hub.register(&host_id, tx.clone());
+    app.hub.set_protocol(&host_id, version);
     let _ = tx.send(ServerMessage::Welcome {
         protocol: version,
         host_id: host_id.clone(),
@@ -206,8 +207,16 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
 async fn handle(app: &App, host_id: &str, msg: AgentMessage) -> ApiResult<()> {
     match msg {
         AgentMessage::Hello { .. } => {}
-        AgentMessage::Heartbeat { usage, vms, .. } => {
+        AgentMessage::Heartbeat {
+            usage,
+            vms,
+            migrations,
+            ..
+        } => {
             app.hub.heartbeat(host_id, usage);
+            for r in migrations {
+                handle_migration_report(app, host_id, r).await;
+            }
             for r in &vms {
                 vms::apply_report(app, host_id, r).await?;
             }
@@ -216,11 +225,14 @@ async fn handle(app: &App, host_id: &str, msg: AgentMessage) -> ApiResult<()> {
                 .filter(|r| r.phase != virt8ra_api::protocol::AgentVmPhase::Deleted)
                 .map(|r| r.id.clone())
                 .collect();
+            app.migrations.note_present(host_id, &present);
             vms::confirm_deletions(app, host_id, &present).await?;
         }
+        AgentMessage::MigrationReport(r) => handle_migration_report(app, host_id, r).await,
         AgentMessage::VmReport(r) => {
             vms::apply_report(app, host_id, &r).await?;
             if r.phase == virt8ra_api::protocol::AgentVmPhase::Deleted {
+                app.migrations.note_gone(host_id, &r.id);
                 app.wake.notify_one();
             }
         }
@@ -240,6 +252,25 @@ async fn handle(app: &App, host_id: &str, msg: AgentMessage) -> ApiResult<()> {
         ),
     }
     Ok(())
+}
+
+async fn handle_migration_report(
+    app: &App,
+    host_id: &str,
+    r: virt8ra_api::protocol::MigrationReport,
+) {
+    let is_export = app
+        .migrations
+        .active_exports()
+        .iter()
+        .any(|e| e.id == r.migration_id);
+    let r2 = r.clone();
+    app.migrations.note_report(host_id, r);
+    if is_export {
+        if let Err(e) = crate::migration::finish_export(app, &r2).await {
+            tracing::warn!(export = %r2.migration_id, error = %e, "recording an export");
+        }
+    }
 }
 
 async fn reject(sink: &mut futures_util::stream::SplitSink<WebSocket, Message>, reason: &str) {

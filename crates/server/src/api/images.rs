@@ -246,7 +246,7 @@ pub async fn sha256_file(path: &FsPath) -> ApiResult<(String, u64)> {
 }
 
 /// Parses `Range: bytes=START-` (the only form agents send, to resume).
-fn range_start(headers: &HeaderMap) -> ApiResult<Option<u64>> {
+pub(crate) fn range_start(headers: &HeaderMap) -> ApiResult<Option<u64>> {
     let Some(v) = headers.get(header::RANGE) else {
         return Ok(None);
     };

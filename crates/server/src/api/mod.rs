@@ -16,6 +16,7 @@ use crate::state::App;
 pub mod agent;
 pub mod hosts;
 pub mod images;
+pub mod migrations;
 pub mod openapi;
 pub mod providers;
 pub mod sites;
@@ -84,6 +85,26 @@ pub fn router(app: App) -> Router {
         .route("/vms/{key}/actions", post(vms::action))
         .route("/vms/{key}/console", get(vms::console))
         .route("/vms/{key}/events", get(vms::events))
+        .route("/vms/{key}/migrate", post(migrations::create))
+        .route("/vms/{key}/migrations", get(migrations::history))
+        .route("/vms/{key}/export", post(migrations::export))
+        .route("/migrations", get(migrations::list))
+        .route("/migrations/{id}", get(migrations::show))
+        .route("/hosts/{key}/evacuate", post(migrations::evacuate_host))
+        .route("/sites/{key}/evacuate", post(migrations::evacuate_site))
+        .route(
+            "/providers/{key}/evacuate",
+            post(migrations::evacuate_provider),
+        )
+        .route(
+            "/exports/{id}",
+            get(migrations::show_export).delete(migrations::delete_export),
+        )
+        .route(
+            "/staging/{id}",
+            get(migrations::download).put(migrations::upload),
+        )
+        .route("/staging/{id}/status", get(migrations::staged))
         .route("/agent/join", post(agent::join))
         .route("/agent/connect", get(agent::connect));
     Router::new()

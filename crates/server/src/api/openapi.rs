@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agent, hosts, images, providers, sites, vms, watch};
+use super::{agent, hosts, images, migrations, providers, sites, vms, watch};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,6 +23,10 @@ use super::{agent, hosts, images, providers, sites, vms, watch};
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,
         images::list, images::upload, images::show, images::delete, images::download,
         vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events, watch::watch,
+        migrations::create, migrations::list, migrations::show, migrations::history,
+        migrations::evacuate_host, migrations::evacuate_site, migrations::evacuate_provider,
+        migrations::export, migrations::show_export, migrations::delete_export,
+        migrations::download, migrations::upload, migrations::staged,
         agent::join, agent::connect,
     ),
     modifiers(&Bearer),
@@ -32,6 +36,7 @@ use super::{agent, hosts, images, providers, sites, vms, watch};
         (name = "hosts", description = "Bare-metal hosts, registered by their agents"),
         (name = "images", description = "Content-addressed disk images"),
         (name = "vms", description = "Virtual machines"),
+        (name = "migrations", description = "Moving VMs between hosts, sites, providers and countries; evacuation; export"),
         (name = "agent", description = "Host agents' endpoints"),
     )
 )]

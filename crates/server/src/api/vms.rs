@@ -123,6 +123,8 @@ pub async fn create(
             ports: vec![],
             started_at: None,
             hypervisor: None,
+            machine: None,
+            migration: None,
         },
         created_at: now,
         updated_at: now,
@@ -163,6 +165,7 @@ pub async fn delete(
     if vm.status.phase == VmPhase::Deleting {
         return Ok((StatusCode::ACCEPTED, Json(vm)));
     }
+    refuse_while_migrating(&vm)?;
     vm.power = PowerState::Stopped;
     vm.updated_at = Utc::now();
     if vm.status.host_id.is_none() {
@@ -212,6 +215,7 @@ pub async fn action(
             vm.status.phase.as_str()
         )));
     }
+    refuse_while_migrating(&vm)?;
     let event = match req.action {
         VmAction::Start => {
             vm.power = PowerState::Running;
@@ -309,6 +313,16 @@ pub async fn events(
     Ok(Json(app.store.vm_events(&vm.id).await?))
 }
 
+fn refuse_while_migrating(vm: &Vm) -> ApiResult<()> {
+    match &vm.status.migration {
+        Some(m) => Err(ApiError::Conflict(format!(
+            "VM '{}' is being migrated (migration {m}); wait for it to finish (`virt8ra migration show {m}`)",
+            vm.name
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn phase_of(p: AgentVmPhase) -> VmPhase {
     match p {
         AgentVmPhase::Provisioning => VmPhase::Provisioning,
@@ -373,6 +387,15 @@ async fn apply_report_inner(app: &App, host_id: &str, r: &VmReport) -> ApiResult
                 r.error.clone().unwrap_or_default()
             ));
         }
+    }
+    if r.machine.is_some() && vm.status.machine != r.machine {
+        vm.status.machine = r.machine.clone();
+        event = event.or_else(|| {
+            Some(format!(
+                "runs as QEMU machine {}",
+                r.machine.clone().unwrap_or_default()
+            ))
+        });
     }
     let ports_changed = vm.status.ports != r.ports;
     if ports_changed {

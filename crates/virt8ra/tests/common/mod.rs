@@ -135,6 +135,11 @@ impl Cluster {
     }
 
     pub fn start_server(&mut self) {
+        self.start_server_env(&[]);
+    }
+
+    /// Starts the control plane with extra environment (failure injection).
+    pub fn start_server_env(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -145,6 +150,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.server_dir())
             .args(["--heartbeat-interval", "1"])
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -257,7 +263,19 @@ impl Cluster {
 
     /// Same, with extra agent arguments (e.g. `--driver sim`).
     pub fn start_agent_with(&mut self, name: &str, site: Option<&str>, extra: &[&str]) {
+        self.start_agent_env(name, site, extra, &[]);
+    }
+
+    /// Same, with extra environment (failure injection).
+    pub fn start_agent_env(
+        &mut self,
+        name: &str,
+        site: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) {
         let mut cmd = Command::new(bin());
+        cmd.envs(env.iter().copied());
         cmd.args(["agent", "--server", &self.url, "--name", name])
             .arg("--data-dir")
             .arg(self.agent_dir(name))
@@ -341,7 +359,11 @@ impl Drop for Cluster {
         }
         self.kill_server();
         // Leave no guest behind, whatever the test did.
-        for pid in self.qemu_pids() {
+        for pid in self
+            .qemu_pids()
+            .into_iter()
+            .chain(procs_under(self.dir.path(), "qemu-nbd"))
+        {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
         if std::env::var_os("VIRT8RA_KEEP_TEST_DIR").is_some() {
@@ -357,6 +379,11 @@ impl Drop for Cluster {
 
 /// Live (non-zombie) QEMU processes with `dir` in their command line.
 pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    procs_under(dir, "qemu-system")
+}
+
+/// Live (non-zombie) processes whose command line contains `prog` and `dir`.
+pub fn procs_under(dir: &Path, prog: &str) -> Vec<u32> {
     let needle = dir.to_string_lossy().to_string();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -367,7 +394,7 @@ pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if !cmd.contains("qemu-system") || !cmd.contains(&needle) {
+        if !cmd.contains(prog) || !cmd.contains(&needle) {
             continue;
         }
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();

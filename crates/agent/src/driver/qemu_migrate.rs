@@ -1,0 +1,629 @@
+//! Live migration and disk transfer with QEMU.
+//!
+//! Live, with local (non-shared) disks, between two hosts:
+//!
+//! ```text
+//!  target                                   source
+//!  qemu-nbd exports the new overlay  ◄────  drive-mirror (sync=top: only the VM's own
+//!  (writable, on the migration address)     blocks; both hosts hold the same base image)
+//!  QEMU -incoming defer -S,                 … mirror ready: writes now go to both sides
+//!  late-block-activate               ◄────  migrate (pre-copy rounds of dirty memory),
+//!                                           pause-before-switchover:
+//!                                           guest stopped → block-job-cancel (the mirror
+//!                                           completes: the target disk is identical)
+//!                                           → migrate-continue → completed (postmigrate)
+//!  incoming done (paused): stop qemu-nbd,
+//!  cont → the guest runs here
+//! ```
+//!
+//! The target takes the disk through a separate `qemu-nbd` because QEMU 7.2
+//! cannot export a node of an incoming VM writably; with `late-block-activate`
+//! the incoming QEMU opens the disk only at `cont`, after qemu-nbd has
+//! flushed and exited, so it reads the mirrored metadata fresh.
+//!
+//! The source never resumes by itself once it sent the VM: only an explicit
+//! rollback ([`QemuDriver::abort_outgoing`]) does, and the control plane asks
+//! for one only after the target copy is gone. That is what keeps exactly one
+//! copy running.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use virt8ra_api::protocol::LiveEndpoints;
+use virt8ra_api::MigrationProgress;
+
+use super::qemu::{opt_escape, QemuDriver};
+use super::{qmp, Driver, DriverError, Result, VmConfig};
+
+/// Job id of the disk mirror on the source.
+const MIRROR_JOB: &str = "virt8ra-mirror";
+/// The NBD export's name on the target.
+const EXPORT_NAME: &str = "disk0";
+
+/// What the target recorded about its incoming VM (`incoming.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IncomingRecord {
+    migration_id: String,
+    endpoints: LiveEndpoints,
+}
+
+/// The target's incoming VM, as observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncomingState {
+    /// No incoming QEMU for this migration.
+    Absent,
+    /// Waiting for (or receiving) the stream.
+    Waiting,
+    /// The stream is complete; the guest is paused here.
+    Received,
+    /// The guest runs here.
+    Running,
+}
+
+/// The result of sending a VM.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct SendOutcome {
+    /// QEMU's measured downtime on the source.
+    pub downtime_ms: u64,
+    /// Memory and disk bytes sent.
+    pub bytes: u64,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+    let what = what.into();
+    move |e| DriverError::Io(what, e)
+}
+
+fn free_port(host: &str) -> Result<u16> {
+    let l = std::net::TcpListener::bind((host, 0)).map_err(io_err(format!(
+        "bind a port on the migration address {host}"
+    )))?;
+    Ok(l.local_addr().map_err(io_err("local address"))?.port())
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+impl QemuDriver {
+    fn qmp_path(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("qmp.sock")
+    }
+
+    async fn qmp(&self, id: &str, cmd: &str, args: Option<Value>) -> Result<Value> {
+        qmp::execute(&self.qmp_path(id), cmd, args).await
+    }
+
+    /// The QEMU block device that holds the VM's disk.
+    async fn disk_device(&self, id: &str) -> Result<String> {
+        let v = self.qmp(id, "query-block", None).await?;
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| {
+                b["inserted"]["file"]
+                    .as_str()
+                    .is_some_and(|f| f.ends_with("disk.qcow2"))
+            })
+            .and_then(|b| b["device"].as_str().map(str::to_string))
+            .ok_or_else(|| DriverError::Qmp(format!("VM {id}: no disk device found")))
+    }
+
+    /// Target: creates the VM's disk and starts QEMU waiting for the
+    /// incoming stream, with qemu-nbd taking the disk mirror. Idempotent: an
+    /// incoming QEMU already waiting for this migration is kept.
+    pub async fn start_incoming(
+        &self,
+        cfg: &VmConfig,
+        migration_id: &str,
+        listen: &str,
+    ) -> Result<LiveEndpoints> {
+        let dir = self.vm_dir(&cfg.id);
+        let record_path = dir.join("incoming.json");
+        if let Ok(b) = std::fs::read(&record_path) {
+            if let Ok(r) = serde_json::from_slice::<IncomingRecord>(&b) {
+                if r.migration_id == migration_id && self.running_pid(&cfg.id).is_some() {
+                    return Ok(r.endpoints);
+                }
+            }
+        }
+        // A leftover from an earlier attempt: start clean.
+        self.kill_nbd(&cfg.id).await;
+        super::Driver::destroy(self, &cfg.id).await?;
+        super::Driver::prepare(self, cfg).await?;
+        let nbd_port = free_port(listen)?;
+        let mig_port = free_port(listen)?;
+        let disk = dir.join("disk.qcow2");
+        let out = tokio::process::Command::new("qemu-nbd")
+            .args([
+                "--fork",
+                "--persistent",
+                "-f",
+                "qcow2",
+                "-x",
+                EXPORT_NAME,
+                "-b",
+                listen,
+            ])
+            .args([
+                "-p",
+                &nbd_port.to_string(),
+                "--cache=writeback",
+                "--pid-file",
+            ])
+            .arg(dir.join("nbd.pid"))
+            .arg(&disk)
+            .output()
+            .await
+            .map_err(|e| DriverError::Start(format!("cannot run qemu-nbd (qemu-utils): {e}")))?;
+        if !out.status.success() {
+            return Err(DriverError::Start(format!(
+                "qemu-nbd failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let mut args = self.command_line(cfg);
+        args.extend(["-incoming".into(), "defer".into(), "-S".into()]);
+        self.spawn_qemu(cfg, args).await?;
+        self.qmp(
+            &cfg.id,
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": "late-block-activate", "state": true}]})),
+        )
+        .await?;
+        self.qmp(
+            &cfg.id,
+            "migrate-incoming",
+            Some(json!({"uri": format!("tcp:{listen}:{mig_port}")})),
+        )
+        .await?;
+        let endpoints = LiveEndpoints {
+            migrate: format!("{listen}:{mig_port}"),
+            nbd: format!("{listen}:{nbd_port}"),
+            export_name: EXPORT_NAME.into(),
+        };
+        let rec = IncomingRecord {
+            migration_id: migration_id.to_string(),
+            endpoints: endpoints.clone(),
+        };
+        let b = serde_json::to_vec(&rec).map_err(|e| DriverError::Other(e.to_string()))?;
+        crate::reconciler::write_atomic(&record_path, &b).map_err(io_err("write incoming.json"))?;
+        Ok(endpoints)
+    }
+
+    /// Target: where the incoming VM of `migration_id` stands.
+    pub async fn incoming_state(&self, id: &str, migration_id: &str) -> IncomingState {
+        let rec = std::fs::read(self.vm_dir(id).join("incoming.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<IncomingRecord>(&b).ok());
+        let ours = rec.is_some_and(|r| r.migration_id == migration_id);
+        if !ours || self.running_pid(id).is_none() {
+            return IncomingState::Absent;
+        }
+        match qmp::query_status(&self.qmp_path(id)).await.as_deref() {
+            Ok("inmigrate") => IncomingState::Waiting,
+            Ok("running") => IncomingState::Running,
+            Ok("paused") | Ok("prelaunch") => IncomingState::Received,
+            // Unreadable for a moment (QEMU busy loading): keep waiting.
+            _ => IncomingState::Waiting,
+        }
+    }
+
+    /// Target: the stream is complete; hand the disk back from qemu-nbd to
+    /// QEMU and run the guest. Returns how long that took (ms).
+    pub async fn finish_incoming(&self, id: &str) -> Result<u64> {
+        let t = Instant::now();
+        self.kill_nbd(id).await;
+        self.qmp(id, "cont", None).await?;
+        let _ = std::fs::remove_file(self.vm_dir(id).join("incoming.json"));
+        Ok(t.elapsed().as_millis() as u64)
+    }
+
+    /// Target: waits for the stream to complete, then resumes the guest.
+    /// Returns the time from noticing completion to running (ms).
+    pub async fn await_incoming(&self, id: &str, migration_id: &str) -> Result<u64> {
+        loop {
+            match self.incoming_state(id, migration_id).await {
+                IncomingState::Waiting => tokio::time::sleep(Duration::from_millis(5)).await,
+                IncomingState::Received => return self.finish_incoming(id).await,
+                IncomingState::Running => {
+                    self.kill_nbd(id).await;
+                    return Ok(0);
+                }
+                IncomingState::Absent => {
+                    return Err(DriverError::Other(
+                        "the incoming QEMU went away before the VM arrived".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Ends the VM's qemu-nbd, if any, and waits until it is gone (so its
+    /// writes are on disk).
+    pub async fn kill_nbd(&self, id: &str) {
+        let dir = self.vm_dir(id);
+        for sig in [rustix::process::Signal::TERM, rustix::process::Signal::KILL] {
+            let pids = dir_processes(&dir, "qemu-nbd");
+            if pids.is_empty() {
+                break;
+            }
+            for pid in &pids {
+                if let Some(p) = rustix::process::Pid::from_raw(*pid) {
+                    let _ = rustix::process::kill_process(p, sig);
+                }
+            }
+            let start = Instant::now();
+            while !dir_processes(&dir, "qemu-nbd").is_empty()
+                && start.elapsed() < Duration::from_secs(5)
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let _ = std::fs::remove_file(dir.join("nbd.pid"));
+    }
+
+    /// Source: sends the running VM to `target`: disk mirror, then memory,
+    /// then the switch-over. Resumable: it picks up from whatever QEMU is
+    /// doing (after an agent restart). `progress` is called as it goes.
+    pub async fn send_live(
+        &self,
+        id: &str,
+        target: &LiveEndpoints,
+        progress: &(dyn Fn(MigrationProgress) + Send + Sync),
+    ) -> Result<SendOutcome> {
+        if self.running_pid(id).is_none() {
+            return Err(DriverError::Other(format!("VM {id} is not running")));
+        }
+        let mut status = self.migrate_status(id).await?;
+        if status["status"].as_str() == Some("completed") {
+            return Ok(self.outcome(id, &status));
+        }
+        let device = self.disk_device(id).await?;
+        if !matches!(
+            status["status"].as_str(),
+            Some("active") | Some("pre-switchover") | Some("device") | Some("setup")
+        ) {
+            // (Re)start: a mirror left over from an interrupted attempt is dropped.
+            if self.mirror_job(id).await?.is_some() {
+                let _ = self
+                    .qmp(
+                        id,
+                        "block-job-cancel",
+                        Some(json!({"device": MIRROR_JOB, "force": true})),
+                    )
+                    .await;
+                self.wait_mirror_gone(id, Duration::from_secs(30)).await?;
+            }
+            let (host, port) = target
+                .nbd
+                .rsplit_once(':')
+                .ok_or_else(|| DriverError::Other(format!("bad NBD endpoint {:?}", target.nbd)))?;
+            self.qmp(
+                id,
+                "drive-mirror",
+                Some(json!({
+                    "job-id": MIRROR_JOB, "device": device,
+                    "target": format!("nbd:{host}:{port}:exportname={}", target.export_name),
+                    "sync": "top", "mode": "existing", "format": "raw",
+                })),
+            )
+            .await?;
+            let started = Instant::now();
+            loop {
+                let Some(job) = self.mirror_job(id).await? else {
+                    return Err(DriverError::Other(
+                        "the disk mirror stopped before it was ready".into(),
+                    ));
+                };
+                let (done, len) = (u(&job, "offset"), u(&job, "len"));
+                progress(stage_progress("disk", done, len, started.elapsed(), 0));
+                if job["ready"].as_bool() == Some(true) {
+                    break;
+                }
+                if let Some(e) = job["error"].as_str() {
+                    return Err(DriverError::Other(format!("disk mirror: {e}")));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.qmp(
+                id,
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [
+                    {"capability": "pause-before-switchover", "state": true},
+                    {"capability": "events", "state": true}]})),
+            )
+            .await?;
+            self.qmp(
+                id,
+                "migrate-set-parameters",
+                Some(json!({"downtime-limit": 50, "max-bandwidth": 10u64 << 30})),
+            )
+            .await?;
+            self.qmp(
+                id,
+                "migrate",
+                Some(json!({"uri": format!("tcp:{}", target.migrate)})),
+            )
+            .await?;
+        }
+        let started = Instant::now();
+        let mut mirror_bytes = 0u64;
+        let mut continued = false;
+        loop {
+            status = self.migrate_status(id).await?;
+            let ram = &status["ram"];
+            match status["status"].as_str().unwrap_or("none") {
+                "active" | "setup" | "device" => {
+                    let done = u(ram, "transferred");
+                    progress(MigrationProgress {
+                        stage: "memory".into(),
+                        bytes_done: done,
+                        bytes_total: done + u(ram, "remaining"),
+                        rate_bps: (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64,
+                        eta_s: None,
+                        dirty_rounds: u(ram, "dirty-sync-count"),
+                    });
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                "pre-switchover" if continued => {
+                    // The continue was taken; QEMU switches state shortly.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                "pre-switchover" => {
+                    // The guest is stopped: let the mirror finish, so the
+                    // target disk is exactly the source's, then switch.
+                    if let Some(job) = self.mirror_job(id).await? {
+                        mirror_bytes = u(&job, "offset");
+                        self.qmp(id, "block-job-cancel", Some(json!({"device": MIRROR_JOB})))
+                            .await?;
+                        if let Err(e) = self.wait_mirror_gone(id, Duration::from_secs(60)).await {
+                            let _ = self.qmp(id, "migrate_cancel", None).await;
+                            return Err(e);
+                        }
+                    }
+                    self.qmp(
+                        id,
+                        "migrate-continue",
+                        Some(json!({"state": "pre-switchover"})),
+                    )
+                    .await?;
+                    continued = true;
+                }
+                "completed" => {
+                    let mut o = self.outcome(id, &status);
+                    o.bytes += mirror_bytes;
+                    let b = serde_json::to_vec(&o).unwrap_or_default();
+                    let _ = std::fs::write(self.vm_dir(id).join("outgoing.json"), b);
+                    progress(MigrationProgress {
+                        stage: "switch-over".into(),
+                        bytes_done: o.bytes,
+                        bytes_total: o.bytes,
+                        rate_bps: 0,
+                        eta_s: Some(0),
+                        dirty_rounds: u(ram, "dirty-sync-count"),
+                    });
+                    return Ok(o);
+                }
+                other => {
+                    let why = status["error-desc"].as_str().unwrap_or("no reason given");
+                    return Err(DriverError::Other(format!(
+                        "QEMU migration {other} after {} ms: {why}",
+                        started.elapsed().as_millis()
+                    )));
+                }
+            }
+        }
+    }
+
+    fn outcome(&self, id: &str, status: &Value) -> SendOutcome {
+        let saved: Option<SendOutcome> = std::fs::read(self.vm_dir(id).join("outgoing.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        saved.unwrap_or(SendOutcome {
+            downtime_ms: u(status, "downtime"),
+            bytes: u(&status["ram"], "transferred"),
+        })
+    }
+
+    async fn migrate_status(&self, id: &str) -> Result<Value> {
+        self.qmp(id, "query-migrate", None).await
+    }
+
+    async fn mirror_job(&self, id: &str) -> Result<Option<Value>> {
+        let jobs = self.qmp(id, "query-block-jobs", None).await?;
+        Ok(jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|j| j["device"].as_str() == Some(MIRROR_JOB))
+            .cloned())
+    }
+
+    async fn wait_mirror_gone(&self, id: &str, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        while self.mirror_job(id).await?.is_some() {
+            if start.elapsed() > timeout {
+                return Err(DriverError::Other(format!(
+                    "the disk mirror did not finish within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    /// Source, rollback: stops an outgoing migration and runs the guest here
+    /// again. Only called once the target copy is gone.
+    pub async fn abort_outgoing(&self, id: &str) -> Result<()> {
+        let _ = std::fs::remove_file(self.vm_dir(id).join("outgoing.json"));
+        if self.running_pid(id).is_none() {
+            return Ok(()); // the reconciler starts it from its disk
+        }
+        let st = self.migrate_status(id).await?;
+        if matches!(
+            st["status"].as_str(),
+            Some("active") | Some("pre-switchover") | Some("setup") | Some("device")
+        ) {
+            let _ = self.qmp(id, "migrate_cancel", None).await;
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                let s = self.migrate_status(id).await?;
+                if !matches!(
+                    s["status"].as_str(),
+                    Some("active") | Some("pre-switchover") | Some("cancelling")
+                ) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        if self.mirror_job(id).await?.is_some() {
+            let _ = self
+                .qmp(
+                    id,
+                    "block-job-cancel",
+                    Some(json!({"device": MIRROR_JOB, "force": true})),
+                )
+                .await;
+            self.wait_mirror_gone(id, Duration::from_secs(30)).await?;
+        }
+        let status = qmp::query_status(&self.qmp_path(id)).await?;
+        if status != "running" {
+            self.qmp(id, "cont", None).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the source QEMU already handed the VM over (postmigrate).
+    pub async fn was_sent(&self, id: &str) -> bool {
+        self.running_pid(id).is_some()
+            && qmp::query_status(&self.qmp_path(id))
+                .await
+                .is_ok_and(|s| s == "postmigrate")
+    }
+
+    /// Writes the VM's disk as a compressed qcow2 at `out`: only the VM's
+    /// own blocks over `backing` (cold migration), or standalone when
+    /// `backing` is `None` (export). The VM must be stopped.
+    pub async fn export_disk(&self, id: &str, backing: Option<&Path>, out: &Path) -> Result<()> {
+        let disk = self.vm_dir(id).join("disk.qcow2");
+        let tmp = out.with_extension("tmp");
+        let mut cmd = tokio::process::Command::new("qemu-img");
+        cmd.args(["convert", "-c", "-O", "qcow2"]);
+        if let Some(b) = backing {
+            let b = std::fs::canonicalize(b).map_err(io_err(format!("base {}", b.display())))?;
+            cmd.args(["-F", "qcow2", "-B"]).arg(b);
+        }
+        cmd.arg(&disk).arg(&tmp);
+        let o = cmd
+            .output()
+            .await
+            .map_err(|e| DriverError::QemuImg(format!("cannot run qemu-img: {e}")))?;
+        if !o.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(DriverError::QemuImg(
+                String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            ));
+        }
+        std::fs::rename(&tmp, out).map_err(io_err("store the exported disk"))?;
+        Ok(())
+    }
+
+    /// Target, cold: makes `file` (a qcow2 over the same base image, as
+    /// [`Self::export_disk`] wrote it) the VM's disk, pointing it at this
+    /// host's copy of the base.
+    pub async fn adopt_disk(&self, cfg: &VmConfig, file: &Path) -> Result<()> {
+        let dir = self.vm_dir(&cfg.id);
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let base = std::fs::canonicalize(&cfg.base_image)
+            .map_err(io_err(format!("base image {}", cfg.base_image.display())))?;
+        let o = tokio::process::Command::new("qemu-img")
+            .args(["rebase", "-u", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(file)
+            .output()
+            .await
+            .map_err(|e| DriverError::QemuImg(format!("cannot run qemu-img: {e}")))?;
+        if !o.status.success() {
+            return Err(DriverError::QemuImg(
+                String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            ));
+        }
+        super::cloudinit::write_seed(&dir, &cfg.context).await?;
+        std::fs::rename(file, dir.join("disk.qcow2")).map_err(io_err("adopt the disk"))?;
+        Ok(())
+    }
+}
+
+fn stage_progress(
+    stage: &str,
+    done: u64,
+    total: u64,
+    elapsed: Duration,
+    rounds: u64,
+) -> MigrationProgress {
+    let secs = elapsed.as_secs_f64().max(0.001);
+    let rate = (done as f64 / secs) as u64;
+    MigrationProgress {
+        stage: stage.into(),
+        bytes_done: done,
+        bytes_total: total,
+        rate_bps: rate,
+        eta_s: (rate > 0).then(|| total.saturating_sub(done) / rate),
+        dirty_rounds: rounds,
+    }
+}
+
+/// Live processes whose program name starts with `prefix` and whose
+/// arguments name a file inside `dir`.
+pub fn dir_processes(dir: &Path, prefix: &str) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let inside = format!("{}/", dir.to_string_lossy());
+    let inside_escaped = opt_escape(&inside);
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let mut args = cmd.split(|b| *b == 0).map(String::from_utf8_lossy);
+        let prog_ok = args.next().is_some_and(|a0| {
+            Path::new(&*a0)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        });
+        if !prog_ok || !args.any(|a| a.contains(&inside) || a.contains(&inside_escaped)) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if !matches!(state, Some('Z') | Some('X') | None) {
+            out.push(pid);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_estimates_rate_and_eta() {
+        let p = stage_progress("disk", 50, 150, Duration::from_secs(1), 0);
+        assert_eq!((p.rate_bps, p.eta_s), (50, Some(2)));
+        let p = stage_progress("disk", 0, 150, Duration::from_secs(1), 0);
+        assert_eq!((p.rate_bps, p.eta_s), (0, None));
+    }
+}

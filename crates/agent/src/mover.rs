@@ -1,0 +1,598 @@
+//! The agent's side of migrations and exports.
+//!
+//! The control plane asks through the desired state: a VM carries a
+//! [`MigrationRole`] while it moves. For each role the agent runs one job
+//! (a task, keyed by the migration's id) that does the work with the QEMU
+//! driver and reports its state ([`MigrationReport`]) upstream: at once on
+//! every change, throttled while only the progress changes, and with every
+//! heartbeat. Jobs are resumable: after an agent restart the role is still in
+//! `desired.json`, the job starts again and picks up from what is on disk and
+//! what QEMU is doing (a live migration in flight continues inside QEMU).
+//!
+//! Disks staged on the control plane (cold migration, export) move over
+//! HTTP in chunks: an upload resumes from the size the control plane has,
+//! a download from the size already on disk; both are checked by sha256.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use virt8ra_api::protocol::{
+    DesiredVm, MigrationAgentState, MigrationReport, MigrationRole, MigrationSide, StagedDisk,
+};
+use virt8ra_api::{MigrationMode, MigrationProgress};
+
+use crate::driver::qemu::QemuDriver;
+use crate::driver::{Driver, DriverVmState, VmConfig};
+
+/// Bytes per upload request: a broken connection loses at most this much.
+const CHUNK: u64 = 8 << 20;
+/// Progress-only reports are sent at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+pub struct Mover {
+    server: String,
+    token: String,
+    client: reqwest::Client,
+    /// Where this host's incoming live streams listen; `None`: cold only.
+    listen: Option<String>,
+    staging: PathBuf,
+    reports: Mutex<HashMap<String, (MigrationReport, Instant)>>,
+    changes: Mutex<Option<mpsc::UnboundedSender<MigrationReport>>>,
+    jobs: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+impl Mover {
+    pub fn new(
+        data_dir: &Path,
+        server: &str,
+        token: &str,
+        listen: Option<String>,
+    ) -> std::io::Result<Arc<Mover>> {
+        let staging = data_dir.join("staging");
+        std::fs::create_dir_all(&staging)?;
+        Ok(Arc::new(Mover {
+            server: server.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            client: reqwest::Client::new(),
+            listen,
+            staging,
+            reports: Mutex::new(HashMap::new()),
+            changes: Mutex::new(None),
+            jobs: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Reports are sent on the returned channel (the channel to the control plane).
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<MigrationReport> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.changes.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// Every report of a job this host runs (for heartbeats).
+    pub fn all(&self) -> Vec<MigrationReport> {
+        let m = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<MigrationReport> = m.values().map(|(r, _)| r.clone()).collect();
+        v.sort_by(|a, b| a.migration_id.cmp(&b.migration_id));
+        v
+    }
+
+    fn report(&self, r: MigrationReport) {
+        let mut m = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let send = match m.get(&r.migration_id) {
+            None => true,
+            Some((old, _)) if old == &r => false,
+            Some((old, _)) if old.state != r.state => true,
+            Some((_, at)) => now.duration_since(*at) >= PROGRESS_EVERY,
+        };
+        if !send {
+            if let Some(e) = m.get_mut(&r.migration_id) {
+                e.0 = r; // the next heartbeat carries the latest progress
+            }
+            return;
+        }
+        m.insert(r.migration_id.clone(), (r.clone(), now));
+        drop(m);
+        if let Some(tx) = &*self.changes.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(r);
+        }
+    }
+
+    /// Forgets the jobs and reports of VM `vm_id` (its role was removed).
+    /// Returns whether a job was still running (and was stopped).
+    pub fn clear_vm(&self, vm_id: &str) -> bool {
+        let ids: Vec<String> = {
+            let mut m = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> = m
+                .iter()
+                .filter(|(_, (r, _))| r.vm_id == vm_id)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &ids {
+                m.remove(k);
+            }
+            ids
+        };
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stopped = false;
+        for id in ids {
+            for ext in ["qcow2", "sha256", "tmp"] {
+                let _ = std::fs::remove_file(self.staging.join(format!("{id}.{ext}")));
+            }
+            if let Some(h) = jobs.remove(&id) {
+                stopped |= !h.is_finished();
+                h.abort();
+            }
+        }
+        stopped
+    }
+
+    /// Starts the job for `role` unless it runs (or ran) already.
+    pub fn ensure_job(
+        self: &Arc<Self>,
+        driver: &Arc<dyn Driver>,
+        d: &DesiredVm,
+        cfg: VmConfig,
+        role: &MigrationRole,
+        base: Option<PathBuf>,
+    ) {
+        let id = role_id(role).to_string();
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if jobs.contains_key(&id) {
+            return;
+        }
+        let me = self.clone();
+        let driver = driver.clone();
+        let (d, role) = (d.clone(), role.clone());
+        let side = side_of(&role);
+        jobs.insert(
+            id.clone(),
+            tokio::spawn(async move {
+                let r = me.run(&*driver, &d, cfg, &role, base).await;
+                if let Err(e) = r {
+                    tracing::warn!(vm = %d.name, migration = %id, error = %format!("{e:#}"), "migration step failed");
+                    me.report(MigrationReport {
+                        migration_id: id,
+                        vm_id: d.id.clone(),
+                        side,
+                        state: MigrationAgentState::Failed,
+                        progress: None,
+                        endpoints: None,
+                        disk: None,
+                        downtime_ms: None,
+                        bytes: None,
+                        error: Some(format!("{e:#}")),
+                    });
+                }
+            }),
+        );
+    }
+
+    fn base_report(&self, d: &DesiredVm, role: &MigrationRole) -> MigrationReport {
+        MigrationReport {
+            migration_id: role_id(role).to_string(),
+            vm_id: d.id.clone(),
+            side: side_of(role),
+            state: MigrationAgentState::Preparing,
+            progress: None,
+            endpoints: None,
+            disk: None,
+            downtime_ms: None,
+            bytes: None,
+            error: None,
+        }
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        driver: &dyn Driver,
+        d: &DesiredVm,
+        cfg: VmConfig,
+        role: &MigrationRole,
+        base: Option<PathBuf>,
+    ) -> anyhow::Result<()> {
+        let Some(q) = driver.as_qemu() else {
+            bail!("the {} driver cannot migrate VMs", driver.name());
+        };
+        fail_point("agent-job-start")?;
+        let rep = self.base_report(d, role);
+        self.report(rep.clone());
+        match role {
+            MigrationRole::Incoming {
+                migration_id,
+                mode: MigrationMode::Live,
+                ..
+            } => {
+                let Some(listen) = &self.listen else {
+                    bail!("this host has no --migration-address, so it cannot receive live migrations");
+                };
+                let endpoints = q.start_incoming(&cfg, migration_id, listen).await?;
+                self.report(MigrationReport {
+                    state: MigrationAgentState::Ready,
+                    endpoints: Some(endpoints),
+                    ..rep.clone()
+                });
+                let resume_ms = q.await_incoming(&d.id, migration_id).await?;
+                tracing::info!(vm = %d.name, resume_ms, "live migration: the VM runs here now");
+                self.report(MigrationReport {
+                    state: MigrationAgentState::Resumed,
+                    downtime_ms: Some(resume_ms),
+                    ..rep
+                });
+            }
+            MigrationRole::Incoming {
+                migration_id,
+                mode: MigrationMode::Cold,
+                disk,
+            } => {
+                let Some(disk) = disk else {
+                    bail!("cold migration without a staged disk");
+                };
+                let marker = q.vm_dir(&d.id).join(format!("adopted-{migration_id}"));
+                if !marker.exists() || driver.state(&d.id).await? == DriverVmState::Absent {
+                    // Start clean: an earlier, interrupted attempt may have left parts.
+                    driver.destroy(&d.id).await?;
+                    let part = self.staging.join(format!("{migration_id}.qcow2"));
+                    let t = Instant::now();
+                    let rep2 = rep.clone();
+                    self.download(disk, &part, &|p| {
+                        self.report(MigrationReport {
+                            state: MigrationAgentState::Preparing,
+                            progress: Some(p),
+                            ..rep2.clone()
+                        })
+                    })
+                    .await?;
+                    fail_point("agent-cold-downloaded")?;
+                    q.adopt_disk(&cfg, &part).await?;
+                    std::fs::write(&marker, b"").context("write the adoption marker")?;
+                    tracing::info!(vm = %d.name, ms = t.elapsed().as_millis() as u64, "cold migration: disk in place");
+                }
+                self.report(MigrationReport {
+                    state: MigrationAgentState::Ready,
+                    bytes: Some(disk.size_bytes),
+                    ..rep
+                });
+            }
+            MigrationRole::Outgoing {
+                mode: MigrationMode::Live,
+                target,
+                ..
+            } => {
+                let Some(target) = target else {
+                    bail!("live migration without target endpoints");
+                };
+                mark_outgoing(q, &d.id)?;
+                let rep2 = rep.clone();
+                let outcome = q
+                    .send_live(&d.id, target, &|p| {
+                        self.report(MigrationReport {
+                            state: MigrationAgentState::Transferring,
+                            progress: Some(p),
+                            ..rep2.clone()
+                        })
+                    })
+                    .await?;
+                tracing::info!(vm = %d.name, downtime_ms = outcome.downtime_ms, bytes = outcome.bytes, "live migration: VM sent");
+                self.report(MigrationReport {
+                    state: MigrationAgentState::Sent,
+                    downtime_ms: Some(outcome.downtime_ms),
+                    bytes: Some(outcome.bytes),
+                    ..rep
+                });
+            }
+            MigrationRole::Outgoing {
+                migration_id,
+                mode: MigrationMode::Cold,
+                upload_path,
+                ..
+            } => {
+                let Some(upload_path) = upload_path else {
+                    bail!("cold migration without an upload path");
+                };
+                mark_outgoing(q, &d.id)?;
+                if driver.state(&d.id).await? == DriverVmState::Running {
+                    driver
+                        .stop(&d.id, Duration::from_secs(u64::from(d.stop_timeout_s)))
+                        .await?;
+                    tracing::info!(vm = %d.name, "cold migration: VM powered down");
+                }
+                let disk = self
+                    .stage_and_upload(q, d, &rep, migration_id, base.as_deref(), upload_path)
+                    .await?;
+                self.report(MigrationReport {
+                    state: MigrationAgentState::Sent,
+                    bytes: Some(disk.size_bytes),
+                    disk: Some(disk),
+                    ..rep
+                });
+            }
+            MigrationRole::Export {
+                export_id,
+                upload_path,
+            } => {
+                if driver.state(&d.id).await? == DriverVmState::Running {
+                    bail!("the VM is running; stop it before exporting its disk");
+                }
+                let disk = self
+                    .stage_and_upload(q, d, &rep, export_id, None, upload_path)
+                    .await?;
+                self.report(MigrationReport {
+                    state: MigrationAgentState::Sent,
+                    bytes: Some(disk.size_bytes),
+                    disk: Some(disk),
+                    ..rep
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the disk as a compressed qcow2 (over `backing`, or standalone)
+    /// into the staging directory, once, and uploads it (resuming).
+    async fn stage_and_upload(
+        &self,
+        q: &QemuDriver,
+        d: &DesiredVm,
+        rep: &MigrationReport,
+        id: &str,
+        backing: Option<&Path>,
+        upload_path: &str,
+    ) -> anyhow::Result<StagedDisk> {
+        let file = self.staging.join(format!("{id}.qcow2"));
+        let sum_file = self.staging.join(format!("{id}.sha256"));
+        let (sha, size) = match std::fs::read_to_string(&sum_file)
+            .ok()
+            .and_then(|s| parse_sum(&s))
+        {
+            Some(v) if file.exists() => v,
+            _ => {
+                self.report(MigrationReport {
+                    state: MigrationAgentState::Transferring,
+                    progress: Some(MigrationProgress {
+                        stage: "compress".into(),
+                        ..Default::default()
+                    }),
+                    ..rep.clone()
+                });
+                q.export_disk(&d.id, backing, &file).await?;
+                let (sha, size) = sha256_of(&file).await?;
+                crate::reconciler::write_atomic(&sum_file, format!("{sha} {size}").as_bytes())?;
+                (sha, size)
+            }
+        };
+        fail_point("agent-staged")?;
+        let rep2 = rep.clone();
+        self.upload(&file, upload_path, size, &|p| {
+            self.report(MigrationReport {
+                state: MigrationAgentState::Transferring,
+                progress: Some(p),
+                ..rep2.clone()
+            })
+        })
+        .await?;
+        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(&sum_file);
+        Ok(StagedDisk {
+            url_path: upload_path.to_string(),
+            sha256: sha,
+            size_bytes: size,
+        })
+    }
+
+    async fn staged_bytes(&self, path: &str) -> anyhow::Result<u64> {
+        let url = format!("{}{path}/status", self.server);
+        let resp = self
+            .client
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("ask {url}"))?;
+        if !resp.status().is_success() {
+            bail!("{url} answered {}", resp.status());
+        }
+        let v: serde_json::Value = resp.json().await?;
+        Ok(v["bytes"].as_u64().unwrap_or(0))
+    }
+
+    /// Uploads `file` to the control plane from where it stopped last time.
+    async fn upload(
+        &self,
+        file: &Path,
+        path: &str,
+        size: u64,
+        progress: &(dyn Fn(MigrationProgress) + Send + Sync),
+    ) -> anyhow::Result<()> {
+        let mut have = self.staged_bytes(path).await?;
+        if have > size {
+            bail!("the control plane holds {have} bytes of a {size}-byte disk");
+        }
+        if have > 0 {
+            tracing::info!(offset = have, "resuming the disk upload");
+        }
+        let t = Instant::now();
+        let start = have;
+        let mut f = tokio::fs::File::open(file).await?;
+        while have < size {
+            let n = CHUNK.min(size - have);
+            f.seek(std::io::SeekFrom::Start(have)).await?;
+            let mut buf = vec![0u8; n as usize];
+            f.read_exact(&mut buf).await?;
+            let url = format!("{}{path}?offset={have}", self.server);
+            let resp = self
+                .client
+                .put(&url)
+                .bearer_auth(&self.token)
+                .body(buf)
+                .send()
+                .await
+                .with_context(|| format!("upload to {url}"))?;
+            if !resp.status().is_success() {
+                let body = resp.text().await.unwrap_or_default();
+                bail!("upload to {url}: {body}");
+            }
+            have += n;
+            fail_point("agent-upload-chunk")?;
+            progress(rate_progress(
+                "upload",
+                have,
+                size,
+                have - start,
+                t.elapsed(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Downloads a staged disk to `part`, resuming, and checks its sha256.
+    async fn download(
+        &self,
+        disk: &StagedDisk,
+        part: &Path,
+        progress: &(dyn Fn(MigrationProgress) + Send + Sync),
+    ) -> anyhow::Result<()> {
+        let mut have = tokio::fs::metadata(part)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if have > disk.size_bytes {
+            tokio::fs::remove_file(part).await?;
+            have = 0;
+        }
+        let t = Instant::now();
+        let start = have;
+        if have < disk.size_bytes {
+            let url = format!("{}{}", self.server, disk.url_path);
+            let mut req = self.client.get(&url).bearer_auth(&self.token);
+            if have > 0 {
+                req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+                tracing::info!(offset = have, "resuming the disk download");
+            }
+            let resp = req.send().await.with_context(|| format!("fetch {url}"))?;
+            let status = resp.status();
+            if have > 0 && status == reqwest::StatusCode::OK {
+                have = 0;
+                let _ = tokio::fs::remove_file(part).await;
+            } else if !status.is_success() {
+                let body = resp.text().await.unwrap_or_default();
+                bail!("{url} answered {status}: {body}");
+            }
+            let mut f = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(part)
+                .await?;
+            let mut stream = resp.bytes_stream();
+            let mut last = Instant::now();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.with_context(|| format!("download broke at {have} bytes"))?;
+                f.write_all(&chunk).await?;
+                have += chunk.len() as u64;
+                if last.elapsed() >= PROGRESS_EVERY {
+                    last = Instant::now();
+                    progress(rate_progress(
+                        "download",
+                        have,
+                        disk.size_bytes,
+                        have - start,
+                        t.elapsed(),
+                    ));
+                }
+            }
+            f.sync_all().await?;
+        }
+        let (sha, size) = sha256_of(part).await?;
+        if sha != disk.sha256 || size != disk.size_bytes {
+            let _ = tokio::fs::remove_file(part).await;
+            bail!(
+                "the staged disk is corrupt (sha256 {sha}, {size} bytes; expected {}, {} bytes); it was discarded",
+                disk.sha256,
+                disk.size_bytes
+            );
+        }
+        Ok(())
+    }
+}
+
+fn role_id(r: &MigrationRole) -> &str {
+    match r {
+        MigrationRole::Incoming { migration_id, .. } => migration_id,
+        MigrationRole::Outgoing { migration_id, .. } => migration_id,
+        MigrationRole::Export { export_id, .. } => export_id,
+    }
+}
+
+fn side_of(r: &MigrationRole) -> MigrationSide {
+    match r {
+        MigrationRole::Incoming { .. } => MigrationSide::Target,
+        _ => MigrationSide::Source,
+    }
+}
+
+/// Marks a VM whose source side started sending, so that if the role is
+/// withdrawn (rollback) the reconciler resumes it here.
+fn mark_outgoing(q: &QemuDriver, id: &str) -> anyhow::Result<()> {
+    std::fs::write(q.vm_dir(id).join("outgoing.marker"), b"").context("write the outgoing marker")
+}
+
+/// Whether VM `id` was being sent from this host.
+pub fn is_marked_outgoing(q: &QemuDriver, id: &str) -> bool {
+    q.vm_dir(id).join("outgoing.marker").exists()
+}
+
+pub fn clear_outgoing(q: &QemuDriver, id: &str) {
+    let _ = std::fs::remove_file(q.vm_dir(id).join("outgoing.marker"));
+}
+
+fn parse_sum(s: &str) -> Option<(String, u64)> {
+    let (sha, size) = s.trim().split_once(' ')?;
+    Some((sha.to_string(), size.parse().ok()?))
+}
+
+fn rate_progress(stage: &str, done: u64, total: u64, moved: u64, t: Duration) -> MigrationProgress {
+    let rate = (moved as f64 / t.as_secs_f64().max(0.001)) as u64;
+    MigrationProgress {
+        stage: stage.into(),
+        bytes_done: done,
+        bytes_total: total,
+        rate_bps: rate,
+        eta_s: (rate > 0).then(|| total.saturating_sub(done) / rate),
+        dirty_rounds: 0,
+    }
+}
+
+pub async fn sha256_of(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n_total = 0u64;
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        n_total += n as u64;
+    }
+    Ok((hex::encode(h.finalize()), n_total))
+}
+
+/// Failure injection for tests: when `VIRT8RA_AGENT_FAIL_AT` names this
+/// point, the agent process exits here (as if killed), so a test can check
+/// the workflow recovers. Never set in production.
+pub fn fail_point(name: &str) -> anyhow::Result<()> {
+    if std::env::var("VIRT8RA_AGENT_FAIL_AT").is_ok_and(|v| v == name) {
+        tracing::error!(point = name, "failure injection: agent exits");
+        std::process::exit(86);
+    }
+    Ok(())
+}

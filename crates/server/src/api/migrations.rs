@@ -1,0 +1,472 @@
+//! Migrations, evacuations, exports, and the staging area that carries
+//! disks between hosts through the control plane.
+
+use axum::body::Body as RawBody;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use virt8ra_api::{
+    EvacuateRequest, Evacuation, HostState, Migration, MigrationCreate, MigrationPhase, Page,
+    VmExport, VmPhase,
+};
+use virt8ra_store::VmFilter;
+
+use super::{Body, Query};
+use crate::auth::{Admin, AdminOrHost, HostAuth};
+use crate::error::{ApiError, ApiResult};
+use crate::migration;
+use crate::state::App;
+
+#[utoipa::path(post, path = "/api/v1/vms/{key}/migrate", tag = "migrations", request_body = MigrationCreate,
+    params(("key" = String, Path, description = "VM name or id")),
+    responses((status = 202, body = Migration, description = "Migration started; follow it at /migrations/{id}"),
+              (status = 400, body = virt8ra_api::ErrorBody), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody, description = "No allowed or compatible target, or the VM cannot move now")),
+    security(("bearer" = [])))]
+pub async fn create(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Body(req): Body<MigrationCreate>,
+) -> ApiResult<(StatusCode, Json<Migration>)> {
+    let m = migration::start(&app, &key, &req, &[]).await?;
+    Ok((StatusCode::ACCEPTED, Json(m)))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationQuery {
+    /// Only this VM's (name or id).
+    pub vm: Option<String>,
+    /// Only unfinished ones.
+    #[serde(default)]
+    pub active: bool,
+}
+
+#[utoipa::path(get, path = "/api/v1/migrations", tag = "migrations", params(MigrationQuery),
+    responses((status = 200, body = Page<Migration>)), security(("bearer" = [])))]
+pub async fn list(
+    _: Admin,
+    State(app): State<App>,
+    Query(q): Query<MigrationQuery>,
+) -> ApiResult<Json<Page<Migration>>> {
+    let vm_id = match &q.vm {
+        Some(k) => Some(app.store.get_vm(k).await?.id),
+        None => None,
+    };
+    let mut items = app
+        .store
+        .list_migrations(vm_id.as_deref(), q.active)
+        .await?;
+    fresher(&app, &mut items);
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
+}
+
+/// Running migrations' progress lives in memory; the store has it with a delay.
+fn fresher(app: &App, items: &mut [Migration]) {
+    let live = app.migrations.active();
+    for m in items.iter_mut() {
+        if let Some(l) = live.iter().find(|l| l.id == m.id) {
+            *m = l.clone();
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/migrations/{id}", tag = "migrations",
+    params(("id" = String, Path, description = "Migration id")),
+    responses((status = 200, body = Migration), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Migration>> {
+    if let Some(m) = app.migrations.active().into_iter().find(|m| m.id == id) {
+        return Ok(Json(m));
+    }
+    Ok(Json(app.store.get_migration(&id).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{key}/migrations", tag = "migrations",
+    params(("key" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = Vec<Migration>, description = "The VM's migrations, oldest first: where its data has been"),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn history(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Vec<Migration>>> {
+    let vm = app.store.get_vm(&key).await?;
+    let mut items = app.store.list_migrations(Some(&vm.id), false).await?;
+    fresher(&app, &mut items);
+    Ok(Json(items))
+}
+
+async fn evacuate(
+    app: &App,
+    what: &str,
+    host_ids: Vec<String>,
+    req: EvacuateRequest,
+) -> ApiResult<Evacuation> {
+    if host_ids.is_empty() {
+        return Err(ApiError::Conflict(format!("{what} has no hosts")));
+    }
+    // No new VMs land on hosts being emptied.
+    let mut names = Vec::new();
+    for id in &host_ids {
+        let mut h = app.store.get_host(id).await?;
+        names.push(h.name.clone());
+        if h.state == HostState::Ready {
+            h.state = HostState::Maintenance;
+            app.store.update_host(&h).await?;
+        }
+    }
+    app.placement.invalidate();
+    let mut out = Evacuation::default();
+    for id in &host_ids {
+        let vms = app
+            .store
+            .list_vms(&VmFilter {
+                host_id: Some(id.clone()),
+                ..Default::default()
+            })
+            .await?;
+        for vm in vms {
+            if matches!(
+                vm.status.phase,
+                VmPhase::Deleting | VmPhase::Deleted | VmPhase::Pending
+            ) {
+                continue;
+            }
+            let r = MigrationCreate {
+                mode: req.mode,
+                ..Default::default()
+            };
+            match migration::start(app, &vm.id, &r, &names).await {
+                Ok(m) => out.migrations.push(m),
+                Err(e) => {
+                    out.refused.insert(vm.name.clone(), e.to_string());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[utoipa::path(post, path = "/api/v1/hosts/{key}/evacuate", tag = "migrations", request_body = EvacuateRequest,
+    params(("key" = String, Path, description = "Host name or id")),
+    responses((status = 202, body = Evacuation, description = "The host is put in maintenance; one migration per VM, or why a VM cannot move"),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn evacuate_host(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Body(req): Body<EvacuateRequest>,
+) -> ApiResult<(StatusCode, Json<Evacuation>)> {
+    let h = app.store.get_host(&key).await?;
+    let out = evacuate(&app, &format!("host {}", h.name), vec![h.id], req).await?;
+    Ok((StatusCode::ACCEPTED, Json(out)))
+}
+
+#[utoipa::path(post, path = "/api/v1/sites/{key}/evacuate", tag = "migrations", request_body = EvacuateRequest,
+    params(("key" = String, Path, description = "Site name or id")),
+    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn evacuate_site(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Body(req): Body<EvacuateRequest>,
+) -> ApiResult<(StatusCode, Json<Evacuation>)> {
+    let s = app.store.get_site(&key).await?;
+    let hosts = app
+        .store
+        .list_hosts()
+        .await?
+        .into_iter()
+        .filter(|h| h.site == s.name)
+        .map(|h| h.id)
+        .collect();
+    let out = evacuate(&app, &format!("site {}", s.name), hosts, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(out)))
+}
+
+#[utoipa::path(post, path = "/api/v1/providers/{key}/evacuate", tag = "migrations", request_body = EvacuateRequest,
+    params(("key" = String, Path, description = "Provider name or id")),
+    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn evacuate_provider(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Body(req): Body<EvacuateRequest>,
+) -> ApiResult<(StatusCode, Json<Evacuation>)> {
+    let p = app.store.get_provider(&key).await?;
+    let hosts = app
+        .store
+        .list_hosts()
+        .await?
+        .into_iter()
+        .filter(|h| h.provider == p.name)
+        .map(|h| h.id)
+        .collect();
+    let out = evacuate(&app, &format!("provider {}", p.name), hosts, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(out)))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{key}/export", tag = "migrations",
+    params(("key" = String, Path, description = "VM name or id")),
+    responses((status = 202, body = VmExport, description = "The host uploads a standalone qcow2 of the disk; poll /exports/{id}"),
+              (status = 404, body = virt8ra_api::ErrorBody), (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn export(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<(StatusCode, Json<VmExport>)> {
+    let vm = app.store.get_vm(&key).await?;
+    if vm.status.phase != VmPhase::Stopped || vm.status.host_id.is_none() {
+        return Err(ApiError::Conflict(format!(
+            "VM '{}' is {}; stop it first (`virt8ra vm stop {} --wait`), its disk must be quiet to export",
+            vm.name,
+            vm.status.phase.as_str(),
+            vm.name
+        )));
+    }
+    if let Some(m) = &vm.status.migration {
+        return Err(ApiError::Conflict(format!(
+            "VM '{}' is being migrated (migration {m})",
+            vm.name
+        )));
+    }
+    if app
+        .migrations
+        .active_exports()
+        .iter()
+        .any(|e| e.vm_id == vm.id)
+    {
+        return Err(ApiError::Conflict(format!(
+            "VM '{}' is being exported already",
+            vm.name
+        )));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let e = VmExport {
+        url_path: format!("/api/v1/staging/{id}"),
+        id,
+        vm_id: vm.id.clone(),
+        vm: vm.name.clone(),
+        state: "uploading".into(),
+        sha256: None,
+        size_bytes: None,
+        error: None,
+        created_at: Utc::now(),
+    };
+    app.store.put_export(&e).await?;
+    app.migrations.set_export(&e);
+    if let Some(h) = &vm.status.host_id {
+        crate::scheduler::sync_host(&app, h).await?;
+    }
+    Ok((StatusCode::ACCEPTED, Json(e)))
+}
+
+#[utoipa::path(get, path = "/api/v1/exports/{id}", tag = "migrations",
+    params(("id" = String, Path, description = "Export id")),
+    responses((status = 200, body = VmExport), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show_export(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<VmExport>> {
+    Ok(Json(app.store.get_export(&id).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/exports/{id}", tag = "migrations",
+    params(("id" = String, Path, description = "Export id")),
+    responses((status = 204, description = "The staged disk is removed"), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_export(
+    _: Admin,
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let mut e = app.store.get_export(&id).await?;
+    let _ = tokio::fs::remove_file(migration::staging_path(&app, &e.id)).await;
+    if e.state == "uploading" {
+        e.state = "failed".into();
+        e.error = Some("cancelled".into());
+    }
+    e.state = format!("{} (removed)", e.state.trim_end_matches(" (removed)"));
+    app.store.put_export(&e).await?;
+    app.migrations.set_export(&e);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether `host_id` may upload to staging area `id`: the source host of an
+/// active migration, or the host of an export's VM.
+async fn may_upload(app: &App, host_id: &str, id: &str) -> ApiResult<()> {
+    let mig = app.migrations.active().into_iter().find(|m| m.id == id);
+    if let Some(m) = mig {
+        if m.source.host_id == host_id && m.phase == MigrationPhase::Transferring {
+            return Ok(());
+        }
+    } else if let Some(e) = app
+        .migrations
+        .active_exports()
+        .into_iter()
+        .find(|e| e.id == id)
+    {
+        let vm = app.store.get_vm(&e.vm_id).await?;
+        if vm.status.host_id.as_deref() == Some(host_id) {
+            return Ok(());
+        }
+    }
+    Err(ApiError::Forbidden(format!(
+        "no upload of {id} is expected from this host"
+    )))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UploadAt {
+    /// Where this chunk starts: must equal the bytes already staged.
+    pub offset: u64,
+}
+
+#[utoipa::path(put, path = "/api/v1/staging/{id}", tag = "agent", params(("id" = String, Path), UploadAt),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Chunk stored durably"), (status = 403, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody, description = "Offset is not the staged size")),
+    security(("bearer" = [])))]
+pub async fn upload(
+    host: HostAuth,
+    State(app): State<App>,
+    Path(id): Path<String>,
+    Query(q): Query<UploadAt>,
+    body: RawBody,
+) -> ApiResult<Json<serde_json::Value>> {
+    may_upload(&app, &host.host_id, &id).await?;
+    let path = migration::staging_path(&app, &id);
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| ApiError::Internal(format!("create {}: {e}", dir.display())))?;
+    }
+    let have = tokio::fs::metadata(&path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    if q.offset != have {
+        return Err(ApiError::Conflict(format!(
+            "offset {} but {have} bytes are staged; resume from {have}",
+            q.offset
+        )));
+    }
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .await
+        .map_err(|e| ApiError::Internal(format!("open {}: {e}", path.display())))?;
+    let mut stream = body.into_data_stream();
+    let mut n = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::Invalid(format!("upload interrupted: {e}")))?;
+        n += chunk.len() as u64;
+        f.write_all(&chunk)
+            .await
+            .map_err(|e| ApiError::Internal(format!("write staging: {e}")))?;
+    }
+    f.sync_all()
+        .await
+        .map_err(|e| ApiError::Internal(format!("sync staging: {e}")))?;
+    Ok(Json(serde_json::json!({ "bytes": have + n })))
+}
+
+#[utoipa::path(get, path = "/api/v1/staging/{id}/status", tag = "agent", params(("id" = String, Path)),
+    responses((status = 200, description = "`{\"bytes\": N}` staged so far")), security(("bearer" = [])))]
+pub async fn staged(
+    _: AdminOrHost,
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    valid_id(&id)?;
+    let path = migration::staging_path(&app, &id);
+    let have = tokio::fs::metadata(&path)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok(Json(serde_json::json!({ "bytes": have })))
+}
+
+fn valid_id(id: &str) -> ApiResult<()> {
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(ApiError::NotFound(format!("staged disk '{id}' not found")));
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/api/v1/staging/{id}", tag = "migrations", params(("id" = String, Path)),
+    responses((status = 200, description = "The staged disk (qcow2); `Range: bytes=N-` resumes"),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn download(
+    _: AdminOrHost,
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    valid_id(&id)?;
+    let path = migration::staging_path(&app, &id);
+    let mut f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| ApiError::NotFound(format!("staged disk '{id}' not found")))?;
+    let len = f
+        .metadata()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .len();
+    let mut status = StatusCode::OK;
+    let mut remaining = len;
+    let mut range = None;
+    if let Some(start) = super::images::range_start(&headers)? {
+        if start > len {
+            return Err(ApiError::Invalid(format!(
+                "range start {start} is past the end ({len} bytes)"
+            )));
+        }
+        f.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        status = StatusCode::PARTIAL_CONTENT;
+        remaining = len - start;
+        range = Some(format!("bytes {start}-{}/{len}", len.saturating_sub(1)));
+    }
+    let stream = tokio_util::io::ReaderStream::new(f);
+    let mut resp = (status, RawBody::from_stream(stream)).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        "application/octet-stream"
+            .parse()
+            .map_err(|_| ApiError::Internal("header".into()))?,
+    );
+    if let Ok(v) = remaining.to_string().parse() {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    if let Some(r) = range.and_then(|r| r.parse().ok()) {
+        h.insert(header::CONTENT_RANGE, r);
+    }
+    Ok(resp)
+}

@@ -1,0 +1,975 @@
+//! Migration workflows: moving a VM to another host, live or cold.
+//!
+//! A migration is a saga driven by the control plane. Each phase is written
+//! to the store *before* the control plane acts on it, so after a crash it
+//! resumes from the recorded phase (every action is idempotent: the agents
+//! are told their part through the declarative desired state, and report
+//! what they did). Each phase has one way forward and one way back:
+//!
+//! ```text
+//!  live:  preparing_target ──► transferring ──► switching_over ──► cleaning_up ──► completed
+//!         target: incoming      source: mirror    (commit point:      source copy
+//!         QEMU + qemu-nbd       disk + memory,    VM belongs to the   removed
+//!                               target resumes    target)
+//!  cold:  transferring ──► preparing_target ──► switching_over ──► cleaning_up ──► completed
+//!         source: stop,        target: fetch,     target starts
+//!         upload disk          verify, adopt
+//!
+//!  before the commit point, any failure or timeout:
+//!         rolling_back (target copy removed, confirmed gone) ──► failed (source resumes)
+//! ```
+//!
+//! The invariant is exactly one running copy. The target runs the guest only
+//! once the whole VM arrived; the source, once it sent the VM, is paused for
+//! good unless rolled back, and a rollback resumes it only after the target
+//! host confirmed its copy is gone. The commit point is the atomic write that
+//! moves the VM to the target host; after it the workflow only goes forward.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use virt8ra_api::protocol::{
+    DesiredVm, LiveEndpoints, MigrationAgentState, MigrationReport, MigrationRole, MigrationSide,
+    StagedDisk, MIGRATION_PROTOCOL_VERSION,
+};
+use virt8ra_api::{
+    Host, Hypervisor, Migration, MigrationCreate, MigrationEnd, MigrationMode, MigrationPhase,
+    MigrationStep, RequestedMode, Vm, VmExport, VmPhase,
+};
+use virt8ra_placement::Engine;
+
+use crate::error::{ApiError, ApiResult};
+use crate::placement;
+use crate::state::App;
+
+/// Giving up on a target that does not get ready.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Giving up on a transfer that makes no progress.
+const STALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a workflow looks again without being woken.
+const TICK: Duration = Duration::from_millis(250);
+
+/// The control plane's live view of migrations and exports.
+#[derive(Default)]
+pub struct Migrations {
+    active: Mutex<HashMap<String, Migration>>,
+    reports: Mutex<HashMap<(String, MigrationSide), MigrationReport>>,
+    /// (host id, VM id) -> when the host was seen without the VM.
+    gone: Mutex<HashMap<(String, String), Instant>>,
+    exports: Mutex<HashMap<String, VmExport>>,
+    wake: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Migrations {
+    /// Migrations that are not finished.
+    pub fn active(&self) -> Vec<Migration> {
+        lock(&self.active).values().cloned().collect()
+    }
+
+    fn set_active(&self, m: &Migration) {
+        let mut a = lock(&self.active);
+        if m.phase.is_terminal() {
+            a.remove(&m.id);
+        } else {
+            a.insert(m.id.clone(), m.clone());
+        }
+    }
+
+    pub fn active_exports(&self) -> Vec<VmExport> {
+        lock(&self.exports).values().cloned().collect()
+    }
+
+    pub fn set_export(&self, e: &VmExport) {
+        let mut x = lock(&self.exports);
+        if e.state == "uploading" {
+            x.insert(e.id.clone(), e.clone());
+        } else {
+            x.remove(&e.id);
+        }
+    }
+
+    /// An agent's report. Reports from hosts that are not the named side
+    /// of the migration are ignored.
+    pub fn note_report(&self, host_id: &str, r: MigrationReport) {
+        let known = lock(&self.active).get(&r.migration_id).is_some_and(|m| {
+            let end = match r.side {
+                MigrationSide::Source => &m.source,
+                MigrationSide::Target => &m.target,
+            };
+            end.host_id == host_id
+        });
+        let export = lock(&self.exports).contains_key(&r.migration_id);
+        if !known && !export {
+            return;
+        }
+        lock(&self.reports).insert((r.migration_id.clone(), r.side), r);
+        self.wake.notify_waiters();
+    }
+
+    fn report(&self, id: &str, side: MigrationSide) -> Option<MigrationReport> {
+        lock(&self.reports).get(&(id.to_string(), side)).cloned()
+    }
+
+    fn forget_reports(&self, id: &str) {
+        lock(&self.reports).retain(|(m, _), _| m != id);
+    }
+
+    /// A host said VM `vm_id` is gone from it.
+    pub fn note_gone(&self, host_id: &str, vm_id: &str) {
+        lock(&self.gone).insert((host_id.to_string(), vm_id.to_string()), Instant::now());
+        self.wake.notify_waiters();
+    }
+
+    /// A heartbeat listed the VMs a host has: those a migration waits to
+    /// see removed from it, and which it does not list, are gone.
+    pub fn note_present(&self, host_id: &str, present: &[String]) {
+        let waiting: Vec<String> = lock(&self.active)
+            .values()
+            .filter_map(|m| {
+                let end = match m.phase {
+                    MigrationPhase::RollingBack => &m.target,
+                    MigrationPhase::CleaningUp => &m.source,
+                    _ => return None,
+                };
+                (end.host_id == host_id && !present.contains(&m.vm_id)).then(|| m.vm_id.clone())
+            })
+            .collect();
+        for vm in waiting {
+            self.note_gone(host_id, &vm);
+        }
+    }
+
+    fn gone_since(&self, host_id: &str, vm_id: &str, since: Instant) -> bool {
+        lock(&self.gone)
+            .get(&(host_id.to_string(), vm_id.to_string()))
+            .is_some_and(|t| *t >= since)
+    }
+
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+}
+
+/// Failure injection for tests: `VIRT8RA_FAIL_AT=migration:<phase>` makes
+/// the control plane exit right after it recorded that phase. Never set in
+/// production.
+fn fail_point(phase: MigrationPhase) {
+    if std::env::var("VIRT8RA_FAIL_AT").is_ok_and(|v| v == format!("migration:{}", phase.as_str()))
+    {
+        tracing::error!(
+            phase = phase.as_str(),
+            "failure injection: control plane exits"
+        );
+        std::process::exit(86);
+    }
+}
+
+fn end_of(h: &Host) -> MigrationEnd {
+    MigrationEnd {
+        host_id: h.id.clone(),
+        host: h.name.clone(),
+        site: h.site.clone(),
+        provider: h.provider.clone(),
+        country: h.country.clone(),
+    }
+}
+
+/// Why a live migration between these hosts is not possible, if it is not.
+fn live_incompatibility(app: &App, vm: &Vm, src: &Host, dst: &Host) -> Option<String> {
+    if vm.status.phase != VmPhase::Running {
+        return Some(format!(
+            "the VM is {}, not running",
+            vm.status.phase.as_str()
+        ));
+    }
+    if dst.inventory.migration_address.is_none() {
+        return Some(format!(
+            "host {} has no migration address (agent --migration-address), so it takes cold migrations only",
+            dst.name
+        ));
+    }
+    if src.inventory.arch != dst.inventory.arch {
+        return Some(format!(
+            "architectures differ ({} -> {})",
+            src.inventory.arch, dst.inventory.arch
+        ));
+    }
+    if src.inventory.hypervisor != dst.inventory.hypervisor {
+        return Some(format!(
+            "hypervisors differ ({} -> {})",
+            src.inventory.hypervisor.as_str(),
+            dst.inventory.hypervisor.as_str()
+        ));
+    }
+    if src.inventory.hypervisor == Hypervisor::Kvm {
+        // KVM guests see the host CPU: the target must offer every flag.
+        let missing: Vec<&String> = src
+            .inventory
+            .cpu_flags
+            .iter()
+            .filter(|f| !dst.inventory.cpu_flags.contains(f))
+            .take(5)
+            .collect();
+        if src.inventory.cpu_model != dst.inventory.cpu_model || !missing.is_empty() {
+            return Some(format!(
+                "CPU models differ ({} -> {}; missing flags {:?})",
+                src.inventory.cpu_model, dst.inventory.cpu_model, missing
+            ));
+        }
+    }
+    match &vm.status.machine {
+        Some(m) if !dst.inventory.machine_types.contains(m) => {
+            return Some(format!(
+                "host {} cannot run QEMU machine type {m} (its QEMU is {})",
+                dst.name, dst.inventory.qemu_version
+            ))
+        }
+        None => return Some("the VM's QEMU machine type is not known yet".into()),
+        _ => {}
+    }
+    let _ = app;
+    None
+}
+
+fn protocol_ok(app: &App, h: &Host) -> ApiResult<()> {
+    let v = app.hub.protocol(&h.id);
+    match v {
+        None => Err(ApiError::Conflict(format!(
+            "host {} is not connected; a migration needs both agents",
+            h.name
+        ))),
+        Some(v) if v < MIGRATION_PROTOCOL_VERSION => Err(ApiError::Conflict(format!(
+            "the agent of host {} speaks protocol {v}, migration needs {MIGRATION_PROTOCOL_VERSION}; upgrade it",
+            h.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Chooses the target host for `vm` under its own rules, the request's
+/// selector, and never one of `exclude` (its own host is always excluded).
+/// Reserves the capacity on the target under `reservation`.
+fn choose_target(
+    e: &mut Engine,
+    vm: &Vm,
+    req: &MigrationCreate,
+    src_name: &str,
+    exclude: &[String],
+    reservation: &str,
+    weights: virt8ra_placement::Weights,
+) -> Result<(String, String), ApiError> {
+    let mut c = vm.spec.placement.clone();
+    let pin = |field: &mut Option<String>, want: &Option<String>, what: &str| {
+        if let Some(w) = want {
+            match field {
+                Some(have) if have != w => {
+                    return Err(ApiError::Conflict(format!(
+                        "cannot move VM '{}' to {what} '{w}': its placement rules pin it to {what} '{have}'",
+                        vm.name
+                    )))
+                }
+                _ => *field = Some(w.clone()),
+            }
+        }
+        Ok(())
+    };
+    pin(&mut c.site, &req.to_site, "site")?;
+    pin(&mut c.provider, &req.to_provider, "provider")?;
+    pin(&mut c.country, &req.to_country, "country")?;
+    let r = virt8ra_placement::Request::new(placement::resources(vm), c, weights)
+        .map_err(|e| ApiError::Invalid(format!("placement: {e}")))?;
+    if let Some(h) = &req.to_host {
+        if h == src_name {
+            return Err(ApiError::Conflict(format!(
+                "VM '{}' already runs on host {h}",
+                vm.name
+            )));
+        }
+        let host = e.host(h).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "host '{h}' not found; `virt8ra host list` shows what exists"
+            ))
+        })?;
+        if let Err(rule) = e.check_host(host, &r) {
+            return Err(ApiError::Conflict(format!(
+                "cannot move VM '{}' to host {h}: {}",
+                vm.name,
+                rule.describe()
+            )));
+        }
+        let site = e.site_of(host).name.clone();
+        e.commit(reservation, h, &r).map_err(ApiError::Internal)?;
+        return Ok((h.clone(), format!("host {h} at site {site}, as asked")));
+    }
+    // The source and the excluded hosts are taken out for this one decision.
+    let mut off: Vec<String> = exclude.to_vec();
+    off.push(src_name.to_string());
+    let mut restored = Vec::new();
+    for h in &off {
+        if e.host(h).is_some_and(|x| x.info.ready) && e.set_ready(h, false).is_ok() {
+            restored.push(h.clone());
+        }
+    }
+    let out = e.place(&r);
+    for h in restored {
+        let _ = e.set_ready(&h, true);
+    }
+    match out {
+        Ok(d) => {
+            e.commit(reservation, &d.host, &r)
+                .map_err(ApiError::Internal)?;
+            Ok((d.host, d.reason))
+        }
+        Err(u) => Err(ApiError::Conflict(format!(
+            "no host can take VM '{}' under its placement rules{}: {}",
+            vm.name,
+            selector_text(req),
+            u.message
+        ))),
+    }
+}
+
+fn selector_text(req: &MigrationCreate) -> String {
+    let mut parts = Vec::new();
+    for (k, v) in [
+        ("site", &req.to_site),
+        ("provider", &req.to_provider),
+        ("country", &req.to_country),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{k} {v}"));
+        }
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" at {}", parts.join(", "))
+    }
+}
+
+/// Validates and starts a migration of VM `key`; returns it as recorded.
+pub async fn start(
+    app: &App,
+    key: &str,
+    req: &MigrationCreate,
+    exclude: &[String],
+) -> ApiResult<Migration> {
+    let selectors = [
+        &req.to_host,
+        &req.to_site,
+        &req.to_provider,
+        &req.to_country,
+    ]
+    .iter()
+    .filter(|s| s.is_some())
+    .count();
+    if selectors > 1 {
+        return Err(ApiError::Invalid(
+            "give at most one of to_host, to_site, to_provider, to_country".into(),
+        ));
+    }
+    if let Some(c) = &req.to_country {
+        if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ApiError::Invalid(format!(
+                "to_country {c:?} is not an ISO 3166-1 alpha-2 code (e.g. DE)"
+            )));
+        }
+    }
+    let id = app.store.get_vm(key).await?.id;
+    let _g = app.lock_vm(&id).await;
+    let mut vm = app.store.get_vm(&id).await?;
+    if let Some(m) = &vm.status.migration {
+        return Err(ApiError::Conflict(format!(
+            "VM '{}' is already being migrated (migration {m})",
+            vm.name
+        )));
+    }
+    if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Stopped) {
+        return Err(ApiError::Conflict(format!(
+            "VM '{}' is {}; only a running or stopped VM can be migrated",
+            vm.name,
+            vm.status.phase.as_str()
+        )));
+    }
+    let src_id = vm
+        .status
+        .host_id
+        .clone()
+        .ok_or_else(|| ApiError::Conflict(format!("VM '{}' has no host", vm.name)))?;
+    let src = app.store.get_host(&src_id).await?;
+    protocol_ok(app, &src)?;
+    let mig_id = uuid::Uuid::new_v4().to_string();
+    let reservation = format!("{}/migration/{mig_id}", vm.id);
+    let weights = app.placement.config.weights;
+    let (dst_name, reason) = app
+        .placement
+        .with_engine(app, |e| {
+            choose_target(e, &vm, req, &src.name, exclude, &reservation, weights)
+        })
+        .await??;
+    let release = || app.placement.release(&reservation);
+    let dst = match app.store.get_host(&dst_name).await {
+        Ok(h) => h,
+        Err(e) => {
+            release();
+            return Err(e.into());
+        }
+    };
+    if let Err(e) = protocol_ok(app, &dst) {
+        release();
+        return Err(e);
+    }
+    let why_not_live = live_incompatibility(app, &vm, &src, &dst);
+    let (mode, mode_reason) = match (req.mode, why_not_live) {
+        (RequestedMode::Cold, _) => (MigrationMode::Cold, "cold, as asked".to_string()),
+        (RequestedMode::Live, None) => (MigrationMode::Live, "live, as asked".to_string()),
+        (RequestedMode::Live, Some(why)) => {
+            release();
+            return Err(ApiError::Conflict(format!(
+                "cannot migrate VM '{}' live to host {}: {why}; use --mode cold or auto",
+                vm.name, dst.name
+            )));
+        }
+        (RequestedMode::Auto, None) => (
+            MigrationMode::Live,
+            "live: the hosts are compatible".to_string(),
+        ),
+        (RequestedMode::Auto, Some(why)) => (MigrationMode::Cold, format!("cold: {why}")),
+    };
+    let now = Utc::now();
+    let first = match mode {
+        MigrationMode::Live => MigrationPhase::PreparingTarget,
+        MigrationMode::Cold => MigrationPhase::Transferring,
+    };
+    let m = Migration {
+        id: mig_id.clone(),
+        vm_id: vm.id.clone(),
+        vm: vm.name.clone(),
+        mode,
+        requested_mode: req.mode,
+        mode_reason: mode_reason.clone(),
+        phase: first,
+        source: end_of(&src),
+        target: end_of(&dst),
+        placement_reason: reason,
+        progress: None,
+        downtime_ms: None,
+        total_ms: None,
+        bytes: None,
+        error: None,
+        steps: vec![MigrationStep {
+            at: now,
+            phase: first,
+            message: format!(
+                "{} migration from {} ({}, {}) to {} ({}, {}); {mode_reason}",
+                mode.as_str(),
+                src.name,
+                src.site,
+                src.country,
+                dst.name,
+                dst.site,
+                dst.country
+            ),
+        }],
+        was_running: vm.status.phase == VmPhase::Running,
+        source_engaged: mode == MigrationMode::Cold,
+        disk_sha256: None,
+        disk_bytes: None,
+        created_at: now,
+        updated_at: now,
+        finished_at: None,
+    };
+    vm.status.migration = Some(mig_id.clone());
+    vm.updated_at = now;
+    let event = format!(
+        "{} migration {} to host {} ({}, {}, {}) started",
+        mode.as_str(),
+        mig_id,
+        dst.name,
+        dst.site,
+        dst.provider,
+        dst.country
+    );
+    if let Err(e) = app.store.create_migration(&m, &vm, &event).await {
+        release();
+        return Err(e.into());
+    }
+    app.migrations.set_active(&m);
+    app.publish_vm(&vm);
+    drop(_g);
+    fail_point(first);
+    sync_hosts(app, &m).await;
+    tokio::spawn(drive(app.clone(), m.id.clone()));
+    Ok(m)
+}
+
+/// Resumes every unfinished migration (control-plane start).
+pub async fn resume_all(app: &App) -> ApiResult<()> {
+    for m in app.store.list_migrations(None, true).await? {
+        tracing::info!(migration = %m.id, vm = %m.vm, phase = m.phase.as_str(), "resuming migration");
+        app.migrations.set_active(&m);
+        tokio::spawn(drive(app.clone(), m.id.clone()));
+    }
+    Ok(())
+}
+
+async fn sync_hosts(app: &App, m: &Migration) {
+    for h in [&m.source.host_id, &m.target.host_id] {
+        if let Err(e) = crate::scheduler::sync_host(app, h).await {
+            tracing::warn!(host = %h, error = %e, "sending desired state");
+            app.mark_host(h);
+        }
+    }
+    app.wake.notify_one();
+}
+
+/// Records a new phase durably (with the VM when it changes too).
+async fn advance(
+    app: &App,
+    m: &mut Migration,
+    phase: MigrationPhase,
+    message: String,
+    vm: Option<&Vm>,
+) -> ApiResult<()> {
+    let now = Utc::now();
+    m.phase = phase;
+    m.updated_at = now;
+    m.steps.push(MigrationStep {
+        at: now,
+        phase,
+        message: message.clone(),
+    });
+    if phase.is_terminal() {
+        m.finished_at = Some(now);
+        m.total_ms = Some((now - m.created_at).num_milliseconds().max(0) as u64);
+        m.progress = None;
+    }
+    let event = format!("migration {}: {message}", m.id);
+    app.store
+        .update_migration(m, vm, vm.map(|_| event.as_str()))
+        .await?;
+    app.migrations.set_active(m);
+    if let Some(vm) = vm {
+        app.publish_vm(vm);
+    }
+    tracing::info!(migration = %m.id, vm = %m.vm, phase = phase.as_str(), "{message}");
+    fail_point(phase);
+    sync_hosts(app, m).await;
+    Ok(())
+}
+
+/// Runs one migration to its end.
+async fn drive(app: App, id: String) {
+    let mut entered = Instant::now();
+    let mut last_progress: Option<(u64, Instant)> = None;
+    let mut last_saved = Instant::now();
+    loop {
+        let notified = app.migrations.wake.notified();
+        let Some(mut m) = lock(&app.migrations.active).get(&id).cloned() else {
+            return;
+        };
+        let phase = m.phase;
+        match step(&app, &mut m, entered, &mut last_progress).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(migration = %id, error = %e, "migration step failed; retrying")
+            }
+        }
+        if m.phase != phase {
+            entered = Instant::now();
+            last_progress = None;
+        } else if last_saved.elapsed() > Duration::from_secs(2) {
+            // Progress reaches the store now and then, not on every report.
+            last_saved = Instant::now();
+            let _ = app.store.update_migration(&m, None, None).await;
+        }
+        if m.phase.is_terminal() {
+            return;
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+async fn load_vm(app: &App, m: &Migration) -> ApiResult<Vm> {
+    Ok(app.store.get_vm(&m.vm_id).await?)
+}
+
+/// One look at a migration: act on what the agents reported.
+async fn step(
+    app: &App,
+    m: &mut Migration,
+    entered: Instant,
+    last_progress: &mut Option<(u64, Instant)>,
+) -> ApiResult<()> {
+    let src = app.migrations.report(&m.id, MigrationSide::Source);
+    let dst = app.migrations.report(&m.id, MigrationSide::Target);
+    let failed = |r: &Option<MigrationReport>| {
+        r.as_ref()
+            .filter(|r| r.state == MigrationAgentState::Failed)
+            .map(|r| r.error.clone().unwrap_or_else(|| "failed".into()))
+    };
+    // Progress, for the API; a transfer that stops moving is given up.
+    if let Some(p) = src
+        .as_ref()
+        .and_then(|r| r.progress.clone())
+        .or_else(|| dst.as_ref().and_then(|r| r.progress.clone()))
+    {
+        if last_progress.is_none_or(|(b, _)| b != p.bytes_done) {
+            *last_progress = Some((p.bytes_done, Instant::now()));
+        }
+        if m.progress.as_ref() != Some(&p) {
+            m.progress = Some(p);
+            app.migrations.set_active(m);
+        }
+    }
+    let stalled = || {
+        let since = last_progress.map(|(_, t)| t).unwrap_or(entered);
+        since.elapsed() > STALL_TIMEOUT
+    };
+    match (m.mode, m.phase) {
+        (MigrationMode::Live, MigrationPhase::PreparingTarget) => {
+            if let Some(e) = failed(&dst) {
+                return rollback(app, m, format!("the target could not get ready: {e}")).await;
+            }
+            if let Some(ep) = dst.as_ref().and_then(|r| r.endpoints.clone()) {
+                m.source_engaged = true;
+                let msg = format!(
+                    "target {} ready (migration stream {}, disk {}); sending disk and memory",
+                    m.target.host, ep.migrate, ep.nbd
+                );
+                return advance(app, m, MigrationPhase::Transferring, msg, None).await;
+            }
+            if entered.elapsed() > PREPARE_TIMEOUT {
+                return rollback(app, m, "the target did not get ready in time".into()).await;
+            }
+        }
+        (MigrationMode::Live, MigrationPhase::Transferring) => {
+            if dst
+                .as_ref()
+                .is_some_and(|r| r.state == MigrationAgentState::Resumed)
+            {
+                let src_down = src.as_ref().and_then(|r| r.downtime_ms).unwrap_or(0);
+                let dst_down = dst.as_ref().and_then(|r| r.downtime_ms).unwrap_or(0);
+                m.downtime_ms = Some(src_down + dst_down);
+                m.bytes = src.as_ref().and_then(|r| r.bytes);
+                return commit(app, m).await;
+            }
+            if let Some(e) = failed(&src).or_else(|| failed(&dst)) {
+                return rollback(app, m, format!("the transfer failed: {e}")).await;
+            }
+            if stalled() {
+                return rollback(app, m, "the transfer made no progress".into()).await;
+            }
+        }
+        (MigrationMode::Cold, MigrationPhase::Transferring) => {
+            if let Some(e) = failed(&src) {
+                return rollback(app, m, format!("the source could not send the disk: {e}")).await;
+            }
+            if let Some(disk) = src
+                .as_ref()
+                .filter(|r| r.state == MigrationAgentState::Sent)
+                .and_then(|r| r.disk.clone())
+            {
+                let path = staging_path(app, &m.id);
+                let (sha, size) = crate::api::images::sha256_file(&path).await?;
+                if sha != disk.sha256 || size != disk.size_bytes {
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return rollback(
+                        app,
+                        m,
+                        format!(
+                            "the uploaded disk is corrupt (sha256 {sha}, expected {})",
+                            disk.sha256
+                        ),
+                    )
+                    .await;
+                }
+                m.disk_sha256 = Some(sha);
+                m.disk_bytes = Some(size);
+                m.downtime_ms = None;
+                let msg = format!(
+                    "disk uploaded and verified ({size} bytes compressed); target {} fetches it",
+                    m.target.host
+                );
+                return advance(app, m, MigrationPhase::PreparingTarget, msg, None).await;
+            }
+            if stalled() {
+                return rollback(app, m, "the disk upload made no progress".into()).await;
+            }
+        }
+        (MigrationMode::Cold, MigrationPhase::PreparingTarget) => {
+            if let Some(e) = failed(&dst) {
+                return rollback(app, m, format!("the target could not take the disk: {e}")).await;
+            }
+            if dst
+                .as_ref()
+                .is_some_and(|r| r.state == MigrationAgentState::Ready)
+            {
+                m.bytes = m.disk_bytes.map(|b| b * 2); // up to the control plane and down again
+                return commit(app, m).await;
+            }
+            if stalled() {
+                return rollback(
+                    app,
+                    m,
+                    "the target made no progress fetching the disk".into(),
+                )
+                .await;
+            }
+        }
+        (_, MigrationPhase::SwitchingOver) => {
+            // Cold: wait until the target runs the VM (or holds it stopped).
+            let vm = load_vm(app, m).await?;
+            let settled = m.mode == MigrationMode::Live
+                || vm.status.host_id.as_deref() == Some(m.target.host_id.as_str())
+                    && matches!(
+                        vm.status.phase,
+                        VmPhase::Running | VmPhase::Stopped | VmPhase::Failed
+                    );
+            if settled {
+                if m.mode == MigrationMode::Cold {
+                    let since_created = (Utc::now() - m.created_at).num_milliseconds().max(0);
+                    m.downtime_ms = Some(since_created as u64).filter(|_| m.was_running);
+                }
+                let msg = format!("VM runs at {}; removing the source copy", m.target.host);
+                return advance(app, m, MigrationPhase::CleaningUp, msg, None).await;
+            }
+        }
+        (_, MigrationPhase::CleaningUp) => {
+            if app
+                .migrations
+                .gone_since(&m.source.host_id, &m.vm_id, since_instant(m))
+            {
+                let _ = tokio::fs::remove_file(staging_path(app, &m.id)).await;
+                let _g = app.lock_vm(&m.vm_id).await;
+                let mut vm = load_vm(app, m).await?;
+                vm.status.migration = None;
+                vm.updated_at = Utc::now();
+                let msg = format!(
+                    "completed: {} -> {} ({}, {}) in {} ms, downtime {} ms, {} bytes",
+                    m.source.host,
+                    m.target.host,
+                    m.target.site,
+                    m.target.country,
+                    (Utc::now() - m.created_at).num_milliseconds(),
+                    m.downtime_ms.unwrap_or(0),
+                    m.bytes.unwrap_or(0)
+                );
+                advance(app, m, MigrationPhase::Completed, msg, Some(&vm)).await?;
+                app.migrations.forget_reports(&m.id);
+                app.placement.invalidate();
+            }
+        }
+        (_, MigrationPhase::RollingBack) => {
+            // The target's copy must be gone before the source may run again.
+            let target_engaged = dst.is_some() || m.mode == MigrationMode::Live;
+            if !target_engaged
+                || app
+                    .migrations
+                    .gone_since(&m.target.host_id, &m.vm_id, since_instant(m))
+            {
+                let _ = tokio::fs::remove_file(staging_path(app, &m.id)).await;
+                let _g = app.lock_vm(&m.vm_id).await;
+                let mut vm = load_vm(app, m).await?;
+                vm.status.migration = None;
+                vm.updated_at = Utc::now();
+                let msg = format!(
+                    "rolled back: the VM stays on {} ({})",
+                    m.source.host, m.source.site
+                );
+                advance(app, m, MigrationPhase::Failed, msg, Some(&vm)).await?;
+                app.migrations.forget_reports(&m.id);
+                app.placement.invalidate();
+            }
+        }
+        (_, MigrationPhase::Completed | MigrationPhase::Failed) => {}
+    }
+    Ok(())
+}
+
+/// When the current phase began, as an `Instant` (for "seen gone since").
+fn since_instant(m: &Migration) -> Instant {
+    let age = (Utc::now() - m.updated_at).to_std().unwrap_or_default();
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+}
+
+/// The commit point: the VM belongs to the target host from now on.
+async fn commit(app: &App, m: &mut Migration) -> ApiResult<()> {
+    let _g = app.lock_vm(&m.vm_id).await;
+    let mut vm = load_vm(app, m).await?;
+    let dst = app.store.get_host(&m.target.host_id).await?;
+    vm.status.host_id = Some(dst.id.clone());
+    vm.status.host = Some(dst.name.clone());
+    vm.status.site = Some(dst.site.clone());
+    vm.status.provider = Some(dst.provider.clone());
+    vm.status.country = Some(dst.country.clone());
+    vm.status.hypervisor = Some(dst.inventory.hypervisor);
+    vm.status.ports.clear();
+    vm.status.placement_reason = Some(format!("migrated: {}", m.placement_reason));
+    if m.mode == MigrationMode::Cold {
+        vm.status.phase = VmPhase::Scheduled;
+        vm.status.started_at = None;
+        if vm
+            .status
+            .machine
+            .as_ref()
+            .is_some_and(|mt| !dst.inventory.machine_types.contains(mt))
+        {
+            vm.status.machine = None;
+        }
+    }
+    vm.updated_at = Utc::now();
+    let msg = format!(
+        "switched over to {} ({}, {}, {})",
+        dst.name, dst.site, dst.provider, dst.country
+    );
+    advance(app, m, MigrationPhase::SwitchingOver, msg, Some(&vm)).await
+}
+
+async fn rollback(app: &App, m: &mut Migration, why: String) -> ApiResult<()> {
+    m.error = Some(why.clone());
+    advance(
+        app,
+        m,
+        MigrationPhase::RollingBack,
+        format!("{why}; rolling back"),
+        None,
+    )
+    .await
+}
+
+pub fn staging_path(app: &App, id: &str) -> std::path::PathBuf {
+    app.data_dir.join("staging").join(format!("{id}.qcow2"))
+}
+
+/// The migration roles of the VMs a host should have: adds the VMs coming
+/// in and marks those going out (called when computing its desired state).
+pub async fn apply_roles(
+    app: &App,
+    host_id: &str,
+    out: &mut Vec<DesiredVm>,
+    images: &mut HashMap<String, virt8ra_api::protocol::ImageRef>,
+) -> ApiResult<()> {
+    for m in app.migrations.active() {
+        let live = m.mode == MigrationMode::Live;
+        if m.source.host_id == host_id {
+            let role = match m.phase {
+                MigrationPhase::Transferring | MigrationPhase::PreparingTarget if !live => {
+                    Some(MigrationRole::Outgoing {
+                        migration_id: m.id.clone(),
+                        mode: m.mode,
+                        target: None,
+                        upload_path: Some(format!("/api/v1/staging/{}", m.id)),
+                    })
+                }
+                MigrationPhase::Transferring => {
+                    let ep: Option<LiveEndpoints> = app
+                        .migrations
+                        .report(&m.id, MigrationSide::Target)
+                        .and_then(|r| r.endpoints);
+                    Some(MigrationRole::Outgoing {
+                        migration_id: m.id.clone(),
+                        mode: m.mode,
+                        target: ep,
+                        upload_path: None,
+                    })
+                }
+                // Held (not resumed) until the target copy is gone.
+                MigrationPhase::RollingBack if m.source_engaged => Some(MigrationRole::Outgoing {
+                    migration_id: m.id.clone(),
+                    mode: m.mode,
+                    target: None,
+                    upload_path: None,
+                }),
+                _ => None,
+            };
+            if let (Some(role), Some(d)) = (role, out.iter_mut().find(|d| d.id == m.vm_id)) {
+                d.migration = Some(role);
+            }
+        }
+        if m.target.host_id == host_id {
+            let incoming = match m.phase {
+                MigrationPhase::PreparingTarget => true,
+                MigrationPhase::Transferring => live,
+                _ => false,
+            };
+            if incoming && !out.iter().any(|d| d.id == m.vm_id) {
+                let vm = app.store.get_vm(&m.vm_id).await?;
+                let Some(mut d) = crate::scheduler::desired_vm(app, &vm, images).await? else {
+                    continue;
+                };
+                d.site = Some(m.target.site.clone());
+                d.migration = Some(MigrationRole::Incoming {
+                    migration_id: m.id.clone(),
+                    mode: m.mode,
+                    disk: match (&m.disk_sha256, m.disk_bytes) {
+                        (Some(sha), Some(size)) if !live => Some(StagedDisk {
+                            url_path: format!("/api/v1/staging/{}", m.id),
+                            sha256: sha.clone(),
+                            size_bytes: size,
+                        }),
+                        _ => None,
+                    },
+                });
+                out.push(d);
+            }
+        }
+    }
+    for e in app.migrations.active_exports() {
+        if let Some(d) = out.iter_mut().find(|d| d.id == e.vm_id) {
+            d.migration = Some(MigrationRole::Export {
+                export_id: e.id.clone(),
+                upload_path: e.url_path.clone(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(())
+}
+
+/// An export's upload finished (or failed): verify and record it.
+pub async fn finish_export(app: &App, r: &MigrationReport) -> ApiResult<()> {
+    let Some(mut e) = lock(&app.migrations.exports).get(&r.migration_id).cloned() else {
+        return Ok(());
+    };
+    match (r.state, &r.disk) {
+        (MigrationAgentState::Sent, Some(disk)) => {
+            let (sha, size) = crate::api::images::sha256_file(&staging_path(app, &e.id)).await?;
+            if sha == disk.sha256 && size == disk.size_bytes {
+                e.state = "ready".into();
+                e.sha256 = Some(sha);
+                e.size_bytes = Some(size);
+            } else {
+                e.state = "failed".into();
+                e.error = Some(format!(
+                    "the uploaded disk is corrupt (sha256 {sha}, expected {})",
+                    disk.sha256
+                ));
+            }
+        }
+        (MigrationAgentState::Failed, _) => {
+            e.state = "failed".into();
+            e.error = r.error.clone();
+        }
+        _ => return Ok(()),
+    }
+    app.store.put_export(&e).await?;
+    app.migrations.set_export(&e);
+    app.migrations.forget_reports(&e.id);
+    if let Ok(vm) = app.store.get_vm(&e.vm_id).await {
+        if let Some(h) = vm.status.host_id {
+            let _ = crate::scheduler::sync_host(app, &h).await;
+        }
+    }
+    Ok(())
+}
