@@ -358,7 +358,9 @@ fn refused(c: &Cluster, args: &[&str], want: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} was accepted");
     assert!(err.contains(want), "{args:?}: expected {want:?} in {err}");
-    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "not one error line: {err}");
+    assert!(errors[0].contains(want), "{err}");
 }
 
 /// Kills the control plane or an agent at each step of a live migration in

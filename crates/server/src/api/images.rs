@@ -210,9 +210,12 @@ async fn qemu_img_info(path: &FsPath) -> ApiResult<ImgInfo> {
         .await
         .map_err(|e| ApiError::Internal(format!("run qemu-img (is qemu-utils installed?): {e}")))?;
     if !out.status.success() {
+        // The server's own path means nothing to the client.
+        let why = String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .replace(&format!("Could not open '{}': ", path.display()), "");
         return Err(ApiError::Invalid(format!(
-            "not a readable disk image: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "not a readable disk image: {why}"
         )));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
