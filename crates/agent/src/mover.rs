@@ -263,6 +263,7 @@ impl Mover {
                 });
             }
             MigrationRole::Outgoing {
+                migration_id,
                 mode: MigrationMode::Live,
                 target,
                 ..
@@ -271,9 +272,10 @@ impl Mover {
                     bail!("live migration without target endpoints");
                 };
                 mark_outgoing(q, &d.id)?;
+                fail_point("agent-send")?;
                 let rep2 = rep.clone();
                 let outcome = q
-                    .send_live(&d.id, target, &|p| {
+                    .send_live(&d.id, migration_id, target, &|p| {
                         self.report(MigrationReport {
                             state: MigrationAgentState::Transferring,
                             progress: Some(p),
@@ -587,12 +589,18 @@ pub async fn sha256_of(path: &Path) -> std::io::Result<(String, u64)> {
 }
 
 /// Failure injection for tests: when `VIRT8RA_AGENT_FAIL_AT` names this
-/// point, the agent process exits here (as if killed), so a test can check
-/// the workflow recovers. Never set in production.
+/// point, the agent process exits here (as if killed); when it is
+/// `error:POINT`, the step fails here. A test checks the workflow recovers.
+/// Never set in production.
 pub fn fail_point(name: &str) -> anyhow::Result<()> {
-    if std::env::var("VIRT8RA_AGENT_FAIL_AT").is_ok_and(|v| v == name) {
-        tracing::error!(point = name, "failure injection: agent exits");
-        std::process::exit(86);
+    match std::env::var("VIRT8RA_AGENT_FAIL_AT") {
+        Ok(v) if v == name => {
+            tracing::error!(point = name, "failure injection: agent exits");
+            std::process::exit(86);
+        }
+        Ok(v) if v.strip_prefix("error:") == Some(name) => {
+            bail!("failure injected at {name}")
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }

@@ -667,6 +667,11 @@ async fn step(
             if let Some(e) = failed(&src).or_else(|| failed(&dst)) {
                 return rollback(app, m, format!("the transfer failed: {e}")).await;
             }
+            if src.is_none() && dst.as_ref().is_some_and(|r| r.endpoints.is_some()) {
+                // The source has not been told yet (e.g. the control plane
+                // restarted before it could); unchanged states are not resent.
+                sync_hosts(app, m).await;
+            }
             if stalled() {
                 return rollback(app, m, "the transfer made no progress".into()).await;
             }
@@ -872,18 +877,18 @@ pub async fn apply_roles(
                         upload_path: Some(format!("/api/v1/staging/{}", m.id)),
                     })
                 }
-                MigrationPhase::Transferring => {
-                    let ep: Option<LiveEndpoints> = app
-                        .migrations
-                        .report(&m.id, MigrationSide::Target)
-                        .and_then(|r| r.endpoints);
-                    Some(MigrationRole::Outgoing {
+                // Sent only once the target's endpoints are known (after a
+                // restart of the control plane, from the target's next report).
+                MigrationPhase::Transferring => app
+                    .migrations
+                    .report(&m.id, MigrationSide::Target)
+                    .and_then(|r| r.endpoints)
+                    .map(|ep: LiveEndpoints| MigrationRole::Outgoing {
                         migration_id: m.id.clone(),
                         mode: m.mode,
-                        target: ep,
+                        target: Some(ep),
                         upload_path: None,
-                    })
-                }
+                    }),
                 // Held (not resumed) until the target copy is gone.
                 MigrationPhase::RollingBack if m.source_engaged => Some(MigrationRole::Outgoing {
                     migration_id: m.id.clone(),

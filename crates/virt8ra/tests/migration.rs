@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::{procs_under, wait_until, Cluster};
@@ -377,6 +376,8 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
     enum Kill {
         Server(&'static str),
         Agent(&'static str),
+        /// The source's step fails (it does not die): a rollback.
+        SourceError(&'static str),
     }
     let cases = [
         Kill::Server("migration:preparing_target"),
@@ -384,6 +385,7 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
         Kill::Server("migration:switching_over"),
         Kill::Server("migration:cleaning_up"),
         Kill::Agent("agent-job-start"),
+        Kill::SourceError("error:agent-send"),
     ];
     for (i, case) in cases.iter().enumerate() {
         let from = host_of(&c, "phoenix");
@@ -418,12 +420,6 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
             Kill::Agent(point) => {
                 // The target agent dies as its job starts, then comes back.
                 c.kill_agent(to);
-                let site = if to == "host-es" {
-                    "es-logrono"
-                } else {
-                    "de-frankfurt"
-                };
-                let _ = site;
                 c.start_agent_env(
                     to,
                     None,
@@ -447,6 +443,25 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                     p.child.try_wait().ok().flatten()
                 });
                 c.start_agent_with(to, None, &["--migration-address", "127.0.0.1"]);
+            }
+            Kill::SourceError(point) => {
+                c.kill_agent(&from);
+                c.start_agent_env(
+                    &from,
+                    None,
+                    &["--migration-address", "127.0.0.1"],
+                    &[("VIRT8RA_AGENT_FAIL_AT", point)],
+                );
+                c.wait_hosts_ready(2);
+                c.cli_ok(&[
+                    "vm",
+                    "migrate",
+                    "phoenix",
+                    "--to-host",
+                    to,
+                    "--mode",
+                    "live",
+                ]);
             }
         }
         // The workflow finishes one way or the other.
@@ -477,6 +492,9 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
         });
         assert_eq!(data_shas(&con).last().unwrap(), &sha, "case {i}");
         eprintln!("case {i}: {} -> {}", m["phase"], now);
-        let _ = Path::new("");
+        if let Kill::SourceError(_) = case {
+            assert_eq!(m["phase"], "failed", "{m}");
+            assert!(m["error"].as_str().unwrap().contains("failure injected"));
+        }
     }
 }

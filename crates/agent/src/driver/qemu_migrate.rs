@@ -62,6 +62,16 @@ pub enum IncomingState {
     Running,
 }
 
+/// What the source recorded about the migration it sends (`outgoing.json`):
+/// QEMU's own status cannot tell this migration from an earlier one (a VM
+/// that arrived here reports its incoming migration as `completed`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct OutgoingRecord {
+    migration_id: String,
+    #[serde(default)]
+    outcome: Option<SendOutcome>,
+}
+
 /// The result of sending a VM.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct SendOutcome {
@@ -271,21 +281,40 @@ impl QemuDriver {
     pub async fn send_live(
         &self,
         id: &str,
+        migration_id: &str,
         target: &LiveEndpoints,
         progress: &(dyn Fn(MigrationProgress) + Send + Sync),
     ) -> Result<SendOutcome> {
         if self.running_pid(id).is_none() {
             return Err(DriverError::Other(format!("VM {id} is not running")));
         }
+        let record_path = self.vm_dir(id).join("outgoing.json");
+        let record: Option<OutgoingRecord> = std::fs::read(&record_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .filter(|r: &OutgoingRecord| r.migration_id == migration_id);
         let mut status = self.migrate_status(id).await?;
-        if status["status"].as_str() == Some("completed") {
-            return Ok(self.outcome(id, &status));
+        if let Some(o) = record.as_ref().and_then(|r| r.outcome) {
+            return Ok(o);
         }
+        let ours_in_flight = record.is_some()
+            && matches!(
+                status["status"].as_str(),
+                Some("active")
+                    | Some("pre-switchover")
+                    | Some("device")
+                    | Some("setup")
+                    | Some("completed")
+            );
         let device = self.disk_device(id).await?;
-        if !matches!(
-            status["status"].as_str(),
-            Some("active") | Some("pre-switchover") | Some("device") | Some("setup")
-        ) {
+        if !ours_in_flight {
+            let rec = OutgoingRecord {
+                migration_id: migration_id.to_string(),
+                outcome: None,
+            };
+            let b = serde_json::to_vec(&rec).map_err(|e| DriverError::Other(e.to_string()))?;
+            crate::reconciler::write_atomic(&record_path, &b)
+                .map_err(io_err("write outgoing.json"))?;
             // (Re)start: a mirror left over from an interrupted attempt is dropped.
             if self.mirror_job(id).await?.is_some() {
                 let _ = self
@@ -393,10 +422,16 @@ impl QemuDriver {
                     continued = true;
                 }
                 "completed" => {
-                    let mut o = self.outcome(id, &status);
-                    o.bytes += mirror_bytes;
-                    let b = serde_json::to_vec(&o).unwrap_or_default();
-                    let _ = std::fs::write(self.vm_dir(id).join("outgoing.json"), b);
+                    let o = SendOutcome {
+                        downtime_ms: u(&status, "downtime"),
+                        bytes: u(ram, "transferred") + mirror_bytes,
+                    };
+                    let rec = OutgoingRecord {
+                        migration_id: migration_id.to_string(),
+                        outcome: Some(o),
+                    };
+                    let b = serde_json::to_vec(&rec).unwrap_or_default();
+                    let _ = crate::reconciler::write_atomic(&record_path, &b);
                     progress(MigrationProgress {
                         stage: "switch-over".into(),
                         bytes_done: o.bytes,
@@ -416,16 +451,6 @@ impl QemuDriver {
                 }
             }
         }
-    }
-
-    fn outcome(&self, id: &str, status: &Value) -> SendOutcome {
-        let saved: Option<SendOutcome> = std::fs::read(self.vm_dir(id).join("outgoing.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        saved.unwrap_or(SendOutcome {
-            downtime_ms: u(status, "downtime"),
-            bytes: u(&status["ram"], "transferred"),
-        })
     }
 
     async fn migrate_status(&self, id: &str) -> Result<Value> {
