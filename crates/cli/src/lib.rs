@@ -369,6 +369,7 @@ async fn provider(c: &Client, o: Format, cmd: ProviderCmd) -> anyhow::Result<()>
                         name,
                         country,
                         jurisdiction,
+                        labels: Default::default(),
                     },
                 )
                 .await?;
