@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use virt8ra_api::*;
 
+pub mod apply;
 pub mod client;
 pub mod output;
 
@@ -54,6 +55,8 @@ pub enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Bring providers, sites, images and VMs to the state a YAML file declares.
+    Apply(apply::ApplyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +347,7 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::Host(h) => host(&c, o, h).await,
         Command::Image(i) => image(&c, o, i).await,
         Command::Vm(v) => vm(&c, o, v).await,
+        Command::Apply(a) => apply::run(&c, o, a).await,
     }
 }
 
