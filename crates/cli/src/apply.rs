@@ -744,13 +744,30 @@ fn rows<K: Kind>(steps: &[Step<K>]) -> Vec<PlanRow> {
 }
 
 /// Creates, updates and replaces of one kind, in file order.
-async fn exec_forward<K: Kind>(
-    c: &Client,
-    steps: &[Step<K>],
+/// How the plan is carried out.
+struct Exec<'a> {
+    c: &'a Client,
+    /// How long a deleted VM may take to be gone.
     wait: Duration,
-) -> anyhow::Result<()> {
+    /// Report each change on stderr as it is made (table output).
+    progress: bool,
+}
+
+impl Exec<'_> {
+    fn note(&self, action: Action, kind: &str, name: &str) {
+        if self.progress {
+            eprintln!("{} {kind} {name}", action.as_str());
+        }
+    }
+}
+
+async fn exec_forward<K: Kind>(x: &Exec<'_>, steps: &[Step<K>]) -> anyhow::Result<()> {
+    let (c, wait) = (x.c, x.wait);
     for s in steps {
         let what = || format!("{} {}", K::KIND, s.name);
+        if matches!(s.action, Action::Create | Action::Update | Action::Replace) {
+            x.note(s.action, K::KIND, &s.name);
+        }
         match (s.action, &s.decl, &s.live) {
             (Action::Create, Some(d), _) => K::create(c, d)
                 .await
@@ -772,10 +789,11 @@ async fn exec_forward<K: Kind>(
     Ok(())
 }
 
-async fn exec_delete<K: Kind>(c: &Client, steps: &[Step<K>], wait: Duration) -> anyhow::Result<()> {
+async fn exec_delete<K: Kind>(x: &Exec<'_>, steps: &[Step<K>]) -> anyhow::Result<()> {
     for s in steps {
         if let (Action::Delete, Some(l)) = (s.action, &s.live) {
-            K::delete(c, l, wait)
+            x.note(s.action, K::KIND, &s.name);
+            K::delete(x.c, l, x.wait)
                 .await
                 .with_context(|| format!("delete {} {}", K::KIND, s.name))?;
         }
@@ -1080,15 +1098,16 @@ impl Plan {
         r
     }
 
-    async fn execute(&self, c: &Client, wait: Duration) -> anyhow::Result<()> {
-        exec_forward(c, &self.providers, wait).await?;
-        exec_forward(c, &self.sites, wait).await?;
-        exec_forward(c, &self.images, wait).await?;
-        exec_forward(c, &self.vms, wait).await?;
-        exec_delete(c, &self.vms, wait).await?;
-        exec_delete(c, &self.images, wait).await?;
-        exec_delete(c, &self.sites, wait).await?;
-        exec_delete(c, &self.providers, wait).await
+    /// Creates and updates in dependency order, then deletions in reverse.
+    async fn execute(&self, x: &Exec<'_>) -> anyhow::Result<()> {
+        exec_forward(x, &self.providers).await?;
+        exec_forward(x, &self.sites).await?;
+        exec_forward(x, &self.images).await?;
+        exec_forward(x, &self.vms).await?;
+        exec_delete(x, &self.vms).await?;
+        exec_delete(x, &self.images).await?;
+        exec_delete(x, &self.sites).await?;
+        exec_delete(x, &self.providers).await
     }
 }
 
@@ -1306,6 +1325,27 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         hosts: c.get::<Page<virt8ra_api::Host>>("/hosts").await?.items,
     };
     check_vm_rules(c, &doc, &lines, &mut errs).await?;
+    // A VM on its way out is neither compared nor deleted again; declaring
+    // its name has to wait until it is gone.
+    let settled_vms: Vec<Vm> = live
+        .vms
+        .iter()
+        .filter(|v| v.status.phase != VmPhase::Deleting)
+        .cloned()
+        .collect();
+    for (i, v) in doc.vms.iter().enumerate() {
+        if live
+            .vms
+            .iter()
+            .any(|l| l.name == v.name && l.status.phase == VmPhase::Deleting)
+        {
+            errs.push(format!(
+                "{}: vm {}: a VM of this name is being deleted; apply again once it is gone",
+                lines.at("vms", i, Some("name")),
+                v.name
+            ));
+        }
+    }
     let plan = Plan {
         providers: plan_kind::<Providers>(
             &doc.providers,
@@ -1316,7 +1356,7 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         ),
         sites: plan_kind::<Sites>(&doc.sites, &live.sites, a.prune, &lines, &mut errs),
         images: plan_kind::<Images>(&images, &live.images, a.prune, &lines, &mut errs),
-        vms: plan_kind::<Vms>(&doc.vms, &live.vms, a.prune, &lines, &mut errs),
+        vms: plan_kind::<Vms>(&doc.vms, &settled_vms, a.prune, &lines, &mut errs),
     };
     check_references(&doc, &live, &plan, &lines, &mut errs);
     fail_on(&errs)?;
@@ -1351,7 +1391,12 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
     }
     let changed = rows.iter().any(|r| r.action != Action::Unchanged);
     if changed && !a.dry_run {
-        plan.execute(c, Duration::from_secs(a.wait_timeout))
+        let x = Exec {
+            c,
+            wait: Duration::from_secs(a.wait_timeout),
+            progress: o == Format::Table,
+        };
+        plan.execute(&x)
             .await
             .context("apply stopped; changes before this one were made (apply again to go on)")?;
     }

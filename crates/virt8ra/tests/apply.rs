@@ -488,3 +488,41 @@ fn provider_and_site_updates_are_validated() {
         "Offenbach"
     );
 }
+
+/// With a (simulated) host: a VM's power is changed in place, and pruning a
+/// running VM and its image waits for the host to remove the VM before the
+/// image is deleted (deletions run VMs first).
+#[test]
+fn prune_deletes_a_running_vm_before_its_image() {
+    let text = "providers:\n  - name: acme\n    country: DE\nsites:\n  - name: de-fra\n    provider: acme\n    country: DE\n    city: Frankfurt\n    latitude: 50.11\n    longitude: 8.68\nimages:\n  - name: tiny\n    file: disks/tiny.raw\nvms:\n  - name: web-1\n    image: tiny\n    memory_mib: 128\n    placement:\n      site: de-fra\n";
+    let mut f = Fixture::new(text);
+    f.apply(&[]);
+    f.c.start_agent_with("sim-0", Some("de-fra"), &["--driver", "sim"]);
+    f.c.wait_hosts_ready(1);
+    f.c.wait_phase("web-1", "running", std::time::Duration::from_secs(60));
+    assert_eq!(f.apply(&[])["changed"], false);
+
+    f.write(&text.replace("memory_mib: 128\n", "memory_mib: 128\n    start: false\n"));
+    let done = f.apply(&[]);
+    assert_eq!(count(&done, "update"), 1, "{done}");
+    f.c.wait_phase("web-1", "stopped", std::time::Duration::from_secs(60));
+    assert_eq!(f.apply(&[])["changed"], false);
+
+    f.write(text.split("images:").next().unwrap());
+    let done = f.apply(&["--prune"]);
+    let deletes: Vec<(String, String, String)> = actions(&done)
+        .into_iter()
+        .filter(|a| a.2 == "delete")
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            ("image".into(), "tiny".into(), "delete".into()),
+            ("vm".into(), "web-1".into(), "delete".into()),
+        ]
+    );
+    assert_eq!(f.c.vm("web-1")["status"]["phase"], "deleted");
+    assert_eq!(f.c.api("GET", "/api/v1/images/tiny", None).0, 404);
+    assert_eq!(f.c.api("GET", "/api/v1/sites/de-fra", None).0, 200);
+    assert_eq!(f.apply(&["--prune"])["changed"], false);
+}
