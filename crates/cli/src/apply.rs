@@ -75,17 +75,26 @@ pub struct ApplyArgs {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileDoc {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list")]
     providers: Vec<ProviderCreate>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list")]
     sites: Vec<SiteCreate>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list")]
     images: Vec<ImageEntry>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "list")]
     vms: Vec<VmCreate>,
     /// App deployments: not supported by this build yet.
     #[serde(default)]
     apps: Option<serde_yaml::Value>,
+}
+
+/// A list, or nothing (`vms:` with every entry commented out).
+fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// An image: imported from a local file (relative to the YAML file) or
@@ -694,9 +703,10 @@ fn plan_kind<K: Kind>(
             Action::Replace
         } else {
             for c in fixed {
+                let leaf = c.field.rsplit('.').next().unwrap_or(&c.field);
                 errs.push(format!(
                     "{}: {} {name}: {} cannot change in place ({} -> {}); delete the {} first or declare it under a new name",
-                    lines.at(K::SECTION, i, Some(c.field.split('.').next_back().unwrap_or(&c.field))),
+                    lines.at(K::SECTION, i, Some(leaf)),
                     K::KIND,
                     c.field,
                     show(&c.from),
@@ -1510,6 +1520,11 @@ mod tests {
         let e = load(&f).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("x.yaml:4:"), "{e}");
         assert!(e.contains("unknown field `contry`"), "{e}");
+        std::fs::write(&f, "providers:\n# none yet\nvms:\n").expect("write");
+        assert!(load(&f).is_ok(), "empty lists are allowed");
+        std::fs::write(&f, "vms:\n  - name: a\n    image: i\n    vcpus: many\n").expect("write");
+        let e = load(&f).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("x.yaml:4:"), "{e}");
         std::fs::write(&f, "apps:\n  - name: a\n").expect("write");
         let e = load(&f).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(

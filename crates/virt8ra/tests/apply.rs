@@ -526,3 +526,25 @@ fn prune_deletes_a_running_vm_before_its_image() {
     assert_eq!(f.c.api("GET", "/api/v1/sites/de-fra", None).0, 200);
     assert_eq!(f.apply(&["--prune"])["changed"], false);
 }
+
+/// An image whose file changed (and that no VM uses) is replaced: deleted
+/// and imported again; the next apply is a no-op.
+#[test]
+fn changed_image_file_is_replaced() {
+    let f = Fixture::new("images:\n  - name: tiny\n    file: disks/tiny.raw\n");
+    f.apply(&[]);
+    let old = f.c.ok("GET", "/api/v1/images/tiny", None);
+    raw_disk(&f.file.parent().unwrap().join("disks"), "tiny.raw", 9);
+    let plan = f.apply(&["--dry-run"]);
+    assert_eq!(
+        actions(&plan),
+        [("image".into(), "tiny".into(), "replace".into())]
+    );
+    assert_eq!(plan["plan"][0]["changes"][0]["field"], "sha256");
+    assert_eq!(plan["plan"][0]["changes"][0]["from"], old["source_sha256"]);
+    f.apply(&[]);
+    let new = f.c.ok("GET", "/api/v1/images/tiny", None);
+    assert_ne!(new["source_sha256"], old["source_sha256"]);
+    assert_eq!(new["labels"]["virt8ra.io/managed-by"], "apply");
+    assert_eq!(f.apply(&[])["changed"], false);
+}
