@@ -23,7 +23,8 @@
 //!   changes are a `replace` (delete and import again), refused when VMs use
 //!   the image. Any other change (a site's provider or country, a VM's size,
 //!   image, placement, user data, ports or labels) is a plan error that names
-//!   the field: nothing is changed.
+//!   the field: nothing is changed. With `--replace`, such a VM change is a
+//!   `replace` instead (deleted, waited for, created again: its disk is lost).
 //!
 //! Every kind of resource is one implementation of [`Kind`] (read the
 //! current state, compare, create, update, delete through the API), so a
@@ -63,6 +64,10 @@ pub struct ApplyArgs {
     /// Also delete resources created by apply that the file no longer declares.
     #[arg(long)]
     pub prune: bool,
+    /// Replace (delete, then create again) VMs whose declared spec changed in
+    /// a way that cannot be made in place. The VM's disk is lost.
+    #[arg(long)]
+    pub replace: bool,
     /// Seconds to wait for a pruned VM to be gone before deleting what it used.
     #[arg(long, default_value_t = 300)]
     pub wait_timeout: u64,
@@ -570,6 +575,8 @@ pub(crate) trait Kind {
     const IMMUTABLE: &'static [&'static str];
     /// Whether a change to an immutable field is a replace (else a plan error).
     const REPLACE: bool;
+    /// Whether `--replace` makes such a change a replace.
+    const REPLACE_ON_REQUEST: bool = false;
     type Decl: Clone;
     type Live: Clone;
 
@@ -673,10 +680,11 @@ fn immutable(field: &str, list: &[&str]) -> bool {
 fn plan_kind<K: Kind>(
     decls: &[K::Decl],
     live: &[K::Live],
-    prune: bool,
+    a: &ApplyArgs,
     lines: &Lines,
     errs: &mut Vec<String>,
 ) -> Vec<Step<K>> {
+    let prune = a.prune;
     let mut steps = Vec::new();
     for (i, d) in decls.iter().enumerate() {
         let name = K::name(d).to_string();
@@ -699,13 +707,18 @@ fn plan_kind<K: Kind>(
             Action::Unchanged
         } else if fixed.is_empty() {
             Action::Update
-        } else if K::REPLACE {
+        } else if K::REPLACE || (a.replace && K::REPLACE_ON_REQUEST) {
             Action::Replace
         } else {
+            let hint = if K::REPLACE_ON_REQUEST {
+                ", or apply with --replace"
+            } else {
+                ""
+            };
             for c in fixed {
                 let leaf = c.field.rsplit('.').next().unwrap_or(&c.field);
                 errs.push(format!(
-                    "{}: {} {name}: {} cannot change in place ({} -> {}); delete the {} first or declare it under a new name",
+                    "{}: {} {name}: {} cannot change in place ({} -> {}); delete the {} first or declare it under a new name{hint}",
                     lines.at(K::SECTION, i, Some(leaf)),
                     K::KIND,
                     c.field,
@@ -1004,6 +1017,7 @@ impl Kind for Vms {
         "labels",
     ];
     const REPLACE: bool = false;
+    const REPLACE_ON_REQUEST: bool = true;
     type Decl = VmCreate;
     type Live = Vm;
 
@@ -1092,6 +1106,14 @@ impl Kind for Vms {
 }
 
 /// The whole plan: one list of steps per kind, in creation order.
+///
+/// Adding a kind (app deployments, `apps:`): implement [`Kind`] for it
+/// (`Decl` = the deploy request, `Live` = the deployment, `list`/`create`/
+/// `update`/`delete` through `/apps`, which fields are immutable), replace
+/// `FileDoc::apps` and its "not supported" check in [`load`] with a typed
+/// list, add a field here after `vms` (creation order), a line to `rows`,
+/// `execute` (forward after VMs, delete before VMs) and `run`, and the
+/// names it refers to (images, sites) to [`check_references`].
 pub(crate) struct Plan {
     providers: Vec<Step<Providers>>,
     sites: Vec<Step<Sites>>,
@@ -1357,16 +1379,10 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         }
     }
     let plan = Plan {
-        providers: plan_kind::<Providers>(
-            &doc.providers,
-            &live.providers,
-            a.prune,
-            &lines,
-            &mut errs,
-        ),
-        sites: plan_kind::<Sites>(&doc.sites, &live.sites, a.prune, &lines, &mut errs),
-        images: plan_kind::<Images>(&images, &live.images, a.prune, &lines, &mut errs),
-        vms: plan_kind::<Vms>(&doc.vms, &settled_vms, a.prune, &lines, &mut errs),
+        providers: plan_kind::<Providers>(&doc.providers, &live.providers, &a, &lines, &mut errs),
+        sites: plan_kind::<Sites>(&doc.sites, &live.sites, &a, &lines, &mut errs),
+        images: plan_kind::<Images>(&images, &live.images, &a, &lines, &mut errs),
+        vms: plan_kind::<Vms>(&doc.vms, &settled_vms, &a, &lines, &mut errs),
     };
     check_references(&doc, &live, &plan, &lines, &mut errs);
     fail_on(&errs)?;

@@ -256,6 +256,25 @@ fn apply_updates_only_what_changed() {
     let err = f.apply_err(&["--dry-run"]);
     assert!(err.contains("memory_mib cannot change in place"), "{err}");
     assert_eq!(snapshot(&f.c), before);
+    assert!(err.contains("or apply with --replace"), "{err}");
+
+    // ... unless the operator asks for a replace: deleted, then created anew.
+    let old_id = f.c.vm("web-1")["id"].clone();
+    let done = f.apply(&["--replace"]);
+    assert_eq!(
+        actions(&done)
+            .into_iter()
+            .filter(|a| a.2 != "unchanged")
+            .collect::<Vec<_>>(),
+        [("vm".into(), "web-1".into(), "replace".into())]
+    );
+    let vm = f.c.vm("web-1");
+    assert_ne!(vm["id"], old_id);
+    assert_eq!(vm["spec"]["memory_mib"], 512);
+    assert_eq!(f.apply(&[])["changed"], false);
+    f.write(&text);
+    f.apply(&["--replace"]);
+    let before = snapshot(&f.c);
 
     // New image content under the same name: a replace, refused while VMs use it.
     f.write(&text);
