@@ -16,6 +16,9 @@ pub struct Provider {
     pub country: String,
     /// Legal jurisdiction, e.g. `EU`, `EEA`, `CH`, `US`.
     pub jurisdiction: String,
+    /// Free-form labels (e.g. `virt8ra.io/managed-by: apply`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -26,6 +29,21 @@ pub struct ProviderCreate {
     pub country: String,
     #[serde(default = "default_jurisdiction")]
     pub jurisdiction: String,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Changes to a provider (`PATCH`): absent fields keep their value; `labels`
+/// replaces all labels when given.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jurisdiction: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn default_jurisdiction() -> String {
@@ -113,6 +131,26 @@ pub struct SiteCreate {
 
 fn default_tier() -> Tier {
     Tier::Core
+}
+
+/// Changes to a site (`PATCH`): absent fields keep their value; `facts` and
+/// `labels` replace the whole object when given. The provider and the
+/// country of a site cannot change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latitude: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longitude: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<SiteFacts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 // -------------------------------------------------------------------- hosts
@@ -260,6 +298,13 @@ pub struct Image {
     pub size_bytes: u64,
     pub virtual_size_bytes: u64,
     pub arch: String,
+    /// sha256 of the file as uploaded (differs from `sha256` when the
+    /// import converted it), so a client can tell whether a local file is
+    /// already imported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -444,6 +489,10 @@ pub struct VmCreate {
     /// Start the VM once placed (default true).
     #[serde(default = "default_true")]
     pub start: bool,
+    /// Free-form labels of the VM (not part of its spec; e.g.
+    /// `virt8ra.io/managed-by: apply`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn default_vcpus() -> u32 {
@@ -582,6 +631,8 @@ pub struct Vm {
     pub reboot_generation: u64,
     /// Seconds a stop waits for the guest's ACPI power-down before forcing it off.
     pub stop_timeout_s: u32,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     pub status: VmStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

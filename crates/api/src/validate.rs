@@ -68,7 +68,23 @@ pub fn jurisdiction(s: &str) -> Result<(), String> {
 pub fn provider(p: &ProviderCreate) -> Result<(), String> {
     name("provider", &p.name)?;
     country(&p.country)?;
-    jurisdiction(&p.jurisdiction)
+    jurisdiction(&p.jurisdiction)?;
+    labels(&p.labels)
+}
+
+/// Label keys are 1-63 characters, values at most 253.
+pub fn labels(l: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+    for (k, v) in l {
+        if k.is_empty() || k.len() > 63 || v.len() > 253 {
+            return Err(format!(
+                "label {k:?}: keys are 1-63 characters, values at most 253"
+            ));
+        }
+    }
+    if l.len() > 64 {
+        return Err(format!("{} labels; at most 64 are allowed", l.len()));
+    }
+    Ok(())
 }
 
 pub fn site(s: &SiteCreate) -> Result<(), String> {
@@ -83,13 +99,7 @@ pub fn site(s: &SiteCreate) -> Result<(), String> {
     if !(-180.0..=180.0).contains(&s.longitude) {
         return Err(format!("longitude {} is outside -180..180", s.longitude));
     }
-    for (k, v) in &s.labels {
-        if k.is_empty() || k.len() > 63 || v.len() > 253 {
-            return Err(format!(
-                "label {k:?}: keys are 1-63 characters, values at most 253"
-            ));
-        }
-    }
+    labels(&s.labels)?;
     let f = &s.facts;
     if let Some(a) = f.access_latency_ms {
         if !(0.0..=1000.0).contains(&a) {
@@ -158,7 +168,7 @@ pub fn vm(v: &VmCreate) -> Result<(), String> {
             return Err("port 0 cannot be forwarded".into());
         }
     }
-    Ok(())
+    labels(&v.labels)
 }
 
 pub fn join_token(j: &JoinTokenCreate) -> Result<(), String> {

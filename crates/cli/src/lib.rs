@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use virt8ra_api::*;
 
+pub mod apply;
 pub mod client;
 pub mod migrate;
 pub mod output;
@@ -58,6 +59,8 @@ pub enum Command {
     /// Migrations of VMs between hosts, sites, providers and countries.
     #[command(subcommand)]
     Migration(MigrationCmd),
+    /// Bring providers, sites, images and VMs to the state a YAML file declares.
+    Apply(apply::ApplyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -450,6 +453,7 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::Image(i) => image(&c, o, i).await,
         Command::Vm(v) => vm(&c, o, v).await,
         Command::Migration(m) => migration(&c, o, m).await,
+        Command::Apply(a) => apply::run(&c, o, a).await,
     }
 }
 
@@ -475,6 +479,7 @@ async fn provider(c: &Client, o: Format, cmd: ProviderCmd) -> anyhow::Result<()>
                         name,
                         country,
                         jurisdiction,
+                        labels: Default::default(),
                     },
                 )
                 .await?;

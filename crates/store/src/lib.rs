@@ -112,6 +112,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_provider(&self, key: &str) -> Result<Provider>;
     /// Refused while sites belong to it.
     async fn delete_provider(&self, id: &str) -> Result<()>;
+    /// Replaces the provider's body (its id and name do not change).
+    async fn update_provider(&self, p: &Provider) -> Result<()>;
 
     // sites
     async fn create_site(&self, s: &Site) -> Result<()>;
@@ -119,6 +121,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_site(&self, key: &str) -> Result<Site>;
     /// Refused while hosts belong to it.
     async fn delete_site(&self, id: &str) -> Result<()>;
+    /// Replaces the site's body (its id, name and provider do not change).
+    async fn update_site(&self, s: &Site) -> Result<()>;
 
     // hosts
     /// Creates the host and its credential in one transaction, and consumes

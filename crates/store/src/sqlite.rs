@@ -387,6 +387,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn update_provider(&self, p: &Provider) -> Result<()> {
+        let p = p.clone();
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE providers SET body = ?2 WHERE id = ?1",
+                    params![p.id, to_json(&p)?],
+                )
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::not_found("provider", p.id));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn create_site(&self, s: &Site) -> Result<()> {
         let s = s.clone();
         self.write(move |c| {
@@ -429,6 +446,23 @@ impl Store for SqliteStore {
             }
             delete_row(&tx, "sites", "site", &s.id)?;
             tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn update_site(&self, s: &Site) -> Result<()> {
+        let s = s.clone();
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE sites SET body = ?2 WHERE id = ?1",
+                    params![s.id, to_json(&s)?],
+                )
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::not_found("site", s.id));
+            }
+            Ok(())
         })
         .await
     }
@@ -919,6 +953,7 @@ mod tests {
             name: name.into(),
             country: "DE".into(),
             jurisdiction: "EU".into(),
+            labels: Default::default(),
             created_at: Utc::now(),
         }
     }
@@ -939,6 +974,7 @@ mod tests {
             power: PowerState::Running,
             reboot_generation: 0,
             stop_timeout_s: 30,
+            labels: Default::default(),
             status: VmStatus {
                 phase: VmPhase::Pending,
                 host: None,

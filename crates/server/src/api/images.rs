@@ -76,6 +76,8 @@ pub struct UploadQuery {
     pub name: String,
     /// Guest architecture (default x86_64).
     pub arch: Option<String>,
+    /// Labels, `KEY=VALUE` pairs separated by commas.
+    pub labels: Option<String>,
 }
 
 /// Removes a temporary file when dropped, unless it was kept.
@@ -107,6 +109,16 @@ pub async fn upload(
             "unknown arch {arch:?}: use x86_64, aarch64 or riscv64"
         )));
     }
+    let mut labels = std::collections::BTreeMap::new();
+    for pair in q.labels.iter().flat_map(|l| l.split(',')) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(ApiError::Invalid(format!(
+                "label {pair:?} must be KEY=VALUE"
+            )));
+        };
+        labels.insert(k.to_string(), v.to_string());
+    }
+    validate::labels(&labels).map_err(ApiError::Invalid)?;
     if app.store.get_image(&q.name).await.is_ok() {
         return Err(ApiError::Conflict(format!(
             "image '{}' already exists",
@@ -121,9 +133,11 @@ pub async fn upload(
         .map_err(|e| ApiError::Internal(format!("create {}: {e}", upload.display())))?;
     let mut stream = body.into_data_stream();
     let mut received: u64 = 0;
+    let mut source_hash = Sha256::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| ApiError::Invalid(format!("upload interrupted: {e}")))?;
         received += chunk.len() as u64;
+        source_hash.update(&chunk);
         f.write_all(&chunk)
             .await
             .map_err(|e| ApiError::Internal(format!("write upload: {e}")))?;
@@ -190,6 +204,8 @@ pub async fn upload(
         size_bytes: size,
         virtual_size_bytes: info.virtual_size,
         arch,
+        source_sha256: Some(hex::encode(source_hash.finalize())),
+        labels,
         created_at: Utc::now(),
     };
     app.store.create_image(&image).await?;

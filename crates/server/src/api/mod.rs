@@ -65,10 +65,15 @@ pub fn router(app: App) -> Router {
         .route("/providers", get(providers::list).post(providers::create))
         .route(
             "/providers/{key}",
-            get(providers::show).delete(providers::delete),
+            get(providers::show)
+                .patch(providers::update)
+                .delete(providers::delete),
         )
         .route("/sites", get(sites::list).post(sites::create))
-        .route("/sites/{key}", get(sites::show).delete(sites::delete))
+        .route(
+            "/sites/{key}",
+            get(sites::show).patch(sites::update).delete(sites::delete),
+        )
         .route("/hosts", get(hosts::list))
         .route(
             "/hosts/{key}",

@@ -18,8 +18,8 @@ use super::{agent, hosts, images, migrations, providers, sites, vms, watch};
     ),
     paths(
         super::healthz, serve, super::metrics,
-        providers::list, providers::create, providers::show, providers::delete,
-        sites::list, sites::create, sites::show, sites::delete,
+        providers::list, providers::create, providers::show, providers::update, providers::delete,
+        sites::list, sites::create, sites::show, sites::update, sites::delete,
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,
         images::list, images::upload, images::show, images::delete, images::download,
         vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events, watch::watch,

@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
-use virt8ra_api::{validate, Page, Provider, ProviderCreate};
+use virt8ra_api::{validate, Page, Provider, ProviderCreate, ProviderUpdate};
 
 use super::Body;
 use crate::auth::Admin;
@@ -35,6 +35,7 @@ pub async fn create(
         name: req.name,
         country: req.country,
         jurisdiction: req.jurisdiction,
+        labels: req.labels,
         created_at: Utc::now(),
     };
     app.store.create_provider(&p).await?;
@@ -52,6 +53,39 @@ pub async fn show(
     Path(key): Path<String>,
 ) -> ApiResult<Json<Provider>> {
     Ok(Json(app.store.get_provider(&key).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/providers/{key}", tag = "providers", request_body = ProviderUpdate,
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Provider), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Body(req): Body<ProviderUpdate>,
+) -> ApiResult<Json<Provider>> {
+    let mut p = app.store.get_provider(&key).await?;
+    if let Some(c) = req.country {
+        p.country = c;
+    }
+    if let Some(j) = req.jurisdiction {
+        p.jurisdiction = j;
+    }
+    if let Some(l) = req.labels {
+        p.labels = l;
+    }
+    validate::provider(&ProviderCreate {
+        name: p.name.clone(),
+        country: p.country.clone(),
+        jurisdiction: p.jurisdiction.clone(),
+        labels: p.labels.clone(),
+    })
+    .map_err(ApiError::Invalid)?;
+    app.store.update_provider(&p).await?;
+    app.placement.invalidate();
+    Ok(Json(p))
 }
 
 #[utoipa::path(delete, path = "/api/v1/providers/{key}", tag = "providers",

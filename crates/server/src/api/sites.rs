@@ -4,7 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
-use virt8ra_api::{validate, Page, Site, SiteCreate};
+use virt8ra_api::{validate, Page, Site, SiteCreate, SiteUpdate};
 use virt8ra_store::StoreError;
 
 use super::{missing_ref, Body};
@@ -66,6 +66,53 @@ pub async fn show(
     Path(key): Path<String>,
 ) -> ApiResult<Json<Site>> {
     Ok(Json(app.store.get_site(&key).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/sites/{key}", tag = "sites", request_body = SiteUpdate,
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Site), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn update(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    Body(req): Body<SiteUpdate>,
+) -> ApiResult<Json<Site>> {
+    let mut s = app.store.get_site(&key).await?;
+    if let Some(v) = req.city {
+        s.city = v;
+    }
+    if let Some(v) = req.latitude {
+        s.latitude = v;
+    }
+    if let Some(v) = req.longitude {
+        s.longitude = v;
+    }
+    if let Some(v) = req.tier {
+        s.tier = v;
+    }
+    if let Some(v) = req.facts {
+        s.facts = v;
+    }
+    if let Some(v) = req.labels {
+        s.labels = v;
+    }
+    validate::site(&SiteCreate {
+        name: s.name.clone(),
+        provider: s.provider.clone(),
+        country: s.country.clone(),
+        city: s.city.clone(),
+        latitude: s.latitude,
+        longitude: s.longitude,
+        tier: s.tier,
+        facts: s.facts.clone(),
+        labels: s.labels.clone(),
+    })
+    .map_err(ApiError::Invalid)?;
+    app.store.update_site(&s).await?;
+    app.placement.invalidate();
+    Ok(Json(s))
 }
 
 #[utoipa::path(delete, path = "/api/v1/sites/{key}", tag = "sites",

@@ -110,6 +110,7 @@ pub async fn create(
         },
         reboot_generation: 0,
         stop_timeout_s: DEFAULT_STOP_TIMEOUT_S,
+        labels: req.labels.clone(),
         status: VmStatus {
             phase: VmPhase::Pending,
             host: None,

@@ -1,0 +1,1552 @@
+//! `virt8ra apply -f FILE.yaml`: infrastructure as code.
+//!
+//! The file declares providers, sites, images and VMs. `apply` reads what
+//! exists through the API, computes a plan (per resource: `create`,
+//! `update`, `replace`, `delete` or `unchanged`, with the changed fields),
+//! validates the whole file and the whole plan, and only then makes the
+//! changes: creates and updates in the order providers → sites → images →
+//! VMs, deletions in the reverse order. A second apply of the same file
+//! changes nothing and says so. `--dry-run` prints the plan and changes
+//! nothing.
+//!
+//! Semantics:
+//! - What is declared is created or brought to the declared values; fields
+//!   left out take the API's defaults (a declared-state file, not a patch).
+//! - What is absent is left alone, unless `--prune` is given: then resources
+//!   that `apply` itself created (they carry the label
+//!   `virt8ra.io/managed-by: apply`, set on creation only) and that the file
+//!   no longer declares are deleted. Resources made by hand, or adopted by a
+//!   file that declares an existing name, are never pruned.
+//! - Fields that the API can change in place are updated (provider country,
+//!   jurisdiction and labels; site city, coordinates, tier, facts and labels;
+//!   a VM's power via `start`). Image content (sha256) or architecture
+//!   changes are a `replace` (delete and import again), refused when VMs use
+//!   the image. Any other change (a site's provider or country, a VM's size,
+//!   image, placement, user data, ports or labels) is a plan error that names
+//!   the field: nothing is changed. With `--replace`, such a VM change is a
+//!   `replace` instead (deleted, waited for, created again: its disk is lost).
+//!
+//! Every kind of resource is one implementation of [`Kind`] (read the
+//! current state, compare, create, update, delete through the API), so a
+//! new kind (app deployments) is one more implementation and one line in
+//! [`Plan`]. `apps:` is reported as not supported by this build.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use virt8ra_api::{
+    validate, Image, Page, PlacementPlan, PowerState, Provider, ProviderCreate, ProviderUpdate,
+    Site, SiteCreate, SiteUpdate, Vm, VmAction, VmActionRequest, VmCreate, VmPhase,
+};
+
+use crate::client::{seg, Client};
+use crate::output::{emit, table, Format};
+
+/// The label that marks resources created by `apply` (what `--prune` may delete).
+pub const MANAGED_KEY: &str = "virt8ra.io/managed-by";
+pub const MANAGED_VALUE: &str = "apply";
+
+#[derive(Debug, Clone, Args)]
+pub struct ApplyArgs {
+    /// The YAML file that declares providers, sites, images and VMs.
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also delete resources created by apply that the file no longer declares.
+    #[arg(long)]
+    pub prune: bool,
+    /// Replace (delete, then create again) VMs whose declared spec changed in
+    /// a way that cannot be made in place. The VM's disk is lost.
+    #[arg(long)]
+    pub replace: bool,
+    /// Seconds to wait for a pruned VM to be gone before deleting what it used.
+    #[arg(long, default_value_t = 300)]
+    pub wait_timeout: u64,
+}
+
+// ------------------------------------------------------------------ the file
+
+/// The file: one list per kind. Each entry has the fields of the API's
+/// create request (`virt8ra openapi` documents them), except images.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default, deserialize_with = "list")]
+    providers: Vec<ProviderCreate>,
+    #[serde(default, deserialize_with = "list")]
+    sites: Vec<SiteCreate>,
+    #[serde(default, deserialize_with = "list")]
+    images: Vec<ImageEntry>,
+    #[serde(default, deserialize_with = "list")]
+    vms: Vec<VmCreate>,
+    /// App deployments: not supported by this build yet.
+    #[serde(default)]
+    apps: Option<serde_yaml::Value>,
+}
+
+/// A list, or nothing (`vms:` with every entry commented out).
+fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// An image: imported from a local file (relative to the YAML file) or
+/// downloaded from an http(s) URL; identified by the sha256 of that file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageEntry {
+    name: String,
+    #[serde(default)]
+    file: Option<String>,
+    #[serde(default)]
+    url: Option<String>,
+    /// Expected sha256 of the file (checked; for a URL it saves a download
+    /// when the image is already imported).
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default = "default_arch")]
+    arch: String,
+}
+
+fn default_arch() -> String {
+    "x86_64".into()
+}
+
+/// An image entry resolved: its local copy (when there is one yet) and sha256.
+#[derive(Debug, Clone)]
+pub(crate) struct ImageDecl {
+    name: String,
+    url: Option<String>,
+    local: Option<PathBuf>,
+    sha256: String,
+    arch: String,
+}
+
+/// Where each list entry starts in the file, for error messages.
+struct Lines {
+    file: String,
+    text: Vec<String>,
+    /// Section name → (first line, last line) of each entry (0-based).
+    items: BTreeMap<String, Vec<(usize, usize)>>,
+    sections: BTreeMap<String, usize>,
+}
+
+impl Lines {
+    fn new(file: &Path, text: &str) -> Lines {
+        let text: Vec<String> = text.lines().map(str::to_string).collect();
+        let mut items: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
+        let mut sections = BTreeMap::new();
+        let mut section: Option<String> = None;
+        let mut item_indent: Option<usize> = None;
+        for (i, line) in text.iter().enumerate() {
+            let trimmed = line.trim_start();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let indent = line.len() - trimmed.len();
+            if indent == 0 && !trimmed.starts_with('-') {
+                let key = trimmed.split(':').next().unwrap_or_default().trim();
+                section = Some(key.to_string());
+                sections.insert(key.to_string(), i);
+                item_indent = None;
+                continue;
+            }
+            let Some(s) = &section else { continue };
+            let list = items.entry(s.clone()).or_default();
+            let is_item = trimmed == "-" || trimmed.starts_with("- ");
+            if is_item && item_indent.is_none_or(|n| n == indent) {
+                item_indent = Some(indent);
+                list.push((i, i));
+            } else if let Some(last) = list.last_mut() {
+                last.1 = i;
+            }
+        }
+        Lines {
+            file: file.display().to_string(),
+            text,
+            items,
+            sections,
+        }
+    }
+
+    /// `FILE:LINE` of an entry, or of the line of `field` in it when found.
+    fn at(&self, section: &str, index: usize, field: Option<&str>) -> String {
+        let Some(&(first, last)) = self.items.get(section).and_then(|v| v.get(index)) else {
+            return match self.sections.get(section) {
+                Some(l) => format!("{}:{}", self.file, l + 1),
+                None => self.file.clone(),
+            };
+        };
+        let mut line = first;
+        if let Some(f) = field {
+            let key = format!("{f}:");
+            for i in first..=last {
+                let t = self.text[i].trim_start();
+                let t = t.strip_prefix("- ").unwrap_or(t).trim_start();
+                if t.starts_with(&key) {
+                    line = i;
+                    break;
+                }
+            }
+        }
+        format!("{}:{}", self.file, line + 1)
+    }
+
+    fn section(&self, section: &str) -> String {
+        match self.sections.get(section) {
+            Some(l) => format!("{}:{}", self.file, l + 1),
+            None => self.file.clone(),
+        }
+    }
+}
+
+/// The field a validation message is about: the one of `fields` it names
+/// first (messages start with the field or name it early).
+fn field_of<'a>(msg: &str, fields: &[(&str, &'a str)]) -> Option<&'a str> {
+    fields
+        .iter()
+        .filter_map(|(needle, f)| msg.find(needle).map(|at| (at, *f)))
+        .min_by_key(|(at, _)| *at)
+        .map(|(_, f)| f)
+}
+
+const PROVIDER_FIELDS: &[(&str, &str)] = &[
+    ("name", "name"),
+    ("country", "country"),
+    ("jurisdiction", "jurisdiction"),
+    ("label", "labels"),
+];
+const SITE_FIELDS: &[(&str, &str)] = &[
+    ("name", "name"),
+    ("provider", "provider"),
+    ("country", "country"),
+    ("city", "city"),
+    ("latitude", "latitude"),
+    ("longitude", "longitude"),
+    ("access_latency_ms", "access_latency_ms"),
+    ("grid_gco2_per_kwh", "grid_gco2_per_kwh"),
+    ("pue", "pue"),
+    ("price_vcpu_hour", "price_vcpu_hour"),
+    ("price_gib_hour", "price_gib_hour"),
+    ("label", "labels"),
+];
+const VM_FIELDS: &[(&str, &str)] = &[
+    ("name", "name"),
+    ("vcpus", "vcpus"),
+    ("memory_mib", "memory_mib"),
+    ("disk_gib", "disk_gib"),
+    ("image", "image"),
+    ("user_data", "user_data"),
+    ("port", "ports"),
+    ("label", "labels"),
+    ("country", "country"),
+    ("site", "site"),
+    ("provider", "provider"),
+    ("placement", "placement"),
+];
+
+/// Reads and checks the file. Errors name the file and line.
+fn load(path: &Path) -> anyhow::Result<(FileDoc, Lines)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let lines = Lines::new(path, &text);
+    if text.trim().is_empty() {
+        return Ok((FileDoc::default(), lines));
+    }
+    let doc: FileDoc = serde_yaml::from_str(&text).map_err(|e| match e.location() {
+        Some(l) => anyhow!("{}:{}: {}", path.display(), l.line(), strip_location(&e)),
+        None => anyhow!("{}: {e}", path.display()),
+    })?;
+    if doc.apps.is_some() || lines.sections.contains_key("apps") {
+        bail!(
+            "{}: apps: not supported by this build yet",
+            lines.section("apps")
+        );
+    }
+    Ok((doc, lines))
+}
+
+/// serde_yaml's message without its trailing "at line L column C".
+fn strip_location(e: &serde_yaml::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Checks every entry on its own (the API's own rules) and names are unique.
+fn check_entries(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>) {
+    fn dupes<'a>(
+        section: &str,
+        names: impl Iterator<Item = &'a str>,
+        lines: &Lines,
+        errs: &mut Vec<String>,
+    ) {
+        let mut seen = HashSet::new();
+        for (i, n) in names.enumerate() {
+            if !seen.insert(n) {
+                errs.push(format!(
+                    "{}: {section}: {n:?} is declared twice",
+                    lines.at(section, i, Some("name"))
+                ));
+            }
+        }
+    }
+    dupes(
+        "providers",
+        doc.providers.iter().map(|p| p.name.as_str()),
+        lines,
+        errs,
+    );
+    dupes(
+        "sites",
+        doc.sites.iter().map(|s| s.name.as_str()),
+        lines,
+        errs,
+    );
+    dupes(
+        "images",
+        doc.images.iter().map(|s| s.name.as_str()),
+        lines,
+        errs,
+    );
+    dupes("vms", doc.vms.iter().map(|s| s.name.as_str()), lines, errs);
+    for (i, p) in doc.providers.iter().enumerate() {
+        if let Err(e) = validate::provider(p) {
+            let f = field_of(&e, PROVIDER_FIELDS);
+            errs.push(format!(
+                "{}: provider {}: {e}",
+                lines.at("providers", i, f),
+                p.name
+            ));
+        }
+    }
+    for (i, s) in doc.sites.iter().enumerate() {
+        if let Err(e) = validate::site(s) {
+            let f = field_of(&e, SITE_FIELDS);
+            errs.push(format!("{}: site {}: {e}", lines.at("sites", i, f), s.name));
+        }
+    }
+    for (i, v) in doc.vms.iter().enumerate() {
+        if let Err(e) = validate::vm(v) {
+            let f = field_of(&e, VM_FIELDS);
+            errs.push(format!("{}: vm {}: {e}", lines.at("vms", i, f), v.name));
+        }
+    }
+    for (i, im) in doc.images.iter().enumerate() {
+        let at = |f| lines.at("images", i, Some(f));
+        if let Err(e) = validate::name("image", &im.name) {
+            errs.push(format!("{}: {e}", at("name")));
+        }
+        if !["x86_64", "aarch64", "riscv64"].contains(&im.arch.as_str()) {
+            errs.push(format!(
+                "{}: image {}: unknown arch {:?}: use x86_64, aarch64 or riscv64",
+                at("arch"),
+                im.name,
+                im.arch
+            ));
+        }
+        match (&im.file, &im.url) {
+            (Some(_), Some(_)) | (None, None) => errs.push(format!(
+                "{}: image {}: give exactly one of file and url",
+                lines.at("images", i, None),
+                im.name
+            )),
+            (None, Some(u)) if u.starts_with("https://") => errs.push(format!(
+                "{}: image {}: https is not supported by this build (it has no TLS); use http:// or a local file",
+                at("url"),
+                im.name
+            )),
+            (None, Some(u)) if !u.starts_with("http://") => errs.push(format!(
+                "{}: image {}: url must start with http://",
+                at("url"),
+                im.name
+            )),
+            _ => {}
+        }
+        if let Some(s) = &im.sha256 {
+            if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                errs.push(format!(
+                    "{}: image {}: sha256 must be 64 hex digits",
+                    at("sha256"),
+                    im.name
+                ));
+            }
+        }
+    }
+}
+
+fn sha256_of(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Downloaded files, removed when apply ends.
+#[derive(Default)]
+struct Downloads(Vec<PathBuf>);
+
+impl Drop for Downloads {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+async fn download(url: &str, name: &str, dl: &mut Downloads) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    let path =
+        std::env::temp_dir().join(format!("virt8ra-apply-{}-{name}.img", std::process::id()));
+    dl.0.push(path.clone());
+    let mut resp = reqwest::get(url)
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("download {url}"))?;
+    let mut f =
+        std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .with_context(|| format!("download {url}"))?
+    {
+        f.write_all(&chunk)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    f.sync_all()?;
+    Ok(path)
+}
+
+/// Resolves image entries: local files are hashed; URLs without a declared
+/// sha256 are downloaded to learn it.
+async fn resolve_images(
+    doc: &FileDoc,
+    base: &Path,
+    lines: &Lines,
+    dl: &mut Downloads,
+    errs: &mut Vec<String>,
+) -> Vec<ImageDecl> {
+    let mut out = Vec::new();
+    for (i, im) in doc.images.iter().enumerate() {
+        let (local, sha) = match (&im.file, &im.url) {
+            (Some(f), None) => {
+                let p = base.join(f);
+                if !p.is_file() {
+                    errs.push(format!(
+                        "{}: image {}: {} is not a file",
+                        lines.at("images", i, Some("file")),
+                        im.name,
+                        p.display()
+                    ));
+                    continue;
+                }
+                match sha256_of(&p) {
+                    Ok(s) => (Some(p), s),
+                    Err(e) => {
+                        errs.push(format!(
+                            "{}: image {}: {e:#}",
+                            lines.at("images", i, Some("file")),
+                            im.name
+                        ));
+                        continue;
+                    }
+                }
+            }
+            (None, Some(u)) => match &im.sha256 {
+                Some(s) => (None, s.to_lowercase()),
+                None => match download(u, &im.name, dl).await {
+                    Ok(p) => match sha256_of(&p) {
+                        Ok(s) => (Some(p), s),
+                        Err(e) => {
+                            errs.push(format!("{}: {e:#}", lines.at("images", i, Some("url"))));
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        errs.push(format!("{}: {e:#}", lines.at("images", i, Some("url"))));
+                        continue;
+                    }
+                },
+            },
+            _ => continue, // reported by check_entries
+        };
+        if let Some(want) = &im.sha256 {
+            if local.is_some() && !want.eq_ignore_ascii_case(&sha) {
+                errs.push(format!(
+                    "{}: image {}: the file's sha256 is {sha}, not the declared {want}",
+                    lines.at("images", i, Some("sha256")),
+                    im.name
+                ));
+                continue;
+            }
+        }
+        out.push(ImageDecl {
+            name: im.name.clone(),
+            url: im.url.clone(),
+            local,
+            sha256: sha,
+            arch: im.arch.clone(),
+        });
+    }
+    out
+}
+
+// ------------------------------------------------------------------- the plan
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Create,
+    Update,
+    /// Deleted and created again (images whose content changed).
+    Replace,
+    Delete,
+    Unchanged,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Replace => "replace",
+            Action::Delete => "delete",
+            Action::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// One changed field: its dotted path, the current and the declared value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    pub field: String,
+    pub from: Value,
+    pub to: Value,
+}
+
+/// One line of the plan, as printed.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanRow {
+    pub kind: &'static str,
+    pub name: String,
+    pub action: Action,
+    pub changes: Vec<Change>,
+}
+
+/// One resource's step: what to do, and with what.
+pub(crate) struct Step<K: Kind> {
+    action: Action,
+    name: String,
+    changes: Vec<Change>,
+    decl: Option<K::Decl>,
+    live: Option<K::Live>,
+}
+
+/// A kind of resource that `apply` manages.
+pub(crate) trait Kind {
+    /// Singular, as printed (`provider`).
+    const KIND: &'static str;
+    /// The file's key (`providers`).
+    const SECTION: &'static str;
+    /// Fields that cannot change in place (a dotted prefix matches its children).
+    const IMMUTABLE: &'static [&'static str];
+    /// Whether a change to an immutable field is a replace (else a plan error).
+    const REPLACE: bool;
+    /// Whether `--replace` makes such a change a replace.
+    const REPLACE_ON_REQUEST: bool = false;
+    type Decl: Clone;
+    type Live: Clone;
+
+    fn name(d: &Self::Decl) -> &str;
+    fn live_name(l: &Self::Live) -> &str;
+    fn live_labels(l: &Self::Live) -> &BTreeMap<String, String>;
+    /// The declared and the current values, as comparable JSON objects.
+    fn view(d: &Self::Decl) -> Value;
+    fn live_view(l: &Self::Live) -> Value;
+
+    async fn list(c: &Client) -> anyhow::Result<Vec<Self::Live>>;
+    async fn create(c: &Client, d: &Self::Decl) -> anyhow::Result<()>;
+    async fn update(c: &Client, d: &Self::Decl, l: &Self::Live) -> anyhow::Result<()>;
+    async fn delete(c: &Client, l: &Self::Live, wait: Duration) -> anyhow::Result<()>;
+}
+
+fn managed(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(MANAGED_KEY).map(String::as_str) == Some(MANAGED_VALUE)
+}
+
+/// Labels as the file sees them: without the marker.
+fn user_labels(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut l = labels.clone();
+    l.remove(MANAGED_KEY);
+    l
+}
+
+/// The declared labels plus the marker (for creation).
+fn with_marker(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut l = labels.clone();
+    l.insert(MANAGED_KEY.into(), MANAGED_VALUE.into());
+    l
+}
+
+/// The declared labels, keeping the marker when the live resource has it.
+fn keep_marker(
+    declared: &BTreeMap<String, String>,
+    live: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    if managed(live) {
+        with_marker(declared)
+    } else {
+        declared.clone()
+    }
+}
+
+fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        Value::Null => {}
+        v => {
+            out.insert(prefix.to_string(), v.clone());
+        }
+    }
+}
+
+/// Field-by-field differences of two objects (nested objects by dotted path;
+/// lists compared whole; absent and null are the same).
+pub fn diff(live: &Value, declared: &Value) -> Vec<Change> {
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", live, &mut a);
+    flatten("", declared, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let mut out = Vec::new();
+    for k in keys {
+        let from = a.get(k).cloned().unwrap_or(Value::Null);
+        let to = b.get(k).cloned().unwrap_or(Value::Null);
+        let same = match (&from, &to) {
+            (Value::Array(x), _) if x.is_empty() => to.is_null() || from == to,
+            (_, Value::Array(y)) if y.is_empty() => from.is_null() || from == to,
+            (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+            _ => from == to,
+        };
+        if !same {
+            out.push(Change {
+                field: k.clone(),
+                from,
+                to,
+            });
+        }
+    }
+    out
+}
+
+fn immutable(field: &str, list: &[&str]) -> bool {
+    list.iter()
+        .any(|f| field == *f || field.starts_with(&format!("{f}.")))
+}
+
+/// Plans one kind: what to create, update, replace, leave, and (with
+/// `prune`) delete. Changes that cannot be made are added to `errs`.
+fn plan_kind<K: Kind>(
+    decls: &[K::Decl],
+    live: &[K::Live],
+    a: &ApplyArgs,
+    lines: &Lines,
+    errs: &mut Vec<String>,
+) -> Vec<Step<K>> {
+    let prune = a.prune;
+    let mut steps = Vec::new();
+    for (i, d) in decls.iter().enumerate() {
+        let name = K::name(d).to_string();
+        let Some(l) = live.iter().find(|l| K::live_name(l) == name) else {
+            steps.push(Step {
+                action: Action::Create,
+                name,
+                changes: Vec::new(),
+                decl: Some(d.clone()),
+                live: None,
+            });
+            continue;
+        };
+        let changes = diff(&K::live_view(l), &K::view(d));
+        let fixed: Vec<&Change> = changes
+            .iter()
+            .filter(|c| immutable(&c.field, K::IMMUTABLE))
+            .collect();
+        let action = if changes.is_empty() {
+            Action::Unchanged
+        } else if fixed.is_empty() {
+            Action::Update
+        } else if K::REPLACE || (a.replace && K::REPLACE_ON_REQUEST) {
+            Action::Replace
+        } else {
+            let hint = if K::REPLACE_ON_REQUEST {
+                ", or apply with --replace"
+            } else {
+                ""
+            };
+            for c in fixed {
+                let leaf = c.field.rsplit('.').next().unwrap_or(&c.field);
+                errs.push(format!(
+                    "{}: {} {name}: {} cannot change in place ({} -> {}); delete the {} first or declare it under a new name{hint}",
+                    lines.at(K::SECTION, i, Some(leaf)),
+                    K::KIND,
+                    c.field,
+                    show(&c.from),
+                    show(&c.to),
+                    K::KIND,
+                ));
+            }
+            Action::Update
+        };
+        steps.push(Step {
+            action,
+            name,
+            changes,
+            decl: Some(d.clone()),
+            live: Some(l.clone()),
+        });
+    }
+    if prune {
+        for l in live {
+            let name = K::live_name(l);
+            if managed(K::live_labels(l)) && !decls.iter().any(|d| K::name(d) == name) {
+                steps.push(Step {
+                    action: Action::Delete,
+                    name: name.to_string(),
+                    changes: Vec::new(),
+                    decl: None,
+                    live: Some(l.clone()),
+                });
+            }
+        }
+    }
+    steps
+}
+
+fn rows<K: Kind>(steps: &[Step<K>]) -> Vec<PlanRow> {
+    steps
+        .iter()
+        .map(|s| PlanRow {
+            kind: K::KIND,
+            name: s.name.clone(),
+            action: s.action,
+            changes: s.changes.clone(),
+        })
+        .collect()
+}
+
+/// Creates, updates and replaces of one kind, in file order.
+/// How the plan is carried out.
+struct Exec<'a> {
+    c: &'a Client,
+    /// How long a deleted VM may take to be gone.
+    wait: Duration,
+    /// Report each change on stderr as it is made (table output).
+    progress: bool,
+}
+
+impl Exec<'_> {
+    fn note(&self, action: Action, kind: &str, name: &str) {
+        if self.progress {
+            eprintln!("{} {kind} {name}", action.as_str());
+        }
+    }
+}
+
+async fn exec_forward<K: Kind>(x: &Exec<'_>, steps: &[Step<K>]) -> anyhow::Result<()> {
+    let (c, wait) = (x.c, x.wait);
+    for s in steps {
+        let what = || format!("{} {}", K::KIND, s.name);
+        if matches!(s.action, Action::Create | Action::Update | Action::Replace) {
+            x.note(s.action, K::KIND, &s.name);
+        }
+        match (s.action, &s.decl, &s.live) {
+            (Action::Create, Some(d), _) => K::create(c, d)
+                .await
+                .with_context(|| format!("create {}", what()))?,
+            (Action::Update, Some(d), Some(l)) => K::update(c, d, l)
+                .await
+                .with_context(|| format!("update {}", what()))?,
+            (Action::Replace, Some(d), Some(l)) => {
+                K::delete(c, l, wait)
+                    .await
+                    .with_context(|| format!("replace {}", what()))?;
+                K::create(c, d)
+                    .await
+                    .with_context(|| format!("replace {}", what()))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn exec_delete<K: Kind>(x: &Exec<'_>, steps: &[Step<K>]) -> anyhow::Result<()> {
+    for s in steps {
+        if let (Action::Delete, Some(l)) = (s.action, &s.live) {
+            x.note(s.action, K::KIND, &s.name);
+            K::delete(x.c, l, x.wait)
+                .await
+                .with_context(|| format!("delete {} {}", K::KIND, s.name))?;
+        }
+    }
+    Ok(())
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------- the kinds
+
+pub(crate) struct Providers;
+
+impl Kind for Providers {
+    const KIND: &'static str = "provider";
+    const SECTION: &'static str = "providers";
+    const IMMUTABLE: &'static [&'static str] = &[];
+    const REPLACE: bool = false;
+    type Decl = ProviderCreate;
+    type Live = Provider;
+
+    fn name(d: &ProviderCreate) -> &str {
+        &d.name
+    }
+    fn live_name(l: &Provider) -> &str {
+        &l.name
+    }
+    fn live_labels(l: &Provider) -> &BTreeMap<String, String> {
+        &l.labels
+    }
+    fn view(d: &ProviderCreate) -> Value {
+        json!({"country": d.country, "jurisdiction": d.jurisdiction, "labels": d.labels})
+    }
+    fn live_view(l: &Provider) -> Value {
+        json!({"country": l.country, "jurisdiction": l.jurisdiction, "labels": user_labels(&l.labels)})
+    }
+    async fn list(c: &Client) -> anyhow::Result<Vec<Provider>> {
+        Ok(c.get::<Page<Provider>>("/providers").await?.items)
+    }
+    async fn create(c: &Client, d: &ProviderCreate) -> anyhow::Result<()> {
+        let mut d = d.clone();
+        d.labels = with_marker(&d.labels);
+        c.post::<Provider>("/providers", &d).await.map(drop)
+    }
+    async fn update(c: &Client, d: &ProviderCreate, l: &Provider) -> anyhow::Result<()> {
+        let body = ProviderUpdate {
+            country: Some(d.country.clone()),
+            jurisdiction: Some(d.jurisdiction.clone()),
+            labels: Some(keep_marker(&d.labels, &l.labels)),
+        };
+        c.request::<Provider>(
+            Method::PATCH,
+            &format!("/providers/{}", seg(&l.id)),
+            Some(&body),
+        )
+        .await
+        .map(drop)
+    }
+    async fn delete(c: &Client, l: &Provider, _: Duration) -> anyhow::Result<()> {
+        c.delete(&format!("/providers/{}", seg(&l.id)))
+            .await
+            .map(drop)
+    }
+}
+
+pub(crate) struct Sites;
+
+impl Kind for Sites {
+    const KIND: &'static str = "site";
+    const SECTION: &'static str = "sites";
+    const IMMUTABLE: &'static [&'static str] = &["provider", "country"];
+    const REPLACE: bool = false;
+    type Decl = SiteCreate;
+    type Live = Site;
+
+    fn name(d: &SiteCreate) -> &str {
+        &d.name
+    }
+    fn live_name(l: &Site) -> &str {
+        &l.name
+    }
+    fn live_labels(l: &Site) -> &BTreeMap<String, String> {
+        &l.labels
+    }
+    fn view(d: &SiteCreate) -> Value {
+        json!({"provider": d.provider, "country": d.country, "city": d.city,
+               "latitude": d.latitude, "longitude": d.longitude, "tier": d.tier,
+               "facts": d.facts, "labels": d.labels})
+    }
+    fn live_view(l: &Site) -> Value {
+        json!({"provider": l.provider, "country": l.country, "city": l.city,
+               "latitude": l.latitude, "longitude": l.longitude, "tier": l.tier,
+               "facts": l.facts, "labels": user_labels(&l.labels)})
+    }
+    async fn list(c: &Client) -> anyhow::Result<Vec<Site>> {
+        Ok(c.get::<Page<Site>>("/sites").await?.items)
+    }
+    async fn create(c: &Client, d: &SiteCreate) -> anyhow::Result<()> {
+        let mut d = d.clone();
+        d.labels = with_marker(&d.labels);
+        c.post::<Site>("/sites", &d).await.map(drop)
+    }
+    async fn update(c: &Client, d: &SiteCreate, l: &Site) -> anyhow::Result<()> {
+        let body = SiteUpdate {
+            city: Some(d.city.clone()),
+            latitude: Some(d.latitude),
+            longitude: Some(d.longitude),
+            tier: Some(d.tier),
+            facts: Some(d.facts.clone()),
+            labels: Some(keep_marker(&d.labels, &l.labels)),
+        };
+        c.request::<Site>(
+            Method::PATCH,
+            &format!("/sites/{}", seg(&l.id)),
+            Some(&body),
+        )
+        .await
+        .map(drop)
+    }
+    async fn delete(c: &Client, l: &Site, _: Duration) -> anyhow::Result<()> {
+        c.delete(&format!("/sites/{}", seg(&l.id))).await.map(drop)
+    }
+}
+
+pub(crate) struct Images;
+
+impl Kind for Images {
+    const KIND: &'static str = "image";
+    const SECTION: &'static str = "images";
+    const IMMUTABLE: &'static [&'static str] = &["sha256", "arch"];
+    const REPLACE: bool = true;
+    type Decl = ImageDecl;
+    type Live = Image;
+
+    fn name(d: &ImageDecl) -> &str {
+        &d.name
+    }
+    fn live_name(l: &Image) -> &str {
+        &l.name
+    }
+    fn live_labels(l: &Image) -> &BTreeMap<String, String> {
+        &l.labels
+    }
+    fn view(d: &ImageDecl) -> Value {
+        json!({"sha256": d.sha256, "arch": d.arch})
+    }
+    fn live_view(l: &Image) -> Value {
+        // The file's sha256 is that of the file as imported; the stored copy
+        // differs when the import converted it.
+        json!({"sha256": l.source_sha256.as_ref().unwrap_or(&l.sha256), "arch": l.arch})
+    }
+    async fn list(c: &Client) -> anyhow::Result<Vec<Image>> {
+        Ok(c.get::<Page<Image>>("/images").await?.items)
+    }
+    async fn create(c: &Client, d: &ImageDecl) -> anyhow::Result<()> {
+        let Some(local) = &d.local else {
+            bail!(
+                "image {} from {} was not downloaded",
+                d.name,
+                d.url.as_deref().unwrap_or("-")
+            );
+        };
+        let path = format!(
+            "/images?name={}&arch={}&labels={}",
+            seg(&d.name),
+            seg(&d.arch),
+            seg(&format!("{MANAGED_KEY}={MANAGED_VALUE}"))
+        );
+        c.upload::<Image>(&path, local).await.map(drop)
+    }
+    async fn update(_: &Client, d: &ImageDecl, _: &Image) -> anyhow::Result<()> {
+        bail!("image {} has nothing that changes in place", d.name)
+    }
+    async fn delete(c: &Client, l: &Image, _: Duration) -> anyhow::Result<()> {
+        c.delete(&format!("/images/{}", seg(&l.id))).await.map(drop)
+    }
+}
+
+pub(crate) struct Vms;
+
+impl Kind for Vms {
+    const KIND: &'static str = "vm";
+    const SECTION: &'static str = "vms";
+    const IMMUTABLE: &'static [&'static str] = &[
+        "vcpus",
+        "memory_mib",
+        "disk_gib",
+        "image",
+        "placement",
+        "user_data",
+        "ports",
+        "labels",
+    ];
+    const REPLACE: bool = false;
+    const REPLACE_ON_REQUEST: bool = true;
+    type Decl = VmCreate;
+    type Live = Vm;
+
+    fn name(d: &VmCreate) -> &str {
+        &d.name
+    }
+    fn live_name(l: &Vm) -> &str {
+        &l.name
+    }
+    fn live_labels(l: &Vm) -> &BTreeMap<String, String> {
+        &l.labels
+    }
+    fn view(d: &VmCreate) -> Value {
+        json!({"vcpus": d.vcpus, "memory_mib": d.memory_mib, "disk_gib": d.disk_gib,
+               "image": d.image, "placement": d.placement, "user_data": d.user_data,
+               "ports": d.ports, "labels": d.labels, "start": d.start})
+    }
+    fn live_view(l: &Vm) -> Value {
+        let s = &l.spec;
+        json!({"vcpus": s.vcpus, "memory_mib": s.memory_mib, "disk_gib": s.disk_gib,
+               "image": s.image, "placement": s.placement, "user_data": s.user_data,
+               "ports": s.ports, "labels": user_labels(&l.labels),
+               "start": l.power == PowerState::Running})
+    }
+    async fn list(c: &Client) -> anyhow::Result<Vec<Vm>> {
+        let mut items: Vec<Vm> = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(cur) => format!("/vms?cursor={}", seg(cur)),
+                None => "/vms".into(),
+            };
+            let page: Page<Vm> = c.get(&path).await?;
+            items.extend(page.items);
+            match page.next_cursor {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+        }
+        // A VM being deleted is on its way out: declaring its name again
+        // has to wait until it is gone.
+        Ok(items)
+    }
+    async fn create(c: &Client, d: &VmCreate) -> anyhow::Result<()> {
+        let mut d = d.clone();
+        d.labels = with_marker(&d.labels);
+        c.post::<Vm>("/vms", &d).await.map(drop)
+    }
+    async fn update(c: &Client, d: &VmCreate, l: &Vm) -> anyhow::Result<()> {
+        // Only the power state changes in place.
+        let action = if d.start {
+            VmAction::Start
+        } else {
+            VmAction::Stop
+        };
+        c.post::<Vm>(
+            &format!("/vms/{}/actions", seg(&l.id)),
+            &VmActionRequest {
+                action,
+                timeout_s: None,
+            },
+        )
+        .await
+        .map(drop)
+    }
+    async fn delete(c: &Client, l: &Vm, wait: Duration) -> anyhow::Result<()> {
+        c.delete(&format!("/vms/{}", seg(&l.id))).await?;
+        // What the VM used (its image, its site) can go only once it is gone.
+        let start = Instant::now();
+        loop {
+            let v: Vm = c.get(&format!("/vms/{}", seg(&l.id))).await?;
+            if v.status.phase == VmPhase::Deleted {
+                return Ok(());
+            }
+            if start.elapsed() > wait {
+                bail!(
+                    "VM {} is still {} after {} s",
+                    l.name,
+                    v.status.phase.as_str(),
+                    wait.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// The whole plan: one list of steps per kind, in creation order.
+///
+/// Adding a kind (app deployments, `apps:`): implement [`Kind`] for it
+/// (`Decl` = the deploy request, `Live` = the deployment, `list`/`create`/
+/// `update`/`delete` through `/apps`, which fields are immutable), replace
+/// `FileDoc::apps` and its "not supported" check in [`load`] with a typed
+/// list, add a field here after `vms` (creation order), a line to `rows`,
+/// `execute` (forward after VMs, delete before VMs) and `run`, and the
+/// names it refers to (images, sites) to [`check_references`].
+pub(crate) struct Plan {
+    providers: Vec<Step<Providers>>,
+    sites: Vec<Step<Sites>>,
+    images: Vec<Step<Images>>,
+    vms: Vec<Step<Vms>>,
+}
+
+impl Plan {
+    fn rows(&self) -> Vec<PlanRow> {
+        let mut r = rows(&self.providers);
+        r.extend(rows(&self.sites));
+        r.extend(rows(&self.images));
+        r.extend(rows(&self.vms));
+        r
+    }
+
+    /// Creates and updates in dependency order, then deletions in reverse.
+    async fn execute(&self, x: &Exec<'_>) -> anyhow::Result<()> {
+        exec_forward(x, &self.providers).await?;
+        exec_forward(x, &self.sites).await?;
+        exec_forward(x, &self.images).await?;
+        exec_forward(x, &self.vms).await?;
+        exec_delete(x, &self.vms).await?;
+        exec_delete(x, &self.images).await?;
+        exec_delete(x, &self.sites).await?;
+        exec_delete(x, &self.providers).await
+    }
+}
+
+/// What `apply` prints (`-o json`).
+#[derive(Debug, Serialize)]
+pub struct ApplyReport {
+    /// Whether the plan changes anything.
+    pub changed: bool,
+    pub dry_run: bool,
+    /// Whether the changes were made (false on a dry run or when nothing changes).
+    pub applied: bool,
+    pub summary: BTreeMap<&'static str, usize>,
+    pub plan: Vec<PlanRow>,
+}
+
+/// Checks that every name a resource refers to exists or is declared (and
+/// is not about to be pruned), and that nothing pruned is still in use.
+fn check_references(
+    doc: &FileDoc,
+    live: &LiveState,
+    plan: &Plan,
+    lines: &Lines,
+    errs: &mut Vec<String>,
+) {
+    let deleted = |rows: Vec<PlanRow>| -> HashSet<String> {
+        rows.into_iter()
+            .filter(|r| r.action == Action::Delete)
+            .map(|r| r.name)
+            .collect()
+    };
+    let gone_providers = deleted(rows(&plan.providers));
+    let gone_sites = deleted(rows(&plan.sites));
+    let gone_images = deleted(rows(&plan.images));
+    let gone_vms = deleted(rows(&plan.vms));
+    let provider_known = |k: &str| {
+        doc.providers.iter().any(|p| p.name == k)
+            || live
+                .providers
+                .iter()
+                .any(|p| (p.name == k || p.id == k) && !gone_providers.contains(&p.name))
+    };
+    let site_known = |k: &str| {
+        doc.sites.iter().any(|s| s.name == k)
+            || live
+                .sites
+                .iter()
+                .any(|s| (s.name == k || s.id == k) && !gone_sites.contains(&s.name))
+    };
+    let image_known = |k: &str| {
+        doc.images.iter().any(|i| i.name == k)
+            || live
+                .images
+                .iter()
+                .any(|i| (i.name == k || i.id == k) && !gone_images.contains(&i.name))
+    };
+    for (i, s) in doc.sites.iter().enumerate() {
+        if !provider_known(&s.provider) {
+            errs.push(format!(
+                "{}: site {}: provider {:?} is neither declared nor known to the control plane",
+                lines.at("sites", i, Some("provider")),
+                s.name,
+                s.provider
+            ));
+        }
+    }
+    for (i, v) in doc.vms.iter().enumerate() {
+        if !image_known(&v.image) {
+            errs.push(format!(
+                "{}: vm {}: image {:?} is neither declared nor known to the control plane",
+                lines.at("vms", i, Some("image")),
+                v.name,
+                v.image
+            ));
+        }
+        if let Some(s) = &v.placement.site {
+            if !site_known(s) {
+                errs.push(format!(
+                    "{}: vm {}: site {s:?} is neither declared nor known to the control plane",
+                    lines.at("vms", i, Some("site")),
+                    v.name
+                ));
+            }
+        }
+        if let Some(p) = &v.placement.provider {
+            if !provider_known(p) {
+                errs.push(format!(
+                    "{}: vm {}: provider {p:?} is neither declared nor known to the control plane",
+                    lines.at("vms", i, Some("provider")),
+                    v.name
+                ));
+            }
+        }
+    }
+    // What is pruned or replaced must not be in use by what stays.
+    let live_vms: Vec<&Vm> = live
+        .vms
+        .iter()
+        .filter(|v| !matches!(v.status.phase, VmPhase::Deleted) && !gone_vms.contains(&v.name))
+        .collect();
+    for s in &plan.images {
+        if !matches!(s.action, Action::Delete | Action::Replace) {
+            continue;
+        }
+        let Some(l) = &s.live else { continue };
+        let mut users: Vec<&str> = live_vms
+            .iter()
+            .filter(|v| v.status.image_id.as_deref() == Some(l.id.as_str()))
+            .map(|v| v.name.as_str())
+            .collect();
+        users.sort_unstable();
+        if !users.is_empty() {
+            let at = match doc.images.iter().position(|i| i.name == s.name) {
+                Some(i) => lines.at("images", i, Some("file")),
+                None => lines.file.clone(),
+            };
+            errs.push(format!(
+                "{at}: image {}: cannot {} it while VM(s) {} use it; declare the new content under a new name",
+                s.name,
+                s.action.as_str(),
+                users.join(", ")
+            ));
+        }
+    }
+    for s in &plan.sites {
+        if s.action != Action::Delete {
+            continue;
+        }
+        let hosts: Vec<&str> = live
+            .hosts
+            .iter()
+            .filter(|h| h.site == s.name)
+            .map(|h| h.name.as_str())
+            .collect();
+        if !hosts.is_empty() {
+            errs.push(format!(
+                "{}: site {}: cannot prune it while host(s) {} belong to it",
+                lines.file,
+                s.name,
+                hosts.join(", ")
+            ));
+        }
+    }
+    for s in &plan.providers {
+        if s.action != Action::Delete {
+            continue;
+        }
+        let sites: Vec<&str> = live
+            .sites
+            .iter()
+            .filter(|x| x.provider == s.name && !gone_sites.contains(&x.name))
+            .map(|x| x.name.as_str())
+            .collect();
+        if !sites.is_empty() {
+            errs.push(format!(
+                "{}: provider {}: cannot prune it while site(s) {} belong to it",
+                lines.file,
+                s.name,
+                sites.join(", ")
+            ));
+        }
+    }
+}
+
+struct LiveState {
+    providers: Vec<Provider>,
+    sites: Vec<Site>,
+    images: Vec<Image>,
+    vms: Vec<Vm>,
+    hosts: Vec<virt8ra_api::Host>,
+}
+
+/// Asks the control plane to check each VM's placement rules (a dry run of
+/// placement: nothing is created).
+async fn check_vm_rules(
+    c: &Client,
+    doc: &FileDoc,
+    lines: &Lines,
+    errs: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    for (i, v) in doc.vms.iter().enumerate() {
+        if validate::vm(v).is_err() {
+            continue; // already reported
+        }
+        if let Err(e) = c.post::<PlacementPlan>("/vms/plan", v).await {
+            let msg = format!("{e:#}");
+            if msg.contains("cannot reach the control plane") {
+                return Err(e);
+            }
+            let f = field_of(&msg, VM_FIELDS);
+            errs.push(format!("{}: vm {}: {msg}", lines.at("vms", i, f), v.name));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `virt8ra apply`.
+pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
+    let (doc, lines) = load(&a.file)?;
+    let mut errs = Vec::new();
+    check_entries(&doc, &lines, &mut errs);
+    let base = a
+        .file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut downloads = Downloads::default();
+    let images = resolve_images(&doc, &base, &lines, &mut downloads, &mut errs).await;
+    fail_on(&errs)?;
+
+    let live = LiveState {
+        providers: Providers::list(c).await?,
+        sites: Sites::list(c).await?,
+        images: Images::list(c).await?,
+        vms: Vms::list(c).await?,
+        hosts: c.get::<Page<virt8ra_api::Host>>("/hosts").await?.items,
+    };
+    check_vm_rules(c, &doc, &lines, &mut errs).await?;
+    // A VM on its way out is neither compared nor deleted again; declaring
+    // its name has to wait until it is gone.
+    let settled_vms: Vec<Vm> = live
+        .vms
+        .iter()
+        .filter(|v| v.status.phase != VmPhase::Deleting)
+        .cloned()
+        .collect();
+    for (i, v) in doc.vms.iter().enumerate() {
+        if live
+            .vms
+            .iter()
+            .any(|l| l.name == v.name && l.status.phase == VmPhase::Deleting)
+        {
+            errs.push(format!(
+                "{}: vm {}: a VM of this name is being deleted; apply again once it is gone",
+                lines.at("vms", i, Some("name")),
+                v.name
+            ));
+        }
+    }
+    let plan = Plan {
+        providers: plan_kind::<Providers>(&doc.providers, &live.providers, &a, &lines, &mut errs),
+        sites: plan_kind::<Sites>(&doc.sites, &live.sites, &a, &lines, &mut errs),
+        images: plan_kind::<Images>(&images, &live.images, &a, &lines, &mut errs),
+        vms: plan_kind::<Vms>(&doc.vms, &settled_vms, &a, &lines, &mut errs),
+    };
+    check_references(&doc, &live, &plan, &lines, &mut errs);
+    fail_on(&errs)?;
+
+    let mut plan = plan;
+    // Images still to be downloaded (a URL with a declared sha256) are
+    // fetched and checked before the first change.
+    if !a.dry_run {
+        for s in plan.images.iter_mut() {
+            let Some(d) = s.decl.as_mut() else { continue };
+            if !matches!(s.action, Action::Create | Action::Replace) || d.local.is_some() {
+                continue;
+            }
+            let Some(url) = d.url.clone() else { continue };
+            let p = download(&url, &d.name, &mut downloads).await?;
+            let sha = sha256_of(&p)?;
+            if sha != d.sha256 {
+                bail!(
+                    "image {}: {url} has sha256 {sha}, not the declared {}; nothing was changed",
+                    d.name,
+                    d.sha256
+                );
+            }
+            d.local = Some(p);
+        }
+    }
+
+    let rows = plan.rows();
+    let mut summary: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for r in &rows {
+        *summary.entry(r.action.as_str()).or_default() += 1;
+    }
+    let changed = rows.iter().any(|r| r.action != Action::Unchanged);
+    if changed && !a.dry_run {
+        let x = Exec {
+            c,
+            wait: Duration::from_secs(a.wait_timeout),
+            progress: o == Format::Table,
+        };
+        plan.execute(&x)
+            .await
+            .context("apply stopped; changes before this one were made (apply again to go on)")?;
+    }
+    let report = ApplyReport {
+        changed,
+        dry_run: a.dry_run,
+        applied: changed && !a.dry_run,
+        summary,
+        plan: rows,
+    };
+    emit(o, &report, print_report)
+}
+
+fn fail_on(errs: &[String]) -> anyhow::Result<()> {
+    match errs {
+        [] => Ok(()),
+        [one] => bail!("{one}; nothing was changed"),
+        [first, rest @ ..] => bail!(
+            "{first} (and {} more error(s)); nothing was changed",
+            rest.len()
+        ),
+    }
+}
+
+fn print_report(r: &ApplyReport) {
+    if !r.plan.is_empty() {
+        table(
+            &["kind", "name", "action", "changes"],
+            r.plan
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.kind.to_string(),
+                        p.name.clone(),
+                        p.action.as_str().to_string(),
+                        p.changes
+                            .iter()
+                            .map(|c| format!("{}: {} -> {}", c.field, show(&c.from), show(&c.to)))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    if !r.changed {
+        println!("no changes");
+        return;
+    }
+    let counts = ["create", "update", "replace", "delete"]
+        .iter()
+        .map(|k| format!("{} {k}", r.summary.get(k).copied().unwrap_or(0)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if r.dry_run {
+        println!("plan: {counts} (dry run: nothing was changed)");
+    } else {
+        println!("applied: {counts}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_reports_only_changed_fields() {
+        let a = json!({"city": "A", "facts": {"pue": 1.2}, "labels": {}, "ports": []});
+        let b = json!({"city": "A", "facts": {"pue": 1.4}, "ports": null});
+        let d = diff(&a, &b);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].field, "facts.pue");
+    }
+
+    #[test]
+    fn messages_map_to_their_field() {
+        let f = |m| field_of(m, VM_FIELDS);
+        assert_eq!(
+            f("placement: unknown user location \"X\": name a city"),
+            Some("placement")
+        );
+        assert_eq!(f("invalid vm name \"A\""), Some("name"));
+        assert_eq!(f("unknown country code \"XX\""), Some("country"));
+        assert_eq!(
+            f("memory_mib 1 is outside 16..16777216"),
+            Some("memory_mib")
+        );
+        assert_eq!(f("port 0 cannot be forwarded"), Some("ports"));
+    }
+
+    #[test]
+    fn lines_locate_entries_and_fields() {
+        let text = "providers:\n  - name: a\n    country: DE\n  - name: b\n    country: XX\nvms:\n- name: v\n  image: i\n";
+        let l = Lines::new(Path::new("f.yaml"), text);
+        assert_eq!(l.at("providers", 1, Some("country")), "f.yaml:5");
+        assert_eq!(l.at("providers", 0, None), "f.yaml:2");
+        assert_eq!(l.at("vms", 0, Some("image")), "f.yaml:8");
+        assert_eq!(l.section("vms"), "f.yaml:6");
+    }
+
+    #[test]
+    fn unknown_fields_name_their_line() {
+        let dir = std::env::temp_dir().join(format!("virt8ra-apply-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("x.yaml");
+        std::fs::write(
+            &f,
+            "providers:\n  - name: a\n    country: DE\n    contry: DE\n",
+        )
+        .expect("write");
+        let e = load(&f).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("x.yaml:4:"), "{e}");
+        assert!(e.contains("unknown field `contry`"), "{e}");
+        std::fs::write(&f, "providers:\n# none yet\nvms:\n").expect("write");
+        assert!(load(&f).is_ok(), "empty lists are allowed");
+        std::fs::write(&f, "vms:\n  - name: a\n    image: i\n    vcpus: many\n").expect("write");
+        let e = load(&f).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("x.yaml:4:"), "{e}");
+        std::fs::write(&f, "apps:\n  - name: a\n").expect("write");
+        let e = load(&f).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("x.yaml:1: apps: not supported by this build yet"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
