@@ -1,12 +1,19 @@
 //! The agent's image cache.
 //!
-//! Base images are fetched from the control plane on first use, verified
-//! against their sha256 and kept as `<sha256>.qcow2`. Concurrent VMs that need
-//! the same image wait on one per-image lock, so the image is downloaded once.
-//! A broken transfer leaves `<sha256>.part`, and the next attempt resumes it
-//! with an HTTP range request instead of starting over.
+//! Base images are fetched on first use, verified against their sha256 and
+//! kept as `<sha256>.qcow2`. Concurrent VMs that need the same image wait on
+//! one per-image lock, so the image is downloaded once. A broken transfer
+//! leaves `<sha256>.part`, and the next attempt resumes it with an HTTP range
+//! request instead of starting over.
+//!
+//! Sources are tried in order: the site-local copies the control plane names
+//! in [`ImageRef::sources`] (peer agents' image services, see
+//! [`crate::image_service`]), then the control plane itself over the long
+//! link. Since the content is addressed by its hash, a transfer that breaks
+//! on one source resumes on the next at the same offset; a copy whose hash is
+//! wrong is discarded and fetched again from the next source.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -15,12 +22,17 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use virt8ra_api::protocol::ImageRef;
 
+/// The key under which bytes fetched from the control plane are counted.
+pub const LONG_LINK: &str = "control-plane";
+
 pub struct ImageCache {
     dir: PathBuf,
     server: String,
     token: String,
     client: reqwest::Client,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bytes received, by source (`control-plane` or a peer's URL).
+    received: Mutex<BTreeMap<String, u64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +49,7 @@ pub enum ImageError {
     Io(#[from] std::io::Error),
 }
 
-fn valid_sha(s: &str) -> bool {
+pub fn valid_sha(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
@@ -50,11 +62,29 @@ impl ImageCache {
             token: token.to_string(),
             client: reqwest::Client::new(),
             locks: Mutex::new(HashMap::new()),
+            received: Mutex::new(BTreeMap::new()),
         })
     }
 
     pub fn path_of(&self, sha256: &str) -> PathBuf {
         self.dir.join(format!("{sha256}.qcow2"))
+    }
+
+    /// Bytes received so far, by source.
+    pub fn received(&self) -> BTreeMap<String, u64> {
+        self.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn count(&self, source: &str, n: u64) {
+        *self
+            .received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(source.to_string())
+            .or_default() += n;
     }
 
     /// The local path of the image, downloading it first if needed.
@@ -78,11 +108,45 @@ impl ImageCache {
             tracing::warn!(image = %r.name, "cached copy has the wrong size; fetching again");
             tokio::fs::remove_file(&path).await?;
         }
-        self.download(r, &path).await?;
-        Ok(path)
+        let mut last = None;
+        for peer in &r.sources {
+            let base = peer.trim_end_matches('/');
+            let url = format!(
+                "{base}/images/{}?id={}&size={}",
+                r.sha256,
+                enc(&r.id),
+                r.size_bytes
+            );
+            match self.download(r, &path, &url, base, false).await {
+                Ok(()) => return Ok(path),
+                Err(e @ ImageError::Io(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(image = %r.name, source = %base, error = %e,
+                        "site-local source failed; trying the next");
+                    last = Some(e);
+                }
+            }
+        }
+        let url = format!("{}{}", self.server, r.url_path);
+        match self.download(r, &path, &url, LONG_LINK, true).await {
+            Ok(()) => Ok(path),
+            Err(e) => {
+                if let Some(prev) = last {
+                    tracing::debug!(error = %prev, "earlier source's error");
+                }
+                Err(e)
+            }
+        }
     }
 
-    async fn download(&self, r: &ImageRef, dest: &Path) -> Result<(), ImageError> {
+    async fn download(
+        &self,
+        r: &ImageRef,
+        dest: &Path,
+        url: &str,
+        source: &str,
+        auth: bool,
+    ) -> Result<(), ImageError> {
         let part = self.dir.join(format!("{}.part", r.sha256));
         let fetch_err = |msg: String| ImageError::Fetch {
             name: r.name.clone(),
@@ -107,13 +171,15 @@ impl ImageCache {
             hasher = Sha256::new();
             have = 0;
         }
-        let url = format!("{}{}", self.server, r.url_path);
-        let mut req = self.client.get(&url).bearer_auth(&self.token);
+        let mut req = self.client.get(url);
+        if auth {
+            req = req.bearer_auth(&self.token);
+        }
         if have > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
-            tracing::info!(image = %r.name, offset = have, "resuming image download");
+            tracing::info!(image = %r.name, offset = have, source, "resuming image download");
         } else {
-            tracing::info!(image = %r.name, bytes = r.size_bytes, "downloading image");
+            tracing::info!(image = %r.name, bytes = r.size_bytes, source, "downloading image");
         }
         let resp = req
             .send()
@@ -144,18 +210,35 @@ impl ImageCache {
                     break;
                 }
             };
+            if have + chunk.len() as u64 > r.size_bytes {
+                broke = Some(fetch_err(format!(
+                    "{url} sent more than the image's {} bytes",
+                    r.size_bytes
+                )));
+                break;
+            }
             hasher.update(&chunk);
             f.write_all(&chunk).await?;
             have += chunk.len() as u64;
+            self.count(source, chunk.len() as u64);
         }
         // Whatever arrived is kept, flushed, so the next attempt resumes
         // exactly where this one stopped.
         f.flush().await?;
         f.sync_all().await?;
+        drop(f);
         if let Some(e) = broke {
+            if have >= r.size_bytes {
+                let _ = tokio::fs::remove_file(&part).await;
+            }
             return Err(e);
         }
-        drop(f);
+        if have < r.size_bytes {
+            return Err(fetch_err(format!(
+                "{url} ended the transfer at {have} of {} bytes",
+                r.size_bytes
+            )));
+        }
         let actual = hex::encode(hasher.finalize());
         if actual != r.sha256 {
             let _ = tokio::fs::remove_file(&part).await;
@@ -166,9 +249,22 @@ impl ImageCache {
             });
         }
         tokio::fs::rename(&part, dest).await?;
-        tracing::info!(image = %r.name, bytes = have, "image cached");
+        tracing::info!(image = %r.name, bytes = have, source, "image cached");
         Ok(())
     }
+}
+
+/// Percent-encodes a query value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -250,6 +346,7 @@ mod tests {
             sha256: hex::encode(Sha256::digest(body)),
             size_bytes: body.len() as u64,
             url_path: "/api/v1/images/i/data".into(),
+            sources: vec![],
         }
     }
 

@@ -104,6 +104,7 @@ pub fn collect(
         hypervisor,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         qemu_version: qemu_version.to_string(),
+        image_service: None,
     }
 }
 

@@ -24,6 +24,7 @@ use virt8ra_api::{AgentJoin, AgentJoined, ErrorBody};
 
 pub mod channel;
 pub mod driver;
+pub mod image_service;
 pub mod images;
 pub mod inventory;
 pub mod reconciler;
@@ -59,6 +60,14 @@ pub struct AgentArgs {
     /// Report this much disk (GiB) instead of the data directory's filesystem.
     #[arg(long)]
     pub disk_gib: Option<u64>,
+    /// Serve this host's image cache to the other hosts of its site on this
+    /// address (e.g. 10.0.0.5:8481), so images cross the long link once per site.
+    #[arg(long)]
+    pub image_service_listen: Option<String>,
+    /// URL the site's other hosts reach the image service at (default:
+    /// http:// and the listen address).
+    #[arg(long)]
+    pub image_service_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -155,7 +164,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         )
     };
     let name = args.name.clone().unwrap_or_else(inventory::hostname);
-    let inv = inventory::collect(
+    let mut inv = inventory::collect(
         &name,
         &data_dir,
         driver.hypervisor(),
@@ -209,6 +218,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         &args.server,
         &creds.host_token,
     )?);
+    if let Some(listen) = &args.image_service_listen {
+        let addr = image_service::start(images.clone(), listen).await?;
+        inv.image_service = Some(
+            args.image_service_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{addr}")),
+        );
+    }
     let (reports, changes) = reconciler::Reports::new();
     let rec = reconciler::Reconciler::new(&data_dir, driver.clone(), images, reports.clone())?;
     rec.resume().await?;

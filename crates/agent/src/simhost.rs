@@ -41,6 +41,7 @@ pub async fn start(
         hypervisor: Hypervisor::Emulation,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         qemu_version: "simulated".into(),
+        image_service: None,
     };
     let joined = crate::join(
         server,

@@ -8,10 +8,12 @@
 //! Request bodies reject unknown fields (`deny_unknown_fields`): a typo in a
 //! field name is an error, never a silently ignored setting.
 
+pub mod market;
 pub mod protocol;
 pub mod resources;
 pub mod validate;
 
+pub use market::*;
 pub use resources::*;
 
 /// The body of every error answer of the API.

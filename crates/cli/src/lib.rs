@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use virt8ra_api::*;
 
+pub mod app;
 pub mod client;
 pub mod output;
 
@@ -54,6 +55,15 @@ pub enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Apps: one appliance deployed at several locations, managed as one unit.
+    #[command(subcommand)]
+    App(app::AppCmd),
+    /// Appliances: versioned bundles of image, VM template and parameters.
+    #[command(subcommand)]
+    Appliance(app::ApplianceCmd),
+    /// Catalogs of appliances: this control plane's, and others' it trusts.
+    #[command(subcommand)]
+    Catalog(app::CatalogCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,14 +178,35 @@ pub enum JoinTokenCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
-    /// Upload a disk image (qcow2, raw, VMDK, VHD, VHDX); it is stored as qcow2.
+    /// Import a disk image (qcow2, raw, VMDK, VHD, VHDX) from a file or an
+    /// http(s) URL; it is stored as qcow2.
     Import {
-        file: PathBuf,
+        /// A local file (or give --url).
+        file: Option<PathBuf>,
         #[arg(long)]
         name: String,
         #[arg(long)]
         arch: Option<String>,
+        /// Version tag, e.g. 1.0.0.
+        #[arg(long)]
+        version: Option<String>,
+        /// Have the control plane download it from this http(s) URL.
+        #[arg(long, conflicts_with = "file")]
+        url: Option<String>,
+        /// With --url: refuse the download unless its sha256 is this.
+        #[arg(long, requires = "url")]
+        sha256: Option<String>,
     },
+    /// Pre-stage an image at sites: each site's image cache host fetches it
+    /// once, and the site's other hosts get it from there.
+    Replicate {
+        name: String,
+        /// Comma-separated site names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        sites: Vec<String>,
+    },
+    /// Bytes of image data the control plane sent to hosts (the long link).
+    Transfers,
     List,
     Show {
         name: String,
@@ -344,6 +375,9 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::Host(h) => host(&c, o, h).await,
         Command::Image(i) => image(&c, o, i).await,
         Command::Vm(v) => vm(&c, o, v).await,
+        Command::App(a) => app::app(&c, o, a).await,
+        Command::Appliance(a) => app::appliance(&c, o, a).await,
+        Command::Catalog(k) => app::catalog(&c, o, k).await,
     }
 }
 
@@ -396,7 +430,7 @@ async fn provider(c: &Client, o: Format, cmd: ProviderCmd) -> anyhow::Result<()>
     }
 }
 
-fn done(o: Format, msg: &str) -> anyhow::Result<()> {
+pub(crate) fn done(o: Format, msg: &str) -> anyhow::Result<()> {
     emit(o, &serde_json::json!({ "result": msg }), |_| {
         println!("{msg}")
     })
@@ -656,16 +690,80 @@ async fn image(c: &Client, o: Format, cmd: ImageCmd) -> anyhow::Result<()> {
             ("size", format!("{} bytes", i.size_bytes)),
             ("virtual size", format!("{} bytes", i.virtual_size_bytes)),
             ("arch", i.arch.clone()),
+            ("version", i.version.clone().unwrap_or("-".into())),
+            ("provenance", i.provenance.clone().unwrap_or("-".into())),
+            (
+                "staged at",
+                if i.sites.is_empty() {
+                    "-".into()
+                } else {
+                    i.sites.join(", ")
+                },
+            ),
         ])
     };
     match cmd {
-        ImageCmd::Import { file, name, arch } => {
+        ImageCmd::Import {
+            file: None,
+            name,
+            arch,
+            version,
+            url,
+            sha256,
+        } => {
+            let Some(url) = url else {
+                bail!("give a file to import, or --url");
+            };
+            let i: Image = c
+                .post(
+                    "/images/import",
+                    &ImageImportUrl {
+                        name,
+                        url,
+                        sha256,
+                        arch,
+                        version,
+                    },
+                )
+                .await?;
+            emit(o, &i, show)
+        }
+        ImageCmd::Replicate { name, sites } => {
+            let i: Image = c
+                .post(
+                    &format!("/images/{}/replicate", seg(&name)),
+                    &ImageReplicate { sites },
+                )
+                .await?;
+            emit(o, &i, |i| {
+                println!("image {} is being staged at {}", i.name, i.sites.join(", "))
+            })
+        }
+        ImageCmd::Transfers => {
+            let t: ImageTransfers = c.get("/images/transfers").await?;
+            emit(o, &t, |t| {
+                fields(vec![("long link", format!("{} bytes", t.long_link_bytes))]);
+                for (h, n) in &t.long_link_bytes_by_host {
+                    println!("  {h}: {n} bytes");
+                }
+            })
+        }
+        ImageCmd::Import {
+            file: Some(file),
+            name,
+            arch,
+            version,
+            ..
+        } => {
             if !file.is_file() {
                 bail!("{} is not a file", file.display());
             }
             let mut path = format!("/images?name={}", seg(&name));
             if let Some(a) = arch {
                 path.push_str(&format!("&arch={}", seg(&a)));
+            }
+            if let Some(v) = version {
+                path.push_str(&format!("&version={}", seg(&v)));
             }
             if o == Format::Table {
                 eprintln!("uploading {} ...", file.display());

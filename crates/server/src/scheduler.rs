@@ -197,6 +197,7 @@ pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> 
         .await?;
     let mut images: HashMap<String, ImageRef> = HashMap::new();
     let mut out = Vec::new();
+    let mut plan: Option<crate::distribution::HostPlan> = None;
     for vm in vms {
         if matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted) {
             continue;
@@ -208,13 +209,11 @@ pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> 
             Some(i) => i.clone(),
             None => {
                 let i = app.store.get_image(&image_id).await?;
-                let r = ImageRef {
-                    url_path: format!("/api/v1/images/{}/data", i.id),
-                    id: i.id,
-                    name: i.name,
-                    sha256: i.sha256,
-                    size_bytes: i.size_bytes,
-                };
+                if plan.is_none() {
+                    plan = Some(crate::distribution::plan_for(app, host_id).await?);
+                }
+                let mut r = crate::distribution::image_ref(&i);
+                r.sources = plan.as_ref().map(|p| p.sources.clone()).unwrap_or_default();
                 images.insert(image_id, r.clone());
                 r
             }
@@ -241,9 +240,13 @@ pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> 
 /// Sends the host its desired state if it changed since the last send.
 pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
     let vms = desired_for(app, host_id).await?;
+    let prestage = crate::distribution::plan_for(app, host_id).await?.prestage;
     let fingerprint = {
         let mut h = DefaultHasher::new();
         serde_json::to_string(&vms).unwrap_or_default().hash(&mut h);
+        serde_json::to_string(&prestage)
+            .unwrap_or_default()
+            .hash(&mut h);
         h.finish()
     };
     // Generations grow with wall-clock time, so they keep increasing across
@@ -252,7 +255,11 @@ pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
     app.hub.send_desired(
         host_id,
         fingerprint,
-        ServerMessage::DesiredState { generation, vms },
+        ServerMessage::DesiredState {
+            generation,
+            vms,
+            prestage,
+        },
     );
     Ok(())
 }

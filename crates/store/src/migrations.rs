@@ -4,9 +4,10 @@
 //! the bump of `PRAGMA user_version`; a database newer than this build is
 //! refused rather than guessed at. Never edit a released migration: add one.
 
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "initial schema",
-    r#"
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "initial schema",
+        r#"
 CREATE TABLE providers (
     id   TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -65,4 +66,18 @@ CREATE TABLE tokens (
     created_at TEXT NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        "documents: catalogs, appliances and apps",
+        r#"
+CREATE TABLE documents (
+    kind TEXT NOT NULL,
+    id   TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE UNIQUE INDEX documents_name ON documents(kind, name);
+"#,
+    ),
+];
