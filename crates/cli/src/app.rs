@@ -68,8 +68,9 @@ pub enum CatalogCmd {
     /// Trust another provider's catalog (a control plane's /api/v1/catalog or a static index).
     Add {
         name: String,
-        #[arg(long)]
-        url: String,
+        /// URL of the signed index, e.g. https://cp.example/api/v1/catalog.
+        #[arg(value_name = "URL")]
+        index_url: String,
         /// The ed25519 public key (hex) to verify it with.
         #[arg(long)]
         key: String,
@@ -418,13 +419,17 @@ pub async fn catalog(c: &Client, o: Format, cmd: CatalogCmd) -> anyhow::Result<(
         ])
     };
     match cmd {
-        CatalogCmd::Add { name, url, key } => {
+        CatalogCmd::Add {
+            name,
+            index_url,
+            key,
+        } => {
             let k: Catalog = c
                 .post(
                     "/catalogs",
                     &CatalogCreate {
                         name,
-                        url,
+                        url: index_url,
                         public_key: key,
                     },
                 )

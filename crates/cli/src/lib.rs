@@ -191,10 +191,10 @@ pub enum ImageCmd {
         #[arg(long)]
         version: Option<String>,
         /// Have the control plane download it from this http(s) URL.
-        #[arg(long, conflicts_with = "file")]
-        url: Option<String>,
-        /// With --url: refuse the download unless its sha256 is this.
-        #[arg(long, requires = "url")]
+        #[arg(long = "from-url", conflicts_with = "file")]
+        from_url: Option<String>,
+        /// With --from-url: refuse the download unless its sha256 is this.
+        #[arg(long, requires = "from_url")]
         sha256: Option<String>,
     },
     /// Pre-stage an image at sites: each site's image cache host fetches it
@@ -708,11 +708,11 @@ async fn image(c: &Client, o: Format, cmd: ImageCmd) -> anyhow::Result<()> {
             name,
             arch,
             version,
-            url,
+            from_url,
             sha256,
         } => {
-            let Some(url) = url else {
-                bail!("give a file to import, or --url");
+            let Some(url) = from_url else {
+                bail!("give a file to import, or --from-url URL");
             };
             let i: Image = c
                 .post(
