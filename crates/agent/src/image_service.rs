@@ -6,7 +6,9 @@
 //! (with `Range: bytes=START-` for resuming). When this host does not have
 //! the image yet, it fetches it first through its own [`ImageCache`] from
 //! the control plane (pull-through), so several peers asking at once cause one
-//! transfer over the long link. `GET /stats` reports the bytes served and
+//! transfer over the long link. A cached copy is checked against its hash
+//! before it is first served, so a copy damaged on disk is fetched again
+//! rather than passed on. `GET /stats` reports the bytes served and
 //! received, for tests and benchmarks.
 //!
 //! The service has no authentication of its own: listen on the site's
@@ -89,7 +91,8 @@ async fn stats(State(s): State<Arc<ImageService>>) -> Json<ImageServiceStats> {
     })
 }
 
-fn range_start(h: &HeaderMap) -> Result<Option<u64>, Response> {
+/// `Range: bytes=START-`; `Err(())` when malformed.
+fn range_start(h: &HeaderMap) -> Result<Option<u64>, ()> {
     let Some(v) = h.get(header::RANGE) else {
         return Ok(None);
     };
@@ -99,12 +102,7 @@ fn range_start(h: &HeaderMap) -> Result<Option<u64>, Response> {
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|r| r.parse::<u64>().ok())
         .map(Some)
-        .ok_or_else(|| {
-            err(
-                StatusCode::BAD_REQUEST,
-                "only 'Range: bytes=START-' is supported".into(),
-            )
-        })
+        .ok_or(())
 }
 
 async fn serve_image(
@@ -117,32 +115,33 @@ async fn serve_image(
     if !valid_sha(&sha) {
         return err(StatusCode::BAD_REQUEST, format!("invalid sha256 {sha:?}"));
     }
-    let start = match range_start(&headers) {
-        Ok(v) => v,
-        Err(r) => return r,
+    let Ok(start) = range_start(&headers) else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "only 'Range: bytes=START-' is supported".into(),
+        );
     };
-    let mut path = s.cache.path_of(&sha);
-    if tokio::fs::metadata(&path).await.is_err() {
-        // Pull through: fetch it from the control plane once for the site.
-        let (Some(id), Some(size)) = (w.id, w.size) else {
-            return err(
-                StatusCode::NOT_FOUND,
-                format!("image {sha} is not cached here"),
-            );
-        };
-        let r = ImageRef {
-            url_path: format!("/api/v1/images/{id}/data"),
-            name: id.clone(),
-            id,
-            sha256: sha.clone(),
-            size_bytes: size,
-            sources: vec![],
-        };
-        match s.cache.get(&r).await {
-            Ok(p) => path = p,
-            Err(e) => return err(StatusCode::BAD_GATEWAY, e.to_string()),
-        }
-    }
+    // Through the cache, which checks a cached copy's hash once per process
+    // and otherwise fetches it from the control plane (pull-through), once
+    // for the whole site however many peers ask at the same time.
+    let (Some(id), Some(size)) = (w.id, w.size) else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "name the image: ?id=IMAGE_ID&size=BYTES".into(),
+        );
+    };
+    let r = ImageRef {
+        url_path: format!("/api/v1/images/{id}/data"),
+        name: id.clone(),
+        id,
+        sha256: sha.clone(),
+        size_bytes: size,
+        sources: vec![],
+    };
+    let path = match s.cache.get(&r).await {
+        Ok(p) => p,
+        Err(e) => return err(StatusCode::BAD_GATEWAY, e.to_string()),
+    };
     let mut f = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) => return err(StatusCode::NOT_FOUND, format!("image {sha}: {e}")),

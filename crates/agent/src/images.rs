@@ -33,6 +33,8 @@ pub struct ImageCache {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Bytes received, by source (`control-plane` or a peer's URL).
     received: Mutex<BTreeMap<String, u64>>,
+    /// Cached images whose hash this process checked (or fetched itself).
+    verified: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,7 @@ impl ImageCache {
             client: reqwest::Client::new(),
             locks: Mutex::new(HashMap::new()),
             received: Mutex::new(BTreeMap::new()),
+            verified: Mutex::new(Default::default()),
         })
     }
 
@@ -76,6 +79,13 @@ impl ImageCache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn mark_verified(&self, sha: &str) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sha.to_string());
     }
 
     fn count(&self, source: &str, n: u64) {
@@ -102,10 +112,21 @@ impl ImageCache {
         let _g = lock.lock().await;
         let path = self.path_of(&r.sha256);
         if let Ok(md) = tokio::fs::metadata(&path).await {
-            if md.len() == r.size_bytes {
+            let known = self
+                .verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&r.sha256);
+            if md.len() == r.size_bytes && known {
                 return Ok(path);
             }
-            tracing::warn!(image = %r.name, "cached copy has the wrong size; fetching again");
+            // Checked once per process: a copy damaged on disk is noticed
+            // before it is used or served to the site.
+            if md.len() == r.size_bytes && hash_file(&path).await? == r.sha256 {
+                self.mark_verified(&r.sha256);
+                return Ok(path);
+            }
+            tracing::warn!(image = %r.name, "cached copy is corrupt (wrong size or checksum); fetching again");
             tokio::fs::remove_file(&path).await?;
         }
         let mut last = None;
@@ -118,7 +139,10 @@ impl ImageCache {
                 r.size_bytes
             );
             match self.download(r, &path, &url, base, false).await {
-                Ok(()) => return Ok(path),
+                Ok(()) => {
+                    self.mark_verified(&r.sha256);
+                    return Ok(path);
+                }
                 Err(e @ ImageError::Io(_)) => return Err(e),
                 Err(e) => {
                     tracing::warn!(image = %r.name, source = %base, error = %e,
@@ -129,7 +153,10 @@ impl ImageCache {
         }
         let url = format!("{}{}", self.server, r.url_path);
         match self.download(r, &path, &url, LONG_LINK, true).await {
-            Ok(()) => Ok(path),
+            Ok(()) => {
+                self.mark_verified(&r.sha256);
+                Ok(path)
+            }
             Err(e) => {
                 if let Some(prev) = last {
                     tracing::debug!(error = %prev, "earlier source's error");
@@ -252,6 +279,20 @@ impl ImageCache {
         tracing::info!(image = %r.name, bytes = have, source, "image cached");
         Ok(())
     }
+}
+
+async fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Percent-encodes a query value.
@@ -410,5 +451,73 @@ mod tests {
         let p = cache.get(&r).await.unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), body);
         assert_eq!(count.load(Ordering::SeqCst), 2);
+        // So is a copy of the right size damaged on disk (seen by a fresh
+        // process, which checks each cached image once).
+        let mut flipped = body.clone();
+        flipped[12345] ^= 0x40;
+        std::fs::write(cache.path_of(&r.sha256), &flipped).unwrap();
+        let fresh = ImageCache::new(dir.path().to_path_buf(), &url, "t").unwrap();
+        let p = fresh.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_site_local_source_is_tried_first_and_the_control_plane_is_the_fallback() {
+        let body = body();
+        let (cp, cp_count, _) = serve(body.clone(), 0).await;
+        let (peer, peer_count, _) = serve(body.clone(), 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path().to_path_buf(), &cp, "t").unwrap();
+        let mut r = image(&body);
+        r.sources = vec!["http://127.0.0.1:1".into(), peer.clone()];
+        let p = cache.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        assert_eq!(peer_count.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            cp_count.load(Ordering::SeqCst),
+            0,
+            "nothing over the long link"
+        );
+        assert_eq!(cache.received()[&peer], body.len() as u64);
+        assert!(!cache.received().contains_key(LONG_LINK));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_peer_copy_is_refused_and_fetched_from_the_control_plane() {
+        let body = body();
+        let mut bad = body.clone();
+        bad[1000] ^= 1;
+        let (cp, cp_count, _) = serve(body.clone(), 0).await;
+        let (peer, _, _) = serve(bad, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path().to_path_buf(), &cp, "t").unwrap();
+        let mut r = image(&body);
+        r.sources = vec![peer];
+        let p = cache.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        assert_eq!(cp_count.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.received()[LONG_LINK], body.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_transfer_broken_by_a_peer_resumes_from_the_control_plane_at_the_same_offset() {
+        let body = body();
+        let (cp, _, cp_ranges) = serve(body.clone(), 0).await;
+        let (peer, _, _) = serve(body.clone(), 1).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path().to_path_buf(), &cp, "t").unwrap();
+        let mut r = image(&body);
+        r.sources = vec![peer.clone()];
+        let p = cache.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        let from_peer = cache.received()[&peer];
+        assert!(from_peer > 0 && from_peer < body.len() as u64);
+        assert_eq!(*cp_ranges.lock().unwrap(), vec![from_peer]);
+        assert_eq!(
+            cache.received()[LONG_LINK],
+            body.len() as u64 - from_peer,
+            "only the rest crossed the long link"
+        );
     }
 }

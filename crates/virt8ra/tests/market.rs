@@ -193,7 +193,6 @@ fn web_appliance_deployed_at_three_countries_in_one_command() {
         "json",
     ]));
     let deploy_s = start.elapsed().as_secs_f64();
-    eprintln!("BENCH deploy web at 3 locations, --wait: {deploy_s:.1} s");
     assert_eq!(app["status"], "running", "{app}");
     assert_eq!(app["appliance"], "local/web@1.0.0");
     let vms = app["vms"].as_array().unwrap();
@@ -245,6 +244,11 @@ fn web_appliance_deployed_at_three_countries_in_one_command() {
         );
         assert!(page.contains("<p>Hola from the edge</p>"), "{page}");
     }
+    let pages_s = start.elapsed().as_secs_f64();
+    eprintln!(
+        "BENCH deploy web at 3 locations: command with --wait returned after {deploy_s:.1} s \
+         (every VM running); every guest's page answered after {pages_s:.1} s"
+    );
     assert_eq!(c.qemu_pids().len(), 3);
 
     // Managed as one unit.
@@ -712,4 +716,34 @@ fn site_local_distribution_sends_an_image_once_over_the_long_link() {
          VMs created -> all prepared in {elapsed:.1} s",
         size * hosts as u64
     );
+
+    // Without pre-staging: VMs of another image created at once on every
+    // host; the site's other hosts ask the cache host, which pulls the image
+    // through once for all of them.
+    let web = web_image();
+    let web_size = std::fs::metadata(&web).unwrap().len();
+    c.cli_ok(&["image", "import", web.to_str().unwrap(), "--name", "web"]);
+    let before = stats(&cache_host)["served_bytes"].as_u64().unwrap();
+    for i in 0..n {
+        c.ok(
+            "POST",
+            "/api/v1/vms",
+            Some(
+                json!({"name": format!("web-{i}"), "image": "web", "memory_mib": 64,
+                        "start": false,
+                        "placement": {"site": "de-frankfurt", "policy": {"strategy": "spread"}}}),
+            ),
+        );
+    }
+    for i in 0..n {
+        c.wait_phase(&format!("web-{i}"), "stopped", Duration::from_secs(120));
+    }
+    let t = c.ok("GET", "/api/v1/images/transfers", None);
+    assert_eq!(
+        t["long_link_bytes"].as_u64().unwrap(),
+        size + web_size,
+        "the second image also crossed the long link once: {t}"
+    );
+    let served = stats(&cache_host)["served_bytes"].as_u64().unwrap() - before;
+    assert_eq!(served, web_size * (hosts as u64 - 1));
 }
