@@ -414,6 +414,79 @@ fn catalogs_are_verified_and_image_transfers_resume() {
         .unwrap()
         .to_string();
 
+    // Bad requests are 400s that say what was wrong, and change nothing.
+    let bad = |path: &str, body: Value, want: &str| {
+        let (st, v) = a.api("POST", path, Some(body));
+        assert_eq!(st, 400, "{path}: {v}");
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(msg.contains(want), "{path}: {msg}");
+    };
+    bad(
+        "/api/v1/apps",
+        json!({"name": "x", "appliance": "test", "locations": ["de"], "colour": 1}),
+        "unknown field `colour`",
+    );
+    bad(
+        "/api/v1/apps",
+        json!({"name": "x", "appliance": "test", "locations": []}),
+        "name at least one location",
+    );
+    bad(
+        "/api/v1/apps",
+        json!({"name": "x", "appliance": "test", "locations": ["de"], "replicas_per_location": 0}),
+        "replicas_per_location 0 is outside",
+    );
+    bad(
+        "/api/v1/appliances",
+        json!({"name": "w", "version": "1", "images": [{"name": "nope"}], "template": {}}),
+        "image 'nope' not found",
+    );
+    bad(
+        "/api/v1/appliances",
+        json!({"name": "w", "version": "1 0", "images": [{"name": "nope"}], "template": {}}),
+        "invalid version",
+    );
+    bad(
+        "/api/v1/appliances",
+        json!({"name": "w", "version": "1", "images": [{"name": "nope"}], "template": {},
+               "parameters": [{"name": "n", "type": "integer", "default": "x"}]}),
+        "default of parameter n: \"x\" is not an integer",
+    );
+    bad(
+        "/api/v1/catalogs",
+        json!({"name": "c", "url": "ftp://example.org/x", "public_key": "00"}),
+        "invalid public key",
+    );
+    bad(
+        "/api/v1/catalogs",
+        json!({"name": "c", "url": "ftp://example.org/x", "public_key": b_key}),
+        "only http and https",
+    );
+    bad(
+        "/api/v1/images/import",
+        json!({"name": "etc", "url": "file:///etc/passwd"}),
+        "only http and https are supported",
+    );
+    bad(
+        "/api/v1/images/import",
+        json!({"name": "etc", "url": "http://127.0.0.1:1/x", "sha256": "abc"}),
+        "invalid sha256",
+    );
+    assert_eq!(a.ok("GET", "/api/v1/appliances", None), json!([]));
+    assert_eq!(a.ok("GET", "/api/v1/images", None)["items"], json!([]));
+    let (st, v) = b.api(
+        "POST",
+        "/api/v1/appliances",
+        Some(
+            serde_json::from_str(&std::fs::read_to_string(appliance_file("test")).unwrap())
+                .unwrap(),
+        ),
+    );
+    assert_eq!(st, 409, "publishing a version twice: {v}");
+
     // Signed by another key than the one trusted: refused.
     let e = cli_err(&a, &["catalog", "add", "b", &b_url, "--key", &a_key]);
     assert!(
