@@ -84,6 +84,104 @@ pub enum CatalogCmd {
     },
     /// This control plane's catalog URL and public key, to give to others.
     Key,
+    /// Offline: create an ed25519 signing key for a static catalog (writes
+    /// the secret to FILE, mode 0600; prints the public key).
+    Keygen {
+        file: PathBuf,
+    },
+    /// Offline: sign a catalog index (JSON or YAML: publisher, appliances with
+    /// each image's sha256, size_bytes and url relative to the index) with a
+    /// key from `catalog keygen`; prints the signed catalog to serve.
+    Sign {
+        index: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+}
+
+impl CatalogCmd {
+    /// Whether the command works without a control plane.
+    pub fn offline(&self) -> bool {
+        matches!(self, CatalogCmd::Keygen { .. } | CatalogCmd::Sign { .. })
+    }
+}
+
+fn read_key(path: &std::path::Path) -> anyhow::Result<ed25519_dalek::SigningKey> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let bytes = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is not a signing key (64 hex digits, from `virt8ra catalog keygen`)",
+                path.display()
+            )
+        })?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(&bytes))
+}
+
+/// `catalog keygen` and `catalog sign`, which need no control plane.
+pub fn catalog_offline(o: Format, cmd: CatalogCmd) -> anyhow::Result<()> {
+    use ed25519_dalek::Signer;
+    match cmd {
+        CatalogCmd::Keygen { file } => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut secret = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .with_context(|| format!("create {} (it must not exist yet)", file.display()))?;
+            f.write_all(hex::encode(secret).as_bytes())?;
+            f.sync_all()?;
+            let public = hex::encode(
+                ed25519_dalek::SigningKey::from_bytes(&secret)
+                    .verifying_key()
+                    .to_bytes(),
+            );
+            emit(o, &serde_json::json!({ "public_key": public }), |_| {
+                println!("{public}")
+            })
+        }
+        CatalogCmd::Sign { index, key } => {
+            let key = read_key(&key)?;
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("read {}", index.display()))?;
+            let mut v: serde_json::Value = serde_yaml::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON or YAML", index.display()))?;
+            if let Some(m) = v.as_object_mut() {
+                m.entry("generated_at")
+                    .or_insert_with(|| serde_json::json!(chrono::Utc::now()));
+            }
+            let idx: CatalogIndex = serde_json::from_value(v)
+                .with_context(|| format!("{} is not a catalog index", index.display()))?;
+            for a in &idx.appliances {
+                a.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+                for i in &a.images {
+                    let ok =
+                        i.sha256.len() == 64 && i.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+                    if !ok || i.url.is_none() || i.size_bytes == 0 {
+                        bail!(
+                            "appliance {}: image {} needs sha256, size_bytes and url",
+                            a.key(),
+                            i.name
+                        );
+                    }
+                }
+            }
+            let payload = serde_json::to_string(&idx)?;
+            let signed = SignedCatalog {
+                signature: hex::encode(key.sign(payload.as_bytes()).to_bytes()),
+                public_key: hex::encode(key.verifying_key().to_bytes()),
+                payload,
+            };
+            println!("{}", serde_json::to_string_pretty(&signed)?);
+            Ok(())
+        }
+        other => bail!("{other:?} needs the control plane"),
+    }
 }
 
 fn show_app(a: &App) {
@@ -466,6 +564,7 @@ pub async fn catalog(c: &Client, o: Format, cmd: CatalogCmd) -> anyhow::Result<(
             c.delete(&format!("/catalogs/{}", seg(&name))).await?;
             crate::done(o, &format!("catalog {name} removed"))
         }
+        CatalogCmd::Keygen { .. } | CatalogCmd::Sign { .. } => catalog_offline(o, cmd),
         CatalogCmd::Key => {
             let v: serde_json::Value = c.get("/catalog/key").await?;
             let url = format!("{}/api/v1/catalog", c.base());

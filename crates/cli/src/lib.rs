@@ -367,6 +367,12 @@ fn connect(g: &GlobalOpts) -> anyhow::Result<Client> {
 }
 
 pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
+    if let Command::Catalog(k) = cmd {
+        if k.offline() {
+            return app::catalog_offline(g.output, k);
+        }
+        return app::catalog(&connect(&g)?, g.output, k).await;
+    }
     let c = connect(&g)?;
     let o = g.output;
     match cmd {

@@ -601,6 +601,87 @@ fn catalogs_are_verified_and_image_transfers_resume() {
     );
     a.cli_ok(&["app", "delete", "probe", "--wait"]);
 
+    // A static catalog, signed offline with `catalog keygen` and `catalog
+    // sign`, served as plain files next to its image.
+    let tmp = a.dir.path().join("static");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let disk = tmp.join("tiny.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let disk_bytes = std::fs::read(&disk).unwrap();
+    let disk_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&disk_bytes))
+    };
+    let keyfile = tmp.join("static.key");
+    let static_pub =
+        json_out(&a.cli_ok(&["catalog", "keygen", keyfile.to_str().unwrap(), "-o", "json"]))
+            ["public_key"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let index = tmp.join("index.yaml");
+    std::fs::write(
+        &index,
+        format!(
+            "publisher: static-provider\nappliances:\n- name: tiny\n  version: 0.1.0\n  images:\n  - name: tiny-disk\n    sha256: {disk_sha}\n    size_bytes: {}\n    url: tiny.qcow2\n  template: {{memory_mib: 64}}\n",
+            disk_bytes.len()
+        ),
+    )
+    .unwrap();
+    let signed_static = a.cli_ok(&[
+        "catalog",
+        "sign",
+        index.to_str().unwrap(),
+        "--key",
+        keyfile.to_str().unwrap(),
+    ]);
+    {
+        let mut f = files.files.lock().unwrap();
+        f.insert("/static/index.json".into(), signed_static.into_bytes());
+        f.insert("/static/tiny.qcow2".into(), disk_bytes.clone());
+    }
+    let static_url = format!("{mirror}/static/index.json");
+    let e = cli_err(
+        &a,
+        &["catalog", "add", "static", &static_url, "--key", &b_key],
+    );
+    assert!(e.contains("signature does not verify"), "{e}");
+    a.cli_ok(&[
+        "catalog",
+        "add",
+        "static",
+        &static_url,
+        "--key",
+        &static_pub,
+    ]);
+    let app = json_out(&a.cli_ok(&[
+        "app",
+        "deploy",
+        "static/tiny",
+        "--name",
+        "tiny",
+        "--locations",
+        "de-frankfurt",
+        "--wait",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(app["appliance"], "static/tiny@0.1.0");
+    assert_eq!(app["status"], "running");
+    let tiny = a.ok("GET", "/api/v1/images/tiny-disk", None);
+    assert_eq!(tiny["sha256"], disk_sha);
+    assert_eq!(
+        tiny["provenance"],
+        format!("catalog static: {mirror}/static/tiny.qcow2")
+    );
+    a.cli_ok(&["app", "delete", "tiny", "--wait"]);
+
     // An interrupted image transfer resumes instead of starting over.
     let path = "/disk.qcow2".to_string();
     files
