@@ -435,15 +435,14 @@ pub async fn appliance(c: &Client, o: Format, cmd: ApplianceCmd) -> anyhow::Resu
                     .iter()
                     .map(|p| {
                         format!(
-                            "{} ({:?}{})",
+                            "{} ({}{})",
                             p.name,
-                            p.kind,
+                            format!("{:?}", p.kind).to_lowercase(),
                             p.default
                                 .as_ref()
                                 .map(|d| format!(", default {d}"))
                                 .unwrap_or_default()
                         )
-                        .to_lowercase()
                     })
                     .collect::<Vec<_>>()
                     .join(", "),
