@@ -112,6 +112,23 @@ say "The guest's web page, through the agent's port forward"
 addr=$("$BIN" vm show demo-vm -o json | sed -n 's/.*"host_addr": "\(.*\)".*/\1/p' | head -n 1)
 curl -s --max-time 10 "http://$addr/" || echo "(the page is not up yet; try: curl http://$addr/)"
 
+say "The marketplace: publishing the test and web appliances"
+VIRT8RA_BIN="$BIN" bash "$ROOT/scripts/publish-appliances.sh" >/dev/null
+"$BIN" appliance list
+
+say "One command: the web appliance in Spain, Germany and Poland"
+"$BIN" app deploy web --name shop --locations es,de,pl --param "greeting=Hello from the demo" --wait
+"$BIN" app show shop
+
+say "Each replica's page names its own VM and site"
+for addr in $("$BIN" app show shop -o json | sed -n 's/.*"host_addr": "\(.*\)".*/\1/p'); do
+  for _ in $(seq 1 90); do
+    curl -s --max-time 2 "http://$addr/" | grep -q "vm=" && break
+    sleep 1
+  done
+  curl -s --max-time 5 "http://$addr/" | grep -a "vm=" || echo "(not up yet: curl http://$addr/)"
+done
+
 say "The continuum is running"
 cat <<EOT
 Try it yourself:
@@ -120,6 +137,8 @@ Try it yourself:
   $BIN vm list
   $BIN vm create another --image busybox --country ES --wait
   $BIN vm events demo-vm
+  $BIN app list
+  $BIN app delete shop --wait
   $BIN vm stop demo-vm --wait
 Logs are in $DEMO/. Stop everything with: scripts/demo.sh stop
 EOT

@@ -172,8 +172,13 @@ impl Channel {
         out: &mpsc::UnboundedSender<AgentMessage>,
     ) -> anyhow::Result<()> {
         match msg {
-            ServerMessage::DesiredState { generation, vms } => {
+            ServerMessage::DesiredState {
+                generation,
+                vms,
+                prestage,
+            } => {
                 tracing::debug!(generation, vms = vms.len(), "desired state");
+                self.reconciler.prestage(prestage);
                 self.reconciler.apply(generation, vms).await?;
             }
             ServerMessage::ConsoleRequest {

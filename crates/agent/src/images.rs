@@ -1,12 +1,19 @@
 //! The agent's image cache.
 //!
-//! Base images are fetched from the control plane on first use, verified
-//! against their sha256 and kept as `<sha256>.qcow2`. Concurrent VMs that need
-//! the same image wait on one per-image lock, so the image is downloaded once.
-//! A broken transfer leaves `<sha256>.part`, and the next attempt resumes it
-//! with an HTTP range request instead of starting over.
+//! Base images are fetched on first use, verified against their sha256 and
+//! kept as `<sha256>.qcow2`. Concurrent VMs that need the same image wait on
+//! one per-image lock, so the image is downloaded once. A broken transfer
+//! leaves `<sha256>.part`, and the next attempt resumes it with an HTTP range
+//! request instead of starting over.
+//!
+//! Sources are tried in order: the site-local copies the control plane names
+//! in [`ImageRef::sources`] (peer agents' image services, see
+//! [`crate::image_service`]), then the control plane itself over the long
+//! link. Since the content is addressed by its hash, a transfer that breaks
+//! on one source resumes on the next at the same offset; a copy whose hash is
+//! wrong is discarded and fetched again from the next source.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -15,12 +22,19 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use virt8ra_api::protocol::ImageRef;
 
+/// The key under which bytes fetched from the control plane are counted.
+pub const LONG_LINK: &str = "control-plane";
+
 pub struct ImageCache {
     dir: PathBuf,
     server: String,
     token: String,
     client: reqwest::Client,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bytes received, by source (`control-plane` or a peer's URL).
+    received: Mutex<BTreeMap<String, u64>>,
+    /// Cached images whose hash this process checked (or fetched itself).
+    verified: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +51,7 @@ pub enum ImageError {
     Io(#[from] std::io::Error),
 }
 
-fn valid_sha(s: &str) -> bool {
+pub fn valid_sha(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
@@ -50,11 +64,37 @@ impl ImageCache {
             token: token.to_string(),
             client: reqwest::Client::new(),
             locks: Mutex::new(HashMap::new()),
+            received: Mutex::new(BTreeMap::new()),
+            verified: Mutex::new(Default::default()),
         })
     }
 
     pub fn path_of(&self, sha256: &str) -> PathBuf {
         self.dir.join(format!("{sha256}.qcow2"))
+    }
+
+    /// Bytes received so far, by source.
+    pub fn received(&self) -> BTreeMap<String, u64> {
+        self.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn mark_verified(&self, sha: &str) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sha.to_string());
+    }
+
+    fn count(&self, source: &str, n: u64) {
+        *self
+            .received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(source.to_string())
+            .or_default() += n;
     }
 
     /// The local path of the image, downloading it first if needed.
@@ -72,17 +112,68 @@ impl ImageCache {
         let _g = lock.lock().await;
         let path = self.path_of(&r.sha256);
         if let Ok(md) = tokio::fs::metadata(&path).await {
-            if md.len() == r.size_bytes {
+            let known = self
+                .verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&r.sha256);
+            if md.len() == r.size_bytes && known {
                 return Ok(path);
             }
-            tracing::warn!(image = %r.name, "cached copy has the wrong size; fetching again");
+            // Checked once per process: a copy damaged on disk is noticed
+            // before it is used or served to the site.
+            if md.len() == r.size_bytes && hash_file(&path).await? == r.sha256 {
+                self.mark_verified(&r.sha256);
+                return Ok(path);
+            }
+            tracing::warn!(image = %r.name, "cached copy is corrupt (wrong size or checksum); fetching again");
             tokio::fs::remove_file(&path).await?;
         }
-        self.download(r, &path).await?;
-        Ok(path)
+        let mut last = None;
+        for peer in &r.sources {
+            let base = peer.trim_end_matches('/');
+            let url = format!(
+                "{base}/images/{}?id={}&size={}",
+                r.sha256,
+                enc(&r.id),
+                r.size_bytes
+            );
+            match self.download(r, &path, &url, base, false).await {
+                Ok(()) => {
+                    self.mark_verified(&r.sha256);
+                    return Ok(path);
+                }
+                Err(e @ ImageError::Io(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(image = %r.name, source = %base, error = %e,
+                        "site-local source failed; trying the next");
+                    last = Some(e);
+                }
+            }
+        }
+        let url = format!("{}{}", self.server, r.url_path);
+        match self.download(r, &path, &url, LONG_LINK, true).await {
+            Ok(()) => {
+                self.mark_verified(&r.sha256);
+                Ok(path)
+            }
+            Err(e) => {
+                if let Some(prev) = last {
+                    tracing::debug!(error = %prev, "earlier source's error");
+                }
+                Err(e)
+            }
+        }
     }
 
-    async fn download(&self, r: &ImageRef, dest: &Path) -> Result<(), ImageError> {
+    async fn download(
+        &self,
+        r: &ImageRef,
+        dest: &Path,
+        url: &str,
+        source: &str,
+        auth: bool,
+    ) -> Result<(), ImageError> {
         let part = self.dir.join(format!("{}.part", r.sha256));
         let fetch_err = |msg: String| ImageError::Fetch {
             name: r.name.clone(),
@@ -107,13 +198,15 @@ impl ImageCache {
             hasher = Sha256::new();
             have = 0;
         }
-        let url = format!("{}{}", self.server, r.url_path);
-        let mut req = self.client.get(&url).bearer_auth(&self.token);
+        let mut req = self.client.get(url);
+        if auth {
+            req = req.bearer_auth(&self.token);
+        }
         if have > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
-            tracing::info!(image = %r.name, offset = have, "resuming image download");
+            tracing::info!(image = %r.name, offset = have, source, "resuming image download");
         } else {
-            tracing::info!(image = %r.name, bytes = r.size_bytes, "downloading image");
+            tracing::info!(image = %r.name, bytes = r.size_bytes, source, "downloading image");
         }
         let resp = req
             .send()
@@ -144,18 +237,35 @@ impl ImageCache {
                     break;
                 }
             };
+            if have + chunk.len() as u64 > r.size_bytes {
+                broke = Some(fetch_err(format!(
+                    "{url} sent more than the image's {} bytes",
+                    r.size_bytes
+                )));
+                break;
+            }
             hasher.update(&chunk);
             f.write_all(&chunk).await?;
             have += chunk.len() as u64;
+            self.count(source, chunk.len() as u64);
         }
         // Whatever arrived is kept, flushed, so the next attempt resumes
         // exactly where this one stopped.
         f.flush().await?;
         f.sync_all().await?;
+        drop(f);
         if let Some(e) = broke {
+            if have >= r.size_bytes {
+                let _ = tokio::fs::remove_file(&part).await;
+            }
             return Err(e);
         }
-        drop(f);
+        if have < r.size_bytes {
+            return Err(fetch_err(format!(
+                "{url} ended the transfer at {have} of {} bytes",
+                r.size_bytes
+            )));
+        }
         let actual = hex::encode(hasher.finalize());
         if actual != r.sha256 {
             let _ = tokio::fs::remove_file(&part).await;
@@ -166,9 +276,36 @@ impl ImageCache {
             });
         }
         tokio::fs::rename(&part, dest).await?;
-        tracing::info!(image = %r.name, bytes = have, "image cached");
+        tracing::info!(image = %r.name, bytes = have, source, "image cached");
         Ok(())
     }
+}
+
+async fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Percent-encodes a query value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -250,6 +387,7 @@ mod tests {
             sha256: hex::encode(Sha256::digest(body)),
             size_bytes: body.len() as u64,
             url_path: "/api/v1/images/i/data".into(),
+            sources: vec![],
         }
     }
 
@@ -313,5 +451,73 @@ mod tests {
         let p = cache.get(&r).await.unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), body);
         assert_eq!(count.load(Ordering::SeqCst), 2);
+        // So is a copy of the right size damaged on disk (seen by a fresh
+        // process, which checks each cached image once).
+        let mut flipped = body.clone();
+        flipped[12345] ^= 0x40;
+        std::fs::write(cache.path_of(&r.sha256), &flipped).unwrap();
+        let fresh = ImageCache::new(dir.path().to_path_buf(), &url, "t").unwrap();
+        let p = fresh.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_site_local_source_is_tried_first_and_the_control_plane_is_the_fallback() {
+        let body = body();
+        let (cp, cp_count, _) = serve(body.clone(), 0).await;
+        let (peer, peer_count, _) = serve(body.clone(), 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path().to_path_buf(), &cp, "t").unwrap();
+        let mut r = image(&body);
+        r.sources = vec!["http://127.0.0.1:1".into(), peer.clone()];
+        let p = cache.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        assert_eq!(peer_count.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            cp_count.load(Ordering::SeqCst),
+            0,
+            "nothing over the long link"
+        );
+        assert_eq!(cache.received()[&peer], body.len() as u64);
+        assert!(!cache.received().contains_key(LONG_LINK));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_peer_copy_is_refused_and_fetched_from_the_control_plane() {
+        let body = body();
+        let mut bad = body.clone();
+        bad[1000] ^= 1;
+        let (cp, cp_count, _) = serve(body.clone(), 0).await;
+        let (peer, _, _) = serve(bad, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path().to_path_buf(), &cp, "t").unwrap();
+        let mut r = image(&body);
+        r.sources = vec![peer];
+        let p = cache.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        assert_eq!(cp_count.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.received()[LONG_LINK], body.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_transfer_broken_by_a_peer_resumes_from_the_control_plane_at_the_same_offset() {
+        let body = body();
+        let (cp, _, cp_ranges) = serve(body.clone(), 0).await;
+        let (peer, _, _) = serve(body.clone(), 1).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path().to_path_buf(), &cp, "t").unwrap();
+        let mut r = image(&body);
+        r.sources = vec![peer.clone()];
+        let p = cache.get(&r).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), body);
+        let from_peer = cache.received()[&peer];
+        assert!(from_peer > 0 && from_peer < body.len() as u64);
+        assert_eq!(*cp_ranges.lock().unwrap(), vec![from_peer]);
+        assert_eq!(
+            cache.received()[LONG_LINK],
+            body.len() as u64 - from_peer,
+            "only the rest crossed the long link"
+        );
     }
 }

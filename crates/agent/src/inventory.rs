@@ -107,6 +107,7 @@ pub fn collect(
         machine_types: vec![],
         migration_address: None,
         protocol: 0,
+        image_service: None,
     }
 }
 

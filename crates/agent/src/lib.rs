@@ -24,6 +24,7 @@ use virt8ra_api::{AgentJoin, AgentJoined, ErrorBody};
 
 pub mod channel;
 pub mod driver;
+pub mod image_service;
 pub mod images;
 pub mod inventory;
 pub mod mover;
@@ -64,6 +65,14 @@ pub struct AgentArgs {
     /// live migrations. Without it the host takes only cold migrations.
     #[arg(long, env = "VIRT8RA_MIGRATION_ADDRESS")]
     pub migration_address: Option<String>,
+    /// Serve this host's image cache to the other hosts of its site on this
+    /// address (e.g. 10.0.0.5:8481), so images cross the long link once per site.
+    #[arg(long)]
+    pub image_service_listen: Option<String>,
+    /// URL the site's other hosts reach the image service at (default:
+    /// http:// and the listen address).
+    #[arg(long)]
+    pub image_service_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,6 +230,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         &args.server,
         &creds.host_token,
     )?);
+    if let Some(listen) = &args.image_service_listen {
+        let addr = image_service::start(images.clone(), listen).await?;
+        inv.image_service = Some(
+            args.image_service_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{addr}")),
+        );
+    }
     let (reports, changes) = reconciler::Reports::new();
     let rec = reconciler::Reconciler::new(&data_dir, driver.clone(), images, reports.clone())?;
     let mover = mover::Mover::new(

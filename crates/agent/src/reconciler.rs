@@ -163,6 +163,20 @@ impl Reconciler {
         let _ = self.mover.set(m);
     }
 
+    /// Fetches images the control plane wants staged at this host's site, in
+    /// the background (each once: the cache shares concurrent downloads and
+    /// returns at once when the image is there).
+    pub fn prestage(&self, images: Vec<virt8ra_api::protocol::ImageRef>) {
+        for r in images {
+            let cache = self.images.clone();
+            tokio::spawn(async move {
+                if let Err(e) = cache.get(&r).await {
+                    tracing::warn!(image = %r.name, error = %e, "pre-staging failed");
+                }
+            });
+        }
+    }
+
     /// Resumes from the persisted desired state (agent restart, host reboot).
     pub async fn resume(self: &Arc<Self>) -> anyhow::Result<()> {
         let desired: DesiredFile = match std::fs::read(&self.desired_path) {

@@ -44,6 +44,7 @@ pub async fn start(
         machine_types: vec![],
         migration_address: None,
         protocol: 0,
+        image_service: None,
     };
     let joined = crate::join(
         server,

@@ -8,11 +8,13 @@
 //! Request bodies reject unknown fields (`deny_unknown_fields`): a typo in a
 //! field name is an error, never a silently ignored setting.
 
+pub mod market;
 pub mod migration;
 pub mod protocol;
 pub mod resources;
 pub mod validate;
 
+pub use market::*;
 pub use migration::*;
 pub use resources::*;
 

@@ -88,6 +88,10 @@ pub enum ServerMessage {
         /// Increases with every change; the agent ignores an older one.
         generation: u64,
         vms: Vec<DesiredVm>,
+        /// Images to fetch and keep even without a VM that needs them
+        /// (pre-staging at a site; only the site's image cache host gets these).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        prestage: Vec<ImageRef>,
     },
     ConsoleRequest {
         request_id: u64,
@@ -232,6 +236,10 @@ pub struct ImageRef {
     pub size_bytes: u64,
     /// Path on the control plane, e.g. `/api/v1/images/ID/data`.
     pub url_path: String,
+    /// Site-local copies to try first, in order (base URLs of peer agents'
+    /// image services); the control plane is the fallback.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
 }
 
 /// What the agent observes of one VM.

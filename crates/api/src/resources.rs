@@ -200,6 +200,10 @@ pub struct HostInventory {
     /// Agent protocol version spoken on the current connection.
     #[serde(default)]
     pub protocol: u32,
+    /// URL at which this host's agent serves its image cache to the other
+    /// hosts of its site, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_service: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -306,6 +310,23 @@ pub struct Image {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
+    /// Version tag, e.g. `1.0.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Where the image came from: `upload`, a URL, or `catalog NAME: URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<String>,
+    /// Sites where the image is pre-staged (`image replicate`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
+}
+
+/// Bytes of image data served, by source (`/api/v1/images/transfers`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageTransfers {
+    /// Bytes the control plane sent to agents (the long link), by host name.
+    pub long_link_bytes_by_host: std::collections::BTreeMap<String, u64>,
+    pub long_link_bytes: u64,
 }
 
 // ---------------------------------------------------------------------- VMs

@@ -70,6 +70,27 @@ impl Client {
             .context("the control plane sent an answer this CLI does not understand")
     }
 
+    /// A GET that answers `None` on 404.
+    pub async fn get_opt<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Option<T>> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| anyhow!("request to {} failed: {e}", self.base))?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return self.get(path).await.map(Some);
+        }
+        resp.json::<T>()
+            .await
+            .map(Some)
+            .context("the control plane sent an answer this CLI does not understand")
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.request(Method::GET, path, None::<&()>).await
     }

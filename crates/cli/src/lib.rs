@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use virt8ra_api::*;
 
+pub mod app;
 pub mod apply;
 pub mod client;
 pub mod migrate;
@@ -61,6 +62,15 @@ pub enum Command {
     Migration(MigrationCmd),
     /// Bring providers, sites, images and VMs to the state a YAML file declares.
     Apply(apply::ApplyArgs),
+    /// Apps: one appliance deployed at several locations, managed as one unit.
+    #[command(subcommand)]
+    App(app::AppCmd),
+    /// Appliances: versioned bundles of image, VM template and parameters.
+    #[command(subcommand)]
+    Appliance(app::ApplianceCmd),
+    /// Catalogs of appliances: this control plane's, and others' it trusts.
+    #[command(subcommand)]
+    Catalog(app::CatalogCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,14 +215,35 @@ pub enum JoinTokenCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
-    /// Upload a disk image (qcow2, raw, VMDK, VHD, VHDX); it is stored as qcow2.
+    /// Import a disk image (qcow2, raw, VMDK, VHD, VHDX) from a file or an
+    /// http(s) URL; it is stored as qcow2.
     Import {
-        file: PathBuf,
+        /// A local file (or give --url).
+        file: Option<PathBuf>,
         #[arg(long)]
         name: String,
         #[arg(long)]
         arch: Option<String>,
+        /// Version tag, e.g. 1.0.0.
+        #[arg(long)]
+        version: Option<String>,
+        /// Have the control plane download it from this http(s) URL.
+        #[arg(long = "from-url", conflicts_with = "file")]
+        from_url: Option<String>,
+        /// With --from-url: refuse the download unless its sha256 is this.
+        #[arg(long, requires = "from_url")]
+        sha256: Option<String>,
     },
+    /// Pre-stage an image at sites: each site's image cache host fetches it
+    /// once, and the site's other hosts get it from there.
+    Replicate {
+        name: String,
+        /// Comma-separated site names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        sites: Vec<String>,
+    },
+    /// Bytes of image data the control plane sent to hosts (the long link).
+    Transfers,
     List,
     Show {
         name: String,
@@ -444,6 +475,12 @@ fn connect(g: &GlobalOpts) -> anyhow::Result<Client> {
 }
 
 pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
+    if let Command::Catalog(k) = cmd {
+        if k.offline() {
+            return app::catalog_offline(g.output, k);
+        }
+        return app::catalog(&connect(&g)?, g.output, k).await;
+    }
     let c = connect(&g)?;
     let o = g.output;
     match cmd {
@@ -454,6 +491,9 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::Vm(v) => vm(&c, o, v).await,
         Command::Migration(m) => migration(&c, o, m).await,
         Command::Apply(a) => apply::run(&c, o, a).await,
+        Command::App(a) => app::app(&c, o, a).await,
+        Command::Appliance(a) => app::appliance(&c, o, a).await,
+        Command::Catalog(k) => app::catalog(&c, o, k).await,
     }
 }
 
@@ -510,7 +550,7 @@ async fn provider(c: &Client, o: Format, cmd: ProviderCmd) -> anyhow::Result<()>
     }
 }
 
-fn done(o: Format, msg: &str) -> anyhow::Result<()> {
+pub(crate) fn done(o: Format, msg: &str) -> anyhow::Result<()> {
     emit(o, &serde_json::json!({ "result": msg }), |_| {
         println!("{msg}")
     })
@@ -776,16 +816,80 @@ async fn image(c: &Client, o: Format, cmd: ImageCmd) -> anyhow::Result<()> {
             ("size", format!("{} bytes", i.size_bytes)),
             ("virtual size", format!("{} bytes", i.virtual_size_bytes)),
             ("arch", i.arch.clone()),
+            ("version", i.version.clone().unwrap_or("-".into())),
+            ("provenance", i.provenance.clone().unwrap_or("-".into())),
+            (
+                "staged at",
+                if i.sites.is_empty() {
+                    "-".into()
+                } else {
+                    i.sites.join(", ")
+                },
+            ),
         ])
     };
     match cmd {
-        ImageCmd::Import { file, name, arch } => {
+        ImageCmd::Import {
+            file: None,
+            name,
+            arch,
+            version,
+            from_url,
+            sha256,
+        } => {
+            let Some(url) = from_url else {
+                bail!("give a file to import, or --from-url URL");
+            };
+            let i: Image = c
+                .post(
+                    "/images/import",
+                    &ImageImportUrl {
+                        name,
+                        url,
+                        sha256,
+                        arch,
+                        version,
+                    },
+                )
+                .await?;
+            emit(o, &i, show)
+        }
+        ImageCmd::Replicate { name, sites } => {
+            let i: Image = c
+                .post(
+                    &format!("/images/{}/replicate", seg(&name)),
+                    &ImageReplicate { sites },
+                )
+                .await?;
+            emit(o, &i, |i| {
+                println!("image {} is being staged at {}", i.name, i.sites.join(", "))
+            })
+        }
+        ImageCmd::Transfers => {
+            let t: ImageTransfers = c.get("/images/transfers").await?;
+            emit(o, &t, |t| {
+                fields(vec![("long link", format!("{} bytes", t.long_link_bytes))]);
+                for (h, n) in &t.long_link_bytes_by_host {
+                    println!("  {h}: {n} bytes");
+                }
+            })
+        }
+        ImageCmd::Import {
+            file: Some(file),
+            name,
+            arch,
+            version,
+            ..
+        } => {
             if !file.is_file() {
                 bail!("{} is not a file", file.display());
             }
             let mut path = format!("/images?name={}", seg(&name));
             if let Some(a) = arch {
                 path.push_str(&format!("&arch={}", seg(&a)));
+            }
+            if let Some(v) = version {
+                path.push_str(&format!("&version={}", seg(&v)));
             }
             if o == Format::Table {
                 eprintln!("uploading {} ...", file.display());

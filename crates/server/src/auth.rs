@@ -115,13 +115,13 @@ impl FromRequestParts<App> for JoinAuth {
 }
 
 /// Either the admin or a host (image downloads).
-pub struct AdminOrHost;
+pub struct AdminOrHost(pub Option<String>);
 
 impl FromRequestParts<App> for AdminOrHost {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
-        require(parts, app, &[TokenKind::Admin, TokenKind::Host]).await?;
-        Ok(AdminOrHost)
+        let rec = require(parts, app, &[TokenKind::Admin, TokenKind::Host]).await?;
+        Ok(AdminOrHost(rec.host_id))
     }
 }
 

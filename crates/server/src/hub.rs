@@ -261,6 +261,7 @@ mod tests {
         let msg = || ServerMessage::DesiredState {
             generation: 1,
             vms: vec![],
+            prestage: vec![],
         };
         assert!(hub.send_desired("h", 7, msg()));
         assert!(!hub.send_desired("h", 7, msg()));

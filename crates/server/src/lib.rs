@@ -18,6 +18,7 @@ use virt8ra_store::{SqliteStore, Store, TokenKind, TokenRecord};
 
 pub mod api;
 pub mod auth;
+pub mod distribution;
 pub mod error;
 pub mod hub;
 pub mod migration;

@@ -208,6 +208,13 @@ pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> 
         }
     }
     crate::migration::apply_roles(app, host_id, &mut out, &mut images).await?;
+    if !out.is_empty() {
+        // Where this host fetches images: its site's copy first.
+        let sources = crate::distribution::plan_for(app, host_id).await?.sources;
+        for d in &mut out {
+            d.image.sources = sources.clone();
+        }
+    }
     Ok(out)
 }
 
@@ -224,13 +231,7 @@ pub async fn desired_vm(
         Some(i) => i.clone(),
         None => {
             let i = app.store.get_image(&image_id).await?;
-            let r = ImageRef {
-                url_path: format!("/api/v1/images/{}/data", i.id),
-                id: i.id,
-                name: i.name,
-                sha256: i.sha256,
-                size_bytes: i.size_bytes,
-            };
+            let r = crate::distribution::image_ref(&i);
             images.insert(image_id, r.clone());
             r
         }
@@ -256,9 +257,13 @@ pub async fn desired_vm(
 /// Sends the host its desired state if it changed since the last send.
 pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
     let vms = desired_for(app, host_id).await?;
+    let prestage = crate::distribution::plan_for(app, host_id).await?.prestage;
     let fingerprint = {
         let mut h = DefaultHasher::new();
         serde_json::to_string(&vms).unwrap_or_default().hash(&mut h);
+        serde_json::to_string(&prestage)
+            .unwrap_or_default()
+            .hash(&mut h);
         h.finish()
     };
     // Generations grow with wall-clock time, so they keep increasing across
@@ -267,7 +272,11 @@ pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
     app.hub.send_desired(
         host_id,
         fingerprint,
-        ServerMessage::DesiredState { generation, vms },
+        ServerMessage::DesiredState {
+            generation,
+            vms,
+            prestage,
+        },
     );
     Ok(())
 }

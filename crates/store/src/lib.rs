@@ -145,6 +145,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get_image(&self, key: &str) -> Result<Image>;
     /// Refused while VMs that are not deleted use it.
     async fn delete_image(&self, id: &str) -> Result<()>;
+    /// Replaces the image's record (its name and content stay).
+    async fn update_image(&self, i: &Image) -> Result<()>;
 
     // VMs
     /// Creates the VM with its first event.
@@ -180,4 +182,16 @@ pub trait Store: Send + Sync + 'static {
     async fn create_token(&self, t: &TokenRecord) -> Result<()>;
     async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>>;
     async fn count_tokens(&self, kind: TokenKind) -> Result<usize>;
+
+    // documents: resources kept whole as JSON under a kind, with a unique
+    // name per kind (catalogs, appliances, apps)
+    /// Creates the document, or replaces the one with this id; a different
+    /// document of the same kind and name is a conflict.
+    async fn put_doc(&self, kind: &str, id: &str, name: &str, body: &str) -> Result<()>;
+    /// The body, by id or name.
+    async fn get_doc(&self, kind: &str, key: &str) -> Result<Option<String>>;
+    /// All bodies of a kind, by name.
+    async fn list_docs(&self, kind: &str) -> Result<Vec<String>>;
+    /// Whether it existed.
+    async fn delete_doc(&self, kind: &str, id: &str) -> Result<bool>;
 }

@@ -88,4 +88,17 @@ CREATE TABLE exports (
 );
 "#,
     ),
+    (
+        "documents: catalogs, appliances and apps",
+        r#"
+CREATE TABLE documents (
+    kind TEXT NOT NULL,
+    id   TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE UNIQUE INDEX documents_name ON documents(kind, name);
+"#,
+    ),
 ];

@@ -610,6 +610,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn update_image(&self, i: &Image) -> Result<()> {
+        let i = i.clone();
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE images SET body = ?2 WHERE id = ?1",
+                    params![i.id, to_json(&i)?],
+                )
+                .map_err(db)?;
+            if n == 0 {
+                return Err(StoreError::not_found("image", &i.id));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn create_vm(&self, vm: &Vm, event: &str) -> Result<()> {
         let vm = vm.clone();
         let event = event.to_string();
@@ -921,6 +938,71 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn put_doc(&self, kind: &str, id: &str, name: &str, body: &str) -> Result<()> {
+        let (kind, id, name, body) = (
+            kind.to_string(),
+            id.to_string(),
+            name.to_string(),
+            body.to_string(),
+        );
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO documents (kind, id, name, body) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (kind, id) DO UPDATE SET name = excluded.name, body = excluded.body",
+                params![kind, id, name, body],
+            )
+            .map_err(|e| conflict_or_db(e, || format!("{kind} '{name}' already exists")))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_doc(&self, kind: &str, key: &str) -> Result<Option<String>> {
+        let (kind, key) = (kind.to_string(), key.to_string());
+        self.read(move |c| {
+            c.query_row(
+                "SELECT body FROM documents WHERE kind = ?1 AND (id = ?2 OR name = ?2) LIMIT 1",
+                params![kind, key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn list_docs(&self, kind: &str) -> Result<Vec<String>> {
+        let kind = kind.to_string();
+        self.read(move |c| {
+            let mut st = c
+                .prepare("SELECT body FROM documents WHERE kind = ?1 ORDER BY name")
+                .map_err(db)?;
+            let rows = st
+                .query_map([&kind], |r| r.get::<_, String>(0))
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r.map_err(db)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_doc(&self, kind: &str, id: &str) -> Result<bool> {
+        let (kind, id) = (kind.to_string(), id.to_string());
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM documents WHERE kind = ?1 AND id = ?2",
+                    params![kind, id],
+                )
+                .map_err(db)?;
+            Ok(n > 0)
+        })
+        .await
+    }
 }
 
 fn insert_token(c: &Connection, t: &TokenRecord) -> Result<()> {
@@ -1071,6 +1153,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn documents_are_unique_by_kind_and_name() {
+        let s = SqliteStore::in_memory().unwrap();
+        s.put_doc("app", "1", "shop", "{\"v\":1}").await.unwrap();
+        s.put_doc("app", "1", "shop", "{\"v\":2}").await.unwrap();
+        s.put_doc("catalog", "2", "shop", "{}").await.unwrap();
+        let e = s.put_doc("app", "3", "shop", "{}").await.unwrap_err();
+        assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+        assert_eq!(
+            s.get_doc("app", "shop").await.unwrap().unwrap(),
+            "{\"v\":2}"
+        );
+        assert_eq!(s.list_docs("app").await.unwrap().len(), 1);
+        assert!(s.delete_doc("app", "1").await.unwrap());
+        assert!(!s.delete_doc("app", "1").await.unwrap());
+        assert!(s.get_doc("app", "shop").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
     async fn state_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
@@ -1121,6 +1221,7 @@ mod tests {
                 machine_types: vec![],
                 migration_address: None,
                 protocol: 0,
+                image_service: None,
             },
             state: HostState::Ready,
             connected: false,

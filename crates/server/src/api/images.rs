@@ -78,6 +78,8 @@ pub struct UploadQuery {
     pub arch: Option<String>,
     /// Labels, `KEY=VALUE` pairs separated by commas.
     pub labels: Option<String>,
+    /// Version tag, e.g. `1.0.0`.
+    pub version: Option<String>,
 }
 
 /// Removes a temporary file when dropped, unless it was kept.
@@ -102,13 +104,7 @@ pub async fn upload(
     Query(q): Query<UploadQuery>,
     body: RawBody,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
-    validate::name("image", &q.name).map_err(ApiError::Invalid)?;
-    let arch = q.arch.unwrap_or_else(|| "x86_64".into());
-    if !["x86_64", "aarch64", "riscv64"].contains(&arch.as_str()) {
-        return Err(ApiError::Invalid(format!(
-            "unknown arch {arch:?}: use x86_64, aarch64 or riscv64"
-        )));
-    }
+    let arch = check_new(&app, &q.name, q.arch.as_deref(), q.version.as_deref()).await?;
     let mut labels = std::collections::BTreeMap::new();
     for pair in q.labels.iter().flat_map(|l| l.split(',')) {
         let Some((k, v)) = pair.split_once('=') else {
@@ -119,12 +115,6 @@ pub async fn upload(
         labels.insert(k.to_string(), v.to_string());
     }
     validate::labels(&labels).map_err(ApiError::Invalid)?;
-    if app.store.get_image(&q.name).await.is_ok() {
-        return Err(ApiError::Conflict(format!(
-            "image '{}' already exists",
-            q.name
-        )));
-    }
     let id = uuid::Uuid::new_v4().to_string();
     let upload = app.images_dir.join(format!("upload-{id}"));
     let _upload_guard = TempFile(Some(upload.clone()));
@@ -150,7 +140,40 @@ pub async fn upload(
         return Err(ApiError::Invalid("the upload is empty".into()));
     }
 
-    let info = qemu_img_info(&upload).await?;
+    ingest(
+        &app,
+        &upload,
+        received,
+        Meta {
+            id,
+            name: q.name,
+            arch,
+            version: q.version,
+            provenance: "upload".into(),
+            source_sha256: Some(hex::encode(source_hash.finalize())),
+            labels,
+        },
+    )
+    .await
+    .map(|i| (StatusCode::CREATED, Json(i)))
+}
+
+/// What an import knows about the image besides its bytes.
+pub struct Meta {
+    pub id: String,
+    pub name: String,
+    pub arch: String,
+    pub version: Option<String>,
+    pub provenance: String,
+    /// sha256 of the file as received, before any conversion.
+    pub source_sha256: Option<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Checks, converts (to qcow2), hashes and stores a received file.
+pub async fn ingest(app: &App, upload: &FsPath, received: u64, m: Meta) -> ApiResult<Image> {
+    let id = m.id.clone();
+    let info = qemu_img_info(upload).await?;
     if !ACCEPTED_FORMATS.contains(&info.format.as_str()) {
         return Err(ApiError::Invalid(format!(
             "unsupported image format '{}': import qcow2, raw, VMDK, VHD (vpc) or VHDX",
@@ -169,12 +192,12 @@ pub async fn upload(
         )));
     }
     let stored = if info.format == "qcow2" {
-        upload.clone()
+        upload.to_path_buf()
     } else {
         let out = app.images_dir.join(format!("convert-{id}.qcow2"));
         let st = tokio::process::Command::new("qemu-img")
             .args(["convert", "-f", &info.format, "-O", "qcow2"])
-            .arg(&upload)
+            .arg(upload)
             .arg(&out)
             .output()
             .await
@@ -196,20 +219,210 @@ pub async fn upload(
         .await
         .map_err(|e| ApiError::Internal(format!("store image: {e}")))?;
     let image = Image {
-        id,
-        name: q.name,
+        id: m.id,
+        name: m.name,
         sha256: sha,
         format: "qcow2".into(),
         source_format: info.format,
         size_bytes: size,
         virtual_size_bytes: info.virtual_size,
-        arch,
-        source_sha256: Some(hex::encode(source_hash.finalize())),
-        labels,
+        arch: m.arch,
+        source_sha256: m.source_sha256,
+        labels: m.labels,
         created_at: Utc::now(),
+        version: m.version,
+        provenance: Some(m.provenance),
+        sites: vec![],
     };
     app.store.create_image(&image).await?;
-    Ok((StatusCode::CREATED, Json(image)))
+    Ok(image)
+}
+
+/// Validates the name, arch and version of a new image; returns the arch.
+pub async fn check_new(
+    app: &App,
+    name: &str,
+    arch: Option<&str>,
+    version: Option<&str>,
+) -> ApiResult<String> {
+    validate::name("image", name).map_err(ApiError::Invalid)?;
+    let arch = arch.unwrap_or("x86_64").to_string();
+    if !["x86_64", "aarch64", "riscv64"].contains(&arch.as_str()) {
+        return Err(ApiError::Invalid(format!(
+            "unknown arch {arch:?}: use x86_64, aarch64 or riscv64"
+        )));
+    }
+    if let Some(v) = version {
+        validate_version(v)?;
+    }
+    if app.store.get_image(name).await.is_ok() {
+        return Err(ApiError::Conflict(format!("image '{name}' already exists")));
+    }
+    Ok(arch)
+}
+
+/// A version tag: 1-32 characters of letters, digits, `.`, `-`, `+`.
+pub fn validate_version(v: &str) -> ApiResult<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 32
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'+');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(format!(
+            "invalid version {v:?}: use 1-32 letters, digits, '.', '-' or '+'"
+        )))
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/images/import", tag = "images",
+    request_body = virt8ra_api::ImageImportUrl,
+    responses((status = 201, body = Image), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn import_url(
+    _: Admin,
+    State(app): State<App>,
+    super::Body(req): super::Body<virt8ra_api::ImageImportUrl>,
+) -> ApiResult<(StatusCode, Json<Image>)> {
+    let arch = check_new(&app, &req.name, req.arch.as_deref(), req.version.as_deref()).await?;
+    let i = import_from_url(
+        &app,
+        &req.url,
+        req.sha256.as_deref(),
+        Meta {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: req.name,
+            arch,
+            version: req.version,
+            provenance: req.url.clone(),
+            source_sha256: None,
+            labels: Default::default(),
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(i)))
+}
+
+/// How many times a broken download is resumed before the import gives up.
+const URL_ATTEMPTS: u32 = 5;
+
+/// Downloads `url` (resuming a broken transfer with range requests), checks
+/// its sha256 when one is expected, and stores it like an upload.
+pub async fn import_from_url(
+    app: &App,
+    url: &str,
+    expected_sha: Option<&str>,
+    m: Meta,
+) -> ApiResult<Image> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ApiError::Invalid(format!("invalid URL {url:?}: {e}")))?;
+    if parsed.scheme() != "http" && parsed.scheme() != "https" {
+        return Err(ApiError::Invalid(format!(
+            "invalid URL {url:?}: only http and https are supported"
+        )));
+    }
+    if let Some(e) = expected_sha {
+        if e.len() != 64 || !e.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ApiError::Invalid(format!(
+                "invalid sha256 {e:?}: 64 hex digits"
+            )));
+        }
+    }
+    let dest = app.images_dir.join(format!("download-{}", m.id));
+    let _guard = TempFile(Some(dest.clone()));
+    let have = download_resuming(url, &dest).await?;
+    if have == 0 {
+        return Err(ApiError::Invalid(format!("{url} sent no data")));
+    }
+    let (sha, _) = sha256_file(&dest).await?;
+    if let Some(e) = expected_sha {
+        if !sha.eq_ignore_ascii_case(e) {
+            return Err(ApiError::Invalid(format!(
+                "checksum mismatch: {url} sent data with sha256 {sha}, expected {e}; the download was discarded"
+            )));
+        }
+    }
+    ingest(app, &dest, have, m).await
+}
+
+/// Downloads `url` into `dest`; returns the byte count.
+async fn download_resuming(url: &str, dest: &FsPath) -> ApiResult<u64> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(dest)
+        .await
+        .map_err(|e| ApiError::Internal(format!("create {}: {e}", dest.display())))?;
+    let mut have: u64 = 0;
+    let mut last_err = String::new();
+    for attempt in 0..URL_ATTEMPTS {
+        if attempt > 0 {
+            tracing::info!(url, offset = have, attempt, "resuming the image download");
+            tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
+        }
+        let mut rb = client.get(url);
+        if have > 0 {
+            rb = rb.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        }
+        let resp = match rb.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                last_err = format!("cannot fetch {url}: {e}");
+                continue;
+            }
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(ApiError::Invalid(format!("{url} answered {status}")));
+        }
+        if have > 0 && status != reqwest::StatusCode::PARTIAL_CONTENT {
+            // No range support: start over.
+            have = 0;
+            f.set_len(0)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            f.seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+        let total = resp.content_length().map(|n| n + have);
+        let mut stream = resp.bytes_stream();
+        let mut broke = false;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => {
+                    f.write_all(&c)
+                        .await
+                        .map_err(|e| ApiError::Internal(format!("write download: {e}")))?;
+                    have += c.len() as u64;
+                }
+                Err(e) => {
+                    last_err = format!("transfer from {url} broke at {have} bytes: {e}");
+                    broke = true;
+                    break;
+                }
+            }
+        }
+        if !broke && total.is_none_or(|t| have >= t) {
+            f.sync_all()
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            return Ok(have);
+        }
+        if !broke {
+            last_err = format!("{url} ended the transfer early, at {have} bytes");
+        }
+    }
+    Err(ApiError::Invalid(format!(
+        "{last_err} (gave up after {URL_ATTEMPTS} attempts)"
+    )))
 }
 
 struct ImgInfo {
@@ -288,12 +501,27 @@ pub(crate) fn range_start(headers: &HeaderMap) -> ApiResult<Option<u64>> {
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(
-    _: AdminOrHost,
+    AdminOrHost(host): AdminOrHost,
     State(app): State<App>,
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let i = app.store.get_image(&key).await?;
+    serve_file(&app, &i, &headers, &host.unwrap_or_else(|| "admin".into())).await
+}
+
+pub fn valid_sha(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Serves an image's file (from `Range: bytes=START-` if asked), counting
+/// the bytes sent under `who`.
+pub async fn serve_file(
+    app: &App,
+    i: &Image,
+    headers: &HeaderMap,
+    who: &str,
+) -> ApiResult<Response> {
     let path = app.images_dir.join(format!("{}.qcow2", i.sha256));
     let mut f = tokio::fs::File::open(&path)
         .await
@@ -303,7 +531,7 @@ pub async fn download(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .len();
-    let start = range_start(&headers)?;
+    let start = range_start(headers)?;
     let mut status = StatusCode::OK;
     let mut hdrs = vec![
         (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -331,7 +559,12 @@ pub async fn download(
         ));
     }
     hdrs.push((header::CONTENT_LENGTH, remaining.to_string()));
-    let stream = tokio_util::io::ReaderStream::new(f);
+    let who = who.to_string();
+    let stream = tokio_util::io::ReaderStream::new(f).inspect(move |c| {
+        if let Ok(c) = c {
+            count_transfer(&who, c.len() as u64);
+        }
+    });
     let mut resp = (status, RawBody::from_stream(stream)).into_response();
     for (k, v) in hdrs {
         if let Ok(v) = v.parse() {
@@ -339,4 +572,80 @@ pub async fn download(
         }
     }
     Ok(resp)
+}
+
+/// Bytes of image data the control plane served, by host id (`admin` for
+/// operators). Process-wide: one control plane runs per process.
+static TRANSFERS: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn count_transfer(who: &str, n: u64) {
+    let mut t = TRANSFERS.lock().unwrap_or_else(|p| p.into_inner());
+    *t.entry(who.to_string()).or_default() += n;
+}
+
+#[utoipa::path(get, path = "/api/v1/images/transfers", tag = "images",
+    responses((status = 200, body = virt8ra_api::ImageTransfers)), security(("bearer" = [])))]
+pub async fn transfers(
+    _: Admin,
+    State(app): State<App>,
+) -> ApiResult<Json<virt8ra_api::ImageTransfers>> {
+    let by_id = TRANSFERS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut out = virt8ra_api::ImageTransfers::default();
+    for (id, n) in by_id {
+        let name = match app.store.get_host(&id).await {
+            Ok(h) => h.name,
+            Err(_) => id,
+        };
+        *out.long_link_bytes_by_host.entry(name).or_default() += n;
+        out.long_link_bytes += n;
+    }
+    Ok(Json(out))
+}
+
+#[utoipa::path(post, path = "/api/v1/images/{key}/replicate", tag = "images",
+    request_body = virt8ra_api::ImageReplicate,
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 202, body = Image), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn replicate(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+    super::Body(req): super::Body<virt8ra_api::ImageReplicate>,
+) -> ApiResult<(StatusCode, Json<Image>)> {
+    let mut i = app.store.get_image(&key).await?;
+    if req.sites.is_empty() {
+        return Err(ApiError::Invalid("name at least one site".into()));
+    }
+    let mut sites = Vec::new();
+    for s in &req.sites {
+        match app.store.get_site(s).await {
+            Ok(site) => sites.push(site.name),
+            Err(virt8ra_store::StoreError::NotFound { .. }) => {
+                return Err(super::missing_ref("site", s, "site"))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut changed = false;
+    for s in sites {
+        if !i.sites.contains(&s) {
+            i.sites.push(s);
+            changed = true;
+        }
+    }
+    if changed {
+        i.sites.sort();
+        app.store.update_image(&i).await?;
+    }
+    crate::distribution::invalidate();
+    for h in app.store.list_hosts().await? {
+        if i.sites.contains(&h.site) {
+            app.mark_host(&h.id);
+        }
+    }
+    app.wake.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(i)))
 }

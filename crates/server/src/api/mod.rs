@@ -14,6 +14,8 @@ use crate::error::ApiError;
 use crate::state::App;
 
 pub mod agent;
+pub mod apps;
+pub mod catalog;
 pub mod hosts;
 pub mod images;
 pub mod migrations;
@@ -83,6 +85,22 @@ pub fn router(app: App) -> Router {
         .route("/images", get(images::list).post(images::upload))
         .route("/images/{key}", get(images::show).delete(images::delete))
         .route("/images/{key}/data", get(images::download))
+        .route("/images/import", post(images::import_url))
+        .route("/images/transfers", get(images::transfers))
+        .route("/images/{key}/replicate", post(images::replicate))
+        .route("/appliances", get(catalog::list).post(catalog::publish))
+        .route(
+            "/appliances/{key}",
+            get(catalog::show).delete(catalog::unpublish),
+        )
+        .route("/catalog", get(catalog::serve))
+        .route("/catalog/key", get(catalog::public_key))
+        .route("/catalog/images/{sha}", get(catalog::image_data))
+        .route("/catalogs", get(catalog::list_catalogs).post(catalog::add))
+        .route("/catalogs/{name}", axum::routing::delete(catalog::remove))
+        .route("/catalogs/{name}/refresh", post(catalog::refresh))
+        .route("/apps", get(apps::list).post(apps::create))
+        .route("/apps/{key}", get(apps::show).delete(apps::delete))
         .route("/vms", get(vms::list).post(vms::create))
         .route("/vms/plan", post(vms::plan))
         .route("/watch", get(watch::watch))

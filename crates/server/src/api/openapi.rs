@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agent, hosts, images, migrations, providers, sites, vms, watch};
+use super::{agent, apps, catalog, hosts, images, migrations, providers, sites, vms, watch};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,6 +22,11 @@ use super::{agent, hosts, images, migrations, providers, sites, vms, watch};
         sites::list, sites::create, sites::show, sites::update, sites::delete,
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,
         images::list, images::upload, images::show, images::delete, images::download,
+        images::import_url, images::transfers, images::replicate,
+        catalog::publish, catalog::list, catalog::show, catalog::unpublish, catalog::serve,
+        catalog::public_key, catalog::image_data, catalog::add, catalog::refresh,
+        catalog::list_catalogs, catalog::remove,
+        apps::create, apps::list, apps::show, apps::delete,
         vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events, watch::watch,
         migrations::create, migrations::list, migrations::show, migrations::history,
         migrations::evacuate_host, migrations::evacuate_site, migrations::evacuate_provider,
@@ -37,6 +42,8 @@ use super::{agent, hosts, images, migrations, providers, sites, vms, watch};
         (name = "images", description = "Content-addressed disk images"),
         (name = "vms", description = "Virtual machines"),
         (name = "migrations", description = "Moving VMs between hosts, sites, providers and countries; evacuation; export"),
+        (name = "marketplace", description = "Appliances and signed catalogs"),
+        (name = "apps", description = "One appliance deployed at several locations"),
         (name = "agent", description = "Host agents' endpoints"),
     )
 )]

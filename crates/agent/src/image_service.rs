@@ -1,0 +1,193 @@
+//! The agent's image service: serves its image cache over HTTP to the other
+//! hosts of its site, so an image crosses the long link to the control plane
+//! once per site rather than once per host.
+//!
+//! `GET /images/<sha256>?id=ID&size=BYTES` answers with the cached copy
+//! (with `Range: bytes=START-` for resuming). When this host does not have
+//! the image yet, it fetches it first through its own [`ImageCache`] from
+//! the control plane (pull-through), so several peers asking at once cause one
+//! transfer over the long link. A cached copy is checked against its hash
+//! before it is first served, so a copy damaged on disk is fetched again
+//! rather than passed on. `GET /stats` reports the bytes served and
+//! received, for tests and benchmarks.
+//!
+//! The service has no authentication of its own: listen on the site's
+//! private network only. It serves nothing but images it could fetch with its
+//! own credential, named by id and content hash.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncSeekExt;
+use virt8ra_api::protocol::ImageRef;
+
+use crate::images::{valid_sha, ImageCache};
+
+pub struct ImageService {
+    cache: Arc<ImageCache>,
+    served: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// What `GET /stats` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageServiceStats {
+    /// Bytes this host served to its peers.
+    pub served_bytes: u64,
+    pub requests: u64,
+    /// Bytes this host received, by source (`control-plane` or a peer URL).
+    pub received_bytes: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Want {
+    id: Option<String>,
+    size: Option<u64>,
+}
+
+fn err(status: StatusCode, msg: String) -> Response {
+    (status, msg).into_response()
+}
+
+/// Binds `listen` and serves until the process ends. Returns the bound address.
+pub async fn start(cache: Arc<ImageCache>, listen: &str) -> anyhow::Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("image service: cannot listen on {listen}: {e}"))?;
+    let addr = l.local_addr()?;
+    let svc = Arc::new(ImageService {
+        cache,
+        served: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+    });
+    let app = Router::new()
+        .route("/images/{sha}", get(serve_image))
+        .route("/stats", get(stats))
+        .with_state(svc);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(l, app).await {
+            tracing::error!(error = %e, "image service stopped");
+        }
+    });
+    tracing::info!(%addr, "serving the image cache to the site");
+    Ok(addr)
+}
+
+async fn stats(State(s): State<Arc<ImageService>>) -> Json<ImageServiceStats> {
+    Json(ImageServiceStats {
+        served_bytes: s.served.load(Ordering::Relaxed),
+        requests: s.requests.load(Ordering::Relaxed),
+        received_bytes: s.cache.received(),
+    })
+}
+
+/// `Range: bytes=START-`; `Err(())` when malformed.
+fn range_start(h: &HeaderMap) -> Result<Option<u64>, ()> {
+    let Some(v) = h.get(header::RANGE) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(|s| s.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|r| r.parse::<u64>().ok())
+        .map(Some)
+        .ok_or(())
+}
+
+async fn serve_image(
+    State(s): State<Arc<ImageService>>,
+    Path(sha): Path<String>,
+    Query(w): Query<Want>,
+    headers: HeaderMap,
+) -> Response {
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    if !valid_sha(&sha) {
+        return err(StatusCode::BAD_REQUEST, format!("invalid sha256 {sha:?}"));
+    }
+    let Ok(start) = range_start(&headers) else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "only 'Range: bytes=START-' is supported".into(),
+        );
+    };
+    // Through the cache, which checks a cached copy's hash once per process
+    // and otherwise fetches it from the control plane (pull-through), once
+    // for the whole site however many peers ask at the same time.
+    let (Some(id), Some(size)) = (w.id, w.size) else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "name the image: ?id=IMAGE_ID&size=BYTES".into(),
+        );
+    };
+    let r = ImageRef {
+        url_path: format!("/api/v1/images/{id}/data"),
+        name: id.clone(),
+        id,
+        sha256: sha.clone(),
+        size_bytes: size,
+        sources: vec![],
+    };
+    let path = match s.cache.get(&r).await {
+        Ok(p) => p,
+        Err(e) => return err(StatusCode::BAD_GATEWAY, e.to_string()),
+    };
+    let mut f = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => return err(StatusCode::NOT_FOUND, format!("image {sha}: {e}")),
+    };
+    let len = match f.metadata().await {
+        Ok(m) => m.len(),
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let mut status = StatusCode::OK;
+    let mut remaining = len;
+    let mut range = None;
+    if let Some(start) = start {
+        if start > len {
+            return err(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("range start {start} is past the end ({len} bytes)"),
+            );
+        }
+        if let Err(e) = f.seek(std::io::SeekFrom::Start(start)).await {
+            return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        }
+        status = StatusCode::PARTIAL_CONTENT;
+        remaining = len - start;
+        range = Some(format!("bytes {start}-{}/{len}", len.saturating_sub(1)));
+    }
+    let svc = s.clone();
+    let stream = tokio_util::io::ReaderStream::new(f).inspect(move |c| {
+        if let Ok(c) = c {
+            svc.served.fetch_add(c.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let mut resp = (status, Body::from_stream(stream)).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(
+        header::ACCEPT_RANGES,
+        header::HeaderValue::from_static("bytes"),
+    );
+    if let Ok(v) = remaining.to_string().parse() {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    if let Some(r) = range.and_then(|r| r.parse().ok()) {
+        h.insert(header::CONTENT_RANGE, r);
+    }
+    resp
+}

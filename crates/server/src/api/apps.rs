@@ -1,0 +1,472 @@
+//! Apps: one appliance deployed at several locations (sites, providers or
+//! countries) in one request, and managed as one unit.
+//!
+//! A deployment is checked whole before anything is created: the appliance
+//! and its parameters, every location, the VM names, the images (imported
+//! from the appliance's catalog when needed, verified by checksum), and
+//! whether every replica fits, as one all-or-nothing batch of the placement
+//! engine. Then each replica becomes an ordinary VM pinned to its location,
+//! and the scheduler places it within the location through the engine.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use virt8ra_api::{
+    validate, App as AppView, AppCreate, AppLocation, AppVm, LocationKind, PlacementConstraints,
+    PowerState, Vm, VmCreate, VmPhase, VmStatus,
+};
+
+use super::Body;
+use crate::auth::Admin;
+use crate::error::{ApiError, ApiResult};
+use crate::state::App;
+
+const KIND: &str = "app";
+pub const MAX_LOCATIONS: usize = 32;
+pub const MAX_REPLICAS_PER_LOCATION: u32 = 16;
+
+/// What the store keeps of an app; its VMs' state is read live.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AppRecord {
+    id: String,
+    name: String,
+    appliance: String,
+    images: Vec<String>,
+    params: BTreeMap<String, serde_json::Value>,
+    locations: Vec<AppLocation>,
+    /// (VM id, location)
+    vms: Vec<(String, String)>,
+    #[serde(default)]
+    deleting: bool,
+    created_at: DateTime<Utc>,
+}
+
+/// Resolves a location: a site, else a provider, else a country code.
+async fn resolve_location(app: &App, loc: &str) -> ApiResult<(LocationKind, String)> {
+    if loc.is_empty() {
+        return Err(ApiError::Invalid("an empty location".into()));
+    }
+    if let Ok(s) = app.store.get_site(loc).await {
+        return Ok((LocationKind::Site, s.name));
+    }
+    if let Ok(p) = app.store.get_provider(loc).await {
+        return Ok((LocationKind::Provider, p.name));
+    }
+    let cc = loc.to_ascii_uppercase();
+    if validate::country(&cc).is_ok() {
+        let any = app
+            .store
+            .list_sites()
+            .await?
+            .iter()
+            .any(|s| s.country == cc);
+        if !any {
+            return Err(ApiError::Invalid(format!(
+                "location '{loc}': no site is in country {cc}"
+            )));
+        }
+        return Ok((LocationKind::Country, cc));
+    }
+    Err(ApiError::Invalid(format!(
+        "location '{loc}' is not a site, a provider or a country code; `virt8ra site list` shows the sites"
+    )))
+}
+
+fn slug(loc: &str) -> String {
+    loc.to_ascii_lowercase()
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_lowercase() || b.is_ascii_digit() {
+                b as char
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>()
+        .trim_matches('-')
+        .to_string()
+}
+
+async fn load(app: &App, key: &str) -> ApiResult<AppRecord> {
+    let body = app
+        .store
+        .get_doc(KIND, key)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("app '{key}' not found")))?;
+    serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))
+}
+
+async fn save(app: &App, r: &AppRecord) -> ApiResult<()> {
+    let body = serde_json::to_string(r).map_err(|e| ApiError::Internal(e.to_string()))?;
+    app.store.put_doc(KIND, &r.id, &r.name, &body).await?;
+    Ok(())
+}
+
+/// The app with its VMs' live state and the status of each location.
+async fn view(app: &App, r: &AppRecord) -> ApiResult<AppView> {
+    let mut vms = Vec::new();
+    for (id, loc) in &r.vms {
+        let vm = match app.store.get_vm(id).await {
+            Ok(v) => v,
+            Err(virt8ra_store::StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        vms.push(AppVm {
+            id: vm.id,
+            name: vm.name,
+            location: loc.clone(),
+            phase: vm.status.phase,
+            site: vm.status.site,
+            provider: vm.status.provider,
+            country: vm.status.country,
+            host: vm.status.host,
+            ports: vm.status.ports,
+            last_error: vm.status.last_error,
+        });
+    }
+    let mut locations = r.locations.clone();
+    for l in &mut locations {
+        let mine: Vec<&AppVm> = vms.iter().filter(|v| v.location == l.location).collect();
+        l.running = mine.iter().filter(|v| v.phase == VmPhase::Running).count() as u32;
+        l.status = status_of(&mine, l.replicas, r.deleting);
+    }
+    let all: Vec<&AppVm> = vms.iter().collect();
+    let status = status_of(&all, all.len() as u32, r.deleting);
+    Ok(AppView {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        appliance: r.appliance.clone(),
+        images: r.images.clone(),
+        params: r.params.clone(),
+        locations,
+        vms,
+        status,
+        created_at: r.created_at,
+    })
+}
+
+fn status_of(vms: &[&AppVm], wanted: u32, deleting: bool) -> String {
+    if deleting {
+        if vms.iter().all(|v| v.phase == VmPhase::Deleted) {
+            "deleted"
+        } else {
+            "deleting"
+        }
+    } else if vms.iter().any(|v| v.phase == VmPhase::Failed) {
+        "failed"
+    } else if vms.len() as u32 == wanted && vms.iter().all(|v| v.phase == VmPhase::Running) {
+        "running"
+    } else {
+        "deploying"
+    }
+    .to_string()
+}
+
+#[utoipa::path(post, path = "/api/v1/apps", tag = "apps", request_body = AppCreate,
+    responses((status = 201, body = virt8ra_api::App), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+/// Deploys an appliance at every location, all or nothing.
+pub async fn create(
+    _: Admin,
+    State(app): State<App>,
+    Body(req): Body<AppCreate>,
+) -> ApiResult<(StatusCode, Json<AppView>)> {
+    let view = deploy(&app, req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// The deployment itself, for the API handler and for other callers in
+/// the control plane (e.g. declarative apply).
+pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
+    validate::name("app", &req.name).map_err(ApiError::Invalid)?;
+    if req.locations.is_empty() {
+        return Err(ApiError::Invalid(
+            "name at least one location (a site, provider or country)".into(),
+        ));
+    }
+    if req.locations.len() > MAX_LOCATIONS {
+        return Err(ApiError::Invalid(format!(
+            "at most {MAX_LOCATIONS} locations per app"
+        )));
+    }
+    if req.replicas_per_location == 0 || req.replicas_per_location > MAX_REPLICAS_PER_LOCATION {
+        return Err(ApiError::Invalid(format!(
+            "replicas_per_location {} is outside 1..{MAX_REPLICAS_PER_LOCATION}",
+            req.replicas_per_location
+        )));
+    }
+    if app.store.get_doc(KIND, &req.name).await?.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "app '{}' already exists",
+            req.name
+        )));
+    }
+    let (entry, catalog) = super::catalog::resolve(app, &req.appliance).await?;
+    let params = entry
+        .appliance
+        .resolve_params(&req.params)
+        .map_err(ApiError::Invalid)?;
+    let t = entry.appliance.render(&params);
+
+    // Locations, each once.
+    let mut locs: Vec<(String, LocationKind, String)> = Vec::new();
+    for l in &req.locations {
+        let (kind, resolved) = resolve_location(app, l.trim()).await?;
+        if locs.iter().any(|(_, k, r)| *k == kind && *r == resolved) {
+            return Err(ApiError::Invalid(format!("location '{l}' is named twice")));
+        }
+        locs.push((l.trim().to_string(), kind, resolved));
+    }
+
+    // The replicas as VM requests; all names must be free.
+    let mut replicas: Vec<(String, VmCreate)> = Vec::new();
+    for (given, kind, resolved) in &locs {
+        for i in 1..=req.replicas_per_location {
+            let name = format!("{}-{}-{i}", req.name, slug(given));
+            let mut placement = PlacementConstraints::default();
+            match kind {
+                LocationKind::Site => placement.site = Some(resolved.clone()),
+                LocationKind::Provider => placement.provider = Some(resolved.clone()),
+                LocationKind::Country => placement.country = Some(resolved.clone()),
+            }
+            let vc = VmCreate {
+                name: name.clone(),
+                vcpus: t.vcpus,
+                memory_mib: t.memory_mib,
+                disk_gib: t.disk_gib,
+                image: String::new(),
+                placement,
+                user_data: t.user_data.clone(),
+                ports: t.ports.clone(),
+                start: true,
+                labels: [("virt8ra.io/app".to_string(), req.name.clone())]
+                    .into_iter()
+                    .collect(),
+            };
+            let mut check = vc.clone();
+            check.image = "checked-later".into();
+            validate::vm(&check).map_err(|e| {
+                ApiError::Invalid(format!("replica {name} of app {}: {e}", req.name))
+            })?;
+            if app.store.get_vm(&name).await.is_ok() {
+                return Err(ApiError::Conflict(format!(
+                    "a VM named '{name}' already exists; choose another app name"
+                )));
+            }
+            replicas.push((given.clone(), vc));
+        }
+    }
+
+    // All replicas must fit at once (a dry run of one batch).
+    let requests: Vec<(String, virt8ra_placement::Request)> = replicas
+        .iter()
+        .enumerate()
+        .map(|(i, (_, vc))| {
+            virt8ra_placement::Request::new(
+                virt8ra_placement::Resources {
+                    vcpus: vc.vcpus,
+                    memory_mib: vc.memory_mib,
+                    disk_gib: vc.disk_gib,
+                },
+                vc.placement.clone(),
+                app.placement.config.weights,
+            )
+            .map(|r| (format!("app-dry-run-{}-{i}", req.name), r))
+            .map_err(|e| ApiError::Invalid(format!("placement: {e}")))
+        })
+        .collect::<ApiResult<_>>()?;
+    let fit = app
+        .placement
+        .with_engine(app, |e| {
+            let out = e.place_batch(&requests, None);
+            for (id, _) in &requests {
+                e.release(id);
+            }
+            out.map(|_| ())
+        })
+        .await?;
+    if let Err(e) = fit {
+        let (loc, vc) = &replicas[e.replica.min(replicas.len().saturating_sub(1))];
+        return Err(ApiError::Conflict(format!(
+            "app {} cannot be deployed: replica {} at location '{loc}' fits nowhere: {}; nothing was created",
+            req.name, vc.name, e.why
+        )));
+    }
+
+    // Images: local, or imported from the appliance's catalog and verified.
+    let images = super::catalog::ensure_images(app, &entry, catalog.as_ref()).await?;
+    let image_id = images
+        .first()
+        .cloned()
+        .ok_or_else(|| ApiError::Invalid("the appliance names no image".into()))?;
+    let image = app.store.get_image(&image_id).await?;
+
+    let now = Utc::now();
+    let mut rec = AppRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: req.name.clone(),
+        appliance: format!("{}/{}", entry.catalog, entry.appliance.key()),
+        images: images.clone(),
+        params,
+        locations: locs
+            .iter()
+            .map(|(given, kind, _)| AppLocation {
+                location: given.clone(),
+                kind: *kind,
+                replicas: req.replicas_per_location,
+                running: 0,
+                status: String::new(),
+            })
+            .collect(),
+        vms: Vec::new(),
+        deleting: false,
+        created_at: now,
+    };
+    // The record first, so a crash part-way leaves an app that can be deleted.
+    let vms: Vec<Vm> = replicas
+        .iter()
+        .map(|(loc, vc)| {
+            let mut vc = vc.clone();
+            vc.image = image.name.clone();
+            let vm = Vm {
+                id: uuid::Uuid::new_v4().to_string(),
+                name: vc.name.clone(),
+                spec: vc.spec(),
+                power: PowerState::Running,
+                reboot_generation: 0,
+                stop_timeout_s: 30,
+                status: VmStatus {
+                    phase: VmPhase::Pending,
+                    host: None,
+                    host_id: None,
+                    site: None,
+                    provider: None,
+                    country: None,
+                    image_id: Some(image.id.clone()),
+                    placement_reason: None,
+                    last_error: None,
+                    ports: vec![],
+                    started_at: None,
+                    hypervisor: None,
+                    machine: None,
+                    migration: None,
+                },
+                labels: vc.labels.clone(),
+                created_at: now,
+                updated_at: now,
+            };
+            rec.vms.push((vm.id.clone(), loc.clone()));
+            vm
+        })
+        .collect();
+    save(app, &rec).await?;
+    for vm in &vms {
+        app.create_vm(vm, &format!("created by app {}", rec.name))
+            .await?;
+    }
+    app.wake.notify_one();
+    view(app, &rec).await
+}
+
+#[utoipa::path(get, path = "/api/v1/apps", tag = "apps",
+    responses((status = 200, body = Vec<virt8ra_api::App>)), security(("bearer" = [])))]
+pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Vec<AppView>>> {
+    let mut out = Vec::new();
+    for body in app.store.list_docs(KIND).await? {
+        let r: AppRecord = serde_json::from_str(&body)
+            .map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))?;
+        let v = view(&app, &r).await?;
+        if v.status == "deleted" {
+            app.store.delete_doc(KIND, &r.id).await?;
+            continue;
+        }
+        out.push(v);
+    }
+    Ok(Json(out))
+}
+
+/// The app by name or id, with its VMs and the status per location.
+pub async fn get(app: &App, key: &str) -> ApiResult<AppView> {
+    let r = load(app, key).await?;
+    let v = view(app, &r).await?;
+    if v.status == "deleted" {
+        app.store.delete_doc(KIND, &r.id).await?;
+        return Err(ApiError::NotFound(format!("app '{key}' not found")));
+    }
+    Ok(v)
+}
+
+#[utoipa::path(get, path = "/api/v1/apps/{key}", tag = "apps",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = virt8ra_api::App), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<AppView>> {
+    Ok(Json(get(&app, &key).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/apps/{key}", tag = "apps",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 202, body = virt8ra_api::App, description = "Every VM is being deleted; the app disappears when they are gone"),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<(StatusCode, Json<AppView>)> {
+    Ok((StatusCode::ACCEPTED, Json(remove(&app, &key).await?)))
+}
+
+/// Deletes every VM of the app (images stay cached everywhere).
+pub async fn remove(app: &App, key: &str) -> ApiResult<AppView> {
+    let mut r = load(app, key).await?;
+    if !r.deleting {
+        r.deleting = true;
+        save(app, &r).await?;
+    }
+    for (id, _) in &r.vms {
+        delete_vm(app, id, &r.name).await?;
+    }
+    app.wake.notify_one();
+    view(app, &r).await
+}
+
+async fn delete_vm(app: &App, id: &str, app_name: &str) -> ApiResult<()> {
+    let _g = app.lock_vm(id).await;
+    let mut vm = match app.store.get_vm(id).await {
+        Ok(v) => v,
+        Err(virt8ra_store::StoreError::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if matches!(vm.status.phase, VmPhase::Deleted | VmPhase::Deleting) {
+        return Ok(());
+    }
+    vm.power = PowerState::Stopped;
+    vm.updated_at = Utc::now();
+    if vm.status.host_id.is_none() {
+        vm.status.phase = VmPhase::Deleted;
+        app.update_vm(
+            &vm,
+            Some(&format!("deleted with app {app_name} (never placed)")),
+        )
+        .await?;
+    } else {
+        vm.status.phase = VmPhase::Deleting;
+        app.update_vm(&vm, Some(&format!("delete requested with app {app_name}")))
+            .await?;
+        if let Some(h) = &vm.status.host_id {
+            app.mark_host(h);
+            app.note_deletion(h);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,549 @@
+//! The marketplace: this control plane's own catalog of appliances (signed
+//! with its ed25519 key and readable by anyone, so other control planes can
+//! add it), and the catalogs of others that the operator trusts.
+//!
+//! A remote catalog is accepted only when its signature verifies with the key
+//! the operator gave for it; its images are imported only when their bytes
+//! hash to the sha256 the signed index names. Either failure is a 400 that
+//! says what did not match, and nothing is stored.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use chrono::Utc;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use virt8ra_api::{
+    version_cmp, Appliance, Catalog, CatalogCreate, CatalogEntry, CatalogIndex, SignedCatalog,
+};
+
+use super::Body;
+use crate::auth::Admin;
+use crate::error::{ApiError, ApiResult};
+use crate::state::App;
+
+pub const APPLIANCE: &str = "appliance";
+pub const CATALOG: &str = "catalog";
+/// The name of this control plane's own catalog in listings.
+pub const LOCAL: &str = "local";
+
+/// The control plane's catalog signing key: `DATA_DIR/catalog.key` (hex of
+/// the 32-byte secret, mode 0600), created on first use.
+pub fn signing_key(app: &App) -> ApiResult<SigningKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = app.data_dir.join("catalog.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                ApiError::Internal(format!("{} is corrupt: 64 hex digits", path.display()))
+            })?;
+        return Ok(SigningKey::from_bytes(&bytes));
+    }
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| ApiError::Internal(format!("create {}: {e}", tmp.display())))?;
+    f.write_all(hex::encode(secret).as_bytes())
+        .and_then(|_| f.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| ApiError::Internal(format!("write {}: {e}", path.display())))?;
+    Ok(SigningKey::from_bytes(&secret))
+}
+
+pub fn parse_public_key(hex_key: &str) -> ApiResult<VerifyingKey> {
+    let bytes = hex::decode(hex_key.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "invalid public key {hex_key:?}: an ed25519 public key is 64 hex digits"
+            ))
+        })?;
+    VerifyingKey::from_bytes(&bytes)
+        .map_err(|e| ApiError::Invalid(format!("invalid ed25519 public key: {e}")))
+}
+
+async fn local_appliances(app: &App) -> ApiResult<Vec<Appliance>> {
+    let mut out = Vec::new();
+    for body in app.store.list_docs(APPLIANCE).await? {
+        out.push(
+            serde_json::from_str(&body)
+                .map_err(|e| ApiError::Internal(format!("corrupt appliance record: {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+async fn catalogs(app: &App) -> ApiResult<Vec<Catalog>> {
+    let mut out = Vec::new();
+    for body in app.store.list_docs(CATALOG).await? {
+        out.push(
+            serde_json::from_str(&body)
+                .map_err(|e| ApiError::Internal(format!("corrupt catalog record: {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+#[utoipa::path(post, path = "/api/v1/appliances", tag = "marketplace", request_body = Appliance,
+    responses((status = 201, body = Appliance), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+/// Publishes an appliance in this control plane's catalog. Its images must
+/// be in the image store; their sha256, size and arch are filled in.
+pub async fn publish(
+    _: Admin,
+    State(app): State<App>,
+    Body(mut a): Body<Appliance>,
+) -> ApiResult<(StatusCode, Json<Appliance>)> {
+    a.validate().map_err(ApiError::Invalid)?;
+    for img in &mut a.images {
+        let i = match app.store.get_image(&img.name).await {
+            Ok(i) => i,
+            Err(virt8ra_store::StoreError::NotFound { .. }) => {
+                return Err(super::missing_ref("image", &img.name, "image"))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !img.sha256.is_empty() && img.sha256 != i.sha256 {
+            return Err(ApiError::Invalid(format!(
+                "image {}: the definition names sha256 {}, the image store has {}",
+                img.name, img.sha256, i.sha256
+            )));
+        }
+        img.sha256 = i.sha256;
+        img.size_bytes = i.size_bytes;
+        img.arch = i.arch;
+        img.url = None;
+    }
+    let key = a.key();
+    if app.store.get_doc(APPLIANCE, &key).await?.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "appliance {key} is already published; publish a new version"
+        )));
+    }
+    let body = serde_json::to_string(&a).map_err(|e| ApiError::Internal(e.to_string()))?;
+    app.store.put_doc(APPLIANCE, &key, &key, &body).await?;
+    Ok((StatusCode::CREATED, Json(a)))
+}
+
+#[utoipa::path(get, path = "/api/v1/appliances", tag = "marketplace",
+    responses((status = 200, body = Vec<CatalogEntry>)), security(("bearer" = [])))]
+/// Every appliance this control plane can deploy: its own and those of the
+/// catalogs it trusts.
+pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Vec<CatalogEntry>>> {
+    let mut out: Vec<CatalogEntry> = local_appliances(&app)
+        .await?
+        .into_iter()
+        .map(|a| CatalogEntry {
+            catalog: LOCAL.into(),
+            appliance: a,
+        })
+        .collect();
+    for c in catalogs(&app).await? {
+        for a in c.appliances {
+            out.push(CatalogEntry {
+                catalog: c.name.clone(),
+                appliance: a,
+            });
+        }
+    }
+    Ok(Json(out))
+}
+
+/// Finds an appliance by `[CATALOG/]NAME[@VERSION]` (newest version if none).
+pub async fn resolve(app: &App, key: &str) -> ApiResult<(CatalogEntry, Option<Catalog>)> {
+    let (cat, rest) = match key.split_once('/') {
+        Some((c, r)) => (Some(c), r),
+        None => (None, key),
+    };
+    let (name, version) = match rest.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (rest, None),
+    };
+    let mut found: Vec<(CatalogEntry, Option<Catalog>)> = Vec::new();
+    if cat.is_none() || cat == Some(LOCAL) {
+        for a in local_appliances(app).await? {
+            found.push((
+                CatalogEntry {
+                    catalog: LOCAL.into(),
+                    appliance: a,
+                },
+                None,
+            ));
+        }
+    }
+    for c in catalogs(app).await? {
+        if cat.is_some_and(|x| x != c.name) {
+            continue;
+        }
+        for a in &c.appliances {
+            found.push((
+                CatalogEntry {
+                    catalog: c.name.clone(),
+                    appliance: a.clone(),
+                },
+                Some(c.clone()),
+            ));
+        }
+    }
+    found.retain(|(e, _)| {
+        e.appliance.name == name && version.is_none_or(|v| e.appliance.version == v)
+    });
+    // The local catalog wins over remote ones; then the newest version.
+    found.sort_by(|(a, _), (b, _)| {
+        (b.catalog == LOCAL)
+            .cmp(&(a.catalog == LOCAL))
+            .then_with(|| version_cmp(&b.appliance.version, &a.appliance.version))
+    });
+    found.into_iter().next().ok_or_else(|| {
+        ApiError::Invalid(format!(
+            "appliance '{key}' not found; `virt8ra appliance list` shows what exists"
+        ))
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/appliances/{key}", tag = "marketplace",
+    params(("key" = String, Path, description = "[CATALOG/]NAME[@VERSION]")),
+    responses((status = 200, body = CatalogEntry), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<CatalogEntry>> {
+    match resolve(&app, &key).await {
+        Ok((e, _)) => Ok(Json(e)),
+        Err(ApiError::Invalid(m)) => Err(ApiError::NotFound(m)),
+        Err(e) => Err(e),
+    }
+}
+
+#[utoipa::path(delete, path = "/api/v1/appliances/{key}", tag = "marketplace",
+    params(("key" = String, Path, description = "NAME@VERSION of a local appliance")),
+    responses((status = 204), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn unpublish(
+    _: Admin,
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    if app.store.delete_doc(APPLIANCE, &key).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "appliance '{key}' is not published here (name it as NAME@VERSION)"
+        )))
+    }
+}
+
+/// The signed index of this control plane's appliances.
+pub async fn signed_index(app: &App) -> ApiResult<SignedCatalog> {
+    let key = signing_key(app)?;
+    let mut appliances = local_appliances(app).await?;
+    for a in &mut appliances {
+        for i in &mut a.images {
+            i.url = Some(format!("catalog/images/{}", i.sha256));
+        }
+    }
+    let index = CatalogIndex {
+        publisher: "virt8ra".into(),
+        generated_at: Utc::now(),
+        appliances,
+    };
+    let payload = serde_json::to_string(&index).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let sig = key.sign(payload.as_bytes());
+    Ok(SignedCatalog {
+        payload,
+        signature: hex::encode(sig.to_bytes()),
+        public_key: hex::encode(key.verifying_key().to_bytes()),
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/catalog", tag = "marketplace",
+    responses((status = 200, body = SignedCatalog, description = "The signed index; no token needed")))]
+/// This control plane's catalog, signed, for other control planes (public).
+pub async fn serve(State(app): State<App>) -> ApiResult<Json<SignedCatalog>> {
+    Ok(Json(signed_index(&app).await?))
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CatalogKey {
+    /// The ed25519 public key (hex) this control plane signs its catalog with.
+    pub public_key: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/catalog/key", tag = "marketplace",
+    responses((status = 200, body = CatalogKey)), security(("bearer" = [])))]
+/// The catalog's public key, for operators to pass to other control planes
+/// out of band (admin only: trust must not come from the same channel).
+pub async fn public_key(_: Admin, State(app): State<App>) -> ApiResult<Json<CatalogKey>> {
+    let key = signing_key(&app)?;
+    Ok(Json(CatalogKey {
+        public_key: hex::encode(key.verifying_key().to_bytes()),
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/catalog/images/{sha256}", tag = "marketplace",
+    params(("sha256" = String, Path, description = "Content address of a published image")),
+    responses((status = 200, description = "The qcow2 file"), (status = 404, body = virt8ra_api::ErrorBody)))]
+/// The image of a published appliance (public, like the catalog).
+pub async fn image_data(
+    State(app): State<App>,
+    Path(sha): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let published = local_appliances(&app)
+        .await?
+        .iter()
+        .any(|a| a.images.iter().any(|i| i.sha256 == sha));
+    if !published {
+        return Err(ApiError::NotFound(format!(
+            "no published appliance has image {sha}"
+        )));
+    }
+    let image = app
+        .store
+        .list_images()
+        .await?
+        .into_iter()
+        .find(|i| i.sha256 == sha)
+        .ok_or_else(|| ApiError::NotFound(format!("image {sha} is no longer stored")))?;
+    super::images::serve_file(&app, &image, &headers, "catalog").await
+}
+
+/// Fetches a catalog and verifies it with the trusted key.
+pub async fn fetch_verified(url: &str, public_key: &str) -> ApiResult<Vec<Appliance>> {
+    let key = parse_public_key(public_key)?;
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ApiError::Invalid(format!("invalid catalog URL {url:?}: {e}")))?;
+    if parsed.scheme() != "http" && parsed.scheme() != "https" {
+        return Err(ApiError::Invalid(format!(
+            "invalid catalog URL {url:?}: only http and https"
+        )));
+    }
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| ApiError::Invalid(format!("cannot fetch catalog {url}: {e}")))?;
+    if !resp.status().is_success() {
+        return Err(ApiError::Invalid(format!(
+            "catalog {url} answered {}",
+            resp.status()
+        )));
+    }
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| ApiError::Invalid(format!("cannot read catalog {url}: {e}")))?;
+    let signed: SignedCatalog = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::Invalid(format!(
+            "catalog {url} is not a signed catalog index (payload, signature): {e}"
+        ))
+    })?;
+    let sig = hex::decode(signed.signature.trim())
+        .ok()
+        .and_then(|b| <[u8; 64]>::try_from(b).ok())
+        .map(|b| Signature::from_bytes(&b))
+        .ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "catalog {url}: the signature is not 128 hex digits; the catalog was refused"
+            ))
+        })?;
+    key.verify(signed.payload.as_bytes(), &sig).map_err(|_| {
+        ApiError::Invalid(format!(
+            "catalog {url}: the signature does not verify with the trusted key {public_key}; \
+             the catalog was refused (it was changed after signing, or signed by another key)"
+        ))
+    })?;
+    let index: CatalogIndex = serde_json::from_str(&signed.payload).map_err(|e| {
+        ApiError::Invalid(format!("catalog {url}: the signed index is malformed: {e}"))
+    })?;
+    for a in &index.appliances {
+        a.validate()
+            .map_err(|e| ApiError::Invalid(format!("catalog {url}: {e}")))?;
+        for i in &a.images {
+            if !crate::api::images::valid_sha(&i.sha256) || i.url.is_none() {
+                return Err(ApiError::Invalid(format!(
+                    "catalog {url}: appliance {} names image {} without a sha256 and URL",
+                    a.key(),
+                    i.name
+                )));
+            }
+        }
+    }
+    Ok(index.appliances)
+}
+
+#[utoipa::path(post, path = "/api/v1/catalogs", tag = "marketplace", request_body = CatalogCreate,
+    responses((status = 201, body = Catalog), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+/// Adds another provider's catalog, trusted with the given key. It is
+/// fetched and verified now; a catalog that does not verify is refused.
+pub async fn add(
+    _: Admin,
+    State(app): State<App>,
+    Body(req): Body<CatalogCreate>,
+) -> ApiResult<(StatusCode, Json<Catalog>)> {
+    virt8ra_api::validate::name("catalog", &req.name).map_err(ApiError::Invalid)?;
+    if req.name == LOCAL {
+        return Err(ApiError::Invalid(format!(
+            "'{LOCAL}' names this control plane's own catalog"
+        )));
+    }
+    if app.store.get_doc(CATALOG, &req.name).await?.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "catalog '{}' already exists",
+            req.name
+        )));
+    }
+    let appliances = fetch_verified(&req.url, &req.public_key).await?;
+    let c = Catalog {
+        name: req.name,
+        url: req.url,
+        public_key: req.public_key.trim().to_lowercase(),
+        appliances,
+        fetched_at: Utc::now(),
+    };
+    let body = serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?;
+    app.store.put_doc(CATALOG, &c.name, &c.name, &body).await?;
+    Ok((StatusCode::CREATED, Json(c)))
+}
+
+#[utoipa::path(post, path = "/api/v1/catalogs/{name}/refresh", tag = "marketplace",
+    params(("name" = String, Path)),
+    responses((status = 200, body = Catalog), (status = 400, body = virt8ra_api::ErrorBody),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+/// Fetches the catalog again; on a verification failure the last verified
+/// copy stays.
+pub async fn refresh(
+    _: Admin,
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Catalog>> {
+    let mut c = get_catalog(&app, &name).await?;
+    c.appliances = fetch_verified(&c.url, &c.public_key).await?;
+    c.fetched_at = Utc::now();
+    let body = serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?;
+    app.store.put_doc(CATALOG, &c.name, &c.name, &body).await?;
+    Ok(Json(c))
+}
+
+async fn get_catalog(app: &App, name: &str) -> ApiResult<Catalog> {
+    let body = app
+        .store
+        .get_doc(CATALOG, name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("catalog '{name}' not found")))?;
+    serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("corrupt catalog: {e}")))
+}
+
+#[utoipa::path(get, path = "/api/v1/catalogs", tag = "marketplace",
+    responses((status = 200, body = Vec<Catalog>)), security(("bearer" = [])))]
+pub async fn list_catalogs(_: Admin, State(app): State<App>) -> ApiResult<Json<Vec<Catalog>>> {
+    Ok(Json(catalogs(&app).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/catalogs/{name}", tag = "marketplace",
+    params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn remove(
+    _: Admin,
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    let c = get_catalog(&app, &name).await?;
+    app.store.delete_doc(CATALOG, &c.name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The image ids (in this store) an appliance's images have, importing
+/// those of a remote catalog first (verified against the signed sha256).
+pub async fn ensure_images(
+    app: &App,
+    entry: &CatalogEntry,
+    catalog: Option<&Catalog>,
+) -> ApiResult<Vec<String>> {
+    let stored = app.store.list_images().await?;
+    let by_sha: BTreeMap<&str, &virt8ra_api::Image> =
+        stored.iter().map(|i| (i.sha256.as_str(), i)).collect();
+    let mut ids = Vec::new();
+    for img in &entry.appliance.images {
+        if let Some(i) = by_sha.get(img.sha256.as_str()) {
+            ids.push(i.id.clone());
+            continue;
+        }
+        let Some(c) = catalog else {
+            return Err(ApiError::Invalid(format!(
+                "image {} ({}) of appliance {} is no longer in the image store",
+                img.name,
+                img.sha256,
+                entry.appliance.key()
+            )));
+        };
+        let rel = img.url.clone().unwrap_or_default();
+        let url = reqwest::Url::parse(&c.url)
+            .and_then(|base| base.join(&rel))
+            .map_err(|e| {
+                ApiError::Invalid(format!("catalog {}: bad image URL {rel:?}: {e}", c.name))
+            })?;
+        let mut name = img.name.clone();
+        if stored.iter().any(|i| i.name == name) {
+            name = format!("{}-{}", img.name, &img.sha256[..8]);
+        }
+        let i = super::images::import_from_url(
+            app,
+            url.as_str(),
+            Some(&img.sha256),
+            super::images::Meta {
+                id: uuid::Uuid::new_v4().to_string(),
+                name,
+                arch: img.arch.clone(),
+                version: Some(entry.appliance.version.clone()),
+                provenance: format!("catalog {}: {url}", c.name),
+                source_sha256: None,
+                labels: Default::default(),
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            ApiError::Invalid(m) => ApiError::Invalid(format!(
+                "appliance {} from catalog {}: {m}",
+                entry.appliance.key(),
+                c.name
+            )),
+            other => other,
+        })?;
+        if i.sha256 != img.sha256 {
+            // A non-qcow2 source was converted: the stored file is not what
+            // the catalog signed.
+            let _ = app.store.delete_image(&i.id).await;
+            return Err(ApiError::Invalid(format!(
+                "catalog {}: image {} is not a qcow2 file with the signed content",
+                c.name, img.name
+            )));
+        }
+        ids.push(i.id);
+    }
+    Ok(ids)
+}

@@ -1,0 +1,117 @@
+//! Site-local image distribution.
+//!
+//! Each site's image cache host is the first (by name) ready, connected host
+//! of the site whose agent runs an image service. Every other host of the
+//! site is told to fetch images from it first ([`ImageRef::sources`]); it
+//! fetches them itself, once, from the control plane (the long link), and
+//! serves its copy to the rest of the site. If it is down, hosts fall back to
+//! the control plane. Images replicated to a site (`image replicate`) are
+//! sent to its cache host as `prestage` so they are there before any VM
+//! needs them.
+//!
+//! The view of hosts and replicated images is refreshed from the store at
+//! most once a second (and at once after a replicate), so a scheduler pass
+//! over many hosts costs one scan, not one per host.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use virt8ra_api::protocol::ImageRef;
+use virt8ra_api::HostState;
+
+use crate::error::ApiResult;
+use crate::state::App;
+
+#[derive(Clone, Default)]
+struct View {
+    /// host id -> site name
+    site_of: HashMap<String, String>,
+    /// site -> image services (host name, host id, URL), by host name
+    services: HashMap<String, Vec<(String, String, String)>>,
+    /// site -> images replicated there
+    prestage: HashMap<String, Vec<ImageRef>>,
+}
+
+static VIEW: Mutex<Option<(Instant, View)>> = Mutex::new(None);
+const TTL: Duration = Duration::from_secs(1);
+
+/// Forgets the cached view (after a replicate or an image change).
+pub fn invalidate() {
+    *VIEW.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+async fn view(app: &App) -> ApiResult<View> {
+    if let Some((at, v)) = VIEW.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if at.elapsed() < TTL {
+            return Ok(v.clone());
+        }
+    }
+    let mut v = View::default();
+    for h in app.store.list_hosts().await? {
+        if let Some(url) = &h.inventory.image_service {
+            if h.state == HostState::Ready {
+                v.services.entry(h.site.clone()).or_default().push((
+                    h.name.clone(),
+                    h.id.clone(),
+                    url.clone(),
+                ));
+            }
+        }
+        v.site_of.insert(h.id, h.site);
+    }
+    for list in v.services.values_mut() {
+        list.sort();
+    }
+    for i in app.store.list_images().await? {
+        for s in &i.sites {
+            v.prestage.entry(s.clone()).or_default().push(image_ref(&i));
+        }
+    }
+    *VIEW.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), v.clone()));
+    Ok(v)
+}
+
+pub fn image_ref(i: &virt8ra_api::Image) -> ImageRef {
+    ImageRef {
+        url_path: format!("/api/v1/images/{}/data", i.id),
+        id: i.id.clone(),
+        name: i.name.clone(),
+        sha256: i.sha256.clone(),
+        size_bytes: i.size_bytes,
+        sources: vec![],
+    }
+}
+
+/// What a host is told about images: the site-local sources to try before
+/// the control plane, and the images to pre-stage.
+pub struct HostPlan {
+    pub sources: Vec<String>,
+    pub prestage: Vec<ImageRef>,
+}
+
+pub async fn plan_for(app: &App, host_id: &str) -> ApiResult<HostPlan> {
+    let v = view(app).await?;
+    let mut plan = HostPlan {
+        sources: vec![],
+        prestage: vec![],
+    };
+    let Some(site) = v.site_of.get(host_id) else {
+        return Ok(plan);
+    };
+    let cache_host = v.services.get(site).and_then(|list| {
+        list.iter().find(|(_, id, _)| {
+            app.hub
+                .view(id, app.liveness_window())
+                .is_some_and(|l| l.alive)
+        })
+    });
+    match cache_host {
+        Some((_, id, _)) if id == host_id => {
+            plan.prestage = v.prestage.get(site).cloned().unwrap_or_default();
+        }
+        Some((_, _, url)) => plan.sources.push(url.clone()),
+        None => {}
+    }
+    Ok(plan)
+}
