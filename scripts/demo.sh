@@ -32,6 +32,7 @@ stop() {
     done
     # Any guest left behind by an earlier run.
     pkill -f "qemu-system-x86_64.*$DEMO" 2>/dev/null || true
+    pkill -f "qemu-nbd.*$DEMO" 2>/dev/null || true
   fi
 }
 
@@ -85,6 +86,7 @@ for site in es-logrono de-frankfurt pl-gdansk; do
   token="$("$BIN" host join-token create --site "$site")"
   "$BIN" agent --server "$URL" --join-token "$token" --name "$host" \
     --data-dir "$DEMO/$host" --vcpus 2 --memory-mib 2048 --disk-gib 20 \
+    --migration-address 127.0.0.1 \
     >"$DEMO/$host.log" 2>&1 &
   echo $! >"$DEMO/$host.pid"
 done
@@ -129,6 +131,12 @@ for addr in $("$BIN" app show shop -o json | sed -n 's/.*"host_addr": "\(.*\)".*
   curl -s --max-time 5 "http://$addr/" | grep -a "vm=" || echo "(not up yet: curl http://$addr/)"
 done
 
+say "Portability: a VM moves live to another provider, and its data's rules hold"
+"$BIN" vm create roamer --image busybox --memory-mib 128 --wait
+"$BIN" vm migrate roamer --mode live --wait
+"$BIN" vm migrations roamer
+"$BIN" vm migrate demo-vm --to-country DE || echo "(refused: demo-vm's data must stay in Poland)"
+
 say "The continuum is running"
 cat <<EOT
 Try it yourself:
@@ -137,6 +145,8 @@ Try it yourself:
   $BIN vm list
   $BIN vm create another --image busybox --country ES --wait
   $BIN vm events demo-vm
+  $BIN vm migrate roamer --to-site es-logrono --wait
+  $BIN host evacuate host-de --wait
   $BIN app list
   $BIN app delete shop --wait
   $BIN vm stop demo-vm --wait

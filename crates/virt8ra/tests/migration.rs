@@ -219,6 +219,28 @@ fn live_migration_between_providers_keeps_the_guest_and_its_disk() {
         table.contains("de-frankfurt") && table.contains("live"),
         "{table}"
     );
+
+    // Leaving the German provider: its hosts go into maintenance and the VM
+    // moves back under its rules (ES or DE: the Spanish host).
+    let ev = migrate_json(
+        &c,
+        &[
+            "provider",
+            "evacuate",
+            "provider-de",
+            "--wait",
+            "-o",
+            "json",
+        ],
+    );
+    let moved = ev["migrations"].as_array().unwrap();
+    assert_eq!(moved.len(), 1, "{ev}");
+    assert_eq!(moved[0]["phase"], "completed", "{ev}");
+    assert_eq!(moved[0]["target"]["host"], "host-es");
+    assert_eq!(host_of(&c, "counter"), "host-es");
+    let h = c.ok("GET", "/api/v1/hosts/host-de", None);
+    assert_eq!(h["state"], "maintenance");
+    assert_one_copy(&c, &id, "host-es", "host-de");
 }
 
 #[test]
