@@ -668,6 +668,14 @@ fn apps_are_created_then_unchanged_and_replaced_only_on_request() {
     assert_eq!(count(&again, "unchanged"), 6, "{again}");
     let table = f.c.cli_ok(&["apply", "-f", f.file.to_str().unwrap()]);
     assert!(table.contains("no changes"), "{table}");
+    // The appliance named in full and a parameter's default declared: still
+    // the same app.
+    f.write(
+        &text
+            .replace("appliance: tiny-app", "appliance: local/tiny-app@1.0.0")
+            .replace("greeting: hello\n", "greeting: hello\n      workers: 2\n"),
+    );
+    assert_eq!(f.apply(&[])["changed"], false);
 
     // An unknown appliance: an error with its line, before any change.
     f.write(&text.replace("appliance: tiny-app", "appliance: nope"));
@@ -743,4 +751,13 @@ fn prune_deletes_only_managed_apps() {
     assert_eq!(f.c.vm("shop-de-fra-1")["status"]["phase"], "deleted");
     assert_eq!(app(&f.c, "manual").0, 200);
     assert_eq!(f.apply(&["--prune"])["changed"], false);
+
+    // Declared again: deployed anew (its replicas' names are free again).
+    f.write(&format!("{APPS_BASE}{APP}"));
+    let done = f.apply(&[]);
+    assert_eq!(count(&done, "create"), 1, "{done}");
+    let (st, a) = app(&f.c, "shop");
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(a["vms"][0]["name"], "shop-de-fra-1", "{a}");
+    assert_ne!(a["vms"][0]["phase"], "deleted", "{a}");
 }
