@@ -189,6 +189,10 @@ pub struct AppCreate {
     /// Parameter values; strings are converted to the parameter's type.
     #[serde(default)]
     pub params: BTreeMap<String, serde_json::Value>,
+    /// Labels of the app itself (not of its VMs); `virt8ra apply` marks the
+    /// apps it creates with `virt8ra.io/managed-by: apply`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -246,6 +250,8 @@ pub struct App {
     pub vms: Vec<AppVm>,
     /// `running`, `deploying`, `failed` or `deleting`.
     pub status: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
 }
 

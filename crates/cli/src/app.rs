@@ -272,6 +272,7 @@ pub async fn app(c: &Client, o: Format, cmd: AppCmd) -> anyhow::Result<()> {
                 locations: locations.iter().map(|l| l.trim().to_string()).collect(),
                 replicas_per_location,
                 params: parse_params(&params)?,
+                labels: BTreeMap::new(),
             };
             let mut a: App = c.post("/apps", &req).await?;
             if wait {

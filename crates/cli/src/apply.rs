@@ -1,11 +1,12 @@
 //! `virt8ra apply -f FILE.yaml`: infrastructure as code.
 //!
-//! The file declares providers, sites, images and VMs. `apply` reads what
-//! exists through the API, computes a plan (per resource: `create`,
-//! `update`, `replace`, `delete` or `unchanged`, with the changed fields),
-//! validates the whole file and the whole plan, and only then makes the
-//! changes: creates and updates in the order providers → sites → images →
-//! VMs, deletions in the reverse order. A second apply of the same file
+//! The file declares providers, sites, images, VMs and apps (deployments of
+//! an appliance at several locations). `apply` reads what exists through the
+//! API, computes a plan (per resource: `create`, `update`, `replace`,
+//! `delete` or `unchanged`, with the changed fields), validates the whole
+//! file and the whole plan, and only then makes the changes: creates and
+//! updates in the order providers → sites → images → VMs → apps, deletions
+//! in the reverse order. A second apply of the same file
 //! changes nothing and says so. `--dry-run` prints the plan and changes
 //! nothing.
 //!
@@ -25,11 +26,24 @@
 //!   image, placement, user data, ports or labels) is a plan error that names
 //!   the field: nothing is changed. With `--replace`, such a VM change is a
 //!   `replace` instead (deleted, waited for, created again: its disk is lost).
+//! - Apps: an entry has the fields of the deploy request (`appliance`,
+//!   `name`, `locations`, `replicas_per_location`, `params`, `labels`). The
+//!   appliance is resolved through the API before anything changes (an
+//!   unknown appliance or a bad parameter is an error with its line), and
+//!   compared as resolved (`CATALOG/NAME@VERSION`: naming an appliance
+//!   without a version means its newest one, so publishing a newer version
+//!   makes the declared app differ) with its parameters as resolved
+//!   (defaults filled in). Locations are compared as a set. Nothing of an
+//!   app changes in place: any change is a plan error naming the field,
+//!   or with `--replace` a `replace` (every replica deleted, the app deployed
+//!   again). The marker label is on the app record itself (apps carry
+//!   labels), not on its VMs, so `--prune` of VMs never touches replicas.
+//!   Whether every replica fits is checked by the deploy itself (all or
+//!   nothing), not in the plan.
 //!
 //! Every kind of resource is one implementation of [`Kind`] (read the
 //! current state, compare, create, update, delete through the API), so a
-//! new kind (app deployments) is one more implementation and one line in
-//! [`Plan`]. `apps:` is reported as not supported by this build.
+//! new kind is one more implementation and one line in [`Plan`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -42,8 +56,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use virt8ra_api::{
-    validate, Image, Page, PlacementPlan, PowerState, Provider, ProviderCreate, ProviderUpdate,
-    Site, SiteCreate, SiteUpdate, Vm, VmAction, VmActionRequest, VmCreate, VmPhase,
+    validate, App, AppCreate, CatalogEntry, Image, Page, PlacementPlan, PowerState, Provider,
+    ProviderCreate, ProviderUpdate, Site, SiteCreate, SiteUpdate, Vm, VmAction, VmActionRequest,
+    VmCreate, VmPhase,
 };
 
 use crate::client::{seg, Client};
@@ -55,7 +70,7 @@ pub const MANAGED_VALUE: &str = "apply";
 
 #[derive(Debug, Clone, Args)]
 pub struct ApplyArgs {
-    /// The YAML file that declares providers, sites, images and VMs.
+    /// The YAML file that declares providers, sites, images, VMs and apps.
     #[arg(short = 'f', long = "file")]
     pub file: PathBuf,
     /// Print the plan and change nothing.
@@ -64,8 +79,8 @@ pub struct ApplyArgs {
     /// Also delete resources created by apply that the file no longer declares.
     #[arg(long)]
     pub prune: bool,
-    /// Replace (delete, then create again) VMs whose declared spec changed in
-    /// a way that cannot be made in place. The VM's disk is lost.
+    /// Replace (delete, then create again) VMs and apps whose declared spec
+    /// changed in a way that cannot be made in place. Their disks are lost.
     #[arg(long)]
     pub replace: bool,
     /// Seconds to wait for a pruned VM to be gone before deleting what it used.
@@ -88,9 +103,9 @@ struct FileDoc {
     images: Vec<ImageEntry>,
     #[serde(default, deserialize_with = "list")]
     vms: Vec<VmCreate>,
-    /// App deployments: not supported by this build yet.
-    #[serde(default)]
-    apps: Option<serde_yaml::Value>,
+    /// App deployments: the deploy request's fields.
+    #[serde(default, deserialize_with = "list")]
+    apps: Vec<AppCreate>,
 }
 
 /// A list, or nothing (`vms:` with every entry commented out).
@@ -132,6 +147,23 @@ pub(crate) struct ImageDecl {
     local: Option<PathBuf>,
     sha256: String,
     arch: String,
+}
+
+/// Limits of an app deployment (the server's own, checked before any change).
+const MAX_APP_LOCATIONS: usize = 32;
+const MAX_REPLICAS_PER_LOCATION: u32 = 16;
+
+/// An app entry with its appliance resolved through the API.
+#[derive(Debug, Clone)]
+pub(crate) struct AppDecl {
+    /// As declared.
+    req: AppCreate,
+    /// `CATALOG/NAME@VERSION`.
+    appliance: String,
+    /// Every parameter of the appliance, defaults filled in.
+    params: BTreeMap<String, Value>,
+    /// Names of the images the appliance boots from.
+    images: Vec<String>,
 }
 
 /// Where each list entry starts in the file, for error messages.
@@ -204,6 +236,7 @@ impl Lines {
         format!("{}:{}", self.file, line + 1)
     }
 
+    #[cfg(test)]
     fn section(&self, section: &str) -> String {
         match self.sections.get(section) {
             Some(l) => format!("{}:{}", self.file, l + 1),
@@ -268,12 +301,6 @@ fn load(path: &Path) -> anyhow::Result<(FileDoc, Lines)> {
         Some(l) => anyhow!("{}:{}: {}", path.display(), l.line(), strip_location(&e)),
         None => anyhow!("{}: {e}", path.display()),
     })?;
-    if doc.apps.is_some() || lines.sections.contains_key("apps") {
-        bail!(
-            "{}: apps: not supported by this build yet",
-            lines.section("apps")
-        );
-    }
     Ok((doc, lines))
 }
 
@@ -323,6 +350,66 @@ fn check_entries(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>) {
         errs,
     );
     dupes("vms", doc.vms.iter().map(|s| s.name.as_str()), lines, errs);
+    dupes(
+        "apps",
+        doc.apps.iter().map(|s| s.name.as_str()),
+        lines,
+        errs,
+    );
+    for (i, ap) in doc.apps.iter().enumerate() {
+        let at = |f| lines.at("apps", i, Some(f));
+        if let Err(e) = validate::name("app", &ap.name) {
+            errs.push(format!("{}: {e}", at("name")));
+        }
+        if ap.appliance.trim().is_empty() {
+            errs.push(format!(
+                "{}: app {}: name an appliance",
+                at("appliance"),
+                ap.name
+            ));
+        }
+        if ap.locations.is_empty() {
+            errs.push(format!(
+                "{}: app {}: name at least one location (a site, provider or country)",
+                at("locations"),
+                ap.name
+            ));
+        } else if ap.locations.len() > MAX_APP_LOCATIONS {
+            errs.push(format!(
+                "{}: app {}: at most {MAX_APP_LOCATIONS} locations per app",
+                at("locations"),
+                ap.name
+            ));
+        }
+        let mut seen = HashSet::new();
+        for l in &ap.locations {
+            if l.trim().is_empty() {
+                errs.push(format!(
+                    "{}: app {}: an empty location",
+                    at("locations"),
+                    ap.name
+                ));
+            } else if !seen.insert(l.trim().to_ascii_lowercase()) {
+                errs.push(format!(
+                    "{}: app {}: location {:?} is named twice",
+                    at("locations"),
+                    ap.name,
+                    l.trim()
+                ));
+            }
+        }
+        if ap.replicas_per_location == 0 || ap.replicas_per_location > MAX_REPLICAS_PER_LOCATION {
+            errs.push(format!(
+                "{}: app {}: replicas_per_location {} is outside 1..{MAX_REPLICAS_PER_LOCATION}",
+                at("replicas_per_location"),
+                ap.name,
+                ap.replicas_per_location
+            ));
+        }
+        if let Err(e) = validate::labels(&ap.labels) {
+            errs.push(format!("{}: app {}: {e}", at("labels"), ap.name));
+        }
+    }
     for (i, p) in doc.providers.iter().enumerate() {
         if let Err(e) = validate::provider(p) {
             let f = field_of(&e, PROVIDER_FIELDS);
@@ -512,6 +599,61 @@ async fn resolve_images(
         });
     }
     out
+}
+
+/// Resolves each app's appliance through the API (it must exist) and its
+/// parameters (checked and completed with the defaults, as the deploy does).
+async fn resolve_apps(
+    c: &Client,
+    doc: &FileDoc,
+    lines: &Lines,
+    errs: &mut Vec<String>,
+) -> anyhow::Result<Vec<AppDecl>> {
+    let mut out = Vec::new();
+    for (i, ap) in doc.apps.iter().enumerate() {
+        let key = ap.appliance.trim();
+        if key.is_empty() {
+            continue; // reported by check_entries
+        }
+        let entry = c
+            .get_opt::<CatalogEntry>(&format!("/appliances/{}", seg(key)))
+            .await?;
+        let Some(entry) = entry else {
+            errs.push(format!(
+                "{}: app {}: appliance {key:?} is not known to the control plane (`virt8ra appliance list` shows the appliances)",
+                lines.at("apps", i, Some("appliance")),
+                ap.name
+            ));
+            continue;
+        };
+        let params = match entry.appliance.resolve_params(&ap.params) {
+            Ok(p) => p,
+            Err(e) => {
+                // The message names the parameter; point at its line when given.
+                let line = ap
+                    .params
+                    .keys()
+                    .filter_map(|k| e.find(k.as_str()).map(|at| (at, k)))
+                    .min_by_key(|(at, _)| *at)
+                    .map(|(_, k)| lines.at("apps", i, Some(k)))
+                    .unwrap_or_else(|| lines.at("apps", i, Some("params")));
+                errs.push(format!("{line}: app {}: {e}", ap.name));
+                continue;
+            }
+        };
+        out.push(AppDecl {
+            req: ap.clone(),
+            appliance: format!("{}/{}", entry.catalog, entry.appliance.key()),
+            params,
+            images: entry
+                .appliance
+                .images
+                .iter()
+                .map(|im| im.name.clone())
+                .collect(),
+        });
+    }
+    Ok(out)
 }
 
 // ------------------------------------------------------------------- the plan
@@ -1105,20 +1247,108 @@ impl Kind for Vms {
     }
 }
 
+pub(crate) struct Apps;
+
+/// An app's locations as given, trimmed and sorted (their order does not
+/// matter to a deployment).
+fn location_set<'a>(locs: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut v: Vec<String> = locs.map(|l| l.trim().to_string()).collect();
+    v.sort();
+    v
+}
+
+impl Kind for Apps {
+    const KIND: &'static str = "app";
+    const SECTION: &'static str = "apps";
+    const IMMUTABLE: &'static [&'static str] = &[
+        "appliance",
+        "locations",
+        "replicas_per_location",
+        "params",
+        "labels",
+    ];
+    const REPLACE: bool = false;
+    const REPLACE_ON_REQUEST: bool = true;
+    type Decl = AppDecl;
+    type Live = App;
+
+    fn name(d: &AppDecl) -> &str {
+        &d.req.name
+    }
+    fn live_name(l: &App) -> &str {
+        &l.name
+    }
+    fn live_labels(l: &App) -> &BTreeMap<String, String> {
+        &l.labels
+    }
+    fn view(d: &AppDecl) -> Value {
+        json!({"appliance": d.appliance,
+               "locations": location_set(d.req.locations.iter().map(String::as_str)),
+               "replicas_per_location": d.req.replicas_per_location,
+               "params": d.params, "labels": d.req.labels})
+    }
+    fn live_view(l: &App) -> Value {
+        // Every location of a deployment has the same number of replicas.
+        let replicas: Vec<u32> = l.locations.iter().map(|x| x.replicas).collect();
+        let replicas = match replicas.as_slice() {
+            [first, rest @ ..] if rest.iter().all(|r| r == first) => json!(first),
+            _ => json!(replicas),
+        };
+        json!({"appliance": l.appliance,
+               "locations": location_set(l.locations.iter().map(|x| x.location.as_str())),
+               "replicas_per_location": replicas,
+               "params": l.params, "labels": user_labels(&l.labels)})
+    }
+    async fn list(c: &Client) -> anyhow::Result<Vec<App>> {
+        c.get::<Vec<App>>("/apps").await
+    }
+    async fn create(c: &Client, d: &AppDecl) -> anyhow::Result<()> {
+        // The appliance as planned (a version published meanwhile is not
+        // picked up half-way).
+        let mut req = d.req.clone();
+        req.appliance = d.appliance.clone();
+        req.locations = req.locations.iter().map(|l| l.trim().to_string()).collect();
+        req.labels = with_marker(&req.labels);
+        c.post::<App>("/apps", &req).await.map(drop)
+    }
+    async fn update(_: &Client, d: &AppDecl, _: &App) -> anyhow::Result<()> {
+        bail!("app {} has nothing that changes in place", d.req.name)
+    }
+    async fn delete(c: &Client, l: &App, wait: Duration) -> anyhow::Result<()> {
+        c.delete(&format!("/apps/{}", seg(&l.id))).await?;
+        // The app is gone (and its name free) once every replica is.
+        let start = Instant::now();
+        loop {
+            let Some(a) = c.get_opt::<App>(&format!("/apps/{}", seg(&l.id))).await? else {
+                return Ok(());
+            };
+            if start.elapsed() > wait {
+                bail!(
+                    "app {} is still {} after {} s",
+                    l.name,
+                    a.status,
+                    wait.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
 /// The whole plan: one list of steps per kind, in creation order.
 ///
-/// Adding a kind (app deployments, `apps:`): implement [`Kind`] for it
-/// (`Decl` = the deploy request, `Live` = the deployment, `list`/`create`/
-/// `update`/`delete` through `/apps`, which fields are immutable), replace
-/// `FileDoc::apps` and its "not supported" check in [`load`] with a typed
-/// list, add a field here after `vms` (creation order), a line to `rows`,
-/// `execute` (forward after VMs, delete before VMs) and `run`, and the
-/// names it refers to (images, sites) to [`check_references`].
+/// Adding a kind: implement [`Kind`] for it (`Decl` = the create request,
+/// `Live` = the resource, `list`/`create`/`update`/`delete` through the API,
+/// which fields are immutable), add a typed list to `FileDoc`, a field here
+/// (creation order), a line to `rows`, `execute` (forward in creation order,
+/// delete in reverse) and `run`, and the names it refers to to
+/// [`check_references`].
 pub(crate) struct Plan {
     providers: Vec<Step<Providers>>,
     sites: Vec<Step<Sites>>,
     images: Vec<Step<Images>>,
     vms: Vec<Step<Vms>>,
+    apps: Vec<Step<Apps>>,
 }
 
 impl Plan {
@@ -1127,6 +1357,7 @@ impl Plan {
         r.extend(rows(&self.sites));
         r.extend(rows(&self.images));
         r.extend(rows(&self.vms));
+        r.extend(rows(&self.apps));
         r
     }
 
@@ -1136,6 +1367,8 @@ impl Plan {
         exec_forward(x, &self.sites).await?;
         exec_forward(x, &self.images).await?;
         exec_forward(x, &self.vms).await?;
+        exec_forward(x, &self.apps).await?;
+        exec_delete(x, &self.apps).await?;
         exec_delete(x, &self.vms).await?;
         exec_delete(x, &self.images).await?;
         exec_delete(x, &self.sites).await?;
@@ -1159,6 +1392,7 @@ pub struct ApplyReport {
 /// is not about to be pruned), and that nothing pruned is still in use.
 fn check_references(
     doc: &FileDoc,
+    apps: &[AppDecl],
     live: &LiveState,
     plan: &Plan,
     lines: &Lines,
@@ -1173,7 +1407,13 @@ fn check_references(
     let gone_providers = deleted(rows(&plan.providers));
     let gone_sites = deleted(rows(&plan.sites));
     let gone_images = deleted(rows(&plan.images));
-    let gone_vms = deleted(rows(&plan.vms));
+    let mut gone_vms = deleted(rows(&plan.vms));
+    // The replicas of a pruned app go with it.
+    for s in &plan.apps {
+        if let (Action::Delete, Some(l)) = (s.action, &s.live) {
+            gone_vms.extend(l.vms.iter().map(|v| v.name.clone()));
+        }
+    }
     let provider_known = |k: &str| {
         doc.providers.iter().any(|p| p.name == k)
             || live
@@ -1229,6 +1469,48 @@ fn check_references(
                     "{}: vm {}: provider {p:?} is neither declared nor known to the control plane",
                     lines.at("vms", i, Some("provider")),
                     v.name
+                ));
+            }
+        }
+    }
+    let country_has_site = |cc: &str| {
+        doc.sites.iter().any(|s| s.country == cc)
+            || live
+                .sites
+                .iter()
+                .any(|s| s.country == cc && !gone_sites.contains(&s.name))
+    };
+    for (i, ap) in doc.apps.iter().enumerate() {
+        for l in &ap.locations {
+            let l = l.trim();
+            if l.is_empty() || site_known(l) || provider_known(l) {
+                continue;
+            }
+            let cc = l.to_ascii_uppercase();
+            let why = if validate::country(&cc).is_err() {
+                "is neither a declared or known site or provider, nor a country code"
+            } else if !country_has_site(&cc) {
+                "is a country where no site is declared or known"
+            } else {
+                continue;
+            };
+            errs.push(format!(
+                "{}: app {}: location {l:?} {why}",
+                lines.at("apps", i, Some("locations")),
+                ap.name
+            ));
+        }
+    }
+    for d in apps {
+        for s in &plan.images {
+            if s.action == Action::Delete && d.images.contains(&s.name) {
+                let at = match doc.apps.iter().position(|a| a.name == d.req.name) {
+                    Some(i) => lines.at("apps", i, Some("appliance")),
+                    None => lines.file.clone(),
+                };
+                errs.push(format!(
+                    "{at}: app {}: its appliance {} boots from image {}, which would be pruned",
+                    d.req.name, d.appliance, s.name
                 ));
             }
         }
@@ -1311,6 +1593,27 @@ struct LiveState {
     hosts: Vec<virt8ra_api::Host>,
 }
 
+/// Apps not on their way out (compared and pruned); declaring the name of
+/// one being deleted is an error until it is gone.
+fn settled_apps(doc: &FileDoc, live: &[App], lines: &Lines, errs: &mut Vec<String>) -> Vec<App> {
+    for (i, ap) in doc.apps.iter().enumerate() {
+        if live
+            .iter()
+            .any(|l| l.name == ap.name && l.status == "deleting")
+        {
+            errs.push(format!(
+                "{}: app {}: an app of this name is being deleted; apply again once it is gone",
+                lines.at("apps", i, Some("name")),
+                ap.name
+            ));
+        }
+    }
+    live.iter()
+        .filter(|l| l.status != "deleting")
+        .cloned()
+        .collect()
+}
+
 /// Asks the control plane to check each VM's placement rules (a dry run of
 /// placement: nothing is created).
 async fn check_vm_rules(
@@ -1356,7 +1659,10 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         vms: Vms::list(c).await?,
         hosts: c.get::<Page<virt8ra_api::Host>>("/hosts").await?.items,
     };
+    let live_apps = Apps::list(c).await?;
     check_vm_rules(c, &doc, &lines, &mut errs).await?;
+    let apps = resolve_apps(c, &doc, &lines, &mut errs).await?;
+    let settled_apps = settled_apps(&doc, &live_apps, &lines, &mut errs);
     // A VM on its way out is neither compared nor deleted again; declaring
     // its name has to wait until it is gone.
     let settled_vms: Vec<Vm> = live
@@ -1383,8 +1689,9 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         sites: plan_kind::<Sites>(&doc.sites, &live.sites, &a, &lines, &mut errs),
         images: plan_kind::<Images>(&images, &live.images, &a, &lines, &mut errs),
         vms: plan_kind::<Vms>(&doc.vms, &settled_vms, &a, &lines, &mut errs),
+        apps: plan_kind::<Apps>(&apps, &settled_apps, &a, &lines, &mut errs),
     };
-    check_references(&doc, &live, &plan, &lines, &mut errs);
+    check_references(&doc, &apps, &live, &plan, &lines, &mut errs);
     fail_on(&errs)?;
 
     let mut plan = plan;
@@ -1541,12 +1848,25 @@ mod tests {
         std::fs::write(&f, "vms:\n  - name: a\n    image: i\n    vcpus: many\n").expect("write");
         let e = load(&f).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("x.yaml:4:"), "{e}");
-        std::fs::write(&f, "apps:\n  - name: a\n").expect("write");
+        std::fs::write(
+            &f,
+            "apps:\n  - name: a\n    appliance: web\n    locations: [DE]\n    replica: 2\n",
+        )
+        .expect("write");
         let e = load(&f).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            e.contains("x.yaml:1: apps: not supported by this build yet"),
-            "{e}"
-        );
+        assert!(e.contains("x.yaml:5:"), "{e}");
+        assert!(e.contains("unknown field `replica`"), "{e}");
+        std::fs::write(&f, "apps:\n  - name: a\n    locations: [DE]\n").expect("write");
+        let e = load(&f).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("missing field `appliance`"), "{e}");
+        std::fs::write(
+            &f,
+            "apps:\n  - name: a\n    appliance: web\n    locations: [DE, ES]\n",
+        )
+        .expect("write");
+        let (doc, _) = load(&f).expect("an app entry");
+        assert_eq!(doc.apps[0].replicas_per_location, 1);
+        assert_eq!(doc.apps[0].locations, ["DE", "ES"]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -327,12 +327,12 @@ fn apply_reports_bad_files_with_their_line() {
         "{err}"
     );
 
-    f.write(&format!("{FILE}apps:\n  - name: shop\n"));
+    f.write(&format!(
+        "{FILE}apps:\n  - name: shop\n    appliance: web\n    locations: [DE]\n    replica: 2\n"
+    ));
     let err = f.apply_err(&[]);
-    assert!(
-        err.contains("estate.yaml:39: apps: not supported by this build yet"),
-        "{err}"
-    );
+    assert!(err.contains("estate.yaml:43:"), "{err}");
+    assert!(err.contains("unknown field `replica`"), "{err}");
 
     assert_eq!(snapshot(&f.c), before, "a rejected file changed something");
 }
@@ -566,4 +566,198 @@ fn changed_image_file_is_replaced() {
     assert_ne!(new["source_sha256"], old["source_sha256"]);
     assert_eq!(new["labels"]["virt8ra.io/managed-by"], "apply");
     assert_eq!(f.apply(&[])["changed"], false);
+}
+
+// ------------------------------------------------------------------- apps
+
+/// Sites in Germany and Sweden, the image an appliance boots from.
+const APPS_BASE: &str = "providers:\n  - name: acme\n    country: DE\n  - name: nordic\n    country: SE\nsites:\n  - name: de-fra\n    provider: acme\n    country: DE\n    city: Frankfurt\n    latitude: 50.11\n    longitude: 8.68\n  - name: se-sto\n    provider: nordic\n    country: SE\n    city: Stockholm\n    latitude: 59.33\n    longitude: 18.07\nimages:\n  - name: tiny\n    file: disks/tiny.raw\n";
+
+/// One app (lines 22-28 of the file).
+const APP: &str = "apps:\n  - name: shop\n    appliance: tiny-app\n    locations:\n      - de-fra\n    params:\n      greeting: hello\n";
+
+/// The base applied, a simulated host at each site, and an appliance
+/// `tiny-app` published in the local catalog that boots from `tiny`.
+fn apps_fixture() -> Fixture {
+    let mut f = Fixture::new(APPS_BASE);
+    f.apply(&[]);
+    f.c.start_agent_with("sim-de", Some("de-fra"), &["--driver", "sim"]);
+    f.c.start_agent_with("sim-se", Some("se-sto"), &["--driver", "sim"]);
+    f.c.wait_hosts_ready(2);
+    let appliance = f.file.parent().unwrap().join("tiny-app.json");
+    std::fs::write(
+        &appliance,
+        json!({
+            "name": "tiny-app", "version": "1.0.0",
+            "images": [{"name": "tiny"}],
+            "template": {"vcpus": 1, "memory_mib": 64, "disk_gib": 1},
+            "parameters": [
+                {"name": "greeting", "type": "string", "default": "hi"},
+                {"name": "workers", "type": "integer", "default": 2}
+            ]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    f.c.cli_ok(&["appliance", "publish", appliance.to_str().unwrap()]);
+    f
+}
+
+fn app(c: &Cluster, name: &str) -> (u16, Value) {
+    c.api("GET", &format!("/api/v1/apps/{name}"), None)
+}
+
+fn app_locations(a: &Value) -> Vec<String> {
+    a["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["location"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// An app is planned (dry run) and created after everything else; a second
+/// apply is a no-op; an unknown appliance and a changed location are plan
+/// errors with their line; with --replace the app is deployed again.
+#[test]
+fn apps_are_created_then_unchanged_and_replaced_only_on_request() {
+    let f = apps_fixture();
+    let text = format!("{APPS_BASE}{APP}");
+    // An unknown location: an error with its line, before any change.
+    f.write(&text.replace("- de-fra", "- atlantis"));
+    let err = f.apply_err(&[]);
+    assert!(err.contains("estate.yaml:25:"), "{err}");
+    assert!(
+        err.contains("location \"atlantis\" is neither a declared or known site"),
+        "{err}"
+    );
+    f.write(&text);
+
+    let plan = f.apply(&["--dry-run"]);
+    assert_eq!(plan["changed"], true);
+    assert_eq!(
+        actions(&plan).last().unwrap(),
+        &("app".into(), "shop".into(), "create".into()),
+        "{plan}"
+    );
+    assert_eq!(count(&plan, "create"), 1, "{plan}");
+    assert_eq!(app(&f.c, "shop").0, 404, "a dry run deployed the app");
+
+    let done = f.apply(&[]);
+    assert_eq!(done["applied"], true);
+    assert_eq!(count(&done, "create"), 1, "{done}");
+    let (st, a) = app(&f.c, "shop");
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(a["appliance"], "local/tiny-app@1.0.0");
+    assert_eq!(a["labels"]["virt8ra.io/managed-by"], "apply");
+    assert_eq!(a["params"]["greeting"], "hello");
+    assert_eq!(a["params"]["workers"], 2);
+    assert_eq!(app_locations(&a), ["de-fra"]);
+    assert_eq!(a["vms"].as_array().unwrap().len(), 1, "{a}");
+    // The replica is not marked: pruning VMs never touches it.
+    let replica = f.c.vm("shop-de-fra-1");
+    assert!(
+        replica["labels"]["virt8ra.io/managed-by"].is_null(),
+        "{replica}"
+    );
+
+    // Second apply: nothing to do (the appliance named without version and
+    // the parameters' defaults compare as deployed).
+    let again = f.apply(&[]);
+    assert_eq!(again["changed"], false, "{again}");
+    assert_eq!(count(&again, "unchanged"), 6, "{again}");
+    let table = f.c.cli_ok(&["apply", "-f", f.file.to_str().unwrap()]);
+    assert!(table.contains("no changes"), "{table}");
+    // The appliance named in full and a parameter's default declared: still
+    // the same app.
+    f.write(
+        &text
+            .replace("appliance: tiny-app", "appliance: local/tiny-app@1.0.0")
+            .replace("greeting: hello\n", "greeting: hello\n      workers: 2\n"),
+    );
+    assert_eq!(f.apply(&[])["changed"], false);
+
+    // An unknown appliance: an error with its line, before any change.
+    f.write(&text.replace("appliance: tiny-app", "appliance: nope"));
+    let err = f.apply_err(&[]);
+    assert!(err.contains("estate.yaml:24:"), "{err}");
+    assert!(err.contains("appliance \"nope\" is not known"), "{err}");
+    // An unknown parameter: its line.
+    f.write(&text.replace("greeting: hello", "greting: hello"));
+    let err = f.apply_err(&[]);
+    assert!(err.contains("estate.yaml:28:"), "{err}");
+    assert!(err.contains("no parameter \"greting\""), "{err}");
+
+    // A changed location: a plan error naming the field and its line.
+    let moved = text.replace("- de-fra", "- se-sto");
+    f.write(&moved);
+    let err = f.apply_err(&[]);
+    assert!(err.contains("estate.yaml:25:"), "{err}");
+    assert!(
+        err.contains("app shop: locations cannot change in place"),
+        "{err}"
+    );
+    assert!(err.contains("--replace"), "{err}");
+    let err = f.apply_err(&["--dry-run"]);
+    assert!(err.contains("locations cannot change in place"), "{err}");
+    assert_eq!(app_locations(&app(&f.c, "shop").1), ["de-fra"]);
+
+    // With --replace: deleted and deployed again at the new location.
+    let plan = f.apply(&["--replace", "--dry-run"]);
+    let row = plan["plan"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(row["action"], "replace", "{plan}");
+    assert_eq!(row["changes"][0]["field"], "locations", "{plan}");
+    let done = f.apply(&["--replace"]);
+    assert_eq!(count(&done, "replace"), 1, "{done}");
+    let (st, a) = app(&f.c, "shop");
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(app_locations(&a), ["se-sto"]);
+    assert_eq!(a["labels"]["virt8ra.io/managed-by"], "apply");
+    assert_eq!(f.c.vm("shop-de-fra-1")["status"]["phase"], "deleted");
+    assert_eq!(f.apply(&[])["changed"], false);
+}
+
+/// --prune deletes the apps apply created and the file no longer declares
+/// (before VMs and images), never an app deployed by hand.
+#[test]
+fn prune_deletes_only_managed_apps() {
+    let f = apps_fixture();
+    f.write(&format!("{APPS_BASE}{APP}"));
+    f.apply(&[]);
+    f.c.cli_ok(&[
+        "app",
+        "deploy",
+        "tiny-app",
+        "--name",
+        "manual",
+        "--locations",
+        "se-sto",
+    ]);
+
+    // Without --prune: both stay.
+    f.write(APPS_BASE);
+    assert_eq!(f.apply(&[])["changed"], false);
+    assert_eq!(app(&f.c, "shop").0, 200);
+
+    let plan = f.apply(&["--prune", "--dry-run"]);
+    let deletes: Vec<(String, String, String)> = actions(&plan)
+        .into_iter()
+        .filter(|a| a.2 == "delete")
+        .collect();
+    assert_eq!(deletes, [("app".into(), "shop".into(), "delete".into())]);
+    let done = f.apply(&["--prune"]);
+    assert_eq!(count(&done, "delete"), 1, "{done}");
+    assert_eq!(app(&f.c, "shop").0, 404);
+    assert_eq!(f.c.vm("shop-de-fra-1")["status"]["phase"], "deleted");
+    assert_eq!(app(&f.c, "manual").0, 200);
+    assert_eq!(f.apply(&["--prune"])["changed"], false);
+
+    // Declared again: deployed anew (its replicas' names are free again).
+    f.write(&format!("{APPS_BASE}{APP}"));
+    let done = f.apply(&[]);
+    assert_eq!(count(&done, "create"), 1, "{done}");
+    let (st, a) = app(&f.c, "shop");
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(a["vms"][0]["name"], "shop-de-fra-1", "{a}");
+    assert_ne!(a["vms"][0]["phase"], "deleted", "{a}");
 }

@@ -42,6 +42,8 @@ struct AppRecord {
     vms: Vec<(String, String)>,
     #[serde(default)]
     deleting: bool,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
     created_at: DateTime<Utc>,
 }
 
@@ -145,6 +147,7 @@ async fn view(app: &App, r: &AppRecord) -> ApiResult<AppView> {
         locations,
         vms,
         status,
+        labels: r.labels.clone(),
         created_at: r.created_at,
     })
 }
@@ -184,6 +187,7 @@ pub async fn create(
 /// the control plane (e.g. declarative apply).
 pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
     validate::name("app", &req.name).map_err(ApiError::Invalid)?;
+    validate::labels(&req.labels).map_err(ApiError::Invalid)?;
     if req.locations.is_empty() {
         return Err(ApiError::Invalid(
             "name at least one location (a site, provider or country)".into(),
@@ -253,7 +257,13 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
             validate::vm(&check).map_err(|e| {
                 ApiError::Invalid(format!("replica {name} of app {}: {e}", req.name))
             })?;
-            if app.store.get_vm(&name).await.is_ok() {
+            // A deleted VM's name is free again (an app deleted and deployed anew).
+            if app
+                .store
+                .get_vm(&name)
+                .await
+                .is_ok_and(|v| v.status.phase != VmPhase::Deleted)
+            {
                 return Err(ApiError::Conflict(format!(
                     "a VM named '{name}' already exists; choose another app name"
                 )));
@@ -325,6 +335,7 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
             .collect(),
         vms: Vec::new(),
         deleting: false,
+        labels: req.labels.clone(),
         created_at: now,
     };
     // The record first, so a crash part-way leaves an app that can be deleted.
