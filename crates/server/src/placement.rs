@@ -136,7 +136,7 @@ impl Placement {
             .iter()
             .map(|s| site_info(s, providers.get(&s.provider)))
             .collect();
-        let hosts: Vec<Host> = app.store.list_hosts().await?;
+        let hosts: Vec<Host> = app.hosts.all().iter().map(|h| (**h).clone()).collect();
         let infos: Vec<HostInfo> = hosts
             .iter()
             .map(|h| host_info(&host_view(app, h.clone(), None), &self.config))
@@ -147,7 +147,7 @@ impl Placement {
             .iter()
             .map(|h| (h.id.as_str(), h.name.as_str()))
             .collect();
-        for vm in app.store.list_vms(&VmFilter::default()).await? {
+        for vm in app.vms.list(&VmFilter::default()) {
             if vm.status.phase == VmPhase::Deleted {
                 continue;
             }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use virt8ra_api::protocol::{DesiredVm, ImageRef, ServerMessage};
-use virt8ra_api::{Allocation, Host, HostState, Vm, VmPhase};
+use virt8ra_api::{Allocation, Host, HostState, VmPhase};
 use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
@@ -68,14 +68,10 @@ pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
     let hosts = if full {
         app.take_marked_hosts();
         // Deletions in flight, e.g. from before a restart of the control plane.
-        for vm in app
-            .store
-            .list_vms(&VmFilter {
-                phase: Some(VmPhase::Deleting),
-                ..Default::default()
-            })
-            .await?
-        {
+        for vm in app.vms.list(&VmFilter {
+            phase: Some(VmPhase::Deleting),
+            ..Default::default()
+        }) {
             if let Some(h) = &vm.status.host_id {
                 app.note_deletion(h);
             }
@@ -97,30 +93,16 @@ pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
 }
 
 async fn place_pending(app: &App) -> ApiResult<()> {
-    let pending = app
-        .store
-        .list_vms(&VmFilter {
-            phase: Some(VmPhase::Pending),
-            ..Default::default()
-        })
-        .await?;
+    let pending = app.vms.ids_in_phase(VmPhase::Pending);
     if pending.is_empty() {
         return Ok(());
     }
-    let hosts: HashMap<String, Host> = app
-        .store
-        .list_hosts()
-        .await?
-        .into_iter()
-        .map(|h| (h.name.clone(), h))
-        .collect();
     // Decisions are taken one at a time (the engine is locked), but the
     // writes run concurrently so that they share the store's group commits.
     use futures_util::StreamExt;
-    let hosts = &hosts;
     futures_util::stream::iter(pending)
         .for_each_concurrent(256, |vm| async move {
-            if let Err(e) = place_one(app, vm, hosts).await {
+            if let Err(e) = place_one(app, vm).await {
                 tracing::warn!(error = %e, "placing a VM failed; retrying on the next pass");
             }
         })
@@ -128,10 +110,10 @@ async fn place_pending(app: &App) -> ApiResult<()> {
     Ok(())
 }
 
-async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResult<()> {
+async fn place_one(app: &App, id: String) -> ApiResult<()> {
     // Re-read under the VM's lock: it may have changed since the list.
-    let _guard = app.lock_vm(&vm.id).await;
-    let mut vm = app.store.get_vm(&vm.id).await?;
+    let _guard = app.lock_vm(&id).await;
+    let mut vm = app.vm(&id)?;
     if vm.status.phase != VmPhase::Pending {
         return Ok(());
     }
@@ -151,7 +133,7 @@ async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResul
     };
     match outcome {
         Ok(d) => {
-            let Some(h) = hosts.get(&d.host) else {
+            let Some(h) = app.hosts.get(&d.host) else {
                 app.placement.invalidate();
                 return Ok(());
             };
@@ -188,13 +170,10 @@ async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResul
 
 /// The VMs a host should run, as the agent protocol carries them.
 pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> {
-    let vms = app
-        .store
-        .list_vms(&VmFilter {
-            host_id: Some(host_id.to_string()),
-            ..Default::default()
-        })
-        .await?;
+    let vms = app.vms.list(&VmFilter {
+        host_id: Some(host_id.to_string()),
+        ..Default::default()
+    });
     let mut images: HashMap<String, ImageRef> = HashMap::new();
     let mut out = Vec::new();
     for vm in vms {
@@ -204,8 +183,12 @@ pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> 
         let Some(image_id) = vm.status.image_id.clone() else {
             continue;
         };
-        let image = match images.get(&image_id) {
-            Some(i) => i.clone(),
+        let cached = images
+            .get(&image_id)
+            .cloned()
+            .or_else(|| app.image_ref(&image_id));
+        let image = match cached {
+            Some(i) => i,
             None => {
                 let i = app.store.get_image(&image_id).await?;
                 let r = ImageRef {
@@ -215,19 +198,20 @@ pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> 
                     sha256: i.sha256,
                     size_bytes: i.size_bytes,
                 };
+                app.remember_image_ref(&r);
                 images.insert(image_id, r.clone());
                 r
             }
         };
         out.push(DesiredVm {
-            id: vm.id,
-            name: vm.name,
+            id: vm.id.clone(),
+            name: vm.name.clone(),
             vcpus: vm.spec.vcpus,
             memory_mib: vm.spec.memory_mib,
             disk_gib: vm.spec.disk_gib,
             image,
-            user_data: vm.spec.user_data,
-            ports: vm.spec.ports,
+            user_data: vm.spec.user_data.clone(),
+            ports: vm.spec.ports.clone(),
             power: vm.power,
             reboot_generation: vm.reboot_generation,
             stop_timeout_s: vm.stop_timeout_s,

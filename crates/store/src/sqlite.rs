@@ -290,23 +290,23 @@ fn parse_ts(s: &str) -> Result<DateTime<Utc>> {
 }
 
 fn insert_event(conn: &Connection, vm: &Vm, message: &str) -> Result<()> {
+    // Cached statements: these run for every VM change.
     let seq: i64 = conn
-        .query_row(
-            "SELECT COALESCE(MAX(seq), 0) + 1 FROM vm_events WHERE vm_id = ?1",
-            [&vm.id],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM vm_events WHERE vm_id = ?1")
+        .map_err(db)?
+        .query_row([&vm.id], |r| r.get(0))
         .map_err(db)?;
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO vm_events (vm_id, seq, at, phase, message) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            vm.id,
-            seq,
-            ts(&Utc::now()),
-            vm.status.phase.as_str(),
-            message
-        ],
     )
+    .map_err(db)?
+    .execute(params![
+        vm.id,
+        seq,
+        ts(&Utc::now()),
+        vm.status.phase.as_str(),
+        message
+    ])
     .map_err(db)?;
     Ok(())
 }
@@ -550,6 +550,8 @@ impl Store for SqliteStore {
     }
 
     async fn create_vm(&self, vm: &Vm, event: &str) -> Result<()> {
+        // Encoded here, not on the writer thread, which every write shares.
+        let body = to_json(vm)?;
         let vm = vm.clone();
         let event = event.to_string();
         self.write(move |c| {
@@ -566,7 +568,7 @@ impl Store for SqliteStore {
                     vm.status.provider,
                     vm.status.country,
                     vm.status.image_id,
-                    to_json(&vm)?
+                    body
                 ],
             )
             .map_err(|e| conflict_or_db(e, || format!("VM '{}' already exists", vm.name)))?;
@@ -577,25 +579,27 @@ impl Store for SqliteStore {
     }
 
     async fn update_vm(&self, vm: &Vm, event: Option<&str>) -> Result<()> {
+        let body = to_json(vm)?;
         let vm = vm.clone();
         let event = event.map(str::to_string);
         self.write(move |c| {
             let tx = c.savepoint().map_err(db)?;
             let n = tx
-                .execute(
+                .prepare_cached(
                     "UPDATE vms SET phase = ?2, host_id = ?3, site = ?4, provider = ?5,
                      country = ?6, image_id = ?7, body = ?8 WHERE id = ?1",
-                    params![
-                        vm.id,
-                        vm.status.phase.as_str(),
-                        vm.status.host_id,
-                        vm.status.site,
-                        vm.status.provider,
-                        vm.status.country,
-                        vm.status.image_id,
-                        to_json(&vm)?
-                    ],
                 )
+                .map_err(db)?
+                .execute(params![
+                    vm.id,
+                    vm.status.phase.as_str(),
+                    vm.status.host_id,
+                    vm.status.site,
+                    vm.status.provider,
+                    vm.status.country,
+                    vm.status.image_id,
+                    body
+                ])
                 .map_err(db)?;
             if n == 0 {
                 return Err(StoreError::not_found("VM", vm.id));

@@ -66,6 +66,7 @@ pub async fn join(
         created_at: Utc::now(),
     };
     app.store.create_host(&host, &rec, &token.id).await?;
+    app.hosts.put(&host);
     app.placement.invalidate();
     tracing::info!(host = %host.name, site = %site.name, "host joined");
     Ok((
@@ -88,7 +89,7 @@ pub async fn connect(
     ws: WebSocketUpgrade,
 ) -> ApiResult<Response> {
     // The host must still exist (a deleted host's tokens are revoked too).
-    let host = app.store.get_host(&auth.host_id).await?;
+    let host = app.host(&auth.host_id)?;
     Ok(ws
         .max_message_size(16 << 20)
         .on_upgrade(move |socket| session(app, host.id, socket)))
@@ -125,11 +126,11 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
     };
 
     // 2. Record the inventory (it may have changed since the join).
-    match app.store.get_host(&host_id).await {
+    match app.host(&host_id) {
         Ok(mut h) => {
             h.inventory = inventory;
             h.last_heartbeat = Some(Utc::now());
-            if let Err(e) = app.store.update_host(&h).await {
+            if let Err(e) = app.update_host(&h).await {
                 tracing::warn!(error = %e, "recording host inventory");
             }
             app.placement.invalidate();
@@ -165,10 +166,13 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
     }
     app.wake.notify_one();
 
-    // 4. Read until the agent goes away or falls silent.
+    // 4. Read until the agent goes away or falls silent. Every message
+    //    already received is taken at once, and their VM reports applied as
+    //    one batch (see `handle_batch`).
     let silence = app.liveness_window() * 2;
-    loop {
-        let msg = match tokio::time::timeout(silence, stream.next()).await {
+    let mut open = true;
+    while open {
+        let first = match tokio::time::timeout(silence, stream.next()).await {
             Ok(Some(Ok(m))) => m,
             Ok(Some(Err(_))) | Ok(None) => break,
             Err(_) => {
@@ -176,30 +180,107 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
                 break;
             }
         };
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Close(_) => break,
-            _ => continue,
-        };
-        let parsed = match serde_json::from_str::<AgentMessage>(&text) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(host = %host_id, error = %e, "ignoring malformed agent message");
-                continue;
+        let mut raw = vec![first];
+        while raw.len() < MAX_BATCH {
+            use futures_util::FutureExt;
+            match stream.next().now_or_never() {
+                Some(Some(Ok(m))) => raw.push(m),
+                Some(Some(Err(_))) | Some(None) => {
+                    open = false;
+                    break;
+                }
+                None => break,
             }
-        };
-        if let Err(e) = handle(&app, &host_id, parsed).await {
-            tracing::warn!(host = %host_id, error = %e, "handling agent message");
         }
+        let mut batch = Vec::with_capacity(raw.len());
+        for msg in raw {
+            let text = match msg {
+                Message::Text(t) => t,
+                Message::Close(_) => {
+                    open = false;
+                    break;
+                }
+                _ => continue,
+            };
+            match serde_json::from_str::<AgentMessage>(&text) {
+                Ok(m) => batch.push(m),
+                Err(e) => {
+                    tracing::warn!(host = %host_id, error = %e, "ignoring malformed agent message")
+                }
+            }
+        }
+        handle_batch(&app, &host_id, batch).await;
     }
 
     writer.abort();
     if app.hub.unregister(&host_id, conn) {
-        if let Ok(mut h) = app.store.get_host(&host_id).await {
+        if let Ok(mut h) = app.host(&host_id) {
             h.last_heartbeat = Some(Utc::now());
-            let _ = app.store.update_host(&h).await;
+            let _ = app.update_host(&h).await;
         }
         tracing::info!(host = %host_id, "agent disconnected");
+    }
+}
+
+/// Most agent messages taken in one batch.
+const MAX_BATCH: usize = 1024;
+
+/// Handles the messages an agent sent meanwhile. Their VM reports (from
+/// heartbeats and single reports) are reduced to the latest per VM and
+/// applied concurrently, so that the changes they carry share the store's
+/// group commits instead of waiting for one fsync each; a report equal to
+/// the last one seen writes nothing.
+async fn handle_batch(app: &App, host_id: &str, msgs: Vec<AgentMessage>) {
+    use std::collections::HashMap;
+    use virt8ra_api::protocol::{AgentVmPhase, VmReport};
+    let mut reports: Vec<VmReport> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut push = |r: VmReport, reports: &mut Vec<VmReport>| match at.get(&r.id) {
+        Some(&i) => reports[i] = r,
+        None => {
+            at.insert(r.id.clone(), reports.len());
+            reports.push(r);
+        }
+    };
+    let mut present: Option<Vec<String>> = None;
+    for msg in msgs {
+        match msg {
+            AgentMessage::Heartbeat { usage, vms, .. } => {
+                app.hub.heartbeat(host_id, usage);
+                present = Some(
+                    vms.iter()
+                        .filter(|r| r.phase != AgentVmPhase::Deleted)
+                        .map(|r| r.id.clone())
+                        .collect(),
+                );
+                for r in vms {
+                    push(r, &mut reports);
+                }
+            }
+            AgentMessage::VmReport(r) => push(r, &mut reports),
+            other => {
+                if let Err(e) = handle(app, host_id, other).await {
+                    tracing::warn!(host = %host_id, error = %e, "handling agent message");
+                }
+            }
+        }
+    }
+    let deleted = reports.iter().any(|r| r.phase == AgentVmPhase::Deleted);
+    use futures_util::StreamExt;
+    futures_util::stream::iter(reports)
+        .for_each_concurrent(256, |r| async move {
+            if let Err(e) = vms::apply_report(app, host_id, &r).await {
+                tracing::warn!(host = %host_id, error = %e, "applying a VM report");
+            }
+        })
+        .await;
+    if let Some(present) = present {
+        if let Err(e) = vms::confirm_deletions(app, host_id, &present).await {
+            tracing::warn!(host = %host_id, error = %e, "confirming deletions");
+        }
+    }
+    if deleted {
+        app.wake.notify_one();
     }
 }
 
