@@ -8,6 +8,7 @@
 //! Request bodies reject unknown fields (`deny_unknown_fields`): a typo in a
 //! field name is an error, never a silently ignored setting.
 
+pub mod mux;
 pub mod protocol;
 pub mod resources;
 pub mod validate;

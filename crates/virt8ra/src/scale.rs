@@ -21,6 +21,11 @@ use virt8ra_agent::simhost::{self, SimHost};
 /// The load `bench scale` drives through the public API.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
+    /// Simulated hosts sharing one connection to the control plane (the mux
+    /// protocol extension); 1 gives every host a protocol v1 WebSocket of
+    /// its own.
+    #[arg(long, default_value_t = 1000)]
+    pub hosts_per_connection: usize,
     /// Concurrent API clients.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -42,6 +47,9 @@ pub struct LoadArgs {
 
 impl LoadArgs {
     pub fn check(&self) -> anyhow::Result<()> {
+        if self.hosts_per_connection == 0 {
+            bail!("--hosts-per-connection must be at least 1");
+        }
         if self.concurrency == 0 || self.concurrency > 4096 {
             bail!("--concurrency must be 1..4096");
         }
@@ -99,6 +107,8 @@ where
 pub struct ScaleReport {
     pub hosts: usize,
     pub hosts_connected: u64,
+    /// Connections the simulated hosts hold to the control plane.
+    pub agent_connections: usize,
     pub heartbeat_interval_s: u64,
     pub missed_heartbeat_ratio: f64,
     pub vms: usize,
@@ -119,6 +129,8 @@ pub struct ScaleReport {
     /// VMs deleted by the lifecycle operations that the agents still run
     /// or the control plane does not show as deleted after the run.
     pub delete_mismatches: usize,
+    /// VMs deleted by the lifecycle operations.
+    pub deleted: usize,
     pub server_rss_bytes: u64,
     pub db_bytes: u64,
     pub restart_to_serving_ms: f64,
@@ -314,7 +326,16 @@ pub async fn run(
     let agents_dir = agents_tmp.path().to_path_buf();
     let sem = Arc::new(tokio::sync::Semaphore::new(32));
     let mut joins = tokio::task::JoinSet::new();
-    for h in &host_infos {
+    let per_conn = load.hosts_per_connection;
+    let muxes: Vec<Arc<simhost::Mux>> = if per_conn > 1 {
+        (0..hosts.div_ceil(per_conn))
+            .map(|_| simhost::Mux::new(&url))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (i, h) in host_infos.iter().enumerate() {
+        let mux = muxes.get(i / per_conn).cloned();
         let (sem, url, token, dir) = (
             sem.clone(),
             url.clone(),
@@ -325,7 +346,7 @@ pub async fn run(
         let vcpus = h.vcpus;
         joins.spawn(async move {
             let _p = sem.acquire().await;
-            simhost::start(&url, &token, &name, &dir, vcpus, mem).await
+            simhost::start(&url, &token, &name, &dir, vcpus, mem, mux).await
         });
     }
     let mut sim: Vec<SimHost> = Vec::new();
@@ -505,17 +526,29 @@ pub async fn run(
     while running(&sim) != target && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut delete_mismatches = 0;
-    for name in deleted.iter().take(500) {
-        let v = api.get(&format!("/vms/{name}")).await;
-        let gone_on_cp = match &v {
-            Err(e) => e.to_string().contains("404"),
-            Ok(v) => v["status"]["phase"] == "deleted",
-        };
-        if !gone_on_cp {
-            delete_mismatches += 1;
+    // The control plane marks them deleted on the agents' reports; allow
+    // two heartbeats for those.
+    let mut pending_delete: Vec<String> = deleted.iter().take(500).cloned().collect();
+    let deadline = Instant::now() + Duration::from_secs(12);
+    loop {
+        let mut left = Vec::new();
+        for name in pending_delete {
+            let v = api.get(&format!("/vms/{name}")).await;
+            let gone_on_cp = match &v {
+                Err(e) => e.to_string().contains("404"),
+                Ok(v) => v["status"]["phase"] == "deleted",
+            };
+            if !gone_on_cp {
+                left.push(name);
+            }
         }
+        pending_delete = left;
+        if pending_delete.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let delete_mismatches = pending_delete.len();
 
     // Heartbeats over a window.
     let m0 = api.get("/metrics").await?;
@@ -542,8 +575,8 @@ pub async fn run(
         };
         let page = api.get(&path).await?;
         let items = page["items"].as_array().cloned().unwrap_or_default();
-        // Every 7th VM of each page, so the sample spreads over the ids.
-        sample.extend(items.into_iter().step_by(7));
+        // At size, every 7th VM of each page, so the sample spreads over the ids.
+        sample.extend(items.into_iter().step_by(if vms > 2000 { 7 } else { 1 }));
         cursor = page["next_cursor"].as_str().map(str::to_string);
         if cursor.is_none() {
             break;
@@ -586,6 +619,11 @@ pub async fn run(
     Ok(ScaleReport {
         hosts,
         hosts_connected: connected,
+        agent_connections: if muxes.iter().any(|m| m.fell_back()) || muxes.is_empty() {
+            hosts
+        } else {
+            muxes.len()
+        },
         heartbeat_interval_s: interval,
         missed_heartbeat_ratio: missed,
         vms,
@@ -602,6 +640,7 @@ pub async fn run(
         delete_p99_ms: percentile(&mut delete_ms, 0.99),
         list_page_under_load_p99_ms: percentile(&mut list_load_ms, 0.99),
         delete_mismatches,
+        deleted: deleted.len(),
         server_rss_bytes: server_rss,
         db_bytes: db,
         restart_to_serving_ms: restart_ms,

@@ -153,14 +153,25 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
     );
 }
 
-/// `virt8ra bench scale` at a tiny size: many simulated hosts in one process
-/// (each with its own channel), VMs through the API, and the contract's
-/// figures; the agents' view matches the control plane's.
+/// `virt8ra bench scale` at a tiny size: many simulated hosts in one process,
+/// five to a connection (the mux protocol extension: each host's own
+/// session, authenticated by its own token, on a shared WebSocket), VMs
+/// through the API with stop/start/delete and list reads, and the
+/// contract's figures; the agents' view matches the control plane's.
 #[test]
 fn the_scale_benchmark_runs_and_reports_its_contract() {
     let out = std::process::Command::new(common::bin())
         .args([
-            "bench", "scale", "--hosts", "12", "--vms", "60", "-o", "json",
+            "bench",
+            "scale",
+            "--hosts",
+            "12",
+            "--vms",
+            "60",
+            "--hosts-per-connection",
+            "5",
+            "-o",
+            "json",
         ])
         .output()
         .unwrap();
@@ -184,8 +195,19 @@ fn the_scale_benchmark_runs_and_reports_its_contract() {
         assert!(r.get(k).is_some(), "missing {k} in {r}");
     }
     assert_eq!(r["hosts_connected"], 12);
+    assert_eq!(
+        r["agent_connections"], 3,
+        "12 hosts, 5 to a connection: {r}"
+    );
     assert_eq!(r["vms_running"], 60);
     assert_eq!(r["mismatches"], 0);
-    assert_eq!(r["sampled"], 60);
+    // The lifecycle load stopped and started every VM and deleted half.
+    assert_eq!(r["ops"], 150, "{r}");
+    assert_eq!(r["deleted"], 30, "{r}");
+    assert_eq!(r["delete_mismatches"], 0, "{r}");
+    assert_eq!(
+        r["sampled"], 30,
+        "the deleted VMs are no longer listed: {r}"
+    );
     assert!(r["server_rss_bytes"].as_u64().unwrap() > 1 << 20);
 }

@@ -85,7 +85,8 @@ pub fn router(app: App) -> Router {
         .route("/vms/{key}/console", get(vms::console))
         .route("/vms/{key}/events", get(vms::events))
         .route("/agent/join", post(agent::join))
-        .route("/agent/connect", get(agent::connect));
+        .route("/agent/connect", get(agent::connect))
+        .route("/agent/mux", get(agent::mux));
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/api/v1", v1)

@@ -23,7 +23,7 @@ use super::{agent, hosts, images, providers, sites, vms, watch};
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,
         images::list, images::upload, images::show, images::delete, images::download,
         vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events, watch::watch,
-        agent::join, agent::connect,
+        agent::join, agent::connect, agent::mux,
     ),
     modifiers(&Bearer),
     tags(
