@@ -43,12 +43,16 @@ pub fn host_view(app: &App, mut h: Host, alloc: Option<&Allocation>) -> Host {
 
 /// Runs the scheduler until the process ends.
 pub async fn run(app: App) {
-    let mut n: u64 = 0;
+    let mut last_full: Option<std::time::Instant> = None;
     loop {
-        // Every 15th pass (about 30 s) recomputes every connected host's
-        // desired state, whatever was marked: a safety net, not the path.
-        let full = n.is_multiple_of(15);
-        n += 1;
+        // Every 30 s a pass recomputes every connected host's desired
+        // state, whatever was marked: a safety net, not the path. By time,
+        // not by pass count: under load passes run back to back, and a full
+        // pass costs O(VMs).
+        let full = last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(30));
+        if full {
+            last_full = Some(std::time::Instant::now());
+        }
         if let Err(e) = pass(&app, full).await {
             tracing::warn!(error = %e, "scheduler pass failed; retrying");
         }
