@@ -191,9 +191,14 @@ impl Channel {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
+                    let running = self.reports.running();
+                    let usage = self
+                        .driver
+                        .usage(running)
+                        .unwrap_or_else(|| crate::inventory::usage(&self.data_dir, running));
                     send(AgentMessage::Heartbeat {
                         seq,
-                        usage: crate::inventory::usage(&self.data_dir, self.reports.running()),
+                        usage,
                         vms: self.reports.all(),
                     })?;
                 }

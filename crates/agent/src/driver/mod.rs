@@ -111,6 +111,11 @@ pub trait Driver: Send + Sync + 'static {
     fn needs_image(&self) -> bool {
         true
     }
+    /// The host's usage as this driver accounts it, for heartbeats; `None`
+    /// (real drivers) measures the machine (`inventory::usage`).
+    fn usage(&self, _vms_running: u32) -> Option<virt8ra_api::HostUsage> {
+        None
+    }
 }
 
 /// The last `max_bytes` of a console log, lossily decoded, and whether older
