@@ -90,9 +90,12 @@ def main():
         wait("server", lambda: os.path.exists(f"{d}/server/admin.token"), 30, 0.1)
         time.sleep(0.5)
         api = Api(url, open(f"{d}/server/admin.token").read().strip())
-        for prov, cc, site in [("provider-es", "ES", "es-logrono"), ("provider-de", "DE", "de-frankfurt")]:
+        for prov, cc, site, city, lat, lon in [
+                ("provider-es", "ES", "es-logrono", "Logroño", 42.46, -2.44),
+                ("provider-de", "DE", "de-frankfurt", "Frankfurt", 50.11, 8.68)]:
             api.call("POST", "/providers", {"name": prov, "country": cc})
-            api.call("POST", "/sites", {"name": site, "provider": prov, "country": cc})
+            api.call("POST", "/sites", {"name": site, "provider": prov, "country": cc,
+                                        "city": city, "latitude": lat, "longitude": lon})
             tok = api.call("POST", "/join-tokens", {"site": site})["token"]
             name = "host-" + cc.lower()
             procs.append(subprocess.Popen(

@@ -47,13 +47,91 @@ pub fn ws_url(server: &str) -> anyhow::Result<String> {
     Ok(format!("{rest}/api/v1/agent/connect"))
 }
 
+/// A session's transport, as channels of protocol v1 messages: a WebSocket
+/// of its own ([`connect_ws`]) or a channel of a multiplexed connection.
+/// `rx` ends when the transport closes; sends fail once it has.
+pub struct Link {
+    pub tx: mpsc::UnboundedSender<AgentMessage>,
+    pub rx: mpsc::UnboundedReceiver<ServerMessage>,
+}
+
+/// Dials the host's own WebSocket (protocol v1) and pumps it into a [`Link`].
+pub async fn connect_ws(server: &str, host_token: &str) -> anyhow::Result<Link> {
+    let mut req = ws_url(server)?.into_client_request()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {host_token}").parse()?);
+    // A small read buffer (the default is 128 KiB): one process may run
+    // thousands of simulated hosts.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 << 10);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), false)
+        .await
+        .context("connect")?;
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut up) = mpsc::unbounded_channel::<AgentMessage>();
+    let (down, rx) = mpsc::unbounded_channel::<ServerMessage>();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                m = up.recv() => {
+                    let Some(m) = m else { break };
+                    let Ok(text) = serde_json::to_string(&m) else { continue };
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                m = stream.next() => {
+                    let text = match m {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                        Some(Ok(_)) => continue,
+                    };
+                    match serde_json::from_str::<ServerMessage>(&text) {
+                        Ok(m) => {
+                            if down.send(m).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignoring a message this agent does not understand")
+                        }
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    });
+    Ok(Link { tx, rx })
+}
+
 impl Channel {
-    /// Keeps the channel up until the process ends.
-    pub async fn run(self, mut changes: mpsc::UnboundedReceiver<VmReport>) {
+    /// Keeps the channel up until the process ends: a WebSocket of its own
+    /// (protocol v1), dialled again with backoff whenever it fails.
+    pub async fn run(self, changes: mpsc::UnboundedReceiver<VmReport>) {
+        let (server, token) = (self.server.clone(), self.host_token.clone());
+        self.run_over(changes, move || {
+            let (server, token) = (server.clone(), token.clone());
+            async move { connect_ws(&server, &token).await }
+        })
+        .await
+    }
+
+    /// Runs over links that `connect` opens (one per session; reconnecting
+    /// with backoff like [`Channel::run`]), e.g. channels of a multiplexed
+    /// connection.
+    pub async fn run_over<F, Fut>(self, mut changes: mpsc::UnboundedReceiver<VmReport>, connect: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Link>>,
+    {
         let mut backoff = Duration::from_millis(500);
         loop {
             let started = std::time::Instant::now();
-            match self.session(&mut changes).await {
+            let r = match connect().await {
+                Ok(link) => self.session_over(link, &mut changes).await,
+                Err(e) => Err(e),
+            };
+            match r {
                 Ok(()) => tracing::info!("control plane closed the channel"),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "channel to the control plane failed")
@@ -70,48 +148,40 @@ impl Channel {
         }
     }
 
-    async fn session(&self, changes: &mut mpsc::UnboundedReceiver<VmReport>) -> anyhow::Result<()> {
-        let mut req = ws_url(&self.server)?.into_client_request()?;
-        req.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.host_token).parse()?,
-        );
-        let (ws, _) = tokio_tungstenite::connect_async(req)
-            .await
-            .context("connect")?;
-        let (mut sink, mut stream) = ws.split();
-        let send = |m: &AgentMessage| -> anyhow::Result<Message> {
-            Ok(Message::Text(serde_json::to_string(m)?.into()))
+    /// One session over a link: hello, welcome, then heartbeats, reports and
+    /// the control plane's messages until the link closes.
+    async fn session_over(
+        &self,
+        link: Link,
+        changes: &mut mpsc::UnboundedReceiver<VmReport>,
+    ) -> anyhow::Result<()> {
+        let Link { tx, mut rx } = link;
+        let send = |m: AgentMessage| -> anyhow::Result<()> {
+            tx.send(m)
+                .map_err(|_| anyhow::anyhow!("the connection to the control plane closed"))
         };
-        sink.send(send(&AgentMessage::Hello {
+        send(AgentMessage::Hello {
             protocol: PROTOCOL_VERSION,
             min_protocol: MIN_PROTOCOL_VERSION,
             inventory: self.inventory.clone(),
-        })?)
-        .await?;
+        })?;
 
         // Welcome or reject.
-        let interval = loop {
-            let m = tokio::time::timeout(Duration::from_secs(15), stream.next())
-                .await
-                .context("no welcome from the control plane")?;
-            let Some(m) = m else {
-                bail!("closed before welcome")
-            };
-            if let Message::Text(t) = m? {
-                match serde_json::from_str::<ServerMessage>(&t)? {
-                    ServerMessage::Welcome {
-                        protocol,
-                        heartbeat_interval_s,
-                        ..
-                    } => {
-                        tracing::info!(protocol, "connected to the control plane");
-                        break Duration::from_secs(heartbeat_interval_s.clamp(1, 300));
-                    }
-                    ServerMessage::Reject { reason } => bail!("rejected: {reason}"),
-                    _ => bail!("expected welcome"),
-                }
+        let first = tokio::time::timeout(Duration::from_secs(15), rx.recv())
+            .await
+            .context("no welcome from the control plane")?;
+        let interval = match first {
+            None => bail!("closed before welcome"),
+            Some(ServerMessage::Welcome {
+                protocol,
+                heartbeat_interval_s,
+                ..
+            }) => {
+                tracing::info!(protocol, "connected to the control plane");
+                Duration::from_secs(heartbeat_interval_s.clamp(1, 300))
             }
+            Some(ServerMessage::Reject { reason }) => bail!("rejected: {reason}"),
+            Some(_) => bail!("expected welcome"),
         };
 
         // Drop changes queued while disconnected: the first heartbeat carries them all.
@@ -124,16 +194,20 @@ impl Channel {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
-                    let hb = AgentMessage::Heartbeat {
+                    let running = self.reports.running();
+                    let usage = self
+                        .driver
+                        .usage(running)
+                        .unwrap_or_else(|| crate::inventory::usage(&self.data_dir, running));
+                    send(AgentMessage::Heartbeat {
                         seq,
-                        usage: crate::inventory::usage(&self.data_dir, self.reports.running()),
+                        usage,
                         vms: self.reports.all(),
                         migrations: self.mover.as_ref().map(|m| m.all()).unwrap_or_default(),
-                    };
-                    sink.send(send(&hb)?).await?;
+                    })?;
                 }
                 Some(r) = changes.recv() => {
-                    sink.send(send(&AgentMessage::VmReport(r))?).await?;
+                    send(AgentMessage::VmReport(r))?;
                 }
                 Some(r) = async {
                     match migration_changes.as_mut() {
@@ -141,25 +215,13 @@ impl Channel {
                         None => std::future::pending().await,
                     }
                 } => {
-                    sink.send(send(&AgentMessage::MigrationReport(r))?).await?;
+                    send(AgentMessage::MigrationReport(r))?;
                 }
                 Some(m) = out_rx.recv() => {
-                    sink.send(send(&m)?).await?;
+                    send(m)?;
                 }
-                m = stream.next() => {
-                    let Some(m) = m else { return Ok(()) };
-                    let text = match m? {
-                        Message::Text(t) => t,
-                        Message::Close(_) => return Ok(()),
-                        _ => continue,
-                    };
-                    let msg = match serde_json::from_str::<ServerMessage>(&text) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring a message this agent does not understand");
-                            continue;
-                        }
-                    };
+                m = rx.recv() => {
+                    let Some(msg) = m else { return Ok(()) };
                     self.handle(msg, &out_tx).await?;
                 }
             }

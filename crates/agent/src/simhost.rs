@@ -1,14 +1,26 @@
 //! Many simulated hosts in one process, for scale benchmarks.
 //!
 //! Each simulated host is a complete agent — join, its own persistent
-//! channel to the control plane, reconciler, local desired state — with the
-//! simulated driver ([`crate::driver::sim`]). Only the process is shared.
+//! session with the control plane, reconciler, local desired state — with
+//! the simulated driver ([`crate::driver::sim`]). Only the process is
+//! shared, and, with a [`Mux`], the connection: many hosts' sessions on one
+//! WebSocket (the mux protocol extension), so that 100,000 hosts need not
+//! hold 100,000 sockets.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use virt8ra_api::mux::{MuxDown, MuxUp, MUX_VERSION};
+use virt8ra_api::protocol::{AgentMessage, ServerMessage};
 use virt8ra_api::{AgentJoin, HostInventory, Hypervisor};
 
+use crate::channel::Link;
 use crate::driver::sim::{SimDriver, SimTimings};
 use crate::{channel, images, reconciler};
 
@@ -19,7 +31,8 @@ pub struct SimHost {
     pub task: tokio::task::JoinHandle<()>,
 }
 
-/// Joins one simulated host and starts its agent on the current runtime.
+/// Joins one simulated host and starts its agent on the current runtime,
+/// with a WebSocket of its own, or as a channel of `mux` when given one.
 pub async fn start(
     server: &str,
     join_token: &str,
@@ -27,6 +40,7 @@ pub async fn start(
     data_dir: &Path,
     vcpus: u32,
     memory_mib: u64,
+    mux: Option<Arc<Mux>>,
 ) -> anyhow::Result<SimHost> {
     std::fs::create_dir_all(data_dir)?;
     let inventory = HostInventory {
@@ -73,18 +87,180 @@ pub async fn start(
     let ch = channel::Channel {
         mover: None,
         server: server.to_string(),
-        host_token: joined.host_token,
+        host_token: joined.host_token.clone(),
         inventory,
         data_dir: data_dir.to_path_buf(),
         driver: driver.clone(),
         reconciler: rec,
         reports,
     };
-    let task = tokio::spawn(ch.run(changes));
+    let task = match mux {
+        None => tokio::spawn(ch.run(changes)),
+        Some(mux) => {
+            let token = joined.host_token.clone();
+            tokio::spawn(ch.run_over(changes, move || {
+                let (mux, token) = (mux.clone(), token.clone());
+                async move { mux.open(&token).await }
+            }))
+        }
+    };
     Ok(SimHost {
         name: name.to_string(),
         host_id: joined.host_id,
         driver,
         task,
     })
+}
+
+/// Many hosts on one connection to the control plane: the client side of
+/// the mux protocol extension (`virt8ra_api::mux`). Each host still runs its
+/// own protocol v1 session (hello, heartbeats, reports, desired state) on
+/// its own channel, authenticated by its own host token; only the socket is
+/// shared. If the control plane does not speak mux (400 or 404 on the
+/// upgrade), every host falls back to a WebSocket of its own.
+pub struct Mux {
+    server: String,
+    conn: tokio::sync::Mutex<Option<Arc<MuxConn>>>,
+    next_ch: AtomicU32,
+    unsupported: AtomicBool,
+}
+
+struct MuxConn {
+    up: mpsc::UnboundedSender<MuxUp>,
+    routes: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ServerMessage>>>>,
+}
+
+fn lock_routes(
+    m: &Mutex<HashMap<u32, mpsc::UnboundedSender<ServerMessage>>>,
+) -> std::sync::MutexGuard<'_, HashMap<u32, mpsc::UnboundedSender<ServerMessage>>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Mux {
+    pub fn new(server: &str) -> Arc<Mux> {
+        Arc::new(Mux {
+            server: server.to_string(),
+            conn: tokio::sync::Mutex::new(None),
+            next_ch: AtomicU32::new(1),
+            unsupported: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the control plane refused the extension (hosts then use a
+    /// connection each).
+    pub fn fell_back(&self) -> bool {
+        self.unsupported.load(Ordering::Relaxed)
+    }
+
+    /// The connection, dialled if there is none (the upgrade request is
+    /// authenticated by the token of the host that dials).
+    async fn conn(&self, bearer: &str) -> anyhow::Result<Option<Arc<MuxConn>>> {
+        let mut g = self.conn.lock().await;
+        if let Some(c) = g.as_ref() {
+            if !c.up.is_closed() {
+                return Ok(Some(c.clone()));
+            }
+        }
+        let url = format!(
+            "{}?version={MUX_VERSION}",
+            channel::ws_url(&self.server)?.replace("/agent/connect", "/agent/mux")
+        );
+        let mut req = url.into_client_request()?;
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {bearer}").parse()?);
+        let ws = match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r))
+                if matches!(r.status().as_u16(), 400 | 404) =>
+            {
+                self.unsupported.store(true, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("connect (mux)")),
+        };
+        let (mut sink, mut stream) = ws.split();
+        let (up, mut up_rx) = mpsc::unbounded_channel::<MuxUp>();
+        let routes: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ServerMessage>>>> =
+            Default::default();
+        let r = routes.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    m = up_rx.recv() => {
+                        let Some(m) = m else { break };
+                        let Ok(text) = serde_json::to_string(&m) else { continue };
+                        if sink.send(Message::Text(text.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    m = stream.next() => {
+                        let text = match m {
+                            Some(Ok(Message::Text(t))) => t,
+                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                            Some(Ok(_)) => continue,
+                        };
+                        match serde_json::from_str::<MuxDown>(&text) {
+                            Ok(MuxDown::Msg { ch, msg }) => {
+                                if let Some(tx) = lock_routes(&r).get(&ch) {
+                                    let _ = tx.send(msg);
+                                }
+                            }
+                            Ok(MuxDown::Closed { ch, reason }) => {
+                                tracing::info!(ch, reason, "mux channel closed");
+                                lock_routes(&r).remove(&ch);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "ignoring a mux frame"),
+                        }
+                    }
+                }
+            }
+            // Every channel of this connection ends; their hosts reconnect.
+            lock_routes(&r).clear();
+            let _ = sink.close().await;
+        });
+        let c = Arc::new(MuxConn { up, routes });
+        *g = Some(c.clone());
+        Ok(Some(c))
+    }
+
+    /// Opens a channel for the host holding `host_token`.
+    pub async fn open(&self, host_token: &str) -> anyhow::Result<Link> {
+        if self.fell_back() {
+            return channel::connect_ws(&self.server, host_token).await;
+        }
+        let Some(conn) = self.conn(host_token).await? else {
+            return channel::connect_ws(&self.server, host_token).await;
+        };
+        let ch = self.next_ch.fetch_add(1, Ordering::Relaxed);
+        let (down_tx, rx) = mpsc::unbounded_channel::<ServerMessage>();
+        lock_routes(&conn.routes).insert(ch, down_tx);
+        conn.up
+            .send(MuxUp::Attach {
+                ch,
+                host_token: host_token.to_string(),
+            })
+            .map_err(|_| anyhow::anyhow!("the mux connection closed"))?;
+        let (tx, mut agent_rx) = mpsc::unbounded_channel::<AgentMessage>();
+        tokio::spawn(async move {
+            while let Some(msg) = agent_rx.recv().await {
+                if conn
+                    .up
+                    .send(MuxUp::Msg {
+                        ch,
+                        msg: Box::new(msg),
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+                // The channel was closed by the control plane: end the link.
+                if !lock_routes(&conn.routes).contains_key(&ch) {
+                    break;
+                }
+            }
+            lock_routes(&conn.routes).remove(&ch);
+            let _ = conn.up.send(MuxUp::Detach { ch });
+        });
+        Ok(Link { tx, rx })
+    }
 }

@@ -10,6 +10,7 @@
 
 pub mod market;
 pub mod migration;
+pub mod mux;
 pub mod protocol;
 pub mod resources;
 pub mod validate;

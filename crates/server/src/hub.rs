@@ -151,6 +151,15 @@ impl Hub {
         })
     }
 
+    /// Hosts that heartbeated within `window`, in one pass under the lock.
+    pub fn alive_hosts(&self, window: Duration) -> std::collections::HashSet<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, l)| l.last_beat.elapsed() <= window)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub fn connected_hosts(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
     }

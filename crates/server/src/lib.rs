@@ -21,6 +21,7 @@ pub mod auth;
 pub mod distribution;
 pub mod error;
 pub mod hub;
+pub mod index;
 pub mod migration;
 pub mod placement;
 pub mod scheduler;
@@ -69,6 +70,16 @@ pub async fn open(
         .with_context(|| format!("open database in {}", data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(store);
     let created = ensure_admin_token(store.as_ref(), data_dir).await?;
+    let hosts = index::HostIndex::load(store.list_hosts().await?);
+    // Every VM into memory before serving: reads are answered from there.
+    let vms = index::VmIndex::load(
+        store
+            .list_vms(&virt8ra_store::VmFilter {
+                include_deleted: true,
+                ..Default::default()
+            })
+            .await?,
+    );
     let app = Arc::new(AppState {
         store,
         hub: hub::Hub::default(),
@@ -83,6 +94,9 @@ pub async fn open(
         deleting_hosts: Default::default(),
         changes: tokio::sync::broadcast::channel(4096).0,
         migrations: Default::default(),
+        vms,
+        hosts,
+        image_refs: Default::default(),
     });
     Ok((app, created))
 }

@@ -502,6 +502,7 @@ pub async fn start(
         return Err(e.into());
     }
     app.migrations.set_active(&m);
+    app.vms.put(&vm);
     app.publish_vm(&vm);
     drop(_g);
     fail_point(first);
@@ -557,6 +558,7 @@ async fn advance(
         .await?;
     app.migrations.set_active(m);
     if let Some(vm) = vm {
+        app.vms.put(vm);
         app.publish_vm(vm);
     }
     tracing::info!(migration = %m.id, vm = %m.vm, phase = phase.as_str(), "{message}");

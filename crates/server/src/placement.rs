@@ -47,7 +47,14 @@ struct Loaded {
     engine: Engine,
     /// Host name -> (id, operator state), for readiness.
     hosts: HashMap<String, (String, HostState)>,
+    /// When readiness was last refreshed from the hub.
+    refreshed: Option<std::time::Instant>,
 }
+
+/// How stale host readiness may be for a decision. Liveness itself is
+/// judged over three heartbeat intervals, so this changes little; it keeps
+/// the O(hosts) refresh off the path of every single placement.
+const READINESS_TTL: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Placement {
     pub fn new(config: PlacementConfig) -> Placement {
@@ -117,7 +124,10 @@ impl Placement {
         let l = g
             .as_mut()
             .ok_or_else(|| ApiError::Internal("placement engine missing".into()))?;
-        refresh_readiness(app, l);
+        if l.refreshed.is_none_or(|t| t.elapsed() >= READINESS_TTL) {
+            refresh_readiness(app, l);
+            l.refreshed = Some(std::time::Instant::now());
+        }
         Ok(f(&mut l.engine))
     }
 
@@ -136,7 +146,7 @@ impl Placement {
             .iter()
             .map(|s| site_info(s, providers.get(&s.provider)))
             .collect();
-        let hosts: Vec<Host> = app.store.list_hosts().await?;
+        let hosts: Vec<Host> = app.hosts.all().iter().map(|h| (**h).clone()).collect();
         let infos: Vec<HostInfo> = hosts
             .iter()
             .map(|h| host_info(&host_view(app, h.clone(), None), &self.config))
@@ -147,7 +157,7 @@ impl Placement {
             .iter()
             .map(|h| (h.id.as_str(), h.name.as_str()))
             .collect();
-        for vm in app.store.list_vms(&VmFilter::default()).await? {
+        for vm in app.vms.list(&VmFilter::default()) {
             if vm.status.phase == VmPhase::Deleted {
                 continue;
             }
@@ -182,6 +192,7 @@ impl Placement {
                 .iter()
                 .map(|h| (h.name.clone(), (h.id.clone(), h.state)))
                 .collect(),
+            refreshed: None,
         })
     }
 }
@@ -198,16 +209,17 @@ fn unreachable_request(vm: &Vm) -> Request {
 
 /// Host readiness follows heartbeats and the operator's state.
 fn refresh_readiness(app: &App, l: &mut Loaded) {
-    let window = app.liveness_window();
+    let alive = app.hub.alive_hosts(app.liveness_window());
     let names: Vec<(String, bool)> = l
         .engine
         .hosts()
         .map(|h| (h.info.name.clone(), h.info.ready))
         .collect();
     for (name, was) in names {
-        let ready = l.hosts.get(&name).is_some_and(|(id, state)| {
-            *state == HostState::Ready && app.hub.view(id, window).is_some_and(|v| v.alive)
-        });
+        let ready = l
+            .hosts
+            .get(&name)
+            .is_some_and(|(id, state)| *state == HostState::Ready && alive.contains(id));
         if ready != was {
             let _ = l.engine.set_ready(&name, ready);
         }

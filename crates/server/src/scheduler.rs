@@ -43,12 +43,16 @@ pub fn host_view(app: &App, mut h: Host, alloc: Option<&Allocation>) -> Host {
 
 /// Runs the scheduler until the process ends.
 pub async fn run(app: App) {
-    let mut n: u64 = 0;
+    let mut last_full: Option<std::time::Instant> = None;
     loop {
-        // Every 15th pass (about 30 s) recomputes every connected host's
-        // desired state, whatever was marked: a safety net, not the path.
-        let full = n.is_multiple_of(15);
-        n += 1;
+        // Every 30 s a pass recomputes every connected host's desired
+        // state, whatever was marked: a safety net, not the path. By time,
+        // not by pass count: under load passes run back to back, and a full
+        // pass costs O(VMs).
+        let full = last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(30));
+        if full {
+            last_full = Some(std::time::Instant::now());
+        }
         if let Err(e) = pass(&app, full).await {
             tracing::warn!(error = %e, "scheduler pass failed; retrying");
         }
@@ -68,14 +72,10 @@ pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
     let hosts = if full {
         app.take_marked_hosts();
         // Deletions in flight, e.g. from before a restart of the control plane.
-        for vm in app
-            .store
-            .list_vms(&VmFilter {
-                phase: Some(VmPhase::Deleting),
-                ..Default::default()
-            })
-            .await?
-        {
+        for vm in app.vms.list(&VmFilter {
+            phase: Some(VmPhase::Deleting),
+            ..Default::default()
+        }) {
             if let Some(h) = &vm.status.host_id {
                 app.note_deletion(h);
             }
@@ -97,30 +97,16 @@ pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
 }
 
 async fn place_pending(app: &App) -> ApiResult<()> {
-    let pending = app
-        .store
-        .list_vms(&VmFilter {
-            phase: Some(VmPhase::Pending),
-            ..Default::default()
-        })
-        .await?;
+    let pending = app.vms.ids_in_phase(VmPhase::Pending);
     if pending.is_empty() {
         return Ok(());
     }
-    let hosts: HashMap<String, Host> = app
-        .store
-        .list_hosts()
-        .await?
-        .into_iter()
-        .map(|h| (h.name.clone(), h))
-        .collect();
     // Decisions are taken one at a time (the engine is locked), but the
     // writes run concurrently so that they share the store's group commits.
     use futures_util::StreamExt;
-    let hosts = &hosts;
     futures_util::stream::iter(pending)
         .for_each_concurrent(256, |vm| async move {
-            if let Err(e) = place_one(app, vm, hosts).await {
+            if let Err(e) = place_one(app, vm).await {
                 tracing::warn!(error = %e, "placing a VM failed; retrying on the next pass");
             }
         })
@@ -128,10 +114,10 @@ async fn place_pending(app: &App) -> ApiResult<()> {
     Ok(())
 }
 
-async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResult<()> {
+async fn place_one(app: &App, id: String) -> ApiResult<()> {
     // Re-read under the VM's lock: it may have changed since the list.
-    let _guard = app.lock_vm(&vm.id).await;
-    let mut vm = app.store.get_vm(&vm.id).await?;
+    let _guard = app.lock_vm(&id).await;
+    let mut vm = app.vm(&id)?;
     if vm.status.phase != VmPhase::Pending {
         return Ok(());
     }
@@ -151,7 +137,7 @@ async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResul
     };
     match outcome {
         Ok(d) => {
-            let Some(h) = hosts.get(&d.host) else {
+            let Some(h) = app.hosts.get(&d.host) else {
                 app.placement.invalidate();
                 return Ok(());
             };
@@ -190,13 +176,10 @@ async fn place_one(app: &App, vm: Vm, hosts: &HashMap<String, Host>) -> ApiResul
 /// placed on it, with the migration roles of those on the move, and those
 /// migrating to it.
 pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> {
-    let vms = app
-        .store
-        .list_vms(&VmFilter {
-            host_id: Some(host_id.to_string()),
-            ..Default::default()
-        })
-        .await?;
+    let vms = app.vms.list(&VmFilter {
+        host_id: Some(host_id.to_string()),
+        ..Default::default()
+    });
     let mut images: HashMap<String, ImageRef> = HashMap::new();
     let mut out = Vec::new();
     for vm in vms {
@@ -227,11 +210,16 @@ pub async fn desired_vm(
     let Some(image_id) = vm.status.image_id.clone() else {
         return Ok(None);
     };
-    let image = match images.get(&image_id) {
-        Some(i) => i.clone(),
+    let cached = images
+        .get(&image_id)
+        .cloned()
+        .or_else(|| app.image_ref(&image_id));
+    let image = match cached {
+        Some(i) => i,
         None => {
             let i = app.store.get_image(&image_id).await?;
             let r = crate::distribution::image_ref(&i);
+            app.remember_image_ref(&r);
             images.insert(image_id, r.clone());
             r
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify};
+use virt8ra_api::protocol::ImageRef;
 use virt8ra_store::Store;
 
 use crate::hub::Hub;
@@ -39,23 +40,34 @@ pub struct AppState {
     pub changes: tokio::sync::broadcast::Sender<virt8ra_api::WatchEvent>,
     /// Migrations and exports under way.
     pub migrations: crate::migration::Migrations,
+    /// Every VM, in memory: serves reads; written through after each
+    /// durable write (see [`crate::index`]).
+    pub vms: crate::index::VmIndex,
+    /// Every host, in memory, written through like `vms`.
+    pub hosts: crate::index::HostIndex,
+    /// Images as the agent protocol names them, by image id. An image id
+    /// always names the same bytes, so entries never go stale.
+    pub image_refs: std::sync::Mutex<std::collections::HashMap<String, ImageRef>>,
 }
 
 impl AppState {
-    /// Stores a new VM and tells watchers.
+    /// Stores a new VM, indexes it and tells watchers.
     pub async fn create_vm(&self, vm: &virt8ra_api::Vm, event: &str) -> virt8ra_store::Result<()> {
         self.store.create_vm(vm, event).await?;
+        self.vms.put(vm);
         self.publish_vm(vm);
         Ok(())
     }
 
-    /// Stores a VM's new state and tells watchers.
+    /// Stores a VM's new state, indexes it and tells watchers. Callers hold
+    /// the VM's lock, so the index sees the VM's writes in their durable order.
     pub async fn update_vm(
         &self,
         vm: &virt8ra_api::Vm,
         event: Option<&str>,
     ) -> virt8ra_store::Result<()> {
         self.store.update_vm(vm, event).await?;
+        self.vms.put(vm);
         self.publish_vm(vm);
         Ok(())
     }
@@ -101,6 +113,44 @@ impl AppState {
     pub fn take_marked_hosts(&self) -> Vec<String> {
         let mut m = self.marked_hosts.lock().unwrap_or_else(|p| p.into_inner());
         m.drain().collect()
+    }
+
+    pub fn image_ref(&self, image_id: &str) -> Option<ImageRef> {
+        self.image_refs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(image_id)
+            .cloned()
+    }
+
+    pub fn remember_image_ref(&self, r: &ImageRef) {
+        self.image_refs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(r.id.clone(), r.clone());
+    }
+
+    /// A host by id or name, from memory.
+    pub fn host(&self, key: &str) -> Result<virt8ra_api::Host, virt8ra_store::StoreError> {
+        self.hosts
+            .get(key)
+            .map(|h| (*h).clone())
+            .ok_or_else(|| virt8ra_store::StoreError::not_found("host", key))
+    }
+
+    /// Stores a host's new state and indexes it.
+    pub async fn update_host(&self, h: &virt8ra_api::Host) -> virt8ra_store::Result<()> {
+        self.store.update_host(h).await?;
+        self.hosts.put(h);
+        Ok(())
+    }
+
+    /// A VM by id or name, from memory.
+    pub fn vm(&self, key: &str) -> Result<virt8ra_api::Vm, virt8ra_store::StoreError> {
+        self.vms
+            .get(key)
+            .map(|v| (*v).clone())
+            .ok_or_else(|| virt8ra_store::StoreError::not_found("VM", key))
     }
 
     /// The lock of VM `id`. Hold at most one at a time.

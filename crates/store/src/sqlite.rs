@@ -289,23 +289,24 @@ fn parse_ts(s: &str) -> Result<DateTime<Utc>> {
         .map_err(|e| StoreError::Db(format!("corrupt timestamp {s:?}: {e}")))
 }
 
-/// Replaces a VM row, and appends an event when given.
-fn write_vm(tx: &Connection, vm: &Vm, event: Option<&str>) -> Result<()> {
+/// Replaces a VM row (`body` is its JSON), and appends an event when given.
+fn write_vm(tx: &Connection, vm: &Vm, body: &str, event: Option<&str>) -> Result<()> {
     let n = tx
-        .execute(
+        .prepare_cached(
             "UPDATE vms SET phase = ?2, host_id = ?3, site = ?4, provider = ?5,
              country = ?6, image_id = ?7, body = ?8 WHERE id = ?1",
-            params![
-                vm.id,
-                vm.status.phase.as_str(),
-                vm.status.host_id,
-                vm.status.site,
-                vm.status.provider,
-                vm.status.country,
-                vm.status.image_id,
-                to_json(vm)?
-            ],
         )
+        .map_err(db)?
+        .execute(params![
+            vm.id,
+            vm.status.phase.as_str(),
+            vm.status.host_id,
+            vm.status.site,
+            vm.status.provider,
+            vm.status.country,
+            vm.status.image_id,
+            body
+        ])
         .map_err(db)?;
     if n == 0 {
         return Err(StoreError::not_found("VM", vm.id.clone()));
@@ -317,23 +318,23 @@ fn write_vm(tx: &Connection, vm: &Vm, event: Option<&str>) -> Result<()> {
 }
 
 fn insert_event(conn: &Connection, vm: &Vm, message: &str) -> Result<()> {
+    // Cached statements: these run for every VM change.
     let seq: i64 = conn
-        .query_row(
-            "SELECT COALESCE(MAX(seq), 0) + 1 FROM vm_events WHERE vm_id = ?1",
-            [&vm.id],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM vm_events WHERE vm_id = ?1")
+        .map_err(db)?
+        .query_row([&vm.id], |r| r.get(0))
         .map_err(db)?;
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO vm_events (vm_id, seq, at, phase, message) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            vm.id,
-            seq,
-            ts(&Utc::now()),
-            vm.status.phase.as_str(),
-            message
-        ],
     )
+    .map_err(db)?
+    .execute(params![
+        vm.id,
+        seq,
+        ts(&Utc::now()),
+        vm.status.phase.as_str(),
+        message
+    ])
     .map_err(db)?;
     Ok(())
 }
@@ -628,6 +629,8 @@ impl Store for SqliteStore {
     }
 
     async fn create_vm(&self, vm: &Vm, event: &str) -> Result<()> {
+        // Encoded here, not on the writer thread, which every write shares.
+        let body = to_json(vm)?;
         let vm = vm.clone();
         let event = event.to_string();
         self.write(move |c| {
@@ -644,7 +647,7 @@ impl Store for SqliteStore {
                     vm.status.provider,
                     vm.status.country,
                     vm.status.image_id,
-                    to_json(&vm)?
+                    body
                 ],
             )
             .map_err(|e| conflict_or_db(e, || format!("VM '{}' already exists", vm.name)))?;
@@ -655,11 +658,12 @@ impl Store for SqliteStore {
     }
 
     async fn update_vm(&self, vm: &Vm, event: Option<&str>) -> Result<()> {
+        let body = to_json(vm)?;
         let vm = vm.clone();
         let event = event.map(str::to_string);
         self.write(move |c| {
             let tx = c.savepoint().map_err(db)?;
-            write_vm(&tx, &vm, event.as_deref())?;
+            write_vm(&tx, &vm, &body, event.as_deref())?;
             tx.commit().map_err(db)
         })
         .await
@@ -667,6 +671,7 @@ impl Store for SqliteStore {
 
     async fn create_migration(&self, m: &Migration, vm: &Vm, event: &str) -> Result<()> {
         let (m, vm, event) = (m.clone(), vm.clone(), event.to_string());
+        let body = to_json(&vm)?;
         self.write(move |c| {
             let tx = c.savepoint().map_err(db)?;
             tx.execute(
@@ -676,7 +681,7 @@ impl Store for SqliteStore {
             .map_err(|e| {
                 conflict_or_db(e, || format!("VM '{}' is already being migrated", m.vm))
             })?;
-            write_vm(&tx, &vm, Some(&event))?;
+            write_vm(&tx, &vm, &body, Some(&event))?;
             tx.commit().map_err(db)
         })
         .await
@@ -689,6 +694,7 @@ impl Store for SqliteStore {
         event: Option<&str>,
     ) -> Result<()> {
         let (m, vm, event) = (m.clone(), vm.cloned(), event.map(str::to_string));
+        let body = vm.as_ref().map(to_json).transpose()?;
         self.write(move |c| {
             let tx = c.savepoint().map_err(db)?;
             let n = tx
@@ -700,8 +706,8 @@ impl Store for SqliteStore {
             if n == 0 {
                 return Err(StoreError::not_found("migration", m.id));
             }
-            if let Some(vm) = vm {
-                write_vm(&tx, &vm, event.as_deref())?;
+            if let (Some(vm), Some(body)) = (vm, body) {
+                write_vm(&tx, &vm, &body, event.as_deref())?;
             }
             tx.commit().map_err(db)
         })

@@ -53,16 +53,19 @@ enum Bench {
         hosts: usize,
         #[arg(long, default_value_t = 1000)]
         vms: usize,
+        #[command(flatten)]
+        load: scale::LoadArgs,
     },
 }
 
 async fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
     match b {
-        Bench::Scale { hosts, vms } => {
+        Bench::Scale { hosts, vms, load } => {
             if hosts == 0 {
                 anyhow::bail!("--hosts must be at least 1");
             }
-            let r = scale::run(hosts, vms, o == virt8ra_cli::output::Format::Table).await?;
+            load.check()?;
+            let r = scale::run(hosts, vms, &load, o == virt8ra_cli::output::Format::Table).await?;
             virt8ra_cli::output::emit(o, &r, |r| {
                 virt8ra_cli::output::fields(vec![
                     (
@@ -80,6 +83,17 @@ async fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
                     (
                         "list page (1000) p99",
                         format!("{:.1} ms", r.list_page_p99_ms),
+                    ),
+                    (
+                        "lifecycle ops (stop/start/delete)",
+                        format!(
+                            "{} at {:.0}/s; p99 stop {:.1} ms, start {:.1} ms, delete {:.1} ms",
+                            r.ops, r.ops_per_s, r.stop_p99_ms, r.start_p99_ms, r.delete_p99_ms
+                        ),
+                    ),
+                    (
+                        "list page under load p99",
+                        format!("{:.1} ms", r.list_page_under_load_p99_ms),
                     ),
                     (
                         "server RSS",

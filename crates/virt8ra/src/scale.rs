@@ -18,10 +18,97 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use virt8ra_agent::simhost::{self, SimHost};
 
+/// The load `bench scale` drives through the public API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Simulated hosts sharing one connection to the control plane (the mux
+    /// protocol extension); 1 gives every host a protocol v1 WebSocket of
+    /// its own.
+    #[arg(long, default_value_t = 1000)]
+    pub hosts_per_connection: usize,
+    /// Concurrent API clients.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// VM creates per second to aim at (0: as fast as the clients go).
+    #[arg(long, default_value_t = 0.0)]
+    pub create_rate: f64,
+    /// Lifecycle operations after every VM runs: this many VMs are stopped,
+    /// started again, and half of them deleted (0: none).
+    #[arg(long, default_value_t = 1000)]
+    pub ops: usize,
+    /// Lifecycle operations per second to aim at (0: as fast as the clients go).
+    #[arg(long, default_value_t = 0.0)]
+    pub ops_rate: f64,
+    /// List pages (1,000 VMs, with filters) read per second while the
+    /// lifecycle operations run.
+    #[arg(long, default_value_t = 20.0)]
+    pub list_rate: f64,
+}
+
+impl LoadArgs {
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.hosts_per_connection == 0 {
+            bail!("--hosts-per-connection must be at least 1");
+        }
+        if self.concurrency == 0 || self.concurrency > 4096 {
+            bail!("--concurrency must be 1..4096");
+        }
+        for (what, v) in [
+            ("--create-rate", self.create_rate),
+            ("--ops-rate", self.ops_rate),
+            ("--list-rate", self.list_rate),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                bail!("{what} must be a number ≥ 0");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `n` calls of `f`, at most `concurrency` at a time and, when `rate`
+/// is positive, started at that many per second; returns each call's
+/// latency in milliseconds.
+async fn drive<F, Fut>(n: usize, concurrency: usize, rate: f64, f: F) -> anyhow::Result<Vec<f64>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tick = (rate > 0.0).then(|| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        let permit = sem.clone().acquire_owned().await?;
+        let fut = f(i);
+        tasks.spawn(async move {
+            let _p = permit;
+            let t = Instant::now();
+            fut.await.map(|()| t.elapsed().as_secs_f64() * 1000.0)
+        });
+        while let Some(r) = tasks.try_join_next() {
+            out.push(r??);
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        out.push(r??);
+    }
+    Ok(out)
+}
+
 #[derive(Debug, Serialize)]
 pub struct ScaleReport {
     pub hosts: usize,
     pub hosts_connected: u64,
+    /// Connections the simulated hosts hold to the control plane.
+    pub agent_connections: usize,
     pub heartbeat_interval_s: u64,
     pub missed_heartbeat_ratio: f64,
     pub vms: usize,
@@ -31,6 +118,19 @@ pub struct ScaleReport {
     pub create_p99_ms: f64,
     pub get_p99_ms: f64,
     pub list_page_p99_ms: f64,
+    /// Lifecycle operations (stop, start, delete) after every VM ran.
+    pub ops: usize,
+    pub ops_per_s: f64,
+    pub stop_p99_ms: f64,
+    pub start_p99_ms: f64,
+    pub delete_p99_ms: f64,
+    /// Filtered list pages read while the lifecycle operations ran.
+    pub list_page_under_load_p99_ms: f64,
+    /// VMs deleted by the lifecycle operations that the agents still run
+    /// or the control plane does not show as deleted after the run.
+    pub delete_mismatches: usize,
+    /// VMs deleted by the lifecycle operations.
+    pub deleted: usize,
     pub server_rss_bytes: u64,
     pub db_bytes: u64,
     pub restart_to_serving_ms: f64,
@@ -135,7 +235,12 @@ async fn wait_healthy(url: &str, timeout: Duration) -> anyhow::Result<()> {
     bail!("the control plane did not answer within {timeout:?}")
 }
 
-pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<ScaleReport> {
+pub async fn run(
+    hosts: usize,
+    vms: usize,
+    load: &LoadArgs,
+    progress: bool,
+) -> anyhow::Result<ScaleReport> {
     let say = |m: String| {
         if progress {
             eprintln!("bench scale: {m}");
@@ -221,7 +326,16 @@ pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<Sca
     let agents_dir = agents_tmp.path().to_path_buf();
     let sem = Arc::new(tokio::sync::Semaphore::new(32));
     let mut joins = tokio::task::JoinSet::new();
-    for h in &host_infos {
+    let per_conn = load.hosts_per_connection;
+    let muxes: Vec<Arc<simhost::Mux>> = if per_conn > 1 {
+        (0..hosts.div_ceil(per_conn))
+            .map(|_| simhost::Mux::new(&url))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (i, h) in host_infos.iter().enumerate() {
+        let mux = muxes.get(i / per_conn).cloned();
         let (sem, url, token, dir) = (
             sem.clone(),
             url.clone(),
@@ -232,7 +346,7 @@ pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<Sca
         let vcpus = h.vcpus;
         joins.spawn(async move {
             let _p = sem.acquire().await;
-            simhost::start(&url, &token, &name, &dir, vcpus, mem).await
+            simhost::start(&url, &token, &name, &dir, vcpus, mem, mux).await
         });
     }
     let mut sim: Vec<SimHost> = Vec::new();
@@ -286,25 +400,18 @@ pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<Sca
     // Load: create VMs with bounded concurrency; measure each call.
     say(format!("creating {vms} VMs"));
     let t0 = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(64));
-    let mut creates = tokio::task::JoinSet::new();
-    for i in 0..vms {
-        let (sem, api) = (sem.clone(), api.clone());
-        creates.spawn(async move {
-            let _p = sem.acquire().await;
-            let t = Instant::now();
+    let mut create_ms = drive(vms, load.concurrency, load.create_rate, |i| {
+        let api = api.clone();
+        async move {
             api.post(
                 "/vms",
                 json!({"name": format!("v{i}"), "image": "tiny", "memory_mib": 512, "vcpus": 1}),
             )
             .await
-            .map(|_| t.elapsed().as_secs_f64() * 1000.0)
-        });
-    }
-    let mut create_ms = Vec::with_capacity(vms);
-    while let Some(r) = creates.join_next().await {
-        create_ms.push(r??);
-    }
+            .map(|_| ())
+        }
+    })
+    .await?;
     let running = |sim: &[SimHost]| -> usize { sim.iter().map(|s| s.driver.running_count()).sum() };
     let deadline = Instant::now() + Duration::from_secs(600);
     while running(&sim) < vms && Instant::now() < deadline {
@@ -318,7 +425,7 @@ pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<Sca
 
     // Reads.
     let mut get_ms = Vec::new();
-    for i in 0..500usize {
+    for i in 0..2000usize {
         let t = Instant::now();
         api.get(&format!("/vms/v{}", (i * 7919) % vms.max(1)))
             .await?;
@@ -337,6 +444,112 @@ pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<Sca
         cursor = page["next_cursor"].as_str().map(str::to_string);
     }
 
+    // Lifecycle load: stop, start again, delete half; list pages meanwhile.
+    let ops = load.ops.min(vms);
+    let pick = |i: usize| format!("v{}", (i * 7919 + 13) % vms.max(1));
+    let mut picked: Vec<String> = (0..ops).map(pick).collect();
+    picked.sort();
+    picked.dedup();
+    let ops = picked.len();
+    let picked = Arc::new(picked);
+    let stop_listing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lister = {
+        let (api, rate, stop) = (api.clone(), load.list_rate, stop_listing.clone());
+        let sites: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
+        let countries: Vec<String> = providers.values().cloned().collect();
+        tokio::spawn(async move {
+            let mut ms = Vec::new();
+            if rate <= 0.0 {
+                return ms;
+            }
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                i += 1;
+                let path = match i % 4 {
+                    0 => "/vms?limit=1000".to_string(),
+                    1 => format!("/vms?limit=1000&site={}", sites[i % sites.len().max(1)]),
+                    2 => format!(
+                        "/vms?limit=1000&country={}&phase=running",
+                        countries[i % countries.len().max(1)]
+                    ),
+                    _ => "/vms?limit=1000&phase=stopped".to_string(),
+                };
+                let t = Instant::now();
+                if api.get(&path).await.is_ok() {
+                    ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            ms
+        })
+    };
+    let action = |verb: &'static str| {
+        let (api, picked) = (api.clone(), picked.clone());
+        move |i: usize| {
+            let (api, name) = (api.clone(), picked[i].clone());
+            async move {
+                api.post(&format!("/vms/{name}/actions"), json!({"action": verb}))
+                    .await
+                    .map(|_| ())
+            }
+        }
+    };
+    let t_ops = Instant::now();
+    let mut stop_ms = drive(ops, load.concurrency, load.ops_rate, action("stop")).await?;
+    let want = vms_running.saturating_sub(ops);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while running(&sim) > want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut start_ms = drive(ops, load.concurrency, load.ops_rate, action("start")).await?;
+    let deleted: Vec<String> = picked.iter().step_by(2).cloned().collect();
+    let mut delete_ms = {
+        let (api, deleted) = (api.clone(), Arc::new(deleted.clone()));
+        drive(deleted.len(), load.concurrency, load.ops_rate, move |i| {
+            let (api, name) = (api.clone(), deleted[i].clone());
+            async move {
+                api.call(reqwest::Method::DELETE, &format!("/vms/{name}"), None)
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await?
+    };
+    let n_ops = stop_ms.len() + start_ms.len() + delete_ms.len();
+    let ops_secs = t_ops.elapsed().as_secs_f64();
+    stop_listing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut list_load_ms = lister.await.unwrap_or_default();
+    // Deleted VMs are gone from the agents and shown deleted.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let target = vms_running.saturating_sub(deleted.len());
+    while running(&sim) != target && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The control plane marks them deleted on the agents' reports; allow
+    // two heartbeats for those.
+    let mut pending_delete: Vec<String> = deleted.iter().take(500).cloned().collect();
+    let deadline = Instant::now() + Duration::from_secs(12);
+    loop {
+        let mut left = Vec::new();
+        for name in pending_delete {
+            let v = api.get(&format!("/vms/{name}")).await;
+            let gone_on_cp = match &v {
+                Err(e) => e.to_string().contains("404"),
+                Ok(v) => v["status"]["phase"] == "deleted",
+            };
+            if !gone_on_cp {
+                left.push(name);
+            }
+        }
+        pending_delete = left;
+        if pending_delete.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let delete_mismatches = pending_delete.len();
+
     // Heartbeats over a window.
     let m0 = api.get("/metrics").await?;
     let window = Duration::from_secs(12);
@@ -353,8 +566,23 @@ pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<Sca
     // Agents' view against the control plane's, on a sample.
     let mut sampled = 0;
     let mut mismatches = 0;
-    let page = api.get("/vms?limit=200").await?;
-    for v in page["items"].as_array().cloned().unwrap_or_default() {
+    let mut sample = Vec::new();
+    let mut cursor: Option<String> = None;
+    while sample.len() < 2000 {
+        let path = match &cursor {
+            Some(c) => format!("/vms?limit=1000&cursor={c}"),
+            None => "/vms?limit=1000".to_string(),
+        };
+        let page = api.get(&path).await?;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        // At size, every 7th VM of each page, so the sample spreads over the ids.
+        sample.extend(items.into_iter().step_by(if vms > 2000 { 7 } else { 1 }));
+        cursor = page["next_cursor"].as_str().map(str::to_string);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    for v in sample {
         sampled += 1;
         let id = v["id"].as_str().unwrap_or_default();
         let host = v["status"]["host"].as_str().unwrap_or_default();
@@ -391,6 +619,11 @@ pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<Sca
     Ok(ScaleReport {
         hosts,
         hosts_connected: connected,
+        agent_connections: if muxes.iter().any(|m| m.fell_back()) || muxes.is_empty() {
+            hosts
+        } else {
+            muxes.len()
+        },
         heartbeat_interval_s: interval,
         missed_heartbeat_ratio: missed,
         vms,
@@ -400,6 +633,14 @@ pub async fn run(hosts: usize, vms: usize, progress: bool) -> anyhow::Result<Sca
         create_p99_ms: percentile(&mut create_ms, 0.99),
         get_p99_ms: percentile(&mut get_ms, 0.99),
         list_page_p99_ms: percentile(&mut list_ms, 0.99),
+        ops: n_ops,
+        ops_per_s: n_ops as f64 / ops_secs.max(1e-9),
+        stop_p99_ms: percentile(&mut stop_ms, 0.99),
+        start_p99_ms: percentile(&mut start_ms, 0.99),
+        delete_p99_ms: percentile(&mut delete_ms, 0.99),
+        list_page_under_load_p99_ms: percentile(&mut list_load_ms, 0.99),
+        delete_mismatches,
+        deleted: deleted.len(),
         server_rss_bytes: server_rss,
         db_bytes: db,
         restart_to_serving_ms: restart_ms,

@@ -153,14 +153,25 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
     );
 }
 
-/// `virt8ra bench scale` at a tiny size: many simulated hosts in one process
-/// (each with its own channel), VMs through the API, and the contract's
-/// figures; the agents' view matches the control plane's.
+/// `virt8ra bench scale` at a tiny size: many simulated hosts in one process,
+/// five to a connection (the mux protocol extension: each host's own
+/// session, authenticated by its own token, on a shared WebSocket), VMs
+/// through the API with stop/start/delete and list reads, and the
+/// contract's figures; the agents' view matches the control plane's.
 #[test]
 fn the_scale_benchmark_runs_and_reports_its_contract() {
     let out = std::process::Command::new(common::bin())
         .args([
-            "bench", "scale", "--hosts", "12", "--vms", "60", "-o", "json",
+            "bench",
+            "scale",
+            "--hosts",
+            "12",
+            "--vms",
+            "60",
+            "--hosts-per-connection",
+            "5",
+            "-o",
+            "json",
         ])
         .output()
         .unwrap();
@@ -184,8 +195,116 @@ fn the_scale_benchmark_runs_and_reports_its_contract() {
         assert!(r.get(k).is_some(), "missing {k} in {r}");
     }
     assert_eq!(r["hosts_connected"], 12);
+    assert_eq!(
+        r["agent_connections"], 3,
+        "12 hosts, 5 to a connection: {r}"
+    );
     assert_eq!(r["vms_running"], 60);
     assert_eq!(r["mismatches"], 0);
-    assert_eq!(r["sampled"], 60);
+    // The lifecycle load stopped and started every VM and deleted half.
+    assert_eq!(r["ops"], 150, "{r}");
+    assert_eq!(r["deleted"], 30, "{r}");
+    assert_eq!(r["delete_mismatches"], 0, "{r}");
+    assert_eq!(
+        r["sampled"], 30,
+        "the deleted VMs are no longer listed: {r}"
+    );
     assert!(r["server_rss_bytes"].as_u64().unwrap() > 1 << 20);
+}
+
+/// The mux extension against the real control plane: two hosts' sessions on
+/// one connection, each welcomed as itself; a channel with a credential that
+/// is not a host's is closed, and the others carry on.
+#[test]
+fn hosts_share_one_connection_and_each_needs_its_own_credential() {
+    use virt8ra_agent::simhost::Mux;
+    use virt8ra_api::protocol::{
+        AgentMessage, ServerMessage, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    };
+
+    let c = Cluster::start();
+    c.create_topology();
+    let jt = c.ok(
+        "POST",
+        "/api/v1/join-tokens",
+        Some(json!({"site": TOPOLOGY[0].2, "max_uses": 2})),
+    );
+    let inventory = virt8ra_api::HostInventory {
+        hostname: "m".into(),
+        arch: "x86_64".into(),
+        vcpus: 4,
+        memory_mib: 4096,
+        disk_gib: 100,
+        cpu_model: "simulated".into(),
+        cpu_flags: vec![],
+        accelerators: vec![],
+        hypervisor: virt8ra_api::Hypervisor::Emulation,
+        agent_version: "test".into(),
+        qemu_version: "simulated".into(),
+        machine_types: vec![],
+        migration_address: None,
+        protocol: 0,
+        image_service: None,
+    };
+    let join = |name: &str| {
+        let (status, v) = c.api_raw(
+            "POST",
+            "/api/v1/agent/join",
+            Some(json!({"name": name, "inventory": inventory}).to_string()),
+            Some(jt["token"].as_str().unwrap()),
+        );
+        assert_eq!(status, 201, "{v}");
+        (
+            v["host_id"].as_str().unwrap().to_string(),
+            v["host_token"].as_str().unwrap().to_string(),
+        )
+    };
+    let (id_a, tok_a) = join("mux-a");
+    let (id_b, tok_b) = join("mux-b");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mux = Mux::new(&c.url);
+    let hello = AgentMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        min_protocol: MIN_PROTOCOL_VERSION,
+        inventory: inventory.clone(),
+    };
+    let (a, b) = rt.block_on(async {
+        let mut links = Vec::new();
+        for (id, tok) in [(&id_a, &tok_a), (&id_b, &tok_b)] {
+            let mut l = mux.open(tok).await.unwrap();
+            l.tx.send(hello.clone()).unwrap();
+            match tokio::time::timeout(Duration::from_secs(10), l.rx.recv()).await {
+                Ok(Some(ServerMessage::Welcome { host_id, .. })) => assert_eq!(&host_id, id),
+                other => panic!("expected welcome, got {other:?}"),
+            }
+            links.push(l);
+        }
+        let b = links.pop().unwrap();
+        (links.pop().unwrap(), b)
+    });
+    assert!(!mux.fell_back(), "this control plane speaks mux");
+    wait_until("both hosts connected", Duration::from_secs(10), || {
+        (c.ok("GET", "/api/v1/metrics", None)["agents_connected"] == 2).then_some(())
+    });
+
+    // A credential that is not a host's: the channel is closed, on the same
+    // connection, without touching the others.
+    rt.block_on(async {
+        let mut bad = mux.open("v8a_not-a-real-token").await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), bad.rx.recv()).await;
+        assert!(matches!(closed, Ok(None)), "{closed:?}");
+    });
+    let h = c.ok("GET", &format!("/api/v1/hosts/{id_b}"), None);
+    assert_eq!(h["connected"], true, "{h}");
+    assert_eq!(c.ok("GET", "/api/v1/metrics", None)["agents_connected"], 2);
+
+    // Detaching one host ends its session only.
+    drop(a);
+    wait_until("host a disconnected", Duration::from_secs(10), || {
+        (c.ok("GET", "/api/v1/metrics", None)["agents_connected"] == 1).then_some(())
+    });
+    let h = c.ok("GET", &format!("/api/v1/hosts/{id_b}"), None);
+    assert_eq!(h["connected"], true, "{h}");
+    drop(b);
 }

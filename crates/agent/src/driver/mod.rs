@@ -122,6 +122,11 @@ pub trait Driver: Send + Sync + 'static {
     fn as_qemu(&self) -> Option<&qemu::QemuDriver> {
         None
     }
+    /// The host's usage as this driver accounts it, for heartbeats; `None`
+    /// (real drivers) measures the machine (`inventory::usage`).
+    fn usage(&self, _vms_running: u32) -> Option<virt8ra_api::HostUsage> {
+        None
+    }
 }
 
 /// The last `max_bytes` of a console log, lossily decoded, and whether older

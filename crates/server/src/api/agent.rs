@@ -12,6 +12,7 @@ use axum::Json;
 use chrono::Utc;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
+use virt8ra_api::mux::{MuxDown, MuxUp, MUX_VERSION};
 use virt8ra_api::protocol::{negotiate, AgentMessage, ServerMessage, PROTOCOL_VERSION};
 use virt8ra_api::{validate, AgentJoin, AgentJoined, Host, HostState};
 use virt8ra_store::{TokenKind, TokenRecord};
@@ -66,6 +67,7 @@ pub async fn join(
         created_at: Utc::now(),
     };
     app.store.create_host(&host, &rec, &token.id).await?;
+    app.hosts.put(&host);
     app.placement.invalidate();
     tracing::info!(host = %host.name, site = %site.name, "host joined");
     Ok((
@@ -88,70 +90,196 @@ pub async fn connect(
     ws: WebSocketUpgrade,
 ) -> ApiResult<Response> {
     // The host must still exist (a deleted host's tokens are revoked too).
-    let host = app.store.get_host(&auth.host_id).await?;
+    let host = app.host(&auth.host_id)?;
     Ok(ws
         .max_message_size(16 << 20)
+        // One per host: the default 128 KiB read buffer would cost 1.2 GiB
+        // at 10,000 hosts; frames larger than this are still read whole.
+        .read_buffer_size(8 << 10)
         .on_upgrade(move |socket| session(app, host.id, socket)))
 }
 
+/// Protocol v1: one WebSocket per host. Frames are pumped into a
+/// transport-independent [`host_session`].
 async fn session(app: App, host_id: String, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
+    let (in_tx, in_rx) = mpsc::channel::<AgentMessage>(INBOX);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ServerMessage>();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let Ok(text) = serde_json::to_string(&m) else {
+                continue;
+            };
+            if sink.send(Message::Text(text.into())).await.is_err() {
+                break;
+            }
+            if matches!(m, ServerMessage::Reject { .. }) {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let reader = {
+        let host_id = host_id.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                let text = match msg {
+                    Message::Text(t) => t,
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                match serde_json::from_str::<AgentMessage>(&text) {
+                    Ok(m) => {
+                        if in_tx.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(host = %host_id, error = %e, "ignoring malformed agent message")
+                    }
+                }
+            }
+        })
+    };
+    host_session(&app, &host_id, in_rx, out_tx).await;
+    reader.abort();
+    // The writer ends once every sender is gone (the hub's went with the
+    // unregistration); give it a moment to flush a rejection.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
 
+/// Messages queued per host before its transport waits.
+const INBOX: usize = 1024;
+
+/// One host's session over any transport (its own WebSocket, or a channel
+/// of a multiplexed one): `inbox` yields the agent's messages and ends when
+/// the transport closes; `outbox` carries the control plane's.
+async fn host_session(
+    app: &App,
+    host_id: &str,
+    mut inbox: mpsc::Receiver<AgentMessage>,
+    outbox: mpsc::UnboundedSender<ServerMessage>,
+) {
+    let reject = |reason: String| {
+        let _ = outbox.send(ServerMessage::Reject { reason });
+    };
     // 1. Hello and version negotiation.
-    let hello = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
-    let (min, max, inventory) = match hello {
-        Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<AgentMessage>(&t) {
-            Ok(AgentMessage::Hello {
+    let (min, max, inventory) =
+        match tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await {
+            Ok(Some(AgentMessage::Hello {
                 protocol,
                 min_protocol,
                 inventory,
-            }) => (min_protocol, protocol, inventory),
-            _ => {
-                reject(&mut sink, "the first message must be hello").await;
-                return;
-            }
-        },
-        _ => return,
-    };
+            })) => (min_protocol, protocol, inventory),
+            Ok(Some(_)) => return reject("the first message must be hello".into()),
+            _ => return,
+        };
     let Some(version) = negotiate(min, max) else {
-        reject(
-            &mut sink,
-            &format!(
-                "agent speaks protocol {min}..{max}, control plane speaks ..{PROTOCOL_VERSION}; upgrade one of them"
-            ),
-        )
-        .await;
-        return;
+        return reject(format!(
+            "agent speaks protocol {min}..{max}, control plane speaks ..{PROTOCOL_VERSION}; upgrade one of them"
+        ));
     };
 
     // 2. Record the inventory (it may have changed since the join).
-    match app.store.get_host(&host_id).await {
+    match app.host(host_id) {
         Ok(mut h) => {
             h.inventory = inventory;
             h.last_heartbeat = Some(Utc::now());
-            if let Err(e) = app.store.update_host(&h).await {
+            if let Err(e) = app.update_host(&h).await {
                 tracing::warn!(error = %e, "recording host inventory");
             }
             app.placement.invalidate();
             tracing::info!(host = %h.name, protocol = version, "agent connected");
         }
-        Err(e) => {
-            reject(&mut sink, &e.to_string()).await;
-            return;
-        }
+        Err(e) => return reject(e.to_string()),
     }
 
-    // 3. Register and start the writer.
-    let (tx, mut rx) = mpsc::unbounded_channel::<ServerMessage>();
-    let conn = app.hub.register(&host_id, tx.clone());
-    app.hub.set_protocol(&host_id, version);
-    let _ = tx.send(ServerMessage::Welcome {
+    // 3. Register.
+    let conn = app.hub.register(host_id, outbox.clone());
+    app.hub.set_protocol(host_id, version);
+    let _ = outbox.send(ServerMessage::Welcome {
         protocol: version,
-        host_id: host_id.clone(),
+        host_id: host_id.to_string(),
         heartbeat_interval_s: app.heartbeat_interval.as_secs().max(1),
     });
+    drop(outbox);
+    if let Err(e) = scheduler::sync_host(app, host_id).await {
+        tracing::warn!(error = %e, "sending desired state");
+    }
+    app.wake.notify_one();
+
+    // 4. Read until the agent goes away or falls silent. Every message
+    //    already received is taken at once, and their VM reports applied as
+    //    one batch (see `handle_batch`).
+    let silence = app.liveness_window() * 2;
+    loop {
+        let first = match tokio::time::timeout(silence, inbox.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(host = %host_id, "agent silent; closing its channel");
+                break;
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match inbox.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        handle_batch(app, host_id, batch).await;
+    }
+
+    if app.hub.unregister(host_id, conn) {
+        if let Ok(mut h) = app.host(host_id) {
+            h.last_heartbeat = Some(Utc::now());
+            let _ = app.update_host(&h).await;
+        }
+        tracing::info!(host = %host_id, "agent disconnected");
+    }
+}
+
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct MuxQuery {
+    /// The mux version the client speaks (this control plane: 1).
+    pub version: u32,
+}
+
+/// Channels one mux connection may carry.
+const MAX_CHANNELS: usize = 100_000;
+
+#[utoipa::path(get, path = "/api/v1/agent/mux", tag = "agent", params(MuxQuery),
+    responses((status = 101, description = "WebSocket upgrade; many hosts on one connection, see `virt8ra_api::mux`"),
+              (status = 400, body = virt8ra_api::ErrorBody), (status = 401, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn mux(
+    State(app): State<App>,
+    _auth: HostAuth,
+    super::Query(q): super::Query<MuxQuery>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    if q.version != MUX_VERSION {
+        return Err(ApiError::Invalid(format!(
+            "mux version {} is not spoken here (this control plane speaks {MUX_VERSION}); \
+             use one connection per host",
+            q.version
+        )));
+    }
+    Ok(ws
+        .max_message_size(16 << 20)
+        .on_upgrade(move |socket| mux_session(app, socket)))
+}
+
+/// The multiplexed transport: demultiplexes channel frames into one
+/// [`host_session`] per attached host, and multiplexes their answers.
+async fn mux_session(app: App, socket: WebSocket) {
+    use std::collections::HashMap;
+    let (mut sink, mut stream) = socket.split();
+    let (down_tx, mut down_rx) = mpsc::unbounded_channel::<MuxDown>();
     let writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
+        while let Some(m) = down_rx.recv().await {
             let Ok(text) = serde_json::to_string(&m) else {
                 continue;
             };
@@ -161,46 +289,173 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
         }
         let _ = sink.close().await;
     });
-    if let Err(e) = scheduler::sync_host(&app, &host_id).await {
-        tracing::warn!(error = %e, "sending desired state");
-    }
-    app.wake.notify_one();
-
-    // 4. Read until the agent goes away or falls silent.
-    let silence = app.liveness_window() * 2;
-    loop {
-        let msg = match tokio::time::timeout(silence, stream.next()).await {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(_))) | Ok(None) => break,
-            Err(_) => {
-                tracing::warn!(host = %host_id, "agent silent; closing its channel");
-                break;
-            }
-        };
+    let mut channels: HashMap<u32, mpsc::Sender<AgentMessage>> = HashMap::new();
+    let mut sessions = tokio::task::JoinSet::new();
+    while let Some(Ok(msg)) = stream.next().await {
         let text = match msg {
             Message::Text(t) => t,
             Message::Close(_) => break,
             _ => continue,
         };
-        let parsed = match serde_json::from_str::<AgentMessage>(&text) {
-            Ok(m) => m,
+        let frame = match serde_json::from_str::<MuxUp>(&text) {
+            Ok(f) => f,
             Err(e) => {
-                tracing::warn!(host = %host_id, error = %e, "ignoring malformed agent message");
+                tracing::warn!(error = %e, "ignoring malformed mux frame");
                 continue;
             }
         };
-        if let Err(e) = handle(&app, &host_id, parsed).await {
-            tracing::warn!(host = %host_id, error = %e, "handling agent message");
+        match frame {
+            MuxUp::Attach { ch, host_token } => {
+                let closed = |reason: String| {
+                    let _ = down_tx.send(MuxDown::Closed { ch, reason });
+                };
+                if channels.get(&ch).is_some_and(|tx| tx.is_closed()) {
+                    channels.remove(&ch);
+                }
+                if channels.contains_key(&ch) {
+                    closed(format!("channel {ch} is already attached"));
+                    continue;
+                }
+                if channels.len() >= MAX_CHANNELS {
+                    closed(format!(
+                        "this connection carries {MAX_CHANNELS} channels already"
+                    ));
+                    continue;
+                }
+                let host_id = match auth::authenticate(&app, &host_token).await {
+                    Ok(rec) if rec.kind == TokenKind::Host => rec.host_id,
+                    Ok(_) => None,
+                    Err(e) => {
+                        closed(e.to_string());
+                        continue;
+                    }
+                };
+                let Some(host_id) = host_id.filter(|h| app.hosts.get(h).is_some()) else {
+                    closed("not a host credential, or the host was deleted".into());
+                    continue;
+                };
+                let (in_tx, in_rx) = mpsc::channel::<AgentMessage>(INBOX);
+                let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ServerMessage>();
+                channels.insert(ch, in_tx);
+                let (app, down) = (app.clone(), down_tx.clone());
+                sessions.spawn(async move {
+                    let forward = {
+                        let down = down.clone();
+                        tokio::spawn(async move {
+                            while let Some(msg) = out_rx.recv().await {
+                                if down.send(MuxDown::Msg { ch, msg }).is_err() {
+                                    break;
+                                }
+                            }
+                        })
+                    };
+                    host_session(&app, &host_id, in_rx, out_tx).await;
+                    // Let queued answers (a rejection) go out before the close.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), forward).await;
+                    let _ = down.send(MuxDown::Closed {
+                        ch,
+                        reason: "session ended".into(),
+                    });
+                });
+            }
+            MuxUp::Msg { ch, msg } => {
+                let gone = match channels.get(&ch) {
+                    Some(tx) => tx.send(*msg).await.is_err(),
+                    None => {
+                        let _ = down_tx.send(MuxDown::Closed {
+                            ch,
+                            reason: format!("channel {ch} is not attached"),
+                        });
+                        false
+                    }
+                };
+                if gone {
+                    channels.remove(&ch);
+                }
+            }
+            MuxUp::Detach { ch } => {
+                channels.remove(&ch);
+            }
+        }
+        while sessions.try_join_next().is_some() {}
+    }
+    // The connection is gone: every channel's session ends.
+    drop(channels);
+    while sessions.join_next().await.is_some() {}
+    drop(down_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+/// Most agent messages taken in one batch.
+const MAX_BATCH: usize = 1024;
+
+/// Handles the messages an agent sent meanwhile. Their VM reports (from
+/// heartbeats and single reports) are reduced to the latest per VM and
+/// applied concurrently, so that the changes they carry share the store's
+/// group commits instead of waiting for one fsync each; a report equal to
+/// the last one seen writes nothing.
+async fn handle_batch(app: &App, host_id: &str, msgs: Vec<AgentMessage>) {
+    use std::collections::HashMap;
+    use virt8ra_api::protocol::{AgentVmPhase, VmReport};
+    let mut reports: Vec<VmReport> = Vec::new();
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut push = |r: VmReport, reports: &mut Vec<VmReport>| match at.get(&r.id) {
+        Some(&i) => reports[i] = r,
+        None => {
+            at.insert(r.id.clone(), reports.len());
+            reports.push(r);
+        }
+    };
+    let mut present: Option<Vec<String>> = None;
+    for msg in msgs {
+        match msg {
+            AgentMessage::Heartbeat {
+                usage,
+                vms,
+                migrations,
+                ..
+            } => {
+                app.hub.heartbeat(host_id, usage);
+                for r in migrations {
+                    handle_migration_report(app, host_id, r).await;
+                }
+                present = Some(
+                    vms.iter()
+                        .filter(|r| r.phase != AgentVmPhase::Deleted)
+                        .map(|r| r.id.clone())
+                        .collect(),
+                );
+                for r in vms {
+                    push(r, &mut reports);
+                }
+            }
+            AgentMessage::VmReport(r) => push(r, &mut reports),
+            other => {
+                if let Err(e) = handle(app, host_id, other).await {
+                    tracing::warn!(host = %host_id, error = %e, "handling agent message");
+                }
+            }
         }
     }
-
-    writer.abort();
-    if app.hub.unregister(&host_id, conn) {
-        if let Ok(mut h) = app.store.get_host(&host_id).await {
-            h.last_heartbeat = Some(Utc::now());
-            let _ = app.store.update_host(&h).await;
+    let deleted = reports.iter().any(|r| r.phase == AgentVmPhase::Deleted);
+    for r in reports.iter().filter(|r| r.phase == AgentVmPhase::Deleted) {
+        app.migrations.note_gone(host_id, &r.id);
+    }
+    use futures_util::StreamExt;
+    futures_util::stream::iter(reports)
+        .for_each_concurrent(256, |r| async move {
+            if let Err(e) = vms::apply_report(app, host_id, &r).await {
+                tracing::warn!(host = %host_id, error = %e, "applying a VM report");
+            }
+        })
+        .await;
+    if let Some(present) = present {
+        app.migrations.note_present(host_id, &present);
+        if let Err(e) = vms::confirm_deletions(app, host_id, &present).await {
+            tracing::warn!(host = %host_id, error = %e, "confirming deletions");
         }
-        tracing::info!(host = %host_id, "agent disconnected");
+    }
+    if deleted {
+        app.wake.notify_one();
     }
 }
 
@@ -271,14 +526,4 @@ async fn handle_migration_report(
             tracing::warn!(export = %r2.migration_id, error = %e, "recording an export");
         }
     }
-}
-
-async fn reject(sink: &mut futures_util::stream::SplitSink<WebSocket, Message>, reason: &str) {
-    let msg = ServerMessage::Reject {
-        reason: reason.to_string(),
-    };
-    if let Ok(t) = serde_json::to_string(&msg) {
-        let _ = sink.send(Message::Text(t.into())).await;
-    }
-    let _ = sink.close().await;
 }

@@ -32,14 +32,14 @@ pub async fn list(
     Query(q): Query<HostQuery>,
 ) -> ApiResult<Json<Page<Host>>> {
     let alloc = app.placement.allocations(&app).await?;
+    // From memory: the host index, the hub and the engine's books.
     let items = app
-        .store
-        .list_hosts()
-        .await?
+        .hosts
+        .all()
         .into_iter()
         .map(|h| {
             let a = alloc.get(&h.name).copied();
-            host_view(&app, h, a.as_ref())
+            host_view(&app, (*h).clone(), a.as_ref())
         })
         .filter(|h| {
             q.site.as_ref().is_none_or(|s| *s == h.site)
@@ -55,7 +55,7 @@ pub async fn list(
 }
 
 async fn load(app: &App, key: &str) -> ApiResult<Host> {
-    let h = app.store.get_host(key).await?;
+    let h = app.host(key)?;
     let a = app.placement.allocations(app).await?.get(&h.name).copied();
     Ok(host_view(app, h, a.as_ref()))
 }
@@ -104,7 +104,7 @@ pub async fn update(
             "nothing to change: give state, cpu_overcommit or memory_overcommit".into(),
         ));
     }
-    let mut h = app.store.get_host(&key).await?;
+    let mut h = app.host(&key)?;
     if let Some(s) = req.state {
         h.state = s;
     }
@@ -114,7 +114,7 @@ pub async fn update(
     if req.memory_overcommit.is_some() {
         h.memory_overcommit = req.memory_overcommit;
     }
-    app.store.update_host(&h).await?;
+    app.update_host(&h).await?;
     app.placement.invalidate();
     app.wake.notify_one();
     Ok(Json(load(&app, &h.id).await?))
@@ -130,8 +130,9 @@ pub async fn delete(
     State(app): State<App>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let h = app.store.get_host(&key).await?;
+    let h = app.host(&key)?;
     app.store.delete_host(&h.id).await?;
+    app.hosts.remove(&h.id);
     app.placement.invalidate();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -127,7 +127,7 @@ async fn evacuate(
         names.push(h.name.clone());
         if h.state == HostState::Ready {
             h.state = HostState::Maintenance;
-            app.store.update_host(&h).await?;
+            app.update_host(&h).await?;
         }
     }
     app.placement.invalidate();

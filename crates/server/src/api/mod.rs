@@ -129,7 +129,8 @@ pub fn router(app: App) -> Router {
         )
         .route("/staging/{id}/status", get(migrations::staged))
         .route("/agent/join", post(agent::join))
-        .route("/agent/connect", get(agent::connect));
+        .route("/agent/connect", get(agent::connect))
+        .route("/agent/mux", get(agent::mux));
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/api/v1", v1)

@@ -53,9 +53,10 @@ pub async fn list(
             "limit {limit} is outside 1..{MAX_PAGE}"
         )));
     }
-    let items = app
-        .store
-        .list_vms(&VmFilter {
+    // From the in-memory index: no database round trip.
+    let items: Vec<Vm> = app
+        .vms
+        .list(&VmFilter {
             host_id: q.host,
             site: q.site,
             provider: q.provider,
@@ -65,7 +66,9 @@ pub async fn list(
             after_id: q.cursor,
             limit: Some(limit),
         })
-        .await?;
+        .into_iter()
+        .map(|v| (*v).clone())
+        .collect();
     let next_cursor = (items.len() == limit)
         .then(|| items.last().map(|v| v.id.clone()))
         .flatten();
@@ -144,7 +147,7 @@ pub async fn show(
     State(app): State<App>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vm>> {
-    Ok(Json(app.store.get_vm(&key).await?))
+    Ok(Json(app.vm(&key)?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/vms/{key}", tag = "vms",
@@ -157,9 +160,9 @@ pub async fn delete(
     State(app): State<App>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
-    let id = app.store.get_vm(&key).await?.id;
+    let id = app.vm(&key)?.id;
     let _g = app.lock_vm(&id).await;
-    let mut vm = app.store.get_vm(&id).await?;
+    let mut vm = app.vm(&id)?;
     if vm.status.phase == VmPhase::Deleted {
         return Err(ApiError::NotFound(format!("VM '{key}' not found")));
     }
@@ -206,9 +209,9 @@ pub async fn action(
             )));
         }
     }
-    let id = app.store.get_vm(&key).await?.id;
+    let id = app.vm(&key)?.id;
     let _g = app.lock_vm(&id).await;
-    let mut vm = app.store.get_vm(&id).await?;
+    let mut vm = app.vm(&id)?;
     if matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted) {
         return Err(ApiError::Conflict(format!(
             "VM '{}' is {}",
@@ -281,7 +284,7 @@ pub async fn console(
             "bytes {max} is outside 1..4194304"
         )));
     }
-    let vm = app.store.get_vm(&key).await?;
+    let vm = app.vm(&key)?;
     let host_id = vm.status.host_id.clone().ok_or_else(|| {
         ApiError::Conflict(format!(
             "VM '{}' has not been placed on a host yet, so it has no console",
@@ -310,7 +313,7 @@ pub async fn events(
     State(app): State<App>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<VmEvent>>> {
-    let vm = app.store.get_vm(&key).await?;
+    let vm = app.vm(&key)?;
     Ok(Json(app.store.vm_events(&vm.id).await?))
 }
 
@@ -349,11 +352,14 @@ pub async fn apply_report(app: &App, host_id: &str, r: &VmReport) -> ApiResult<(
 
 async fn apply_report_inner(app: &App, host_id: &str, r: &VmReport) -> ApiResult<()> {
     let _g = app.lock_vm(&r.id).await;
-    let mut vm = match app.store.get_vm(&r.id).await {
-        Ok(v) => v,
-        Err(StoreError::NotFound { .. }) => return Ok(()),
-        Err(e) => return Err(e.into()),
+    let Some(vm) = app.vms.get(&r.id) else {
+        return Ok(());
     };
+    // Reports name VMs by id; a name equal to some id is no match.
+    if vm.id != r.id {
+        return Ok(());
+    }
+    let mut vm = (*vm).clone();
     if vm.status.host_id.as_deref() != Some(host_id) || vm.status.phase == VmPhase::Deleted {
         return Ok(());
     }
@@ -423,14 +429,11 @@ pub async fn confirm_deletions(app: &App, host_id: &str, present: &[String]) -> 
     // Forget the host first, then read: a deletion noted meanwhile is
     // either seen by this read or noted again after it.
     app.deletions_done(host_id);
-    let deleting = app
-        .store
-        .list_vms(&VmFilter {
-            host_id: Some(host_id.to_string()),
-            phase: Some(VmPhase::Deleting),
-            ..Default::default()
-        })
-        .await?;
+    let deleting = app.vms.list(&VmFilter {
+        host_id: Some(host_id.to_string()),
+        phase: Some(VmPhase::Deleting),
+        ..Default::default()
+    });
     if deleting.iter().any(|vm| present.contains(&vm.id)) {
         // The agent still has some: look again on its next heartbeat.
         app.note_deletion(host_id);
@@ -440,7 +443,7 @@ pub async fn confirm_deletions(app: &App, host_id: &str, present: &[String]) -> 
             continue;
         }
         let _g = app.lock_vm(&vm.id).await;
-        let mut vm = app.store.get_vm(&vm.id).await?;
+        let mut vm = app.vm(&vm.id)?;
         if vm.status.phase != VmPhase::Deleting {
             continue;
         }

@@ -1,0 +1,444 @@
+//! The in-memory VM index that serves reads.
+//!
+//! Every VM the store holds is also here, loaded once at start-up and written
+//! through on every durable write (`AppState::create_vm` / `update_vm`, after
+//! the store has committed and before the caller is answered). `GET` of one
+//! VM, list pages with their filters and cursor, the scheduler's pending and
+//! per-host views and the agents' desired state are all answered from here,
+//! without a database round trip. The store stays the source of truth: after
+//! a restart the index is rebuilt from it.
+//!
+//! Lists are ordered by VM id (the cursor is the last id of the previous
+//! page). Each filterable attribute (host, site, provider, country, phase,
+//! and "not deleted") has its own ordered set of ids; a page walks the
+//! smallest set that applies, from the cursor on, and checks the other
+//! filters on each VM, so a page costs about its size whatever the total.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
+
+use virt8ra_api::{Host, Vm, VmPhase};
+use virt8ra_store::VmFilter;
+
+type Id = Arc<str>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Dim {
+    Host,
+    Site,
+    Provider,
+    Country,
+    Phase,
+    /// Every VM not in phase `deleted` (the default listing).
+    Live,
+}
+
+fn keys(vm: &Vm) -> Vec<(Dim, String)> {
+    let mut out = Vec::with_capacity(6);
+    let s = &vm.status;
+    for (d, v) in [
+        (Dim::Host, &s.host_id),
+        (Dim::Site, &s.site),
+        (Dim::Provider, &s.provider),
+        (Dim::Country, &s.country),
+    ] {
+        if let Some(v) = v {
+            out.push((d, v.clone()));
+        }
+    }
+    out.push((Dim::Phase, s.phase.as_str().to_string()));
+    if s.phase != VmPhase::Deleted {
+        out.push((Dim::Live, String::new()));
+    }
+    out
+}
+
+#[derive(Default)]
+struct Inner {
+    by_id: BTreeMap<Id, Arc<Vm>>,
+    /// Name -> id of the VM that is not deleted (names are unique among them).
+    live_names: HashMap<String, Id>,
+    /// Name -> id of the last deleted VM of that name (history lookups).
+    deleted_names: HashMap<String, Id>,
+    sets: HashMap<(Dim, String), BTreeSet<Id>>,
+}
+
+impl Inner {
+    fn unlink(&mut self, id: &Id, vm: &Vm) {
+        for k in keys(vm) {
+            if let Some(s) = self.sets.get_mut(&k) {
+                s.remove(id);
+                if s.is_empty() {
+                    self.sets.remove(&k);
+                }
+            }
+        }
+        let names = if vm.status.phase == VmPhase::Deleted {
+            &mut self.deleted_names
+        } else {
+            &mut self.live_names
+        };
+        if names.get(&vm.name) == Some(id) {
+            names.remove(&vm.name);
+        }
+    }
+
+    fn link(&mut self, id: &Id, vm: &Vm) {
+        for k in keys(vm) {
+            self.sets.entry(k).or_default().insert(id.clone());
+        }
+        let names = if vm.status.phase == VmPhase::Deleted {
+            &mut self.deleted_names
+        } else {
+            &mut self.live_names
+        };
+        names.insert(vm.name.clone(), id.clone());
+    }
+}
+
+/// The VMs, in memory. Cheap to read concurrently.
+#[derive(Default)]
+pub struct VmIndex {
+    inner: RwLock<Inner>,
+}
+
+impl VmIndex {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // Every update leaves the maps consistent before it can panic (no
+        // user code runs under the lock), so a poisoned lock is still usable.
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Builds the index from every VM (deleted ones included).
+    pub fn load(vms: Vec<Vm>) -> VmIndex {
+        let idx = VmIndex::default();
+        {
+            let mut g = idx.write();
+            for vm in vms {
+                let id: Id = Arc::from(vm.id.as_str());
+                g.link(&id, &vm);
+                g.by_id.insert(id, Arc::new(vm));
+            }
+        }
+        idx
+    }
+
+    /// Records the VM's current (durable) state.
+    pub fn put(&self, vm: &Vm) {
+        let mut g = self.write();
+        let id: Id = match g.by_id.get_key_value(vm.id.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(vm.id.as_str()),
+        };
+        if let Some(old) = g.by_id.get(&id).cloned() {
+            g.unlink(&id, &old);
+        }
+        g.link(&id, vm);
+        g.by_id.insert(id, Arc::new(vm.clone()));
+    }
+
+    /// By id, or by name (a live VM's name wins over a deleted one's).
+    pub fn get(&self, key: &str) -> Option<Arc<Vm>> {
+        let g = self.read();
+        if let Some(v) = g.by_id.get(key) {
+            return Some(v.clone());
+        }
+        let id = g.live_names.get(key).or_else(|| g.deleted_names.get(key))?;
+        g.by_id.get(id).cloned()
+    }
+
+    /// How many VMs are indexed (deleted ones included).
+    pub fn len(&self) -> usize {
+        self.read().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The VMs that match `f`, ordered by id, after `f.after_id`, at most
+    /// `f.limit` of them.
+    pub fn list(&self, f: &VmFilter) -> Vec<Arc<Vm>> {
+        let g = self.read();
+        let mut wanted: Vec<(Dim, String)> = Vec::new();
+        for (d, v) in [
+            (Dim::Host, &f.host_id),
+            (Dim::Site, &f.site),
+            (Dim::Provider, &f.provider),
+            (Dim::Country, &f.country),
+        ] {
+            if let Some(v) = v {
+                wanted.push((d, v.clone()));
+            }
+        }
+        if let Some(p) = f.phase {
+            wanted.push((Dim::Phase, p.as_str().to_string()));
+        }
+        let hide_deleted = !f.include_deleted && f.phase != Some(VmPhase::Deleted);
+        if hide_deleted {
+            wanted.push((Dim::Live, String::new()));
+        }
+        let limit = f.limit.unwrap_or(usize::MAX);
+        let lower = match &f.after_id {
+            Some(a) => Bound::Excluded(a.as_str()),
+            None => Bound::Unbounded,
+        };
+        let matches = |vm: &Vm| {
+            let s = &vm.status;
+            f.host_id
+                .as_ref()
+                .is_none_or(|v| s.host_id.as_ref() == Some(v))
+                && f.site.as_ref().is_none_or(|v| s.site.as_ref() == Some(v))
+                && f.provider
+                    .as_ref()
+                    .is_none_or(|v| s.provider.as_ref() == Some(v))
+                && f.country
+                    .as_ref()
+                    .is_none_or(|v| s.country.as_ref() == Some(v))
+                && f.phase.is_none_or(|p| s.phase == p)
+                && (!hide_deleted || s.phase != VmPhase::Deleted)
+        };
+        let mut out = Vec::new();
+        if limit == 0 {
+            return out;
+        }
+        // The smallest set that applies; an attribute value no VM has means
+        // an empty answer.
+        let mut best: Option<&BTreeSet<Id>> = None;
+        for k in &wanted {
+            match g.sets.get(k) {
+                None => return out,
+                Some(s) => {
+                    if best.is_none_or(|b| s.len() < b.len()) {
+                        best = Some(s);
+                    }
+                }
+            }
+        }
+        match best {
+            Some(set) => {
+                for id in set.range::<str, _>((lower, Bound::Unbounded)) {
+                    if let Some(vm) = g.by_id.get(id) {
+                        if matches(vm) {
+                            out.push(vm.clone());
+                            if out.len() >= limit {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                for (_, vm) in g.by_id.range::<str, _>((lower, Bound::Unbounded)) {
+                    if matches(vm) {
+                        out.push(vm.clone());
+                        if out.len() >= limit {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Ids of the VMs in `phase` (e.g. the scheduler's pending VMs).
+    pub fn ids_in_phase(&self, phase: VmPhase) -> Vec<String> {
+        self.read()
+            .sets
+            .get(&(Dim::Phase, phase.as_str().to_string()))
+            .map(|s| s.iter().map(|i| i.to_string()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The hosts, in memory, by name (the store's list order), written through
+/// on every durable host write. Live fields (connection, heartbeat, usage)
+/// stay in the hub; allocations in the placement engine.
+#[derive(Default)]
+pub struct HostIndex {
+    inner: RwLock<HostsInner>,
+}
+
+#[derive(Default)]
+struct HostsInner {
+    by_name: BTreeMap<String, Arc<Host>>,
+    /// Host id -> name.
+    names: HashMap<String, String>,
+}
+
+impl HostIndex {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HostsInner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HostsInner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn load(hosts: Vec<Host>) -> HostIndex {
+        let idx = HostIndex::default();
+        for h in hosts {
+            idx.put(&h);
+        }
+        idx
+    }
+
+    /// Records the host's current (durable) state.
+    pub fn put(&self, h: &Host) {
+        let mut g = self.write();
+        if let Some(old) = g.names.insert(h.id.clone(), h.name.clone()) {
+            if old != h.name {
+                g.by_name.remove(&old);
+            }
+        }
+        g.by_name.insert(h.name.clone(), Arc::new(h.clone()));
+    }
+
+    pub fn remove(&self, id: &str) {
+        let mut g = self.write();
+        if let Some(name) = g.names.remove(id) {
+            g.by_name.remove(&name);
+        }
+    }
+
+    /// By id or name.
+    pub fn get(&self, key: &str) -> Option<Arc<Host>> {
+        let g = self.read();
+        let name = g.names.get(key).map(String::as_str).unwrap_or(key);
+        g.by_name.get(name).cloned()
+    }
+
+    /// Every host, ordered by name.
+    pub fn all(&self) -> Vec<Arc<Host>> {
+        self.read().by_name.values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use virt8ra_api::{PowerState, VmSpec, VmStatus};
+
+    fn vm(id: &str, name: &str, site: Option<&str>, phase: VmPhase) -> Vm {
+        Vm {
+            id: id.into(),
+            name: name.into(),
+            spec: VmSpec {
+                vcpus: 1,
+                memory_mib: 128,
+                disk_gib: 1,
+                image: "img".into(),
+                placement: Default::default(),
+                user_data: None,
+                ports: vec![],
+            },
+            power: PowerState::Running,
+            reboot_generation: 0,
+            stop_timeout_s: 30,
+            status: VmStatus {
+                phase,
+                host: site.map(|s| format!("{s}-h")),
+                host_id: site.map(|s| format!("{s}-hid")),
+                site: site.map(str::to_string),
+                provider: site.map(|_| "p".to_string()),
+                country: site.map(|_| "DE".to_string()),
+                image_id: None,
+                placement_reason: None,
+                last_error: None,
+                ports: vec![],
+                started_at: None,
+                hypervisor: None,
+                machine: None,
+                migration: None,
+            },
+            labels: Default::default(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    fn ids(v: &[Arc<Vm>]) -> Vec<&str> {
+        v.iter().map(|v| v.id.as_str()).collect()
+    }
+
+    #[test]
+    fn filters_and_cursor_follow_updates() {
+        let idx = VmIndex::load(vec![
+            vm("a", "va", Some("s1"), VmPhase::Running),
+            vm("b", "vb", Some("s2"), VmPhase::Running),
+            vm("c", "vc", None, VmPhase::Pending),
+            vm("d", "vd", Some("s1"), VmPhase::Stopped),
+        ]);
+        let site1 = VmFilter {
+            site: Some("s1".into()),
+            ..Default::default()
+        };
+        assert_eq!(ids(&idx.list(&site1)), ["a", "d"]);
+        let page = VmFilter {
+            limit: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(ids(&idx.list(&page)), ["a", "b"]);
+        let next = VmFilter {
+            limit: Some(2),
+            after_id: Some("b".into()),
+            ..Default::default()
+        };
+        assert_eq!(ids(&idx.list(&next)), ["c", "d"]);
+
+        // c is placed on s1 and runs: it moves between the sets.
+        idx.put(&vm("c", "vc", Some("s1"), VmPhase::Running));
+        assert_eq!(ids(&idx.list(&site1)), ["a", "c", "d"]);
+        let pending = VmFilter {
+            phase: Some(VmPhase::Pending),
+            ..Default::default()
+        };
+        assert!(idx.list(&pending).is_empty());
+        assert!(idx.ids_in_phase(VmPhase::Pending).is_empty());
+        let running_s1 = VmFilter {
+            site: Some("s1".into()),
+            phase: Some(VmPhase::Running),
+            ..Default::default()
+        };
+        assert_eq!(ids(&idx.list(&running_s1)), ["a", "c"]);
+        let unknown = VmFilter {
+            country: Some("FR".into()),
+            ..Default::default()
+        };
+        assert!(idx.list(&unknown).is_empty());
+    }
+
+    #[test]
+    fn deleted_vms_are_hidden_and_free_their_name() {
+        let idx = VmIndex::load(vec![vm("a", "web", Some("s1"), VmPhase::Running)]);
+        assert_eq!(idx.get("web").map(|v| v.id.clone()).as_deref(), Some("a"));
+        idx.put(&vm("a", "web", Some("s1"), VmPhase::Deleted));
+        assert!(idx.list(&VmFilter::default()).is_empty());
+        let all = VmFilter {
+            include_deleted: true,
+            ..Default::default()
+        };
+        assert_eq!(ids(&idx.list(&all)), ["a"]);
+        // The deleted one is still found by name until a new one takes it.
+        assert_eq!(idx.get("web").map(|v| v.id.clone()).as_deref(), Some("a"));
+        idx.put(&vm("b", "web", None, VmPhase::Pending));
+        assert_eq!(idx.get("web").map(|v| v.id.clone()).as_deref(), Some("b"));
+        assert_eq!(idx.get("a").map(|v| v.id.clone()).as_deref(), Some("a"));
+        assert_eq!(idx.len(), 2);
+    }
+}
