@@ -757,11 +757,6 @@ async fn step(
                 .migrations
                 .gone_since(&m.source.host_id, &m.vm_id, since_instant(m))
             {
-                let _ = tokio::fs::remove_file(staging_path(app, &m.id)).await;
-                let _g = app.lock_vm(&m.vm_id).await;
-                let mut vm = load_vm(app, m).await?;
-                vm.status.migration = None;
-                vm.updated_at = Utc::now();
                 let msg = format!(
                     "completed: {} -> {} ({}, {}) in {} ms, downtime {} ms, {} bytes",
                     m.source.host,
@@ -772,9 +767,7 @@ async fn step(
                     m.downtime_ms.unwrap_or(0),
                     m.bytes.unwrap_or(0)
                 );
-                advance(app, m, MigrationPhase::Completed, msg, Some(&vm)).await?;
-                app.migrations.forget_reports(&m.id);
-                app.placement.invalidate();
+                return finish(app, m, MigrationPhase::Completed, msg).await;
             }
         }
         (_, MigrationPhase::RollingBack) => {
@@ -785,22 +778,29 @@ async fn step(
                     .migrations
                     .gone_since(&m.target.host_id, &m.vm_id, since_instant(m))
             {
-                let _ = tokio::fs::remove_file(staging_path(app, &m.id)).await;
-                let _g = app.lock_vm(&m.vm_id).await;
-                let mut vm = load_vm(app, m).await?;
-                vm.status.migration = None;
-                vm.updated_at = Utc::now();
                 let msg = format!(
                     "rolled back: the VM stays on {} ({})",
                     m.source.host, m.source.site
                 );
-                advance(app, m, MigrationPhase::Failed, msg, Some(&vm)).await?;
-                app.migrations.forget_reports(&m.id);
-                app.placement.invalidate();
+                return finish(app, m, MigrationPhase::Failed, msg).await;
             }
         }
         (_, MigrationPhase::Completed | MigrationPhase::Failed) => {}
     }
+    Ok(())
+}
+
+/// Ends a migration (completed or failed): the VM is free again, the staged
+/// disk and the target reservation go.
+async fn finish(app: &App, m: &mut Migration, phase: MigrationPhase, msg: String) -> ApiResult<()> {
+    let _ = tokio::fs::remove_file(staging_path(app, &m.id)).await;
+    let _g = app.lock_vm(&m.vm_id).await;
+    let mut vm = load_vm(app, m).await?;
+    vm.status.migration = None;
+    vm.updated_at = Utc::now();
+    advance(app, m, phase, msg, Some(&vm)).await?;
+    app.migrations.forget_reports(&m.id);
+    app.placement.invalidate();
     Ok(())
 }
 
