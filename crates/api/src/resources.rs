@@ -768,6 +768,12 @@ pub struct Metrics {
     pub uptime_s: f64,
     /// Heartbeat interval agents are told to use, in seconds.
     pub heartbeat_interval_s: u64,
+    /// Live-migration bytes relayed between agents (both directions).
+    #[serde(default)]
+    pub relay_bytes: u64,
+    /// Live-migration connections relayed between agents.
+    #[serde(default)]
+    pub relay_connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
