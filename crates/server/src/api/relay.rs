@@ -137,6 +137,12 @@ pub async fn relay(
                 m.target.host
             )));
         }
+        // Should the upgrade never complete, the entry must not stay behind.
+        let (app2, key2) = (app.clone(), key.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(TARGET_TIMEOUT * 2).await;
+            app2.migrations.relay.pending().remove(&key2);
+        });
         Ok(ws.on_upgrade(move |socket| source_side(app, key, socket, rx)))
     } else if host.host_id == m.target.host_id {
         let tx = app.migrations.relay.pending().remove(&key).ok_or_else(|| {
