@@ -312,6 +312,52 @@ fn relayed_live_migration_keeps_the_guest() {
     assert_eq!(sha_after, sha_before);
     assert_one_copy(&c, &id, "host-de", "host-es");
     c.wait_phase("edge", "running", BOOT);
+
+    // The control plane (the relay) restarts as the transfer begins: the
+    // migration resumes or rolls back, and the guest runs exactly once.
+    let mut c = c;
+    c.kill_server();
+    c.start_server_env(&[("VIRT8RA_FAIL_AT", "migration:transferring")]);
+    c.wait_hosts_ready(2);
+    let _ = c.cli(&[
+        "vm",
+        "migrate",
+        "edge",
+        "--to-host",
+        "host-es",
+        "--mode",
+        "live",
+    ]);
+    wait_until("the control plane to exit", Duration::from_secs(60), || {
+        c.server
+            .as_mut()
+            .and_then(|s| s.child.try_wait().ok().flatten())
+    });
+    c.kill_server();
+    c.start_server();
+    let m = wait_until("the migration to end", Duration::from_secs(180), || {
+        let h = c.ok("GET", "/api/v1/vms/edge/migrations", None);
+        let last = h.as_array().unwrap().last().cloned()?;
+        let done = last["phase"] == "completed" || last["phase"] == "failed";
+        (h.as_array().unwrap().len() == 2 && done).then_some(last)
+    });
+    let (now, other) = if m["phase"] == "completed" {
+        ("host-es", "host-de")
+    } else {
+        ("host-de", "host-es")
+    };
+    assert_eq!(host_of(&c, "edge"), now, "{m}");
+    assert_one_copy(&c, &id, now, other);
+    c.wait_phase("edge", "running", BOOT);
+    let con = wait_until("the guest to report its data", BOOT, || {
+        let con = c.console("edge");
+        (!data_shas(&con).is_empty() && last_count(&con).is_some()).then_some(con)
+    });
+    assert_eq!(data_shas(&con).last().unwrap(), &sha_before);
+    eprintln!(
+        "relayed migration across a control-plane restart: {}",
+        m["phase"]
+    );
 }
 
 #[test]
