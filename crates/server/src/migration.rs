@@ -193,6 +193,12 @@ fn live_incompatibility(app: &App, vm: &Vm, src: &Host, dst: &Host) -> Option<St
     }
     // A target without a migration address (behind NAT) still takes live
     // migrations: their streams are relayed through the control plane.
+    if dst.inventory.migration_address.is_none() && !dst.inventory.migration_relay {
+        return Some(format!(
+            "host {} has no migration address (agent --migration-address) and its agent cannot relay live migrations; upgrade it",
+            dst.name
+        ));
+    }
     if src.inventory.arch != dst.inventory.arch {
         return Some(format!(
             "architectures differ ({} -> {})",
