@@ -34,17 +34,21 @@ pub struct Channel {
     pub mover: Option<Arc<crate::mover::Mover>>,
 }
 
-/// `http://h:p` -> `ws://h:p/api/v1/agent/connect`.
-pub fn ws_url(server: &str) -> anyhow::Result<String> {
+/// `http://h:p/` -> `ws://h:p` (and `https` -> `wss`).
+pub fn ws_base(server: &str) -> anyhow::Result<String> {
     let s = server.trim_end_matches('/');
-    let rest = if let Some(r) = s.strip_prefix("http://") {
-        format!("ws://{r}")
+    if let Some(r) = s.strip_prefix("http://") {
+        Ok(format!("ws://{r}"))
     } else if let Some(r) = s.strip_prefix("https://") {
-        format!("wss://{r}")
+        Ok(format!("wss://{r}"))
     } else {
         bail!("server URL must start with http:// or https://, got {server:?}");
-    };
-    Ok(format!("{rest}/api/v1/agent/connect"))
+    }
+}
+
+/// `http://h:p` -> `ws://h:p/api/v1/agent/connect`.
+pub fn ws_url(server: &str) -> anyhow::Result<String> {
+    Ok(format!("{}/api/v1/agent/connect", ws_base(server)?))
 }
 
 /// A session's transport, as channels of protocol v1 messages: a WebSocket
@@ -262,6 +266,40 @@ impl Channel {
                         truncated,
                         error,
                     });
+                });
+            }
+            ServerMessage::RelayOpen {
+                migration_id,
+                stream,
+                conn_id,
+            } => {
+                let local = self
+                    .mover
+                    .as_ref()
+                    .and_then(|m| m.relay_endpoint(&migration_id, &stream));
+                let Some(local) = local else {
+                    tracing::warn!(migration = %migration_id, stream, "relay for a stream this host does not receive; ignored");
+                    return Ok(());
+                };
+                let (server, token) = (self.server.clone(), self.host_token.clone());
+                tokio::spawn(async move {
+                    let r = crate::relay::serve_target(
+                        &server,
+                        &token,
+                        &migration_id,
+                        &stream,
+                        &conn_id,
+                        &local,
+                    )
+                    .await;
+                    match r {
+                        Ok(()) => {
+                            tracing::debug!(migration = %migration_id, stream, "relay: connection closed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(migration = %migration_id, stream, error = %format!("{e:#}"), "relay: connection failed")
+                        }
+                    }
                 });
             }
             ServerMessage::Reject { reason } => bail!("rejected: {reason}"),

@@ -106,6 +106,7 @@ pub fn collect(
         qemu_version: qemu_version.to_string(),
         machine_types: vec![],
         migration_address: None,
+        migration_relay: true,
         protocol: 0,
         image_service: None,
     }

@@ -29,6 +29,7 @@ pub mod images;
 pub mod inventory;
 pub mod mover;
 pub mod reconciler;
+pub mod relay;
 pub mod simhost;
 
 /// `virt8ra agent`.
@@ -62,7 +63,8 @@ pub struct AgentArgs {
     #[arg(long)]
     pub disk_gib: Option<u64>,
     /// IP address (or name) where other hosts reach this one for incoming
-    /// live migrations. Without it the host takes only cold migrations.
+    /// live migrations. Without it (e.g. behind NAT) incoming live
+    /// migrations are relayed through the control plane.
     #[arg(long, env = "VIRT8RA_MIGRATION_ADDRESS")]
     pub migration_address: Option<String>,
     /// Serve this host's image cache to the other hosts of its site on this

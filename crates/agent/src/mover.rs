@@ -24,7 +24,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use virt8ra_api::protocol::{
-    DesiredVm, MigrationAgentState, MigrationReport, MigrationRole, MigrationSide, StagedDisk,
+    DesiredVm, LiveEndpoints, MigrationAgentState, MigrationReport, MigrationRole, MigrationSide,
+    StagedDisk,
 };
 use virt8ra_api::{MigrationMode, MigrationProgress};
 
@@ -40,8 +41,12 @@ pub struct Mover {
     server: String,
     token: String,
     client: reqwest::Client,
-    /// Where this host's incoming live streams listen; `None`: cold only.
+    /// Where this host's incoming live streams listen; `None`: only
+    /// relayed ones (on loopback) and cold ones.
     listen: Option<String>,
+    /// Relayed incoming migrations: migration id -> (VM id, the loopback
+    /// endpoints of its incoming QEMU and qemu-nbd), for the channel.
+    relay_local: Mutex<HashMap<String, (String, LiveEndpoints)>>,
     staging: PathBuf,
     reports: Mutex<HashMap<String, (MigrationReport, Instant)>>,
     changes: Mutex<Option<mpsc::UnboundedSender<MigrationReport>>>,
@@ -62,6 +67,7 @@ impl Mover {
             token: token.to_string(),
             client: reqwest::Client::new(),
             listen,
+            relay_local: Mutex::new(HashMap::new()),
             staging,
             reports: Mutex::new(HashMap::new()),
             changes: Mutex::new(None),
@@ -106,6 +112,18 @@ impl Mover {
         }
     }
 
+    /// Target: the local endpoint of `stream` of relayed migration
+    /// `migration_id`, if this host receives it.
+    pub fn relay_endpoint(&self, migration_id: &str, stream: &str) -> Option<String> {
+        let m = self.relay_local.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, ep) = m.get(migration_id)?;
+        match stream {
+            "migrate" => Some(ep.migrate.clone()),
+            "nbd" => Some(ep.nbd.clone()),
+            _ => None,
+        }
+    }
+
     /// Forgets the jobs and reports of VM `vm_id` (its role was removed).
     /// Returns whether a job was still running (and was stopped).
     pub fn clear_vm(&self, vm_id: &str) -> bool {
@@ -121,6 +139,10 @@ impl Mover {
             }
             ids
         };
+        self.relay_local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (vm, _)| vm != vm_id);
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let mut stopped = false;
         for id in ids {
@@ -209,12 +231,24 @@ impl Mover {
             MigrationRole::Incoming {
                 migration_id,
                 mode: MigrationMode::Live,
+                relay,
                 ..
             } => {
-                let Some(listen) = &self.listen else {
-                    bail!("this host has no --migration-address, so it cannot receive live migrations");
+                // Relayed: only this agent connects to the streams, on loopback.
+                let listen = match (&self.listen, relay) {
+                    (_, true) => "127.0.0.1",
+                    (Some(l), false) => l.as_str(),
+                    (None, false) => bail!(
+                        "this host has no --migration-address, so it takes live migrations only relayed through the control plane"
+                    ),
                 };
                 let endpoints = q.start_incoming(&cfg, migration_id, listen).await?;
+                if *relay {
+                    self.relay_local
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(migration_id.clone(), (d.id.clone(), endpoints.clone()));
+                }
                 self.report(MigrationReport {
                     state: MigrationAgentState::Ready,
                     endpoints: Some(endpoints),
@@ -232,6 +266,7 @@ impl Mover {
                 migration_id,
                 mode: MigrationMode::Cold,
                 disk,
+                ..
             } => {
                 let Some(disk) = disk else {
                     bail!("cold migration without a staged disk");
@@ -266,6 +301,7 @@ impl Mover {
                 migration_id,
                 mode: MigrationMode::Live,
                 target,
+                relay,
                 ..
             } => {
                 let Some(target) = target else {
@@ -273,6 +309,23 @@ impl Mover {
                 };
                 mark_outgoing(q, &d.id)?;
                 fail_point("agent-send")?;
+                // Relayed: QEMU sends to loopback listeners that carry each
+                // connection through the control plane; they stop when the
+                // job ends.
+                let relayed = if *relay {
+                    Some(
+                        crate::relay::SourceRelay::start(
+                            &self.server,
+                            &self.token,
+                            migration_id,
+                            target,
+                        )
+                        .await?,
+                    )
+                } else {
+                    None
+                };
+                let target = relayed.as_ref().map_or(target, |r| &r.local);
                 let rep2 = rep.clone();
                 let outcome = q
                     .send_live(&d.id, migration_id, target, &|p| {

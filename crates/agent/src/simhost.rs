@@ -57,6 +57,7 @@ pub async fn start(
         qemu_version: "simulated".into(),
         machine_types: vec![],
         migration_address: None,
+        migration_relay: false,
         protocol: 0,
         image_service: None,
     };

@@ -190,6 +190,10 @@ pub struct Migration {
     /// The source host began sending (so a rollback must resume it there).
     #[serde(default)]
     pub source_engaged: bool,
+    /// Live: the streams are relayed through the control plane (the target
+    /// has no migration address, e.g. it is behind NAT).
+    #[serde(default)]
+    pub relay: bool,
     /// Cold: the disk staged on the control plane, as uploaded and verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_sha256: Option<String>,

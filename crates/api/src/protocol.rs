@@ -99,6 +99,25 @@ pub enum ServerMessage {
         /// Return at most this many bytes from the end of the log.
         max_bytes: u64,
     },
+    /// Target of a relayed live migration: the source opened a connection
+    /// for `stream` (see [`RELAY_STREAMS`]); dial
+    /// `GET /api/v1/relay/{migration_id}/{stream}/{conn_id}` (WebSocket, host
+    /// token) and pipe it to the local endpoint of that stream. Older agents
+    /// ignore it (and never take a relayed migration: they refuse a live
+    /// incoming role without a migration address).
+    RelayOpen {
+        migration_id: String,
+        stream: String,
+        conn_id: String,
+    },
+}
+
+/// The streams of a live migration that may be relayed: QEMU's migration
+/// stream and the disk mirror's NBD connection.
+pub const RELAY_STREAMS: [&str; 2] = ["migrate", "nbd"];
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A VM as the control plane wants it on this host.
@@ -142,6 +161,10 @@ pub enum MigrationRole {
         /// Cold: the disk staged on the control plane.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         disk: Option<StagedDisk>,
+        /// Live: the streams are relayed through the control plane, so
+        /// listen on loopback only (the host has no migration address).
+        #[serde(default, skip_serializing_if = "is_false")]
+        relay: bool,
     },
     /// Source: send the VM. Live: to the target's endpoints; cold: power it
     /// down and upload its disk to `upload_path`.
@@ -152,6 +175,10 @@ pub enum MigrationRole {
         target: Option<LiveEndpoints>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         upload_path: Option<String>,
+        /// Live: `target` is the target's loopback; relay each stream through
+        /// the control plane (`/api/v1/relay/...`) instead of dialling it.
+        #[serde(default, skip_serializing_if = "is_false")]
+        relay: bool,
     },
     /// Upload a standalone copy (no backing image) of the stopped VM's disk.
     Export {
@@ -294,6 +321,22 @@ mod tests {
         let raw = r#"{"type":"reject","reason":"x","added_in_v2":true}"#;
         let m: ServerMessage = serde_json::from_str(raw).expect("parse");
         assert_eq!(m, ServerMessage::Reject { reason: "x".into() });
+    }
+
+    #[test]
+    fn relay_fields_are_optional_and_relay_open_is_tagged() {
+        let raw = r#"{"role":"outgoing","migration_id":"m","mode":"live"}"#;
+        let r: MigrationRole = serde_json::from_str(raw).expect("parse");
+        assert!(matches!(r, MigrationRole::Outgoing { relay: false, .. }));
+        let v = serde_json::to_value(&r).expect("json");
+        assert!(v.get("relay").is_none(), "{v}");
+        let m = ServerMessage::RelayOpen {
+            migration_id: "m".into(),
+            stream: "nbd".into(),
+            conn_id: "c".into(),
+        };
+        let v = serde_json::to_value(&m).expect("json");
+        assert_eq!(v["type"], "relay_open");
     }
 
     #[test]

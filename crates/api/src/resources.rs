@@ -194,9 +194,14 @@ pub struct HostInventory {
     #[serde(default)]
     pub machine_types: Vec<String>,
     /// Address where peers reach this host's incoming live-migration
-    /// streams; none means the host takes only cold migrations.
+    /// streams; none means they are relayed through the control plane (if
+    /// the agent can, `migration_relay`) or the host takes only cold ones.
     #[serde(default)]
     pub migration_address: Option<String>,
+    /// The agent can take live migrations relayed through the control plane
+    /// (agents from before the relay leave it out: false).
+    #[serde(default)]
+    pub migration_relay: bool,
     /// Agent protocol version spoken on the current connection.
     #[serde(default)]
     pub protocol: u32,
@@ -768,6 +773,12 @@ pub struct Metrics {
     pub uptime_s: f64,
     /// Heartbeat interval agents are told to use, in seconds.
     pub heartbeat_interval_s: u64,
+    /// Live-migration bytes relayed between agents (both directions).
+    #[serde(default)]
+    pub relay_bytes: u64,
+    /// Live-migration connections relayed between agents.
+    #[serde(default)]
+    pub relay_connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

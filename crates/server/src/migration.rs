@@ -61,6 +61,8 @@ pub struct Migrations {
     gone: Mutex<HashMap<(String, String), Instant>>,
     exports: Mutex<HashMap<String, VmExport>>,
     wake: Notify,
+    /// Live streams relayed between agents (`api::relay`).
+    pub relay: crate::api::relay::Relays,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -189,9 +191,11 @@ fn live_incompatibility(app: &App, vm: &Vm, src: &Host, dst: &Host) -> Option<St
             vm.status.phase.as_str()
         ));
     }
-    if dst.inventory.migration_address.is_none() {
+    // A target without a migration address (behind NAT) still takes live
+    // migrations: their streams are relayed through the control plane.
+    if dst.inventory.migration_address.is_none() && !dst.inventory.migration_relay {
         return Some(format!(
-            "host {} has no migration address (agent --migration-address), so it takes cold migrations only",
+            "host {} has no migration address (agent --migration-address) and its agent cannot relay live migrations; upgrade it",
             dst.name
         ));
     }
@@ -427,8 +431,13 @@ pub async fn start(
         return Err(e);
     }
     let why_not_live = live_incompatibility(app, &vm, &src, &dst);
+    let relay_live = dst.inventory.migration_address.is_none();
     let (mode, mode_reason) = match (req.mode, why_not_live) {
         (RequestedMode::Cold, _) => (MigrationMode::Cold, "cold, as asked".to_string()),
+        (RequestedMode::Live | RequestedMode::Auto, None) if relay_live => (
+            MigrationMode::Live,
+            "live, relayed through the control plane (target has no migration address)".to_string(),
+        ),
         (RequestedMode::Live, None) => (MigrationMode::Live, "live, as asked".to_string()),
         (RequestedMode::Live, Some(why)) => {
             release();
@@ -480,6 +489,7 @@ pub async fn start(
         }],
         was_running: vm.status.phase == VmPhase::Running,
         source_engaged: mode == MigrationMode::Cold,
+        relay: mode == MigrationMode::Live && relay_live,
         disk_sha256: None,
         disk_bytes: None,
         created_at: now,
@@ -645,8 +655,13 @@ async fn step(
             }
             if let Some(ep) = dst.as_ref().and_then(|r| r.endpoints.clone()) {
                 m.source_engaged = true;
+                let via = if m.relay {
+                    ", relayed through the control plane"
+                } else {
+                    ""
+                };
                 let msg = format!(
-                    "target {} ready (migration stream {}, disk {}); sending disk and memory",
+                    "target {} ready (migration stream {}, disk {}{via}); sending disk and memory",
                     m.target.host, ep.migrate, ep.nbd
                 );
                 return advance(app, m, MigrationPhase::Transferring, msg, None).await;
@@ -877,6 +892,7 @@ pub async fn apply_roles(
                         mode: m.mode,
                         target: None,
                         upload_path: Some(format!("/api/v1/staging/{}", m.id)),
+                        relay: false,
                     })
                 }
                 // Sent only once the target's endpoints are known (after a
@@ -890,6 +906,7 @@ pub async fn apply_roles(
                         mode: m.mode,
                         target: Some(ep),
                         upload_path: None,
+                        relay: m.relay,
                     }),
                 // Held (not resumed) until the target copy is gone.
                 MigrationPhase::RollingBack if m.source_engaged => Some(MigrationRole::Outgoing {
@@ -897,6 +914,7 @@ pub async fn apply_roles(
                     mode: m.mode,
                     target: None,
                     upload_path: None,
+                    relay: m.relay,
                 }),
                 _ => None,
             };
@@ -927,6 +945,7 @@ pub async fn apply_roles(
                         }),
                         _ => None,
                     },
+                    relay: m.relay,
                 });
                 out.push(d);
             }

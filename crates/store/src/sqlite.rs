@@ -1226,6 +1226,7 @@ mod tests {
                 qemu_version: String::new(),
                 machine_types: vec![],
                 migration_address: None,
+                migration_relay: false,
                 protocol: 0,
                 image_service: None,
             },

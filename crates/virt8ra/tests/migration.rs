@@ -39,11 +39,16 @@ done
 /// Two providers in two countries, an agent at each that takes live
 /// migrations on loopback, the test image imported.
 fn cluster() -> Cluster {
+    cluster_with(&["--migration-address", "127.0.0.1"])
+}
+
+/// The same with the agents started with `agent_args`.
+fn cluster_with(agent_args: &[&str]) -> Cluster {
     let image = common::test_image();
     let mut c = Cluster::start();
     c.create_topology();
     for (name, site) in [("host-es", "es-logrono"), ("host-de", "de-frankfurt")] {
-        c.start_agent_with(name, Some(site), &["--migration-address", "127.0.0.1"]);
+        c.start_agent_with(name, Some(site), agent_args);
     }
     c.wait_hosts_ready(2);
     c.cli_ok(&["image", "import", image.to_str().unwrap(), "--name", "test"]);
@@ -241,6 +246,118 @@ fn live_migration_between_providers_keeps_the_guest_and_its_disk() {
     let h = c.ok("GET", "/api/v1/hosts/host-de", None);
     assert_eq!(h["state"], "maintenance");
     assert_one_copy(&c, &id, "host-es", "host-de");
+}
+
+/// Agents without a migration address (as behind NAT): the live streams
+/// are relayed through the control plane, and the guest moves without a
+/// reboot and with its disk.
+#[test]
+fn relayed_live_migration_keeps_the_guest() {
+    let c = cluster_with(&[]);
+    create_vm(&c, "edge", &["ES", "DE"], "host-es");
+    c.wait_phase("edge", "running", BOOT);
+    let id = c.vm("edge")["id"].as_str().unwrap().to_string();
+    let sha_before = wait_data(&c, "edge");
+
+    let count_before = last_count(&c.console("edge")).expect("the counter runs");
+    let m = migrate_json(
+        &c,
+        &[
+            "vm",
+            "migrate",
+            "edge",
+            "--to-host",
+            "host-de",
+            "--mode",
+            "live",
+            "--wait",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(m["mode"], "live");
+    assert_eq!(m["relay"], true, "{m}");
+    let reason = m["mode_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("relayed through the control plane"),
+        "{reason}"
+    );
+    assert!(m["bytes"].as_u64().unwrap() > 1 << 20, "{m}");
+    assert_eq!(host_of(&c, "edge"), "host-de");
+    let metrics = c.ok("GET", "/api/v1/metrics", None);
+    assert!(
+        metrics["relay_bytes"].as_u64().unwrap() > 1 << 20,
+        "{metrics}"
+    );
+    assert!(metrics["relay_connections"].as_u64().unwrap() >= 2);
+
+    // The guest kept running: no boot, the counter goes on.
+    let after = wait_until("the counter to go on at the target", BOOT, || {
+        let con = c.console("edge");
+        (last_count(&con).unwrap_or(0) > count_before + 20).then_some(con)
+    });
+    assert!(
+        !after.contains("VIRT8RA-GUEST-BOOTED"),
+        "the guest rebooted: {after}"
+    );
+    let first = first_count(&after).unwrap();
+    assert!(
+        first > count_before && first < count_before + 100,
+        "the counter jumped from {count_before} to {first}"
+    );
+    let sha_after = wait_until("a data checksum at the target", BOOT, || {
+        data_shas(&c.console("edge")).last().cloned()
+    });
+    assert_eq!(sha_after, sha_before);
+    assert_one_copy(&c, &id, "host-de", "host-es");
+    c.wait_phase("edge", "running", BOOT);
+
+    // The control plane (the relay) restarts as the transfer begins: the
+    // migration resumes or rolls back, and the guest runs exactly once.
+    let mut c = c;
+    c.kill_server();
+    c.start_server_env(&[("VIRT8RA_FAIL_AT", "migration:transferring")]);
+    c.wait_hosts_ready(2);
+    let _ = c.cli(&[
+        "vm",
+        "migrate",
+        "edge",
+        "--to-host",
+        "host-es",
+        "--mode",
+        "live",
+    ]);
+    wait_until("the control plane to exit", Duration::from_secs(60), || {
+        c.server
+            .as_mut()
+            .and_then(|s| s.child.try_wait().ok().flatten())
+    });
+    c.kill_server();
+    c.start_server();
+    let m = wait_until("the migration to end", Duration::from_secs(180), || {
+        let h = c.ok("GET", "/api/v1/vms/edge/migrations", None);
+        let last = h.as_array().unwrap().last().cloned()?;
+        let done = last["phase"] == "completed" || last["phase"] == "failed";
+        (h.as_array().unwrap().len() == 2 && done).then_some(last)
+    });
+    let (now, other) = if m["phase"] == "completed" {
+        ("host-es", "host-de")
+    } else {
+        ("host-de", "host-es")
+    };
+    assert_eq!(host_of(&c, "edge"), now, "{m}");
+    assert_one_copy(&c, &id, now, other);
+    c.wait_phase("edge", "running", BOOT);
+    let con = wait_until("the guest to report its data", BOOT, || {
+        let con = c.console("edge");
+        (!data_shas(&con).is_empty() && last_count(&con).is_some()).then_some(con)
+    });
+    assert_eq!(data_shas(&con).last().unwrap(), &sha_before);
+    eprintln!(
+        "relayed migration across a control-plane restart: {}",
+        m["phase"]
+    );
 }
 
 #[test]

@@ -21,6 +21,7 @@ pub mod images;
 pub mod migrations;
 pub mod openapi;
 pub mod providers;
+pub mod relay;
 pub mod sites;
 pub mod vms;
 pub mod watch;
@@ -130,7 +131,11 @@ pub fn router(app: App) -> Router {
         .route("/staging/{id}/status", get(migrations::staged))
         .route("/agent/join", post(agent::join))
         .route("/agent/connect", get(agent::connect))
-        .route("/agent/mux", get(agent::mux));
+        .route("/agent/mux", get(agent::mux))
+        .route(
+            "/relay/{migration_id}/{stream}/{conn_id}",
+            get(relay::relay),
+        );
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/api/v1", v1)
@@ -159,6 +164,8 @@ pub async fn metrics(
         heartbeats_received: app.hub.heartbeats(),
         uptime_s: app.started.elapsed().as_secs_f64(),
         heartbeat_interval_s: app.heartbeat_interval.as_secs(),
+        relay_bytes: app.migrations.relay.bytes(),
+        relay_connections: app.migrations.relay.connections(),
     })
 }
 

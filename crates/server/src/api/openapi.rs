@@ -7,7 +7,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agent, apps, catalog, hosts, images, migrations, providers, sites, vms, watch};
+use super::{agent, apps, catalog, hosts, images, migrations, providers, relay, sites, vms, watch};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -32,7 +32,7 @@ use super::{agent, apps, catalog, hosts, images, migrations, providers, sites, v
         migrations::evacuate_host, migrations::evacuate_site, migrations::evacuate_provider,
         migrations::export, migrations::show_export, migrations::delete_export,
         migrations::download, migrations::upload, migrations::staged,
-        agent::join, agent::connect, agent::mux,
+        agent::join, agent::connect, agent::mux, relay::relay,
     ),
     modifiers(&Bearer),
     tags(
