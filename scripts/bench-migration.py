@@ -4,7 +4,7 @@ disk (of which the guest has written 256 MiB) moved between two agents of
 different providers (Spain, Germany) on this machine: live migration
 downtime (median, p99), total time and bytes moved; cold migration time.
 
-Usage: scripts/bench-migration.py [--live N] [--cold N]   (after `cargo build --release`)
+Usage: scripts/bench-migration.py [--live N] [--cold N] [--relay]   (after `cargo build --release`)
 Prints one JSON object; BENCHMARKS.md records the figures with the machine and
 the date. Medians, since these machines are noisy.
 """
@@ -73,6 +73,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--live", type=int, default=20)
     ap.add_argument("--cold", type=int, default=3)
+    ap.add_argument("--relay", action="store_true",
+                    help="agents without --migration-address: live streams relayed through the control plane")
     a = ap.parse_args()
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release")
@@ -100,8 +102,8 @@ def main():
             name = "host-" + cc.lower()
             procs.append(subprocess.Popen(
                 [BIN, "agent", "--server", url, "--join-token", tok, "--name", name,
-                 "--data-dir", f"{d}/{name}", "--migration-address", "127.0.0.1",
-                 "--vcpus", "4", "--memory-mib", "4096", "--disk-gib", "40"],
+                 "--data-dir", f"{d}/{name}", "--vcpus", "4", "--memory-mib", "4096",
+                 "--disk-gib", "40"] + ([] if a.relay else ["--migration-address", "127.0.0.1"]),
                 stdout=log, stderr=log))
         wait("hosts", lambda: len([h for h in api.call("GET", "/hosts")["items"]
                                    if h["state"] == "ready"]) == 2)
@@ -130,6 +132,7 @@ def main():
         dt = [m["downtime_ms"] for m in live]
         r = {
             "guest": {"memory_mib": 256, "disk_gib": 1, "disk_written_mib": 256},
+            "relayed": a.relay,
             "live_runs": len(live),
             "live_downtime_ms_median": statistics.median(dt),
             "live_downtime_ms_p99": pct(dt, 99),

@@ -236,6 +236,8 @@ impl QemuDriver {
     pub async fn await_incoming(&self, id: &str, migration_id: &str) -> Result<u64> {
         loop {
             match self.incoming_state(id, migration_id).await {
+                // Polled often (part of the downtime), not so often that the
+                // monitor slows the incoming stream down.
                 IncomingState::Waiting => tokio::time::sleep(Duration::from_millis(5)).await,
                 IncomingState::Received => return self.finish_incoming(id).await,
                 IncomingState::Running => {
@@ -368,7 +370,9 @@ impl QemuDriver {
             self.qmp(
                 id,
                 "migrate-set-parameters",
-                Some(json!({"downtime-limit": 50, "max-bandwidth": 10u64 << 30})),
+                // QEMU switches over once it expects to copy the rest
+                // within this many ms (its default is 300).
+                Some(json!({"downtime-limit": 30, "max-bandwidth": 10u64 << 30})),
             )
             .await?;
             self.qmp(
