@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,8 +114,12 @@ def main():
         api.call("POST", "/vms", {"name": "bench", "image": "test", "memory_mib": 256,
                                   "disk_gib": 1, "user_data": USER_DATA,
                                   "placement": {"countries": ["ES", "DE"]}})
-        wait("guest", lambda: "BENCH-DISK-WRITTEN" in
-             (api.call("GET", "/vms/bench/console") or {}).get("data", ""), 300, 1)
+        def console():
+            try:
+                return (api.call("GET", "/vms/bench/console") or {}).get("data", "")
+            except urllib.error.HTTPError:
+                return ""  # not placed or not connected yet
+        wait("guest", lambda: "BENCH-DISK-WRITTEN" in console(), 300, 1)
 
         def migrate(mode):
             vm = api.call("GET", "/vms/bench")
