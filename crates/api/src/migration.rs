@@ -239,3 +239,53 @@ pub struct VmExport {
     pub url_path: String,
     pub created_at: DateTime<Utc>,
 }
+
+/// What a rebalance aims at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RebalanceGoal {
+    /// Move VMs off hosts whose memory use exceeds the mean by more than
+    /// `tolerance` (a fraction of capacity).
+    EvenLoad,
+    /// Move VMs to sites whose grid carbon per kWh is at least `min_gain`
+    /// (a fraction) lower.
+    LowerCarbon,
+}
+
+/// `POST /api/v1/rebalance`: plan moves that keep every VM's rules, and
+/// optionally carry them out as migrations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RebalanceRequest {
+    pub goal: RebalanceGoal,
+    /// For `even_load` (default 0.1).
+    #[serde(default)]
+    pub tolerance: Option<f64>,
+    /// For `lower_carbon` (default 0.2).
+    #[serde(default)]
+    pub min_gain: Option<f64>,
+    /// Start the moves as migrations (default: only plan).
+    #[serde(default)]
+    pub execute: bool,
+    #[serde(default)]
+    pub mode: RequestedMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RebalanceMove {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Rebalance {
+    pub moves: Vec<RebalanceMove>,
+    /// VM -> why the goal wanted it moved but it has nowhere to go.
+    pub stuck: std::collections::BTreeMap<String, String>,
+    /// The migrations started (with `execute`).
+    pub migrations: Vec<Migration>,
+    /// VM -> why its move could not start (with `execute`).
+    pub refused: std::collections::BTreeMap<String, String>,
+}

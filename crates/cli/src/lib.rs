@@ -60,6 +60,26 @@ pub enum Command {
     /// Migrations of VMs between hosts, sites, providers and countries.
     #[command(subcommand)]
     Migration(MigrationCmd),
+    /// Plan moves toward a goal that keep every VM's rules; --execute migrates.
+    Rebalance {
+        /// even-load or lower-carbon.
+        #[arg(long)]
+        goal: String,
+        /// even-load: how far above the mean memory use a host may be (0..1).
+        #[arg(long)]
+        tolerance: Option<f64>,
+        /// lower-carbon: the least relative gain worth a move (0..1).
+        #[arg(long)]
+        min_gain: Option<f64>,
+        /// Carry the moves out as migrations.
+        #[arg(long)]
+        execute: bool,
+        /// live, cold, or auto.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
     /// Bring providers, sites, images and VMs to the state a YAML file declares.
     Apply(apply::ApplyArgs),
     /// Apps: one appliance deployed at several locations, managed as one unit.
@@ -490,6 +510,28 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::Image(i) => image(&c, o, i).await,
         Command::Vm(v) => vm(&c, o, v).await,
         Command::Migration(m) => migration(&c, o, m).await,
+        Command::Rebalance {
+            goal,
+            tolerance,
+            min_gain,
+            execute,
+            mode,
+            wait,
+        } => {
+            let goal = match goal.as_str() {
+                "even-load" | "even_load" => RebalanceGoal::EvenLoad,
+                "lower-carbon" | "lower_carbon" => RebalanceGoal::LowerCarbon,
+                other => bail!("unknown --goal {other:?}: use even-load or lower-carbon"),
+            };
+            let req = RebalanceRequest {
+                goal,
+                tolerance,
+                min_gain,
+                execute,
+                mode: migrate::parse_mode(&mode)?,
+            };
+            migrate::rebalance(&c, o, &req, wait.timeout()).await
+        }
         Command::Apply(a) => apply::run(&c, o, a).await,
         Command::App(a) => app::app(&c, o, a).await,
         Command::Appliance(a) => app::appliance(&c, o, a).await,

@@ -270,6 +270,57 @@ pub async fn evacuate(
     Ok(())
 }
 
+pub async fn rebalance(
+    c: &Client,
+    o: Format,
+    req: &RebalanceRequest,
+    wait: Option<Duration>,
+) -> anyhow::Result<()> {
+    let mut r: Rebalance = c.post("/rebalance", req).await?;
+    if let Some(timeout) = wait {
+        let mut done = Vec::new();
+        for m in &r.migrations {
+            done.push(wait_migration(c, &m.id, timeout, o).await?);
+        }
+        r.migrations = done;
+    }
+    emit(o, &r, |r| {
+        if r.moves.is_empty() {
+            println!("nothing to move");
+        } else {
+            table(
+                &["vm", "from", "to", "why"],
+                r.moves
+                    .iter()
+                    .map(|m| vec![m.vm.clone(), m.from.clone(), m.to.clone(), m.reason.clone()])
+                    .collect(),
+            );
+        }
+        for (vm, why) in &r.stuck {
+            println!("{vm}: stays: {why}");
+        }
+        if !r.migrations.is_empty() {
+            println!();
+            let _ = list_migrations(Format::Table, &r.migrations);
+        }
+        for (vm, why) in &r.refused {
+            println!("{vm}: not moved: {why}");
+        }
+    })?;
+    let failed = r
+        .migrations
+        .iter()
+        .filter(|m| m.phase == MigrationPhase::Failed)
+        .count();
+    if !r.refused.is_empty() || failed > 0 {
+        bail!(
+            "{} move(s) could not start and {failed} migration(s) failed",
+            r.refused.len()
+        );
+    }
+    Ok(())
+}
+
 /// `manifest.json` of an export bundle.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

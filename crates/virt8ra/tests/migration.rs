@@ -246,6 +246,33 @@ fn live_migration_between_providers_keeps_the_guest_and_its_disk() {
     let h = c.ok("GET", "/api/v1/hosts/host-de", None);
     assert_eq!(h["state"], "maintenance");
     assert_one_copy(&c, &id, "host-es", "host-de");
+
+    // A second VM lands on the Spanish host too; with the German host back,
+    // the rebalance planner evens the load out, first as a plan, then for real.
+    create_vm(&c, "second", &["ES", "DE"], "host-es");
+    c.wait_phase("second", "running", BOOT);
+    let args = ["rebalance", "--goal", "even-load", "--tolerance", "0.05"];
+    let plan: Value =
+        serde_json::from_str(&c.cli_ok(&[&args[..], &["-o", "json"]].concat())).unwrap();
+    let moves = plan["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 1, "{plan}");
+    assert_eq!(moves[0]["to"], "host-de");
+    assert!(plan["migrations"].as_array().unwrap().is_empty());
+    let done = migrate_json(
+        &c,
+        &[&args[..], &["--execute", "--wait", "-o", "json"]].concat(),
+    );
+    let ms = done["migrations"].as_array().unwrap();
+    assert_eq!(ms.len(), 1, "{done}");
+    assert_eq!(ms[0]["phase"], "completed", "{done}");
+    let hosts: Vec<String> = ["counter", "second"]
+        .iter()
+        .map(|v| host_of(&c, v))
+        .collect();
+    assert!(
+        hosts.contains(&"host-es".to_string()) && hosts.contains(&"host-de".to_string()),
+        "{hosts:?}"
+    );
 }
 
 /// Agents without a migration address (as behind NAT): the live streams
@@ -517,6 +544,8 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
         Agent(&'static str),
         /// The source's step fails (it does not die): a rollback.
         SourceError(&'static str),
+        /// The source agent dies during a cold migration, then comes back.
+        SourceDiesCold(&'static str),
     }
     let cases = [
         Kill::Server("migration:preparing_target"),
@@ -525,6 +554,7 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
         Kill::Server("migration:cleaning_up"),
         Kill::Agent("agent-job-start"),
         Kill::SourceError("error:agent-send"),
+        Kill::SourceDiesCold("agent-upload-chunk"),
     ];
     for (i, case) in cases.iter().enumerate() {
         let from = host_of(&c, "phoenix");
@@ -582,6 +612,33 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                     p.child.try_wait().ok().flatten()
                 });
                 c.start_agent_with(to, None, &["--migration-address", "127.0.0.1"]);
+            }
+            Kill::SourceDiesCold(point) => {
+                c.kill_agent(&from);
+                c.start_agent_env(
+                    &from,
+                    None,
+                    &["--migration-address", "127.0.0.1"],
+                    &[("VIRT8RA_AGENT_FAIL_AT", point)],
+                );
+                c.wait_hosts_ready(2);
+                c.cli_ok(&[
+                    "vm",
+                    "migrate",
+                    "phoenix",
+                    "--to-host",
+                    to,
+                    "--mode",
+                    "cold",
+                ]);
+                wait_until("the source agent to exit", Duration::from_secs(120), || {
+                    let (_, Some(p)) = c.agents.iter_mut().find(|(n, _)| *n == from).unwrap()
+                    else {
+                        return None;
+                    };
+                    p.child.try_wait().ok().flatten()
+                });
+                c.start_agent_with(&from, None, &["--migration-address", "127.0.0.1"]);
             }
             Kill::SourceError(point) => {
                 c.kill_agent(&from);

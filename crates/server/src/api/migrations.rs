@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use virt8ra_api::{
     EvacuateRequest, Evacuation, HostState, Migration, MigrationCreate, MigrationPhase, Page,
-    VmExport, VmPhase,
+    Rebalance, RebalanceGoal, RebalanceMove, RebalanceRequest, VmExport, VmPhase,
 };
 use virt8ra_store::VmFilter;
 
@@ -469,4 +469,69 @@ pub async fn download(
         h.insert(header::CONTENT_RANGE, r);
     }
     Ok(resp)
+}
+
+#[utoipa::path(post, path = "/api/v1/rebalance", tag = "migrations", request_body = RebalanceRequest,
+    responses((status = 200, body = Rebalance, description = "The planned moves (every VM's rules kept), and the migrations started when `execute`"),
+              (status = 400, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn rebalance(
+    _: Admin,
+    State(app): State<App>,
+    Body(req): Body<RebalanceRequest>,
+) -> ApiResult<Json<Rebalance>> {
+    use virt8ra_placement::rebalance::Goal;
+    let frac = |v: Option<f64>, default: f64, what: &str| -> ApiResult<f64> {
+        let v = v.unwrap_or(default);
+        if !(0.0..=1.0).contains(&v) || v.is_nan() {
+            return Err(ApiError::Invalid(format!("{what} {v} is outside 0..1")));
+        }
+        Ok(v)
+    };
+    let goal = match req.goal {
+        RebalanceGoal::EvenLoad => Goal::EvenLoad {
+            tolerance: frac(req.tolerance, 0.1, "tolerance")?,
+        },
+        RebalanceGoal::LowerCarbon => Goal::LowerCarbon {
+            min_gain: frac(req.min_gain, 0.2, "min_gain")?,
+        },
+    };
+    let plan = app
+        .placement
+        .with_engine(&app, |e| e.plan_rebalance(&goal))
+        .await?;
+    let mut out = Rebalance::default();
+    for m in plan.moves {
+        // Capacity held for migrations under way is not a VM to move.
+        if m.vm.contains("/migration/") {
+            continue;
+        }
+        let name = app.vm(&m.vm).map(|v| v.name).unwrap_or(m.vm.clone());
+        out.moves.push(RebalanceMove {
+            vm: name,
+            from: m.from,
+            to: m.to,
+            reason: m.reason,
+        });
+    }
+    for (vm, why) in plan.stuck {
+        let name = app.vm(&vm).map(|v| v.name).unwrap_or(vm);
+        out.stuck.insert(name, why);
+    }
+    if req.execute {
+        for mv in &out.moves {
+            let r = MigrationCreate {
+                to_host: Some(mv.to.clone()),
+                mode: req.mode,
+                ..Default::default()
+            };
+            match migration::start(&app, &mv.vm, &r, &[]).await {
+                Ok(m) => out.migrations.push(m),
+                Err(e) => {
+                    out.refused.insert(mv.vm.clone(), e.to_string());
+                }
+            }
+        }
+    }
+    Ok(Json(out))
 }

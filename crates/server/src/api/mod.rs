@@ -113,6 +113,7 @@ pub fn router(app: App) -> Router {
         .route("/vms/{key}/migrations", get(migrations::history))
         .route("/vms/{key}/export", post(migrations::export))
         .route("/migrations", get(migrations::list))
+        .route("/rebalance", post(migrations::rebalance))
         .route("/migrations/{id}", get(migrations::show))
         .route("/hosts/{key}/evacuate", post(migrations::evacuate_host))
         .route("/sites/{key}/evacuate", post(migrations::evacuate_site))

@@ -29,7 +29,7 @@ use super::{agent, apps, catalog, hosts, images, migrations, providers, relay, s
         apps::create, apps::list, apps::show, apps::delete,
         vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events, watch::watch,
         migrations::create, migrations::list, migrations::show, migrations::history,
-        migrations::evacuate_host, migrations::evacuate_site, migrations::evacuate_provider,
+        migrations::evacuate_host, migrations::evacuate_site, migrations::evacuate_provider, migrations::rebalance,
         migrations::export, migrations::show_export, migrations::delete_export,
         migrations::download, migrations::upload, migrations::staged,
         agent::join, agent::connect, agent::mux, relay::relay,
