@@ -124,9 +124,9 @@ impl Mover {
         }
     }
 
-    /// Forgets the jobs and reports of VM `vm_id` (its role was removed).
-    /// Returns whether a job was still running (and was stopped).
-    pub fn clear_vm(&self, vm_id: &str) -> bool {
+    /// Forgets the jobs and reports of VM `vm_id` (its role was removed),
+    /// stopping a job still running.
+    pub fn clear_vm(&self, vm_id: &str) {
         let ids: Vec<String> = {
             let mut m = self.reports.lock().unwrap_or_else(|p| p.into_inner());
             let ids: Vec<String> = m
@@ -144,17 +144,14 @@ impl Mover {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (vm, _)| vm != vm_id);
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stopped = false;
         for id in ids {
             for ext in ["qcow2", "sha256", "tmp"] {
                 let _ = std::fs::remove_file(self.staging.join(format!("{id}.{ext}")));
             }
             if let Some(h) = jobs.remove(&id) {
-                stopped |= !h.is_finished();
                 h.abort();
             }
         }
-        stopped
     }
 
     /// Starts the job for `role` unless it runs (or ran) already.
@@ -497,12 +494,13 @@ impl Mover {
             }
             have += n;
             fail_point("agent-upload-chunk")?;
-            progress(rate_progress(
+            progress(MigrationProgress::at_rate(
                 "upload",
                 have,
                 size,
                 have - start,
-                t.elapsed(),
+                t.elapsed().as_secs_f64(),
+                0,
             ));
         }
         Ok(())
@@ -554,12 +552,13 @@ impl Mover {
                 have += chunk.len() as u64;
                 if last.elapsed() >= PROGRESS_EVERY {
                     last = Instant::now();
-                    progress(rate_progress(
+                    progress(MigrationProgress::at_rate(
                         "download",
                         have,
                         disk.size_bytes,
                         have - start,
-                        t.elapsed(),
+                        t.elapsed().as_secs_f64(),
+                        0,
                     ));
                 }
             }
@@ -611,18 +610,6 @@ pub fn clear_outgoing(q: &QemuDriver, id: &str) {
 fn parse_sum(s: &str) -> Option<(String, u64)> {
     let (sha, size) = s.trim().split_once(' ')?;
     Some((sha.to_string(), size.parse().ok()?))
-}
-
-fn rate_progress(stage: &str, done: u64, total: u64, moved: u64, t: Duration) -> MigrationProgress {
-    let rate = (moved as f64 / t.as_secs_f64().max(0.001)) as u64;
-    MigrationProgress {
-        stage: stage.into(),
-        bytes_done: done,
-        bytes_total: total,
-        rate_bps: rate,
-        eta_s: (rate > 0).then(|| total.saturating_sub(done) / rate),
-        dirty_rounds: 0,
-    }
 }
 
 pub async fn sha256_of(path: &Path) -> std::io::Result<(String, u64)> {

@@ -146,6 +146,45 @@ pub struct MigrationProgress {
     pub dirty_rounds: u64,
 }
 
+impl MigrationProgress {
+    /// Progress of `stage`: `done` of `total` bytes, with the rate from
+    /// `moved` bytes in `secs` seconds and the time left at that rate.
+    pub fn at_rate(
+        stage: &str,
+        done: u64,
+        total: u64,
+        moved: u64,
+        secs: f64,
+        dirty_rounds: u64,
+    ) -> MigrationProgress {
+        let rate = (moved as f64 / secs.max(0.001)) as u64;
+        MigrationProgress {
+            stage: stage.into(),
+            bytes_done: done,
+            bytes_total: total,
+            rate_bps: rate,
+            eta_s: (rate > 0).then(|| total.saturating_sub(done) / rate),
+            dirty_rounds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_estimates_rate_and_eta() {
+        let p = MigrationProgress::at_rate("disk", 50, 150, 50, 1.0, 0);
+        assert_eq!((p.rate_bps, p.eta_s), (50, Some(2)));
+        let p = MigrationProgress::at_rate("disk", 0, 150, 0, 1.0, 0);
+        assert_eq!((p.rate_bps, p.eta_s), (0, None));
+        // A resumed transfer's rate counts only what moved this time.
+        let p = MigrationProgress::at_rate("upload", 120, 150, 20, 1.0, 0);
+        assert_eq!((p.rate_bps, p.eta_s), (20, Some(1)));
+    }
+}
+
 /// A step of the workflow, as it happened.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MigrationStep {

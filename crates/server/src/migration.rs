@@ -184,7 +184,7 @@ fn end_of(h: &Host) -> MigrationEnd {
 }
 
 /// Why a live migration between these hosts is not possible, if it is not.
-fn live_incompatibility(app: &App, vm: &Vm, src: &Host, dst: &Host) -> Option<String> {
+fn live_incompatibility(vm: &Vm, src: &Host, dst: &Host) -> Option<String> {
     if vm.status.phase != VmPhase::Running {
         return Some(format!(
             "the VM is {}, not running",
@@ -238,7 +238,6 @@ fn live_incompatibility(app: &App, vm: &Vm, src: &Host, dst: &Host) -> Option<St
         None => return Some("the VM's QEMU machine type is not known yet".into()),
         _ => {}
     }
-    let _ = app;
     None
 }
 
@@ -430,7 +429,7 @@ pub async fn start(
         release();
         return Err(e);
     }
-    let why_not_live = live_incompatibility(app, &vm, &src, &dst);
+    let why_not_live = live_incompatibility(&vm, &src, &dst);
     let relay_live = dst.inventory.migration_address.is_none();
     let (mode, mode_reason) = match (req.mode, why_not_live) {
         (RequestedMode::Cold, _) => (MigrationMode::Cold, "cold, as asked".to_string()),

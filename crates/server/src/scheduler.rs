@@ -175,7 +175,11 @@ async fn place_one(app: &App, id: String) -> ApiResult<()> {
 /// The VMs a host should run, as the agent protocol carries them: those
 /// placed on it, with the migration roles of those on the move, and those
 /// migrating to it.
-pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> {
+pub async fn desired_for(
+    app: &App,
+    host_id: &str,
+    plan: &crate::distribution::HostPlan,
+) -> ApiResult<Vec<DesiredVm>> {
     let vms = app.vms.list(&VmFilter {
         host_id: Some(host_id.to_string()),
         ..Default::default()
@@ -191,12 +195,9 @@ pub async fn desired_for(app: &App, host_id: &str) -> ApiResult<Vec<DesiredVm>> 
         }
     }
     crate::migration::apply_roles(app, host_id, &mut out, &mut images).await?;
-    if !out.is_empty() {
-        // Where this host fetches images: its site's copy first.
-        let sources = crate::distribution::plan_for(app, host_id).await?.sources;
-        for d in &mut out {
-            d.image.sources = sources.clone();
-        }
+    // Where this host fetches images: its site's copy first.
+    for d in &mut out {
+        d.image.sources = plan.sources.clone();
     }
     Ok(out)
 }
@@ -244,8 +245,9 @@ pub async fn desired_vm(
 
 /// Sends the host its desired state if it changed since the last send.
 pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
-    let vms = desired_for(app, host_id).await?;
-    let prestage = crate::distribution::plan_for(app, host_id).await?.prestage;
+    let plan = crate::distribution::plan_for(app, host_id).await?;
+    let vms = desired_for(app, host_id, &plan).await?;
+    let prestage = plan.prestage;
     let fingerprint = {
         let mut h = DefaultHasher::new();
         serde_json::to_string(&vms).unwrap_or_default().hash(&mut h);

@@ -518,6 +518,32 @@ fn cold_migration_then_export_and_import_keep_the_disk() {
     );
 }
 
+/// Restarts agent `name` with failure injection at `point`.
+fn restart_failing(c: &mut Cluster, name: &str, point: &str) {
+    c.kill_agent(name);
+    c.start_agent_env(
+        name,
+        None,
+        &["--migration-address", "127.0.0.1"],
+        &[("VIRT8RA_AGENT_FAIL_AT", point)],
+    );
+    c.wait_hosts_ready(2);
+}
+
+/// Waits until agent `name` exited (at its injected failure).
+fn wait_agent_exit(c: &mut Cluster, name: &str) {
+    wait_until(
+        &format!("agent {name} to exit"),
+        Duration::from_secs(120),
+        || {
+            let (_, Some(p)) = c.agents.iter_mut().find(|(n, _)| n == name)? else {
+                return None;
+            };
+            p.child.try_wait().ok().flatten()
+        },
+    );
+}
+
 fn refused(c: &Cluster, args: &[&str], want: &str) {
     let out = c.cli(args);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -588,14 +614,7 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
             }
             Kill::Agent(point) => {
                 // The target agent dies as its job starts, then comes back.
-                c.kill_agent(to);
-                c.start_agent_env(
-                    to,
-                    None,
-                    &["--migration-address", "127.0.0.1"],
-                    &[("VIRT8RA_AGENT_FAIL_AT", point)],
-                );
-                c.wait_hosts_ready(2);
+                restart_failing(&mut c, to, point);
                 c.cli_ok(&[
                     "vm",
                     "migrate",
@@ -605,23 +624,11 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                     "--mode",
                     "live",
                 ]);
-                wait_until("the target agent to exit", Duration::from_secs(60), || {
-                    let (_, Some(p)) = c.agents.iter_mut().find(|(n, _)| n == to).unwrap() else {
-                        return None;
-                    };
-                    p.child.try_wait().ok().flatten()
-                });
+                wait_agent_exit(&mut c, to);
                 c.start_agent_with(to, None, &["--migration-address", "127.0.0.1"]);
             }
             Kill::SourceDiesCold(point) => {
-                c.kill_agent(&from);
-                c.start_agent_env(
-                    &from,
-                    None,
-                    &["--migration-address", "127.0.0.1"],
-                    &[("VIRT8RA_AGENT_FAIL_AT", point)],
-                );
-                c.wait_hosts_ready(2);
+                restart_failing(&mut c, &from, point);
                 c.cli_ok(&[
                     "vm",
                     "migrate",
@@ -631,24 +638,11 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                     "--mode",
                     "cold",
                 ]);
-                wait_until("the source agent to exit", Duration::from_secs(120), || {
-                    let (_, Some(p)) = c.agents.iter_mut().find(|(n, _)| *n == from).unwrap()
-                    else {
-                        return None;
-                    };
-                    p.child.try_wait().ok().flatten()
-                });
+                wait_agent_exit(&mut c, &from);
                 c.start_agent_with(&from, None, &["--migration-address", "127.0.0.1"]);
             }
             Kill::SourceError(point) => {
-                c.kill_agent(&from);
-                c.start_agent_env(
-                    &from,
-                    None,
-                    &["--migration-address", "127.0.0.1"],
-                    &[("VIRT8RA_AGENT_FAIL_AT", point)],
-                );
-                c.wait_hosts_ready(2);
+                restart_failing(&mut c, &from, point);
                 c.cli_ok(&[
                     "vm",
                     "migrate",

@@ -307,6 +307,12 @@ pub fn opt_escape(v: &str) -> String {
 /// its program is `qemu-system-*` and an argument names a file inside `dir`
 /// (`<dir>/`, so VM `a1` is not mistaken for VM `a10`).
 pub fn is_our_qemu(pid: i32, dir: &Path) -> bool {
+    is_dir_process(pid, dir, "qemu-system")
+}
+
+/// Whether `pid` is a live (not zombie) process whose program name starts
+/// with `prefix` and an argument of which names a file inside `dir`.
+pub fn is_dir_process(pid: i32, dir: &Path, prefix: &str) -> bool {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let Ok(cmd) = std::fs::read(proc.join("cmdline")) else {
         return false;
@@ -317,7 +323,7 @@ pub fn is_our_qemu(pid: i32, dir: &Path) -> bool {
         .map(|a0| {
             Path::new(&*a0)
                 .file_name()
-                .map(|n| n.to_string_lossy().starts_with("qemu-system"))
+                .map(|n| n.to_string_lossy().starts_with(prefix))
                 .unwrap_or(false)
         })
         .unwrap_or(false);
@@ -337,13 +343,19 @@ pub fn is_our_qemu(pid: i32, dir: &Path) -> bool {
 /// Every live QEMU process started for the VM in `dir`, found by scanning
 /// `/proc`. Normally one at most.
 pub fn vm_processes(dir: &Path) -> Vec<i32> {
+    dir_processes(dir, "qemu-system")
+}
+
+/// Every live process of program `prefix*` started for the VM in `dir`
+/// (QEMU, or the qemu-nbd of an incoming migration).
+pub fn dir_processes(dir: &Path, prefix: &str) -> Vec<i32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return vec![];
     };
     let mut pids: Vec<i32> = rd
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| is_our_qemu(*pid, dir))
+        .filter(|pid| is_dir_process(*pid, dir, prefix))
         .collect();
     pids.sort_unstable();
     pids

@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 use virt8ra_api::protocol::LiveEndpoints;
 use virt8ra_api::MigrationProgress;
 
-use super::qemu::{opt_escape, QemuDriver};
+use super::qemu::{dir_processes, QemuDriver};
 use super::{qmp, Driver, DriverError, Result, VmConfig};
 
 /// Job id of the disk mirror on the source.
@@ -350,7 +350,8 @@ impl QemuDriver {
                     ));
                 };
                 let (done, len) = (u(&job, "offset"), u(&job, "len"));
-                progress(stage_progress("disk", done, len, started.elapsed(), 0));
+                let secs = started.elapsed().as_secs_f64();
+                progress(MigrationProgress::at_rate("disk", done, len, done, secs, 0));
                 if job["ready"].as_bool() == Some(true) {
                     break;
                 }
@@ -527,14 +528,6 @@ impl QemuDriver {
         Ok(())
     }
 
-    /// Whether the source QEMU already handed the VM over (postmigrate).
-    pub async fn was_sent(&self, id: &str) -> bool {
-        self.running_pid(id).is_some()
-            && qmp::query_status(&self.qmp_path(id))
-                .await
-                .is_ok_and(|s| s == "postmigrate")
-    }
-
     /// Writes the VM's disk as a compressed qcow2 at `out`: only the VM's
     /// own blocks over `backing` (cold migration), or standalone when
     /// `backing` is `None` (export). The VM must be stopped.
@@ -585,74 +578,5 @@ impl QemuDriver {
         super::cloudinit::write_seed(&dir, &cfg.context).await?;
         std::fs::rename(file, dir.join("disk.qcow2")).map_err(io_err("adopt the disk"))?;
         Ok(())
-    }
-}
-
-fn stage_progress(
-    stage: &str,
-    done: u64,
-    total: u64,
-    elapsed: Duration,
-    rounds: u64,
-) -> MigrationProgress {
-    let secs = elapsed.as_secs_f64().max(0.001);
-    let rate = (done as f64 / secs) as u64;
-    MigrationProgress {
-        stage: stage.into(),
-        bytes_done: done,
-        bytes_total: total,
-        rate_bps: rate,
-        eta_s: (rate > 0).then(|| total.saturating_sub(done) / rate),
-        dirty_rounds: rounds,
-    }
-}
-
-/// Live processes whose program name starts with `prefix` and whose
-/// arguments name a file inside `dir`.
-pub fn dir_processes(dir: &Path, prefix: &str) -> Vec<i32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    let inside = format!("{}/", dir.to_string_lossy());
-    let inside_escaped = opt_escape(&inside);
-    let mut out = Vec::new();
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let mut args = cmd.split(|b| *b == 0).map(String::from_utf8_lossy);
-        let prog_ok = args.next().is_some_and(|a0| {
-            Path::new(&*a0)
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-        });
-        if !prog_ok || !args.any(|a| a.contains(&inside) || a.contains(&inside_escaped)) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next());
-        if !matches!(state, Some('Z') | Some('X') | None) {
-            out.push(pid);
-        }
-    }
-    out.sort_unstable();
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_estimates_rate_and_eta() {
-        let p = stage_progress("disk", 50, 150, Duration::from_secs(1), 0);
-        assert_eq!((p.rate_bps, p.eta_s), (50, Some(2)));
-        let p = stage_progress("disk", 0, 150, Duration::from_secs(1), 0);
-        assert_eq!((p.rate_bps, p.eta_s), (0, None));
     }
 }

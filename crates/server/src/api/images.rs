@@ -478,7 +478,7 @@ pub async fn sha256_file(path: &FsPath) -> ApiResult<(String, u64)> {
 }
 
 /// Parses `Range: bytes=START-` (the only form agents send, to resume).
-pub(crate) fn range_start(headers: &HeaderMap) -> ApiResult<Option<u64>> {
+fn range_start(headers: &HeaderMap) -> ApiResult<Option<u64>> {
     let Some(v) = headers.get(header::RANGE) else {
         return Ok(None);
     };
@@ -523,26 +523,45 @@ pub async fn serve_file(
     who: &str,
 ) -> ApiResult<Response> {
     let path = app.images_dir.join(format!("{}.qcow2", i.sha256));
-    let mut f = tokio::fs::File::open(&path)
+    let f = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::Internal(format!("image file {}: {e}", path.display())))?;
+    let (f, status, mut hdrs) = ranged(f, headers).await?;
+    hdrs.push((
+        header::HeaderName::from_static("x-virt8ra-sha256"),
+        i.sha256.clone(),
+    ));
+    let who = who.to_string();
+    let stream = tokio_util::io::ReaderStream::new(f).inspect(move |c| {
+        if let Ok(c) = c {
+            count_transfer(&who, c.len() as u64);
+        }
+    });
+    Ok(respond(status, RawBody::from_stream(stream), hdrs))
+}
+
+/// Positions an open file for an answer from `Range: bytes=START-` if the
+/// request asks for one: the file, the status, and the content headers.
+pub(crate) async fn ranged(
+    mut f: tokio::fs::File,
+    headers: &HeaderMap,
+) -> ApiResult<(
+    tokio::fs::File,
+    StatusCode,
+    Vec<(header::HeaderName, String)>,
+)> {
     let len = f
         .metadata()
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .len();
-    let start = range_start(headers)?;
     let mut status = StatusCode::OK;
     let mut hdrs = vec![
         (header::CONTENT_TYPE, "application/octet-stream".to_string()),
         (header::ACCEPT_RANGES, "bytes".to_string()),
-        (
-            header::HeaderName::from_static("x-virt8ra-sha256"),
-            i.sha256.clone(),
-        ),
     ];
     let mut remaining = len;
-    if let Some(start) = start {
+    if let Some(start) = range_start(headers)? {
         if start > len {
             return Err(ApiError::Invalid(format!(
                 "range start {start} is past the end ({len} bytes)"
@@ -559,19 +578,22 @@ pub async fn serve_file(
         ));
     }
     hdrs.push((header::CONTENT_LENGTH, remaining.to_string()));
-    let who = who.to_string();
-    let stream = tokio_util::io::ReaderStream::new(f).inspect(move |c| {
-        if let Ok(c) = c {
-            count_transfer(&who, c.len() as u64);
-        }
-    });
-    let mut resp = (status, RawBody::from_stream(stream)).into_response();
+    Ok((f, status, hdrs))
+}
+
+/// A response with a body and headers (values that do not parse are left out).
+pub(crate) fn respond(
+    status: StatusCode,
+    body: RawBody,
+    hdrs: Vec<(header::HeaderName, String)>,
+) -> Response {
+    let mut resp = (status, body).into_response();
     for (k, v) in hdrs {
         if let Ok(v) = v.parse() {
             resp.headers_mut().insert(k, v);
         }
     }
-    Ok(resp)
+    resp
 }
 
 /// Bytes of image data the control plane served, by host id (`admin` for

@@ -3,13 +3,13 @@
 
 use axum::body::Body as RawBody;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::Json;
 use chrono::Utc;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use virt8ra_api::{
     EvacuateRequest, Evacuation, HostState, Migration, MigrationCreate, MigrationPhase, Page,
     Rebalance, RebalanceGoal, RebalanceMove, RebalanceRequest, VmExport, VmPhase,
@@ -429,46 +429,12 @@ pub async fn download(
 ) -> ApiResult<Response> {
     valid_id(&id)?;
     let path = migration::staging_path(&app, &id);
-    let mut f = tokio::fs::File::open(&path)
+    let f = tokio::fs::File::open(&path)
         .await
         .map_err(|_| ApiError::NotFound(format!("staged disk '{id}' not found")))?;
-    let len = f
-        .metadata()
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .len();
-    let mut status = StatusCode::OK;
-    let mut remaining = len;
-    let mut range = None;
-    if let Some(start) = super::images::range_start(&headers)? {
-        if start > len {
-            return Err(ApiError::Invalid(format!(
-                "range start {start} is past the end ({len} bytes)"
-            )));
-        }
-        f.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        status = StatusCode::PARTIAL_CONTENT;
-        remaining = len - start;
-        range = Some(format!("bytes {start}-{}/{len}", len.saturating_sub(1)));
-    }
-    let stream = tokio_util::io::ReaderStream::new(f);
-    let mut resp = (status, RawBody::from_stream(stream)).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        "application/octet-stream"
-            .parse()
-            .map_err(|_| ApiError::Internal("header".into()))?,
-    );
-    if let Ok(v) = remaining.to_string().parse() {
-        h.insert(header::CONTENT_LENGTH, v);
-    }
-    if let Some(r) = range.and_then(|r| r.parse().ok()) {
-        h.insert(header::CONTENT_RANGE, r);
-    }
-    Ok(resp)
+    let (f, status, hdrs) = super::images::ranged(f, &headers).await?;
+    let body = RawBody::from_stream(tokio_util::io::ReaderStream::new(f));
+    Ok(super::images::respond(status, body, hdrs))
 }
 
 #[utoipa::path(post, path = "/api/v1/rebalance", tag = "migrations", request_body = RebalanceRequest,
