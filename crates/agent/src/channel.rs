@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use virt8ra_api::protocol::{
-    AgentMessage, ServerMessage, VmReport, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    AgentMessage, ServerMessage, VmReport, FULL_HEARTBEAT_EVERY, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, QUIET_HEARTBEAT_PROTOCOL_VERSION,
 };
 use virt8ra_api::HostInventory;
 
@@ -167,14 +168,14 @@ impl Channel {
         send(AgentMessage::Hello {
             protocol: PROTOCOL_VERSION,
             min_protocol: MIN_PROTOCOL_VERSION,
-            inventory: self.inventory.clone(),
+            inventory: Box::new(self.inventory.clone()),
         })?;
 
         // Welcome or reject.
         let first = tokio::time::timeout(Duration::from_secs(15), rx.recv())
             .await
             .context("no welcome from the control plane")?;
-        let interval = match first {
+        let (interval, protocol) = match first {
             None => bail!("closed before welcome"),
             Some(ServerMessage::Welcome {
                 protocol,
@@ -182,7 +183,10 @@ impl Channel {
                 ..
             }) => {
                 tracing::info!(protocol, "connected to the control plane");
-                Duration::from_secs(heartbeat_interval_s.clamp(1, 300))
+                (
+                    Duration::from_secs(heartbeat_interval_s.clamp(1, 300)),
+                    protocol,
+                )
             }
             Some(ServerMessage::Reject { reason }) => bail!("rejected: {reason}"),
             Some(_) => bail!("expected welcome"),
@@ -194,21 +198,16 @@ impl Channel {
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMessage>();
         let mut tick = tokio::time::interval(interval);
         let mut seq = 0u64;
+        // The report version the last complete heartbeat carried (v3).
+        let mut beat = Beats {
+            quiet: protocol >= QUIET_HEARTBEAT_PROTOCOL_VERSION,
+            sent: None,
+        };
         loop {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
-                    let running = self.reports.running();
-                    let usage = self
-                        .driver
-                        .usage(running)
-                        .unwrap_or_else(|| crate::inventory::usage(&self.data_dir, running));
-                    send(AgentMessage::Heartbeat {
-                        seq,
-                        usage,
-                        vms: self.reports.all(),
-                        migrations: self.mover.as_ref().map(|m| m.all()).unwrap_or_default(),
-                    })?;
+                    send(self.heartbeat(seq, &mut beat, false))?;
                 }
                 Some(r) = changes.recv() => {
                     send(AgentMessage::VmReport(r))?;
@@ -219,16 +218,52 @@ impl Channel {
                         None => std::future::pending().await,
                     }
                 } => {
-                    send(AgentMessage::MigrationReport(r))?;
+                    send(AgentMessage::MigrationReport(Box::new(r)))?;
                 }
                 Some(m) = out_rx.recv() => {
                     send(m)?;
                 }
                 m = rx.recv() => {
                     let Some(msg) = m else { return Ok(()) };
+                    if msg == ServerMessage::ReportRequest {
+                        seq += 1;
+                        send(self.heartbeat(seq, &mut beat, true))?;
+                        continue;
+                    }
                     self.handle(msg, &out_tx).await?;
                 }
             }
+        }
+    }
+
+    /// A heartbeat: usage, migrations, and every VM's report unless the
+    /// connection speaks quiet heartbeats (v3), nothing changed since the
+    /// last complete one, it is not a twelfth beat and none was asked for.
+    fn heartbeat(&self, seq: u64, beat: &mut Beats, full: bool) -> AgentMessage {
+        let running = self.reports.running();
+        let usage = self
+            .driver
+            .usage(running)
+            .unwrap_or_else(|| crate::inventory::usage(&self.data_dir, running));
+        // Read before the reports: a change in between makes the next
+        // heartbeat complete again, never the other way round.
+        let version = self.reports.version();
+        let quiet = beat.quiet
+            && !full
+            && beat.sent == Some(version)
+            && !seq.is_multiple_of(FULL_HEARTBEAT_EVERY);
+        let vms = if quiet {
+            Vec::new()
+        } else {
+            beat.sent = Some(version);
+            self.reports.all()
+        };
+        AgentMessage::Heartbeat {
+            seq,
+            usage,
+            vms,
+            vms_unchanged: quiet,
+            migrations: self.mover.as_ref().map(|m| m.all()).unwrap_or_default(),
         }
     }
 
@@ -303,10 +338,18 @@ impl Channel {
                 });
             }
             ServerMessage::Reject { reason } => bail!("rejected: {reason}"),
-            ServerMessage::Welcome { .. } => {}
+            ServerMessage::Welcome { .. } | ServerMessage::ReportRequest => {}
         }
         Ok(())
     }
+}
+
+/// What a session remembers between heartbeats.
+struct Beats {
+    /// The connection speaks quiet heartbeats (v3).
+    quiet: bool,
+    /// The report version of the last complete heartbeat.
+    sent: Option<u64>,
 }
 
 #[cfg(test)]

@@ -35,6 +35,9 @@ use crate::mover::{self, Mover};
 pub struct Reports {
     map: Mutex<HashMap<String, VmReport>>,
     changes: mpsc::UnboundedSender<VmReport>,
+    /// Grows with every change, so a heartbeat can tell whether anything
+    /// changed since the previous one.
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl Reports {
@@ -44,6 +47,7 @@ impl Reports {
             Arc::new(Reports {
                 map: Mutex::new(HashMap::new()),
                 changes: tx,
+                version: std::sync::atomic::AtomicU64::new(0),
             }),
             rx,
         )
@@ -59,7 +63,14 @@ impl Reports {
         } else {
             m.insert(r.id.clone(), r.clone());
         }
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let _ = self.changes.send(r);
+    }
+
+    /// Changes so far (see [`Reports::all`]).
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Every VM the agent has (for heartbeats).

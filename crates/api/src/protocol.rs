@@ -24,6 +24,15 @@
 //! answers with [`MigrationReport`]s. The control plane migrates only between
 //! agents that speak version 2, since an older agent would ignore the role
 //! and boot the VM from an empty disk.
+//!
+//! Version 3 makes heartbeats quiet: an agent leaves a heartbeat's VM
+//! reports out (`vms_unchanged: true`) when none changed since its previous
+//! heartbeat on this connection, so 100,000 idle hosts do not send and parse
+//! a million unchanged reports every interval. Changes still travel at once
+//! as [`AgentMessage::VmReport`]s, the first heartbeat of a connection is
+//! always complete, and so is every twelfth; the control plane asks for a
+//! complete one ([`ServerMessage::ReportRequest`]) when it needs the list of
+//! VMs a host has (a deletion or a migration waiting to see a VM gone).
 
 use serde::{Deserialize, Serialize};
 
@@ -31,9 +40,14 @@ use crate::migration::{MigrationMode, MigrationProgress};
 use crate::{HostInventory, HostUsage, PortForward, PowerState};
 
 /// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The first version with migration.
 pub const MIGRATION_PROTOCOL_VERSION: u32 = 2;
+/// The first version with quiet heartbeats (`vms_unchanged`, `report_request`).
+pub const QUIET_HEARTBEAT_PROTOCOL_VERSION: u32 = 3;
+/// A v3 agent sends a complete heartbeat at least this often (in beats),
+/// even when nothing changed.
+pub const FULL_HEARTBEAT_EVERY: u64 = 12;
 /// Oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -46,12 +60,21 @@ pub enum AgentMessage {
         protocol: u32,
         /// Oldest version the agent speaks.
         min_protocol: u32,
-        inventory: HostInventory,
+        /// Boxed (as the migration report below): every message in a
+        /// host's queue takes the size of the largest variant, and a
+        /// control plane holds a queue per host.
+        inventory: Box<HostInventory>,
     },
     Heartbeat {
         seq: u64,
         usage: HostUsage,
+        /// Every VM the host has, unless `vms_unchanged`.
+        #[serde(default)]
         vms: Vec<VmReport>,
+        /// (v3) No VM's report changed since this connection's previous
+        /// heartbeat: `vms` is left empty and means "as before".
+        #[serde(default, skip_serializing_if = "is_false")]
+        vms_unchanged: bool,
         /// Migrations and exports in progress on this host (v2).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         migrations: Vec<MigrationReport>,
@@ -59,7 +82,7 @@ pub enum AgentMessage {
     /// Sent when a VM's observed state changes, between heartbeats.
     VmReport(VmReport),
     /// A migration's (or export's) state on this host changed, or progress (v2).
-    MigrationReport(MigrationReport),
+    MigrationReport(Box<MigrationReport>),
     /// Answer to [`ServerMessage::ConsoleRequest`].
     ConsoleData {
         request_id: u64,
@@ -99,6 +122,9 @@ pub enum ServerMessage {
         /// Return at most this many bytes from the end of the log.
         max_bytes: u64,
     },
+    /// (v3) Send a complete heartbeat now: the control plane needs the list
+    /// of VMs this host has.
+    ReportRequest,
     /// Target of a relayed live migration: the source opened a connection
     /// for `stream` (see [`RELAY_STREAMS`]); dial
     /// `GET /api/v1/relay/{migration_id}/{stream}/{conn_id}` (WebSocket, host

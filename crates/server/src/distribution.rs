@@ -9,12 +9,14 @@
 //! sent to its cache host as `prestage` so they are there before any VM
 //! needs them.
 //!
-//! The view of hosts and replicated images is refreshed from the store at
-//! most once a second (and at once after a replicate), so a scheduler pass
-//! over many hosts costs one scan, not one per host.
+//! The view of hosts and replicated images is built from the in-memory
+//! host index and the store's image catalogue (cached in memory), shared
+//! behind an `Arc`, and rebuilt at most once a second and only when a host
+//! changed (the index's version) or an image was replicated (`invalidate`),
+//! so a scheduler pass over many hosts costs one lookup per host, not a scan.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virt8ra_api::protocol::ImageRef;
@@ -23,7 +25,7 @@ use virt8ra_api::HostState;
 use crate::error::ApiResult;
 use crate::state::App;
 
-#[derive(Clone, Default)]
+#[derive(Default)]
 struct View {
     /// host id -> site name
     site_of: HashMap<String, String>,
@@ -33,7 +35,14 @@ struct View {
     prestage: HashMap<String, Vec<ImageRef>>,
 }
 
-static VIEW: Mutex<Option<(Instant, View)>> = Mutex::new(None);
+struct Cached {
+    at: Instant,
+    /// The host index's version the view was built from.
+    hosts_version: u64,
+    view: Arc<View>,
+}
+
+static VIEW: Mutex<Option<Cached>> = Mutex::new(None);
 const TTL: Duration = Duration::from_secs(1);
 
 /// Forgets the cached view (after a replicate or an image change).
@@ -41,14 +50,15 @@ pub fn invalidate() {
     *VIEW.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
-async fn view(app: &App) -> ApiResult<View> {
-    if let Some((at, v)) = VIEW.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        if at.elapsed() < TTL {
-            return Ok(v.clone());
+async fn view(app: &App) -> ApiResult<Arc<View>> {
+    let version = app.hosts.version();
+    if let Some(c) = VIEW.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if c.hosts_version == version || c.at.elapsed() < TTL {
+            return Ok(c.view.clone());
         }
     }
     let mut v = View::default();
-    for h in app.store.list_hosts().await? {
+    for h in app.hosts.all() {
         if let Some(url) = &h.inventory.image_service {
             if h.state == HostState::Ready {
                 v.services.entry(h.site.clone()).or_default().push((
@@ -58,7 +68,7 @@ async fn view(app: &App) -> ApiResult<View> {
                 ));
             }
         }
-        v.site_of.insert(h.id, h.site);
+        v.site_of.insert(h.id.clone(), h.site.clone());
     }
     for list in v.services.values_mut() {
         list.sort();
@@ -68,8 +78,13 @@ async fn view(app: &App) -> ApiResult<View> {
             v.prestage.entry(s.clone()).or_default().push(image_ref(&i));
         }
     }
-    *VIEW.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), v.clone()));
-    Ok(v)
+    let view = Arc::new(v);
+    *VIEW.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cached {
+        at: Instant::now(),
+        hosts_version: version,
+        view: view.clone(),
+    });
+    Ok(view)
 }
 
 pub fn image_ref(i: &virt8ra_api::Image) -> ImageRef {
@@ -96,9 +111,15 @@ pub async fn plan_for(app: &App, host_id: &str) -> ApiResult<HostPlan> {
         sources: vec![],
         prestage: vec![],
     };
-    let Some(site) = v.site_of.get(host_id) else {
-        return Ok(plan);
+    // A host that joined since the view was built is looked up directly.
+    let site = match v.site_of.get(host_id) {
+        Some(s) => s.clone(),
+        None => match app.hosts.get(host_id) {
+            Some(h) => h.site.clone(),
+            None => return Ok(plan),
+        },
     };
+    let site = &site;
     let cache_host = v.services.get(site).and_then(|list| {
         list.iter().find(|(_, id, _)| {
             app.hub

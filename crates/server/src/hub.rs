@@ -24,16 +24,41 @@ pub struct ConsoleReply {
     pub error: Option<String>,
 }
 
+/// Where a host's messages go: its own WebSocket's writer, or its channel
+/// of a multiplexed connection (the frame carries the channel number), so
+/// a mux host needs no queue and task of its own.
+#[derive(Clone)]
+pub enum Outbox {
+    Direct(mpsc::UnboundedSender<ServerMessage>),
+    Mux {
+        ch: u32,
+        down: mpsc::UnboundedSender<virt8ra_api::mux::MuxDown>,
+    },
+}
+
+impl Outbox {
+    /// False when the transport is gone.
+    pub fn send(&self, msg: ServerMessage) -> bool {
+        match self {
+            Outbox::Direct(tx) => tx.send(msg).is_ok(),
+            Outbox::Mux { ch, down } => down
+                .send(virt8ra_api::mux::MuxDown::Msg { ch: *ch, msg })
+                .is_ok(),
+        }
+    }
+}
+
 struct Live {
     conn_id: u64,
-    tx: mpsc::UnboundedSender<ServerMessage>,
+    tx: Outbox,
     last_beat: Instant,
     last_beat_at: DateTime<Utc>,
     usage: HostUsage,
     /// Fingerprint of the last desired state sent on this connection.
     last_desired: Option<u64>,
-    /// Last report per VM, to skip unchanged ones.
-    reports: HashMap<String, VmReport>,
+    /// A hash of the last report per VM, to skip unchanged ones (a hash,
+    /// not the report: at a million VMs the copies would cost 100 MB).
+    reports: HashMap<String, u64>,
     /// Protocol version negotiated on this connection.
     protocol: u32,
 }
@@ -63,7 +88,7 @@ impl Hub {
     }
 
     /// Registers a new connection of `host_id`, replacing an older one.
-    pub fn register(&self, host_id: &str, tx: mpsc::UnboundedSender<ServerMessage>) -> u64 {
+    pub fn register(&self, host_id: &str, tx: Outbox) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.lock().insert(
             host_id.to_string(),
@@ -128,10 +153,11 @@ impl Hub {
         let Some(l) = m.get_mut(host_id) else {
             return true;
         };
-        if l.reports.get(&r.id) == Some(r) {
+        let h = report_hash(r);
+        if l.reports.get(&r.id) == Some(&h) {
             return false;
         }
-        l.reports.insert(r.id.clone(), r.clone());
+        l.reports.insert(r.id.clone(), h);
         true
     }
 
@@ -167,7 +193,7 @@ impl Hub {
     pub fn send(&self, host_id: &str, msg: ServerMessage) -> bool {
         self.lock()
             .get(host_id)
-            .map(|l| l.tx.send(msg).is_ok())
+            .map(|l| l.tx.send(msg))
             .unwrap_or(false)
     }
 
@@ -181,7 +207,7 @@ impl Hub {
         if l.last_desired == Some(fingerprint) {
             return false;
         }
-        if l.tx.send(msg).is_ok() {
+        if l.tx.send(msg) {
             l.last_desired = Some(fingerprint);
             true
         } else {
@@ -241,6 +267,25 @@ impl Hub {
     }
 }
 
+/// A 64-bit hash of a report's content (its JSON, which covers every field).
+fn report_hash(r: &VmReport) -> u64 {
+    use std::hash::Hasher;
+    struct W(std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for W {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.write(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = W(Default::default());
+    // Serializing a report into a hasher cannot fail.
+    let _ = serde_json::to_writer(&mut w, r);
+    w.0.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,8 +295,8 @@ mod tests {
         let hub = Hub::default();
         let (tx1, _rx1) = mpsc::unbounded_channel();
         let (tx2, mut rx2) = mpsc::unbounded_channel();
-        let c1 = hub.register("h", tx1);
-        let c2 = hub.register("h", tx2);
+        let c1 = hub.register("h", Outbox::Direct(tx1));
+        let c2 = hub.register("h", Outbox::Direct(tx2));
         assert!(
             !hub.unregister("h", c1),
             "old connection must not evict the new"
@@ -266,7 +311,7 @@ mod tests {
     fn desired_state_is_sent_once_per_fingerprint() {
         let hub = Hub::default();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        hub.register("h", tx);
+        hub.register("h", Outbox::Direct(tx));
         let msg = || ServerMessage::DesiredState {
             generation: 1,
             vms: vec![],

@@ -263,6 +263,8 @@ impl VmIndex {
 #[derive(Default)]
 pub struct HostIndex {
     inner: RwLock<HostsInner>,
+    /// Bumped by every change, so derived views know when to rebuild.
+    version: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -289,6 +291,16 @@ impl HostIndex {
         idx
     }
 
+    /// Grows with every change to the hosts.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// Records the host's current (durable) state.
     pub fn put(&self, h: &Host) {
         let mut g = self.write();
@@ -298,6 +310,9 @@ impl HostIndex {
             }
         }
         g.by_name.insert(h.name.clone(), Arc::new(h.clone()));
+        // Under the lock, after the change: a view built from this version
+        // sees the change.
+        self.bump();
     }
 
     pub fn remove(&self, id: &str) {
@@ -305,6 +320,7 @@ impl HostIndex {
         if let Some(name) = g.names.remove(id) {
             g.by_name.remove(&name);
         }
+        self.bump();
     }
 
     /// By id or name.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use virt8ra_store::{SqliteStore, Store, TokenKind, TokenRecord};
+use virt8ra_store::{CachedStore, SqliteStore, Store, TokenKind, TokenRecord};
 
 pub mod api;
 pub mod auth;
@@ -68,7 +68,9 @@ pub async fn open(
         .with_context(|| format!("create {}", images_dir.display()))?;
     let store = SqliteStore::open(&data_dir.join("virt8ra.db"))
         .with_context(|| format!("open database in {}", data_dir.display()))?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    // Providers, sites, images and tokens are read on every request: from
+    // memory (see `virt8ra_store::CachedStore`).
+    let store: Arc<dyn Store> = Arc::new(CachedStore::new(store).await?);
     let created = ensure_admin_token(store.as_ref(), data_dir).await?;
     let hosts = index::HostIndex::load(store.list_hosts().await?);
     // Every VM into memory before serving: reads are answered from there.

@@ -148,6 +148,16 @@ impl Migrations {
         }
     }
 
+    /// Whether a migration waits to see a VM gone from this host (so its
+    /// heartbeats must list what it has).
+    pub fn waits_on(&self, host_id: &str) -> bool {
+        lock(&self.active).values().any(|m| match m.phase {
+            MigrationPhase::RollingBack => m.target.host_id == host_id,
+            MigrationPhase::CleaningUp => m.source.host_id == host_id,
+            _ => false,
+        })
+    }
+
     fn gone_since(&self, host_id: &str, vm_id: &str, since: Instant) -> bool {
         lock(&self.gone)
             .get(&(host_id.to_string(), vm_id.to_string()))

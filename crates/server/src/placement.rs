@@ -90,6 +90,22 @@ impl Placement {
         .await
     }
 
+    /// A host joined, connected or was changed: update it in the loaded
+    /// engine, keeping its allocations, instead of a rebuild (which costs
+    /// O(hosts + VMs), once per host when 100,000 hosts join).
+    pub fn upsert_host(&self, app: &App, h: &Host) {
+        let info = host_info(&host_view(app, h.clone(), None), &self.config);
+        let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = g.as_mut() {
+            if l.engine.upsert_host(info).is_err() {
+                // A site the engine does not know yet: rebuild.
+                *g = None;
+                return;
+            }
+            l.hosts.insert(h.name.clone(), (h.id.clone(), h.state));
+        }
+    }
+
     /// Frees a VM's allocation (it was deleted).
     pub fn release(&self, vm_id: &str) {
         if let Some(l) = self

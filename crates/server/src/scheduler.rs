@@ -121,7 +121,40 @@ async fn place_one(app: &App, id: String) -> ApiResult<()> {
     if vm.status.phase != VmPhase::Pending {
         return Ok(());
     }
-    let outcome = match placement::request(&vm, app.placement.config.weights) {
+    match decide(app, &mut vm).await? {
+        Placement::Placed { host_id, event } => {
+            if let Err(e) = app.update_vm(&vm, Some(&event)).await {
+                app.placement.release(&vm.id);
+                return Err(e.into());
+            }
+            app.mark_host(&host_id);
+        }
+        Placement::Unplaced { why, changed } => {
+            if changed {
+                app.update_vm(&vm, Some(&format!("not placed: {why}")))
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What [`decide`] did with a pending VM.
+pub enum Placement {
+    /// Capacity is committed in the engine on `host_id` and the VM's status
+    /// says `scheduled` there; the caller stores it, and releases the
+    /// capacity (`Placement::release`) if that fails.
+    Placed { host_id: String, event: String },
+    /// Nothing fits; `placement_reason` holds why (`changed` when that is
+    /// news).
+    Unplaced { why: String, changed: bool },
+}
+
+/// Places a pending VM through the engine and fills in its status; stores
+/// nothing. Used by the scheduler's passes and by `POST /vms`, which places
+/// a VM at once so that creating and scheduling it is one durable write.
+pub async fn decide(app: &App, vm: &mut Vm) -> ApiResult<Placement> {
+    let outcome = match placement::request(vm, app.placement.config.weights) {
         Err(e) => Err(format!("invalid placement rules: {e}")),
         Ok(req) => {
             app.placement
@@ -138,8 +171,13 @@ async fn place_one(app: &App, id: String) -> ApiResult<()> {
     match outcome {
         Ok(d) => {
             let Some(h) = app.hosts.get(&d.host) else {
+                // The engine knows a host the index does not: rebuild it.
+                app.placement.release(&vm.id);
                 app.placement.invalidate();
-                return Ok(());
+                return Ok(Placement::Unplaced {
+                    why: format!("host {} is gone; retrying", d.host),
+                    changed: false,
+                });
             };
             vm.status.phase = VmPhase::Scheduled;
             vm.status.host_id = Some(h.id.clone());
@@ -151,25 +189,20 @@ async fn place_one(app: &App, id: String) -> ApiResult<()> {
             vm.status.placement_reason = Some(d.reason.clone());
             vm.status.last_error = None;
             vm.updated_at = Utc::now();
-            if let Err(e) = app
-                .update_vm(&vm, Some(&format!("scheduled: {}", d.reason)))
-                .await
-            {
-                app.placement.invalidate();
-                return Err(e.into());
-            }
-            app.mark_host(&h.id);
+            Ok(Placement::Placed {
+                host_id: h.id.clone(),
+                event: format!("scheduled: {}", d.reason),
+            })
         }
         Err(why) => {
-            if vm.status.placement_reason.as_deref() != Some(why.as_str()) {
+            let changed = vm.status.placement_reason.as_deref() != Some(why.as_str());
+            if changed {
                 vm.status.placement_reason = Some(why.clone());
                 vm.updated_at = Utc::now();
-                app.update_vm(&vm, Some(&format!("not placed: {why}")))
-                    .await?;
             }
+            Ok(Placement::Unplaced { why, changed })
         }
     }
-    Ok(())
 }
 
 /// The VMs a host should run, as the agent protocol carries them: those

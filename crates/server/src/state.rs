@@ -51,9 +51,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Stores a new VM, indexes it and tells watchers.
-    pub async fn create_vm(&self, vm: &virt8ra_api::Vm, event: &str) -> virt8ra_store::Result<()> {
-        self.store.create_vm(vm, event).await?;
+    /// Stores a new VM with its first events, indexes it and tells watchers.
+    pub async fn create_vm(
+        &self,
+        vm: &virt8ra_api::Vm,
+        events: &[&str],
+    ) -> virt8ra_store::Result<()> {
+        self.store.create_vm(vm, events).await?;
         self.vms.put(vm);
         self.publish_vm(vm);
         Ok(())

@@ -16,9 +16,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport, VmPhase};
 
+mod cached;
 pub mod migrations;
 mod sqlite;
 
+pub use cached::CachedStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -149,8 +151,9 @@ pub trait Store: Send + Sync + 'static {
     async fn update_image(&self, i: &Image) -> Result<()>;
 
     // VMs
-    /// Creates the VM with its first event.
-    async fn create_vm(&self, vm: &Vm, event: &str) -> Result<()>;
+    /// Creates the VM with its first events (e.g. created, then scheduled
+    /// when it was placed at once), in one transaction.
+    async fn create_vm(&self, vm: &Vm, events: &[&str]) -> Result<()>;
     /// Replaces the VM; appends an event when `event` is given (atomically).
     async fn update_vm(&self, vm: &Vm, event: Option<&str>) -> Result<()>;
     async fn get_vm(&self, key: &str) -> Result<Vm>;

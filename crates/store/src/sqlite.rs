@@ -36,10 +36,23 @@ pub struct SqliteStore {
     /// the writer.
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
+    /// Dropped with the last clone of the store, which ends the
+    /// checkpointer thread.
+    _checkpointer: Option<Arc<std::sync::mpsc::Sender<()>>>,
 }
 
 /// Read connections per store.
 const READERS: usize = 4;
+
+/// The writer connection's page cache.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+
+/// How often the checkpointer copies the WAL back into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// WAL frames (pages of 4 KiB) past which the checkpointer makes SQLite
+/// start the WAL over: 64 MiB.
+const WAL_RESTART_FRAMES: i64 = 16 * 1024;
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Db(e.to_string())
@@ -77,6 +90,13 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore> {
         let mut conn = Connection::open(path).map_err(db)?;
         configure(&conn)?;
+        // The writer's page cache holds the hot part of the tables (with
+        // time-ordered ids, the recent end); checkpoints run on their own
+        // thread, not inside the writer's commits.
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+            .map_err(db)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(db)?;
         migrate(&mut conn)?;
         let mut readers = Vec::new();
         for _ in 0..READERS {
@@ -84,7 +104,14 @@ impl SqliteStore {
             configure(&r)?;
             readers.push(r);
         }
-        Self::start(conn, readers)
+        let ckpt = Connection::open(path).map_err(db)?;
+        configure(&ckpt)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("virt8ra-store-checkpoint".into())
+            .spawn(move || checkpointer(ckpt, stopped))
+            .map_err(|e| StoreError::Db(format!("cannot start the checkpoint thread: {e}")))?;
+        Self::start(conn, readers, Some(Arc::new(stop)))
     }
 
     /// A private in-memory database, for tests.
@@ -92,10 +119,14 @@ impl SqliteStore {
         let mut conn = Connection::open_in_memory().map_err(db)?;
         configure(&conn)?;
         migrate(&mut conn)?;
-        Self::start(conn, Vec::new())
+        Self::start(conn, Vec::new(), None)
     }
 
-    fn start(conn: Connection, readers: Vec<Connection>) -> Result<SqliteStore> {
+    fn start(
+        conn: Connection,
+        readers: Vec<Connection>,
+        checkpointer: Option<Arc<std::sync::mpsc::Sender<()>>>,
+    ) -> Result<SqliteStore> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("virt8ra-store-writer".into())
@@ -105,6 +136,7 @@ impl SqliteStore {
             writer: tx,
             readers: Arc::new(readers.into_iter().map(Mutex::new).collect()),
             next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            _checkpointer: checkpointer,
         })
     }
 
@@ -207,6 +239,40 @@ fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
                 Ok(()) => Ok(()),
                 Err(e) => Err(StoreError::Db(format!("commit: {e}"))),
             });
+        }
+    }
+}
+
+/// The checkpointer thread. Every second it copies what the WAL holds back
+/// into the database file in PASSIVE mode, which never blocks the writer or
+/// readers. Under continuous writes a passive checkpoint never catches up
+/// with the end of the WAL, and SQLite starts the WAL over only after a
+/// checkpoint covered all of it, so once the WAL passes
+/// [`WAL_RESTART_FRAMES`] a RESTART checkpoint holds the writer back for the
+/// little the passive rounds left and lets the next write start the WAL
+/// over (the file is then cut to `journal_size_limit`). SQLite's automatic
+/// checkpoint would do all of this work inside a commit on the writer
+/// thread, stalling every write queued behind it. Ends when the store is
+/// dropped (its end of `stop` goes away).
+fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    // `wal_checkpoint` answers (busy, frames in the WAL, frames copied).
+    let checkpoint = |mode: &str| {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            r.get::<_, i64>(1)
+        })
+    };
+    loop {
+        match stop.recv_timeout(CHECKPOINT_EVERY) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let r = match checkpoint("PASSIVE") {
+            Ok(frames) if frames > WAL_RESTART_FRAMES => checkpoint("RESTART"),
+            other => other,
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
         }
     }
 }
@@ -628,11 +694,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_vm(&self, vm: &Vm, event: &str) -> Result<()> {
+    async fn create_vm(&self, vm: &Vm, events: &[&str]) -> Result<()> {
         // Encoded here, not on the writer thread, which every write shares.
         let body = to_json(vm)?;
         let vm = vm.clone();
-        let event = event.to_string();
+        let events: Vec<String> = events.iter().map(|e| e.to_string()).collect();
         self.write(move |c| {
             let tx = c.savepoint().map_err(db)?;
             tx.execute(
@@ -651,7 +717,9 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(|e| conflict_or_db(e, || format!("VM '{}' already exists", vm.name)))?;
-            insert_event(&tx, &vm, &event)?;
+            for e in &events {
+                insert_event(&tx, &vm, e)?;
+            }
             tx.commit().map_err(db)
         })
         .await
@@ -1102,16 +1170,16 @@ mod tests {
     async fn deleted_vm_frees_its_name_and_keeps_history() {
         let s = SqliteStore::in_memory().unwrap();
         let mut a = vm("web");
-        s.create_vm(&a, "created").await.unwrap();
+        s.create_vm(&a, &["created"]).await.unwrap();
         let mut dup = vm("web");
         dup.id = "other".into();
         assert!(matches!(
-            s.create_vm(&dup, "x").await.unwrap_err(),
+            s.create_vm(&dup, &["x"]).await.unwrap_err(),
             StoreError::Conflict(_)
         ));
         a.status.phase = VmPhase::Deleted;
         s.update_vm(&a, Some("deleted")).await.unwrap();
-        s.create_vm(&dup, "created again").await.unwrap();
+        s.create_vm(&dup, &["created again"]).await.unwrap();
         assert_eq!(s.get_vm("web").await.unwrap().id, "other");
         let ev = s.vm_events("vm-web").await.unwrap();
         assert_eq!(ev.len(), 2);

@@ -268,7 +268,7 @@ fn hosts_share_one_connection_and_each_needs_its_own_credential() {
     let hello = AgentMessage::Hello {
         protocol: PROTOCOL_VERSION,
         min_protocol: MIN_PROTOCOL_VERSION,
-        inventory: inventory.clone(),
+        inventory: Box::new(inventory.clone()),
     };
     let (a, b) = rt.block_on(async {
         let mut links = Vec::new();

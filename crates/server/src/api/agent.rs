@@ -20,7 +20,7 @@ use virt8ra_store::{TokenKind, TokenRecord};
 use super::{vms, Body};
 use crate::auth::{self, HostAuth, JoinAuth};
 use crate::error::{ApiError, ApiResult};
-use crate::hub::ConsoleReply;
+use crate::hub::{ConsoleReply, Outbox};
 use crate::scheduler;
 use crate::state::App;
 
@@ -68,7 +68,7 @@ pub async fn join(
     };
     app.store.create_host(&host, &rec, &token.id).await?;
     app.hosts.put(&host);
-    app.placement.invalidate();
+    app.placement.upsert_host(&app, &host);
     tracing::info!(host = %host.name, site = %site.name, "host joined");
     Ok((
         StatusCode::CREATED,
@@ -103,7 +103,7 @@ pub async fn connect(
 /// transport-independent [`host_session`].
 async fn session(app: App, host_id: String, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    let (in_tx, in_rx) = mpsc::channel::<AgentMessage>(INBOX);
+    let (in_tx, in_rx) = flume::bounded::<AgentMessage>(INBOX);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ServerMessage>();
     let writer = tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
@@ -130,7 +130,7 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
                 };
                 match serde_json::from_str::<AgentMessage>(&text) {
                     Ok(m) => {
-                        if in_tx.send(m).await.is_err() {
+                        if in_tx.send_async(m).await.is_err() {
                             break;
                         }
                     }
@@ -141,14 +141,16 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
             }
         })
     };
-    host_session(&app, &host_id, in_rx, out_tx).await;
+    host_session(&app, &host_id, in_rx, Outbox::Direct(out_tx)).await;
     reader.abort();
     // The writer ends once every sender is gone (the hub's went with the
     // unregistration); give it a moment to flush a rejection.
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
 
-/// Messages queued per host before its transport waits.
+/// Messages queued per host before its transport waits. A flume channel,
+/// not tokio's: tokio's allocates a block of 32 messages per channel up
+/// front, 4 KiB per host at 100,000 hosts; flume's queue grows on demand.
 const INBOX: usize = 1024;
 
 /// One host's session over any transport (its own WebSocket, or a channel
@@ -157,21 +159,21 @@ const INBOX: usize = 1024;
 async fn host_session(
     app: &App,
     host_id: &str,
-    mut inbox: mpsc::Receiver<AgentMessage>,
-    outbox: mpsc::UnboundedSender<ServerMessage>,
+    inbox: flume::Receiver<AgentMessage>,
+    outbox: Outbox,
 ) {
     let reject = |reason: String| {
         let _ = outbox.send(ServerMessage::Reject { reason });
     };
     // 1. Hello and version negotiation.
     let (min, max, inventory) =
-        match tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await {
-            Ok(Some(AgentMessage::Hello {
+        match tokio::time::timeout(Duration::from_secs(10), inbox.recv_async()).await {
+            Ok(Ok(AgentMessage::Hello {
                 protocol,
                 min_protocol,
                 inventory,
             })) => (min_protocol, protocol, inventory),
-            Ok(Some(_)) => return reject("the first message must be hello".into()),
+            Ok(Ok(_)) => return reject("the first message must be hello".into()),
             _ => return,
         };
     let Some(version) = negotiate(min, max) else {
@@ -183,12 +185,12 @@ async fn host_session(
     // 2. Record the inventory (it may have changed since the join).
     match app.host(host_id) {
         Ok(mut h) => {
-            h.inventory = inventory;
+            h.inventory = *inventory;
             h.last_heartbeat = Some(Utc::now());
-            if let Err(e) = app.update_host(&h).await {
+            if let Err(e) = Box::pin(app.update_host(&h)).await {
                 tracing::warn!(error = %e, "recording host inventory");
             }
-            app.placement.invalidate();
+            app.placement.upsert_host(app, &h);
             tracing::info!(host = %h.name, protocol = version, "agent connected");
         }
         Err(e) => return reject(e.to_string()),
@@ -203,7 +205,9 @@ async fn host_session(
         heartbeat_interval_s: app.heartbeat_interval.as_secs().max(1),
     });
     drop(outbox);
-    if let Err(e) = scheduler::sync_host(app, host_id).await {
+    // Boxed, here and below: a session lives as long as its host is
+    // connected, and inlining these futures made each session's task 7 KiB.
+    if let Err(e) = Box::pin(scheduler::sync_host(app, host_id)).await {
         tracing::warn!(error = %e, "sending desired state");
     }
     app.wake.notify_one();
@@ -213,9 +217,9 @@ async fn host_session(
     //    one batch (see `handle_batch`).
     let silence = app.liveness_window() * 2;
     loop {
-        let first = match tokio::time::timeout(silence, inbox.recv()).await {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
+        let first = match tokio::time::timeout(silence, inbox.recv_async()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(_)) => break,
             Err(_) => {
                 tracing::warn!(host = %host_id, "agent silent; closing its channel");
                 break;
@@ -228,13 +232,13 @@ async fn host_session(
                 Err(_) => break,
             }
         }
-        handle_batch(app, host_id, batch).await;
+        Box::pin(handle_batch(app, host_id, batch)).await;
     }
 
     if app.hub.unregister(host_id, conn) {
         if let Ok(mut h) = app.host(host_id) {
             h.last_heartbeat = Some(Utc::now());
-            let _ = app.update_host(&h).await;
+            let _ = Box::pin(app.update_host(&h)).await;
         }
         tracing::info!(host = %host_id, "agent disconnected");
     }
@@ -289,7 +293,7 @@ async fn mux_session(app: App, socket: WebSocket) {
         }
         let _ = sink.close().await;
     });
-    let mut channels: HashMap<u32, mpsc::Sender<AgentMessage>> = HashMap::new();
+    let mut channels: HashMap<u32, flume::Sender<AgentMessage>> = HashMap::new();
     let mut sessions = tokio::task::JoinSet::new();
     while let Some(Ok(msg)) = stream.next().await {
         let text = match msg {
@@ -309,7 +313,7 @@ async fn mux_session(app: App, socket: WebSocket) {
                 let closed = |reason: String| {
                     let _ = down_tx.send(MuxDown::Closed { ch, reason });
                 };
-                if channels.get(&ch).is_some_and(|tx| tx.is_closed()) {
+                if channels.get(&ch).is_some_and(|tx| tx.is_disconnected()) {
                     channels.remove(&ch);
                 }
                 if channels.contains_key(&ch) {
@@ -334,24 +338,16 @@ async fn mux_session(app: App, socket: WebSocket) {
                     closed("not a host credential, or the host was deleted".into());
                     continue;
                 };
-                let (in_tx, in_rx) = mpsc::channel::<AgentMessage>(INBOX);
-                let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ServerMessage>();
+                let (in_tx, in_rx) = flume::bounded::<AgentMessage>(INBOX);
                 channels.insert(ch, in_tx);
                 let (app, down) = (app.clone(), down_tx.clone());
                 sessions.spawn(async move {
-                    let forward = {
-                        let down = down.clone();
-                        tokio::spawn(async move {
-                            while let Some(msg) = out_rx.recv().await {
-                                if down.send(MuxDown::Msg { ch, msg }).is_err() {
-                                    break;
-                                }
-                            }
-                        })
+                    let outbox = Outbox::Mux {
+                        ch,
+                        down: down.clone(),
                     };
-                    host_session(&app, &host_id, in_rx, out_tx).await;
-                    // Let queued answers (a rejection) go out before the close.
-                    let _ = tokio::time::timeout(Duration::from_secs(5), forward).await;
+                    host_session(&app, &host_id, in_rx, outbox).await;
+                    // After anything the session queued (a rejection).
                     let _ = down.send(MuxDown::Closed {
                         ch,
                         reason: "session ended".into(),
@@ -360,7 +356,7 @@ async fn mux_session(app: App, socket: WebSocket) {
             }
             MuxUp::Msg { ch, msg } => {
                 let gone = match channels.get(&ch) {
-                    Some(tx) => tx.send(*msg).await.is_err(),
+                    Some(tx) => tx.send_async(*msg).await.is_err(),
                     None => {
                         let _ = down_tx.send(MuxDown::Closed {
                             ch,
@@ -411,12 +407,21 @@ async fn handle_batch(app: &App, host_id: &str, msgs: Vec<AgentMessage>) {
             AgentMessage::Heartbeat {
                 usage,
                 vms,
+                vms_unchanged,
                 migrations,
                 ..
             } => {
                 app.hub.heartbeat(host_id, usage);
                 for r in migrations {
                     handle_migration_report(app, host_id, r).await;
+                }
+                if vms_unchanged {
+                    // A quiet heartbeat (v3): nothing changed. When this
+                    // host's list of VMs is needed, ask for it.
+                    if app.has_deletions(host_id) || app.migrations.waits_on(host_id) {
+                        app.hub.send(host_id, ServerMessage::ReportRequest);
+                    }
+                    continue;
                 }
                 present = Some(
                     vms.iter()
@@ -462,35 +467,9 @@ async fn handle_batch(app: &App, host_id: &str, msgs: Vec<AgentMessage>) {
 async fn handle(app: &App, host_id: &str, msg: AgentMessage) -> ApiResult<()> {
     match msg {
         AgentMessage::Hello { .. } => {}
-        AgentMessage::Heartbeat {
-            usage,
-            vms,
-            migrations,
-            ..
-        } => {
-            app.hub.heartbeat(host_id, usage);
-            for r in migrations {
-                handle_migration_report(app, host_id, r).await;
-            }
-            for r in &vms {
-                vms::apply_report(app, host_id, r).await?;
-            }
-            let present: Vec<String> = vms
-                .iter()
-                .filter(|r| r.phase != virt8ra_api::protocol::AgentVmPhase::Deleted)
-                .map(|r| r.id.clone())
-                .collect();
-            app.migrations.note_present(host_id, &present);
-            vms::confirm_deletions(app, host_id, &present).await?;
-        }
-        AgentMessage::MigrationReport(r) => handle_migration_report(app, host_id, r).await,
-        AgentMessage::VmReport(r) => {
-            vms::apply_report(app, host_id, &r).await?;
-            if r.phase == virt8ra_api::protocol::AgentVmPhase::Deleted {
-                app.migrations.note_gone(host_id, &r.id);
-                app.wake.notify_one();
-            }
-        }
+        // Taken in batches by `handle_batch`.
+        AgentMessage::Heartbeat { .. } | AgentMessage::VmReport(_) => {}
+        AgentMessage::MigrationReport(r) => handle_migration_report(app, host_id, *r).await,
         AgentMessage::ConsoleData {
             request_id,
             data,

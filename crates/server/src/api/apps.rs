@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use virt8ra_api::{
     validate, App as AppView, AppCreate, AppLocation, AppVm, LocationKind, PlacementConstraints,
-    PowerState, Vm, VmCreate, VmPhase, VmStatus,
+    PowerState, Vm, VmCreate, VmPhase,
 };
 
 use super::Body;
@@ -344,40 +344,14 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         .map(|(loc, vc)| {
             let mut vc = vc.clone();
             vc.image = image.name.clone();
-            let vm = Vm {
-                id: uuid::Uuid::new_v4().to_string(),
-                name: vc.name.clone(),
-                spec: vc.spec(),
-                power: PowerState::Running,
-                reboot_generation: 0,
-                stop_timeout_s: 30,
-                status: VmStatus {
-                    phase: VmPhase::Pending,
-                    host: None,
-                    host_id: None,
-                    site: None,
-                    provider: None,
-                    country: None,
-                    image_id: Some(image.id.clone()),
-                    placement_reason: None,
-                    last_error: None,
-                    ports: vec![],
-                    started_at: None,
-                    hypervisor: None,
-                    machine: None,
-                    migration: None,
-                },
-                labels: vc.labels.clone(),
-                created_at: now,
-                updated_at: now,
-            };
+            let vm = super::vms::new_vm(&vc.name, vc.spec(), true, vc.labels.clone(), &image.id);
             rec.vms.push((vm.id.clone(), loc.clone()));
             vm
         })
         .collect();
     save(app, &rec).await?;
     for vm in &vms {
-        app.create_vm(vm, &format!("created by app {}", rec.name))
+        app.create_vm(vm, &[&format!("created by app {}", rec.name)])
             .await?;
     }
     app.wake.notify_one();

@@ -115,7 +115,7 @@ pub async fn update(
         h.memory_overcommit = req.memory_overcommit;
     }
     app.update_host(&h).await?;
-    app.placement.invalidate();
+    app.placement.upsert_host(&app, &h);
     app.wake.notify_one();
     Ok(Json(load(&app, &h.id).await?))
 }

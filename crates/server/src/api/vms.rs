@@ -101,19 +101,64 @@ pub async fn create(
             return Err(missing_ref("provider", p, "provider"));
         }
     }
+    let mut vm = new_vm(
+        &req.name,
+        req.spec(),
+        req.start,
+        req.labels.clone(),
+        &image.id,
+    );
+    // Placed at once when it fits, so that the VM is created and scheduled
+    // in one durable write; otherwise it stays pending with the reason and
+    // the scheduler retries it.
+    let mut events = vec!["created".to_string()];
+    let placed = match crate::scheduler::decide(&app, &mut vm).await? {
+        crate::scheduler::Placement::Placed { host_id, event } => {
+            events.push(event);
+            Some(host_id)
+        }
+        crate::scheduler::Placement::Unplaced { why, .. } => {
+            events.push(format!("not placed: {why}"));
+            None
+        }
+    };
+    let events: Vec<&str> = events.iter().map(String::as_str).collect();
+    if let Err(e) = app.create_vm(&vm, &events).await {
+        if placed.is_some() {
+            app.placement.release(&vm.id);
+        }
+        return Err(e.into());
+    }
+    if let Some(h) = &placed {
+        app.mark_host(h);
+    }
+    app.wake.notify_one();
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+/// A new VM in phase `pending`. Its id is a UUIDv7: ids grow with time, so
+/// lists (ordered by id) come in creation order and the store's inserts
+/// land at the end of its indexes instead of at random pages.
+pub fn new_vm(
+    name: &str,
+    spec: virt8ra_api::VmSpec,
+    start: bool,
+    labels: std::collections::BTreeMap<String, String>,
+    image_id: &str,
+) -> Vm {
     let now = Utc::now();
-    let vm = Vm {
-        id: uuid::Uuid::new_v4().to_string(),
-        name: req.name.clone(),
-        spec: req.spec(),
-        power: if req.start {
+    Vm {
+        id: uuid::Uuid::now_v7().to_string(),
+        name: name.to_string(),
+        spec,
+        power: if start {
             PowerState::Running
         } else {
             PowerState::Stopped
         },
         reboot_generation: 0,
         stop_timeout_s: DEFAULT_STOP_TIMEOUT_S,
-        labels: req.labels.clone(),
+        labels,
         status: VmStatus {
             phase: VmPhase::Pending,
             host: None,
@@ -121,7 +166,7 @@ pub async fn create(
             site: None,
             provider: None,
             country: None,
-            image_id: Some(image.id),
+            image_id: Some(image_id.to_string()),
             placement_reason: None,
             last_error: None,
             ports: vec![],
@@ -132,10 +177,7 @@ pub async fn create(
         },
         created_at: now,
         updated_at: now,
-    };
-    app.create_vm(&vm, "created").await?;
-    app.wake.notify_one();
-    Ok((StatusCode::CREATED, Json(vm)))
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{key}", tag = "vms",

@@ -1,0 +1,485 @@
+//! A caching decorator over any [`Store`]: the small, hot collections in
+//! memory.
+//!
+//! Every API call authenticates a token, and every VM create resolves its
+//! image and the site or provider it is pinned to. Those are a few hundred
+//! rows at most (images, sites, providers) plus one token per host, read
+//! thousands of times a second under load; going to the database for each
+//! read costs a blocking-pool round trip and a query. [`CachedStore`] keeps
+//! them in memory and forwards everything else untouched.
+//!
+//! - Providers, sites and images are loaded whole when the store opens and
+//!   written through: the cache is updated after the inner store committed,
+//!   under one lock per collection held across the write, so the cache sees
+//!   writes in their durable order.
+//! - Tokens are cached on first use, admin and host tokens only (a join
+//!   token's remaining uses change with every join, so those are always read
+//!   from the database). A deleted host's tokens leave the cache with it.
+//!
+//! This assumes one control plane process owns the database (true of the
+//! embedded SQLite store). A highly available control plane with several
+//! processes on one database would invalidate through the database's
+//! change notifications instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport};
+
+use crate::{Result, Store, StoreError, TokenKind, TokenRecord, VmFilter};
+
+/// A resource kept in a [`Catalog`]: found by id or name, listed by name.
+trait Named: Clone {
+    fn id(&self) -> &str;
+    fn name(&self) -> &str;
+}
+
+macro_rules! named {
+    ($($t:ty),*) => {$(
+        impl Named for $t {
+            fn id(&self) -> &str { &self.id }
+            fn name(&self) -> &str { &self.name }
+        }
+    )*};
+}
+named!(Provider, Site, Image);
+
+/// One collection: ordered by name (the store's list order), with an id
+/// lookup.
+struct Catalog<T> {
+    by_name: BTreeMap<String, T>,
+    /// id -> name
+    names: HashMap<String, String>,
+}
+
+impl<T: Named> Catalog<T> {
+    fn new(items: Vec<T>) -> Catalog<T> {
+        let mut c = Catalog {
+            by_name: BTreeMap::new(),
+            names: HashMap::new(),
+        };
+        for i in items {
+            c.put(i);
+        }
+        c
+    }
+
+    fn put(&mut self, item: T) {
+        if let Some(old) = self
+            .names
+            .insert(item.id().to_string(), item.name().to_string())
+        {
+            if old != item.name() {
+                self.by_name.remove(&old);
+            }
+        }
+        self.by_name.insert(item.name().to_string(), item);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(name) = self.names.remove(id) {
+            self.by_name.remove(&name);
+        }
+    }
+
+    /// By id, or by name (as the database's `id = ?1 OR name = ?1`).
+    fn get(&self, key: &str) -> Option<&T> {
+        match self.names.get(key) {
+            Some(name) => self.by_name.get(name),
+            None => self.by_name.get(key),
+        }
+    }
+
+    fn list(&self) -> Vec<T> {
+        self.by_name.values().cloned().collect()
+    }
+}
+
+struct Cached<T> {
+    items: RwLock<Catalog<T>>,
+    /// Held across a write to the inner store and the cache update after
+    /// it, so that two writes of the same collection reach the cache in the
+    /// order they became durable.
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl<T: Named> Cached<T> {
+    fn new(items: Vec<T>) -> Cached<T> {
+        Cached {
+            items: RwLock::new(Catalog::new(items)),
+            writes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Catalog<T>> {
+        // Updates are single map operations that leave the maps consistent,
+        // so a poisoned lock is still usable.
+        self.items.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Catalog<T>> {
+        self.items.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, kind: &'static str, key: &str) -> Result<T> {
+        self.read()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found(kind, key))
+    }
+}
+
+pub struct CachedStore<S> {
+    inner: S,
+    providers: Cached<Provider>,
+    sites: Cached<Site>,
+    images: Cached<Image>,
+    /// Admin and host tokens by hash.
+    tokens: RwLock<HashMap<String, TokenRecord>>,
+}
+
+fn cacheable(t: &TokenRecord) -> bool {
+    matches!(t.kind, TokenKind::Admin | TokenKind::Host)
+}
+
+impl<S: Store> CachedStore<S> {
+    /// Wraps `inner`, loading its providers, sites and images.
+    pub async fn new(inner: S) -> Result<CachedStore<S>> {
+        Ok(CachedStore {
+            providers: Cached::new(inner.list_providers().await?),
+            sites: Cached::new(inner.list_sites().await?),
+            images: Cached::new(inner.list_images().await?),
+            tokens: RwLock::new(HashMap::new()),
+            inner,
+        })
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn tokens(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, TokenRecord>> {
+        self.tokens.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl<S: Store> Store for CachedStore<S> {
+    async fn create_provider(&self, p: &Provider) -> Result<()> {
+        let _w = self.providers.writes.lock().await;
+        self.inner.create_provider(p).await?;
+        self.providers.write().put(p.clone());
+        Ok(())
+    }
+
+    async fn list_providers(&self) -> Result<Vec<Provider>> {
+        Ok(self.providers.read().list())
+    }
+
+    async fn get_provider(&self, key: &str) -> Result<Provider> {
+        self.providers.get("provider", key)
+    }
+
+    async fn delete_provider(&self, id: &str) -> Result<()> {
+        let _w = self.providers.writes.lock().await;
+        self.inner.delete_provider(id).await?;
+        self.providers.write().remove(id);
+        Ok(())
+    }
+
+    async fn update_provider(&self, p: &Provider) -> Result<()> {
+        let _w = self.providers.writes.lock().await;
+        self.inner.update_provider(p).await?;
+        self.providers.write().put(p.clone());
+        Ok(())
+    }
+
+    async fn create_site(&self, s: &Site) -> Result<()> {
+        let _w = self.sites.writes.lock().await;
+        self.inner.create_site(s).await?;
+        self.sites.write().put(s.clone());
+        Ok(())
+    }
+
+    async fn list_sites(&self) -> Result<Vec<Site>> {
+        Ok(self.sites.read().list())
+    }
+
+    async fn get_site(&self, key: &str) -> Result<Site> {
+        self.sites.get("site", key)
+    }
+
+    async fn delete_site(&self, id: &str) -> Result<()> {
+        let _w = self.sites.writes.lock().await;
+        self.inner.delete_site(id).await?;
+        self.sites.write().remove(id);
+        Ok(())
+    }
+
+    async fn update_site(&self, s: &Site) -> Result<()> {
+        let _w = self.sites.writes.lock().await;
+        self.inner.update_site(s).await?;
+        self.sites.write().put(s.clone());
+        Ok(())
+    }
+
+    async fn create_host(
+        &self,
+        h: &Host,
+        host_token: &TokenRecord,
+        join_token_id: &str,
+    ) -> Result<()> {
+        self.inner.create_host(h, host_token, join_token_id).await?;
+        if cacheable(host_token) {
+            self.tokens()
+                .insert(host_token.hash.clone(), host_token.clone());
+        }
+        Ok(())
+    }
+
+    async fn update_host(&self, h: &Host) -> Result<()> {
+        self.inner.update_host(h).await
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<Host>> {
+        self.inner.list_hosts().await
+    }
+
+    async fn get_host(&self, key: &str) -> Result<Host> {
+        self.inner.get_host(key).await
+    }
+
+    async fn delete_host(&self, id: &str) -> Result<()> {
+        // Out of the cache before the delete (a token must not outlive its
+        // host, even between the commit and the cache update) and after it
+        // (a lookup that read the token before the delete may have cached
+        // it meanwhile; `find_token` re-checks host tokens it caches).
+        let forget = || {
+            self.tokens()
+                .retain(|_, t| t.host_id.as_deref() != Some(id))
+        };
+        forget();
+        let r = self.inner.delete_host(id).await;
+        forget();
+        r
+    }
+
+    async fn create_image(&self, i: &Image) -> Result<()> {
+        let _w = self.images.writes.lock().await;
+        self.inner.create_image(i).await?;
+        self.images.write().put(i.clone());
+        Ok(())
+    }
+
+    async fn list_images(&self) -> Result<Vec<Image>> {
+        Ok(self.images.read().list())
+    }
+
+    async fn get_image(&self, key: &str) -> Result<Image> {
+        self.images.get("image", key)
+    }
+
+    async fn delete_image(&self, id: &str) -> Result<()> {
+        let _w = self.images.writes.lock().await;
+        self.inner.delete_image(id).await?;
+        self.images.write().remove(id);
+        Ok(())
+    }
+
+    async fn update_image(&self, i: &Image) -> Result<()> {
+        let _w = self.images.writes.lock().await;
+        self.inner.update_image(i).await?;
+        self.images.write().put(i.clone());
+        Ok(())
+    }
+
+    async fn create_vm(&self, vm: &Vm, events: &[&str]) -> Result<()> {
+        self.inner.create_vm(vm, events).await
+    }
+
+    async fn update_vm(&self, vm: &Vm, event: Option<&str>) -> Result<()> {
+        self.inner.update_vm(vm, event).await
+    }
+
+    async fn get_vm(&self, key: &str) -> Result<Vm> {
+        self.inner.get_vm(key).await
+    }
+
+    async fn list_vms(&self, f: &VmFilter) -> Result<Vec<Vm>> {
+        self.inner.list_vms(f).await
+    }
+
+    async fn vm_events(&self, vm_id: &str) -> Result<Vec<VmEvent>> {
+        self.inner.vm_events(vm_id).await
+    }
+
+    async fn create_migration(&self, m: &Migration, vm: &Vm, event: &str) -> Result<()> {
+        self.inner.create_migration(m, vm, event).await
+    }
+
+    async fn update_migration(
+        &self,
+        m: &Migration,
+        vm: Option<&Vm>,
+        event: Option<&str>,
+    ) -> Result<()> {
+        self.inner.update_migration(m, vm, event).await
+    }
+
+    async fn get_migration(&self, id: &str) -> Result<Migration> {
+        self.inner.get_migration(id).await
+    }
+
+    async fn list_migrations(&self, vm_id: Option<&str>, active: bool) -> Result<Vec<Migration>> {
+        self.inner.list_migrations(vm_id, active).await
+    }
+
+    async fn put_export(&self, e: &VmExport) -> Result<()> {
+        self.inner.put_export(e).await
+    }
+
+    async fn get_export(&self, id: &str) -> Result<VmExport> {
+        self.inner.get_export(id).await
+    }
+
+    async fn create_token(&self, t: &TokenRecord) -> Result<()> {
+        self.inner.create_token(t).await?;
+        if cacheable(t) {
+            self.tokens().insert(t.hash.clone(), t.clone());
+        }
+        Ok(())
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        let hit = self
+            .tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(hash)
+            .cloned();
+        if hit.is_some() {
+            return Ok(hit);
+        }
+        let found = self.inner.find_token(hash).await?;
+        if let Some(t) = found.as_ref().filter(|t| cacheable(t)) {
+            // A host deleted while this read ran must not come back: cache
+            // the token only while its host still has it in the database.
+            self.tokens().insert(t.hash.clone(), t.clone());
+            if t.kind == TokenKind::Host && self.inner.find_token(hash).await?.is_none() {
+                self.tokens().remove(hash);
+                return Ok(None);
+            }
+        }
+        Ok(found)
+    }
+
+    async fn count_tokens(&self, kind: TokenKind) -> Result<usize> {
+        self.inner.count_tokens(kind).await
+    }
+
+    async fn put_doc(&self, kind: &str, id: &str, name: &str, body: &str) -> Result<()> {
+        self.inner.put_doc(kind, id, name, body).await
+    }
+
+    async fn get_doc(&self, kind: &str, key: &str) -> Result<Option<String>> {
+        self.inner.get_doc(kind, key).await
+    }
+
+    async fn list_docs(&self, kind: &str) -> Result<Vec<String>> {
+        self.inner.list_docs(kind).await
+    }
+
+    async fn delete_doc(&self, kind: &str, id: &str) -> Result<bool> {
+        self.inner.delete_doc(kind, id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SqliteStore;
+    use chrono::Utc;
+
+    fn provider(id: &str, name: &str, country: &str) -> Provider {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "name": name, "country": country, "jurisdiction": "EU",
+            "created_at": Utc::now(),
+        }))
+        .expect("provider")
+    }
+
+    #[tokio::test]
+    async fn catalogs_follow_writes_and_list_by_name() {
+        let inner = SqliteStore::in_memory().expect("store");
+        inner
+            .create_provider(&provider("p1", "zeta", "DE"))
+            .await
+            .expect("create");
+        let s = CachedStore::new(inner).await.expect("cached");
+        s.create_provider(&provider("p2", "alpha", "ES"))
+            .await
+            .expect("create");
+        let names: Vec<String> = s
+            .list_providers()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(names, ["alpha", "zeta"]);
+        assert_eq!(s.get_provider("p1").await.expect("by id").name, "zeta");
+        assert_eq!(s.get_provider("alpha").await.expect("by name").id, "p2");
+        s.update_provider(&provider("p1", "zeta", "PL"))
+            .await
+            .expect("update");
+        assert_eq!(s.get_provider("zeta").await.expect("get").country, "PL");
+        assert_eq!(
+            s.inner().get_provider("zeta").await.expect("db").country,
+            "PL"
+        );
+        // A refused write changes nothing in the cache either.
+        assert!(s
+            .create_provider(&provider("p3", "alpha", "FR"))
+            .await
+            .is_err());
+        assert!(s.get_provider("p3").await.is_err());
+        assert_eq!(s.get_provider("alpha").await.expect("get").country, "ES");
+        s.delete_provider("p2").await.expect("delete");
+        assert!(matches!(
+            s.get_provider("alpha").await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn join_tokens_are_always_read_from_the_database() {
+        let s = CachedStore::new(SqliteStore::in_memory().expect("store"))
+            .await
+            .expect("cached");
+        let tok = |id: &str, kind, hash: &str| TokenRecord {
+            id: id.into(),
+            kind,
+            hash: hash.into(),
+            site: None,
+            host_id: None,
+            expires_at: None,
+            uses_left: Some(1),
+            created_at: Utc::now(),
+        };
+        s.create_token(&tok("a", TokenKind::Admin, "ha"))
+            .await
+            .expect("admin");
+        s.create_token(&tok("j", TokenKind::Join, "hj"))
+            .await
+            .expect("join");
+        assert!(s.tokens.read().expect("lock").contains_key("ha"));
+        assert!(!s.tokens.read().expect("lock").contains_key("hj"));
+        assert_eq!(
+            s.find_token("hj").await.expect("find").map(|t| t.id),
+            Some("j".to_string())
+        );
+        assert!(!s.tokens.read().expect("lock").contains_key("hj"));
+        assert!(s.find_token("nope").await.expect("find").is_none());
+    }
+}
