@@ -177,13 +177,16 @@ impl Hub {
         })
     }
 
-    /// Hosts that heartbeated within `window`, in one pass under the lock.
-    pub fn alive_hosts(&self, window: Duration) -> std::collections::HashSet<String> {
-        self.lock()
-            .iter()
-            .filter(|(_, l)| l.last_beat.elapsed() <= window)
-            .map(|(id, _)| id.clone())
-            .collect()
+    /// Runs `f` with a test of whether a host (by id) heartbeated within
+    /// `window`, under the lock (keep `f` short: heartbeats wait for it).
+    pub fn with_alive<T>(&self, window: Duration, f: impl FnOnce(&dyn Fn(&str) -> bool) -> T) -> T {
+        let m = self.lock();
+        let now = Instant::now();
+        let alive = |id: &str| {
+            m.get(id)
+                .is_some_and(|l| now.saturating_duration_since(l.last_beat) <= window)
+        };
+        f(&alive)
     }
 
     pub fn connected_hosts(&self) -> Vec<String> {
