@@ -272,7 +272,7 @@ fn preview(k: &str) -> String {
 
 /// Standard base64 with padding (as in OpenSSH key lines); `None` if invalid.
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || s.len() % 4 != 0 {
+    if s.is_empty() || !s.len().is_multiple_of(4) {
         return None;
     }
     let val = |c: u8| -> Option<u32> {
@@ -621,7 +621,7 @@ mod tests {
         }
         let many = format!(
             r#"{{"ethernets": [{}]}}"#,
-            vec![r#"{"dhcp4": true, "match": {"name": "e"}}"#; 9].join(",")
+            [r#"{"dhcp4": true, "match": {"name": "e"}}"#; 9].join(",")
         );
         assert!(network(&net(&many)).unwrap_err().contains("at most 8"));
         // Unknown fields (e.g. parts of v2 outside the subset) are refused.

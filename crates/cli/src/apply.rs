@@ -1839,6 +1839,45 @@ mod tests {
     }
 
     #[test]
+    fn bad_keys_and_networks_name_their_line() {
+        let dir = std::env::temp_dir().join(format!("virt8ra-apply-ctx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("ctx.yaml");
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOiakisE7iP/Y3q4YCqhXcGDKYvynw8ekG2NX341waDN a@b";
+        std::fs::write(
+            &f,
+            format!(
+                "vms:\n  - name: good\n    image: i\n    ssh_authorized_keys: [\"{key}\"]\n    network:\n      ethernets:\n        - {{addresses: [10.0.2.15/24], gateway4: 10.0.2.2}}\n\
+                 \x20 - name: badkey\n    image: i\n    ssh_authorized_keys:\n      - ssh-ed25519 AAAA\n\
+                 \x20 - name: badnet\n    image: i\n    network:\n      ethernets:\n        - addresses: [10.0.2.300/24]\n\
+                 apps:\n  - name: shop\n    appliance: web\n    locations: [es]\n    ssh_authorized_keys: [\"not a key\"]\n"
+            ),
+        )
+        .expect("write");
+        let (doc, lines) = load(&f).expect("parses");
+        let mut errs = Vec::new();
+        check_entries(&doc, &lines, &mut errs);
+        assert_eq!(errs.len(), 3, "{errs:#?}");
+        let file = f.display().to_string();
+        assert!(
+            errs[0].starts_with(&format!("{file}:21: app shop: ssh_authorized_keys[0]: ")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[1].starts_with(&format!("{file}:10: vm badkey: ssh_authorized_keys[0]: ")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[2].starts_with(&format!(
+                "{file}:14: vm badnet: network.ethernets[0].addresses[0]: \"10.0.2.300/24\" is not an address"
+            )),
+            "{errs:#?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn lines_locate_entries_and_fields() {
         let text = "providers:\n  - name: a\n    country: DE\n  - name: b\n    country: XX\nvms:\n- name: v\n  image: i\n";
         let l = Lines::new(Path::new("f.yaml"), text);

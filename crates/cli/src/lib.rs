@@ -1503,3 +1503,52 @@ async fn wait_for(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOiakisE7iP/Y3q4YCqhXcGDKYvynw8ekG2NX341waDN alice@example";
+
+    #[test]
+    fn ssh_key_arguments_are_lines_or_files() {
+        let d = tempfile::tempdir().expect("dir");
+        let pubf = d.path().join("id.pub");
+        std::fs::write(&pubf, format!("{KEY}\n")).expect("write");
+        let many = d.path().join("authorized_keys");
+        let rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC6v8INylJkQCEx/FyBWvtTkbuC6DlOxFjwTZMrrIJ17xGGOVtfO/ldQlTopQERpWu4mPhwUFPYsFOorS+uaiXSQAeW5ZhGBF50qQ9qZ9gRuMR7CR6ISOXyo7kZAkXSYdSVMh6MwuFoaan6GPZFuMBFzq4I0rBOy1nE0ZyMLCw51w==";
+        std::fs::write(&many, format!("# team\n\n{rsa}\n{KEY}\n")).expect("write");
+        let args = [
+            pubf.display().to_string(),
+            format!("{KEY}\n"),
+            many.display().to_string(),
+        ];
+        assert_eq!(ssh_keys(&args).expect("keys"), vec![KEY, KEY, rsa, KEY]);
+
+        let e = ssh_keys(&["/nonexistent/id.pub".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--ssh-key /nonexistent/id.pub: not a public key line"),
+            "{e}"
+        );
+        let e = ssh_keys(&["ssh-ed25519 AAAA".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--ssh-key: \"ssh-ed25519 AAAA\""), "{e}");
+        std::fs::write(&many, format!("{KEY}\nssh-ed25519 AAAA x\n")).expect("write");
+        let e = ssh_keys(&[many.display().to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("--ssh-key {}:2: ", many.display())),
+            "{e}"
+        );
+        let empty = d.path().join("empty.pub");
+        std::fs::write(&empty, "# nothing\n").expect("write");
+        let e = ssh_keys(&[empty.display().to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds no public key"), "{e}");
+    }
+}
