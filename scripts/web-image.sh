@@ -7,7 +7,9 @@
 # port 80 serves an HTML page titled "virt8ra web appliance" that shows the
 # VM's name and site, both taken from its cloud-init NoCloud context
 # (meta-data local-hostname and virt8ra-site). The appliance's user-data
-# script (see appliances/web.json) can add to the page.
+# script (see appliances/web.json) can add to the page. Everything else of
+# the test appliance's context handling stays: SSH keys (Dropbear) and
+# network-config.
 #
 # How: the test appliance's FAT disk is unpacked with mtools, its initramfs
 # /init gets the new page, and the disk is packed again and converted to

@@ -461,6 +461,8 @@ impl Reconciler {
                 hostname: d.name.clone(),
                 site: d.site.clone(),
                 user_data: d.user_data.clone(),
+                ssh_authorized_keys: d.ssh_authorized_keys.clone(),
+                network: d.network.clone(),
             },
             machine: d.machine.clone(),
         }

@@ -193,6 +193,9 @@ pub struct AppCreate {
     /// apps it creates with `virt8ra.io/managed-by: apply`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// OpenSSH public keys every replica accepts (as `VmCreate`'s).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -252,6 +255,9 @@ pub struct App {
     pub status: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The SSH keys given to every replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
     pub created_at: DateTime<Utc>,
 }
 

@@ -169,6 +169,14 @@ pub struct DesiredVm {
     /// The site the VM runs at, for the guest's context.
     #[serde(default)]
     pub site: Option<String>,
+    /// OpenSSH public keys for the guest's context (added within v1 and v2:
+    /// absent when empty, and an older agent ignores it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// Network configuration for the guest's context (added like
+    /// `ssh_authorized_keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::NetworkConfig>,
     /// Set while the VM is being migrated or exported (v2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationRole>,
@@ -363,6 +371,34 @@ mod tests {
         };
         let v = serde_json::to_value(&m).expect("json");
         assert_eq!(v["type"], "relay_open");
+    }
+
+    #[test]
+    fn guest_context_fields_are_optional_both_ways() {
+        // From an older control plane: no keys, no network.
+        let raw = r#"{"id":"v","name":"web","vcpus":1,"memory_mib":128,"disk_gib":1,
+            "image":{"id":"i","name":"img","sha256":"00","size_bytes":1,"url_path":"/x"},
+            "power":"running","reboot_generation":0,"stop_timeout_s":30}"#;
+        let mut d: DesiredVm = serde_json::from_str(raw).expect("parse");
+        assert!(d.ssh_authorized_keys.is_empty() && d.network.is_none());
+        // Without them nothing new is sent, so an older agent sees what it knew.
+        let v = serde_json::to_value(&d).expect("json");
+        assert!(
+            v.get("ssh_authorized_keys").is_none() && v.get("network").is_none(),
+            "{v}"
+        );
+        d.ssh_authorized_keys = vec!["ssh-ed25519 AAAA k".into()];
+        d.network = Some(crate::NetworkConfig {
+            ethernets: vec![crate::EthernetConfig {
+                dhcp4: true,
+                ..Default::default()
+            }],
+        });
+        let v = serde_json::to_value(&d).expect("json");
+        assert_eq!(v["ssh_authorized_keys"][0], "ssh-ed25519 AAAA k");
+        assert_eq!(v["network"]["ethernets"][0]["dhcp4"], true);
+        let back: DesiredVm = serde_json::from_value(v).expect("back");
+        assert_eq!(back, d);
     }
 
     #[test]

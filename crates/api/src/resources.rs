@@ -493,6 +493,12 @@ pub struct VmSpec {
     /// Guest TCP ports the agent forwards to a port on the host's loopback.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// OpenSSH public keys the guest accepts (cloud-init `public-keys`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// The guest's network configuration (cloud-init network-config v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::NetworkConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -508,10 +514,18 @@ pub struct VmCreate {
     pub image: String,
     #[serde(default)]
     pub placement: PlacementConstraints,
+    /// Given to the guest verbatim (NoCloud `user-data`), at most 64 KiB.
     #[serde(default)]
     pub user_data: Option<String>,
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// OpenSSH public key lines (`TYPE BASE64 [COMMENT]`, e.g. the contents
+    /// of `~/.ssh/id_ed25519.pub`) the guest accepts for logins; at most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// The guest's network configuration; without it the image's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::NetworkConfig>,
     /// Start the VM once placed (default true).
     #[serde(default = "default_true")]
     pub start: bool,
@@ -544,6 +558,8 @@ impl VmCreate {
             placement: self.placement.clone(),
             user_data: self.user_data.clone(),
             ports: self.ports.clone(),
+            ssh_authorized_keys: self.ssh_authorized_keys.clone(),
+            network: self.network.clone(),
         }
     }
 }

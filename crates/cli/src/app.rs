@@ -29,6 +29,10 @@ pub enum AppCmd {
         /// A parameter, KEY=VALUE (repeatable).
         #[arg(long = "param")]
         params: Vec<String>,
+        /// An SSH public key every replica accepts: a .pub file or the key
+        /// line (repeatable).
+        #[arg(long = "ssh-key", value_name = "FILE_OR_LINE")]
+        ssh_keys: Vec<String>,
         /// Wait until every replica runs.
         #[arg(long)]
         wait: bool,
@@ -197,6 +201,7 @@ fn show_app(a: &App) {
                 .collect::<Vec<_>>()
                 .join(" "),
         ),
+        ("ssh keys", crate::ssh_key_summary(&a.ssh_authorized_keys)),
     ]);
     println!();
     table(
@@ -263,6 +268,7 @@ pub async fn app(c: &Client, o: Format, cmd: AppCmd) -> anyhow::Result<()> {
             locations,
             replicas_per_location,
             params,
+            ssh_keys,
             wait,
             wait_timeout,
         } => {
@@ -273,6 +279,7 @@ pub async fn app(c: &Client, o: Format, cmd: AppCmd) -> anyhow::Result<()> {
                 replicas_per_location,
                 params: parse_params(&params)?,
                 labels: BTreeMap::new(),
+                ssh_authorized_keys: crate::ssh_keys(&ssh_keys)?,
             };
             let mut a: App = c.post("/apps", &req).await?;
             if wait {

@@ -23,11 +23,13 @@
 //!   a VM's power via `start`). Image content (sha256) or architecture
 //!   changes are a `replace` (delete and import again), refused when VMs use
 //!   the image. Any other change (a site's provider or country, a VM's size,
-//!   image, placement, user data, ports or labels) is a plan error that names
+//!   image, placement, user data, SSH keys, network configuration, ports or
+//!   labels) is a plan error that names
 //!   the field: nothing is changed. With `--replace`, such a VM change is a
 //!   `replace` instead (deleted, waited for, created again: its disk is lost).
 //! - Apps: an entry has the fields of the deploy request (`appliance`,
-//!   `name`, `locations`, `replicas_per_location`, `params`, `labels`). The
+//!   `name`, `locations`, `replicas_per_location`, `params`,
+//!   `ssh_authorized_keys`, `labels`). The
 //!   appliance is resolved through the API before anything changes (an
 //!   unknown appliance or a bad parameter is an error with its line), and
 //!   compared as resolved (`CATALOG/NAME@VERSION`: naming an appliance
@@ -282,6 +284,8 @@ const VM_FIELDS: &[(&str, &str)] = &[
     ("disk_gib", "disk_gib"),
     ("image", "image"),
     ("user_data", "user_data"),
+    ("ssh_authorized_keys", "ssh_authorized_keys"),
+    ("network", "network"),
     ("port", "ports"),
     ("label", "labels"),
     ("country", "country"),
@@ -408,6 +412,13 @@ fn check_entries(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>) {
         }
         if let Err(e) = validate::labels(&ap.labels) {
             errs.push(format!("{}: app {}: {e}", at("labels"), ap.name));
+        }
+        if let Err(e) = validate::ssh_keys("ssh_authorized_keys", &ap.ssh_authorized_keys) {
+            errs.push(format!(
+                "{}: app {}: {e}",
+                at("ssh_authorized_keys"),
+                ap.name
+            ));
         }
     }
     for (i, p) in doc.providers.iter().enumerate() {
@@ -1155,6 +1166,8 @@ impl Kind for Vms {
         "image",
         "placement",
         "user_data",
+        "ssh_authorized_keys",
+        "network",
         "ports",
         "labels",
     ];
@@ -1175,12 +1188,14 @@ impl Kind for Vms {
     fn view(d: &VmCreate) -> Value {
         json!({"vcpus": d.vcpus, "memory_mib": d.memory_mib, "disk_gib": d.disk_gib,
                "image": d.image, "placement": d.placement, "user_data": d.user_data,
+               "ssh_authorized_keys": d.ssh_authorized_keys, "network": d.network,
                "ports": d.ports, "labels": d.labels, "start": d.start})
     }
     fn live_view(l: &Vm) -> Value {
         let s = &l.spec;
         json!({"vcpus": s.vcpus, "memory_mib": s.memory_mib, "disk_gib": s.disk_gib,
                "image": s.image, "placement": s.placement, "user_data": s.user_data,
+               "ssh_authorized_keys": s.ssh_authorized_keys, "network": s.network,
                "ports": s.ports, "labels": user_labels(&l.labels),
                "start": l.power == PowerState::Running})
     }
@@ -1265,6 +1280,7 @@ impl Kind for Apps {
         "locations",
         "replicas_per_location",
         "params",
+        "ssh_authorized_keys",
         "labels",
     ];
     const REPLACE: bool = false;
@@ -1285,7 +1301,8 @@ impl Kind for Apps {
         json!({"appliance": d.appliance,
                "locations": location_set(d.req.locations.iter().map(String::as_str)),
                "replicas_per_location": d.req.replicas_per_location,
-               "params": d.params, "labels": d.req.labels})
+               "params": d.params, "ssh_authorized_keys": d.req.ssh_authorized_keys,
+               "labels": d.req.labels})
     }
     fn live_view(l: &App) -> Value {
         // Every location of a deployment has the same number of replicas.
@@ -1297,7 +1314,8 @@ impl Kind for Apps {
         json!({"appliance": l.appliance,
                "locations": location_set(l.locations.iter().map(|x| x.location.as_str())),
                "replicas_per_location": replicas,
-               "params": l.params, "labels": user_labels(&l.labels)})
+               "params": l.params, "ssh_authorized_keys": l.ssh_authorized_keys,
+               "labels": user_labels(&l.labels)})
     }
     async fn list(c: &Client) -> anyhow::Result<Vec<App>> {
         c.get::<Vec<App>>("/apps").await
@@ -1818,6 +1836,45 @@ mod tests {
             Some("memory_mib")
         );
         assert_eq!(f("port 0 cannot be forwarded"), Some("ports"));
+    }
+
+    #[test]
+    fn bad_keys_and_networks_name_their_line() {
+        let dir = std::env::temp_dir().join(format!("virt8ra-apply-ctx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("ctx.yaml");
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOiakisE7iP/Y3q4YCqhXcGDKYvynw8ekG2NX341waDN a@b";
+        std::fs::write(
+            &f,
+            format!(
+                "vms:\n  - name: good\n    image: i\n    ssh_authorized_keys: [\"{key}\"]\n    network:\n      ethernets:\n        - {{addresses: [10.0.2.15/24], gateway4: 10.0.2.2}}\n\
+                 \x20 - name: badkey\n    image: i\n    ssh_authorized_keys:\n      - ssh-ed25519 AAAA\n\
+                 \x20 - name: badnet\n    image: i\n    network:\n      ethernets:\n        - addresses: [10.0.2.300/24]\n\
+                 apps:\n  - name: shop\n    appliance: web\n    locations: [es]\n    ssh_authorized_keys: [\"not a key\"]\n"
+            ),
+        )
+        .expect("write");
+        let (doc, lines) = load(&f).expect("parses");
+        let mut errs = Vec::new();
+        check_entries(&doc, &lines, &mut errs);
+        assert_eq!(errs.len(), 3, "{errs:#?}");
+        let file = f.display().to_string();
+        assert!(
+            errs[0].starts_with(&format!("{file}:21: app shop: ssh_authorized_keys[0]: ")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[1].starts_with(&format!("{file}:10: vm badkey: ssh_authorized_keys[0]: ")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[2].starts_with(&format!(
+                "{file}:14: vm badnet: network.ethernets[0].addresses[0]: \"10.0.2.300/24\" is not an address"
+            )),
+            "{errs:#?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -414,6 +414,11 @@ pub struct SpecArgs {
     /// Guest TCP port to forward to the host (repeatable).
     #[arg(long = "port")]
     ports: Vec<u16>,
+    /// An SSH public key the guest accepts: a file (a .pub file, or an
+    /// authorized_keys file with one key per line) or the key line itself
+    /// (repeatable; replaces the spec file's ssh_authorized_keys).
+    #[arg(long = "ssh-key", value_name = "FILE_OR_LINE")]
+    ssh_keys: Vec<String>,
     /// Create it stopped.
     #[arg(long)]
     no_start: bool,
@@ -968,6 +973,68 @@ async fn image(c: &Client, o: Format, cmd: ImageCmd) -> anyhow::Result<()> {
     }
 }
 
+/// SSH keys for a table: their comments (or types), or "-".
+pub(crate) fn ssh_key_summary(keys: &[String]) -> String {
+    if keys.is_empty() {
+        return "-".into();
+    }
+    keys.iter()
+        .map(|k| {
+            let mut p = k.splitn(3, ' ');
+            let kind = p.next().unwrap_or_default();
+            match p.nth(1).map(str::trim).filter(|c| !c.is_empty()) {
+                Some(comment) => format!("{comment} ({kind})"),
+                None => kind.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A network configuration on one line, e.g.
+/// `first NIC: 10.0.2.15/24 via 10.0.2.2, dns 10.0.2.3; eth1: dhcp4`.
+fn network_summary(n: Option<&NetworkConfig>) -> String {
+    let Some(n) = n else {
+        return "image default".into();
+    };
+    n.ethernets
+        .iter()
+        .map(|e| {
+            let which = match &e.match_ {
+                None => "first NIC".to_string(),
+                Some(m) => [m.name.clone(), m.macaddress.clone()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            };
+            let mut what = Vec::new();
+            if e.dhcp4 {
+                what.push("dhcp4".to_string());
+            }
+            if !e.addresses.is_empty() {
+                what.push(e.addresses.join(" "));
+            }
+            if let Some(g) = &e.gateway4 {
+                what.push(format!("via {g}"));
+            }
+            if let Some(ns) = &e.nameservers {
+                if !ns.addresses.is_empty() {
+                    what.push(format!("dns {}", ns.addresses.join(" ")));
+                }
+                if !ns.search.is_empty() {
+                    what.push(format!("search {}", ns.search.join(" ")));
+                }
+            }
+            if let Some(m) = e.mtu {
+                what.push(format!("mtu {m}"));
+            }
+            format!("{which}: {}", what.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn show_vm(v: &Vm) {
     let s = &v.status;
     fields(vec![
@@ -995,6 +1062,8 @@ fn show_vm(v: &Vm) {
         ("memory", format!("{} MiB", v.spec.memory_mib)),
         ("disk", format!("{} GiB", v.spec.disk_gib)),
         ("image", v.spec.image.clone()),
+        ("ssh keys", ssh_key_summary(&v.spec.ssh_authorized_keys)),
+        ("network", network_summary(v.spec.network.as_ref())),
         (
             "ports",
             if s.ports.is_empty() {
@@ -1231,6 +1300,44 @@ async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> {
     }
 }
 
+/// The keys of `--ssh-key` arguments: each is an OpenSSH public key line
+/// (it starts with a key type and a space), or else a file holding one key
+/// per line (blank lines and `#` comments skipped). Each key is checked
+/// here, so a bad one is reported with the argument or file and line that
+/// gave it.
+pub fn ssh_keys(args: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for a in args {
+        let is_line = validate::SSH_KEY_TYPES
+            .iter()
+            .any(|t| a.strip_prefix(t).is_some_and(|r| r.starts_with(' ')));
+        if is_line {
+            let k = a.trim_end();
+            validate::ssh_key(k).map_err(|e| anyhow::anyhow!("--ssh-key: {e}"))?;
+            keys.push(k.to_string());
+            continue;
+        }
+        let text = std::fs::read_to_string(a).map_err(|e| {
+            anyhow::anyhow!(
+                "--ssh-key {a}: not a public key line (e.g. \"ssh-ed25519 AAAA... user@host\"), and not a readable file: {e}"
+            )
+        })?;
+        let before = keys.len();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            validate::ssh_key(line).map_err(|e| anyhow::anyhow!("--ssh-key {a}:{}: {e}", i + 1))?;
+            keys.push(line.to_string());
+        }
+        if keys.len() == before {
+            bail!("--ssh-key {a}: the file holds no public key");
+        }
+    }
+    Ok(keys)
+}
+
 /// Merges a spec file and flags into a VmCreate body.
 fn build_spec(name: Option<String>, a: &SpecArgs) -> anyhow::Result<serde_json::Value> {
     let mut spec: serde_json::Value = match &a.file {
@@ -1270,6 +1377,12 @@ fn build_spec(name: Option<String>, a: &SpecArgs) -> anyhow::Result<serde_json::
     }
     if !a.ports.is_empty() {
         set("ports", serde_json::json!(a.ports));
+    }
+    if !a.ssh_keys.is_empty() {
+        set(
+            "ssh_authorized_keys",
+            serde_json::json!(ssh_keys(&a.ssh_keys)?),
+        );
     }
     if a.no_start {
         set("start", false.into());
@@ -1388,5 +1501,54 @@ async fn wait_for(
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOiakisE7iP/Y3q4YCqhXcGDKYvynw8ekG2NX341waDN alice@example";
+
+    #[test]
+    fn ssh_key_arguments_are_lines_or_files() {
+        let d = tempfile::tempdir().expect("dir");
+        let pubf = d.path().join("id.pub");
+        std::fs::write(&pubf, format!("{KEY}\n")).expect("write");
+        let many = d.path().join("authorized_keys");
+        let rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC6v8INylJkQCEx/FyBWvtTkbuC6DlOxFjwTZMrrIJ17xGGOVtfO/ldQlTopQERpWu4mPhwUFPYsFOorS+uaiXSQAeW5ZhGBF50qQ9qZ9gRuMR7CR6ISOXyo7kZAkXSYdSVMh6MwuFoaan6GPZFuMBFzq4I0rBOy1nE0ZyMLCw51w==";
+        std::fs::write(&many, format!("# team\n\n{rsa}\n{KEY}\n")).expect("write");
+        let args = [
+            pubf.display().to_string(),
+            format!("{KEY}\n"),
+            many.display().to_string(),
+        ];
+        assert_eq!(ssh_keys(&args).expect("keys"), vec![KEY, KEY, rsa, KEY]);
+
+        let e = ssh_keys(&["/nonexistent/id.pub".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--ssh-key /nonexistent/id.pub: not a public key line"),
+            "{e}"
+        );
+        let e = ssh_keys(&["ssh-ed25519 AAAA".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--ssh-key: \"ssh-ed25519 AAAA\""), "{e}");
+        std::fs::write(&many, format!("{KEY}\nssh-ed25519 AAAA x\n")).expect("write");
+        let e = ssh_keys(&[many.display().to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("--ssh-key {}:2: ", many.display())),
+            "{e}"
+        );
+        let empty = d.path().join("empty.pub");
+        std::fs::write(&empty, "# nothing\n").expect("write");
+        let e = ssh_keys(&[empty.display().to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds no public key"), "{e}");
     }
 }

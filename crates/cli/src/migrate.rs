@@ -617,6 +617,15 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
         if let Some(u) = s.user_data {
             obj.insert("user_data".into(), u.into());
         }
+        if !s.ssh_authorized_keys.is_empty() {
+            obj.insert(
+                "ssh_authorized_keys".into(),
+                serde_json::to_value(&s.ssh_authorized_keys)?,
+            );
+        }
+        if let Some(n) = s.network {
+            obj.insert("network".into(), serde_json::to_value(n)?);
+        }
     }
     if let Some(v) = a.vcpus {
         body["vcpus"] = v.into();

@@ -272,6 +272,8 @@ pub async fn desired_vm(
         stop_timeout_s: vm.stop_timeout_s,
         machine: vm.status.machine.clone(),
         site: vm.status.site.clone(),
+        ssh_authorized_keys: vm.spec.ssh_authorized_keys.clone(),
+        network: vm.spec.network.clone(),
         migration: None,
     }))
 }

@@ -1126,6 +1126,8 @@ mod tests {
                 placement: Default::default(),
                 user_data: None,
                 ports: vec![],
+                ssh_authorized_keys: vec![],
+                network: None,
             },
             power: PowerState::Running,
             reboot_generation: 0,

@@ -715,6 +715,35 @@ fn apps_are_created_then_unchanged_and_replaced_only_on_request() {
     assert_eq!(a["labels"]["virt8ra.io/managed-by"], "apply");
     assert_eq!(f.c.vm("shop-de-fra-1")["status"]["phase"], "deleted");
     assert_eq!(f.apply(&[])["changed"], false);
+
+    // SSH keys for every replica: a bad one is an error with its line; a
+    // changed key list cannot change in place either.
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOiakisE7iP/Y3q4YCqhXcGDKYvynw8ekG2NX341waDN ops@example";
+    f.write(&format!(
+        "{moved}    ssh_authorized_keys: [\"ssh-ed25519 AAAA\"]\n"
+    ));
+    let err = f.apply_err(&["--dry-run"]);
+    assert!(
+        err.contains("estate.yaml:29: app shop: ssh_authorized_keys[0]: "),
+        "{err}"
+    );
+    let keyed = format!("{moved}    ssh_authorized_keys: [\"{key}\"]\n");
+    f.write(&keyed);
+    let err = f.apply_err(&[]);
+    assert!(
+        err.contains("estate.yaml:29: app shop: ssh_authorized_keys cannot change in place"),
+        "{err}"
+    );
+    let done = f.apply(&["--replace"]);
+    assert_eq!(count(&done, "replace"), 1, "{done}");
+    let (_, a) = app(&f.c, "shop");
+    assert_eq!(a["ssh_authorized_keys"], json!([key]), "{a}");
+    let replica = a["vms"][0]["name"].as_str().unwrap().to_string();
+    assert_eq!(
+        f.c.vm(&replica)["spec"]["ssh_authorized_keys"],
+        json!([key])
+    );
+    assert_eq!(f.apply(&[])["changed"], false);
 }
 
 /// --prune deletes the apps apply created and the file no longer declares

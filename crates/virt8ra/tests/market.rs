@@ -17,6 +17,10 @@ use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(180);
 
+/// An operator's SSH public key, given to every replica of an app.
+const OPS_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOiakisE7iP/Y3q4YCqhXcGDKYvynw8ekG2NX341waDN ops@example";
+
 fn web_image() -> PathBuf {
     common::test_image();
     let out = std::process::Command::new("bash")
@@ -188,6 +192,8 @@ fn web_appliance_deployed_at_three_countries_in_one_command() {
         "es,provider-de,pl-gdansk",
         "--param",
         "greeting=Hola from the edge",
+        "--ssh-key",
+        OPS_KEY,
         "--wait",
         "-o",
         "json",
@@ -243,7 +249,15 @@ fn web_appliance_deployed_at_three_countries_in_one_command() {
             "{name}: {page}"
         );
         assert!(page.contains("<p>Hola from the edge</p>"), "{page}");
+        // The app's SSH key reached every replica and its guest.
+        assert_eq!(c.vm(name)["spec"]["ssh_authorized_keys"], json!([OPS_KEY]));
+        assert!(
+            c.console(name).contains("VIRT8RA-SSH port=22 keys=1 "),
+            "{name}: {}",
+            c.console(name)
+        );
     }
+    assert_eq!(app["ssh_authorized_keys"], json!([OPS_KEY]));
     let pages_s = start.elapsed().as_secs_f64();
     eprintln!(
         "BENCH deploy web at 3 locations: command with --wait returned after {deploy_s:.1} s \

@@ -18,6 +18,10 @@ use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(120);
 
+/// An SSH public key for guests' context.
+const OPS_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOiakisE7iP/Y3q4YCqhXcGDKYvynw8ekG2NX341waDN ops@example";
+
 const SCRIPT: &str = r#"#!/bin/sh
 sha() { echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=1048576 skip=512 count=1 2>/dev/null | sha256sum | cut -c1-16; }
 magic=$(dd if=/dev/vda bs=1048576 skip=512 count=1 2>/dev/null | head -c 12)
@@ -58,21 +62,24 @@ fn cluster_with(agent_args: &[&str]) -> Cluster {
 /// Creates a VM that may live in `countries`, placed on `host` (the other
 /// host is in maintenance meanwhile, so nothing pins the VM to its site).
 fn create_vm(c: &Cluster, name: &str, countries: &[&str], host: &str) {
+    create_vm_with(c, name, countries, host, json!({}));
+}
+
+/// Same, with more fields of the create request (e.g. the guest context).
+fn create_vm_with(c: &Cluster, name: &str, countries: &[&str], host: &str, extra: Value) {
+    let mut body = json!({"name": name, "image": "test", "memory_mib": 256, "disk_gib": 1,
+                          "ports": [80], "user_data": SCRIPT,
+                          "placement": {"countries": countries}});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     let other = if host == "host-es" {
         "host-de"
     } else {
         "host-es"
     };
     c.cli_ok(&["host", "set-state", other, "maintenance"]);
-    c.ok(
-        "POST",
-        "/api/v1/vms",
-        Some(
-            json!({"name": name, "image": "test", "memory_mib": 256, "disk_gib": 1,
-                    "ports": [80], "user_data": SCRIPT,
-                    "placement": {"countries": countries}}),
-        ),
-    );
+    c.ok("POST", "/api/v1/vms", Some(body));
     wait_until("the VM to be placed", Duration::from_secs(30), || {
         (c.vm(name)["status"]["host"] == host).then_some(())
     });
@@ -390,8 +397,22 @@ fn relayed_live_migration_keeps_the_guest() {
 #[test]
 fn cold_migration_then_export_and_import_keep_the_disk() {
     let c = cluster();
-    create_vm(&c, "cold", &["ES", "DE"], "host-es");
+    // With a guest context beyond the name: it must be the same after the
+    // move and after an import (the seed is written anew on each path).
+    let context = json!({
+        "ssh_authorized_keys": [OPS_KEY],
+        "network": {"ethernets": [{"addresses": ["10.0.2.15/24", "10.0.2.77/24"],
+                                   "gateway4": "10.0.2.2"}]},
+    });
+    create_vm_with(&c, "cold", &["ES", "DE"], "host-es", context);
     c.wait_phase("cold", "running", BOOT);
+    let context_lines = |con: &str| {
+        con.contains("VIRT8RA-NET eth0 addr=10.0.2.15/24,10.0.2.77/24 gw=10.0.2.2 ")
+            && con.contains("VIRT8RA-SSH port=22 keys=1 ")
+    };
+    wait_until("the guest to apply its context", BOOT, || {
+        context_lines(&c.console("cold")).then_some(())
+    });
     let id = c.vm("cold")["id"].as_str().unwrap().to_string();
     let sha_before = wait_data(&c, "cold");
 
@@ -422,6 +443,7 @@ fn cold_migration_then_export_and_import_keep_the_disk() {
     assert!(con.contains("VIRT8RA-GUEST-BOOTED"));
     assert!(!con.contains("DATA-WRITTEN"), "the disk came empty: {con}");
     assert_eq!(data_shas(&con).last().unwrap(), &sha_before);
+    assert!(context_lines(&con), "the context did not move along: {con}");
     assert_one_copy(&c, &id, "host-de", "host-es");
 
     // Export: refused while running, then a bundle anyone can read.
@@ -477,6 +499,8 @@ fn cold_migration_then_export_and_import_keep_the_disk() {
     });
     assert!(!con.contains("DATA-WRITTEN"), "{con}");
     assert_eq!(data_shas(&con).last().unwrap(), &sha_before);
+    assert_eq!(vm["spec"]["ssh_authorized_keys"], json!([OPS_KEY]));
+    assert!(context_lines(&con), "the import lost the context: {con}");
 
     // A corrupt bundle and files in no known format are refused, clearly.
     let bad = c.dir.path().join("bad");

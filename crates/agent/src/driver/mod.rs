@@ -41,13 +41,17 @@ pub struct VmConfig {
     pub machine: Option<String>,
 }
 
-/// Contextualization data for the guest.
+/// Contextualization data for the guest (written by `cloudinit.rs`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GuestContext {
     pub instance_id: String,
     pub hostname: String,
     pub site: Option<String>,
     pub user_data: Option<String>,
+    /// OpenSSH public key lines the guest accepts.
+    pub ssh_authorized_keys: Vec<String>,
+    /// Network configuration; `None` leaves the image's default.
+    pub network: Option<virt8ra_api::NetworkConfig>,
 }
 
 /// What a driver observes of one VM.

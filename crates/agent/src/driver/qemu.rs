@@ -200,7 +200,12 @@ impl QemuDriver {
             "-netdev".into(),
             net,
             "-device".into(),
-            "virtio-net-pci,netdev=net0".into(),
+            // QEMU's default MAC for the first NIC, explicit: the guest's
+            // network configuration matches the first NIC by it.
+            format!(
+                "virtio-net-pci,netdev=net0,mac={}",
+                super::cloudinit::FIRST_NIC_MAC
+            ),
             "-daemonize".into(),
             "-pidfile".into(),
             p("qemu.pid"),
@@ -641,7 +646,7 @@ mod tests {
             format!("path={dir}/console.log,append=on"),
             format!("-qmp unix:{dir}/qmp.sock,server=on,wait=off"),
             "hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:8080-:80".into(),
-            "-device virtio-net-pci,netdev=net0".into(),
+            "-device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56".into(),
             format!("-daemonize -pidfile {dir}/qemu.pid"),
         ] {
             assert!(a.contains(&want), "{want:?} not in {a}");

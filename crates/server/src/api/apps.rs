@@ -44,6 +44,8 @@ struct AppRecord {
     deleting: bool,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    ssh_authorized_keys: Vec<String>,
     created_at: DateTime<Utc>,
 }
 
@@ -148,6 +150,7 @@ async fn view(app: &App, r: &AppRecord) -> ApiResult<AppView> {
         vms,
         status,
         labels: r.labels.clone(),
+        ssh_authorized_keys: r.ssh_authorized_keys.clone(),
         created_at: r.created_at,
     })
 }
@@ -188,6 +191,8 @@ pub async fn create(
 pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
     validate::name("app", &req.name).map_err(ApiError::Invalid)?;
     validate::labels(&req.labels).map_err(ApiError::Invalid)?;
+    validate::ssh_keys("ssh_authorized_keys", &req.ssh_authorized_keys)
+        .map_err(ApiError::Invalid)?;
     if req.locations.is_empty() {
         return Err(ApiError::Invalid(
             "name at least one location (a site, provider or country)".into(),
@@ -247,6 +252,8 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
                 placement,
                 user_data: t.user_data.clone(),
                 ports: t.ports.clone(),
+                ssh_authorized_keys: req.ssh_authorized_keys.clone(),
+                network: None,
                 start: true,
                 labels: [("virt8ra.io/app".to_string(), req.name.clone())]
                     .into_iter()
@@ -336,6 +343,7 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         vms: Vec::new(),
         deleting: false,
         labels: req.labels.clone(),
+        ssh_authorized_keys: req.ssh_authorized_keys.clone(),
         created_at: now,
     };
     // The record first, so a crash part-way leaves an app that can be deleted.
