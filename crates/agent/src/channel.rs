@@ -282,6 +282,35 @@ impl Channel {
                 self.reconciler.prestage(prestage);
                 self.reconciler.apply(generation, vms).await?;
             }
+            ServerMessage::DesiredChanges {
+                generation,
+                base,
+                upsert,
+                remove,
+                prestage,
+            } => {
+                tracing::debug!(
+                    generation,
+                    upsert = upsert.len(),
+                    remove = remove.len(),
+                    "desired-state changes"
+                );
+                if let Some(p) = prestage {
+                    self.reconciler.prestage(p);
+                }
+                if let Err(e) = self
+                    .reconciler
+                    .apply_changes(generation, base, upsert, remove)
+                    .await?
+                {
+                    tracing::warn!(
+                        base = e.base,
+                        have = e.have,
+                        "desired-state changes for another generation; asking for the whole state"
+                    );
+                    let _ = out.send(AgentMessage::DesiredRequest);
+                }
+            }
             ServerMessage::ConsoleRequest {
                 request_id,
                 vm_id,

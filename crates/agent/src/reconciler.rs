@@ -1,9 +1,13 @@
 //! The agent's reconciler: desired state in, QEMU processes out.
 //!
-//! The desired state the control plane sent last is persisted in
-//! `desired.json` before anything acts on it, so after an agent restart or a
-//! host reboot, and while the control plane is unreachable, the agent keeps
-//! converging towards it on its own.
+//! The desired state the control plane sent last is persisted before
+//! anything acts on it, one file per VM in `desired/` (so a change to one VM
+//! of hundreds writes one file), so after an agent restart or a host reboot,
+//! and while the control plane is unreachable, the agent keeps converging
+//! towards it on its own. Each VM's file is a complete description of that
+//! VM: a crash part-way through writing a change leaves every VM either as
+//! it was or as it was to be. (Agents before protocol 3 kept one
+//! `desired.json`; it is read once and replaced.)
 //!
 //! Each VM has one owning task (an actor) that is told the VM's desired state
 //! through a watch channel and converges towards it, one idempotent driver
@@ -89,10 +93,19 @@ impl Reports {
     }
 }
 
+/// The desired state file of agents before protocol 3.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct DesiredFile {
     generation: u64,
     vms: Vec<DesiredVm>,
+}
+
+/// A desired-state change did not apply: its base is not the generation
+/// this agent has. The channel asks for the whole state.
+#[derive(Debug)]
+pub struct NotMyGeneration {
+    pub base: u64,
+    pub have: u64,
 }
 
 /// Per-VM state the agent keeps beside the driver's: the host ports it chose
@@ -111,9 +124,13 @@ pub struct Reconciler {
     images: Arc<ImageCache>,
     reports: Arc<Reports>,
     state_dir: PathBuf,
-    desired_path: PathBuf,
+    /// `desired.json` of older agents, read once.
+    legacy_desired: PathBuf,
+    /// `desired/<vm id>.json`.
+    desired_dir: PathBuf,
     actors: Mutex<HashMap<String, watch::Sender<Option<DesiredVm>>>>,
-    generation: Mutex<u64>,
+    /// The generation and VMs of the desired state as persisted.
+    desired: Mutex<(u64, HashMap<String, DesiredVm>)>,
     /// How often an actor re-checks a VM that is where it should be.
     recheck: Duration,
     /// Migrations and exports (absent: this agent cannot migrate).
@@ -145,14 +162,17 @@ impl Reconciler {
     ) -> std::io::Result<Arc<Reconciler>> {
         let state_dir = data_dir.join("vmstate");
         std::fs::create_dir_all(&state_dir)?;
+        let desired_dir = data_dir.join("desired");
+        std::fs::create_dir_all(&desired_dir)?;
         Ok(Arc::new(Reconciler {
             driver,
             images,
             reports,
             state_dir,
-            desired_path: data_dir.join("desired.json"),
+            legacy_desired: data_dir.join("desired.json"),
+            desired_dir,
             actors: Mutex::new(HashMap::new()),
-            generation: Mutex::new(0),
+            desired: Mutex::new((0, HashMap::new())),
             recheck: Duration::from_secs(3),
             mover: std::sync::OnceLock::new(),
         }))
@@ -190,17 +210,69 @@ impl Reconciler {
 
     /// Resumes from the persisted desired state (agent restart, host reboot).
     pub async fn resume(self: &Arc<Self>) -> anyhow::Result<()> {
-        let desired: DesiredFile = match std::fs::read(&self.desired_path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", self.desired_path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        let mut vms = Vec::new();
+        for entry in std::fs::read_dir(&self.desired_dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let b = std::fs::read(&path)?;
+            let d: DesiredVm = serde_json::from_slice(&b)
+                .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", path.display()))?;
+            vms.push(d);
+        }
+        match std::fs::read(&self.legacy_desired) {
+            Ok(b) => {
+                let f: DesiredFile = serde_json::from_slice(&b).map_err(|e| {
+                    anyhow::anyhow!("{} is corrupt: {e}", self.legacy_desired.display())
+                })?;
+                // Written by an older agent: its VMs, in the new layout.
+                self.persist(&f.vms, &[], true)?;
+                std::fs::remove_file(&self.legacy_desired)?;
+                vms = f.vms;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
-        };
-        tracing::info!(
-            vms = desired.vms.len(),
-            "resuming from the local desired state"
-        );
-        self.converge(desired.generation, desired.vms).await;
+        }
+        if vms.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(vms = vms.len(), "resuming from the local desired state");
+        self.converge(0, vms).await;
+        Ok(())
+    }
+
+    fn desired_file(&self, id: &str) -> PathBuf {
+        self.desired_dir.join(format!("{id}.json"))
+    }
+
+    /// Writes the files of `upsert` that differ from what is persisted and
+    /// removes those of `remove` (with `whole`, every VM not in `upsert`).
+    fn persist(&self, upsert: &[DesiredVm], remove: &[String], whole: bool) -> anyhow::Result<()> {
+        let have = self
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone();
+        for d in upsert {
+            if have.get(&d.id) != Some(d) {
+                write_atomic(&self.desired_file(&d.id), &serde_json::to_vec(d)?)?;
+            }
+        }
+        let mut gone: Vec<&String> = remove.iter().collect();
+        if whole {
+            let keep: std::collections::HashSet<&str> =
+                upsert.iter().map(|d| d.id.as_str()).collect();
+            gone.extend(have.keys().filter(|id| !keep.contains(id.as_str())));
+        }
+        for id in gone {
+            match std::fs::remove_file(self.desired_file(id)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 
@@ -211,39 +283,91 @@ impl Reconciler {
         vms: Vec<DesiredVm>,
     ) -> anyhow::Result<()> {
         {
-            let g = self.generation.lock().unwrap_or_else(|p| p.into_inner());
-            if generation < *g {
-                tracing::debug!(generation, current = *g, "ignoring an older desired state");
+            let g = self.desired.lock().unwrap_or_else(|p| p.into_inner());
+            if generation < g.0 {
+                tracing::debug!(generation, current = g.0, "ignoring an older desired state");
                 return Ok(());
             }
         }
-        let file = DesiredFile {
-            generation,
-            vms: vms.clone(),
-        };
-        write_atomic(&self.desired_path, &serde_json::to_vec_pretty(&file)?)?;
+        // Every file first, then the ones nobody wants any more; both only
+        // where something changed.
+        let on_disk: Vec<String> = std::fs::read_dir(&self.desired_dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.strip_suffix(".json").map(str::to_string)
+            })
+            .filter(|id| !vms.iter().any(|d| &d.id == id))
+            .collect();
+        self.persist(&vms, &on_disk, true)?;
         self.converge(generation, vms).await;
         Ok(())
     }
 
+    /// Applies changes to the desired state (protocol 3): persist the VMs
+    /// changed and removed, then hand only those to their actors.
+    pub async fn apply_changes(
+        self: &Arc<Self>,
+        generation: u64,
+        base: u64,
+        upsert: Vec<DesiredVm>,
+        remove: Vec<String>,
+    ) -> anyhow::Result<Result<(), NotMyGeneration>> {
+        let have = self.desired.lock().unwrap_or_else(|p| p.into_inner()).0;
+        if base != have {
+            return Ok(Err(NotMyGeneration { base, have }));
+        }
+        self.persist(&upsert, &remove, false)?;
+        {
+            let mut g = self.desired.lock().unwrap_or_else(|p| p.into_inner());
+            g.0 = generation;
+            for id in &remove {
+                g.1.remove(id);
+            }
+            for d in &upsert {
+                g.1.insert(d.id.clone(), d.clone());
+            }
+        }
+        let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
+        for id in &remove {
+            if let Some(tx) = actors.get(id) {
+                tx.send_replace(None);
+            }
+        }
+        for d in upsert {
+            self.hand_over(&mut actors, d);
+        }
+        Ok(Ok(()))
+    }
+
+    /// Gives a VM's desired state to its actor, starting one if needed.
+    fn hand_over(
+        self: &Arc<Self>,
+        actors: &mut HashMap<String, watch::Sender<Option<DesiredVm>>>,
+        d: DesiredVm,
+    ) {
+        match actors.get(&d.id) {
+            Some(tx) if !tx.is_closed() => {
+                tx.send_replace(Some(d));
+            }
+            _ => {
+                let id = d.id.clone();
+                let (tx, rx) = watch::channel(Some(d));
+                actors.insert(id.clone(), tx);
+                tokio::spawn(self.clone().actor(id, rx));
+            }
+        }
+    }
+
     async fn converge(self: &Arc<Self>, generation: u64, vms: Vec<DesiredVm>) {
-        *self.generation.lock().unwrap_or_else(|p| p.into_inner()) = generation;
         let wanted: HashMap<String, DesiredVm> =
             vms.into_iter().map(|v| (v.id.clone(), v)).collect();
+        *self.desired.lock().unwrap_or_else(|p| p.into_inner()) = (generation, wanted.clone());
         // VMs on disk that nobody wants any more, e.g. deleted while the agent was down.
         let on_disk = self.driver.list().await.unwrap_or_default();
         let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
-        for (id, d) in &wanted {
-            match actors.get(id) {
-                Some(tx) if !tx.is_closed() => {
-                    tx.send_replace(Some(d.clone()));
-                }
-                _ => {
-                    let (tx, rx) = watch::channel(Some(d.clone()));
-                    actors.insert(id.clone(), tx);
-                    tokio::spawn(self.clone().actor(id.clone(), rx));
-                }
-            }
+        for d in wanted.values() {
+            self.hand_over(&mut actors, d.clone());
         }
         for (id, tx) in actors.iter() {
             if !wanted.contains_key(id) {
@@ -479,4 +603,131 @@ fn allocate_ports(guest_ports: &[u16]) -> std::io::Result<Vec<(u16, u16)>> {
         held.push(l); // keep bound until all are chosen, so they differ
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::sim::{SimDriver, SimTimings};
+
+    fn dvm(id: &str, power: PowerState) -> DesiredVm {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "name": id, "vcpus": 1, "memory_mib": 64, "disk_gib": 1,
+            "image": {"id": "i", "name": "i", "sha256": "s", "size_bytes": 1, "url_path": "/i"},
+            "power": power, "reboot_generation": 0, "stop_timeout_s": 1,
+        }))
+        .expect("desired vm")
+    }
+
+    fn reconciler(dir: &Path, driver: Arc<SimDriver>) -> Arc<Reconciler> {
+        let images = Arc::new(
+            ImageCache::new(dir.join("images"), "http://127.0.0.1:9", "t").expect("cache"),
+        );
+        let (reports, _changes) = Reports::new();
+        Reconciler::new(dir, driver, images, reports)
+            .expect("reconciler")
+            .with_recheck(Duration::from_millis(50))
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.join("desired"))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn changes_apply_to_their_generation_and_survive_a_restart() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let driver = Arc::new(SimDriver::new(
+            tmp.path().join("vms"),
+            4096,
+            SimTimings::default(),
+        ));
+        let r = reconciler(tmp.path(), driver.clone());
+        r.apply(
+            10,
+            vec![dvm("a", PowerState::Running), dvm("b", PowerState::Running)],
+        )
+        .await
+        .expect("apply");
+        until("both run", || driver.running_count() == 2).await;
+        assert_eq!(files(tmp.path()), ["a.json", "b.json"]);
+
+        // Changes against another generation are refused, and change nothing.
+        let refused = r
+            .apply_changes(
+                12,
+                11,
+                vec![dvm("c", PowerState::Running)],
+                vec!["a".into()],
+            )
+            .await
+            .expect("io");
+        assert!(matches!(
+            refused,
+            Err(NotMyGeneration { base: 11, have: 10 })
+        ));
+        assert_eq!(files(tmp.path()), ["a.json", "b.json"]);
+
+        // a goes, b is stopped, c comes.
+        r.apply_changes(
+            11,
+            10,
+            vec![dvm("b", PowerState::Stopped), dvm("c", PowerState::Running)],
+            vec!["a".into()],
+        )
+        .await
+        .expect("io")
+        .expect("applies");
+        until("a gone, b stopped, c running", || {
+            !driver.is_running("a") && !driver.is_running("b") && driver.is_running("c")
+        })
+        .await;
+        assert_eq!(files(tmp.path()), ["b.json", "c.json"]);
+
+        // A restarted agent resumes what was persisted.
+        let r2 = reconciler(tmp.path(), driver.clone());
+        r2.resume().await.expect("resume");
+        let have = r2.desired.lock().expect("lock").1.clone();
+        assert_eq!(have.len(), 2);
+        assert_eq!(have["b"].power, PowerState::Stopped);
+        assert_eq!(have["c"].power, PowerState::Running);
+    }
+
+    #[tokio::test]
+    async fn an_older_agents_desired_json_is_taken_over() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let old = DesiredFile {
+            generation: 3,
+            vms: vec![dvm("x", PowerState::Running)],
+        };
+        std::fs::write(
+            tmp.path().join("desired.json"),
+            serde_json::to_vec(&old).expect("json"),
+        )
+        .expect("write");
+        let driver = Arc::new(SimDriver::new(
+            tmp.path().join("vms"),
+            4096,
+            SimTimings::default(),
+        ));
+        let r = reconciler(tmp.path(), driver.clone());
+        r.resume().await.expect("resume");
+        until("x runs", || driver.is_running("x")).await;
+        assert!(!tmp.path().join("desired.json").exists());
+        assert_eq!(files(tmp.path()), ["x.json"]);
+    }
 }

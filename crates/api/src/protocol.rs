@@ -33,6 +33,14 @@
 //! always complete, and so is every twelfth; the control plane asks for a
 //! complete one ([`ServerMessage::ReportRequest`]) when it needs the list of
 //! VMs a host has (a deletion or a migration waiting to see a VM gone).
+//!
+//! Version 3 also sends the desired state as changes: after the complete
+//! [`ServerMessage::DesiredState`] that starts every connection, the control
+//! plane sends [`ServerMessage::DesiredChanges`] (the VMs added or changed,
+//! and those removed, relative to the generation the agent has), so a host
+//! packed with hundreds of VMs is not sent all of them again for each new
+//! one. An agent that finds the base generation is not its own asks for the
+//! complete state again ([`AgentMessage::DesiredRequest`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -43,8 +51,11 @@ use crate::{HostInventory, HostUsage, PortForward, PowerState};
 pub const PROTOCOL_VERSION: u32 = 3;
 /// The first version with migration.
 pub const MIGRATION_PROTOCOL_VERSION: u32 = 2;
-/// The first version with quiet heartbeats (`vms_unchanged`, `report_request`).
+/// The first version with quiet heartbeats (`vms_unchanged`, `report_request`)
+/// and desired-state changes (`desired_changes`, `desired_request`).
 pub const QUIET_HEARTBEAT_PROTOCOL_VERSION: u32 = 3;
+/// The first version with desired-state changes.
+pub const DESIRED_CHANGES_PROTOCOL_VERSION: u32 = 3;
 /// A v3 agent sends a complete heartbeat at least this often (in beats),
 /// even when nothing changed.
 pub const FULL_HEARTBEAT_EVERY: u64 = 12;
@@ -83,6 +94,9 @@ pub enum AgentMessage {
     VmReport(VmReport),
     /// A migration's (or export's) state on this host changed, or progress (v2).
     MigrationReport(Box<MigrationReport>),
+    /// (v3) A `desired_changes` did not apply to this agent's generation:
+    /// send the complete desired state.
+    DesiredRequest,
     /// Answer to [`ServerMessage::ConsoleRequest`].
     ConsoleData {
         request_id: u64,
@@ -115,6 +129,20 @@ pub enum ServerMessage {
         /// (pre-staging at a site; only the site's image cache host gets these).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         prestage: Vec<ImageRef>,
+    },
+    /// (v3) Changes to the desired state the agent has (`base`, the
+    /// generation of the last desired state or changes sent on this
+    /// connection): VMs added or changed in full, VMs removed by id.
+    DesiredChanges {
+        generation: u64,
+        base: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        upsert: Vec<DesiredVm>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        remove: Vec<String>,
+        /// The images to pre-stage, when they changed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prestage: Option<Vec<ImageRef>>,
     },
     ConsoleRequest {
         request_id: u64,

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
-use virt8ra_api::protocol::{ServerMessage, VmReport};
+use virt8ra_api::protocol::{
+    DesiredVm, ImageRef, ServerMessage, VmReport, DESIRED_CHANGES_PROTOCOL_VERSION,
+};
 use virt8ra_api::HostUsage;
 
 use crate::error::ApiError;
@@ -54,8 +56,12 @@ struct Live {
     last_beat: Instant,
     last_beat_at: DateTime<Utc>,
     usage: HostUsage,
-    /// Fingerprint of the last desired state sent on this connection.
+    /// Fingerprint of the last desired state sent on this connection
+    /// (protocol 1 and 2, which get the whole state every time).
     last_desired: Option<u64>,
+    /// What the agent was sent on this connection (protocol 3, which gets
+    /// changes): the generation and a hash of each VM.
+    sent: Option<Sent>,
     /// A hash of the last report per VM, to skip unchanged ones (a hash,
     /// not the report: at a million VMs the copies would cost 100 MB).
     reports: HashMap<String, u64>,
@@ -99,6 +105,7 @@ impl Hub {
                 last_beat_at: Utc::now(),
                 usage: HostUsage::default(),
                 last_desired: None,
+                sent: None,
                 reports: HashMap::new(),
                 protocol: 0,
             },
@@ -200,21 +207,126 @@ impl Hub {
             .unwrap_or(false)
     }
 
-    /// Sends a desired state unless the same one (by fingerprint) was
-    /// already sent on the current connection.
-    pub fn send_desired(&self, host_id: &str, fingerprint: u64, msg: ServerMessage) -> bool {
+    /// Sends a host its desired state. `vms` is the whole state when
+    /// `whole`, else only the VMs `changed` names (those of them absent from
+    /// `vms` are no longer wanted). A protocol 3 agent that was sent a state
+    /// on this connection gets only the differences from what it was sent
+    /// (nothing when there are none); others get the whole state (when it
+    /// is not `whole`, the caller must compute it: see `needs_whole`).
+    /// Diffing, sending and recording happen under the lock, so the record
+    /// always matches what went out.
+    pub fn send_desired_vms(
+        &self,
+        host_id: &str,
+        generation: u64,
+        vms: Vec<DesiredVm>,
+        changed: Option<&std::collections::HashSet<String>>,
+        prestage: Vec<ImageRef>,
+    ) -> bool {
         let mut m = self.lock();
         let Some(l) = m.get_mut(host_id) else {
             return false;
         };
-        if l.last_desired == Some(fingerprint) {
+        let prestage_hash = json_hash(&prestage);
+        let Some(sent) = l
+            .sent
+            .as_mut()
+            .filter(|_| l.protocol >= DESIRED_CHANGES_PROTOCOL_VERSION)
+        else {
+            if changed.is_some() {
+                return false;
+            }
+            let hashes: HashMap<String, u64> =
+                vms.iter().map(|v| (v.id.clone(), json_hash(v))).collect();
+            let fingerprint = json_hash(&(
+                &hashes.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                prestage_hash,
+            ));
+            if l.protocol < DESIRED_CHANGES_PROTOCOL_VERSION && l.last_desired == Some(fingerprint)
+            {
+                return false;
+            }
+            let ok = l.tx.send(ServerMessage::DesiredState {
+                generation,
+                vms,
+                prestage,
+            });
+            if ok {
+                l.last_desired = Some(fingerprint);
+                if l.protocol >= DESIRED_CHANGES_PROTOCOL_VERSION {
+                    l.sent = Some(Sent {
+                        generation,
+                        vms: hashes,
+                        prestage: prestage_hash,
+                    });
+                }
+            }
+            return ok;
+        };
+        let mut upsert = Vec::new();
+        let mut present: std::collections::HashSet<String> = Default::default();
+        for v in vms {
+            let h = json_hash(&v);
+            present.insert(v.id.clone());
+            if sent.vms.get(&v.id) != Some(&h) {
+                sent.vms.insert(v.id.clone(), h);
+                upsert.push(v);
+            }
+        }
+        let remove: Vec<String> = match changed {
+            Some(ids) => ids
+                .iter()
+                .filter(|id| !present.contains(*id) && sent.vms.contains_key(*id))
+                .cloned()
+                .collect(),
+            None => sent
+                .vms
+                .keys()
+                .filter(|id| !present.contains(*id))
+                .cloned()
+                .collect(),
+        };
+        for id in &remove {
+            sent.vms.remove(id);
+        }
+        let prestage = (prestage_hash != sent.prestage).then(|| {
+            sent.prestage = prestage_hash;
+            prestage
+        });
+        if upsert.is_empty() && remove.is_empty() && prestage.is_none() {
             return false;
         }
-        if l.tx.send(msg) {
-            l.last_desired = Some(fingerprint);
-            true
-        } else {
-            false
+        let base = sent.generation;
+        let generation = generation.max(base + 1);
+        sent.generation = generation;
+        let ok = l.tx.send(ServerMessage::DesiredChanges {
+            generation,
+            base,
+            upsert,
+            remove,
+            prestage,
+        });
+        if !ok {
+            // The transport is gone; the next connection starts over.
+            l.sent = None;
+        }
+        ok
+    }
+
+    /// Whether the next desired state sent to this host must be computed
+    /// whole (it speaks an older protocol, or was sent nothing yet on this
+    /// connection).
+    pub fn needs_whole(&self, host_id: &str) -> bool {
+        self.lock()
+            .get(host_id)
+            .is_none_or(|l| l.protocol < DESIRED_CHANGES_PROTOCOL_VERSION || l.sent.is_none())
+    }
+
+    /// The agent asked for its whole desired state again.
+    pub fn forget_sent(&self, host_id: &str) {
+        if let Some(l) = self.lock().get_mut(host_id) {
+            l.sent = None;
+            l.last_desired = None;
         }
     }
 
@@ -270,8 +382,21 @@ impl Hub {
     }
 }
 
+/// What a protocol 3 agent was sent on its connection.
+struct Sent {
+    generation: u64,
+    /// VM id -> hash of the `DesiredVm` sent.
+    vms: HashMap<String, u64>,
+    prestage: u64,
+}
+
 /// A 64-bit hash of a report's content (its JSON, which covers every field).
 fn report_hash(r: &VmReport) -> u64 {
+    json_hash(r)
+}
+
+/// A 64-bit hash of a value's JSON, written straight into the hasher.
+fn json_hash<T: serde::Serialize + ?Sized>(r: &T) -> u64 {
     use std::hash::Hasher;
     struct W(std::collections::hash_map::DefaultHasher);
     impl std::io::Write for W {
@@ -310,19 +435,112 @@ mod tests {
         assert!(hub.view("h", Duration::from_secs(1)).is_none());
     }
 
+    fn dvm(id: &str, power: virt8ra_api::PowerState) -> DesiredVm {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "name": id, "vcpus": 1, "memory_mib": 64, "disk_gib": 1,
+            "image": {"id": "i", "name": "i", "sha256": "s", "size_bytes": 1, "url_path": "/i"},
+            "power": power, "reboot_generation": 0, "stop_timeout_s": 30,
+        }))
+        .expect("desired vm")
+    }
+
     #[test]
-    fn desired_state_is_sent_once_per_fingerprint() {
+    fn older_agents_get_the_whole_state_once_per_change() {
+        use virt8ra_api::PowerState::*;
         let hub = Hub::default();
         let (tx, mut rx) = mpsc::unbounded_channel();
         hub.register("h", Outbox::Direct(tx));
-        let msg = || ServerMessage::DesiredState {
-            generation: 1,
-            vms: vec![],
-            prestage: vec![],
-        };
-        assert!(hub.send_desired("h", 7, msg()));
-        assert!(!hub.send_desired("h", 7, msg()));
-        assert!(hub.send_desired("h", 8, msg()));
-        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err());
+        hub.set_protocol("h", 2);
+        assert!(hub.needs_whole("h"));
+        assert!(hub.send_desired_vms("h", 1, vec![dvm("a", Running)], None, vec![]));
+        assert!(!hub.send_desired_vms("h", 2, vec![dvm("a", Running)], None, vec![]));
+        assert!(hub.needs_whole("h"), "protocol 2 never gets changes");
+        assert!(hub.send_desired_vms("h", 3, vec![dvm("a", Stopped)], None, vec![]));
+        for _ in 0..2 {
+            assert!(matches!(
+                rx.try_recv(),
+                Ok(ServerMessage::DesiredState { .. })
+            ));
+        }
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn protocol_3_agents_get_changes_against_what_they_were_sent() {
+        use virt8ra_api::PowerState::*;
+        let hub = Hub::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        hub.register("h", Outbox::Direct(tx));
+        hub.set_protocol("h", 3);
+        assert!(hub.needs_whole("h"));
+        let whole = vec![dvm("a", Running), dvm("b", Running)];
+        assert!(hub.send_desired_vms("h", 10, whole, None, vec![]));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(ServerMessage::DesiredState { generation: 10, ref vms, .. }) if vms.len() == 2
+        ));
+        assert!(!hub.needs_whole("h"));
+        // One VM changed, one new one, and one marked that is gone.
+        let ids: std::collections::HashSet<String> =
+            ["a", "c", "b"].iter().map(|s| s.to_string()).collect();
+        assert!(hub.send_desired_vms(
+            "h",
+            5,
+            vec![dvm("a", Stopped), dvm("c", Running)],
+            Some(&ids),
+            vec![]
+        ));
+        match rx.try_recv() {
+            Ok(ServerMessage::DesiredChanges {
+                generation,
+                base,
+                upsert,
+                remove,
+                prestage,
+            }) => {
+                assert_eq!(base, 10);
+                assert!(
+                    generation > base,
+                    "generations grow even when the clock does not"
+                );
+                let mut up: Vec<&str> = upsert.iter().map(|v| v.id.as_str()).collect();
+                up.sort();
+                assert_eq!(up, ["a", "c"]);
+                assert_eq!(remove, ["b"]);
+                assert!(prestage.is_none());
+            }
+            other => panic!("expected changes, got {other:?}"),
+        }
+        // The same again is nothing to send; a whole state that matches
+        // what was sent neither.
+        assert!(!hub.send_desired_vms(
+            "h",
+            20,
+            vec![dvm("a", Stopped), dvm("c", Running)],
+            Some(&ids),
+            vec![]
+        ));
+        assert!(!hub.send_desired_vms(
+            "h",
+            21,
+            vec![dvm("a", Stopped), dvm("c", Running)],
+            None,
+            vec![]
+        ));
+        // A whole state removes what it does not list.
+        assert!(hub.send_desired_vms("h", 22, vec![dvm("c", Running)], None, vec![]));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(ServerMessage::DesiredChanges { ref remove, ref upsert, .. }) if remove == &["a"] && upsert.is_empty()
+        ));
+        // After the agent asked for it, the whole state goes again.
+        hub.forget_sent("h");
+        assert!(hub.needs_whole("h"));
+        assert!(!hub.send_desired_vms("h", 23, vec![], Some(&ids), vec![]));
+        assert!(hub.send_desired_vms("h", 24, vec![dvm("c", Running)], None, vec![]));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(ServerMessage::DesiredState { .. })
+        ));
     }
 }

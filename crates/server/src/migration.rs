@@ -148,6 +148,13 @@ impl Migrations {
         }
     }
 
+    /// Whether an active migration has this host at either end.
+    pub fn involves(&self, host_id: &str) -> bool {
+        lock(&self.active)
+            .values()
+            .any(|m| m.source.host_id == host_id || m.target.host_id == host_id)
+    }
+
     /// Whether a migration waits to see a VM gone from this host (so its
     /// heartbeats must list what it has).
     pub fn waits_on(&self, host_id: &str) -> bool {

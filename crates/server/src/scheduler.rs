@@ -11,19 +11,18 @@
 //! the VM while it is pending, and the VM is retried on every pass (so it is
 //! placed as soon as capacity appears).
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+
 use std::time::Duration;
 
 use chrono::Utc;
-use virt8ra_api::protocol::{DesiredVm, ImageRef, ServerMessage};
+use virt8ra_api::protocol::{DesiredVm, ImageRef};
 use virt8ra_api::{Allocation, Host, HostState, Vm, VmPhase};
 use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
 use crate::placement;
-use crate::state::App;
+use crate::state::{App, Marks};
 
 /// Fills in a host's live fields (connection, heartbeat, usage, state
 /// derived from liveness) and its allocation.
@@ -65,8 +64,9 @@ pub async fn run(app: App) {
 
 /// One reconciliation pass.
 ///
-/// Hosts whose VMs changed were marked (`AppState::mark_host`); only their
-/// desired state is recomputed, unless `full`.
+/// Hosts whose VMs changed were marked (`AppState::mark_host`, `mark_vm`);
+/// only their desired state is recomputed (of `mark_vm`, only those VMs),
+/// unless `full`.
 pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
     place_pending(app).await?;
     let hosts = if full {
@@ -80,14 +80,18 @@ pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
                 app.note_deletion(h);
             }
         }
-        app.hub.connected_hosts()
+        app.hub
+            .connected_hosts()
+            .into_iter()
+            .map(|h| (h, Marks::All))
+            .collect()
     } else {
         app.take_marked_hosts()
     };
     use futures_util::StreamExt;
     futures_util::stream::iter(hosts)
-        .for_each_concurrent(16, |h| async move {
-            if let Err(e) = sync_host(app, &h).await {
+        .for_each_concurrent(16, |(h, marks)| async move {
+            if let Err(e) = sync_host_marked(app, &h, &marks).await {
                 app.mark_host(&h);
                 tracing::warn!(host = %h, error = %e, "sending desired state failed");
             }
@@ -127,7 +131,7 @@ async fn place_one(app: &App, id: String) -> ApiResult<()> {
                 app.placement.release(&vm.id);
                 return Err(e.into());
             }
-            app.mark_host(&host_id);
+            app.mark_vm(&host_id, &vm.id);
         }
         Placement::Unplaced { why, changed } => {
             if changed {
@@ -278,30 +282,48 @@ pub async fn desired_vm(
     }))
 }
 
-/// Sends the host its desired state if it changed since the last send.
+/// Sends the host its whole desired state if it changed since the last
+/// send (to a protocol 3 agent: what changed).
 pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
+    sync_host_marked(app, host_id, &Marks::All).await
+}
+
+/// Sends the host what changed of its desired state: with `Marks::Vms`,
+/// only those VMs are recomputed (a host packed with hundreds of VMs costs
+/// one VM per change, not hundreds), unless the host must be sent its whole
+/// state or takes part in a migration (whose roles span VMs and hosts).
+pub async fn sync_host_marked(app: &App, host_id: &str, marks: &Marks) -> ApiResult<()> {
     let plan = crate::distribution::plan_for(app, host_id).await?;
-    let vms = desired_for(app, host_id, &plan).await?;
-    let prestage = plan.prestage;
-    let fingerprint = {
-        let mut h = DefaultHasher::new();
-        serde_json::to_string(&vms).unwrap_or_default().hash(&mut h);
-        serde_json::to_string(&prestage)
-            .unwrap_or_default()
-            .hash(&mut h);
-        h.finish()
-    };
     // Generations grow with wall-clock time, so they keep increasing across
     // control-plane restarts.
     let generation = Utc::now().timestamp_micros().max(0) as u64;
-    app.hub.send_desired(
-        host_id,
-        fingerprint,
-        ServerMessage::DesiredState {
-            generation,
-            vms,
-            prestage,
-        },
-    );
+    let only = match marks {
+        Marks::Vms(ids) if !app.hub.needs_whole(host_id) && !app.migrations.involves(host_id) => {
+            Some(ids)
+        }
+        _ => None,
+    };
+    let vms = match only {
+        None => desired_for(app, host_id, &plan).await?,
+        Some(ids) => {
+            let mut images: HashMap<String, ImageRef> = HashMap::new();
+            let mut out = Vec::new();
+            for id in ids {
+                let Some(vm) = app.vms.get(id) else { continue };
+                if vm.status.host_id.as_deref() != Some(host_id)
+                    || matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted)
+                {
+                    continue;
+                }
+                if let Some(mut d) = desired_vm(app, &vm, &mut images).await? {
+                    d.image.sources = plan.sources.clone();
+                    out.push(d);
+                }
+            }
+            out
+        }
+    };
+    app.hub
+        .send_desired_vms(host_id, generation, vms, only, plan.prestage);
     Ok(())
 }

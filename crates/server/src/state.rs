@@ -14,6 +14,15 @@ use crate::placement::Placement;
 
 pub type App = Arc<AppState>;
 
+/// What changed on a marked host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Marks {
+    /// Anything: recompute the host's whole desired state.
+    All,
+    /// These VMs (by id) only.
+    Vms(std::collections::HashSet<String>),
+}
+
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub hub: Hub,
@@ -31,8 +40,9 @@ pub struct AppState {
     /// The placement engine, loaded with the topology.
     pub placement: Placement,
     pub started: std::time::Instant,
-    /// Hosts whose desired state may have changed since the last pass.
-    pub marked_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Hosts whose desired state may have changed since the last pass, and
+    /// which of their VMs (see [`Marks`]).
+    pub marked_hosts: std::sync::Mutex<std::collections::HashMap<String, Marks>>,
     /// Hosts with VMs in phase `deleting`, whose heartbeats must be checked
     /// against the store.
     pub deleting_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -84,13 +94,29 @@ impl AppState {
         });
     }
 
-    /// Notes that a host's VMs changed, so the scheduler sends it its
-    /// desired state on the next pass.
+    /// Notes that a host's VMs changed, so the scheduler recomputes its
+    /// whole desired state on the next pass.
     pub fn mark_host(&self, host_id: &str) {
         self.marked_hosts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(host_id.to_string());
+            .insert(host_id.to_string(), Marks::All);
+    }
+
+    /// Notes that one VM of a host changed (created, placed, an action,
+    /// deleted), so the scheduler sends the host that change on the next
+    /// pass without recomputing the others.
+    pub fn mark_vm(&self, host_id: &str, vm_id: &str) {
+        let mut m = self.marked_hosts.lock().unwrap_or_else(|p| p.into_inner());
+        match m
+            .entry(host_id.to_string())
+            .or_insert_with(|| Marks::Vms(Default::default()))
+        {
+            Marks::All => {}
+            Marks::Vms(v) => {
+                v.insert(vm_id.to_string());
+            }
+        }
     }
 
     pub fn note_deletion(&self, host_id: &str) {
@@ -114,7 +140,7 @@ impl AppState {
             .remove(host_id);
     }
 
-    pub fn take_marked_hosts(&self) -> Vec<String> {
+    pub fn take_marked_hosts(&self) -> Vec<(String, Marks)> {
         let mut m = self.marked_hosts.lock().unwrap_or_else(|p| p.into_inner());
         m.drain().collect()
     }

@@ -79,6 +79,13 @@ async fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
                     ("VMs running", format!("{} of {}", r.vms_running, r.vms)),
                     ("create → running", format!("{:.0} VMs/s", r.create_per_s)),
                     ("create call p99", format!("{:.1} ms", r.create_p99_ms)),
+                    (
+                        "CPU per VM created",
+                        format!(
+                            "control plane {:.3} ms, simulated hosts + load {:.3} ms (load average {:.1})",
+                            r.server_cpu_ms_per_vm, r.bench_cpu_ms_per_vm, r.create_load_1m
+                        ),
+                    ),
                     ("GET one VM p99", format!("{:.1} ms", r.get_p99_ms)),
                     (
                         "list page (1000) p99",

@@ -116,6 +116,15 @@ pub struct ScaleReport {
     pub create_per_s: f64,
     pub create_p50_ms: f64,
     pub create_p99_ms: f64,
+    /// CPU time the control plane used per VM over the create phase (create
+    /// call to running), in milliseconds: a figure that, unlike the rate,
+    /// does not depend on what else the machine was doing.
+    pub server_cpu_ms_per_vm: f64,
+    /// The same for this process: the simulated hosts and the load generator.
+    pub bench_cpu_ms_per_vm: f64,
+    /// The machine's 1-minute load average over the create phase (2 means
+    /// both cores busy): above about 2.5, something else competed.
+    pub create_load_1m: f64,
     pub get_p99_ms: f64,
     pub list_page_p99_ms: f64,
     /// Lifecycle operations (stop, start, delete) after every VM ran.
@@ -152,6 +161,35 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     v[(((v.len() - 1) as f64) * p).round() as usize]
+}
+
+/// CPU time (user + system) a process used so far, in seconds; `None`
+/// for this process.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let Ok(s) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold
+    // spaces): state is the 3rd field, utime the 14th, stime the 15th.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The 1-minute load average, to tell a busy machine from a slow program.
+fn load_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 fn rss_bytes(pid: u32) -> u64 {
@@ -399,6 +437,9 @@ pub async fn run(
 
     // Load: create VMs with bounded concurrency; measure each call.
     say(format!("creating {vms} VMs"));
+    let server_pid = server.0.id();
+    let (server_cpu0, own_cpu0, load0) =
+        (cpu_seconds(Some(server_pid)), cpu_seconds(None), load_1m());
     let t0 = Instant::now();
     let mut create_ms = drive(vms, load.concurrency, load.create_rate, |i| {
         let api = api.clone();
@@ -419,6 +460,11 @@ pub async fn run(
     }
     let all_running = t0.elapsed().as_secs_f64();
     let vms_running = running(&sim);
+    let create_cpu = (
+        cpu_seconds(Some(server_pid)) - server_cpu0,
+        cpu_seconds(None) - own_cpu0,
+        (load0 + load_1m()) / 2.0,
+    );
     say(format!(
         "{vms_running} VMs running after {all_running:.1} s"
     ));
@@ -631,6 +677,9 @@ pub async fn run(
         create_per_s: vms as f64 / all_running.max(1e-9),
         create_p50_ms: percentile(&mut create_ms.clone(), 0.5),
         create_p99_ms: percentile(&mut create_ms, 0.99),
+        server_cpu_ms_per_vm: create_cpu.0 * 1000.0 / vms.max(1) as f64,
+        bench_cpu_ms_per_vm: create_cpu.1 * 1000.0 / vms.max(1) as f64,
+        create_load_1m: create_cpu.2,
         get_p99_ms: percentile(&mut get_ms, 0.99),
         list_page_p99_ms: percentile(&mut list_ms, 0.99),
         ops: n_ops,

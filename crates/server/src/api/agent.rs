@@ -190,7 +190,6 @@ async fn host_session(
             if let Err(e) = Box::pin(app.update_host(&h)).await {
                 tracing::warn!(error = %e, "recording host inventory");
             }
-            app.placement.upsert_host(app, &h);
             tracing::info!(host = %h.name, protocol = version, "agent connected");
         }
         Err(e) => return reject(e.to_string()),
@@ -199,6 +198,10 @@ async fn host_session(
     // 3. Register.
     let conn = app.hub.register(host_id, outbox.clone());
     app.hub.set_protocol(host_id, version);
+    // Ready for placement at once (connected, so alive), inventory and all.
+    if let Ok(h) = app.host(host_id) {
+        app.placement.upsert_host(app, &h);
+    }
     let _ = outbox.send(ServerMessage::Welcome {
         protocol: version,
         host_id: host_id.to_string(),
@@ -469,6 +472,12 @@ async fn handle(app: &App, host_id: &str, msg: AgentMessage) -> ApiResult<()> {
         AgentMessage::Hello { .. } => {}
         // Taken in batches by `handle_batch`.
         AgentMessage::Heartbeat { .. } | AgentMessage::VmReport(_) => {}
+        AgentMessage::DesiredRequest => {
+            tracing::info!(host = %host_id, "agent asked for its whole desired state");
+            app.hub.forget_sent(host_id);
+            app.mark_host(host_id);
+            app.wake.notify_one();
+        }
         AgentMessage::MigrationReport(r) => handle_migration_report(app, host_id, *r).await,
         AgentMessage::ConsoleData {
             request_id,

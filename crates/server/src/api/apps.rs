@@ -457,7 +457,7 @@ async fn delete_vm(app: &App, id: &str, app_name: &str) -> ApiResult<()> {
         app.update_vm(&vm, Some(&format!("delete requested with app {app_name}")))
             .await?;
         if let Some(h) = &vm.status.host_id {
-            app.mark_host(h);
+            app.mark_vm(h, &vm.id);
             app.note_deletion(h);
         }
     }

@@ -130,7 +130,7 @@ pub async fn create(
         return Err(e.into());
     }
     if let Some(h) = &placed {
-        app.mark_host(h);
+        app.mark_vm(h, &vm.id);
     }
     app.wake.notify_one();
     Ok((StatusCode::CREATED, Json(vm)))
@@ -221,7 +221,7 @@ pub async fn delete(
         vm.status.phase = VmPhase::Deleting;
         app.update_vm(&vm, Some("delete requested")).await?;
         if let Some(h) = &vm.status.host_id {
-            app.mark_host(h);
+            app.mark_vm(h, &vm.id);
             app.note_deletion(h);
         }
     }
@@ -296,7 +296,7 @@ pub async fn action(
     vm.updated_at = Utc::now();
     app.update_vm(&vm, Some(&event)).await?;
     if let Some(h) = &vm.status.host_id {
-        app.mark_host(h);
+        app.mark_vm(h, &vm.id);
     }
     drop(_g);
     app.wake.notify_one();
