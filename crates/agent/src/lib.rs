@@ -141,7 +141,10 @@ pub(crate) async fn join(
         .json(req)
         .send()
         .await
-        .map_err(|e| http_error(trust, e, &url).context(format!("join: cannot reach {url}")))?;
+        .map_err(|e| match trust.explain(&e, &url) {
+            Some(why) => anyhow::anyhow!("join {url}: {why}"),
+            None => anyhow::anyhow!("join: cannot reach {url}: {}", virt8ra_tls::error_chain(&e)),
+        })?;
     let status = resp.status();
     if !status.is_success() {
         let msg = resp
