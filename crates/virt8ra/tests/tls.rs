@@ -471,3 +471,49 @@ fn real_guests_migrate_through_an_https_control_plane() {
     c.wait_phase("edge", "running", BOOT);
     assert_eq!(c.vm("edge")["status"]["host"], "host-es");
 }
+
+/// A control plane given unusable certificate files does not start, says
+/// what is wrong in one line, and creates nothing.
+#[test]
+fn server_refuses_unusable_certificates_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = virt8ra_tls::testing::TestCa::new("test CA");
+    let a = ca.issue(dir.path(), "a", &["127.0.0.1"]);
+    let b = ca.issue(dir.path(), "b", &["127.0.0.1"]);
+    let data = dir.path().join("data");
+    let port = common::free_port().to_string();
+    let start = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(bin())
+            .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
+    let os = |p: &std::path::Path| p.as_os_str().to_owned();
+    let (cert, key) = (os(&a.cert), os(&a.key));
+    let e = start(&[
+        "--tls-cert".as_ref(),
+        &cert,
+        "--tls-key".as_ref(),
+        &os(&b.key),
+    ]);
+    assert!(e.contains("does not belong to the certificate"), "{e}");
+    let e = start(&["--tls-cert".as_ref(), &cert]);
+    assert!(e.contains("--tls-cert needs --tls-key"), "{e}");
+    let e = start(&[
+        "--tls-cert".as_ref(),
+        "/nonexistent.crt".as_ref(),
+        "--tls-key".as_ref(),
+        &key,
+    ]);
+    assert!(e.starts_with("error: --tls-cert /nonexistent.crt: "), "{e}");
+    let e = start(&["--tls-cert".as_ref(), &key, "--tls-key".as_ref(), &cert]);
+    assert!(e.contains("no CERTIFICATE block"), "{e}");
+    assert!(!data.exists(), "a refused start created the data directory");
+}
