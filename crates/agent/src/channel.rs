@@ -26,6 +26,8 @@ use crate::reconciler::{Reconciler, Reports};
 pub struct Channel {
     pub server: String,
     pub host_token: String,
+    /// Whose certificates a `wss://` control plane may present.
+    pub trust: virt8ra_tls::Trust,
     pub inventory: HostInventory,
     pub data_dir: std::path::PathBuf,
     pub driver: Arc<dyn Driver>,
@@ -61,17 +63,23 @@ pub struct Link {
 }
 
 /// Dials the host's own WebSocket (protocol v1) and pumps it into a [`Link`].
-pub async fn connect_ws(server: &str, host_token: &str) -> anyhow::Result<Link> {
-    let mut req = ws_url(server)?.into_client_request()?;
+pub async fn connect_ws(
+    server: &str,
+    host_token: &str,
+    trust: &virt8ra_tls::Trust,
+) -> anyhow::Result<Link> {
+    let url = ws_url(server)?;
+    let mut req = url.as_str().into_client_request()?;
     req.headers_mut()
         .insert("authorization", format!("Bearer {host_token}").parse()?);
     // A small read buffer (the default is 128 KiB): one process may run
     // thousands of simulated hosts.
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(8 << 10);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), false)
+    let (ws, _) = trust
+        .connect_ws(req, Some(config))
         .await
-        .context("connect")?;
+        .map_err(|e| anyhow::anyhow!("connect {url}: {}", trust.describe(&e, &url)))?;
     let (mut sink, mut stream) = ws.split();
     let (tx, mut up) = mpsc::unbounded_channel::<AgentMessage>();
     let (down, rx) = mpsc::unbounded_channel::<ServerMessage>();
@@ -114,9 +122,10 @@ impl Channel {
     /// (protocol v1), dialled again with backoff whenever it fails.
     pub async fn run(self, changes: mpsc::UnboundedReceiver<VmReport>) {
         let (server, token) = (self.server.clone(), self.host_token.clone());
+        let trust = self.trust.clone();
         self.run_over(changes, move || {
-            let (server, token) = (server.clone(), token.clone());
-            async move { connect_ws(&server, &token).await }
+            let (server, token, trust) = (server.clone(), token.clone(), trust.clone());
+            async move { connect_ws(&server, &token, &trust).await }
         })
         .await
     }
@@ -346,10 +355,12 @@ impl Channel {
                     return Ok(());
                 };
                 let (server, token) = (self.server.clone(), self.host_token.clone());
+                let trust = self.trust.clone();
                 tokio::spawn(async move {
                     let r = crate::relay::serve_target(
                         &server,
                         &token,
+                        &trust,
                         &migration_id,
                         &stream,
                         &conn_id,

@@ -29,6 +29,7 @@ pub struct ImageCache {
     dir: PathBuf,
     server: String,
     token: String,
+    trust: virt8ra_tls::Trust,
     client: reqwest::Client,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Bytes received, by source (`control-plane` or a peer's URL).
@@ -56,13 +57,19 @@ pub fn valid_sha(s: &str) -> bool {
 }
 
 impl ImageCache {
-    pub fn new(dir: PathBuf, server: &str, token: &str) -> std::io::Result<ImageCache> {
+    pub fn new(
+        dir: PathBuf,
+        server: &str,
+        token: &str,
+        trust: &virt8ra_tls::Trust,
+    ) -> anyhow::Result<ImageCache> {
         std::fs::create_dir_all(&dir)?;
         Ok(ImageCache {
             dir,
             server: server.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            client: reqwest::Client::new(),
+            trust: trust.clone(),
+            client: trust.http_client()?,
             locks: Mutex::new(HashMap::new()),
             received: Mutex::new(BTreeMap::new()),
             verified: Mutex::new(Default::default()),
@@ -211,7 +218,7 @@ impl ImageCache {
         let resp = req
             .send()
             .await
-            .map_err(|e| fetch_err(format!("request {url}: {e}")))?;
+            .map_err(|e| fetch_err(format!("request {url}: {}", self.trust.describe(&e, url))))?;
         let status = resp.status();
         if have > 0 && status == reqwest::StatusCode::OK {
             // The server ignored the range: start over.
@@ -400,7 +407,15 @@ mod tests {
         let body = body();
         let (url, count, _) = serve(body.clone(), 0).await;
         let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(ImageCache::new(dir.path().to_path_buf(), &url, "t").unwrap());
+        let cache = Arc::new(
+            ImageCache::new(
+                dir.path().to_path_buf(),
+                &url,
+                "t",
+                &virt8ra_tls::Trust::public(),
+            )
+            .unwrap(),
+        );
         let r = image(&body);
         let tasks: Vec<_> = (0..4)
             .map(|_| {
@@ -420,7 +435,13 @@ mod tests {
         let body = body();
         let (url, count, ranges) = serve(body.clone(), 1).await;
         let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::new(dir.path().to_path_buf(), &url, "t").unwrap();
+        let cache = ImageCache::new(
+            dir.path().to_path_buf(),
+            &url,
+            "t",
+            &virt8ra_tls::Trust::public(),
+        )
+        .unwrap();
         let r = image(&body);
         assert!(cache.get(&r).await.is_err(), "the first transfer breaks");
         let part = dir.path().join(format!("{}.part", r.sha256));
@@ -438,7 +459,13 @@ mod tests {
         let body = body();
         let (url, count, _) = serve(body.clone(), 0).await;
         let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::new(dir.path().to_path_buf(), &url, "t").unwrap();
+        let cache = ImageCache::new(
+            dir.path().to_path_buf(),
+            &url,
+            "t",
+            &virt8ra_tls::Trust::public(),
+        )
+        .unwrap();
         // The server's bytes do not match the checksum the control plane gave.
         let mut wrong = image(&body);
         wrong.sha256 = hex::encode(Sha256::digest(b"something else"));
@@ -456,7 +483,13 @@ mod tests {
         let mut flipped = body.clone();
         flipped[12345] ^= 0x40;
         std::fs::write(cache.path_of(&r.sha256), &flipped).unwrap();
-        let fresh = ImageCache::new(dir.path().to_path_buf(), &url, "t").unwrap();
+        let fresh = ImageCache::new(
+            dir.path().to_path_buf(),
+            &url,
+            "t",
+            &virt8ra_tls::Trust::public(),
+        )
+        .unwrap();
         let p = fresh.get(&r).await.unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), body);
         assert_eq!(count.load(Ordering::SeqCst), 3);
@@ -468,7 +501,13 @@ mod tests {
         let (cp, cp_count, _) = serve(body.clone(), 0).await;
         let (peer, peer_count, _) = serve(body.clone(), 0).await;
         let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::new(dir.path().to_path_buf(), &cp, "t").unwrap();
+        let cache = ImageCache::new(
+            dir.path().to_path_buf(),
+            &cp,
+            "t",
+            &virt8ra_tls::Trust::public(),
+        )
+        .unwrap();
         let mut r = image(&body);
         r.sources = vec!["http://127.0.0.1:1".into(), peer.clone()];
         let p = cache.get(&r).await.unwrap();
@@ -491,7 +530,13 @@ mod tests {
         let (cp, cp_count, _) = serve(body.clone(), 0).await;
         let (peer, _, _) = serve(bad, 0).await;
         let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::new(dir.path().to_path_buf(), &cp, "t").unwrap();
+        let cache = ImageCache::new(
+            dir.path().to_path_buf(),
+            &cp,
+            "t",
+            &virt8ra_tls::Trust::public(),
+        )
+        .unwrap();
         let mut r = image(&body);
         r.sources = vec![peer];
         let p = cache.get(&r).await.unwrap();
@@ -506,7 +551,13 @@ mod tests {
         let (cp, _, cp_ranges) = serve(body.clone(), 0).await;
         let (peer, _, _) = serve(body.clone(), 1).await;
         let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::new(dir.path().to_path_buf(), &cp, "t").unwrap();
+        let cache = ImageCache::new(
+            dir.path().to_path_buf(),
+            &cp,
+            "t",
+            &virt8ra_tls::Trust::public(),
+        )
+        .unwrap();
         let mut r = image(&body);
         r.sources = vec![peer.clone()];
         let p = cache.get(&r).await.unwrap();

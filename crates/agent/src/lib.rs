@@ -21,6 +21,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use virt8ra_api::{AgentJoin, AgentJoined, ErrorBody};
+use virt8ra_tls::Trust;
 
 pub mod channel;
 pub mod driver;
@@ -35,9 +36,14 @@ pub mod simhost;
 /// `virt8ra agent`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// URL of the control plane, e.g. http://10.0.0.1:8480.
+    /// URL of the control plane, e.g. https://cp.example:8480.
     #[arg(long, env = "VIRT8RA_SERVER")]
     pub server: String,
+    /// A CA certificate (PEM) to trust besides the public web roots: the
+    /// global `--ca-cert` (or `VIRT8RA_CA_CERT`), set by the binary. Used for
+    /// join, the channel, image downloads, staging and relays.
+    #[arg(skip)]
+    pub ca_cert: Option<PathBuf>,
     /// Join token (`virt8ra host join-token create --site S`); needed on first start only.
     #[arg(long, env = "VIRT8RA_JOIN_TOKEN")]
     pub join_token: Option<String>,
@@ -112,19 +118,33 @@ fn save_credentials(path: &Path, c: &Credentials) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How an agent is told to trust a control plane's certificate.
+pub const CA_HINT: &str = "start the agent with --ca-cert FILE, the CA that signed it";
+
+/// A failed request in one line: a TLS problem in plain words, or the
+/// whole error chain.
+pub(crate) fn http_error(trust: &Trust, e: reqwest::Error, url: &str) -> anyhow::Error {
+    anyhow::anyhow!(trust.describe(&e, url))
+}
+
 pub(crate) async fn join(
     server: &str,
     token: &str,
     req: &AgentJoin,
+    trust: &Trust,
 ) -> anyhow::Result<AgentJoined> {
     let url = format!("{}/api/v1/agent/join", server.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
+    let resp = trust
+        .http_client()?
         .post(&url)
         .bearer_auth(token)
         .json(req)
         .send()
         .await
-        .with_context(|| format!("join: cannot reach {url}"))?;
+        .map_err(|e| match trust.explain(&e, &url) {
+            Some(why) => anyhow::anyhow!("join {url}: {why}"),
+            None => anyhow::anyhow!("join: cannot reach {url}: {}", virt8ra_tls::error_chain(&e)),
+        })?;
     let status = resp.status();
     if !status.is_success() {
         let msg = resp
@@ -152,6 +172,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         other => bail!("unknown --accel {other:?}: use auto, kvm or emulation"),
     };
     channel::ws_url(&args.server)?;
+    let trust = Trust::new(args.ca_cert.as_deref(), CA_HINT)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
@@ -212,6 +233,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     name: name.clone(),
                     inventory: inv.clone(),
                 },
+                &trust,
             )
             .await?;
             let c = Credentials {
@@ -231,6 +253,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         data_dir.join("images"),
         &args.server,
         &creds.host_token,
+        &trust,
     )?);
     if let Some(listen) = &args.image_service_listen {
         let addr = image_service::start(images.clone(), listen).await?;
@@ -247,12 +270,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         &args.server,
         &creds.host_token,
         args.migration_address.clone(),
+        &trust,
     )?;
     rec.set_mover(mover.clone());
     rec.resume().await?;
     let ch = channel::Channel {
         server: args.server.clone(),
         host_token: creds.host_token.clone(),
+        trust,
         inventory: inv,
         data_dir: data_dir.clone(),
         driver,

@@ -40,6 +40,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 pub struct Mover {
     server: String,
     token: String,
+    trust: virt8ra_tls::Trust,
     client: reqwest::Client,
     /// Where this host's incoming live streams listen; `None`: only
     /// relayed ones (on loopback) and cold ones.
@@ -59,13 +60,15 @@ impl Mover {
         server: &str,
         token: &str,
         listen: Option<String>,
-    ) -> std::io::Result<Arc<Mover>> {
+        trust: &virt8ra_tls::Trust,
+    ) -> anyhow::Result<Arc<Mover>> {
         let staging = data_dir.join("staging");
         std::fs::create_dir_all(&staging)?;
         Ok(Arc::new(Mover {
             server: server.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            client: reqwest::Client::new(),
+            client: trust.http_client()?,
+            trust: trust.clone(),
             listen,
             relay_local: Mutex::new(HashMap::new()),
             staging,
@@ -314,6 +317,7 @@ impl Mover {
                         crate::relay::SourceRelay::start(
                             &self.server,
                             &self.token,
+                            &self.trust,
                             migration_id,
                             target,
                         )
@@ -448,7 +452,7 @@ impl Mover {
             .bearer_auth(&self.token)
             .send()
             .await
-            .with_context(|| format!("ask {url}"))?;
+            .map_err(|e| crate::http_error(&self.trust, e, &url).context(format!("ask {url}")))?;
         if !resp.status().is_success() {
             bail!("{url} answered {}", resp.status());
         }
@@ -487,7 +491,9 @@ impl Mover {
                 .body(buf)
                 .send()
                 .await
-                .with_context(|| format!("upload to {url}"))?;
+                .map_err(|e| {
+                    crate::http_error(&self.trust, e, &url).context(format!("upload to {url}"))
+                })?;
             if !resp.status().is_success() {
                 let body = resp.text().await.unwrap_or_default();
                 bail!("upload to {url}: {body}");
@@ -530,7 +536,9 @@ impl Mover {
                 req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
                 tracing::info!(offset = have, "resuming the disk download");
             }
-            let resp = req.send().await.with_context(|| format!("fetch {url}"))?;
+            let resp = req.send().await.map_err(|e| {
+                crate::http_error(&self.trust, e, &url).context(format!("fetch {url}"))
+            })?;
             let status = resp.status();
             if have > 0 && status == reqwest::StatusCode::OK {
                 have = 0;

@@ -66,6 +66,7 @@ impl SourceRelay {
     pub async fn start(
         server: &str,
         token: &str,
+        trust: &virt8ra_tls::Trust,
         migration_id: &str,
         target: &LiveEndpoints,
     ) -> anyhow::Result<SourceRelay> {
@@ -83,6 +84,7 @@ impl SourceRelay {
             }
             let url = stream_url(server, migration_id, stream)?;
             let token = token.to_string();
+            let trust = trust.clone();
             listeners.push(tokio::spawn(async move {
                 loop {
                     let tcp = match l.accept().await {
@@ -94,9 +96,9 @@ impl SourceRelay {
                         }
                     };
                     let url = format!("{url}/{}", new_conn_id());
-                    let token = token.clone();
+                    let (token, trust) = (token.clone(), trust.clone());
                     tokio::spawn(async move {
-                        match dial_and_pipe(&url, &token, tcp).await {
+                        match dial_and_pipe(&url, &token, &trust, tcp).await {
                             Ok(()) => tracing::debug!(%url, "relay: connection closed"),
                             Err(e) => {
                                 tracing::warn!(%url, error = %format!("{e:#}"), "relay: connection failed")
@@ -114,13 +116,14 @@ impl SourceRelay {
 pub async fn serve_target(
     server: &str,
     token: &str,
+    trust: &virt8ra_tls::Trust,
     migration_id: &str,
     stream: &str,
     conn_id: &str,
     local: &str,
 ) -> anyhow::Result<()> {
     let url = format!("{}/{conn_id}", stream_url(server, migration_id, stream)?);
-    let ws = dial(&url, token).await?;
+    let ws = dial(&url, token, trust).await?;
     let tcp = TcpStream::connect(local)
         .await
         .with_context(|| format!("connect to the local {stream} endpoint {local}"))?;
@@ -130,19 +133,25 @@ pub async fn serve_target(
 async fn dial(
     url: &str,
     token: &str,
-) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>>
-{
+    trust: &virt8ra_tls::Trust,
+) -> anyhow::Result<virt8ra_tls::WebSocket> {
     let mut req = url.into_client_request()?;
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    let (ws, _) = trust
+        .connect_ws(req, None)
         .await
-        .with_context(|| format!("dial the relay {url}"))?;
+        .map_err(|e| anyhow::anyhow!("dial the relay {url}: {}", trust.describe(&e, url)))?;
     Ok(ws)
 }
 
-async fn dial_and_pipe(url: &str, token: &str, tcp: TcpStream) -> anyhow::Result<()> {
-    let ws = dial(url, token).await?;
+async fn dial_and_pipe(
+    url: &str,
+    token: &str,
+    trust: &virt8ra_tls::Trust,
+    tcp: TcpStream,
+) -> anyhow::Result<()> {
+    let ws = dial(url, token, trust).await?;
     pipe(tcp, ws).await
 }
 

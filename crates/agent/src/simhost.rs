@@ -6,6 +6,9 @@
 //! shared, and, with a [`Mux`], the connection: many hosts' sessions on one
 //! WebSocket (the mux protocol extension), so that 100,000 hosts need not
 //! hold 100,000 sockets.
+//!
+//! Simulated hosts trust the public web roots only ([`Trust::public`]):
+//! benchmarks run them against a control plane on loopback.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,6 +26,7 @@ use virt8ra_api::{AgentJoin, HostInventory, Hypervisor};
 use crate::channel::Link;
 use crate::driver::sim::{SimDriver, SimTimings};
 use crate::{channel, images, reconciler};
+use virt8ra_tls::Trust;
 
 pub struct SimHost {
     pub name: String,
@@ -68,6 +72,7 @@ pub async fn start(
             name: name.to_string(),
             inventory: inventory.clone(),
         },
+        &Trust::public(),
     )
     .await?;
     let driver = Arc::new(SimDriver::new(
@@ -79,6 +84,7 @@ pub async fn start(
         data_dir.join("images"),
         server,
         &joined.host_token,
+        &Trust::public(),
     )?);
     let (reports, changes) = reconciler::Reports::new();
     // Simulated guests never die on their own: re-check them rarely, so that
@@ -89,6 +95,7 @@ pub async fn start(
         mover: None,
         server: server.to_string(),
         host_token: joined.host_token.clone(),
+        trust: Trust::public(),
         inventory,
         data_dir: data_dir.to_path_buf(),
         driver: driver.clone(),
@@ -169,7 +176,7 @@ impl Mux {
         let mut req = url.into_client_request()?;
         req.headers_mut()
             .insert("authorization", format!("Bearer {bearer}").parse()?);
-        let ws = match tokio_tungstenite::connect_async(req).await {
+        let ws = match Trust::public().connect_ws(req, None).await {
             Ok((ws, _)) => ws,
             Err(tokio_tungstenite::tungstenite::Error::Http(r))
                 if matches!(r.status().as_u16(), 400 | 404) =>
@@ -227,10 +234,10 @@ impl Mux {
     /// Opens a channel for the host holding `host_token`.
     pub async fn open(&self, host_token: &str) -> anyhow::Result<Link> {
         if self.fell_back() {
-            return channel::connect_ws(&self.server, host_token).await;
+            return channel::connect_ws(&self.server, host_token, &Trust::public()).await;
         }
         let Some(conn) = self.conn(host_token).await? else {
-            return channel::connect_ws(&self.server, host_token).await;
+            return channel::connect_ws(&self.server, host_token, &Trust::public()).await;
         };
         let ch = self.next_ch.fetch_add(1, Ordering::Relaxed);
         let (down_tx, rx) = mpsc::unbounded_channel::<ServerMessage>();

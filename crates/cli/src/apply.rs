@@ -515,15 +515,17 @@ impl Drop for Downloads {
     }
 }
 
-async fn download(url: &str, name: &str, dl: &mut Downloads) -> anyhow::Result<PathBuf> {
+async fn download(
+    c: &Client,
+    url: &str,
+    name: &str,
+    dl: &mut Downloads,
+) -> anyhow::Result<PathBuf> {
     use std::io::Write;
     let path =
         std::env::temp_dir().join(format!("virt8ra-apply-{}-{name}.img", std::process::id()));
     dl.0.push(path.clone());
-    let mut resp = reqwest::get(url)
-        .await
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("download {url}"))?;
+    let mut resp = c.fetch_external(url).await?;
     let mut f =
         std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
     while let Some(chunk) = resp
@@ -541,6 +543,7 @@ async fn download(url: &str, name: &str, dl: &mut Downloads) -> anyhow::Result<P
 /// Resolves image entries: local files are hashed; URLs without a declared
 /// sha256 are downloaded to learn it.
 async fn resolve_images(
+    c: &Client,
     doc: &FileDoc,
     base: &Path,
     lines: &Lines,
@@ -575,7 +578,7 @@ async fn resolve_images(
             }
             (None, Some(u)) => match &im.sha256 {
                 Some(s) => (None, s.to_lowercase()),
-                None => match download(u, &im.name, dl).await {
+                None => match download(c, u, &im.name, dl).await {
                     Ok(p) => match sha256_of(&p) {
                         Ok(s) => (Some(p), s),
                         Err(e) => {
@@ -1667,7 +1670,7 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let mut downloads = Downloads::default();
-    let images = resolve_images(&doc, &base, &lines, &mut downloads, &mut errs).await;
+    let images = resolve_images(c, &doc, &base, &lines, &mut downloads, &mut errs).await;
     fail_on(&errs)?;
 
     let live = LiveState {
@@ -1722,7 +1725,7 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
                 continue;
             }
             let Some(url) = d.url.clone() else { continue };
-            let p = download(&url, &d.name, &mut downloads).await?;
+            let p = download(c, &url, &d.name, &mut downloads).await?;
             let sha = sha256_of(&p)?;
             if sha != d.sha256 {
                 bail!(

@@ -9,16 +9,54 @@ use virt8ra_api::ErrorBody;
 pub struct Client {
     base: String,
     token: String,
+    trust: virt8ra_tls::Trust,
     http: reqwest::Client,
 }
 
 impl Client {
-    pub fn new(base: &str, token: &str) -> Client {
-        Client {
+    /// A client for the control plane at `base` that trusts `trust`'s
+    /// certificates (for https URLs).
+    pub fn new(base: &str, token: &str, trust: virt8ra_tls::Trust) -> anyhow::Result<Client> {
+        Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            http: reqwest::Client::new(),
+            http: trust.http_client()?,
+            trust,
+        })
+    }
+
+    /// A request that could not be sent, in one line: a TLS problem in
+    /// plain words, an unreachable control plane, or the error chain.
+    fn send_error(&self, e: reqwest::Error) -> anyhow::Error {
+        if let Some(why) = self.trust.explain(&e, &self.base) {
+            return anyhow!("{why}");
         }
+        if e.is_connect() {
+            return anyhow!(
+                "cannot reach the control plane at {}: is `virt8ra server` running there? (set VIRT8RA_URL)",
+                self.base
+            );
+        }
+        anyhow!(
+            "request to {} failed: {}",
+            self.base,
+            virt8ra_tls::error_chain(&e)
+        )
+    }
+
+    /// GETs a URL that is not the control plane's (no token), with the same
+    /// trust; a non-2xx answer is an error.
+    pub async fn fetch_external(&self, url: &str) -> anyhow::Result<reqwest::Response> {
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| anyhow!("download {url}: {}", self.trust.describe(&e, url)))?;
+        if !resp.status().is_success() {
+            bail!("download {url}: {} answered {}", url, resp.status());
+        }
+        Ok(resp)
     }
 
     pub fn base(&self) -> &str {
@@ -30,16 +68,11 @@ impl Client {
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let resp = rb.bearer_auth(&self.token).send().await.map_err(|e| {
-            if e.is_connect() {
-                anyhow!(
-                    "cannot reach the control plane at {}: is `virt8ra server` running there? (set VIRT8RA_URL)",
-                    self.base
-                )
-            } else {
-                anyhow!("request to {} failed: {e}", self.base)
-            }
-        })?;
+        let resp = rb
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.send_error(e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -78,7 +111,7 @@ impl Client {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| anyhow!("request to {} failed: {e}", self.base))?;
+            .map_err(|e| self.send_error(e))?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }

@@ -2,7 +2,10 @@
 //!
 //! The control plane's URL and token come from `--url`/`--token`, then
 //! `VIRT8RA_URL`/`VIRT8RA_TOKEN`, then `~/.config/virt8ra/config.yaml`
-//! (`url:` and `token:`). Errors are one line on stderr and a non-zero exit.
+//! (`url:` and `token:`). An https control plane must present a certificate
+//! signed by a public CA or by the CA given with `--ca-cert`,
+//! `VIRT8RA_CA_CERT` or `ca_cert:` in that file. Errors are one line on
+//! stderr and a non-zero exit.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,6 +32,11 @@ pub struct GlobalOpts {
     /// API token [env: VIRT8RA_TOKEN]
     #[arg(long, global = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) to trust besides the public web roots, for an
+    /// https control plane (and, for `server` and `agent`, for what they
+    /// fetch) [env: VIRT8RA_CA_CERT]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
     /// Output format.
     #[arg(
         short = 'o',
@@ -465,17 +473,34 @@ async fn migration(c: &Client, o: Format, cmd: MigrationCmd) -> anyhow::Result<(
 struct ConfigFile {
     url: Option<String>,
     token: Option<String>,
+    /// A relative path is relative to the config file's directory.
+    ca_cert: Option<PathBuf>,
 }
 
 fn config_file() -> ConfigFile {
     let Some(home) = std::env::var_os("HOME") else {
         return ConfigFile::default();
     };
-    let path = PathBuf::from(home).join(".config/virt8ra/config.yaml");
-    std::fs::read_to_string(path)
+    let dir = PathBuf::from(home).join(".config/virt8ra");
+    let mut cfg: ConfigFile = std::fs::read_to_string(dir.join("config.yaml"))
         .ok()
         .and_then(|s| serde_yaml::from_str(&s).ok())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    cfg.ca_cert = cfg.ca_cert.map(|p| dir.join(p));
+    cfg
+}
+
+/// How the CLI is told to trust a control plane's certificate.
+const CA_HINT: &str =
+    "pass --ca-cert FILE, set VIRT8RA_CA_CERT or put ca_cert: in ~/.config/virt8ra/config.yaml: the CA that signed it";
+
+/// The global `--ca-cert`, else `VIRT8RA_CA_CERT` (for `server` and `agent`,
+/// which do not read the CLI's config file).
+pub fn ca_cert(g: &GlobalOpts) -> Option<PathBuf> {
+    g.ca_cert
+        .clone()
+        .or_else(|| std::env::var_os("VIRT8RA_CA_CERT").map(PathBuf::from))
+        .filter(|p| !p.as_os_str().is_empty())
 }
 
 fn connect(g: &GlobalOpts) -> anyhow::Result<Client> {
@@ -496,7 +521,9 @@ fn connect(g: &GlobalOpts) -> anyhow::Result<Client> {
                 "no API token: set VIRT8RA_TOKEN (the server writes the admin token to DATA_DIR/admin.token)"
             )
         })?;
-    Ok(Client::new(&url, token.trim()))
+    let ca = ca_cert(g).or(cfg.ca_cert);
+    let trust = virt8ra_tls::Trust::new(ca.as_deref(), CA_HINT)?;
+    Client::new(&url, token.trim(), trust)
 }
 
 pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {

@@ -6,6 +6,10 @@
 //! when agents reconnect, so a SIGKILL loses nothing that was acknowledged,
 //! and work in flight resumes: pending VMs are placed by the next scheduler
 //! pass, and agents get their desired state again when they reconnect.
+//!
+//! With `--tls-cert` and `--tls-key` everything is served over HTTPS (and
+//! WSS), see [`tls`]; the control plane's own outbound fetches (catalogs,
+//! image imports from URLs) trust the public web roots plus `--ca-cert`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +30,7 @@ pub mod migration;
 pub mod placement;
 pub mod scheduler;
 pub mod state;
+pub mod tls;
 
 pub use state::{App, AppState};
 
@@ -51,7 +56,23 @@ pub struct ServerArgs {
     /// Memory overcommit ratio applied to every host.
     #[arg(long, default_value_t = 1.0)]
     pub memory_overcommit: f64,
+    /// Serve HTTPS with this certificate chain (PEM, the server's
+    /// certificate first); needs --tls-key. Without both: plain HTTP.
+    /// SIGHUP reads both files again.
+    #[arg(long, env = "VIRT8RA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "VIRT8RA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// A CA certificate (PEM) the control plane's outbound fetches (catalog
+    /// URLs, image imports from URLs) trust besides the public web roots:
+    /// the global `--ca-cert` (or `VIRT8RA_CA_CERT`), set by the binary.
+    #[arg(skip)]
+    pub ca_cert: Option<PathBuf>,
 }
+
+/// How an operator makes the control plane trust a server it fetches from.
+pub const CA_HINT: &str = "start the control plane with --ca-cert FILE, the CA that signed it";
 
 /// Builds the control plane's state on `data_dir`: opens (and migrates) the
 /// database and makes sure an admin token exists. Returns the admin token if
@@ -60,6 +81,7 @@ pub async fn open(
     data_dir: &Path,
     heartbeat: Duration,
     placement_config: placement::PlacementConfig,
+    trust: virt8ra_tls::Trust,
 ) -> anyhow::Result<(App, Option<String>)> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("create data directory {}", data_dir.display()))?;
@@ -99,6 +121,7 @@ pub async fn open(
         vms,
         hosts,
         image_refs: Default::default(),
+        trust,
     });
     Ok((app, created))
 }
@@ -159,34 +182,80 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         memory_overcommit: args.memory_overcommit,
         ..Default::default()
     };
+    // Certificates first: a bad one stops the start before anything else.
+    let server_tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(Arc::new(tls::ServerTls::load(c, k)?)),
+        (None, None) => None,
+        (Some(_), None) => {
+            anyhow::bail!("--tls-cert needs --tls-key (the certificate's private key)")
+        }
+        (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert (the certificate chain)"),
+    };
+    let trust = virt8ra_tls::Trust::new(args.ca_cert.as_deref(), CA_HINT)?;
     let (app, created) = open(
         &args.data_dir,
         Duration::from_secs(args.heartbeat_interval.max(1)),
         cfg,
+        trust,
     )
     .await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
     if let Some(token) = created {
         println!(
             "admin token (shown once; also in {}): {token}",
             args.data_dir.join("admin.token").display()
         );
     }
-    println!(
-        "virt8ra control plane listening on http://{}",
-        listener.local_addr()?
-    );
+    let scheme = if server_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("virt8ra control plane listening on {scheme}://{local}");
+    if server_tls.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(
+            listen = %local,
+            "serving plain HTTP on a non-loopback address: tokens, the agents' channels and relayed \
+             migrations cross the network unencrypted; pass --tls-cert and --tls-key"
+        );
+    }
     migration::resume_all(&app)
         .await
         .context("resume unfinished migrations")?;
     tokio::spawn(scheduler::run(app.clone()));
-    axum::serve(listener, api::router(app))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serve")?;
+    match server_tls {
+        None => axum::serve(listener, api::router(app))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serve")?,
+        Some(server_tls) => {
+            tokio::spawn(reload_on_sighup(server_tls.clone()));
+            let listener = tls::TlsListener::new(listener, &server_tls)?;
+            axum::serve(listener, api::router(app))
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("serve")?
+        }
+    }
     Ok(())
+}
+
+/// SIGHUP: read the certificate and key again (a renewed certificate).
+async fn reload_on_sighup(server_tls: Arc<tls::ServerTls>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match server_tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "SIGHUP: TLS certificate not reloaded; the old one stays")
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -58,6 +58,9 @@ pub struct AppState {
     /// Images as the agent protocol names them, by image id. An image id
     /// always names the same bytes, so entries never go stale.
     pub image_refs: std::sync::Mutex<std::collections::HashMap<String, ImageRef>>,
+    /// Certificates the control plane's own outbound fetches trust (catalog
+    /// URLs, image imports): the public web roots plus `--ca-cert`.
+    pub trust: virt8ra_tls::Trust,
 }
 
 impl AppState {

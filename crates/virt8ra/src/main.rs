@@ -195,12 +195,14 @@ fn main() {
     };
     let result = rt.block_on(async move {
         match cli.cmd {
-            Top::Server(a) => {
+            Top::Server(mut a) => {
                 init_logging();
+                a.ca_cert = virt8ra_cli::ca_cert(&cli.global);
                 virt8ra_server::run(a).await
             }
-            Top::Agent(a) => {
+            Top::Agent(mut a) => {
                 init_logging();
+                a.ca_cert = virt8ra_cli::ca_cert(&cli.global);
                 virt8ra_agent::run(a).await
             }
             Top::Openapi => {

@@ -261,8 +261,11 @@ impl Api {
 
 async fn wait_healthy(url: &str, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
+    let http = virt8ra_tls::Trust::public().http_client()?;
     while start.elapsed() < timeout {
-        if reqwest::get(format!("{url}/healthz"))
+        if http
+            .get(format!("{url}/healthz"))
+            .send()
             .await
             .is_ok_and(|r| r.status().is_success())
         {
@@ -299,7 +302,7 @@ pub async fn run(
     let api = Arc::new(Api {
         url: url.clone(),
         token,
-        http: reqwest::Client::new(),
+        http: virt8ra_tls::Trust::public().http_client()?,
     });
 
     // Topology: the example EU sites grown to size.

@@ -325,7 +325,11 @@ pub async fn image_data(
 }
 
 /// Fetches a catalog and verifies it with the trusted key.
-pub async fn fetch_verified(url: &str, public_key: &str) -> ApiResult<Vec<Appliance>> {
+pub async fn fetch_verified(
+    trust: &virt8ra_tls::Trust,
+    url: &str,
+    public_key: &str,
+) -> ApiResult<Vec<Appliance>> {
     let key = parse_public_key(public_key)?;
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| ApiError::Invalid(format!("invalid catalog URL {url:?}: {e}")))?;
@@ -334,15 +338,17 @@ pub async fn fetch_verified(url: &str, public_key: &str) -> ApiResult<Vec<Applia
             "invalid catalog URL {url:?}: only http and https"
         )));
     }
-    let client = reqwest::Client::builder()
+    let client = trust
+        .http()
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let resp = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| ApiError::Invalid(format!("cannot fetch catalog {url}: {e}")))?;
+    let resp = client.get(url).send().await.map_err(|e| {
+        ApiError::Invalid(format!(
+            "cannot fetch catalog {url}: {}",
+            trust.describe(&e, url)
+        ))
+    })?;
     if !resp.status().is_success() {
         return Err(ApiError::Invalid(format!(
             "catalog {url} answered {}",
@@ -415,7 +421,7 @@ pub async fn add(
             req.name
         )));
     }
-    let appliances = fetch_verified(&req.url, &req.public_key).await?;
+    let appliances = fetch_verified(&app.trust, &req.url, &req.public_key).await?;
     let c = Catalog {
         name: req.name,
         url: req.url,
@@ -441,7 +447,7 @@ pub async fn refresh(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Catalog>> {
     let mut c = get_catalog(&app, &name).await?;
-    c.appliances = fetch_verified(&c.url, &c.public_key).await?;
+    c.appliances = fetch_verified(&app.trust, &c.url, &c.public_key).await?;
     c.fetched_at = Utc::now();
     let body = serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?;
     app.store.put_doc(CATALOG, &c.name, &c.name, &body).await?;

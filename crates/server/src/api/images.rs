@@ -332,7 +332,7 @@ pub async fn import_from_url(
     }
     let dest = app.images_dir.join(format!("download-{}", m.id));
     let _guard = TempFile(Some(dest.clone()));
-    let have = download_resuming(url, &dest).await?;
+    let have = download_resuming(&app.trust, url, &dest).await?;
     if have == 0 {
         return Err(ApiError::Invalid(format!("{url} sent no data")));
     }
@@ -348,8 +348,9 @@ pub async fn import_from_url(
 }
 
 /// Downloads `url` into `dest`; returns the byte count.
-async fn download_resuming(url: &str, dest: &FsPath) -> ApiResult<u64> {
-    let client = reqwest::Client::builder()
+async fn download_resuming(trust: &virt8ra_tls::Trust, url: &str, dest: &FsPath) -> ApiResult<u64> {
+    let client = trust
+        .http()
         .connect_timeout(std::time::Duration::from_secs(10))
         .build()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -374,7 +375,11 @@ async fn download_resuming(url: &str, dest: &FsPath) -> ApiResult<u64> {
         let resp = match rb.send().await {
             Ok(r) => r,
             Err(e) => {
-                last_err = format!("cannot fetch {url}: {e}");
+                // A certificate problem does not go away by trying again.
+                if let Some(why) = trust.explain(&e, url) {
+                    return Err(ApiError::Invalid(format!("cannot fetch {url}: {why}")));
+                }
+                last_err = format!("cannot fetch {url}: {}", trust.describe(&e, url));
                 continue;
             }
         };

@@ -1,6 +1,7 @@
 //! A harness for end-to-end tests: the real `virt8ra` binary started as
 //! separate processes (a control plane on SQLite and agents with the QEMU
-//! driver), talked to over HTTP and through the CLI.
+//! driver), talked to over HTTP (or HTTPS, [`Cluster::start_tls`]) and
+//! through the CLI.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
@@ -78,7 +79,31 @@ pub struct Cluster {
     pub token: String,
     pub server: Option<Proc>,
     pub agents: Vec<(String, Option<Proc>)>,
+    /// Set when the control plane serves HTTPS.
+    pub tls: Option<Tls>,
+    /// Extra arguments for every start of the control plane.
+    pub server_args: Vec<String>,
     http: reqwest::blocking::Client,
+}
+
+/// The PEM files of an HTTPS control plane: a test CA of its own (given to
+/// the CLI and the agents) and a certificate it signed for 127.0.0.1 and
+/// localhost.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A blocking client for tests that trusts the public roots and `ca`.
+pub fn https_client(ca: Option<&Path>) -> reqwest::blocking::Client {
+    let trust = virt8ra_tls::Trust::new(ca, "test").unwrap();
+    reqwest::blocking::Client::builder()
+        .use_preconfigured_tls((*trust.client_config()).clone())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 /// Three providers in three EU countries, one site each.
@@ -105,22 +130,42 @@ pub const TOPOLOGY: &[(&str, &str, &str, &str, f64, f64)] = &[
 impl Cluster {
     /// Starts a control plane on a fresh data directory.
     pub fn start() -> Cluster {
+        Cluster::start_with(false, &[])
+    }
+
+    /// Starts a control plane that serves HTTPS with a certificate from a
+    /// test CA made now; the CLI and agents of this cluster trust that CA.
+    /// `server_args` are passed to every start of the control plane.
+    pub fn start_tls(server_args: &[&str]) -> Cluster {
+        Cluster::start_with(true, server_args)
+    }
+
+    fn start_with(tls: bool, server_args: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("virt8ra-e2e-")
             .tempdir()
             .unwrap();
         let port = free_port();
+        let tls = tls.then(|| {
+            let ca = virt8ra_tls::testing::TestCa::new("virt8ra test CA");
+            let issued = ca.issue(dir.path(), "server", &["127.0.0.1", "localhost"]);
+            Tls {
+                ca: ca.write(&dir.path().join("ca.pem")),
+                cert: issued.cert,
+                key: issued.key,
+            }
+        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut c = Cluster {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             dir,
             port,
             token: String::new(),
             server: None,
             agents: Vec::new(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: https_client(tls.as_ref().map(|t| t.ca.as_path())),
+            tls,
+            server_args: server_args.iter().map(|s| s.to_string()).collect(),
         };
         c.start_server();
         c.token = std::fs::read_to_string(c.server_dir().join("admin.token"))
@@ -150,6 +195,15 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.server_dir())
             .args(["--heartbeat-interval", "1"])
+            .args(self.tls.iter().flat_map(|t| {
+                [
+                    "--tls-cert".into(),
+                    t.cert.clone().into_os_string(),
+                    "--tls-key".into(),
+                    t.key.clone().into_os_string(),
+                ]
+            }))
+            .args(&self.server_args)
             .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -213,13 +267,15 @@ impl Cluster {
 
     /// Runs the CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .args(args)
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
             .env("VIRT8RA_URL", &self.url)
             .env("VIRT8RA_TOKEN", &self.token)
-            .env("HOME", self.dir.path())
-            .output()
-            .unwrap()
+            .env("HOME", self.dir.path());
+        if let Some(t) = &self.tls {
+            cmd.env("VIRT8RA_CA_CERT", &t.ca);
+        }
+        cmd.output().unwrap()
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> String {
@@ -280,6 +336,11 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.agent_dir(name))
             .args(["--vcpus", "4", "--memory-mib", "2048", "--disk-gib", "20"])
+            .args(
+                self.tls
+                    .iter()
+                    .flat_map(|t| ["--ca-cert".into(), t.ca.clone()]),
+            )
             .args(extra)
             .env("VIRT8RA_LOG", "info");
         if let Some(site) = site {
