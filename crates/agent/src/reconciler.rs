@@ -621,7 +621,13 @@ mod tests {
 
     fn reconciler(dir: &Path, driver: Arc<SimDriver>) -> Arc<Reconciler> {
         let images = Arc::new(
-            ImageCache::new(dir.join("images"), "http://127.0.0.1:9", "t").expect("cache"),
+            ImageCache::new(
+                dir.join("images"),
+                "http://127.0.0.1:9",
+                "t",
+                &virt8ra_tls::Trust::public(),
+            )
+            .expect("cache"),
         );
         let (reports, _changes) = Reports::new();
         Reconciler::new(dir, driver, images, reports)
