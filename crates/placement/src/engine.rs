@@ -190,6 +190,16 @@ pub struct Engine {
     max_price: f64,
     /// Largest host memory capacity, to prefer big hosts when opening one.
     max_host_mem: u64,
+    /// Per site: hosts with VMs on them, and the largest host's memory.
+    /// They bound what a site can score before its hosts are searched.
+    site_used: Vec<u32>,
+    site_max_mem: Vec<u64>,
+    /// Per site, its provider's number in `providers`.
+    site_provider: Vec<u32>,
+    providers: Vec<String>,
+    /// Skip sites whose upper bound cannot beat the best so far (always on;
+    /// a test turns it off to prove it changes no decision).
+    prune_sites: bool,
 }
 
 impl Engine {
@@ -211,6 +221,11 @@ impl Engine {
             max_carbon: 1.0,
             max_price: 1.0,
             max_host_mem: 1,
+            site_used: Vec::new(),
+            site_max_mem: Vec::new(),
+            site_provider: Vec::new(),
+            providers: Vec::new(),
+            prune_sites: true,
         };
         for s in sites {
             e.upsert_site(s);
@@ -241,14 +256,27 @@ impl Engine {
 
     pub fn upsert_site(&mut self, s: SiteInfo) {
         self.cache.clear();
+        let provider = match self.providers.iter().position(|p| *p == s.provider) {
+            Some(i) => i as u32,
+            None => {
+                self.providers.push(s.provider.clone());
+                (self.providers.len() - 1) as u32
+            }
+        };
         match self.site_by_name.get(&s.name) {
-            Some(&i) => self.sites[i as usize] = s,
+            Some(&i) => {
+                self.sites[i as usize] = s;
+                self.site_provider[i as usize] = provider;
+            }
             None => {
                 let i = self.sites.len() as u32;
                 self.site_by_name.insert(s.name.clone(), i);
                 self.sites.push(s);
                 self.site_hosts.push(Vec::new());
                 self.site_classes.push(Vec::new());
+                self.site_used.push(0);
+                self.site_max_mem.push(0);
+                self.site_provider.push(provider);
             }
         }
         self.max_carbon = self
@@ -330,6 +358,11 @@ impl Engine {
     fn index(&mut self, id: u32) {
         let h = &self.hosts[id as usize];
         self.max_host_mem = self.max_host_mem.max(h.cap.memory_mib);
+        let si = h.site as usize;
+        self.site_max_mem[si] = self.site_max_mem[si].max(h.cap.memory_mib);
+        if h.vms > 0 {
+            self.site_used[si] += 1;
+        }
         let classes = &mut self.site_classes[h.site as usize];
         let cur = self.host_class[id as usize] as usize;
         let c = if classes
@@ -359,6 +392,10 @@ impl Engine {
     /// Undoes `index` (before the host's state, usage or site changes).
     fn unindex(&mut self, id: u32) {
         let h = &self.hosts[id as usize];
+        if h.vms > 0 {
+            let u = &mut self.site_used[h.site as usize];
+            *u = u.saturating_sub(1);
+        }
         if let Some(c) =
             self.site_classes[h.site as usize].get_mut(self.host_class[id as usize] as usize)
         {
@@ -514,12 +551,40 @@ impl Engine {
         let evals = self.site_evals(r);
         let w = r.weights;
         let max_pm = self.provider_mem.values().copied().max().unwrap_or(0);
+        let bal_of: Vec<f64> = self
+            .providers
+            .iter()
+            .map(|p| {
+                let pm = self.provider_mem.get(p).copied().unwrap_or(0);
+                if max_pm == 0 {
+                    1.0
+                } else {
+                    1.0 - pm as f64 / max_pm as f64
+                }
+            })
+            .collect();
         let bound = w.capacity + w.balance;
         // (raw score, host, eval index, capacity component, balance component)
         let mut best: Option<(f64, u32, usize, f64, f64)> = None;
         for (ei, ev) in evals.iter().enumerate() {
             if best.is_some_and(|b| ev.score + bound <= b.0) {
                 break;
+            }
+            // What this site could score at most, from its provider's
+            // balance and (packing) whether any of its hosts is in use: an
+            // empty host scores at most half its share of the largest. A
+            // site that cannot beat the best so far is not searched, which
+            // at 1,000 sites that all pass is most of them.
+            if let Some(b) = best.filter(|_| self.prune_sites) {
+                let cap_ub = if w.pack && self.site_used[ev.site as usize] == 0 {
+                    0.5 * self.site_max_mem[ev.site as usize] as f64 / self.max_host_mem as f64
+                } else {
+                    1.0
+                };
+                let bal = bal_of[self.site_provider[ev.site as usize] as usize];
+                if ev.score + w.capacity * cap_ub + w.balance * bal <= b.0 {
+                    continue;
+                }
             }
             let site = &self.sites[ev.site as usize];
             if self.site_excluded_by_groups(site, r) {
@@ -847,5 +912,47 @@ impl Engine {
                     .sum::<usize>();
         }
         total / self.hosts.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{requests, topology};
+
+    /// Pruning sites by their upper bound is an optimisation only: with the
+    /// operator's default weights (packing, energy, cost, latency, balance)
+    /// and with packing alone, every decision is the one the full search
+    /// makes.
+    #[test]
+    fn site_pruning_changes_no_decision() {
+        for pack_only in [false, true] {
+            let (sites, hosts) = topology(3000, 7);
+            let mut fast = Engine::new(sites.clone(), hosts.clone()).expect("topology");
+            let mut full = Engine::new(sites, hosts).expect("topology");
+            full.prune_sites = false;
+            let mut placed = 0;
+            for (vm, r) in requests(4000, 7, pack_only) {
+                let a = fast.place(&r).map(|d| d.host);
+                let b = full.place(&r).map(|d| d.host);
+                assert_eq!(
+                    a.as_ref().ok(),
+                    b.as_ref().ok(),
+                    "{vm} (pack_only {pack_only})"
+                );
+                if let Ok(h) = a {
+                    fast.commit(&vm, &h, &r).expect("commit");
+                    full.commit(&vm, &h, &r).expect("commit");
+                    placed += 1;
+                }
+                if placed % 500 == 499 {
+                    // Releases make sites empty again, which the bound tracks.
+                    let gone = format!("vm{}", placed / 2);
+                    fast.release(&gone);
+                    full.release(&gone);
+                }
+            }
+            assert!(placed > 1000, "only {placed} placed");
+        }
     }
 }
