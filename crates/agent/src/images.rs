@@ -63,13 +63,25 @@ impl ImageCache {
         token: &str,
         trust: &virt8ra_tls::Trust,
     ) -> anyhow::Result<ImageCache> {
+        ImageCache::with_client(dir, server, token, trust, trust.http_client()?)
+    }
+
+    /// [`ImageCache::new`] with an HTTP client shared with others (many
+    /// simulated hosts in one process share one).
+    pub fn with_client(
+        dir: PathBuf,
+        server: &str,
+        token: &str,
+        trust: &virt8ra_tls::Trust,
+        client: reqwest::Client,
+    ) -> anyhow::Result<ImageCache> {
         std::fs::create_dir_all(&dir)?;
         Ok(ImageCache {
             dir,
             server: server.trim_end_matches('/').to_string(),
             token: token.to_string(),
             trust: trust.clone(),
-            client: trust.http_client()?,
+            client,
             locks: Mutex::new(HashMap::new()),
             received: Mutex::new(BTreeMap::new()),
             verified: Mutex::new(Default::default()),

@@ -29,8 +29,7 @@ use virt8ra_api::protocol::{
 };
 use virt8ra_api::{MigrationMode, MigrationProgress};
 
-use crate::driver::qemu::QemuDriver;
-use crate::driver::{Driver, DriverVmState, VmConfig};
+use crate::driver::{Driver, DriverVmState, Migrate, VmConfig};
 
 /// Bytes per upload request: a broken connection loses at most this much.
 const CHUNK: u64 = 8 << 20;
@@ -62,12 +61,25 @@ impl Mover {
         listen: Option<String>,
         trust: &virt8ra_tls::Trust,
     ) -> anyhow::Result<Arc<Mover>> {
+        Mover::with_client(data_dir, server, token, listen, trust, trust.http_client()?)
+    }
+
+    /// [`Mover::new`] with an HTTP client shared with others (many
+    /// simulated hosts in one process share one).
+    pub fn with_client(
+        data_dir: &Path,
+        server: &str,
+        token: &str,
+        listen: Option<String>,
+        trust: &virt8ra_tls::Trust,
+        client: reqwest::Client,
+    ) -> anyhow::Result<Arc<Mover>> {
         let staging = data_dir.join("staging");
         std::fs::create_dir_all(&staging)?;
         Ok(Arc::new(Mover {
             server: server.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            client: trust.http_client()?,
+            client,
             trust: trust.clone(),
             listen,
             relay_local: Mutex::new(HashMap::new()),
@@ -221,7 +233,7 @@ impl Mover {
         role: &MigrationRole,
         base: Option<PathBuf>,
     ) -> anyhow::Result<()> {
-        let Some(q) = driver.as_qemu() else {
+        let Some(q) = driver.migrator() else {
             bail!("the {} driver cannot migrate VMs", driver.name());
         };
         fail_point("agent-job-start")?;
@@ -271,7 +283,7 @@ impl Mover {
                 let Some(disk) = disk else {
                     bail!("cold migration without a staged disk");
                 };
-                let marker = q.vm_dir(&d.id).join(format!("adopted-{migration_id}"));
+                let marker = q.marker_dir(&d.id).join(format!("adopted-{migration_id}"));
                 if !marker.exists() || driver.state(&d.id).await? == DriverVmState::Absent {
                     // Start clean: an earlier, interrupted attempt may have left parts.
                     driver.destroy(&d.id).await?;
@@ -288,6 +300,8 @@ impl Mover {
                     .await?;
                     fail_point("agent-cold-downloaded")?;
                     q.adopt_disk(&cfg, &part).await?;
+                    std::fs::create_dir_all(q.marker_dir(&d.id))
+                        .context("create the VM's directory")?;
                     std::fs::write(&marker, b"").context("write the adoption marker")?;
                     tracing::info!(vm = %d.name, ms = t.elapsed().as_millis() as u64, "cold migration: disk in place");
                 }
@@ -396,7 +410,7 @@ impl Mover {
     /// into the staging directory, once, and uploads it (resuming).
     async fn stage_and_upload(
         &self,
-        q: &QemuDriver,
+        q: &dyn Migrate,
         d: &DesiredVm,
         rep: &MigrationReport,
         id: &str,
@@ -602,17 +616,19 @@ fn side_of(r: &MigrationRole) -> MigrationSide {
 
 /// Marks a VM whose source side started sending, so that if the role is
 /// withdrawn (rollback) the reconciler resumes it here.
-fn mark_outgoing(q: &QemuDriver, id: &str) -> anyhow::Result<()> {
-    std::fs::write(q.vm_dir(id).join("outgoing.marker"), b"").context("write the outgoing marker")
+fn mark_outgoing(q: &dyn Migrate, id: &str) -> anyhow::Result<()> {
+    let dir = q.marker_dir(id);
+    std::fs::create_dir_all(&dir).context("create the VM's directory")?;
+    std::fs::write(dir.join("outgoing.marker"), b"").context("write the outgoing marker")
 }
 
 /// Whether VM `id` was being sent from this host.
-pub fn is_marked_outgoing(q: &QemuDriver, id: &str) -> bool {
-    q.vm_dir(id).join("outgoing.marker").exists()
+pub fn is_marked_outgoing(q: &dyn Migrate, id: &str) -> bool {
+    q.marker_dir(id).join("outgoing.marker").exists()
 }
 
-pub fn clear_outgoing(q: &QemuDriver, id: &str) {
-    let _ = std::fs::remove_file(q.vm_dir(id).join("outgoing.marker"));
+pub fn clear_outgoing(q: &dyn Migrate, id: &str) {
+    let _ = std::fs::remove_file(q.marker_dir(id).join("outgoing.marker"));
 }
 
 fn parse_sum(s: &str) -> Option<(String, u64)> {

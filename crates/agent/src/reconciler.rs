@@ -392,7 +392,16 @@ impl Reconciler {
         serde_json::from_slice(&b).ok()
     }
 
+    /// Persists `l`; the default record (no ports, no reboot, no machine
+    /// type: every simulated VM) is implicit and has no file, which halves
+    /// the files of a host with many VMs.
     fn save_local(&self, id: &str, l: &LocalVm) -> std::io::Result<()> {
+        if *l == LocalVm::default() {
+            return match std::fs::remove_file(self.local_path(id)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
         let b = serde_json::to_vec(l).map_err(std::io::Error::other)?;
         write_atomic(&self.local_path(id), &b)
     }
@@ -480,10 +489,13 @@ impl Reconciler {
         let mut local = match cached.clone() {
             Some(l) => l,
             None => {
+                // A new VM starts fresh: no reboot owed. One that exists
+                // without a record has the implicit one (see `save_local`),
+                // so a reboot asked for meanwhile is still owed.
+                let fresh = self.driver.state(&d.id).await? == DriverVmState::Absent;
                 let l = LocalVm {
                     ports: allocate_ports(&d.ports)?,
-                    // A new VM starts fresh: no reboot owed.
-                    reboot_generation: d.reboot_generation,
+                    reboot_generation: if fresh { d.reboot_generation } else { 0 },
                     machine: d.machine.clone().or_else(|| {
                         self.driver
                             .as_qemu()
@@ -513,7 +525,7 @@ impl Reconciler {
         if let Some(m) = self.mover.get() {
             m.clear_vm(&d.id);
         }
-        if let Some(q) = self.driver.as_qemu() {
+        if let Some(q) = self.driver.migrator() {
             // The role was withdrawn after this host began sending the VM:
             // a rollback. The control plane withdraws it only once the
             // target copy is gone, so the guest may run here again.

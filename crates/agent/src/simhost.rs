@@ -80,19 +80,40 @@ pub async fn start(
         memory_mib,
         SimTimings::default(),
     ));
-    let images = Arc::new(images::ImageCache::new(
+    // One HTTP client for the whole process (images, migrations): 100,000
+    // clients with their own TLS setup and pools would be most of its memory.
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = match CLIENT.get() {
+        Some(c) => c.clone(),
+        None => {
+            let c = Trust::public().http_client()?;
+            CLIENT.get_or_init(|| c).clone()
+        }
+    };
+    let images = Arc::new(images::ImageCache::with_client(
         data_dir.join("images"),
         server,
         &joined.host_token,
         &Trust::public(),
+        client.clone(),
     )?);
     let (reports, changes) = reconciler::Reports::new();
     // Simulated guests never die on their own: re-check them rarely, so that
     // thousands of simulated hosts leave the CPU to the control plane.
     let rec = reconciler::Reconciler::new(data_dir, driver.clone(), images, reports.clone())?
         .with_recheck(std::time::Duration::from_secs(60));
+    let mover = crate::mover::Mover::with_client(
+        data_dir,
+        server,
+        &joined.host_token,
+        None,
+        &Trust::public(),
+        client,
+    )?;
+    // Simulated hosts migrate (cold) through the same mover as real ones.
+    rec.set_mover(mover.clone());
     let ch = channel::Channel {
-        mover: None,
+        mover: Some(mover),
         server: server.to_string(),
         host_token: joined.host_token.clone(),
         trust: Trust::public(),

@@ -65,7 +65,8 @@ async fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
                 anyhow::bail!("--hosts must be at least 1");
             }
             load.check()?;
-            let r = scale::run(hosts, vms, &load, o == virt8ra_cli::output::Format::Table).await?;
+            // Progress goes to stderr in every format; stdout holds the report.
+            let r = scale::run(hosts, vms, &load, true).await?;
             virt8ra_cli::output::emit(o, &r, |r| {
                 virt8ra_cli::output::fields(vec![
                     (
@@ -99,12 +100,28 @@ async fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
                         ),
                     ),
                     (
+                        "migrations (cold, simulated hosts)",
+                        format!(
+                            "{} of {} completed ({} failed); p50 {:.0} ms, p99 {:.0} ms to complete; {} mismatches",
+                            r.migrations_completed,
+                            r.migrations,
+                            r.migrations_failed,
+                            r.migration_p50_ms,
+                            r.migration_p99_ms,
+                            r.migration_mismatches
+                        ),
+                    ),
+                    (
                         "list page under load p99",
                         format!("{:.1} ms", r.list_page_under_load_p99_ms),
                     ),
                     (
                         "server RSS",
                         format!("{:.1} MiB", r.server_rss_bytes as f64 / 1048576.0),
+                    ),
+                    (
+                        "simulated hosts' process RSS",
+                        format!("{:.1} MiB", r.bench_rss_bytes as f64 / 1048576.0),
                     ),
                     (
                         "database",

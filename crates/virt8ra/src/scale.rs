@@ -10,7 +10,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -39,6 +39,11 @@ pub struct LoadArgs {
     /// Lifecycle operations per second to aim at (0: as fast as the clients go).
     #[arg(long, default_value_t = 0.0)]
     pub ops_rate: f64,
+    /// VMs migrated to another host (placement picks it; the simulated
+    /// hosts migrate cold, through the control plane's staging) after the
+    /// stops and starts, before the deletes (0: none).
+    #[arg(long, default_value_t = 200)]
+    pub migrations: usize,
     /// List pages (1,000 VMs, with filters) read per second while the
     /// lifecycle operations run.
     #[arg(long, default_value_t = 20.0)]
@@ -140,7 +145,22 @@ pub struct ScaleReport {
     pub delete_mismatches: usize,
     /// VMs deleted by the lifecycle operations.
     pub deleted: usize,
+    /// Migrations asked for, completed, and failed (rolled back) or not
+    /// finished within the time allowed.
+    pub migrations: usize,
+    pub migrations_completed: usize,
+    pub migrations_failed: usize,
+    /// Migration requests' latency (the call), and from the request to the
+    /// workflow's completion.
+    pub migrate_call_p99_ms: f64,
+    pub migration_p50_ms: f64,
+    pub migration_p99_ms: f64,
+    /// Migrated VMs that are not running on exactly the host the control
+    /// plane names, a different one from where they were.
+    pub migration_mismatches: usize,
     pub server_rss_bytes: u64,
+    /// This process (simulated hosts and load generator), for planning runs.
+    pub bench_rss_bytes: u64,
     pub db_bytes: u64,
     pub restart_to_serving_ms: f64,
     pub sampled: usize,
@@ -553,6 +573,132 @@ pub async fn run(
     }
     let mut start_ms = drive(ops, load.concurrency, load.ops_rate, action("start")).await?;
     let deleted: Vec<String> = picked.iter().step_by(2).cloned().collect();
+
+    // Migrations: VMs not among those deleted next, each to a host the
+    // placement engine picks; the workflow is followed to its end.
+    let migrated: Vec<String> = {
+        let skip: std::collections::HashSet<&String> = deleted.iter().collect();
+        let mut m: Vec<String> = (0..vms)
+            .map(|i| format!("v{}", (i * 104_729 + 101) % vms.max(1)))
+            .filter(|n| !skip.contains(n))
+            .take(load.migrations.min(vms))
+            .collect();
+        m.sort();
+        m.dedup();
+        m
+    };
+    if !migrated.is_empty() {
+        say(format!("migrating {} VMs", migrated.len()));
+    }
+    let t_mig = Instant::now();
+    let from_hosts: Vec<String> = {
+        let mut v = Vec::with_capacity(migrated.len());
+        for name in &migrated {
+            let vm = api.get(&format!("/vms/{name}")).await?;
+            v.push(
+                vm["status"]["host"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+        v
+    };
+    let mig_ids = Arc::new(Mutex::new(vec![(String::new(), t_mig); migrated.len()]));
+    let mut migrate_ms = {
+        let (api, names, ids) = (api.clone(), Arc::new(migrated.clone()), mig_ids.clone());
+        drive(
+            names.len(),
+            load.concurrency.min(32),
+            load.ops_rate,
+            move |i| {
+                let (api, names, ids) = (api.clone(), names.clone(), ids.clone());
+                async move {
+                    let m = api
+                        .post(
+                            &format!("/vms/{}/migrate", names[i]),
+                            json!({"mode": "auto"}),
+                        )
+                        .await?;
+                    let id = m["id"].as_str().unwrap_or_default().to_string();
+                    ids.lock().unwrap_or_else(|p| p.into_inner())[i] = (id, Instant::now());
+                    Ok(())
+                }
+            },
+        )
+        .await?
+    };
+    let ids: Vec<(String, Instant)> = mig_ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut done_ms: Vec<Option<f64>> = vec![None; ids.len()];
+    let mut completed = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while done_ms.iter().any(Option::is_none) && Instant::now() < deadline {
+        for (i, (id, asked)) in ids.iter().enumerate() {
+            if done_ms[i].is_some() {
+                continue;
+            }
+            let m = api.get(&format!("/migrations/{id}")).await?;
+            match m["phase"].as_str() {
+                Some("completed") => {
+                    completed += 1;
+                    done_ms[i] = Some(asked.elapsed().as_secs_f64() * 1000.0);
+                }
+                Some("failed") => done_ms[i] = Some(f64::NAN),
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut migration_ms: Vec<f64> = done_ms
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    let migrations_failed = ids.len() - completed;
+    // Each completed migration's VM runs on the host the control plane
+    // names, which is not where it was, and no longer on its source.
+    let mut migration_mismatches = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, name) in migrated.iter().enumerate() {
+        if !done_ms[i].is_some_and(f64::is_finite) {
+            continue;
+        }
+        let ok = loop {
+            let vm = api.get(&format!("/vms/{name}")).await?;
+            let (id, host) = (
+                vm["id"].as_str().unwrap_or_default().to_string(),
+                vm["status"]["host"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            let on = |h: &str| {
+                by_name
+                    .get(h)
+                    .is_some_and(|j| sim[*j].driver.is_running(&id))
+            };
+            let ok = vm["status"]["phase"] == "running"
+                && host != from_hosts[i]
+                && on(&host)
+                && !on(&from_hosts[i]);
+            if ok || Instant::now() > deadline {
+                break ok;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if !ok {
+            migration_mismatches += 1;
+        }
+    }
+    let mig_secs = t_mig.elapsed().as_secs_f64();
+    if !migrated.is_empty() {
+        say(format!(
+            "{completed} of {} migrations completed in {mig_secs:.1} s",
+            migrated.len()
+        ));
+    }
+
     let mut delete_ms = {
         let (api, deleted) = (api.clone(), Arc::new(deleted.clone()));
         drive(deleted.len(), load.concurrency, load.ops_rate, move |i| {
@@ -566,7 +712,7 @@ pub async fn run(
         .await?
     };
     let n_ops = stop_ms.len() + start_ms.len() + delete_ms.len();
-    let ops_secs = t_ops.elapsed().as_secs_f64();
+    let ops_secs = t_ops.elapsed().as_secs_f64() - mig_secs;
     stop_listing.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut list_load_ms = lister.await.unwrap_or_default();
     // Deleted VMs are gone from the agents and shown deleted.
@@ -693,7 +839,15 @@ pub async fn run(
         list_page_under_load_p99_ms: percentile(&mut list_load_ms, 0.99),
         delete_mismatches,
         deleted: deleted.len(),
+        migrations: migrated.len(),
+        migrations_completed: completed,
+        migrations_failed,
+        migrate_call_p99_ms: percentile(&mut migrate_ms, 0.99),
+        migration_p50_ms: percentile(&mut migration_ms.clone(), 0.5),
+        migration_p99_ms: percentile(&mut migration_ms, 0.99),
+        migration_mismatches,
         server_rss_bytes: server_rss,
+        bench_rss_bytes: rss_bytes(std::process::id()),
         db_bytes: db,
         restart_to_serving_ms: restart_ms,
         sampled,

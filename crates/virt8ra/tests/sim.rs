@@ -158,8 +158,9 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
 /// `virt8ra bench scale` at a tiny size: many simulated hosts in one process,
 /// five to a connection (the mux protocol extension: each host's own
 /// session, authenticated by its own token, on a shared WebSocket), VMs
-/// through the API with stop/start/delete and list reads, and the
-/// contract's figures; the agents' view matches the control plane's.
+/// through the API with stop/start/delete, migrations (cold, through the
+/// control plane's staging) and list reads, and the contract's figures; the
+/// agents' view matches the control plane's.
 #[test]
 fn the_scale_benchmark_runs_and_reports_its_contract() {
     let out = std::process::Command::new(common::bin())
@@ -172,6 +173,8 @@ fn the_scale_benchmark_runs_and_reports_its_contract() {
             "60",
             "--hosts-per-connection",
             "5",
+            "--migrations",
+            "10",
             "-o",
             "json",
         ])
@@ -211,6 +214,13 @@ fn the_scale_benchmark_runs_and_reports_its_contract() {
         r["sampled"], 30,
         "the deleted VMs are no longer listed: {r}"
     );
+    // Ten VMs that were not deleted moved to other hosts: each runs on the
+    // host the control plane names, not on its source.
+    assert_eq!(r["migrations"], 10, "{r}");
+    assert_eq!(r["migrations_completed"], 10, "{r}");
+    assert_eq!(r["migrations_failed"], 0, "{r}");
+    assert_eq!(r["migration_mismatches"], 0, "{r}");
+    assert!(r["migration_p99_ms"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["server_rss_bytes"].as_u64().unwrap() > 1 << 20);
 }
 

@@ -122,8 +122,13 @@ pub trait Driver: Send + Sync + 'static {
     fn machine_types(&self) -> Vec<String> {
         Vec::new()
     }
-    /// The QEMU driver, for migration and disk export (which only it does).
+    /// The QEMU driver, for what only it has (its machine types).
     fn as_qemu(&self) -> Option<&qemu::QemuDriver> {
+        None
+    }
+    /// What moves this driver's VMs between hosts (migration, export);
+    /// `None`: it cannot.
+    fn migrator(&self) -> Option<&dyn Migrate> {
         None
     }
     /// The host's usage as this driver accounts it, for heartbeats; `None`
@@ -131,6 +136,43 @@ pub trait Driver: Send + Sync + 'static {
     fn usage(&self, _vms_running: u32) -> Option<virt8ra_api::HostUsage> {
         None
     }
+}
+
+/// What moving a VM between hosts needs of a driver: the agent's mover
+/// ([`crate::mover`]) runs the protocol's steps and calls these. QEMU does all
+/// of them; the simulated driver moves cold only (its live calls fail with a
+/// clear error, and its hosts do not offer live migration).
+#[async_trait::async_trait]
+pub trait Migrate: Send + Sync {
+    /// Where the mover keeps a VM's markers (the VM's directory).
+    fn marker_dir(&self, id: &str) -> PathBuf;
+    /// Target, live: get ready to receive the VM; returns where to send it.
+    /// Idempotent for one migration.
+    async fn start_incoming(
+        &self,
+        cfg: &VmConfig,
+        migration_id: &str,
+        listen: &str,
+    ) -> Result<virt8ra_api::protocol::LiveEndpoints>;
+    /// Target, live: waits until the VM runs here; returns the milliseconds
+    /// from the end of the stream to the guest running.
+    async fn await_incoming(&self, id: &str, migration_id: &str) -> Result<u64>;
+    /// Source, live: sends disk and memory to `target`.
+    async fn send_live(
+        &self,
+        id: &str,
+        migration_id: &str,
+        target: &virt8ra_api::protocol::LiveEndpoints,
+        progress: &(dyn Fn(virt8ra_api::MigrationProgress) + Send + Sync),
+    ) -> Result<qemu_migrate::SendOutcome>;
+    /// Source, rollback: the VM runs here again (or can be started).
+    async fn abort_outgoing(&self, id: &str) -> Result<()>;
+    /// Writes the stopped VM's disk to `out`: its own blocks over `backing`
+    /// (cold migration), or standalone (export).
+    async fn export_disk(&self, id: &str, backing: Option<&Path>, out: &Path) -> Result<()>;
+    /// Target, cold: makes `file`, as [`Migrate::export_disk`] wrote it on
+    /// the source, this VM's disk here.
+    async fn adopt_disk(&self, cfg: &VmConfig, file: &Path) -> Result<()>;
 }
 
 /// The last `max_bytes` of a console log, lossily decoded, and whether older

@@ -441,6 +441,10 @@ impl Driver for QemuDriver {
         Some(self)
     }
 
+    fn migrator(&self) -> Option<&dyn super::Migrate> {
+        Some(self)
+    }
+
     async fn prepare(&self, cfg: &VmConfig) -> Result<()> {
         let dir = self.vm_dir(&cfg.id);
         let disk = dir.join("disk.qcow2");

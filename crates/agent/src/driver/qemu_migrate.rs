@@ -580,3 +580,45 @@ impl QemuDriver {
         Ok(())
     }
 }
+
+#[async_trait::async_trait]
+impl super::Migrate for QemuDriver {
+    fn marker_dir(&self, id: &str) -> PathBuf {
+        super::Driver::vm_dir(self, id)
+    }
+
+    async fn start_incoming(
+        &self,
+        cfg: &VmConfig,
+        migration_id: &str,
+        listen: &str,
+    ) -> Result<LiveEndpoints> {
+        QemuDriver::start_incoming(self, cfg, migration_id, listen).await
+    }
+
+    async fn await_incoming(&self, id: &str, migration_id: &str) -> Result<u64> {
+        QemuDriver::await_incoming(self, id, migration_id).await
+    }
+
+    async fn send_live(
+        &self,
+        id: &str,
+        migration_id: &str,
+        target: &LiveEndpoints,
+        progress: &(dyn Fn(MigrationProgress) + Send + Sync),
+    ) -> Result<SendOutcome> {
+        QemuDriver::send_live(self, id, migration_id, target, progress).await
+    }
+
+    async fn abort_outgoing(&self, id: &str) -> Result<()> {
+        QemuDriver::abort_outgoing(self, id).await
+    }
+
+    async fn export_disk(&self, id: &str, backing: Option<&Path>, out: &Path) -> Result<()> {
+        QemuDriver::export_disk(self, id, backing, out).await
+    }
+
+    async fn adopt_disk(&self, cfg: &VmConfig, file: &Path) -> Result<()> {
+        QemuDriver::adopt_disk(self, cfg, file).await
+    }
+}

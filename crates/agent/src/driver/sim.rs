@@ -6,15 +6,26 @@
 //! host's remaining memory fails to start, as it would on a real host. The
 //! console holds a few synthetic lines. Never a default; the host reports its
 //! hypervisor as `emulation` and its QEMU version as `simulated`.
+//!
+//! Simulated VMs migrate cold, through the same mover and the same staging on
+//! the control plane as QEMU's: the source writes a small simulated disk (a
+//! header naming the VM, then filler derived from its id), uploads it, the
+//! target downloads and adopts it. Live migration is refused (the hosts do
+//! not offer it, so `auto` picks cold).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use virt8ra_api::Hypervisor;
 
-use super::{Driver, DriverError, DriverVmState, Result, VmConfig};
+use super::{Driver, DriverError, DriverVmState, Migrate, Result, VmConfig};
+
+/// First line of a simulated disk.
+const DISK_MAGIC: &str = "VIRT8RA-SIM-DISK 1";
+/// Filler bytes after a simulated disk's header.
+const DISK_FILL: usize = 64 << 10;
 
 /// How long simulated operations take.
 #[derive(Debug, Clone, Copy)]
@@ -185,6 +196,8 @@ impl Driver for SimDriver {
 
     async fn destroy(&self, id: &str) -> Result<()> {
         self.lock().remove(id);
+        // Only the mover's markers live on disk, when a VM moved.
+        let _ = std::fs::remove_dir_all(self.vm_dir(id));
         Ok(())
     }
 
@@ -192,6 +205,10 @@ impl Driver for SimDriver {
         let mut v: Vec<String> = self.lock().keys().cloned().collect();
         v.sort();
         Ok(v)
+    }
+
+    fn migrator(&self) -> Option<&dyn Migrate> {
+        Some(self)
     }
 
     fn console_tail(&self, id: &str, max_bytes: u64) -> std::io::Result<(String, bool)> {
@@ -203,6 +220,126 @@ impl Driver for SimDriver {
         };
         let start = text.len().saturating_sub(max_bytes as usize);
         Ok((text[start..].to_string(), start > 0))
+    }
+}
+
+fn live_refused() -> DriverError {
+    DriverError::Other("the simulated driver migrates VMs cold only".into())
+}
+
+/// Filler derived from the VM's id, so that every simulated disk differs.
+fn filler(id: &str) -> Vec<u8> {
+    let mut x = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (0..DISK_FILL)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl Migrate for SimDriver {
+    fn marker_dir(&self, id: &str) -> PathBuf {
+        Driver::vm_dir(self, id)
+    }
+
+    async fn start_incoming(
+        &self,
+        _cfg: &VmConfig,
+        _migration_id: &str,
+        _listen: &str,
+    ) -> Result<virt8ra_api::protocol::LiveEndpoints> {
+        Err(live_refused())
+    }
+
+    async fn await_incoming(&self, _id: &str, _migration_id: &str) -> Result<u64> {
+        Err(live_refused())
+    }
+
+    async fn send_live(
+        &self,
+        _id: &str,
+        _migration_id: &str,
+        _target: &virt8ra_api::protocol::LiveEndpoints,
+        _progress: &(dyn Fn(virt8ra_api::MigrationProgress) + Send + Sync),
+    ) -> Result<super::qemu_migrate::SendOutcome> {
+        Err(live_refused())
+    }
+
+    async fn abort_outgoing(&self, _id: &str) -> Result<()> {
+        // Cold only: the VM is stopped here and the reconciler starts it.
+        Ok(())
+    }
+
+    async fn export_disk(&self, id: &str, _backing: Option<&Path>, out: &Path) -> Result<()> {
+        let (name, memory_mib, boots) = match self.lock().get(id) {
+            None => return Err(DriverError::Other(format!("VM {id} has no disk here"))),
+            Some(v) if v.running => {
+                return Err(DriverError::Other(format!(
+                    "VM {id} is running; stop it first"
+                )))
+            }
+            Some(v) => (v.name.clone(), v.memory_mib, v.boots),
+        };
+        tokio::time::sleep(self.timings.stop).await;
+        let mut data = format!(
+            "{DISK_MAGIC}\nvm {id}\nname {name}\nmemory_mib {memory_mib}\nboots {boots}\n\n"
+        )
+        .into_bytes();
+        data.extend(filler(id));
+        let tmp = out.with_extension("tmp");
+        std::fs::write(&tmp, &data)
+            .and_then(|_| std::fs::rename(&tmp, out))
+            .map_err(|e| DriverError::Io(format!("write the simulated disk {}", out.display()), e))
+    }
+
+    async fn adopt_disk(&self, cfg: &VmConfig, file: &Path) -> Result<()> {
+        let data = std::fs::read(file)
+            .map_err(|e| DriverError::Io(format!("read {}", file.display()), e))?;
+        let bad = |why: &str| {
+            DriverError::Other(format!(
+                "{} is not a simulated disk of VM {}: {why}",
+                file.display(),
+                cfg.id
+            ))
+        };
+        let end = data
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .ok_or_else(|| bad("no header"))?;
+        let header = std::str::from_utf8(&data[..end]).map_err(|_| bad("header not UTF-8"))?;
+        let mut lines = header.lines();
+        if lines.next() != Some(DISK_MAGIC) {
+            return Err(bad("wrong format"));
+        }
+        let fields: HashMap<&str, &str> = lines.filter_map(|l| l.split_once(' ')).collect();
+        if fields.get("vm") != Some(&cfg.id.as_str()) {
+            return Err(bad("it belongs to another VM"));
+        }
+        if data[end + 2..] != filler(&cfg.id)[..] {
+            return Err(bad("its contents are damaged"));
+        }
+        let boots = fields
+            .get("boots")
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(self.timings.prepare).await;
+        self.lock().insert(
+            cfg.id.clone(),
+            SimVm {
+                name: cfg.name.clone(),
+                memory_mib: cfg.memory_mib,
+                running: false,
+                boots,
+            },
+        );
+        let _ = std::fs::remove_file(file);
+        Ok(())
     }
 }
 
@@ -244,5 +381,42 @@ mod tests {
         d.start(&cfg("b", 512)).await.unwrap();
         d.destroy("a").await.unwrap();
         assert_eq!(d.list().await.unwrap(), vec!["b".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_cold_move_carries_the_vm_and_refuses_foreign_or_damaged_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = SimDriver::new(dir.path().join("a"), 4096, SimTimings::default());
+        let dst = SimDriver::new(dir.path().join("b"), 4096, SimTimings::default());
+        let m: &dyn Migrate = &src;
+        let out = dir.path().join("x.disk");
+        src.prepare(&cfg("v", 512)).await.unwrap();
+        src.start(&cfg("v", 512)).await.unwrap();
+        let e = m.export_disk("v", None, &out).await.unwrap_err();
+        assert!(e.to_string().contains("running"), "{e}");
+        src.stop("v", Duration::ZERO).await.unwrap();
+        m.export_disk("v", None, &out).await.unwrap();
+        // Another VM's disk, or a damaged one, is not adopted.
+        let e = dst.adopt_disk(&cfg("w", 512), &out).await.unwrap_err();
+        assert!(e.to_string().contains("another VM"), "{e}");
+        let mut bytes = std::fs::read(&out).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let damaged = dir.path().join("y.disk");
+        std::fs::write(&damaged, &bytes).unwrap();
+        let e = dst.adopt_disk(&cfg("v", 512), &damaged).await.unwrap_err();
+        assert!(e.to_string().contains("damaged"), "{e}");
+        assert_eq!(dst.state("v").await.unwrap(), DriverVmState::Absent);
+        dst.adopt_disk(&cfg("v", 512), &out).await.unwrap();
+        assert_eq!(dst.state("v").await.unwrap(), DriverVmState::Stopped);
+        dst.start(&cfg("v", 512)).await.unwrap();
+        // The console shows both boots: the VM's history came along.
+        let (console, _) = dst.console_tail("v", 1000).unwrap();
+        assert_eq!(console.matches("VIRT8RA-SIM-BOOTED").count(), 2);
+        let e = m
+            .start_incoming(&cfg("v", 512), "m", "127.0.0.1")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("cold only"), "{e}");
     }
 }
