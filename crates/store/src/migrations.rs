@@ -101,4 +101,12 @@ CREATE TABLE documents (
 CREATE UNIQUE INDEX documents_name ON documents(kind, name);
 "#,
     ),
+    (
+        "VMs found by name whatever their phase",
+        r#"
+-- `vms_live_name` is partial (live VMs only), so a lookup by id or name
+-- could not use it and scanned the table: 1,000,000 rows per GET.
+CREATE INDEX vms_name ON vms(name);
+"#,
+    ),
 ];

@@ -277,6 +277,10 @@ fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
     }
 }
 
+/// A VM by id or by name; a live VM's name wins over a deleted one's.
+const GET_VM_SQL: &str =
+    "SELECT body FROM vms WHERE id = ?1 OR name = ?1 ORDER BY (phase = 'deleted') LIMIT 1";
+
 fn migrate(conn: &mut Connection) -> Result<()> {
     let current: u32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -861,12 +865,7 @@ impl Store for SqliteStore {
         self.read(move |c| {
             // A live VM's name wins over a deleted one's.
             let body: Option<String> = c
-                .query_row(
-                    "SELECT body FROM vms WHERE id = ?1 OR name = ?1
-                     ORDER BY (phase = 'deleted') LIMIT 1",
-                    [&key],
-                    |r| r.get(0),
-                )
+                .query_row(GET_VM_SQL, [&key], |r| r.get(0))
                 .optional()
                 .map_err(db)?;
             match body {
@@ -1102,6 +1101,32 @@ fn insert_token(c: &Connection, t: &TokenRecord) -> Result<()> {
 mod tests {
     use super::*;
     use virt8ra_api::*;
+
+    /// Lookups that run per request or per migration step use indexes: a
+    /// scan is one million rows at the size the control plane is built for.
+    #[test]
+    fn lookups_by_key_use_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("t.db")).unwrap();
+        migrate(&mut conn).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = st
+                .query_map(["k"], |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect::<Vec<_>>();
+            rows.join("; ")
+        };
+        let p = plan(GET_VM_SQL);
+        assert!(!p.contains("SCAN"), "get_vm: {p}");
+        for table in ["providers", "sites", "hosts", "images"] {
+            let p = plan(&format!(
+                "SELECT body FROM {table} WHERE id = ?1 OR name = ?1 LIMIT 1"
+            ));
+            assert!(!p.contains("SCAN"), "{table}: {p}");
+        }
+    }
 
     fn provider(name: &str) -> Provider {
         Provider {
