@@ -395,6 +395,24 @@ impl Cluster {
         })
     }
 
+    /// The last `lines` lines of the control plane's and every agent's log
+    /// (for a failing test to show what happened; the directory goes with it).
+    pub fn logs_tail(&self, lines: usize) -> String {
+        let mut names = vec!["server.log".to_string()];
+        names.extend(self.agents.iter().map(|(n, _)| format!("agent-{n}.log")));
+        let mut out = String::new();
+        for n in names {
+            let text = std::fs::read_to_string(self.dir.path().join(&n)).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {n} (last {lines} lines)\n"));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     /// The VM's console log; empty while its agent is not connected.
     pub fn console(&self, name: &str) -> String {
         let (s, v) = self.api("GET", &format!("/api/v1/vms/{name}/console"), None);
