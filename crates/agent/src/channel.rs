@@ -57,9 +57,20 @@ pub fn ws_url(server: &str) -> anyhow::Result<String> {
 /// A session's transport, as channels of protocol v1 messages: a WebSocket
 /// of its own ([`connect_ws`]) or a channel of a multiplexed connection.
 /// `rx` ends when the transport closes; sends fail once it has.
+///
+/// Small on purpose: a process of simulated hosts holds one per host, and a
+/// tokio channel allocates room for 32 messages up front, so messages down
+/// are boxed and messages up go straight to the transport ([`LinkTx`]).
 pub struct Link {
-    pub tx: mpsc::UnboundedSender<AgentMessage>,
-    pub rx: mpsc::UnboundedReceiver<ServerMessage>,
+    pub tx: LinkTx,
+    pub rx: mpsc::UnboundedReceiver<Box<ServerMessage>>,
+}
+
+/// Sends a message up a [`Link`]; fails once the transport has closed.
+pub type LinkTx = Arc<dyn Fn(AgentMessage) -> anyhow::Result<()> + Send + Sync>;
+
+fn closed() -> anyhow::Error {
+    anyhow::anyhow!("the connection to the control plane closed")
 }
 
 /// Dials the host's own WebSocket (protocol v1) and pumps it into a [`Link`].
@@ -82,7 +93,7 @@ pub async fn connect_ws(
         .map_err(|e| anyhow::anyhow!("connect {url}: {}", trust.describe(&e, &url)))?;
     let (mut sink, mut stream) = ws.split();
     let (tx, mut up) = mpsc::unbounded_channel::<AgentMessage>();
-    let (down, rx) = mpsc::unbounded_channel::<ServerMessage>();
+    let (down, rx) = mpsc::unbounded_channel::<Box<ServerMessage>>();
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -101,7 +112,7 @@ pub async fn connect_ws(
                     };
                     match serde_json::from_str::<ServerMessage>(&text) {
                         Ok(m) => {
-                            if down.send(m).is_err() {
+                            if down.send(Box::new(m)).is_err() {
                                 break;
                             }
                         }
@@ -114,13 +125,14 @@ pub async fn connect_ws(
         }
         let _ = sink.close().await;
     });
+    let tx: LinkTx = Arc::new(move |m| tx.send(m).map_err(|_| closed()));
     Ok(Link { tx, rx })
 }
 
 impl Channel {
     /// Keeps the channel up until the process ends: a WebSocket of its own
     /// (protocol v1), dialled again with backoff whenever it fails.
-    pub async fn run(self, changes: mpsc::UnboundedReceiver<VmReport>) {
+    pub async fn run(self, changes: mpsc::UnboundedReceiver<Box<VmReport>>) {
         let (server, token) = (self.server.clone(), self.host_token.clone());
         let trust = self.trust.clone();
         self.run_over(changes, move || {
@@ -133,8 +145,11 @@ impl Channel {
     /// Runs over links that `connect` opens (one per session; reconnecting
     /// with backoff like [`Channel::run`]), e.g. channels of a multiplexed
     /// connection.
-    pub async fn run_over<F, Fut>(self, mut changes: mpsc::UnboundedReceiver<VmReport>, connect: F)
-    where
+    pub async fn run_over<F, Fut>(
+        self,
+        mut changes: mpsc::UnboundedReceiver<Box<VmReport>>,
+        connect: F,
+    ) where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Link>>,
     {
@@ -167,13 +182,10 @@ impl Channel {
     async fn session_over(
         &self,
         link: Link,
-        changes: &mut mpsc::UnboundedReceiver<VmReport>,
+        changes: &mut mpsc::UnboundedReceiver<Box<VmReport>>,
     ) -> anyhow::Result<()> {
         let Link { tx, mut rx } = link;
-        let send = |m: AgentMessage| -> anyhow::Result<()> {
-            tx.send(m)
-                .map_err(|_| anyhow::anyhow!("the connection to the control plane closed"))
-        };
+        let send = |m: AgentMessage| -> anyhow::Result<()> { tx(m) };
         send(AgentMessage::Hello {
             protocol: PROTOCOL_VERSION,
             min_protocol: MIN_PROTOCOL_VERSION,
@@ -183,7 +195,8 @@ impl Channel {
         // Welcome or reject.
         let first = tokio::time::timeout(Duration::from_secs(15), rx.recv())
             .await
-            .context("no welcome from the control plane")?;
+            .context("no welcome from the control plane")?
+            .map(|b| *b);
         let (interval, protocol) = match first {
             None => bail!("closed before welcome"),
             Some(ServerMessage::Welcome {
@@ -204,7 +217,6 @@ impl Channel {
         // Drop changes queued while disconnected: the first heartbeat carries them all.
         while changes.try_recv().is_ok() {}
         let mut migration_changes = self.mover.as_ref().map(|m| m.subscribe());
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMessage>();
         let mut tick = tokio::time::interval(interval);
         let mut seq = 0u64;
         // The report version the last complete heartbeat carried (v3).
@@ -219,7 +231,7 @@ impl Channel {
                     send(self.heartbeat(seq, &mut beat, false))?;
                 }
                 Some(r) = changes.recv() => {
-                    send(AgentMessage::VmReport(r))?;
+                    send(AgentMessage::VmReport(*r))?;
                 }
                 Some(r) = async {
                     match migration_changes.as_mut() {
@@ -227,19 +239,16 @@ impl Channel {
                         None => std::future::pending().await,
                     }
                 } => {
-                    send(AgentMessage::MigrationReport(Box::new(r)))?;
-                }
-                Some(m) = out_rx.recv() => {
-                    send(m)?;
+                    send(AgentMessage::MigrationReport(r))?;
                 }
                 m = rx.recv() => {
                     let Some(msg) = m else { return Ok(()) };
-                    if msg == ServerMessage::ReportRequest {
+                    if *msg == ServerMessage::ReportRequest {
                         seq += 1;
                         send(self.heartbeat(seq, &mut beat, true))?;
                         continue;
                     }
-                    self.handle(msg, &out_tx).await?;
+                    self.handle(*msg, &tx).await?;
                 }
             }
         }
@@ -276,11 +285,7 @@ impl Channel {
         }
     }
 
-    async fn handle(
-        &self,
-        msg: ServerMessage,
-        out: &mpsc::UnboundedSender<AgentMessage>,
-    ) -> anyhow::Result<()> {
+    async fn handle(&self, msg: ServerMessage, out: &LinkTx) -> anyhow::Result<()> {
         match msg {
             ServerMessage::DesiredState {
                 generation,
@@ -317,7 +322,7 @@ impl Channel {
                         have = e.have,
                         "desired-state changes for another generation; asking for the whole state"
                     );
-                    let _ = out.send(AgentMessage::DesiredRequest);
+                    out(AgentMessage::DesiredRequest)?;
                 }
             }
             ServerMessage::ConsoleRequest {
@@ -332,7 +337,7 @@ impl Channel {
                         Ok((d, t)) => (d, t, None),
                         Err(e) => (String::new(), false, Some(e.to_string())),
                     };
-                    let _ = out.send(AgentMessage::ConsoleData {
+                    let _ = out(AgentMessage::ConsoleData {
                         request_id,
                         vm_id,
                         data,

@@ -49,7 +49,7 @@ pub struct Mover {
     relay_local: Mutex<HashMap<String, (String, LiveEndpoints)>>,
     staging: PathBuf,
     reports: Mutex<HashMap<String, (MigrationReport, Instant)>>,
-    changes: Mutex<Option<mpsc::UnboundedSender<MigrationReport>>>,
+    changes: Mutex<Option<mpsc::UnboundedSender<Box<MigrationReport>>>>,
     jobs: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
@@ -91,7 +91,7 @@ impl Mover {
     }
 
     /// Reports are sent on the returned channel (the channel to the control plane).
-    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<MigrationReport> {
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Box<MigrationReport>> {
         let (tx, rx) = mpsc::unbounded_channel();
         *self.changes.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         rx
@@ -123,7 +123,7 @@ impl Mover {
         m.insert(r.migration_id.clone(), (r.clone(), now));
         drop(m);
         if let Some(tx) = &*self.changes.lock().unwrap_or_else(|p| p.into_inner()) {
-            let _ = tx.send(r);
+            let _ = tx.send(Box::new(r));
         }
     }
 

@@ -156,13 +156,45 @@ pub struct Mux {
 
 struct MuxConn {
     up: mpsc::UnboundedSender<MuxUp>,
-    routes: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ServerMessage>>>>,
+    routes: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Box<ServerMessage>>>>>,
 }
 
-fn lock_routes(
-    m: &Mutex<HashMap<u32, mpsc::UnboundedSender<ServerMessage>>>,
-) -> std::sync::MutexGuard<'_, HashMap<u32, mpsc::UnboundedSender<ServerMessage>>> {
+type Routes = HashMap<u32, mpsc::UnboundedSender<Box<ServerMessage>>>;
+
+fn lock_routes(m: &Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One host's channel of a mux connection, as the sending half of its
+/// [`Link`]: frames go straight onto the connection (no task or queue per
+/// host); dropped with the session, it detaches the channel.
+struct MuxChannel {
+    conn: Arc<MuxConn>,
+    ch: u32,
+}
+
+impl MuxChannel {
+    fn send(&self, msg: AgentMessage) -> anyhow::Result<()> {
+        // Closed by the control plane (or the connection ended): the session ends.
+        if !lock_routes(&self.conn.routes).contains_key(&self.ch) {
+            anyhow::bail!("the control plane closed this host's channel");
+        }
+        self.conn
+            .up
+            .send(MuxUp::Msg {
+                ch: self.ch,
+                msg: Box::new(msg),
+            })
+            .map_err(|_| anyhow::anyhow!("the mux connection closed"))
+    }
+}
+
+impl Drop for MuxChannel {
+    fn drop(&mut self) {
+        if lock_routes(&self.conn.routes).remove(&self.ch).is_some() {
+            let _ = self.conn.up.send(MuxUp::Detach { ch: self.ch });
+        }
+    }
 }
 
 impl Mux {
@@ -209,8 +241,7 @@ impl Mux {
         };
         let (mut sink, mut stream) = ws.split();
         let (up, mut up_rx) = mpsc::unbounded_channel::<MuxUp>();
-        let routes: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ServerMessage>>>> =
-            Default::default();
+        let routes: Arc<Mutex<Routes>> = Default::default();
         let r = routes.clone();
         tokio::spawn(async move {
             loop {
@@ -231,7 +262,7 @@ impl Mux {
                         match serde_json::from_str::<MuxDown>(&text) {
                             Ok(MuxDown::Msg { ch, msg }) => {
                                 if let Some(tx) = lock_routes(&r).get(&ch) {
-                                    let _ = tx.send(msg);
+                                    let _ = tx.send(Box::new(msg));
                                 }
                             }
                             Ok(MuxDown::Closed { ch, reason }) => {
@@ -261,7 +292,7 @@ impl Mux {
             return channel::connect_ws(&self.server, host_token, &Trust::public()).await;
         };
         let ch = self.next_ch.fetch_add(1, Ordering::Relaxed);
-        let (down_tx, rx) = mpsc::unbounded_channel::<ServerMessage>();
+        let (down_tx, rx) = mpsc::unbounded_channel::<Box<ServerMessage>>();
         lock_routes(&conn.routes).insert(ch, down_tx);
         conn.up
             .send(MuxUp::Attach {
@@ -269,27 +300,8 @@ impl Mux {
                 host_token: host_token.to_string(),
             })
             .map_err(|_| anyhow::anyhow!("the mux connection closed"))?;
-        let (tx, mut agent_rx) = mpsc::unbounded_channel::<AgentMessage>();
-        tokio::spawn(async move {
-            while let Some(msg) = agent_rx.recv().await {
-                if conn
-                    .up
-                    .send(MuxUp::Msg {
-                        ch,
-                        msg: Box::new(msg),
-                    })
-                    .is_err()
-                {
-                    break;
-                }
-                // The channel was closed by the control plane: end the link.
-                if !lock_routes(&conn.routes).contains_key(&ch) {
-                    break;
-                }
-            }
-            lock_routes(&conn.routes).remove(&ch);
-            let _ = conn.up.send(MuxUp::Detach { ch });
-        });
+        let up = MuxChannel { conn, ch };
+        let tx: channel::LinkTx = Arc::new(move |m| up.send(m));
         Ok(Link { tx, rx })
     }
 }

@@ -286,8 +286,11 @@ fn hosts_share_one_connection_and_each_needs_its_own_credential() {
         let mut links = Vec::new();
         for (id, tok) in [(&id_a, &tok_a), (&id_b, &tok_b)] {
             let mut l = mux.open(tok).await.unwrap();
-            l.tx.send(hello.clone()).unwrap();
-            match tokio::time::timeout(Duration::from_secs(10), l.rx.recv()).await {
+            (l.tx)(hello.clone()).unwrap();
+            match tokio::time::timeout(Duration::from_secs(10), l.rx.recv())
+                .await
+                .map(|m| m.map(|b| *b))
+            {
                 Ok(Some(ServerMessage::Welcome { host_id, .. })) => assert_eq!(&host_id, id),
                 other => panic!("expected welcome, got {other:?}"),
             }
