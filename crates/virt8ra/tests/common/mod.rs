@@ -367,18 +367,38 @@ impl Cluster {
         }
     }
 
+    /// Kills agent `name` and, if the control plane runs, waits until it has
+    /// seen the session end (so that a restarted agent's session is the one
+    /// a later wait for connected hosts sees).
     pub fn kill_agent(&mut self, name: &str) {
         if let Some((_, Some(p))) = self.agents.iter_mut().find(|(n, _)| n == name) {
             p.kill();
         }
+        if self.server.is_some() {
+            wait_until(
+                &format!("the control plane to see {name} go"),
+                Duration::from_secs(60),
+                || {
+                    let (s, v) = self.api("GET", &format!("/api/v1/hosts/{name}"), None);
+                    (s != 200 || v["connected"] == false).then_some(())
+                },
+            );
+        }
     }
 
-    /// Waits until `n` hosts are ready.
+    /// Waits until `n` hosts are ready and connected.
     pub fn wait_hosts_ready(&self, n: usize) {
-        wait_until(&format!("{n} ready hosts"), Duration::from_secs(90), || {
-            let (s, v) = self.api("GET", "/api/v1/hosts?state=ready", None);
-            (s == 200 && v["items"].as_array().map(|a| a.len()) == Some(n)).then_some(())
-        });
+        wait_until(
+            &format!("{n} ready, connected hosts"),
+            Duration::from_secs(90),
+            || {
+                let (s, v) = self.api("GET", "/api/v1/hosts?state=ready", None);
+                let connected = v["items"]
+                    .as_array()
+                    .map(|a| a.iter().filter(|h| h["connected"] == true).count());
+                (s == 200 && connected == Some(n)).then_some(())
+            },
+        );
     }
 
     pub fn vm(&self, name: &str) -> Value {
