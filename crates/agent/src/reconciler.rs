@@ -641,6 +641,14 @@ mod tests {
         .expect("desired vm")
     }
 
+    fn sim_driver(dir: &Path, memory_mib: u64) -> Arc<SimDriver> {
+        Arc::new(SimDriver::new(
+            dir.join("vms"),
+            memory_mib,
+            SimTimings::default(),
+        ))
+    }
+
     fn reconciler(dir: &Path, driver: Arc<SimDriver>) -> Arc<Reconciler> {
         let images = Arc::new(
             ImageCache::new(
@@ -663,11 +671,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_vm_actor_is_small() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let driver = Arc::new(SimDriver::new(
-            dir.path().join("vms"),
-            1024,
-            SimTimings::default(),
-        ));
+        let driver = sim_driver(dir.path(), 1024);
         let r = reconciler(dir.path(), driver);
         let (_tx, rx) = watch::channel(None);
         let idle = std::mem::size_of_val(&r.clone().actor("x".into(), rx));
@@ -696,11 +700,7 @@ mod tests {
     #[tokio::test]
     async fn changes_apply_to_their_generation_and_survive_a_restart() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let driver = Arc::new(SimDriver::new(
-            tmp.path().join("vms"),
-            4096,
-            SimTimings::default(),
-        ));
+        let driver = sim_driver(tmp.path(), 4096);
         let r = reconciler(tmp.path(), driver.clone());
         r.apply(
             10,
@@ -764,11 +764,7 @@ mod tests {
             serde_json::to_vec(&old).expect("json"),
         )
         .expect("write");
-        let driver = Arc::new(SimDriver::new(
-            tmp.path().join("vms"),
-            4096,
-            SimTimings::default(),
-        ));
+        let driver = sim_driver(tmp.path(), 4096);
         let r = reconciler(tmp.path(), driver.clone());
         r.resume().await.expect("resume");
         until("x runs", || driver.is_running("x")).await;

@@ -11,10 +11,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{procs_under, wait_until, Cluster};
+use common::{procs_under, wait_until, wait_until_explained, Cluster};
 use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -122,23 +121,14 @@ fn wait_data(c: &Cluster, vm: &str) -> String {
 /// a failing test's message.
 fn qemu_status(c: &Cluster, host: &str, vm_id: &str) -> String {
     let sock = c.agent_dir(host).join("vms").join(vm_id).join("qmp.sock");
-    let ask = || -> std::io::Result<String> {
-        let s = std::os::unix::net::UnixStream::connect(&sock)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut w = s.try_clone()?;
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line)?; // greeting
-        w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n")?;
-        let mut out = String::new();
-        for _ in 0..2 {
-            line.clear();
-            r.read_line(&mut line)?;
-            out.push_str(line.trim());
-        }
-        Ok(out)
-    };
-    ask().unwrap_or_else(|e| format!("{}: {e}", sock.display()))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match rt.block_on(virt8ra_agent::driver::qmp::query_status(&sock)) {
+        Ok(status) => status,
+        Err(e) => format!("{}: {e}", sock.display()),
+    }
 }
 
 fn host_of(c: &Cluster, vm: &str) -> String {
@@ -724,30 +714,24 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
         assert_one_copy(&c, &id, &now, other);
         c.wait_phase("phoenix", "running", BOOT);
         // Still the same guest with the same disk.
-        let start = Instant::now();
-        let con = loop {
-            let con = c.console("phoenix");
-            if !data_shas(&con).is_empty() && last_count(&con).is_some() {
-                break con;
-            }
-            if start.elapsed() > BOOT {
-                let tail: String = con
-                    .chars()
-                    .rev()
-                    .take(2000)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                panic!(
-                    "case {i}: the guest did not report its data in {BOOT:?}\nVM: {}\nmigration: {m}\nconsole tail: {tail}\nguest state: {}\n{}",
+        let con = wait_until_explained(
+            &format!("case {i}: the guest to report its data"),
+            BOOT,
+            || {
+                let con = c.console("phoenix");
+                (!data_shas(&con).is_empty() && last_count(&con).is_some()).then_some(con)
+            },
+            || {
+                let con = c.console("phoenix");
+                let tail = &con[con.floor_char_boundary(con.len().saturating_sub(2000))..];
+                format!(
+                    "VM: {}\nmigration: {m}\nconsole tail: {tail}\nguest state: {}\n{}",
                     c.vm("phoenix"),
                     qemu_status(&c, &now, &id),
                     c.logs_tail(60)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        };
+                )
+            },
+        );
         assert_eq!(data_shas(&con).last().unwrap(), &sha, "case {i}");
         eprintln!("case {i}: {} -> {}", m["phase"], now);
         if let Kill::SourceError(_) = case {

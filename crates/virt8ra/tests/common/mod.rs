@@ -59,14 +59,28 @@ impl Drop for Proc {
     }
 }
 
-pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_until<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait_until_explained(what, timeout, f, String::new)
+}
+
+/// [`wait_until`], and on a timeout the panic message ends with what
+/// `explain` says (the state a failing test should show).
+pub fn wait_until_explained<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    explain: impl FnOnce() -> String,
+) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
             return v;
         }
         if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                explain()
+            );
         }
         std::thread::sleep(Duration::from_millis(250));
     }
