@@ -9,10 +9,10 @@
 //! Data directory layout:
 //! ```text
 //! credentials.json   host id and host token (mode 0600)
-//! desired.json       the last desired state from the control plane
+//! desired/<id>.json  the last desired state from the control plane, a file per VM
 //! images/            cached base images, <sha256>.qcow2
 //! vms/<id>/          one directory per VM, owned by the driver
-//! vmstate/<id>.json  the agent's own per-VM state (ports, reboots)
+//! vmstate/<id>.json  the agent's own per-VM state (ports, reboots, machine; none if default)
 //! ```
 
 use std::path::{Path, PathBuf};

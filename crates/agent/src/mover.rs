@@ -6,7 +6,7 @@
 //! driver and reports its state ([`MigrationReport`]) upstream: at once on
 //! every change, throttled while only the progress changes, and with every
 //! heartbeat. Jobs are resumable: after an agent restart the role is still in
-//! `desired.json`, the job starts again and picks up from what is on disk and
+//! `desired/`, the job starts again and picks up from what is on disk and
 //! what QEMU is doing (a live migration in flight continues inside QEMU).
 //!
 //! Disks staged on the control plane (cold migration, export) move over
