@@ -69,10 +69,6 @@ pub struct Link {
 /// Sends a message up a [`Link`]; fails once the transport has closed.
 pub type LinkTx = Arc<dyn Fn(AgentMessage) -> anyhow::Result<()> + Send + Sync>;
 
-fn closed() -> anyhow::Error {
-    anyhow::anyhow!("the connection to the control plane closed")
-}
-
 /// Dials the host's own WebSocket (protocol v1) and pumps it into a [`Link`].
 pub async fn connect_ws(
     server: &str,
@@ -125,7 +121,10 @@ pub async fn connect_ws(
         }
         let _ = sink.close().await;
     });
-    let tx: LinkTx = Arc::new(move |m| tx.send(m).map_err(|_| closed()));
+    let tx: LinkTx = Arc::new(move |m| {
+        tx.send(m)
+            .map_err(|_| anyhow::anyhow!("the connection to the control plane closed"))
+    });
     Ok(Link { tx, rx })
 }
 
@@ -185,8 +184,7 @@ impl Channel {
         changes: &mut mpsc::UnboundedReceiver<Box<VmReport>>,
     ) -> anyhow::Result<()> {
         let Link { tx, mut rx } = link;
-        let send = |m: AgentMessage| -> anyhow::Result<()> { tx(m) };
-        send(AgentMessage::Hello {
+        tx(AgentMessage::Hello {
             protocol: PROTOCOL_VERSION,
             min_protocol: MIN_PROTOCOL_VERSION,
             inventory: Box::new(self.inventory.clone()),
@@ -228,10 +226,10 @@ impl Channel {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
-                    send(self.heartbeat(seq, &mut beat, false))?;
+                    tx(self.heartbeat(seq, &mut beat, false))?;
                 }
                 Some(r) = changes.recv() => {
-                    send(AgentMessage::VmReport(*r))?;
+                    tx(AgentMessage::VmReport(*r))?;
                 }
                 Some(r) = async {
                     match migration_changes.as_mut() {
@@ -239,13 +237,13 @@ impl Channel {
                         None => std::future::pending().await,
                     }
                 } => {
-                    send(AgentMessage::MigrationReport(r))?;
+                    tx(AgentMessage::MigrationReport(r))?;
                 }
                 m = rx.recv() => {
                     let Some(msg) = m else { return Ok(()) };
                     if *msg == ServerMessage::ReportRequest {
                         seq += 1;
-                        send(self.heartbeat(seq, &mut beat, true))?;
+                        tx(self.heartbeat(seq, &mut beat, true))?;
                         continue;
                     }
                     self.handle(*msg, &tx).await?;
