@@ -23,6 +23,8 @@
 #     address QEMU forwards ports to);
 #   - user-data, run at every boot if it is a script (the appliance keeps no
 #     state between boots).
+# Before the boot line, each data disk (a virtio disk with a serial) gets a
+# line "VIRT8RA-DISK vdX serial=... size=BYTES head=FIRST-PRINTABLE-BYTES".
 # The seed's documents are YAML written in a fixed layout with every value a
 # double-quoted string; /init reads them with busybox awk, not a general YAML
 # parser.
@@ -283,6 +285,14 @@ httpd -p 80 -h /www
 # a power-down request.
 acpid -c /etc/acpi -a /etc/acpid.conf -l /tmp/acpid.log 2>/dev/null
 sleep 0.2
+# Data disks (the ones with a serial, as virt8ra's agent attaches them): one
+# line each with its size and its first bytes (printable ones only).
+for b in /sys/block/vd*; do
+  [ -n "$(cat "$b/serial" 2>/dev/null)" ] || continue
+  d=${b##*/}
+  head=$(dd if=/dev/$d bs=64 count=1 2>/dev/null | tr -cd 'A-Za-z0-9=._-' | cut -c1-48)
+  echo "VIRT8RA-DISK $d serial=$(cat $b/serial) size=$(( $(cat $b/size) * 512 )) head=${head:--}" >/dev/console
+done
 echo "VIRT8RA-GUEST-BOOTED hostname=$(hostname) uptime=$(up)" >/dev/console
 [ -x /tmp/user-data ] && (/tmp/user-data >/dev/console 2>&1 &)
 (

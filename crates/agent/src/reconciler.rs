@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use virt8ra_api::protocol::{AgentVmPhase, DesiredVm, VmReport};
 use virt8ra_api::{PortForward, PowerState};
 
-use crate::driver::{Driver, DriverVmState, VmConfig};
+use crate::driver::{DataDiskConfig, Driver, DriverVmState, VmConfig};
 use crate::images::ImageCache;
 use crate::mover::{self, Mover};
 
@@ -527,7 +527,8 @@ impl Reconciler {
             } else {
                 self.images.path_of(&d.image.sha256)
             };
-            let mut cfg = self.config(d, base.clone(), &local.ports);
+            let data = self.data_disks(d, self.driver.needs_image()).await?;
+            let mut cfg = self.config(d, base.clone(), &local.ports, data);
             cfg.machine = local.machine.clone();
             mover.ensure_job(&self.driver, d, cfg, role, Some(base));
             return Ok(());
@@ -548,12 +549,14 @@ impl Reconciler {
         if state == DriverVmState::Absent {
             self.report(&d.id, AgentVmPhase::Provisioning, None, &local);
         }
-        let base = if state == DriverVmState::Absent && self.driver.needs_image() {
+        let fetch = state == DriverVmState::Absent && self.driver.needs_image();
+        let base = if fetch {
             self.images.get(&d.image).await?
         } else {
             self.images.path_of(&d.image.sha256)
         };
-        let mut cfg = self.config(d, base, &local.ports);
+        let data = self.data_disks(d, fetch).await?;
+        let mut cfg = self.config(d, base, &local.ports, data);
         cfg.machine = local.machine.clone();
         if state == DriverVmState::Absent {
             self.driver.prepare(&cfg).await?;
@@ -593,7 +596,31 @@ impl Reconciler {
 }
 
 impl Reconciler {
-    fn config(&self, d: &DesiredVm, base: PathBuf, ports: &[(u16, u16)]) -> VmConfig {
+    /// The VM's data disks, with the cached copy of each one's image
+    /// (fetched first when `fetch`).
+    async fn data_disks(&self, d: &DesiredVm, fetch: bool) -> anyhow::Result<Vec<DataDiskConfig>> {
+        let mut out = Vec::with_capacity(d.data_disks.len());
+        for disk in &d.data_disks {
+            let base_image = match &disk.image {
+                Some(i) if fetch => Some(self.images.get(i).await?),
+                Some(i) => Some(self.images.path_of(&i.sha256)),
+                None => None,
+            };
+            out.push(DataDiskConfig {
+                base_image,
+                size_gib: disk.size_gib,
+            });
+        }
+        Ok(out)
+    }
+
+    fn config(
+        &self,
+        d: &DesiredVm,
+        base: PathBuf,
+        ports: &[(u16, u16)],
+        data_disks: Vec<DataDiskConfig>,
+    ) -> VmConfig {
         VmConfig {
             id: d.id.clone(),
             name: d.name.clone(),
@@ -611,6 +638,7 @@ impl Reconciler {
                 network: d.network.clone(),
             },
             machine: d.machine.clone(),
+            data_disks,
         }
     }
 }

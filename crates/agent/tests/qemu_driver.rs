@@ -97,6 +97,7 @@ async fn qemu_vm_lifecycle_with_reattach_and_graceful_stop() {
         ports: vec![(22, free_port())],
         context: Default::default(),
         machine: None,
+        data_disks: vec![],
     };
     let dir = d.vm_dir(&cfg.id);
     let console = d.console_path(&cfg.id);
@@ -219,6 +220,7 @@ async fn qemu_errors_reach_the_caller() {
         ports: vec![],
         context: Default::default(),
         machine: None,
+        data_disks: vec![],
     };
     assert!(d.prepare(&cfg).await.is_err(), "missing base image");
     cfg.base_image = image;

@@ -112,7 +112,7 @@ pub struct Appliance {
     pub version: String,
     #[serde(default)]
     pub description: String,
-    /// The boot disk first.
+    /// The boot disk first; any others become the VM's data disks, in order.
     pub images: Vec<ApplianceImage>,
     pub template: VmTemplate,
     #[serde(default)]
@@ -370,10 +370,13 @@ impl Appliance {
         if self.images.is_empty() {
             return Err(format!("appliance {}: names no image", self.key()));
         }
-        if self.images.len() > 1 {
+        if self.images.len() > 1 + crate::validate::MAX_DATA_DISKS {
             return Err(format!(
-                "appliance {}: only one image per appliance is supported for now (the boot disk)",
-                self.key()
+                "appliance {}: {} images; at most {} (the boot disk and {} data disks)",
+                self.key(),
+                self.images.len(),
+                1 + crate::validate::MAX_DATA_DISKS,
+                crate::validate::MAX_DATA_DISKS
             ));
         }
         for i in &self.images {

@@ -208,6 +208,32 @@ pub struct DesiredVm {
     /// Set while the VM is being migrated or exported (v2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationRole>,
+    /// Disks after the boot disk, in order (added within v3: absent when
+    /// there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_disks: Vec<DesiredDisk>,
+}
+
+impl DesiredVm {
+    /// Sets where the agent fetches every image of the VM first.
+    pub fn set_image_sources(&mut self, sources: &[String]) {
+        self.image.sources = sources.to_vec();
+        for d in &mut self.data_disks {
+            if let Some(i) = &mut d.image {
+                i.sources = sources.to_vec();
+            }
+        }
+    }
+}
+
+/// A data disk as the agent creates it: a copy-on-write copy of `image`
+/// (grown to `size_gib` if that is larger), or blank.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredDisk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
+    #[serde(default)]
+    pub size_gib: u64,
 }
 
 /// What this host does for a VM on the move.

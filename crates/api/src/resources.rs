@@ -499,6 +499,39 @@ pub struct VmSpec {
     /// The guest's network configuration (cloud-init network-config v2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::NetworkConfig>,
+    /// Disks after the boot disk, in order (the guest sees them after the
+    /// boot disk and the NoCloud seed: `vdc`, `vdd`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_disks: Vec<DataDisk>,
+}
+
+impl VmSpec {
+    /// The disk space the VM may take, in GiB: the boot disk and every
+    /// data disk (one without a size, a copy of its image, counts 1 GiB).
+    pub fn total_disk_gib(&self) -> u64 {
+        total_disk_gib(self.disk_gib, &self.data_disks)
+    }
+}
+
+/// See [`VmSpec::total_disk_gib`].
+pub fn total_disk_gib(boot_gib: u64, data_disks: &[DataDisk]) -> u64 {
+    data_disks
+        .iter()
+        .fold(boot_gib, |t, d| t.saturating_add(d.size_gib.unwrap_or(1)))
+}
+
+/// A data disk: a copy-on-write copy of an image, or a blank disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataDisk {
+    /// Image name or id (as given) the disk starts as a copy of; none for
+    /// a blank disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Size in GiB: at least the image's size (it is grown to this);
+    /// required for a blank disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_gib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -526,6 +559,9 @@ pub struct VmCreate {
     /// The guest's network configuration; without it the image's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::NetworkConfig>,
+    /// Disks after the boot disk (at most 8): copies of images or blank.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_disks: Vec<DataDisk>,
     /// Start the VM once placed (default true).
     #[serde(default = "default_true")]
     pub start: bool,
@@ -560,6 +596,7 @@ impl VmCreate {
             ports: self.ports.clone(),
             ssh_authorized_keys: self.ssh_authorized_keys.clone(),
             network: self.network.clone(),
+            data_disks: self.data_disks.clone(),
         }
     }
 }
@@ -646,6 +683,10 @@ pub struct VmStatus {
     pub country: Option<String>,
     /// Resolved image id.
     pub image_id: Option<String>,
+    /// Resolved image id of each data disk, in `spec.data_disks` order
+    /// (`None` for a blank disk).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_image_ids: Vec<Option<String>>,
     /// Why the VM is where it is, or why it is still pending.
     pub placement_reason: Option<String>,
     pub last_error: Option<String>,

@@ -194,7 +194,42 @@ pub fn vm(v: &VmCreate) -> Result<(), String> {
             return Err("port 0 cannot be forwarded".into());
         }
     }
+    data_disks(&v.data_disks)?;
     labels(&v.labels)
+}
+
+/// At most this many data disks per VM.
+pub const MAX_DATA_DISKS: usize = 8;
+
+/// A VM's data disks: each a copy of an image or a blank disk with a size.
+pub fn data_disks(disks: &[crate::DataDisk]) -> Result<(), String> {
+    if disks.len() > MAX_DATA_DISKS {
+        return Err(format!(
+            "data_disks: {} disks; at most {MAX_DATA_DISKS} are allowed",
+            disks.len()
+        ));
+    }
+    for (i, d) in disks.iter().enumerate() {
+        if let Some(img) = &d.image {
+            if img.trim().is_empty() {
+                return Err(format!("data_disks[{i}].image must not be empty"));
+            }
+        }
+        match d.size_gib {
+            None if d.image.is_none() => {
+                return Err(format!(
+                    "data_disks[{i}]: a blank disk needs size_gib (or give an image)"
+                ))
+            }
+            Some(s) if s == 0 || s > MAX_DISK_GIB => {
+                return Err(format!(
+                    "data_disks[{i}].size_gib {s} is outside 1..{MAX_DISK_GIB}"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A list of OpenSSH public key lines, as given in `field`.

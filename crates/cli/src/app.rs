@@ -465,11 +465,11 @@ pub async fn appliance(c: &Client, o: Format, cmd: ApplianceCmd) -> anyhow::Resu
                 .with_context(|| format!("{} is not valid JSON or YAML", file.display()))?;
             let a: Appliance = c.post("/appliances", &a).await?;
             emit(o, &a, |a| {
-                println!(
-                    "published {} (sha256 of its image: {})",
-                    a.key(),
-                    a.images.first().map(|i| i.sha256.as_str()).unwrap_or("-")
-                )
+                println!("published {}", a.key());
+                for (i, img) in a.images.iter().enumerate() {
+                    let role = if i == 0 { "boot disk" } else { "data disk" };
+                    println!("  {role}: {} sha256 {}", img.name, img.sha256);
+                }
             })
         }
         ApplianceCmd::List => {

@@ -1192,14 +1192,15 @@ impl Kind for Vms {
         json!({"vcpus": d.vcpus, "memory_mib": d.memory_mib, "disk_gib": d.disk_gib,
                "image": d.image, "placement": d.placement, "user_data": d.user_data,
                "ssh_authorized_keys": d.ssh_authorized_keys, "network": d.network,
-               "ports": d.ports, "labels": d.labels, "start": d.start})
+               "ports": d.ports, "data_disks": d.data_disks, "labels": d.labels,
+               "start": d.start})
     }
     fn live_view(l: &Vm) -> Value {
         let s = &l.spec;
         json!({"vcpus": s.vcpus, "memory_mib": s.memory_mib, "disk_gib": s.disk_gib,
                "image": s.image, "placement": s.placement, "user_data": s.user_data,
                "ssh_authorized_keys": s.ssh_authorized_keys, "network": s.network,
-               "ports": s.ports, "labels": user_labels(&l.labels),
+               "ports": s.ports, "data_disks": s.data_disks, "labels": user_labels(&l.labels),
                "start": l.power == PowerState::Running})
     }
     async fn list(c: &Client) -> anyhow::Result<Vec<Vm>> {

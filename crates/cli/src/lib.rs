@@ -427,6 +427,11 @@ pub struct SpecArgs {
     /// (repeatable; replaces the spec file's ssh_authorized_keys).
     #[arg(long = "ssh-key", value_name = "FILE_OR_LINE")]
     ssh_keys: Vec<String>,
+    /// A data disk after the boot disk: `image=NAME` (a copy of an image),
+    /// `image=NAME,size_gib=N` (grown to N GiB) or `size_gib=N` (blank);
+    /// repeatable, in order (replaces the spec file's data_disks).
+    #[arg(long = "data-disk", value_name = "image=NAME,size_gib=N")]
+    data_disks: Vec<String>,
     /// Create it stopped.
     #[arg(long)]
     no_start: bool,
@@ -1001,6 +1006,27 @@ async fn image(c: &Client, o: Format, cmd: ImageCmd) -> anyhow::Result<()> {
 }
 
 /// SSH keys for a table: their comments (or types), or "-".
+/// `vdc: image NAME (N GiB), vdd: blank N GiB` (the guest's names).
+pub(crate) fn data_disk_summary(disks: &[virt8ra_api::DataDisk]) -> String {
+    if disks.is_empty() {
+        return "-".into();
+    }
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            // vda is the boot disk, vdb the NoCloud seed.
+            let dev = format!("vd{}", (b'c' + i as u8) as char);
+            match (&d.image, d.size_gib) {
+                (Some(img), Some(s)) => format!("{dev}: image {img} ({s} GiB)"),
+                (Some(img), None) => format!("{dev}: image {img}"),
+                (None, s) => format!("{dev}: blank {} GiB", s.unwrap_or(0)),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn ssh_key_summary(keys: &[String]) -> String {
     if keys.is_empty() {
         return "-".into();
@@ -1089,6 +1115,7 @@ fn show_vm(v: &Vm) {
         ("memory", format!("{} MiB", v.spec.memory_mib)),
         ("disk", format!("{} GiB", v.spec.disk_gib)),
         ("image", v.spec.image.clone()),
+        ("data disks", data_disk_summary(&v.spec.data_disks)),
         ("ssh keys", ssh_key_summary(&v.spec.ssh_authorized_keys)),
         ("network", network_summary(v.spec.network.as_ref())),
         (
@@ -1332,6 +1359,33 @@ async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> {
 /// per line (blank lines and `#` comments skipped). Each key is checked
 /// here, so a bad one is reported with the argument or file and line that
 /// gave it.
+/// One `--data-disk` argument: `image=NAME`, `size_gib=N` or both,
+/// comma-separated.
+pub fn data_disk_arg(arg: &str) -> anyhow::Result<virt8ra_api::DataDisk> {
+    let mut d = virt8ra_api::DataDisk {
+        image: None,
+        size_gib: None,
+    };
+    for part in arg.split(',') {
+        match part.split_once('=') {
+            Some(("image", v)) if !v.is_empty() && d.image.is_none() => d.image = Some(v.into()),
+            Some(("size_gib", v)) if d.size_gib.is_none() => {
+                let n: u64 = v.parse().map_err(|_| {
+                    anyhow::anyhow!("--data-disk {arg}: size_gib {v:?} is not a whole number")
+                })?;
+                d.size_gib = Some(n);
+            }
+            _ => {
+                bail!("--data-disk {arg}: expected image=NAME, size_gib=N or image=NAME,size_gib=N")
+            }
+        }
+    }
+    validate::data_disks(std::slice::from_ref(&d)).map_err(|e| {
+        anyhow::anyhow!("--data-disk {arg}: {}", e.replace("data_disks[0]", "disk"))
+    })?;
+    Ok(d)
+}
+
 pub fn ssh_keys(args: &[String]) -> anyhow::Result<Vec<String>> {
     let mut keys = Vec::new();
     for a in args {
@@ -1410,6 +1464,14 @@ fn build_spec(name: Option<String>, a: &SpecArgs) -> anyhow::Result<serde_json::
             "ssh_authorized_keys",
             serde_json::json!(ssh_keys(&a.ssh_keys)?),
         );
+    }
+    if !a.data_disks.is_empty() {
+        let disks = a
+            .data_disks
+            .iter()
+            .map(|d| data_disk_arg(d))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        set("data_disks", serde_json::json!(disks));
     }
     if a.no_start {
         set("start", false.into());

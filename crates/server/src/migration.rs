@@ -411,6 +411,13 @@ pub async fn start(
             vm.name
         )));
     }
+    if !vm.spec.data_disks.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "VM '{}' has {} data disk(s); migrating a VM with data disks is not supported yet (only its boot disk would move)",
+            vm.name,
+            vm.spec.data_disks.len()
+        )));
+    }
     if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Stopped) {
         return Err(ApiError::Conflict(format!(
             "VM '{}' is {}; only a running or stopped VM can be migrated",

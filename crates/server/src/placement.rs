@@ -250,7 +250,7 @@ pub fn resources(vm: &Vm) -> Resources {
     Resources {
         vcpus: vm.spec.vcpus,
         memory_mib: vm.spec.memory_mib,
-        disk_gib: vm.spec.disk_gib,
+        disk_gib: vm.spec.total_disk_gib(),
     }
 }
 

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use virt8ra_api::protocol::{DesiredVm, ImageRef};
+use virt8ra_api::protocol::{DesiredDisk, DesiredVm, ImageRef};
 use virt8ra_api::{Allocation, Host, HostState, Vm, VmPhase};
 use virt8ra_store::VmFilter;
 
@@ -234,7 +234,7 @@ pub async fn desired_for(
     crate::migration::apply_roles(app, host_id, &mut out, &mut images).await?;
     // Where this host fetches images: its site's copy first.
     for d in &mut out {
-        d.image.sources = plan.sources.clone();
+        d.set_image_sources(&plan.sources);
     }
     Ok(out)
 }
@@ -248,20 +248,18 @@ pub async fn desired_vm(
     let Some(image_id) = vm.status.image_id.clone() else {
         return Ok(None);
     };
-    let cached = images
-        .get(&image_id)
-        .cloned()
-        .or_else(|| app.image_ref(&image_id));
-    let image = match cached {
-        Some(i) => i,
-        None => {
-            let i = app.store.get_image(&image_id).await?;
-            let r = crate::distribution::image_ref(&i);
-            app.remember_image_ref(&r);
-            images.insert(image_id, r.clone());
-            r
-        }
-    };
+    let image = image_ref_of(app, &image_id, images).await?;
+    let mut data_disks = Vec::with_capacity(vm.spec.data_disks.len());
+    for (i, disk) in vm.spec.data_disks.iter().enumerate() {
+        let image = match vm.status.data_image_ids.get(i).cloned().flatten() {
+            Some(id) => Some(image_ref_of(app, &id, images).await?),
+            None => None,
+        };
+        data_disks.push(DesiredDisk {
+            image,
+            size_gib: disk.size_gib.unwrap_or(0),
+        });
+    }
     Ok(Some(DesiredVm {
         id: vm.id.clone(),
         name: vm.name.clone(),
@@ -279,7 +277,25 @@ pub async fn desired_vm(
         ssh_authorized_keys: vm.spec.ssh_authorized_keys.clone(),
         network: vm.spec.network.clone(),
         migration: None,
+        data_disks,
     }))
+}
+
+/// What the agent is told of image `id` (from the pass's, then the
+/// control plane's, memory before the store).
+async fn image_ref_of(
+    app: &App,
+    id: &str,
+    images: &mut HashMap<String, ImageRef>,
+) -> ApiResult<ImageRef> {
+    if let Some(r) = images.get(id).cloned().or_else(|| app.image_ref(id)) {
+        return Ok(r);
+    }
+    let i = app.store.get_image(id).await?;
+    let r = crate::distribution::image_ref(&i);
+    app.remember_image_ref(&r);
+    images.insert(id.to_string(), r.clone());
+    Ok(r)
 }
 
 /// Sends the host its whole desired state if it changed since the last
@@ -316,7 +332,7 @@ pub async fn sync_host_marked(app: &App, host_id: &str, marks: &Marks) -> ApiRes
                     continue;
                 }
                 if let Some(mut d) = desired_vm(app, &vm, &mut images).await? {
-                    d.image.sources = plan.sources.clone();
+                    d.set_image_sources(&plan.sources);
                     out.push(d);
                 }
             }

@@ -675,6 +675,24 @@ impl Store for SqliteStore {
                     i.name
                 )));
             }
+            // Data disks name their images only in the body: a scan (an
+            // image is deleted rarely), narrowed by a plain substring test
+            // before the JSON is parsed.
+            let n: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM vms WHERE phase <> 'deleted' AND instr(body, ?1) > 0
+                     AND EXISTS (SELECT 1 FROM json_each(body, '$.status.data_image_ids')
+                                 WHERE value = ?1)",
+                    [&i.id],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if n > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "image '{}' is the data disk of {n} VM(s)",
+                    i.name
+                )));
+            }
             delete_row(&tx, "images", "image", &i.id)?;
             tx.commit().map_err(db)
         })
@@ -1153,6 +1171,7 @@ mod tests {
                 ports: vec![],
                 ssh_authorized_keys: vec![],
                 network: None,
+                data_disks: vec![],
             },
             power: PowerState::Running,
             reboot_generation: 0,
@@ -1166,6 +1185,7 @@ mod tests {
                 provider: None,
                 country: None,
                 image_id: None,
+                data_image_ids: vec![],
                 placement_reason: None,
                 last_error: None,
                 ports: vec![],

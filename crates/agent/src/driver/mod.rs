@@ -39,6 +39,23 @@ pub struct VmConfig {
     pub context: GuestContext,
     /// QEMU machine type; `None` is the host QEMU's default `pc` type.
     pub machine: Option<String>,
+    /// Disks after the boot disk, in order.
+    pub data_disks: Vec<DataDiskConfig>,
+}
+
+/// A data disk: `data-N.qcow2` in the VM's directory, an overlay over a
+/// cached image or blank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataDiskConfig {
+    /// The cached image the disk starts as a copy of; `None`: blank.
+    pub base_image: Option<PathBuf>,
+    /// Size in GiB (at least the image's size; 0: the image's size).
+    pub size_gib: u64,
+}
+
+/// The file of data disk `index` in a VM's directory.
+pub fn data_disk_file(index: usize) -> String {
+    format!("data-{index}.qcow2")
 }
 
 /// Contextualization data for the guest (written by `cloudinit.rs`).

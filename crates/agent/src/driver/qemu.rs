@@ -150,7 +150,9 @@ impl QemuDriver {
         qmp::query_status(&self.qmp_socket(id)).await
     }
 
-    /// The command line that runs `cfg`.
+    /// The command line that runs `cfg`. A VM without data disks keeps the
+    /// command line of agents before data disks (live migration between
+    /// them needs the same devices on both sides).
     pub fn command_line(&self, cfg: &VmConfig) -> Vec<String> {
         let dir = self.vm_dir(&cfg.id);
         // QEMU option values are comma-separated: a literal comma is doubled.
@@ -210,6 +212,23 @@ impl QemuDriver {
             "-pidfile".into(),
             p("qemu.pid"),
         ];
+        let mut a = a;
+        // Data disks at PCI slots after every other device's, so the
+        // firmware still boots the boot disk (the first disk in PCI order)
+        // and the guest names them after the boot disk and the seed (vdc,
+        // vdd, ...); the serial names each one in the guest.
+        for i in 0..cfg.data_disks.len() {
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},if=none,id=data{i},format=qcow2,cache=writeback,discard=unmap",
+                p(&super::data_disk_file(i))
+            ));
+            a.push("-device".into());
+            a.push(format!(
+                "virtio-blk-pci,drive=data{i},serial=data-{i},addr={:#x}",
+                DATA_DISK_SLOT + i
+            ));
+        }
         a
     }
 
@@ -452,33 +471,14 @@ impl Driver for QemuDriver {
             return Ok(());
         }
         std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-        // An absolute backing path: qemu-img resolves a relative one against
-        // the overlay's directory, not ours.
-        let base = std::fs::canonicalize(&cfg.base_image)
-            .map_err(io_err(format!("base image {}", cfg.base_image.display())))?;
-        let base = base.to_string_lossy().to_string();
-        // -U: the base may be open (read-only) by running VMs.
-        let info = qemu_img(&["info", "-U", "--output=json", "-f", "qcow2", &base]).await?;
-        let v: serde_json::Value = serde_json::from_slice(&info)
-            .map_err(|e| DriverError::QemuImg(format!("qemu-img info: {e}")))?;
-        let base_size = v["virtual-size"].as_u64().unwrap_or(0);
-        let size = base_size.max(cfg.disk_gib << 30);
-        let tmp = dir.join("disk.qcow2.tmp");
-        let tmp_s = tmp.to_string_lossy().to_string();
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            &base,
-            &tmp_s,
-            &size.to_string(),
-        ])
-        .await?;
-        std::fs::rename(&tmp, &disk).map_err(io_err("create the VM disk"))?;
+        // Data disks first: the boot disk's existence says all are there.
+        for (i, d) in cfg.data_disks.iter().enumerate() {
+            let file = dir.join(super::data_disk_file(i));
+            if !file.exists() {
+                create_disk(&file, d.base_image.as_deref(), d.size_gib << 30).await?;
+            }
+        }
+        create_disk(&disk, Some(&cfg.base_image), cfg.disk_gib << 30).await?;
         super::cloudinit::write_seed(&dir, &cfg.context).await?;
         Ok(())
     }
@@ -585,6 +585,46 @@ impl Driver for QemuDriver {
     }
 }
 
+/// The PCI slot of the first data disk (the ones before it are left to
+/// QEMU's automatic assignment: boot disk, seed, NIC; at most 8 data disks
+/// follow, up to slot 0x17).
+const DATA_DISK_SLOT: usize = 0x10;
+
+/// Creates the qcow2 disk `path` (atomically, through a temporary file): an
+/// overlay over `base` grown to at least `min_size` bytes, or blank of
+/// `min_size` bytes.
+async fn create_disk(path: &Path, base: Option<&Path>, min_size: u64) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let tmp_s = tmp.to_string_lossy().to_string();
+    match base {
+        Some(base) => {
+            // An absolute backing path: qemu-img resolves a relative one
+            // against the overlay's directory, not ours.
+            let base = std::fs::canonicalize(base)
+                .map_err(io_err(format!("base image {}", base.display())))?;
+            let base = base.to_string_lossy().to_string();
+            // -U: the base may be open (read-only) by running VMs.
+            let info = qemu_img(&["info", "-U", "--output=json", "-f", "qcow2", &base]).await?;
+            let v: serde_json::Value = serde_json::from_slice(&info)
+                .map_err(|e| DriverError::QemuImg(format!("qemu-img info: {e}")))?;
+            let base_size = v["virtual-size"].as_u64().unwrap_or(0);
+            let size = base_size.max(min_size).to_string();
+            qemu_img(&[
+                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &tmp_s, &size,
+            ])
+            .await?;
+        }
+        None => {
+            let size = min_size.to_string();
+            qemu_img(&["create", "-q", "-f", "qcow2", &tmp_s, &size]).await?;
+        }
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(format!("create {}", path.display())))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,6 +677,16 @@ mod tests {
             ports: vec![(22, 2222), (80, 8080)],
             context: Default::default(),
             machine: Some("pc-i440fx-7.2".into()),
+            data_disks: vec![
+                crate::driver::DataDiskConfig {
+                    base_image: None,
+                    size_gib: 2,
+                },
+                crate::driver::DataDiskConfig {
+                    base_image: Some(PathBuf::from("/nonexistent")),
+                    size_gib: 0,
+                },
+            ],
         };
         let a = drv.command_line(&cfg).join(" ");
         let dir = opt_escape(&drv.vm_dir("a1").to_string_lossy());
@@ -647,6 +697,8 @@ mod tests {
             "-smp 2".into(),
             "-m 256".into(),
             format!("file={dir}/disk.qcow2,if=virtio,format=qcow2"),
+            format!("-drive file={dir}/data-0.qcow2,if=none,id=data0,format=qcow2,cache=writeback,discard=unmap -device virtio-blk-pci,drive=data0,serial=data-0,addr=0x10"),
+            format!("-drive file={dir}/data-1.qcow2,if=none,id=data1,format=qcow2,cache=writeback,discard=unmap -device virtio-blk-pci,drive=data1,serial=data-1,addr=0x11"),
             format!("path={dir}/console.log,append=on"),
             format!("-qmp unix:{dir}/qmp.sock,server=on,wait=off"),
             "hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:8080-:80".into(),

@@ -358,6 +358,7 @@ mod tests {
             ports: vec![],
             context: Default::default(),
             machine: None,
+            data_disks: vec![],
         }
     }
 

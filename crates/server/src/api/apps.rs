@@ -254,6 +254,7 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
                 ports: t.ports.clone(),
                 ssh_authorized_keys: req.ssh_authorized_keys.clone(),
                 network: None,
+                data_disks: vec![],
                 start: true,
                 labels: [("virt8ra.io/app".to_string(), req.name.clone())]
                     .into_iter()
@@ -322,6 +323,16 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         .cloned()
         .ok_or_else(|| ApiError::Invalid("the appliance names no image".into()))?;
     let image = app.store.get_image(&image_id).await?;
+    // The appliance's other images are the replicas' data disks, in order.
+    let mut data_disks = Vec::new();
+    for id in &images[1..] {
+        let i = app.store.get_image(id).await?;
+        data_disks.push(virt8ra_api::DataDisk {
+            image: Some(i.name),
+            size_gib: None,
+        });
+    }
+    let data_image_ids: Vec<Option<String>> = images[1..].iter().cloned().map(Some).collect();
 
     let now = Utc::now();
     let mut rec = AppRecord {
@@ -352,7 +363,15 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         .map(|(loc, vc)| {
             let mut vc = vc.clone();
             vc.image = image.name.clone();
-            let vm = super::vms::new_vm(&vc.name, vc.spec(), true, vc.labels.clone(), &image.id);
+            vc.data_disks = data_disks.clone();
+            let vm = super::vms::new_vm(
+                &vc.name,
+                vc.spec(),
+                true,
+                vc.labels.clone(),
+                &image.id,
+                data_image_ids.clone(),
+            );
             rec.vms.push((vm.id.clone(), loc.clone()));
             vm
         })

@@ -235,6 +235,13 @@ pub async fn export(
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<VmExport>)> {
     let vm = app.store.get_vm(&key).await?;
+    if !vm.spec.data_disks.is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "VM '{}' has {} data disk(s); exporting a VM with data disks is not supported yet (only its boot disk would be written)",
+            vm.name,
+            vm.spec.data_disks.len()
+        )));
+    }
     if vm.status.phase != VmPhase::Stopped || vm.status.host_id.is_none() {
         return Err(ApiError::Conflict(format!(
             "VM '{}' is {}; stop it first (`virt8ra vm stop {} --wait`), its disk must be quiet to export",

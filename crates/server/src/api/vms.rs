@@ -91,6 +91,7 @@ pub async fn create(
         Err(StoreError::NotFound { .. }) => return Err(missing_ref("image", &req.image, "image")),
         Err(e) => return Err(e.into()),
     };
+    let data_image_ids = data_images(&app, &req.data_disks).await?;
     if let Some(s) = &req.placement.site {
         if let Err(StoreError::NotFound { .. }) = app.store.get_site(s).await {
             return Err(missing_ref("site", s, "site"));
@@ -107,6 +108,7 @@ pub async fn create(
         req.start,
         req.labels.clone(),
         &image.id,
+        data_image_ids,
     );
     // Placed at once when it fits, so that the VM is created and scheduled
     // in one durable write; otherwise it stays pending with the reason and
@@ -136,6 +138,33 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
+/// The image id of each data disk (`None` for a blank one); a disk naming
+/// no stored image is a 400 naming it.
+pub async fn data_images(
+    app: &App,
+    disks: &[virt8ra_api::DataDisk],
+) -> ApiResult<Vec<Option<String>>> {
+    let mut ids = Vec::with_capacity(disks.len());
+    for (i, d) in disks.iter().enumerate() {
+        let Some(name) = &d.image else {
+            ids.push(None);
+            continue;
+        };
+        match app.store.get_image(name).await {
+            Ok(img) => ids.push(Some(img.id)),
+            Err(StoreError::NotFound { .. }) => {
+                return Err(missing_ref(
+                    &format!("data_disks[{i}]: image"),
+                    name,
+                    "image",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(ids)
+}
+
 /// A new VM in phase `pending`. Its id is a UUIDv7: ids grow with time, so
 /// lists (ordered by id) come in creation order and the store's inserts
 /// land at the end of its indexes instead of at random pages.
@@ -145,6 +174,7 @@ pub fn new_vm(
     start: bool,
     labels: std::collections::BTreeMap<String, String>,
     image_id: &str,
+    data_image_ids: Vec<Option<String>>,
 ) -> Vm {
     let now = Utc::now();
     Vm {
@@ -167,6 +197,7 @@ pub fn new_vm(
             provider: None,
             country: None,
             image_id: Some(image_id.to_string()),
+            data_image_ids,
             placement_reason: None,
             last_error: None,
             ports: vec![],
@@ -504,7 +535,7 @@ fn check_rules(app: &App, req: &VmCreate) -> ApiResult<virt8ra_placement::Reques
         virt8ra_placement::Resources {
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
-            disk_gib: req.disk_gib,
+            disk_gib: virt8ra_api::total_disk_gib(req.disk_gib, &req.data_disks),
         },
         req.placement.clone(),
         app.placement.config.weights,

@@ -1,0 +1,261 @@
+//! End to end: data disks. A VM gets disks after its boot disk, copies of
+//! images or blank, and the guest (the test appliance under real QEMU)
+//! sees each with its size and content; an appliance of several images
+//! deploys its VMs with the others as data disks. Bad requests are refused
+//! and change nothing; what cannot carry data disks yet (migration, export)
+//! says so instead of moving only the boot disk.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Cluster, TOPOLOGY};
+use serde_json::{json, Value};
+
+const BOOT: Duration = Duration::from_secs(180);
+
+/// A 4 MiB qcow2 whose first bytes are `marker`: a data set to copy.
+fn data_image(dir: &Path, marker: &str) -> PathBuf {
+    let raw = dir.join(format!("{marker}.raw"));
+    let mut bytes = marker.as_bytes().to_vec();
+    bytes.resize(4 << 20, 0);
+    std::fs::write(&raw, &bytes).unwrap();
+    let out = dir.join(format!("{marker}.qcow2"));
+    let o = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&out)
+        .output()
+        .expect("run qemu-img");
+    assert!(o.status.success(), "qemu-img: {o:?}");
+    out
+}
+
+/// The guest's `VIRT8RA-DISK` lines: device -> (serial, size, head).
+fn guest_disks(console: &str) -> Vec<(String, String, u64, String)> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("VIRT8RA-DISK "))
+        .map(|rest| {
+            let mut f = rest.split_whitespace();
+            let dev = f.next().unwrap_or_default().to_string();
+            let mut get = |k: &str| {
+                f.next()
+                    .and_then(|kv| kv.strip_prefix(k))
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let serial = get("serial=");
+            let size = get("size=").parse().unwrap_or(0);
+            let head = get("head=");
+            (dev, serial, size, head)
+        })
+        .collect()
+}
+
+fn wait_disks(c: &Cluster, vm: &str, n: usize) -> Vec<(String, String, u64, String)> {
+    common::wait_until_explained(
+        &format!("{vm} to list {n} data disks"),
+        BOOT,
+        || {
+            let con = c.console(vm);
+            let d = guest_disks(&con);
+            (con.contains("VIRT8RA-GUEST-BOOTED") && d.len() == n).then_some(d)
+        },
+        || format!("console:\n{}\n{}", c.console(vm), c.logs_tail(40)),
+    )
+}
+
+fn vm_count(c: &Cluster) -> usize {
+    c.ok("GET", "/api/v1/vms", None)["items"]
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn data_disks_from_images_and_blank_reach_the_guest() {
+    let image = common::test_image();
+    let mut c = Cluster::start();
+    c.create_topology();
+    let site = TOPOLOGY[0].2;
+    c.start_agent("host-0", Some(site));
+    c.wait_hosts_ready(1);
+    c.cli_ok(&["image", "import", image.to_str().unwrap(), "--name", "test"]);
+    let marker = "VIRT8RA-DATA-IMAGE-dataset-v1";
+    let data = data_image(c.dir.path(), marker);
+    c.cli_ok(&[
+        "image",
+        "import",
+        data.to_str().unwrap(),
+        "--name",
+        "dataset",
+    ]);
+
+    // Bad requests: a 400 that names the disk, and nothing created.
+    let base = json!({"name": "bad", "image": "test"});
+    for (disks, want) in [
+        (
+            json!([{"image": "nope"}]),
+            "data_disks[0]: image 'nope' not found",
+        ),
+        (json!([{}]), "data_disks[0]: a blank disk needs size_gib"),
+        (
+            json!([{"image": "dataset"}, {"size_gib": 0}]),
+            "data_disks[1].size_gib 0 is outside",
+        ),
+        (json!([{"img": "dataset"}]), "unknown field `img`"),
+        (
+            json!((0..9).map(|_| json!({"size_gib": 1})).collect::<Vec<_>>()),
+            "at most 8 are allowed",
+        ),
+    ] {
+        let mut body = base.clone();
+        body["data_disks"] = disks;
+        let (status, err) = c.api("POST", "/api/v1/vms", Some(body));
+        assert_eq!(status, 400, "{err}");
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains(want),
+            "{err}"
+        );
+    }
+    let out = c.cli(&[
+        "vm",
+        "create",
+        "bad",
+        "--image",
+        "test",
+        "--data-disk",
+        "size=3",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("--data-disk size=3: expected image=NAME"),
+        "{err}"
+    );
+    assert_eq!(vm_count(&c), 0);
+
+    // A copy of the data set and a blank 2 GiB disk, in that order.
+    c.cli_ok(&[
+        "vm",
+        "create",
+        "db",
+        "--image",
+        "test",
+        "--data-disk",
+        "image=dataset",
+        "--data-disk",
+        "size_gib=2",
+    ]);
+    c.wait_phase("db", "running", BOOT);
+    let disks = wait_disks(&c, "db", 2);
+    assert_eq!(disks[0].0, "vdc", "{disks:?}");
+    assert_eq!(disks[0].1, "data-0");
+    assert_eq!(disks[0].2, 4 << 20, "the copy has the image's size");
+    assert!(disks[0].3.starts_with(marker), "{disks:?}");
+    assert_eq!(disks[1].0, "vdd", "{disks:?}");
+    assert_eq!(disks[1].1, "data-1");
+    assert_eq!(disks[1].2, 2 << 30);
+    assert_eq!(disks[1].3, "-", "a blank disk reads as zeros");
+    let vm = c.vm("db");
+    let dataset = c.ok("GET", "/api/v1/images/dataset", None);
+    assert_eq!(
+        vm["status"]["data_image_ids"],
+        json!([dataset["id"], Value::Null])
+    );
+    let show = c.cli_ok(&["vm", "show", "db"]);
+    assert!(
+        show.contains("vdc: image dataset, vdd: blank 2 GiB"),
+        "{show}"
+    );
+    // The copy is an overlay over the host's cached image, not a second copy.
+    let vm_dir = c
+        .agent_dir("host-0")
+        .join("vms")
+        .join(vm["id"].as_str().unwrap());
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(vm_dir.join("data-0.qcow2"))
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    let backing = info["backing-filename"].as_str().unwrap_or_default();
+    assert!(
+        backing.ends_with(&format!("{}.qcow2", dataset["sha256"].as_str().unwrap())),
+        "{info}"
+    );
+
+    // Still in use: the image stays; what cannot carry data disks yet says so.
+    let (status, err) = c.api("DELETE", "/api/v1/images/dataset", None);
+    assert_eq!(status, 409, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is the data disk of 1 VM(s)"),
+        "{err}"
+    );
+    let (status, err) = c.api("POST", "/api/v1/vms/db/migrate", Some(json!({})));
+    assert_eq!(status, 409, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("data disk"),
+        "{err}"
+    );
+    assert_eq!(c.vm("db")["status"]["migration"], Value::Null);
+
+    // An appliance of two images: its VMs get the second as a data disk.
+    let appliance = c.dir.path().join("dataset-app.json");
+    std::fs::write(
+        &appliance,
+        json!({
+            "name": "dataset-app", "version": "1.0.0",
+            "description": "The test appliance with a data set on its second disk.",
+            "images": [{"name": "test"}, {"name": "dataset"}],
+            "template": {"vcpus": 1, "memory_mib": 128, "disk_gib": 1},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let published = c.cli_ok(&["appliance", "publish", appliance.to_str().unwrap()]);
+    assert!(
+        published.contains("data disk: dataset sha256"),
+        "{published}"
+    );
+    let app: Value = serde_json::from_str(&c.cli_ok(&[
+        "app",
+        "deploy",
+        "dataset-app",
+        "--name",
+        "lab",
+        "--locations",
+        site,
+        "--wait",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(app["status"], "running", "{app}");
+    let replica = app["vms"][0]["name"].as_str().unwrap().to_string();
+    let disks = wait_disks(&c, &replica, 1);
+    assert_eq!(disks[0].1, "data-0", "{disks:?}");
+    assert!(disks[0].3.starts_with(marker), "{disks:?}");
+    assert_eq!(
+        c.vm(&replica)["spec"]["data_disks"],
+        json!([{"image": "dataset"}])
+    );
+
+    // Once no VM uses it, the image can go.
+    c.cli_ok(&["app", "delete", "lab", "--wait"]);
+    c.cli_ok(&["vm", "delete", "db", "--wait"]);
+    let (status, err) = c.api("DELETE", "/api/v1/images/dataset", None);
+    assert_eq!(status, 204, "{err}");
+}
