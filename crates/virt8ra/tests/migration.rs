@@ -35,7 +35,7 @@ i=0
 while true; do
   i=$((i+1))
   echo "COUNT $i"
-  [ $((i % 20)) = 0 ] && echo "DATA-SHA $(sha)"
+  [ $((i % 20)) = 0 ] && { echo "SHA-BEGIN $i"; echo "DATA-SHA $(sha)"; }
   sleep 0.1
 done
 "#;
@@ -115,6 +115,57 @@ fn wait_data(c: &Cluster, vm: &str) -> String {
     wait_until(&format!("{vm} to report its data"), BOOT, || {
         data_shas(&c.console(vm)).last().cloned()
     })
+}
+
+/// The guest disk's I/O status and counters on `host` (QMP query-block and
+/// query-blockstats), for a failing test's message.
+fn disk_stats(c: &Cluster, host: &str, vm_id: &str) -> String {
+    let sock = c.agent_dir(host).join("vms").join(vm_id).join("qmp.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let q = |cmd: &str| rt.block_on(virt8ra_agent::driver::qmp::execute(&sock, cmd, None));
+    let block = match q("query-block") {
+        Ok(v) => v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                format!(
+                    "{} io-status={} locked={} ro={}",
+                    d["qdev"].as_str().or(d["device"].as_str()).unwrap_or("?"),
+                    d["io-status"].as_str().unwrap_or("-"),
+                    d["locked"],
+                    d["inserted"]["ro"]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(e) => format!("query-block: {e}"),
+    };
+    let stats = match q("query-blockstats") {
+        Ok(v) => v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                let s = &d["stats"];
+                format!(
+                    "{} rd={} wr={} flush={} failed_rd={} invalid_rd={}",
+                    d["qdev"].as_str().or(d["device"].as_str()).unwrap_or("?"),
+                    s["rd_operations"],
+                    s["wr_operations"],
+                    s["flush_operations"],
+                    s["failed_rd_operations"],
+                    s["invalid_rd_operations"]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(e) => format!("query-blockstats: {e}"),
+    };
+    format!("{block} | {stats}")
 }
 
 /// What QEMU says about the VM's run state on `host` (QMP query-status), for
@@ -722,12 +773,27 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                 (!data_shas(&con).is_empty() && last_count(&con).is_some()).then_some(con)
             },
             || {
+                // The summary first: CI shows the start and the end of a
+                // long message only.
                 let con = c.console("phoenix");
-                let tail = &con[con.floor_char_boundary(con.len().saturating_sub(2000))..];
+                let tail = &con[con.floor_char_boundary(con.len().saturating_sub(600))..];
+                let last = |prefix: &str| {
+                    con.lines()
+                        .filter(|l| l.trim().starts_with(prefix))
+                        .next_back()
+                        .unwrap_or("-")
+                        .to_string()
+                };
                 format!(
-                    "VM: {}\nmigration: {m}\nconsole tail: {tail}\nguest state: {}\n{}",
-                    c.vm("phoenix"),
+                    "guest state: {}\nlast COUNT: {}, last SHA-BEGIN: {}, last DATA-SHA: {}, first line: {}\n\
+                     target disk: {}\nVM: {}\nmigration: {m}\nconsole tail: {tail}\n{}",
                     qemu_status(&c, &now, &id),
+                    last("COUNT "),
+                    last("SHA-BEGIN "),
+                    last("DATA-SHA "),
+                    con.lines().next().unwrap_or("-"),
+                    disk_stats(&c, &now, &id),
+                    c.vm("phoenix"),
                     c.logs_tail(60)
                 )
             },
