@@ -1173,6 +1173,7 @@ impl Kind for Vms {
         "network",
         "ports",
         "labels",
+        "data_disks",
     ];
     const REPLACE: bool = false;
     const REPLACE_ON_REQUEST: bool = true;

@@ -77,6 +77,9 @@ vms:
     image: tiny
     placement:
       country: SE
+    data_disks:
+      - image: tiny
+      - size_gib: 2
 "#;
 
 struct Fixture {
@@ -164,6 +167,10 @@ fn apply_creates_then_second_apply_is_a_no_op() {
     assert_eq!(site["labels"]["virt8ra.io/managed-by"], "apply");
     let vm = f.c.vm("web-1");
     assert_eq!(vm["spec"]["memory_mib"], 128);
+    assert_eq!(
+        f.c.vm("web-2")["spec"]["data_disks"],
+        json!([{"image": "tiny"}, {"size_gib": 2}])
+    );
     assert_eq!(vm["labels"]["virt8ra.io/managed-by"], "apply");
     assert_eq!(vm["status"]["phase"], "pending");
     let img = f.c.ok("GET", "/api/v1/images/tiny", None);
@@ -257,6 +264,15 @@ fn apply_updates_only_what_changed() {
     assert!(err.contains("memory_mib cannot change in place"), "{err}");
     assert_eq!(snapshot(&f.c), before);
     assert!(err.contains("or apply with --replace"), "{err}");
+    // Data disks too.
+    f.write(&text.replace("size_gib: 2", "size_gib: 3"));
+    let err = f.apply_err(&[]);
+    assert!(
+        err.contains("vm web-2: data_disks cannot change in place"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&f.c), before);
+    f.write(&text.replace("memory_mib: 128", "memory_mib: 512"));
 
     // ... unless the operator asks for a replace: deleted, then created anew.
     let old_id = f.c.vm("web-1")["id"].clone();
@@ -331,7 +347,7 @@ fn apply_reports_bad_files_with_their_line() {
         "{FILE}apps:\n  - name: shop\n    appliance: web\n    locations: [DE]\n    replica: 2\n"
     ));
     let err = f.apply_err(&[]);
-    assert!(err.contains("estate.yaml:43:"), "{err}");
+    assert!(err.contains("estate.yaml:46:"), "{err}");
     assert!(err.contains("unknown field `replica`"), "{err}");
 
     assert_eq!(snapshot(&f.c), before, "a rejected file changed something");
@@ -369,7 +385,10 @@ fn prune_deletes_only_managed_resources() {
             "  - name: se-sto\n    provider: nordic\n    country: SE\n    city: Stockholm\n    latitude: 59.3293\n    longitude: 18.0686\n    tier: edge\n",
             "",
         )
-        .replace("  - name: web-2\n    image: tiny\n    placement:\n      country: SE\n", "");
+        .replace(
+            "  - name: web-2\n    image: tiny\n    placement:\n      country: SE\n    data_disks:\n      - image: tiny\n      - size_gib: 2\n",
+            "",
+        );
     f.write(&smaller);
     let left = f.apply(&[]);
     assert_eq!(left["changed"], false, "{left}");
