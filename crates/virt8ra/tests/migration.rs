@@ -779,8 +779,7 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                 let tail = &con[con.floor_char_boundary(con.len().saturating_sub(600))..];
                 let last = |prefix: &str| {
                     con.lines()
-                        .filter(|l| l.trim().starts_with(prefix))
-                        .next_back()
+                        .rfind(|l| l.trim().starts_with(prefix))
                         .unwrap_or("-")
                         .to_string()
                 };
