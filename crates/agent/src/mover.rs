@@ -162,6 +162,9 @@ impl Mover {
         for id in ids {
             for ext in ["qcow2", "sha256", "tmp"] {
                 let _ = std::fs::remove_file(self.staging.join(format!("{id}.{ext}")));
+                for i in 0..virt8ra_api::validate::MAX_DATA_DISKS {
+                    let _ = std::fs::remove_file(self.staging.join(format!("{id}.{i}.{ext}")));
+                }
             }
             if let Some(h) = jobs.remove(&id) {
                 h.abort();
@@ -201,6 +204,7 @@ impl Mover {
                         progress: None,
                         endpoints: None,
                         disk: None,
+                        data_disks: vec![],
                         downtime_ms: None,
                         bytes: None,
                         error: Some(format!("{e:#}")),
@@ -219,6 +223,7 @@ impl Mover {
             progress: None,
             endpoints: None,
             disk: None,
+            data_disks: vec![],
             downtime_ms: None,
             bytes: None,
             error: None,
@@ -278,11 +283,19 @@ impl Mover {
                 migration_id,
                 mode: MigrationMode::Cold,
                 disk,
+                data_disks,
                 ..
             } => {
                 let Some(disk) = disk else {
                     bail!("cold migration without a staged disk");
                 };
+                if data_disks.len() != cfg.data_disks.len() {
+                    bail!(
+                        "the VM has {} data disk(s) but {} were staged",
+                        cfg.data_disks.len(),
+                        data_disks.len()
+                    );
+                }
                 let marker = q.marker_dir(&d.id).join(format!("adopted-{migration_id}"));
                 if !marker.exists() || driver.state(&d.id).await? == DriverVmState::Absent {
                     // Start clean: an earlier, interrupted attempt may have left parts.
@@ -298,6 +311,19 @@ impl Mover {
                         })
                     })
                     .await?;
+                    // Data disks first: the boot disk marks a prepared VM.
+                    for (i, staged) in data_disks.iter().enumerate() {
+                        let part = self.staging.join(format!("{migration_id}.{i}.qcow2"));
+                        self.download(staged, &part, &|p| {
+                            self.report(MigrationReport {
+                                state: MigrationAgentState::Preparing,
+                                progress: Some(p),
+                                ..rep2.clone()
+                            })
+                        })
+                        .await?;
+                        q.adopt_data_disk(&cfg, i, &part).await?;
+                    }
                     fail_point("agent-cold-downloaded")?;
                     q.adopt_disk(&cfg, &part).await?;
                     std::fs::create_dir_all(q.marker_dir(&d.id))
@@ -376,12 +402,33 @@ impl Mover {
                     tracing::info!(vm = %d.name, "cold migration: VM powered down");
                 }
                 let disk = self
-                    .stage_and_upload(q, d, &rep, migration_id, base.as_deref(), upload_path)
+                    .stage_and_upload(q, d, &rep, migration_id, None, base.as_deref(), upload_path)
                     .await?;
+                let mut data_disks = Vec::with_capacity(cfg.data_disks.len());
+                for (i, dd) in cfg.data_disks.iter().enumerate() {
+                    let path = virt8ra_api::protocol::data_disk_path(upload_path, i);
+                    let key = format!("{migration_id}.{i}");
+                    data_disks.push(
+                        self.stage_and_upload(
+                            q,
+                            d,
+                            &rep,
+                            &key,
+                            Some(i),
+                            dd.base_image.as_deref(),
+                            &path,
+                        )
+                        .await?,
+                    );
+                }
+                let bytes = data_disks
+                    .iter()
+                    .fold(disk.size_bytes, |t, d| t + d.size_bytes);
                 self.report(MigrationReport {
                     state: MigrationAgentState::Sent,
-                    bytes: Some(disk.size_bytes),
+                    bytes: Some(bytes),
                     disk: Some(disk),
+                    data_disks,
                     ..rep
                 });
             }
@@ -393,7 +440,7 @@ impl Mover {
                     bail!("the VM is running; stop it before exporting its disk");
                 }
                 let disk = self
-                    .stage_and_upload(q, d, &rep, export_id, None, upload_path)
+                    .stage_and_upload(q, d, &rep, export_id, None, None, upload_path)
                     .await?;
                 self.report(MigrationReport {
                     state: MigrationAgentState::Sent,
@@ -406,14 +453,17 @@ impl Mover {
         Ok(())
     }
 
-    /// Writes the disk as a compressed qcow2 (over `backing`, or standalone)
-    /// into the staging directory, once, and uploads it (resuming).
+    /// Writes the boot disk, or data disk `data_disk`, as a compressed
+    /// qcow2 (over `backing`, or standalone) into the staging directory as
+    /// `id`, once, and uploads it (resuming).
+    #[allow(clippy::too_many_arguments)]
     async fn stage_and_upload(
         &self,
         q: &dyn Migrate,
         d: &DesiredVm,
         rep: &MigrationReport,
         id: &str,
+        data_disk: Option<usize>,
         backing: Option<&Path>,
         upload_path: &str,
     ) -> anyhow::Result<StagedDisk> {
@@ -433,7 +483,10 @@ impl Mover {
                     }),
                     ..rep.clone()
                 });
-                q.export_disk(&d.id, backing, &file).await?;
+                match data_disk {
+                    None => q.export_disk(&d.id, backing, &file).await?,
+                    Some(i) => q.export_data_disk(&d.id, i, backing, &file).await?,
+                }
                 let (sha, size) = sha256_of(&file).await?;
                 crate::reconciler::write_atomic(&sum_file, format!("{sha} {size}").as_bytes())?;
                 (sha, size)

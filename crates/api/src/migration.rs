@@ -238,10 +238,21 @@ pub struct Migration {
     pub disk_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// Cold: each data disk staged on the control plane, as uploaded and
+    /// verified, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_disks: Vec<StagedDiskSum>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A staged disk's content address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StagedDiskSum {
+    pub sha256: String,
+    pub size_bytes: u64,
 }
 
 /// `POST /api/v1/hosts/{key}/evacuate` (and for sites and providers).

@@ -249,13 +249,17 @@ pub enum MigrationRole {
         /// Cold: the disk staged on the control plane.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         disk: Option<StagedDisk>,
+        /// Cold: each data disk staged on the control plane, in order.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        data_disks: Vec<StagedDisk>,
         /// Live: the streams are relayed through the control plane, so
         /// listen on loopback only (the host has no migration address).
         #[serde(default, skip_serializing_if = "is_false")]
         relay: bool,
     },
     /// Source: send the VM. Live: to the target's endpoints; cold: power it
-    /// down and upload its disk to `upload_path`.
+    /// down and upload its disk to `upload_path`, and data disk N to
+    /// [`data_disk_path`]`(upload_path, N)`.
     Outgoing {
         migration_id: String,
         mode: MigrationMode,
@@ -283,6 +287,12 @@ pub struct LiveEndpoints {
     /// The NBD server taking the disk mirror.
     pub nbd: String,
     pub export_name: String,
+}
+
+/// Where data disk `index` of a cold migration is staged, next to the
+/// boot disk's `upload_path` (`/api/v1/staging/ID` -> `/api/v1/staging/ID.N`).
+pub fn data_disk_path(upload_path: &str, index: usize) -> String {
+    format!("{upload_path}.{index}")
 }
 
 /// A disk staged on the control plane (cold migration, export).
@@ -331,6 +341,9 @@ pub struct MigrationReport {
     pub endpoints: Option<LiveEndpoints>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<StagedDisk>,
+    /// Cold source: each data disk as uploaded, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_disks: Vec<StagedDisk>,
     /// Source (live): QEMU's measured downtime; target: from the end of the
     /// incoming stream to the guest running. Cold source: when it powered down.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -208,6 +208,12 @@ fn live_incompatibility(vm: &Vm, src: &Host, dst: &Host) -> Option<String> {
             vm.status.phase.as_str()
         ));
     }
+    if !vm.spec.data_disks.is_empty() {
+        return Some(format!(
+            "the VM has {} data disk(s), which live migration does not carry yet",
+            vm.spec.data_disks.len()
+        ));
+    }
     // A target without a migration address (behind NAT) still takes live
     // migrations: their streams are relayed through the control plane.
     if dst.inventory.migration_address.is_none() && !dst.inventory.migration_relay {
@@ -411,13 +417,6 @@ pub async fn start(
             vm.name
         )));
     }
-    if !vm.spec.data_disks.is_empty() {
-        return Err(ApiError::Conflict(format!(
-            "VM '{}' has {} data disk(s); migrating a VM with data disks is not supported yet (only its boot disk would move)",
-            vm.name,
-            vm.spec.data_disks.len()
-        )));
-    }
     if !matches!(vm.status.phase, VmPhase::Running | VmPhase::Stopped) {
         return Err(ApiError::Conflict(format!(
             "VM '{}' is {}; only a running or stopped VM can be migrated",
@@ -515,6 +514,7 @@ pub async fn start(
         relay: mode == MigrationMode::Live && relay_live,
         disk_sha256: None,
         disk_bytes: None,
+        data_disks: vec![],
         created_at: now,
         updated_at: now,
         finished_at: None,
@@ -739,11 +739,55 @@ async fn step(
                     )
                     .await;
                 }
+                // Every data disk too, each as its own staged file.
+                let vm = load_vm(app, m).await?;
+                if disk_count_mismatch(&vm, src.as_ref()) {
+                    return rollback(
+                        app,
+                        m,
+                        format!(
+                            "the source sent {} data disk(s); the VM has {}",
+                            src.as_ref().map_or(0, |r| r.data_disks.len()),
+                            vm.spec.data_disks.len()
+                        ),
+                    )
+                    .await;
+                }
+                let mut sums = Vec::new();
+                let mut total = size;
+                for (i, d) in src.iter().flat_map(|r| r.data_disks.iter()).enumerate() {
+                    let key = format!("{}.{i}", m.id);
+                    let (dsha, dsize) =
+                        crate::api::images::sha256_file(&staging_path(app, &key)).await?;
+                    if dsha != d.sha256 || dsize != d.size_bytes {
+                        remove_staged(app, &m.id).await;
+                        return rollback(
+                            app,
+                            m,
+                            format!(
+                                "uploaded data disk {i} is corrupt (sha256 {dsha}, expected {})",
+                                d.sha256
+                            ),
+                        )
+                        .await;
+                    }
+                    total += dsize;
+                    sums.push(virt8ra_api::StagedDiskSum {
+                        sha256: dsha,
+                        size_bytes: dsize,
+                    });
+                }
+                let extra = if sums.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with {} data disk(s)", sums.len())
+                };
                 m.disk_sha256 = Some(sha);
                 m.disk_bytes = Some(size);
+                m.data_disks = sums;
                 m.downtime_ms = None;
                 let msg = format!(
-                    "disk uploaded and verified ({size} bytes compressed); target {} fetches it",
+                    "disk{extra} uploaded and verified ({total} bytes compressed); target {} fetches it",
                     m.target.host
                 );
                 return advance(app, m, MigrationPhase::PreparingTarget, msg, None).await;
@@ -760,7 +804,9 @@ async fn step(
                 .as_ref()
                 .is_some_and(|r| r.state == MigrationAgentState::Ready)
             {
-                m.bytes = m.disk_bytes.map(|b| b * 2); // up to the control plane and down again
+                // Up to the control plane and down again, every disk.
+                let data: u64 = m.data_disks.iter().map(|d| d.size_bytes).sum();
+                m.bytes = m.disk_bytes.map(|b| (b + data) * 2);
                 return commit(app, m).await;
             }
             if stalled() {
@@ -831,7 +877,7 @@ async fn step(
 /// Ends a migration (completed or failed): the VM is free again, the staged
 /// disk and the target reservation go.
 async fn finish(app: &App, m: &mut Migration, phase: MigrationPhase, msg: String) -> ApiResult<()> {
-    let _ = tokio::fs::remove_file(staging_path(app, &m.id)).await;
+    remove_staged(app, &m.id).await;
     let _g = app.lock_vm(&m.vm_id).await;
     let mut vm = load_vm(app, m).await?;
     vm.status.migration = None;
@@ -893,8 +939,24 @@ async fn rollback(app: &App, m: &mut Migration, why: String) -> ApiResult<()> {
     .await
 }
 
-pub fn staging_path(app: &App, id: &str) -> std::path::PathBuf {
-    app.data_dir.join("staging").join(format!("{id}.qcow2"))
+/// The staged file of `key`: a migration's or export's id (its boot disk),
+/// or `ID.N` (data disk N of a cold migration).
+pub fn staging_path(app: &App, key: &str) -> std::path::PathBuf {
+    app.data_dir.join("staging").join(format!("{key}.qcow2"))
+}
+
+/// Removes every file staged for migration `id` (boot and data disks).
+pub async fn remove_staged(app: &App, id: &str) {
+    let _ = tokio::fs::remove_file(staging_path(app, id)).await;
+    for i in 0..virt8ra_api::validate::MAX_DATA_DISKS {
+        let _ = tokio::fs::remove_file(staging_path(app, &format!("{id}.{i}"))).await;
+    }
+}
+
+/// Whether the source's report names a different number of data disks
+/// than the VM has.
+fn disk_count_mismatch(vm: &Vm, src: Option<&MigrationReport>) -> bool {
+    src.map_or(0, |r| r.data_disks.len()) != vm.spec.data_disks.len()
 }
 
 /// The migration roles of the VMs a host should have: adds the VMs coming
@@ -967,6 +1029,22 @@ pub async fn apply_roles(
                             size_bytes: size,
                         }),
                         _ => None,
+                    },
+                    data_disks: if live {
+                        vec![]
+                    } else {
+                        m.data_disks
+                            .iter()
+                            .enumerate()
+                            .map(|(i, s)| StagedDisk {
+                                url_path: virt8ra_api::protocol::data_disk_path(
+                                    &format!("/api/v1/staging/{}", m.id),
+                                    i,
+                                ),
+                                sha256: s.sha256.clone(),
+                                size_bytes: s.size_bytes,
+                            })
+                            .collect()
                     },
                     relay: m.relay,
                 });

@@ -69,6 +69,15 @@ fn wait_disks(c: &Cluster, vm: &str, n: usize) -> Vec<(String, String, u64, Stri
     )
 }
 
+fn wait_console(c: &Cluster, vm: &str, line: &str) {
+    common::wait_until_explained(
+        &format!("{vm} to print {line}"),
+        BOOT,
+        || c.console(vm).contains(line).then_some(()),
+        || format!("console:\n{}", c.console(vm)),
+    )
+}
+
 fn vm_count(c: &Cluster) -> usize {
     c.ok("GET", "/api/v1/vms", None)["items"]
         .as_array()
@@ -83,7 +92,8 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     c.create_topology();
     let site = TOPOLOGY[0].2;
     c.start_agent("host-0", Some(site));
-    c.wait_hosts_ready(1);
+    c.start_agent("host-1", Some(TOPOLOGY[1].2));
+    c.wait_hosts_ready(2);
     c.cli_ok(&["image", "import", image.to_str().unwrap(), "--name", "test"]);
     let marker = "VIRT8RA-DATA-IMAGE-dataset-v1";
     let data = data_image(c.dir.path(), marker);
@@ -142,6 +152,13 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     assert_eq!(vm_count(&c), 0);
 
     // A copy of the data set and a blank 2 GiB disk, in that order.
+    // The guest writes its mark on the blank disk at its first boot.
+    let script = c.dir.path().join("mark.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nif [ \"$(head -c 11 /dev/vdd)\" != GUEST-WROTE ]; then\n  printf GUEST-WROTE-%s \"$(hostname)\" | dd of=/dev/vdd conv=fsync 2>/dev/null\n  echo DISK-MARKED\nfi\n",
+    )
+    .unwrap();
     c.cli_ok(&[
         "vm",
         "create",
@@ -152,6 +169,8 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
         "image=dataset",
         "--data-disk",
         "size_gib=2",
+        "--user-data",
+        script.to_str().unwrap(),
     ]);
     c.wait_phase("db", "running", BOOT);
     let disks = wait_disks(&c, "db", 2);
@@ -176,7 +195,7 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     );
     // The copy is an overlay over the host's cached image, not a second copy.
     let vm_dir = c
-        .agent_dir("host-0")
+        .agent_dir(vm["status"]["host"].as_str().unwrap())
         .join("vms")
         .join(vm["id"].as_str().unwrap());
     let info = std::process::Command::new("qemu-img")
@@ -201,16 +220,87 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
             .contains("is the data disk of 1 VM(s)"),
         "{err}"
     );
-    let (status, err) = c.api("POST", "/api/v1/vms/db/migrate", Some(json!({})));
+    let (status, err) = c.api(
+        "POST",
+        "/api/v1/vms/db/migrate",
+        Some(json!({"mode": "live"})),
+    );
     assert_eq!(status, 409, "{err}");
     assert!(
         err["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("data disk"),
+            .contains("2 data disk(s), which live migration does not carry yet"),
         "{err}"
     );
     assert_eq!(c.vm("db")["status"]["migration"], Value::Null);
+    let (status, err) = c.api("POST", "/api/v1/vms/db/export", None);
+    assert_eq!(status, 409, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exporting a VM with data disks is not supported yet"),
+        "{err}"
+    );
+
+    // Cold migration to the other provider carries every disk: the copy of
+    // the data set (over the target's own cached image) and what the guest
+    // wrote on the blank one.
+    wait_console(&c, "db", "DISK-MARKED");
+    let from = c.vm("db")["status"]["host"].as_str().unwrap().to_string();
+    let to = if from == "host-0" { "host-1" } else { "host-0" };
+    let m: Value = serde_json::from_str(&c.cli_ok(&[
+        "vm",
+        "migrate",
+        "db",
+        "--to-host",
+        to,
+        "--wait",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(m["mode"], "cold", "auto picks cold: {m}");
+    assert!(
+        m["mode_reason"].as_str().unwrap().contains("data disk"),
+        "{m}"
+    );
+    assert_eq!(m["data_disks"].as_array().map(Vec::len), Some(2), "{m}");
+    let vm = c.wait_phase("db", "running", BOOT);
+    assert_eq!(vm["status"]["host"], to);
+    let disks = wait_disks(&c, "db", 2);
+    assert!(disks[0].3.starts_with(marker), "{disks:?}");
+    assert_eq!(disks[0].2, 4 << 20);
+    assert_eq!(disks[1].3, "GUEST-WROTE-db", "{disks:?}");
+    assert_eq!(disks[1].2, 2 << 30);
+    let moved = c.agent_dir(to).join("vms").join(vm["id"].as_str().unwrap());
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(moved.join("data-0.qcow2"))
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(
+        info["backing-filename"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(c.agent_dir(to).to_str().unwrap()),
+        "the copy sits on the target's cached image: {info}"
+    );
+    assert!(
+        !c.agent_dir(&from)
+            .join("vms")
+            .join(vm["id"].as_str().unwrap())
+            .exists(),
+        "the source copy is gone"
+    );
+    let staging = c.server_dir().join("staging");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "staged disks left behind: {left:?}");
 
     // An appliance of two images: its VMs get the second as a data disk.
     let appliance = c.dir.path().join("dataset-app.json");

@@ -190,6 +190,26 @@ pub trait Migrate: Send + Sync {
     /// Target, cold: makes `file`, as [`Migrate::export_disk`] wrote it on
     /// the source, this VM's disk here.
     async fn adopt_disk(&self, cfg: &VmConfig, file: &Path) -> Result<()>;
+    /// Like [`Migrate::export_disk`], for data disk `index`.
+    async fn export_data_disk(
+        &self,
+        id: &str,
+        index: usize,
+        _backing: Option<&Path>,
+        _out: &Path,
+    ) -> Result<()> {
+        Err(DriverError::Other(format!(
+            "this driver cannot move data disk {index} of VM {id}"
+        )))
+    }
+    /// Like [`Migrate::adopt_disk`], for data disk `index`; called before
+    /// the boot disk is adopted.
+    async fn adopt_data_disk(&self, cfg: &VmConfig, index: usize, _file: &Path) -> Result<()> {
+        Err(DriverError::Other(format!(
+            "this driver cannot take data disk {index} of VM {}",
+            cfg.id
+        )))
+    }
 }
 
 /// The last `max_bytes` of a console log, lossily decoded, and whether older

@@ -532,7 +532,18 @@ impl QemuDriver {
     /// own blocks over `backing` (cold migration), or standalone when
     /// `backing` is `None` (export). The VM must be stopped.
     pub async fn export_disk(&self, id: &str, backing: Option<&Path>, out: &Path) -> Result<()> {
-        let disk = self.vm_dir(id).join("disk.qcow2");
+        self.export_file(id, "disk.qcow2", backing, out).await
+    }
+
+    /// [`Self::export_disk`] of the VM's file `name` (a data disk's too).
+    pub async fn export_file(
+        &self,
+        id: &str,
+        name: &str,
+        backing: Option<&Path>,
+        out: &Path,
+    ) -> Result<()> {
+        let disk = self.vm_dir(id).join(name);
         let tmp = out.with_extension("tmp");
         let mut cmd = tokio::process::Command::new("qemu-img");
         cmd.args(["convert", "-c", "-O", "qcow2"]);
@@ -561,24 +572,50 @@ impl QemuDriver {
     pub async fn adopt_disk(&self, cfg: &VmConfig, file: &Path) -> Result<()> {
         let dir = self.vm_dir(&cfg.id);
         std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-        let base = std::fs::canonicalize(&cfg.base_image)
-            .map_err(io_err(format!("base image {}", cfg.base_image.display())))?;
-        let o = tokio::process::Command::new("qemu-img")
-            .args(["rebase", "-u", "-F", "qcow2", "-b"])
-            .arg(&base)
-            .arg(file)
-            .output()
-            .await
-            .map_err(|e| DriverError::QemuImg(format!("cannot run qemu-img: {e}")))?;
-        if !o.status.success() {
-            return Err(DriverError::QemuImg(
-                String::from_utf8_lossy(&o.stderr).trim().to_string(),
-            ));
-        }
+        rebase(file, &cfg.base_image).await?;
         super::cloudinit::write_seed(&dir, &cfg.context).await?;
         std::fs::rename(file, dir.join("disk.qcow2")).map_err(io_err("adopt the disk"))?;
         Ok(())
     }
+
+    /// [`Self::adopt_disk`] for data disk `index`: over this host's copy of
+    /// its image, or standalone (a blank disk was exported without one).
+    pub async fn adopt_data_disk(&self, cfg: &VmConfig, index: usize, file: &Path) -> Result<()> {
+        let Some(d) = cfg.data_disks.get(index) else {
+            return Err(DriverError::Other(format!(
+                "VM {} has no data disk {index}",
+                cfg.id
+            )));
+        };
+        let dir = self.vm_dir(&cfg.id);
+        std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        if let Some(base) = &d.base_image {
+            rebase(file, base).await?;
+        }
+        std::fs::rename(file, dir.join(super::data_disk_file(index)))
+            .map_err(io_err("adopt the data disk"))?;
+        Ok(())
+    }
+}
+
+/// Points the qcow2 `file` at `base` (the same image's copy on this host)
+/// without touching its data (`qemu-img rebase -u`).
+async fn rebase(file: &Path, base: &Path) -> Result<()> {
+    let base =
+        std::fs::canonicalize(base).map_err(io_err(format!("base image {}", base.display())))?;
+    let o = tokio::process::Command::new("qemu-img")
+        .args(["rebase", "-u", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(file)
+        .output()
+        .await
+        .map_err(|e| DriverError::QemuImg(format!("cannot run qemu-img: {e}")))?;
+    if !o.status.success() {
+        return Err(DriverError::QemuImg(
+            String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -620,5 +657,19 @@ impl super::Migrate for QemuDriver {
 
     async fn adopt_disk(&self, cfg: &VmConfig, file: &Path) -> Result<()> {
         QemuDriver::adopt_disk(self, cfg, file).await
+    }
+
+    async fn export_data_disk(
+        &self,
+        id: &str,
+        index: usize,
+        backing: Option<&Path>,
+        out: &Path,
+    ) -> Result<()> {
+        QemuDriver::export_file(self, id, &super::data_disk_file(index), backing, out).await
+    }
+
+    async fn adopt_data_disk(&self, cfg: &VmConfig, index: usize, file: &Path) -> Result<()> {
+        QemuDriver::adopt_data_disk(self, cfg, index, file).await
     }
 }

@@ -322,7 +322,8 @@ pub async fn delete_export(
 
 /// Whether `host_id` may upload to staging area `id`: the source host of an
 /// active migration, or the host of an export's VM.
-async fn may_upload(app: &App, host_id: &str, id: &str) -> ApiResult<()> {
+async fn may_upload(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
+    let (id, data_disk) = staging_key(key)?;
     let mig = app.migrations.active().into_iter().find(|m| m.id == id);
     if let Some(m) = mig {
         if m.source.host_id == host_id && m.phase == MigrationPhase::Transferring {
@@ -332,7 +333,7 @@ async fn may_upload(app: &App, host_id: &str, id: &str) -> ApiResult<()> {
         .migrations
         .active_exports()
         .into_iter()
-        .find(|e| e.id == id)
+        .find(|e| e.id == id && data_disk.is_none())
     {
         let vm = app.store.get_vm(&e.vm_id).await?;
         if vm.status.host_id.as_deref() == Some(host_id) {
@@ -340,8 +341,27 @@ async fn may_upload(app: &App, host_id: &str, id: &str) -> ApiResult<()> {
         }
     }
     Err(ApiError::Forbidden(format!(
-        "no upload of {id} is expected from this host"
+        "no upload of {key} is expected from this host"
     )))
+}
+
+/// A staging key: a migration's or export's id, or `ID.N` for data disk N
+/// of a cold migration. Anything else is not found.
+fn staging_key(key: &str) -> ApiResult<(&str, Option<usize>)> {
+    let (id, disk) = match key.split_once('.') {
+        None => (key, None),
+        Some((id, suffix)) => match suffix.parse::<usize>() {
+            // Canonical digits only, so one disk has one key.
+            Ok(n) if n < virt8ra_api::validate::MAX_DATA_DISKS && n.to_string() == suffix => {
+                (id, Some(n))
+            }
+            _ => return Err(ApiError::NotFound(format!("staged disk '{key}' not found"))),
+        },
+    };
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(ApiError::NotFound(format!("staged disk '{key}' not found")));
+    }
+    Ok((id, disk))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -417,11 +437,8 @@ pub async fn staged(
     Ok(Json(serde_json::json!({ "bytes": have })))
 }
 
-fn valid_id(id: &str) -> ApiResult<()> {
-    if uuid::Uuid::parse_str(id).is_err() {
-        return Err(ApiError::NotFound(format!("staged disk '{id}' not found")));
-    }
-    Ok(())
+fn valid_id(key: &str) -> ApiResult<()> {
+    staging_key(key).map(drop)
 }
 
 #[utoipa::path(get, path = "/api/v1/staging/{id}", tag = "migrations", params(("id" = String, Path)),
