@@ -442,10 +442,24 @@ impl Mover {
                 let disk = self
                     .stage_and_upload(q, d, &rep, export_id, None, None, upload_path)
                     .await?;
+                // Each data disk standalone too, next to the boot disk.
+                let mut data_disks = Vec::with_capacity(cfg.data_disks.len());
+                for i in 0..cfg.data_disks.len() {
+                    let path = virt8ra_api::protocol::data_disk_path(upload_path, i);
+                    let key = format!("{export_id}.{i}");
+                    data_disks.push(
+                        self.stage_and_upload(q, d, &rep, &key, Some(i), None, &path)
+                            .await?,
+                    );
+                }
+                let bytes = data_disks
+                    .iter()
+                    .fold(disk.size_bytes, |t, d| t + d.size_bytes);
                 self.report(MigrationReport {
                     state: MigrationAgentState::Sent,
-                    bytes: Some(disk.size_bytes),
+                    bytes: Some(bytes),
                     disk: Some(disk),
+                    data_disks,
                     ..rep
                 });
             }

@@ -287,7 +287,19 @@ pub struct VmExport {
     pub error: Option<String>,
     /// Where to download the disk (qcow2) once ready.
     pub url_path: String,
+    /// Each data disk, in order, once ready: where to download it
+    /// (`url_path.N`) and what it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_disks: Vec<ExportedDisk>,
     pub created_at: DateTime<Utc>,
+}
+
+/// A data disk of an export, staged on the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExportedDisk {
+    pub url_path: String,
+    pub sha256: String,
+    pub size_bytes: u64,
 }
 
 /// What a rebalance aims at.

@@ -416,6 +416,30 @@ pub async fn export(c: &Client, o: Format, vm: &str, dir: &Path) -> anyhow::Resu
     if Some(&sha) != e.sha256.as_ref() || Some(size) != e.size_bytes {
         bail!("the downloaded disk does not match the export (sha256 {sha}); run the export again");
     }
+    let mut disks = vec![ManifestDisk {
+        file: "disk.qcow2".into(),
+        format: "qcow2".into(),
+        sha256: sha,
+        size_bytes: size,
+    }];
+    // Data disks after the boot disk, in the VM's order.
+    for (i, d) in e.data_disks.iter().enumerate() {
+        let file = format!("data-{i}.qcow2");
+        let path = dir.join(&file);
+        let size = c
+            .download(&d.url_path.replacen("/api/v1", "", 1), &path)
+            .await?;
+        let sha = sha256_file(&path)?;
+        if sha != d.sha256 || size != d.size_bytes {
+            bail!("the downloaded data disk {i} does not match the export (sha256 {sha}); run the export again");
+        }
+        disks.push(ManifestDisk {
+            file,
+            format: "qcow2".into(),
+            sha256: sha,
+            size_bytes: size,
+        });
+    }
     let history: Vec<Migration> = c
         .get(&format!("/vms/{}/migrations", seg(&v.id)))
         .await
@@ -429,12 +453,7 @@ pub async fn export(c: &Client, o: Format, vm: &str, dir: &Path) -> anyhow::Resu
             id: v.id.clone(),
             spec: v.spec.clone(),
         },
-        disks: vec![ManifestDisk {
-            file: "disk.qcow2".into(),
-            format: "qcow2".into(),
-            sha256: sha,
-            size_bytes: size,
-        }],
+        disks,
         provenance: Provenance {
             exported_at: chrono::Utc::now(),
             control_plane: c.base().to_string(),
@@ -459,6 +478,18 @@ pub async fn export(c: &Client, o: Format, vm: &str, dir: &Path) -> anyhow::Resu
                 format!("disk.qcow2, {} bytes", m.disks[0].size_bytes),
             ),
             ("sha256", m.disks[0].sha256.clone()),
+            (
+                "data disks",
+                if m.disks.len() > 1 {
+                    m.disks[1..]
+                        .iter()
+                        .map(|d| format!("{} ({} bytes)", d.file, d.size_bytes))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                } else {
+                    "-".into()
+                },
+            ),
         ])
     })
 }
@@ -540,6 +571,7 @@ pub struct ImportArgs {
 }
 
 pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm> {
+    let mut data_files: Vec<PathBuf> = Vec::new();
     let (disk, spec, name) = if a.path.is_dir() {
         let mpath = a.path.join("manifest.json");
         let raw = std::fs::read(&mpath).with_context(|| {
@@ -558,22 +590,34 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
                 m.version
             );
         }
-        let [d] = m.disks.as_slice() else {
-            bail!("{}: exactly one disk is supported", mpath.display());
-        };
-        if d.file.contains('/') || d.file.contains("..") {
-            bail!("{}: bad disk file name {:?}", mpath.display(), d.file);
-        }
-        let disk = a.path.join(&d.file);
-        let sha = sha256_file(&disk)?;
-        if sha != d.sha256 {
+        // The boot disk first, then one per data disk of the spec.
+        let want = 1 + m.vm.spec.data_disks.len();
+        if m.disks.len() != want {
             bail!(
-                "{} is corrupt: its sha256 is {sha}, the manifest says {}",
-                disk.display(),
-                d.sha256
+                "{}: {} disk(s) listed; the VM's spec needs {want} (the boot disk and its data disks)",
+                mpath.display(),
+                m.disks.len()
             );
         }
-        detect_format(&disk, Some(&d.format))?;
+        let mut files = Vec::new();
+        for d in &m.disks {
+            if d.file.is_empty() || d.file.contains('/') || d.file.contains("..") {
+                bail!("{}: bad disk file name {:?}", mpath.display(), d.file);
+            }
+            let disk = a.path.join(&d.file);
+            let sha = sha256_file(&disk)?;
+            if sha != d.sha256 {
+                bail!(
+                    "{} is corrupt: its sha256 is {sha}, the manifest says {}",
+                    disk.display(),
+                    d.sha256
+                );
+            }
+            detect_format(&disk, Some(&d.format))?;
+            files.push(disk);
+        }
+        let disk = files.remove(0);
+        data_files = files;
         (disk, Some(m.vm.spec), a.name.clone().unwrap_or(m.vm.name))
     } else if a.path.is_file() {
         detect_format(&a.path, a.format.as_deref())?;
@@ -601,6 +645,24 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
                 .await?
         }
     };
+    // Each data disk becomes an image; the new VM's data disk a copy of it.
+    let mut data_images = Vec::new();
+    for (i, f) in data_files.iter().enumerate() {
+        let sha = sha256_file(f)?;
+        let image_name = format!("{name}-data-{i}-{}", &sha[..12]);
+        let existing: Option<Image> = c.get(&format!("/images/{}", seg(&image_name))).await.ok();
+        let img = match existing {
+            Some(i) => i,
+            None => {
+                if o == Format::Table {
+                    eprintln!("uploading {} ...", f.display());
+                }
+                c.upload(&format!("/images?name={}", seg(&image_name)), f)
+                    .await?
+            }
+        };
+        data_images.push(img.name);
+    }
     let mut body = serde_json::json!({
         "name": name,
         "image": image.name,
@@ -625,6 +687,18 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
         }
         if let Some(n) = s.network {
             obj.insert("network".into(), serde_json::to_value(n)?);
+        }
+        if !s.data_disks.is_empty() {
+            let disks: Vec<virt8ra_api::DataDisk> = s
+                .data_disks
+                .iter()
+                .zip(&data_images)
+                .map(|(d, img)| virt8ra_api::DataDisk {
+                    image: Some(img.clone()),
+                    size_gib: d.size_gib,
+                })
+                .collect();
+            obj.insert("data_disks".into(), serde_json::to_value(disks)?);
         }
     }
     if let Some(v) = a.vcpus {

@@ -1072,16 +1072,53 @@ pub async fn finish_export(app: &App, r: &MigrationReport) -> ApiResult<()> {
     match (r.state, &r.disk) {
         (MigrationAgentState::Sent, Some(disk)) => {
             let (sha, size) = crate::api::images::sha256_file(&staging_path(app, &e.id)).await?;
-            if sha == disk.sha256 && size == disk.size_bytes {
-                e.state = "ready".into();
-                e.sha256 = Some(sha);
-                e.size_bytes = Some(size);
-            } else {
-                e.state = "failed".into();
-                e.error = Some(format!(
+            let wanted = match app.store.get_vm(&e.vm_id).await {
+                Ok(vm) => vm.spec.data_disks.len(),
+                Err(_) => r.data_disks.len(),
+            };
+            let mut data = Vec::new();
+            let mut bad = None;
+            if sha != disk.sha256 || size != disk.size_bytes {
+                bad = Some(format!(
                     "the uploaded disk is corrupt (sha256 {sha}, expected {})",
                     disk.sha256
                 ));
+            } else if r.data_disks.len() != wanted {
+                bad = Some(format!(
+                    "the host sent {} data disk(s); the VM has {wanted}",
+                    r.data_disks.len()
+                ));
+            }
+            for (i, d) in r.data_disks.iter().enumerate() {
+                if bad.is_some() {
+                    break;
+                }
+                let key = format!("{}.{i}", e.id);
+                let (dsha, dsize) =
+                    crate::api::images::sha256_file(&staging_path(app, &key)).await?;
+                if dsha != d.sha256 || dsize != d.size_bytes {
+                    bad = Some(format!(
+                        "uploaded data disk {i} is corrupt (sha256 {dsha}, expected {})",
+                        d.sha256
+                    ));
+                }
+                data.push(virt8ra_api::ExportedDisk {
+                    url_path: virt8ra_api::protocol::data_disk_path(&e.url_path, i),
+                    sha256: dsha,
+                    size_bytes: dsize,
+                });
+            }
+            match bad {
+                None => {
+                    e.state = "ready".into();
+                    e.sha256 = Some(sha);
+                    e.size_bytes = Some(size);
+                    e.data_disks = data;
+                }
+                Some(why) => {
+                    e.state = "failed".into();
+                    e.error = Some(why);
+                }
             }
         }
         (MigrationAgentState::Failed, _) => {

@@ -234,15 +234,6 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
         "{err}"
     );
     assert_eq!(c.vm("db")["status"]["migration"], Value::Null);
-    let (status, err) = c.api("POST", "/api/v1/vms/db/export", None);
-    assert_eq!(status, 409, "{err}");
-    assert!(
-        err["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("exporting a VM with data disks is not supported yet"),
-        "{err}"
-    );
 
     // Cold migration to the other provider carries every disk: the copy of
     // the data set (over the target's own cached image) and what the guest
@@ -301,6 +292,60 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "staged disks left behind: {left:?}");
+
+    // Export carries every disk; import makes a VM with the same disks.
+    c.cli_ok(&["vm", "stop", "db", "--wait"]);
+    let bundle = c.dir.path().join("db-bundle");
+    c.cli_ok(&["vm", "export", "db", "-o", bundle.to_str().unwrap()]);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    let files: Vec<&str> = manifest["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, ["disk.qcow2", "data-0.qcow2", "data-1.qcow2"]);
+    for f in &files {
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(bundle.join(f))
+            .output()
+            .unwrap();
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert!(
+            info["backing-filename"].is_null(),
+            "{f} is standalone: {info}"
+        );
+    }
+    // A damaged data disk is refused, and nothing is created.
+    let damaged = c.dir.path().join("damaged");
+    std::fs::create_dir_all(&damaged).unwrap();
+    for f in [
+        "manifest.json",
+        "disk.qcow2",
+        "data-0.qcow2",
+        "data-1.qcow2",
+    ] {
+        std::fs::copy(bundle.join(f), damaged.join(f)).unwrap();
+    }
+    let mut bytes = std::fs::read(damaged.join("data-1.qcow2")).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    std::fs::write(damaged.join("data-1.qcow2"), bytes).unwrap();
+    let before = vm_count(&c);
+    let out = c.cli(&["vm", "import", damaged.to_str().unwrap(), "--name", "db3"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data-1.qcow2 is corrupt"), "{err}");
+    assert_eq!(vm_count(&c), before);
+    c.cli_ok(&["vm", "import", bundle.to_str().unwrap(), "--name", "db2"]);
+    c.wait_phase("db2", "running", BOOT);
+    let disks = wait_disks(&c, "db2", 2);
+    assert!(disks[0].3.starts_with(marker), "{disks:?}");
+    assert_eq!(disks[1].3, "GUEST-WROTE-db", "{disks:?}");
+    assert_eq!(disks[1].2, 2 << 30);
+    c.cli_ok(&["vm", "delete", "db2", "--wait"]);
 
     // An appliance of two images: its VMs get the second as a data disk.
     let appliance = c.dir.path().join("dataset-app.json");

@@ -235,13 +235,6 @@ pub async fn export(
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<VmExport>)> {
     let vm = app.store.get_vm(&key).await?;
-    if !vm.spec.data_disks.is_empty() {
-        return Err(ApiError::Conflict(format!(
-            "VM '{}' has {} data disk(s); exporting a VM with data disks is not supported yet (only its boot disk would be written)",
-            vm.name,
-            vm.spec.data_disks.len()
-        )));
-    }
     if vm.status.phase != VmPhase::Stopped || vm.status.host_id.is_none() {
         return Err(ApiError::Conflict(format!(
             "VM '{}' is {}; stop it first (`virt8ra vm stop {} --wait`), its disk must be quiet to export",
@@ -277,6 +270,7 @@ pub async fn export(
         sha256: None,
         size_bytes: None,
         error: None,
+        data_disks: vec![],
         created_at: Utc::now(),
     };
     app.store.put_export(&e).await?;
@@ -309,7 +303,7 @@ pub async fn delete_export(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let mut e = app.store.get_export(&id).await?;
-    let _ = tokio::fs::remove_file(migration::staging_path(&app, &e.id)).await;
+    migration::remove_staged(&app, &e.id).await;
     if e.state == "uploading" {
         e.state = "failed".into();
         e.error = Some("cancelled".into());
@@ -323,7 +317,7 @@ pub async fn delete_export(
 /// Whether `host_id` may upload to staging area `id`: the source host of an
 /// active migration, or the host of an export's VM.
 async fn may_upload(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
-    let (id, data_disk) = staging_key(key)?;
+    let (id, _) = staging_key(key)?;
     let mig = app.migrations.active().into_iter().find(|m| m.id == id);
     if let Some(m) = mig {
         if m.source.host_id == host_id && m.phase == MigrationPhase::Transferring {
@@ -333,7 +327,7 @@ async fn may_upload(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
         .migrations
         .active_exports()
         .into_iter()
-        .find(|e| e.id == id && data_disk.is_none())
+        .find(|e| e.id == id)
     {
         let vm = app.store.get_vm(&e.vm_id).await?;
         if vm.status.host_id.as_deref() == Some(host_id) {
