@@ -135,7 +135,9 @@ impl Mover {
         match stream {
             "migrate" => Some(ep.migrate.clone()),
             "nbd" => Some(ep.nbd.clone()),
-            _ => None,
+            s => {
+                virt8ra_api::protocol::relay_data_index(s).and_then(|i| ep.data_nbd.get(i).cloned())
+            }
         }
     }
 

@@ -72,17 +72,23 @@ impl SourceRelay {
     ) -> anyhow::Result<SourceRelay> {
         let mut local = target.clone();
         let mut listeners = Vec::new();
-        for stream in RELAY_STREAMS {
+        // The memory stream, the boot disk's mirror, and each data disk's.
+        let streams: Vec<String> = RELAY_STREAMS
+            .iter()
+            .map(|s| s.to_string())
+            .chain((0..target.data_nbd.len()).map(virt8ra_api::protocol::data_relay_stream))
+            .collect();
+        for stream in streams {
             let l = TcpListener::bind(("127.0.0.1", 0))
                 .await
                 .context("bind a loopback port for the relay")?;
             let ep = format!("127.0.0.1:{}", l.local_addr()?.port());
-            if stream == "migrate" {
-                local.migrate = ep;
-            } else {
-                local.nbd = ep;
+            match virt8ra_api::protocol::relay_data_index(&stream) {
+                Some(i) => local.data_nbd[i] = ep,
+                None if stream == "migrate" => local.migrate = ep,
+                None => local.nbd = ep,
             }
-            let url = stream_url(server, migration_id, stream)?;
+            let url = stream_url(server, migration_id, &stream)?;
             let token = token.to_string();
             let trust = trust.clone();
             listeners.push(tokio::spawn(async move {

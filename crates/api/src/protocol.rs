@@ -170,6 +170,24 @@ pub enum ServerMessage {
 /// stream and the disk mirror's NBD connection.
 pub const RELAY_STREAMS: [&str; 2] = ["migrate", "nbd"];
 
+/// The relay stream of data disk `i`'s mirror (`nbd-0`, ...).
+pub fn data_relay_stream(i: usize) -> String {
+    format!("nbd-{i}")
+}
+
+/// Whether `stream` names a relayed stream: one of [`RELAY_STREAMS`], or a
+/// data disk's (`nbd-N`, N below the data disk limit, canonical digits).
+pub fn is_relay_stream(stream: &str) -> bool {
+    RELAY_STREAMS.contains(&stream) || relay_data_index(stream).is_some()
+}
+
+/// The data disk index of relay stream `nbd-N`.
+pub fn relay_data_index(stream: &str) -> Option<usize> {
+    let n = stream.strip_prefix("nbd-")?;
+    let i: usize = n.parse().ok()?;
+    (i < crate::validate::MAX_DATA_DISKS && i.to_string() == n).then_some(i)
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -287,6 +305,9 @@ pub struct LiveEndpoints {
     /// The NBD server taking the disk mirror.
     pub nbd: String,
     pub export_name: String,
+    /// One NBD server per data disk, in order (same export name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_nbd: Vec<String>,
 }
 
 /// Where data disk `index` of a cold migration is staged, next to the
@@ -408,6 +429,21 @@ pub fn negotiate(agent_min: u32, agent_max: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_streams_name_each_data_disk_once() {
+        for s in ["migrate", "nbd", "nbd-0", "nbd-7"] {
+            assert!(is_relay_stream(s), "{s}");
+        }
+        for s in ["nbd-8", "nbd-01", "nbd-", "nbd--1", "nbd-x", "disk", ""] {
+            assert!(!is_relay_stream(s), "{s}");
+        }
+        assert_eq!(relay_data_index(&data_relay_stream(3)), Some(3));
+        assert_eq!(
+            data_disk_path("/api/v1/staging/ab", 2),
+            "/api/v1/staging/ab.2"
+        );
+    }
 
     #[test]
     fn negotiation_picks_highest_common_version() {

@@ -208,12 +208,6 @@ fn live_incompatibility(vm: &Vm, src: &Host, dst: &Host) -> Option<String> {
             vm.status.phase.as_str()
         ));
     }
-    if !vm.spec.data_disks.is_empty() {
-        return Some(format!(
-            "the VM has {} data disk(s), which live migration does not carry yet",
-            vm.spec.data_disks.len()
-        ));
-    }
     // A target without a migration address (behind NAT) still takes live
     // migrations: their streams are relayed through the control plane.
     if dst.inventory.migration_address.is_none() && !dst.inventory.migration_relay {

@@ -91,8 +91,10 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     let mut c = Cluster::start();
     c.create_topology();
     let site = TOPOLOGY[0].2;
-    c.start_agent("host-0", Some(site));
-    c.start_agent("host-1", Some(TOPOLOGY[1].2));
+    // Hosts that take live migrations (on loopback).
+    let live = ["--migration-address", "127.0.0.1"];
+    c.start_agent_with("host-0", Some(site), &live);
+    c.start_agent_with("host-1", Some(TOPOLOGY[1].2), &live);
     c.wait_hosts_ready(2);
     c.cli_ok(&["image", "import", image.to_str().unwrap(), "--name", "test"]);
     let marker = "VIRT8RA-DATA-IMAGE-dataset-v1";
@@ -156,7 +158,16 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     let script = c.dir.path().join("mark.sh");
     std::fs::write(
         &script,
-        "#!/bin/sh\nif [ \"$(head -c 11 /dev/vdd)\" != GUEST-WROTE ]; then\n  printf GUEST-WROTE-%s \"$(hostname)\" | dd of=/dev/vdd conv=fsync 2>/dev/null\n  echo DISK-MARKED\nfi\n",
+        "#!/bin/sh\n\
+         if [ \"$(head -c 11 /dev/vdd)\" != GUEST-WROTE ]; then\n\
+         \x20 printf GUEST-WROTE-%s \"$(hostname)\" | dd of=/dev/vdd conv=fsync 2>/dev/null\n\
+         \x20 echo DISK-MARKED\n\
+         fi\n\
+         while true; do\n\
+         \x20 echo 3 > /proc/sys/vm/drop_caches\n\
+         \x20 echo \"DISKS-NOW vdc=$(head -c 24 /dev/vdc) vdd=$(head -c 14 /dev/vdd)\"\n\
+         \x20 sleep 1\n\
+         done\n",
     )
     .unwrap();
     c.cli_ok(&[
@@ -220,44 +231,85 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
             .contains("is the data disk of 1 VM(s)"),
         "{err}"
     );
-    let (status, err) = c.api(
-        "POST",
-        "/api/v1/vms/db/migrate",
-        Some(json!({"mode": "live"})),
-    );
-    assert_eq!(status, 409, "{err}");
-    assert!(
-        err["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("2 data disk(s), which live migration does not carry yet"),
-        "{err}"
-    );
     assert_eq!(c.vm("db")["status"]["migration"], Value::Null);
 
-    // Cold migration to the other provider carries every disk: the copy of
-    // the data set (over the target's own cached image) and what the guest
-    // wrote on the blank one.
+    // Live migration to the other provider mirrors every disk: the guest
+    // keeps running (no boot on the target) and reads, from the target's
+    // disks, the copy of the data set and what it wrote on the blank one.
     wait_console(&c, "db", "DISK-MARKED");
-    let from = c.vm("db")["status"]["host"].as_str().unwrap().to_string();
-    let to = if from == "host-0" { "host-1" } else { "host-0" };
+    // Behind NAT (joins now, so db is on host-0 or host-1): its live
+    // migrations are relayed through the control plane.
+    c.start_agent("host-2", Some(TOPOLOGY[2].2));
+    c.wait_hosts_ready(3);
+    let first = c.vm("db")["status"]["host"].as_str().unwrap().to_string();
+    let second = if first == "host-0" {
+        "host-1"
+    } else {
+        "host-0"
+    };
     let m: Value = serde_json::from_str(&c.cli_ok(&[
         "vm",
         "migrate",
         "db",
         "--to-host",
-        to,
+        second,
+        "--mode",
+        "live",
         "--wait",
         "-o",
         "json",
     ]))
     .unwrap();
     assert_eq!(m["phase"], "completed", "{m}");
-    assert_eq!(m["mode"], "cold", "auto picks cold: {m}");
+    assert_eq!(m["mode"], "live", "{m}");
+    assert_eq!(c.vm("db")["status"]["host"], second);
+    let want = format!("DISKS-NOW vdc={} vdd=GUEST-WROTE-db", &marker[..24]);
+    wait_console(&c, "db", &want);
+    let con = c.console("db");
     assert!(
-        m["mode_reason"].as_str().unwrap().contains("data disk"),
-        "{m}"
+        !con.contains("VIRT8RA-GUEST-BOOTED"),
+        "the guest was booted again instead of moved: {con}"
     );
+    // Relayed (the target has no migration address): every disk's mirror
+    // goes through the control plane too.
+    let m: Value = serde_json::from_str(&c.cli_ok(&[
+        "vm",
+        "migrate",
+        "db",
+        "--to-host",
+        "host-2",
+        "--mode",
+        "live",
+        "--wait",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(m["relay"], true, "{m}");
+    wait_console(&c, "db", &want);
+    assert!(!c.console("db").contains("VIRT8RA-GUEST-BOOTED"));
+
+    // Cold migration back carries every disk: the copy of the data set
+    // (over the target's own cached image) and what the guest wrote on the
+    // blank one.
+    let from = "host-2".to_string();
+    let to = first.as_str();
+    let m: Value = serde_json::from_str(&c.cli_ok(&[
+        "vm",
+        "migrate",
+        "db",
+        "--to-host",
+        to,
+        "--mode",
+        "cold",
+        "--wait",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(m["mode"], "cold", "{m}");
     assert_eq!(m["data_disks"].as_array().map(Vec::len), Some(2), "{m}");
     let vm = c.wait_phase("db", "running", BOOT);
     assert_eq!(vm["status"]["host"], to);

@@ -39,6 +39,11 @@ use super::{qmp, Driver, DriverError, Result, VmConfig};
 
 /// Job id of the disk mirror on the source.
 const MIRROR_JOB: &str = "virt8ra-mirror";
+
+/// The mirror job of data disk `i`.
+fn data_mirror_job(i: usize) -> String {
+    format!("{MIRROR_JOB}-data{i}")
+}
 /// The NBD export's name on the target.
 const EXPORT_NAME: &str = "disk0";
 
@@ -107,6 +112,27 @@ impl QemuDriver {
     }
 
     /// The QEMU block device that holds the VM's disk.
+    /// The block devices of the VM's data disks, in order (`data0`, ...).
+    async fn data_devices(&self, id: &str, n: usize) -> Result<Vec<String>> {
+        let v = self.qmp(id, "query-block", None).await?;
+        let devices: Vec<&str> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["device"].as_str())
+            .collect();
+        (0..n)
+            .map(|i| {
+                let want = format!("data{i}");
+                devices
+                    .iter()
+                    .find(|d| **d == want)
+                    .map(|d| d.to_string())
+                    .ok_or_else(|| DriverError::Qmp(format!("VM {id}: no device {want}")))
+            })
+            .collect()
+    }
+
     async fn disk_device(&self, id: &str) -> Result<String> {
         let v = self.qmp(id, "query-block", None).await?;
         v.as_array()
@@ -145,34 +171,21 @@ impl QemuDriver {
         super::Driver::prepare(self, cfg).await?;
         let nbd_port = free_port(listen)?;
         let mig_port = free_port(listen)?;
-        let disk = dir.join("disk.qcow2");
-        let out = tokio::process::Command::new("qemu-nbd")
-            .args([
-                "--fork",
-                "--persistent",
-                "-f",
-                "qcow2",
-                "-x",
-                EXPORT_NAME,
-                "-b",
+        self.start_nbd(&dir, listen, nbd_port, "nbd.pid", &dir.join("disk.qcow2"))
+            .await?;
+        // One more qemu-nbd per data disk, each on its own port.
+        let mut data_nbd = Vec::with_capacity(cfg.data_disks.len());
+        for i in 0..cfg.data_disks.len() {
+            let port = free_port(listen)?;
+            self.start_nbd(
+                &dir,
                 listen,
-            ])
-            .args([
-                "-p",
-                &nbd_port.to_string(),
-                "--cache=writeback",
-                "--pid-file",
-            ])
-            .arg(dir.join("nbd.pid"))
-            .arg(&disk)
-            .output()
-            .await
-            .map_err(|e| DriverError::Start(format!("cannot run qemu-nbd (qemu-utils): {e}")))?;
-        if !out.status.success() {
-            return Err(DriverError::Start(format!(
-                "qemu-nbd failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+                port,
+                &format!("nbd-{i}.pid"),
+                &dir.join(super::data_disk_file(i)),
+            )
+            .await?;
+            data_nbd.push(format!("{listen}:{port}"));
         }
         let mut args = self.command_line(cfg);
         args.extend(["-incoming".into(), "defer".into(), "-S".into()]);
@@ -193,6 +206,7 @@ impl QemuDriver {
             migrate: format!("{listen}:{mig_port}"),
             nbd: format!("{listen}:{nbd_port}"),
             export_name: EXPORT_NAME.into(),
+            data_nbd,
         };
         let rec = IncomingRecord {
             migration_id: migration_id.to_string(),
@@ -201,6 +215,42 @@ impl QemuDriver {
         let b = serde_json::to_vec(&rec).map_err(|e| DriverError::Other(e.to_string()))?;
         crate::reconciler::write_atomic(&record_path, &b).map_err(io_err("write incoming.json"))?;
         Ok(endpoints)
+    }
+
+    /// Target: serves `disk` over NBD on `listen:port` for a mirror to
+    /// write (a daemon, found again by the VM directory in its command line).
+    async fn start_nbd(
+        &self,
+        dir: &Path,
+        listen: &str,
+        port: u16,
+        pid_file: &str,
+        disk: &Path,
+    ) -> Result<()> {
+        let out = tokio::process::Command::new("qemu-nbd")
+            .args([
+                "--fork",
+                "--persistent",
+                "-f",
+                "qcow2",
+                "-x",
+                EXPORT_NAME,
+                "-b",
+                listen,
+            ])
+            .args(["-p", &port.to_string(), "--cache=writeback", "--pid-file"])
+            .arg(dir.join(pid_file))
+            .arg(disk)
+            .output()
+            .await
+            .map_err(|e| DriverError::Start(format!("cannot run qemu-nbd (qemu-utils): {e}")))?;
+        if !out.status.success() {
+            return Err(DriverError::Start(format!(
+                "qemu-nbd failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
     }
 
     /// Target: where the incoming VM of `migration_id` stands.
@@ -309,6 +359,22 @@ impl QemuDriver {
                     | Some("completed")
             );
         let device = self.disk_device(id).await?;
+        let data_count = self
+            .qmp(id, "query-block", None)
+            .await?
+            .as_array()
+            .map_or(0, |b| {
+                b.iter()
+                    .filter(|d| d["device"].as_str().is_some_and(|n| n.starts_with("data")))
+                    .count()
+            });
+        if data_count != target.data_nbd.len() {
+            return Err(DriverError::Other(format!(
+                "the VM has {data_count} data disk(s) but the target takes {}",
+                target.data_nbd.len()
+            )));
+        }
+        let data = self.data_devices(id, data_count).await?;
         if !ours_in_flight {
             let rec = OutgoingRecord {
                 migration_id: migration_id.to_string(),
@@ -317,17 +383,17 @@ impl QemuDriver {
             let b = serde_json::to_vec(&rec).map_err(|e| DriverError::Other(e.to_string()))?;
             crate::reconciler::write_atomic(&record_path, &b)
                 .map_err(io_err("write outgoing.json"))?;
-            // (Re)start: a mirror left over from an interrupted attempt is dropped.
-            if self.mirror_job(id).await?.is_some() {
+            // (Re)start: mirrors left over from an interrupted attempt are dropped.
+            for job in self.mirror_jobs(id).await? {
                 let _ = self
                     .qmp(
                         id,
                         "block-job-cancel",
-                        Some(json!({"device": MIRROR_JOB, "force": true})),
+                        Some(json!({"device": job["device"], "force": true})),
                     )
                     .await;
-                self.wait_mirror_gone(id, Duration::from_secs(30)).await?;
             }
+            self.wait_mirror_gone(id, Duration::from_secs(30)).await?;
             let (host, port) = target
                 .nbd
                 .rsplit_once(':')
@@ -342,21 +408,39 @@ impl QemuDriver {
                 })),
             )
             .await?;
+            // Each data disk to its own export, the same way.
+            for (i, (dev, ep)) in data.iter().zip(&target.data_nbd).enumerate() {
+                let (host, port) = ep
+                    .rsplit_once(':')
+                    .ok_or_else(|| DriverError::Other(format!("bad NBD endpoint {ep:?}")))?;
+                self.qmp(
+                    id,
+                    "drive-mirror",
+                    Some(json!({
+                        "job-id": data_mirror_job(i), "device": dev,
+                        "target": format!("nbd:{host}:{port}:exportname={}", target.export_name),
+                        "sync": "top", "mode": "existing", "format": "raw",
+                    })),
+                )
+                .await?;
+            }
             let started = Instant::now();
             loop {
-                let Some(job) = self.mirror_job(id).await? else {
+                let jobs = self.mirror_jobs(id).await?;
+                if jobs.len() < 1 + data.len() {
                     return Err(DriverError::Other(
-                        "the disk mirror stopped before it was ready".into(),
+                        "a disk mirror stopped before it was ready".into(),
                     ));
-                };
-                let (done, len) = (u(&job, "offset"), u(&job, "len"));
+                }
+                if let Some(e) = jobs.iter().find_map(|j| j["error"].as_str()) {
+                    return Err(DriverError::Other(format!("disk mirror: {e}")));
+                }
+                let done: u64 = jobs.iter().map(|j| u(j, "offset")).sum();
+                let len: u64 = jobs.iter().map(|j| u(j, "len")).sum();
                 let secs = started.elapsed().as_secs_f64();
                 progress(MigrationProgress::at_rate("disk", done, len, done, secs, 0));
-                if job["ready"].as_bool() == Some(true) {
+                if jobs.iter().all(|j| j["ready"].as_bool() == Some(true)) {
                     break;
-                }
-                if let Some(e) = job["error"].as_str() {
-                    return Err(DriverError::Other(format!("disk mirror: {e}")));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -409,10 +493,17 @@ impl QemuDriver {
                 "pre-switchover" => {
                     // The guest is stopped: let the mirror finish, so the
                     // target disk is exactly the source's, then switch.
-                    if let Some(job) = self.mirror_job(id).await? {
-                        mirror_bytes = u(&job, "offset");
-                        self.qmp(id, "block-job-cancel", Some(json!({"device": MIRROR_JOB})))
+                    let jobs = self.mirror_jobs(id).await?;
+                    if !jobs.is_empty() {
+                        for job in &jobs {
+                            mirror_bytes += u(job, "offset");
+                            self.qmp(
+                                id,
+                                "block-job-cancel",
+                                Some(json!({"device": job["device"]})),
+                            )
                             .await?;
+                        }
                         if let Err(e) = self.wait_mirror_gone(id, Duration::from_secs(60)).await {
                             let _ = self.qmp(id, "migrate_cancel", None).await;
                             return Err(e);
@@ -462,19 +553,26 @@ impl QemuDriver {
         self.qmp(id, "query-migrate", None).await
     }
 
-    async fn mirror_job(&self, id: &str) -> Result<Option<Value>> {
+    /// This agent's disk mirror jobs on the VM: the boot disk's and each
+    /// data disk's.
+    async fn mirror_jobs(&self, id: &str) -> Result<Vec<Value>> {
         let jobs = self.qmp(id, "query-block-jobs", None).await?;
         Ok(jobs
             .as_array()
             .into_iter()
             .flatten()
-            .find(|j| j["device"].as_str() == Some(MIRROR_JOB))
-            .cloned())
+            .filter(|j| {
+                j["device"]
+                    .as_str()
+                    .is_some_and(|d| d == MIRROR_JOB || d.starts_with(&format!("{MIRROR_JOB}-")))
+            })
+            .cloned()
+            .collect())
     }
 
     async fn wait_mirror_gone(&self, id: &str, timeout: Duration) -> Result<()> {
         let start = Instant::now();
-        while self.mirror_job(id).await?.is_some() {
+        while !self.mirror_jobs(id).await?.is_empty() {
             if start.elapsed() > timeout {
                 return Err(DriverError::Other(format!(
                     "the disk mirror did not finish within {} s",
@@ -511,14 +609,17 @@ impl QemuDriver {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        if self.mirror_job(id).await?.is_some() {
-            let _ = self
-                .qmp(
-                    id,
-                    "block-job-cancel",
-                    Some(json!({"device": MIRROR_JOB, "force": true})),
-                )
-                .await;
+        let jobs = self.mirror_jobs(id).await?;
+        if !jobs.is_empty() {
+            for job in jobs {
+                let _ = self
+                    .qmp(
+                        id,
+                        "block-job-cancel",
+                        Some(json!({"device": job["device"], "force": true})),
+                    )
+                    .await;
+            }
             self.wait_mirror_gone(id, Duration::from_secs(30)).await?;
         }
         let status = qmp::query_status(&self.qmp_path(id)).await?;

@@ -73,7 +73,7 @@ fn valid_conn_id(s: &str) -> bool {
 }
 
 #[utoipa::path(get, path = "/api/v1/relay/{migration_id}/{stream}/{conn_id}", tag = "agent",
-    params(("migration_id" = String, Path), ("stream" = String, Path, description = "`migrate` or `nbd`"),
+    params(("migration_id" = String, Path), ("stream" = String, Path, description = "`migrate`, `nbd`, or `nbd-N` (data disk N)"),
            ("conn_id" = String, Path, description = "Chosen by the source for each TCP connection")),
     responses((status = 101, description = "WebSocket upgrade: binary frames carry the stream"),
               (status = 400, body = virt8ra_api::ErrorBody), (status = 403, body = virt8ra_api::ErrorBody),
@@ -85,9 +85,9 @@ pub async fn relay(
     Path((migration_id, stream, conn_id)): Path<(String, String, String)>,
     ws: WebSocketUpgrade,
 ) -> ApiResult<Response> {
-    if !RELAY_STREAMS.contains(&stream.as_str()) {
+    if !virt8ra_api::protocol::is_relay_stream(&stream) {
         return Err(ApiError::Invalid(format!(
-            "unknown stream {stream:?}; one of {RELAY_STREAMS:?}"
+            "unknown stream {stream:?}; one of {RELAY_STREAMS:?} or nbd-N for data disk N"
         )));
     }
     if !valid_conn_id(&conn_id) {
