@@ -632,6 +632,20 @@ fn catalogs_are_verified_and_image_transfers_resume() {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(&disk_bytes))
     };
+    // Its second image: the replicas' data disk.
+    let data = tmp.join("tiny-data.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&data)
+        .arg("2M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let data_bytes = std::fs::read(&data).unwrap();
+    let data_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&data_bytes))
+    };
     let keyfile = tmp.join("static.key");
     let static_pub =
         json_out(&a.cli_ok(&["catalog", "keygen", keyfile.to_str().unwrap(), "-o", "json"]))
@@ -643,8 +657,9 @@ fn catalogs_are_verified_and_image_transfers_resume() {
     std::fs::write(
         &index,
         format!(
-            "publisher: static-provider\nappliances:\n- name: tiny\n  version: 0.1.0\n  images:\n  - name: tiny-disk\n    sha256: {disk_sha}\n    size_bytes: {}\n    url: tiny.qcow2\n  template: {{memory_mib: 64}}\n",
-            disk_bytes.len()
+            "publisher: static-provider\nappliances:\n- name: tiny\n  version: 0.1.0\n  images:\n  - name: tiny-disk\n    sha256: {disk_sha}\n    size_bytes: {}\n    url: tiny.qcow2\n  - name: tiny-data\n    sha256: {data_sha}\n    size_bytes: {}\n    url: tiny-data.qcow2\n  template: {{memory_mib: 64}}\n",
+            disk_bytes.len(),
+            data_bytes.len()
         ),
     )
     .unwrap();
@@ -659,6 +674,10 @@ fn catalogs_are_verified_and_image_transfers_resume() {
         let mut f = files.files.lock().unwrap();
         f.insert("/static/index.json".into(), signed_static.into_bytes());
         f.insert("/static/tiny.qcow2".into(), disk_bytes.clone());
+        // Tampered at first: a data image that is not the signed one.
+        let mut bad = data_bytes.clone();
+        bad[100] ^= 0xff;
+        f.insert("/static/tiny-data.qcow2".into(), bad);
     }
     let static_url = format!("{mirror}/static/index.json");
     let e = cli_err(
@@ -674,6 +693,26 @@ fn catalogs_are_verified_and_image_transfers_resume() {
         "--key",
         &static_pub,
     ]);
+    let e = cli_err(
+        &a,
+        &[
+            "app",
+            "deploy",
+            "static/tiny",
+            "--name",
+            "tiny",
+            "--locations",
+            "de-frankfurt",
+        ],
+    );
+    assert!(e.contains("checksum mismatch"), "{e}");
+    assert!(e.contains(&format!("expected {data_sha}")), "{e}");
+    assert_eq!(a.ok("GET", "/api/v1/apps", None), json!([]));
+    files
+        .files
+        .lock()
+        .unwrap()
+        .insert("/static/tiny-data.qcow2".into(), data_bytes.clone());
     let app = json_out(&a.cli_ok(&[
         "app",
         "deploy",
@@ -694,6 +733,12 @@ fn catalogs_are_verified_and_image_transfers_resume() {
         tiny["provenance"],
         format!("catalog static: {mirror}/static/tiny.qcow2")
     );
+    let tiny_data = a.ok("GET", "/api/v1/images/tiny-data", None);
+    assert_eq!(tiny_data["sha256"], data_sha);
+    let replica = app["vms"][0]["name"].as_str().unwrap();
+    let vm = a.vm(replica);
+    assert_eq!(vm["spec"]["data_disks"], json!([{"image": "tiny-data"}]));
+    assert_eq!(vm["status"]["data_image_ids"], json!([tiny_data["id"]]));
     a.cli_ok(&["app", "delete", "tiny", "--wait"]);
 
     // An interrupted image transfer resumes instead of starting over.

@@ -289,7 +289,9 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
                 virt8ra_placement::Resources {
                     vcpus: vc.vcpus,
                     memory_mib: vc.memory_mib,
-                    disk_gib: vc.disk_gib,
+                    // Each data disk counts as in the VM's own placement
+                    // (1 GiB: a copy of an image without a size).
+                    disk_gib: vc.disk_gib + entry.appliance.images.len().saturating_sub(1) as u64,
                 },
                 vc.placement.clone(),
                 app.placement.config.weights,
