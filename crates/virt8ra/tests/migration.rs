@@ -31,6 +31,12 @@ if [ "$magic" != "VIRT8RA-DATA" ]; then
   echo "DATA-WRITTEN"
 fi
 echo "DATA-SHA $(sha)"
+# A watchdog for diagnosis: requests in flight on the disk, and processes
+# in uninterruptible sleep (stuck on I/O).
+( while true; do
+    sleep 5
+    echo "WATCH inflight=$(tr -s ' ' < /sys/block/vda/inflight) dstate=$(awk '$3=="D"{printf "%s,", $2}' /proc/[0-9]*/stat 2>/dev/null)"
+  done ) &
 i=0
 while true; do
   i=$((i+1))
@@ -784,12 +790,13 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                         .to_string()
                 };
                 format!(
-                    "guest state: {}\nlast COUNT: {}, last SHA-BEGIN: {}, last DATA-SHA: {}, first line: {}\n\
+                    "guest state: {}\nlast COUNT: {}, last SHA-BEGIN: {}, last DATA-SHA: {}, last WATCH: {}, first line: {}\n\
                      target disk: {}\nVM: {}\nmigration: {m}\nconsole tail: {tail}\n{}",
                     qemu_status(&c, &now, &id),
                     last("COUNT "),
                     last("SHA-BEGIN "),
                     last("DATA-SHA "),
+                    last("WATCH "),
                     con.lines().next().unwrap_or("-"),
                     disk_stats(&c, &now, &id),
                     c.vm("phoenix"),
