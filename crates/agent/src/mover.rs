@@ -406,23 +406,9 @@ impl Mover {
                 let disk = self
                     .stage_and_upload(q, d, &rep, migration_id, None, base.as_deref(), upload_path)
                     .await?;
-                let mut data_disks = Vec::with_capacity(cfg.data_disks.len());
-                for (i, dd) in cfg.data_disks.iter().enumerate() {
-                    let path = virt8ra_api::protocol::data_disk_path(upload_path, i);
-                    let key = format!("{migration_id}.{i}");
-                    data_disks.push(
-                        self.stage_and_upload(
-                            q,
-                            d,
-                            &rep,
-                            &key,
-                            Some(i),
-                            dd.base_image.as_deref(),
-                            &path,
-                        )
-                        .await?,
-                    );
-                }
+                let data_disks = self
+                    .stage_data_disks(q, d, &cfg, &rep, migration_id, upload_path, true)
+                    .await?;
                 let bytes = data_disks
                     .iter()
                     .fold(disk.size_bytes, |t, d| t + d.size_bytes);
@@ -445,15 +431,9 @@ impl Mover {
                     .stage_and_upload(q, d, &rep, export_id, None, None, upload_path)
                     .await?;
                 // Each data disk standalone too, next to the boot disk.
-                let mut data_disks = Vec::with_capacity(cfg.data_disks.len());
-                for i in 0..cfg.data_disks.len() {
-                    let path = virt8ra_api::protocol::data_disk_path(upload_path, i);
-                    let key = format!("{export_id}.{i}");
-                    data_disks.push(
-                        self.stage_and_upload(q, d, &rep, &key, Some(i), None, &path)
-                            .await?,
-                    );
-                }
+                let data_disks = self
+                    .stage_data_disks(q, d, &cfg, &rep, export_id, upload_path, false)
+                    .await?;
                 let bytes = data_disks
                     .iter()
                     .fold(disk.size_bytes, |t, d| t + d.size_bytes);
@@ -467,6 +447,33 @@ impl Mover {
             }
         }
         Ok(())
+    }
+
+    /// Stages and uploads every data disk of the VM, in order, under `ID.N`
+    /// next to the boot disk's `upload_path`: over its image when
+    /// `over_images` (cold migration), else standalone (export).
+    #[allow(clippy::too_many_arguments)]
+    async fn stage_data_disks(
+        &self,
+        q: &dyn Migrate,
+        d: &DesiredVm,
+        cfg: &VmConfig,
+        rep: &MigrationReport,
+        id: &str,
+        upload_path: &str,
+        over_images: bool,
+    ) -> anyhow::Result<Vec<StagedDisk>> {
+        let mut out = Vec::with_capacity(cfg.data_disks.len());
+        for (i, dd) in cfg.data_disks.iter().enumerate() {
+            let backing = dd.base_image.as_deref().filter(|_| over_images);
+            let path = virt8ra_api::protocol::data_disk_path(upload_path, i);
+            let key = format!("{id}.{i}");
+            out.push(
+                self.stage_and_upload(q, d, rep, &key, Some(i), backing, &path)
+                    .await?,
+            );
+        }
+        Ok(out)
     }
 
     /// Writes the boot disk, or data disk `data_disk`, as a compressed

@@ -747,30 +747,15 @@ async fn step(
                     )
                     .await;
                 }
-                let mut sums = Vec::new();
-                let mut total = size;
-                for (i, d) in src.iter().flat_map(|r| r.data_disks.iter()).enumerate() {
-                    let key = format!("{}.{i}", m.id);
-                    let (dsha, dsize) =
-                        crate::api::images::sha256_file(&staging_path(app, &key)).await?;
-                    if dsha != d.sha256 || dsize != d.size_bytes {
+                let reported = src.as_ref().map_or(&[][..], |r| &r.data_disks[..]);
+                let sums = match verify_staged_data(app, &m.id, reported).await? {
+                    Ok(sums) => sums,
+                    Err(why) => {
                         remove_staged(app, &m.id).await;
-                        return rollback(
-                            app,
-                            m,
-                            format!(
-                                "uploaded data disk {i} is corrupt (sha256 {dsha}, expected {})",
-                                d.sha256
-                            ),
-                        )
-                        .await;
+                        return rollback(app, m, why).await;
                     }
-                    total += dsize;
-                    sums.push(virt8ra_api::StagedDiskSum {
-                        sha256: dsha,
-                        size_bytes: dsize,
-                    });
-                }
+                };
+                let total = sums.iter().fold(size, |t, d| t + d.size_bytes);
                 let extra = if sums.is_empty() {
                     String::new()
                 } else {
@@ -947,6 +932,31 @@ pub async fn remove_staged(app: &App, id: &str) {
     }
 }
 
+/// Checks each data disk staged for `id` (`ID.N`) against what the host
+/// reported; the inner error says which one is corrupt.
+async fn verify_staged_data(
+    app: &App,
+    id: &str,
+    reported: &[StagedDisk],
+) -> ApiResult<Result<Vec<virt8ra_api::StagedDiskSum>, String>> {
+    let mut sums = Vec::with_capacity(reported.len());
+    for (i, d) in reported.iter().enumerate() {
+        let key = format!("{id}.{i}");
+        let (sha, size) = crate::api::images::sha256_file(&staging_path(app, &key)).await?;
+        if sha != d.sha256 || size != d.size_bytes {
+            return Ok(Err(format!(
+                "uploaded data disk {i} is corrupt (sha256 {sha}, expected {})",
+                d.sha256
+            )));
+        }
+        sums.push(virt8ra_api::StagedDiskSum {
+            sha256: sha,
+            size_bytes: size,
+        });
+    }
+    Ok(Ok(sums))
+}
+
 /// Whether the source's report names a different number of data disks
 /// than the VM has.
 fn disk_count_mismatch(vm: &Vm, src: Option<&MigrationReport>) -> bool {
@@ -1070,46 +1080,35 @@ pub async fn finish_export(app: &App, r: &MigrationReport) -> ApiResult<()> {
                 Ok(vm) => vm.spec.data_disks.len(),
                 Err(_) => r.data_disks.len(),
             };
-            let mut data = Vec::new();
-            let mut bad = None;
-            if sha != disk.sha256 || size != disk.size_bytes {
-                bad = Some(format!(
+            let verdict = if sha != disk.sha256 || size != disk.size_bytes {
+                Err(format!(
                     "the uploaded disk is corrupt (sha256 {sha}, expected {})",
                     disk.sha256
-                ));
+                ))
             } else if r.data_disks.len() != wanted {
-                bad = Some(format!(
+                Err(format!(
                     "the host sent {} data disk(s); the VM has {wanted}",
                     r.data_disks.len()
-                ));
-            }
-            for (i, d) in r.data_disks.iter().enumerate() {
-                if bad.is_some() {
-                    break;
-                }
-                let key = format!("{}.{i}", e.id);
-                let (dsha, dsize) =
-                    crate::api::images::sha256_file(&staging_path(app, &key)).await?;
-                if dsha != d.sha256 || dsize != d.size_bytes {
-                    bad = Some(format!(
-                        "uploaded data disk {i} is corrupt (sha256 {dsha}, expected {})",
-                        d.sha256
-                    ));
-                }
-                data.push(virt8ra_api::ExportedDisk {
-                    url_path: virt8ra_api::protocol::data_disk_path(&e.url_path, i),
-                    sha256: dsha,
-                    size_bytes: dsize,
-                });
-            }
-            match bad {
-                None => {
+                ))
+            } else {
+                verify_staged_data(app, &e.id, &r.data_disks).await?
+            };
+            match verdict {
+                Ok(sums) => {
                     e.state = "ready".into();
                     e.sha256 = Some(sha);
                     e.size_bytes = Some(size);
-                    e.data_disks = data;
+                    e.data_disks = sums
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, d)| virt8ra_api::ExportedDisk {
+                            url_path: virt8ra_api::protocol::data_disk_path(&e.url_path, i),
+                            sha256: d.sha256,
+                            size_bytes: d.size_bytes,
+                        })
+                        .collect();
                 }
-                Some(why) => {
+                Err(why) => {
                     e.state = "failed".into();
                     e.error = Some(why);
                 }

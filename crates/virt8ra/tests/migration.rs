@@ -35,7 +35,12 @@ echo "DATA-SHA $(sha)"
 # in uninterruptible sleep (stuck on I/O).
 ( while true; do
     sleep 5
-    echo "WATCH inflight=$(tr -s ' ' < /sys/block/vda/inflight) dstate=$(awk '$3=="D"{printf "%s,", $2}' /proc/[0-9]*/stat 2>/dev/null)"
+    echo "WATCH inflight=$(tr -s ' ' < /sys/block/vda/inflight) dstate=$(awk '$3=="D"{printf "%s,", $2}' /proc/[0-9]*/stat 2>/dev/null) clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource) up=$(cut -d' ' -f1 /proc/uptime)"
+    for d in /proc/[0-9]*; do
+      c=$(cat $d/comm 2>/dev/null)
+      case "$c" in sh|sleep|dd|sha256sum) echo "WATCHP ${d#/proc/} $c $(cut -d' ' -f3 $d/stat) $(cat $d/wchan 2>/dev/null)";; esac
+    done
+    dmesg | grep -i -e clocksource -e tsc -e hung | tail -n 2 | sed 's/^/WATCHK /'
   done ) &
 i=0
 while true; do
@@ -790,13 +795,18 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                         .to_string()
                 };
                 format!(
-                    "guest state: {}\nlast COUNT: {}, last SHA-BEGIN: {}, last DATA-SHA: {}, last WATCH: {}, first line: {}\n\
+                    "guest state: {}\nlast COUNT: {}, last SHA-BEGIN: {}, last DATA-SHA: {}, watchdog: {}, first line: {}\n\
                      target disk: {}\nVM: {}\nmigration: {m}\nconsole tail: {tail}\n{}",
                     qemu_status(&c, &now, &id),
                     last("COUNT "),
                     last("SHA-BEGIN "),
                     last("DATA-SHA "),
-                    last("WATCH "),
+                    {
+                        // The watchdog's last round: processes, clock, kernel.
+                        let w: Vec<&str> =
+                            con.lines().filter(|l| l.starts_with("WATCH")).collect();
+                        w[w.len().saturating_sub(10)..].join(" | ")
+                    },
                     con.lines().next().unwrap_or("-"),
                     disk_stats(&c, &now, &id),
                     c.vm("phoenix"),
