@@ -304,26 +304,18 @@ impl Mover {
                     driver.destroy(&d.id).await?;
                     let part = self.staging.join(format!("{migration_id}.qcow2"));
                     let t = Instant::now();
-                    let rep2 = rep.clone();
-                    self.download(disk, &part, &|p| {
+                    let progress = |p| {
                         self.report(MigrationReport {
                             state: MigrationAgentState::Preparing,
                             progress: Some(p),
-                            ..rep2.clone()
+                            ..rep.clone()
                         })
-                    })
-                    .await?;
-                    // Data disks first: the boot disk marks a prepared VM.
+                    };
+                    self.download(disk, &part, &progress).await?;
+                    // Data disks adopted first: the boot disk marks a prepared VM.
                     for (i, staged) in data_disks.iter().enumerate() {
                         let part = self.staging.join(format!("{migration_id}.{i}.qcow2"));
-                        self.download(staged, &part, &|p| {
-                            self.report(MigrationReport {
-                                state: MigrationAgentState::Preparing,
-                                progress: Some(p),
-                                ..rep2.clone()
-                            })
-                        })
-                        .await?;
+                        self.download(staged, &part, &progress).await?;
                         q.adopt_data_disk(&cfg, i, &part).await?;
                     }
                     fail_point("agent-cold-downloaded")?;

@@ -570,9 +570,22 @@ pub struct ImportArgs {
     pub no_start: bool,
 }
 
+/// The image `name` (named after its content), uploaded from `file` unless
+/// an earlier import left it.
+async fn image_of(c: &Client, o: Format, name: &str, file: &Path) -> anyhow::Result<Image> {
+    if let Ok(i) = c.get::<Image>(&format!("/images/{}", seg(name))).await {
+        return Ok(i);
+    }
+    if o == Format::Table {
+        eprintln!("uploading {} ...", file.display());
+    }
+    c.upload(&format!("/images?name={}", seg(name)), file).await
+}
+
 pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm> {
-    let mut data_files: Vec<PathBuf> = Vec::new();
-    let (disk, spec, name) = if a.path.is_dir() {
+    // Each disk with its sha256 (computed once): the boot disk, then data disks.
+    let mut data_files: Vec<(PathBuf, String)> = Vec::new();
+    let ((disk, sha), spec, name) = if a.path.is_dir() {
         let mpath = a.path.join("manifest.json");
         let raw = std::fs::read(&mpath).with_context(|| {
             format!(
@@ -614,7 +627,7 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
                 );
             }
             detect_format(&disk, Some(&d.format))?;
-            files.push(disk);
+            files.push((disk, sha));
         }
         let disk = files.remove(0);
         data_files = files;
@@ -628,39 +641,16 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
             .unwrap_or("imported")
             .to_lowercase()
             .replace(|ch: char| !ch.is_ascii_alphanumeric() && ch != '-', "-");
-        (a.path.clone(), None, a.name.clone().unwrap_or(stem))
+        let sha = sha256_file(&a.path)?;
+        ((a.path.clone(), sha), None, a.name.clone().unwrap_or(stem))
     } else {
         bail!("{} does not exist", a.path.display());
     };
-    let sha = sha256_file(&disk)?;
-    let image_name = format!("{name}-disk-{}", &sha[..12]);
-    let existing: Option<Image> = c.get(&format!("/images/{}", seg(&image_name))).await.ok();
-    let image = match existing {
-        Some(i) => i,
-        None => {
-            if o == Format::Table {
-                eprintln!("uploading {} ...", disk.display());
-            }
-            c.upload(&format!("/images?name={}", seg(&image_name)), &disk)
-                .await?
-        }
-    };
+    let image = image_of(c, o, &format!("{name}-disk-{}", &sha[..12]), &disk).await?;
     // Each data disk becomes an image; the new VM's data disk a copy of it.
     let mut data_images = Vec::new();
-    for (i, f) in data_files.iter().enumerate() {
-        let sha = sha256_file(f)?;
-        let image_name = format!("{name}-data-{i}-{}", &sha[..12]);
-        let existing: Option<Image> = c.get(&format!("/images/{}", seg(&image_name))).await.ok();
-        let img = match existing {
-            Some(i) => i,
-            None => {
-                if o == Format::Table {
-                    eprintln!("uploading {} ...", f.display());
-                }
-                c.upload(&format!("/images?name={}", seg(&image_name)), f)
-                    .await?
-            }
-        };
+    for (i, (f, sha)) in data_files.iter().enumerate() {
+        let img = image_of(c, o, &format!("{name}-data-{i}-{}", &sha[..12]), f).await?;
         data_images.push(img.name);
     }
     let mut body = serde_json::json!({

@@ -735,19 +735,15 @@ async fn step(
                 }
                 // Every data disk too, each as its own staged file.
                 let vm = load_vm(app, m).await?;
-                if disk_count_mismatch(&vm, src.as_ref()) {
-                    return rollback(
-                        app,
-                        m,
-                        format!(
-                            "the source sent {} data disk(s); the VM has {}",
-                            src.as_ref().map_or(0, |r| r.data_disks.len()),
-                            vm.spec.data_disks.len()
-                        ),
-                    )
-                    .await;
-                }
                 let reported = src.as_ref().map_or(&[][..], |r| &r.data_disks[..]);
+                if reported.len() != vm.spec.data_disks.len() {
+                    let msg = format!(
+                        "the source sent {} data disk(s); the VM has {}",
+                        reported.len(),
+                        vm.spec.data_disks.len()
+                    );
+                    return rollback(app, m, msg).await;
+                }
                 let sums = match verify_staged_data(app, &m.id, reported).await? {
                     Ok(sums) => sums,
                     Err(why) => {
@@ -955,12 +951,6 @@ async fn verify_staged_data(
         });
     }
     Ok(Ok(sums))
-}
-
-/// Whether the source's report names a different number of data disks
-/// than the VM has.
-fn disk_count_mismatch(vm: &Vm, src: Option<&MigrationReport>) -> bool {
-    src.map_or(0, |r| r.data_disks.len()) != vm.spec.data_disks.len()
 }
 
 /// The migration roles of the VMs a host should have: adds the VMs coming

@@ -69,6 +69,23 @@ fn wait_disks(c: &Cluster, vm: &str, n: usize) -> Vec<(String, String, u64, Stri
     )
 }
 
+/// `vm migrate VM --to-host HOST --mode MODE --wait`; the migration record.
+fn migrate(c: &Cluster, vm: &str, host: &str, mode: &str) -> Value {
+    let out = c.cli_ok(&[
+        "vm",
+        "migrate",
+        vm,
+        "--to-host",
+        host,
+        "--mode",
+        mode,
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    serde_json::from_str(&out).unwrap()
+}
+
 fn wait_console(c: &Cluster, vm: &str, line: &str) {
     common::wait_until_explained(
         &format!("{vm} to print {line}"),
@@ -247,19 +264,7 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     } else {
         "host-0"
     };
-    let m: Value = serde_json::from_str(&c.cli_ok(&[
-        "vm",
-        "migrate",
-        "db",
-        "--to-host",
-        second,
-        "--mode",
-        "live",
-        "--wait",
-        "-o",
-        "json",
-    ]))
-    .unwrap();
+    let m = migrate(&c, "db", second, "live");
     assert_eq!(m["phase"], "completed", "{m}");
     assert_eq!(m["mode"], "live", "{m}");
     assert_eq!(c.vm("db")["status"]["host"], second);
@@ -272,19 +277,7 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     );
     // Relayed (the target has no migration address): every disk's mirror
     // goes through the control plane too.
-    let m: Value = serde_json::from_str(&c.cli_ok(&[
-        "vm",
-        "migrate",
-        "db",
-        "--to-host",
-        "host-2",
-        "--mode",
-        "live",
-        "--wait",
-        "-o",
-        "json",
-    ]))
-    .unwrap();
+    let m = migrate(&c, "db", "host-2", "live");
     assert_eq!(m["phase"], "completed", "{m}");
     assert_eq!(m["relay"], true, "{m}");
     wait_console(&c, "db", &want);
@@ -295,19 +288,7 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     // blank one.
     let from = "host-2".to_string();
     let to = first.as_str();
-    let m: Value = serde_json::from_str(&c.cli_ok(&[
-        "vm",
-        "migrate",
-        "db",
-        "--to-host",
-        to,
-        "--mode",
-        "cold",
-        "--wait",
-        "-o",
-        "json",
-    ]))
-    .unwrap();
+    let m = migrate(&c, "db", to, "cold");
     assert_eq!(m["phase"], "completed", "{m}");
     assert_eq!(m["mode"], "cold", "{m}");
     assert_eq!(m["data_disks"].as_array().map(Vec::len), Some(2), "{m}");

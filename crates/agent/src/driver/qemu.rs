@@ -414,7 +414,8 @@ async fn machine_types() -> (Vec<String>, String) {
     (types, default)
 }
 
-async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
+/// Runs `qemu-img ARGS`; its stdout, or its stderr as the error.
+pub(super) async fn qemu_img(args: &[&str]) -> Result<Vec<u8>> {
     let out = Command::new("qemu-img")
         .args(args)
         .output()

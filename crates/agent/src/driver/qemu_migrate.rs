@@ -111,40 +111,66 @@ impl QemuDriver {
         qmp::execute(&self.qmp_path(id), cmd, args).await
     }
 
-    /// The QEMU block device that holds the VM's disk.
-    /// The block devices of the VM's data disks, in order (`data0`, ...).
-    async fn data_devices(&self, id: &str, n: usize) -> Result<Vec<String>> {
+    /// The QEMU block devices of the VM's disks, from one `query-block`:
+    /// the boot disk's, then each data disk's in order (`data0`, ...).
+    async fn disk_devices(&self, id: &str) -> Result<(String, Vec<String>)> {
         let v = self.qmp(id, "query-block", None).await?;
-        let devices: Vec<&str> = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| b["device"].as_str())
-            .collect();
-        (0..n)
-            .map(|i| {
-                let want = format!("data{i}");
-                devices
-                    .iter()
-                    .find(|d| **d == want)
-                    .map(|d| d.to_string())
-                    .ok_or_else(|| DriverError::Qmp(format!("VM {id}: no device {want}")))
-            })
-            .collect()
-    }
-
-    async fn disk_device(&self, id: &str) -> Result<String> {
-        let v = self.qmp(id, "query-block", None).await?;
-        v.as_array()
-            .into_iter()
-            .flatten()
+        let blocks = v.as_array().map(Vec::as_slice).unwrap_or_default();
+        let boot = blocks
+            .iter()
             .find(|b| {
                 b["inserted"]["file"]
                     .as_str()
                     .is_some_and(|f| f.ends_with("disk.qcow2"))
             })
             .and_then(|b| b["device"].as_str().map(str::to_string))
-            .ok_or_else(|| DriverError::Qmp(format!("VM {id}: no disk device found")))
+            .ok_or_else(|| DriverError::Qmp(format!("VM {id}: no disk device found")))?;
+        let named = |name: &str| blocks.iter().any(|b| b["device"].as_str() == Some(name));
+        let data = (0..)
+            .map(|i| format!("data{i}"))
+            .take_while(|d| named(d))
+            .collect();
+        Ok((boot, data))
+    }
+
+    /// Starts mirror job `job` of `device` to the NBD export at `endpoint`.
+    async fn start_mirror(
+        &self,
+        id: &str,
+        job: &str,
+        device: &str,
+        endpoint: &str,
+        export_name: &str,
+    ) -> Result<()> {
+        let (host, port) = endpoint
+            .rsplit_once(':')
+            .ok_or_else(|| DriverError::Other(format!("bad NBD endpoint {endpoint:?}")))?;
+        self.qmp(
+            id,
+            "drive-mirror",
+            Some(json!({
+                "job-id": job, "device": device,
+                "target": format!("nbd:{host}:{port}:exportname={export_name}"),
+                "sync": "top", "mode": "existing", "format": "raw",
+            })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Cancels every mirror of the VM without completing it and waits
+    /// until they are gone (an interrupted attempt, or a rollback).
+    async fn drop_mirrors(&self, id: &str) -> Result<()> {
+        for job in self.mirror_jobs(id).await? {
+            let _ = self
+                .qmp(
+                    id,
+                    "block-job-cancel",
+                    Some(json!({"device": job["device"], "force": true})),
+                )
+                .await;
+        }
+        self.wait_mirror_gone(id, Duration::from_secs(30)).await
     }
 
     /// Target: creates the VM's disk and starts QEMU waiting for the
@@ -358,23 +384,14 @@ impl QemuDriver {
                     | Some("setup")
                     | Some("completed")
             );
-        let device = self.disk_device(id).await?;
-        let data_count = self
-            .qmp(id, "query-block", None)
-            .await?
-            .as_array()
-            .map_or(0, |b| {
-                b.iter()
-                    .filter(|d| d["device"].as_str().is_some_and(|n| n.starts_with("data")))
-                    .count()
-            });
-        if data_count != target.data_nbd.len() {
+        let (device, data) = self.disk_devices(id).await?;
+        if data.len() != target.data_nbd.len() {
             return Err(DriverError::Other(format!(
-                "the VM has {data_count} data disk(s) but the target takes {}",
+                "the VM has {} data disk(s) but the target takes {}",
+                data.len(),
                 target.data_nbd.len()
             )));
         }
-        let data = self.data_devices(id, data_count).await?;
         if !ours_in_flight {
             let rec = OutgoingRecord {
                 migration_id: migration_id.to_string(),
@@ -384,45 +401,13 @@ impl QemuDriver {
             crate::reconciler::write_atomic(&record_path, &b)
                 .map_err(io_err("write outgoing.json"))?;
             // (Re)start: mirrors left over from an interrupted attempt are dropped.
-            for job in self.mirror_jobs(id).await? {
-                let _ = self
-                    .qmp(
-                        id,
-                        "block-job-cancel",
-                        Some(json!({"device": job["device"], "force": true})),
-                    )
-                    .await;
-            }
-            self.wait_mirror_gone(id, Duration::from_secs(30)).await?;
-            let (host, port) = target
-                .nbd
-                .rsplit_once(':')
-                .ok_or_else(|| DriverError::Other(format!("bad NBD endpoint {:?}", target.nbd)))?;
-            self.qmp(
-                id,
-                "drive-mirror",
-                Some(json!({
-                    "job-id": MIRROR_JOB, "device": device,
-                    "target": format!("nbd:{host}:{port}:exportname={}", target.export_name),
-                    "sync": "top", "mode": "existing", "format": "raw",
-                })),
-            )
-            .await?;
+            self.drop_mirrors(id).await?;
+            self.start_mirror(id, MIRROR_JOB, &device, &target.nbd, &target.export_name)
+                .await?;
             // Each data disk to its own export, the same way.
             for (i, (dev, ep)) in data.iter().zip(&target.data_nbd).enumerate() {
-                let (host, port) = ep
-                    .rsplit_once(':')
-                    .ok_or_else(|| DriverError::Other(format!("bad NBD endpoint {ep:?}")))?;
-                self.qmp(
-                    id,
-                    "drive-mirror",
-                    Some(json!({
-                        "job-id": data_mirror_job(i), "device": dev,
-                        "target": format!("nbd:{host}:{port}:exportname={}", target.export_name),
-                        "sync": "top", "mode": "existing", "format": "raw",
-                    })),
-                )
-                .await?;
+                self.start_mirror(id, &data_mirror_job(i), dev, ep, &target.export_name)
+                    .await?;
             }
             let started = Instant::now();
             loop {
@@ -494,20 +479,18 @@ impl QemuDriver {
                     // The guest is stopped: let the mirror finish, so the
                     // target disk is exactly the source's, then switch.
                     let jobs = self.mirror_jobs(id).await?;
-                    if !jobs.is_empty() {
-                        for job in &jobs {
-                            mirror_bytes += u(job, "offset");
-                            self.qmp(
-                                id,
-                                "block-job-cancel",
-                                Some(json!({"device": job["device"]})),
-                            )
-                            .await?;
-                        }
-                        if let Err(e) = self.wait_mirror_gone(id, Duration::from_secs(60)).await {
-                            let _ = self.qmp(id, "migrate_cancel", None).await;
-                            return Err(e);
-                        }
+                    for job in &jobs {
+                        mirror_bytes += u(job, "offset");
+                        self.qmp(
+                            id,
+                            "block-job-cancel",
+                            Some(json!({"device": job["device"]})),
+                        )
+                        .await?;
+                    }
+                    if let Err(e) = self.wait_mirror_gone(id, Duration::from_secs(60)).await {
+                        let _ = self.qmp(id, "migrate_cancel", None).await;
+                        return Err(e);
                     }
                     self.qmp(
                         id,
@@ -609,19 +592,7 @@ impl QemuDriver {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        let jobs = self.mirror_jobs(id).await?;
-        if !jobs.is_empty() {
-            for job in jobs {
-                let _ = self
-                    .qmp(
-                        id,
-                        "block-job-cancel",
-                        Some(json!({"device": job["device"], "force": true})),
-                    )
-                    .await;
-            }
-            self.wait_mirror_gone(id, Duration::from_secs(30)).await?;
-        }
+        self.drop_mirrors(id).await?;
         let status = qmp::query_status(&self.qmp_path(id)).await?;
         if status != "running" {
             self.qmp(id, "cont", None).await?;
@@ -644,24 +615,26 @@ impl QemuDriver {
         backing: Option<&Path>,
         out: &Path,
     ) -> Result<()> {
-        let disk = self.vm_dir(id).join(name);
+        let disk = self.vm_dir(id).join(name).to_string_lossy().to_string();
         let tmp = out.with_extension("tmp");
-        let mut cmd = tokio::process::Command::new("qemu-img");
-        cmd.args(["convert", "-c", "-O", "qcow2"]);
-        if let Some(b) = backing {
-            let b = std::fs::canonicalize(b).map_err(io_err(format!("base {}", b.display())))?;
-            cmd.args(["-F", "qcow2", "-B"]).arg(b);
+        let tmp_s = tmp.to_string_lossy().to_string();
+        let base = match backing {
+            Some(b) => Some(
+                std::fs::canonicalize(b)
+                    .map_err(io_err(format!("base {}", b.display())))?
+                    .to_string_lossy()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let mut args = vec!["convert", "-c", "-O", "qcow2"];
+        if let Some(b) = &base {
+            args.extend(["-F", "qcow2", "-B", b]);
         }
-        cmd.arg(&disk).arg(&tmp);
-        let o = cmd
-            .output()
-            .await
-            .map_err(|e| DriverError::QemuImg(format!("cannot run qemu-img: {e}")))?;
-        if !o.status.success() {
+        args.extend([disk.as_str(), tmp_s.as_str()]);
+        if let Err(e) = super::qemu::qemu_img(&args).await {
             let _ = std::fs::remove_file(&tmp);
-            return Err(DriverError::QemuImg(
-                String::from_utf8_lossy(&o.stderr).trim().to_string(),
-            ));
+            return Err(e);
         }
         std::fs::rename(&tmp, out).map_err(io_err("store the exported disk"))?;
         Ok(())
@@ -704,18 +677,8 @@ impl QemuDriver {
 async fn rebase(file: &Path, base: &Path) -> Result<()> {
     let base =
         std::fs::canonicalize(base).map_err(io_err(format!("base image {}", base.display())))?;
-    let o = tokio::process::Command::new("qemu-img")
-        .args(["rebase", "-u", "-F", "qcow2", "-b"])
-        .arg(&base)
-        .arg(file)
-        .output()
-        .await
-        .map_err(|e| DriverError::QemuImg(format!("cannot run qemu-img: {e}")))?;
-    if !o.status.success() {
-        return Err(DriverError::QemuImg(
-            String::from_utf8_lossy(&o.stderr).trim().to_string(),
-        ));
-    }
+    let (base, file) = (base.to_string_lossy(), file.to_string_lossy());
+    super::qemu::qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", &base, &file]).await?;
     Ok(())
 }
 
