@@ -67,6 +67,8 @@ struct Live {
     reports: HashMap<String, u64>,
     /// Protocol version negotiated on this connection.
     protocol: u32,
+    /// Liveness as last handed out by [`Hub::liveness_changes`].
+    judged_alive: bool,
 }
 
 #[derive(Default)]
@@ -74,6 +76,12 @@ pub struct Hub {
     live: Mutex<HashMap<String, Live>>,
     next_id: AtomicU64,
     heartbeats: AtomicU64,
+    /// Hosts whose liveness the next [`Hub::liveness_changes`] reports
+    /// whatever it was judged before (they disconnected, or a reader of
+    /// liveness asked for it).
+    /// A set, so that it stays bounded by the number of hosts however long
+    /// nobody reads liveness.
+    rejudge: Mutex<std::collections::HashSet<String>>,
     console: Mutex<HashMap<u64, oneshot::Sender<ConsoleReply>>>,
 }
 
@@ -108,6 +116,7 @@ impl Hub {
                 sent: None,
                 reports: HashMap::new(),
                 protocol: 0,
+                judged_alive: false,
             },
         );
         id
@@ -118,6 +127,8 @@ impl Hub {
         let mut m = self.lock();
         if m.get(host_id).map(|l| l.conn_id) == Some(conn_id) {
             m.remove(host_id);
+            drop(m);
+            self.rejudge_later(host_id);
             true
         } else {
             false
@@ -184,16 +195,45 @@ impl Hub {
         })
     }
 
-    /// Runs `f` with a test of whether a host (by id) heartbeated within
-    /// `window`, under the lock (keep `f` short: heartbeats wait for it).
-    pub fn with_alive<T>(&self, window: Duration, f: impl FnOnce(&dyn Fn(&str) -> bool) -> T) -> T {
-        let m = self.lock();
+    /// The hosts (by id) whose liveness changed since the last call: a
+    /// connected host is alive when it heartbeated within `window`, any
+    /// other is not. `all` reports every connected host instead (for a
+    /// reader starting afresh); hosts passed to [`Hub::rejudge_later`] are
+    /// reported either way. One pass over the connections comparing times,
+    /// allocating only for the changes, so that a reader can keep 100,000
+    /// hosts' readiness current every second without a scan of its own
+    /// under its own lock.
+    pub fn liveness_changes(&self, window: Duration, all: bool) -> Vec<(String, bool)> {
+        let rejudge = std::mem::take(&mut *self.rejudge.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut m = self.lock();
         let now = Instant::now();
-        let alive = |id: &str| {
-            m.get(id)
-                .is_some_and(|l| now.saturating_duration_since(l.last_beat) <= window)
-        };
-        f(&alive)
+        let mut out = Vec::new();
+        for (id, l) in m.iter_mut() {
+            let alive = now.saturating_duration_since(l.last_beat) <= window;
+            if all || alive != l.judged_alive {
+                l.judged_alive = alive;
+                out.push((id.clone(), alive));
+            }
+        }
+        for id in rejudge {
+            match m.get(&id) {
+                None => out.push((id, false)),
+                Some(l) if !all => {
+                    let alive = l.judged_alive;
+                    out.push((id, alive));
+                }
+                Some(_) => {}
+            }
+        }
+        out
+    }
+
+    /// Makes the next [`Hub::liveness_changes`] report this host.
+    pub fn rejudge_later(&self, host_id: &str) {
+        self.rejudge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host_id.to_string());
     }
 
     pub fn connected_hosts(&self) -> Vec<String> {
@@ -433,6 +473,49 @@ mod tests {
         assert!(rx2.try_recv().is_ok());
         assert!(hub.unregister("h", c2));
         assert!(hub.view("h", Duration::from_secs(1)).is_none());
+    }
+
+    #[test]
+    fn liveness_changes_report_each_change_once() {
+        let hub = Hub::default();
+        let sorted = |mut v: Vec<(String, bool)>| {
+            v.sort();
+            v
+        };
+        // One window throughout; silence of longer than it makes a host stale.
+        let w = Duration::from_secs(1);
+        let (tx1, _rx1) = mpsc::unbounded_channel();
+        let (tx2, _rx2) = mpsc::unbounded_channel();
+        let c1 = hub.register("a", Outbox::Direct(tx1));
+        hub.register("b", Outbox::Direct(tx2));
+        // New connections are news; then nothing is, until something changes.
+        assert_eq!(
+            sorted(hub.liveness_changes(w, false)),
+            vec![("a".into(), true), ("b".into(), true)]
+        );
+        assert!(hub.liveness_changes(w, false).is_empty());
+        // Everyone, on request (and still nothing new after it).
+        assert_eq!(hub.liveness_changes(w, true).len(), 2);
+        assert!(hub.liveness_changes(w, false).is_empty());
+        // Silence longer than the window: both go stale, once.
+        std::thread::sleep(w + Duration::from_millis(100));
+        assert_eq!(
+            sorted(hub.liveness_changes(w, false)),
+            vec![("a".into(), false), ("b".into(), false)]
+        );
+        assert!(hub.liveness_changes(w, false).is_empty());
+        // A heartbeat brings one back.
+        hub.heartbeat("b", HostUsage::default());
+        assert_eq!(hub.liveness_changes(w, false), vec![("b".into(), true)]);
+        // A disconnect is reported as not alive; a host asked about again is
+        // reported as it is.
+        assert!(hub.unregister("a", c1));
+        hub.rejudge_later("b");
+        assert_eq!(
+            sorted(hub.liveness_changes(w, false)),
+            vec![("a".into(), false), ("b".into(), true)]
+        );
+        assert!(hub.liveness_changes(w, false).is_empty());
     }
 
     fn dvm(id: &str, power: virt8ra_api::PowerState) -> DesiredVm {

@@ -47,6 +47,8 @@ struct Loaded {
     engine: Engine,
     /// Host name -> (id, operator state), for readiness.
     hosts: HashMap<String, (String, HostState)>,
+    /// Host id -> name (the hub names hosts by id).
+    names: HashMap<String, String>,
     /// When readiness was last refreshed from the hub.
     refreshed: Option<std::time::Instant>,
 }
@@ -103,7 +105,13 @@ impl Placement {
                 return;
             }
             l.hosts.insert(h.name.clone(), (h.id.clone(), h.state));
+            l.names.insert(h.id.clone(), h.name.clone());
         }
+        drop(g);
+        // The readiness just computed came from one look at the hub; have
+        // the next refresh look at this host again, so that a change in
+        // between is not missed.
+        app.hub.rejudge_later(&h.id);
     }
 
     /// Frees a VM's allocation (it was deleted).
@@ -141,7 +149,7 @@ impl Placement {
             .as_mut()
             .ok_or_else(|| ApiError::Internal("placement engine missing".into()))?;
         if l.refreshed.is_none_or(|t| t.elapsed() >= READINESS_TTL) {
-            refresh_readiness(app, l);
+            refresh_readiness(app, l, l.refreshed.is_none());
             l.refreshed = Some(std::time::Instant::now());
         }
         Ok(f(&mut l.engine))
@@ -208,6 +216,10 @@ impl Placement {
                 .iter()
                 .map(|h| (h.name.clone(), (h.id.clone(), h.state)))
                 .collect(),
+            names: hosts
+                .iter()
+                .map(|h| (h.id.clone(), h.name.clone()))
+                .collect(),
             refreshed: None,
         })
     }
@@ -223,26 +235,25 @@ fn unreachable_request(vm: &Vm) -> Request {
     }
 }
 
-/// Host readiness follows heartbeats and the operator's state. One pass
-/// over the engine's hosts under the hub's lock, allocating only for the
-/// hosts whose readiness changed (at 100,000 hosts, collecting every live
-/// host's id into a set first cost more than the decisions it served).
-fn refresh_readiness(app: &App, l: &mut Loaded) {
+/// Host readiness follows heartbeats and the operator's state. The hub
+/// hands out only the hosts whose liveness changed since the last refresh
+/// (`all`: every connected host, for an engine just built), so a refresh
+/// costs the changes, not a pass over 100,000 hosts under this lock (that
+/// pass, once a second, held every VM create behind it for tens of
+/// milliseconds).
+fn refresh_readiness(app: &App, l: &mut Loaded, all: bool) {
     let window = app.liveness_window();
-    let changed: Vec<(String, bool)> = app.hub.with_alive(window, |alive| {
-        l.engine
-            .hosts()
-            .filter_map(|h| {
-                let ready = l
-                    .hosts
-                    .get(&h.info.name)
-                    .is_some_and(|(id, state)| *state == HostState::Ready && alive(id));
-                (ready != h.info.ready).then(|| (h.info.name.clone(), ready))
-            })
-            .collect()
-    });
-    for (name, ready) in changed {
-        let _ = l.engine.set_ready(&name, ready);
+    for (id, alive) in app.hub.liveness_changes(window, all) {
+        let Some(name) = l.names.get(&id) else {
+            continue;
+        };
+        let ready = alive
+            && l.hosts
+                .get(name)
+                .is_some_and(|(_, state)| *state == HostState::Ready);
+        if l.engine.host(name).is_some_and(|h| h.info.ready != ready) {
+            let _ = l.engine.set_ready(name, ready);
+        }
     }
 }
 
