@@ -55,7 +55,8 @@ struct Loaded {
 
 /// How stale host readiness may be for a decision. Liveness itself is
 /// judged over three heartbeat intervals, so this changes little; it keeps
-/// the O(hosts) refresh off the path of every single placement.
+/// the hub's pass over its connections off the path of every single
+/// placement.
 const READINESS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Placement {
@@ -238,9 +239,11 @@ fn unreachable_request(vm: &Vm) -> Request {
 /// Host readiness follows heartbeats and the operator's state. The hub
 /// hands out only the hosts whose liveness changed since the last refresh
 /// (`all`: every connected host, for an engine just built), so a refresh
-/// costs the changes, not a pass over 100,000 hosts under this lock (that
-/// pass, once a second, held every VM create behind it for tens of
-/// milliseconds).
+/// looks up only the changed hosts. The hub's pass that finds them is a
+/// comparison of times per connection; it still runs under this lock, once
+/// a second. (Before, every host was looked up by name here and by id in
+/// the hub, and that pass, at 100,000 hosts, held every VM create behind
+/// it for tens of milliseconds.)
 fn refresh_readiness(app: &App, l: &mut Loaded, all: bool) {
     let window = app.liveness_window();
     for (id, alive) in app.hub.liveness_changes(window, all) {

@@ -385,19 +385,18 @@ fn exec_cached(c: &Connection, sql: &str) -> Result<()> {
 /// cached (rusqlite's `Connection::savepoint` parses them on every call,
 /// twice per write).
 fn atomic<T>(c: &mut Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-    let run = exec_cached;
-    run(c, "SAVEPOINT job")?;
+    exec_cached(c, "SAVEPOINT job")?;
     match f(c) {
         Ok(v) => {
-            run(c, "RELEASE job")?;
+            exec_cached(c, "RELEASE job")?;
             Ok(v)
         }
         Err(e) => {
             // Undo and end the savepoint. As with rusqlite's own savepoint,
             // a failure here is ignored: it means the connection itself is
             // broken, and then the batch's commit fails too.
-            let _ = run(c, "ROLLBACK TO job");
-            let _ = run(c, "RELEASE job");
+            let _ = exec_cached(c, "ROLLBACK TO job");
+            let _ = exec_cached(c, "RELEASE job");
             Err(e)
         }
     }
