@@ -651,16 +651,17 @@ impl Store for SqliteStore {
     }
 
     async fn update_host(&self, h: &Host) -> Result<()> {
-        let h = h.clone();
+        // Encoded here, not on the writer thread; a cached statement, since
+        // hosts' snapshots and state changes come at thousands a second.
+        let (id, body) = (h.id.clone(), to_json(h)?);
         self.write(move |c| {
             let n = c
-                .execute(
-                    "UPDATE hosts SET body = ?2 WHERE id = ?1",
-                    params![h.id, to_json(&h)?],
-                )
+                .prepare_cached("UPDATE hosts SET body = ?2 WHERE id = ?1")
+                .map_err(db)?
+                .execute(params![id, body])
                 .map_err(db)?;
             if n == 0 {
-                return Err(StoreError::not_found("host", h.id));
+                return Err(StoreError::not_found("host", id));
             }
             Ok(())
         })
@@ -793,10 +794,12 @@ impl Store for SqliteStore {
         let events: Vec<String> = events.iter().map(|e| e.to_string()).collect();
         self.write(move |c| {
             atomic(c, |tx| {
-                tx.execute(
-                "INSERT INTO vms (id, name, phase, host_id, site, provider, country, image_id, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
+                tx.prepare_cached(
+                    "INSERT INTO vms (id, name, phase, host_id, site, provider, country, image_id, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(db)?
+                .execute(params![
                     vm.id,
                     vm.name,
                     vm.status.phase.as_str(),
@@ -806,9 +809,8 @@ impl Store for SqliteStore {
                     vm.status.country,
                     vm.status.image_id,
                     body
-                ],
-            )
-            .map_err(|e| conflict_or_db(e, || format!("VM '{}' already exists", vm.name)))?;
+                ])
+                .map_err(|e| conflict_or_db(e, || format!("VM '{}' already exists", vm.name)))?;
                 for e in &events {
                     insert_event(tx, &vm, e)?;
                 }
