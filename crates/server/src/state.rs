@@ -91,7 +91,12 @@ impl AppState {
 
     /// Tells watchers about a VM's new state (already stored).
     pub fn publish_vm(&self, vm: &virt8ra_api::Vm) {
-        // No receiver is not an error: nobody is watching.
+        // Nobody watching is the common case under load: skip the copy.
+        // (A watcher that subscribes meanwhile starts after this change,
+        // as it would had the send come first.)
+        if self.changes.receiver_count() == 0 {
+            return;
+        }
         let _ = self.changes.send(virt8ra_api::WatchEvent::Vm {
             vm: Box::new(vm.clone()),
         });
