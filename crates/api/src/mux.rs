@@ -37,8 +37,14 @@ use crate::protocol::{AgentMessage, ServerMessage};
 pub const MUX_VERSION: u32 = 1;
 
 /// Client (agents) to control plane.
+///
+/// Read through [`UpFrame`], a plain struct: serde reads an internally
+/// tagged enum by first buffering the whole object (the tag may come
+/// last), and this frame wraps a message that is itself such an enum, so
+/// every heartbeat was buffered twice before it was read. The wire format
+/// is the derived one either way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", try_from = "UpFrame")]
 pub enum MuxUp {
     /// Opens channel `ch` for the host whose credential is `host_token`.
     Attach { ch: u32, host_token: String },
@@ -48,14 +54,90 @@ pub enum MuxUp {
     Detach { ch: u32 },
 }
 
-/// Control plane to client.
+/// Control plane to client (read through [`DownFrame`], as [`MuxUp`] is).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", try_from = "DownFrame")]
 pub enum MuxDown {
     /// A protocol v1 message for channel `ch`'s host.
     Msg { ch: u32, msg: ServerMessage },
     /// Channel `ch` is closed (refused, replaced, or the session ended).
     Closed { ch: u32, reason: String },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum UpKind {
+    Attach,
+    Msg,
+    Detach,
+}
+
+/// Any [`MuxUp`] frame's fields, read in one pass.
+#[derive(Deserialize)]
+#[doc(hidden)]
+pub struct UpFrame {
+    #[serde(rename = "type")]
+    kind: UpKind,
+    ch: u32,
+    #[serde(default)]
+    host_token: Option<String>,
+    #[serde(default)]
+    msg: Option<Box<AgentMessage>>,
+}
+
+impl TryFrom<UpFrame> for MuxUp {
+    type Error = String;
+    fn try_from(f: UpFrame) -> Result<MuxUp, String> {
+        let ch = f.ch;
+        Ok(match f.kind {
+            UpKind::Attach => MuxUp::Attach {
+                ch,
+                host_token: f.host_token.ok_or("attach: missing field `host_token`")?,
+            },
+            UpKind::Msg => MuxUp::Msg {
+                ch,
+                msg: f.msg.ok_or("msg: missing field `msg`")?,
+            },
+            UpKind::Detach => MuxUp::Detach { ch },
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum DownKind {
+    Msg,
+    Closed,
+}
+
+/// Any [`MuxDown`] frame's fields, read in one pass.
+#[derive(Deserialize)]
+#[doc(hidden)]
+pub struct DownFrame {
+    #[serde(rename = "type")]
+    kind: DownKind,
+    ch: u32,
+    #[serde(default)]
+    msg: Option<ServerMessage>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+impl TryFrom<DownFrame> for MuxDown {
+    type Error = String;
+    fn try_from(f: DownFrame) -> Result<MuxDown, String> {
+        let ch = f.ch;
+        Ok(match f.kind {
+            DownKind::Msg => MuxDown::Msg {
+                ch,
+                msg: f.msg.ok_or("msg: missing field `msg`")?,
+            },
+            DownKind::Closed => MuxDown::Closed {
+                ch,
+                reason: f.reason.ok_or("closed: missing field `reason`")?,
+            },
+        })
+    }
 }
 
 #[cfg(test)]
@@ -90,5 +172,56 @@ mod tests {
                 reason: "x".into()
             }
         );
+    }
+
+    #[test]
+    fn every_frame_reads_back_and_bad_frames_say_what_is_wrong() {
+        let ups = [
+            MuxUp::Attach {
+                ch: 1,
+                host_token: "t".into(),
+            },
+            MuxUp::Msg {
+                ch: 2,
+                msg: Box::new(AgentMessage::DesiredRequest),
+            },
+            MuxUp::Detach { ch: 3 },
+        ];
+        for up in ups {
+            let text = serde_json::to_string(&up).expect("json");
+            assert_eq!(serde_json::from_str::<MuxUp>(&text).expect(&text), up);
+        }
+        let downs = [
+            MuxDown::Msg {
+                ch: 4,
+                msg: ServerMessage::ReportRequest,
+            },
+            MuxDown::Closed {
+                ch: 5,
+                reason: "r".into(),
+            },
+        ];
+        for down in downs {
+            let text = serde_json::to_string(&down).expect("json");
+            assert_eq!(serde_json::from_str::<MuxDown>(&text).expect(&text), down);
+        }
+        // The tag may come anywhere in the object.
+        let up: MuxUp = serde_json::from_str(r#"{"ch":9,"type":"detach"}"#).expect("tag last");
+        assert_eq!(up, MuxUp::Detach { ch: 9 });
+        for (bad, says) in [
+            (r#"{"type":"attach","ch":1}"#, "host_token"),
+            (r#"{"type":"msg","ch":1}"#, "msg"),
+            (r#"{"type":"launch","ch":1}"#, "launch"),
+            (r#"{"type":"detach"}"#, "ch"),
+        ] {
+            let e = serde_json::from_str::<MuxUp>(bad)
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = serde_json::from_str::<MuxDown>(r#"{"type":"closed","ch":1}"#)
+            .expect_err("no reason")
+            .to_string();
+        assert!(e.contains("reason"), "{e}");
     }
 }
