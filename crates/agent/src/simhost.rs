@@ -156,10 +156,18 @@ pub struct Mux {
 
 struct MuxConn {
     up: mpsc::UnboundedSender<MuxUp>,
-    routes: Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Box<ServerMessage>>>>>,
+    routes: Arc<Mutex<Routes>>,
 }
 
-type Routes = HashMap<u32, mpsc::UnboundedSender<Box<ServerMessage>>>;
+/// Where a channel's frames from the control plane go, and whether the
+/// channel is still attached (cleared when the control plane closes it or
+/// the connection ends), so that a send need not take the routes' lock.
+struct Route {
+    tx: mpsc::UnboundedSender<Box<ServerMessage>>,
+    open: Arc<AtomicBool>,
+}
+
+type Routes = HashMap<u32, Route>;
 
 fn lock_routes(m: &Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -171,12 +179,13 @@ fn lock_routes(m: &Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
 struct MuxChannel {
     conn: Arc<MuxConn>,
     ch: u32,
+    open: Arc<AtomicBool>,
 }
 
 impl MuxChannel {
     fn send(&self, msg: AgentMessage) -> anyhow::Result<()> {
         // Closed by the control plane (or the connection ended): the session ends.
-        if !lock_routes(&self.conn.routes).contains_key(&self.ch) {
+        if !self.open.load(Ordering::Acquire) {
             anyhow::bail!("the control plane closed this host's channel");
         }
         self.conn
@@ -229,7 +238,12 @@ impl Mux {
         let mut req = url.into_client_request()?;
         req.headers_mut()
             .insert("authorization", format!("Bearer {bearer}").parse()?);
-        let ws = match Trust::public().connect_ws(req, None).await {
+        // tungstenite zero-fills its free read buffer before every read: the
+        // default 128 KiB made that a 128 KiB memset per read, for frames of
+        // a few hundred bytes. Larger frames still arrive whole.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(16 << 10);
+        let ws = match Trust::public().connect_ws(req, Some(config)).await {
             Ok((ws, _)) => ws,
             Err(tokio_tungstenite::tungstenite::Error::Http(r))
                 if matches!(r.status().as_u16(), 400 | 404) =>
@@ -244,12 +258,24 @@ impl Mux {
         let routes: Arc<Mutex<Routes>> = Default::default();
         let r = routes.clone();
         tokio::spawn(async move {
+            let mut batch = Vec::new();
             loop {
                 tokio::select! {
-                    m = up_rx.recv() => {
-                        let Some(m) = m else { break };
-                        let Ok(text) = serde_json::to_string(&m) else { continue };
-                        if sink.send(Message::Text(text.into())).await.is_err() {
+                    // Every frame queued meanwhile goes out with one flush
+                    // (one write to the socket), not one each.
+                    n = up_rx.recv_many(&mut batch, 256) => {
+                        if n == 0 {
+                            break;
+                        }
+                        let mut ok = true;
+                        for m in batch.drain(..) {
+                            let Ok(text) = serde_json::to_string(&m) else { continue };
+                            if sink.feed(Message::Text(text.into())).await.is_err() {
+                                ok = false;
+                                break;
+                            }
+                        }
+                        if !ok || sink.flush().await.is_err() {
                             break;
                         }
                     }
@@ -261,13 +287,15 @@ impl Mux {
                         };
                         match serde_json::from_str::<MuxDown>(&text) {
                             Ok(MuxDown::Msg { ch, msg }) => {
-                                if let Some(tx) = lock_routes(&r).get(&ch) {
-                                    let _ = tx.send(Box::new(msg));
+                                if let Some(route) = lock_routes(&r).get(&ch) {
+                                    let _ = route.tx.send(Box::new(msg));
                                 }
                             }
                             Ok(MuxDown::Closed { ch, reason }) => {
                                 tracing::info!(ch, reason, "mux channel closed");
-                                lock_routes(&r).remove(&ch);
+                                if let Some(route) = lock_routes(&r).remove(&ch) {
+                                    route.open.store(false, Ordering::Release);
+                                }
                             }
                             Err(e) => tracing::warn!(error = %e, "ignoring a mux frame"),
                         }
@@ -275,7 +303,9 @@ impl Mux {
                 }
             }
             // Every channel of this connection ends; their hosts reconnect.
-            lock_routes(&r).clear();
+            for (_, route) in lock_routes(&r).drain() {
+                route.open.store(false, Ordering::Release);
+            }
             let _ = sink.close().await;
         });
         let c = Arc::new(MuxConn { up, routes });
@@ -293,14 +323,21 @@ impl Mux {
         };
         let ch = self.next_ch.fetch_add(1, Ordering::Relaxed);
         let (down_tx, rx) = mpsc::unbounded_channel::<Box<ServerMessage>>();
-        lock_routes(&conn.routes).insert(ch, down_tx);
+        let open = Arc::new(AtomicBool::new(true));
+        lock_routes(&conn.routes).insert(
+            ch,
+            Route {
+                tx: down_tx,
+                open: open.clone(),
+            },
+        );
         conn.up
             .send(MuxUp::Attach {
                 ch,
                 host_token: host_token.to_string(),
             })
             .map_err(|_| anyhow::anyhow!("the mux connection closed"))?;
-        let up = MuxChannel { conn, ch };
+        let up = MuxChannel { conn, ch, open };
         let tx: channel::LinkTx = Arc::new(move |m| up.send(m));
         Ok(Link { tx, rx })
     }

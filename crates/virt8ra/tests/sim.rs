@@ -322,5 +322,47 @@ fn hosts_share_one_connection_and_each_needs_its_own_credential() {
     });
     let h = c.ok("GET", &format!("/api/v1/hosts/{id_b}"), None);
     assert_eq!(h["connected"], true, "{h}");
-    drop(b);
+
+    // Host a again, heartbeating every second, while b says nothing more:
+    // b's session is closed once it has been silent for twice the liveness
+    // window (3 heartbeat intervals of 1 s here), and a's, whose silence
+    // timer fired meanwhile and found it recent, stays.
+    let mut b = b;
+    let (a, beats) = rt.block_on(async {
+        let a = mux.open(&tok_a).await.unwrap();
+        (a.tx)(hello.clone()).unwrap();
+        let beat = a.tx.clone();
+        let beats = tokio::spawn(async move {
+            for seq in 1.. {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let hb = AgentMessage::Heartbeat {
+                    seq,
+                    usage: Default::default(),
+                    vms: vec![],
+                    vms_unchanged: false,
+                    migrations: vec![],
+                };
+                if beat(hb).is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), b.rx.recv()).await {
+                Ok(None) => break,
+                Ok(Some(_)) => continue,
+                Err(_) => panic!("a silent host's session was not closed within 20 s"),
+            }
+        }
+        (a, beats)
+    });
+    // a's session, begun before b was closed, is now older than the 6 s of
+    // silence that closed b.
+    std::thread::sleep(Duration::from_secs(7));
+    let h = c.ok("GET", &format!("/api/v1/hosts/{id_a}"), None);
+    assert_eq!(h["connected"], true, "the heartbeating host stays: {h}");
+    let h = c.ok("GET", &format!("/api/v1/hosts/{id_b}"), None);
+    assert_eq!(h["connected"], false, "the silent host is gone: {h}");
+    beats.abort();
+    drop(a);
 }
