@@ -165,6 +165,36 @@ impl Hub {
         }
     }
 
+    /// Records a heartbeat on connection `conn_id` of the host; an error
+    /// (nothing recorded, the usage given back) when that is not the
+    /// host's current connection.
+    pub fn heartbeat_on(
+        &self,
+        host_id: &str,
+        conn_id: u64,
+        usage: HostUsage,
+    ) -> Result<(), HostUsage> {
+        let mut m = self.lock();
+        let Some(l) = m.get_mut(host_id).filter(|l| l.conn_id == conn_id) else {
+            return Err(usage);
+        };
+        l.last_beat = Instant::now();
+        l.last_beat_at = Utc::now();
+        l.usage = usage;
+        drop(m);
+        self.heartbeats.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// When connection `conn_id` of the host last heartbeated, if it is
+    /// still the host's current connection.
+    pub fn last_beat(&self, host_id: &str, conn_id: u64) -> Option<Instant> {
+        self.lock()
+            .get(host_id)
+            .filter(|l| l.conn_id == conn_id)
+            .map(|l| l.last_beat)
+    }
+
     /// True when the report differs from the last one seen for this VM.
     pub fn report_changed(&self, host_id: &str, r: &VmReport) -> bool {
         let mut m = self.lock();

@@ -2,6 +2,8 @@
 //! persistent channel (a WebSocket) that every agent dials out to.
 //! The message flow is documented in `virt8ra_api::protocol`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -141,7 +143,7 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
             }
         })
     };
-    host_session(&app, &host_id, in_rx, Outbox::Direct(out_tx)).await;
+    host_session(&app, &host_id, in_rx, Outbox::Direct(out_tx), None).await;
     reader.abort();
     // The writer ends once every sender is gone (the hub's went with the
     // unregistration); give it a moment to flush a rejection.
@@ -155,12 +157,16 @@ const INBOX: usize = 1024;
 
 /// One host's session over any transport (its own WebSocket, or a channel
 /// of a multiplexed one): `inbox` yields the agent's messages and ends when
-/// the transport closes; `outbox` carries the control plane's.
+/// the transport closes; `outbox` carries the control plane's. A
+/// multiplexed transport passes `attached`, where the session leaves its
+/// hub connection id once registered, so that the transport can record
+/// quiet heartbeats itself (see [`beat_inline`]).
 async fn host_session(
     app: &App,
     host_id: &str,
     inbox: flume::Receiver<AgentMessage>,
     outbox: Outbox,
+    attached: Option<&AtomicU64>,
 ) {
     let reject = |reason: String| {
         let _ = outbox.send(ServerMessage::Reject { reason });
@@ -198,6 +204,9 @@ async fn host_session(
     // 3. Register.
     let conn = app.hub.register(host_id, outbox.clone());
     app.hub.set_protocol(host_id, version);
+    if let Some(a) = attached {
+        a.store(conn, Ordering::Release);
+    }
     // Ready for placement at once (connected, so alive), inventory and all.
     if let Ok(h) = app.host(host_id) {
         app.placement.upsert_host(app, &h);
@@ -220,7 +229,9 @@ async fn host_session(
     //    one batch (see `handle_batch`).
     //    Silence is checked lazily: one timer for the session, moved on
     //    only when it fires, instead of a timer set and cancelled for every
-    //    message (at 100,000 hosts, 20,000 heartbeats a second).
+    //    message (at 100,000 hosts, 20,000 heartbeats a second). Quiet
+    //    heartbeats a mux transport recorded itself count too: they are in
+    //    the hub's last beat of this connection.
     let silence = app.liveness_window() * 2;
     let mut last = tokio::time::Instant::now();
     let timer = tokio::time::sleep(silence);
@@ -234,6 +245,9 @@ async fn host_session(
                 Err(_) => break,
             },
             () = &mut timer => {
+                if let Some(t) = app.hub.last_beat(host_id, conn) {
+                    last = last.max(tokio::time::Instant::from_std(t));
+                }
                 if last.elapsed() >= silence {
                     tracing::warn!(host = %host_id, "agent silent; closing its channel");
                     break;
@@ -332,7 +346,7 @@ async fn mux_session(app: App, socket: WebSocket) {
         }
         let _ = sink.close().await;
     });
-    let mut channels: HashMap<u32, flume::Sender<AgentMessage>> = HashMap::new();
+    let mut channels: HashMap<u32, MuxChannel> = HashMap::new();
     let mut sessions = tokio::task::JoinSet::new();
     while let Some(Ok(msg)) = stream.next().await {
         let text = match msg {
@@ -352,7 +366,7 @@ async fn mux_session(app: App, socket: WebSocket) {
                 let closed = |reason: String| {
                     let _ = down_tx.send(MuxDown::Closed { ch, reason });
                 };
-                if channels.get(&ch).is_some_and(|tx| tx.is_disconnected()) {
+                if channels.get(&ch).is_some_and(|c| c.tx.is_disconnected()) {
                     channels.remove(&ch);
                 }
                 if channels.contains_key(&ch) {
@@ -378,14 +392,23 @@ async fn mux_session(app: App, socket: WebSocket) {
                     continue;
                 };
                 let (in_tx, in_rx) = flume::bounded::<AgentMessage>(INBOX);
-                channels.insert(ch, in_tx);
+                let host_id: Arc<str> = host_id.into();
+                let conn = Arc::new(AtomicU64::new(0));
+                channels.insert(
+                    ch,
+                    MuxChannel {
+                        tx: in_tx,
+                        host_id: host_id.clone(),
+                        conn: conn.clone(),
+                    },
+                );
                 let (app, down) = (app.clone(), down_tx.clone());
                 sessions.spawn(async move {
                     let outbox = Outbox::Mux {
                         ch,
                         down: down.clone(),
                     };
-                    host_session(&app, &host_id, in_rx, outbox).await;
+                    host_session(&app, &host_id, in_rx, outbox, Some(&conn)).await;
                     // After anything the session queued (a rejection).
                     let _ = down.send(MuxDown::Closed {
                         ch,
@@ -395,7 +418,10 @@ async fn mux_session(app: App, socket: WebSocket) {
             }
             MuxUp::Msg { ch, msg } => {
                 let gone = match channels.get(&ch) {
-                    Some(tx) => tx.send_async(*msg).await.is_err(),
+                    Some(c) => match beat_inline(&app, c, *msg) {
+                        None => false,
+                        Some(msg) => c.tx.send_async(msg).await.is_err(),
+                    },
                     None => {
                         let _ = down_tx.send(MuxDown::Closed {
                             ch,
@@ -420,6 +446,58 @@ async fn mux_session(app: App, socket: WebSocket) {
     drop(down_tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
+
+/// A channel of a mux connection, as its reader sees it.
+struct MuxChannel {
+    /// The host session's inbox.
+    tx: flume::Sender<AgentMessage>,
+    host_id: Arc<str>,
+    /// The session's hub connection id once it is registered, 0 before.
+    conn: Arc<AtomicU64>,
+}
+
+/// Records a quiet heartbeat (v3: no VM report changed, no migration on
+/// the host) in the reader of a mux connection instead of passing it to
+/// the host's session: at 100,000 hosts most of the 20,000 heartbeats a
+/// second are quiet, and each would otherwise wake a session task to do
+/// what is done here. Only when the session's inbox is empty, so that the
+/// heartbeat is not recorded ahead of messages the agent sent before it,
+/// and only once the session is registered. Gives the message back when
+/// it is anything else, for the session.
+fn beat_inline(app: &App, chan: &MuxChannel, msg: AgentMessage) -> Option<AgentMessage> {
+    let conn = chan.conn.load(Ordering::Acquire);
+    if conn == 0 || !chan.tx.is_empty() {
+        return Some(msg);
+    }
+    match msg {
+        AgentMessage::Heartbeat {
+            usage,
+            vms_unchanged: true,
+            migrations,
+            seq,
+            vms,
+        } if migrations.is_empty() => {
+            if let Err(usage) = app.hub.heartbeat_on(&chan.host_id, conn, usage) {
+                // Not (or no longer) this session's connection: the
+                // session decides.
+                return Some(AgentMessage::Heartbeat {
+                    seq,
+                    usage,
+                    vms,
+                    vms_unchanged: true,
+                    migrations,
+                });
+            }
+            // As `handle_batch` does for a quiet heartbeat.
+            if app.has_deletions(&chan.host_id) || app.migrations.waits_on(&chan.host_id) {
+                app.hub.send(&chan.host_id, ServerMessage::ReportRequest);
+            }
+            None
+        }
+        other => Some(other),
+    }
+}
+
 /// Most agent messages taken in one batch.
 const MAX_BATCH: usize = 1024;
 
