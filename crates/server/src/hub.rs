@@ -71,6 +71,14 @@ struct Live {
     judged_alive: bool,
 }
 
+impl Live {
+    fn beat(&mut self, usage: HostUsage) {
+        self.last_beat = Instant::now();
+        self.last_beat_at = Utc::now();
+        self.usage = usage;
+    }
+}
+
 #[derive(Default)]
 pub struct Hub {
     live: Mutex<HashMap<String, Live>>,
@@ -159,9 +167,7 @@ impl Hub {
     pub fn heartbeat(&self, host_id: &str, usage: HostUsage) {
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
         if let Some(l) = self.lock().get_mut(host_id) {
-            l.last_beat = Instant::now();
-            l.last_beat_at = Utc::now();
-            l.usage = usage;
+            l.beat(usage);
         }
     }
 
@@ -178,9 +184,7 @@ impl Hub {
         let Some(l) = m.get_mut(host_id).filter(|l| l.conn_id == conn_id) else {
             return Err(usage);
         };
-        l.last_beat = Instant::now();
-        l.last_beat_at = Utc::now();
-        l.usage = usage;
+        l.beat(usage);
         drop(m);
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -461,9 +461,11 @@ struct MuxChannel {
 /// the host's session: at 100,000 hosts most of the 20,000 heartbeats a
 /// second are quiet, and each would otherwise wake a session task to do
 /// what is done here. Only when the session's inbox is empty, so that the
-/// heartbeat is not recorded ahead of messages the agent sent before it,
-/// and only once the session is registered. Gives the message back when
-/// it is anything else, for the session.
+/// heartbeat is not recorded ahead of messages still waiting for the
+/// session, and only once the session is registered. A batch the session
+/// has already taken may still be in progress: an older heartbeat in it
+/// then records its usage after this one's, until the next beat. Gives the
+/// message back when it is anything else, for the session.
 fn beat_inline(app: &App, chan: &MuxChannel, msg: AgentMessage) -> Option<AgentMessage> {
     let conn = chan.conn.load(Ordering::Acquire);
     if conn == 0 || !chan.tx.is_empty() {
