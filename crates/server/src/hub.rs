@@ -56,6 +56,8 @@ struct Live {
     last_beat: Instant,
     last_beat_at: DateTime<Utc>,
     usage: HostUsage,
+    /// The `seq` of the heartbeat whose usage `usage` is.
+    usage_seq: u64,
     /// Fingerprint of the last desired state sent on this connection
     /// (protocol 1 and 2, which get the whole state every time).
     last_desired: Option<u64>,
@@ -72,10 +74,19 @@ struct Live {
 }
 
 impl Live {
-    fn beat(&mut self, usage: HostUsage) {
+    /// Records heartbeat `seq` of this connection. An agent numbers its
+    /// heartbeats upwards on each connection, but two of them can be
+    /// recorded out of order: a mux connection's reader records a quiet one
+    /// itself while the host's session may still be applying a batch that
+    /// holds an older one. The older one still shows the host alive; its
+    /// usage does not replace the newer one's.
+    fn beat(&mut self, seq: u64, usage: HostUsage) {
         self.last_beat = Instant::now();
         self.last_beat_at = Utc::now();
-        self.usage = usage;
+        if seq >= self.usage_seq {
+            self.usage_seq = seq;
+            self.usage = usage;
+        }
     }
 }
 
@@ -120,6 +131,7 @@ impl Hub {
                 last_beat: Instant::now(),
                 last_beat_at: Utc::now(),
                 usage: HostUsage::default(),
+                usage_seq: 0,
                 last_desired: None,
                 sent: None,
                 reports: HashMap::new(),
@@ -164,27 +176,29 @@ impl Hub {
         self.lock().len()
     }
 
-    pub fn heartbeat(&self, host_id: &str, usage: HostUsage) {
+    /// Records heartbeat `seq` of the host's current connection.
+    pub fn heartbeat(&self, host_id: &str, seq: u64, usage: HostUsage) {
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
         if let Some(l) = self.lock().get_mut(host_id) {
-            l.beat(usage);
+            l.beat(seq, usage);
         }
     }
 
-    /// Records a heartbeat on connection `conn_id` of the host; an error
-    /// (nothing recorded, the usage given back) when that is not the
+    /// Records heartbeat `seq` on connection `conn_id` of the host; an
+    /// error (nothing recorded, the usage given back) when that is not the
     /// host's current connection.
     pub fn heartbeat_on(
         &self,
         host_id: &str,
         conn_id: u64,
+        seq: u64,
         usage: HostUsage,
     ) -> Result<(), HostUsage> {
         let mut m = self.lock();
         let Some(l) = m.get_mut(host_id).filter(|l| l.conn_id == conn_id) else {
             return Err(usage);
         };
-        l.beat(usage);
+        l.beat(seq, usage);
         drop(m);
         self.heartbeats.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -507,6 +521,37 @@ mod tests {
     }
 
     #[test]
+    fn an_older_heartbeat_does_not_replace_a_newer_ones_usage() {
+        let hub = Hub::default();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let c = hub.register("h", Outbox::Direct(tx));
+        let used = |vms_running| HostUsage {
+            vms_running,
+            ..HostUsage::default()
+        };
+        let usage = |hub: &Hub| hub.view("h", Duration::from_secs(60)).map(|v| v.usage);
+        // The reader records beat 5 inline; the session then applies beat 4.
+        assert!(hub.heartbeat_on("h", c, 5, used(5)).is_ok());
+        let at5 = hub.last_beat("h", c).expect("beat recorded");
+        std::thread::sleep(Duration::from_millis(5));
+        hub.heartbeat("h", 4, used(4));
+        assert_eq!(usage(&hub), Some(used(5)));
+        // Beat 4 still counts as a sign of life.
+        assert!(hub.last_beat("h", c).expect("still connected") > at5);
+        // The next beat, by either path, replaces it.
+        hub.heartbeat("h", 6, used(6));
+        assert_eq!(usage(&hub), Some(used(6)));
+        // Another connection is not this one: nothing recorded on it.
+        assert_eq!(hub.heartbeat_on("h", c + 1, 7, used(7)), Err(used(7)));
+        assert_eq!(usage(&hub), Some(used(6)));
+        // A new connection numbers its beats from the start again.
+        let (tx2, _rx2) = mpsc::unbounded_channel();
+        let c2 = hub.register("h", Outbox::Direct(tx2));
+        assert!(hub.heartbeat_on("h", c2, 1, used(1)).is_ok());
+        assert_eq!(usage(&hub), Some(used(1)));
+    }
+
+    #[test]
     fn liveness_changes_report_each_change_once() {
         let hub = Hub::default();
         let sorted = |mut v: Vec<(String, bool)>| {
@@ -536,7 +581,7 @@ mod tests {
         );
         assert!(hub.liveness_changes(w, false).is_empty());
         // A heartbeat brings one back.
-        hub.heartbeat("b", HostUsage::default());
+        hub.heartbeat("b", 1, HostUsage::default());
         assert_eq!(hub.liveness_changes(w, false), vec![("b".into(), true)]);
         // A disconnect is reported as not alive; a host asked about again is
         // reported as it is.

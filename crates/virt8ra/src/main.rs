@@ -125,7 +125,11 @@ async fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
                     ),
                     (
                         "database",
-                        format!("{:.1} MiB", r.db_bytes as f64 / 1048576.0),
+                        format!(
+                            "{:.1} MiB (WAL {:.1} MiB)",
+                            r.db_bytes as f64 / 1048576.0,
+                            r.wal_bytes as f64 / 1048576.0
+                        ),
                     ),
                     (
                         "restart to serving",

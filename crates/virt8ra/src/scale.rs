@@ -161,7 +161,11 @@ pub struct ScaleReport {
     pub server_rss_bytes: u64,
     /// This process (simulated hosts and load generator), for planning runs.
     pub bench_rss_bytes: u64,
+    /// The database file and its WAL.
     pub db_bytes: u64,
+    /// The WAL's part of `db_bytes` (it keeps up to 512 MiB of disk space
+    /// between restarts).
+    pub wal_bytes: u64,
     pub restart_to_serving_ms: f64,
     pub sampled: usize,
     pub mismatches: usize,
@@ -792,11 +796,13 @@ pub async fn run(
 
     let pid = server.0.id();
     let server_rss = rss_bytes(pid);
-    let db = ["virt8ra.db", "virt8ra.db-wal"]
-        .iter()
-        .filter_map(|f| std::fs::metadata(tmp.path().join("server").join(f)).ok())
-        .map(|m| m.len())
-        .sum();
+    let size = |f: &str| {
+        std::fs::metadata(tmp.path().join("server").join(f))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    let wal = size("virt8ra.db-wal");
+    let db = size("virt8ra.db") + wal;
     let connected = m1["agents_connected"].as_u64().unwrap_or(0);
 
     // Restart to serving.
@@ -849,6 +855,7 @@ pub async fn run(
         server_rss_bytes: server_rss,
         bench_rss_bytes: rss_bytes(std::process::id()),
         db_bytes: db,
+        wal_bytes: wal,
         restart_to_serving_ms: restart_ms,
         sampled,
         mismatches,

@@ -463,9 +463,9 @@ struct MuxChannel {
 /// what is done here. Only when the session's inbox is empty, so that the
 /// heartbeat is not recorded ahead of messages still waiting for the
 /// session, and only once the session is registered. A batch the session
-/// has already taken may still be in progress: an older heartbeat in it
-/// then records its usage after this one's, until the next beat. Gives the
-/// message back when it is anything else, for the session.
+/// has already taken may still be in progress and hold an older heartbeat;
+/// the hub keeps the usage of the highest `seq` (see `Live::beat`). Gives
+/// the message back when it is anything else, for the session.
 fn beat_inline(app: &App, chan: &MuxChannel, msg: AgentMessage) -> Option<AgentMessage> {
     let conn = chan.conn.load(Ordering::Acquire);
     if conn == 0 || !chan.tx.is_empty() {
@@ -479,7 +479,7 @@ fn beat_inline(app: &App, chan: &MuxChannel, msg: AgentMessage) -> Option<AgentM
             seq,
             vms,
         } if migrations.is_empty() => {
-            if let Err(usage) = app.hub.heartbeat_on(&chan.host_id, conn, usage) {
+            if let Err(usage) = app.hub.heartbeat_on(&chan.host_id, conn, seq, usage) {
                 // Not (or no longer) this session's connection: the
                 // session decides.
                 return Some(AgentMessage::Heartbeat {
@@ -524,13 +524,13 @@ async fn handle_batch(app: &App, host_id: &str, msgs: Vec<AgentMessage>) {
     for msg in msgs {
         match msg {
             AgentMessage::Heartbeat {
+                seq,
                 usage,
                 vms,
                 vms_unchanged,
                 migrations,
-                ..
             } => {
-                app.hub.heartbeat(host_id, usage);
+                app.hub.heartbeat(host_id, seq, usage);
                 for r in migrations {
                     handle_migration_report(app, host_id, r).await;
                 }
