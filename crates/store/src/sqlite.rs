@@ -305,6 +305,11 @@ const GET_VM_SQL: &str =
     "SELECT body FROM vms WHERE id = ?1 OR name = ?1 ORDER BY (phase = 'deleted') LIMIT 1";
 
 fn migrate(conn: &mut Connection) -> Result<()> {
+    migrate_to(conn, MIGRATIONS.len())
+}
+
+/// Applies the migrations a database lacks up to the first `upto` of them.
+fn migrate_to(conn: &mut Connection, upto: usize) -> Result<()> {
     let current: u32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(db)?;
@@ -315,7 +320,12 @@ fn migrate(conn: &mut Connection) -> Result<()> {
              run a newer virt8ra"
         )));
     }
-    for (i, (_name, sql)) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, (_name, sql)) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(upto)
+        .skip(current as usize)
+    {
         let tx = conn.transaction().map_err(db)?;
         tx.execute_batch(sql).map_err(db)?;
         tx.pragma_update(None, "user_version", (i + 1) as u32)
@@ -1454,16 +1464,9 @@ mod tests {
         // WITHOUT ROWID table: its events must come through the upgrade.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let before = MIGRATIONS.len() - 1;
         {
             let mut c = Connection::open(&path).unwrap();
-            for (i, (_, sql)) in MIGRATIONS.iter().enumerate().take(before) {
-                let tx = c.transaction().unwrap();
-                tx.execute_batch(sql).unwrap();
-                tx.pragma_update(None, "user_version", (i + 1) as u32)
-                    .unwrap();
-                tx.commit().unwrap();
-            }
+            migrate_to(&mut c, MIGRATIONS.len() - 1).unwrap();
             for (vm, seq, msg) in [("b", 1, "b1"), ("a", 2, "a2"), ("a", 1, "a1")] {
                 c.execute(
                     "INSERT INTO vm_events (vm_id, seq, at, phase, message) \

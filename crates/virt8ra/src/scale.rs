@@ -163,8 +163,8 @@ pub struct ScaleReport {
     pub bench_rss_bytes: u64,
     /// The database file and its WAL.
     pub db_bytes: u64,
-    /// The WAL's part of `db_bytes` (it keeps up to 512 MiB of disk space
-    /// between restarts).
+    /// The WAL's part of `db_bytes` (the store keeps the WAL's disk space
+    /// between restarts, up to a limit).
     pub wal_bytes: u64,
     pub restart_to_serving_ms: f64,
     pub sampled: usize,
