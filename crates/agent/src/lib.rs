@@ -24,6 +24,7 @@ use virt8ra_api::{AgentJoin, AgentJoined, ErrorBody};
 use virt8ra_tls::Trust;
 
 pub mod channel;
+pub mod desired_log;
 pub mod driver;
 pub mod image_service;
 pub mod images;

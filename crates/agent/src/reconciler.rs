@@ -1,13 +1,12 @@
 //! The agent's reconciler: desired state in, QEMU processes out.
 //!
 //! The desired state the control plane sent last is persisted before
-//! anything acts on it, one file per VM in `desired/` (so a change to one VM
-//! of hundreds writes one file), so after an agent restart or a host reboot,
-//! and while the control plane is unreachable, the agent keeps converging
-//! towards it on its own. Each VM's file is a complete description of that
-//! VM: a crash part-way through writing a change leaves every VM either as
-//! it was or as it was to be. (Agents before protocol 3 kept one
-//! `desired.json`; it is read once and replaced.)
+//! anything acts on it ([`crate::desired_log`]: a snapshot and a journal
+//! of changes, so a change to one VM of hundreds appends one record), so
+//! after an agent restart or a host reboot, and while the control plane is
+//! unreachable, the agent keeps converging towards it on its own. A crash
+//! part-way through writing a change leaves every VM either as it was or as
+//! it was to be.
 //!
 //! Each VM has one owning task (an actor) that is told the VM's desired state
 //! through a watch channel and converges towards it, one idempotent driver
@@ -31,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use virt8ra_api::protocol::{AgentVmPhase, DesiredVm, VmReport};
 use virt8ra_api::{PortForward, PowerState};
 
+use crate::desired_log::DesiredLog;
 use crate::driver::{DataDiskConfig, Driver, DriverVmState, VmConfig};
 use crate::images::ImageCache;
 use crate::mover::{self, Mover};
@@ -95,13 +95,6 @@ impl Reports {
     }
 }
 
-/// The desired state file of agents before protocol 3.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct DesiredFile {
-    generation: u64,
-    vms: Vec<DesiredVm>,
-}
-
 /// A desired-state change did not apply: its base is not the generation
 /// this agent has. The channel asks for the whole state.
 #[derive(Debug)]
@@ -126,10 +119,8 @@ pub struct Reconciler {
     images: Arc<ImageCache>,
     reports: Arc<Reports>,
     state_dir: PathBuf,
-    /// `desired.json` of older agents, read once.
-    legacy_desired: PathBuf,
-    /// `desired/<vm id>.json`.
-    desired_dir: PathBuf,
+    /// The persisted desired state.
+    log: DesiredLog,
     actors: Mutex<HashMap<String, watch::Sender<Option<Arc<DesiredVm>>>>>,
     /// The generation and VMs of the desired state as persisted.
     /// (Shared with the actors: one copy of each VM's desired state.)
@@ -165,15 +156,12 @@ impl Reconciler {
     ) -> std::io::Result<Arc<Reconciler>> {
         let state_dir = data_dir.join("vmstate");
         std::fs::create_dir_all(&state_dir)?;
-        let desired_dir = data_dir.join("desired");
-        std::fs::create_dir_all(&desired_dir)?;
         Ok(Arc::new(Reconciler {
             driver,
             images,
             reports,
             state_dir,
-            legacy_desired: data_dir.join("desired.json"),
-            desired_dir,
+            log: DesiredLog::new(data_dir),
             actors: Mutex::new(HashMap::new()),
             desired: Mutex::new((0, HashMap::new())),
             recheck: Duration::from_secs(3),
@@ -213,30 +201,15 @@ impl Reconciler {
 
     /// Resumes from the persisted desired state (agent restart, host reboot).
     pub async fn resume(self: &Arc<Self>) -> anyhow::Result<()> {
-        let mut vms = Vec::new();
-        for entry in std::fs::read_dir(&self.desired_dir)? {
-            let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            let b = std::fs::read(&path)?;
-            let d: DesiredVm = serde_json::from_slice(&b)
-                .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", path.display()))?;
-            vms.push(d);
+        let loaded = self.log.load()?;
+        if loaded.torn_bytes > 0 {
+            tracing::warn!(
+                bytes = loaded.torn_bytes,
+                "the desired-state journal ended in a record cut short (a crash while it \
+                 was written); it was never acted on and is dropped"
+            );
         }
-        match std::fs::read(&self.legacy_desired) {
-            Ok(b) => {
-                let f: DesiredFile = serde_json::from_slice(&b).map_err(|e| {
-                    anyhow::anyhow!("{} is corrupt: {e}", self.legacy_desired.display())
-                })?;
-                // Written by an older agent: its VMs, in the new layout.
-                self.persist(&f.vms, &[], true)?;
-                std::fs::remove_file(&self.legacy_desired)?;
-                vms = f.vms;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
-        }
+        let vms = loaded.vms;
         if vms.is_empty() {
             return Ok(());
         }
@@ -245,37 +218,46 @@ impl Reconciler {
         Ok(())
     }
 
-    fn desired_file(&self, id: &str) -> PathBuf {
-        self.desired_dir.join(format!("{id}.json"))
-    }
-
-    /// Writes the files of `upsert` that differ from what is persisted and
-    /// removes those of `remove` (with `whole`, every VM not in `upsert`).
-    fn persist(&self, upsert: &[DesiredVm], remove: &[String], whole: bool) -> anyhow::Result<()> {
-        let (changed, mut gone) = {
+    /// Persists what differs from the desired state persisted so far: the
+    /// VMs of `upsert` that changed and those of `remove` as one journal
+    /// record, or, `whole`, `upsert` as the entire state (every other VM
+    /// goes) in a new snapshot.
+    fn persist(
+        &self,
+        generation: u64,
+        upsert: &[DesiredVm],
+        remove: &[String],
+        whole: bool,
+    ) -> anyhow::Result<()> {
+        let (changed, gone) = {
             let g = self.desired.lock().unwrap_or_else(|p| p.into_inner());
             let changed: Vec<&DesiredVm> = upsert
                 .iter()
                 .filter(|d| g.1.get(&d.id).map(|h| &**h) != Some(*d))
                 .collect();
-            let mut gone: Vec<String> = Vec::new();
-            if whole {
+            let gone: Vec<String> = if whole {
                 let keep: std::collections::HashSet<&str> =
                     upsert.iter().map(|d| d.id.as_str()).collect();
-                gone.extend(g.1.keys().filter(|id| !keep.contains(id.as_str())).cloned());
-            }
+                g.1.keys()
+                    .filter(|id| !keep.contains(id.as_str()))
+                    .cloned()
+                    .collect()
+            } else {
+                remove
+                    .iter()
+                    .filter(|id| g.1.contains_key(*id))
+                    .cloned()
+                    .collect()
+            };
             (changed, gone)
         };
-        for d in changed {
-            write_atomic(&self.desired_file(&d.id), &serde_json::to_vec(d)?)?;
-        }
-        gone.extend(remove.iter().cloned());
-        for id in gone {
-            match std::fs::remove_file(self.desired_file(&id)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
+        if whole {
+            if !changed.is_empty() || !gone.is_empty() {
+                let all: Vec<&DesiredVm> = upsert.iter().collect();
+                self.log.rewrite(generation, &all)?;
             }
+        } else {
+            self.log.append(&changed, &gone)?;
         }
         Ok(())
     }
@@ -293,17 +275,7 @@ impl Reconciler {
                 return Ok(());
             }
         }
-        // Every file first, then the ones nobody wants any more; both only
-        // where something changed.
-        let on_disk: Vec<String> = std::fs::read_dir(&self.desired_dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().to_string();
-                name.strip_suffix(".json").map(str::to_string)
-            })
-            .filter(|id| !vms.iter().any(|d| &d.id == id))
-            .collect();
-        self.persist(&vms, &on_disk, true)?;
+        self.persist(generation, &vms, &[], true)?;
         self.converge(generation, vms).await;
         Ok(())
     }
@@ -321,9 +293,9 @@ impl Reconciler {
         if base != have {
             return Ok(Err(NotMyGeneration { base, have }));
         }
-        self.persist(&upsert, &remove, false)?;
+        self.persist(generation, &upsert, &remove, false)?;
         let upsert: Vec<Arc<DesiredVm>> = upsert.into_iter().map(Arc::new).collect();
-        {
+        let fold = {
             let mut g = self.desired.lock().unwrap_or_else(|p| p.into_inner());
             g.0 = generation;
             for id in &remove {
@@ -332,6 +304,12 @@ impl Reconciler {
             for d in &upsert {
                 g.1.insert(d.id.clone(), d.clone());
             }
+            self.log
+                .wants_fold()
+                .then(|| g.1.values().cloned().collect::<Vec<_>>())
+        };
+        if let Some(all) = fold {
+            self.log.fold_if_due(generation, &all)?;
         }
         let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
         for id in &remove {
@@ -394,9 +372,15 @@ impl Reconciler {
         self.state_dir.join(format!("{id}.json"))
     }
 
-    fn load_local(&self, id: &str) -> Option<LocalVm> {
-        let b = std::fs::read(self.local_path(id)).ok()?;
-        serde_json::from_slice(&b).ok()
+    /// The agent's record of VM `id`: `Ok(None)` when it has no file (the
+    /// implicit default record, see [`Reconciler::save_local`]), `Err` when
+    /// the file cannot be read.
+    fn load_local(&self, id: &str) -> Result<Option<LocalVm>, ()> {
+        match std::fs::read(self.local_path(id)) {
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|_| ()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(_) => Err(()),
+        }
     }
 
     /// Persists `l`; the default record (no ports, no reboot, no machine
@@ -493,8 +477,14 @@ impl Reconciler {
 
     /// One convergence step for a VM that should exist.
     async fn step(&self, d: &DesiredVm, cached: &mut Option<LocalVm>) -> anyhow::Result<()> {
+        // No record on disk: nothing to remove if the new one is the default.
+        let mut no_file = false;
         if cached.is_none() {
-            *cached = self.load_local(&d.id);
+            match self.load_local(&d.id) {
+                Ok(Some(l)) => *cached = Some(l),
+                Ok(None) => no_file = true,
+                Err(()) => {}
+            }
         }
         let mut local = match cached.clone() {
             Some(l) => l,
@@ -512,7 +502,9 @@ impl Reconciler {
                             .map(|q| q.default_machine().to_string())
                     }),
                 };
-                self.save_local(&d.id, &l)?;
+                if !(no_file && l == LocalVm::default()) {
+                    self.save_local(&d.id, &l)?;
+                }
                 *cached = Some(l.clone());
                 l
             }
@@ -658,16 +650,8 @@ fn allocate_ports(guest_ports: &[u16]) -> std::io::Result<Vec<(u16, u16)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired_log::tests::dvm;
     use crate::driver::sim::{SimDriver, SimTimings};
-
-    fn dvm(id: &str, power: PowerState) -> DesiredVm {
-        serde_json::from_value(serde_json::json!({
-            "id": id, "name": id, "vcpus": 1, "memory_mib": 64, "disk_gib": 1,
-            "image": {"id": "i", "name": "i", "sha256": "s", "size_bytes": 1, "url_path": "/i"},
-            "power": power, "reboot_generation": 0, "stop_timeout_s": 1,
-        }))
-        .expect("desired vm")
-    }
 
     fn sim_driver(dir: &Path, memory_mib: u64) -> Arc<SimDriver> {
         Arc::new(SimDriver::new(
@@ -716,10 +700,14 @@ mod tests {
         panic!("timed out waiting until {what}");
     }
 
-    fn files(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir.join("desired"))
-            .expect("dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+    /// The VMs of the persisted desired state.
+    fn persisted(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = DesiredLog::new(dir)
+            .read()
+            .expect("desired state")
+            .vms
+            .into_iter()
+            .map(|d| d.id)
             .collect();
         v.sort();
         v
@@ -737,7 +725,7 @@ mod tests {
         .await
         .expect("apply");
         until("both run", || driver.running_count() == 2).await;
-        assert_eq!(files(tmp.path()), ["a.json", "b.json"]);
+        assert_eq!(persisted(tmp.path()), ["a", "b"]);
 
         // Changes against another generation are refused, and change nothing.
         let refused = r
@@ -753,7 +741,7 @@ mod tests {
             refused,
             Err(NotMyGeneration { base: 11, have: 10 })
         ));
-        assert_eq!(files(tmp.path()), ["a.json", "b.json"]);
+        assert_eq!(persisted(tmp.path()), ["a", "b"]);
 
         // a goes, b is stopped, c comes.
         r.apply_changes(
@@ -769,7 +757,7 @@ mod tests {
             !driver.is_running("a") && !driver.is_running("b") && driver.is_running("c")
         })
         .await;
-        assert_eq!(files(tmp.path()), ["b.json", "c.json"]);
+        assert_eq!(persisted(tmp.path()), ["b", "c"]);
 
         // A restarted agent resumes what was persisted.
         let r2 = reconciler(tmp.path(), driver.clone());
@@ -783,10 +771,10 @@ mod tests {
     #[tokio::test]
     async fn an_older_agents_desired_json_is_taken_over() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let old = DesiredFile {
-            generation: 3,
-            vms: vec![dvm("x", PowerState::Running)],
-        };
+        let old = serde_json::json!({
+            "generation": 3,
+            "vms": [dvm("x", PowerState::Running)],
+        });
         std::fs::write(
             tmp.path().join("desired.json"),
             serde_json::to_vec(&old).expect("json"),
@@ -796,7 +784,6 @@ mod tests {
         let r = reconciler(tmp.path(), driver.clone());
         r.resume().await.expect("resume");
         until("x runs", || driver.is_running("x")).await;
-        assert!(!tmp.path().join("desired.json").exists());
-        assert_eq!(files(tmp.path()), ["x.json"]);
+        assert_eq!(persisted(tmp.path()), ["x"]);
     }
 }

@@ -65,35 +65,40 @@ struct Inner {
 }
 
 impl Inner {
-    fn unlink(&mut self, id: &Id, vm: &Vm) {
-        for k in keys(vm) {
-            if let Some(s) = self.sets.get_mut(&k) {
-                s.remove(id);
-                if s.is_empty() {
-                    self.sets.remove(&k);
-                }
+    fn remove_from(&mut self, k: &(Dim, String), id: &Id) {
+        if let Some(s) = self.sets.get_mut(k) {
+            s.remove(id);
+            if s.is_empty() {
+                self.sets.remove(k);
             }
         }
-        let names = if vm.status.phase == VmPhase::Deleted {
+    }
+
+    fn names_of(&mut self, vm: &Vm) -> &mut HashMap<String, Id> {
+        if vm.status.phase == VmPhase::Deleted {
             &mut self.deleted_names
         } else {
             &mut self.live_names
-        };
+        }
+    }
+
+    fn unlink_name(&mut self, id: &Id, vm: &Vm) {
+        let names = self.names_of(vm);
         if names.get(&vm.name) == Some(id) {
             names.remove(&vm.name);
         }
     }
 
-    fn link(&mut self, id: &Id, vm: &Vm) {
-        for k in keys(vm) {
+    fn link_name(&mut self, id: &Id, vm: &Vm) {
+        self.names_of(vm).insert(vm.name.clone(), id.clone());
+    }
+
+    /// Adds a VM not indexed yet, with `keys(vm)`.
+    fn link_keys(&mut self, id: &Id, keys: Vec<(Dim, String)>, vm: &Vm) {
+        for k in keys {
             self.sets.entry(k).or_default().insert(id.clone());
         }
-        let names = if vm.status.phase == VmPhase::Deleted {
-            &mut self.deleted_names
-        } else {
-            &mut self.live_names
-        };
-        names.insert(vm.name.clone(), id.clone());
+        self.link_name(id, vm);
     }
 }
 
@@ -121,7 +126,7 @@ impl VmIndex {
             let mut g = idx.write();
             for vm in vms {
                 let id: Id = Arc::from(vm.id.as_str());
-                g.link(&id, &vm);
+                g.link_keys(&id, keys(&vm), &vm);
                 g.by_id.insert(id, Arc::new(vm));
             }
         }
@@ -129,17 +134,38 @@ impl VmIndex {
     }
 
     /// Records the VM's current (durable) state.
+    ///
+    /// Only the sets whose key changed are touched: most updates change
+    /// one attribute (a phase), and each set is an ordered set of ids with
+    /// up to a million entries. The copy and its keys are made before the
+    /// lock is taken.
     pub fn put(&self, vm: &Vm) {
+        let new = Arc::new(vm.clone());
+        let new_keys = keys(vm);
         let mut g = self.write();
-        let id: Id = match g.by_id.get_key_value(vm.id.as_str()) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(vm.id.as_str()),
+        let Some((id, old)) = g
+            .by_id
+            .get_key_value(vm.id.as_str())
+            .map(|(k, v)| (k.clone(), v.clone()))
+        else {
+            let id: Id = Arc::from(vm.id.as_str());
+            g.link_keys(&id, new_keys, vm);
+            g.by_id.insert(id, new);
+            return;
         };
-        if let Some(old) = g.by_id.get(&id).cloned() {
-            g.unlink(&id, &old);
+        let old_keys = keys(&old);
+        for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
+            g.remove_from(k, &id);
         }
-        g.link(&id, vm);
-        g.by_id.insert(id, Arc::new(vm.clone()));
+        for k in new_keys.into_iter().filter(|k| !old_keys.contains(k)) {
+            g.sets.entry(k).or_default().insert(id.clone());
+        }
+        let deleted = |v: &Vm| v.status.phase == VmPhase::Deleted;
+        if old.name != vm.name || deleted(&old) != deleted(vm) {
+            g.unlink_name(&id, &old);
+            g.link_name(&id, vm);
+        }
+        g.by_id.insert(id, new);
     }
 
     /// By id, or by name (a live VM's name wins over a deleted one's).
@@ -441,6 +467,48 @@ mod tests {
             ..Default::default()
         };
         assert!(idx.list(&unknown).is_empty());
+    }
+
+    #[test]
+    fn an_update_moves_the_vm_only_between_the_sets_that_changed() {
+        let idx = VmIndex::load(vec![
+            vm("a", "va", Some("s1"), VmPhase::Running),
+            vm("b", "vb", Some("s1"), VmPhase::Running),
+        ]);
+        let by = |site: Option<&str>, phase: Option<VmPhase>| VmFilter {
+            site: site.map(str::to_string),
+            phase,
+            ..Default::default()
+        };
+        let provider = VmFilter {
+            provider: Some("p".into()),
+            ..Default::default()
+        };
+        // a moves to s2 (host and site change; provider, country and phase
+        // do not), then only its phase changes, then it comes back.
+        idx.put(&vm("a", "va", Some("s2"), VmPhase::Running));
+        assert_eq!(ids(&idx.list(&by(Some("s1"), None))), ["b"]);
+        assert_eq!(ids(&idx.list(&by(Some("s2"), None))), ["a"]);
+        assert_eq!(ids(&idx.list(&provider)), ["a", "b"]);
+        idx.put(&vm("a", "va", Some("s2"), VmPhase::Stopped));
+        assert_eq!(ids(&idx.list(&by(None, Some(VmPhase::Running)))), ["b"]);
+        assert_eq!(
+            ids(&idx.list(&by(Some("s2"), Some(VmPhase::Stopped)))),
+            ["a"]
+        );
+        assert_eq!(ids(&idx.list(&provider)), ["a", "b"]);
+        idx.put(&vm("a", "va", Some("s1"), VmPhase::Running));
+        assert_eq!(
+            ids(&idx.list(&by(Some("s1"), Some(VmPhase::Running)))),
+            ["a", "b"]
+        );
+        // A set left empty is gone: its filter answers nothing.
+        assert!(idx.list(&by(Some("s2"), None)).is_empty());
+        assert!(idx.list(&by(None, Some(VmPhase::Stopped))).is_empty());
+        // Renamed: the old name no longer finds it.
+        idx.put(&vm("a", "va2", Some("s1"), VmPhase::Running));
+        assert!(idx.get("va").is_none());
+        assert_eq!(idx.get("va2").map(|v| v.id.clone()).as_deref(), Some("a"));
     }
 
     #[test]
