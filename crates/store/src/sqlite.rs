@@ -1,12 +1,14 @@
 //! The embedded SQLite backend.
 //!
 //! Writes go to one writer thread that commits everything queued at the same
-//! time in one transaction (group commit), each write in its own savepoint,
-//! and answers each write only after that commit is on disk (WAL,
+//! time in one transaction (group commit), each write in its own savepoint
+//! (the VM writes, the hot path, without one: see [`unguarded`]), and
+//! answers each write only after that commit is on disk (WAL,
 //! `synchronous=FULL`): many concurrent writes share one fsync, and none is
 //! acknowledged before it is durable. Reads use a second connection, which
 //! WAL lets read while the writer writes.
 
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +28,13 @@ type Job = Box<dyn FnOnce(&mut Connection) -> Box<dyn FnOnce(Result<()>) + Send>
 
 /// Most write jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
+
+thread_local! {
+    /// Set on the writer thread by a job run without a savepoint
+    /// ([`unguarded`]) that failed after it had changed rows: its changes
+    /// cannot be undone alone, so the writer rolls back the whole batch.
+    static PARTIAL_JOB: Cell<bool> = const { Cell::new(false) };
+}
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -241,8 +250,16 @@ fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
             }
             continue;
         }
+        PARTIAL_JOB.with(|p| p.set(false));
         let finishers: Vec<_> = batch.into_iter().map(|job| job(&mut conn)).collect();
-        let commit = exec_cached(&conn, "COMMIT");
+        let commit = if PARTIAL_JOB.with(|p| p.replace(false)) {
+            Err(StoreError::Db(
+                "a write of this batch failed after changing rows; the batch was rolled back"
+                    .into(),
+            ))
+        } else {
+            exec_cached(&conn, "COMMIT")
+        };
         if commit.is_err() {
             let _ = exec_cached(&conn, "ROLLBACK");
         }
@@ -419,6 +436,23 @@ fn atomic<T>(c: &mut Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Re
             Err(e)
         }
     }
+}
+
+/// Runs `f` without a savepoint, for the writes of every VM change (the hot
+/// path): a savepoint copies each page a job changes into its
+/// sub-journal, and a batch's jobs change the same few pages (the end of
+/// the VM table and of the event log), so each job copied them again. The
+/// failures these jobs expect (a name taken, a VM gone) come before their
+/// first change and leave nothing to undo; any other failure after a change
+/// rolls back the whole batch (every write in it fails, as when its commit
+/// fails), never leaving half of a job committed.
+fn unguarded<T>(c: &mut Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    let before = c.total_changes();
+    let r = f(c);
+    if r.is_err() && c.total_changes() != before {
+        PARTIAL_JOB.with(|p| p.set(true));
+    }
+    r
 }
 
 fn write_vm(tx: &Connection, vm: &Vm, body: &str, event: Option<&str>) -> Result<()> {
@@ -812,7 +846,7 @@ impl Store for SqliteStore {
         let vm = vm.clone();
         let events: Vec<String> = events.iter().map(|e| e.to_string()).collect();
         self.write(move |c| {
-            atomic(c, |tx| {
+            unguarded(c, |tx| {
                 tx.prepare_cached(
                     "INSERT INTO vms (id, name, phase, host_id, site, provider, country, image_id, body)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -844,7 +878,7 @@ impl Store for SqliteStore {
         let vm = vm.clone();
         let event = event.map(str::to_string);
         self.write(move |c| {
-            atomic(c, |tx| {
+            unguarded(c, |tx| {
                 write_vm(tx, &vm, &body, event.as_deref())?;
                 Ok(())
             })
@@ -1306,6 +1340,129 @@ mod tests {
             s.get_provider("b").await.unwrap_err(),
             StoreError::NotFound { .. }
         ));
+    }
+
+    /// VM writes run without savepoints: a create whose name is taken and
+    /// an update of a VM that is not there fail alone, and the writes
+    /// committed with them stay, with their events.
+    #[tokio::test]
+    async fn vm_writes_fail_alone_without_savepoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..300 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                match i % 3 {
+                    // The name of the VM created just before, under another id.
+                    2 => {
+                        let mut v = vm(&format!("v{}", i - 1));
+                        v.id = format!("other-{i}");
+                        s.create_vm(&v, &["created"]).await
+                    }
+                    1 => {
+                        s.create_vm(&vm(&format!("v{i}")), &["created", "scheduled"])
+                            .await
+                    }
+                    _ => {
+                        let mut v = vm(&format!("ghost{i}"));
+                        v.status.phase = VmPhase::Running;
+                        s.update_vm(&v, Some("running")).await
+                    }
+                }
+            }));
+        }
+        let (mut ok, mut conflicts, mut missing) = (0, 0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(()) => ok += 1,
+                Err(StoreError::Conflict(_)) => conflicts += 1,
+                Err(StoreError::NotFound { .. }) => missing += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((ok, conflicts, missing), (100, 100, 100));
+        drop(s);
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        // One VM per name (whichever of the two creates came first), each
+        // with exactly the events of its own create.
+        let vms = s.list_vms(&VmFilter::default()).await.unwrap();
+        let names: std::collections::BTreeSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!((vms.len(), names.len()), (100, 100));
+        for v in &vms {
+            let events = s.vm_events(&v.id).await.unwrap();
+            let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+            let want: &[&str] = if v.id.starts_with("other-") {
+                &["created"]
+            } else {
+                &["created", "scheduled"]
+            };
+            assert_eq!(messages, want, "events of {}", v.id);
+        }
+        // The losers left no events either.
+        let mut lost = 0;
+        for i in (1..300).step_by(3) {
+            for id in [format!("vm-v{i}"), format!("other-{}", i + 1)] {
+                if !vms.iter().any(|v| v.id == id) {
+                    assert!(s.vm_events(&id).await.unwrap().is_empty(), "{id}");
+                    lost += 1;
+                }
+            }
+        }
+        assert_eq!(lost, 100);
+    }
+
+    /// A job without a savepoint that fails after changing rows cannot be
+    /// undone alone: its whole batch is rolled back and every write in it
+    /// fails; the next batch commits as usual.
+    #[tokio::test]
+    async fn a_write_failing_part_way_rolls_back_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        // Hold the writer in a batch of its own while the next two queue,
+        // so that they share the next batch.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let s1 = s.clone();
+        let hold = tokio::spawn(async move {
+            s1.write(move |_c| {
+                let _ = started.send(());
+                let _ = held.recv();
+                Ok(())
+            })
+            .await
+        });
+        running.await.unwrap();
+        let s2 = s.clone();
+        let good = tokio::spawn(async move { s2.create_vm(&vm("good"), &["created"]).await });
+        let s3 = s.clone();
+        let partial = tokio::spawn(async move {
+            s3.write(|c| {
+                unguarded(c, |tx| {
+                    tx.execute(
+                        "INSERT INTO vms (id, name, phase, body) VALUES ('p', 'p', 'pending', '{}')",
+                        [],
+                    )
+                    .map_err(db)?;
+                    Err::<(), _>(StoreError::Db("failed after a change".into()))
+                })
+            })
+            .await
+        });
+        // Both are queued behind the held batch before it is let go.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+        hold.await.unwrap().unwrap();
+        let good = good.await.unwrap();
+        let partial = partial.await.unwrap();
+        assert!(partial.is_err());
+        match good {
+            Err(StoreError::Db(m)) => assert!(m.contains("rolled back"), "{m}"),
+            other => panic!("the batch's other write: {other:?}"),
+        }
+        assert!(s.list_vms(&VmFilter::default()).await.unwrap().is_empty());
+        s.create_vm(&vm("after"), &["created"]).await.unwrap();
+        assert_eq!(s.list_vms(&VmFilter::default()).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
