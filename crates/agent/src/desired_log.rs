@@ -226,17 +226,18 @@ impl DesiredLog {
             .create(true)
             .append(true)
             .open(&self.journal)?;
+        let before = f.metadata()?.len();
         let written = f.write_all(&line).and_then(|()| f.sync_data());
         if let Err(e) = written {
             // Leave no partial record for a later one to follow.
-            let _ = f.set_len(sizes.journal).and_then(|()| f.sync_data());
+            let _ = f.set_len(before).and_then(|()| f.sync_data());
             return Err(e);
         }
         if !sizes.journal_known {
             sync_dir(&self.journal)?;
             sizes.journal_known = true;
         }
-        sizes.journal += line.len() as u64;
+        sizes.journal = before + line.len() as u64;
         Ok(())
     }
 
