@@ -322,3 +322,56 @@ fn measured_rtt_overrides_the_model() {
     let u = e.place(&r).unwrap_err();
     assert_eq!(u.counts, vec![(Rule::Latency, 24)]);
 }
+
+/// Packing fills a host until its vCPUs run out, with memory to spare. Such
+/// a host is no candidate for a request that needs a vCPU (the next one
+/// goes to the other host), still takes a request for none, and is
+/// explained as short of vCPUs, not as not ready.
+#[test]
+fn hosts_without_a_free_vcpu_are_skipped_and_explained() {
+    let sites = example_sites();
+    let site = sites[0].name.clone();
+    let hosts = vec![host("a", &site, 64), host("b", &site, 64)];
+    let mut e = Engine::new(sites, hosts).unwrap();
+    let only_here = || json(serde_json::json!({"site": site}));
+    let vm = |vcpus: u32| {
+        Request::new(
+            Resources {
+                vcpus,
+                memory_mib: 1024,
+                disk_gib: 1,
+            },
+            only_here(),
+            Weights::default(),
+        )
+        .unwrap()
+    };
+    // 32 vCPUs a host: 16 VMs of 2 fill the first one's (16 GiB of 64 used).
+    let mut on = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..16 {
+        let r = vm(2);
+        let d = e.place(&r).unwrap();
+        e.commit(&format!("v{i}"), &d.host, &r).unwrap();
+        *on.entry(d.host).or_default() += 1;
+    }
+    assert_eq!(on.len(), 1, "packing fills one host first: {on:?}");
+    let first = on.keys().next().unwrap().clone();
+    let other = if first == "a" { "b" } else { "a" };
+    let d = e.place(&vm(2)).unwrap();
+    assert_eq!(d.host, other, "{}", d.reason);
+    // A request for no vCPU still fits the full host, tightest first.
+    assert_eq!(e.place(&vm(0)).unwrap().host, first);
+    // Fill the other one too: nothing with a vCPU fits, and both are
+    // counted as short of vCPUs.
+    for i in 16..32 {
+        let r = vm(2);
+        let d = e.place(&r).unwrap();
+        assert_eq!(d.host, other);
+        e.commit(&format!("v{i}"), &d.host, &r).unwrap();
+    }
+    let u = e.place(&vm(1)).unwrap_err();
+    assert_eq!(u.counts, vec![(Rule::Vcpus, 2)], "{}", u.message);
+    // A release gives the host its vCPUs back: it is a candidate again.
+    e.release("v0");
+    assert_eq!(e.place(&vm(2)).unwrap().host, first);
+}
