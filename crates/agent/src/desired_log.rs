@@ -35,7 +35,7 @@ use virt8ra_api::protocol::DesiredVm;
 const MIN_FOLD_BYTES: u64 = 64 << 10;
 
 /// The snapshot's format (also that of agents before protocol 3).
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Snapshot {
     generation: u64,
     vms: Vec<DesiredVm>,
@@ -169,16 +169,16 @@ impl DesiredLog {
         match std::fs::read(&self.journal) {
             Ok(b) => {
                 let lines: Vec<&[u8]> = b.split(|c| *c == b'\n').collect();
+                let last = lines.iter().rposition(|l| !l.is_empty());
                 for (i, line) in lines.iter().enumerate() {
                     if line.is_empty() {
                         continue;
                     }
-                    let last = lines[i + 1..].iter().all(|l| l.is_empty());
                     let r: RecordIn = match serde_json::from_slice(line) {
                         Ok(r) => r,
                         // The last record, cut short by a crash while it
                         // was written: never acknowledged, never acted on.
-                        Err(_) if last => {
+                        Err(_) if Some(i) == last => {
                             torn_bytes = line.len();
                             break;
                         }
@@ -234,7 +234,7 @@ impl DesiredLog {
             return Err(e);
         }
         if !sizes.journal_known {
-            sync_dir(&self.journal)?;
+            crate::reconciler::sync_dir(&self.journal)?;
             sizes.journal_known = true;
         }
         sizes.journal = before + line.len() as u64;
@@ -276,20 +276,13 @@ impl DesiredLog {
         Ok(())
     }
 
-    /// Folds the journal into a snapshot of `vms` if it has outgrown it.
-    pub fn fold_if_due(&self, generation: u64, vms: &[Arc<DesiredVm>]) -> std::io::Result<()> {
-        if !self.wants_fold() {
-            return Ok(());
-        }
+    /// Folds the journal into a snapshot of `vms` (the whole state), as
+    /// [`rewrite`] does; for callers that hold the state shared.
+    ///
+    /// [`rewrite`]: DesiredLog::rewrite
+    pub fn fold(&self, generation: u64, vms: &[Arc<DesiredVm>]) -> std::io::Result<()> {
         let refs: Vec<&DesiredVm> = vms.iter().map(|d| &**d).collect();
         self.rewrite(generation, &refs)
-    }
-}
-
-fn sync_dir(file: &Path) -> std::io::Result<()> {
-    match file.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
     }
 }
 
@@ -388,7 +381,7 @@ pub(crate) mod tests {
             assert!(appended < 10_000, "the journal never asked to be folded");
         }
         assert!(appended > 4, "folded after {appended} records");
-        log.fold_if_due(2, &vms).expect("fold");
+        log.fold(2, &vms).expect("fold");
         assert!(!log.wants_fold());
         let journal = tmp.path().join("desired.log");
         assert_eq!(std::fs::metadata(&journal).expect("journal").len(), 0);

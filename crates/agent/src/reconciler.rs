@@ -139,12 +139,16 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
+    let _ = sync_dir(path);
     Ok(())
+}
+
+/// Makes the directory entry of `file` durable (fsync of its directory).
+pub(crate) fn sync_dir(file: &Path) -> std::io::Result<()> {
+    match file.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 impl Reconciler {
@@ -309,7 +313,7 @@ impl Reconciler {
                 .then(|| g.1.values().cloned().collect::<Vec<_>>())
         };
         if let Some(all) = fold {
-            self.log.fold_if_due(generation, &all)?;
+            self.log.fold(generation, &all)?;
         }
         let mut actors = self.actors.lock().unwrap_or_else(|p| p.into_inner());
         for id in &remove {
@@ -374,12 +378,14 @@ impl Reconciler {
 
     /// The agent's record of VM `id`: `Ok(None)` when it has no file (the
     /// implicit default record, see [`Reconciler::save_local`]), `Err` when
-    /// the file cannot be read.
-    fn load_local(&self, id: &str) -> Result<Option<LocalVm>, ()> {
+    /// the file cannot be read or parsed.
+    fn load_local(&self, id: &str) -> std::io::Result<Option<LocalVm>> {
         match std::fs::read(self.local_path(id)) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|_| ()),
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(std::io::Error::other),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(_) => Err(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -483,7 +489,8 @@ impl Reconciler {
             match self.load_local(&d.id) {
                 Ok(Some(l)) => *cached = Some(l),
                 Ok(None) => no_file = true,
-                Err(()) => {}
+                // Unreadable: written afresh below.
+                Err(_) => {}
             }
         }
         let mut local = match cached.clone() {

@@ -141,6 +141,11 @@ struct Class {
     members: usize,
 }
 
+/// A ready host's key in its class's `free` or `full` set.
+fn free_key(h: &Host, id: u32) -> (u8, u64, u32) {
+    (u8::from(h.vms == 0), h.free_mem(), id)
+}
+
 /// Same features, as sets (no allocation: this runs on every allocation).
 fn same_features(a: &HostInfo, b: &HostInfo) -> bool {
     fn same_set(x: &[String], y: &[String]) -> bool {
@@ -392,7 +397,7 @@ impl Engine {
         self.host_class[id as usize] = c as u32;
         classes[c].members += 1;
         if h.info.ready {
-            let key = (u8::from(h.vms == 0), h.free_mem(), id);
+            let key = free_key(h, id);
             if h.used.vcpus < h.cap.vcpus {
                 classes[c].free.insert(key);
             } else {
@@ -411,7 +416,7 @@ impl Engine {
         if let Some(c) =
             self.site_classes[h.site as usize].get_mut(self.host_class[id as usize] as usize)
         {
-            let key = (u8::from(h.vms == 0), h.free_mem(), id);
+            let key = free_key(h, id);
             if !c.free.remove(&key) {
                 c.full.remove(&key);
             }

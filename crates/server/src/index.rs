@@ -74,6 +74,10 @@ impl Inner {
         }
     }
 
+    fn add_to(&mut self, k: (Dim, String), id: &Id) {
+        self.sets.entry(k).or_default().insert(id.clone());
+    }
+
     fn names_of(&mut self, vm: &Vm) -> &mut HashMap<String, Id> {
         if vm.status.phase == VmPhase::Deleted {
             &mut self.deleted_names
@@ -96,7 +100,7 @@ impl Inner {
     /// Adds a VM not indexed yet, with `keys(vm)`.
     fn link_keys(&mut self, id: &Id, keys: Vec<(Dim, String)>, vm: &Vm) {
         for k in keys {
-            self.sets.entry(k).or_default().insert(id.clone());
+            self.add_to(k, id);
         }
         self.link_name(id, vm);
     }
@@ -158,7 +162,7 @@ impl VmIndex {
             g.remove_from(k, &id);
         }
         for k in new_keys.into_iter().filter(|k| !old_keys.contains(k)) {
-            g.sets.entry(k).or_default().insert(id.clone());
+            g.add_to(k, &id);
         }
         let deleted = |v: &Vm| v.status.phase == VmPhase::Deleted;
         if old.name != vm.name || deleted(&old) != deleted(vm) {
@@ -502,7 +506,7 @@ mod tests {
             ids(&idx.list(&by(Some("s1"), Some(VmPhase::Running)))),
             ["a", "b"]
         );
-        // A set left empty is gone: its filter answers nothing.
+        // Nothing is left behind in the sets a VM moved out of.
         assert!(idx.list(&by(Some("s2"), None)).is_empty());
         assert!(idx.list(&by(None, Some(VmPhase::Stopped))).is_empty());
         // Renamed: the old name no longer finds it.

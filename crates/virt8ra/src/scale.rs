@@ -254,14 +254,13 @@ struct Api {
 }
 
 impl Api {
-    /// One call; the answer is parsed only when `parse` (or on an error).
-    async fn call(
+    /// Sends one call; an answer other than 2xx is an error with its body.
+    async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
-        parse: bool,
-    ) -> anyhow::Result<Value> {
+    ) -> anyhow::Result<reqwest::Response> {
         let mut rb = self
             .http
             .request(method, format!("{}/api/v1{path}", self.url))
@@ -271,30 +270,42 @@ impl Api {
         }
         let r = rb.send().await?;
         let status = r.status();
-        // Read whole either way, so that the connection is reused.
-        let bytes = r.bytes().await?;
         if !status.is_success() {
-            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let v: Value = r.json().await.unwrap_or(Value::Null);
             bail!("{path}: {status}: {v}");
         }
-        Ok(match parse {
-            true => serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            false => Value::Null,
-        })
+        Ok(r)
+    }
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let r = self.send(method, path, body).await?;
+        Ok(r.json().await.unwrap_or(Value::Null))
+    }
+    /// A call whose answer the load generator does not look at (its CPU is
+    /// shared with the control plane being measured): read whole, so that
+    /// the connection is reused, but not parsed.
+    async fn call_unread(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<()> {
+        self.send(method, path, body).await?.bytes().await?;
+        Ok(())
     }
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::GET, path, None, true).await
+        self.call(reqwest::Method::GET, path, None).await
     }
     async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        self.call(reqwest::Method::POST, path, Some(body), true)
-            .await
+        self.call(reqwest::Method::POST, path, Some(body)).await
     }
-    /// A POST whose answer the load generator does not look at (its CPU is
-    /// shared with the control plane being measured).
     async fn post_unread(&self, path: &str, body: Value) -> anyhow::Result<()> {
-        self.call(reqwest::Method::POST, path, Some(body), false)
+        self.call_unread(reqwest::Method::POST, path, Some(body))
             .await
-            .map(|_| ())
     }
 }
 
@@ -721,14 +732,8 @@ pub async fn run(
         drive(deleted.len(), load.concurrency, load.ops_rate, move |i| {
             let (api, name) = (api.clone(), deleted[i].clone());
             async move {
-                api.call(
-                    reqwest::Method::DELETE,
-                    &format!("/vms/{name}"),
-                    None,
-                    false,
-                )
-                .await
-                .map(|_| ())
+                api.call_unread(reqwest::Method::DELETE, &format!("/vms/{name}"), None)
+                    .await
             }
         })
         .await?
