@@ -94,9 +94,15 @@ struct Placed {
     res: Resources,
     /// Shared, so the map of VMs stays small (a resize moves 16-byte
     /// pointers, not whole requests) and cloning the engine for a rebalance
-    /// plan does not copy every request.
+    /// plan does not copy every request; equal requests share one copy
+    /// (see [`Engine::intern`]).
     req: Arc<Request>,
 }
+
+/// Requests recently committed, which the next commits share when equal:
+/// VMs made from one template ask for the same thing, and a request is
+/// about 750 bytes (a million VMs held 750 MB of identical copies).
+const INTERNED: usize = 8;
 
 /// Members of a group: how many at each host, site, provider and country.
 #[derive(Debug, Clone, Default)]
@@ -198,6 +204,8 @@ pub struct Engine {
     provider_mem: HashMap<String, u64>,
     measured: HashMap<(u32, String), f64>,
     cache: HashMap<String, Arc<Vec<SiteEval>>>,
+    /// The requests last committed, newest first (see [`INTERNED`]).
+    interned: Vec<Arc<Request>>,
     defaults: Weights,
     max_carbon: f64,
     max_price: f64,
@@ -230,6 +238,7 @@ impl Engine {
             provider_mem: HashMap::new(),
             measured: HashMap::new(),
             cache: HashMap::new(),
+            interned: Vec::new(),
             defaults: Weights::default(),
             max_carbon: 1.0,
             max_price: 1.0,
@@ -842,27 +851,47 @@ impl Engine {
         let h = &mut self.hosts[id as usize];
         h.used.add(&r.res);
         h.vms += 1;
-        let site = self.sites[h.site as usize].clone();
-        let name = h.info.name.clone();
-        self.index(id);
-        *self.provider_mem.entry(site.provider.clone()).or_default() += r.res.memory_mib;
+        let (site, name) = (&self.sites[h.site as usize], &h.info.name);
+        match self.provider_mem.get_mut(&site.provider) {
+            Some(m) => *m += r.res.memory_mib,
+            None => {
+                self.provider_mem
+                    .insert(site.provider.clone(), r.res.memory_mib);
+            }
+        }
         for g in [&r.c.anti_affinity, &r.c.affinity].into_iter().flatten() {
             let grp = self.groups.entry(g.group.clone()).or_default();
             for l in LEVELS {
                 *grp.at[level_idx(l)]
-                    .entry(level_key(l, &name, &site))
+                    .entry(level_key(l, name, site))
                     .or_default() += 1;
             }
         }
+        self.index(id);
+        let req = self.intern(r);
         self.vms.insert(
             vm.to_string(),
             Placed {
                 host: id,
                 res: r.res,
-                req: Arc::new(r.clone()),
+                req,
             },
         );
         Ok(())
+    }
+
+    /// A shared copy of `r`: one of the requests committed lately when it
+    /// equals `r`, else a new one, remembered in their place.
+    fn intern(&mut self, r: &Request) -> Arc<Request> {
+        if let Some(i) = self.interned.iter().position(|q| **q == *r) {
+            let q = self.interned.remove(i);
+            self.interned.insert(0, q.clone());
+            return q;
+        }
+        let q = Arc::new(r.clone());
+        self.interned.truncate(INTERNED - 1);
+        self.interned.insert(0, q.clone());
+        q
     }
 
     /// Frees what `vm` held. Unknown VMs are ignored.
@@ -874,9 +903,7 @@ impl Engine {
         let h = &mut self.hosts[p.host as usize];
         h.used.sub(&p.res);
         h.vms = h.vms.saturating_sub(1);
-        let site = self.sites[h.site as usize].clone();
-        let name = h.info.name.clone();
-        self.index(p.host);
+        let (site, name) = (&self.sites[h.site as usize], &h.info.name);
         if let Some(m) = self.provider_mem.get_mut(&site.provider) {
             *m = m.saturating_sub(p.res.memory_mib);
         }
@@ -887,7 +914,7 @@ impl Engine {
             if let Some(grp) = self.groups.get_mut(&g.group) {
                 for l in LEVELS {
                     let map = &mut grp.at[level_idx(l)];
-                    let key = level_key(l, &name, &site);
+                    let key = level_key(l, name, site);
                     if let Some(n) = map.get_mut(&key) {
                         *n -= 1;
                         if *n == 0 {
@@ -897,6 +924,7 @@ impl Engine {
                 }
             }
         }
+        self.index(p.host);
     }
 
     /// Approximate bytes the engine keeps per host (host record, names and
@@ -983,5 +1011,43 @@ mod tests {
             }
             assert!(placed > 1000, "only {placed} placed");
         }
+    }
+
+    /// VMs committed with equal requests share one copy of it, also when
+    /// other requests were committed in between, and a VM with another
+    /// request keeps its own.
+    #[test]
+    fn equal_requests_share_one_copy() {
+        let (sites, hosts) = topology(20, 3);
+        let mut e = Engine::new(sites, hosts).expect("topology");
+        let mut rs = requests(40, 3, false).into_iter().map(|(_, r)| r);
+        let a = rs.next().expect("a request");
+        let b = rs.find(|r| *r != a).expect("a different request");
+        let mut commit = |vm: &str, r: &Request| {
+            let host = e.place(r).expect("room").host;
+            e.commit(vm, &host, r).expect("commit");
+        };
+        commit("v1", &a);
+        commit("v2", &b);
+        commit("v3", &a.clone());
+        let req = |vm: &str| e.vms[vm].req.clone();
+        assert!(Arc::ptr_eq(&req("v1"), &req("v3")));
+        assert!(!Arc::ptr_eq(&req("v1"), &req("v2")));
+        assert_eq!(*req("v2"), b);
+        // Beyond what is remembered, an equal request gets a copy again.
+        let mut others = requests(400, 5, false).into_iter().map(|(_, r)| r);
+        let mut n = 0;
+        while n < INTERNED {
+            let r = others.next().expect("enough requests");
+            if e.interned.iter().all(|q| **q != r) {
+                let host = e.place(&r).expect("room").host;
+                e.commit(&format!("o{n}"), &host, &r).expect("commit");
+                n += 1;
+            }
+        }
+        let host = e.place(&a).expect("room").host;
+        e.commit("v4", &host, &a).expect("commit");
+        assert!(!Arc::ptr_eq(&e.vms["v1"].req, &e.vms["v4"].req));
+        assert_eq!(*e.vms["v4"].req, a);
     }
 }

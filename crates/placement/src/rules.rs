@@ -139,7 +139,7 @@ impl Default for Weights {
 }
 
 /// What one VM needs, compiled for fast checks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub res: Resources,
     pub c: PlacementConstraints,

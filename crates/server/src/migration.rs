@@ -859,7 +859,11 @@ async fn finish(app: &App, m: &mut Migration, phase: MigrationPhase, msg: String
     vm.updated_at = Utc::now();
     advance(app, m, phase, msg, Some(&vm)).await?;
     app.migrations.forget_reports(&m.id);
-    app.placement.invalidate();
+    // The target's reservation goes; the VM is booked where it now runs
+    // (the target once it switched over, else still the source).
+    app.placement
+        .release(&format!("{}/migration/{}", m.vm_id, m.id));
+    app.placement.rebook(&vm);
     Ok(())
 }
 

@@ -2,10 +2,12 @@
 //! (`virt8ra-placement`, pure) loaded with the current sites, hosts and
 //! allocations, in memory, so a decision never scans the database.
 //!
-//! The engine is rebuilt from the store only when the topology changed (a
-//! site, provider or host was added, changed or removed; a VM was deleted);
-//! placements made by the scheduler are committed to it directly, and host
-//! readiness (from heartbeats) is refreshed on every scheduler pass.
+//! The engine is rebuilt from the in-memory VM index only when the topology
+//! changed (a site or provider was added, changed or removed, a host
+//! removed or evacuated), one rebuild at a time; placements are committed
+//! to it directly, a deleted VM is released, a finished migration frees
+//! its target reservation and books the VM where it now runs, and host
+//! readiness (from heartbeats) is refreshed at most once a second.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -41,6 +43,11 @@ impl Default for PlacementConfig {
 pub struct Placement {
     pub config: PlacementConfig,
     loaded: Mutex<Option<Loaded>>,
+    /// Held while the engine is rebuilt, so that callers who find it
+    /// missing wait for one rebuild instead of each making their own (at a
+    /// million VMs a rebuild holds a copy of every allocation, and a few at
+    /// once took gigabytes).
+    building: tokio::sync::Mutex<()>,
 }
 
 struct Loaded {
@@ -64,6 +71,7 @@ impl Placement {
         Placement {
             config,
             loaded: Mutex::new(None),
+            building: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -115,6 +123,29 @@ impl Placement {
         app.hub.rejudge_later(&h.id);
     }
 
+    /// Books `vm` where it is now (its host in the index), or frees its
+    /// allocation when it has no host any more: after a migration moved it,
+    /// instead of a rebuild, which costs O(hosts + VMs) per migration.
+    pub fn rebook(&self, vm: &Vm) {
+        let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(l) = g.as_mut() else {
+            return;
+        };
+        let host = (vm.status.phase != VmPhase::Deleted)
+            .then_some(vm.status.host_id.as_ref())
+            .flatten()
+            .and_then(|id| l.names.get(id));
+        let Some(host) = host else {
+            l.engine.release(&vm.id);
+            return;
+        };
+        let req = booked_request(vm, self.config.weights);
+        if l.engine.commit(&vm.id, host, &req).is_err() {
+            // A host the engine does not know: start from the store.
+            *g = None;
+        }
+    }
+
     /// Frees a VM's allocation (it was deleted).
     pub fn release(&self, vm_id: &str) {
         if let Some(l) = self
@@ -133,16 +164,20 @@ impl Placement {
         app: &App,
         f: impl FnOnce(&mut Engine) -> T,
     ) -> ApiResult<T> {
-        let missing = self
-            .loaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none();
-        if missing {
-            let l = self.build(app).await?;
-            let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-            if g.is_none() {
-                *g = Some(l);
+        let missing = || {
+            self.loaded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+        };
+        if missing() {
+            let _one = self.building.lock().await;
+            if missing() {
+                let l = self.build(app).await?;
+                let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+                if g.is_none() {
+                    *g = Some(l);
+                }
             }
         }
         let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
@@ -189,16 +224,7 @@ impl Placement {
             let Some(host) = vm.status.host_id.as_deref().and_then(|id| by_id.get(id)) else {
                 continue;
             };
-            let req = request(&vm, self.config.weights).unwrap_or_else(|_| {
-                // A spec from an older rule set: keep its capacity accounted.
-                Request::new(
-                    resources(&vm),
-                    PlacementConstraints::default(),
-                    self.config.weights,
-                )
-                .unwrap_or_else(|_| unreachable_request(&vm))
-            });
-            let _ = e.commit(&vm.id, host, &req);
+            let _ = e.commit(&vm.id, host, &booked_request(&vm, self.config.weights));
         }
         // Capacity held on the targets of migrations under way.
         for m in app.migrations.active() {
@@ -224,6 +250,16 @@ impl Placement {
             refreshed: None,
         })
     }
+}
+
+/// The request under which an existing VM's capacity is booked: its own,
+/// or, for a spec from an older rule set that no longer validates, its
+/// resources alone (its capacity stays accounted).
+fn booked_request(vm: &Vm, weights: Weights) -> Request {
+    request(vm, weights).unwrap_or_else(|_| {
+        Request::new(resources(vm), PlacementConstraints::default(), weights)
+            .unwrap_or_else(|_| unreachable_request(vm))
+    })
 }
 
 fn unreachable_request(vm: &Vm) -> Request {

@@ -140,6 +140,44 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
         assert_eq!(v["status"]["country"], "PL");
     }
 
+    // A migration moves the VM's allocation from its host to the target:
+    // the control plane's books follow it without a rebuild from the store.
+    let alloc = |c: &Cluster| -> std::collections::HashMap<String, u64> {
+        c.ok("GET", "/api/v1/hosts", None)["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                let n = h["allocated"]["memory_mib"].as_u64().unwrap();
+                (h["name"].as_str().unwrap().to_string(), n)
+            })
+            .collect()
+    };
+    let before = alloc(&c);
+    let src = c.vm("s3")["status"]["host"].as_str().unwrap().to_string();
+    let dst = before.keys().find(|h| **h != src).unwrap().clone();
+    let out = c.cli_ok(&[
+        "vm",
+        "migrate",
+        "s3",
+        "--to-host",
+        &dst,
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(c.vm("s3")["status"]["host"], dst.as_str());
+    let after = alloc(&c);
+    assert_eq!(after[&src], before[&src] - 128, "{before:?} -> {after:?}");
+    assert_eq!(after[&dst], before[&dst] + 128, "{before:?} -> {after:?}");
+    assert_eq!(
+        after.values().sum::<u64>(),
+        before.values().sum::<u64>(),
+        "the target's reservation was not freed: {before:?} -> {after:?}"
+    );
+
     // Stop, then delete everything.
     c.cli_ok(&["vm", "stop", "s0", "--wait"]);
     for i in 0..30 {
