@@ -117,7 +117,12 @@ async fn bench(b: Bench, o: virt8ra_cli::output::Format) -> anyhow::Result<()> {
                     ),
                     (
                         "server RSS",
-                        format!("{:.1} MiB", r.server_rss_bytes as f64 / 1048576.0),
+                        format!(
+                            "{:.1} MiB at the end, {:.1} MiB after the creates, {:.1} MiB at most",
+                            r.server_rss_bytes as f64 / 1048576.0,
+                            r.server_rss_after_create_bytes as f64 / 1048576.0,
+                            r.server_peak_rss_bytes as f64 / 1048576.0
+                        ),
                     ),
                     (
                         "simulated hosts' process RSS",

@@ -158,7 +158,13 @@ pub struct ScaleReport {
     /// Migrated VMs that are not running on exactly the host the control
     /// plane names, a different one from where they were.
     pub migration_mismatches: usize,
+    /// The control plane's resident memory at the end of the run (after
+    /// the lifecycle operations and migrations).
     pub server_rss_bytes: u64,
+    /// ... right after the last VM created runs.
+    pub server_rss_after_create_bytes: u64,
+    /// ... at its highest during the run (the kernel's high-water mark).
+    pub server_peak_rss_bytes: u64,
     /// This process (simulated hosts and load generator), for planning runs.
     pub bench_rss_bytes: u64,
     /// The database file and its WAL.
@@ -216,17 +222,27 @@ fn load_1m() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Resident memory of a process now.
 fn rss_bytes(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:") * 1024
+}
+
+/// The most resident memory a process had so far (its high-water mark).
+fn peak_rss_bytes(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:") * 1024
+}
+
+/// A field of `/proc/<pid>/status` given in kB (0 when it cannot be read).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .unwrap_or(0)
-        * 1024
 }
 
 fn start_server(dir: &Path, port: u16) -> anyhow::Result<Server> {
@@ -512,6 +528,7 @@ pub async fn run(
     }
     let all_running = t0.elapsed().as_secs_f64();
     let vms_running = running(&sim);
+    let rss_after_create = rss_bytes(server_pid);
     let create_cpu = (
         cpu_seconds(Some(server_pid)) - server_cpu0,
         cpu_seconds(None) - own_cpu0,
@@ -819,6 +836,7 @@ pub async fn run(
 
     let pid = server.0.id();
     let server_rss = rss_bytes(pid);
+    let server_peak_rss = peak_rss_bytes(pid);
     let size = |f: &str| {
         std::fs::metadata(tmp.path().join("server").join(f))
             .map(|m| m.len())
@@ -876,6 +894,8 @@ pub async fn run(
         migration_p99_ms: percentile(&mut migration_ms, 0.99),
         migration_mismatches,
         server_rss_bytes: server_rss,
+        server_rss_after_create_bytes: rss_after_create,
+        server_peak_rss_bytes: server_peak_rss,
         bench_rss_bytes: rss_bytes(std::process::id()),
         db_bytes: db,
         wal_bytes: wal,
