@@ -24,7 +24,9 @@
 //! per site (its hosts counted together), feature rules once per class, and
 //! only readiness, groups and capacity per host.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use virt8ra_api::Level;

@@ -5,7 +5,7 @@
 //! every beat: a host's liveness (ready or unreachable) is derived from the
 //! time of its last beat. Only connects and disconnects are persisted.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -482,8 +482,8 @@ fn report_hash(r: &VmReport) -> u64 {
 
 /// A 64-bit hash of a value's JSON, written straight into the hasher.
 fn json_hash<T: serde::Serialize + ?Sized>(r: &T) -> u64 {
-    use std::hash::Hasher;
-    struct W(std::collections::hash_map::DefaultHasher);
+    use std::hash::{BuildHasher, Hasher};
+    struct W(foldhash::quality::FoldHasher);
     impl std::io::Write for W {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             self.0.write(b);
@@ -493,7 +493,8 @@ fn json_hash<T: serde::Serialize + ?Sized>(r: &T) -> u64 {
             Ok(())
         }
     }
-    let mut w = W(Default::default());
+    // Fixed seeds: the hashes are compared only within this process.
+    let mut w = W(foldhash::quality::FixedState::with_seed(0x7669_7274_3872_6100).build_hasher());
     // Serializing a report into a hasher cannot fail.
     let _ = serde_json::to_writer(&mut w, r);
     w.0.finish()

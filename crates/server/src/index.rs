@@ -14,7 +14,9 @@
 //! smallest set that applies, from the cursor on, and checks the other
 //! filters on each VM, so a page costs about its size whatever the total.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::HashMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
