@@ -4,10 +4,11 @@
 //!
 //! The engine is rebuilt from the in-memory VM index only when the topology
 //! changed (a site or provider was added, changed or removed, a host
-//! removed or evacuated), one rebuild at a time; placements are committed
-//! to it directly, a deleted VM is released, a finished migration frees
-//! its target reservation and books the VM where it now runs, and host
-//! readiness (from heartbeats) is refreshed at most once a second.
+//! removed), one rebuild at a time; placements are committed to it
+//! directly, a deleted VM is released, a host that joins, changes state or
+//! is evacuated is updated in place, a finished migration frees its target
+//! reservation and books the VM where it now runs, and host readiness (from
+//! heartbeats) is refreshed at most once a second.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -128,18 +128,15 @@ async fn evacuate(
         if h.state == HostState::Ready {
             h.state = HostState::Maintenance;
             app.update_host(&h).await?;
+            app.placement.upsert_host(app, &h);
         }
     }
-    app.placement.invalidate();
     let mut out = Evacuation::default();
     for id in &host_ids {
-        let vms = app
-            .store
-            .list_vms(&VmFilter {
-                host_id: Some(id.clone()),
-                ..Default::default()
-            })
-            .await?;
+        let vms = app.vms.list(&VmFilter {
+            host_id: Some(id.clone()),
+            ..Default::default()
+        });
         for vm in vms {
             if matches!(
                 vm.status.phase,
