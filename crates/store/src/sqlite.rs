@@ -232,7 +232,8 @@ impl SqliteStore {
 
 /// The writer thread: takes every job queued, runs them in one transaction
 /// (each job inside its own savepoint, so one job's failure undoes only that
-/// job), commits once, then answers them all.
+/// job, except the VM writes: see [`unguarded`]), commits once, then answers
+/// them all.
 fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
