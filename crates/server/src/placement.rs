@@ -142,7 +142,7 @@ impl Placement {
         };
         let req = booked_request(vm, self.config.weights);
         if l.engine.commit(&vm.id, host, &req).is_err() {
-            // A host the engine does not know: start from the store.
+            // A host the engine does not know: rebuild before the next decision.
             *g = None;
         }
     }
