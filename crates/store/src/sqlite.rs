@@ -519,6 +519,13 @@ fn insert_event(conn: &Connection, vm: &Vm, message: &str) -> Result<()> {
         .map_err(db)?
         .query_row([&vm.id], |r| r.get(0))
         .map_err(db)?;
+    insert_event_at(conn, vm, seq, message)
+}
+
+/// Inserts event number `seq` of `vm`. A VM just inserted has no events
+/// yet (its id is new: the insert of its row would have failed otherwise),
+/// so its events are numbered from 1 without looking.
+fn insert_event_at(conn: &Connection, vm: &Vm, seq: i64, message: &str) -> Result<()> {
     conn.prepare_cached(
         "INSERT INTO vm_events (vm_id, seq, at, phase, message) VALUES (?1, ?2, ?3, ?4, ?5)",
     )
@@ -871,8 +878,8 @@ impl Store for SqliteStore {
                     body
                 ])
                 .map_err(|e| conflict_or_db(e, || format!("VM '{}' already exists", vm.name)))?;
-                for e in &events {
-                    insert_event(tx, &vm, e)?;
+                for (seq, e) in (1..).zip(&events) {
+                    insert_event_at(tx, &vm, seq, e)?;
                 }
                 Ok(())
             })
@@ -1470,6 +1477,20 @@ mod tests {
         assert!(s.list_vms(&VmFilter::default()).await.unwrap().is_empty());
         s.create_vm(&vm("after"), &["created"]).await.unwrap();
         assert_eq!(s.list_vms(&VmFilter::default()).await.unwrap().len(), 1);
+    }
+
+    /// Events are numbered in order from 1: those written with the VM's
+    /// creation (numbered without a lookup) as well as later updates'.
+    #[tokio::test]
+    async fn vm_events_are_numbered_from_one_in_order() {
+        let s = SqliteStore::in_memory().unwrap();
+        let mut b = vm("db");
+        s.create_vm(&b, &["created", "scheduled"]).await.unwrap();
+        b.status.phase = VmPhase::Running;
+        s.update_vm(&b, Some("running")).await.unwrap();
+        let ev = s.vm_events(&b.id).await.unwrap();
+        let seqs: Vec<(u64, &str)> = ev.iter().map(|e| (e.seq, e.message.as_str())).collect();
+        assert_eq!(seqs, [(1, "created"), (2, "scheduled"), (3, "running")]);
     }
 
     #[tokio::test]
