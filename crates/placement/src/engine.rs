@@ -25,9 +25,9 @@
 //! only readiness, groups and capacity per host.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
-use std::sync::Arc;
 
 use virt8ra_api::Level;
 
@@ -1022,16 +1022,16 @@ mod tests {
     fn equal_requests_share_one_copy() {
         let (sites, hosts) = topology(20, 3);
         let mut e = Engine::new(sites, hosts).expect("topology");
+        fn commit(e: &mut Engine, vm: &str, r: &Request) {
+            let host = e.place(r).expect("room").host;
+            e.commit(vm, &host, r).expect("commit");
+        }
         let mut rs = requests(40, 3, false).into_iter().map(|(_, r)| r);
         let a = rs.next().expect("a request");
         let b = rs.find(|r| *r != a).expect("a different request");
-        let mut commit = |vm: &str, r: &Request| {
-            let host = e.place(r).expect("room").host;
-            e.commit(vm, &host, r).expect("commit");
-        };
-        commit("v1", &a);
-        commit("v2", &b);
-        commit("v3", &a.clone());
+        commit(&mut e, "v1", &a);
+        commit(&mut e, "v2", &b);
+        commit(&mut e, "v3", &a.clone());
         let req = |vm: &str| e.vms[vm].req.clone();
         assert!(Arc::ptr_eq(&req("v1"), &req("v3")));
         assert!(!Arc::ptr_eq(&req("v1"), &req("v2")));
@@ -1042,13 +1042,11 @@ mod tests {
         while n < INTERNED {
             let r = others.next().expect("enough requests");
             if e.interned.iter().all(|q| **q != r) {
-                let host = e.place(&r).expect("room").host;
-                e.commit(&format!("o{n}"), &host, &r).expect("commit");
+                commit(&mut e, &format!("o{n}"), &r);
                 n += 1;
             }
         }
-        let host = e.place(&a).expect("room").host;
-        e.commit("v4", &host, &a).expect("commit");
+        commit(&mut e, "v4", &a);
         assert!(!Arc::ptr_eq(&e.vms["v1"].req, &e.vms["v4"].req));
         assert_eq!(*e.vms["v4"].req, a);
     }

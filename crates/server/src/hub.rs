@@ -5,12 +5,12 @@
 //! every beat: a host's liveness (ready or unreachable) is derived from the
 //! time of its last beat. Only connects and disconnects are persisted.
 
-use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use foldhash::{HashMap, HashMapExt};
 use tokio::sync::{mpsc, oneshot};
 use virt8ra_api::protocol::{
     DesiredVm, ImageRef, ServerMessage, VmReport, DESIRED_CHANGES_PROTOCOL_VERSION,

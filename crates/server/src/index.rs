@@ -15,10 +15,10 @@
 //! filters on each VM, so a page costs about its size whatever the total.
 
 use std::collections::{BTreeMap, BTreeSet};
-
-use foldhash::HashMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
+
+use foldhash::HashMap;
 
 use virt8ra_api::{Host, Vm, VmPhase};
 use virt8ra_store::VmFilter;

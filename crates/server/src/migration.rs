@@ -426,7 +426,7 @@ pub async fn start(
     let src = app.store.get_host(&src_id).await?;
     protocol_ok(app, &src)?;
     let mig_id = uuid::Uuid::new_v4().to_string();
-    let reservation = format!("{}/migration/{mig_id}", vm.id);
+    let reservation = placement::reservation(&vm.id, &mig_id);
     let weights = app.placement.config.weights;
     let (dst_name, reason) = app
         .placement
@@ -862,7 +862,7 @@ async fn finish(app: &App, m: &mut Migration, phase: MigrationPhase, msg: String
     // The target's reservation goes; the VM is booked where it now runs
     // (the target once it switched over, else still the source).
     app.placement
-        .release(&format!("{}/migration/{}", m.vm_id, m.id));
+        .release(&placement::reservation(&m.vm_id, &m.id));
     app.placement.rebook(&vm);
     Ok(())
 }

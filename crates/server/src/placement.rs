@@ -132,9 +132,11 @@ impl Placement {
         let Some(l) = g.as_mut() else {
             return;
         };
-        let host = (vm.status.phase != VmPhase::Deleted)
-            .then_some(vm.status.host_id.as_ref())
-            .flatten()
+        let host = vm
+            .status
+            .host_id
+            .as_ref()
+            .filter(|_| vm.status.phase != VmPhase::Deleted)
             .and_then(|id| l.names.get(id));
         let Some(host) = host else {
             l.engine.release(&vm.id);
@@ -234,7 +236,7 @@ impl Placement {
                 app.store.get_vm(&m.vm_id).await,
             ) {
                 if let Ok(req) = request(&vm, self.config.weights) {
-                    let _ = e.commit(&format!("{}/migration/{}", vm.id, m.id), host, &req);
+                    let _ = e.commit(&reservation(&vm.id, &m.id), host, &req);
                 }
             }
         }
@@ -251,6 +253,17 @@ impl Placement {
             refreshed: None,
         })
     }
+}
+
+/// The engine's key for the capacity a migration holds on its target,
+/// beside the VM's own allocation on its source.
+pub fn reservation(vm_id: &str, migration_id: &str) -> String {
+    format!("{vm_id}/migration/{migration_id}")
+}
+
+/// Whether an engine key is a migration's reservation, not a VM.
+pub fn is_reservation(key: &str) -> bool {
+    key.contains("/migration/")
 }
 
 /// The request under which an existing VM's capacity is booked: its own,

@@ -140,8 +140,9 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
         assert_eq!(v["status"]["country"], "PL");
     }
 
-    // A migration moves the VM's allocation from its host to the target:
-    // the control plane's books follow it without a rebuild from the store.
+    // A migration moves the VM's allocation from its host to the target, and
+    // the target's reservation goes with the migration's end. (That this
+    // happens in place rather than by a rebuild is not visible from here.)
     let alloc = |c: &Cluster| -> std::collections::HashMap<String, u64> {
         c.ok("GET", "/api/v1/hosts", None)["items"]
             .as_array()

@@ -484,7 +484,7 @@ pub async fn rebalance(
     let mut out = Rebalance::default();
     for m in plan.moves {
         // Capacity held for migrations under way is not a VM to move.
-        if m.vm.contains("/migration/") {
+        if crate::placement::is_reservation(&m.vm) {
             continue;
         }
         let name = app.vm(&m.vm).map(|v| v.name).unwrap_or(m.vm.clone());
