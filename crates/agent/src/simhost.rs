@@ -267,6 +267,18 @@ impl Mux {
                         if n == 0 {
                             break;
                         }
+                        // A task woken by another runs next on that worker,
+                        // before the other tasks already ready there: this
+                        // writer would write each host's frame the moment
+                        // it was queued. Let them run first, so that the
+                        // heartbeats due in one slot share one write.
+                        if n < 256 {
+                            tokio::task::yield_now().await;
+                            while batch.len() < 256 {
+                                let Ok(m) = up_rx.try_recv() else { break };
+                                batch.push(m);
+                            }
+                        }
                         let mut ok = true;
                         for m in batch.drain(..) {
                             let Ok(text) = serde_json::to_string(&m) else { continue };

@@ -330,6 +330,17 @@ async fn mux_session(app: App, socket: WebSocket) {
         // to the socket) instead of one each.
         let mut batch = Vec::new();
         while down_rx.recv_many(&mut batch, MUX_WRITE_BATCH).await > 0 {
+            // The task that queued the first frame woke this writer, which
+            // then runs next on that worker, before the other tasks already
+            // ready there (host sessions about to queue theirs): let them
+            // run first, so that their frames share this write.
+            if batch.len() < MUX_WRITE_BATCH {
+                tokio::task::yield_now().await;
+                while batch.len() < MUX_WRITE_BATCH {
+                    let Ok(m) = down_rx.try_recv() else { break };
+                    batch.push(m);
+                }
+            }
             let mut ok = true;
             for m in batch.drain(..) {
                 let Ok(text) = serde_json::to_string(&m) else {
