@@ -342,7 +342,79 @@ async fn wait_healthy(url: &str, timeout: Duration) -> anyhow::Result<()> {
     bail!("the control plane did not answer within {timeout:?}")
 }
 
+/// Runs the benchmark. Interrupted (Ctrl-C, SIGTERM), it stops the control
+/// plane it started and removes its scratch directories before it returns
+/// the error: the simulated hosts' state alone is 100,000 directories, which
+/// left behind fill a tmpfs's inodes after a few runs.
 pub async fn run(
+    hosts: usize,
+    vms: usize,
+    load: &LoadArgs,
+    progress: bool,
+) -> anyhow::Result<ScaleReport> {
+    let tmp = tempfile::Builder::new()
+        .prefix("virt8ra-scale-")
+        .tempdir()?;
+    // The simulated agents' own state goes to memory when the machine has a
+    // tmpfs, so that their fsyncs do not compete with the control plane's
+    // on the disk being measured.
+    let shm = Path::new("/dev/shm");
+    let agents_tmp = if shm.is_dir() {
+        tempfile::Builder::new()
+            .prefix("virt8ra-scale-agents-")
+            .tempdir_in(shm)?
+    } else {
+        tempfile::Builder::new()
+            .prefix("virt8ra-scale-agents-")
+            .tempdir()?
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = start_server(tmp.path(), port)?;
+    let scratch = Scratch {
+        dir: tmp.path(),
+        agents: agents_tmp.path(),
+        port,
+    };
+    let out = tokio::select! {
+        r = run_on(&scratch, &mut server, hosts, vms, load, progress) => r,
+        signal = interrupted() => Err(anyhow::anyhow!("interrupted ({signal}); stopped the control plane and removed the scratch directories")),
+    };
+    // The control plane first: without it the simulated hosts have nothing
+    // to act on and stop writing to their directories.
+    drop(server);
+    drop(agents_tmp);
+    drop(tmp);
+    out
+}
+
+/// Where one run keeps its files, and the control plane's port.
+struct Scratch<'a> {
+    /// The control plane's data directory's parent, and the image.
+    dir: &'a Path,
+    /// The simulated hosts' directories.
+    agents: &'a Path,
+    port: u16,
+}
+
+/// Resolves on Ctrl-C or SIGTERM, with the signal's name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        // Cannot listen for SIGTERM: Ctrl-C still counts.
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+async fn run_on(
+    scratch: &Scratch<'_>,
+    server: &mut Server,
     hosts: usize,
     vms: usize,
     load: &LoadArgs,
@@ -353,16 +425,15 @@ pub async fn run(
             eprintln!("bench scale: {m}");
         }
     };
-    let tmp = tempfile::Builder::new()
-        .prefix("virt8ra-scale-")
-        .tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = scratch.port;
     let url = format!("http://127.0.0.1:{port}");
-    let mut server = start_server(tmp.path(), port)?;
     wait_healthy(&url, Duration::from_secs(20)).await?;
-    let token = std::fs::read_to_string(tmp.path().join("server/admin.token"))?
+    say(format!(
+        "control plane at {url}, scratch directories {} and {}",
+        scratch.dir.display(),
+        scratch.agents.display()
+    ));
+    let token = std::fs::read_to_string(scratch.dir.join("server/admin.token"))?
         .trim()
         .to_string();
     let api = Arc::new(Api {
@@ -417,20 +488,7 @@ pub async fn run(
     ));
 
     // Hosts: join with bounded concurrency.
-    // The simulated agents' own state goes to memory when the machine has a
-    // tmpfs, so that their fsyncs do not compete with the control plane's
-    // on the disk being measured.
-    let shm = Path::new("/dev/shm");
-    let agents_tmp = if shm.is_dir() {
-        tempfile::Builder::new()
-            .prefix("virt8ra-scale-agents-")
-            .tempdir_in(shm)?
-    } else {
-        tempfile::Builder::new()
-            .prefix("virt8ra-scale-agents-")
-            .tempdir()?
-    };
-    let agents_dir = agents_tmp.path().to_path_buf();
+    let agents_dir = scratch.agents.to_path_buf();
     let sem = Arc::new(tokio::sync::Semaphore::new(32));
     let mut joins = tokio::task::JoinSet::new();
     let per_conn = load.hosts_per_connection;
@@ -482,7 +540,7 @@ pub async fn run(
     say("all hosts connected".into());
 
     // An image (agents of the simulated driver never download it).
-    let img = tmp.path().join("tiny.qcow2");
+    let img = scratch.dir.join("tiny.qcow2");
     let st = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&img)
@@ -838,7 +896,7 @@ pub async fn run(
     let server_rss = rss_bytes(pid);
     let server_peak_rss = peak_rss_bytes(pid);
     let size = |f: &str| {
-        std::fs::metadata(tmp.path().join("server").join(f))
+        std::fs::metadata(scratch.dir.join("server").join(f))
             .map(|m| m.len())
             .unwrap_or(0)
     };
@@ -850,10 +908,9 @@ pub async fn run(
     let _ = server.0.kill();
     let _ = server.0.wait();
     let t = Instant::now();
-    let server2 = start_server(tmp.path(), port)?;
+    *server = start_server(scratch.dir, port)?;
     wait_healthy(&url, Duration::from_secs(600)).await?;
     let restart_ms = t.elapsed().as_secs_f64() * 1000.0;
-    drop(server2);
     for s in &sim {
         s.task.abort();
     }

@@ -271,6 +271,60 @@ fn the_scale_benchmark_runs_and_reports_its_contract() {
     );
 }
 
+/// Interrupted, `bench scale` stops the control plane it started and removes
+/// its scratch directories (left behind, the simulated hosts' directories
+/// fill a tmpfs's inodes after a few large runs).
+#[test]
+fn an_interrupted_scale_benchmark_leaves_nothing_behind() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(common::bin())
+        .args(["bench", "scale", "--hosts", "6", "--vms", "100000"])
+        .args(["--create-rate", "5", "--hosts-per-connection", "3"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let (mut url, mut dirs) = (String::new(), Vec::new());
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("bench scale: control plane at ") {
+            let (u, d) = rest.split_once(", scratch directories ").unwrap();
+            url = u.to_string();
+            dirs = d.split(" and ").map(std::path::PathBuf::from).collect();
+        }
+        let creating = line.contains("creating 100000 VMs");
+        seen.push(line);
+        if creating {
+            break;
+        }
+    }
+    assert_eq!(dirs.len(), 2, "{seen:?}");
+    assert!(dirs.iter().all(|d| d.is_dir()), "{dirs:?}");
+    let addr = url.trim_start_matches("http://").to_string();
+    assert!(std::net::TcpStream::connect(&addr).is_ok(), "{addr}");
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("interrupted (SIGTERM)")),
+        "{rest:?}"
+    );
+    for d in &dirs {
+        assert!(!d.exists(), "{} is left behind", d.display());
+    }
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "the control plane at {addr} still answers"
+    );
+}
+
 /// The mux extension against the real control plane: two hosts' sessions on
 /// one connection, each welcomed as itself; a channel with a credential that
 /// is not a host's is closed, and the others carry on.
