@@ -392,7 +392,7 @@ impl Channel {
 /// the hosts of one multiplexed connection send theirs a few dozen per
 /// write instead of one write, TCP segment and wake-up each on both sides.
 /// A host of its own only sends its first heartbeat up to this much later.
-pub const BEAT_GRID: Duration = Duration::from_millis(100);
+const BEAT_GRID: Duration = Duration::from_millis(100);
 
 /// The first point of the process-wide grid of step `grid` later than now
 /// (the grid starts at the first call).
