@@ -169,6 +169,9 @@ struct Route {
 
 type Routes = HashMap<u32, Route>;
 
+/// Most frames a connection's writer sends with one flush.
+const WRITE_BATCH: usize = 256;
+
 fn lock_routes(m: &Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -263,7 +266,7 @@ impl Mux {
                 tokio::select! {
                     // Every frame queued meanwhile goes out with one flush
                     // (one write to the socket), not one each.
-                    n = up_rx.recv_many(&mut batch, 256) => {
+                    n = up_rx.recv_many(&mut batch, WRITE_BATCH) => {
                         if n == 0 {
                             break;
                         }
@@ -272,9 +275,9 @@ impl Mux {
                         // writer would write each host's frame the moment
                         // it was queued. Let them run first, so that the
                         // heartbeats due in one slot share one write.
-                        if n < 256 {
+                        if n < WRITE_BATCH {
                             tokio::task::yield_now().await;
-                            while batch.len() < 256 {
+                            while batch.len() < WRITE_BATCH {
                                 let Ok(m) = up_rx.try_recv() else { break };
                                 batch.push(m);
                             }

@@ -87,11 +87,12 @@ where
     use std::sync::atomic::{AtomicUsize, Ordering};
     let f = Arc::new(f);
     let next = Arc::new(AtomicUsize::new(0));
-    let tick = Arc::new(tokio::sync::Mutex::new((rate > 0.0).then(|| {
+    // Paced calls share one ticker; unpaced ones take no lock.
+    let tick = (rate > 0.0).then(|| {
         let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        t
-    })));
+        Arc::new(tokio::sync::Mutex::new(t))
+    });
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.min(n) {
         let (f, next, tick) = (f.clone(), next.clone(), tick.clone());
@@ -102,8 +103,8 @@ where
                 if i >= n {
                     return Ok::<_, anyhow::Error>(ms);
                 }
-                if let Some(t) = tick.lock().await.as_mut() {
-                    t.tick().await;
+                if let Some(t) = &tick {
+                    t.lock().await.tick().await;
                 }
                 let t = Instant::now();
                 f(i).await?;
@@ -369,15 +370,13 @@ pub async fn run(
     // tmpfs, so that their fsyncs do not compete with the control plane's
     // on the disk being measured.
     let shm = Path::new("/dev/shm");
-    let agents_tmp = if shm.is_dir() {
-        tempfile::Builder::new()
-            .prefix("virt8ra-scale-agents-")
-            .tempdir_in(shm)?
-    } else {
-        tempfile::Builder::new()
-            .prefix("virt8ra-scale-agents-")
-            .tempdir()?
-    };
+    let agents_tmp = tempfile::Builder::new()
+        .prefix("virt8ra-scale-agents-")
+        .tempdir_in(if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        })?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -401,7 +400,8 @@ pub async fn run(
 
 /// Where one run keeps its files, and the control plane's port.
 struct Scratch<'a> {
-    /// The control plane's data directory's parent, and the image.
+    /// Holds the control plane's data directory (`server/`) and the
+    /// image the VMs are made from.
     dir: &'a Path,
     /// The simulated hosts' directories.
     agents: &'a Path,
