@@ -161,6 +161,61 @@ impl Placement {
         }
     }
 
+    /// Deletes host `h` with `delete` (the store's delete) unless VMs are
+    /// placed on it, or capacity is held on it for a migration: then it is
+    /// left as it was and the count is the error.
+    ///
+    /// Atomic with placement: the host is first taken out of the loaded
+    /// engine, under its lock, so no decision picks it any more; a decision
+    /// made before then has booked its VM there, which the count sees. No
+    /// rebuild can put it back meanwhile (one waits for `building`, held
+    /// throughout), and after the delete the engine is dropped, so the next
+    /// decision rebuilds without it. The VM index is counted as well (a VM
+    /// recorded on the host is refused even if the engine did not book it).
+    pub async fn remove_host<F>(&self, app: &App, h: &Host, delete: F) -> ApiResult<()>
+    where
+        F: std::future::Future<Output = ApiResult<()>>,
+    {
+        let _no_rebuild = self.building.lock().await;
+        let booked = {
+            let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+            match g.as_mut() {
+                Some(l) => {
+                    // Disabled in the engine's copy of the operator state, so
+                    // that a readiness refresh does not make it ready again.
+                    l.hosts
+                        .insert(h.name.clone(), (h.id.clone(), HostState::Disabled));
+                    let _ = l.engine.set_ready(&h.name, false);
+                    l.engine.host(&h.name).map_or(0, |e| e.vms as usize)
+                }
+                // Nothing is placed until the engine is rebuilt, which waits.
+                None => 0,
+            }
+        };
+        let recorded = app
+            .vms
+            .list(&VmFilter {
+                host_id: Some(h.id.clone()),
+                ..Default::default()
+            })
+            .len();
+        let n = booked.max(recorded);
+        let r = if n > 0 {
+            Err(ApiError::Conflict(format!(
+                "host '{}' still has {n} VM(s); delete or move them first",
+                h.name
+            )))
+        } else {
+            delete.await
+        };
+        match &r {
+            Ok(()) => self.invalidate(),
+            // As it was: its state and readiness from the hub again.
+            Err(_) => self.upsert_host(app, h),
+        }
+        r
+    }
+
     /// Runs `f` on an up-to-date engine.
     pub async fn with_engine<T>(
         &self,

@@ -138,7 +138,9 @@ pub trait Store: Send + Sync + 'static {
     async fn update_host(&self, h: &Host) -> Result<()>;
     async fn list_hosts(&self) -> Result<Vec<Host>>;
     async fn get_host(&self, key: &str) -> Result<Host>;
-    /// Refused while VMs are placed on it. Revokes the host's tokens.
+    /// Deletes the host and revokes its tokens. The caller has checked
+    /// that no VM is placed on it (the store has no index of VMs by host;
+    /// the control plane checks its in-memory index and placement engine).
     async fn delete_host(&self, id: &str) -> Result<()>;
 
     // images

@@ -475,3 +475,63 @@ fn hosts_share_one_connection_and_each_needs_its_own_credential() {
     beats.abort();
     drop(a);
 }
+
+/// Host deletion counts the host's VMs in the control plane's memory (the
+/// store keeps no index of VMs by host): refused while one is there, and
+/// the host then takes new VMs again; done once they are gone, and the
+/// host then takes none.
+#[test]
+fn a_host_is_deleted_only_without_vms_and_placement_follows() {
+    let mut c = Cluster::start();
+    c.create_topology();
+    c.start_agent_with("sim-0", Some(TOPOLOGY[0].2), &["--driver", "sim"]);
+    c.wait_hosts_ready(1);
+    let img = c.dir.path().join("tiny.qcow2");
+    assert!(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .unwrap()
+        .success());
+    c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
+    let create = |name: &str| {
+        c.ok(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": name, "image": "tiny", "memory_mib": 128})),
+        )
+    };
+    create("d0");
+    c.wait_phase("d0", "running", Duration::from_secs(30));
+
+    let (status, body) = c.api("DELETE", "/api/v1/hosts/sim-0", None);
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("still has 1 VM(s)"),
+        "{body}"
+    );
+    assert_eq!(c.ok("GET", "/api/v1/hosts/sim-0", None)["state"], "ready");
+    // Refused, the host is back in placement.
+    create("d1");
+    let d1 = c.wait_phase("d1", "running", Duration::from_secs(30));
+    assert_eq!(d1["status"]["host"], "sim-0", "{d1}");
+
+    for name in ["d0", "d1"] {
+        c.ok("DELETE", &format!("/api/v1/vms/{name}"), None);
+    }
+    for name in ["d0", "d1"] {
+        c.wait_phase(name, "deleted", Duration::from_secs(30));
+    }
+    let (status, body) = c.api("DELETE", "/api/v1/hosts/sim-0", None);
+    assert_eq!(status, 204, "{body}");
+    let (status, _) = c.api("GET", "/api/v1/hosts/sim-0", None);
+    assert_eq!(status, 404);
+    // Deleted, it takes no new VM: the VM waits for a host.
+    let d2 = create("d2");
+    assert_eq!(d2["status"]["phase"], "pending", "{d2}");
+    assert!(d2["status"]["host"].is_null(), "{d2}");
+}

@@ -131,9 +131,13 @@ pub async fn delete(
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     let h = app.host(&key)?;
-    app.store.delete_host(&h.id).await?;
-    app.hosts.remove(&h.id);
-    app.placement.invalidate();
+    app.placement
+        .remove_host(&app, &h, async {
+            app.store.delete_host(&h.id).await?;
+            app.hosts.remove(&h.id);
+            Ok(())
+        })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
