@@ -11,6 +11,20 @@ use std::time::Duration;
 use common::{wait_until, Cluster, TOPOLOGY};
 use serde_json::json;
 
+/// Imports an empty 16 MiB image as `tiny`: the API needs an image for a
+/// VM; simulated agents never download it.
+fn import_tiny_image(c: &Cluster) {
+    let img = c.dir.path().join("tiny.qcow2");
+    assert!(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .unwrap()
+        .success());
+    c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
+}
+
 #[test]
 fn simulated_agents_run_many_vms_through_the_real_control_plane() {
     let mut c = Cluster::start();
@@ -25,16 +39,7 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
     {
         assert_eq!(h["inventory"]["qemu_version"], "simulated");
     }
-    // The image is needed for the API; simulated agents never download it.
-    let img = c.dir.path().join("tiny.qcow2");
-    assert!(std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M")
-        .status()
-        .unwrap()
-        .success());
-    c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
+    import_tiny_image(&c);
 
     // Label selectors: no site carries rack=a, so every host is excluded by
     // that rule.
@@ -277,14 +282,37 @@ fn the_scale_benchmark_runs_and_reports_its_contract() {
 #[test]
 fn an_interrupted_scale_benchmark_leaves_nothing_behind() {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(common::bin())
-        .args(["bench", "scale", "--hosts", "6", "--vms", "100000"])
-        .args(["--create-rate", "5", "--hosts-per-connection", "3"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    /// Stops the benchmark if the test fails before it has: SIGTERM, so
+    /// that it stops its control plane too, then SIGKILL if it lingers.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            for _ in 0..100 {
+                if !matches!(self.0.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Stop(
+        std::process::Command::new(common::bin())
+            .args(["bench", "scale", "--hosts", "6", "--vms", "100000"])
+            .args(["--create-rate", "5", "--hosts-per-connection", "3"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(child.0.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
     let (mut url, mut dirs) = (String::new(), Vec::new());
     for line in lines.by_ref() {
@@ -305,12 +333,12 @@ fn an_interrupted_scale_benchmark_leaves_nothing_behind() {
     let addr = url.trim_start_matches("http://").to_string();
     assert!(std::net::TcpStream::connect(&addr).is_ok(), "{addr}");
     let st = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(!status.success(), "{rest:?}");
     assert!(
         rest.iter().any(|l| l.contains("interrupted (SIGTERM)")),
@@ -486,15 +514,7 @@ fn a_host_is_deleted_only_without_vms_and_placement_follows() {
     c.create_topology();
     c.start_agent_with("sim-0", Some(TOPOLOGY[0].2), &["--driver", "sim"]);
     c.wait_hosts_ready(1);
-    let img = c.dir.path().join("tiny.qcow2");
-    assert!(std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M")
-        .status()
-        .unwrap()
-        .success());
-    c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
+    import_tiny_image(&c);
     let create = |name: &str| {
         c.ok(
             "POST",
