@@ -134,10 +134,10 @@ ALTER TABLE vm_events_by_vm RENAME TO vm_events;
         "no index of VMs by host",
         r#"
 -- Host ids are random, so every VM created inserted into this index at a
--- random page: half the WAL frames a VM's create, provisioning and running
--- wrote. The one query that used it, host deletion's count of the host's
--- VMs, now asks the control plane's in-memory index and placement engine,
--- where every other per-host read already went.
+-- random page (measured at 300,000 VMs: 5% of the bytes the control plane
+-- writes per VM). The one query that used it, host deletion's count of the
+-- host's VMs, now asks the control plane's in-memory index and placement
+-- engine, where every other per-host read already went.
 DROP INDEX vms_host;
 "#,
     ),
