@@ -1,6 +1,8 @@
 //! Virtual machines: create, inspect, power actions, console, events, delete;
 //! and the application of agents' reports to VM status.
 
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -46,29 +48,25 @@ pub async fn list(
     _: Admin,
     State(app): State<App>,
     Query(q): Query<VmQuery>,
-) -> ApiResult<Json<Page<Vm>>> {
+) -> ApiResult<Json<Page<Arc<Vm>>>> {
     let limit = q.limit.unwrap_or(MAX_PAGE);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::Invalid(format!(
             "limit {limit} is outside 1..{MAX_PAGE}"
         )));
     }
-    // From the in-memory index: no database round trip.
-    let items: Vec<Vm> = app
-        .vms
-        .list(&VmFilter {
-            host_id: q.host,
-            site: q.site,
-            provider: q.provider,
-            country: q.country,
-            phase: q.phase,
-            include_deleted: q.include_deleted,
-            after_id: q.cursor,
-            limit: Some(limit),
-        })
-        .into_iter()
-        .map(|v| (*v).clone())
-        .collect();
+    // From the in-memory index: no database round trip, and serialized
+    // from the index's shared copies, not from a deep copy of each VM.
+    let items: Vec<Arc<Vm>> = app.vms.list(&VmFilter {
+        host_id: q.host,
+        site: q.site,
+        provider: q.provider,
+        country: q.country,
+        phase: q.phase,
+        include_deleted: q.include_deleted,
+        after_id: q.cursor,
+        limit: Some(limit),
+    });
     let next_cursor = (items.len() == limit)
         .then(|| items.last().map(|v| v.id.clone()))
         .flatten();
