@@ -250,6 +250,8 @@ fn the_scale_benchmark_runs_and_reports_its_contract() {
     );
     assert_eq!(r["vms_running"], 60);
     assert_eq!(r["mismatches"], 0);
+    // 60 VMs are one page: the reads follow the cursor until it ends.
+    assert_eq!(r["list_pages"], 1, "{r}");
     // The lifecycle load stopped and started every VM and deleted half.
     assert_eq!(r["ops"], 150, "{r}");
     assert_eq!(r["deleted"], 30, "{r}");
