@@ -289,16 +289,13 @@ fn start_server(dir: &Path, port: u16) -> anyhow::Result<Server> {
 
 /// The public API as the load generator calls it (see [`http`]).
 struct Api {
-    token: String,
     client: http::Client,
 }
 
 impl Api {
-    fn new(port: u16, token: String) -> Self {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    fn new(port: u16, token: &str) -> Self {
         Self {
-            client: http::Client::new(addr, &token, Duration::from_secs(120)),
-            token,
+            client: http::Client::new(local(port), Some(token), Duration::from_secs(120)),
         }
     }
 
@@ -346,15 +343,21 @@ impl Api {
     }
 }
 
-async fn wait_healthy(url: &str, timeout: Duration) -> anyhow::Result<()> {
+/// The control plane's address on this machine.
+fn local(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+async fn wait_healthy(port: u16, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
-    let http = virt8ra_tls::Trust::public().http_client()?;
+    // A client of its own: before the first start there is no token yet,
+    // and after a restart the load generator's connections are dead.
+    let http = http::Client::new(local(port), None, Duration::from_secs(5));
     while start.elapsed() < timeout {
         if http
-            .get(format!("{url}/healthz"))
-            .send()
+            .request("GET", "/healthz", None)
             .await
-            .is_ok_and(|r| r.status().is_success())
+            .is_ok_and(|r| r.is_success())
         {
             return Ok(());
         }
@@ -447,7 +450,7 @@ async fn run_on(
     };
     let port = scratch.port;
     let url = format!("http://127.0.0.1:{port}");
-    wait_healthy(&url, Duration::from_secs(20)).await?;
+    wait_healthy(port, Duration::from_secs(20)).await?;
     say(format!(
         "control plane at {url}, scratch directories {} and {}",
         scratch.dir.display(),
@@ -456,7 +459,7 @@ async fn run_on(
     let token = std::fs::read_to_string(scratch.dir.join("server/admin.token"))?
         .trim()
         .to_string();
-    let api = Arc::new(Api::new(port, token));
+    let api = Arc::new(Api::new(port, &token));
 
     // Topology: the example EU sites grown to size.
     let (sites, host_infos) = virt8ra_placement::bench::topology(hosts, 42);
@@ -567,16 +570,20 @@ async fn run_on(
         bail!("qemu-img create failed");
     }
     let bytes = tokio::fs::read(&img).await?;
-    // The one call with a body that is not JSON goes through reqwest.
-    let r = virt8ra_tls::Trust::public()
-        .http_client()?
-        .post(format!("{url}/api/v1/images?name=tiny"))
-        .bearer_auth(&api.token)
-        .body(bytes)
-        .send()
+    let r = api
+        .client
+        .request_as(
+            "POST",
+            "/api/v1/images?name=tiny",
+            Some(("application/octet-stream", &bytes)),
+        )
         .await?;
-    if !r.status().is_success() {
-        bail!("image upload: {}", r.status());
+    if !r.is_success() {
+        bail!(
+            "image upload: {}: {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
     }
 
     // Load: create VMs with bounded concurrency; measure each call.
@@ -936,7 +943,7 @@ async fn run_on(
     let _ = server.0.wait();
     let t = Instant::now();
     *server = start_server(scratch.dir, port)?;
-    wait_healthy(&url, Duration::from_secs(600)).await?;
+    wait_healthy(port, Duration::from_secs(600)).await?;
     let restart_ms = t.elapsed().as_secs_f64() * 1000.0;
     for s in &sim {
         s.task.abort();

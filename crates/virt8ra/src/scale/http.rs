@@ -13,9 +13,10 @@
 //! responses parsed with `httparse` and framed by `Content-Length`.
 //!
 //! It is not a general HTTP client: no TLS, no redirects, no chunked
-//! responses (an error that names them; every JSON answer of the API has
-//! a length), no `Expect`. Those are what the control plane's own clients
-//! (the CLI, the agents) use reqwest for.
+//! responses (an error that names them; every answer the benchmark reads
+//! has a length), no `Expect`. Those are what the control plane's own
+//! clients (the CLI, the agents) use reqwest for. The benchmark makes all
+//! its calls with it, the health checks and the image upload included.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -43,7 +44,8 @@ impl Response {
 /// when its response has been read whole.
 pub struct Client {
     addr: SocketAddr,
-    /// The header lines every request carries (`Host`, `Authorization`).
+    /// The header lines every request carries (`Host`, and `Authorization`
+    /// when the client has a token).
     common: String,
     idle: Mutex<Vec<Conn>>,
     timeout: Duration,
@@ -55,24 +57,41 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 256 * 1024 * 1024;
 
 impl Client {
-    /// A client of `addr` sending `token` as its bearer token.
-    pub fn new(addr: SocketAddr, token: &str, timeout: Duration) -> Self {
+    /// A client of `addr` sending `token`, if any, as its bearer token.
+    pub fn new(addr: SocketAddr, token: Option<&str>, timeout: Duration) -> Self {
+        let mut common = format!("Host: {addr}\r\n");
+        if let Some(t) = token {
+            common.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
         Self {
             addr,
-            common: format!("Host: {addr}\r\nAuthorization: Bearer {token}\r\n"),
+            common,
             idle: Mutex::new(Vec::new()),
             timeout,
         }
     }
 
-    /// Sends one request and reads its response whole. A body is sent as
-    /// JSON. Any status is a response; only a failure to exchange one (I/O,
-    /// a malformed or unsupported response, the timeout) is an error.
+    /// Sends one request with a JSON body, if any, and reads its response
+    /// whole; see [`Client::request_as`].
     pub async fn request(
         &self,
         method: &str,
         path: &str,
         body: Option<&[u8]>,
+    ) -> anyhow::Result<Response> {
+        self.request_as(method, path, body.map(|b| ("application/json", b)))
+            .await
+    }
+
+    /// Sends one request with a body of a given type, `(content type,
+    /// bytes)`, and reads its response whole. Any status is a response; only
+    /// a failure to exchange one (I/O, a malformed or unsupported response,
+    /// the timeout) is an error.
+    pub async fn request_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &[u8])>,
     ) -> anyhow::Result<Response> {
         let exchange = async {
             let pooled = self.take_idle();
@@ -157,16 +176,16 @@ impl Conn {
         common: &str,
         method: &str,
         path: &str,
-        body: Option<&[u8]>,
+        body: Option<(&str, &[u8])>,
     ) -> Result<(Response, bool), Exchange> {
         use std::io::Write;
         self.out.clear();
         write!(self.out, "{method} {path} HTTP/1.1\r\n{common}")?;
         match body {
-            Some(b) => {
+            Some((content_type, b)) => {
                 write!(
                     self.out,
-                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    "Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
                     b.len()
                 )?;
                 self.out.extend_from_slice(b);
@@ -342,7 +361,7 @@ mod tests {
     }
 
     fn client(addr: SocketAddr) -> Client {
-        Client::new(addr, "tok", Duration::from_secs(5))
+        Client::new(addr, Some("tok"), Duration::from_secs(5))
     }
 
     #[tokio::test]
@@ -454,7 +473,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(10)).await;
             drop(s);
         });
-        let c = Client::new(addr, "t", Duration::from_millis(200));
+        let c = Client::new(addr, Some("t"), Duration::from_millis(200));
         let e = c.request("GET", "/slow", None).await.expect_err("timeout");
         assert!(format!("{e:#}").contains("no response within"), "{e:#}");
     }
