@@ -6,19 +6,8 @@
 
 mod common;
 
-use common::Cluster;
+use common::{assert_error, Cluster};
 use serde_json::{json, Value};
-
-fn assert_error(resp: (u16, Value), status: u16, needle: &str) {
-    let (s, body) = resp;
-    assert_eq!(s, status, "expected {status}, got {s}: {body}");
-    let msg = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(
-        msg.contains(needle),
-        "error message {msg:?} does not mention {needle:?}"
-    );
-    assert!(body["error"]["code"].is_string(), "no error code: {body}");
-}
 
 /// Everything the store holds, to check that bad requests change nothing.
 fn snapshot(c: &Cluster) -> Value {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{wait_until, Cluster};
+use common::{assert_error, wait_until, Cluster};
 use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(240);
@@ -216,13 +216,6 @@ fn guests_accept_only_their_keys_and_take_their_network() {
     assert!(out.contains("search dhcp.test"), "{out}");
 }
 
-fn assert_400(resp: (u16, Value), needle: &str) {
-    let (s, body) = resp;
-    assert_eq!(s, 400, "expected 400, got {s}: {body}");
-    let msg = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(msg.contains(needle), "{msg:?} does not mention {needle:?}");
-}
-
 fn vm_count(c: &Cluster) -> usize {
     c.ok("GET", "/api/v1/vms?include_deleted=true", None)["items"]
         .as_array()
@@ -282,9 +275,9 @@ fn bad_keys_and_networks_are_refused_and_create_nothing() {
             "at most 8",
         ),
     ] {
-        assert_400(vm(extra), needle);
+        assert_error(vm(extra), 400, needle);
     }
-    assert_400(
+    assert_error(
         c.api(
             "POST",
             "/api/v1/apps",
@@ -293,6 +286,7 @@ fn bad_keys_and_networks_are_refused_and_create_nothing() {
                         "ssh_authorized_keys": ["nope"]}),
             ),
         ),
+        400,
         "ssh_authorized_keys[0]: \"nope\" is not an OpenSSH public key line",
     );
     assert_eq!(vm_count(&c), 0, "a refused request creates nothing");

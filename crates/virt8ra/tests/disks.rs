@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Cluster, TOPOLOGY};
+use common::{assert_error, Cluster, TOPOLOGY};
 use serde_json::{json, Value};
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -144,12 +144,7 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     ] {
         let mut body = base.clone();
         body["data_disks"] = disks;
-        let (status, err) = c.api("POST", "/api/v1/vms", Some(body));
-        assert_eq!(status, 400, "{err}");
-        assert!(
-            err["error"]["message"].as_str().unwrap().contains(want),
-            "{err}"
-        );
+        assert_error(c.api("POST", "/api/v1/vms", Some(body)), 400, want);
     }
     let out = c.cli(&[
         "vm",
@@ -239,14 +234,10 @@ fn data_disks_from_images_and_blank_reach_the_guest() {
     );
 
     // Still in use: the image stays; what cannot carry data disks yet says so.
-    let (status, err) = c.api("DELETE", "/api/v1/images/dataset", None);
-    assert_eq!(status, 409, "{err}");
-    assert!(
-        err["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("is the data disk of 1 VM(s)"),
-        "{err}"
+    assert_error(
+        c.api("DELETE", "/api/v1/images/dataset", None),
+        409,
+        "is the data disk of 1 VM(s)",
     );
     assert_eq!(c.vm("db")["status"]["migration"], Value::Null);
 

@@ -59,6 +59,19 @@ impl Drop for Proc {
     }
 }
 
+/// An API answer (from [`Cluster::api`]) is an error of `status` whose
+/// message mentions `needle`, with a machine-readable code.
+pub fn assert_error(resp: (u16, Value), status: u16, needle: &str) {
+    let (s, body) = resp;
+    assert_eq!(s, status, "expected {status}, got {s}: {body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(needle),
+        "error message {msg:?} does not mention {needle:?}"
+    );
+    assert!(body["error"]["code"].is_string(), "no error code: {body}");
+}
+
 pub fn wait_until<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
     wait_until_explained(what, timeout, f, String::new)
 }
