@@ -36,11 +36,19 @@ stop() {
   fi
 }
 
-if [ "${1:-}" = "stop" ]; then
-  stop
-  echo "demo stopped"
-  exit 0
-fi
+case "${1:-}" in
+  stop)
+    stop
+    echo "demo stopped"
+    exit 0 ;;
+  -h|--help)
+    sed -n '2,9s/^# \{0,1\}//p' "$0"
+    exit 0 ;;
+  "") ;;
+  *)
+    echo "unknown argument '$1': scripts/demo.sh [stop|--help]" >&2
+    exit 2 ;;
+esac
 
 say "Installing missing system packages"
 bash "$ROOT/scripts/deps.sh"

@@ -1,14 +1,37 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, and every test (unit, property and
 # end-to-end with real QEMU guests). Installs missing system packages first.
+#
+#   scripts/test.sh          everything (what CI runs)
+#   scripts/test.sh --fast   format, lints, the quick-start check, unit and
+#                            property tests and the end-to-end tests that boot
+#                            no guest: the loop while developing
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=full
+case "${1:-}" in
+  --fast) mode=fast ;;
+  -h|--help) sed -n '2,8s/^# \{0,1\}//p' "$0"; exit 0 ;;
+  "") ;;
+  *) echo "unknown argument '$1': scripts/test.sh [--fast|--help]" >&2; exit 2 ;;
+esac
 bash scripts/deps.sh
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== the README's quick start runs as written" >&2
+bash scripts/check-quickstart.sh
 echo "== build the test appliance" >&2
 bash scripts/test-image.sh >/dev/null
+if [ "$mode" = fast ]; then
+  echo "== cargo test (fast tier)" >&2
+  # Unit tests of every crate, the placement engine's property and scenario
+  # tests, and the end-to-end files that start processes but boot no guest.
+  cargo test --workspace --locked --lib --bins
+  cargo test --locked -p virt8ra-placement --tests
+  cargo test --locked -p virt8ra --test api --test sim -- --test-threads=2
+  exit 0
+fi
 echo "== cargo test" >&2
 cargo test --workspace --locked -- --test-threads=1
