@@ -11,9 +11,14 @@
 //! rather than passed on. `GET /stats` reports the bytes served and
 //! received, for tests and benchmarks.
 //!
-//! The service has no authentication of its own: listen on the site's
-//! private network only. It serves nothing but images it could fetch with its
-//! own credential, named by id and content hash.
+//! Images are served to the hosts of this host's site only: a request must
+//! carry `Authorization: Bearer SITE_SECRET`, the secret the control plane
+//! gives every agent of the site in its welcome (see
+//! `virt8ra_api::protocol::ServerMessage::Welcome`); anything else is
+//! refused with 401, and so is every request until this agent has the
+//! secret (an older control plane sends none: the site's hosts then fetch
+//! from the control plane). `GET /stats` holds only counters and needs no
+//! secret. Listen on the site's private network all the same.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -105,6 +110,29 @@ fn range_start(h: &HeaderMap) -> Result<Option<u64>, ()> {
         .ok_or(())
 }
 
+/// Whether the request carries this site's secret.
+fn authorized(cache: &ImageCache, h: &HeaderMap) -> Result<(), &'static str> {
+    let Some(secret) = cache.site_secret() else {
+        return Err("this host has no site secret from the control plane yet: it serves no images");
+    };
+    let presented = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or("missing 'Authorization: Bearer SITE_SECRET': images are served to the hosts of this site only")?;
+    if constant_time_eq(presented.trim().as_bytes(), secret.as_bytes()) {
+        Ok(())
+    } else {
+        Err("wrong site secret: images are served to the hosts of this site only")
+    }
+}
+
+/// Compares without returning early at the first difference, so the time
+/// taken tells nothing about how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn serve_image(
     State(s): State<Arc<ImageService>>,
     Path(sha): Path<String>,
@@ -112,6 +140,14 @@ async fn serve_image(
     headers: HeaderMap,
 ) -> Response {
     s.requests.fetch_add(1, Ordering::Relaxed);
+    if let Err(why) = authorized(&s.cache, &headers) {
+        let mut resp = err(StatusCode::UNAUTHORIZED, why.into());
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return resp;
+    }
     if !valid_sha(&sha) {
         return err(StatusCode::BAD_REQUEST, format!("invalid sha256 {sha:?}"));
     }

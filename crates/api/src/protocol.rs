@@ -116,6 +116,15 @@ pub enum ServerMessage {
         protocol: u32,
         host_id: String,
         heartbeat_interval_s: u64,
+        /// The secret the hosts of this host's site share: a host sends it
+        /// as a bearer token to its peers' image services, which serve
+        /// nothing to a request without it. An added field, as the
+        /// protocol's rules allow: an older agent ignores it (and its image
+        /// service stays open), an older control plane sends none (and the
+        /// agent's image service then serves nobody; its peers fall back
+        /// to the control plane).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        site_secret: Option<String>,
     },
     Reject {
         reason: String,
