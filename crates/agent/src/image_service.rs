@@ -227,3 +227,59 @@ async fn serve_image(
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[tokio::test]
+    async fn only_requests_with_the_site_secret_get_images() {
+        let dir = tempfile::tempdir().unwrap();
+        // The control plane is unreachable: what is served comes from the cache.
+        let cache = Arc::new(
+            ImageCache::new(
+                dir.path().to_path_buf(),
+                "http://127.0.0.1:1",
+                "host-token",
+                &virt8ra_tls::Trust::public(),
+            )
+            .unwrap(),
+        );
+        let body = b"an image, cached".to_vec();
+        let sha = hex::encode(Sha256::digest(&body));
+        std::fs::write(cache.path_of(&sha), &body).unwrap();
+        let addr = start(cache.clone(), "127.0.0.1:0").await.unwrap();
+        let url = format!("http://{addr}/images/{sha}?id=img&size={}", body.len());
+        let client = virt8ra_tls::Trust::public().http_client().unwrap();
+        let get = |bearer: Option<&'static str>| {
+            let (url, client) = (url.clone(), client.clone());
+            async move {
+                let mut rb = client.get(&url);
+                if let Some(b) = bearer {
+                    rb = rb.bearer_auth(b);
+                }
+                let r = rb.send().await.unwrap();
+                (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+            }
+        };
+        // No secret from the control plane yet: nobody is served.
+        let (status, text) = get(Some("s3cret")).await;
+        assert_eq!(status, 401);
+        assert!(String::from_utf8_lossy(&text).contains("no site secret"));
+        cache.set_site_secret(Some("s3cret".into()));
+        for bearer in [None, Some("wrong"), Some("s3cre"), Some("s3cret2")] {
+            let (status, _) = get(bearer).await;
+            assert_eq!(status, 401, "{bearer:?}");
+        }
+        assert_eq!(get(Some("s3cret")).await, (200, body));
+        // The counters stay open; they hold no image.
+        let stats = client
+            .get(format!("http://{addr}/stats"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stats.status().as_u16(), 200);
+    }
+}
