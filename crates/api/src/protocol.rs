@@ -470,6 +470,40 @@ mod tests {
     }
 
     #[test]
+    fn the_site_secret_is_an_optional_addition_to_welcome() {
+        // From a control plane that predates it: accepted, no secret.
+        let old: ServerMessage = serde_json::from_str(
+            r#"{"type":"welcome","protocol":3,"host_id":"h","heartbeat_interval_s":5}"#,
+        )
+        .expect("old welcome");
+        assert!(matches!(
+            old,
+            ServerMessage::Welcome {
+                site_secret: None,
+                ..
+            }
+        ));
+        // Left out when there is none; carried when there is.
+        let none = ServerMessage::Welcome {
+            protocol: 3,
+            host_id: "h".into(),
+            heartbeat_interval_s: 5,
+            site_secret: None,
+        };
+        let text = serde_json::to_string(&none).expect("json");
+        assert!(!text.contains("site_secret"), "{text}");
+        let with = ServerMessage::Welcome {
+            protocol: 3,
+            host_id: "h".into(),
+            heartbeat_interval_s: 5,
+            site_secret: Some("s".into()),
+        };
+        let back: ServerMessage =
+            serde_json::from_str(&serde_json::to_string(&with).expect("json")).expect("parse");
+        assert_eq!(back, with);
+    }
+
+    #[test]
     fn relay_fields_are_optional_and_relay_open_is_tagged() {
         let raw = r#"{"role":"outgoing","migration_id":"m","mode":"live"}"#;
         let r: MigrationRole = serde_json::from_str(raw).expect("parse");
