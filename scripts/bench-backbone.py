@@ -109,8 +109,10 @@ def main():
                                     "latitude": 50.1, "longitude": 8.7})
         tok = api.call("POST", "/join-tokens", {"site": "s"})["token"]
         alog = open(os.path.join(tmp, "agent.log"), "w")
-        agent = subprocess.Popen([BIN, "agent", "--server", url, "--join-token", tok, "--name", "h",
-                                  "--data-dir", f"{tmp}/agent"], stdout=alog, stderr=alog)
+        # The join token through the environment, not the command line (ps shows it to everyone).
+        agent = subprocess.Popen([BIN, "agent", "--server", url, "--name", "h",
+                                  "--data-dir", f"{tmp}/agent"], stdout=alog, stderr=alog,
+                                 env=dict(os.environ, VIRT8RA_JOIN_TOKEN=tok))
         procs.append(agent)
         wait("host ready", lambda: any(h["state"] == "ready" for h in api.call("GET", "/hosts")["items"]))
         env = dict(os.environ, VIRT8RA_URL=url, VIRT8RA_TOKEN=api.token)

@@ -102,10 +102,12 @@ def main():
             tok = api.call("POST", "/join-tokens", {"site": site})["token"]
             name = "host-" + cc.lower()
             procs.append(subprocess.Popen(
-                [BIN, "agent", "--server", url, "--join-token", tok, "--name", name,
+                [BIN, "agent", "--server", url, "--name", name,
                  "--data-dir", f"{d}/{name}", "--vcpus", "4", "--memory-mib", "4096",
                  "--disk-gib", "40"] + ([] if a.relay else ["--migration-address", "127.0.0.1"]),
-                stdout=log, stderr=log))
+                stdout=log, stderr=log,
+                # The join token through the environment, not the command line (ps shows it).
+                env=dict(os.environ, VIRT8RA_JOIN_TOKEN=tok)))
         wait("hosts", lambda: len([h for h in api.call("GET", "/hosts")["items"]
                                    if h["state"] == "ready"]) == 2)
         env = dict(os.environ, VIRT8RA_URL=url, VIRT8RA_TOKEN=api.token)

@@ -91,8 +91,9 @@ TOPO
 say "Starting three host agents; each joins its site with a one-time join token"
 for site in es-logrono de-frankfurt pl-gdansk; do
   host="host-${site%%-*}"
-  token="$("$BIN" host join-token create --site "$site")"
-  "$BIN" agent --server "$URL" --join-token "$token" --name "$host" \
+  # From a file: a token on the command line is visible to every local user (ps).
+  (umask 077 && "$BIN" host join-token create --site "$site" >"$DEMO/$host.join-token")
+  "$BIN" agent --server "$URL" --join-token-file "$DEMO/$host.join-token" --name "$host" \
     --data-dir "$DEMO/$host" --vcpus 2 --memory-mib 2048 --disk-gib 20 \
     --migration-address 127.0.0.1 \
     >"$DEMO/$host.log" 2>&1 &

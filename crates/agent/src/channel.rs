@@ -200,9 +200,11 @@ impl Channel {
             Some(ServerMessage::Welcome {
                 protocol,
                 heartbeat_interval_s,
+                site_secret,
                 ..
             }) => {
                 tracing::info!(protocol, "connected to the control plane");
+                self.reconciler.images().set_site_secret(site_secret);
                 (
                     Duration::from_secs(heartbeat_interval_s.clamp(1, 300)),
                     protocol,

@@ -11,9 +11,14 @@
 //! rather than passed on. `GET /stats` reports the bytes served and
 //! received, for tests and benchmarks.
 //!
-//! The service has no authentication of its own: listen on the site's
-//! private network only. It serves nothing but images it could fetch with its
-//! own credential, named by id and content hash.
+//! Images are served to the hosts of this host's site only: a request must
+//! carry `Authorization: Bearer SITE_SECRET`, the secret the control plane
+//! gives every agent of the site in its welcome (see
+//! `virt8ra_api::protocol::ServerMessage::Welcome`); anything else is
+//! refused with 401, and so is every request until this agent has the
+//! secret (an older control plane sends none: the site's hosts then fetch
+//! from the control plane). `GET /stats` holds only counters and needs no
+//! secret. Listen on the site's private network all the same.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -105,6 +110,29 @@ fn range_start(h: &HeaderMap) -> Result<Option<u64>, ()> {
         .ok_or(())
 }
 
+/// Whether the request carries this site's secret.
+fn authorized(cache: &ImageCache, h: &HeaderMap) -> Result<(), &'static str> {
+    let Some(secret) = cache.site_secret() else {
+        return Err("this host has no site secret from the control plane yet: it serves no images");
+    };
+    let presented = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or("missing 'Authorization: Bearer SITE_SECRET': images are served to the hosts of this site only")?;
+    if constant_time_eq(presented.trim().as_bytes(), secret.as_bytes()) {
+        Ok(())
+    } else {
+        Err("wrong site secret: images are served to the hosts of this site only")
+    }
+}
+
+/// Compares without returning early at the first difference, so the time
+/// taken tells nothing about how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn serve_image(
     State(s): State<Arc<ImageService>>,
     Path(sha): Path<String>,
@@ -112,6 +140,14 @@ async fn serve_image(
     headers: HeaderMap,
 ) -> Response {
     s.requests.fetch_add(1, Ordering::Relaxed);
+    if let Err(why) = authorized(&s.cache, &headers) {
+        let mut resp = err(StatusCode::UNAUTHORIZED, why.into());
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return resp;
+    }
     if !valid_sha(&sha) {
         return err(StatusCode::BAD_REQUEST, format!("invalid sha256 {sha:?}"));
     }
@@ -190,4 +226,60 @@ async fn serve_image(
         h.insert(header::CONTENT_RANGE, r);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[tokio::test]
+    async fn only_requests_with_the_site_secret_get_images() {
+        let dir = tempfile::tempdir().unwrap();
+        // The control plane is unreachable: what is served comes from the cache.
+        let cache = Arc::new(
+            ImageCache::new(
+                dir.path().to_path_buf(),
+                "http://127.0.0.1:1",
+                "host-token",
+                &virt8ra_tls::Trust::public(),
+            )
+            .unwrap(),
+        );
+        let body = b"an image, cached".to_vec();
+        let sha = hex::encode(Sha256::digest(&body));
+        std::fs::write(cache.path_of(&sha), &body).unwrap();
+        let addr = start(cache.clone(), "127.0.0.1:0").await.unwrap();
+        let url = format!("http://{addr}/images/{sha}?id=img&size={}", body.len());
+        let client = virt8ra_tls::Trust::public().http_client().unwrap();
+        let get = |bearer: Option<&'static str>| {
+            let (url, client) = (url.clone(), client.clone());
+            async move {
+                let mut rb = client.get(&url);
+                if let Some(b) = bearer {
+                    rb = rb.bearer_auth(b);
+                }
+                let r = rb.send().await.unwrap();
+                (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+            }
+        };
+        // No secret from the control plane yet: nobody is served.
+        let (status, text) = get(Some("s3cret")).await;
+        assert_eq!(status, 401);
+        assert!(String::from_utf8_lossy(&text).contains("no site secret"));
+        cache.set_site_secret(Some("s3cret".into()));
+        for bearer in [None, Some("wrong"), Some("s3cre"), Some("s3cret2")] {
+            let (status, _) = get(bearer).await;
+            assert_eq!(status, 401, "{bearer:?}");
+        }
+        assert_eq!(get(Some("s3cret")).await, (200, body));
+        // The counters stay open; they hold no image.
+        let stats = client
+            .get(format!("http://{addr}/stats"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stats.status().as_u16(), 200);
+    }
 }

@@ -36,6 +36,10 @@ pub struct ImageCache {
     received: Mutex<BTreeMap<String, u64>>,
     /// Cached images whose hash this process checked (or fetched itself).
     verified: Mutex<std::collections::HashSet<String>>,
+    /// The secret of this host's site, from the control plane's welcome:
+    /// sent to peers' image services, and required by this host's own
+    /// (see [`crate::image_service`]).
+    site_secret: Mutex<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +79,7 @@ impl ImageCache {
         trust: &virt8ra_tls::Trust,
         client: reqwest::Client,
     ) -> anyhow::Result<ImageCache> {
-        std::fs::create_dir_all(&dir)?;
+        crate::private::make_dir(&dir)?;
         Ok(ImageCache {
             dir,
             server: server.trim_end_matches('/').to_string(),
@@ -85,7 +89,22 @@ impl ImageCache {
             locks: Mutex::new(HashMap::new()),
             received: Mutex::new(BTreeMap::new()),
             verified: Mutex::new(Default::default()),
+            site_secret: Mutex::new(None),
         })
+    }
+
+    /// Keeps the site's secret the control plane sent (none: an older
+    /// control plane).
+    pub fn set_site_secret(&self, secret: Option<String>) {
+        *self.site_secret.lock().unwrap_or_else(|p| p.into_inner()) = secret;
+    }
+
+    /// The site's secret, once the control plane has sent it.
+    pub fn site_secret(&self) -> Option<String> {
+        self.site_secret
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn path_of(&self, sha256: &str) -> PathBuf {
@@ -220,6 +239,9 @@ impl ImageCache {
         let mut req = self.client.get(url);
         if auth {
             req = req.bearer_auth(&self.token);
+        } else if let Some(secret) = self.site_secret() {
+            // A peer's image service serves the hosts of its site only.
+            req = req.bearer_auth(secret);
         }
         if have > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));

@@ -30,6 +30,7 @@ pub mod image_service;
 pub mod images;
 pub mod inventory;
 pub mod mover;
+pub mod private;
 pub mod reconciler;
 pub mod relay;
 pub mod simhost;
@@ -45,9 +46,15 @@ pub struct AgentArgs {
     /// join, the channel, image downloads, staging and relays.
     #[arg(skip)]
     pub ca_cert: Option<PathBuf>,
-    /// Join token (`virt8ra host join-token create --site S`); needed on first start only.
+    /// Join token (`virt8ra host join-token create --site S`); needed on
+    /// first start only. On the command line it is visible to every local
+    /// user (ps): prefer --join-token-file or VIRT8RA_JOIN_TOKEN.
     #[arg(long, env = "VIRT8RA_JOIN_TOKEN")]
     pub join_token: Option<String>,
+    /// A file holding the join token (e.g. mode 0600; surrounding
+    /// whitespace is ignored); instead of --join-token.
+    #[arg(long, conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
     /// Directory for the agent's state, images and VM disks.
     #[arg(long, default_value = "/var/lib/virt8ra/agent")]
     pub data_dir: PathBuf,
@@ -158,8 +165,28 @@ pub(crate) async fn join(
     Ok(resp.json().await?)
 }
 
+/// The join token from --join-token-file, or --join-token /
+/// VIRT8RA_JOIN_TOKEN.
+fn join_token(args: &AgentArgs) -> anyhow::Result<Option<String>> {
+    let Some(path) = &args.join_token_file else {
+        return Ok(args.join_token.clone());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read the join token from {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        bail!(
+            "{} must hold one join token (as `virt8ra host join-token create` prints it)",
+            path.display()
+        );
+    }
+    Ok(Some(token.to_string()))
+}
+
 /// Runs the agent until the process is stopped.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // Before anything is written: the data files are the owner's alone.
+    private::private_umask();
     if args.driver != "qemu" && args.driver != "sim" {
         bail!(
             "unknown driver {:?}: use qemu, or sim for scale tests",
@@ -174,8 +201,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     channel::ws_url(&args.server)?;
     let trust = Trust::new(args.ca_cert.as_deref(), CA_HINT)?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("create {}", args.data_dir.display()))?;
+    let join_token = join_token(&args)?;
+    private::private_tree(&args.data_dir).with_context(|| {
+        format!(
+            "create {} (mode 0700, everything in it the owner's alone)",
+            args.data_dir.display()
+        )
+    })?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
 
     let driver: Arc<dyn driver::Driver> = if args.driver == "sim" {
@@ -222,9 +254,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let creds = match load_credentials(&cred_path)? {
         Some(c) => c,
         None => {
-            let Some(token) = &args.join_token else {
+            let Some(token) = &join_token else {
                 bail!(
-                    "this agent has not joined yet: pass --join-token (create one with `virt8ra host join-token create --site SITE`)"
+                    "this agent has not joined yet: pass --join-token-file FILE (or VIRT8RA_JOIN_TOKEN); create one with `virt8ra host join-token create --site SITE`"
                 );
             };
             let joined = join(

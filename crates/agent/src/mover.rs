@@ -75,7 +75,7 @@ impl Mover {
         client: reqwest::Client,
     ) -> anyhow::Result<Arc<Mover>> {
         let staging = data_dir.join("staging");
-        std::fs::create_dir_all(&staging)?;
+        crate::private::make_dir(&staging)?;
         Ok(Arc::new(Mover {
             server: server.trim_end_matches('/').to_string(),
             token: token.to_string(),

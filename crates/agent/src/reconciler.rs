@@ -152,6 +152,11 @@ pub(crate) fn sync_dir(file: &Path) -> std::io::Result<()> {
 }
 
 impl Reconciler {
+    /// The image cache VMs' disks come from.
+    pub fn images(&self) -> &Arc<ImageCache> {
+        &self.images
+    }
+
     pub fn new(
         data_dir: &Path,
         driver: Arc<dyn Driver>,
@@ -159,7 +164,7 @@ impl Reconciler {
         reports: Arc<Reports>,
     ) -> std::io::Result<Arc<Reconciler>> {
         let state_dir = data_dir.join("vmstate");
-        std::fs::create_dir_all(&state_dir)?;
+        crate::private::make_dir(&state_dir)?;
         Ok(Arc::new(Reconciler {
             driver,
             images,

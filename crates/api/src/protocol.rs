@@ -116,6 +116,15 @@ pub enum ServerMessage {
         protocol: u32,
         host_id: String,
         heartbeat_interval_s: u64,
+        /// The secret the hosts of this host's site share: a host sends it
+        /// as a bearer token to its peers' image services, which serve
+        /// nothing to a request without it. An added field, as the
+        /// protocol's rules allow: an older agent ignores it (and its image
+        /// service stays open), an older control plane sends none (and the
+        /// agent's image service then serves nobody; its peers fall back
+        /// to the control plane).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        site_secret: Option<String>,
     },
     Reject {
         reason: String,
@@ -458,6 +467,40 @@ mod tests {
         let raw = r#"{"type":"reject","reason":"x","added_in_v2":true}"#;
         let m: ServerMessage = serde_json::from_str(raw).expect("parse");
         assert_eq!(m, ServerMessage::Reject { reason: "x".into() });
+    }
+
+    #[test]
+    fn the_site_secret_is_an_optional_addition_to_welcome() {
+        // From a control plane that predates it: accepted, no secret.
+        let old: ServerMessage = serde_json::from_str(
+            r#"{"type":"welcome","protocol":3,"host_id":"h","heartbeat_interval_s":5}"#,
+        )
+        .expect("old welcome");
+        assert!(matches!(
+            old,
+            ServerMessage::Welcome {
+                site_secret: None,
+                ..
+            }
+        ));
+        // Left out when there is none; carried when there is.
+        let none = ServerMessage::Welcome {
+            protocol: 3,
+            host_id: "h".into(),
+            heartbeat_interval_s: 5,
+            site_secret: None,
+        };
+        let text = serde_json::to_string(&none).expect("json");
+        assert!(!text.contains("site_secret"), "{text}");
+        let with = ServerMessage::Welcome {
+            protocol: 3,
+            host_id: "h".into(),
+            heartbeat_interval_s: 5,
+            site_secret: Some("s".into()),
+        };
+        let back: ServerMessage =
+            serde_json::from_str(&serde_json::to_string(&with).expect("json")).expect("parse");
+        assert_eq!(back, with);
     }
 
     #[test]

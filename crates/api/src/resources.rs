@@ -782,6 +782,23 @@ pub struct JoinToken {
     pub max_uses: u32,
 }
 
+/// A join token as listed: never its secret, nor the secret's hash.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenInfo {
+    pub id: String,
+    pub site: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Hosts that may still join with it (none: unlimited).
+    pub uses_left: Option<u32>,
+}
+
+/// A new admin token, shown once (`POST /api/v1/admin-token/rotate`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AdminToken {
+    pub token: String,
+}
+
 /// Sent by an agent with its join token.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -99,6 +99,16 @@ pub enum Command {
     /// Catalogs of appliances: this control plane's, and others' it trusts.
     #[command(subcommand)]
     Catalog(app::CatalogCmd),
+    /// The admin token.
+    #[command(subcommand)]
+    AdminToken(AdminTokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminTokenCmd {
+    /// Replace the admin token: prints the new one (once); the old one
+    /// stops working at once.
+    Rotate,
 }
 
 #[derive(Debug, Subcommand)]
@@ -239,6 +249,10 @@ pub enum JoinTokenCmd {
         #[arg(long)]
         max_uses: Option<u32>,
     },
+    /// The join tokens that can still admit a host (never their secrets).
+    List,
+    /// Revoke a join token by its id (from `list`): no host can join with it any more.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -573,6 +587,7 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::App(a) => app::app(&c, o, a).await,
         Command::Appliance(a) => app::appliance(&c, o, a).await,
         Command::Catalog(k) => app::catalog(&c, o, k).await,
+        Command::AdminToken(a) => admin_token(&c, o, a).await,
     }
 }
 
@@ -862,11 +877,17 @@ async fn host(c: &Client, o: Format, cmd: HostCmd) -> anyhow::Result<()> {
         HostCmd::Evacuate { name, mode, wait } => {
             migrate::evacuate(c, o, "hosts", &name, &mode, wait.timeout()).await
         }
-        HostCmd::JoinToken(JoinTokenCmd::Create {
+        HostCmd::JoinToken(j) => join_token(c, o, j).await,
+    }
+}
+
+async fn join_token(c: &Client, o: Format, cmd: JoinTokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        JoinTokenCmd::Create {
             site,
             ttl,
             max_uses,
-        }) => {
+        } => {
             let t: JoinToken = c
                 .post(
                     "/join-tokens",
@@ -877,6 +898,50 @@ async fn host(c: &Client, o: Format, cmd: HostCmd) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
+            emit(o, &t, |t| println!("{}", t.token))
+        }
+        JoinTokenCmd::List => {
+            let page: Page<JoinTokenInfo> = c.get("/join-tokens").await?;
+            emit(o, &page.items, |ts| {
+                table(
+                    &["id", "site", "created", "expires", "uses left"],
+                    ts.iter()
+                        .map(|t| {
+                            vec![
+                                t.id.clone(),
+                                t.site.clone(),
+                                t.created_at.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+                                t.expires_at
+                                    .map(|e| e.format("%Y-%m-%d %H:%M:%SZ").to_string())
+                                    .unwrap_or_else(|| "never".into()),
+                                t.uses_left
+                                    .map(|u| u.to_string())
+                                    .unwrap_or_else(|| "unlimited".into()),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        JoinTokenCmd::Revoke { id } => {
+            c.delete(&format!("/join-tokens/{}", seg(&id))).await?;
+            done(o, &format!("join token {id} revoked"))
+        }
+    }
+}
+
+async fn admin_token(c: &Client, o: Format, cmd: AdminTokenCmd) -> anyhow::Result<()> {
+    match cmd {
+        AdminTokenCmd::Rotate => {
+            let t: AdminToken = c
+                .post("/admin-token/rotate", &serde_json::json!({}))
+                .await?;
+            // The token alone on stdout (for scripts); where it goes, on stderr.
+            eprintln!(
+                "the old admin token no longer works; the control plane also wrote the new one to \
+                 DATA_DIR/admin.token (mode 0600). Put it in VIRT8RA_TOKEN or in token: of \
+                 ~/.config/virt8ra/config.yaml."
+            );
             emit(o, &t, |t| println!("{}", t.token))
         }
     }

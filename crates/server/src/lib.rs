@@ -26,6 +26,7 @@ pub mod distribution;
 pub mod error;
 pub mod hub;
 pub mod index;
+pub mod keys;
 pub mod migration;
 pub mod placement;
 pub mod scheduler;
@@ -83,17 +84,20 @@ pub async fn open(
     placement_config: placement::PlacementConfig,
     trust: virt8ra_tls::Trust,
 ) -> anyhow::Result<(App, Option<String>)> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("create data directory {}", data_dir.display()))?;
+    // The owner's alone (0700, files 0600), an older one tightened.
+    keys::private_dir(data_dir)?;
     let images_dir = data_dir.join("images");
-    std::fs::create_dir_all(&images_dir)
-        .with_context(|| format!("create {}", images_dir.display()))?;
+    keys::private_dir(&images_dir)?;
+    // Made here, once, never in a request.
+    let catalog_key = keys::catalog_key(data_dir)?;
+    let site_key = keys::site_key(data_dir)?;
     let store = SqliteStore::open(&data_dir.join("virt8ra.db"))
         .with_context(|| format!("open database in {}", data_dir.display()))?;
     // Providers, sites, images and tokens are read on every request: from
     // memory (see `virt8ra_store::CachedStore`).
     let store: Arc<dyn Store> = Arc::new(CachedStore::new(store).await?);
     let created = ensure_admin_token(store.as_ref(), data_dir).await?;
+    store.purge_join_tokens(Utc::now()).await?;
     let hosts = index::HostIndex::load(store.list_hosts().await?);
     // Every VM into memory before serving: reads are answered from there.
     let vms = index::VmIndex::load(
@@ -122,6 +126,8 @@ pub async fn open(
         hosts,
         image_refs: Default::default(),
         trust,
+        catalog_key,
+        site_key,
     });
     Ok((app, created))
 }
@@ -148,15 +154,17 @@ async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Resul
     Ok(Some(secret))
 }
 
-/// Writes a secret readable by the owner only (mode 0600), durably.
-fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+/// Writes a secret readable by the owner only (mode 0600), durably and
+/// atomically (a reader sees the old file or the new one).
+pub(crate) fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
+    // A leftover temporary file may have a wider mode: start afresh.
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("write {}", tmp.display()))?;
@@ -169,6 +177,8 @@ fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
 
 /// Runs the control plane until the process is stopped.
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    // Before anything is written: the data files are the owner's alone.
+    keys::private_umask();
     for (what, v) in [
         ("--cpu-overcommit", args.cpu_overcommit),
         ("--memory-overcommit", args.memory_overcommit),
@@ -226,6 +236,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .await
         .context("resume unfinished migrations")?;
     tokio::spawn(scheduler::run(app.clone()));
+    tokio::spawn(api::tokens::purge_periodically(app.clone()));
     match server_tls {
         None => axum::serve(listener, api::router(app))
             .with_graceful_shutdown(shutdown_signal())

@@ -61,6 +61,12 @@ pub struct AppState {
     /// Certificates the control plane's own outbound fetches trust (catalog
     /// URLs, image imports): the public web roots plus `--ca-cert`.
     pub trust: virt8ra_tls::Trust,
+    /// The catalog's signing key (`DATA_DIR/catalog.key`), loaded or made
+    /// once at start-up, never in a request (see [`crate::keys`]).
+    pub catalog_key: ed25519_dalek::SigningKey,
+    /// The key each site's shared secret is derived from
+    /// (`DATA_DIR/site.key`; see [`crate::keys::site_secret`]).
+    pub site_key: [u8; 32],
 }
 
 impl AppState {

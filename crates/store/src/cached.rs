@@ -14,7 +14,8 @@
 //!   writes in their durable order.
 //! - Tokens are cached on first use, admin and host tokens only (a join
 //!   token's remaining uses change with every join, so those are always read
-//!   from the database). A deleted host's tokens leave the cache with it.
+//!   from the database). A deleted host's tokens leave the cache with it,
+//!   and a rotated admin token with its rotation.
 //!
 //! This assumes one control plane process owns the database (true of the
 //! embedded SQLite store). A highly available control plane with several
@@ -363,10 +364,11 @@ impl<S: Store> Store for CachedStore<S> {
         }
         let found = self.inner.find_token(hash).await?;
         if let Some(t) = found.as_ref().filter(|t| cacheable(t)) {
-            // A host deleted while this read ran must not come back: cache
-            // the token only while its host still has it in the database.
+            // A host deleted (or an admin token rotated) while this read
+            // ran must not come back: cache the token only while the
+            // database still has it.
             self.tokens().insert(t.hash.clone(), t.clone());
-            if t.kind == TokenKind::Host && self.inner.find_token(hash).await?.is_none() {
+            if self.inner.find_token(hash).await?.is_none() {
                 self.tokens().remove(hash);
                 return Ok(None);
             }
@@ -376,6 +378,39 @@ impl<S: Store> Store for CachedStore<S> {
 
     async fn count_tokens(&self, kind: TokenKind) -> Result<usize> {
         self.inner.count_tokens(kind).await
+    }
+
+    async fn list_tokens(&self, kind: TokenKind) -> Result<Vec<TokenRecord>> {
+        self.inner.list_tokens(kind).await
+    }
+
+    async fn delete_token(&self, kind: TokenKind, id: &str) -> Result<bool> {
+        // Out of the cache before and after the delete, as a host's tokens.
+        let forget = || self.tokens().retain(|_, t| t.id != id);
+        forget();
+        let r = self.inner.delete_token(kind, id).await;
+        forget();
+        r
+    }
+
+    async fn purge_join_tokens(&self, now: chrono::DateTime<chrono::Utc>) -> Result<usize> {
+        // Join tokens are never cached.
+        self.inner.purge_join_tokens(now).await
+    }
+
+    async fn replace_tokens(&self, t: &TokenRecord) -> Result<()> {
+        // The old tokens leave the cache before the commit (none may work
+        // after it) and again after it (a lookup that read one before the
+        // commit may have cached it meanwhile; `find_token` re-checks).
+        let forget = || self.tokens().retain(|_, c| c.kind != t.kind);
+        forget();
+        let r = self.inner.replace_tokens(t).await;
+        forget();
+        r?;
+        if cacheable(t) {
+            self.tokens().insert(t.hash.clone(), t.clone());
+        }
+        Ok(())
     }
 
     async fn put_doc(&self, kind: &str, id: &str, name: &str, body: &str) -> Result<()> {
@@ -481,5 +516,45 @@ mod tests {
         );
         assert!(!s.tokens.read().expect("lock").contains_key("hj"));
         assert!(s.find_token("nope").await.expect("find").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_replaced_admin_token_stops_working_at_once() {
+        let s = CachedStore::new(SqliteStore::in_memory().expect("store"))
+            .await
+            .expect("cached");
+        let tok = |id: &str, hash: &str| TokenRecord {
+            id: id.into(),
+            kind: TokenKind::Admin,
+            hash: hash.into(),
+            site: None,
+            host_id: None,
+            expires_at: None,
+            uses_left: None,
+            created_at: Utc::now(),
+        };
+        s.create_token(&tok("old", "h-old")).await.expect("create");
+        // Cached by the lookup.
+        assert!(s.find_token("h-old").await.expect("find").is_some());
+        s.replace_tokens(&tok("new", "h-new"))
+            .await
+            .expect("replace");
+        assert!(s.find_token("h-old").await.expect("find").is_none());
+        assert!(s.inner().find_token("h-old").await.expect("db").is_none());
+        assert_eq!(
+            s.find_token("h-new").await.expect("find").map(|t| t.id),
+            Some("new".to_string())
+        );
+        assert_eq!(s.count_tokens(TokenKind::Admin).await.expect("count"), 1);
+        // Revoking by id takes a cached token out too.
+        assert!(s
+            .delete_token(TokenKind::Admin, "new")
+            .await
+            .expect("delete"));
+        assert!(s.find_token("h-new").await.expect("find").is_none());
+        assert!(!s
+            .delete_token(TokenKind::Admin, "new")
+            .await
+            .expect("delete"));
     }
 }

@@ -187,6 +187,16 @@ pub trait Store: Send + Sync + 'static {
     async fn create_token(&self, t: &TokenRecord) -> Result<()>;
     async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>>;
     async fn count_tokens(&self, kind: TokenKind) -> Result<usize>;
+    /// Every token of a kind, oldest first.
+    async fn list_tokens(&self, kind: TokenKind) -> Result<Vec<TokenRecord>>;
+    /// Deletes the token `id` if it is of `kind`; whether it existed.
+    async fn delete_token(&self, kind: TokenKind, id: &str) -> Result<bool>;
+    /// Deletes the join tokens that can admit no host any more: used up,
+    /// or expired before `now`. Returns how many went.
+    async fn purge_join_tokens(&self, now: DateTime<Utc>) -> Result<usize>;
+    /// Replaces every token of `t.kind` with `t`, in one transaction (the
+    /// admin token's rotation: the old one stops working at the commit).
+    async fn replace_tokens(&self, t: &TokenRecord) -> Result<()>;
 
     // documents: resources kept whole as JSON under a kind, with a unique
     // name per kind (catalogs, appliances, apps)

@@ -687,10 +687,17 @@ impl Store for SqliteStore {
                     )
                     .optional()
                     .map_err(db)?;
+                // A used-up token is deleted with its last use, so a
+                // missing one is (most likely) used up too.
                 match left {
-                    None => return Err(StoreError::not_found("join token", join_id)),
-                    Some(Some(n)) if n <= 0 => {
-                        return Err(StoreError::Conflict("join token is used up".into()))
+                    None | Some(Some(i64::MIN..=0)) => {
+                        return Err(StoreError::Conflict(
+                            "join token is used up, expired or revoked".into(),
+                        ))
+                    }
+                    Some(Some(1)) => {
+                        tx.execute("DELETE FROM tokens WHERE id = ?1", [&join_id])
+                            .map_err(db)?;
                     }
                     Some(Some(_)) => {
                         tx.execute(
@@ -1106,38 +1113,71 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let row = c
                 .query_row(
-                    "SELECT id, kind, hash, site, host_id, expires_at, uses_left, created_at
-                     FROM tokens WHERE hash = ?1",
+                    &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"),
                     [&hash],
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, Option<String>>(3)?,
-                            r.get::<_, Option<String>>(4)?,
-                            r.get::<_, Option<String>>(5)?,
-                            r.get::<_, Option<i64>>(6)?,
-                            r.get::<_, String>(7)?,
-                        ))
-                    },
+                    token_row,
                 )
                 .optional()
                 .map_err(db)?;
-            let Some((id, kind, hash, site, host_id, exp, uses, created)) = row else {
-                return Ok(None);
-            };
-            Ok(Some(TokenRecord {
-                id,
-                kind: TokenKind::parse(&kind)
-                    .ok_or_else(|| StoreError::Db(format!("corrupt token kind {kind:?}")))?,
-                hash,
-                site,
-                host_id,
-                expires_at: exp.as_deref().map(parse_ts).transpose()?,
-                uses_left: uses.map(|u| u.max(0) as u32),
-                created_at: parse_ts(&created)?,
-            }))
+            row.map(token_record).transpose()
+        })
+        .await
+    }
+
+    async fn list_tokens(&self, kind: TokenKind) -> Result<Vec<TokenRecord>> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare(&format!(
+                    "SELECT {TOKEN_COLUMNS} FROM tokens WHERE kind = ?1 ORDER BY created_at, id"
+                ))
+                .map_err(db)?;
+            let rows = st
+                .query_map([kind.as_str()], token_row)
+                .map_err(db)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db)?;
+            rows.into_iter().map(token_record).collect()
+        })
+        .await
+    }
+
+    async fn delete_token(&self, kind: TokenKind, id: &str) -> Result<bool> {
+        let id = id.to_string();
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM tokens WHERE id = ?1 AND kind = ?2",
+                    params![id, kind.as_str()],
+                )
+                .map_err(db)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn purge_join_tokens(&self, now: DateTime<Utc>) -> Result<usize> {
+        // Timestamps are stored in one fixed RFC 3339 form (UTC,
+        // microseconds), so they compare as strings.
+        let now = ts(&now);
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM tokens WHERE kind = 'join'
+                   AND (uses_left <= 0 OR (expires_at IS NOT NULL AND expires_at < ?1))",
+                [&now],
+            )
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn replace_tokens(&self, t: &TokenRecord) -> Result<()> {
+        let t = t.clone();
+        self.write(move |c| {
+            atomic(c, |tx| {
+                tx.execute("DELETE FROM tokens WHERE kind = ?1", [t.kind.as_str()])
+                    .map_err(db)?;
+                insert_token(tx, &t)
+            })
         })
         .await
     }
@@ -1220,6 +1260,47 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+const TOKEN_COLUMNS: &str = "id, kind, hash, site, host_id, expires_at, uses_left, created_at";
+
+type TokenRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    String,
+);
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
+}
+
+fn token_record(row: TokenRow) -> Result<TokenRecord> {
+    let (id, kind, hash, site, host_id, exp, uses, created) = row;
+    Ok(TokenRecord {
+        id,
+        kind: TokenKind::parse(&kind)
+            .ok_or_else(|| StoreError::Db(format!("corrupt token kind {kind:?}")))?,
+        hash,
+        site,
+        host_id,
+        expires_at: exp.as_deref().map(parse_ts).transpose()?,
+        uses_left: uses.map(|u| u.max(0) as u32),
+        created_at: parse_ts(&created)?,
+    })
 }
 
 fn insert_token(c: &Connection, t: &TokenRecord) -> Result<()> {
@@ -1721,6 +1802,8 @@ mod tests {
             created_at: Utc::now(),
         };
         s.create_host(&host("h1"), &tok("h1"), "j").await.unwrap();
+        // Used up: gone with its last use.
+        assert!(s.find_token("h").await.unwrap().is_none());
         let e = s
             .create_host(&host("h2"), &tok("h2"), "j")
             .await
@@ -1728,5 +1811,50 @@ mod tests {
         assert!(e.to_string().contains("used up"), "{e}");
         assert!(s.get_host("h2").await.is_err(), "nothing changed");
         assert!(s.find_token("hashh2").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn expired_and_used_up_join_tokens_are_purged_and_others_kept() {
+        let s = SqliteStore::in_memory().unwrap();
+        let now = Utc::now();
+        let join = |id: &str, exp: Option<chrono::Duration>, uses: Option<u32>| TokenRecord {
+            id: id.into(),
+            kind: TokenKind::Join,
+            hash: format!("hash-{id}"),
+            site: Some("s".into()),
+            host_id: None,
+            expires_at: exp.map(|d| now + d),
+            uses_left: uses,
+            created_at: now,
+        };
+        let hour = chrono::Duration::hours(1);
+        for t in [
+            join("live", Some(hour), Some(2)),
+            join("expired", Some(-hour), Some(2)),
+            join("used", Some(hour), Some(0)),
+            join("forever", None, None),
+        ] {
+            s.create_token(&t).await.unwrap();
+        }
+        let mut admin = join("admin", Some(-hour), Some(0));
+        admin.kind = TokenKind::Admin;
+        admin.hash = "hash-admin".into();
+        s.create_token(&admin).await.unwrap();
+        assert_eq!(s.purge_join_tokens(now).await.unwrap(), 2);
+        let left: Vec<String> = s
+            .list_tokens(TokenKind::Join)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(left, ["forever", "live"]);
+        // Other kinds are never purged.
+        assert_eq!(s.count_tokens(TokenKind::Admin).await.unwrap(), 1);
+        assert_eq!(s.purge_join_tokens(now).await.unwrap(), 0);
+        // Deleting by id is limited to the kind named.
+        assert!(!s.delete_token(TokenKind::Join, "admin").await.unwrap());
+        assert!(s.delete_token(TokenKind::Join, "live").await.unwrap());
+        assert!(s.find_token("hash-live").await.unwrap().is_none());
     }
 }

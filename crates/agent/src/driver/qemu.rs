@@ -51,7 +51,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError
 impl QemuDriver {
     /// A driver keeping VM directories under `root`.
     pub async fn new(root: PathBuf, accel: AccelChoice) -> Result<QemuDriver> {
-        std::fs::create_dir_all(&root).map_err(io_err(format!("create {}", root.display())))?;
+        crate::private::make_dir(&root).map_err(io_err(format!("create {}", root.display())))?;
         let out = Command::new(QEMU)
             .arg("--version")
             .output()

@@ -150,6 +150,19 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
 
+/// The secret of the host's site (see [`crate::keys::site_secret`]), for
+/// its image service and its requests to its peers'.
+async fn site_secret(app: &App, host_id: &str) -> Option<String> {
+    let site = app.host(host_id).ok()?.site;
+    match app.store.get_site(&site).await {
+        Ok(s) => Some(crate::keys::site_secret(&app.site_key, &s.id)),
+        Err(e) => {
+            tracing::warn!(error = %e, site, "no site secret for the welcome");
+            None
+        }
+    }
+}
+
 /// Messages queued per host before its transport waits. A flume channel,
 /// not tokio's: tokio's allocates a block of 32 messages per channel up
 /// front, 4 KiB per host at 100,000 hosts; flume's queue grows on demand.
@@ -215,6 +228,7 @@ async fn host_session(
         protocol: version,
         host_id: host_id.to_string(),
         heartbeat_interval_s: app.heartbeat_interval.as_secs().max(1),
+        site_secret: site_secret(app, host_id).await,
     });
     drop(outbox);
     // Boxed, here and below: a session lives as long as its host is

@@ -30,36 +30,10 @@ pub const CATALOG: &str = "catalog";
 /// The name of this control plane's own catalog in listings.
 pub const LOCAL: &str = "local";
 
-/// The control plane's catalog signing key: `DATA_DIR/catalog.key` (hex of
-/// the 32-byte secret, mode 0600), created on first use.
-pub fn signing_key(app: &App) -> ApiResult<SigningKey> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = app.data_dir.join("catalog.key");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let bytes = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .ok_or_else(|| {
-                ApiError::Internal(format!("{} is corrupt: 64 hex digits", path.display()))
-            })?;
-        return Ok(SigningKey::from_bytes(&bytes));
-    }
-    let mut secret = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| ApiError::Internal(format!("create {}: {e}", tmp.display())))?;
-    f.write_all(hex::encode(secret).as_bytes())
-        .and_then(|_| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|e| ApiError::Internal(format!("write {}: {e}", path.display())))?;
-    Ok(SigningKey::from_bytes(&secret))
+/// The control plane's catalog signing key: `DATA_DIR/catalog.key`, loaded
+/// or made once at start-up (see [`crate::keys`]).
+pub fn signing_key(app: &App) -> SigningKey {
+    app.catalog_key.clone()
 }
 
 pub fn parse_public_key(hex_key: &str) -> ApiResult<VerifyingKey> {
@@ -251,7 +225,7 @@ pub async fn unpublish(
 
 /// The signed index of this control plane's appliances.
 pub async fn signed_index(app: &App) -> ApiResult<SignedCatalog> {
-    let key = signing_key(app)?;
+    let key = signing_key(app);
     let mut appliances = local_appliances(app).await?;
     for a in &mut appliances {
         for i in &mut a.images {
@@ -290,7 +264,7 @@ pub struct CatalogKey {
 /// The catalog's public key, for operators to pass to other control planes
 /// out of band (admin only: trust must not come from the same channel).
 pub async fn public_key(_: Admin, State(app): State<App>) -> ApiResult<Json<CatalogKey>> {
-    let key = signing_key(&app)?;
+    let key = signing_key(&app);
     Ok(Json(CatalogKey {
         public_key: hex::encode(key.verifying_key().to_bytes()),
     }))

@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod providers;
 pub mod relay;
 pub mod sites;
+pub mod tokens;
 pub mod vms;
 pub mod watch;
 
@@ -137,6 +138,15 @@ pub fn router(app: App) -> Router {
             "/relay/{migration_id}/{stream}/{conn_id}",
             get(relay::relay),
         );
+    // Token housekeeping (issue 25): join tokens listed and revoked, the
+    // admin token rotated. `/join-tokens` adds GET to the POST above.
+    let v1 = v1
+        .route("/join-tokens", get(tokens::list_join_tokens))
+        .route(
+            "/join-tokens/{id}",
+            axum::routing::delete(tokens::revoke_join_token),
+        )
+        .route("/admin-token/rotate", post(tokens::rotate_admin_token));
     Router::new()
         .route("/healthz", get(healthz))
         .nest("/api/v1", v1)

@@ -7,13 +7,15 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agent, apps, catalog, hosts, images, migrations, providers, relay, sites, vms, watch};
+use super::{
+    agent, apps, catalog, hosts, images, migrations, providers, relay, sites, tokens, vms, watch,
+};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "virt8ra",
-        description = "Sovereign multi-provider cloud-edge control plane. Every call except /healthz and this document needs `Authorization: Bearer TOKEN`.",
+        description = "Sovereign multi-provider cloud-edge control plane. Every call needs `Authorization: Bearer TOKEN` except /healthz, this document, and, public by design, this control plane's signed catalog (/api/v1/catalog) and its published images (/api/v1/catalog/images/{sha256}), which other control planes fetch and verify with the catalog's public key (given out of band: /api/v1/catalog/key needs the admin token).",
         license(name = "Apache-2.0")
     ),
     paths(
@@ -33,6 +35,7 @@ use super::{agent, apps, catalog, hosts, images, migrations, providers, relay, s
         migrations::export, migrations::show_export, migrations::delete_export,
         migrations::download, migrations::upload, migrations::staged,
         agent::join, agent::connect, agent::mux, relay::relay,
+        tokens::list_join_tokens, tokens::revoke_join_token, tokens::rotate_admin_token,
     ),
     modifiers(&Bearer),
     tags(

@@ -371,8 +371,12 @@ impl Cluster {
             .args(extra)
             .env("VIRT8RA_LOG", "info");
         if let Some(site) = site {
+            // From a file, as the README advises: a token on the command
+            // line is visible to every local user.
             let t = self.ok("POST", "/api/v1/join-tokens", Some(json!({"site": site})));
-            cmd.args(["--join-token", t["token"].as_str().unwrap()]);
+            let file = self.dir.path().join(format!("agent-{name}.join-token"));
+            std::fs::write(&file, t["token"].as_str().unwrap()).unwrap();
+            cmd.arg("--join-token-file").arg(file);
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
