@@ -372,9 +372,11 @@ pub async fn upload(
     State(app): State<App>,
     Path(id): Path<String>,
     Query(q): Query<UploadAt>,
+    headers: HeaderMap,
     body: RawBody,
 ) -> ApiResult<Json<serde_json::Value>> {
     may_upload(&app, &host.host_id, &id).await?;
+    super::octet_stream(&headers)?;
     let path = migration::staging_path(&app, &id);
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir)
