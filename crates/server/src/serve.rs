@@ -21,7 +21,9 @@
 //!   socket closes, whoever holds it): past it a new connection is answered
 //!   503 and closed at once instead of holding a file descriptor and a task;
 //! - graceful shutdown on SIGTERM or Ctrl-C: no new connections; requests
-//!   under way finish and idle connections close (as `axum::serve` did).
+//!   under way get up to 10 s to finish and idle connections close.
+//!   (`axum::serve` waited for ever, so one open `watch` stream kept a
+//!   stopped server running.)
 //!
 //! At start the soft limit on open files is raised to the hard one (as Go
 //! programs do), since a service manager's default soft limit of 1,024
@@ -108,8 +110,20 @@ pub async fn serve(
     }
     let _ = stop_tx.send(true);
     tracker.close();
-    tracker.wait().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        // A watch stream never ends by itself, nor may a slow download.
+        tracing::warn!(
+            open = tracker.len(),
+            "shutdown: requests still under way after {SHUTDOWN_GRACE:?} are cut"
+        );
+    }
 }
+
+/// How long shutdown waits for requests under way.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Over the cap: a plain-HTTP 503 in the API's error format if the socket
 /// takes it right away (never waiting: the accept loop must go on), then

@@ -605,3 +605,39 @@ fn staged_disks_are_read_only_by_the_host_they_are_for() {
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(&r.bytes().unwrap()[..], b"abcdef");
 }
+
+/// SIGTERM: no new connections; an idle connection is closed and a
+/// request that never ends (a watch stream) is cut after the grace
+/// period, so the server exits cleanly instead of running on.
+#[test]
+fn sigterm_stops_the_server_despite_an_endless_stream() {
+    let mut c = Cluster::start();
+    let mut watch = TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+    write!(
+        watch,
+        "GET /api/v1/watch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        c.token
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    watch.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let _idle = TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+    let server = c.server.as_mut().unwrap();
+    let t = Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = wait_until("the server to exit", Duration::from_secs(30), || {
+        server.child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "exit took {:?}",
+        t.elapsed()
+    );
+    assert!(TcpStream::connect(("127.0.0.1", c.port)).is_err());
+}
