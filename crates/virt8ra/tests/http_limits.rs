@@ -641,3 +641,33 @@ fn sigterm_stops_the_server_despite_an_endless_stream() {
     );
     assert!(TcpStream::connect(("127.0.0.1", c.port)).is_err());
 }
+
+#[test]
+fn limits_out_of_range_stop_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, want) in [
+        (
+            ["--header-timeout", "0"],
+            "--header-timeout 0 is outside 0.1..3600",
+        ),
+        (
+            ["--header-timeout", "nan"],
+            "--header-timeout NaN is outside",
+        ),
+        (
+            ["--max-connections", "0"],
+            "--max-connections must be at least 1",
+        ),
+    ] {
+        let out = std::process::Command::new(common::bin())
+            .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("s"))
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!dir.path().join("s").exists(), "{args:?} created its data");
+    }
+}
