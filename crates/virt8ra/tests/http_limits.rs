@@ -671,3 +671,63 @@ fn limits_out_of_range_stop_the_start() {
         assert!(!dir.path().join("s").exists(), "{args:?} created its data");
     }
 }
+
+/// Over TLS the same limit applies twice: to the handshake, and then to
+/// the request head inside the encrypted connection.
+#[test]
+fn tls_handshakes_and_heads_have_the_header_timeout() {
+    const TIMEOUT: f64 = 2.0;
+    let c = Cluster::start_tls(&["--header-timeout", "2"]);
+    let ca = &c.tls.as_ref().unwrap().ca;
+    let trust = virt8ra_tls::Trust::new(Some(ca), "test").unwrap();
+    // How long the server takes to close a connection `start` made.
+    let time_to_close = |mut read: Box<dyn FnMut() -> bool>| {
+        let t = Instant::now();
+        while !read() {
+            assert!(t.elapsed() < Duration::from_secs(20), "never closed");
+        }
+        t.elapsed().as_secs_f64()
+    };
+
+    // Nothing sent: no handshake.
+    let mut raw = TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+    raw.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let waited = time_to_close(Box::new(move || {
+        let mut b = [0u8; 64];
+        match raw.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        }
+    }));
+    assert!(
+        (TIMEOUT - 0.5..TIMEOUT + 5.0).contains(&waited),
+        "a silent TLS client was closed after {waited:.1} s"
+    );
+
+    // A handshake, then half a request head.
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(trust.client_config(), name).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", c.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    tls.flush().unwrap();
+    let waited = time_to_close(Box::new(move || {
+        let mut b = [0u8; 64];
+        match tls.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        }
+    }));
+    assert!(
+        (TIMEOUT - 0.5..TIMEOUT + 5.0).contains(&waited),
+        "a half request head over TLS was closed after {waited:.1} s"
+    );
+    // Meanwhile and after, HTTPS is served.
+    assert_eq!(c.ok("GET", "/healthz", None)["status"], "ok");
+}
