@@ -19,6 +19,15 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The method is not one the path takes (405).
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The body is larger than the endpoint takes (413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The body's `Content-Type` is not one the endpoint takes (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// A dependency (an agent, a tool) is not available right now.
     #[error("{0}")]
     Unavailable(String),
@@ -36,6 +45,11 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

@@ -30,6 +30,7 @@ pub mod keys;
 pub mod migration;
 pub mod placement;
 pub mod scheduler;
+pub mod serve;
 pub mod state;
 pub mod tls;
 
@@ -70,6 +71,16 @@ pub struct ServerArgs {
     /// the global `--ca-cert` (or `VIRT8RA_CA_CERT`), set by the binary.
     #[arg(skip)]
     pub ca_cert: Option<PathBuf>,
+    /// Seconds a client has to send a whole request head (and to finish
+    /// its TLS handshake); also how long a keep-alive connection may sit
+    /// idle between requests. Never applies to upgraded (WebSocket)
+    /// connections or to a request being served.
+    #[arg(long, default_value_t = 10.0, env = "VIRT8RA_HEADER_TIMEOUT")]
+    pub header_timeout: f64,
+    /// Open connections at most (agents' WebSockets included); past it a
+    /// new connection is answered 503 and closed.
+    #[arg(long, default_value_t = 10_000, env = "VIRT8RA_MAX_CONNECTIONS")]
+    pub max_connections: usize,
 }
 
 /// How an operator makes the control plane trust a server it fetches from.
@@ -187,6 +198,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             anyhow::bail!("{what} {v} is outside 0.1..64");
         }
     }
+    if !(0.1..=3600.0).contains(&args.header_timeout) {
+        anyhow::bail!(
+            "--header-timeout {} is outside 0.1..3600 seconds",
+            args.header_timeout
+        );
+    }
+    if args.max_connections == 0 {
+        anyhow::bail!("--max-connections must be at least 1");
+    }
+    let limits = serve::Limits {
+        header_timeout: Duration::from_secs_f64(args.header_timeout),
+        max_connections: args.max_connections,
+    };
     let cfg = placement::PlacementConfig {
         cpu_overcommit: args.cpu_overcommit,
         memory_overcommit: args.memory_overcommit,
@@ -237,20 +261,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .context("resume unfinished migrations")?;
     tokio::spawn(scheduler::run(app.clone()));
     tokio::spawn(api::tokens::purge_periodically(app.clone()));
-    match server_tls {
-        None => axum::serve(listener, api::router(app))
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("serve")?,
-        Some(server_tls) => {
-            tokio::spawn(reload_on_sighup(server_tls.clone()));
-            let listener = tls::TlsListener::new(listener, &server_tls)?;
-            axum::serve(listener, api::router(app))
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-                .context("serve")?
-        }
+    if let Some(server_tls) = &server_tls {
+        tokio::spawn(reload_on_sighup(server_tls.clone()));
     }
+    serve::serve(
+        listener,
+        server_tls,
+        api::router(app),
+        limits,
+        shutdown_signal(),
+    )
+    .await;
     Ok(())
 }
 

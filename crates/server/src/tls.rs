@@ -3,11 +3,10 @@
 //! Everything the control plane serves — the API, the agents' WebSocket
 //! channel and its mux extension, migration relays, image and staging
 //! transfers — goes through one listener, so serving TLS there makes all of
-//! it HTTPS and WSS. [`TlsListener`] plugs into `axum::serve` (and so keeps
-//! its graceful shutdown): a background task accepts TCP connections and
-//! runs each TLS handshake in a task of its own, with a timeout, so a slow
-//! or failing client never holds up the others; finished handshakes are
-//! handed to axum.
+//! it HTTPS and WSS. The accept loop ([`crate::serve`]) runs each TLS
+//! handshake ([`handshake`]) in the connection's own task, with a timeout
+//! (`--header-timeout`), so a slow or failing client never holds up the
+//! others.
 //!
 //! A client that speaks plain HTTP to the TLS port gets a plain-HTTP 400
 //! saying to use `https://` (an API error body the CLI prints), not a hang
@@ -19,7 +18,6 @@
 //! ([`ServerTls::reload`]): a renewed certificate takes effect for new
 //! connections without a restart; a bad one is refused and the old one kept.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -30,13 +28,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// How long a client may take to complete its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -129,71 +124,14 @@ impl ServerTls {
         Ok(())
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.config.clone())
-    }
-}
-
-/// A TLS listener for `axum::serve`.
-pub struct TlsListener {
-    local: SocketAddr,
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    acceptor: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor.abort();
-    }
-}
-
-impl TlsListener {
-    pub fn new(tcp: TcpListener, tls: &ServerTls) -> std::io::Result<TlsListener> {
-        let local = tcp.local_addr()?;
-        let acceptor = tls.acceptor();
-        let (tx, ready) = mpsc::channel(64);
-        let acceptor = tokio::spawn(async move {
-            loop {
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors, for instance: wait, as
-                        // axum does for plain TCP.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&acceptor, stream))
-                        .await
-                    {
-                        Ok(Ok(Some(tls))) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Ok(None)) => {
-                            tracing::debug!(%peer, "plain HTTP on the TLS port; told to use https")
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener {
-            local,
-            ready,
-            acceptor,
-        })
     }
 }
 
 /// The handshake, or `None` when the client spoke plain HTTP (it was
 /// answered with a 400).
-async fn handshake(
+pub(crate) async fn handshake(
     acceptor: &TlsAcceptor,
     mut stream: TcpStream,
 ) -> std::io::Result<Option<TlsStream<TcpStream>>> {
@@ -230,24 +168,6 @@ async fn refuse_plain_http(stream: &mut TcpStream) {
         while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await;
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            // The accept task ended (it only does when aborted): accept
-            // nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
-    }
 }
 
 #[cfg(test)]

@@ -102,8 +102,10 @@ pub async fn upload(
     _: Admin,
     State(app): State<App>,
     Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
     body: RawBody,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
+    super::octet_stream(&headers)?;
     let arch = check_new(&app, &q.name, q.arch.as_deref(), q.version.as_deref()).await?;
     let mut labels = std::collections::BTreeMap::new();
     for pair in q.labels.iter().flat_map(|l| l.split(',')) {

@@ -336,6 +336,27 @@ async fn may_upload(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
     )))
 }
 
+/// Whether `host_id` may download staged disk `key`: only the target host
+/// of an active cold migration once the disk is staged and verified (phase
+/// `preparing_target`, when the target is told where to fetch it). An
+/// export's staged disk is read by the admin (`vm export`), never by a
+/// host; and no other host reads anyone's disk.
+fn may_download(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
+    let (id, _) = staging_key(key)?;
+    let fetching = app.migrations.active().into_iter().any(|m| {
+        m.id == id
+            && m.target.host_id == host_id
+            && m.mode == virt8ra_api::MigrationMode::Cold
+            && m.phase == MigrationPhase::PreparingTarget
+    });
+    if fetching {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden(format!(
+        "staged disk {key} is not for this host: only the target of its migration fetches it"
+    )))
+}
+
 /// A staging key: a migration's or export's id, or `ID.N` for data disk N
 /// of a cold migration. Anything else is not found.
 fn staging_key(key: &str) -> ApiResult<(&str, Option<usize>)> {
@@ -372,9 +393,11 @@ pub async fn upload(
     State(app): State<App>,
     Path(id): Path<String>,
     Query(q): Query<UploadAt>,
+    headers: HeaderMap,
     body: RawBody,
 ) -> ApiResult<Json<serde_json::Value>> {
     may_upload(&app, &host.host_id, &id).await?;
+    super::octet_stream(&headers)?;
     let path = migration::staging_path(&app, &id);
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir)
@@ -415,11 +438,17 @@ pub async fn upload(
 #[utoipa::path(get, path = "/api/v1/staging/{id}/status", tag = "agent", params(("id" = String, Path)),
     responses((status = 200, description = "`{\"bytes\": N}` staged so far")), security(("bearer" = [])))]
 pub async fn staged(
-    _: AdminOrHost,
+    who: AdminOrHost,
     State(app): State<App>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     valid_id(&id)?;
+    // A host asks to resume its own upload, or a download it may make.
+    if let AdminOrHost(Some(host_id)) = &who {
+        if may_upload(&app, host_id, &id).await.is_err() {
+            may_download(&app, host_id, &id)?;
+        }
+    }
     let path = migration::staging_path(&app, &id);
     let have = tokio::fs::metadata(&path)
         .await
@@ -437,12 +466,15 @@ fn valid_id(key: &str) -> ApiResult<()> {
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(
-    _: AdminOrHost,
+    who: AdminOrHost,
     State(app): State<App>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     valid_id(&id)?;
+    if let AdminOrHost(Some(host_id)) = &who {
+        may_download(&app, host_id, &id)?;
+    }
     let path = migration::staging_path(&app, &id);
     let f = tokio::fs::File::open(&path)
         .await

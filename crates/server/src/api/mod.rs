@@ -27,8 +27,9 @@ pub mod tokens;
 pub mod vms;
 pub mod watch;
 
-/// A JSON body whose every rejection (bad syntax, unknown field, wrong type,
-/// missing content type) is a 400 with our error body.
+/// A JSON body whose every rejection has our error body: 413 when it is
+/// larger than the body limit, 415 when its content type is not JSON, 400
+/// for the rest (bad syntax, unknown field, wrong type).
 pub struct Body<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
@@ -36,9 +37,45 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(rej) => Err(ApiError::Invalid(rej.body_text())),
+            Err(rej) => Err(match rej.status() {
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
+                    "the JSON body is larger than the {} KiB this endpoint takes",
+                    JSON_BODY_LIMIT >> 10
+                )),
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(
+                    "the body must be JSON: send `Content-Type: application/json`".into(),
+                ),
+                _ => ApiError::Invalid(rej.body_text()),
+            }),
         }
     }
+}
+
+/// The largest JSON body (and any body not streamed to disk) taken.
+pub const JSON_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Refuses a binary upload whose `Content-Type` says it is something else
+/// (415). A missing one is taken as binary: the agent's chunked staging
+/// uploads send none.
+pub fn octet_stream(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = ct
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    if essence.eq_ignore_ascii_case("application/octet-stream") {
+        return Ok(());
+    }
+    Err(ApiError::UnsupportedMediaType(format!(
+        "the body is sent as {:?}; send the raw bytes as `Content-Type: application/octet-stream` \
+         (with curl: --data-binary @FILE -H 'Content-Type: application/octet-stream')",
+        String::from_utf8_lossy(ct.as_bytes())
+    )))
 }
 
 /// Query parameters, with a 400 on anything malformed.
@@ -146,12 +183,14 @@ pub fn router(app: App) -> Router {
             "/join-tokens/{id}",
             axum::routing::delete(tokens::revoke_join_token),
         )
-        .route("/admin-token/rotate", post(tokens::rotate_admin_token));
+        .route("/admin-token/rotate", post(tokens::rotate_admin_token))
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .route("/healthz", get(healthz))
+        .method_not_allowed_fallback(method_not_allowed)
         .nest("/api/v1", v1)
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(app)
 }
 
@@ -182,4 +221,13 @@ pub async fn metrics(
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
+}
+
+/// A path that exists, called with a method it does not take (the router
+/// adds the `Allow` header listing the ones it does).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "{} does not take {method}; the Allow header lists the methods it does",
+        uri.path()
+    ))
 }

@@ -55,6 +55,9 @@ pub async fn list(
             "limit {limit} is outside 1..{MAX_PAGE}"
         )));
     }
+    if let Some(c) = &q.cursor {
+        check_cursor(c)?;
+    }
     // From the in-memory index: no database round trip, and serialized
     // from the index's shared copies, not from a deep copy of each VM.
     let items: Vec<Arc<Vm>> = app.vms.list(&VmFilter {
@@ -71,6 +74,20 @@ pub async fn list(
         .then(|| items.last().map(|v| v.id.clone()))
         .flatten();
     Ok(Json(Page { items, next_cursor }))
+}
+
+/// A cursor is the id of the last VM of the page it followed (a UUID in
+/// its canonical form); anything else was not handed out by this server.
+/// The VM need not exist any more: a page's last VM may be deleted before
+/// the next page is asked for, and paging goes on from its place.
+fn check_cursor(c: &str) -> ApiResult<()> {
+    match uuid::Uuid::parse_str(c) {
+        Ok(u) if u.hyphenated().to_string() == c => Ok(()),
+        _ => Err(ApiError::Invalid(format!(
+            "cursor {c:?} is not one this server handed out: pass the next_cursor of the \
+             previous page unchanged, or no cursor for the first page"
+        ))),
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = VmCreate,

@@ -1,0 +1,298 @@
+//! The control plane's accept loop: HTTP/1.1 (plain or over TLS) with
+//! limits on what a client that does not finish its request may hold.
+//!
+//! `axum::serve` sets no timer, so a connection that sends half a request
+//! head (or nothing) stays open for ever: 2,000 of them held 2,000 file
+//! descriptors and 110 MB for as long as their clients liked (issue 25).
+//! Here every connection is served by hyper's HTTP/1 connection builder
+//! with:
+//!
+//! - a header-read timeout (`--header-timeout`, 10 s): a request head must
+//!   arrive whole within it. hyper starts that clock when the connection
+//!   opens and again when a response is done, so it is also the keep-alive
+//!   idle timeout: a connection idle between requests that long is closed.
+//!   It never runs while a request is served (a slow upload or a long
+//!   download), nor after a WebSocket upgrade: the agents' channels, the
+//!   mux and migration relays keep their connection for as long as they
+//!   live (hyper hands the socket over and keeps no timer on it).
+//! - the same limit on the TLS handshake, before any of that;
+//! - a cap on open connections (`--max-connections`, 10,000), upgraded ones
+//!   included (the slot goes with the socket, so it is freed when the
+//!   socket closes, whoever holds it): past it a new connection is answered
+//!   503 and closed at once instead of holding a file descriptor and a task;
+//! - graceful shutdown on SIGTERM or Ctrl-C: no new connections; requests
+//!   under way get up to 10 s to finish and idle connections close.
+//!   (`axum::serve` waited for ever, so one open `watch` stream kept a
+//!   stopped server running.)
+//!
+//! At start the soft limit on open files is raised to the hard one (as Go
+//! programs do), since a service manager's default soft limit of 1,024
+//! would cap connections far below `--max-connections`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::tls::ServerTls;
+
+/// What a client may hold, and for how long (the server's flags).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head (and a TLS handshake) must arrive within this; also
+    /// how long a keep-alive connection may sit idle between requests.
+    pub header_timeout: Duration,
+    /// Open connections at most, upgraded ones included.
+    pub max_connections: usize,
+}
+
+/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown`
+/// resolves, then waits for the requests under way.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    raise_open_files_limit(limits.max_connections);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop_tx, stop) = watch::channel(false);
+    let tracker = TaskTracker::new();
+    let mut last_warn: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, for instance: wait a little,
+                    // as axum does, rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    max = limits.max_connections,
+                    %peer,
+                    "connection refused: --max-connections are open (warned at most every 10 s)"
+                );
+                last_warn = Some(Instant::now());
+            }
+            refuse_busy(tcp, tls.is_some());
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        tracker.spawn(connection(
+            tcp,
+            peer,
+            slot,
+            tls.clone(),
+            router.clone(),
+            limits,
+            stop.clone(),
+        ));
+    }
+    let _ = stop_tx.send(true);
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        // A watch stream never ends by itself, nor may a slow download.
+        tracing::warn!(
+            open = tracker.len(),
+            "shutdown: requests still under way after {SHUTDOWN_GRACE:?} are cut"
+        );
+    }
+}
+
+/// How long shutdown waits for requests under way.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Over the cap: a plain-HTTP 503 in the API's error format if the socket
+/// takes it right away (never waiting: the accept loop must go on), then
+/// the connection is closed. A TLS client just sees the connection close.
+fn refuse_busy(tcp: TcpStream, tls: bool) {
+    if !tls {
+        let body = r#"{"error":{"code":"unavailable","message":"the control plane has --max-connections open connections; try again later"}}"#;
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tcp.try_write(answer.as_bytes());
+    }
+    drop(tcp);
+}
+
+/// One connection: the TLS handshake if any, then HTTP until the client
+/// leaves, a timeout closes it, or shutdown.
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    tls: Option<Arc<ServerTls>>,
+    router: Router,
+    limits: Limits,
+    stop: watch::Receiver<bool>,
+) {
+    match tls {
+        None => {
+            http(
+                Counted {
+                    io: tcp,
+                    _slot: slot,
+                },
+                peer,
+                router,
+                limits,
+                stop,
+            )
+            .await
+        }
+        Some(tls) => {
+            let acceptor = tls.acceptor();
+            let handshake = crate::tls::handshake(&acceptor, tcp);
+            match tokio::time::timeout(limits.header_timeout, handshake).await {
+                Ok(Ok(Some(io))) => {
+                    http(Counted { io, _slot: slot }, peer, router, limits, stop).await
+                }
+                Ok(Ok(None)) => {
+                    tracing::debug!(%peer, "plain HTTP on the TLS port; told to use https")
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn http<I>(
+    io: Counted<I>,
+    peer: SocketAddr,
+    router: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let conn = builder
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(router))
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    // Timeouts, resets, malformed requests: the client's
+                    // doing, and answered (or closed) by hyper already.
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
+                break;
+            }
+            _ = stop.wait_for(|s| *s), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// A connection's socket with its slot under `--max-connections`: the slot
+/// is freed when the socket is dropped, also when a WebSocket upgrade
+/// carried it away from the HTTP connection.
+struct Counted<I> {
+    io: I,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, and warns when even
+/// that is below what `max_connections` needs (plus room for the database,
+/// images and staging files).
+fn raise_open_files_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    // `None` is no limit.
+    let below_hard = match (lim.current, lim.maximum) {
+        (Some(cur), Some(max)) => cur < max,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below_hard {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::debug!(error = %e, "could not raise the open-files limit");
+        }
+        lim = getrlimit(Resource::Nofile);
+    }
+    let want = max_connections as u64 + 256;
+    if let Some(have) = lim.current.filter(|&n| n < want) {
+        tracing::warn!(
+            open_files = have,
+            max_connections,
+            "the open-files limit is below --max-connections plus 256: raise it (LimitNOFILE=) \
+             or lower --max-connections, or accepts will fail when it is reached"
+        );
+    }
+}
