@@ -223,7 +223,7 @@ async fn info(path: &Path, format: Format, policy: &Policy) -> Result<u64, Image
     let out = sandbox::qemu_img(&args, &access, INFO_LIMIT).await?;
     if !out.status.success() {
         return Err(ImageError::Refused(format!(
-            "not a readable {} image: {}",
+            "not a readable disk image ({}): {}",
             format.describe(),
             stderr_of(&out, path)
         )));

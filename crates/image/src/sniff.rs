@@ -179,8 +179,13 @@ const QCOW2_AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 fn qcow2(h: &[u8], policy: &Policy) -> Result<Sniffed, ImageError> {
     let version = be32(h, 4);
-    if version != 2 && version != 3 {
-        return Err(unsupported(&format!("qcow version {version}")));
+    if version == 1 {
+        return Err(unsupported("qcow (version 1)"));
+    }
+    if (version != 2 && version != 3) || h.len() < 72 {
+        return Err(refused(format!(
+            "not a readable disk image: a qcow2 header of unknown version {version} or cut short"
+        )));
     }
     let (backing_off, backing_len) = (be64(h, 8), be32(h, 16));
     let backing = backing_off != 0 || backing_len != 0;
