@@ -404,3 +404,76 @@ fn hidden_references_damage_and_huge_sizes_are_refused_and_good_images_stored() 
         .collect();
     assert_eq!(left.len(), 2, "only the two stored images: {left:?}");
 }
+
+#[test]
+fn a_vm_disk_is_at_least_its_image_and_placement_books_that() {
+    let mut c = Cluster::start();
+    c.kill_server();
+    // The largest limit, so that a 1 PiB image gets into the store.
+    c.server_args = vec!["--max-image-virtual-size-gib".into(), "16777216".into()];
+    c.start_server();
+    c.create_topology();
+    // A simulated host with 20 GiB of disk.
+    c.start_agent_with("sim-de", Some("de-frankfurt"), &["--driver", "sim"]);
+    c.wait_hosts_ready(1);
+    let w = c.dir.path().join("work");
+    std::fs::create_dir_all(&w).unwrap();
+    let image = |name: &str, size: &str| {
+        let p = w.join(format!("{name}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), size]);
+        let (s, v) = upload(&c, name, std::fs::read(&p).unwrap());
+        assert_eq!(s, 201, "{v}");
+    };
+    image("ten", "10G");
+    image("hundred", "100G");
+    image("peta", "1P");
+    let vm = |name: &str, image: &str| {
+        c.api(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": name, "image": image, "memory_mib": 64, "disk_gib": 1})),
+        )
+    };
+
+    // 1 GiB asked, 10 GiB image: the VM gets (and books) 10 GiB.
+    let (s, v) = vm("ten", "ten");
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["spec"]["disk_gib"], 10);
+    let events = c.ok("GET", "/api/v1/vms/ten/events", None);
+    assert!(
+        events
+            .to_string()
+            .contains("disk_gib 1 raised to 10: the virtual size of image 'ten'"),
+        "{events}"
+    );
+    let host = wait_until("the VM placed", std::time::Duration::from_secs(20), || {
+        let h = c.ok("GET", "/api/v1/hosts", None)["items"][0].clone();
+        (h["allocated"]["disk_gib"] == 10).then_some(h)
+    });
+    assert_eq!(host["allocated"]["vms"], 1);
+
+    // 100 GiB does not fit on the 20 GiB host: not placed, and says why.
+    let (s, v) = vm("hundred", "hundred");
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["spec"]["disk_gib"], 100);
+    assert_eq!(v["status"]["phase"], "pending");
+    assert!(
+        v["status"]["placement_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("disk"),
+        "{v}"
+    );
+
+    // 1 PiB is more than any VM disk may be: refused, nothing created.
+    let (s, v) = vm("peta", "peta");
+    assert_error(
+        (s, v),
+        400,
+        "image 'peta' has a virtual size of 1048576 GiB",
+    );
+    let (s, _) = c.api("GET", "/api/v1/vms/peta", None);
+    assert_eq!(s, 404);
+    let h = c.ok("GET", "/api/v1/hosts", None)["items"][0].clone();
+    assert_eq!(h["allocated"]["disk_gib"], 10, "{h}");
+}

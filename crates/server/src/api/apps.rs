@@ -360,24 +360,25 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         created_at: now,
     };
     // The record first, so a crash part-way leaves an app that can be deleted.
-    let vms: Vec<Vm> = replicas
-        .iter()
-        .map(|(loc, vc)| {
-            let mut vc = vc.clone();
-            vc.image = image.name.clone();
-            vc.data_disks = data_disks.clone();
-            let vm = super::vms::new_vm(
-                &vc.name,
-                vc.spec(),
-                true,
-                vc.labels.clone(),
-                &image.id,
-                data_image_ids.clone(),
-            );
-            rec.vms.push((vm.id.clone(), loc.clone()));
-            vm
-        })
-        .collect();
+    let mut vms: Vec<Vm> = Vec::with_capacity(replicas.len());
+    for (loc, vc) in &replicas {
+        let mut vc = vc.clone();
+        vc.image = image.name.clone();
+        vc.data_disks = data_disks.clone();
+        // Each disk at least its image's size (what the agent creates).
+        let mut spec = vc.spec();
+        super::vms::disks_fit_images(app, &mut spec, &image, &data_image_ids).await?;
+        let vm = super::vms::new_vm(
+            &vc.name,
+            spec,
+            true,
+            vc.labels.clone(),
+            &image.id,
+            data_image_ids.clone(),
+        );
+        rec.vms.push((vm.id.clone(), loc.clone()));
+        vms.push(vm);
+    }
     save(app, &rec).await?;
     for vm in &vms {
         app.create_vm(vm, &[&format!("created by app {}", rec.name)])
