@@ -209,8 +209,11 @@ const BACKING_KEYS: &[&str] = &[
 
 /// `qemu-img info` on the structure; returns the virtual size.
 async fn info(path: &Path, format: Format, policy: &Policy) -> Result<u64, ImageError> {
+    // -U: an agent's cached image may be open read-only by running VMs;
+    // inspecting it must not fail (and delete it) over their lock.
     let args = [
         "info",
+        "-U",
         "--output=json",
         "-f",
         format.qemu_name(),
@@ -309,7 +312,7 @@ fn judge_info(
 /// `qemu-img check`: errors refuse the image; leaked clusters (wasted
 /// space) and formats without checks pass.
 async fn check(path: &Path, format: Format) -> Result<(), ImageError> {
-    let args = ["check", "-q", "-f", format.qemu_name(), &spec(path)];
+    let args = ["check", "-q", "-U", "-f", format.qemu_name(), &spec(path)];
     let access = sandbox::Access {
         read: &[path],
         write: &[],
