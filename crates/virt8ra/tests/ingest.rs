@@ -476,4 +476,22 @@ fn a_vm_disk_is_at_least_its_image_and_placement_books_that() {
     assert_eq!(s, 404);
     let h = c.ok("GET", "/api/v1/hosts", None)["items"][0].clone();
     assert_eq!(h["allocated"]["disk_gib"], 10, "{h}");
+
+    // Declared with 1 GiB of the 10 GiB image: created with 10 GiB, and a
+    // second apply sees nothing to change (not a disk_gib it cannot apply).
+    let file = w.join("estate.yaml");
+    std::fs::write(
+        &file,
+        "vms:\n  - name: declared\n    image: ten\n    memory_mib: 64\n    disk_gib: 1\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    c.cli_ok(&["apply", "-f", f]);
+    assert_eq!(c.vm("declared")["spec"]["disk_gib"], 10);
+    let again: Value = serde_json::from_str(&c.cli_ok(&["apply", "-f", f, "-o", "json"])).unwrap();
+    let actions: Vec<&Value> = again["plan"].as_array().unwrap().iter().collect();
+    assert!(
+        actions.iter().all(|a| a["action"] == "unchanged"),
+        "{again}"
+    );
 }
