@@ -453,3 +453,64 @@ async fn a_staged_disk_may_name_a_backing_file_but_nothing_else() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn a_sparse_vmdk_naming_a_parent_is_refused() {
+    let f = Fixture::new();
+    let secret = f.secret("secret");
+    let p = f.path("child.vmdk");
+    f.qemu_img(&["create", "-q", "-f", "vmdk", p.to_str().unwrap(), "1M"]);
+    let mut b = std::fs::read(&p).unwrap();
+    let at = u64::from_le_bytes(b[28..36].try_into().unwrap()) as usize * 512;
+    let end = at + b[at..].iter().position(|&c| c == 0).unwrap();
+    let text = String::from_utf8(b[at..end].to_vec()).unwrap().replace(
+        "parentCID=ffffffff",
+        &format!(
+            "parentCID=fffffffe\nparentFileNameHint=\"{}\"",
+            secret.display()
+        ),
+    );
+    b[at..at + text.len()].copy_from_slice(text.as_bytes());
+    std::fs::write(&p, b).unwrap();
+    let m = refused(inspect(&p, &policy()).await);
+    assert!(m.contains("refers to another file (VMDK parent"), "{m}");
+}
+
+#[tokio::test]
+async fn the_sandbox_opens_no_tcp_connection() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let url = format!("nbd://127.0.0.1:{port}/disk");
+    let access = sandbox::Access {
+        read: &[],
+        write: &[],
+    };
+    let o = sandbox::qemu_img(
+        &["info", "-f", "raw", &url],
+        &access,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        matches!(l.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "qemu-img connected"
+    );
+    // Unconfined, the same call does connect (the test is meaningful).
+    let mut child = Command::new("qemu-img")
+        .args(["info", "-f", "raw", &url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let connected = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        l.accept().is_ok()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(connected, "unconfined qemu-img never connected");
+}
