@@ -88,6 +88,7 @@ const SYSTEM_DIRS: &[&str] = &[
     "/usr/lib",
     "/usr/lib64",
     "/usr/libexec",
+    "/usr/local/lib",
     "/bin",
     "/lib",
     "/lib64",
