@@ -465,6 +465,36 @@ fn a_vm_disk_is_at_least_its_image_and_placement_books_that() {
         "{v}"
     );
 
+    // An app whose replicas would each book 100 GiB does not pass the
+    // all-or-nothing dry run on the host's 10 GiB left: nothing is created (the
+    // dry run used to book the template's 1 GiB).
+    let appliance = w.join("big.json");
+    std::fs::write(
+        &appliance,
+        json!({"name": "big", "version": "1.0.0", "images": [{"name": "hundred"}],
+               "template": {"memory_mib": 64, "disk_gib": 1}})
+        .to_string(),
+    )
+    .unwrap();
+    c.cli_ok(&["appliance", "publish", appliance.to_str().unwrap()]);
+    let e = cli_err(
+        &c,
+        &[
+            "app",
+            "deploy",
+            "big",
+            "--name",
+            "big",
+            "--locations",
+            "de-frankfurt",
+        ],
+    );
+    assert!(
+        e.contains("fits nowhere") && e.contains("nothing was created"),
+        "{e}"
+    );
+    assert_eq!(c.ok("GET", "/api/v1/apps", None), json!([]));
+
     // 1 PiB is more than any VM disk may be: refused, nothing created.
     let (s, v) = vm("peta", "peta");
     assert_error(

@@ -280,7 +280,9 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         }
     }
 
-    // All replicas must fit at once (a dry run of one batch).
+    // All replicas must fit at once (a dry run of one batch), with the
+    // disks they will book.
+    let replica_disk = replica_disk_gib(app, &entry, t.disk_gib).await?;
     let requests: Vec<(String, virt8ra_placement::Request)> = replicas
         .iter()
         .enumerate()
@@ -289,9 +291,7 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
                 virt8ra_placement::Resources {
                     vcpus: vc.vcpus,
                     memory_mib: vc.memory_mib,
-                    // Each data disk counts as in the VM's own placement
-                    // (1 GiB: a copy of an image without a size).
-                    disk_gib: vc.disk_gib + entry.appliance.images.len().saturating_sub(1) as u64,
+                    disk_gib: replica_disk,
                 },
                 vc.placement.clone(),
                 app.placement.config.weights,
@@ -386,6 +386,34 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
     }
     app.wake.notify_one();
     view(app, &rec).await
+}
+
+/// The disk one replica books, as its VM will ([`super::vms::disks_fit_images`]):
+/// the boot disk at least its image's virtual size, each data disk (a copy
+/// of an image) at least 1 GiB and its image's size. An image not imported
+/// yet (a remote catalog's) counts as small; its VM books its real size.
+async fn replica_disk_gib(
+    app: &App,
+    entry: &virt8ra_api::CatalogEntry,
+    boot_gib: u64,
+) -> ApiResult<u64> {
+    let stored = app.store.list_images().await?;
+    let gib = |sha: &str| {
+        stored
+            .iter()
+            .find(|i| i.sha256 == sha)
+            .map_or(0, |i| i.virtual_size_bytes.div_ceil(1 << 30))
+    };
+    let mut total = boot_gib;
+    for (n, img) in entry.appliance.images.iter().enumerate() {
+        let need = gib(&img.sha256);
+        total = if n == 0 {
+            total.max(need)
+        } else {
+            total.saturating_add(need.max(1))
+        };
+    }
+    Ok(total)
 }
 
 #[utoipa::path(get, path = "/api/v1/apps", tag = "apps",
