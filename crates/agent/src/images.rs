@@ -12,6 +12,14 @@
 //! link. Since the content is addressed by its hash, a transfer that breaks
 //! on one source resumes on the next at the same offset; a copy whose hash is
 //! wrong is discarded and fetched again from the next source.
+//!
+//! A copy whose hash is right is still inspected (`virt8ra_image`) before
+//! it is used as a backing file or served to the site: a self-contained
+//! qcow2 that passes `qemu-img check`, nothing else. The control plane
+//! checked it on import, but an image stored before that check existed, or
+//! a control plane that was compromised, must not make QEMU on this host
+//! open a host file as a backing or data file. A refused copy is deleted
+//! and the VM reports why.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -52,6 +60,8 @@ pub enum ImageError {
         expected: String,
         actual: String,
     },
+    #[error("image {name}: refused on this host: {msg}; the copy was deleted")]
+    Refused { name: String, msg: String },
     #[error("image cache: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -161,6 +171,7 @@ impl ImageCache {
             // Checked once per process: a copy damaged on disk is noticed
             // before it is used or served to the site.
             if md.len() == r.size_bytes && hash_file(&path).await? == r.sha256 {
+                self.inspect(r, &path).await?;
                 self.mark_verified(&r.sha256);
                 return Ok(path);
             }
@@ -178,6 +189,7 @@ impl ImageCache {
             );
             match self.download(r, &path, &url, base, false).await {
                 Ok(()) => {
+                    self.inspect(r, &path).await?;
                     self.mark_verified(&r.sha256);
                     return Ok(path);
                 }
@@ -192,6 +204,7 @@ impl ImageCache {
         let url = format!("{}{}", self.server, r.url_path);
         match self.download(r, &path, &url, LONG_LINK, true).await {
             Ok(()) => {
+                self.inspect(r, &path).await?;
                 self.mark_verified(&r.sha256);
                 Ok(path)
             }
@@ -201,6 +214,26 @@ impl ImageCache {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Inspects a copy whose hash is right; deletes it if it is refused.
+    async fn inspect(&self, r: &ImageRef, path: &Path) -> Result<(), ImageError> {
+        let policy = virt8ra_image::Policy::stored(u64::MAX);
+        match virt8ra_image::inspect(path, &policy).await {
+            Ok(_) => Ok(()),
+            Err(virt8ra_image::ImageError::Refused(msg)) => {
+                tracing::warn!(image = %r.name, sha256 = %r.sha256, error = %msg, "image refused; deleted");
+                tokio::fs::remove_file(path).await?;
+                Err(ImageError::Refused {
+                    name: r.name.clone(),
+                    msg,
+                })
+            }
+            Err(virt8ra_image::ImageError::Internal(msg)) => Err(ImageError::Fetch {
+                name: r.name.clone(),
+                msg: format!("cannot inspect the image: {msg}"),
+            }),
         }
     }
 
@@ -432,8 +465,83 @@ mod tests {
         }
     }
 
+    /// A real qcow2 of about 3 MB (the cache serves only self-contained
+    /// qcow2 images), made once per test process.
     fn body() -> Vec<u8> {
-        (0..3_000_000u32).map(|i| (i % 251) as u8).collect()
+        static BODY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        BODY.get_or_init(|| {
+            let d = tempfile::tempdir().unwrap();
+            let raw = d.path().join("r.raw");
+            let pattern: Vec<u8> = (0..2_999_808u32).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&raw, pattern).unwrap();
+            qcow2_of(&raw, &[])
+        })
+        .clone()
+    }
+
+    /// `qemu-img convert -O qcow2` of `raw` (with extra options).
+    fn qcow2_of(raw: &Path, opts: &[&str]) -> Vec<u8> {
+        let out = raw.with_extension("qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .args(opts)
+            .arg(raw)
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::read(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_refers_to_a_host_file_is_refused_and_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, vec![b's'; 4096]).unwrap();
+        let bad_path = d.path().join("bad.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&secret)
+            .arg(&bad_path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let bad = std::fs::read(&bad_path).unwrap();
+        // The right hash, from the control plane: still refused.
+        let (url, _, _) = serve(bad.clone(), 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(
+            dir.path().to_path_buf(),
+            &url,
+            "t",
+            &virt8ra_tls::Trust::public(),
+        )
+        .unwrap();
+        let r = image(&bad);
+        let e = cache.get(&r).await.unwrap_err();
+        let m = e.to_string();
+        assert!(
+            matches!(e, ImageError::Refused { .. })
+                && m.contains("refers to another file (qcow2 backing file")
+                && m.contains("the copy was deleted"),
+            "{m}"
+        );
+        assert!(!cache.path_of(&r.sha256).exists());
+        // A copy already in the cache (from before the check) is refused
+        // by the next process too, and deleted.
+        std::fs::write(cache.path_of(&r.sha256), &bad).unwrap();
+        let fresh = ImageCache::new(
+            dir.path().to_path_buf(),
+            &url,
+            "t",
+            &virt8ra_tls::Trust::public(),
+        )
+        .unwrap();
+        assert!(matches!(
+            fresh.get(&r).await,
+            Err(ImageError::Refused { .. })
+        ));
+        assert!(!cache.path_of(&r.sha256).exists());
     }
 
     #[tokio::test]

@@ -1661,6 +1661,34 @@ async fn check_vm_rules(
     Ok(())
 }
 
+/// The VMs as the control plane makes them: each disk at least as large
+/// as the (stored) image it starts from. A VM declared with 1 GiB of a
+/// 2 GiB image runs with 2 GiB; comparing the declaration as written would
+/// report a change that can never be applied.
+fn at_least_images(vms: &[VmCreate], images: &[Image]) -> Vec<VmCreate> {
+    let gib = |name: &str| {
+        images
+            .iter()
+            .find(|i| i.name == name || i.id == name)
+            .map(|i| i.virtual_size_bytes.div_ceil(1 << 30))
+    };
+    vms.iter()
+        .map(|v| {
+            let mut v = v.clone();
+            if let Some(need) = gib(&v.image) {
+                v.disk_gib = v.disk_gib.max(need);
+            }
+            for d in &mut v.data_disks {
+                let need = d.image.as_deref().and_then(gib).unwrap_or(0);
+                if need > d.size_gib.unwrap_or(1) {
+                    d.size_gib = Some(need);
+                }
+            }
+            v
+        })
+        .collect()
+}
+
 /// Runs `virt8ra apply`.
 pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
     let (doc, lines) = load(&a.file)?;
@@ -1711,7 +1739,13 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         providers: plan_kind::<Providers>(&doc.providers, &live.providers, &a, &lines, &mut errs),
         sites: plan_kind::<Sites>(&doc.sites, &live.sites, &a, &lines, &mut errs),
         images: plan_kind::<Images>(&images, &live.images, &a, &lines, &mut errs),
-        vms: plan_kind::<Vms>(&doc.vms, &settled_vms, &a, &lines, &mut errs),
+        vms: plan_kind::<Vms>(
+            &at_least_images(&doc.vms, &live.images),
+            &settled_vms,
+            &a,
+            &lines,
+            &mut errs,
+        ),
         apps: plan_kind::<Apps>(&apps, &settled_apps, &a, &lines, &mut errs),
     };
     check_references(&doc, &apps, &live, &plan, &lines, &mut errs);
@@ -1817,6 +1851,33 @@ fn print_report(r: &ApplyReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_disks_are_compared_at_least_as_large_as_their_images() {
+        let img = |name: &str, gib: u64| -> Image {
+            serde_json::from_value(json!({
+                "id": format!("id-{name}"), "name": name, "sha256": "0".repeat(64),
+                "format": "qcow2", "source_format": "qcow2", "size_bytes": 1,
+                "virtual_size_bytes": (gib << 30) - 5, "arch": "x86_64",
+                "created_at": "2026-01-01T00:00:00Z",
+            }))
+            .expect("image")
+        };
+        let vm: VmCreate = serde_json::from_value(json!({
+            "name": "v", "image": "debian", "disk_gib": 1,
+            "data_disks": [{"image": "id-big"}, {"image": "small"}, {"size_gib": 3}],
+        }))
+        .expect("vm");
+        let images = [img("debian", 2), img("big", 5), img("small", 1)];
+        let got = at_least_images(std::slice::from_ref(&vm), &images);
+        assert_eq!(got[0].disk_gib, 2);
+        let sizes: Vec<Option<u64>> = got[0].data_disks.iter().map(|d| d.size_gib).collect();
+        assert_eq!(sizes, vec![Some(5), None, Some(3)]);
+        // An image not stored yet: as declared.
+        let same = at_least_images(std::slice::from_ref(&vm), &[]);
+        assert_eq!(same[0].disk_gib, 1);
+        assert_eq!(same[0].data_disks, vm.data_disks);
+    }
 
     #[test]
     fn diff_reports_only_changed_fields() {

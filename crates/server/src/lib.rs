@@ -58,6 +58,10 @@ pub struct ServerArgs {
     /// Memory overcommit ratio applied to every host.
     #[arg(long, default_value_t = 1.0)]
     pub memory_overcommit: f64,
+    /// The largest virtual size (GiB) of an image accepted on upload or
+    /// import; a VM's disk is at least its image's virtual size.
+    #[arg(long, default_value_t = virt8ra_image::DEFAULT_MAX_VIRTUAL_SIZE >> 30)]
+    pub max_image_virtual_size_gib: u64,
     /// Serve HTTPS with this certificate chain (PEM, the server's
     /// certificate first); needs --tls-key. Without both: plain HTTP.
     /// SIGHUP reads both files again.
@@ -211,6 +215,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         header_timeout: Duration::from_secs_f64(args.header_timeout),
         max_connections: args.max_connections,
     };
+    if args.max_image_virtual_size_gib == 0 || args.max_image_virtual_size_gib > 1 << 24 {
+        anyhow::bail!(
+            "--max-image-virtual-size-gib {} is outside 1..16777216",
+            args.max_image_virtual_size_gib
+        );
+    }
+    api::images::set_max_virtual_size(args.max_image_virtual_size_gib << 30);
+    if !virt8ra_image::sandboxed() {
+        tracing::warn!(
+            "no Landlock on this kernel: qemu-img checks and converts received images unconfined"
+        );
+    }
     let cfg = placement::PlacementConfig {
         cpu_overcommit: args.cpu_overcommit,
         memory_overcommit: args.memory_overcommit,

@@ -863,13 +863,14 @@ fn site_local_distribution_sends_an_image_once_over_the_long_link() {
     assert!(e.contains("site 'nowhere' not found"), "{e}");
     c.cli_ok(&["image", "replicate", "test", "--sites", "de-frankfurt"]);
     let cache_host = services["de-0"].clone();
+    // The bytes are counted as they arrive; the file is in place once
+    // they are synced, checked and inspected: wait for both.
+    let cached = c.agent_dir("de-0").join(format!("images/{sha}.qcow2"));
     wait_until("pre-staging", Duration::from_secs(60), || {
-        (stats(&cache_host)["received_bytes"]["control-plane"].as_u64() == Some(size)).then_some(())
+        (stats(&cache_host)["received_bytes"]["control-plane"].as_u64() == Some(size)
+            && cached.is_file())
+        .then_some(())
     });
-    assert!(c
-        .agent_dir("de-0")
-        .join(format!("images/{sha}.qcow2"))
-        .is_file());
 
     // VMs on every host of the site (prepared, not booted: the image is
     // what matters here).

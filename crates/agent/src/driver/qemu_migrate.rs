@@ -644,6 +644,7 @@ impl QemuDriver {
     /// [`Self::export_disk`] wrote it) the VM's disk, pointing it at this
     /// host's copy of the base.
     pub async fn adopt_disk(&self, cfg: &VmConfig, file: &Path) -> Result<()> {
+        check_staged(file, true).await?;
         let dir = self.vm_dir(&cfg.id);
         std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
         rebase(file, &cfg.base_image).await?;
@@ -661,6 +662,7 @@ impl QemuDriver {
                 cfg.id
             )));
         };
+        check_staged(file, d.base_image.is_some()).await?;
         let dir = self.vm_dir(&cfg.id);
         std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
         if let Some(base) = &d.base_image {
@@ -672,13 +674,34 @@ impl QemuDriver {
     }
 }
 
+/// Checks a disk another host staged (cold migration) before it becomes a
+/// VM's disk here: a hostile host must not hand this one a disk that makes
+/// QEMU open a host file. It must be a qcow2 that passes `qemu-img check`
+/// with no data file and no encryption; its backing file name (the source
+/// host's path of the base image, never opened) is allowed only where
+/// [`rebase`] replaces it with this host's copy of the same image
+/// (`may_have_backing`); a blank data disk is adopted as it is, so it must
+/// have none.
+async fn check_staged(file: &Path, may_have_backing: bool) -> Result<()> {
+    let mut policy = virt8ra_image::Policy::staged();
+    policy.allow_backing = may_have_backing;
+    virt8ra_image::inspect(file, &policy)
+        .await
+        .map(|_| ())
+        .map_err(|e| DriverError::Other(format!("the staged disk is refused: {e}")))
+}
+
 /// Points the qcow2 `file` at `base` (the same image's copy on this host)
-/// without touching its data (`qemu-img rebase -u`).
+/// without touching its data or opening its old backing file
+/// (`qemu-img rebase -u`).
 async fn rebase(file: &Path, base: &Path) -> Result<()> {
     let base =
         std::fs::canonicalize(base).map_err(io_err(format!("base image {}", base.display())))?;
     let (base, file) = (base.to_string_lossy(), file.to_string_lossy());
-    super::qemu::qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", &base, &file]).await?;
+    super::qemu::qemu_img(&[
+        "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", &base, &file,
+    ])
+    .await?;
     Ok(())
 }
 
@@ -735,5 +758,65 @@ impl super::Migrate for QemuDriver {
 
     async fn adopt_data_disk(&self, cfg: &VmConfig, index: usize, file: &Path) -> Result<()> {
         QemuDriver::adopt_data_disk(self, cfg, index, file).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qemu_img(args: &[&str]) {
+        let st = std::process::Command::new("qemu-img")
+            .args(args)
+            .status()
+            .expect("qemu-img");
+        assert!(st.success(), "qemu-img {args:?}");
+    }
+
+    #[tokio::test]
+    async fn a_staged_disk_may_only_name_the_base_image_it_is_rebased_onto() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = |n: &str| d.path().join(n).to_string_lossy().to_string();
+        // What a source host stages: its own blocks over its base image.
+        qemu_img(&["create", "-q", "-f", "qcow2", &p("base.qcow2"), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            &p("base.qcow2"),
+            &p("staged.qcow2"),
+        ]);
+        check_staged(Path::new(&p("staged.qcow2")), true)
+            .await
+            .expect("a boot disk over its base");
+        // A blank data disk is adopted as it is: no backing file at all.
+        let e = check_staged(Path::new(&p("staged.qcow2")), false)
+            .await
+            .expect_err("a blank data disk with a backing file");
+        assert!(e.to_string().contains("qcow2 backing file"), "{e}");
+        // A data file, or another format, is never allowed.
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={},data_file_raw=on", p("data")),
+            &p("data.qcow2"),
+            "1M",
+        ]);
+        let e = check_staged(Path::new(&p("data.qcow2")), true)
+            .await
+            .expect_err("a data file");
+        assert!(e.to_string().contains("external data file"), "{e}");
+        std::fs::write(p("raw"), vec![0u8; 4096]).expect("write");
+        let e = check_staged(Path::new(&p("raw")), true)
+            .await
+            .expect_err("a raw disk");
+        assert!(e.to_string().contains("expected qcow2"), "{e}");
     }
 }

@@ -280,7 +280,9 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         }
     }
 
-    // All replicas must fit at once (a dry run of one batch).
+    // All replicas must fit at once (a dry run of one batch), with the
+    // disks they will book.
+    let replica_disk = replica_disk_gib(app, &entry, t.disk_gib).await?;
     let requests: Vec<(String, virt8ra_placement::Request)> = replicas
         .iter()
         .enumerate()
@@ -289,9 +291,7 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
                 virt8ra_placement::Resources {
                     vcpus: vc.vcpus,
                     memory_mib: vc.memory_mib,
-                    // Each data disk counts as in the VM's own placement
-                    // (1 GiB: a copy of an image without a size).
-                    disk_gib: vc.disk_gib + entry.appliance.images.len().saturating_sub(1) as u64,
+                    disk_gib: replica_disk,
                 },
                 vc.placement.clone(),
                 app.placement.config.weights,
@@ -360,24 +360,25 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         created_at: now,
     };
     // The record first, so a crash part-way leaves an app that can be deleted.
-    let vms: Vec<Vm> = replicas
-        .iter()
-        .map(|(loc, vc)| {
-            let mut vc = vc.clone();
-            vc.image = image.name.clone();
-            vc.data_disks = data_disks.clone();
-            let vm = super::vms::new_vm(
-                &vc.name,
-                vc.spec(),
-                true,
-                vc.labels.clone(),
-                &image.id,
-                data_image_ids.clone(),
-            );
-            rec.vms.push((vm.id.clone(), loc.clone()));
-            vm
-        })
-        .collect();
+    let mut vms: Vec<Vm> = Vec::with_capacity(replicas.len());
+    for (loc, vc) in &replicas {
+        let mut vc = vc.clone();
+        vc.image = image.name.clone();
+        vc.data_disks = data_disks.clone();
+        // Each disk at least its image's size (what the agent creates).
+        let mut spec = vc.spec();
+        super::vms::disks_fit_images(app, &mut spec, &image, &data_image_ids).await?;
+        let vm = super::vms::new_vm(
+            &vc.name,
+            spec,
+            true,
+            vc.labels.clone(),
+            &image.id,
+            data_image_ids.clone(),
+        );
+        rec.vms.push((vm.id.clone(), loc.clone()));
+        vms.push(vm);
+    }
     save(app, &rec).await?;
     for vm in &vms {
         app.create_vm(vm, &[&format!("created by app {}", rec.name)])
@@ -385,6 +386,34 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
     }
     app.wake.notify_one();
     view(app, &rec).await
+}
+
+/// The disk one replica books, as its VM will ([`super::vms::disks_fit_images`]):
+/// the boot disk at least its image's virtual size, each data disk (a copy
+/// of an image) at least 1 GiB and its image's size. An image not imported
+/// yet (a remote catalog's) counts as small; its VM books its real size.
+async fn replica_disk_gib(
+    app: &App,
+    entry: &virt8ra_api::CatalogEntry,
+    boot_gib: u64,
+) -> ApiResult<u64> {
+    let stored = app.store.list_images().await?;
+    let gib = |sha: &str| {
+        stored
+            .iter()
+            .find(|i| i.sha256 == sha)
+            .map_or(0, |i| i.virtual_size_bytes.div_ceil(1 << 30))
+    };
+    let mut total = boot_gib;
+    for (n, img) in entry.appliance.images.iter().enumerate() {
+        let need = gib(&img.sha256);
+        total = if n == 0 {
+            total.max(need)
+        } else {
+            total.saturating_add(need.max(1))
+        };
+    }
+    Ok(total)
 }
 
 #[utoipa::path(get, path = "/api/v1/apps", tag = "apps",

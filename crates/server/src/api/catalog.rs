@@ -518,6 +518,11 @@ pub async fn ensure_images(
             // A non-qcow2 source was converted: the stored file is not what
             // the catalog signed.
             let _ = app.store.delete_image(&i.id).await;
+            let others = app.store.list_images().await?;
+            if !others.iter().any(|o| o.sha256 == i.sha256) {
+                let file = app.images_dir.join(format!("{}.qcow2", i.sha256));
+                let _ = tokio::fs::remove_file(file).await;
+            }
             return Err(ApiError::Invalid(format!(
                 "catalog {}: image {} is not a qcow2 file with the signed content",
                 c.name, img.name

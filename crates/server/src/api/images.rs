@@ -1,5 +1,11 @@
 //! Images: uploaded once, converted to qcow2, stored by content address
 //! (`<sha256>.qcow2`) and served to agents, who verify the checksum.
+//!
+//! Every image that comes in (upload, URL import, remote catalog, a VM
+//! import bundle's disk, which the CLI uploads) goes through [`ingest`],
+//! which treats it as hostile (see `virt8ra_image`): a VMDK extent or a
+//! qcow2 data file could otherwise make qemu-img copy a host file, the
+//! admin token say, into a stored image that anyone can then download.
 
 use std::path::{Path as FsPath, PathBuf};
 
@@ -19,9 +25,6 @@ use super::Query;
 use crate::auth::{Admin, AdminOrHost};
 use crate::error::{ApiError, ApiResult};
 use crate::state::App;
-
-/// Formats accepted on import; everything is stored as qcow2.
-const ACCEPTED_FORMATS: &[&str] = &["qcow2", "raw", "vmdk", "vpc", "vhdx"];
 
 #[utoipa::path(get, path = "/api/v1/images", tag = "images",
     responses((status = 200, body = Page<Image>)), security(("bearer" = [])))]
@@ -145,7 +148,6 @@ pub async fn upload(
     ingest(
         &app,
         &upload,
-        received,
         Meta {
             id,
             name: q.name,
@@ -172,46 +174,46 @@ pub struct Meta {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-/// Checks, converts (to qcow2), hashes and stores a received file.
-pub async fn ingest(app: &App, upload: &FsPath, received: u64, m: Meta) -> ApiResult<Image> {
+/// The largest virtual size an imported image may have
+/// (`--max-image-virtual-size-gib`). Process-wide: one control plane runs
+/// per process, and `run` sets it before serving.
+static MAX_VIRTUAL_SIZE: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(virt8ra_image::DEFAULT_MAX_VIRTUAL_SIZE);
+
+pub fn set_max_virtual_size(bytes: u64) {
+    MAX_VIRTUAL_SIZE.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn max_virtual_size() -> u64 {
+    MAX_VIRTUAL_SIZE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A refused image is the sender's problem (400); anything else ours.
+fn image_error(e: virt8ra_image::ImageError) -> ApiError {
+    match e {
+        virt8ra_image::ImageError::Refused(m) => ApiError::Invalid(m),
+        virt8ra_image::ImageError::Internal(m) => ApiError::Internal(m),
+    }
+}
+
+/// Checks, converts (to qcow2), hashes and stores a received file. Every
+/// file is hostile until [`virt8ra_image::inspect`] passed it: the format
+/// from its bytes, no reference to another file, `qemu-img check`, the
+/// virtual-size limit; a conversion runs sandboxed and its output is
+/// inspected again. A refused file leaves nothing behind.
+pub async fn ingest(app: &App, upload: &FsPath, m: Meta) -> ApiResult<Image> {
     let id = m.id.clone();
-    let info = qemu_img_info(upload).await?;
-    if !ACCEPTED_FORMATS.contains(&info.format.as_str()) {
-        return Err(ApiError::Invalid(format!(
-            "unsupported image format '{}': import qcow2, raw, VMDK, VHD (vpc) or VHDX",
-            info.format
-        )));
-    }
-    if info.has_backing_file {
-        return Err(ApiError::Invalid(
-            "the image has a backing file; flatten it first (qemu-img convert -O qcow2 IN OUT)"
-                .into(),
-        ));
-    }
-    if info.format == "raw" && !received.is_multiple_of(512) {
-        return Err(ApiError::Invalid(format!(
-            "not a disk image: {received} bytes of data in no known format (a raw disk is a multiple of 512 bytes)"
-        )));
-    }
-    let stored = if info.format == "qcow2" {
+    let limit = max_virtual_size();
+    let info = virt8ra_image::inspect(upload, &virt8ra_image::Policy::import(limit))
+        .await
+        .map_err(image_error)?;
+    let stored = if info.format == virt8ra_image::Format::Qcow2 {
         upload.to_path_buf()
     } else {
         let out = app.images_dir.join(format!("convert-{id}.qcow2"));
-        let st = tokio::process::Command::new("qemu-img")
-            .args(["convert", "-f", &info.format, "-O", "qcow2"])
-            .arg(upload)
-            .arg(&out)
-            .output()
+        virt8ra_image::convert_to_qcow2(upload, &info, &out, limit)
             .await
-            .map_err(|e| ApiError::Internal(format!("run qemu-img: {e}")))?;
-        if !st.status.success() {
-            let _ = tokio::fs::remove_file(&out).await;
-            return Err(ApiError::Invalid(format!(
-                "cannot convert the {} image: {}",
-                info.format,
-                String::from_utf8_lossy(&st.stderr).trim()
-            )));
-        }
+            .map_err(image_error)?;
         out
     };
     let _stored_guard = TempFile(Some(stored.clone()));
@@ -225,7 +227,7 @@ pub async fn ingest(app: &App, upload: &FsPath, received: u64, m: Meta) -> ApiRe
         name: m.name,
         sha256: sha,
         format: "qcow2".into(),
-        source_format: info.format,
+        source_format: info.format.qemu_name().to_string(),
         size_bytes: size,
         virtual_size_bytes: info.virtual_size,
         arch: m.arch,
@@ -346,7 +348,7 @@ pub async fn import_from_url(
             )));
         }
     }
-    ingest(app, &dest, have, m).await
+    ingest(app, &dest, m).await
 }
 
 /// Downloads `url` into `dest`; returns the byte count.
@@ -430,37 +432,6 @@ async fn download_resuming(trust: &virt8ra_tls::Trust, url: &str, dest: &FsPath)
     Err(ApiError::Invalid(format!(
         "{last_err} (gave up after {URL_ATTEMPTS} attempts)"
     )))
-}
-
-struct ImgInfo {
-    format: String,
-    virtual_size: u64,
-    has_backing_file: bool,
-}
-
-async fn qemu_img_info(path: &FsPath) -> ApiResult<ImgInfo> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(path)
-        .output()
-        .await
-        .map_err(|e| ApiError::Internal(format!("run qemu-img (is qemu-utils installed?): {e}")))?;
-    if !out.status.success() {
-        // The server's own path means nothing to the client.
-        let why = String::from_utf8_lossy(&out.stderr)
-            .trim()
-            .replace(&format!("Could not open '{}': ", path.display()), "");
-        return Err(ApiError::Invalid(format!(
-            "not a readable disk image: {why}"
-        )));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| ApiError::Internal(format!("qemu-img info output: {e}")))?;
-    Ok(ImgInfo {
-        format: v["format"].as_str().unwrap_or("unknown").to_string(),
-        virtual_size: v["virtual-size"].as_u64().unwrap_or(0),
-        has_backing_file: v.get("backing-filename").is_some(),
-    })
 }
 
 pub async fn sha256_file(path: &FsPath) -> ApiResult<(String, u64)> {

@@ -117,9 +117,12 @@ pub async fn create(
             return Err(missing_ref("provider", p, "provider"));
         }
     }
+    let mut spec = req.spec();
+    let mut events = vec!["created".to_string()];
+    events.extend(disks_fit_images(&app, &mut spec, &image, &data_image_ids).await?);
     let mut vm = new_vm(
         &req.name,
-        req.spec(),
+        spec,
         req.start,
         req.labels.clone(),
         &image.id,
@@ -128,7 +131,6 @@ pub async fn create(
     // Placed at once when it fits, so that the VM is created and scheduled
     // in one durable write; otherwise it stays pending with the reason and
     // the scheduler retries it.
-    let mut events = vec!["created".to_string()];
     let placed = match crate::scheduler::decide(&app, &mut vm).await? {
         crate::scheduler::Placement::Placed { host_id, event } => {
             events.push(event);
@@ -151,6 +153,61 @@ pub async fn create(
     }
     app.wake.notify_one();
     Ok((StatusCode::CREATED, Json(vm)))
+}
+
+/// Size in whole GiB that holds `bytes`.
+fn gib_of(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 30)
+}
+
+/// Makes each disk of `spec` at least as large as the image it starts
+/// from: the agent creates it that large anyway (a disk cannot be smaller
+/// than its image), so placement must book that size. A 1 GiB VM of a
+/// 100 GiB image books 100 GiB. Returns the events that say what grew; a
+/// disk over the largest allowed is a 400.
+pub async fn disks_fit_images(
+    app: &App,
+    spec: &mut virt8ra_api::VmSpec,
+    image: &virt8ra_api::Image,
+    data_image_ids: &[Option<String>],
+) -> ApiResult<Vec<String>> {
+    let mut events = Vec::new();
+    let too_big = |what: &str, img: &virt8ra_api::Image| {
+        ApiError::Invalid(format!(
+            "{what}: image '{}' has a virtual size of {} GiB, more than a VM disk may have ({} GiB)",
+            img.name,
+            gib_of(img.virtual_size_bytes),
+            validate::MAX_DISK_GIB
+        ))
+    };
+    let need = gib_of(image.virtual_size_bytes);
+    if need > validate::MAX_DISK_GIB {
+        return Err(too_big("the boot disk", image));
+    }
+    if need > spec.disk_gib {
+        events.push(format!(
+            "disk_gib {} raised to {need}: the virtual size of image '{}'",
+            spec.disk_gib, image.name
+        ));
+        spec.disk_gib = need;
+    }
+    for (i, (d, id)) in spec.data_disks.iter_mut().zip(data_image_ids).enumerate() {
+        let Some(id) = id else { continue };
+        let img = app.store.get_image(id).await?;
+        let need = gib_of(img.virtual_size_bytes);
+        if need > validate::MAX_DISK_GIB {
+            return Err(too_big(&format!("data_disks[{i}]"), &img));
+        }
+        // Without a size a data disk is its image's size (counted 1 GiB).
+        if need > d.size_gib.unwrap_or(1) {
+            events.push(format!(
+                "data_disks[{i}] size raised to {need} GiB: the virtual size of image '{}'",
+                img.name
+            ));
+            d.size_gib = Some(need);
+        }
+    }
+    Ok(events)
 }
 
 /// The image id of each data disk (`None` for a blank one); a disk naming
