@@ -277,6 +277,7 @@ async fn host_session(
 }
 
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MuxQuery {
     /// The mux version the client speaks (this control plane: 1).

@@ -39,6 +39,7 @@ pub async fn create(
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationQuery {
     /// Only this VM's (name or id).
@@ -356,6 +357,7 @@ fn staging_key(key: &str) -> ApiResult<(&str, Option<usize>)> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UploadAt {
     /// Where this chunk starts: must equal the bytes already staged.
@@ -363,7 +365,7 @@ pub struct UploadAt {
 }
 
 #[utoipa::path(put, path = "/api/v1/staging/{id}", tag = "agent", params(("id" = String, Path), UploadAt),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content = inline(super::openapi::Binary), content_type = "application/octet-stream"),
     responses((status = 200, description = "Chunk stored durably"), (status = 403, body = virt8ra_api::ErrorBody),
               (status = 409, body = virt8ra_api::ErrorBody, description = "Offset is not the staged size")),
     security(("bearer" = [])))]
@@ -433,7 +435,8 @@ fn valid_id(key: &str) -> ApiResult<()> {
 }
 
 #[utoipa::path(get, path = "/api/v1/staging/{id}", tag = "migrations", params(("id" = String, Path)),
-    responses((status = 200, description = "The staged disk (qcow2); `Range: bytes=N-` resumes"),
+    responses((status = 200, description = "The staged disk (qcow2); `Range: bytes=N-` resumes", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+              (status = 206, description = "The rest of the staged disk from the requested offset", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(
