@@ -4,6 +4,7 @@
 //! answer. They never wait for an agent to act (the console read is the one
 //! exception: it is a read of the agent's disk) and never retry.
 
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::handler::Handler;
 use axum::http::request::Parts;
@@ -51,6 +52,23 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Query(v)),
             Err(rej) => Err(ApiError::Invalid(rej.body_text())),
+        }
+    }
+}
+
+/// A WebSocket upgrade; a request that is not one gets a 400 with our error
+/// body (axum's own rejection is plain text).
+pub struct Upgrade(pub WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match WebSocketUpgrade::from_request_parts(parts, state).await {
+            Ok(ws) => Ok(Upgrade(ws)),
+            Err(rej) => Err(ApiError::Invalid(format!(
+                "this endpoint is a WebSocket: {}",
+                rej.body_text()
+            ))),
         }
     }
 }
