@@ -50,7 +50,9 @@ pub struct MigrationQuery {
 }
 
 #[utoipa::path(get, path = "/api/v1/migrations", tag = "migrations", params(MigrationQuery),
-    responses((status = 200, body = Page<Migration>)), security(("bearer" = [])))]
+    responses((status = 200, body = Page<Migration>),
+              (status = 404, body = virt8ra_api::ErrorBody, description = "The `vm` filter names no VM")),
+    security(("bearer" = [])))]
 pub async fn list(
     _: Admin,
     State(app): State<App>,
@@ -178,7 +180,8 @@ pub async fn evacuate_host(
 
 #[utoipa::path(post, path = "/api/v1/sites/{key}/evacuate", tag = "migrations", request_body = EvacuateRequest,
     params(("key" = String, Path, description = "Site name or id")),
-    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody)),
+    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody, description = "The site has no hosts")),
     security(("bearer" = [])))]
 pub async fn evacuate_site(
     _: Admin,
@@ -201,7 +204,8 @@ pub async fn evacuate_site(
 
 #[utoipa::path(post, path = "/api/v1/providers/{key}/evacuate", tag = "migrations", request_body = EvacuateRequest,
     params(("key" = String, Path, description = "Provider name or id")),
-    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody)),
+    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody, description = "The provider has no hosts")),
     security(("bearer" = [])))]
 pub async fn evacuate_provider(
     _: Admin,
@@ -367,6 +371,7 @@ pub struct UploadAt {
 #[utoipa::path(put, path = "/api/v1/staging/{id}", tag = "agent", params(("id" = String, Path), UploadAt),
     request_body(content = inline(super::openapi::Binary), content_type = "application/octet-stream"),
     responses((status = 200, description = "Chunk stored durably"), (status = 403, body = virt8ra_api::ErrorBody),
+              (status = 404, body = virt8ra_api::ErrorBody, description = "Not a staging id"),
               (status = 409, body = virt8ra_api::ErrorBody, description = "Offset is not the staged size")),
     security(("bearer" = [])))]
 pub async fn upload(
@@ -415,7 +420,9 @@ pub async fn upload(
 }
 
 #[utoipa::path(get, path = "/api/v1/staging/{id}/status", tag = "agent", params(("id" = String, Path)),
-    responses((status = 200, description = "`{\"bytes\": N}` staged so far")), security(("bearer" = [])))]
+    responses((status = 200, description = "`{\"bytes\": N}` staged so far"),
+              (status = 404, body = virt8ra_api::ErrorBody, description = "Not a staging id")),
+    security(("bearer" = [])))]
 pub async fn staged(
     _: AdminOrHost,
     State(app): State<App>,

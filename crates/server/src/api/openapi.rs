@@ -12,7 +12,7 @@
 //! security exactly where the router asks for a token.
 
 use axum::Json;
-use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::path::{Operation, ParameterIn, PathItem};
 use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder, Schema};
@@ -110,14 +110,27 @@ fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
 
 const UNAUTHORIZED: &str =
     "No token, a malformed `Authorization` header, or an unknown, expired or used-up token";
+const MALFORMED: &str = "The body or a query parameter is malformed, unknown or out of range, or a WebSocket operation was called without an upgrade (the message says which)";
 const FORBIDDEN: &str = "The token is valid but of a kind this operation does not accept (or, where the operation says so, not for this resource)";
 
-/// Adds 401 and 403 to an operation that needs a token, gives every answer
-/// a description, and makes the operation id unique (`TAG_HANDLER`: the
-/// handlers' names repeat across modules).
+/// Adds 401 and 403 to an operation that needs a token and 400 to one that
+/// takes a body or query parameters or upgrades to a WebSocket (their
+/// extractors refuse what does not parse), gives every answer a description, and makes the operation id
+/// unique (`TAG_HANDLER`: the handlers' names repeat across modules).
 fn complete(op: &mut Operation) {
     let needs_token = op.security.as_ref().is_some_and(|s| !s.is_empty());
     let responses = &mut op.responses.responses;
+    // A WebSocket operation (101) refuses a request that is no upgrade.
+    let takes_input = op.request_body.is_some()
+        || responses.contains_key("101")
+        || op
+            .parameters
+            .iter()
+            .flatten()
+            .any(|p| p.parameter_in == ParameterIn::Query);
+    if takes_input && !responses.contains_key("400") {
+        responses.insert("400".into(), error_response(MALFORMED));
+    }
     if needs_token {
         for (status, text) in [("401", UNAUTHORIZED), ("403", FORBIDDEN)] {
             let described = matches!(responses.get(status),
