@@ -135,8 +135,9 @@ api POST /api/v1/appliances '{"name":"tiny-app","version":"1.0.0","description":
 HOST_TOKEN="$(jq -r .host_token "$WORK/agent/credentials.json")"
 JOIN_TOKEN="$(api POST /api/v1/join-tokens '{"site":"es-logrono","max_uses":100}' | jq -r .token)"
 
-# Half of the generated path keys, image hashes and filters name something
-# that exists, so that operations on existing resources are reached too.
+# Half of the generated path keys, image hashes, filters and references in
+# bodies name something that exists, so that operations on existing
+# resources are reached too.
 cat >"$WORK/schemathesis.toml" <<EOF
 [dictionaries.keys]
 values = ["vm-1", "tiny", "provider-de", "de-frankfurt", "sim-de", "tiny-app", "tiny-app@1.0.0"]
@@ -146,12 +147,19 @@ values = ["$SHA"]
 values = ["de-frankfurt", "es-logrono", "pl-gdansk"]
 [dictionaries.vms]
 values = ["vm-1"]
+[dictionaries.images]
+values = ["tiny"]
+[dictionaries.providers]
+values = ["provider-es", "provider-de", "provider-pl"]
 [parameters]
 "path.key" = { dictionary = "keys", probability = 0.5 }
 "path.sha256" = { dictionary = "shas", probability = 0.5 }
 "query.site" = { dictionary = "sites", probability = 0.5 }
 "query.vm" = { dictionary = "vms", probability = 0.5 }
 "query.name" = { dictionary = "vms", probability = 0.5 }
+"body.image" = { dictionary = "images", probability = 0.5 }
+"body.provider" = { dictionary = "providers", probability = 0.5 }
+"body.site" = { dictionary = "sites", probability = 0.5 }
 EOF
 
 CHECKS=not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,ignored_auth

@@ -337,6 +337,24 @@ mod tests {
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 
+    /// The documented bounds are the ones the server enforces, so that
+    /// generated clients and fuzzers send what is accepted.
+    #[test]
+    fn documented_bounds_are_the_validated_ones() {
+        use virt8ra_api::validate::{MAX_DISK_GIB, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+        let doc = doc();
+        let vm = &doc["components"]["schemas"]["VmCreate"]["properties"];
+        assert_eq!(vm["vcpus"]["maximum"], MAX_VCPUS);
+        assert_eq!(vm["memory_mib"]["minimum"], MIN_MEMORY_MIB);
+        assert_eq!(vm["memory_mib"]["maximum"], MAX_MEMORY_MIB);
+        assert_eq!(vm["disk_gib"]["maximum"], MAX_DISK_GIB);
+        let create = virt8ra_api::VmCreate {
+            vcpus: MAX_VCPUS + 1,
+            ..serde_json::from_value(serde_json::json!({"name": "a", "image": "i"})).unwrap()
+        };
+        assert!(virt8ra_api::validate::vm(&create).is_err());
+    }
+
     #[test]
     fn operation_ids_are_unique_and_binary_bodies_are_binary_strings() {
         let ops = operations(&doc());
