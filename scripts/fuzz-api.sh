@@ -8,7 +8,7 @@
 #
 #   scripts/fuzz-api.sh [--examples N] [--seed N] [--release] [--keep]
 #
-#   --examples N   test cases per operation and phase (default 20, or
+#   --examples N   test cases per operation and phase (default 50, or
 #                  $FUZZ_EXAMPLES; the default run takes a few minutes)
 #   --seed N       schemathesis's random seed (default: a fresh one, printed)
 #   --release      build and fuzz the release binary (default: debug)
@@ -19,13 +19,14 @@
 # loopback with a fresh data directory and a little topology (three
 # providers and sites, a simulated host, an image, a VM, an appliance) so
 # that operations on existing things are reached too. Exits non-zero on any
-# failure; the report (JUnit and the server's log) is in the temporary
-# directory, printed at the end.
+# failure. The temporary directory (data, the server's log, schemathesis's
+# logs and JUnit reports) is removed, or kept and its path printed on a
+# failure or with --keep.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SCHEMATHESIS_VERSION="4.32.5"
-EXAMPLES="${FUZZ_EXAMPLES:-20}"
+EXAMPLES="${FUZZ_EXAMPLES:-50}"
 SEED=""
 PROFILE=debug
 KEEP=0
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case "$EXAMPLES" in ''|*[!0-9]*) echo "--examples needs a positive number" >&2; exit 2 ;; esac
+case "$EXAMPLES" in ''|*[!0-9]*|0) echo "--examples needs a positive number" >&2; exit 2 ;; esac
 SEED="${SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}"
 
 say() { printf '\n== %s\n' "$*" >&2; }
