@@ -111,11 +111,14 @@ fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
 const UNAUTHORIZED: &str =
     "No token, a malformed `Authorization` header, or an unknown, expired or used-up token";
 const MALFORMED: &str = "The body or a query parameter is malformed, unknown or out of range, or a WebSocket operation was called without an upgrade (the message says which)";
-const FORBIDDEN: &str = "The token is valid but of a kind this operation does not accept (or, where the operation says so, not for this resource)";
+const FORBIDDEN: &str = "The token is valid but of a kind this operation does not accept, or it may not touch this resource";
+const TOO_LARGE: &str = "The body is larger than this operation accepts";
+const UNSUPPORTED: &str = "The body's `Content-Type` is not the one documented for it";
 
-/// Adds 401 and 403 to an operation that needs a token and 400 to one that
+/// Adds 401 and 403 to an operation that needs a token, 400 to one that
 /// takes a body or query parameters or upgrades to a WebSocket (their
-/// extractors refuse what does not parse), gives every answer a description, and makes the operation id
+/// extractors refuse what does not parse), 413 and 415 to one that takes a
+/// body (too large, or of another content type), gives every answer a description, and makes the operation id
 /// unique (`TAG_HANDLER`: the handlers' names repeat across modules).
 fn complete(op: &mut Operation) {
     let needs_token = op.security.as_ref().is_some_and(|s| !s.is_empty());
@@ -128,8 +131,17 @@ fn complete(op: &mut Operation) {
             .iter()
             .flatten()
             .any(|p| p.parameter_in == ParameterIn::Query);
-    if takes_input && !responses.contains_key("400") {
-        responses.insert("400".into(), error_response(MALFORMED));
+    let mut errors = vec![];
+    if takes_input {
+        errors.push(("400", MALFORMED));
+    }
+    if op.request_body.is_some() {
+        errors.extend([("413", TOO_LARGE), ("415", UNSUPPORTED)]);
+    }
+    for (status, text) in errors {
+        if !responses.contains_key(status) {
+            responses.insert(status.into(), error_response(text));
+        }
     }
     if needs_token {
         for (status, text) in [("401", UNAUTHORIZED), ("403", FORBIDDEN)] {
@@ -335,6 +347,20 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn operations_with_a_body_document_400_413_and_415() {
+        for ((method, path), op) in operations(&doc()) {
+            if op.get("requestBody").is_some() {
+                for status in ["400", "413", "415"] {
+                    assert!(
+                        op["responses"].get(status).is_some(),
+                        "{method} {path} takes a body but documents no {status}"
+                    );
+                }
+            }
+        }
     }
 
     /// The documented bounds are the ones the server enforces, so that
