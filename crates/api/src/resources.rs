@@ -25,7 +25,11 @@ pub struct Provider {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderCreate {
+    /// 1-63 lowercase letters, digits and `-`, not starting or ending with `-`.
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
+    /// ISO 3166-1 alpha-2 code in upper case, e.g. `DE`.
+    #[schema(pattern = "^[A-Z]{2}$")]
     pub country: String,
     #[serde(default = "default_jurisdiction")]
     pub jurisdiction: String,
@@ -114,12 +118,19 @@ pub struct Site {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SiteCreate {
+    /// 1-63 lowercase letters, digits and `-`, not starting or ending with `-`.
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     /// Provider name or id.
     pub provider: String,
+    /// ISO 3166-1 alpha-2 code in upper case, e.g. `DE`.
+    #[schema(pattern = "^[A-Z]{2}$")]
     pub country: String,
+    #[schema(min_length = 1, max_length = 100)]
     pub city: String,
+    #[schema(minimum = -90.0, maximum = 90.0)]
     pub latitude: f64,
+    #[schema(minimum = -180.0, maximum = 180.0)]
     pub longitude: f64,
     #[serde(default = "default_tier")]
     pub tier: Tier,
@@ -537,13 +548,20 @@ pub struct DataDisk {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmCreate {
+    /// 1-63 lowercase letters, digits and `-`, not starting or ending with `-`.
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     #[serde(default = "default_vcpus")]
+    #[schema(minimum = 1, maximum = 512)]
     pub vcpus: u32,
     #[serde(default = "default_memory")]
+    #[schema(minimum = 16, maximum = 16777216)]
     pub memory_mib: u64,
     #[serde(default = "default_disk")]
+    #[schema(minimum = 1, maximum = 65536)]
     pub disk_gib: u64,
+    /// Image name or id.
+    #[schema(min_length = 1)]
     pub image: String,
     #[serde(default)]
     pub placement: PlacementConstraints,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -89,7 +89,7 @@ pub async fn join(
 pub async fn connect(
     State(app): State<App>,
     auth: HostAuth,
-    ws: WebSocketUpgrade,
+    super::Upgrade(ws): super::Upgrade,
 ) -> ApiResult<Response> {
     // The host must still exist (a deleted host's tokens are revoked too).
     let host = app.host(&auth.host_id)?;
@@ -291,6 +291,7 @@ async fn host_session(
 }
 
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MuxQuery {
     /// The mux version the client speaks (this control plane: 1).
@@ -314,7 +315,7 @@ pub async fn mux(
     State(app): State<App>,
     _auth: HostAuth,
     super::Query(q): super::Query<MuxQuery>,
-    ws: WebSocketUpgrade,
+    super::Upgrade(ws): super::Upgrade,
 ) -> ApiResult<Response> {
     if q.version != MUX_VERSION {
         return Err(ApiError::Invalid(format!(

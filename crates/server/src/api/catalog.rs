@@ -272,7 +272,9 @@ pub async fn public_key(_: Admin, State(app): State<App>) -> ApiResult<Json<Cata
 
 #[utoipa::path(get, path = "/api/v1/catalog/images/{sha256}", tag = "marketplace",
     params(("sha256" = String, Path, description = "Content address of a published image")),
-    responses((status = 200, description = "The qcow2 file"), (status = 404, body = virt8ra_api::ErrorBody)))]
+    responses((status = 200, description = "The qcow2 file", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+              (status = 206, description = "The rest of the file from the requested offset", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+              (status = 404, body = virt8ra_api::ErrorBody)))]
 /// The image of a published appliance (public, like the catalog).
 pub async fn image_data(
     State(app): State<App>,

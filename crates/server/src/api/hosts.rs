@@ -16,6 +16,7 @@ use crate::scheduler::host_view;
 use crate::state::App;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct HostQuery {
     pub site: Option<String>,

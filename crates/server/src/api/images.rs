@@ -73,6 +73,7 @@ pub async fn delete(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UploadQuery {
     /// Name of the new image.
@@ -96,7 +97,7 @@ impl Drop for TempFile {
 }
 
 #[utoipa::path(post, path = "/api/v1/images", tag = "images", params(UploadQuery),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+    request_body(content = inline(super::openapi::Binary), content_type = "application/octet-stream",
                  description = "The disk image: qcow2, raw, VMDK, VHD or VHDX"),
     responses((status = 201, body = Image), (status = 400, body = virt8ra_api::ErrorBody),
               (status = 409, body = virt8ra_api::ErrorBody)),
@@ -474,8 +475,8 @@ fn range_start(headers: &HeaderMap) -> ApiResult<Option<u64>> {
 
 #[utoipa::path(get, path = "/api/v1/images/{key}/data", tag = "images",
     params(("key" = String, Path, description = "Name or id")),
-    responses((status = 200, description = "The qcow2 file", content_type = "application/octet-stream"),
-              (status = 206, description = "The rest of the file from the requested offset"),
+    responses((status = 200, description = "The qcow2 file", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+              (status = 206, description = "The rest of the file from the requested offset", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(

@@ -39,6 +39,7 @@ pub async fn create(
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationQuery {
     /// Only this VM's (name or id).
@@ -49,7 +50,9 @@ pub struct MigrationQuery {
 }
 
 #[utoipa::path(get, path = "/api/v1/migrations", tag = "migrations", params(MigrationQuery),
-    responses((status = 200, body = Page<Migration>)), security(("bearer" = [])))]
+    responses((status = 200, body = Page<Migration>),
+              (status = 404, body = virt8ra_api::ErrorBody, description = "The `vm` filter names no VM")),
+    security(("bearer" = [])))]
 pub async fn list(
     _: Admin,
     State(app): State<App>,
@@ -177,7 +180,8 @@ pub async fn evacuate_host(
 
 #[utoipa::path(post, path = "/api/v1/sites/{key}/evacuate", tag = "migrations", request_body = EvacuateRequest,
     params(("key" = String, Path, description = "Site name or id")),
-    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody)),
+    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody, description = "The site has no hosts")),
     security(("bearer" = [])))]
 pub async fn evacuate_site(
     _: Admin,
@@ -200,7 +204,8 @@ pub async fn evacuate_site(
 
 #[utoipa::path(post, path = "/api/v1/providers/{key}/evacuate", tag = "migrations", request_body = EvacuateRequest,
     params(("key" = String, Path, description = "Provider name or id")),
-    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody)),
+    responses((status = 202, body = Evacuation), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody, description = "The provider has no hosts")),
     security(("bearer" = [])))]
 pub async fn evacuate_provider(
     _: Admin,
@@ -377,6 +382,7 @@ fn staging_key(key: &str) -> ApiResult<(&str, Option<usize>)> {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UploadAt {
     /// Where this chunk starts: must equal the bytes already staged.
@@ -384,8 +390,9 @@ pub struct UploadAt {
 }
 
 #[utoipa::path(put, path = "/api/v1/staging/{id}", tag = "agent", params(("id" = String, Path), UploadAt),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content = inline(super::openapi::Binary), content_type = "application/octet-stream"),
     responses((status = 200, description = "Chunk stored durably"), (status = 403, body = virt8ra_api::ErrorBody),
+              (status = 404, body = virt8ra_api::ErrorBody, description = "Not a staging id"),
               (status = 409, body = virt8ra_api::ErrorBody, description = "Offset is not the staged size")),
     security(("bearer" = [])))]
 pub async fn upload(
@@ -436,7 +443,9 @@ pub async fn upload(
 }
 
 #[utoipa::path(get, path = "/api/v1/staging/{id}/status", tag = "agent", params(("id" = String, Path)),
-    responses((status = 200, description = "`{\"bytes\": N}` staged so far")), security(("bearer" = [])))]
+    responses((status = 200, description = "`{\"bytes\": N}` staged so far"),
+              (status = 404, body = virt8ra_api::ErrorBody, description = "Not a staging id")),
+    security(("bearer" = [])))]
 pub async fn staged(
     who: AdminOrHost,
     State(app): State<App>,
@@ -462,7 +471,8 @@ fn valid_id(key: &str) -> ApiResult<()> {
 }
 
 #[utoipa::path(get, path = "/api/v1/staging/{id}", tag = "migrations", params(("id" = String, Path)),
-    responses((status = 200, description = "The staged disk (qcow2); `Range: bytes=N-` resumes"),
+    responses((status = 200, description = "The staged disk (qcow2); `Range: bytes=N-` resumes", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+              (status = 206, description = "The rest of the staged disk from the requested offset", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(

@@ -4,9 +4,12 @@
 //! answer. They never wait for an agent to act (the console read is the one
 //! exception: it is a read of the agent's disk) and never retry.
 
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::handler::Handler;
 use axum::http::request::Parts;
-use axum::routing::{get, post};
+use axum::http::Method;
+use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
@@ -91,6 +94,23 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
     }
 }
 
+/// A WebSocket upgrade; a request that is not one gets a 400 with our error
+/// body (axum's own rejection is plain text).
+pub struct Upgrade(pub WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match WebSocketUpgrade::from_request_parts(parts, state).await {
+            Ok(ws) => Ok(Upgrade(ws)),
+            Err(rej) => Err(ApiError::Invalid(format!(
+                "this endpoint is a WebSocket: {}",
+                rej.body_text()
+            ))),
+        }
+    }
+}
+
 /// Turns "not found" of a referenced resource into a 400 that says how to
 /// find what exists.
 pub fn missing_ref(kind: &str, name: &str, list_cmd: &str) -> ApiError {
@@ -99,96 +119,192 @@ pub fn missing_ref(kind: &str, name: &str, list_cmd: &str) -> ApiError {
     ))
 }
 
+/// Who may call a route: the credential its handler's auth extractor
+/// (`crate::auth`) accepts. The table below says it for every route so that
+/// tests can call each one with every kind of credential and check the
+/// answer, and so that the OpenAPI document's security can be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No credential: health, the OpenAPI document, and the signed catalog
+    /// with its images (public by design: other control planes fetch them).
+    Anyone,
+    /// A join token (`auth::JoinAuth`).
+    Join,
+    /// A host token (`auth::HostAuth`).
+    Host,
+    /// The admin token (`auth::Admin`).
+    Admin,
+    /// The admin token or a host token (`auth::AdminOrHost`).
+    AdminOrHost,
+}
+
+impl Access {
+    /// Whether a caller must present a bearer token.
+    pub fn needs_token(self) -> bool {
+        self != Access::Anyone
+    }
+}
+
+/// One method on one path, who may call it, and its handler.
+pub struct Route {
+    pub method: Method,
+    /// The full path, as in the OpenAPI document (`{name}` for a segment).
+    pub path: &'static str,
+    pub access: Access,
+    pub handler: MethodRouter<App>,
+}
+
+impl Route {
+    fn new<H, T>(
+        (method, filter): (Method, MethodFilter),
+        path: &'static str,
+        access: Access,
+        handler: H,
+    ) -> Route
+    where
+        H: Handler<T, App>,
+        T: 'static,
+    {
+        Route {
+            method,
+            path,
+            access,
+            handler: axum::routing::on(filter, handler),
+        }
+    }
+}
+
+fn get<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+    Route::new((Method::GET, MethodFilter::GET), path, a, h)
+}
+fn post<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+    Route::new((Method::POST, MethodFilter::POST), path, a, h)
+}
+fn put<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+    Route::new((Method::PUT, MethodFilter::PUT), path, a, h)
+}
+fn patch<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+    Route::new((Method::PATCH, MethodFilter::PATCH), path, a, h)
+}
+fn delete<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+    Route::new((Method::DELETE, MethodFilter::DELETE), path, a, h)
+}
+
+/// Every route of the control plane. [`router`] is built from this table
+/// and nothing else, so a route cannot be missing from it.
+pub fn routes() -> Vec<Route> {
+    use Access::{Admin, AdminOrHost, Anyone, Host, Join};
+    vec![
+        get("/healthz", Anyone, healthz),
+        get("/api/v1/openapi.json", Anyone, openapi::serve),
+        get("/api/v1/metrics", Admin, metrics),
+        get("/api/v1/providers", Admin, providers::list),
+        post("/api/v1/providers", Admin, providers::create),
+        get("/api/v1/providers/{key}", Admin, providers::show),
+        patch("/api/v1/providers/{key}", Admin, providers::update),
+        delete("/api/v1/providers/{key}", Admin, providers::delete),
+        get("/api/v1/sites", Admin, sites::list),
+        post("/api/v1/sites", Admin, sites::create),
+        get("/api/v1/sites/{key}", Admin, sites::show),
+        patch("/api/v1/sites/{key}", Admin, sites::update),
+        delete("/api/v1/sites/{key}", Admin, sites::delete),
+        get("/api/v1/hosts", Admin, hosts::list),
+        get("/api/v1/hosts/{key}", Admin, hosts::show),
+        patch("/api/v1/hosts/{key}", Admin, hosts::update),
+        delete("/api/v1/hosts/{key}", Admin, hosts::delete),
+        post("/api/v1/join-tokens", Admin, hosts::create_join_token),
+        get("/api/v1/images", Admin, images::list),
+        post("/api/v1/images", Admin, images::upload),
+        get("/api/v1/images/{key}", Admin, images::show),
+        delete("/api/v1/images/{key}", Admin, images::delete),
+        get("/api/v1/images/{key}/data", AdminOrHost, images::download),
+        post("/api/v1/images/import", Admin, images::import_url),
+        get("/api/v1/images/transfers", Admin, images::transfers),
+        post("/api/v1/images/{key}/replicate", Admin, images::replicate),
+        get("/api/v1/appliances", Admin, catalog::list),
+        post("/api/v1/appliances", Admin, catalog::publish),
+        get("/api/v1/appliances/{key}", Admin, catalog::show),
+        delete("/api/v1/appliances/{key}", Admin, catalog::unpublish),
+        get("/api/v1/catalog", Anyone, catalog::serve),
+        get("/api/v1/catalog/key", Admin, catalog::public_key),
+        get(
+            "/api/v1/catalog/images/{sha256}",
+            Anyone,
+            catalog::image_data,
+        ),
+        get("/api/v1/catalogs", Admin, catalog::list_catalogs),
+        post("/api/v1/catalogs", Admin, catalog::add),
+        delete("/api/v1/catalogs/{name}", Admin, catalog::remove),
+        post("/api/v1/catalogs/{name}/refresh", Admin, catalog::refresh),
+        get("/api/v1/apps", Admin, apps::list),
+        post("/api/v1/apps", Admin, apps::create),
+        get("/api/v1/apps/{key}", Admin, apps::show),
+        delete("/api/v1/apps/{key}", Admin, apps::delete),
+        get("/api/v1/vms", Admin, vms::list),
+        post("/api/v1/vms", Admin, vms::create),
+        post("/api/v1/vms/plan", Admin, vms::plan),
+        get("/api/v1/watch", Admin, watch::watch),
+        get("/api/v1/vms/{key}", Admin, vms::show),
+        delete("/api/v1/vms/{key}", Admin, vms::delete),
+        post("/api/v1/vms/{key}/actions", Admin, vms::action),
+        get("/api/v1/vms/{key}/console", Admin, vms::console),
+        get("/api/v1/vms/{key}/events", Admin, vms::events),
+        post("/api/v1/vms/{key}/migrate", Admin, migrations::create),
+        get("/api/v1/vms/{key}/migrations", Admin, migrations::history),
+        post("/api/v1/vms/{key}/export", Admin, migrations::export),
+        get("/api/v1/migrations", Admin, migrations::list),
+        post("/api/v1/rebalance", Admin, migrations::rebalance),
+        get("/api/v1/migrations/{id}", Admin, migrations::show),
+        post(
+            "/api/v1/hosts/{key}/evacuate",
+            Admin,
+            migrations::evacuate_host,
+        ),
+        post(
+            "/api/v1/sites/{key}/evacuate",
+            Admin,
+            migrations::evacuate_site,
+        ),
+        post(
+            "/api/v1/providers/{key}/evacuate",
+            Admin,
+            migrations::evacuate_provider,
+        ),
+        get("/api/v1/exports/{id}", Admin, migrations::show_export),
+        delete("/api/v1/exports/{id}", Admin, migrations::delete_export),
+        get("/api/v1/staging/{id}", AdminOrHost, migrations::download),
+        put("/api/v1/staging/{id}", Host, migrations::upload),
+        get(
+            "/api/v1/staging/{id}/status",
+            AdminOrHost,
+            migrations::staged,
+        ),
+        post("/api/v1/agent/join", Join, agent::join),
+        get("/api/v1/agent/connect", Host, agent::connect),
+        get("/api/v1/agent/mux", Host, agent::mux),
+        get(
+            "/api/v1/relay/{migration_id}/{stream}/{conn_id}",
+            Host,
+            relay::relay,
+        ),
+        get("/api/v1/join-tokens", Admin, tokens::list_join_tokens),
+        delete("/api/v1/join-tokens/{id}", Admin, tokens::revoke_join_token),
+        post(
+            "/api/v1/admin-token/rotate",
+            Admin,
+            tokens::rotate_admin_token,
+        ),
+    ]
+}
+
 pub fn router(app: App) -> Router {
-    let v1 = Router::new()
-        .route("/openapi.json", get(openapi::serve))
-        .route("/metrics", get(metrics))
-        .route("/providers", get(providers::list).post(providers::create))
-        .route(
-            "/providers/{key}",
-            get(providers::show)
-                .patch(providers::update)
-                .delete(providers::delete),
-        )
-        .route("/sites", get(sites::list).post(sites::create))
-        .route(
-            "/sites/{key}",
-            get(sites::show).patch(sites::update).delete(sites::delete),
-        )
-        .route("/hosts", get(hosts::list))
-        .route(
-            "/hosts/{key}",
-            get(hosts::show).patch(hosts::update).delete(hosts::delete),
-        )
-        .route("/join-tokens", post(hosts::create_join_token))
-        .route("/images", get(images::list).post(images::upload))
-        .route("/images/{key}", get(images::show).delete(images::delete))
-        .route("/images/{key}/data", get(images::download))
-        .route("/images/import", post(images::import_url))
-        .route("/images/transfers", get(images::transfers))
-        .route("/images/{key}/replicate", post(images::replicate))
-        .route("/appliances", get(catalog::list).post(catalog::publish))
-        .route(
-            "/appliances/{key}",
-            get(catalog::show).delete(catalog::unpublish),
-        )
-        .route("/catalog", get(catalog::serve))
-        .route("/catalog/key", get(catalog::public_key))
-        .route("/catalog/images/{sha}", get(catalog::image_data))
-        .route("/catalogs", get(catalog::list_catalogs).post(catalog::add))
-        .route("/catalogs/{name}", axum::routing::delete(catalog::remove))
-        .route("/catalogs/{name}/refresh", post(catalog::refresh))
-        .route("/apps", get(apps::list).post(apps::create))
-        .route("/apps/{key}", get(apps::show).delete(apps::delete))
-        .route("/vms", get(vms::list).post(vms::create))
-        .route("/vms/plan", post(vms::plan))
-        .route("/watch", get(watch::watch))
-        .route("/vms/{key}", get(vms::show).delete(vms::delete))
-        .route("/vms/{key}/actions", post(vms::action))
-        .route("/vms/{key}/console", get(vms::console))
-        .route("/vms/{key}/events", get(vms::events))
-        .route("/vms/{key}/migrate", post(migrations::create))
-        .route("/vms/{key}/migrations", get(migrations::history))
-        .route("/vms/{key}/export", post(migrations::export))
-        .route("/migrations", get(migrations::list))
-        .route("/rebalance", post(migrations::rebalance))
-        .route("/migrations/{id}", get(migrations::show))
-        .route("/hosts/{key}/evacuate", post(migrations::evacuate_host))
-        .route("/sites/{key}/evacuate", post(migrations::evacuate_site))
-        .route(
-            "/providers/{key}/evacuate",
-            post(migrations::evacuate_provider),
-        )
-        .route(
-            "/exports/{id}",
-            get(migrations::show_export).delete(migrations::delete_export),
-        )
-        .route(
-            "/staging/{id}",
-            get(migrations::download).put(migrations::upload),
-        )
-        .route("/staging/{id}/status", get(migrations::staged))
-        .route("/agent/join", post(agent::join))
-        .route("/agent/connect", get(agent::connect))
-        .route("/agent/mux", get(agent::mux))
-        .route(
-            "/relay/{migration_id}/{stream}/{conn_id}",
-            get(relay::relay),
-        );
-    // Token housekeeping (issue 25): join tokens listed and revoked, the
-    // admin token rotated. `/join-tokens` adds GET to the POST above.
-    let v1 = v1
-        .route("/join-tokens", get(tokens::list_join_tokens))
-        .route(
-            "/join-tokens/{id}",
-            axum::routing::delete(tokens::revoke_join_token),
-        )
-        .route("/admin-token/rotate", post(tokens::rotate_admin_token))
-        .method_not_allowed_fallback(method_not_allowed);
-    Router::new()
-        .route("/healthz", get(healthz))
+    let mut router = Router::new();
+    for r in routes() {
+        // Several methods on one path merge into one method router.
+        router = router.route(r.path, r.handler);
+    }
+    router
         .method_not_allowed_fallback(method_not_allowed)
-        .nest("/api/v1", v1)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(app)

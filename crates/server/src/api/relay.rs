@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket};
 use axum::extract::{Path, State};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
@@ -83,7 +83,7 @@ pub async fn relay(
     State(app): State<App>,
     host: HostAuth,
     Path((migration_id, stream, conn_id)): Path<(String, String, String)>,
-    ws: WebSocketUpgrade,
+    super::Upgrade(ws): super::Upgrade,
 ) -> ApiResult<Response> {
     if !virt8ra_api::protocol::is_relay_stream(&stream) {
         return Err(ApiError::Invalid(format!(

@@ -24,6 +24,7 @@ const DEFAULT_STOP_TIMEOUT_S: u32 = 30;
 const MAX_PAGE: usize = 1000;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct VmQuery {
     pub site: Option<String>,
@@ -407,6 +408,7 @@ pub async fn action(
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleQuery {
     /// Return at most this many bytes from the end (default 65536, at most 4 MiB).

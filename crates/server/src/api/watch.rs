@@ -17,6 +17,7 @@ use crate::auth::Admin;
 use crate::state::App;
 
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct WatchQuery {
     /// Only VMs at this site.
