@@ -10,14 +10,14 @@
 //! Rows keep a few indexed columns (id, name, foreign keys, phase) for lookups
 //! and constraints, and the whole resource as JSON in `body`, so adding a field
 //! to a resource needs no schema migration; schema changes that do need one are
-//! numbered migrations in [`migrations`].
+//! numbered migrations in [`schema`].
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport, VmPhase};
 
 mod cached;
-pub mod migrations;
+pub mod schema;
 mod sqlite;
 
 pub use cached::CachedStore;
