@@ -27,7 +27,9 @@ pub(super) async fn put_doc(
              ON CONFLICT (kind, id) DO UPDATE SET name = excluded.name, body = excluded.body",
                 params![kind, id, name, body],
             )
-            .map_err(|e| conflict_or_db(e, || format!("{kind} '{name}' already exists")))?;
+            .map_err(|e| {
+                conflict_or_db(e, "put_doc", || format!("{kind} '{name}' already exists"))
+            })?;
             Ok(())
         })
         .await
@@ -43,7 +45,7 @@ pub(super) async fn get_doc(store: &SqliteStore, kind: &str, key: &str) -> Resul
                 |r| r.get(0),
             )
             .optional()
-            .map_err(db)
+            .map_err(db("get_doc"))
         })
         .await
 }
@@ -54,13 +56,13 @@ pub(super) async fn list_docs(store: &SqliteStore, kind: &str) -> Result<Vec<Str
         .read(move |c| {
             let mut st = c
                 .prepare("SELECT body FROM documents WHERE kind = ?1 ORDER BY name")
-                .map_err(db)?;
+                .map_err(db("list_docs"))?;
             let rows = st
                 .query_map([&kind], |r| r.get::<_, String>(0))
-                .map_err(db)?;
+                .map_err(db("list_docs"))?;
             let mut out = Vec::new();
             for r in rows {
-                out.push(r.map_err(db)?);
+                out.push(r.map_err(db("list_docs"))?);
             }
             Ok(out)
         })
@@ -76,7 +78,7 @@ pub(super) async fn delete_doc(store: &SqliteStore, kind: &str, id: &str) -> Res
                     "DELETE FROM documents WHERE kind = ?1 AND id = ?2",
                     params![kind, id],
                 )
-                .map_err(db)?;
+                .map_err(db("delete_doc"))?;
             Ok(n > 0)
         })
         .await

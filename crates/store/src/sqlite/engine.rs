@@ -67,10 +67,11 @@ const WAL_KEEP_BYTES: i64 = 512 * 1024 * 1024;
 
 fn configure(conn: &Connection) -> Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(db)?;
+        .map_err(db("configure"))?;
     conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(db)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+        .map_err(db("configure"))?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(db("configure"))?;
     // Cut the WAL back to this size when it starts over. Under a sustained
     // write load it grows to a few hundred MiB between restarts (measured:
     // 75 MiB/s at 5,500 VM creates/s, up to 470 MiB), and every write past
@@ -78,44 +79,44 @@ fn configure(conn: &Connection) -> Result<()> {
     // (ext4: 3.5% of the control plane's CPU at 64 MiB); a file that keeps
     // its blocks is overwritten in place.
     conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)
-        .map_err(db)?;
+        .map_err(db("configure"))?;
     conn.busy_timeout(std::time::Duration::from_secs(30))
-        .map_err(db)?;
+        .map_err(db("configure"))?;
     Ok(())
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<SqliteStore> {
-        let mut conn = Connection::open(path).map_err(db)?;
+        let mut conn = Connection::open(path).map_err(db("open"))?;
         configure(&conn)?;
         // The writer's page cache holds the hot part of the tables (with
         // time-ordered ids, the recent end); checkpoints run on their own
         // thread, not inside the writer's commits.
         conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
-            .map_err(db)?;
+            .map_err(db("open"))?;
         conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(db)?;
+            .map_err(db("open"))?;
         migrate(&mut conn)?;
         let mut readers = Vec::new();
         for _ in 0..READERS {
-            let r = Connection::open(path).map_err(db)?;
+            let r = Connection::open(path).map_err(db("open"))?;
             configure(&r)?;
             readers.push(r);
         }
-        let ckpt = Connection::open(path).map_err(db)?;
+        let ckpt = Connection::open(path).map_err(db("open"))?;
         configure(&ckpt)?;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("virt8ra-store-checkpoint".into())
             .spawn(move || checkpointer(ckpt, stopped))
-            .map_err(|e| StoreError::Db(format!("cannot start the checkpoint thread: {e}")))?;
+            .map_err(|e| StoreError::db("cannot start the checkpoint thread", e))?;
         Self::start(conn, readers, Some(Arc::new(stop)))
     }
 
     /// A private in-memory database, for tests.
     pub fn in_memory() -> Result<SqliteStore> {
-        let mut conn = Connection::open_in_memory().map_err(db)?;
+        let mut conn = Connection::open_in_memory().map_err(db("in_memory"))?;
         configure(&conn)?;
         migrate(&mut conn)?;
         Self::start(conn, Vec::new(), None)
@@ -133,7 +134,7 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("virt8ra-store-writer".into())
             .spawn(move || writer(conn, rx))
-            .map_err(|e| StoreError::Db(format!("cannot start the writer thread: {e}")))?;
+            .map_err(|e| StoreError::db("cannot start the writer thread", e))?;
         Ok(SqliteStore {
             writer: tx,
             readers: Arc::new(readers.into_iter().map(Mutex::new).collect()),
@@ -148,16 +149,16 @@ impl SqliteStore {
         let job: Job = Box::new(move |c: &mut Connection| {
             let r: Result<u32> = c
                 .pragma_query_value(None, "user_version", |r| r.get(0))
-                .map_err(db);
+                .map_err(db("schema_version"));
             Box::new(move |_commit: Result<()>| {
                 let _ = tx.send(r);
             })
         });
         self.writer
             .send(job)
-            .map_err(|_| StoreError::Db("the store's writer has stopped".into()))?;
+            .map_err(|_| StoreError::db_failure("the store's writer has stopped"))?;
         rx.recv()
-            .map_err(|_| StoreError::Db("the store's writer has stopped".into()))?
+            .map_err(|_| StoreError::db_failure("the store's writer has stopped"))?
     }
 
     /// Runs a write on the writer thread. It is committed together with the
@@ -181,9 +182,9 @@ impl SqliteStore {
         });
         self.writer
             .send(job)
-            .map_err(|_| StoreError::Db("the store's writer has stopped".into()))?;
+            .map_err(|_| StoreError::db_failure("the store's writer has stopped"))?;
         rx.await
-            .map_err(|_| StoreError::Db("the store's writer has stopped".into()))?
+            .map_err(|_| StoreError::db_failure("the store's writer has stopped"))?
     }
 
     /// Runs a read on the reader connection (a blocking thread).
@@ -203,11 +204,11 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || {
             let mut guard = readers[i]
                 .lock()
-                .map_err(|_| StoreError::Db("database lock poisoned".into()))?;
+                .map_err(|_| StoreError::db_failure("database lock poisoned"))?;
             f(&mut guard)
         })
         .await
-        .map_err(|e| StoreError::Db(format!("store task failed: {e}")))?
+        .map_err(|e| StoreError::db("store task failed", e))?
     }
 }
 
@@ -228,16 +229,15 @@ fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
         if let Err(e) = begun {
             for job in batch {
                 let finish = job(&mut conn);
-                finish(Err(StoreError::Db(format!("begin: {e}"))));
+                finish(Err(StoreError::db("begin", e.clone())));
             }
             continue;
         }
         PARTIAL_JOB.with(|p| p.set(false));
         let finishers: Vec<_> = batch.into_iter().map(|job| job(&mut conn)).collect();
         let commit = if PARTIAL_JOB.with(|p| p.replace(false)) {
-            Err(StoreError::Db(
-                "a write of this batch failed after changing rows; the batch was rolled back"
-                    .into(),
+            Err(StoreError::db_failure(
+                "a write of this batch failed after changing rows; the batch was rolled back",
             ))
         } else {
             exec_cached(&conn, "COMMIT")
@@ -248,7 +248,7 @@ fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
         for f in finishers {
             f(match &commit {
                 Ok(()) => Ok(()),
-                Err(e) => Err(StoreError::Db(format!("commit: {e}"))),
+                Err(e) => Err(StoreError::db("commit", e.clone())),
             });
         }
     }
@@ -307,10 +307,10 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
 pub(super) fn migrate_to(conn: &mut Connection, upto: usize) -> Result<()> {
     let current: u32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(db)?;
+        .map_err(db("schema migration"))?;
     let latest = MIGRATIONS.len() as u32;
     if current > latest {
-        return Err(StoreError::Db(format!(
+        return Err(StoreError::db_failure(format!(
             "database schema version {current} is newer than this build understands ({latest}); \
              run a newer virt8ra"
         )));
@@ -321,18 +321,21 @@ pub(super) fn migrate_to(conn: &mut Connection, upto: usize) -> Result<()> {
         .take(upto)
         .skip(current as usize)
     {
-        let tx = conn.transaction().map_err(db)?;
-        tx.execute_batch(sql).map_err(db)?;
+        let tx = conn.transaction().map_err(db("schema migration"))?;
+        tx.execute_batch(sql).map_err(db("schema migration"))?;
         tx.pragma_update(None, "user_version", (i + 1) as u32)
-            .map_err(db)?;
-        tx.commit().map_err(db)?;
+            .map_err(db("schema migration"))?;
+        tx.commit().map_err(db("schema migration"))?;
     }
     Ok(())
 }
 
 /// Runs one parameterless statement through the statement cache.
-fn exec_cached(c: &Connection, sql: &str) -> Result<()> {
-    c.prepare_cached(sql).map_err(db)?.execute([]).map_err(db)?;
+fn exec_cached(c: &Connection, sql: &'static str) -> Result<()> {
+    c.prepare_cached(sql)
+        .map_err(db(sql))?
+        .execute([])
+        .map_err(db(sql))?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ pub(super) async fn put_export(store: &SqliteStore, e: &VmExport) -> Result<()> 
              ON CONFLICT(id) DO UPDATE SET body = excluded.body",
                 params![e.id, e.vm_id, to_json(&e)?],
             )
-            .map_err(db)?;
+            .map_err(db("put_export"))?;
             Ok(())
         })
         .await
@@ -31,7 +31,7 @@ pub(super) async fn get_export(store: &SqliteStore, id: &str) -> Result<VmExport
                     r.get(0)
                 })
                 .optional()
-                .map_err(db)?;
+                .map_err(db("get_export"))?;
             match body {
                 Some(b) => from_json(&b),
                 None => Err(StoreError::not_found("export", id)),

@@ -28,7 +28,7 @@ pub(super) async fn create_host(
                         |r| r.get(0),
                     )
                     .optional()
-                    .map_err(db)?;
+                    .map_err(db("create_host"))?;
                 // A used-up token is deleted with its last use, so a
                 // missing one is (most likely) used up too.
                 match left {
@@ -39,14 +39,14 @@ pub(super) async fn create_host(
                     }
                     Some(Some(1)) => {
                         tx.execute("DELETE FROM tokens WHERE id = ?1", [&join_id])
-                            .map_err(db)?;
+                            .map_err(db("create_host"))?;
                     }
                     Some(Some(_)) => {
                         tx.execute(
                             "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1",
                             [&join_id],
                         )
-                        .map_err(db)?;
+                        .map_err(db("create_host"))?;
                     }
                     Some(None) => {}
                 }
@@ -54,7 +54,11 @@ pub(super) async fn create_host(
                     "INSERT INTO hosts (id, name, site, body) VALUES (?1, ?2, ?3, ?4)",
                     params![h.id, h.name, h.site, to_json(&h)?],
                 )
-                .map_err(|e| conflict_or_db(e, || format!("host '{}' already exists", h.name)))?;
+                .map_err(|e| {
+                    conflict_or_db(e, "create_host", || {
+                        format!("host '{}' already exists", h.name)
+                    })
+                })?;
                 insert_token(tx, &t)?;
                 Ok(())
             })
@@ -70,9 +74,9 @@ pub(super) async fn update_host(store: &SqliteStore, h: &Host) -> Result<()> {
         .write(move |c| {
             let n = c
                 .prepare_cached("UPDATE hosts SET body = ?2 WHERE id = ?1")
-                .map_err(db)?
+                .map_err(db("update_host"))?
                 .execute(params![id, body])
-                .map_err(db)?;
+                .map_err(db("update_host"))?;
             if n == 0 {
                 return Err(StoreError::not_found("host", id));
             }
@@ -100,7 +104,7 @@ pub(super) async fn delete_host(store: &SqliteStore, id: &str) -> Result<()> {
                 let h: Host = get_body(tx, "hosts", "host", &id)?;
                 delete_row(tx, "hosts", "host", &h.id)?;
                 tx.execute("DELETE FROM tokens WHERE host_id = ?1", [&h.id])
-                    .map_err(db)?;
+                    .map_err(db("delete_host"))?;
                 Ok(())
             })
         })

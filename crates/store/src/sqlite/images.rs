@@ -15,7 +15,11 @@ pub(super) async fn create_image(store: &SqliteStore, i: &Image) -> Result<()> {
                 "INSERT INTO images (id, name, sha256, body) VALUES (?1, ?2, ?3, ?4)",
                 params![i.id, i.name, i.sha256, to_json(&i)?],
             )
-            .map_err(|e| conflict_or_db(e, || format!("image '{}' already exists", i.name)))?;
+            .map_err(|e| {
+                conflict_or_db(e, "create_image", || {
+                    format!("image '{}' already exists", i.name)
+                })
+            })?;
             Ok(())
         })
         .await
@@ -44,7 +48,7 @@ pub(super) async fn delete_image(store: &SqliteStore, id: &str) -> Result<()> {
                         [&i.id],
                         |r| r.get(0),
                     )
-                    .map_err(db)?;
+                    .map_err(db("delete_image"))?;
                 if n > 0 {
                     return Err(StoreError::Conflict(format!(
                         "image '{}' is used by {n} VM(s)",
@@ -62,7 +66,7 @@ pub(super) async fn delete_image(store: &SqliteStore, id: &str) -> Result<()> {
                         [&i.id],
                         |r| r.get(0),
                     )
-                    .map_err(db)?;
+                    .map_err(db("delete_image"))?;
                 if n > 0 {
                     return Err(StoreError::Conflict(format!(
                         "image '{}' is the data disk of {n} VM(s)",
@@ -85,7 +89,7 @@ pub(super) async fn update_image(store: &SqliteStore, i: &Image) -> Result<()> {
                     "UPDATE images SET body = ?2 WHERE id = ?1",
                     params![i.id, to_json(&i)?],
                 )
-                .map_err(db)?;
+                .map_err(db("update_image"))?;
             if n == 0 {
                 return Err(StoreError::not_found("image", &i.id));
             }

@@ -24,7 +24,7 @@ pub(super) async fn create_migration(
             params![m.id, m.vm_id, m.phase.as_str(), ts(&m.created_at), to_json(&m)?],
         )
         .map_err(|e| {
-            conflict_or_db(e, || format!("VM '{}' is already being migrated", m.vm))
+            conflict_or_db(e, "create_migration", || format!("VM '{}' is already being migrated", m.vm))
         })?;
         write_vm(tx, &vm, &body, Some(&event))?;
         Ok(())
@@ -49,7 +49,7 @@ pub(super) async fn update_migration(
                         "UPDATE migrations SET phase = ?2, body = ?3 WHERE id = ?1",
                         params![m.id, m.phase.as_str(), to_json(&m)?],
                     )
-                    .map_err(db)?;
+                    .map_err(db("update_migration"))?;
                 if n == 0 {
                     return Err(StoreError::not_found("migration", m.id));
                 }
@@ -71,7 +71,7 @@ pub(super) async fn get_migration(store: &SqliteStore, id: &str) -> Result<Migra
                     r.get(0)
                 })
                 .optional()
-                .map_err(db)?;
+                .map_err(db("get_migration"))?;
             match body {
                 Some(b) => from_json(&b),
                 None => Err(StoreError::not_found("migration", id)),
@@ -96,15 +96,17 @@ pub(super) async fn list_migrations(
                 sql.push_str(" AND phase NOT IN ('completed', 'failed')");
             }
             sql.push_str(" ORDER BY created_at, id");
-            let mut st = c.prepare(&sql).map_err(db)?;
+            let mut st = c.prepare(&sql).map_err(db("list_migrations"))?;
             let mut rows = match &vm_id {
                 Some(v) => st.query([v]),
                 None => st.query([]),
             }
-            .map_err(db)?;
+            .map_err(db("list_migrations"))?;
             let mut out = Vec::new();
-            while let Some(r) = rows.next().map_err(db)? {
-                out.push(from_json(&r.get::<_, String>(0).map_err(db)?)?);
+            while let Some(r) = rows.next().map_err(db("list_migrations"))? {
+                out.push(from_json(
+                    &r.get::<_, String>(0).map_err(db("list_migrations"))?,
+                )?);
             }
             Ok(out)
         })

@@ -15,7 +15,11 @@ pub(super) async fn create_provider(store: &SqliteStore, p: &Provider) -> Result
                 "INSERT INTO providers (id, name, body) VALUES (?1, ?2, ?3)",
                 params![p.id, p.name, to_json(&p)?],
             )
-            .map_err(|e| conflict_or_db(e, || format!("provider '{}' already exists", p.name)))?;
+            .map_err(|e| {
+                conflict_or_db(e, "create_provider", || {
+                    format!("provider '{}' already exists", p.name)
+                })
+            })?;
             Ok(())
         })
         .await
@@ -44,7 +48,7 @@ pub(super) async fn delete_provider(store: &SqliteStore, id: &str) -> Result<()>
                         [&p.name],
                         |r| r.get(0),
                     )
-                    .map_err(db)?;
+                    .map_err(db("delete_provider"))?;
                 if n > 0 {
                     return Err(StoreError::Conflict(format!(
                         "provider '{}' still has {n} site(s); delete them first",
@@ -67,7 +71,7 @@ pub(super) async fn update_provider(store: &SqliteStore, p: &Provider) -> Result
                     "UPDATE providers SET body = ?2 WHERE id = ?1",
                     params![p.id, to_json(&p)?],
                 )
-                .map_err(db)?;
+                .map_err(db("update_provider"))?;
             if n == 0 {
                 return Err(StoreError::not_found("provider", p.id));
             }

@@ -15,7 +15,11 @@ pub(super) async fn create_site(store: &SqliteStore, s: &Site) -> Result<()> {
                 "INSERT INTO sites (id, name, provider, body) VALUES (?1, ?2, ?3, ?4)",
                 params![s.id, s.name, s.provider, to_json(&s)?],
             )
-            .map_err(|e| conflict_or_db(e, || format!("site '{}' already exists", s.name)))?;
+            .map_err(|e| {
+                conflict_or_db(e, "create_site", || {
+                    format!("site '{}' already exists", s.name)
+                })
+            })?;
             Ok(())
         })
         .await
@@ -44,7 +48,7 @@ pub(super) async fn delete_site(store: &SqliteStore, id: &str) -> Result<()> {
                         [&s.name],
                         |r| r.get(0),
                     )
-                    .map_err(db)?;
+                    .map_err(db("delete_site"))?;
                 if n > 0 {
                     return Err(StoreError::Conflict(format!(
                         "site '{}' still has {n} host(s); delete them first",
@@ -67,7 +71,7 @@ pub(super) async fn update_site(store: &SqliteStore, s: &Site) -> Result<()> {
                     "UPDATE sites SET body = ?2 WHERE id = ?1",
                     params![s.id, to_json(&s)?],
                 )
-                .map_err(db)?;
+                .map_err(db("update_site"))?;
             if n == 0 {
                 return Err(StoreError::not_found("site", s.id));
             }

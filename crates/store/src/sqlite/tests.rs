@@ -206,8 +206,8 @@ async fn a_write_failing_part_way_rolls_back_its_batch() {
                     "INSERT INTO vms (id, name, phase, body) VALUES ('p', 'p', 'pending', '{}')",
                     [],
                 )
-                .map_err(db)?;
-                Err::<(), _>(StoreError::Db("failed after a change".into()))
+                .map_err(db("test"))?;
+                Err::<(), _>(StoreError::db_failure("failed after a change"))
             })
         })
         .await
@@ -220,7 +220,7 @@ async fn a_write_failing_part_way_rolls_back_its_batch() {
     let partial = partial.await.unwrap();
     assert!(partial.is_err());
     match good {
-        Err(StoreError::Db(m)) => assert!(m.contains("rolled back"), "{m}"),
+        Err(e @ StoreError::Db { .. }) => assert!(e.chain().contains("rolled back"), "{e:?}"),
         other => panic!("the batch's other write: {other:?}"),
     }
     assert!(s.list_vms(&VmFilter::default()).await.unwrap().is_empty());
@@ -278,9 +278,12 @@ async fn vm_updates_keep_the_indexed_columns_in_step() {
     let column = |s: &SqliteStore, sql: &'static str| {
         let s = s.clone();
         async move {
-            s.read(move |c| c.query_row(sql, [], |r| r.get::<_, String>(0)).map_err(db))
-                .await
-                .unwrap()
+            s.read(move |c| {
+                c.query_row(sql, [], |r| r.get::<_, String>(0))
+                    .map_err(db("test"))
+            })
+            .await
+            .unwrap()
         }
     };
     let mut a = vm("web");
@@ -541,4 +544,54 @@ async fn expired_and_used_up_join_tokens_are_purged_and_others_kept() {
     assert!(!s.delete_token(TokenKind::Join, "admin").await.unwrap());
     assert!(s.delete_token(TokenKind::Join, "live").await.unwrap());
     assert!(s.find_token("hash-live").await.unwrap().is_none());
+}
+
+/// A database failure names the store function that failed and keeps the
+/// backend's error as its source (downcastable, not only text), so the
+/// cause reaches the logs; the message does not repeat it.
+#[tokio::test]
+async fn database_errors_keep_their_cause() {
+    let s = SqliteStore::in_memory().unwrap();
+    s.write(|c| c.execute_batch("DROP TABLE exports").map_err(db("test")))
+        .await
+        .unwrap();
+    let e = s.get_export("x").await.unwrap_err();
+    assert_eq!(e.to_string(), "database error: get_export");
+    let cause = std::error::Error::source(&e).expect("a source");
+    let sqlite = cause.downcast_ref::<rusqlite::Error>().expect("rusqlite's");
+    assert!(
+        sqlite.to_string().contains("no such table: exports"),
+        "{sqlite}"
+    );
+    // rusqlite's error has a source of its own (SQLite's code): all of it.
+    let chain = e.chain();
+    assert!(
+        chain.starts_with(&format!("database error: get_export: {sqlite}: ")),
+        "{chain}"
+    );
+
+    // A row the store cannot decode: the JSON error is the source.
+    s.write(|c| {
+        c.execute(
+            "INSERT INTO providers (id, name, body) VALUES ('p', 'p', 'not json')",
+            [],
+        )
+        .map_err(db("test"))
+    })
+    .await
+    .unwrap();
+    let e = s.get_provider("p").await.unwrap_err();
+    assert_eq!(e.to_string(), "database error: corrupt row");
+    let cause = std::error::Error::source(&e).expect("a source");
+    assert!(
+        cause.downcast_ref::<serde_json::Error>().is_some(),
+        "{cause}"
+    );
+
+    // A failed commit fails every write of the batch with the cause.
+    let e = StoreError::db("commit", StoreError::db_failure("disk full"));
+    assert_eq!(
+        e.chain(),
+        "database error: commit: database error: disk full"
+    );
 }

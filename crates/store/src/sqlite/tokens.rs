@@ -24,7 +24,7 @@ pub(super) async fn find_token(store: &SqliteStore, hash: &str) -> Result<Option
                     token_row,
                 )
                 .optional()
-                .map_err(db)?;
+                .map_err(db("find_token"))?;
             row.map(token_record).transpose()
         })
         .await
@@ -37,12 +37,12 @@ pub(super) async fn list_tokens(store: &SqliteStore, kind: TokenKind) -> Result<
                 .prepare(&format!(
                     "SELECT {TOKEN_COLUMNS} FROM tokens WHERE kind = ?1 ORDER BY created_at, id"
                 ))
-                .map_err(db)?;
+                .map_err(db("list_tokens"))?;
             let rows = st
                 .query_map([kind.as_str()], token_row)
-                .map_err(db)?
+                .map_err(db("list_tokens"))?
                 .collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(db)?;
+                .map_err(db("list_tokens"))?;
             rows.into_iter().map(token_record).collect()
         })
         .await
@@ -57,7 +57,7 @@ pub(super) async fn delete_token(store: &SqliteStore, kind: TokenKind, id: &str)
                     "DELETE FROM tokens WHERE id = ?1 AND kind = ?2",
                     params![id, kind.as_str()],
                 )
-                .map_err(db)?;
+                .map_err(db("delete_token"))?;
             Ok(n > 0)
         })
         .await
@@ -74,7 +74,7 @@ pub(super) async fn purge_join_tokens(store: &SqliteStore, now: DateTime<Utc>) -
                AND (uses_left <= 0 OR (expires_at IS NOT NULL AND expires_at < ?1))",
                 [&now],
             )
-            .map_err(db)
+            .map_err(db("purge_join_tokens"))
         })
         .await
 }
@@ -85,7 +85,7 @@ pub(super) async fn replace_tokens(store: &SqliteStore, t: &TokenRecord) -> Resu
         .write(move |c| {
             atomic(c, |tx| {
                 tx.execute("DELETE FROM tokens WHERE kind = ?1", [t.kind.as_str()])
-                    .map_err(db)?;
+                    .map_err(db("replace_tokens"))?;
                 insert_token(tx, &t)
             })
         })
@@ -101,7 +101,7 @@ pub(super) async fn count_tokens(store: &SqliteStore, kind: TokenKind) -> Result
                     [kind.as_str()],
                     |r| r.get(0),
                 )
-                .map_err(db)?;
+                .map_err(db("count_tokens"))?;
             Ok(n as usize)
         })
         .await
@@ -138,7 +138,7 @@ fn token_record(row: TokenRow) -> Result<TokenRecord> {
     Ok(TokenRecord {
         id,
         kind: TokenKind::parse(&kind)
-            .ok_or_else(|| StoreError::Db(format!("corrupt token kind {kind:?}")))?,
+            .ok_or_else(|| StoreError::db_failure(format!("corrupt token kind {kind:?}")))?,
         hash,
         site,
         host_id,
@@ -163,6 +163,6 @@ pub(super) fn insert_token(c: &Connection, t: &TokenRecord) -> Result<()> {
             ts(&t.created_at)
         ],
     )
-    .map_err(db)?;
+    .map_err(db("insert_token"))?;
     Ok(())
 }

@@ -22,10 +22,10 @@ pub(super) fn write_vm(tx: &Connection, vm: &Vm, body: &str, event: Option<&str>
     // index page per write. So those two are set only when they changed.
     let old: Option<(String, Option<String>)> = tx
         .prepare_cached("SELECT phase, image_id FROM vms WHERE id = ?1")
-        .map_err(db)?
+        .map_err(db("write_vm"))?
         .query_row([&vm.id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
-        .map_err(db)?;
+        .map_err(db("write_vm"))?;
     let Some((phase, image_id)) = old else {
         return Err(StoreError::not_found("VM", vm.id.clone()));
     };
@@ -39,7 +39,7 @@ pub(super) fn write_vm(tx: &Connection, vm: &Vm, body: &str, event: Option<&str>
         sql.push_str(", image_id = ?8");
     }
     sql.push_str(" WHERE id = ?1");
-    let mut stmt = tx.prepare_cached(&sql).map_err(db)?;
+    let mut stmt = tx.prepare_cached(&sql).map_err(db("write_vm"))?;
     let values: [&dyn rusqlite::ToSql; 8] = [
         &vm.id,
         &vm.status.host_id,
@@ -52,9 +52,9 @@ pub(super) fn write_vm(tx: &Connection, vm: &Vm, body: &str, event: Option<&str>
     ];
     // Numbered parameters may leave gaps; the count is the largest used.
     for (i, v) in values.iter().enumerate().take(stmt.parameter_count()) {
-        stmt.raw_bind_parameter(i + 1, v).map_err(db)?;
+        stmt.raw_bind_parameter(i + 1, v).map_err(db("write_vm"))?;
     }
-    stmt.raw_execute().map_err(db)?;
+    stmt.raw_execute().map_err(db("write_vm"))?;
     if let Some(e) = event {
         insert_event(tx, vm, e)?;
     }
@@ -65,9 +65,9 @@ fn insert_event(conn: &Connection, vm: &Vm, message: &str) -> Result<()> {
     // Cached statements: these run for every VM change.
     let seq: i64 = conn
         .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM vm_events WHERE vm_id = ?1")
-        .map_err(db)?
+        .map_err(db("insert_event"))?
         .query_row([&vm.id], |r| r.get(0))
-        .map_err(db)?;
+        .map_err(db("insert_event"))?;
     insert_event_at(conn, vm, seq, message)
 }
 
@@ -78,7 +78,7 @@ fn insert_event_at(conn: &Connection, vm: &Vm, seq: i64, message: &str) -> Resul
     conn.prepare_cached(
         "INSERT INTO vm_events (vm_id, seq, at, phase, message) VALUES (?1, ?2, ?3, ?4, ?5)",
     )
-    .map_err(db)?
+    .map_err(db("insert_event_at"))?
     .execute(params![
         vm.id,
         seq,
@@ -86,7 +86,7 @@ fn insert_event_at(conn: &Connection, vm: &Vm, seq: i64, message: &str) -> Resul
         vm.status.phase.as_str(),
         message
     ])
-    .map_err(db)?;
+    .map_err(db("insert_event_at"))?;
     Ok(())
 }
 
@@ -102,7 +102,7 @@ pub(super) async fn create_vm(store: &SqliteStore, vm: &Vm, events: &[&str]) -> 
                 "INSERT INTO vms (id, name, phase, host_id, site, provider, country, image_id, body)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )
-            .map_err(db)?
+            .map_err(db("create_vm"))?
             .execute(params![
                 vm.id,
                 vm.name,
@@ -114,7 +114,7 @@ pub(super) async fn create_vm(store: &SqliteStore, vm: &Vm, events: &[&str]) -> 
                 vm.status.image_id,
                 body
             ])
-            .map_err(|e| conflict_or_db(e, || format!("VM '{}' already exists", vm.name)))?;
+            .map_err(|e| conflict_or_db(e, "create_vm", || format!("VM '{}' already exists", vm.name)))?;
                 for (seq, e) in (1..).zip(&events) {
                     insert_event_at(tx, &vm, seq, e)?;
                 }
@@ -146,7 +146,7 @@ pub(super) async fn get_vm(store: &SqliteStore, key: &str) -> Result<Vm> {
             let body: Option<String> = c
                 .query_row(GET_VM_SQL, [&key], |r| r.get(0))
                 .optional()
-                .map_err(db)?;
+                .map_err(db("get_vm"))?;
             match body {
                 Some(b) => from_json(&b),
                 None => Err(StoreError::not_found("VM", key)),
@@ -183,15 +183,15 @@ pub(super) async fn list_vms(store: &SqliteStore, f: &VmFilter) -> Result<Vec<Vm
             if let Some(l) = f.limit {
                 sql.push_str(&format!(" LIMIT {l}"));
             }
-            let mut st = c.prepare(&sql).map_err(db)?;
+            let mut st = c.prepare(&sql).map_err(db("list_vms"))?;
             let rows = st
                 .query_map(rusqlite::params_from_iter(args.iter()), |r| {
                     r.get::<_, String>(0)
                 })
-                .map_err(db)?;
+                .map_err(db("list_vms"))?;
             let mut out = Vec::new();
             for r in rows {
-                out.push(from_json(&r.map_err(db)?)?);
+                out.push(from_json(&r.map_err(db("list_vms"))?)?);
             }
             Ok(out)
         })
@@ -206,7 +206,7 @@ pub(super) async fn vm_events(store: &SqliteStore, vm_id: &str) -> Result<Vec<Vm
                 .prepare(
                     "SELECT seq, at, phase, message FROM vm_events WHERE vm_id = ?1 ORDER BY seq",
                 )
-                .map_err(db)?;
+                .map_err(db("vm_events"))?;
             let rows = st
                 .query_map([&vm_id], |r| {
                     Ok((
@@ -216,15 +216,16 @@ pub(super) async fn vm_events(store: &SqliteStore, vm_id: &str) -> Result<Vec<Vm
                         r.get::<_, String>(3)?,
                     ))
                 })
-                .map_err(db)?;
+                .map_err(db("vm_events"))?;
             let mut out = Vec::new();
             for r in rows {
-                let (seq, at, phase, message) = r.map_err(db)?;
+                let (seq, at, phase, message) = r.map_err(db("vm_events"))?;
                 out.push(VmEvent {
                     seq: seq as u64,
                     at: parse_ts(&at)?,
-                    phase: VmPhase::parse(&phase)
-                        .ok_or_else(|| StoreError::Db(format!("corrupt phase {phase:?}")))?,
+                    phase: VmPhase::parse(&phase).ok_or_else(|| {
+                        StoreError::db_failure(format!("corrupt phase {phase:?}"))
+                    })?,
                     message,
                 });
             }
