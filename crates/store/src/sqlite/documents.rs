@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension};
 
 use super::engine::SqliteStore;
 use super::rows::{conflict_or_db, db};
-use crate::Result;
+use crate::error::Result;
 
 pub(super) async fn put_doc(
     store: &SqliteStore,

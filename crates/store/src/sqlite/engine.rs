@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::Connection;
 
 use super::rows::db;
+use crate::error::{Result, StoreError};
 use crate::schema::MIGRATIONS;
-use crate::{Result, StoreError};
 
 /// A write job: runs inside the writer's batch transaction and returns a
 /// finisher that delivers its result once the batch's commit is known.

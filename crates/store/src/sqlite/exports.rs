@@ -5,7 +5,7 @@ use virt8ra_api::VmExport;
 
 use super::engine::SqliteStore;
 use super::rows::{db, from_json, to_json};
-use crate::{Result, StoreError};
+use crate::error::{Result, StoreError};
 
 pub(super) async fn put_export(store: &SqliteStore, e: &VmExport) -> Result<()> {
     let e = e.clone();

@@ -7,7 +7,8 @@ use virt8ra_api::Host;
 use super::engine::{atomic, SqliteStore};
 use super::rows::{conflict_or_db, db, delete_row, get_body, list_bodies, to_json};
 use super::tokens::insert_token;
-use crate::{Result, StoreError, TokenRecord};
+use crate::error::{Result, StoreError};
+use crate::records::TokenRecord;
 
 pub(super) async fn create_host(
     store: &SqliteStore,

@@ -20,7 +20,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport};
 
-use crate::{Result, Store, TokenKind, TokenRecord, VmFilter};
+use crate::error::Result;
+use crate::records::{TokenKind, TokenRecord, VmFilter};
+use crate::store::Store;
 
 mod documents;
 mod engine;

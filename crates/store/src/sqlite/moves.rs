@@ -7,7 +7,7 @@ use virt8ra_api::{Migration, Vm};
 use super::engine::{atomic, SqliteStore};
 use super::rows::{conflict_or_db, db, from_json, to_json, ts};
 use super::vms::write_vm;
-use crate::{Result, StoreError};
+use crate::error::{Result, StoreError};
 
 pub(super) async fn create_migration(
     store: &SqliteStore,

@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::{Result, StoreError};
+use crate::error::{Result, StoreError};
 
 /// Maps a rusqlite error to a [`StoreError::Db`] that names `op` (the
 /// store function that failed) and keeps the error as its source:

@@ -5,7 +5,7 @@ use virt8ra_api::Site;
 
 use super::engine::{atomic, SqliteStore};
 use super::rows::{conflict_or_db, db, delete_row, get_body, list_bodies, to_json};
-use crate::{Result, StoreError};
+use crate::error::{Result, StoreError};
 
 pub(super) async fn create_site(store: &SqliteStore, s: &Site) -> Result<()> {
     let s = s.clone();

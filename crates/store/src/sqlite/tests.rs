@@ -9,8 +9,10 @@ use super::engine::{migrate, migrate_to, unguarded};
 use super::rows::db;
 use super::vms::GET_VM_SQL;
 use super::SqliteStore;
+use crate::error::StoreError;
+use crate::records::{TokenKind, TokenRecord, VmFilter};
 use crate::schema::MIGRATIONS;
-use crate::{Store, StoreError, TokenKind, TokenRecord, VmFilter};
+use crate::store::Store;
 
 /// Lookups that run per request or per migration step use indexes: a
 /// scan is one million rows at the size the control plane is built for.

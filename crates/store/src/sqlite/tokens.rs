@@ -6,7 +6,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::engine::{atomic, SqliteStore};
 use super::rows::{db, parse_ts, ts};
-use crate::{Result, StoreError, TokenKind, TokenRecord};
+use crate::error::{Result, StoreError};
+use crate::records::{TokenKind, TokenRecord};
 
 pub(super) async fn create_token(store: &SqliteStore, t: &TokenRecord) -> Result<()> {
     let t = t.clone();

@@ -8,7 +8,8 @@ use virt8ra_api::{Vm, VmEvent, VmPhase};
 
 use super::engine::{unguarded, SqliteStore};
 use super::rows::{conflict_or_db, db, from_json, parse_ts, to_json, ts};
-use crate::{Result, StoreError, VmFilter};
+use crate::error::{Result, StoreError};
+use crate::records::VmFilter;
 
 /// A VM by id or by name; a live VM's name wins over a deleted one's.
 pub(super) const GET_VM_SQL: &str =
