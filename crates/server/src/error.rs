@@ -61,7 +61,8 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             StoreError::Conflict(m) => ApiError::Conflict(m),
-            StoreError::Db(m) => ApiError::Internal(m),
+            // The whole chain: the message names what failed, its sources why.
+            StoreError::Db { .. } => ApiError::Internal(e.chain()),
         }
     }
 }

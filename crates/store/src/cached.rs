@@ -28,7 +28,9 @@ use std::sync::RwLock;
 use async_trait::async_trait;
 use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport};
 
-use crate::{Result, Store, StoreError, TokenKind, TokenRecord, VmFilter};
+use crate::error::{Result, StoreError};
+use crate::records::{TokenKind, TokenRecord, VmFilter};
+use crate::store::Store;
 
 /// A resource kept in a [`Catalog`]: found by id or name, listed by name.
 trait Named: Clone {
@@ -433,7 +435,7 @@ impl<S: Store> Store for CachedStore<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::SqliteStore;
+    use crate::sqlite::SqliteStore;
     use chrono::Utc;
 
     fn provider(id: &str, name: &str, country: &str) -> Provider {
