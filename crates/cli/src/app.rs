@@ -201,7 +201,10 @@ fn show_app(a: &App) {
                 .collect::<Vec<_>>()
                 .join(" "),
         ),
-        ("ssh keys", crate::ssh_key_summary(&a.ssh_authorized_keys)),
+        (
+            "ssh keys",
+            crate::vm::ssh_key_summary(&a.ssh_authorized_keys),
+        ),
     ]);
     println!();
     table(
@@ -279,7 +282,7 @@ pub async fn app(c: &Client, o: Format, cmd: AppCmd) -> anyhow::Result<()> {
                 replicas_per_location,
                 params: parse_params(&params)?,
                 labels: BTreeMap::new(),
-                ssh_authorized_keys: crate::ssh_keys(&ssh_keys)?,
+                ssh_authorized_keys: crate::vm::ssh_keys(&ssh_keys)?,
             };
             let mut a: App = c.post("/apps", &req).await?;
             if wait {
@@ -501,7 +504,7 @@ pub async fn appliance(c: &Client, o: Format, cmd: ApplianceCmd) -> anyhow::Resu
         }
         ApplianceCmd::Delete { name } => {
             c.delete(&format!("/appliances/{}", seg(&name))).await?;
-            crate::done(o, &format!("appliance {name} withdrawn"))
+            crate::output::done(o, &format!("appliance {name} withdrawn"))
         }
     }
 }
@@ -569,7 +572,7 @@ pub async fn catalog(c: &Client, o: Format, cmd: CatalogCmd) -> anyhow::Result<(
         }
         CatalogCmd::Remove { name } => {
             c.delete(&format!("/catalogs/{}", seg(&name))).await?;
-            crate::done(o, &format!("catalog {name} removed"))
+            crate::output::done(o, &format!("catalog {name} removed"))
         }
         CatalogCmd::Keygen { .. } | CatalogCmd::Sign { .. } => catalog_offline(o, cmd),
         CatalogCmd::Key => {

@@ -1,4 +1,4 @@
-//! `vm migrate`, `vm migrations`, `migration list|show`, `... evacuate`,
+//! `vm migrate`, `vm migrations`, `migration list|show`, `... evacuate`, `rebalance`,
 //! `vm export` and `vm import`.
 //!
 //! The export bundle is a directory anyone can use with standard tools:
@@ -10,13 +10,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use virt8ra_api::*;
 
 use crate::client::{seg, Client};
 use crate::output::{emit, fields, table, Format};
+use crate::WaitOpts;
 
 /// Target and mode of a migration.
 #[derive(Debug, Clone, Args)]
@@ -699,4 +700,41 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
     }
     let vm: Vm = c.post("/vms", &body).await?;
     Ok(vm)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationCmd {
+    List {
+        /// Only this VM's.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only unfinished ones.
+        #[arg(long)]
+        active: bool,
+    },
+    Show {
+        id: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+}
+
+pub(crate) async fn migration(c: &Client, o: Format, cmd: MigrationCmd) -> anyhow::Result<()> {
+    match cmd {
+        MigrationCmd::List { vm, active } => {
+            let mut path = format!("/migrations?active={active}");
+            if let Some(v) = vm {
+                path.push_str(&format!("&vm={}", seg(&v)));
+            }
+            let page: Page<Migration> = c.get(&path).await?;
+            list_migrations(o, &page.items)
+        }
+        MigrationCmd::Show { id, wait } => {
+            let m: Migration = match wait.timeout() {
+                Some(t) => wait_migration(c, &id, t, o).await?,
+                None => c.get(&format!("/migrations/{}", seg(&id))).await?,
+            };
+            emit(o, &m, show_migration)
+        }
+    }
 }
