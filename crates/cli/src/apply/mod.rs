@@ -68,11 +68,13 @@ use crate::output::{emit, table, Format};
 
 mod execute;
 mod kinds;
+mod lines;
 mod parse;
 mod plan;
 
 use execute::*;
 use kinds::*;
+use lines::Lines;
 use parse::*;
 use plan::*;
 
@@ -369,6 +371,58 @@ mod tests {
             errs[2].starts_with(&format!(
                 "{file}:14: vm badnet: network.ethernets[0].addresses[0]: \"10.0.2.300/24\" is not an address"
             )),
+            "{errs:#?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Errors through `load` and `check_entries` on files that an
+    /// indentation scanner cannot read: flow style, anchors and aliases.
+    #[test]
+    fn flow_style_and_aliases_name_their_line() {
+        let dir = std::env::temp_dir().join(format!("virt8ra-apply-flow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("flow.yaml");
+        let file = f.display().to_string();
+        let check = |text: &str| {
+            std::fs::write(&f, text).expect("write");
+            let (doc, lines) = load(&f).expect("parses");
+            let mut errs = Vec::new();
+            check_entries(&doc, &lines, &mut errs);
+            errs
+        };
+        let errs = check("vms: [{name: a, image: x, memory_mib: 0}]\n");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(&format!("{file}:1: vm a: memory_mib")),
+            "{errs:#?}"
+        );
+        let errs = check(
+            "# flow style over lines\nvms: [\n  {name: a, image: x, memory_mib: 512},\n  {name: b, image: x,\n   memory_mib: 0},\n]\n",
+        );
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(&format!("{file}:5: vm b: memory_mib")),
+            "{errs:#?}"
+        );
+        let errs = check(
+            "vms:\n  - &small\n    name: a\n    image: x\n    memory_mib: &mem 0\n  - name: b\n    image: x\n    memory_mib: *mem\n  - *small\n",
+        );
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        assert!(
+            errs[0].starts_with(&format!("{file}:9: vms: \"a\" is declared twice")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[1].starts_with(&format!("{file}:5: vm a: memory_mib")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[2].starts_with(&format!("{file}:8: vm b: memory_mib")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[3].starts_with(&format!("{file}:9: vm a: memory_mib")),
             "{errs:#?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
