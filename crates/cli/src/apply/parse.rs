@@ -195,6 +195,35 @@ pub(super) fn check_entries(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>
         lines,
         errs,
     );
+    check_apps(doc, lines, errs);
+    for (i, p) in doc.providers.iter().enumerate() {
+        if let Err(e) = validate::provider(p) {
+            let f = field_of(&e, PROVIDER_FIELDS);
+            errs.push(format!(
+                "{}: provider {}: {e}",
+                lines.at("providers", i, f),
+                p.name
+            ));
+        }
+    }
+    for (i, s) in doc.sites.iter().enumerate() {
+        if let Err(e) = validate::site(s) {
+            let f = field_of(&e, SITE_FIELDS);
+            errs.push(format!("{}: site {}: {e}", lines.at("sites", i, f), s.name));
+        }
+    }
+    for (i, v) in doc.vms.iter().enumerate() {
+        if let Err(e) = validate::vm(v) {
+            let f = field_of(&e, VM_FIELDS);
+            errs.push(format!("{}: vm {}: {e}", lines.at("vms", i, f), v.name));
+        }
+    }
+    check_images(doc, lines, errs);
+}
+
+/// Checks each app entry: its name, appliance, locations, replicas,
+/// labels and keys.
+fn check_apps(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>) {
     for (i, ap) in doc.apps.iter().enumerate() {
         let at = |f| lines.at("apps", i, Some(f));
         if let Err(e) = validate::name("app", &ap.name) {
@@ -256,28 +285,10 @@ pub(super) fn check_entries(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>
             ));
         }
     }
-    for (i, p) in doc.providers.iter().enumerate() {
-        if let Err(e) = validate::provider(p) {
-            let f = field_of(&e, PROVIDER_FIELDS);
-            errs.push(format!(
-                "{}: provider {}: {e}",
-                lines.at("providers", i, f),
-                p.name
-            ));
-        }
-    }
-    for (i, s) in doc.sites.iter().enumerate() {
-        if let Err(e) = validate::site(s) {
-            let f = field_of(&e, SITE_FIELDS);
-            errs.push(format!("{}: site {}: {e}", lines.at("sites", i, f), s.name));
-        }
-    }
-    for (i, v) in doc.vms.iter().enumerate() {
-        if let Err(e) = validate::vm(v) {
-            let f = field_of(&e, VM_FIELDS);
-            errs.push(format!("{}: vm {}: {e}", lines.at("vms", i, f), v.name));
-        }
-    }
+}
+
+/// Checks each image entry: its name, architecture, source and sha256.
+fn check_images(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>) {
     for (i, im) in doc.images.iter().enumerate() {
         let at = |f| lines.at("images", i, Some(f));
         if let Err(e) = validate::name("image", &im.name) {

@@ -292,22 +292,9 @@ pub(super) fn check_references(
     lines: &Lines,
     errs: &mut Vec<String>,
 ) {
-    let deleted = |rows: Vec<PlanRow>| -> HashSet<String> {
-        rows.into_iter()
-            .filter(|r| r.action == Action::Delete)
-            .map(|r| r.name)
-            .collect()
-    };
     let gone_providers = deleted(rows(&plan.providers));
     let gone_sites = deleted(rows(&plan.sites));
     let gone_images = deleted(rows(&plan.images));
-    let mut gone_vms = deleted(rows(&plan.vms));
-    // The replicas of a pruned app go with it.
-    for s in &plan.apps {
-        if let (Action::Delete, Some(l)) = (s.action, &s.live) {
-            gone_vms.extend(l.vms.iter().map(|v| v.name.clone()));
-        }
-    }
     let provider_known = |k: &str| {
         doc.providers.iter().any(|p| p.name == k)
             || live
@@ -393,6 +380,34 @@ pub(super) fn check_references(
                 lines.at("apps", i, Some("locations")),
                 ap.name
             ));
+        }
+    }
+    check_in_use(doc, apps, live, plan, lines, errs);
+}
+
+/// The names a kind's plan deletes.
+fn deleted(rows: Vec<PlanRow>) -> HashSet<String> {
+    rows.into_iter()
+        .filter(|r| r.action == Action::Delete)
+        .map(|r| r.name)
+        .collect()
+}
+
+/// Checks that nothing pruned or replaced is still in use by what stays.
+fn check_in_use(
+    doc: &FileDoc,
+    apps: &[AppDecl],
+    live: &LiveState,
+    plan: &Plan,
+    lines: &Lines,
+    errs: &mut Vec<String>,
+) {
+    let gone_sites = deleted(rows(&plan.sites));
+    let mut gone_vms = deleted(rows(&plan.vms));
+    // The replicas of a pruned app go with it.
+    for s in &plan.apps {
+        if let (Action::Delete, Some(l)) = (s.action, &s.live) {
+            gone_vms.extend(l.vms.iter().map(|v| v.name.clone()));
         }
     }
     for d in apps {
