@@ -12,6 +12,7 @@ use virt8ra_api::*;
 
 use crate::client::{seg, Client};
 use crate::output::{emit, fields, table, Format};
+use crate::progress::Progress;
 
 #[derive(Debug, Subcommand)]
 pub enum AppCmd {
@@ -354,29 +355,22 @@ pub async fn app(c: &Client, o: Format, cmd: AppCmd) -> anyhow::Result<()> {
 
 async fn wait_running(c: &Client, name: &str, timeout: u64, o: Format) -> anyhow::Result<App> {
     let start = Instant::now();
-    let tty = o == Format::Table;
+    let mut progress = Progress::stderr(o);
     loop {
         let a: App = c.get(&format!("/apps/{}", seg(name))).await?;
-        if tty {
-            let running: u32 = a.locations.iter().map(|l| l.running).sum();
-            let total: u32 = a.locations.iter().map(|l| l.replicas).sum();
-            eprint!(
-                "\r{name}: {running}/{total} running ({}s)",
-                start.elapsed().as_secs()
-            );
-            let _ = std::io::stderr().flush();
-        }
+        let running: u32 = a.locations.iter().map(|l| l.running).sum();
+        let total: u32 = a.locations.iter().map(|l| l.replicas).sum();
+        progress.update(
+            &format!("{name}: {running}/{total} running"),
+            &format!(" ({}s)", start.elapsed().as_secs()),
+        );
         match a.status.as_str() {
             "running" => {
-                if tty {
-                    eprintln!();
-                }
+                progress.finish();
                 return Ok(a);
             }
             "failed" => {
-                if tty {
-                    eprintln!();
-                }
+                progress.finish();
                 let why: Vec<String> = a
                     .vms
                     .iter()
@@ -396,9 +390,7 @@ async fn wait_running(c: &Client, name: &str, timeout: u64, o: Format) -> anyhow
             _ => {}
         }
         if start.elapsed() > Duration::from_secs(timeout) {
-            if tty {
-                eprintln!();
-            }
+            progress.finish();
             let waiting: Vec<String> = a
                 .vms
                 .iter()

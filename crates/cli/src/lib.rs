@@ -23,6 +23,7 @@ pub mod host;
 pub mod image;
 pub mod migrate;
 pub mod output;
+pub mod progress;
 pub mod provider;
 pub mod site;
 pub mod vm;

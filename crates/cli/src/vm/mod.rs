@@ -10,6 +10,7 @@ use virt8ra_api::*;
 
 use crate::client::{seg, Client};
 use crate::output::{emit, fields, opt, table, Format};
+use crate::progress::Progress;
 use crate::{migrate, WaitOpts};
 
 pub mod show;
@@ -139,31 +140,7 @@ pub(crate) async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> 
             };
             emit(o, &v, show_vm)
         }
-        VmCmd::Plan { name, spec } => {
-            let mut spec = build_spec(name, &spec)?;
-            if let Some(obj) = spec.as_object_mut() {
-                obj.entry("name").or_insert_with(|| "plan".into());
-                obj.entry("image").or_insert_with(|| "none".into());
-            }
-            let p: PlacementPlan = c.post("/vms/plan", &spec).await?;
-            emit(o, &p, |p| {
-                if p.placed {
-                    fields(vec![
-                        ("host", opt(&p.host)),
-                        ("site", opt(&p.site)),
-                        ("provider", opt(&p.provider)),
-                        ("country", opt(&p.country)),
-                        (
-                            "score",
-                            p.score.map(|s| format!("{s:.2}")).unwrap_or_default(),
-                        ),
-                        ("why", p.reason.clone()),
-                    ])
-                } else {
-                    println!("no host fits: {}", p.reason);
-                }
-            })
-        }
+        VmCmd::Plan { name, spec } => plan(c, o, name, &spec).await,
         VmCmd::List {
             site,
             provider,
@@ -171,60 +148,13 @@ pub(crate) async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> 
             phase,
             all,
         } => {
-            let mut q = Vec::new();
-            for (k, v) in [
-                ("site", site),
-                ("provider", provider),
-                ("country", country),
-                ("phase", phase),
-            ] {
-                if let Some(v) = v {
-                    q.push(format!("{k}={}", seg(&v)));
-                }
-            }
-            if all {
-                q.push("include_deleted=true".into());
-            }
-            let mut items: Vec<Vm> = Vec::new();
-            let mut cursor: Option<String> = None;
-            loop {
-                let mut qq = q.clone();
-                if let Some(cur) = &cursor {
-                    qq.push(format!("cursor={}", seg(cur)));
-                }
-                let path = if qq.is_empty() {
-                    "/vms".into()
-                } else {
-                    format!("/vms?{}", qq.join("&"))
-                };
-                let page: Page<Vm> = c.get(&path).await?;
-                items.extend(page.items);
-                match page.next_cursor {
-                    Some(n) => cursor = Some(n),
-                    None => break,
-                }
-            }
-            emit(o, &items, |vs| {
-                table(
-                    &[
-                        "name", "phase", "host", "site", "provider", "country", "vcpus", "memory",
-                    ],
-                    vs.iter()
-                        .map(|v| {
-                            vec![
-                                v.name.clone(),
-                                v.status.phase.as_str().into(),
-                                opt(&v.status.host),
-                                opt(&v.status.site),
-                                opt(&v.status.provider),
-                                opt(&v.status.country),
-                                v.spec.vcpus.to_string(),
-                                format!("{} MiB", v.spec.memory_mib),
-                            ]
-                        })
-                        .collect(),
-                )
-            })
+            let f = ListFilter {
+                site,
+                provider,
+                country,
+                phase,
+            };
+            list(c, o, f, all).await
         }
         VmCmd::Show { name } => {
             let v: Vm = c.get(&format!("/vms/{}", seg(&name))).await?;
@@ -332,6 +262,105 @@ pub(crate) async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> 
     }
 }
 
+/// `vm plan`: where the VM would go (nothing is created).
+async fn plan(c: &Client, o: Format, name: Option<String>, spec: &SpecArgs) -> anyhow::Result<()> {
+    let mut spec = build_spec(name, spec)?;
+    if let Some(obj) = spec.as_object_mut() {
+        obj.entry("name").or_insert_with(|| "plan".into());
+        obj.entry("image").or_insert_with(|| "none".into());
+    }
+    let p: PlacementPlan = c.post("/vms/plan", &spec).await?;
+    emit(o, &p, |p| {
+        if p.placed {
+            fields(vec![
+                ("host", opt(&p.host)),
+                ("site", opt(&p.site)),
+                ("provider", opt(&p.provider)),
+                ("country", opt(&p.country)),
+                (
+                    "score",
+                    p.score.map(|s| format!("{s:.2}")).unwrap_or_default(),
+                ),
+                ("why", p.reason.clone()),
+            ])
+        } else {
+            println!("no host fits: {}", p.reason);
+        }
+    })
+}
+
+/// `vm list`: every page of VMs that match the filters.
+async fn list(c: &Client, o: Format, f: ListFilter, all: bool) -> anyhow::Result<()> {
+    let ListFilter {
+        site,
+        provider,
+        country,
+        phase,
+    } = f;
+    let mut q = Vec::new();
+    for (k, v) in [
+        ("site", site),
+        ("provider", provider),
+        ("country", country),
+        ("phase", phase),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", seg(&v)));
+        }
+    }
+    if all {
+        q.push("include_deleted=true".into());
+    }
+    let mut items: Vec<Vm> = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut qq = q.clone();
+        if let Some(cur) = &cursor {
+            qq.push(format!("cursor={}", seg(cur)));
+        }
+        let path = if qq.is_empty() {
+            "/vms".into()
+        } else {
+            format!("/vms?{}", qq.join("&"))
+        };
+        let page: Page<Vm> = c.get(&path).await?;
+        items.extend(page.items);
+        match page.next_cursor {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    emit(o, &items, |vs| {
+        table(
+            &[
+                "name", "phase", "host", "site", "provider", "country", "vcpus", "memory",
+            ],
+            vs.iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.status.phase.as_str().into(),
+                        opt(&v.status.host),
+                        opt(&v.status.site),
+                        opt(&v.status.provider),
+                        opt(&v.status.country),
+                        v.spec.vcpus.to_string(),
+                        format!("{} MiB", v.spec.memory_mib),
+                    ]
+                })
+                .collect(),
+        )
+    })
+}
+
+/// The filters of `vm list`.
+struct ListFilter {
+    site: Option<String>,
+    provider: Option<String>,
+    country: Option<String>,
+    phase: Option<String>,
+}
+
 async fn act(
     c: &Client,
     o: Format,
@@ -364,45 +393,25 @@ async fn wait_for(
     o: Format,
 ) -> anyhow::Result<Vm> {
     let start = Instant::now();
-    let spinner = ['|', '/', '-', '\\'];
-    let tty = o == Format::Table;
-    let mut last_phase = None;
-    let mut i = 0usize;
+    let mut progress = Progress::stderr(o);
     loop {
         let v: Vm = c.get(&format!("/vms/{}", seg(id))).await?;
         let phase = v.status.phase;
-        if tty && last_phase != Some(phase) {
-            if last_phase.is_some() {
-                eprintln!();
-            }
-            last_phase = Some(phase);
-        }
-        if tty {
-            eprint!(
-                "\r{} {}: {} ({}s){}",
-                spinner[i % 4],
-                v.name,
-                phase.as_str(),
-                start.elapsed().as_secs(),
-                v.status
-                    .host
-                    .as_ref()
-                    .map(|h| format!(" on {h}"))
-                    .unwrap_or_default()
-            );
-            let _ = std::io::stderr().flush();
-        }
-        i += 1;
+        let on = v
+            .status
+            .host
+            .as_ref()
+            .map(|h| format!(" on {h}"))
+            .unwrap_or_default();
+        progress.update(
+            &format!("{}: {}{on}", v.name, phase.as_str()),
+            &format!(" ({}s)", start.elapsed().as_secs()),
+        );
         if target.contains(&phase) {
-            if tty {
-                eprintln!();
-            }
             return Ok(v);
         }
         if phase == VmPhase::Failed {
-            if tty {
-                eprintln!();
-            }
+            progress.finish();
             bail!(
                 "VM {} failed: {}",
                 v.name,
@@ -412,9 +421,7 @@ async fn wait_for(
             );
         }
         if start.elapsed() > Duration::from_secs(w.wait_timeout) {
-            if tty {
-                eprintln!();
-            }
+            progress.finish();
             let why = v
                 .status
                 .placement_reason
