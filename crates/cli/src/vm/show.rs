@@ -4,7 +4,7 @@ use virt8ra_api::*;
 
 use crate::output::{ago, fields, opt};
 
-/// SSH keys for a table: their comments (or types), or "-".
+/// Data disks for a table:
 /// `vdc: image NAME (N GiB), vdd: blank N GiB` (the guest's names).
 pub(crate) fn data_disk_summary(disks: &[virt8ra_api::DataDisk]) -> String {
     if disks.is_empty() {
@@ -26,6 +26,7 @@ pub(crate) fn data_disk_summary(disks: &[virt8ra_api::DataDisk]) -> String {
         .join(", ")
 }
 
+/// SSH keys for a table: their comments (or types), or "-".
 pub(crate) fn ssh_key_summary(keys: &[String]) -> String {
     if keys.is_empty() {
         return "-".into();

@@ -51,11 +51,6 @@ pub struct SpecArgs {
     pub(crate) no_start: bool,
 }
 
-/// The keys of `--ssh-key` arguments: each is an OpenSSH public key line
-/// (it starts with a key type and a space), or else a file holding one key
-/// per line (blank lines and `#` comments skipped). Each key is checked
-/// here, so a bad one is reported with the argument or file and line that
-/// gave it.
 /// One `--data-disk` argument: `image=NAME`, `size_gib=N` or both,
 /// comma-separated.
 pub fn data_disk_arg(arg: &str) -> anyhow::Result<virt8ra_api::DataDisk> {
@@ -83,6 +78,11 @@ pub fn data_disk_arg(arg: &str) -> anyhow::Result<virt8ra_api::DataDisk> {
     Ok(d)
 }
 
+/// The keys of `--ssh-key` arguments: each is an OpenSSH public key line
+/// (it starts with a key type and a space), or else a file holding one key
+/// per line (blank lines and `#` comments skipped). Each key is checked
+/// here, so a bad one is reported with the argument or file and line that
+/// gave it.
 pub fn ssh_keys(args: &[String]) -> anyhow::Result<Vec<String>> {
     let mut keys = Vec::new();
     for a in args {
