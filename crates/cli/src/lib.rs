@@ -6,6 +6,11 @@
 //! signed by a public CA or by the CA given with `--ca-cert`,
 //! `VIRT8RA_CA_CERT` or `ca_cert:` in that file. Errors are one line on
 //! stderr and a non-zero exit.
+//!
+//! This file holds the top of the command tree and the dispatch; each noun
+//! is its own module (its clap subcommand and its handler), so a new verb
+//! touches one file. Shared pieces: `client` (HTTP), `config` (where the
+//! control plane is), `output` (tables, JSON, YAML) and `progress`.
 
 use std::path::PathBuf;
 use std::time::Duration;
