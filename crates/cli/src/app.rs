@@ -12,6 +12,7 @@ use virt8ra_api::*;
 
 use crate::client::{seg, Client};
 use crate::output::{emit, fields, table, Format};
+use crate::progress::Progress;
 
 #[derive(Debug, Subcommand)]
 pub enum AppCmd {
@@ -201,7 +202,10 @@ fn show_app(a: &App) {
                 .collect::<Vec<_>>()
                 .join(" "),
         ),
-        ("ssh keys", crate::ssh_key_summary(&a.ssh_authorized_keys)),
+        (
+            "ssh keys",
+            crate::vm::ssh_key_summary(&a.ssh_authorized_keys),
+        ),
     ]);
     println!();
     table(
@@ -279,7 +283,7 @@ pub async fn app(c: &Client, o: Format, cmd: AppCmd) -> anyhow::Result<()> {
                 replicas_per_location,
                 params: parse_params(&params)?,
                 labels: BTreeMap::new(),
-                ssh_authorized_keys: crate::ssh_keys(&ssh_keys)?,
+                ssh_authorized_keys: crate::vm::ssh_keys(&ssh_keys)?,
             };
             let mut a: App = c.post("/apps", &req).await?;
             if wait {
@@ -351,29 +355,22 @@ pub async fn app(c: &Client, o: Format, cmd: AppCmd) -> anyhow::Result<()> {
 
 async fn wait_running(c: &Client, name: &str, timeout: u64, o: Format) -> anyhow::Result<App> {
     let start = Instant::now();
-    let tty = o == Format::Table;
+    let mut progress = Progress::stderr(o);
     loop {
         let a: App = c.get(&format!("/apps/{}", seg(name))).await?;
-        if tty {
-            let running: u32 = a.locations.iter().map(|l| l.running).sum();
-            let total: u32 = a.locations.iter().map(|l| l.replicas).sum();
-            eprint!(
-                "\r{name}: {running}/{total} running ({}s)",
-                start.elapsed().as_secs()
-            );
-            let _ = std::io::stderr().flush();
-        }
+        let running: u32 = a.locations.iter().map(|l| l.running).sum();
+        let total: u32 = a.locations.iter().map(|l| l.replicas).sum();
+        progress.update(
+            &format!("{name}: {running}/{total} running"),
+            &format!(" ({}s)", start.elapsed().as_secs()),
+        );
         match a.status.as_str() {
             "running" => {
-                if tty {
-                    eprintln!();
-                }
+                progress.finish();
                 return Ok(a);
             }
             "failed" => {
-                if tty {
-                    eprintln!();
-                }
+                progress.finish();
                 let why: Vec<String> = a
                     .vms
                     .iter()
@@ -393,9 +390,7 @@ async fn wait_running(c: &Client, name: &str, timeout: u64, o: Format) -> anyhow
             _ => {}
         }
         if start.elapsed() > Duration::from_secs(timeout) {
-            if tty {
-                eprintln!();
-            }
+            progress.finish();
             let waiting: Vec<String> = a
                 .vms
                 .iter()
@@ -501,7 +496,7 @@ pub async fn appliance(c: &Client, o: Format, cmd: ApplianceCmd) -> anyhow::Resu
         }
         ApplianceCmd::Delete { name } => {
             c.delete(&format!("/appliances/{}", seg(&name))).await?;
-            crate::done(o, &format!("appliance {name} withdrawn"))
+            crate::output::done(o, &format!("appliance {name} withdrawn"))
         }
     }
 }
@@ -569,7 +564,7 @@ pub async fn catalog(c: &Client, o: Format, cmd: CatalogCmd) -> anyhow::Result<(
         }
         CatalogCmd::Remove { name } => {
             c.delete(&format!("/catalogs/{}", seg(&name))).await?;
-            crate::done(o, &format!("catalog {name} removed"))
+            crate::output::done(o, &format!("catalog {name} removed"))
         }
         CatalogCmd::Keygen { .. } | CatalogCmd::Sign { .. } => catalog_offline(o, cmd),
         CatalogCmd::Key => {

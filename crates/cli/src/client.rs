@@ -1,6 +1,7 @@
 //! A thin HTTP client for the API that turns every failure into one clear line.
 
 use anyhow::{anyhow, bail, Context};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -203,15 +204,22 @@ impl Client {
     }
 }
 
-/// Escapes a path segment (names are restricted, but ids and user input pass through here).
+/// Bytes escaped in a path segment or query value: all but ASCII letters,
+/// digits, `-`, `_` and `.` (names are restricted, but ids and user input
+/// pass through here).
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.');
+
+/// Escapes a path segment or a query value.
 pub fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn segments_escape_all_but_unreserved_bytes() {
+        assert_eq!(super::seg("vm-1_a.b"), "vm-1_a.b");
+        assert_eq!(super::seg("a b/c?d&e=%"), "a%20b%2Fc%3Fd%26e%3D%25");
+        assert_eq!(super::seg("ä~"), "%C3%A4%7E");
+    }
 }

@@ -1,22 +1,24 @@
-//! `vm migrate`, `vm migrations`, `migration list|show`, `... evacuate`,
+//! `vm migrate`, `vm migrations`, `migration list|show`, `... evacuate`, `rebalance`,
 //! `vm export` and `vm import`.
 //!
 //! The export bundle is a directory anyone can use with standard tools:
 //! `disk.qcow2` (standalone, compressed qcow2) and `manifest.json` (the
 //! spec, checksums and provenance), documented in `docs/export-format.md`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use virt8ra_api::*;
 
 use crate::client::{seg, Client};
 use crate::output::{emit, fields, table, Format};
+use crate::progress::Progress;
+use crate::WaitOpts;
 
 /// Target and mode of a migration.
 #[derive(Debug, Clone, Args)]
@@ -120,37 +122,19 @@ pub async fn wait_migration(
     o: Format,
 ) -> anyhow::Result<Migration> {
     let start = Instant::now();
-    let tty = o == Format::Table;
-    let mut last_phase = None;
+    let mut progress = Progress::stderr(o);
     loop {
         let m: Migration = c.get(&format!("/migrations/{}", seg(id))).await?;
-        if tty {
-            if last_phase != Some(m.phase) {
-                if last_phase.is_some() {
-                    eprintln!();
-                }
-                last_phase = Some(m.phase);
-            }
-            let p = m.progress.as_ref().map(bar).unwrap_or_default();
-            eprint!(
-                "\r{} {}: {} ({:.1}s) {p}\x1b[K",
-                m.vm,
-                m.mode.as_str(),
-                m.phase.as_str(),
-                start.elapsed().as_secs_f64()
-            );
-            let _ = std::io::stderr().flush();
-        }
+        let p = m.progress.as_ref().map(bar).unwrap_or_default();
+        progress.update(
+            &format!("{} {}: {}", m.vm, m.mode.as_str(), m.phase.as_str()),
+            &format!(" ({:.1}s) {p}", start.elapsed().as_secs_f64()),
+        );
         if m.phase.is_terminal() {
-            if tty {
-                eprintln!();
-            }
             return Ok(m);
         }
         if start.elapsed() > timeout {
-            if tty {
-                eprintln!();
-            }
+            progress.finish();
             bail!(
                 "gave up waiting after {} s: migration {} is still {}",
                 timeout.as_secs(),
@@ -378,8 +362,8 @@ pub async fn export(c: &Client, o: Format, vm: &str, dir: &Path) -> anyhow::Resu
     let e: VmExport = c
         .post(&format!("/vms/{}/export", seg(vm)), &serde_json::json!({}))
         .await?;
-    let tty = o == Format::Table;
     let start = Instant::now();
+    let mut progress = Progress::stderr(o);
     let e = loop {
         let e: VmExport = c.get(&format!("/exports/{}", seg(&e.id))).await?;
         match e.state.as_str() {
@@ -394,19 +378,13 @@ pub async fn export(c: &Client, o: Format, vm: &str, dir: &Path) -> anyhow::Resu
         if start.elapsed() > Duration::from_secs(3600) {
             bail!("export of {} did not finish within an hour", v.name);
         }
-        if tty {
-            eprint!(
-                "\r{}: the host uploads the disk ({}s)",
-                v.name,
-                start.elapsed().as_secs()
-            );
-            let _ = std::io::stderr().flush();
-        }
+        progress.update(
+            &format!("{}: the host uploads the disk", v.name),
+            &format!(" ({}s)", start.elapsed().as_secs()),
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    if tty {
-        eprintln!();
-    }
+    progress.finish();
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let disk = dir.join("disk.qcow2");
     let size = c
@@ -699,4 +677,41 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
     }
     let vm: Vm = c.post("/vms", &body).await?;
     Ok(vm)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationCmd {
+    List {
+        /// Only this VM's.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only unfinished ones.
+        #[arg(long)]
+        active: bool,
+    },
+    Show {
+        id: String,
+        #[command(flatten)]
+        wait: WaitOpts,
+    },
+}
+
+pub(crate) async fn migration(c: &Client, o: Format, cmd: MigrationCmd) -> anyhow::Result<()> {
+    match cmd {
+        MigrationCmd::List { vm, active } => {
+            let mut path = format!("/migrations?active={active}");
+            if let Some(v) = vm {
+                path.push_str(&format!("&vm={}", seg(&v)));
+            }
+            let page: Page<Migration> = c.get(&path).await?;
+            list_migrations(o, &page.items)
+        }
+        MigrationCmd::Show { id, wait } => {
+            let m: Migration = match wait.timeout() {
+                Some(t) => wait_migration(c, &id, t, o).await?,
+                None => c.get(&format!("/migrations/{}", seg(&id))).await?,
+            };
+            emit(o, &m, show_migration)
+        }
+    }
 }

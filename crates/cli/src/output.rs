@@ -77,3 +77,9 @@ pub fn ago(t: &Option<chrono::DateTime<chrono::Utc>>) -> String {
         }
     }
 }
+
+pub(crate) fn done(o: Format, msg: &str) -> anyhow::Result<()> {
+    emit(o, &serde_json::json!({ "result": msg }), |_| {
+        println!("{msg}")
+    })
+}
