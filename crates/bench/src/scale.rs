@@ -370,6 +370,9 @@ async fn wait_healthy(port: u16, timeout: Duration) -> anyhow::Result<()> {
 /// plane it started and removes its scratch directories before it returns
 /// the error: the simulated hosts' state alone is 100,000 directories, which
 /// left behind fill a tmpfs's inodes after a few runs.
+///
+/// The control plane is this process's own executable run as `server`: the
+/// caller is the `virt8ra` binary.
 pub async fn run(
     hosts: usize,
     vms: usize,
