@@ -247,7 +247,16 @@ mod tests {
             )
             .unwrap(),
         );
-        let body = b"an image, cached".to_vec();
+        // A real qcow2: the cache serves only self-contained images.
+        let made = dir.path().join("made.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&made)
+            .arg("1M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let body = std::fs::read(&made).unwrap();
         let sha = hex::encode(Sha256::digest(&body));
         std::fs::write(cache.path_of(&sha), &body).unwrap();
         let addr = start(cache.clone(), "127.0.0.1:0").await.unwrap();
