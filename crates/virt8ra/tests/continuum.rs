@@ -104,7 +104,13 @@ fn vms_run_across_three_providers_and_survive_restarts() {
     // ... and knows its name and site from its cloud-init context, whose
     // user-data script ran.
     assert!(page.contains("hostname=web-pl site=pl-gdansk"), "{page}");
-    assert!(c.console("web-pl").contains("VIRT8RA-USERDATA-RAN web-pl"));
+    // (The guest starts its web server and runs the user data side by side:
+    // the page can answer before the script's line reaches the console.)
+    wait_until("the user data's line", Duration::from_secs(30), || {
+        c.console("web-pl")
+            .contains("VIRT8RA-USERDATA-RAN web-pl")
+            .then_some(())
+    });
     assert_eq!(c.qemu_pids().len(), 1);
 
     // --- VMs that cannot be placed stay pending and say why.
