@@ -790,19 +790,9 @@ pub async fn sha256_of(path: &Path) -> std::io::Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), n_total))
 }
 
-/// Failure injection for tests: when `VIRT8RA_AGENT_FAIL_AT` names this
-/// point, the agent process exits here (as if killed); when it is
-/// `error:POINT`, the step fails here. A test checks the workflow recovers.
-/// Never set in production.
-pub fn fail_point(name: &str) -> anyhow::Result<()> {
-    match std::env::var("VIRT8RA_AGENT_FAIL_AT") {
-        Ok(v) if v == name => {
-            tracing::error!(point = name, "failure injection: agent exits");
-            std::process::exit(86);
-        }
-        Ok(v) if v.strip_prefix("error:") == Some(name) => {
-            bail!("failure injected at {name}")
-        }
-        _ => Ok(()),
-    }
+/// Failure injection for end-to-end tests (`VIRT8RA_AGENT_FAIL_AT=POINT`
+/// exits the agent here, `error:POINT` fails the step): a no-op unless the
+/// binary was built with its `failpoints` feature (see `virt8ra-failpoint`).
+fn fail_point(name: &str) -> Result<(), virt8ra_failpoint::Injected> {
+    virt8ra_failpoint::check(virt8ra_failpoint::Process::Agent, name)
 }
