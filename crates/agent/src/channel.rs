@@ -37,23 +37,6 @@ pub struct Channel {
     pub mover: Option<Arc<crate::mover::Mover>>,
 }
 
-/// `http://h:p/` -> `ws://h:p` (and `https` -> `wss`).
-pub fn ws_base(server: &str) -> anyhow::Result<String> {
-    let s = server.trim_end_matches('/');
-    if let Some(r) = s.strip_prefix("http://") {
-        Ok(format!("ws://{r}"))
-    } else if let Some(r) = s.strip_prefix("https://") {
-        Ok(format!("wss://{r}"))
-    } else {
-        bail!("server URL must start with http:// or https://, got {server:?}");
-    }
-}
-
-/// `http://h:p` -> `ws://h:p/api/v1/agent/connect`.
-pub fn ws_url(server: &str) -> anyhow::Result<String> {
-    Ok(format!("{}/api/v1/agent/connect", ws_base(server)?))
-}
-
 /// A session's transport, as channels of protocol v1 messages: a WebSocket
 /// of its own ([`connect_ws`]) or a channel of a multiplexed connection.
 /// `rx` ends when the transport closes; sends fail once it has.
@@ -75,7 +58,7 @@ pub async fn connect_ws(
     host_token: &str,
     trust: &virt8ra_tls::Trust,
 ) -> anyhow::Result<Link> {
-    let url = ws_url(server)?;
+    let url = crate::net::ws_url(server)?;
     let mut req = url.as_str().into_client_request()?;
     req.headers_mut()
         .insert("authorization", format!("Bearer {host_token}").parse()?);
@@ -440,18 +423,5 @@ mod tests {
         let first = next_beat_slot(grid);
         let now = tokio::time::Instant::now();
         assert!(first > now && first <= now + grid);
-    }
-
-    #[test]
-    fn websocket_url_from_server_url() {
-        assert_eq!(
-            ws_url("http://127.0.0.1:8480/").unwrap(),
-            "ws://127.0.0.1:8480/api/v1/agent/connect"
-        );
-        assert_eq!(
-            ws_url("https://cp.example").unwrap(),
-            "wss://cp.example/api/v1/agent/connect"
-        );
-        assert!(ws_url("ftp://x").is_err());
     }
 }

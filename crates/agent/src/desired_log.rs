@@ -262,7 +262,7 @@ impl DesiredLog {
             return Err(e);
         }
         if !sizes.journal_known {
-            crate::reconciler::sync_dir(&self.journal)?;
+            crate::durable::sync_dir(&self.journal)?;
             sizes.journal_known = true;
         }
         sizes.journal = before + line.len() as u64;
@@ -287,7 +287,7 @@ impl DesiredLog {
         let b =
             serde_json::to_vec(&SnapshotOut { generation, vms }).map_err(std::io::Error::other)?;
         let mut sizes = self.sizes();
-        crate::reconciler::write_atomic(&self.snapshot, &b)?;
+        crate::durable::write_atomic(&self.snapshot, &b)?;
         sizes.snapshot = b.len() as u64;
         match std::fs::OpenOptions::new().write(true).open(&self.journal) {
             Ok(f) => {

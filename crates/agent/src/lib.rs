@@ -9,11 +9,24 @@
 //! Data directory layout:
 //! ```text
 //! credentials.json   host id and host token (mode 0600)
-//! desired/<id>.json  the last desired state from the control plane, a file per VM
+//! desired.json       the last desired state from the control plane: a snapshot
+//! desired.log        ... and the journal of its changes since ([`desired_log`])
 //! images/            cached base images, <sha256>.qcow2
+//! staging/           disks being moved (cold migration, export; [`mover`])
 //! vms/<id>/          one directory per VM, owned by the driver
 //! vmstate/<id>.json  the agent's own per-VM state (ports, reboots, machine; none if default)
 //! ```
+//!
+//! What may import what: modules import only modules below them, never
+//! each other in a circle (`crates/virt8ra/tests/imports.rs` checks it).
+//! Start-up (this file) and the channel sit on top; under them the
+//! reconciler, then the mover and the relays, then the drivers; at the
+//! bottom the leaves every layer shares and which import nothing of the
+//! agent: [`durable`] (atomic, fsynced files), [`private`] (0700/0600),
+//! [`net`] (the control plane's URLs, request errors). The [`driver::Driver`]
+//! trait says everything the agent needs of a driver (its callers never
+//! see the QEMU driver's type), and the types the drivers and the mover
+//! share (`driver::SendOutcome`) live in `driver/mod.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,10 +39,12 @@ use virt8ra_tls::Trust;
 pub mod channel;
 pub mod desired_log;
 pub mod driver;
+pub mod durable;
 pub mod image_service;
 pub mod images;
 pub mod inventory;
 pub mod mover;
+pub mod net;
 pub mod private;
 pub mod reconciler;
 pub mod relay;
@@ -129,12 +144,6 @@ fn save_credentials(path: &Path, c: &Credentials) -> anyhow::Result<()> {
 /// How an agent is told to trust a control plane's certificate.
 pub const CA_HINT: &str = "start the agent with --ca-cert FILE, the CA that signed it";
 
-/// A failed request in one line: a TLS problem in plain words, or the
-/// whole error chain.
-pub(crate) fn http_error(trust: &Trust, e: reqwest::Error, url: &str) -> anyhow::Error {
-    anyhow::anyhow!(trust.describe(&e, url))
-}
-
 pub(crate) async fn join(
     server: &str,
     token: &str,
@@ -199,7 +208,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "emulation" => driver::qemu::AccelChoice::Emulation,
         other => bail!("unknown --accel {other:?}: use auto, kvm or emulation"),
     };
-    channel::ws_url(&args.server)?;
+    net::ws_url(&args.server)?;
     let trust = Trust::new(args.ca_cert.as_deref(), CA_HINT)?;
     let join_token = join_token(&args)?;
     private::private_tree(&args.data_dir).with_context(|| {

@@ -6,8 +6,10 @@
 //! driver and reports its state ([`MigrationReport`]) upstream: at once on
 //! every change, throttled while only the progress changes, and with every
 //! heartbeat. Jobs are resumable: after an agent restart the role is still in
-//! `desired/`, the job starts again and picks up from what is on disk and
-//! what QEMU is doing (a live migration in flight continues inside QEMU).
+//! the persisted desired state ([`crate::desired_log`]: `desired.json` and
+//! its journal `desired.log`), the job starts again and picks up from what
+//! is on disk and what QEMU is doing (a live migration in flight continues
+//! inside QEMU).
 //!
 //! Disks staged on the control plane (cold migration, export) move over
 //! HTTP in chunks: an upload resumes from the size the control plane has,
@@ -51,6 +53,16 @@ pub struct Mover {
     reports: Mutex<HashMap<String, (MigrationReport, Instant)>>,
     changes: Mutex<Option<mpsc::UnboundedSender<Box<MigrationReport>>>>,
     jobs: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+/// What every step of one job works with.
+struct Job<'a> {
+    q: &'a dyn Migrate,
+    driver: &'a dyn Driver,
+    d: &'a DesiredVm,
+    cfg: &'a VmConfig,
+    /// The job's report, to which each step adds its state.
+    rep: MigrationReport,
 }
 
 impl Mover {
@@ -246,198 +258,254 @@ impl Mover {
         fail_point("agent-job-start")?;
         let rep = self.base_report(d, role);
         self.report(rep.clone());
+        let j = Job {
+            q,
+            driver,
+            d,
+            cfg: &cfg,
+            rep,
+        };
         match role {
             MigrationRole::Incoming {
                 migration_id,
                 mode: MigrationMode::Live,
                 relay,
                 ..
-            } => {
-                // Relayed: only this agent connects to the streams, on loopback.
-                let listen = match (&self.listen, relay) {
-                    (_, true) => "127.0.0.1",
-                    (Some(l), false) => l.as_str(),
-                    (None, false) => bail!(
-                        "this host has no --migration-address, so it takes live migrations only relayed through the control plane"
-                    ),
-                };
-                let endpoints = q.start_incoming(&cfg, migration_id, listen).await?;
-                if *relay {
-                    self.relay_local
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(migration_id.clone(), (d.id.clone(), endpoints.clone()));
-                }
-                self.report(MigrationReport {
-                    state: MigrationAgentState::Ready,
-                    endpoints: Some(endpoints),
-                    ..rep.clone()
-                });
-                let resume_ms = q.await_incoming(&d.id, migration_id).await?;
-                tracing::info!(vm = %d.name, resume_ms, "live migration: the VM runs here now");
-                self.report(MigrationReport {
-                    state: MigrationAgentState::Resumed,
-                    downtime_ms: Some(resume_ms),
-                    ..rep
-                });
-            }
+            } => self.incoming_live(&j, migration_id, relay).await,
             MigrationRole::Incoming {
                 migration_id,
                 mode: MigrationMode::Cold,
                 disk,
                 data_disks,
                 ..
-            } => {
-                let Some(disk) = disk else {
-                    bail!("cold migration without a staged disk");
-                };
-                if data_disks.len() != cfg.data_disks.len() {
-                    bail!(
-                        "the VM has {} data disk(s) but {} were staged",
-                        cfg.data_disks.len(),
-                        data_disks.len()
-                    );
-                }
-                let marker = q.marker_dir(&d.id).join(format!("adopted-{migration_id}"));
-                if !marker.exists() || driver.state(&d.id).await? == DriverVmState::Absent {
-                    // Start clean: an earlier, interrupted attempt may have left parts.
-                    driver.destroy(&d.id).await?;
-                    let part = self.staging.join(format!("{migration_id}.qcow2"));
-                    let t = Instant::now();
-                    let progress = |p| {
-                        self.report(MigrationReport {
-                            state: MigrationAgentState::Preparing,
-                            progress: Some(p),
-                            ..rep.clone()
-                        })
-                    };
-                    self.download(disk, &part, &progress).await?;
-                    // Data disks adopted first: the boot disk marks a prepared VM.
-                    for (i, staged) in data_disks.iter().enumerate() {
-                        let part = self.staging.join(format!("{migration_id}.{i}.qcow2"));
-                        self.download(staged, &part, &progress).await?;
-                        q.adopt_data_disk(&cfg, i, &part).await?;
-                    }
-                    fail_point("agent-cold-downloaded")?;
-                    q.adopt_disk(&cfg, &part).await?;
-                    std::fs::create_dir_all(q.marker_dir(&d.id))
-                        .context("create the VM's directory")?;
-                    std::fs::write(&marker, b"").context("write the adoption marker")?;
-                    tracing::info!(vm = %d.name, ms = t.elapsed().as_millis() as u64, "cold migration: disk in place");
-                }
-                self.report(MigrationReport {
-                    state: MigrationAgentState::Ready,
-                    bytes: Some(disk.size_bytes),
-                    ..rep
-                });
-            }
+            } => self.incoming_cold(&j, migration_id, disk, data_disks).await,
             MigrationRole::Outgoing {
                 migration_id,
                 mode: MigrationMode::Live,
                 target,
                 relay,
                 ..
-            } => {
-                let Some(target) = target else {
-                    bail!("live migration without target endpoints");
-                };
-                mark_outgoing(q, &d.id)?;
-                fail_point("agent-send")?;
-                // Relayed: QEMU sends to loopback listeners that carry each
-                // connection through the control plane; they stop when the
-                // job ends.
-                let relayed = if *relay {
-                    Some(
-                        crate::relay::SourceRelay::start(
-                            &self.server,
-                            &self.token,
-                            &self.trust,
-                            migration_id,
-                            target,
-                        )
-                        .await?,
-                    )
-                } else {
-                    None
-                };
-                let target = relayed.as_ref().map_or(target, |r| &r.local);
-                let rep2 = rep.clone();
-                let outcome = q
-                    .send_live(&d.id, migration_id, target, &|p| {
-                        self.report(MigrationReport {
-                            state: MigrationAgentState::Transferring,
-                            progress: Some(p),
-                            ..rep2.clone()
-                        })
-                    })
-                    .await?;
-                tracing::info!(vm = %d.name, downtime_ms = outcome.downtime_ms, bytes = outcome.bytes, "live migration: VM sent");
-                self.report(MigrationReport {
-                    state: MigrationAgentState::Sent,
-                    downtime_ms: Some(outcome.downtime_ms),
-                    bytes: Some(outcome.bytes),
-                    ..rep
-                });
-            }
+            } => self.outgoing_live(&j, migration_id, target, relay).await,
             MigrationRole::Outgoing {
                 migration_id,
                 mode: MigrationMode::Cold,
                 upload_path,
                 ..
             } => {
-                let Some(upload_path) = upload_path else {
-                    bail!("cold migration without an upload path");
-                };
-                mark_outgoing(q, &d.id)?;
-                if driver.state(&d.id).await? == DriverVmState::Running {
-                    driver
-                        .stop(&d.id, Duration::from_secs(u64::from(d.stop_timeout_s)))
-                        .await?;
-                    tracing::info!(vm = %d.name, "cold migration: VM powered down");
-                }
-                let disk = self
-                    .stage_and_upload(q, d, &rep, migration_id, None, base.as_deref(), upload_path)
-                    .await?;
-                let data_disks = self
-                    .stage_data_disks(q, d, &cfg, &rep, migration_id, upload_path, true)
-                    .await?;
-                let bytes = data_disks
-                    .iter()
-                    .fold(disk.size_bytes, |t, d| t + d.size_bytes);
-                self.report(MigrationReport {
-                    state: MigrationAgentState::Sent,
-                    bytes: Some(bytes),
-                    disk: Some(disk),
-                    data_disks,
-                    ..rep
-                });
+                self.outgoing_cold(&j, migration_id, upload_path, base.as_deref())
+                    .await
             }
             MigrationRole::Export {
                 export_id,
                 upload_path,
-            } => {
-                if driver.state(&d.id).await? == DriverVmState::Running {
-                    bail!("the VM is running; stop it before exporting its disk");
-                }
-                let disk = self
-                    .stage_and_upload(q, d, &rep, export_id, None, None, upload_path)
-                    .await?;
-                // Each data disk standalone too, next to the boot disk.
-                let data_disks = self
-                    .stage_data_disks(q, d, &cfg, &rep, export_id, upload_path, false)
-                    .await?;
-                let bytes = data_disks
-                    .iter()
-                    .fold(disk.size_bytes, |t, d| t + d.size_bytes);
-                self.report(MigrationReport {
-                    state: MigrationAgentState::Sent,
-                    bytes: Some(bytes),
-                    disk: Some(disk),
-                    data_disks,
-                    ..rep
-                });
-            }
+            } => self.export(&j, export_id, upload_path).await,
         }
+    }
+
+    /// Target, live: wait for the VM and report when it runs here.
+    async fn incoming_live(
+        &self,
+        j: &Job<'_>,
+        migration_id: &str,
+        relay: &bool,
+    ) -> anyhow::Result<()> {
+        let (q, d, cfg, rep) = (j.q, j.d, j.cfg, j.rep.clone());
+        // Relayed: only this agent connects to the streams, on loopback.
+        let listen = match (&self.listen, relay) {
+            (_, true) => "127.0.0.1",
+            (Some(l), false) => l.as_str(),
+            (None, false) => bail!(
+                "this host has no --migration-address, so it takes live migrations only relayed through the control plane"
+            ),
+        };
+        let endpoints = q.start_incoming(cfg, migration_id, listen).await?;
+        if *relay {
+            self.relay_local
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(migration_id.to_string(), (d.id.clone(), endpoints.clone()));
+        }
+        self.report(MigrationReport {
+            state: MigrationAgentState::Ready,
+            endpoints: Some(endpoints),
+            ..rep.clone()
+        });
+        let resume_ms = q.await_incoming(&d.id, migration_id).await?;
+        tracing::info!(vm = %d.name, resume_ms, "live migration: the VM runs here now");
+        self.report(MigrationReport {
+            state: MigrationAgentState::Resumed,
+            downtime_ms: Some(resume_ms),
+            ..rep
+        });
+        Ok(())
+    }
+
+    /// Target, cold: download the staged disks and make them the VM's.
+    async fn incoming_cold(
+        &self,
+        j: &Job<'_>,
+        migration_id: &str,
+        disk: &Option<StagedDisk>,
+        data_disks: &[StagedDisk],
+    ) -> anyhow::Result<()> {
+        let (q, driver, d, cfg, rep) = (j.q, j.driver, j.d, j.cfg, j.rep.clone());
+        let Some(disk) = disk else {
+            bail!("cold migration without a staged disk");
+        };
+        if data_disks.len() != cfg.data_disks.len() {
+            bail!(
+                "the VM has {} data disk(s) but {} were staged",
+                cfg.data_disks.len(),
+                data_disks.len()
+            );
+        }
+        let marker = q.marker_dir(&d.id).join(format!("adopted-{migration_id}"));
+        if !marker.exists() || driver.state(&d.id).await? == DriverVmState::Absent {
+            // Start clean: an earlier, interrupted attempt may have left parts.
+            driver.destroy(&d.id).await?;
+            let part = self.staging.join(format!("{migration_id}.qcow2"));
+            let t = Instant::now();
+            let progress = |p| {
+                self.report(MigrationReport {
+                    state: MigrationAgentState::Preparing,
+                    progress: Some(p),
+                    ..rep.clone()
+                })
+            };
+            self.download(disk, &part, &progress).await?;
+            // Data disks adopted first: the boot disk marks a prepared VM.
+            for (i, staged) in data_disks.iter().enumerate() {
+                let part = self.staging.join(format!("{migration_id}.{i}.qcow2"));
+                self.download(staged, &part, &progress).await?;
+                q.adopt_data_disk(cfg, i, &part).await?;
+            }
+            fail_point("agent-cold-downloaded")?;
+            q.adopt_disk(cfg, &part).await?;
+            std::fs::create_dir_all(q.marker_dir(&d.id)).context("create the VM's directory")?;
+            std::fs::write(&marker, b"").context("write the adoption marker")?;
+            tracing::info!(vm = %d.name, ms = t.elapsed().as_millis() as u64, "cold migration: disk in place");
+        }
+        self.report(MigrationReport {
+            state: MigrationAgentState::Ready,
+            bytes: Some(disk.size_bytes),
+            ..rep
+        });
+        Ok(())
+    }
+
+    /// Source, live: send the VM (through relays if asked).
+    async fn outgoing_live(
+        &self,
+        j: &Job<'_>,
+        migration_id: &str,
+        target: &Option<LiveEndpoints>,
+        relay: &bool,
+    ) -> anyhow::Result<()> {
+        let (q, d, rep) = (j.q, j.d, j.rep.clone());
+        let Some(target) = target else {
+            bail!("live migration without target endpoints");
+        };
+        mark_outgoing(q, &d.id)?;
+        fail_point("agent-send")?;
+        // Relayed: QEMU sends to loopback listeners that carry each
+        // connection through the control plane; they stop when the
+        // job ends.
+        let relayed = if *relay {
+            Some(
+                crate::relay::SourceRelay::start(
+                    &self.server,
+                    &self.token,
+                    &self.trust,
+                    migration_id,
+                    target,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let target = relayed.as_ref().map_or(target, |r| &r.local);
+        let rep2 = rep.clone();
+        let outcome = q
+            .send_live(&d.id, migration_id, target, &|p| {
+                self.report(MigrationReport {
+                    state: MigrationAgentState::Transferring,
+                    progress: Some(p),
+                    ..rep2.clone()
+                })
+            })
+            .await?;
+        tracing::info!(vm = %d.name, downtime_ms = outcome.downtime_ms, bytes = outcome.bytes, "live migration: VM sent");
+        self.report(MigrationReport {
+            state: MigrationAgentState::Sent,
+            downtime_ms: Some(outcome.downtime_ms),
+            bytes: Some(outcome.bytes),
+            ..rep
+        });
+        Ok(())
+    }
+
+    /// Source, cold: power the VM down, stage and upload its disks.
+    async fn outgoing_cold(
+        &self,
+        j: &Job<'_>,
+        migration_id: &str,
+        upload_path: &Option<String>,
+        base: Option<&Path>,
+    ) -> anyhow::Result<()> {
+        let (q, driver, d, cfg, rep) = (j.q, j.driver, j.d, j.cfg, j.rep.clone());
+        let Some(upload_path) = upload_path else {
+            bail!("cold migration without an upload path");
+        };
+        mark_outgoing(q, &d.id)?;
+        if driver.state(&d.id).await? == DriverVmState::Running {
+            driver
+                .stop(&d.id, Duration::from_secs(u64::from(d.stop_timeout_s)))
+                .await?;
+            tracing::info!(vm = %d.name, "cold migration: VM powered down");
+        }
+        let disk = self
+            .stage_and_upload(q, d, &rep, migration_id, None, base, upload_path)
+            .await?;
+        let data_disks = self
+            .stage_data_disks(q, d, cfg, &rep, migration_id, upload_path, true)
+            .await?;
+        let bytes = data_disks
+            .iter()
+            .fold(disk.size_bytes, |t, d| t + d.size_bytes);
+        self.report(MigrationReport {
+            state: MigrationAgentState::Sent,
+            bytes: Some(bytes),
+            disk: Some(disk),
+            data_disks,
+            ..rep
+        });
+        Ok(())
+    }
+
+    /// Export: stage and upload the stopped VM's disks, standalone.
+    async fn export(&self, j: &Job<'_>, export_id: &str, upload_path: &str) -> anyhow::Result<()> {
+        let (q, driver, d, cfg, rep) = (j.q, j.driver, j.d, j.cfg, j.rep.clone());
+        if driver.state(&d.id).await? == DriverVmState::Running {
+            bail!("the VM is running; stop it before exporting its disk");
+        }
+        let disk = self
+            .stage_and_upload(q, d, &rep, export_id, None, None, upload_path)
+            .await?;
+        // Each data disk standalone too, next to the boot disk.
+        let data_disks = self
+            .stage_data_disks(q, d, cfg, &rep, export_id, upload_path, false)
+            .await?;
+        let bytes = data_disks
+            .iter()
+            .fold(disk.size_bytes, |t, d| t + d.size_bytes);
+        self.report(MigrationReport {
+            state: MigrationAgentState::Sent,
+            bytes: Some(bytes),
+            disk: Some(disk),
+            data_disks,
+            ..rep
+        });
         Ok(())
     }
 
@@ -503,7 +571,7 @@ impl Mover {
                     Some(i) => q.export_data_disk(&d.id, i, backing, &file).await?,
                 }
                 let (sha, size) = sha256_of(&file).await?;
-                crate::reconciler::write_atomic(&sum_file, format!("{sha} {size}").as_bytes())?;
+                crate::durable::write_atomic(&sum_file, format!("{sha} {size}").as_bytes())?;
                 (sha, size)
             }
         };
@@ -534,7 +602,9 @@ impl Mover {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| crate::http_error(&self.trust, e, &url).context(format!("ask {url}")))?;
+            .map_err(|e| {
+                crate::net::http_error(&self.trust, e, &url).context(format!("ask {url}"))
+            })?;
         if !resp.status().is_success() {
             bail!("{url} answered {}", resp.status());
         }
@@ -574,7 +644,7 @@ impl Mover {
                 .send()
                 .await
                 .map_err(|e| {
-                    crate::http_error(&self.trust, e, &url).context(format!("upload to {url}"))
+                    crate::net::http_error(&self.trust, e, &url).context(format!("upload to {url}"))
                 })?;
             if !resp.status().is_success() {
                 let body = resp.text().await.unwrap_or_default();
@@ -619,7 +689,7 @@ impl Mover {
                 tracing::info!(offset = have, "resuming the disk download");
             }
             let resp = req.send().await.map_err(|e| {
-                crate::http_error(&self.trust, e, &url).context(format!("fetch {url}"))
+                crate::net::http_error(&self.trust, e, &url).context(format!("fetch {url}"))
             })?;
             let status = resp.status();
             if have > 0 && status == reqwest::StatusCode::OK {
@@ -720,19 +790,9 @@ pub async fn sha256_of(path: &Path) -> std::io::Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), n_total))
 }
 
-/// Failure injection for tests: when `VIRT8RA_AGENT_FAIL_AT` names this
-/// point, the agent process exits here (as if killed); when it is
-/// `error:POINT`, the step fails here. A test checks the workflow recovers.
-/// Never set in production.
-pub fn fail_point(name: &str) -> anyhow::Result<()> {
-    match std::env::var("VIRT8RA_AGENT_FAIL_AT") {
-        Ok(v) if v == name => {
-            tracing::error!(point = name, "failure injection: agent exits");
-            std::process::exit(86);
-        }
-        Ok(v) if v.strip_prefix("error:") == Some(name) => {
-            bail!("failure injected at {name}")
-        }
-        _ => Ok(()),
-    }
+/// Failure injection for end-to-end tests (`VIRT8RA_AGENT_FAIL_AT=POINT`
+/// exits the agent here, `error:POINT` fails the step): a no-op unless the
+/// binary was built with its `failpoints` feature (see `virt8ra-failpoint`).
+fn fail_point(name: &str) -> Result<(), virt8ra_failpoint::Injected> {
+    virt8ra_failpoint::check(virt8ra_failpoint::Process::Agent, name)
 }

@@ -1,7 +1,8 @@
 //! The agent's data directory is its owner's alone.
 //!
-//! It holds user data (a VM's user data in `desired/` and its cloud-init
-//! seed, the VMs' disks, cached images) and the host's credential, so
+//! It holds user data (a VM's user data in `desired.json`/`desired.log`
+//! and its cloud-init seed, the VMs' disks, cached images) and the host's
+//! credential, so
 //! directories are 0700 and files 0600: the process's umask is 077 (set by
 //! [`private_umask`] before anything is written; the QEMU processes the
 //! agent starts inherit it and run as the same user, so they still read

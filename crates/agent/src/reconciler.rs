@@ -32,6 +32,7 @@ use virt8ra_api::{PortForward, PowerState};
 
 use crate::desired_log::DesiredLog;
 use crate::driver::{DataDiskConfig, Driver, DriverVmState, VmConfig};
+use crate::durable::write_atomic;
 use crate::images::ImageCache;
 use crate::mover::{self, Mover};
 
@@ -129,26 +130,6 @@ pub struct Reconciler {
     recheck: Duration,
     /// Migrations and exports (absent: this agent cannot migrate).
     mover: std::sync::OnceLock<Arc<Mover>>,
-}
-
-/// Writes a file atomically and durably (temp file, fsync, rename).
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    let _ = sync_dir(path);
-    Ok(())
-}
-
-/// Makes the directory entry of `file` durable (fsync of its directory).
-pub(crate) fn sync_dir(file: &Path) -> std::io::Result<()> {
-    match file.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
 }
 
 impl Reconciler {
@@ -508,11 +489,10 @@ impl Reconciler {
                 let l = LocalVm {
                     ports: allocate_ports(&d.ports)?,
                     reboot_generation: if fresh { d.reboot_generation } else { 0 },
-                    machine: d.machine.clone().or_else(|| {
-                        self.driver
-                            .as_qemu()
-                            .map(|q| q.default_machine().to_string())
-                    }),
+                    machine: d
+                        .machine
+                        .clone()
+                        .or_else(|| self.driver.default_machine_type()),
                 };
                 if !(no_file && l == LocalVm::default()) {
                     self.save_local(&d.id, &l)?;

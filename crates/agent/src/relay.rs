@@ -36,7 +36,7 @@ const FRAME: usize = 64 << 10;
 fn stream_url(server: &str, migration_id: &str, stream: &str) -> anyhow::Result<String> {
     Ok(format!(
         "{}/api/v1/relay/{migration_id}/{stream}",
-        crate::channel::ws_base(server)?
+        crate::net::ws_base(server)?
     ))
 }
 

@@ -236,7 +236,7 @@ impl Mux {
         }
         let url = format!(
             "{}?version={MUX_VERSION}",
-            channel::ws_url(&self.server)?.replace("/agent/connect", "/agent/mux")
+            crate::net::ws_url(&self.server)?.replace("/agent/connect", "/agent/mux")
         );
         let mut req = url.into_client_request()?;
         req.headers_mut()

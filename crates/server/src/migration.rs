@@ -176,17 +176,15 @@ impl Migrations {
     }
 }
 
-/// Failure injection for tests: `VIRT8RA_FAIL_AT=migration:<phase>` makes
-/// the control plane exit right after it recorded that phase. Never set in
-/// production.
+/// Failure injection for end-to-end tests: `VIRT8RA_FAIL_AT=migration:<phase>`
+/// makes the control plane exit right after it recorded that phase. A no-op
+/// unless the binary was built with its `failpoints` feature (see
+/// `virt8ra-failpoint`).
 fn fail_point(phase: MigrationPhase) {
-    if std::env::var("VIRT8RA_FAIL_AT").is_ok_and(|v| v == format!("migration:{}", phase.as_str()))
-    {
-        tracing::error!(
-            phase = phase.as_str(),
-            "failure injection: control plane exits"
-        );
-        std::process::exit(86);
+    if virt8ra_failpoint::ENABLED {
+        let point = format!("migration:{}", phase.as_str());
+        // Only exits: the control plane has no `error:` points.
+        let _ = virt8ra_failpoint::check(virt8ra_failpoint::Process::ControlPlane, &point);
     }
 }
 

@@ -3,10 +3,21 @@
 
 use clap::{Parser, Subcommand};
 
+/// The version `--version` prints; a test build says that it can be made
+/// to fail on purpose (the end-to-end tests that inject failures check it).
+const VERSION: &str = if virt8ra_failpoint::ENABLED {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (fail points compiled in: a test build)"
+    )
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 #[derive(Parser)]
 #[command(
     name = "virt8ra",
-    version,
+    version = VERSION,
     about = "Sovereign multi-provider cloud-edge control plane"
 )]
 struct Cli {
@@ -79,11 +90,13 @@ fn main() {
         match cli.cmd {
             Top::Server(mut a) => {
                 init_logging();
+                virt8ra_failpoint::announce();
                 a.ca_cert = virt8ra_cli::ca_cert(&cli.global);
                 virt8ra_server::run(a).await
             }
             Top::Agent(mut a) => {
                 init_logging();
+                virt8ra_failpoint::announce();
                 a.ca_cert = virt8ra_cli::ca_cert(&cli.global);
                 virt8ra_agent::run(a).await
             }

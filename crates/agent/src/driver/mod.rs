@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use virt8ra_api::Hypervisor;
 
 pub mod cloudinit;
@@ -139,10 +140,10 @@ pub trait Driver: Send + Sync + 'static {
     fn machine_types(&self) -> Vec<String> {
         Vec::new()
     }
-    /// The QEMU driver, for what only it has (its machine types).
-    fn as_qemu(&self) -> Option<&qemu::QemuDriver> {
-        None
-    }
+    /// The machine type a VM gets when its desired state names none,
+    /// recorded when the VM is first created so that it keeps it across
+    /// QEMU upgrades and migrations (`None`: the driver has no machine types).
+    fn default_machine_type(&self) -> Option<String>;
     /// What moves this driver's VMs between hosts (migration, export);
     /// `None`: it cannot.
     fn migrator(&self) -> Option<&dyn Migrate> {
@@ -153,6 +154,15 @@ pub trait Driver: Send + Sync + 'static {
     fn usage(&self, _vms_running: u32) -> Option<virt8ra_api::HostUsage> {
         None
     }
+}
+
+/// The result of sending a VM live ([`Migrate::send_live`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct SendOutcome {
+    /// QEMU's measured downtime on the source.
+    pub downtime_ms: u64,
+    /// Memory and disk bytes sent.
+    pub bytes: u64,
 }
 
 /// What moving a VM between hosts needs of a driver: the agent's mover
@@ -181,7 +191,7 @@ pub trait Migrate: Send + Sync {
         migration_id: &str,
         target: &virt8ra_api::protocol::LiveEndpoints,
         progress: &(dyn Fn(virt8ra_api::MigrationProgress) + Send + Sync),
-    ) -> Result<qemu_migrate::SendOutcome>;
+    ) -> Result<SendOutcome>;
     /// Source, rollback: the VM runs here again (or can be started).
     async fn abort_outgoing(&self, id: &str) -> Result<()>;
     /// Writes the stopped VM's disk to `out`: its own blocks over `backing`

@@ -457,8 +457,8 @@ impl Driver for QemuDriver {
         self.machine_types.clone()
     }
 
-    fn as_qemu(&self) -> Option<&QemuDriver> {
-        Some(self)
+    fn default_machine_type(&self) -> Option<String> {
+        Some(self.default_machine().to_string())
     }
 
     fn migrator(&self) -> Option<&dyn super::Migrate> {

@@ -35,7 +35,7 @@ use virt8ra_api::protocol::LiveEndpoints;
 use virt8ra_api::MigrationProgress;
 
 use super::qemu::{dir_processes, QemuDriver};
-use super::{qmp, Driver, DriverError, Result, VmConfig};
+use super::{qmp, Driver, DriverError, Result, SendOutcome, VmConfig};
 
 /// Job id of the disk mirror on the source.
 const MIRROR_JOB: &str = "virt8ra-mirror";
@@ -75,15 +75,6 @@ struct OutgoingRecord {
     migration_id: String,
     #[serde(default)]
     outcome: Option<SendOutcome>,
-}
-
-/// The result of sending a VM.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub struct SendOutcome {
-    /// QEMU's measured downtime on the source.
-    pub downtime_ms: u64,
-    /// Memory and disk bytes sent.
-    pub bytes: u64,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
@@ -239,7 +230,7 @@ impl QemuDriver {
             endpoints: endpoints.clone(),
         };
         let b = serde_json::to_vec(&rec).map_err(|e| DriverError::Other(e.to_string()))?;
-        crate::reconciler::write_atomic(&record_path, &b).map_err(io_err("write incoming.json"))?;
+        crate::durable::write_atomic(&record_path, &b).map_err(io_err("write incoming.json"))?;
         Ok(endpoints)
     }
 
@@ -398,7 +389,7 @@ impl QemuDriver {
                 outcome: None,
             };
             let b = serde_json::to_vec(&rec).map_err(|e| DriverError::Other(e.to_string()))?;
-            crate::reconciler::write_atomic(&record_path, &b)
+            crate::durable::write_atomic(&record_path, &b)
                 .map_err(io_err("write outgoing.json"))?;
             // (Re)start: mirrors left over from an interrupted attempt are dropped.
             self.drop_mirrors(id).await?;
@@ -510,7 +501,7 @@ impl QemuDriver {
                         outcome: Some(o),
                     };
                     let b = serde_json::to_vec(&rec).unwrap_or_default();
-                    let _ = crate::reconciler::write_atomic(&record_path, &b);
+                    let _ = crate::durable::write_atomic(&record_path, &b);
                     progress(MigrationProgress {
                         stage: "switch-over".into(),
                         bytes_done: o.bytes,

@@ -121,6 +121,11 @@ impl Driver for SimDriver {
         "simulated".into()
     }
 
+    /// Simulated VMs have no machine type: their local state records none.
+    fn default_machine_type(&self) -> Option<String> {
+        None
+    }
+
     fn needs_image(&self) -> bool {
         false
     }
@@ -267,7 +272,7 @@ impl Migrate for SimDriver {
         _migration_id: &str,
         _target: &virt8ra_api::protocol::LiveEndpoints,
         _progress: &(dyn Fn(virt8ra_api::MigrationProgress) + Send + Sync),
-    ) -> Result<super::qemu_migrate::SendOutcome> {
+    ) -> Result<super::SendOutcome> {
         Err(live_refused())
     }
 

@@ -15,6 +15,26 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_virt8ra")
 }
 
+/// Fails the test, saying how to fix it, unless the binary has fail points
+/// compiled in (`env` sets a `*FAIL_AT` variable, which a build without
+/// them ignores: the test would wait for a failure that never comes).
+pub fn require_failpoints(env: &[(&str, &str)]) {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !env.iter().any(|(k, _)| k.ends_with("FAIL_AT")) {
+        return;
+    }
+    let has = *HAS.get_or_init(|| {
+        let out = Command::new(bin()).arg("--version").output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("fail points compiled in")
+    });
+    assert!(
+        has,
+        "this test injects failures, but {} was built without fail points: \
+         run it with `cargo test --features virt8ra/failpoints` (scripts/test.sh does)",
+        bin()
+    );
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -212,6 +232,7 @@ impl Cluster {
 
     /// Starts the control plane with extra environment (failure injection).
     pub fn start_server_env(&mut self, env: &[(&str, &str)]) {
+        require_failpoints(env);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -357,6 +378,7 @@ impl Cluster {
         extra: &[&str],
         env: &[(&str, &str)],
     ) {
+        require_failpoints(env);
         let mut cmd = Command::new(bin());
         cmd.envs(env.iter().copied());
         cmd.args(["agent", "--server", &self.url, "--name", name])
