@@ -24,6 +24,8 @@ Usage: scripts/repro-migration-stall.py [--rounds N] [--live-precopy] [--kmsg]
   --live-precopy  the sequence before the fix (memory copied while the
                   guest runs): fails on demand under load
   --kmsg          the guest kernel's messages on its console (dmesg -n 8)
+  --load-only S   only the two hogs, for S seconds (to load the machine
+                  beside `cargo test -p virt8ra --test migration`)
 Exit status 0 when every move kept the loops going, 1 at the first that did
 not (its console, and QEMU's view of the stalled guest, are kept in /tmp and
 their paths printed). One JSON summary on stdout; progress on stderr.
@@ -316,7 +318,21 @@ def main():
                     help="copy memory while the guest runs, as the agent did before the "
                          "fix of issue 35 (reproduces the stall)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--load-only", type=int, metavar="SECONDS",
+                    help="only run the CPU and I/O hogs for SECONDS (e.g. beside the "
+                         "migration kill test), then stop")
     o = ap.parse_args()
+    if o.load_only:
+        work = tempfile.mkdtemp(prefix="virt8ra-load.")
+        loads = start_loads(work, o.load_only)
+        try:
+            for p in loads:
+                p.wait()
+        finally:
+            for p in loads:
+                p.terminate()
+            shutil.rmtree(work, ignore_errors=True)
+        return
     extra = o.qemu_arg + os.environ.get("EXTRA_QEMU_ARGS", "").split()
     base = subprocess.run(["bash", os.path.join(ROOT, "scripts/test-image.sh")],
                           check=True, capture_output=True, text=True).stdout.strip()
