@@ -159,7 +159,8 @@ pub trait Driver: Send + Sync + 'static {
 /// The result of sending a VM live ([`Migrate::send_live`]).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct SendOutcome {
-    /// QEMU's measured downtime on the source.
+    /// QEMU's measured downtime on the source (under emulation, from the
+    /// `stop` before the memory copy).
     pub downtime_ms: u64,
     /// Memory and disk bytes sent.
     pub bytes: u64,

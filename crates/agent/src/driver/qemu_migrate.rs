@@ -21,6 +21,19 @@
 //! the incoming QEMU opens the disk only at `cont`, after qemu-nbd has
 //! flushed and exited, so it reads the mirrored metadata fresh.
 //!
+//! Under emulation (TCG) the source stops the guest before `migrate`, so its
+//! memory goes in one pass with nothing running (issue 35). QEMU 7.2's TCG
+//! loses guest writes during pre-copy: after a dirty-bitmap sync clears
+//! bits through its 64-bit fast path it does not reset the vCPU's TLB
+//! entries to "not dirty", so later stores through those entries set no
+//! dirty bit and the page is never sent again (fixed upstream for QEMU 9.0:
+//! "physmem: Fix migration dirty bitmap coherency with TCG memory access",
+//! N. Piggin, 2024; Debian 12's 7.2.22 lacks it). The target then runs on
+//! stale pages: processes hang or crash, or the guest kernel panics, more
+//! often the longer pre-copy runs (a loaded host). The price is downtime:
+//! the whole memory copy. Under KVM, whose dirty log is exact, pre-copy
+//! stays live.
+//!
 //! The source never resumes by itself once it sent the VM: only an explicit
 //! rollback ([`QemuDriver::abort_outgoing`]) does, and the control plane asks
 //! for one only after the target copy is gone. That is what keeps exactly one
@@ -32,7 +45,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use virt8ra_api::protocol::LiveEndpoints;
-use virt8ra_api::MigrationProgress;
+use virt8ra_api::{Hypervisor, MigrationProgress};
 
 use super::qemu::{dir_processes, QemuDriver};
 use super::{qmp, Driver, DriverError, Result, SendOutcome, VmConfig};
@@ -383,6 +396,8 @@ impl QemuDriver {
                 target.data_nbd.len()
             )));
         }
+        // When this call stopped the guest before its memory copy.
+        let mut stopped_at = None;
         if !ours_in_flight {
             let rec = OutgoingRecord {
                 migration_id: migration_id.to_string(),
@@ -436,6 +451,12 @@ impl QemuDriver {
                 Some(json!({"downtime-limit": 30, "max-bandwidth": 10u64 << 30})),
             )
             .await?;
+            if self.hypervisor() == Hypervisor::Emulation {
+                // QEMU 7.2 under TCG loses guest writes during pre-copy (the
+                // module doc): the memory goes in one pass, guest stopped.
+                stopped_at = Some(Instant::now());
+                self.qmp(id, "stop", None).await?;
+            }
             self.qmp(
                 id,
                 "migrate",
@@ -492,8 +513,10 @@ impl QemuDriver {
                     continued = true;
                 }
                 "completed" => {
+                    // Stopped before the copy: the guest was down since then.
+                    let ours = stopped_at.map_or(0, |t| t.elapsed().as_millis() as u64);
                     let o = SendOutcome {
-                        downtime_ms: u(&status, "downtime"),
+                        downtime_ms: u(&status, "downtime").max(ours),
                         bytes: u(ram, "transferred") + mirror_bytes,
                     };
                     let rec = OutgoingRecord {
