@@ -375,7 +375,7 @@ impl QemuDriver {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .filter(|r: &OutgoingRecord| r.migration_id == migration_id);
-        let mut status = self.migrate_status(id).await?;
+        let status = self.migrate_status(id).await?;
         if let Some(o) = record.as_ref().and_then(|r| r.outcome) {
             return Ok(o);
         }
@@ -397,78 +397,112 @@ impl QemuDriver {
             )));
         }
         // When this call stopped the guest before its memory copy.
-        let mut stopped_at = None;
-        if !ours_in_flight {
-            let rec = OutgoingRecord {
-                migration_id: migration_id.to_string(),
-                outcome: None,
-            };
-            let b = serde_json::to_vec(&rec).map_err(|e| DriverError::Other(e.to_string()))?;
-            crate::durable::write_atomic(&record_path, &b)
-                .map_err(io_err("write outgoing.json"))?;
-            // (Re)start: mirrors left over from an interrupted attempt are dropped.
-            self.drop_mirrors(id).await?;
-            self.start_mirror(id, MIRROR_JOB, &device, &target.nbd, &target.export_name)
+        let stopped_at = if ours_in_flight {
+            None
+        } else {
+            self.start_outgoing(id, migration_id, target, (&device, &data), progress)
+                .await?
+        };
+        self.follow_outgoing(id, migration_id, stopped_at, progress)
+            .await
+    }
+
+    /// Starts sending `id`: records the attempt (`outgoing.json`), mirrors
+    /// every disk to the target's exports until the mirrors are ready, then
+    /// starts QEMU's migration. Returns when it stopped the guest for the
+    /// memory copy (under emulation), to count the downtime from there.
+    async fn start_outgoing(
+        &self,
+        id: &str,
+        migration_id: &str,
+        target: &LiveEndpoints,
+        (device, data): (&str, &[String]),
+        progress: &(dyn Fn(MigrationProgress) + Send + Sync),
+    ) -> Result<Option<Instant>> {
+        let record_path = self.vm_dir(id).join("outgoing.json");
+        let rec = OutgoingRecord {
+            migration_id: migration_id.to_string(),
+            outcome: None,
+        };
+        let b = serde_json::to_vec(&rec).map_err(|e| DriverError::Other(e.to_string()))?;
+        crate::durable::write_atomic(&record_path, &b).map_err(io_err("write outgoing.json"))?;
+        // (Re)start: mirrors left over from an interrupted attempt are dropped.
+        self.drop_mirrors(id).await?;
+        self.start_mirror(id, MIRROR_JOB, device, &target.nbd, &target.export_name)
+            .await?;
+        // Each data disk to its own export, the same way.
+        for (i, (dev, ep)) in data.iter().zip(&target.data_nbd).enumerate() {
+            self.start_mirror(id, &data_mirror_job(i), dev, ep, &target.export_name)
                 .await?;
-            // Each data disk to its own export, the same way.
-            for (i, (dev, ep)) in data.iter().zip(&target.data_nbd).enumerate() {
-                self.start_mirror(id, &data_mirror_job(i), dev, ep, &target.export_name)
-                    .await?;
-            }
-            let started = Instant::now();
-            loop {
-                let jobs = self.mirror_jobs(id).await?;
-                if jobs.len() < 1 + data.len() {
-                    return Err(DriverError::Other(
-                        "a disk mirror stopped before it was ready".into(),
-                    ));
-                }
-                if let Some(e) = jobs.iter().find_map(|j| j["error"].as_str()) {
-                    return Err(DriverError::Other(format!("disk mirror: {e}")));
-                }
-                let done: u64 = jobs.iter().map(|j| u(j, "offset")).sum();
-                let len: u64 = jobs.iter().map(|j| u(j, "len")).sum();
-                let secs = started.elapsed().as_secs_f64();
-                progress(MigrationProgress::at_rate("disk", done, len, done, secs, 0));
-                if jobs.iter().all(|j| j["ready"].as_bool() == Some(true)) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            self.qmp(
-                id,
-                "migrate-set-capabilities",
-                Some(json!({"capabilities": [
-                    {"capability": "pause-before-switchover", "state": true},
-                    {"capability": "events", "state": true}]})),
-            )
-            .await?;
-            self.qmp(
-                id,
-                "migrate-set-parameters",
-                // QEMU switches over once it expects to copy the rest
-                // within this many ms (its default is 300).
-                Some(json!({"downtime-limit": 30, "max-bandwidth": 10u64 << 30})),
-            )
-            .await?;
-            if self.hypervisor() == Hypervisor::Emulation {
-                // QEMU 7.2 under TCG loses guest writes during pre-copy (the
-                // module doc): the memory goes in one pass, guest stopped.
-                stopped_at = Some(Instant::now());
-                self.qmp(id, "stop", None).await?;
-            }
-            self.qmp(
-                id,
-                "migrate",
-                Some(json!({"uri": format!("tcp:{}", target.migrate)})),
-            )
-            .await?;
         }
+        let started = Instant::now();
+        loop {
+            let jobs = self.mirror_jobs(id).await?;
+            if jobs.len() < 1 + data.len() {
+                return Err(DriverError::Other(
+                    "a disk mirror stopped before it was ready".into(),
+                ));
+            }
+            if let Some(e) = jobs.iter().find_map(|j| j["error"].as_str()) {
+                return Err(DriverError::Other(format!("disk mirror: {e}")));
+            }
+            let done: u64 = jobs.iter().map(|j| u(j, "offset")).sum();
+            let len: u64 = jobs.iter().map(|j| u(j, "len")).sum();
+            let secs = started.elapsed().as_secs_f64();
+            progress(MigrationProgress::at_rate("disk", done, len, done, secs, 0));
+            if jobs.iter().all(|j| j["ready"].as_bool() == Some(true)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.qmp(
+            id,
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [
+                {"capability": "pause-before-switchover", "state": true},
+                {"capability": "events", "state": true}]})),
+        )
+        .await?;
+        self.qmp(
+            id,
+            "migrate-set-parameters",
+            // QEMU switches over once it expects to copy the rest
+            // within this many ms (its default is 300).
+            Some(json!({"downtime-limit": 30, "max-bandwidth": 10u64 << 30})),
+        )
+        .await?;
+        let mut stopped_at = None;
+        if self.hypervisor() == Hypervisor::Emulation {
+            // QEMU 7.2 under TCG loses guest writes during pre-copy (the
+            // module doc): the memory goes in one pass, guest stopped.
+            stopped_at = Some(Instant::now());
+            self.qmp(id, "stop", None).await?;
+        }
+        self.qmp(
+            id,
+            "migrate",
+            Some(json!({"uri": format!("tcp:{}", target.migrate)})),
+        )
+        .await?;
+        Ok(stopped_at)
+    }
+
+    /// Follows QEMU's migration of `id` to its end: at the pause before the
+    /// switch-over, lets the disk mirrors finish and continues; on
+    /// completion records the outcome in `outgoing.json`.
+    async fn follow_outgoing(
+        &self,
+        id: &str,
+        migration_id: &str,
+        stopped_at: Option<Instant>,
+        progress: &(dyn Fn(MigrationProgress) + Send + Sync),
+    ) -> Result<SendOutcome> {
+        let record_path = self.vm_dir(id).join("outgoing.json");
         let started = Instant::now();
         let mut mirror_bytes = 0u64;
         let mut continued = false;
         loop {
-            status = self.migrate_status(id).await?;
+            let status = self.migrate_status(id).await?;
             let ram = &status["ram"];
             match status["status"].as_str().unwrap_or("none") {
                 "active" | "setup" | "device" => {
