@@ -45,6 +45,20 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         .ok_or_else(|| ApiError::Unauthorized("Authorization header must be 'Bearer TOKEN'".into()))
 }
 
+/// The store's record of a new admin token `secret` (only its hash is kept).
+pub fn admin_record(secret: &str) -> TokenRecord {
+    TokenRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: TokenKind::Admin,
+        hash: hash(secret),
+        site: None,
+        host_id: None,
+        expires_at: None,
+        uses_left: None,
+        created_at: Utc::now(),
+    }
+}
+
 /// Looks up a presented token; unknown and expired tokens are refused alike.
 pub async fn authenticate(app: &App, token: &str) -> Result<TokenRecord, ApiError> {
     let rec = app

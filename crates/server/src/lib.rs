@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use virt8ra_store::{CachedStore, SqliteStore, Store, TokenKind, TokenRecord};
+use virt8ra_store::{CachedStore, SqliteStore, Store, TokenKind};
 
 pub mod api;
 pub mod auth;
@@ -154,18 +154,7 @@ async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Resul
     let secret = auth::new_secret();
     let path = data_dir.join("admin.token");
     write_secret(&path, &secret)?;
-    store
-        .create_token(&TokenRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            kind: TokenKind::Admin,
-            hash: auth::hash(&secret),
-            site: None,
-            host_id: None,
-            expires_at: None,
-            uses_left: None,
-            created_at: Utc::now(),
-        })
-        .await?;
+    store.create_token(&auth::admin_record(&secret)).await?;
     Ok(Some(secret))
 }
 

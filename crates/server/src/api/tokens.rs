@@ -19,7 +19,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use virt8ra_api::{AdminToken, JoinTokenInfo, Page};
-use virt8ra_store::{TokenKind, TokenRecord};
+use virt8ra_store::TokenKind;
 
 use crate::auth::{self, Admin};
 use crate::error::{ApiError, ApiResult};
@@ -114,16 +114,7 @@ pub async fn rotate_admin_token(_: Admin, State(app): State<App>) -> ApiResult<J
                 .into(),
         ));
     }
-    let rec = TokenRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        kind: TokenKind::Admin,
-        hash: auth::hash(&secret),
-        site: None,
-        host_id: None,
-        expires_at: None,
-        uses_left: None,
-        created_at: Utc::now(),
-    };
+    let rec = auth::admin_record(&secret);
     if let Err(e) = app.store.replace_tokens(&rec).await {
         let _ = std::fs::remove_file(&staged);
         return Err(e.into());
