@@ -71,10 +71,21 @@ pub fn check(_process: Process, _point: &str) -> Result<(), Injected> {
     Ok(())
 }
 
-/// Logs once at start-up that this process can be made to fail on purpose.
+/// Logs once at start-up when a fail point is armed in this process's
+/// environment: it will fail on purpose. Silent otherwise, so that a test
+/// build's output is the release build's (tests check one-line errors).
 pub fn announce() {
-    if ENABLED {
-        tracing::warn!("fail points are compiled in (a test build): not for production");
+    if !ENABLED {
+        return;
+    }
+    for var in ["VIRT8RA_FAIL_AT", "VIRT8RA_AGENT_FAIL_AT"] {
+        if let Ok(point) = std::env::var(var) {
+            tracing::warn!(
+                var,
+                point,
+                "a fail point is armed (a test build): this process will fail on purpose"
+            );
+        }
     }
 }
 
