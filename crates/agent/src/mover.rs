@@ -453,7 +453,7 @@ impl Mover {
         upload_path: &Option<String>,
         base: Option<&Path>,
     ) -> anyhow::Result<()> {
-        let (q, driver, d, cfg, rep) = (j.q, j.driver, j.d, j.cfg, j.rep.clone());
+        let (q, driver, d) = (j.q, j.driver, j.d);
         let Some(upload_path) = upload_path else {
             bail!("cold migration without an upload path");
         };
@@ -464,37 +464,39 @@ impl Mover {
                 .await?;
             tracing::info!(vm = %d.name, "cold migration: VM powered down");
         }
-        let disk = self
-            .stage_and_upload(q, d, &rep, migration_id, None, base, upload_path)
-            .await?;
-        let data_disks = self
-            .stage_data_disks(q, d, cfg, &rep, migration_id, upload_path, true)
-            .await?;
-        let bytes = data_disks
-            .iter()
-            .fold(disk.size_bytes, |t, d| t + d.size_bytes);
-        self.report(MigrationReport {
-            state: MigrationAgentState::Sent,
-            bytes: Some(bytes),
-            disk: Some(disk),
-            data_disks,
-            ..rep
-        });
-        Ok(())
+        // The disks stay overlays of their images, which the target has.
+        self.send_disks(j, migration_id, base, upload_path, true)
+            .await
     }
 
     /// Export: stage and upload the stopped VM's disks, standalone.
     async fn export(&self, j: &Job<'_>, export_id: &str, upload_path: &str) -> anyhow::Result<()> {
-        let (q, driver, d, cfg, rep) = (j.q, j.driver, j.d, j.cfg, j.rep.clone());
+        let (driver, d) = (j.driver, j.d);
         if driver.state(&d.id).await? == DriverVmState::Running {
             bail!("the VM is running; stop it before exporting its disk");
         }
+        // Every disk standalone: a bundle carries no image.
+        self.send_disks(j, export_id, None, upload_path, false)
+            .await
+    }
+
+    /// Stages and uploads the boot disk and every data disk under `id`, then
+    /// reports them sent. `base`: the image the boot disk stays an overlay
+    /// of (`None`: flattened); `over_images`: the same for the data disks.
+    async fn send_disks(
+        &self,
+        j: &Job<'_>,
+        id: &str,
+        base: Option<&Path>,
+        upload_path: &str,
+        over_images: bool,
+    ) -> anyhow::Result<()> {
+        let (q, d, cfg, rep) = (j.q, j.d, j.cfg, j.rep.clone());
         let disk = self
-            .stage_and_upload(q, d, &rep, export_id, None, None, upload_path)
+            .stage_and_upload(q, d, &rep, id, None, base, upload_path)
             .await?;
-        // Each data disk standalone too, next to the boot disk.
         let data_disks = self
-            .stage_data_disks(q, d, cfg, &rep, export_id, upload_path, false)
+            .stage_data_disks(q, d, cfg, &rep, id, upload_path, over_images)
             .await?;
         let bytes = data_disks
             .iter()
