@@ -31,6 +31,7 @@ pub mod migration;
 pub mod placement;
 pub mod scheduler;
 pub mod serve;
+pub mod staging;
 pub mod state;
 pub mod tls;
 
