@@ -258,19 +258,23 @@ mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
 
+    /// A cache whose control plane is unreachable: what is served comes
+    /// from what the test put in it.
+    fn offline_cache(dir: &std::path::Path) -> Arc<ImageCache> {
+        let trust = virt8ra_tls::Trust::public();
+        let cache = ImageCache::new(
+            dir.to_path_buf(),
+            "http://127.0.0.1:1",
+            "host-token",
+            &trust,
+        );
+        Arc::new(cache.unwrap())
+    }
+
     #[tokio::test]
     async fn only_requests_with_the_site_secret_get_images() {
         let dir = tempfile::tempdir().unwrap();
-        // The control plane is unreachable: what is served comes from the cache.
-        let cache = Arc::new(
-            ImageCache::new(
-                dir.path().to_path_buf(),
-                "http://127.0.0.1:1",
-                "host-token",
-                &virt8ra_tls::Trust::public(),
-            )
-            .unwrap(),
-        );
+        let cache = offline_cache(dir.path());
         // A real qcow2: the cache serves only self-contained images.
         let made = dir.path().join("made.qcow2");
         let st = std::process::Command::new("qemu-img")
@@ -322,15 +326,7 @@ mod tests {
     async fn a_half_sent_request_is_cut_off_after_the_header_timeout() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(
-            ImageCache::new(
-                dir.path().to_path_buf(),
-                "http://127.0.0.1:1",
-                "host-token",
-                &virt8ra_tls::Trust::public(),
-            )
-            .unwrap(),
-        );
+        let cache = offline_cache(dir.path());
         let limits = virt8ra_serve::Limits {
             header_timeout: std::time::Duration::from_millis(300),
             ..LIMITS
