@@ -12,6 +12,7 @@ pub mod guest;
 pub mod market;
 pub mod migration;
 pub mod mux;
+pub mod network;
 pub mod protocol;
 pub mod resources;
 pub mod validate;
@@ -19,6 +20,7 @@ pub mod validate;
 pub use guest::*;
 pub use market::*;
 pub use migration::*;
+pub use network::*;
 pub use resources::*;
 
 /// The body of every error answer of the API.
