@@ -195,6 +195,17 @@ impl Mover {
         role: &MigrationRole,
         base: Option<PathBuf>,
     ) {
+        // A live source without the target's endpoints is held as it is
+        // (the control plane has not heard from the target since it
+        // restarted, or it rolls back): no job until they come.
+        if let MigrationRole::Outgoing {
+            mode: MigrationMode::Live,
+            target: None,
+            ..
+        } = role
+        {
+            return;
+        }
         let id = role_id(role).to_string();
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if jobs.contains_key(&id) {

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio::sync::Notify;
 use virt8ra_api::protocol::{
-    DesiredVm, LiveEndpoints, MigrationAgentState, MigrationReport, MigrationRole, MigrationSide,
-    StagedDisk, MIGRATION_PROTOCOL_VERSION,
+    DesiredVm, MigrationAgentState, MigrationReport, MigrationRole, MigrationSide, StagedDisk,
+    MIGRATION_PROTOCOL_VERSION,
 };
 use virt8ra_api::{
     Host, Hypervisor, Migration, MigrationCreate, MigrationEnd, MigrationMode, MigrationPhase,
@@ -996,19 +996,21 @@ pub async fn apply_roles(
                         relay: false,
                     })
                 }
-                // Sent only once the target's endpoints are known (after a
-                // restart of the control plane, from the target's next report).
-                MigrationPhase::Transferring => app
-                    .migrations
-                    .report(&m.id, MigrationSide::Target)
-                    .and_then(|r| r.endpoints)
-                    .map(|ep: LiveEndpoints| MigrationRole::Outgoing {
-                        migration_id: m.id.clone(),
-                        mode: m.mode,
-                        target: Some(ep),
-                        upload_path: None,
-                        relay: m.relay,
-                    }),
+                // The target's endpoints once they are known (after a
+                // restart of the control plane, from the target's next
+                // report); until then the role holds the source as it is
+                // (withdrawn, it would read as a rollback and resume the
+                // guest, which may run on the target already).
+                MigrationPhase::Transferring => Some(MigrationRole::Outgoing {
+                    migration_id: m.id.clone(),
+                    mode: m.mode,
+                    target: app
+                        .migrations
+                        .report(&m.id, MigrationSide::Target)
+                        .and_then(|r| r.endpoints),
+                    upload_path: None,
+                    relay: m.relay,
+                }),
                 // Held (not resumed) until the target copy is gone.
                 MigrationPhase::RollingBack if m.source_engaged => Some(MigrationRole::Outgoing {
                     migration_id: m.id.clone(),
