@@ -3,9 +3,9 @@
 # end-to-end with real QEMU guests). Installs missing system packages first.
 #
 #   scripts/test.sh          everything (what CI runs)
-#   scripts/test.sh --fast   format, lints, the quick-start check, unit and
-#                            property tests and the end-to-end tests that boot
-#                            no guest: the loop while developing
+#   scripts/test.sh --fast   format, lints, the quick-start check, unit,
+#                            property and in-process tests and the end-to-end
+#                            tests that boot no guest: the loop while developing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The end-to-end tests inject failures: they need a binary with fail points
@@ -25,6 +25,13 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 echo "== fail points are no-ops without the feature" >&2
 cargo test --locked -p virt8ra-failpoint
+# Only tests turn them on (the binary's feature, the testkit's
+# dev-dependency): no normal dependency of any crate may.
+if cargo tree --locked --workspace -e normal,build,features -i virt8ra-failpoint \
+  | grep -q 'feature "enabled"'; then
+  echo "a normal dependency turns on virt8ra-failpoint/enabled: release builds would carry fail points" >&2
+  exit 1
+fi
 echo "== the README's quick start runs as written" >&2
 bash scripts/check-quickstart.sh
 echo "== build the test appliance" >&2
@@ -36,6 +43,9 @@ if [ "$mode" = fast ]; then
   # the import-graph check (no circles between the agent's modules).
   cargo test --workspace --locked --lib --bins "${features[@]}"
   cargo test --locked -p virt8ra-placement --tests
+  # In process (crates/testkit): the migration workflow failed and crashed
+  # at every step and undo step, against simulated hosts.
+  cargo test --locked -p virt8ra-testkit --tests
   cargo test --locked -p virt8ra --test api --test sim --test imports --test auth_table \
     --test http_limits --test ingest --test cli_progress "${features[@]}" -- --test-threads=2
   exit 0

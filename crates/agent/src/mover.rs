@@ -198,6 +198,17 @@ impl Mover {
         role: &MigrationRole,
         base: Option<PathBuf>,
     ) {
+        // A live source without the target's endpoints is held as it is
+        // (the control plane has not heard from the target since it
+        // restarted, or it rolls back): no job until they come.
+        if let MigrationRole::Outgoing {
+            mode: MigrationMode::Live,
+            target: None,
+            ..
+        } = role
+        {
+            return;
+        }
         let id = role_id(role).to_string();
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         if jobs.contains_key(&id) {
@@ -258,7 +269,7 @@ impl Mover {
         let Some(q) = driver.migrator() else {
             bail!("the {} driver cannot migrate VMs", driver.name());
         };
-        fail_point("agent-job-start")?;
+        fail_point("agent-job-start").await?;
         let rep = self.base_report(d, role);
         self.report(rep.clone());
         let j = Job {
@@ -328,12 +339,14 @@ impl Mover {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(migration_id.to_string(), (d.id.clone(), endpoints.clone()));
         }
+        fail_point("agent-incoming-ready").await?;
         self.report(MigrationReport {
             state: MigrationAgentState::Ready,
             endpoints: Some(endpoints),
             ..rep.clone()
         });
         let resume_ms = q.await_incoming(&d.id, migration_id).await?;
+        fail_point("agent-resumed").await?;
         tracing::info!(vm = %d.name, resume_ms, "live migration: the VM runs here now");
         self.report(MigrationReport {
             state: MigrationAgentState::Resumed,
@@ -382,8 +395,9 @@ impl Mover {
                 self.download(staged, &part, &progress).await?;
                 q.adopt_data_disk(cfg, i, &part).await?;
             }
-            fail_point("agent-cold-downloaded")?;
+            fail_point("agent-cold-downloaded").await?;
             q.adopt_disk(cfg, &part).await?;
+            fail_point("agent-adopted").await?;
             std::fs::create_dir_all(q.marker_dir(&d.id)).context("create the VM's directory")?;
             std::fs::write(&marker, b"").context("write the adoption marker")?;
             tracing::info!(vm = %d.name, ms = t.elapsed().as_millis() as u64, "cold migration: disk in place");
@@ -409,7 +423,7 @@ impl Mover {
             bail!("live migration without target endpoints");
         };
         mark_outgoing(q, &d.id)?;
-        fail_point("agent-send")?;
+        fail_point("agent-send").await?;
         // Relayed: QEMU sends to loopback listeners that carry each
         // connection through the control plane; they stop when the
         // job ends.
@@ -439,6 +453,7 @@ impl Mover {
             })
             .await?;
         tracing::info!(vm = %d.name, downtime_ms = outcome.downtime_ms, bytes = outcome.bytes, "live migration: VM sent");
+        fail_point("agent-sent").await?;
         self.report(MigrationReport {
             state: MigrationAgentState::Sent,
             downtime_ms: Some(outcome.downtime_ms),
@@ -580,7 +595,7 @@ impl Mover {
                 (sha, size)
             }
         };
-        fail_point("agent-staged")?;
+        fail_point("agent-staged").await?;
         let rep2 = rep.clone();
         self.upload(&file, upload_path, size, &|p| {
             self.report(MigrationReport {
@@ -669,7 +684,7 @@ impl Mover {
             }
             conflicts = 0;
             have += n;
-            fail_point("agent-upload-chunk")?;
+            fail_point("agent-upload-chunk").await?;
             progress(MigrationProgress::at_rate(
                 "upload",
                 have,
@@ -808,9 +823,10 @@ pub async fn sha256_of(path: &Path) -> std::io::Result<(String, u64)> {
     Ok((hex::encode(h.finalize()), n_total))
 }
 
-/// Failure injection for end-to-end tests (`VIRT8RA_AGENT_FAIL_AT=POINT`
-/// exits the agent here, `error:POINT` fails the step): a no-op unless the
-/// binary was built with its `failpoints` feature (see `virt8ra-failpoint`).
-fn fail_point(name: &str) -> Result<(), virt8ra_failpoint::Injected> {
-    virt8ra_failpoint::check(virt8ra_failpoint::Process::Agent, name)
+/// Failure injection for tests (`VIRT8RA_AGENT_FAIL_AT=POINT` exits the
+/// agent here, `error:POINT` fails the step; in process, the agent's
+/// `FailPoints` registry): a no-op unless built with fail points (see
+/// `virt8ra-failpoint`).
+pub(crate) async fn fail_point(name: &str) -> Result<(), virt8ra_failpoint::Injected> {
+    virt8ra_failpoint::hit(virt8ra_failpoint::Process::Agent, name).await
 }

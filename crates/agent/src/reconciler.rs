@@ -418,7 +418,11 @@ impl Reconciler {
                 if let Some(m) = self.mover.get() {
                     m.clear_vm(&id);
                 }
-                match self.driver.destroy(&id).await {
+                let removed = match mover::fail_point("agent-remove-vm").await {
+                    Ok(()) => self.driver.destroy(&id).await,
+                    Err(e) => Err(crate::driver::DriverError::Other(e.to_string())),
+                };
+                match removed {
                     Ok(()) => {
                         let _ = std::fs::remove_file(self.local_path(&id));
                         self.report(&id, AgentVmPhase::Deleted, None, &LocalVm::default());
@@ -525,6 +529,7 @@ impl Reconciler {
             // a rollback. The control plane withdraws it only once the
             // target copy is gone, so the guest may run here again.
             if mover::is_marked_outgoing(q, &d.id) {
+                mover::fail_point("agent-abort-outgoing").await?;
                 q.abort_outgoing(&d.id).await?;
                 mover::clear_outgoing(q, &d.id);
                 tracing::info!(vm = %d.name, "migration rolled back: the VM stays here");

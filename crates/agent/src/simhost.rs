@@ -8,7 +8,9 @@
 //! hold 100,000 sockets.
 //!
 //! Simulated hosts trust the public web roots only ([`Trust::public`]):
-//! benchmarks run them against a control plane on loopback.
+//! benchmarks run them against a control plane on loopback. The in-process
+//! test harness (`crates/testkit`) runs a few, each on a runtime of its
+//! own, and [`restart`]s one after crashing it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,8 +33,44 @@ use virt8ra_tls::Trust;
 pub struct SimHost {
     pub name: String,
     pub host_id: String,
+    /// The host's credential, to start its agent again ([`restart`]).
+    pub host_token: String,
     pub driver: Arc<SimDriver>,
     pub task: tokio::task::JoinHandle<()>,
+}
+
+/// What a simulated host reports and offers.
+#[derive(Debug, Clone)]
+pub struct SimSpec {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Where its incoming live migrations listen (e.g. `127.0.0.1`):
+    /// `None` (the benchmarks' hosts) offers none, so its VMs move cold.
+    pub migration_address: Option<String>,
+}
+
+impl SimSpec {
+    fn inventory(&self, driver: &SimDriver) -> HostInventory {
+        HostInventory {
+            hostname: self.name.clone(),
+            arch: "x86_64".into(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disk_gib: 2000,
+            cpu_model: "simulated".into(),
+            cpu_flags: vec![],
+            accelerators: vec![],
+            hypervisor: Hypervisor::Emulation,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            qemu_version: "simulated".into(),
+            machine_types: crate::driver::Driver::machine_types(driver),
+            migration_address: self.migration_address.clone(),
+            migration_relay: false,
+            protocol: 0,
+            image_service: None,
+        }
+    }
 }
 
 /// Joins one simulated host and starts its agent on the current runtime,
@@ -46,40 +84,80 @@ pub async fn start(
     memory_mib: u64,
     mux: Option<Arc<Mux>>,
 ) -> anyhow::Result<SimHost> {
-    std::fs::create_dir_all(data_dir)?;
-    let inventory = HostInventory {
-        hostname: name.to_string(),
-        arch: "x86_64".into(),
+    let spec = SimSpec {
+        name: name.to_string(),
         vcpus,
         memory_mib,
-        disk_gib: 2000,
-        cpu_model: "simulated".into(),
-        cpu_flags: vec![],
-        accelerators: vec![],
-        hypervisor: Hypervisor::Emulation,
-        agent_version: env!("CARGO_PKG_VERSION").into(),
-        qemu_version: "simulated".into(),
-        machine_types: vec![],
         migration_address: None,
-        migration_relay: false,
-        protocol: 0,
-        image_service: None,
     };
-    let joined = crate::join(
-        server,
-        join_token,
-        &AgentJoin {
-            name: name.to_string(),
-            inventory: inventory.clone(),
-        },
-        &Trust::public(),
-    )
-    .await?;
     let driver = Arc::new(SimDriver::new(
         data_dir.join("vms"),
         memory_mib,
         SimTimings::default(),
     ));
+    join_and_start(server, join_token, &spec, data_dir, driver, mux).await
+}
+
+/// [`start`] for a host described by `spec`, with its driver (a driver
+/// made with [`SimDriver::with_live`] takes live migrations).
+pub async fn join_and_start(
+    server: &str,
+    join_token: &str,
+    spec: &SimSpec,
+    data_dir: &Path,
+    driver: Arc<SimDriver>,
+    mux: Option<Arc<Mux>>,
+) -> anyhow::Result<SimHost> {
+    std::fs::create_dir_all(data_dir)?;
+    let joined = crate::join(
+        server,
+        join_token,
+        &AgentJoin {
+            name: spec.name.clone(),
+            inventory: spec.inventory(&driver),
+        },
+        &Trust::public(),
+    )
+    .await?;
+    let host = Joined {
+        host_id: joined.host_id,
+        host_token: joined.host_token,
+    };
+    run(server, &host, spec, data_dir, driver, mux, false).await
+}
+
+/// Starts the agent of a host that joined already, as after a crash of
+/// its agent: from the desired state it persisted, with the VMs its driver
+/// kept (simulated guests outlive their agent, as QEMUs do).
+pub async fn restart(
+    server: &str,
+    host_id: &str,
+    host_token: &str,
+    spec: &SimSpec,
+    data_dir: &Path,
+    driver: Arc<SimDriver>,
+) -> anyhow::Result<SimHost> {
+    let joined = Joined {
+        host_id: host_id.to_string(),
+        host_token: host_token.to_string(),
+    };
+    run(server, &joined, spec, data_dir, driver, None, true).await
+}
+
+struct Joined {
+    host_id: String,
+    host_token: String,
+}
+
+async fn run(
+    server: &str,
+    joined: &Joined,
+    spec: &SimSpec,
+    data_dir: &Path,
+    driver: Arc<SimDriver>,
+    mux: Option<Arc<Mux>>,
+    resume: bool,
+) -> anyhow::Result<SimHost> {
     // One HTTP client for the whole process (images, migrations): 100,000
     // clients with their own TLS setup and pools would be most of its memory.
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
@@ -106,18 +184,21 @@ pub async fn start(
         data_dir,
         server,
         &joined.host_token,
-        None,
+        spec.migration_address.clone(),
         &Trust::public(),
         client,
     )?;
-    // Simulated hosts migrate (cold) through the same mover as real ones.
+    // Simulated hosts migrate through the same mover as real ones.
     rec.set_mover(mover.clone());
+    if resume {
+        rec.resume().await?;
+    }
     let ch = channel::Channel {
         mover: Some(mover),
         server: server.to_string(),
         host_token: joined.host_token.clone(),
         trust: Trust::public(),
-        inventory,
+        inventory: spec.inventory(&driver),
         data_dir: data_dir.to_path_buf(),
         driver: driver.clone(),
         reconciler: rec,
@@ -134,8 +215,9 @@ pub async fn start(
         }
     };
     Ok(SimHost {
-        name: name.to_string(),
-        host_id: joined.host_id,
+        name: spec.name.clone(),
+        host_id: joined.host_id.clone(),
+        host_token: joined.host_token.clone(),
         driver,
         task,
     })

@@ -263,11 +263,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
              migrations cross the network unencrypted; pass --tls-cert and --tls-key"
         );
     }
-    migration::resume_all(&app)
-        .await
-        .context("resume unfinished migrations")?;
-    tokio::spawn(scheduler::run(app.clone()));
-    tokio::spawn(api::tokens::purge_periodically(app.clone()));
+    start_work(&app).await?;
     if let Some(server_tls) = &server_tls {
         tokio::spawn(reload_on_sighup(server_tls.clone()));
     }
@@ -279,6 +275,40 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await;
+    Ok(())
+}
+
+/// The control plane's own work: unfinished migrations resume, the
+/// scheduler and the token purge run (in tasks of the current runtime).
+async fn start_work(app: &App) -> anyhow::Result<()> {
+    migration::resume_all(app)
+        .await
+        .context("resume unfinished migrations")?;
+    tokio::spawn(scheduler::run(app.clone()));
+    tokio::spawn(api::tokens::purge_periodically(app.clone()));
+    Ok(())
+}
+
+/// Starts a control plane opened with [`open`] on a bound `listener`
+/// (plain HTTP, default limits), every part of it a task of the current
+/// runtime, and returns at once: for the in-process test harness
+/// (`crates/testkit`), which stops it, or crashes it, by dropping that
+/// runtime.
+pub async fn start_on(app: &App, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+    start_work(app).await?;
+    let limits = serve::Limits {
+        header_timeout: Duration::from_secs(10),
+        max_connections: 10_000,
+        busy_message: "the control plane has --max-connections open connections; try again later",
+    };
+    let router = api::router(app.clone());
+    tokio::spawn(serve::serve(
+        listener,
+        None,
+        router,
+        limits,
+        std::future::pending(),
+    ));
     Ok(())
 }
 

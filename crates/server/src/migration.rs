@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio::sync::Notify;
 use virt8ra_api::protocol::{
-    DesiredVm, LiveEndpoints, MigrationAgentState, MigrationReport, MigrationRole, MigrationSide,
-    StagedDisk, MIGRATION_PROTOCOL_VERSION,
+    DesiredVm, MigrationAgentState, MigrationReport, MigrationRole, MigrationSide, StagedDisk,
+    MIGRATION_PROTOCOL_VERSION,
 };
 use virt8ra_api::{
     Host, Hypervisor, Migration, MigrationCreate, MigrationEnd, MigrationMode, MigrationPhase,
@@ -176,16 +176,31 @@ impl Migrations {
     }
 }
 
-/// Failure injection for end-to-end tests: `VIRT8RA_FAIL_AT=migration:<phase>`
-/// makes the control plane exit right after it recorded that phase. A no-op
-/// unless the binary was built with its `failpoints` feature (see
-/// `virt8ra-failpoint`).
-fn fail_point(phase: MigrationPhase) {
-    if virt8ra_failpoint::ENABLED {
-        let point = format!("migration:{}", phase.as_str());
-        // Only exits: the control plane has no `error:` points.
-        let _ = virt8ra_failpoint::check(virt8ra_failpoint::Process::ControlPlane, &point);
+/// Fail point `migration:<name>` (see `virt8ra-failpoint`; the points are
+/// listed in its crate doc): in a test build it can crash
+/// the control plane here or fail the step; a no-op otherwise.
+async fn fail_point(name: &str) -> ApiResult<()> {
+    if !virt8ra_failpoint::ENABLED {
+        return Ok(());
     }
+    let point = format!("migration:{name}");
+    virt8ra_failpoint::hit(virt8ra_failpoint::Process::ControlPlane, &point)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))
+}
+
+/// After phase `m.phase` was recorded: fail point `migration:<phase>`, then
+/// the hosts are sent their part. An error injected there is a send that
+/// failed, handled as one: the hosts are marked, and the scheduler sends it
+/// again.
+async fn recorded(app: &App, m: &Migration) {
+    if fail_point(m.phase.as_str()).await.is_err() {
+        app.mark_host(&m.source.host_id);
+        app.mark_host(&m.target.host_id);
+        app.wake.notify_one();
+        return;
+    }
+    sync_hosts(app, m).await;
 }
 
 fn end_of(h: &Host) -> MigrationEnd {
@@ -522,6 +537,10 @@ pub async fn start(
         dst.provider,
         dst.country
     );
+    if let Err(e) = fail_point("start").await {
+        release();
+        return Err(e);
+    }
     if let Err(e) = app.store.create_migration(&m, &vm, &event).await {
         release();
         return Err(e.into());
@@ -530,8 +549,7 @@ pub async fn start(
     app.vms.put(&vm);
     app.publish_vm(&vm);
     drop(_g);
-    fail_point(first);
-    sync_hosts(app, &m).await;
+    recorded(app, &m).await;
     tokio::spawn(drive(app.clone(), m.id.clone()));
     Ok(m)
 }
@@ -564,6 +582,7 @@ async fn advance(
     message: String,
     vm: Option<&Vm>,
 ) -> ApiResult<()> {
+    fail_point(&format!("before:{}", phase.as_str())).await?;
     let now = Utc::now();
     m.phase = phase;
     m.updated_at = now;
@@ -587,8 +606,7 @@ async fn advance(
         app.publish_vm(vm);
     }
     tracing::info!(migration = %m.id, vm = %m.vm, phase = phase.as_str(), "{message}");
-    fail_point(phase);
-    sync_hosts(app, m).await;
+    recorded(app, m).await;
     Ok(())
 }
 
@@ -717,6 +735,7 @@ async fn step(
                 .filter(|r| r.state == MigrationAgentState::Sent)
                 .and_then(|r| r.disk.clone())
             {
+                fail_point("verify-staged").await?;
                 let path = staging_path(app, &m.id);
                 let (sha, size) = crate::api::images::sha256_file(&path).await?;
                 if sha != disk.sha256 || size != disk.size_bytes {
@@ -851,6 +870,7 @@ async fn step(
 /// disk and the target reservation go.
 async fn finish(app: &App, m: &mut Migration, phase: MigrationPhase, msg: String) -> ApiResult<()> {
     remove_staged(app, &m.id).await;
+    fail_point("staged-removed").await?;
     let _g = app.lock_vm(&m.vm_id).await;
     let mut vm = load_vm(app, m).await?;
     vm.status.migration = None;
@@ -976,19 +996,21 @@ pub async fn apply_roles(
                         relay: false,
                     })
                 }
-                // Sent only once the target's endpoints are known (after a
-                // restart of the control plane, from the target's next report).
-                MigrationPhase::Transferring => app
-                    .migrations
-                    .report(&m.id, MigrationSide::Target)
-                    .and_then(|r| r.endpoints)
-                    .map(|ep: LiveEndpoints| MigrationRole::Outgoing {
-                        migration_id: m.id.clone(),
-                        mode: m.mode,
-                        target: Some(ep),
-                        upload_path: None,
-                        relay: m.relay,
-                    }),
+                // The target's endpoints once they are known (after a
+                // restart of the control plane, from the target's next
+                // report); until then the role holds the source as it is
+                // (withdrawn, it would read as a rollback and resume the
+                // guest, which may run on the target already).
+                MigrationPhase::Transferring => Some(MigrationRole::Outgoing {
+                    migration_id: m.id.clone(),
+                    mode: m.mode,
+                    target: app
+                        .migrations
+                        .report(&m.id, MigrationSide::Target)
+                        .and_then(|r| r.endpoints),
+                    upload_path: None,
+                    relay: m.relay,
+                }),
                 // Held (not resumed) until the target copy is gone.
                 MigrationPhase::RollingBack if m.source_engaged => Some(MigrationRole::Outgoing {
                     migration_id: m.id.clone(),

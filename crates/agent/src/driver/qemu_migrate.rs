@@ -307,7 +307,10 @@ impl QemuDriver {
         let t = Instant::now();
         self.kill_nbd(id).await;
         self.qmp(id, "cont", None).await?;
-        let _ = std::fs::remove_file(self.vm_dir(id).join("incoming.json"));
+        // incoming.json stays (it goes with the VM's directory): an agent
+        // restarted before it reported the guest running finds it, and
+        // `start_incoming` keeps the guest instead of starting afresh over
+        // it.
         Ok(t.elapsed().as_millis() as u64)
     }
 
