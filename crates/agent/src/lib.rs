@@ -45,6 +45,7 @@ pub mod images;
 pub mod inventory;
 pub mod mover;
 pub mod net;
+pub mod network;
 pub mod private;
 pub mod reconciler;
 pub mod relay;
