@@ -364,6 +364,7 @@ mod tests {
             context: Default::default(),
             machine: None,
             data_disks: vec![],
+            nics: vec![],
         }
     }
 
