@@ -15,6 +15,7 @@
 //! staging/           disks being moved (cold migration, export; [`mover`])
 //! vms/<id>/          one directory per VM, owned by the driver
 //! vmstate/<id>.json  the agent's own per-VM state (ports, reboots, machine; none if default)
+//! network/dhcp/<bridge>/  a virtual network's DHCP server: config, pid ([`network`])
 //! ```
 //!
 //! What may import what: modules import only modules below them, never
