@@ -34,7 +34,8 @@ enum Top {
     /// Run the host agent.
     Agent(virt8ra_agent::AgentArgs),
     /// Apply a host network state (JSON, `virt8ra_api::HostNetworkState`)
-    /// to this host's network namespace once and print what changed: the
+    /// to this host's network namespace once, print what changed, and keep
+    /// it in the data directory for the agent to apply at start: the
     /// agent's network data plane without a control plane, for tests and
     /// for repairs by hand.
     #[command(name = "agent-network-apply", hide = true)]
@@ -116,6 +117,14 @@ fn main() {
             Top::AgentNetworkApply { desired, data_dir } => {
                 let state = virt8ra_agent::network::read_state(&desired)?;
                 let changes = virt8ra_agent::network::reconcile(&state, &data_dir)?;
+                // Kept like a state from the control plane (same
+                // generation: the next one from it replaces it), so the
+                // agent applies it again when it starts.
+                let generation = virt8ra_agent::network::load(&data_dir)?
+                    .map(|s| s.generation)
+                    .unwrap_or(0);
+                let stored = virt8ra_agent::network::Stored { generation, state };
+                virt8ra_agent::network::store(&data_dir, &stored)?;
                 for c in &changes.0 {
                     println!("{c}");
                 }

@@ -634,6 +634,53 @@ fn a_rebooted_host_is_rebuilt() {
     assert!(w.apply(1, &host_state(1, &[&net])).is_empty());
 }
 
+/// (e) An agent that starts on a rebooted host applies the network state
+/// it kept before it does anything else (here it stops right after, at
+/// "not joined yet": no control plane is needed for the rebuild).
+#[test]
+fn an_agent_start_rebuilds_the_kept_network_state() {
+    let Some(mut w) = World::new("r") else { return };
+    let net = blue();
+    for h in 0..3 {
+        w.apply(h, &host_state(h, &[&net]));
+    }
+    let g0 = w.guest(0, "nic-a", &net.spec, Some(ip("10.50.0.11")));
+    let _g1 = w.guest(1, "nic-b", &net.spec, Some(ip("10.50.0.12")));
+    assert!(ping(&g0, ip("10.50.0.12")));
+    let h1 = w.hosts[1].clone();
+    let names = device_names("net-blue");
+    for dev in [&names.vxlan, &names.bridge, &tap_name("nic-b")] {
+        must(&["ip", "-n", &h1, "link", "del", dev]);
+    }
+    must(&["ip", "netns", "exec", &h1, "nft", "flush", "ruleset"]);
+    assert!(!ping(&g0, ip("10.50.0.12")), "host 1 is down");
+
+    let data = w.data_dir(1);
+    let o = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &h1,
+        BIN,
+        "agent",
+        "--server",
+        "http://127.0.0.1:9",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--accel",
+        "emulation",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not joined yet"),
+        "{err}"
+    );
+    assert!(err.contains("network state re-applied"), "{err}");
+    w.plug(1, "gp1", &net.spec);
+    assert!(ping(&g0, ip("10.50.0.12")), "host 1 rebuilt at agent start");
+    assert!(w.apply(1, &host_state(1, &[&net])).is_empty());
+}
+
 /// (f) A guest without a configured address gets its static lease from
 /// the DHCP server on its host's bridge (busybox udhcpc), with the
 /// gateway, and then reaches a guest on another host.
