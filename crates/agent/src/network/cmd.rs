@@ -95,3 +95,37 @@ pub fn json_list(what: &str, text: &str) -> Result<Vec<serde_json::Value>> {
     serde_json::from_str(text)
         .map_err(|e| NetError(format!("cannot parse the output of {what}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_command_is_named_with_its_stderr() {
+        let e = output(
+            "sh",
+            &["-c", "echo 'RTNETLINK answers: File exists' >&2; exit 2"],
+        )
+        .err()
+        .map(|e| e.0)
+        .unwrap_or_default();
+        assert!(e.starts_with("sh -c echo"), "{e}");
+        assert!(e.contains("RTNETLINK answers: File exists"), "{e}");
+        let e = output("v8-no-such-program", &[])
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
+        assert!(e.contains("cannot run v8-no-such-program"), "{e}");
+        let mut c = Changes::default();
+        assert!(c.run("sh", &["-c", "exit 1"]).is_err());
+        assert!(c.0.is_empty(), "a failed command is not a change");
+        c.run("true", &[]).ok();
+        assert_eq!(c.0, ["true"]);
+        assert_eq!(
+            with_input("cat", &[], Some("in")).ok().as_deref(),
+            Some("in")
+        );
+        assert!(json_list("x", "").is_ok_and(|v| v.is_empty()));
+        assert!(json_list("x", "[{").is_err());
+    }
+}

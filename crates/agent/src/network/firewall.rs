@@ -143,3 +143,62 @@ pub fn ensure_forwarding(networks: &[HostNetwork], changes: &mut Changes) -> Res
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virt8ra_api::{NetworkSpec, DEFAULT_MTU};
+
+    fn hn(id: &str, gateway: Option<&str>, nat: bool) -> HostNetwork {
+        HostNetwork {
+            network: NetworkSpec {
+                id: id.into(),
+                name: id.into(),
+                cidr: "10.1.0.0/24"
+                    .parse()
+                    .unwrap_or_else(|e: String| panic!("{e}")),
+                gateway: gateway.and_then(|g| g.parse().ok()),
+                dns: vec![],
+                vni: 1,
+                mtu: DEFAULT_MTU,
+            },
+            nat,
+            nics: vec![],
+            peers: vec![],
+            fdb: vec![],
+        }
+    }
+
+    #[test]
+    fn tables_hold_what_the_networks_need() {
+        assert_eq!(ip_table(&[]), None);
+        assert_eq!(bridge_table(&[]), None);
+        let plain = [hn("l2", None, false)];
+        assert_eq!(bridge_table(&plain), None, "no gateway, nothing to fence");
+        let ip = ip_table(&plain).unwrap_or_default();
+        assert!(
+            !ip.contains("masquerade") && ip.contains(&device_names("l2").bridge),
+            "{ip}"
+        );
+        let routed = [hn("gw", Some("10.1.0.1"), true)];
+        let ip = ip_table(&routed).unwrap_or_default();
+        assert!(
+            ip.contains("ip saddr 10.1.0.0/24 ip daddr != 10.1.0.0/24"),
+            "{ip}"
+        );
+        let br = bridge_table(&routed).unwrap_or_default();
+        let vx = device_names("gw").vxlan;
+        assert!(
+            br.contains(&format!(
+                "oifname \"{vx}\" ether saddr {}",
+                gateway_mac("gw")
+            )),
+            "{br}"
+        );
+        assert!(br.contains("arp daddr ip 10.1.0.1 drop"), "{br}");
+        // The hash changes with the rules, so a changed network replaces
+        // its table, and an unchanged one does not.
+        assert_ne!(hash(&ip), hash(&ip_table(&plain).unwrap_or_default()));
+        assert_eq!(hash(&ip), hash(&ip_table(&routed).unwrap_or_default()));
+    }
+}
