@@ -667,8 +667,10 @@ fn an_agent_start_rebuilds_the_kept_network_state() {
         "http://127.0.0.1:9",
         "--data-dir",
         data.to_str().unwrap(),
-        "--accel",
-        "emulation",
+        // The simulated driver: no QEMU needed to get to "not joined"
+        // (and none of the QEMU test's PATH wrapper).
+        "--driver",
+        "sim",
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -886,6 +888,7 @@ async fn a_qemu_guest_on_a_tap_gets_its_lease_and_is_reached_across_vxlan() {
     };
     d.prepare(&cfg).await.unwrap();
     d.start(&cfg).await.unwrap();
+    std::env::set_var("PATH", path);
     let cmd = std::fs::read_to_string(d.vm_dir("vm-a").join("vm.json")).unwrap();
     assert!(
         cmd.contains(&format!("ifname={}", tap_name("nic-a"))),
