@@ -7,10 +7,12 @@
 //! (`ip netns exec HOST virt8ra agent-network-apply`), exactly as the agent
 //! runs it. Guests are stand-ins: a namespace per NIC whose veth, carrying
 //! the NIC's MAC, is plugged into the network's bridge on its host where
-//! QEMU's tap would be. Then the tests check what a user of the network
-//! sees: pings across hosts over VXLAN, isolation, DHCP leases, NAT; and
-//! what the operator sees: a second apply changes nothing, removals leave
-//! nothing, a "rebooted" host is rebuilt.
+//! QEMU's tap would be; one test runs the real test appliance under QEMU
+//! on its tap. Then the tests check what a user of the network sees: pings
+//! across hosts over VXLAN, isolation, DHCP leases, NAT; and what the
+//! operator sees: a second apply changes nothing, removals leave nothing,
+//! a "rebooted" host is rebuilt (by the next apply, or by the agent when
+//! it starts).
 //!
 //! They need root (network namespaces); without it they say so and pass.
 //! Every namespace a test creates is removed when it ends, also on
