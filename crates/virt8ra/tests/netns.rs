@@ -685,6 +685,60 @@ fn an_agent_start_rebuilds_the_kept_network_state() {
     assert!(w.apply(1, &host_state(1, &[&net])).is_empty());
 }
 
+/// A NIC that moves to another host (what a migration will do) keeps its
+/// MAC and address; every host's forwarding entry follows it, its old
+/// tap goes, and it is reached at its new host.
+#[test]
+fn a_nic_that_moves_is_followed_by_the_forwarding_entries() {
+    let Some(mut w) = World::new("m") else { return };
+    let mut net = blue();
+    for h in 0..3 {
+        w.apply(h, &host_state(h, &[&net]));
+    }
+    let g0 = w.guest(0, "nic-a", &net.spec, Some(ip("10.50.0.11")));
+    let old = w.guest(1, "nic-b", &net.spec, Some(ip("10.50.0.12")));
+    assert!(ping(&g0, ip("10.50.0.12")));
+    // nic-b's VM moves from host 1 to host 2.
+    must(&["ip", "netns", "del", &old]);
+    net.nics[1].0 = 2;
+    for h in 0..3 {
+        w.apply(h, &host_state(h, &[&net]));
+    }
+    let _new = w.guest(2, "nic-b-moved", &net.spec, None);
+    // The stand-in's MAC is nic-b's (the guest keeps it).
+    let moved = format!("{}-g-nic-b-moved", w.prefix);
+    let mac = mac_for_nic("nic-b").to_string();
+    must(&["ip", "-n", &moved, "link", "set", "eth0", "address", &mac]);
+    must(&[
+        "ip",
+        "-n",
+        &moved,
+        "addr",
+        "add",
+        "10.50.0.12/24",
+        "dev",
+        "eth0",
+    ]);
+    let vx = device_names("net-blue").vxlan;
+    let fdb = must(&["bridge", "-n", &w.hosts[0], "fdb", "show", "dev", &vx]);
+    let to = |h: usize| format!("{mac} dst {}", underlay(h));
+    assert!(fdb.contains(&to(2)) && !fdb.contains(&to(1)), "{fdb}");
+    assert!(
+        !ours(&w, 1).contains(&tap_name("nic-b")),
+        "the old tap is gone"
+    );
+    assert!(
+        ours(&w, 2).contains(&tap_name("nic-b")),
+        "the new tap is there"
+    );
+    // Host 0's guest may still have the old neighbour entry: same MAC, so
+    // it goes on working once the overlay sends the MAC to host 2.
+    assert!(
+        ping(&g0, ip("10.50.0.12")),
+        "the moved NIC is reached at host 2"
+    );
+}
+
 /// (f) A guest without a configured address gets its static lease from
 /// the DHCP server on its host's bridge (busybox udhcpc), with the
 /// gateway, and then reaches a guest on another host.
