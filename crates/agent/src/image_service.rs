@@ -19,6 +19,9 @@
 //! secret (an older control plane sends none: the site's hosts then fetch
 //! from the control plane). `GET /stats` holds only counters and needs no
 //! secret. Listen on the site's private network all the same.
+//!
+//! It is served by [`virt8ra_serve`], with [`LIMITS`] on what a client that
+//! does not finish its request may hold.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -64,8 +67,27 @@ fn err(status: StatusCode, msg: String) -> Response {
     (status, msg).into_response()
 }
 
+/// What a peer may hold: a request head must arrive within 10 s (an idle
+/// keep-alive connection is closed after as long), and past 1,024 open
+/// connections new ones are answered 503, so a slow or hostile client
+/// cannot hold the agent's file descriptors (as with `axum::serve`, which
+/// sets no timer).
+const LIMITS: virt8ra_serve::Limits = virt8ra_serve::Limits {
+    header_timeout: std::time::Duration::from_secs(10),
+    max_connections: 1024,
+    busy_message: "the image service has 1024 open connections; try again later",
+};
+
 /// Binds `listen` and serves until the process ends. Returns the bound address.
 pub async fn start(cache: Arc<ImageCache>, listen: &str) -> anyhow::Result<SocketAddr> {
+    start_with(cache, listen, LIMITS).await
+}
+
+async fn start_with(
+    cache: Arc<ImageCache>,
+    listen: &str,
+    limits: virt8ra_serve::Limits,
+) -> anyhow::Result<SocketAddr> {
     let l = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("image service: cannot listen on {listen}: {e}"))?;
@@ -79,11 +101,13 @@ pub async fn start(cache: Arc<ImageCache>, listen: &str) -> anyhow::Result<Socke
         .route("/images/{sha}", get(serve_image))
         .route("/stats", get(stats))
         .with_state(svc);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(l, app).await {
-            tracing::error!(error = %e, "image service stopped");
-        }
-    });
+    tokio::spawn(virt8ra_serve::serve(
+        l,
+        None,
+        app,
+        limits,
+        std::future::pending(),
+    ));
     tracing::info!(%addr, "serving the image cache to the site");
     Ok(addr)
 }
@@ -234,19 +258,23 @@ mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
 
+    /// A cache whose control plane is unreachable: what is served comes
+    /// from what the test put in it.
+    fn offline_cache(dir: &std::path::Path) -> Arc<ImageCache> {
+        let trust = virt8ra_tls::Trust::public();
+        let cache = ImageCache::new(
+            dir.to_path_buf(),
+            "http://127.0.0.1:1",
+            "host-token",
+            &trust,
+        );
+        Arc::new(cache.unwrap())
+    }
+
     #[tokio::test]
     async fn only_requests_with_the_site_secret_get_images() {
         let dir = tempfile::tempdir().unwrap();
-        // The control plane is unreachable: what is served comes from the cache.
-        let cache = Arc::new(
-            ImageCache::new(
-                dir.path().to_path_buf(),
-                "http://127.0.0.1:1",
-                "host-token",
-                &virt8ra_tls::Trust::public(),
-            )
-            .unwrap(),
-        );
+        let cache = offline_cache(dir.path());
         // A real qcow2: the cache serves only self-contained images.
         let made = dir.path().join("made.qcow2");
         let st = std::process::Command::new("qemu-img")
@@ -290,5 +318,46 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stats.status().as_u16(), 200);
+    }
+
+    /// A client that sends half a request head is cut off after the header
+    /// timeout (`axum::serve` kept it for ever), while others are served.
+    #[tokio::test]
+    async fn a_half_sent_request_is_cut_off_after_the_header_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let cache = offline_cache(dir.path());
+        let limits = virt8ra_serve::Limits {
+            header_timeout: std::time::Duration::from_millis(300),
+            ..LIMITS
+        };
+        let addr = start_with(cache, "127.0.0.1:0", limits).await.unwrap();
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let t = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), slow.read(&mut buf))
+            .await
+            .expect("the half-open connection was not closed within 5 s");
+        // Closed (maybe with a 408 first), not answered with the stats.
+        let got = String::from_utf8_lossy(&buf[..read.unwrap_or(0)]).to_string();
+        assert!(!got.contains("served_bytes"), "{got}");
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        let client = virt8ra_tls::Trust::public().http_client().unwrap();
+        let stats: serde_json::Value = client
+            .get(format!("http://{addr}/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(stats["requests"], 0);
     }
 }

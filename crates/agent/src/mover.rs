@@ -35,6 +35,9 @@ use crate::driver::{Driver, DriverVmState, Migrate, VmConfig};
 
 /// Bytes per upload request: a broken connection loses at most this much.
 const CHUNK: u64 = 8 << 20;
+/// Answers "that is not the staged size" in a row before an upload gives
+/// up (each is followed by asking the control plane for its size).
+const MAX_CONFLICTS: u32 = 3;
 /// Progress-only reports are sent at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -632,6 +635,7 @@ impl Mover {
         let t = Instant::now();
         let start = have;
         let mut f = tokio::fs::File::open(file).await?;
+        let mut conflicts = 0;
         while have < size {
             let n = CHUNK.min(size - have);
             f.seek(std::io::SeekFrom::Start(have)).await?;
@@ -648,10 +652,22 @@ impl Mover {
                 .map_err(|e| {
                     crate::net::http_error(&self.trust, e, &url).context(format!("upload to {url}"))
                 })?;
+            if resp.status() == reqwest::StatusCode::CONFLICT && conflicts < MAX_CONFLICTS {
+                // The control plane holds another size than we thought (an
+                // earlier attempt's chunk landed after all): go on from it.
+                conflicts += 1;
+                have = self.staged_bytes(path).await?;
+                if have > size {
+                    bail!("the control plane holds {have} bytes of a {size}-byte disk");
+                }
+                tracing::info!(offset = have, "the staged size moved; resuming from it");
+                continue;
+            }
             if !resp.status().is_success() {
                 let body = resp.text().await.unwrap_or_default();
                 bail!("upload to {url}: {body}");
             }
+            conflicts = 0;
             have += n;
             fail_point("agent-upload-chunk")?;
             progress(MigrationProgress::at_rate(

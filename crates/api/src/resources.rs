@@ -719,6 +719,70 @@ pub struct VmStatus {
     /// The migration in progress, if any.
     #[serde(default)]
     pub migration: Option<String>,
+    /// The VM's NICs on virtual networks, with the addresses the control
+    /// plane gave them. They are held (no other NIC gets the address) until
+    /// the VM is deleted; a VM without any has the user-mode NIC only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<VmNic>,
+}
+
+/// A NIC of a VM on a virtual network: its address is the network's to
+/// give and stays the same when the VM moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmNic {
+    pub id: String,
+    /// The network's name.
+    pub network: String,
+    pub network_id: String,
+    /// `52:54:..`-style, locally administered, derived from the NIC's id.
+    pub mac: String,
+    #[schema(value_type = String, format = Ipv4)]
+    pub ip: std::net::Ipv4Addr,
+    /// The network's prefix length.
+    pub prefix: u8,
+}
+
+/// Where a network may reach: the countries, providers and sites whose
+/// hosts may carry it. Empty lists allow everything; the VMs on the
+/// network must be placed where all of them allow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpan {
+    /// ISO 3166-1 alpha-2 codes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<String>,
+    /// Provider names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<String>,
+    /// Site names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
+}
+
+/// A virtual network: a private layer 2 segment with one IPv4 subnet that
+/// spans the hosts its VMs run on, whatever their site or provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    /// The subnet, e.g. `10.20.0.0/24`.
+    pub cidr: String,
+    /// The address the network's hosts answer at (DHCP, NAT); none for a
+    /// network without a gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub dns: Vec<std::net::Ipv4Addr>,
+    pub mtu: u32,
+    /// The VXLAN network identifier, unique per control plane.
+    pub vni: u32,
+    #[serde(default)]
+    pub span: NetworkSpan,
+    /// Outbound traffic leaves through each host's own address (NAT).
+    pub nat: bool,
+    pub created_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

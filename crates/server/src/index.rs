@@ -417,6 +417,7 @@ mod tests {
                 hypervisor: None,
                 machine: None,
                 migration: None,
+                nics: vec![],
             },
             labels: Default::default(),
             created_at: Utc::now(),

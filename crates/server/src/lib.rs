@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
+use virt8ra_serve as serve;
 use virt8ra_store::{CachedStore, SqliteStore, Store, TokenKind};
 
 pub mod api;
@@ -30,7 +31,7 @@ pub mod keys;
 pub mod migration;
 pub mod placement;
 pub mod scheduler;
-pub mod serve;
+pub mod staging;
 pub mod state;
 pub mod tls;
 
@@ -203,6 +204,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let limits = serve::Limits {
         header_timeout: Duration::from_secs_f64(args.header_timeout),
         max_connections: args.max_connections,
+        busy_message: "the control plane has --max-connections open connections; try again later",
     };
     if args.max_image_virtual_size_gib == 0 || args.max_image_virtual_size_gib > 1 << 24 {
         anyhow::bail!(
@@ -271,7 +273,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     serve::serve(
         listener,
-        server_tls,
+        server_tls.map(|t| t as Arc<dyn serve::Handshake>),
         api::router(app),
         limits,
         shutdown_signal(),

@@ -129,6 +129,13 @@ impl ServerTls {
     }
 }
 
+impl virt8ra_serve::Handshake for ServerTls {
+    fn handshake(&self, tcp: TcpStream) -> virt8ra_serve::HandshakeFuture {
+        let acceptor = self.acceptor();
+        Box::pin(async move { handshake(&acceptor, tcp).await })
+    }
+}
+
 /// The handshake, or `None` when the client spoke plain HTTP (it was
 /// answered with a 400).
 pub(crate) async fn handshake(

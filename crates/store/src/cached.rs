@@ -22,11 +22,12 @@
 //! processes on one database would invalidate through the database's
 //! change notifications instead.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::RwLock;
 
 use async_trait::async_trait;
-use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport};
+use virt8ra_api::{Host, Image, Migration, Network, Provider, Site, Vm, VmEvent, VmExport};
 
 use crate::error::{Result, StoreError};
 use crate::records::{TokenKind, TokenRecord, VmFilter};
@@ -225,6 +226,28 @@ impl<S: Store> Store for CachedStore<S> {
         self.inner.update_site(s).await?;
         self.sites.write().put(s.clone());
         Ok(())
+    }
+
+    // Networks are read when VMs with NICs are created or moved, not per
+    // request: forwarded.
+    async fn create_network(&self, n: &Network) -> Result<Network> {
+        self.inner.create_network(n).await
+    }
+
+    async fn list_networks(&self) -> Result<Vec<Network>> {
+        self.inner.list_networks().await
+    }
+
+    async fn get_network(&self, key: &str) -> Result<Network> {
+        self.inner.get_network(key).await
+    }
+
+    async fn delete_network(&self, id: &str) -> Result<()> {
+        self.inner.delete_network(id).await
+    }
+
+    async fn used_ips(&self, network_id: &str) -> Result<BTreeSet<Ipv4Addr>> {
+        self.inner.used_ips(network_id).await
     }
 
     async fn create_host(

@@ -141,4 +141,28 @@ ALTER TABLE vm_events_by_vm RENAME TO vm_events;
 DROP INDEX vms_host;
 "#,
     ),
+    (
+        "virtual networks and the addresses their NICs hold",
+        r#"
+CREATE TABLE networks (
+    id   TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    vni  INTEGER NOT NULL UNIQUE,
+    body TEXT NOT NULL
+);
+-- One row per NIC of a VM that is not deleted: the primary key is what
+-- makes IPAM safe (no address handed out twice, whatever the
+-- concurrency), and a network with rows cannot be deleted.
+CREATE TABLE nic_leases (
+    network TEXT NOT NULL,
+    ip      TEXT NOT NULL,
+    vm      TEXT NOT NULL,
+    nic     TEXT NOT NULL UNIQUE,
+    mac     TEXT NOT NULL,
+    PRIMARY KEY (network, ip)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX nic_leases_mac ON nic_leases(network, mac);
+CREATE INDEX nic_leases_vm ON nic_leases(vm);
+"#,
+    ),
 ];

@@ -3,7 +3,10 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport};
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use virt8ra_api::{Host, Image, Migration, Network, Provider, Site, Vm, VmEvent, VmExport};
 
 use crate::error::Result;
 use crate::records::{TokenKind, TokenRecord, VmFilter};
@@ -28,6 +31,22 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_site(&self, id: &str) -> Result<()>;
     /// Replaces the site's body (its id, name and provider do not change).
     async fn update_site(&self, s: &Site) -> Result<()>;
+
+    // networks
+    /// Creates the network; one with `vni` 0 gets the lowest free VNI.
+    /// Returns it as stored.
+    async fn create_network(&self, n: &Network) -> Result<Network>;
+    async fn list_networks(&self) -> Result<Vec<Network>>;
+    /// By id or name.
+    async fn get_network(&self, key: &str) -> Result<Network>;
+    /// Refused while NICs hold addresses on it.
+    async fn delete_network(&self, id: &str) -> Result<()>;
+    /// The addresses held on the network. A VM's NICs (`status.nics`) are
+    /// leases written with the VM by `create_vm` and `update_vm`: an
+    /// address another NIC holds is a conflict there (so IPAM picks from
+    /// this set and picks again on a conflict), and a deleted VM's leases
+    /// are released.
+    async fn used_ips(&self, network_id: &str) -> Result<BTreeSet<Ipv4Addr>>;
 
     // hosts
     /// Creates the host and its credential in one transaction, and consumes

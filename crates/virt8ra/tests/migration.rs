@@ -644,6 +644,29 @@ fn wait_agent_exit(c: &mut Cluster, name: &str) {
     );
 }
 
+/// Waits for the control plane to stop at fail point `point`; if it does
+/// not, says why: what `vm migrate` answered, the VM's migrations, the logs.
+fn wait_server_exit(c: &mut Cluster, point: &str, migrate: &std::process::Output) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let exited = c
+            .server
+            .as_mut()
+            .and_then(|s| s.child.try_wait().ok().flatten());
+        if exited.is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (_, history) = c.api("GET", "/api/v1/vms/phoenix/migrations", None);
+    panic!(
+        "the control plane did not stop at {point} within 60 s\n`vm migrate` said: {} {}\nmigrations: {history:#}\n{}",
+        String::from_utf8_lossy(&migrate.stdout),
+        String::from_utf8_lossy(&migrate.stderr),
+        c.logs_tail(40)
+    );
+}
+
 fn refused(c: &Cluster, args: &[&str], want: &str) {
     let out = c.cli(args);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -695,7 +718,7 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                 c.start_server_env(&[("VIRT8RA_FAIL_AT", point)]);
                 c.wait_hosts_ready(2);
                 // The control plane dies right after recording the step.
-                let _ = c.cli(&[
+                let out = c.cli(&[
                     "vm",
                     "migrate",
                     "phoenix",
@@ -704,11 +727,7 @@ fn a_migration_killed_at_any_step_recovers_to_exactly_one_copy() {
                     "--mode",
                     "live",
                 ]);
-                wait_until("the control plane to exit", Duration::from_secs(60), || {
-                    c.server
-                        .as_mut()
-                        .and_then(|s| s.child.try_wait().ok().flatten())
-                });
+                wait_server_exit(&mut c, point, &out);
                 c.kill_server();
                 c.start_server();
             }

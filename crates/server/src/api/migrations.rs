@@ -7,9 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use chrono::Utc;
-use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
 use virt8ra_api::{
     EvacuateRequest, Evacuation, HostState, Migration, MigrationCreate, MigrationPhase, Page,
     Rebalance, RebalanceGoal, RebalanceMove, RebalanceRequest, VmExport, VmPhase,
@@ -20,6 +18,7 @@ use super::{Body, Query};
 use crate::auth::{Admin, AdminOrHost, HostAuth};
 use crate::error::{ApiError, ApiResult};
 use crate::migration;
+use crate::staging::{self, ChunkError};
 use crate::state::App;
 
 #[utoipa::path(post, path = "/api/v1/vms/{key}/migrate", tag = "migrations", request_body = MigrationCreate,
@@ -406,40 +405,14 @@ pub async fn upload(
     may_upload(&app, &host.host_id, &id).await?;
     super::octet_stream(&headers)?;
     let path = migration::staging_path(&app, &id);
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| ApiError::Internal(format!("create {}: {e}", dir.display())))?;
-    }
-    let have = tokio::fs::metadata(&path)
+    let bytes = staging::write_chunk(&path, q.offset, body.into_data_stream())
         .await
-        .map(|m| m.len())
-        .unwrap_or(0);
-    if q.offset != have {
-        return Err(ApiError::Conflict(format!(
-            "offset {} but {have} bytes are staged; resume from {have}",
-            q.offset
-        )));
-    }
-    let mut f = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .await
-        .map_err(|e| ApiError::Internal(format!("open {}: {e}", path.display())))?;
-    let mut stream = body.into_data_stream();
-    let mut n = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::Invalid(format!("upload interrupted: {e}")))?;
-        n += chunk.len() as u64;
-        f.write_all(&chunk)
-            .await
-            .map_err(|e| ApiError::Internal(format!("write staging: {e}")))?;
-    }
-    f.sync_all()
-        .await
-        .map_err(|e| ApiError::Internal(format!("sync staging: {e}")))?;
-    Ok(Json(serde_json::json!({ "bytes": have + n })))
+        .map_err(|e| match e {
+            ChunkError::Offset { .. } => ApiError::Conflict(e.to_string()),
+            ChunkError::Interrupted(_) => ApiError::Invalid(e.to_string()),
+            ChunkError::Io { .. } => ApiError::Internal(e.to_string()),
+        })?;
+    Ok(Json(serde_json::json!({ "bytes": bytes })))
 }
 
 #[utoipa::path(get, path = "/api/v1/staging/{id}/status", tag = "agent", params(("id" = String, Path)),
@@ -459,10 +432,7 @@ pub async fn staged(
         }
     }
     let path = migration::staging_path(&app, &id);
-    let have = tokio::fs::metadata(&path)
-        .await
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let have = staging::staged_size(&path).await;
     Ok(Json(serde_json::json!({ "bytes": have })))
 }
 

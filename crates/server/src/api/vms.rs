@@ -278,6 +278,7 @@ pub fn new_vm(
             hypervisor: None,
             machine: None,
             migration: None,
+            nics: vec![],
         },
         created_at: now,
         updated_at: now,

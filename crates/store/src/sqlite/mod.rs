@@ -9,16 +9,19 @@
 //! WAL lets read while the writer writes.
 //!
 //! One file per resource ([`providers`], [`sites`], [`hosts`], [`images`],
-//! [`vms`], [`moves`] (VM migrations), [`exports`], [`tokens`],
-//! [`documents`]) holds that resource's SQL; [`engine`] holds the
+//! [`vms`], [`moves`] (VM migrations), [`networks`] (with their address
+//! leases), [`exports`], [`tokens`], [`documents`]) holds that resource's SQL; [`engine`] holds the
 //! connections, the writer thread and the checkpointer; [`rows`] the helpers
 //! the resource files share. This file only routes each [`Store`] method to
 //! its resource file. Imports run one way: this file to the resource files,
-//! those to `engine` and `rows` (and `hosts` to `tokens`, `moves` to `vms`).
+//! those to `engine` and `rows` (and `hosts` to `tokens`, `moves` to `vms`, `vms` to `networks`).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use virt8ra_api::{Host, Image, Migration, Provider, Site, Vm, VmEvent, VmExport};
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use virt8ra_api::{Host, Image, Migration, Network, Provider, Site, Vm, VmEvent, VmExport};
 
 use crate::error::Result;
 use crate::records::{TokenKind, TokenRecord, VmFilter};
@@ -30,6 +33,7 @@ mod exports;
 mod hosts;
 mod images;
 mod moves;
+mod networks;
 mod providers;
 mod rows;
 mod sites;
@@ -81,6 +85,26 @@ impl Store for SqliteStore {
 
     async fn update_site(&self, s: &Site) -> Result<()> {
         sites::update_site(self, s).await
+    }
+
+    async fn create_network(&self, n: &Network) -> Result<Network> {
+        networks::create_network(self, n).await
+    }
+
+    async fn list_networks(&self) -> Result<Vec<Network>> {
+        networks::list_networks(self).await
+    }
+
+    async fn get_network(&self, key: &str) -> Result<Network> {
+        networks::get_network(self, key).await
+    }
+
+    async fn delete_network(&self, id: &str) -> Result<()> {
+        networks::delete_network(self, id).await
+    }
+
+    async fn used_ips(&self, network_id: &str) -> Result<BTreeSet<Ipv4Addr>> {
+        networks::used_ips(self, network_id).await
     }
 
     async fn create_host(

@@ -87,6 +87,7 @@ fn vm(name: &str) -> Vm {
             hypervisor: None,
             machine: None,
             migration: None,
+            nics: vec![],
         },
         created_at: Utc::now(),
         updated_at: Utc::now(),
@@ -596,4 +597,144 @@ async fn database_errors_keep_their_cause() {
         e.chain(),
         "database error: commit: database error: disk full"
     );
+}
+
+fn network(name: &str) -> Network {
+    Network {
+        id: format!("net-{name}"),
+        name: name.into(),
+        cidr: "10.20.0.0/24".into(),
+        gateway: Some("10.20.0.1".parse().unwrap()),
+        dns: vec![],
+        mtu: 1450,
+        vni: 0,
+        span: NetworkSpan::default(),
+        nat: true,
+        created_at: Utc::now(),
+    }
+}
+
+/// `vm(name)` with one NIC on network `net` at `ip`.
+fn vm_on(name: &str, net: &str, ip: &str) -> Vm {
+    let mut v = vm(name);
+    v.status.nics = vec![VmNic {
+        id: format!("nic-{name}"),
+        network: net.into(),
+        network_id: format!("net-{net}"),
+        mac: format!("52:54:00:00:00:{:02x}", name.len()),
+        ip: ip.parse().unwrap(),
+        prefix: 24,
+    }];
+    v
+}
+
+#[tokio::test]
+async fn networks_get_distinct_vnis_and_unique_names() {
+    let s = SqliteStore::in_memory().unwrap();
+    assert_eq!(s.create_network(&network("a")).await.unwrap().vni, 1);
+    assert_eq!(s.create_network(&network("b")).await.unwrap().vni, 2);
+    let e = s.create_network(&network("a")).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+    let mut taken = network("c");
+    taken.vni = 2;
+    assert!(matches!(
+        s.create_network(&taken).await.unwrap_err(),
+        StoreError::Conflict(_)
+    ));
+    s.delete_network("net-a").await.unwrap();
+    // The lowest free VNI is handed out again.
+    assert_eq!(s.create_network(&network("d")).await.unwrap().vni, 1);
+    assert_eq!(s.get_network("d").await.unwrap().id, "net-d");
+    let names: Vec<String> = s
+        .list_networks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(names, ["b", "d"]);
+}
+
+/// A VM's NICs hold their addresses from its create until it is deleted:
+/// a second VM at a held address is refused and not stored, a network
+/// with NICs cannot be deleted, and deleting the VM frees both.
+#[tokio::test]
+async fn nic_addresses_are_held_until_the_vm_is_deleted() {
+    let s = SqliteStore::in_memory().unwrap();
+    s.create_network(&network("lan")).await.unwrap();
+    s.create_vm(&vm_on("web", "lan", "10.20.0.2"), &["created"])
+        .await
+        .unwrap();
+    let used = s.used_ips("net-lan").await.unwrap();
+    assert_eq!(
+        used.into_iter().collect::<Vec<_>>(),
+        ["10.20.0.2".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    let e = s
+        .create_vm(&vm_on("db", "lan", "10.20.0.2"), &["created"])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("10.20.0.2 (or MAC"), "{e}");
+    assert!(matches!(
+        s.get_vm("db").await.unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+    let e = s.delete_network("net-lan").await.unwrap_err();
+    assert!(
+        e.to_string().contains("still has NICs of 1 VM(s) (web)"),
+        "{e}"
+    );
+    // Updates (e.g. a move to another host) keep the lease.
+    let mut web = s.get_vm("web").await.unwrap();
+    web.status.host = Some("h2".into());
+    s.update_vm(&web, Some("moved")).await.unwrap();
+    assert_eq!(s.used_ips("net-lan").await.unwrap().len(), 1);
+    web.status.phase = VmPhase::Deleted;
+    s.update_vm(&web, Some("deleted")).await.unwrap();
+    assert!(s.used_ips("net-lan").await.unwrap().is_empty());
+    // The deleted VM keeps its NICs as history; the address is free.
+    assert_eq!(s.get_vm("vm-web").await.unwrap().status.nics.len(), 1);
+    s.create_vm(&vm_on("db", "lan", "10.20.0.2"), &["created"])
+        .await
+        .unwrap();
+    let mut db = s.get_vm("db").await.unwrap();
+    db.status.phase = VmPhase::Deleted;
+    s.update_vm(&db, None).await.unwrap();
+    s.delete_network("net-lan").await.unwrap();
+}
+
+/// Concurrent creates asking for one address: exactly one gets it, and a
+/// refused one does not undo the plain VM creates committed with it.
+#[tokio::test]
+async fn one_address_goes_to_one_of_many_concurrent_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+    s.create_network(&network("lan")).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        let v = if i % 2 == 0 {
+            let mut v = vm_on(&format!("n{i}"), "lan", "10.20.0.9");
+            v.status.nics[0].mac = format!("52:54:00:00:01:{i:02x}");
+            v
+        } else {
+            vm(&format!("p{i}"))
+        };
+        tasks.push(tokio::spawn(
+            async move { s.create_vm(&v, &["created"]).await },
+        ));
+    }
+    let mut ok = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(StoreError::Conflict(_)) => conflicts += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((ok, conflicts), (21, 19));
+    assert_eq!(s.used_ips("net-lan").await.unwrap().len(), 1);
+    let all = s.list_vms(&VmFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 21);
 }

@@ -6,7 +6,7 @@ use chrono::Utc;
 use rusqlite::{params, Connection, OptionalExtension};
 use virt8ra_api::{Vm, VmEvent, VmPhase};
 
-use super::engine::{unguarded, SqliteStore};
+use super::engine::{atomic, unguarded, SqliteStore};
 use super::rows::{conflict_or_db, db, from_json, parse_ts, to_json, ts};
 use crate::error::{Result, StoreError};
 use crate::records::VmFilter;
@@ -30,6 +30,9 @@ pub(super) fn write_vm(tx: &Connection, vm: &Vm, body: &str, event: Option<&str>
     let Some((phase, image_id)) = old else {
         return Err(StoreError::not_found("VM", vm.id.clone()));
     };
+    if !vm.status.nics.is_empty() {
+        super::networks::sync_leases(tx, vm)?;
+    }
     let mut sql = String::from(
         "UPDATE vms SET host_id = ?2, site = ?3, provider = ?4, country = ?5, body = ?6",
     );
@@ -98,31 +101,50 @@ pub(super) async fn create_vm(store: &SqliteStore, vm: &Vm, events: &[&str]) -> 
     let events: Vec<String> = events.iter().map(|e| e.to_string()).collect();
     store
         .write(move |c| {
-            unguarded(c, |tx| {
-                tx.prepare_cached(
-                "INSERT INTO vms (id, name, phase, host_id, site, provider, country, image_id, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )
-            .map_err(db("create_vm"))?
-            .execute(params![
-                vm.id,
-                vm.name,
-                vm.status.phase.as_str(),
-                vm.status.host_id,
-                vm.status.site,
-                vm.status.provider,
-                vm.status.country,
-                vm.status.image_id,
-                body
-            ])
-            .map_err(|e| conflict_or_db(e, "create_vm", || format!("VM '{}' already exists", vm.name)))?;
+            let job = |tx: &Connection| {
+                insert_vm(tx, &vm, &body)?;
                 for (seq, e) in (1..).zip(&events) {
                     insert_event_at(tx, &vm, seq, e)?;
                 }
+                if !vm.status.nics.is_empty() {
+                    super::networks::sync_leases(tx, &vm)?;
+                }
                 Ok(())
-            })
+            };
+            // A VM with NICs takes leases, which may conflict after its row
+            // is in: that needs a savepoint of its own (see `unguarded`).
+            if vm.status.nics.is_empty() {
+                unguarded(c, job)
+            } else {
+                atomic(c, job)
+            }
         })
         .await
+}
+
+fn insert_vm(tx: &Connection, vm: &Vm, body: &str) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO vms (id, name, phase, host_id, site, provider, country, image_id, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )
+    .map_err(db("create_vm"))?
+    .execute(params![
+        vm.id,
+        vm.name,
+        vm.status.phase.as_str(),
+        vm.status.host_id,
+        vm.status.site,
+        vm.status.provider,
+        vm.status.country,
+        vm.status.image_id,
+        body
+    ])
+    .map_err(|e| {
+        conflict_or_db(e, "create_vm", || {
+            format!("VM '{}' already exists", vm.name)
+        })
+    })?;
+    Ok(())
 }
 
 pub(super) async fn update_vm(store: &SqliteStore, vm: &Vm, event: Option<&str>) -> Result<()> {
@@ -131,10 +153,13 @@ pub(super) async fn update_vm(store: &SqliteStore, vm: &Vm, event: Option<&str>)
     let event = event.map(str::to_string);
     store
         .write(move |c| {
-            unguarded(c, |tx| {
-                write_vm(tx, &vm, &body, event.as_deref())?;
-                Ok(())
-            })
+            let job = |tx: &Connection| write_vm(tx, &vm, &body, event.as_deref());
+            // Leases may conflict after the VM's row changed (see create_vm).
+            if vm.status.nics.is_empty() {
+                unguarded(c, job)
+            } else {
+                atomic(c, job)
+            }
         })
         .await
 }

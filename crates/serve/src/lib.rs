@@ -1,5 +1,6 @@
-//! The control plane's accept loop: HTTP/1.1 (plain or over TLS) with
-//! limits on what a client that does not finish its request may hold.
+//! The accept loop of virt8ra's HTTP servers (the control plane's API and
+//! the agent's image service): HTTP/1.1, plain or over TLS, with limits on
+//! what a client that does not finish its request may hold.
 //!
 //! `axum::serve` sets no timer, so a connection that sends half a request
 //! head (or nothing) stays open for ever: 2,000 of them held 2,000 file
@@ -7,7 +8,7 @@
 //! Here every connection is served by hyper's HTTP/1 connection builder
 //! with:
 //!
-//! - a header-read timeout (`--header-timeout`, 10 s): a request head must
+//! - a header-read timeout (the control plane's `--header-timeout`, 10 s): a request head must
 //!   arrive whole within it. hyper starts that clock when the connection
 //!   opens and again when a response is done, so it is also the keep-alive
 //!   idle timeout: a connection idle between requests that long is closed.
@@ -16,7 +17,8 @@
 //!   mux and migration relays keep their connection for as long as they
 //!   live (hyper hands the socket over and keeps no timer on it).
 //! - the same limit on the TLS handshake, before any of that;
-//! - a cap on open connections (`--max-connections`, 10,000), upgraded ones
+//! - a cap on open connections (the control plane's `--max-connections`,
+//!   10,000), upgraded ones
 //!   included (the slot goes with the socket, so it is freed when the
 //!   socket closes, whoever holds it): past it a new connection is answered
 //!   503 and closed at once instead of holding a file descriptor and a task;
@@ -44,9 +46,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::tls::ServerTls;
+/// A TLS server side: the handshake on an accepted connection, or `None`
+/// when the client spoke plain HTTP (and was answered already).
+pub trait Handshake: Send + Sync + 'static {
+    fn handshake(&self, tcp: TcpStream) -> HandshakeFuture;
+}
 
-/// What a client may hold, and for how long (the server's flags).
+/// What [`Handshake::handshake`] returns.
+pub type HandshakeFuture = Pin<
+    Box<
+        dyn Future<Output = std::io::Result<Option<tokio_rustls::server::TlsStream<TcpStream>>>>
+            + Send,
+    >,
+>;
+
+/// What a client may hold, and for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// A request head (and a TLS handshake) must arrive within this; also
@@ -54,13 +68,16 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Open connections at most, upgraded ones included.
     pub max_connections: usize,
+    /// The message of the 503 sent past `max_connections` (JSON-safe
+    /// text: no quotes or backslashes).
+    pub busy_message: &'static str,
 }
 
 /// Serves `router` on `listener` (over TLS with `tls`) until `shutdown`
 /// resolves, then waits for the requests under way.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<Arc<ServerTls>>,
+    tls: Option<Arc<dyn Handshake>>,
     router: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -94,7 +111,7 @@ pub async fn serve(
                 );
                 last_warn = Some(Instant::now());
             }
-            refuse_busy(tcp, tls.is_some());
+            refuse_busy(tcp, tls.is_some(), limits.busy_message);
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -128,9 +145,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Over the cap: a plain-HTTP 503 in the API's error format if the socket
 /// takes it right away (never waiting: the accept loop must go on), then
 /// the connection is closed. A TLS client just sees the connection close.
-fn refuse_busy(tcp: TcpStream, tls: bool) {
+fn refuse_busy(tcp: TcpStream, tls: bool, message: &str) {
     if !tls {
-        let body = r#"{"error":{"code":"unavailable","message":"the control plane has --max-connections open connections; try again later"}}"#;
+        let body = format!(r#"{{"error":{{"code":"unavailable","message":"{message}"}}}}"#);
         let answer = format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
@@ -146,7 +163,7 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     slot: OwnedSemaphorePermit,
-    tls: Option<Arc<ServerTls>>,
+    tls: Option<Arc<dyn Handshake>>,
     router: Router,
     limits: Limits,
     stop: watch::Receiver<bool>,
@@ -166,8 +183,7 @@ async fn connection(
             .await
         }
         Some(tls) => {
-            let acceptor = tls.acceptor();
-            let handshake = crate::tls::handshake(&acceptor, tcp);
+            let handshake = tls.handshake(tcp);
             match tokio::time::timeout(limits.header_timeout, handshake).await {
                 Ok(Ok(Some(io))) => {
                     http(Counted { io, _slot: slot }, peer, router, limits, stop).await
