@@ -2,14 +2,15 @@
 # Installs the system packages virt8ra needs on Debian/Ubuntu, only if missing.
 # QEMU (system emulator and qemu-img), and what scripts/test-image.sh builds
 # the test appliance from: a cloud kernel, busybox, Dropbear (dropbear-bin),
-# syslinux, mtools; and the OpenSSH client (ssh, ssh-keygen) the end-to-end
-# tests log in to guests with.
+# syslinux, mtools; the OpenSSH client (ssh, ssh-keygen) the end-to-end
+# tests log in to guests with; and what the agent's network data plane runs:
+# iproute2 (ip, bridge), nftables (nft) and dnsmasq-base (DHCP).
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for p in qemu-system-x86 qemu-utils syslinux syslinux-common mtools dosfstools busybox-static cpio gzip \
-         dropbear-bin openssh-client; do
+         dropbear-bin openssh-client iproute2 nftables dnsmasq-base; do
   have "$p" || need+=("$p")
 done
 # Installing qemu-system-x86 alone can remove a newer qemu-utils (from

@@ -20,7 +20,9 @@
 #     /etc/resolv.conf, mtu); console: "VIRT8RA-NET IFACE addr=... gw=...
 #     dns=... search=... mtu=... dhcp4=..." per interface. Without one, eth0
 #     gets QEMU user-mode networking's fixed 10.0.2.15/24 via 10.0.2.2 (the
-#     address QEMU forwards ports to);
+#     address QEMU forwards ports to) when it has the user-mode NIC's MAC
+#     (52:54:00:12:34:56); otherwise (NICs on virtual networks) every
+#     interface asks DHCP (udhcpc);
 #   - user-data, run at every boot if it is a script (the appliance keeps no
 #     state between boots).
 # Before the boot line, each data disk (a virtio disk with a serial) gets a
@@ -258,10 +260,18 @@ if [ -f /seed/network-config ]; then
       for n in $DNS; do echo "nameserver $n"; done
     } >/etc/resolv.conf
   fi
-elif ip link set eth0 up 2>/dev/null; then
+elif [ "$(cat /sys/class/net/eth0/address 2>/dev/null)" = 52:54:00:12:34:56 ] && ip link set eth0 up 2>/dev/null; then
   ip addr add 10.0.2.15/24 dev eth0
   ip route add default via 10.0.2.2
   echo "VIRT8RA-NET eth0 addr=10.0.2.15/24 gw=10.0.2.2 dns=- search=- mtu=- dhcp4=false (default: no network-config)" >/dev/console
+else
+  # NICs on virtual networks (not the user-mode NIC's MAC): DHCP on each.
+  for d in /sys/class/net/*; do
+    n=${d##*/}
+    [ "$n" = lo ] && continue
+    ID=$n; NAME=$n; MAC=""; DHCP=true; ADDRS=""; GW=""; NS=""; SRCH=""; MTU=""
+    net_apply
+  done
 fi
 # SSH: the seed's public-keys for root, Dropbear on port 22, keys only.
 if [ -f /seed/meta-data ] && awk -f /etc/pubkeys.awk /seed/meta-data >/tmp/keys && [ -s /tmp/keys ]; then

@@ -268,6 +268,34 @@ impl Channel {
         }
     }
 
+    /// Keeps and applies the host's network state (off the async
+    /// threads: it runs commands). A failure is logged, not fatal to the
+    /// channel: the state is kept and applied again at the next start.
+    async fn network_state(&self, generation: u64, state: virt8ra_api::HostNetworkState) {
+        let data_dir = self.data_dir.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let stored = crate::network::Stored { generation, state };
+            if let Err(e) = stored.state.validate() {
+                return Err(crate::network::NetError(format!(
+                    "network state {generation} refused: {e}"
+                )));
+            }
+            if !crate::network::store(&data_dir, &stored)? {
+                return Ok(None);
+            }
+            crate::network::reconcile(&stored.state, &data_dir).map(Some)
+        })
+        .await;
+        match r {
+            Ok(Ok(Some(c))) => {
+                tracing::info!(generation, changes = c.0.len(), "network state applied")
+            }
+            Ok(Ok(None)) => tracing::debug!(generation, "older network state ignored"),
+            Ok(Err(e)) => tracing::warn!(generation, error = %e, "network state not applied"),
+            Err(e) => tracing::warn!(generation, error = %e, "network state task failed"),
+        }
+    }
+
     async fn handle(&self, msg: ServerMessage, out: &LinkTx) -> anyhow::Result<()> {
         match msg {
             ServerMessage::DesiredState {
@@ -364,6 +392,9 @@ impl Channel {
                         }
                     }
                 });
+            }
+            ServerMessage::NetworkState { generation, state } => {
+                self.network_state(generation, state).await;
             }
             ServerMessage::Reject { reason } => bail!("rejected: {reason}"),
             ServerMessage::Welcome { .. } | ServerMessage::ReportRequest => {}

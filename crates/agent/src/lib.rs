@@ -15,6 +15,8 @@
 //! staging/           disks being moved (cold migration, export; [`mover`])
 //! vms/<id>/          one directory per VM, owned by the driver
 //! vmstate/<id>.json  the agent's own per-VM state (ports, reboots, machine; none if default)
+//! network/desired.json    the last virtual-network state, applied again at start ([`network`])
+//! network/dhcp/<bridge>/  a virtual network's DHCP server: config, pid
 //! ```
 //!
 //! What may import what: modules import only modules below them, never
@@ -45,6 +47,7 @@ pub mod images;
 pub mod inventory;
 pub mod mover;
 pub mod net;
+pub mod network;
 pub mod private;
 pub mod reconciler;
 pub mod relay;
@@ -218,6 +221,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         )
     })?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    // The virtual networks first: a rebooted host has lost its bridges
+    // and taps, and VMs on networks need their taps before QEMU starts.
+    let dd = data_dir.clone();
+    match tokio::task::spawn_blocking(move || network::apply_stored(&dd)).await {
+        Ok(Ok(c)) if !c.0.is_empty() => {
+            tracing::info!(changes = c.0.len(), "network state re-applied")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "stored network state not applied"),
+        Err(e) => tracing::warn!(error = %e, "network state task failed"),
+    }
 
     let driver: Arc<dyn driver::Driver> = if args.driver == "sim" {
         tracing::warn!("simulated driver: VMs exist only in memory (scale tests only)");

@@ -628,6 +628,9 @@ impl Reconciler {
             },
             machine: d.machine.clone(),
             data_disks,
+            // The control plane sends no NICs yet (issue 27's next step):
+            // every VM keeps the user-mode NIC.
+            nics: Vec::new(),
         }
     }
 }

@@ -98,6 +98,7 @@ async fn qemu_vm_lifecycle_with_reattach_and_graceful_stop() {
         context: Default::default(),
         machine: None,
         data_disks: vec![],
+        nics: vec![],
     };
     let dir = d.vm_dir(&cfg.id);
     let console = d.console_path(&cfg.id);
@@ -221,6 +222,7 @@ async fn qemu_errors_reach_the_caller() {
         context: Default::default(),
         machine: None,
         data_disks: vec![],
+        nics: vec![],
     };
     assert!(d.prepare(&cfg).await.is_err(), "missing base image");
     cfg.base_image = image;

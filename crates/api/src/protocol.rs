@@ -162,6 +162,16 @@ pub enum ServerMessage {
     /// (v3) Send a complete heartbeat now: the control plane needs the list
     /// of VMs this host has.
     ReportRequest,
+    /// The complete virtual-network state this host should have (issue
+    /// 27): its networks, NICs, peers and forwarding entries. Anything of
+    /// the agent's network data plane not in it is removed; the agent keeps
+    /// it on disk and applies it again at start (a rebooted host). An older
+    /// agent ignores it, as any message it does not know.
+    NetworkState {
+        /// Increases with every change; the agent ignores an older one.
+        generation: u64,
+        state: crate::network::HostNetworkState,
+    },
     /// Target of a relayed live migration: the source opened a connection
     /// for `stream` (see [`RELAY_STREAMS`]); dial
     /// `GET /api/v1/relay/{migration_id}/{stream}/{conn_id}` (WebSocket, host

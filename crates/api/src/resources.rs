@@ -734,7 +734,8 @@ pub struct VmNic {
     /// The network's name.
     pub network: String,
     pub network_id: String,
-    /// `52:54:..`-style, locally administered, derived from the NIC's id.
+    /// Locally administered (`02:...`), derived from the NIC's id
+    /// (`virt8ra_api::mac_for_nic`).
     pub mac: String,
     #[schema(value_type = String, format = Ipv4)]
     pub ip: std::net::Ipv4Addr,

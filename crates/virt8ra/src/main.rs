@@ -33,6 +33,20 @@ enum Top {
     Server(virt8ra_server::ServerArgs),
     /// Run the host agent.
     Agent(virt8ra_agent::AgentArgs),
+    /// Apply a host network state (JSON, `virt8ra_api::HostNetworkState`)
+    /// to this host's network namespace once, print what changed, and keep
+    /// it in the data directory for the agent to apply at start: the
+    /// agent's network data plane without a control plane, for tests and
+    /// for repairs by hand.
+    #[command(name = "agent-network-apply", hide = true)]
+    AgentNetworkApply {
+        /// The desired state, a JSON file.
+        #[arg(long)]
+        desired: std::path::PathBuf,
+        /// The agent's data directory (DHCP servers keep their files there).
+        #[arg(long, default_value = "/var/lib/virt8ra/agent")]
+        data_dir: std::path::PathBuf,
+    },
     /// Print the OpenAPI document of the control plane's API.
     Openapi,
     /// Benchmarks.
@@ -99,6 +113,23 @@ fn main() {
                 virt8ra_failpoint::announce();
                 a.ca_cert = virt8ra_cli::ca_cert(&cli.global);
                 virt8ra_agent::run(a).await
+            }
+            Top::AgentNetworkApply { desired, data_dir } => {
+                let state = virt8ra_agent::network::read_state(&desired)?;
+                let changes = virt8ra_agent::network::reconcile(&state, &data_dir)?;
+                // Kept like a state from the control plane (same
+                // generation: the next one from it replaces it), so the
+                // agent applies it again when it starts.
+                let generation = virt8ra_agent::network::load(&data_dir)?
+                    .map(|s| s.generation)
+                    .unwrap_or(0);
+                let stored = virt8ra_agent::network::Stored { generation, state };
+                virt8ra_agent::network::store(&data_dir, &stored)?;
+                for c in &changes.0 {
+                    println!("{c}");
+                }
+                eprintln!("{} change(s)", changes.0.len());
+                Ok(())
             }
             Top::Openapi => {
                 println!("{}", virt8ra_server::api::openapi::document());

@@ -42,6 +42,18 @@ pub struct VmConfig {
     pub machine: Option<String>,
     /// Disks after the boot disk, in order.
     pub data_disks: Vec<DataDiskConfig>,
+    /// NICs on virtual networks, in order (the guest's eth0, eth1, ...).
+    /// None: QEMU's user-mode NIC with the loopback port forwards, as
+    /// before virtual networks.
+    pub nics: Vec<NicConfig>,
+}
+
+/// A NIC on a virtual network: the tap the host's network data plane
+/// created for it (`crate::network`) and the MAC the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    pub tap: String,
+    pub mac: virt8ra_api::MacAddr,
 }
 
 /// A data disk: `data-N.qcow2` in the VM's directory, an overlay over a

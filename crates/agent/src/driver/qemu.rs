@@ -10,7 +10,9 @@
 //! Disks are qcow2 overlays over the cached base image, so a VM costs only
 //! the blocks it writes. The serial console goes to `console.log` (appended
 //! across reboots and restarts). Networking is QEMU user mode with host port
-//! forwards on loopback, until virtual networks arrive.
+//! forwards on loopback; a VM with NICs on virtual networks gets a
+//! virtio NIC on a tap per NIC instead (the taps are the network data
+//! plane's, `crate::network`).
 //!
 //! Hardware acceleration is probed once per host boot ([`super::kvm_probe`]);
 //! under emulation the CPU model is the fixed `qemu64`, under KVM `host`.
@@ -199,20 +201,12 @@ impl QemuDriver {
             "chardev:con0".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p("qmp.sock")),
-            "-netdev".into(),
-            net,
-            "-device".into(),
-            // QEMU's default MAC for the first NIC, explicit: the guest's
-            // network configuration matches the first NIC by it.
-            format!(
-                "virtio-net-pci,netdev=net0,mac={}",
-                super::cloudinit::FIRST_NIC_MAC
-            ),
             "-daemonize".into(),
             "-pidfile".into(),
             p("qemu.pid"),
         ];
         let mut a = a;
+        a.extend(nic_args(cfg, net));
         // Data disks at PCI slots after every other device's, so the
         // firmware still boots the boot disk (the first disk in PCI order)
         // and the guest names them after the boot disk and the seed (vdc,
@@ -320,6 +314,39 @@ impl QemuDriver {
         }
         Ok(())
     }
+}
+
+/// The VM's network devices: a virtio NIC on its tap for each NIC on a
+/// virtual network (created beforehand by the network data plane; QEMU
+/// neither creates nor configures it: no scripts); without any, QEMU's
+/// user-mode NIC `user` with its port forwards, exactly as before virtual
+/// networks (a live migration between the two kinds of agent needs the
+/// same devices on both sides).
+fn nic_args(cfg: &VmConfig, user: String) -> Vec<String> {
+    if cfg.nics.is_empty() {
+        return vec![
+            "-netdev".into(),
+            user,
+            "-device".into(),
+            // QEMU's default MAC for the first NIC, explicit: the guest's
+            // network configuration matches the first NIC by it.
+            format!(
+                "virtio-net-pci,netdev=net0,mac={}",
+                super::cloudinit::FIRST_NIC_MAC
+            ),
+        ];
+    }
+    let mut a = Vec::new();
+    for (i, nic) in cfg.nics.iter().enumerate() {
+        a.push("-netdev".into());
+        a.push(format!(
+            "tap,id=n{i},ifname={},script=no,downscript=no",
+            opt_escape(&nic.tap)
+        ));
+        a.push("-device".into());
+        a.push(format!("virtio-net-pci,netdev=n{i},mac={}", nic.mac));
+    }
+    a
 }
 
 /// Doubles the commas of a QEMU option value (`a,b` -> `a,,b`).
@@ -688,6 +715,7 @@ mod tests {
                     size_gib: 0,
                 },
             ],
+            nics: vec![],
         };
         let a = drv.command_line(&cfg).join(" ");
         let dir = opt_escape(&drv.vm_dir("a1").to_string_lossy());
@@ -708,5 +736,31 @@ mod tests {
         ] {
             assert!(a.contains(&want), "{want:?} not in {a}");
         }
+        assert_eq!(a.matches("-netdev").count(), 1, "{a}");
+        assert!(!a.contains("tap,"), "{a}");
+
+        // With NICs on virtual networks: one tap NIC each, no user mode.
+        let nics = VmConfig {
+            nics: vec![
+                crate::driver::NicConfig {
+                    tap: "v8t-0123456789".into(),
+                    mac: "02:aa:bb:cc:dd:01".parse().unwrap(),
+                },
+                crate::driver::NicConfig {
+                    tap: "v8t-abcdefabcd".into(),
+                    mac: "02:aa:bb:cc:dd:02".parse().unwrap(),
+                },
+            ],
+            ..cfg
+        };
+        let a = drv.command_line(&nics).join(" ");
+        for want in [
+            "-netdev tap,id=n0,ifname=v8t-0123456789,script=no,downscript=no -device virtio-net-pci,netdev=n0,mac=02:aa:bb:cc:dd:01",
+            "-netdev tap,id=n1,ifname=v8t-abcdefabcd,script=no,downscript=no -device virtio-net-pci,netdev=n1,mac=02:aa:bb:cc:dd:02",
+        ] {
+            assert!(a.contains(want), "{want:?} not in {a}");
+        }
+        assert!(!a.contains("user,") && !a.contains("hostfwd"), "{a}");
+        assert_eq!(a.matches("-netdev").count(), 2, "{a}");
     }
 }

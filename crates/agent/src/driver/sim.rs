@@ -759,6 +759,7 @@ mod tests {
             context: Default::default(),
             machine: None,
             data_disks: vec![],
+            nics: vec![],
         }
     }
 

@@ -372,3 +372,24 @@ proptest! {
         prop_assert_eq!(x.overlaps(&y), x.contains(y.network()) || y.contains(x.network()));
     }
 }
+
+#[test]
+fn the_network_state_message_round_trips() {
+    use crate::protocol::ServerMessage;
+    let m = ServerMessage::NetworkState {
+        generation: 7,
+        state: HostNetworkState {
+            underlay: ip("192.168.0.1"),
+            networks: vec![host_net("a", "10.0.0.0/24", 1, Some("10.0.0.1"))],
+        },
+    };
+    let text = serde_json::to_string(&m).expect("serialize");
+    assert!(
+        text.starts_with(r#"{"type":"network_state","generation":7"#),
+        "{text}"
+    );
+    assert_eq!(
+        serde_json::from_str::<ServerMessage>(&text).expect("parse"),
+        m
+    );
+}

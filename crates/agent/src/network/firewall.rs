@@ -1,0 +1,204 @@
+//! nftables: outbound NAT per network, isolation between networks, and
+//! the anycast gateway's fences on the VXLAN ports.
+//!
+//! Everything lives in two tables of our own, `ip virt8ra` and `bridge
+//! virt8ra`; no other table is read or touched. Each table is generated
+//! whole from the desired state and carries the hash of its text in its
+//! comment: when the hash matches, nothing is done (idempotent, and no
+//! rule is rewritten under live traffic); otherwise the table is replaced
+//! in one `nft -f` transaction (delete and create together), so stale
+//! rules of a removed network cannot survive. With no network needing a
+//! table, it is deleted.
+//!
+//! - `ip virt8ra`: guests' traffic leaving a network's subnet is
+//!   masqueraded (networks with `nat`); forwarding from one of our bridges
+//!   to another is dropped, so two networks meet only outside the host.
+//! - `bridge virt8ra`: every host answers for the gateway with the same
+//!   MAC, so frames from or to that MAC, ARP for the gateway's address and
+//!   DHCP never cross the VXLAN device: each host's gateway and DHCP server
+//!   serve its own guests only.
+
+use sha2::{Digest, Sha256};
+use virt8ra_api::{device_names, gateway_mac, HostNetwork};
+
+use super::cmd::{self, Changes, Result};
+
+const TABLE: &str = "virt8ra";
+
+fn ip_table(networks: &[HostNetwork]) -> Option<String> {
+    if networks.is_empty() {
+        return None;
+    }
+    let mut fwd = String::new();
+    let mut nat = String::new();
+    for hn in networks {
+        let br = device_names(&hn.network.id).bridge;
+        fwd.push_str(&format!(
+            "\t\tiifname \"{br}\" oifname \"v8b-*\" oifname != \"{br}\" drop\n"
+        ));
+        if hn.nat {
+            nat.push_str(&format!(
+                "\t\tip saddr {c} ip daddr != {c} oifname != \"{br}\" masquerade\n",
+                c = hn.network.cidr
+            ));
+        }
+    }
+    Some(format!(
+        "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{fwd}\t}}\n\
+         \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{nat}\t}}\n"
+    ))
+}
+
+fn bridge_table(networks: &[HostNetwork]) -> Option<String> {
+    let mut rules = String::new();
+    for hn in networks {
+        let Some(gw) = hn.network.gateway else {
+            continue;
+        };
+        let vx = device_names(&hn.network.id).vxlan;
+        let mac = gateway_mac(&hn.network.id);
+        rules.push_str(&format!(
+            "\t\toifname \"{vx}\" ether saddr {mac} drop\n\
+             \t\toifname \"{vx}\" ether daddr {mac} drop\n\
+             \t\toifname \"{vx}\" ether type arp arp daddr ip {gw} drop\n\
+             \t\toifname \"{vx}\" ether type ip udp dport {{ 67, 68 }} drop\n"
+        ));
+    }
+    if rules.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{rules}\t}}\n\
+         \tchain output {{\n\t\ttype filter hook output priority filter; policy accept;\n{rules}\t}}\n"
+    ))
+}
+
+fn hash(body: &str) -> String {
+    hex::encode(&Sha256::digest(body.as_bytes())[..8])
+}
+
+/// The hash in the comment of table `family virt8ra`, or `None` without
+/// the table.
+fn current(family: &str) -> Result<Option<String>> {
+    let text = cmd::output("nft", &["list", "tables", family])?;
+    if !text
+        .lines()
+        .any(|l| l.trim() == format!("table {family} {TABLE}"))
+    {
+        return Ok(None);
+    }
+    let text = cmd::output("nft", &["list", "table", family, TABLE])?;
+    Ok(Some(
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("comment \"v8:"))
+            .map(|h| h.trim_end_matches(['"', ';']).to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+fn apply(family: &str, body: Option<String>, changes: &mut Changes) -> Result<()> {
+    let have = current(family)?;
+    match body {
+        None => {
+            if have.is_some() {
+                changes.run("nft", &["delete", "table", family, TABLE])?;
+            }
+        }
+        Some(body) => {
+            let h = hash(&body);
+            if have.as_deref() == Some(h.as_str()) {
+                return Ok(());
+            }
+            // `table` first so that `delete` finds one even when none
+            // existed; the three run as one transaction.
+            let script = format!(
+                "table {family} {TABLE}\ndelete table {family} {TABLE}\n\
+                 table {family} {TABLE} {{\n\tcomment \"v8:{h}\"\n{body}}}\n"
+            );
+            cmd::with_input("nft", &["-f", "-"], Some(&script))?;
+            changes.note(format!("nft: table {family} {TABLE} replaced ({h})"));
+        }
+    }
+    Ok(())
+}
+
+/// Makes both tables what `networks` need.
+pub fn ensure(networks: &[HostNetwork], changes: &mut Changes) -> Result<()> {
+    apply("ip", ip_table(networks), changes)?;
+    apply("bridge", bridge_table(networks), changes)
+}
+
+/// Turns on IPv4 forwarding if a network NATs (never off: other software
+/// on the host may need it).
+pub fn ensure_forwarding(networks: &[HostNetwork], changes: &mut Changes) -> Result<()> {
+    if !networks.iter().any(|n| n.nat) {
+        return Ok(());
+    }
+    let path = "/proc/sys/net/ipv4/ip_forward";
+    let now =
+        std::fs::read_to_string(path).map_err(|e| cmd::NetError(format!("read {path}: {e}")))?;
+    if now.trim() != "1" {
+        std::fs::write(path, "1").map_err(|e| cmd::NetError(format!("write {path}: {e}")))?;
+        changes.note("sysctl net.ipv4.ip_forward=1".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virt8ra_api::{NetworkSpec, DEFAULT_MTU};
+
+    fn hn(id: &str, gateway: Option<&str>, nat: bool) -> HostNetwork {
+        HostNetwork {
+            network: NetworkSpec {
+                id: id.into(),
+                name: id.into(),
+                cidr: "10.1.0.0/24"
+                    .parse()
+                    .unwrap_or_else(|e: String| panic!("{e}")),
+                gateway: gateway.and_then(|g| g.parse().ok()),
+                dns: vec![],
+                vni: 1,
+                mtu: DEFAULT_MTU,
+            },
+            nat,
+            nics: vec![],
+            peers: vec![],
+            fdb: vec![],
+        }
+    }
+
+    #[test]
+    fn tables_hold_what_the_networks_need() {
+        assert_eq!(ip_table(&[]), None);
+        assert_eq!(bridge_table(&[]), None);
+        let plain = [hn("l2", None, false)];
+        assert_eq!(bridge_table(&plain), None, "no gateway, nothing to fence");
+        let ip = ip_table(&plain).unwrap_or_default();
+        assert!(
+            !ip.contains("masquerade") && ip.contains(&device_names("l2").bridge),
+            "{ip}"
+        );
+        let routed = [hn("gw", Some("10.1.0.1"), true)];
+        let ip = ip_table(&routed).unwrap_or_default();
+        assert!(
+            ip.contains("ip saddr 10.1.0.0/24 ip daddr != 10.1.0.0/24"),
+            "{ip}"
+        );
+        let br = bridge_table(&routed).unwrap_or_default();
+        let vx = device_names("gw").vxlan;
+        assert!(
+            br.contains(&format!(
+                "oifname \"{vx}\" ether saddr {}",
+                gateway_mac("gw")
+            )),
+            "{br}"
+        );
+        assert!(br.contains("arp daddr ip 10.1.0.1 drop"), "{br}");
+        // The hash changes with the rules, so a changed network replaces
+        // its table, and an unchanged one does not.
+        assert_ne!(hash(&ip), hash(&ip_table(&plain).unwrap_or_default()));
+        assert_eq!(hash(&ip), hash(&ip_table(&routed).unwrap_or_default()));
+    }
+}
