@@ -273,7 +273,10 @@ pub fn udp_to_tun(sh: &Shared) {
                     k = 0;
                 }
                 let Some(slot) = out.get_mut(k) else { break };
-                slot.resize(TUN_BUF, 0);
+                // A decrypted packet is shorter than its datagram; only
+                // that much is (re)initialised, the capacity stays 64 KB
+                // for the GRO coalescing on write.
+                slot.resize(OFFSET + datagram.len().max(WG_MIN_BUF), 0);
                 if receive(sh, &table, m.addr, datagram, slot, &mut reply) {
                     k += 1;
                 }
