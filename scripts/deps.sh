@@ -3,14 +3,17 @@
 # QEMU (system emulator and qemu-img), and what scripts/test-image.sh builds
 # the test appliance from: a cloud kernel, busybox, Dropbear (dropbear-bin),
 # syslinux, mtools; the OpenSSH client (ssh, ssh-keygen) the end-to-end
-# tests log in to guests with; and what the agent's network data plane runs:
-# iproute2 (ip, bridge), nftables (nft) and dnsmasq-base (DHCP).
+# tests log in to guests with; what the agent's network data plane runs:
+# iproute2 (ip, bridge), nftables (nft) and dnsmasq-base (DHCP); and for the
+# tunnel's tests and benchmark (crates/tunnel): ping, tcpdump, iperf3,
+# python3, and boringtun-cli (the baseline and the interop peer; cached in
+# ~/.cargo/bin).
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for p in qemu-system-x86 qemu-utils syslinux syslinux-common mtools dosfstools busybox-static cpio gzip \
-         dropbear-bin openssh-client iproute2 nftables dnsmasq-base; do
+         dropbear-bin openssh-client iproute2 nftables dnsmasq-base iputils-ping tcpdump iperf3 python3; do
   have "$p" || need+=("$p")
 done
 # Installing qemu-system-x86 alone can remove a newer qemu-utils (from
@@ -45,4 +48,11 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "error: cargo (Rust 1.85 or newer) is needed: install it with rustup or your distribution's package" >&2
   exit 1
+fi
+
+# boringtun-cli as it comes: the end-to-end interop test and the benchmark's
+# baseline. Built once, kept in ~/.cargo/bin (CI caches that directory).
+if ! command -v boringtun-cli >/dev/null && [ ! -x "$HOME/.cargo/bin/boringtun-cli" ]; then
+  echo "installing boringtun-cli 0.7.1 (cargo install, once)" >&2
+  cargo install boringtun-cli --version 0.7.1 --locked >&2
 fi

@@ -52,6 +52,10 @@ enum Top {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(virt8ra_bench::Bench),
+    /// Userspace WireGuard tunnel, for tests and benchmarks (the agent
+    /// will run it as a task).
+    #[command(subcommand, hide = true)]
+    Tunnel(virt8ra_tunnel::cmd::TunnelCmd),
     #[command(flatten)]
     Client(virt8ra_cli::Command),
 }
@@ -136,6 +140,10 @@ fn main() {
                 Ok(())
             }
             Top::Bench(b) => virt8ra_bench::run(b, cli.global.output).await,
+            Top::Tunnel(t) => {
+                init_logging();
+                virt8ra_tunnel::cmd::run(t).await.map_err(Into::into)
+            }
             Top::Client(c) => virt8ra_cli::run(cli.global, c).await,
         }
     });
