@@ -20,19 +20,17 @@ use anyhow::Context;
 use chrono::Utc;
 use virt8ra_store::{CachedStore, SqliteStore, Store, TokenKind};
 
-pub mod api;
-pub mod auth;
-pub mod distribution;
+use crate::registry::placement::{LoadedPlacement, PlacementConfig};
+
 pub mod error;
-pub mod hub;
-pub mod index;
+pub mod http;
 pub mod keys;
-pub mod migration;
-pub mod placement;
-pub mod scheduler;
+pub mod registry;
 pub mod serve;
+pub mod services;
 pub mod state;
 pub mod tls;
+pub mod workflows;
 
 pub use state::{App, AppState};
 
@@ -96,7 +94,8 @@ pub const CA_HINT: &str = "start the control plane with --ca-cert FILE, the CA t
 pub async fn open(
     data_dir: &Path,
     heartbeat: Duration,
-    placement_config: placement::PlacementConfig,
+    placement_config: PlacementConfig,
+    max_image_virtual_size: u64,
     trust: virt8ra_tls::Trust,
 ) -> anyhow::Result<(App, Option<String>)> {
     // The owner's alone (0700, files 0600), an older one tightened.
@@ -113,9 +112,9 @@ pub async fn open(
     let store: Arc<dyn Store> = Arc::new(CachedStore::new(store).await?);
     let created = ensure_admin_token(store.as_ref(), data_dir).await?;
     store.purge_join_tokens(Utc::now()).await?;
-    let hosts = index::HostIndex::load(store.list_hosts().await?);
+    let hosts = registry::index::HostIndex::load(store.list_hosts().await?);
     // Every VM into memory before serving: reads are answered from there.
-    let vms = index::VmIndex::load(
+    let vms = registry::index::VmIndex::load(
         store
             .list_vms(&virt8ra_store::VmFilter {
                 include_deleted: true,
@@ -125,13 +124,13 @@ pub async fn open(
     );
     let app = Arc::new(AppState {
         store,
-        hub: hub::Hub::default(),
+        hub: registry::hub::Hub::default(),
         data_dir: data_dir.to_path_buf(),
         images_dir,
         heartbeat_interval: heartbeat,
         wake: tokio::sync::Notify::new(),
         vm_locks: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
-        placement: placement::Placement::new(placement_config),
+        placement: LoadedPlacement::new(placement_config),
         started: std::time::Instant::now(),
         marked_hosts: Default::default(),
         deleting_hosts: Default::default(),
@@ -143,6 +142,7 @@ pub async fn open(
         trust,
         catalog_key,
         site_key,
+        max_image_virtual_size,
     });
     Ok((app, created))
 }
@@ -151,32 +151,13 @@ async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Resul
     if store.count_tokens(TokenKind::Admin).await? > 0 {
         return Ok(None);
     }
-    let secret = auth::new_secret();
+    let secret = http::auth::new_secret();
     let path = data_dir.join("admin.token");
-    write_secret(&path, &secret)?;
-    store.create_token(&auth::admin_record(&secret)).await?;
+    keys::write_secret(&path, &secret)?;
+    store
+        .create_token(&http::auth::admin_record(&secret))
+        .await?;
     Ok(Some(secret))
-}
-
-/// Writes a secret readable by the owner only (mode 0600), durably and
-/// atomically (a reader sees the old file or the new one).
-pub(crate) fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    // A leftover temporary file may have a wider mode: start afresh.
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    f.write_all(secret.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
-    Ok(())
 }
 
 /// Runs the control plane until the process is stopped.
@@ -210,13 +191,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             args.max_image_virtual_size_gib
         );
     }
-    api::images::set_max_virtual_size(args.max_image_virtual_size_gib << 30);
     if !virt8ra_image::sandboxed() {
         tracing::warn!(
             "no Landlock on this kernel: qemu-img checks and converts received images unconfined"
         );
     }
-    let cfg = placement::PlacementConfig {
+    let cfg = PlacementConfig {
         cpu_overcommit: args.cpu_overcommit,
         memory_overcommit: args.memory_overcommit,
         ..Default::default()
@@ -235,6 +215,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         &args.data_dir,
         Duration::from_secs(args.heartbeat_interval.max(1)),
         cfg,
+        args.max_image_virtual_size_gib << 30,
         trust,
     )
     .await?;
@@ -261,18 +242,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
              migrations cross the network unencrypted; pass --tls-cert and --tls-key"
         );
     }
-    migration::resume_all(&app)
+    workflows::migration::resume_all(&app)
         .await
         .context("resume unfinished migrations")?;
-    tokio::spawn(scheduler::run(app.clone()));
-    tokio::spawn(api::tokens::purge_periodically(app.clone()));
+    tokio::spawn(services::scheduler::run(app.clone()));
+    tokio::spawn(http::tokens::purge_periodically(app.clone()));
     if let Some(server_tls) = &server_tls {
         tokio::spawn(reload_on_sighup(server_tls.clone()));
     }
     serve::serve(
         listener,
         server_tls,
-        api::router(app),
+        http::router(app),
         limits,
         shutdown_signal(),
     )

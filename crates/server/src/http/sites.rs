@@ -7,9 +7,9 @@ use chrono::Utc;
 use virt8ra_api::{validate, Page, Site, SiteCreate, SiteUpdate};
 use virt8ra_store::StoreError;
 
-use super::{missing_ref, Body};
-use crate::auth::Admin;
+use super::extract::{missing_ref, Body};
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::Admin;
 use crate::state::App;
 
 #[utoipa::path(get, path = "/api/v1/sites", tag = "sites",

@@ -19,11 +19,12 @@ use virt8ra_api::protocol::{negotiate, AgentMessage, ServerMessage, PROTOCOL_VER
 use virt8ra_api::{validate, AgentJoin, AgentJoined, Host, HostState};
 use virt8ra_store::{TokenKind, TokenRecord};
 
-use super::{vms, Body};
-use crate::auth::{self, HostAuth, JoinAuth};
+use super::extract::Body;
+use super::vms;
 use crate::error::{ApiError, ApiResult};
-use crate::hub::{ConsoleReply, Outbox};
-use crate::scheduler;
+use crate::http::auth::{self, HostAuth, JoinAuth};
+use crate::registry::hub::{ConsoleReply, Outbox};
+use crate::services::scheduler;
 use crate::state::App;
 
 #[utoipa::path(post, path = "/api/v1/agent/join", tag = "agent", request_body = AgentJoin,
@@ -89,7 +90,7 @@ pub async fn join(
 pub async fn connect(
     State(app): State<App>,
     auth: HostAuth,
-    super::Upgrade(ws): super::Upgrade,
+    super::extract::Upgrade(ws): super::extract::Upgrade,
 ) -> ApiResult<Response> {
     // The host must still exist (a deleted host's tokens are revoked too).
     let host = app.host(&auth.host_id)?;
@@ -314,8 +315,8 @@ const MUX_WRITE_BATCH: usize = 256;
 pub async fn mux(
     State(app): State<App>,
     _auth: HostAuth,
-    super::Query(q): super::Query<MuxQuery>,
-    super::Upgrade(ws): super::Upgrade,
+    super::extract::Query(q): super::extract::Query<MuxQuery>,
+    super::extract::Upgrade(ws): super::extract::Upgrade,
 ) -> ApiResult<Response> {
     if q.version != MUX_VERSION {
         return Err(ApiError::Invalid(format!(
@@ -652,7 +653,7 @@ async fn handle_migration_report(
     let r2 = r.clone();
     app.migrations.note_report(host_id, r);
     if is_export {
-        if let Err(e) = crate::migration::finish_export(app, &r2).await {
+        if let Err(e) = crate::workflows::migration::finish_export(app, &r2).await {
             tracing::warn!(export = %r2.migration_id, error = %e, "recording an export");
         }
     }

@@ -20,9 +20,9 @@ use virt8ra_api::{
     version_cmp, Appliance, Catalog, CatalogCreate, CatalogEntry, CatalogIndex, SignedCatalog,
 };
 
-use super::Body;
-use crate::auth::Admin;
+use super::extract::Body;
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::Admin;
 use crate::state::App;
 
 pub const APPLIANCE: &str = "appliance";
@@ -87,7 +87,7 @@ pub async fn publish(
         let i = match app.store.get_image(&img.name).await {
             Ok(i) => i,
             Err(virt8ra_store::StoreError::NotFound { .. }) => {
-                return Err(super::missing_ref("image", &img.name, "image"))
+                return Err(super::extract::missing_ref("image", &img.name, "image"))
             }
             Err(e) => return Err(e.into()),
         };
@@ -272,8 +272,8 @@ pub async fn public_key(_: Admin, State(app): State<App>) -> ApiResult<Json<Cata
 
 #[utoipa::path(get, path = "/api/v1/catalog/images/{sha256}", tag = "marketplace",
     params(("sha256" = String, Path, description = "Content address of a published image")),
-    responses((status = 200, description = "The qcow2 file", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
-              (status = 206, description = "The rest of the file from the requested offset", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+    responses((status = 200, description = "The qcow2 file", body = inline(super::extract::Binary), content_type = "application/octet-stream"),
+              (status = 206, description = "The rest of the file from the requested offset", body = inline(super::extract::Binary), content_type = "application/octet-stream"),
               (status = 404, body = virt8ra_api::ErrorBody)))]
 /// The image of a published appliance (public, like the catalog).
 pub async fn image_data(
@@ -362,7 +362,7 @@ pub async fn fetch_verified(
         a.validate()
             .map_err(|e| ApiError::Invalid(format!("catalog {url}: {e}")))?;
         for i in &a.images {
-            if !crate::api::images::valid_sha(&i.sha256) || i.url.is_none() {
+            if !crate::services::images::valid_sha(&i.sha256) || i.url.is_none() {
                 return Err(ApiError::Invalid(format!(
                     "catalog {url}: appliance {} names image {} without a sha256 and URL",
                     a.key(),
@@ -493,11 +493,11 @@ pub async fn ensure_images(
         if stored.iter().any(|i| i.name == name) {
             name = format!("{}-{}", img.name, &img.sha256[..8]);
         }
-        let i = super::images::import_from_url(
+        let i = crate::services::images::import_from_url(
             app,
             url.as_str(),
             Some(&img.sha256),
-            super::images::Meta {
+            crate::services::images::Meta {
                 id: uuid::Uuid::new_v4().to_string(),
                 name,
                 arch: img.arch.clone(),

@@ -6,9 +6,9 @@ use axum::Json;
 use chrono::Utc;
 use virt8ra_api::{validate, Page, Provider, ProviderCreate, ProviderUpdate};
 
-use super::Body;
-use crate::auth::Admin;
+use super::extract::Body;
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::Admin;
 use crate::state::App;
 
 #[utoipa::path(get, path = "/api/v1/providers", tag = "providers",

@@ -16,11 +16,11 @@ use virt8ra_api::{
 };
 use virt8ra_store::VmFilter;
 
-use super::{Body, Query};
-use crate::auth::{Admin, AdminOrHost, HostAuth};
+use super::extract::{Body, Query};
 use crate::error::{ApiError, ApiResult};
-use crate::migration;
+use crate::http::auth::{Admin, AdminOrHost, HostAuth};
 use crate::state::App;
+use crate::workflows::migration;
 
 #[utoipa::path(post, path = "/api/v1/vms/{key}/migrate", tag = "migrations", request_body = MigrationCreate,
     params(("key" = String, Path, description = "VM name or id")),
@@ -278,7 +278,7 @@ pub async fn export(
     app.store.put_export(&e).await?;
     app.migrations.set_export(&e);
     if let Some(h) = &vm.status.host_id {
-        crate::scheduler::sync_host(&app, h).await?;
+        crate::services::scheduler::sync_host(&app, h).await?;
     }
     Ok((StatusCode::ACCEPTED, Json(e)))
 }
@@ -390,7 +390,7 @@ pub struct UploadAt {
 }
 
 #[utoipa::path(put, path = "/api/v1/staging/{id}", tag = "agent", params(("id" = String, Path), UploadAt),
-    request_body(content = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+    request_body(content = inline(super::extract::Binary), content_type = "application/octet-stream"),
     responses((status = 200, description = "Chunk stored durably"), (status = 403, body = virt8ra_api::ErrorBody),
               (status = 404, body = virt8ra_api::ErrorBody, description = "Not a staging id"),
               (status = 409, body = virt8ra_api::ErrorBody, description = "Offset is not the staged size")),
@@ -404,7 +404,7 @@ pub async fn upload(
     body: RawBody,
 ) -> ApiResult<Json<serde_json::Value>> {
     may_upload(&app, &host.host_id, &id).await?;
-    super::octet_stream(&headers)?;
+    super::extract::octet_stream(&headers)?;
     let path = migration::staging_path(&app, &id);
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir)
@@ -471,8 +471,8 @@ fn valid_id(key: &str) -> ApiResult<()> {
 }
 
 #[utoipa::path(get, path = "/api/v1/staging/{id}", tag = "migrations", params(("id" = String, Path)),
-    responses((status = 200, description = "The staged disk (qcow2); `Range: bytes=N-` resumes", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
-              (status = 206, description = "The rest of the staged disk from the requested offset", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+    responses((status = 200, description = "The staged disk (qcow2); `Range: bytes=N-` resumes", body = inline(super::extract::Binary), content_type = "application/octet-stream"),
+              (status = 206, description = "The rest of the staged disk from the requested offset", body = inline(super::extract::Binary), content_type = "application/octet-stream"),
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(
@@ -526,7 +526,7 @@ pub async fn rebalance(
     let mut out = Rebalance::default();
     for m in plan.moves {
         // Capacity held for migrations under way is not a VM to move.
-        if crate::placement::is_reservation(&m.vm) {
+        if crate::registry::placement::is_reservation(&m.vm) {
             continue;
         }
         let name = app.vm(&m.vm).map(|v| v.name).unwrap_or(m.vm.clone());

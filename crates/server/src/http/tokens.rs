@@ -21,8 +21,8 @@ use chrono::Utc;
 use virt8ra_api::{AdminToken, JoinTokenInfo, Page};
 use virt8ra_store::TokenKind;
 
-use crate::auth::{self, Admin};
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::{self, Admin};
 use crate::state::App;
 
 /// How often expired join tokens are purged.
@@ -107,7 +107,7 @@ pub async fn rotate_admin_token(_: Admin, State(app): State<App>) -> ApiResult<J
     // The new file first, beside the old one: if it cannot be written,
     // nothing has changed.
     let staged = app.data_dir.join("admin.token.new");
-    if let Err(e) = crate::write_secret(&staged, &secret) {
+    if let Err(e) = crate::keys::write_secret(&staged, &secret) {
         tracing::error!(error = %format!("{e:#}"), "admin token rotation: writing the new token file");
         return Err(ApiError::Internal(
             "the new admin token could not be saved; nothing changed (the control plane's log says why)"

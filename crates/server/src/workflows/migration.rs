@@ -25,24 +25,20 @@
 //! host confirmed its copy is gone. The commit point is the atomic write that
 //! moves the VM to the target host; after it the workflow only goes forward.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use tokio::sync::Notify;
 use virt8ra_api::protocol::{
-    DesiredVm, LiveEndpoints, MigrationAgentState, MigrationReport, MigrationRole, MigrationSide,
-    StagedDisk, MIGRATION_PROTOCOL_VERSION,
+    MigrationAgentState, MigrationReport, MigrationSide, StagedDisk, MIGRATION_PROTOCOL_VERSION,
 };
 use virt8ra_api::{
     Host, Hypervisor, Migration, MigrationCreate, MigrationEnd, MigrationMode, MigrationPhase,
-    MigrationStep, RequestedMode, Vm, VmExport, VmPhase,
+    MigrationStep, RequestedMode, Vm, VmPhase,
 };
 use virt8ra_placement::Engine;
 
 use crate::error::{ApiError, ApiResult};
-use crate::placement;
+use crate::registry::placement;
 use crate::state::App;
 
 /// Giving up on a target that does not get ready.
@@ -51,130 +47,6 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
 const STALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often a workflow looks again without being woken.
 const TICK: Duration = Duration::from_millis(250);
-
-/// The control plane's live view of migrations and exports.
-#[derive(Default)]
-pub struct Migrations {
-    active: Mutex<HashMap<String, Migration>>,
-    reports: Mutex<HashMap<(String, MigrationSide), MigrationReport>>,
-    /// (host id, VM id) -> when the host was seen without the VM.
-    gone: Mutex<HashMap<(String, String), Instant>>,
-    exports: Mutex<HashMap<String, VmExport>>,
-    wake: Notify,
-    /// Live streams relayed between agents (`api::relay`).
-    pub relay: crate::api::relay::Relays,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Migrations {
-    /// Migrations that are not finished.
-    pub fn active(&self) -> Vec<Migration> {
-        lock(&self.active).values().cloned().collect()
-    }
-
-    fn set_active(&self, m: &Migration) {
-        let mut a = lock(&self.active);
-        if m.phase.is_terminal() {
-            a.remove(&m.id);
-        } else {
-            a.insert(m.id.clone(), m.clone());
-        }
-    }
-
-    pub fn active_exports(&self) -> Vec<VmExport> {
-        lock(&self.exports).values().cloned().collect()
-    }
-
-    pub fn set_export(&self, e: &VmExport) {
-        let mut x = lock(&self.exports);
-        if e.state == "uploading" {
-            x.insert(e.id.clone(), e.clone());
-        } else {
-            x.remove(&e.id);
-        }
-    }
-
-    /// An agent's report. Reports from hosts that are not the named side
-    /// of the migration are ignored.
-    pub fn note_report(&self, host_id: &str, r: MigrationReport) {
-        let known = lock(&self.active).get(&r.migration_id).is_some_and(|m| {
-            let end = match r.side {
-                MigrationSide::Source => &m.source,
-                MigrationSide::Target => &m.target,
-            };
-            end.host_id == host_id
-        });
-        let export = lock(&self.exports).contains_key(&r.migration_id);
-        if !known && !export {
-            return;
-        }
-        lock(&self.reports).insert((r.migration_id.clone(), r.side), r);
-        self.wake.notify_waiters();
-    }
-
-    fn report(&self, id: &str, side: MigrationSide) -> Option<MigrationReport> {
-        lock(&self.reports).get(&(id.to_string(), side)).cloned()
-    }
-
-    fn forget_reports(&self, id: &str) {
-        lock(&self.reports).retain(|(m, _), _| m != id);
-    }
-
-    /// A host said VM `vm_id` is gone from it.
-    pub fn note_gone(&self, host_id: &str, vm_id: &str) {
-        lock(&self.gone).insert((host_id.to_string(), vm_id.to_string()), Instant::now());
-        self.wake.notify_waiters();
-    }
-
-    /// A heartbeat listed the VMs a host has: those a migration waits to
-    /// see removed from it, and which it does not list, are gone.
-    pub fn note_present(&self, host_id: &str, present: &[String]) {
-        let waiting: Vec<String> = lock(&self.active)
-            .values()
-            .filter_map(|m| {
-                let end = match m.phase {
-                    MigrationPhase::RollingBack => &m.target,
-                    MigrationPhase::CleaningUp => &m.source,
-                    _ => return None,
-                };
-                (end.host_id == host_id && !present.contains(&m.vm_id)).then(|| m.vm_id.clone())
-            })
-            .collect();
-        for vm in waiting {
-            self.note_gone(host_id, &vm);
-        }
-    }
-
-    /// Whether an active migration has this host at either end.
-    pub fn involves(&self, host_id: &str) -> bool {
-        lock(&self.active)
-            .values()
-            .any(|m| m.source.host_id == host_id || m.target.host_id == host_id)
-    }
-
-    /// Whether a migration waits to see a VM gone from this host (so its
-    /// heartbeats must list what it has).
-    pub fn waits_on(&self, host_id: &str) -> bool {
-        lock(&self.active).values().any(|m| match m.phase {
-            MigrationPhase::RollingBack => m.target.host_id == host_id,
-            MigrationPhase::CleaningUp => m.source.host_id == host_id,
-            _ => false,
-        })
-    }
-
-    fn gone_since(&self, host_id: &str, vm_id: &str, since: Instant) -> bool {
-        lock(&self.gone)
-            .get(&(host_id.to_string(), vm_id.to_string()))
-            .is_some_and(|t| *t >= since)
-    }
-
-    pub fn wake(&self) {
-        self.wake.notify_waiters();
-    }
-}
 
 /// Failure injection for end-to-end tests: `VIRT8RA_FAIL_AT=migration:<phase>`
 /// makes the control plane exit right after it recorded that phase. A no-op
@@ -372,13 +244,9 @@ fn selector_text(req: &MigrationCreate) -> String {
     }
 }
 
-/// Validates and starts a migration of VM `key`; returns it as recorded.
-pub async fn start(
-    app: &App,
-    key: &str,
-    req: &MigrationCreate,
-    exclude: &[String],
-) -> ApiResult<Migration> {
+/// Refuses a request naming more than one destination, or a country that
+/// is not an ISO code.
+fn check_request(req: &MigrationCreate) -> ApiResult<()> {
     let selectors = [
         &req.to_host,
         &req.to_site,
@@ -400,9 +268,11 @@ pub async fn start(
             )));
         }
     }
-    let id = app.store.get_vm(key).await?.id;
-    let _g = app.lock_vm(&id).await;
-    let mut vm = app.store.get_vm(&id).await?;
+    Ok(())
+}
+
+/// Whether a VM can be migrated now; its host's id when it can.
+fn migratable(vm: &Vm) -> ApiResult<String> {
     if let Some(m) = &vm.status.migration {
         return Err(ApiError::Conflict(format!(
             "VM '{}' is already being migrated (migration {m})",
@@ -416,37 +286,22 @@ pub async fn start(
             vm.status.phase.as_str()
         )));
     }
-    let src_id = vm
-        .status
+    vm.status
         .host_id
         .clone()
-        .ok_or_else(|| ApiError::Conflict(format!("VM '{}' has no host", vm.name)))?;
-    let src = app.store.get_host(&src_id).await?;
-    protocol_ok(app, &src)?;
-    let mig_id = uuid::Uuid::new_v4().to_string();
-    let reservation = placement::reservation(&vm.id, &mig_id);
-    let weights = app.placement.config.weights;
-    let (dst_name, reason) = app
-        .placement
-        .with_engine(app, |e| {
-            choose_target(e, &vm, req, &src.name, exclude, &reservation, weights)
-        })
-        .await??;
-    let release = || app.placement.release(&reservation);
-    let dst = match app.store.get_host(&dst_name).await {
-        Ok(h) => h,
-        Err(e) => {
-            release();
-            return Err(e.into());
-        }
-    };
-    if let Err(e) = protocol_ok(app, &dst) {
-        release();
-        return Err(e);
-    }
-    let why_not_live = live_incompatibility(&vm, &src, &dst);
-    let relay_live = dst.inventory.migration_address.is_none();
-    let (mode, mode_reason) = match (req.mode, why_not_live) {
+        .ok_or_else(|| ApiError::Conflict(format!("VM '{}' has no host", vm.name)))
+}
+
+/// Live or cold, and why: as asked, or (`auto`) live when the hosts are
+/// compatible. Asked live between incompatible hosts is refused.
+fn choose_mode(
+    asked: RequestedMode,
+    why_not_live: Option<String>,
+    relay_live: bool,
+    vm: &Vm,
+    dst: &Host,
+) -> ApiResult<(MigrationMode, String)> {
+    Ok(match (asked, why_not_live) {
         (RequestedMode::Cold, _) => (MigrationMode::Cold, "cold, as asked".to_string()),
         (RequestedMode::Live | RequestedMode::Auto, None) if relay_live => (
             MigrationMode::Live,
@@ -454,7 +309,6 @@ pub async fn start(
         ),
         (RequestedMode::Live, None) => (MigrationMode::Live, "live, as asked".to_string()),
         (RequestedMode::Live, Some(why)) => {
-            release();
             return Err(ApiError::Conflict(format!(
                 "cannot migrate VM '{}' live to host {}: {why}; use --mode cold or auto",
                 vm.name, dst.name
@@ -465,23 +319,32 @@ pub async fn start(
             "live: the hosts are compatible".to_string(),
         ),
         (RequestedMode::Auto, Some(why)) => (MigrationMode::Cold, format!("cold: {why}")),
-    };
+    })
+}
+
+/// The record of a migration just decided, at its first phase.
+fn new_record(
+    mig_id: &str,
+    vm: &Vm,
+    requested_mode: RequestedMode,
+    (mode, mode_reason): (MigrationMode, String),
+    (src, dst): (&Host, &Host),
+    placement_reason: String,
+) -> Migration {
     let now = Utc::now();
-    let first = match mode {
-        MigrationMode::Live => MigrationPhase::PreparingTarget,
-        MigrationMode::Cold => MigrationPhase::Transferring,
-    };
-    let m = Migration {
-        id: mig_id.clone(),
+    let first = first_phase(mode);
+    let relay_live = dst.inventory.migration_address.is_none();
+    Migration {
+        id: mig_id.to_string(),
         vm_id: vm.id.clone(),
         vm: vm.name.clone(),
         mode,
-        requested_mode: req.mode,
+        requested_mode,
         mode_reason: mode_reason.clone(),
         phase: first,
-        source: end_of(&src),
-        target: end_of(&dst),
-        placement_reason: reason,
+        source: end_of(src),
+        target: end_of(dst),
+        placement_reason,
         progress: None,
         downtime_ms: None,
         total_ms: None,
@@ -510,7 +373,72 @@ pub async fn start(
         created_at: now,
         updated_at: now,
         finished_at: None,
+    }
+}
+
+/// A migration's first phase: live prepares the target first, cold
+/// stops the source and uploads its disk first.
+fn first_phase(mode: MigrationMode) -> MigrationPhase {
+    match mode {
+        MigrationMode::Live => MigrationPhase::PreparingTarget,
+        MigrationMode::Cold => MigrationPhase::Transferring,
+    }
+}
+
+/// Validates and starts a migration of VM `key`; returns it as recorded.
+pub async fn start(
+    app: &App,
+    key: &str,
+    req: &MigrationCreate,
+    exclude: &[String],
+) -> ApiResult<Migration> {
+    check_request(req)?;
+    let id = app.store.get_vm(key).await?.id;
+    let _g = app.lock_vm(&id).await;
+    let mut vm = app.store.get_vm(&id).await?;
+    let src_id = migratable(&vm)?;
+    let src = app.store.get_host(&src_id).await?;
+    protocol_ok(app, &src)?;
+    let mig_id = uuid::Uuid::new_v4().to_string();
+    let reservation = placement::reservation(&vm.id, &mig_id);
+    let weights = app.placement.config.weights;
+    let (dst_name, reason) = app
+        .placement
+        .with_engine(app, |e| {
+            choose_target(e, &vm, req, &src.name, exclude, &reservation, weights)
+        })
+        .await??;
+    let release = || app.placement.release(&reservation);
+    let dst = match app.store.get_host(&dst_name).await {
+        Ok(h) => h,
+        Err(e) => {
+            release();
+            return Err(e.into());
+        }
     };
+    if let Err(e) = protocol_ok(app, &dst) {
+        release();
+        return Err(e);
+    }
+    let why_not_live = live_incompatibility(&vm, &src, &dst);
+    let relay_live = dst.inventory.migration_address.is_none();
+    let (mode, mode_reason) = match choose_mode(req.mode, why_not_live, relay_live, &vm, &dst) {
+        Ok(m) => m,
+        Err(e) => {
+            release();
+            return Err(e);
+        }
+    };
+    let now = Utc::now();
+    let first = first_phase(mode);
+    let m = new_record(
+        &mig_id,
+        &vm,
+        req.mode,
+        (mode, mode_reason),
+        (&src, &dst),
+        reason,
+    );
     vm.status.migration = Some(mig_id.clone());
     vm.updated_at = now;
     let event = format!(
@@ -548,7 +476,7 @@ pub async fn resume_all(app: &App) -> ApiResult<()> {
 
 async fn sync_hosts(app: &App, m: &Migration) {
     for h in [&m.source.host_id, &m.target.host_id] {
-        if let Err(e) = crate::scheduler::sync_host(app, h).await {
+        if let Err(e) = crate::services::scheduler::sync_host(app, h).await {
             tracing::warn!(host = %h, error = %e, "sending desired state");
             app.mark_host(h);
         }
@@ -598,8 +526,8 @@ async fn drive(app: App, id: String) {
     let mut last_progress: Option<(u64, Instant)> = None;
     let mut last_saved = Instant::now();
     loop {
-        let notified = app.migrations.wake.notified();
-        let Some(mut m) = lock(&app.migrations.active).get(&id).cloned() else {
+        let notified = app.migrations.notified();
+        let Some(mut m) = app.migrations.get(&id) else {
             return;
         };
         let phase = m.phase;
@@ -631,21 +559,34 @@ async fn load_vm(app: &App, m: &Migration) -> ApiResult<Vm> {
     Ok(app.store.get_vm(&m.vm_id).await?)
 }
 
-/// One look at a migration: act on what the agents reported.
-async fn step(
+/// What one look at a migration found: the agents' latest reports and
+/// whether the transfer stopped moving.
+struct Observed {
+    src: Option<MigrationReport>,
+    dst: Option<MigrationReport>,
+    /// When the workflow entered its phase.
+    entered: Instant,
+    /// No progress for [`STALL_TIMEOUT`].
+    stalled: bool,
+}
+
+/// A side's error, when its report says it failed.
+fn failure(r: &Option<MigrationReport>) -> Option<String> {
+    r.as_ref()
+        .filter(|r| r.state == MigrationAgentState::Failed)
+        .map(|r| r.error.clone().unwrap_or_else(|| "failed".into()))
+}
+
+/// Reads the agents' reports and notes progress (for the API; a transfer
+/// that stops moving is given up).
+fn observe(
     app: &App,
     m: &mut Migration,
     entered: Instant,
     last_progress: &mut Option<(u64, Instant)>,
-) -> ApiResult<()> {
+) -> Observed {
     let src = app.migrations.report(&m.id, MigrationSide::Source);
     let dst = app.migrations.report(&m.id, MigrationSide::Target);
-    let failed = |r: &Option<MigrationReport>| {
-        r.as_ref()
-            .filter(|r| r.state == MigrationAgentState::Failed)
-            .map(|r| r.error.clone().unwrap_or_else(|| "failed".into()))
-    };
-    // Progress, for the API; a transfer that stops moving is given up.
     if let Some(p) = src
         .as_ref()
         .and_then(|r| r.progress.clone())
@@ -659,190 +600,249 @@ async fn step(
             app.migrations.set_active(m);
         }
     }
-    let stalled = || {
-        let since = last_progress.map(|(_, t)| t).unwrap_or(entered);
-        since.elapsed() > STALL_TIMEOUT
-    };
+    let since = last_progress.map(|(_, t)| t).unwrap_or(entered);
+    Observed {
+        src,
+        dst,
+        entered,
+        stalled: since.elapsed() > STALL_TIMEOUT,
+    }
+}
+
+/// One look at a migration: act on what the agents reported, by the step
+/// of the diagram in the module documentation it is at.
+async fn step(
+    app: &App,
+    m: &mut Migration,
+    entered: Instant,
+    last_progress: &mut Option<(u64, Instant)>,
+) -> ApiResult<()> {
+    let o = observe(app, m, entered, last_progress);
     match (m.mode, m.phase) {
-        (MigrationMode::Live, MigrationPhase::PreparingTarget) => {
-            if let Some(e) = failed(&dst) {
-                return rollback(app, m, format!("the target could not get ready: {e}")).await;
-            }
-            if let Some(ep) = dst.as_ref().and_then(|r| r.endpoints.clone()) {
-                m.source_engaged = true;
-                let via = if m.relay {
-                    ", relayed through the control plane"
-                } else {
-                    ""
-                };
-                let msg = format!(
-                    "target {} ready (migration stream {}, disk {}{via}); sending disk and memory",
-                    m.target.host, ep.migrate, ep.nbd
-                );
-                return advance(app, m, MigrationPhase::Transferring, msg, None).await;
-            }
-            if entered.elapsed() > PREPARE_TIMEOUT {
-                return rollback(app, m, "the target did not get ready in time".into()).await;
-            }
+        (MigrationMode::Live, MigrationPhase::PreparingTarget) => live_preparing(app, m, &o).await,
+        (MigrationMode::Live, MigrationPhase::Transferring) => live_transferring(app, m, &o).await,
+        (MigrationMode::Cold, MigrationPhase::Transferring) => cold_transferring(app, m, &o).await,
+        (MigrationMode::Cold, MigrationPhase::PreparingTarget) => cold_preparing(app, m, &o).await,
+        (_, MigrationPhase::SwitchingOver) => switching_over(app, m).await,
+        (_, MigrationPhase::CleaningUp) => cleaning_up(app, m).await,
+        (_, MigrationPhase::RollingBack) => rolling_back(app, m, &o).await,
+        (_, MigrationPhase::Completed | MigrationPhase::Failed) => Ok(()),
+    }
+}
+
+/// Live, `preparing_target`: the target's endpoints are known -> the
+/// source sends disk and memory (`transferring`).
+async fn live_preparing(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+    if let Some(e) = failure(&o.dst) {
+        return rollback(app, m, format!("the target could not get ready: {e}")).await;
+    }
+    if let Some(ep) = o.dst.as_ref().and_then(|r| r.endpoints.clone()) {
+        m.source_engaged = true;
+        let via = if m.relay {
+            ", relayed through the control plane"
+        } else {
+            ""
+        };
+        let msg = format!(
+            "target {} ready (migration stream {}, disk {}{via}); sending disk and memory",
+            m.target.host, ep.migrate, ep.nbd
+        );
+        return advance(app, m, MigrationPhase::Transferring, msg, None).await;
+    }
+    if o.entered.elapsed() > PREPARE_TIMEOUT {
+        return rollback(app, m, "the target did not get ready in time".into()).await;
+    }
+    Ok(())
+}
+
+/// Live, `transferring`: the target resumed the guest -> commit.
+async fn live_transferring(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+    if o.dst
+        .as_ref()
+        .is_some_and(|r| r.state == MigrationAgentState::Resumed)
+    {
+        let src_down = o.src.as_ref().and_then(|r| r.downtime_ms).unwrap_or(0);
+        let dst_down = o.dst.as_ref().and_then(|r| r.downtime_ms).unwrap_or(0);
+        m.downtime_ms = Some(src_down + dst_down);
+        m.bytes = o.src.as_ref().and_then(|r| r.bytes);
+        return commit(app, m).await;
+    }
+    if let Some(e) = failure(&o.src).or_else(|| failure(&o.dst)) {
+        return rollback(app, m, format!("the transfer failed: {e}")).await;
+    }
+    if o.src.is_none() && o.dst.as_ref().is_some_and(|r| r.endpoints.is_some()) {
+        // The source has not been told yet (e.g. the control plane
+        // restarted before it could); unchanged states are not resent.
+        sync_hosts(app, m).await;
+    }
+    if o.stalled {
+        return rollback(app, m, "the transfer made no progress".into()).await;
+    }
+    Ok(())
+}
+
+/// Cold, `transferring`: the source uploaded the disks -> verify them
+/// ([`verify_upload`]).
+async fn cold_transferring(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+    if let Some(e) = failure(&o.src) {
+        return rollback(app, m, format!("the source could not send the disk: {e}")).await;
+    }
+    if let Some(disk) = o
+        .src
+        .as_ref()
+        .filter(|r| r.state == MigrationAgentState::Sent)
+        .and_then(|r| r.disk.clone())
+    {
+        let reported = o.src.as_ref().map_or(&[][..], |r| &r.data_disks[..]);
+        return verify_upload(app, m, &disk, reported).await;
+    }
+    if o.stalled {
+        return rollback(app, m, "the disk upload made no progress".into()).await;
+    }
+    Ok(())
+}
+
+/// Cold: checks the disks the source uploaded against what it reported;
+/// verified -> the target fetches them (`preparing_target`), corrupt ->
+/// rollback.
+async fn verify_upload(
+    app: &App,
+    m: &mut Migration,
+    disk: &StagedDisk,
+    reported: &[StagedDisk],
+) -> ApiResult<()> {
+    let path = staging_path(app, &m.id);
+    let (sha, size) = crate::services::images::sha256_file(&path).await?;
+    if sha != disk.sha256 || size != disk.size_bytes {
+        let _ = tokio::fs::remove_file(&path).await;
+        return rollback(
+            app,
+            m,
+            format!(
+                "the uploaded disk is corrupt (sha256 {sha}, expected {})",
+                disk.sha256
+            ),
+        )
+        .await;
+    }
+    // Every data disk too, each as its own staged file.
+    let vm = load_vm(app, m).await?;
+    if reported.len() != vm.spec.data_disks.len() {
+        let msg = format!(
+            "the source sent {} data disk(s); the VM has {}",
+            reported.len(),
+            vm.spec.data_disks.len()
+        );
+        return rollback(app, m, msg).await;
+    }
+    let sums = match verify_staged_data(app, &m.id, reported).await? {
+        Ok(sums) => sums,
+        Err(why) => {
+            remove_staged(app, &m.id).await;
+            return rollback(app, m, why).await;
         }
-        (MigrationMode::Live, MigrationPhase::Transferring) => {
-            if dst
-                .as_ref()
-                .is_some_and(|r| r.state == MigrationAgentState::Resumed)
-            {
-                let src_down = src.as_ref().and_then(|r| r.downtime_ms).unwrap_or(0);
-                let dst_down = dst.as_ref().and_then(|r| r.downtime_ms).unwrap_or(0);
-                m.downtime_ms = Some(src_down + dst_down);
-                m.bytes = src.as_ref().and_then(|r| r.bytes);
-                return commit(app, m).await;
-            }
-            if let Some(e) = failed(&src).or_else(|| failed(&dst)) {
-                return rollback(app, m, format!("the transfer failed: {e}")).await;
-            }
-            if src.is_none() && dst.as_ref().is_some_and(|r| r.endpoints.is_some()) {
-                // The source has not been told yet (e.g. the control plane
-                // restarted before it could); unchanged states are not resent.
-                sync_hosts(app, m).await;
-            }
-            if stalled() {
-                return rollback(app, m, "the transfer made no progress".into()).await;
-            }
+    };
+    let total = sums.iter().fold(size, |t, d| t + d.size_bytes);
+    let extra = if sums.is_empty() {
+        String::new()
+    } else {
+        format!(" with {} data disk(s)", sums.len())
+    };
+    m.disk_sha256 = Some(sha);
+    m.disk_bytes = Some(size);
+    m.data_disks = sums;
+    m.downtime_ms = None;
+    let msg = format!(
+        "disk{extra} uploaded and verified ({total} bytes compressed); target {} fetches it",
+        m.target.host
+    );
+    advance(app, m, MigrationPhase::PreparingTarget, msg, None).await
+}
+
+/// Cold, `preparing_target`: the target fetched and adopted the disks ->
+/// commit.
+async fn cold_preparing(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+    if let Some(e) = failure(&o.dst) {
+        return rollback(app, m, format!("the target could not take the disk: {e}")).await;
+    }
+    if o.dst
+        .as_ref()
+        .is_some_and(|r| r.state == MigrationAgentState::Ready)
+    {
+        // Up to the control plane and down again, every disk.
+        let data: u64 = m.data_disks.iter().map(|d| d.size_bytes).sum();
+        m.bytes = m.disk_bytes.map(|b| (b + data) * 2);
+        return commit(app, m).await;
+    }
+    if o.stalled {
+        return rollback(
+            app,
+            m,
+            "the target made no progress fetching the disk".into(),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// `switching_over` (after the commit point): the target runs the VM ->
+/// remove the source copy (`cleaning_up`).
+async fn switching_over(app: &App, m: &mut Migration) -> ApiResult<()> {
+    // Cold: wait until the target runs the VM (or holds it stopped).
+    let vm = load_vm(app, m).await?;
+    let settled = m.mode == MigrationMode::Live
+        || vm.status.host_id.as_deref() == Some(m.target.host_id.as_str())
+            && matches!(
+                vm.status.phase,
+                VmPhase::Running | VmPhase::Stopped | VmPhase::Failed
+            );
+    if settled {
+        if m.mode == MigrationMode::Cold {
+            let since_created = (Utc::now() - m.created_at).num_milliseconds().max(0);
+            m.downtime_ms = Some(since_created as u64).filter(|_| m.was_running);
         }
-        (MigrationMode::Cold, MigrationPhase::Transferring) => {
-            if let Some(e) = failed(&src) {
-                return rollback(app, m, format!("the source could not send the disk: {e}")).await;
-            }
-            if let Some(disk) = src
-                .as_ref()
-                .filter(|r| r.state == MigrationAgentState::Sent)
-                .and_then(|r| r.disk.clone())
-            {
-                let path = staging_path(app, &m.id);
-                let (sha, size) = crate::api::images::sha256_file(&path).await?;
-                if sha != disk.sha256 || size != disk.size_bytes {
-                    let _ = tokio::fs::remove_file(&path).await;
-                    return rollback(
-                        app,
-                        m,
-                        format!(
-                            "the uploaded disk is corrupt (sha256 {sha}, expected {})",
-                            disk.sha256
-                        ),
-                    )
-                    .await;
-                }
-                // Every data disk too, each as its own staged file.
-                let vm = load_vm(app, m).await?;
-                let reported = src.as_ref().map_or(&[][..], |r| &r.data_disks[..]);
-                if reported.len() != vm.spec.data_disks.len() {
-                    let msg = format!(
-                        "the source sent {} data disk(s); the VM has {}",
-                        reported.len(),
-                        vm.spec.data_disks.len()
-                    );
-                    return rollback(app, m, msg).await;
-                }
-                let sums = match verify_staged_data(app, &m.id, reported).await? {
-                    Ok(sums) => sums,
-                    Err(why) => {
-                        remove_staged(app, &m.id).await;
-                        return rollback(app, m, why).await;
-                    }
-                };
-                let total = sums.iter().fold(size, |t, d| t + d.size_bytes);
-                let extra = if sums.is_empty() {
-                    String::new()
-                } else {
-                    format!(" with {} data disk(s)", sums.len())
-                };
-                m.disk_sha256 = Some(sha);
-                m.disk_bytes = Some(size);
-                m.data_disks = sums;
-                m.downtime_ms = None;
-                let msg = format!(
-                    "disk{extra} uploaded and verified ({total} bytes compressed); target {} fetches it",
-                    m.target.host
-                );
-                return advance(app, m, MigrationPhase::PreparingTarget, msg, None).await;
-            }
-            if stalled() {
-                return rollback(app, m, "the disk upload made no progress".into()).await;
-            }
-        }
-        (MigrationMode::Cold, MigrationPhase::PreparingTarget) => {
-            if let Some(e) = failed(&dst) {
-                return rollback(app, m, format!("the target could not take the disk: {e}")).await;
-            }
-            if dst
-                .as_ref()
-                .is_some_and(|r| r.state == MigrationAgentState::Ready)
-            {
-                // Up to the control plane and down again, every disk.
-                let data: u64 = m.data_disks.iter().map(|d| d.size_bytes).sum();
-                m.bytes = m.disk_bytes.map(|b| (b + data) * 2);
-                return commit(app, m).await;
-            }
-            if stalled() {
-                return rollback(
-                    app,
-                    m,
-                    "the target made no progress fetching the disk".into(),
-                )
-                .await;
-            }
-        }
-        (_, MigrationPhase::SwitchingOver) => {
-            // Cold: wait until the target runs the VM (or holds it stopped).
-            let vm = load_vm(app, m).await?;
-            let settled = m.mode == MigrationMode::Live
-                || vm.status.host_id.as_deref() == Some(m.target.host_id.as_str())
-                    && matches!(
-                        vm.status.phase,
-                        VmPhase::Running | VmPhase::Stopped | VmPhase::Failed
-                    );
-            if settled {
-                if m.mode == MigrationMode::Cold {
-                    let since_created = (Utc::now() - m.created_at).num_milliseconds().max(0);
-                    m.downtime_ms = Some(since_created as u64).filter(|_| m.was_running);
-                }
-                let msg = format!("VM runs at {}; removing the source copy", m.target.host);
-                return advance(app, m, MigrationPhase::CleaningUp, msg, None).await;
-            }
-        }
-        (_, MigrationPhase::CleaningUp) => {
-            if app
-                .migrations
-                .gone_since(&m.source.host_id, &m.vm_id, since_instant(m))
-            {
-                let msg = format!(
-                    "completed: {} -> {} ({}, {}) in {} ms, downtime {} ms, {} bytes",
-                    m.source.host,
-                    m.target.host,
-                    m.target.site,
-                    m.target.country,
-                    (Utc::now() - m.created_at).num_milliseconds(),
-                    m.downtime_ms.unwrap_or(0),
-                    m.bytes.unwrap_or(0)
-                );
-                return finish(app, m, MigrationPhase::Completed, msg).await;
-            }
-        }
-        (_, MigrationPhase::RollingBack) => {
-            // The target's copy must be gone before the source may run again.
-            let target_engaged = dst.is_some() || m.mode == MigrationMode::Live;
-            if !target_engaged
-                || app
-                    .migrations
-                    .gone_since(&m.target.host_id, &m.vm_id, since_instant(m))
-            {
-                let msg = format!(
-                    "rolled back: the VM stays on {} ({})",
-                    m.source.host, m.source.site
-                );
-                return finish(app, m, MigrationPhase::Failed, msg).await;
-            }
-        }
-        (_, MigrationPhase::Completed | MigrationPhase::Failed) => {}
+        let msg = format!("VM runs at {}; removing the source copy", m.target.host);
+        return advance(app, m, MigrationPhase::CleaningUp, msg, None).await;
+    }
+    Ok(())
+}
+
+/// `cleaning_up`: the source copy is gone -> `completed`.
+async fn cleaning_up(app: &App, m: &mut Migration) -> ApiResult<()> {
+    if app
+        .migrations
+        .gone_since(&m.source.host_id, &m.vm_id, since_instant(m))
+    {
+        let msg = format!(
+            "completed: {} -> {} ({}, {}) in {} ms, downtime {} ms, {} bytes",
+            m.source.host,
+            m.target.host,
+            m.target.site,
+            m.target.country,
+            (Utc::now() - m.created_at).num_milliseconds(),
+            m.downtime_ms.unwrap_or(0),
+            m.bytes.unwrap_or(0)
+        );
+        return finish(app, m, MigrationPhase::Completed, msg).await;
+    }
+    Ok(())
+}
+
+/// `rolling_back` (undo): the target copy is gone -> `failed`, and the
+/// source resumes.
+async fn rolling_back(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+    // The target's copy must be gone before the source may run again.
+    let target_engaged = o.dst.is_some() || m.mode == MigrationMode::Live;
+    if !target_engaged
+        || app
+            .migrations
+            .gone_since(&m.target.host_id, &m.vm_id, since_instant(m))
+    {
+        let msg = format!(
+            "rolled back: the VM stays on {} ({})",
+            m.source.host, m.source.site
+        );
+        return finish(app, m, MigrationPhase::Failed, msg).await;
     }
     Ok(())
 }
@@ -940,7 +940,7 @@ async fn verify_staged_data(
     let mut sums = Vec::with_capacity(reported.len());
     for (i, d) in reported.iter().enumerate() {
         let key = format!("{id}.{i}");
-        let (sha, size) = crate::api::images::sha256_file(&staging_path(app, &key)).await?;
+        let (sha, size) = crate::services::images::sha256_file(&staging_path(app, &key)).await?;
         if sha != d.sha256 || size != d.size_bytes {
             return Ok(Err(format!(
                 "uploaded data disk {i} is corrupt (sha256 {sha}, expected {})",
@@ -955,119 +955,15 @@ async fn verify_staged_data(
     Ok(Ok(sums))
 }
 
-/// The migration roles of the VMs a host should have: adds the VMs coming
-/// in and marks those going out (called when computing its desired state).
-pub async fn apply_roles(
-    app: &App,
-    host_id: &str,
-    out: &mut Vec<DesiredVm>,
-    images: &mut HashMap<String, virt8ra_api::protocol::ImageRef>,
-) -> ApiResult<()> {
-    for m in app.migrations.active() {
-        let live = m.mode == MigrationMode::Live;
-        if m.source.host_id == host_id {
-            let role = match m.phase {
-                MigrationPhase::Transferring | MigrationPhase::PreparingTarget if !live => {
-                    Some(MigrationRole::Outgoing {
-                        migration_id: m.id.clone(),
-                        mode: m.mode,
-                        target: None,
-                        upload_path: Some(format!("/api/v1/staging/{}", m.id)),
-                        relay: false,
-                    })
-                }
-                // Sent only once the target's endpoints are known (after a
-                // restart of the control plane, from the target's next report).
-                MigrationPhase::Transferring => app
-                    .migrations
-                    .report(&m.id, MigrationSide::Target)
-                    .and_then(|r| r.endpoints)
-                    .map(|ep: LiveEndpoints| MigrationRole::Outgoing {
-                        migration_id: m.id.clone(),
-                        mode: m.mode,
-                        target: Some(ep),
-                        upload_path: None,
-                        relay: m.relay,
-                    }),
-                // Held (not resumed) until the target copy is gone.
-                MigrationPhase::RollingBack if m.source_engaged => Some(MigrationRole::Outgoing {
-                    migration_id: m.id.clone(),
-                    mode: m.mode,
-                    target: None,
-                    upload_path: None,
-                    relay: m.relay,
-                }),
-                _ => None,
-            };
-            if let (Some(role), Some(d)) = (role, out.iter_mut().find(|d| d.id == m.vm_id)) {
-                d.migration = Some(role);
-            }
-        }
-        if m.target.host_id == host_id {
-            let incoming = match m.phase {
-                MigrationPhase::PreparingTarget => true,
-                MigrationPhase::Transferring => live,
-                _ => false,
-            };
-            if incoming && !out.iter().any(|d| d.id == m.vm_id) {
-                let vm = app.store.get_vm(&m.vm_id).await?;
-                let Some(mut d) = crate::scheduler::desired_vm(app, &vm, images).await? else {
-                    continue;
-                };
-                d.site = Some(m.target.site.clone());
-                d.migration = Some(MigrationRole::Incoming {
-                    migration_id: m.id.clone(),
-                    mode: m.mode,
-                    disk: match (&m.disk_sha256, m.disk_bytes) {
-                        (Some(sha), Some(size)) if !live => Some(StagedDisk {
-                            url_path: format!("/api/v1/staging/{}", m.id),
-                            sha256: sha.clone(),
-                            size_bytes: size,
-                        }),
-                        _ => None,
-                    },
-                    data_disks: if live {
-                        vec![]
-                    } else {
-                        m.data_disks
-                            .iter()
-                            .enumerate()
-                            .map(|(i, s)| StagedDisk {
-                                url_path: virt8ra_api::protocol::data_disk_path(
-                                    &format!("/api/v1/staging/{}", m.id),
-                                    i,
-                                ),
-                                sha256: s.sha256.clone(),
-                                size_bytes: s.size_bytes,
-                            })
-                            .collect()
-                    },
-                    relay: m.relay,
-                });
-                out.push(d);
-            }
-        }
-    }
-    for e in app.migrations.active_exports() {
-        if let Some(d) = out.iter_mut().find(|d| d.id == e.vm_id) {
-            d.migration = Some(MigrationRole::Export {
-                export_id: e.id.clone(),
-                upload_path: e.url_path.clone(),
-            });
-        }
-    }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(())
-}
-
 /// An export's upload finished (or failed): verify and record it.
 pub async fn finish_export(app: &App, r: &MigrationReport) -> ApiResult<()> {
-    let Some(mut e) = lock(&app.migrations.exports).get(&r.migration_id).cloned() else {
+    let Some(mut e) = app.migrations.export(&r.migration_id) else {
         return Ok(());
     };
     match (r.state, &r.disk) {
         (MigrationAgentState::Sent, Some(disk)) => {
-            let (sha, size) = crate::api::images::sha256_file(&staging_path(app, &e.id)).await?;
+            let (sha, size) =
+                crate::services::images::sha256_file(&staging_path(app, &e.id)).await?;
             let wanted = match app.store.get_vm(&e.vm_id).await {
                 Ok(vm) => vm.spec.data_disks.len(),
                 Err(_) => r.data_disks.len(),
@@ -1117,7 +1013,7 @@ pub async fn finish_export(app: &App, r: &MigrationReport) -> ApiResult<()> {
     app.migrations.forget_reports(&e.id);
     if let Ok(vm) = app.store.get_vm(&e.vm_id).await {
         if let Some(h) = vm.status.host_id {
-            let _ = crate::scheduler::sync_host(app, &h).await;
+            let _ = crate::services::scheduler::sync_host(app, &h).await;
         }
     }
     Ok(())

@@ -20,9 +20,9 @@ use virt8ra_api::{
     PowerState, Vm, VmCreate, VmPhase,
 };
 
-use super::Body;
-use crate::auth::Admin;
+use super::extract::Body;
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::Admin;
 use crate::state::App;
 
 const KIND: &str = "app";
@@ -189,6 +189,47 @@ pub async fn create(
 /// The deployment itself, for the API handler and for other callers in
 /// the control plane (e.g. declarative apply).
 pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
+    check_create(app, &req).await?;
+    let (entry, catalog) = super::catalog::resolve(app, &req.appliance).await?;
+    let params = entry
+        .appliance
+        .resolve_params(&req.params)
+        .map_err(ApiError::Invalid)?;
+    let t = entry.appliance.render(&params);
+    let locs = resolve_locations(app, &req.locations).await?;
+    let replicas = replica_requests(app, &req, &locs, &t).await?;
+    check_fit(app, &req.name, &entry, t.disk_gib, &replicas).await?;
+    // Images: local, or imported from the appliance's catalog and verified.
+    let images = super::catalog::ensure_images(app, &entry, catalog.as_ref()).await?;
+    let now = Utc::now();
+    let rec = AppRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: req.name.clone(),
+        appliance: format!("{}/{}", entry.catalog, entry.appliance.key()),
+        images: images.clone(),
+        params,
+        locations: locs
+            .iter()
+            .map(|(given, kind, _)| AppLocation {
+                location: given.clone(),
+                kind: *kind,
+                replicas: req.replicas_per_location,
+                running: 0,
+                status: String::new(),
+            })
+            .collect(),
+        vms: Vec::new(),
+        deleting: false,
+        labels: req.labels.clone(),
+        ssh_authorized_keys: req.ssh_authorized_keys.clone(),
+        created_at: now,
+    };
+    create_replicas(app, rec, &images, &replicas).await
+}
+
+/// The request's own rules: a valid name, labels and keys, 1 to
+/// [`MAX_LOCATIONS`] locations, a replica count in range, a free name.
+async fn check_create(app: &App, req: &AppCreate) -> ApiResult<()> {
     validate::name("app", &req.name).map_err(ApiError::Invalid)?;
     validate::labels(&req.labels).map_err(ApiError::Invalid)?;
     validate::ssh_keys("ssh_authorized_keys", &req.ssh_authorized_keys)
@@ -215,16 +256,16 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
             req.name
         )));
     }
-    let (entry, catalog) = super::catalog::resolve(app, &req.appliance).await?;
-    let params = entry
-        .appliance
-        .resolve_params(&req.params)
-        .map_err(ApiError::Invalid)?;
-    let t = entry.appliance.render(&params);
+    Ok(())
+}
 
-    // Locations, each once.
+/// Each location resolved to a site, provider or country, each once.
+async fn resolve_locations(
+    app: &App,
+    given: &[String],
+) -> ApiResult<Vec<(String, LocationKind, String)>> {
     let mut locs: Vec<(String, LocationKind, String)> = Vec::new();
-    for l in &req.locations {
+    for l in given {
         let (kind, resolved) = resolve_location(app, l.trim()).await?;
         if locs.iter().any(|(_, k, r)| *k == kind && *r == resolved) {
             return Err(ApiError::Invalid(format!("location '{l}' is named twice")));
@@ -232,9 +273,20 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         locs.push((l.trim().to_string(), kind, resolved));
     }
 
+    Ok(locs)
+}
+
+/// The replicas as VM requests, pinned to their locations; each valid and
+/// its name free.
+async fn replica_requests(
+    app: &App,
+    req: &AppCreate,
+    locs: &[(String, LocationKind, String)],
+    t: &virt8ra_api::market::VmTemplate,
+) -> ApiResult<Vec<(String, VmCreate)>> {
     // The replicas as VM requests; all names must be free.
     let mut replicas: Vec<(String, VmCreate)> = Vec::new();
-    for (given, kind, resolved) in &locs {
+    for (given, kind, resolved) in locs {
         for i in 1..=req.replicas_per_location {
             let name = format!("{}-{}-{i}", req.name, slug(given));
             let mut placement = PlacementConstraints::default();
@@ -280,9 +332,19 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         }
     }
 
-    // All replicas must fit at once (a dry run of one batch), with the
-    // disks they will book.
-    let replica_disk = replica_disk_gib(app, &entry, t.disk_gib).await?;
+    Ok(replicas)
+}
+
+/// All replicas must fit at once (a dry run of one batch of the placement
+/// engine), with the disks they will book; nothing is booked.
+async fn check_fit(
+    app: &App,
+    name: &str,
+    entry: &virt8ra_api::CatalogEntry,
+    disk_gib: u64,
+    replicas: &[(String, VmCreate)],
+) -> ApiResult<()> {
+    let replica_disk = replica_disk_gib(app, entry, disk_gib).await?;
     let requests: Vec<(String, virt8ra_placement::Request)> = replicas
         .iter()
         .enumerate()
@@ -296,7 +358,7 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
                 vc.placement.clone(),
                 app.placement.config.weights,
             )
-            .map(|r| (format!("app-dry-run-{}-{i}", req.name), r))
+            .map(|r| (format!("app-dry-run-{name}-{i}"), r))
             .map_err(|e| ApiError::Invalid(format!("placement: {e}")))
         })
         .collect::<ApiResult<_>>()?;
@@ -314,12 +376,21 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         let (loc, vc) = &replicas[e.replica.min(replicas.len().saturating_sub(1))];
         return Err(ApiError::Conflict(format!(
             "app {} cannot be deployed: replica {} at location '{loc}' fits nowhere: {}; nothing was created",
-            req.name, vc.name, e.why
+            name, vc.name, e.why
         )));
     }
 
-    // Images: local, or imported from the appliance's catalog and verified.
-    let images = super::catalog::ensure_images(app, &entry, catalog.as_ref()).await?;
+    Ok(())
+}
+
+/// Stores the app's record, then its replicas as VMs with the appliance's
+/// images (the first the boot disk, the others data disks, in order).
+async fn create_replicas(
+    app: &App,
+    mut rec: AppRecord,
+    images: &[String],
+    replicas: &[(String, VmCreate)],
+) -> ApiResult<AppView> {
     let image_id = images
         .first()
         .cloned()
@@ -336,32 +407,9 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
     }
     let data_image_ids: Vec<Option<String>> = images[1..].iter().cloned().map(Some).collect();
 
-    let now = Utc::now();
-    let mut rec = AppRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        name: req.name.clone(),
-        appliance: format!("{}/{}", entry.catalog, entry.appliance.key()),
-        images: images.clone(),
-        params,
-        locations: locs
-            .iter()
-            .map(|(given, kind, _)| AppLocation {
-                location: given.clone(),
-                kind: *kind,
-                replicas: req.replicas_per_location,
-                running: 0,
-                status: String::new(),
-            })
-            .collect(),
-        vms: Vec::new(),
-        deleting: false,
-        labels: req.labels.clone(),
-        ssh_authorized_keys: req.ssh_authorized_keys.clone(),
-        created_at: now,
-    };
     // The record first, so a crash part-way leaves an app that can be deleted.
     let mut vms: Vec<Vm> = Vec::with_capacity(replicas.len());
-    for (loc, vc) in &replicas {
+    for (loc, vc) in replicas {
         let mut vc = vc.clone();
         vc.image = image.name.clone();
         vc.data_disks = data_disks.clone();

@@ -15,9 +15,9 @@ use virt8ra_api::{
 };
 use virt8ra_store::{StoreError, VmFilter};
 
-use super::{missing_ref, Body, Query};
-use crate::auth::Admin;
+use super::extract::{missing_ref, Body, Query};
 use crate::error::{ApiError, ApiResult};
+use crate::http::auth::Admin;
 use crate::state::App;
 
 const DEFAULT_STOP_TIMEOUT_S: u32 = 30;
@@ -132,12 +132,12 @@ pub async fn create(
     // Placed at once when it fits, so that the VM is created and scheduled
     // in one durable write; otherwise it stays pending with the reason and
     // the scheduler retries it.
-    let placed = match crate::scheduler::decide(&app, &mut vm).await? {
-        crate::scheduler::Placement::Placed { host_id, event } => {
+    let placed = match crate::services::scheduler::decide(&app, &mut vm).await? {
+        crate::services::scheduler::Decision::Placed { host_id, event } => {
             events.push(event);
             Some(host_id)
         }
-        crate::scheduler::Placement::Unplaced { why, .. } => {
+        crate::services::scheduler::Decision::Unplaced { why, .. } => {
             events.push(format!("not placed: {why}"));
             None
         }

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 use virt8ra_api::WatchEvent;
 
-use super::Query;
-use crate::auth::Admin;
+use super::extract::Query;
+use crate::http::auth::Admin;
 use crate::state::App;
 
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]

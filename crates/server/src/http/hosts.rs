@@ -9,10 +9,10 @@ use serde::Deserialize;
 use virt8ra_api::{validate, Host, HostState, HostUpdate, JoinToken, JoinTokenCreate, Page};
 use virt8ra_store::{StoreError, TokenKind, TokenRecord};
 
-use super::{missing_ref, Body, Query};
-use crate::auth::{self, Admin};
+use super::extract::{missing_ref, Body, Query};
 use crate::error::{ApiError, ApiResult};
-use crate::scheduler::host_view;
+use crate::http::auth::{self, Admin};
+use crate::services::placement::host_view;
 use crate::state::App;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]

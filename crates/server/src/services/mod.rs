@@ -1,0 +1,13 @@
+//! The control plane's rules and its store calls, one module per concern:
+//! placement and scheduling, the desired state sent to agents, image
+//! distribution and ingest.
+//!
+//! No HTTP types here: the HTTP layer ([`crate::http`]) and the workflows
+//! ([`crate::workflows`]) call these functions; they call the registry
+//! ([`crate::registry`]), the state and the store.
+
+pub mod desired;
+pub mod distribution;
+pub mod images;
+pub mod placement;
+pub mod scheduler;
