@@ -32,7 +32,7 @@ pub mod state;
 pub mod tls;
 pub mod workflows;
 
-pub use state::{App, AppState};
+pub use state::{ControlPlane, Ctx};
 
 /// `virt8ra server`.
 #[derive(Debug, Clone, clap::Args)]
@@ -97,7 +97,7 @@ pub async fn open(
     placement_config: PlacementConfig,
     max_image_virtual_size: u64,
     trust: virt8ra_tls::Trust,
-) -> anyhow::Result<(App, Option<String>)> {
+) -> anyhow::Result<(Ctx, Option<String>)> {
     // The owner's alone (0700, files 0600), an older one tightened.
     keys::private_dir(data_dir)?;
     let images_dir = data_dir.join("images");
@@ -122,7 +122,7 @@ pub async fn open(
             })
             .await?,
     );
-    let app = Arc::new(AppState {
+    let app = Arc::new(ControlPlane {
         store,
         hub: registry::hub::Hub::default(),
         data_dir: data_dir.to_path_buf(),

@@ -1,5 +1,12 @@
-//! The control plane's shared state: the store, the agent hub, and the
-//! scheduler's wake-up signal.
+//! The control plane's shared state ([`ControlPlane`], shared as [`Ctx`]):
+//! the store, the registry's in-memory state (hub, indexes, migrations in
+//! flight, the loaded placement engine), and the scheduler's wake-up
+//! signal. Every layer above takes a `&Ctx`.
+//!
+//! Its layer is between the services and the registry: it may use the
+//! registry and the store, never a service, a workflow or the HTTP layer.
+//! (Named so as not to be confused with `virt8ra_api::App`, a deployed
+//! appliance.)
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,9 +21,10 @@ use crate::registry::marks::Marks;
 use crate::registry::migrations::Migrations;
 use crate::registry::placement::LoadedPlacement;
 
-pub type App = Arc<AppState>;
+/// The shared state as every handler, service and workflow holds it.
+pub type Ctx = Arc<ControlPlane>;
 
-pub struct AppState {
+pub struct ControlPlane {
     pub store: Arc<dyn Store>,
     pub hub: Hub,
     pub data_dir: PathBuf,
@@ -65,7 +73,7 @@ pub struct AppState {
     pub max_image_virtual_size: u64,
 }
 
-impl AppState {
+impl ControlPlane {
     /// Stores a new VM with its first events, indexes it and tells watchers.
     pub async fn create_vm(
         &self,

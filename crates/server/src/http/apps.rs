@@ -23,7 +23,7 @@ use virt8ra_api::{
 use super::extract::Body;
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::Admin;
-use crate::state::App;
+use crate::state::Ctx;
 
 const KIND: &str = "app";
 pub const MAX_LOCATIONS: usize = 32;
@@ -50,7 +50,7 @@ struct AppRecord {
 }
 
 /// Resolves a location: a site, else a provider, else a country code.
-async fn resolve_location(app: &App, loc: &str) -> ApiResult<(LocationKind, String)> {
+async fn resolve_location(app: &Ctx, loc: &str) -> ApiResult<(LocationKind, String)> {
     if loc.is_empty() {
         return Err(ApiError::Invalid("an empty location".into()));
     }
@@ -95,7 +95,7 @@ fn slug(loc: &str) -> String {
         .to_string()
 }
 
-async fn load(app: &App, key: &str) -> ApiResult<AppRecord> {
+async fn load(app: &Ctx, key: &str) -> ApiResult<AppRecord> {
     let body = app
         .store
         .get_doc(KIND, key)
@@ -104,14 +104,14 @@ async fn load(app: &App, key: &str) -> ApiResult<AppRecord> {
     serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))
 }
 
-async fn save(app: &App, r: &AppRecord) -> ApiResult<()> {
+async fn save(app: &Ctx, r: &AppRecord) -> ApiResult<()> {
     let body = serde_json::to_string(r).map_err(|e| ApiError::Internal(e.to_string()))?;
     app.store.put_doc(KIND, &r.id, &r.name, &body).await?;
     Ok(())
 }
 
 /// The app with its VMs' live state and the status of each location.
-async fn view(app: &App, r: &AppRecord) -> ApiResult<AppView> {
+async fn view(app: &Ctx, r: &AppRecord) -> ApiResult<AppView> {
     let mut vms = Vec::new();
     for (id, loc) in &r.vms {
         let vm = match app.store.get_vm(id).await {
@@ -179,7 +179,7 @@ fn status_of(vms: &[&AppVm], wanted: u32, deleting: bool) -> String {
 /// Deploys an appliance at every location, all or nothing.
 pub async fn create(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(req): Body<AppCreate>,
 ) -> ApiResult<(StatusCode, Json<AppView>)> {
     let view = deploy(&app, req).await?;
@@ -188,7 +188,7 @@ pub async fn create(
 
 /// The deployment itself, for the API handler and for other callers in
 /// the control plane (e.g. declarative apply).
-pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
+pub async fn deploy(app: &Ctx, req: AppCreate) -> ApiResult<AppView> {
     check_create(app, &req).await?;
     let (entry, catalog) = super::catalog::resolve(app, &req.appliance).await?;
     let params = entry
@@ -229,7 +229,7 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
 
 /// The request's own rules: a valid name, labels and keys, 1 to
 /// [`MAX_LOCATIONS`] locations, a replica count in range, a free name.
-async fn check_create(app: &App, req: &AppCreate) -> ApiResult<()> {
+async fn check_create(app: &Ctx, req: &AppCreate) -> ApiResult<()> {
     validate::name("app", &req.name).map_err(ApiError::Invalid)?;
     validate::labels(&req.labels).map_err(ApiError::Invalid)?;
     validate::ssh_keys("ssh_authorized_keys", &req.ssh_authorized_keys)
@@ -261,7 +261,7 @@ async fn check_create(app: &App, req: &AppCreate) -> ApiResult<()> {
 
 /// Each location resolved to a site, provider or country, each once.
 async fn resolve_locations(
-    app: &App,
+    app: &Ctx,
     given: &[String],
 ) -> ApiResult<Vec<(String, LocationKind, String)>> {
     let mut locs: Vec<(String, LocationKind, String)> = Vec::new();
@@ -279,7 +279,7 @@ async fn resolve_locations(
 /// The replicas as VM requests, pinned to their locations; each valid and
 /// its name free.
 async fn replica_requests(
-    app: &App,
+    app: &Ctx,
     req: &AppCreate,
     locs: &[(String, LocationKind, String)],
     t: &virt8ra_api::market::VmTemplate,
@@ -338,7 +338,7 @@ async fn replica_requests(
 /// All replicas must fit at once (a dry run of one batch of the placement
 /// engine), with the disks they will book; nothing is booked.
 async fn check_fit(
-    app: &App,
+    app: &Ctx,
     name: &str,
     entry: &virt8ra_api::CatalogEntry,
     disk_gib: u64,
@@ -386,7 +386,7 @@ async fn check_fit(
 /// Stores the app's record, then its replicas as VMs with the appliance's
 /// images (the first the boot disk, the others data disks, in order).
 async fn create_replicas(
-    app: &App,
+    app: &Ctx,
     mut rec: AppRecord,
     images: &[String],
     replicas: &[(String, VmCreate)],
@@ -441,7 +441,7 @@ async fn create_replicas(
 /// of an image) at least 1 GiB and its image's size. An image not imported
 /// yet (a remote catalog's) counts as small; its VM books its real size.
 async fn replica_disk_gib(
-    app: &App,
+    app: &Ctx,
     entry: &virt8ra_api::CatalogEntry,
     boot_gib: u64,
 ) -> ApiResult<u64> {
@@ -466,7 +466,7 @@ async fn replica_disk_gib(
 
 #[utoipa::path(get, path = "/api/v1/apps", tag = "apps",
     responses((status = 200, body = Vec<virt8ra_api::App>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Vec<AppView>>> {
+pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<AppView>>> {
     let mut out = Vec::new();
     for body in app.store.list_docs(KIND).await? {
         let r: AppRecord = serde_json::from_str(&body)
@@ -482,7 +482,7 @@ pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Vec<AppVie
 }
 
 /// The app by name or id, with its VMs and the status per location.
-pub async fn get(app: &App, key: &str) -> ApiResult<AppView> {
+pub async fn get(app: &Ctx, key: &str) -> ApiResult<AppView> {
     let r = load(app, key).await?;
     let v = view(app, &r).await?;
     if v.status == "deleted" {
@@ -498,7 +498,7 @@ pub async fn get(app: &App, key: &str) -> ApiResult<AppView> {
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<AppView>> {
     Ok(Json(get(&app, &key).await?))
@@ -511,14 +511,14 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn delete(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<AppView>)> {
     Ok((StatusCode::ACCEPTED, Json(remove(&app, &key).await?)))
 }
 
 /// Deletes every VM of the app (images stay cached everywhere).
-pub async fn remove(app: &App, key: &str) -> ApiResult<AppView> {
+pub async fn remove(app: &Ctx, key: &str) -> ApiResult<AppView> {
     let mut r = load(app, key).await?;
     if !r.deleting {
         r.deleting = true;
@@ -531,7 +531,7 @@ pub async fn remove(app: &App, key: &str) -> ApiResult<AppView> {
     view(app, &r).await
 }
 
-async fn delete_vm(app: &App, id: &str, app_name: &str) -> ApiResult<()> {
+async fn delete_vm(app: &Ctx, id: &str, app_name: &str) -> ApiResult<()> {
     let _g = app.lock_vm(id).await;
     let mut vm = match app.store.get_vm(id).await {
         Ok(v) => v,

@@ -23,7 +23,7 @@ use virt8ra_api::{
 use super::extract::Body;
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::Admin;
-use crate::state::App;
+use crate::state::Ctx;
 
 pub const APPLIANCE: &str = "appliance";
 pub const CATALOG: &str = "catalog";
@@ -32,7 +32,7 @@ pub const LOCAL: &str = "local";
 
 /// The control plane's catalog signing key: `DATA_DIR/catalog.key`, loaded
 /// or made once at start-up (see [`crate::keys`]).
-pub fn signing_key(app: &App) -> SigningKey {
+pub fn signing_key(app: &Ctx) -> SigningKey {
     app.catalog_key.clone()
 }
 
@@ -49,7 +49,7 @@ pub fn parse_public_key(hex_key: &str) -> ApiResult<VerifyingKey> {
         .map_err(|e| ApiError::Invalid(format!("invalid ed25519 public key: {e}")))
 }
 
-async fn local_appliances(app: &App) -> ApiResult<Vec<Appliance>> {
+async fn local_appliances(app: &Ctx) -> ApiResult<Vec<Appliance>> {
     let mut out = Vec::new();
     for body in app.store.list_docs(APPLIANCE).await? {
         out.push(
@@ -60,7 +60,7 @@ async fn local_appliances(app: &App) -> ApiResult<Vec<Appliance>> {
     Ok(out)
 }
 
-async fn catalogs(app: &App) -> ApiResult<Vec<Catalog>> {
+async fn catalogs(app: &Ctx) -> ApiResult<Vec<Catalog>> {
     let mut out = Vec::new();
     for body in app.store.list_docs(CATALOG).await? {
         out.push(
@@ -79,7 +79,7 @@ async fn catalogs(app: &App) -> ApiResult<Vec<Catalog>> {
 /// be in the image store; their sha256, size and arch are filled in.
 pub async fn publish(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(mut a): Body<Appliance>,
 ) -> ApiResult<(StatusCode, Json<Appliance>)> {
     a.validate().map_err(ApiError::Invalid)?;
@@ -117,7 +117,7 @@ pub async fn publish(
     responses((status = 200, body = Vec<CatalogEntry>)), security(("bearer" = [])))]
 /// Every appliance this control plane can deploy: its own and those of the
 /// catalogs it trusts.
-pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Vec<CatalogEntry>>> {
+pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<CatalogEntry>>> {
     let mut out: Vec<CatalogEntry> = local_appliances(&app)
         .await?
         .into_iter()
@@ -138,7 +138,7 @@ pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Vec<Catalo
 }
 
 /// Finds an appliance by `[CATALOG/]NAME[@VERSION]` (newest version if none).
-pub async fn resolve(app: &App, key: &str) -> ApiResult<(CatalogEntry, Option<Catalog>)> {
+pub async fn resolve(app: &Ctx, key: &str) -> ApiResult<(CatalogEntry, Option<Catalog>)> {
     let (cat, rest) = match key.split_once('/') {
         Some((c, r)) => (Some(c), r),
         None => (None, key),
@@ -195,7 +195,7 @@ pub async fn resolve(app: &App, key: &str) -> ApiResult<(CatalogEntry, Option<Ca
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<CatalogEntry>> {
     match resolve(&app, &key).await {
@@ -211,7 +211,7 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn unpublish(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     if app.store.delete_doc(APPLIANCE, &key).await? {
@@ -224,7 +224,7 @@ pub async fn unpublish(
 }
 
 /// The signed index of this control plane's appliances.
-pub async fn signed_index(app: &App) -> ApiResult<SignedCatalog> {
+pub async fn signed_index(app: &Ctx) -> ApiResult<SignedCatalog> {
     let key = signing_key(app);
     let mut appliances = local_appliances(app).await?;
     for a in &mut appliances {
@@ -249,7 +249,7 @@ pub async fn signed_index(app: &App) -> ApiResult<SignedCatalog> {
 #[utoipa::path(get, path = "/api/v1/catalog", tag = "marketplace",
     responses((status = 200, body = SignedCatalog, description = "The signed index; no token needed")))]
 /// This control plane's catalog, signed, for other control planes (public).
-pub async fn serve(State(app): State<App>) -> ApiResult<Json<SignedCatalog>> {
+pub async fn serve(State(app): State<Ctx>) -> ApiResult<Json<SignedCatalog>> {
     Ok(Json(signed_index(&app).await?))
 }
 
@@ -263,7 +263,7 @@ pub struct CatalogKey {
     responses((status = 200, body = CatalogKey)), security(("bearer" = [])))]
 /// The catalog's public key, for operators to pass to other control planes
 /// out of band (admin only: trust must not come from the same channel).
-pub async fn public_key(_: Admin, State(app): State<App>) -> ApiResult<Json<CatalogKey>> {
+pub async fn public_key(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<CatalogKey>> {
     let key = signing_key(&app);
     Ok(Json(CatalogKey {
         public_key: hex::encode(key.verifying_key().to_bytes()),
@@ -277,7 +277,7 @@ pub async fn public_key(_: Admin, State(app): State<App>) -> ApiResult<Json<Cata
               (status = 404, body = virt8ra_api::ErrorBody)))]
 /// The image of a published appliance (public, like the catalog).
 pub async fn image_data(
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(sha): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -382,7 +382,7 @@ pub async fn fetch_verified(
 /// fetched and verified now; a catalog that does not verify is refused.
 pub async fn add(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(req): Body<CatalogCreate>,
 ) -> ApiResult<(StatusCode, Json<Catalog>)> {
     virt8ra_api::validate::name("catalog", &req.name).map_err(ApiError::Invalid)?;
@@ -419,7 +419,7 @@ pub async fn add(
 /// copy stays.
 pub async fn refresh(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Catalog>> {
     let mut c = get_catalog(&app, &name).await?;
@@ -430,7 +430,7 @@ pub async fn refresh(
     Ok(Json(c))
 }
 
-async fn get_catalog(app: &App, name: &str) -> ApiResult<Catalog> {
+async fn get_catalog(app: &Ctx, name: &str) -> ApiResult<Catalog> {
     let body = app
         .store
         .get_doc(CATALOG, name)
@@ -441,7 +441,7 @@ async fn get_catalog(app: &App, name: &str) -> ApiResult<Catalog> {
 
 #[utoipa::path(get, path = "/api/v1/catalogs", tag = "marketplace",
     responses((status = 200, body = Vec<Catalog>)), security(("bearer" = [])))]
-pub async fn list_catalogs(_: Admin, State(app): State<App>) -> ApiResult<Json<Vec<Catalog>>> {
+pub async fn list_catalogs(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<Catalog>>> {
     Ok(Json(catalogs(&app).await?))
 }
 
@@ -451,7 +451,7 @@ pub async fn list_catalogs(_: Admin, State(app): State<App>) -> ApiResult<Json<V
     security(("bearer" = [])))]
 pub async fn remove(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     let c = get_catalog(&app, &name).await?;
@@ -462,7 +462,7 @@ pub async fn remove(
 /// The image ids (in this store) an appliance's images have, importing
 /// those of a remote catalog first (verified against the signed sha256).
 pub async fn ensure_images(
-    app: &App,
+    app: &Ctx,
     entry: &CatalogEntry,
     catalog: Option<&Catalog>,
 ) -> ApiResult<Vec<String>> {

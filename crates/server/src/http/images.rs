@@ -22,11 +22,11 @@ use super::extract::Query;
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{Admin, AdminOrHost};
 use crate::services::images::{check_new, import_from_url, ingest, Meta, TempFile};
-use crate::state::App;
+use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/images", tag = "images",
     responses((status = 200, body = Page<Image>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Image>>> {
+pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Image>>> {
     Ok(Json(Page {
         items: app.store.list_images().await?,
         next_cursor: None,
@@ -39,7 +39,7 @@ pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Image
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Image>> {
     Ok(Json(app.store.get_image(&key).await?))
@@ -52,7 +52,7 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn delete(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     let i = app.store.get_image(&key).await?;
@@ -92,7 +92,7 @@ pub struct UploadQuery {
     security(("bearer" = [])))]
 pub async fn upload(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Query(q): Query<UploadQuery>,
     headers: HeaderMap,
     body: RawBody,
@@ -158,7 +158,7 @@ pub async fn upload(
     security(("bearer" = [])))]
 pub async fn import_url(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     super::extract::Body(req): super::extract::Body<virt8ra_api::ImageImportUrl>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
     let arch = check_new(&app, &req.name, req.arch.as_deref(), req.version.as_deref()).await?;
@@ -205,7 +205,7 @@ fn range_start(headers: &HeaderMap) -> ApiResult<Option<u64>> {
     security(("bearer" = [])))]
 pub async fn download(
     AdminOrHost(host): AdminOrHost,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -216,7 +216,7 @@ pub async fn download(
 /// Serves an image's file (from `Range: bytes=START-` if asked), counting
 /// the bytes sent under `who`.
 pub async fn serve_file(
-    app: &App,
+    app: &Ctx,
     i: &Image,
     headers: &HeaderMap,
     who: &str,
@@ -309,7 +309,7 @@ fn count_transfer(who: &str, n: u64) {
     responses((status = 200, body = virt8ra_api::ImageTransfers)), security(("bearer" = [])))]
 pub async fn transfers(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
 ) -> ApiResult<Json<virt8ra_api::ImageTransfers>> {
     let by_id = TRANSFERS.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut out = virt8ra_api::ImageTransfers::default();
@@ -332,7 +332,7 @@ pub async fn transfers(
     security(("bearer" = [])))]
 pub async fn replicate(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     super::extract::Body(req): super::extract::Body<virt8ra_api::ImageReplicate>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {

@@ -19,7 +19,7 @@ use virt8ra_store::VmFilter;
 use super::extract::{Body, Query};
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{Admin, AdminOrHost, HostAuth};
-use crate::state::App;
+use crate::state::Ctx;
 use crate::workflows::migration;
 
 #[utoipa::path(post, path = "/api/v1/vms/{key}/migrate", tag = "migrations", request_body = MigrationCreate,
@@ -30,7 +30,7 @@ use crate::workflows::migration;
     security(("bearer" = [])))]
 pub async fn create(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<MigrationCreate>,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
@@ -55,7 +55,7 @@ pub struct MigrationQuery {
     security(("bearer" = [])))]
 pub async fn list(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Query(q): Query<MigrationQuery>,
 ) -> ApiResult<Json<Page<Migration>>> {
     let vm_id = match &q.vm {
@@ -74,7 +74,7 @@ pub async fn list(
 }
 
 /// Running migrations' progress lives in memory; the store has it with a delay.
-fn fresher(app: &App, items: &mut [Migration]) {
+fn fresher(app: &Ctx, items: &mut [Migration]) {
     let live = app.migrations.active();
     for m in items.iter_mut() {
         if let Some(l) = live.iter().find(|l| l.id == m.id) {
@@ -89,7 +89,7 @@ fn fresher(app: &App, items: &mut [Migration]) {
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Migration>> {
     if let Some(m) = app.migrations.active().into_iter().find(|m| m.id == id) {
@@ -105,7 +105,7 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn history(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<Migration>>> {
     let vm = app.store.get_vm(&key).await?;
@@ -115,7 +115,7 @@ pub async fn history(
 }
 
 async fn evacuate(
-    app: &App,
+    app: &Ctx,
     what: &str,
     host_ids: Vec<String>,
     req: EvacuateRequest,
@@ -169,7 +169,7 @@ async fn evacuate(
     security(("bearer" = [])))]
 pub async fn evacuate_host(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
@@ -185,7 +185,7 @@ pub async fn evacuate_host(
     security(("bearer" = [])))]
 pub async fn evacuate_site(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
@@ -209,7 +209,7 @@ pub async fn evacuate_site(
     security(("bearer" = [])))]
 pub async fn evacuate_provider(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
@@ -233,7 +233,7 @@ pub async fn evacuate_provider(
     security(("bearer" = [])))]
 pub async fn export(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<VmExport>)> {
     let vm = app.store.get_vm(&key).await?;
@@ -289,7 +289,7 @@ pub async fn export(
     security(("bearer" = [])))]
 pub async fn show_export(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<VmExport>> {
     Ok(Json(app.store.get_export(&id).await?))
@@ -301,7 +301,7 @@ pub async fn show_export(
     security(("bearer" = [])))]
 pub async fn delete_export(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let mut e = app.store.get_export(&id).await?;
@@ -318,7 +318,7 @@ pub async fn delete_export(
 
 /// Whether `host_id` may upload to staging area `id`: the source host of an
 /// active migration, or the host of an export's VM.
-async fn may_upload(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
+async fn may_upload(app: &Ctx, host_id: &str, key: &str) -> ApiResult<()> {
     let (id, _) = staging_key(key)?;
     let mig = app.migrations.active().into_iter().find(|m| m.id == id);
     if let Some(m) = mig {
@@ -346,7 +346,7 @@ async fn may_upload(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
 /// `preparing_target`, when the target is told where to fetch it). An
 /// export's staged disk is read by the admin (`vm export`), never by a
 /// host; and no other host reads anyone's disk.
-fn may_download(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
+fn may_download(app: &Ctx, host_id: &str, key: &str) -> ApiResult<()> {
     let (id, _) = staging_key(key)?;
     let fetching = app.migrations.active().into_iter().any(|m| {
         m.id == id
@@ -397,7 +397,7 @@ pub struct UploadAt {
     security(("bearer" = [])))]
 pub async fn upload(
     host: HostAuth,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
     Query(q): Query<UploadAt>,
     headers: HeaderMap,
@@ -448,7 +448,7 @@ pub async fn upload(
     security(("bearer" = [])))]
 pub async fn staged(
     who: AdminOrHost,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     valid_id(&id)?;
@@ -477,7 +477,7 @@ fn valid_id(key: &str) -> ApiResult<()> {
     security(("bearer" = [])))]
 pub async fn download(
     who: AdminOrHost,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -500,7 +500,7 @@ pub async fn download(
     security(("bearer" = [])))]
 pub async fn rebalance(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(req): Body<RebalanceRequest>,
 ) -> ApiResult<Json<Rebalance>> {
     use virt8ra_placement::rebalance::Goal;

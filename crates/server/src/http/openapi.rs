@@ -238,7 +238,7 @@ mod tests {
             "a (method, path) is in the table twice"
         );
         // Axum panics on a conflicting route: building proves there is none.
-        let mut router = axum::Router::<crate::state::App>::new();
+        let mut router = axum::Router::<crate::state::Ctx>::new();
         for r in table {
             router = router.route(r.path, r.handler);
         }

@@ -32,7 +32,7 @@ use virt8ra_api::{MigrationMode, MigrationPhase};
 
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::HostAuth;
-use crate::state::App;
+use crate::state::Ctx;
 
 /// How long the source's connection waits for the target to dial in.
 const TARGET_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,7 +54,7 @@ fn valid_conn_id(s: &str) -> bool {
               (status = 404, body = virt8ra_api::ErrorBody), (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn relay(
-    State(app): State<App>,
+    State(app): State<Ctx>,
     host: HostAuth,
     Path((migration_id, stream, conn_id)): Path<(String, String, String)>,
     super::extract::Upgrade(ws): super::extract::Upgrade,
@@ -137,7 +137,7 @@ pub async fn relay(
 
 /// The source's socket: waits for the target's, then pumps between them.
 async fn source_side(
-    app: App,
+    app: Ctx,
     key: Key,
     mut source: WebSocket,
     target: oneshot::Receiver<WebSocket>,

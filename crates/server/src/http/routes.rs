@@ -12,7 +12,7 @@ use super::{
     agent, apps, catalog, hosts, images, migrations, openapi, providers, relay, sites, tokens, vms,
     watch,
 };
-use crate::state::App;
+use crate::state::Ctx;
 
 /// Who may call a route: the credential its handler's auth extractor
 /// (`crate::http::auth`) accepts. The table below says it for every route so that
@@ -46,7 +46,7 @@ pub struct Route {
     /// The full path, as in the OpenAPI document (`{name}` for a segment).
     pub path: &'static str,
     pub access: Access,
-    pub handler: MethodRouter<App>,
+    pub handler: MethodRouter<Ctx>,
 }
 
 impl Route {
@@ -57,7 +57,7 @@ impl Route {
         handler: H,
     ) -> Route
     where
-        H: Handler<T, App>,
+        H: Handler<T, Ctx>,
         T: 'static,
     {
         Route {
@@ -69,19 +69,19 @@ impl Route {
     }
 }
 
-fn get<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn get<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::GET, MethodFilter::GET), path, a, h)
 }
-fn post<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn post<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::POST, MethodFilter::POST), path, a, h)
 }
-fn put<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn put<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::PUT, MethodFilter::PUT), path, a, h)
 }
-fn patch<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn patch<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::PATCH, MethodFilter::PATCH), path, a, h)
 }
-fn delete<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn delete<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::DELETE, MethodFilter::DELETE), path, a, h)
 }
 
@@ -192,7 +192,7 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
-pub fn router(app: App) -> Router {
+pub fn router(app: Ctx) -> Router {
     let mut router = Router::new();
     for r in routes() {
         // Several methods on one path merge into one method router.

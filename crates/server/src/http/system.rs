@@ -2,7 +2,7 @@
 //! that do not exist.
 
 use crate::error::ApiError;
-use crate::state::App;
+use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/healthz", tag = "system",
     responses((status = 200, description = "The control plane is alive", body = virt8ra_api::Health)))]
@@ -17,7 +17,7 @@ pub async fn healthz() -> axum::Json<virt8ra_api::Health> {
     responses((status = 200, body = virt8ra_api::Metrics)), security(("bearer" = [])))]
 pub async fn metrics(
     _: crate::http::auth::Admin,
-    axum::extract::State(app): axum::extract::State<App>,
+    axum::extract::State(app): axum::extract::State<Ctx>,
 ) -> axum::Json<virt8ra_api::Metrics> {
     axum::Json(virt8ra_api::Metrics {
         agents_connected: app.hub.connected_count() as u64,

@@ -8,7 +8,6 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use serde::Deserialize;
-use virt8ra_api::protocol::{AgentVmPhase, VmReport};
 use virt8ra_api::{
     validate, ConsoleLog, Page, PlacementPlan, PowerState, Vm, VmAction, VmActionRequest, VmCreate,
     VmEvent, VmPhase, VmStatus,
@@ -18,7 +17,7 @@ use virt8ra_store::{StoreError, VmFilter};
 use super::extract::{missing_ref, Body, Query};
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::Admin;
-use crate::state::App;
+use crate::state::Ctx;
 
 const DEFAULT_STOP_TIMEOUT_S: u32 = 30;
 const MAX_PAGE: usize = 1000;
@@ -47,7 +46,7 @@ pub struct VmQuery {
     security(("bearer" = [])))]
 pub async fn list(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Query(q): Query<VmQuery>,
 ) -> ApiResult<Json<Page<Arc<Vm>>>> {
     let limit = q.limit.unwrap_or(MAX_PAGE);
@@ -97,7 +96,7 @@ fn check_cursor(c: &str) -> ApiResult<()> {
     security(("bearer" = [])))]
 pub async fn create(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(req): Body<VmCreate>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
     validate::vm(&req).map_err(ApiError::Invalid)?;
@@ -167,7 +166,7 @@ fn gib_of(bytes: u64) -> u64 {
 /// 100 GiB image books 100 GiB. Returns the events that say what grew; a
 /// disk over the largest allowed is a 400.
 pub async fn disks_fit_images(
-    app: &App,
+    app: &Ctx,
     spec: &mut virt8ra_api::VmSpec,
     image: &virt8ra_api::Image,
     data_image_ids: &[Option<String>],
@@ -214,7 +213,7 @@ pub async fn disks_fit_images(
 /// The image id of each data disk (`None` for a blank one); a disk naming
 /// no stored image is a 400 naming it.
 pub async fn data_images(
-    app: &App,
+    app: &Ctx,
     disks: &[virt8ra_api::DataDisk],
 ) -> ApiResult<Vec<Option<String>>> {
     let mut ids = Vec::with_capacity(disks.len());
@@ -290,7 +289,7 @@ pub fn new_vm(
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vm>> {
     Ok(Json(app.vm(&key)?))
@@ -303,7 +302,7 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn delete(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
     let id = app.vm(&key)?.id;
@@ -341,7 +340,7 @@ pub async fn delete(
     security(("bearer" = [])))]
 pub async fn action(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<VmActionRequest>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
@@ -421,7 +420,7 @@ pub struct ConsoleQuery {
     security(("bearer" = [])))]
 pub async fn console(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Query(q): Query<ConsoleQuery>,
 ) -> ApiResult<Json<ConsoleLog>> {
@@ -457,7 +456,7 @@ pub async fn console(
     security(("bearer" = [])))]
 pub async fn events(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<VmEvent>>> {
     let vm = app.vm(&key)?;
@@ -474,137 +473,7 @@ fn refuse_while_migrating(vm: &Vm) -> ApiResult<()> {
     }
 }
 
-fn phase_of(p: AgentVmPhase) -> VmPhase {
-    match p {
-        AgentVmPhase::Provisioning => VmPhase::Provisioning,
-        AgentVmPhase::Running => VmPhase::Running,
-        AgentVmPhase::Stopping => VmPhase::Stopping,
-        AgentVmPhase::Stopped => VmPhase::Stopped,
-        AgentVmPhase::Failed => VmPhase::Failed,
-        AgentVmPhase::Deleted => VmPhase::Deleted,
-    }
-}
-
-/// Applies what an agent observed of one VM to the VM's status.
-pub async fn apply_report(app: &App, host_id: &str, r: &VmReport) -> ApiResult<()> {
-    if !app.hub.report_changed(host_id, r) {
-        return Ok(());
-    }
-    let result = apply_report_inner(app, host_id, r).await;
-    if result.is_err() {
-        app.hub.forget_report(host_id, &r.id);
-    }
-    result
-}
-
-async fn apply_report_inner(app: &App, host_id: &str, r: &VmReport) -> ApiResult<()> {
-    let _g = app.lock_vm(&r.id).await;
-    let Some(vm) = app.vms.get(&r.id) else {
-        return Ok(());
-    };
-    // Reports name VMs by id; a name equal to some id is no match.
-    if vm.id != r.id {
-        return Ok(());
-    }
-    let mut vm = (*vm).clone();
-    if vm.status.host_id.as_deref() != Some(host_id) || vm.status.phase == VmPhase::Deleted {
-        return Ok(());
-    }
-    let phase = phase_of(r.phase);
-    if vm.status.phase == VmPhase::Deleting && phase != VmPhase::Deleted {
-        return Ok(());
-    }
-    if phase == VmPhase::Deleted && vm.status.phase != VmPhase::Deleting {
-        return Ok(());
-    }
-    let mut event = None;
-    let host = vm.status.host.clone().unwrap_or_default();
-    if phase != vm.status.phase {
-        event = Some(match (&r.error, phase) {
-            (Some(e), VmPhase::Failed) => format!("failed on host {host}: {e}"),
-            _ => format!("{} on host {host}", phase.as_str()),
-        });
-        if phase == VmPhase::Running {
-            vm.status.started_at = Some(Utc::now());
-            vm.status.last_error = None;
-        }
-        if phase == VmPhase::Stopped {
-            vm.status.started_at = None;
-        }
-        vm.status.phase = phase;
-    }
-    if phase == VmPhase::Failed && r.error.is_some() && vm.status.last_error != r.error {
-        vm.status.last_error = r.error.clone();
-        if event.is_none() {
-            event = Some(format!(
-                "still failing on host {host}: {}",
-                r.error.clone().unwrap_or_default()
-            ));
-        }
-    }
-    if r.machine.is_some() && vm.status.machine != r.machine {
-        vm.status.machine = r.machine.clone();
-        event = event.or_else(|| {
-            Some(format!(
-                "runs as QEMU machine {}",
-                r.machine.clone().unwrap_or_default()
-            ))
-        });
-    }
-    let ports_changed = vm.status.ports != r.ports;
-    if ports_changed {
-        vm.status.ports = r.ports.clone();
-    }
-    if event.is_none() && !ports_changed {
-        return Ok(());
-    }
-    vm.updated_at = Utc::now();
-    app.update_vm(&vm, event.as_deref()).await?;
-    if vm.status.phase == VmPhase::Deleted {
-        app.placement.release(&vm.id);
-    }
-    Ok(())
-}
-
-/// VMs being deleted on `host_id` that the agent no longer has are gone.
-/// Called with every heartbeat, it reads the store only for hosts known to
-/// have deletions in flight.
-pub async fn confirm_deletions(app: &App, host_id: &str, present: &[String]) -> ApiResult<()> {
-    if !app.has_deletions(host_id) {
-        return Ok(());
-    }
-    // Forget the host first, then read: a deletion noted meanwhile is
-    // either seen by this read or noted again after it.
-    app.deletions_done(host_id);
-    let deleting = app.vms.list(&VmFilter {
-        host_id: Some(host_id.to_string()),
-        phase: Some(VmPhase::Deleting),
-        ..Default::default()
-    });
-    if deleting.iter().any(|vm| present.contains(&vm.id)) {
-        // The agent still has some: look again on its next heartbeat.
-        app.note_deletion(host_id);
-    }
-    for vm in deleting {
-        if present.contains(&vm.id) {
-            continue;
-        }
-        let _g = app.lock_vm(&vm.id).await;
-        let mut vm = app.vm(&vm.id)?;
-        if vm.status.phase != VmPhase::Deleting {
-            continue;
-        }
-        vm.status.phase = VmPhase::Deleted;
-        vm.status.ports.clear();
-        vm.updated_at = Utc::now();
-        app.update_vm(&vm, Some("deleted: the host agent removed it"))
-            .await?;
-        app.placement.release(&vm.id);
-    }
-    Ok(())
-}
-
-fn check_rules(app: &App, req: &VmCreate) -> ApiResult<virt8ra_placement::Request> {
+fn check_rules(app: &Ctx, req: &VmCreate) -> ApiResult<virt8ra_placement::Request> {
     virt8ra_placement::Request::new(
         virt8ra_placement::Resources {
             vcpus: req.vcpus,
@@ -623,7 +492,7 @@ fn check_rules(app: &App, req: &VmCreate) -> ApiResult<virt8ra_placement::Reques
     security(("bearer" = [])))]
 pub async fn plan(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(req): Body<VmCreate>,
 ) -> ApiResult<Json<PlacementPlan>> {
     validate::vm(&req).map_err(ApiError::Invalid)?;

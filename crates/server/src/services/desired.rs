@@ -16,13 +16,13 @@ use virt8ra_api::{MigrationMode, MigrationPhase, Vm, VmPhase};
 use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
-use crate::state::App;
+use crate::state::Ctx;
 
 /// The VMs a host should run, as the agent protocol carries them: those
 /// placed on it, with the migration roles of those on the move, and those
 /// migrating to it.
 pub async fn desired_for(
-    app: &App,
+    app: &Ctx,
     host_id: &str,
     plan: &crate::services::distribution::HostPlan,
 ) -> ApiResult<Vec<DesiredVm>> {
@@ -50,7 +50,7 @@ pub async fn desired_for(
 
 /// One VM as the agent protocol carries it (`None` without an image).
 pub async fn desired_vm(
-    app: &App,
+    app: &Ctx,
     vm: &Vm,
     images: &mut HashMap<String, ImageRef>,
 ) -> ApiResult<Option<DesiredVm>> {
@@ -93,7 +93,7 @@ pub async fn desired_vm(
 /// What the agent is told of image `id` (from the pass's, then the
 /// control plane's, memory before the store).
 async fn image_ref_of(
-    app: &App,
+    app: &Ctx,
     id: &str,
     images: &mut HashMap<String, ImageRef>,
 ) -> ApiResult<ImageRef> {
@@ -110,7 +110,7 @@ async fn image_ref_of(
 /// The migration roles of the VMs a host should have: adds the VMs coming
 /// in and marks those going out (called when computing its desired state).
 pub async fn apply_roles(
-    app: &App,
+    app: &Ctx,
     host_id: &str,
     out: &mut Vec<DesiredVm>,
     images: &mut HashMap<String, virt8ra_api::protocol::ImageRef>,

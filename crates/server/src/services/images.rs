@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use virt8ra_api::{validate, Image};
 
 use crate::error::{ApiError, ApiResult};
-use crate::state::App;
+use crate::state::Ctx;
 
 /// Removes a temporary file when dropped, unless it was kept.
 pub struct TempFile(pub Option<PathBuf>);
@@ -53,7 +53,7 @@ fn image_error(e: virt8ra_image::ImageError) -> ApiError {
 /// from its bytes, no reference to another file, `qemu-img check`, the
 /// virtual-size limit; a conversion runs sandboxed and its output is
 /// inspected again. A refused file leaves nothing behind.
-pub async fn ingest(app: &App, upload: &FsPath, m: Meta) -> ApiResult<Image> {
+pub async fn ingest(app: &Ctx, upload: &FsPath, m: Meta) -> ApiResult<Image> {
     let id = m.id.clone();
     let limit = app.max_image_virtual_size;
     let info = virt8ra_image::inspect(upload, &virt8ra_image::Policy::import(limit))
@@ -96,7 +96,7 @@ pub async fn ingest(app: &App, upload: &FsPath, m: Meta) -> ApiResult<Image> {
 
 /// Validates the name, arch and version of a new image; returns the arch.
 pub async fn check_new(
-    app: &App,
+    app: &Ctx,
     name: &str,
     arch: Option<&str>,
     version: Option<&str>,
@@ -138,7 +138,7 @@ const URL_ATTEMPTS: u32 = 5;
 /// Downloads `url` (resuming a broken transfer with range requests), checks
 /// its sha256 when one is expected, and stores it like an upload.
 pub async fn import_from_url(
-    app: &App,
+    app: &Ctx,
     url: &str,
     expected_sha: Option<&str>,
     m: Meta,

@@ -1,6 +1,6 @@
 //! The control plane's rules and its store calls, one module per concern:
-//! placement and scheduling, the desired state sent to agents, image
-//! distribution and ingest.
+//! placement and scheduling, the desired state sent to agents, agents'
+//! reports, image distribution and ingest.
 //!
 //! No HTTP types here: the HTTP layer ([`crate::http`]) and the workflows
 //! ([`crate::workflows`]) call these functions; they call the registry
@@ -10,4 +10,5 @@ pub mod desired;
 pub mod distribution;
 pub mod images;
 pub mod placement;
+pub mod reports;
 pub mod scheduler;

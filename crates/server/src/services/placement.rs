@@ -26,11 +26,11 @@ use crate::registry::placement::{
     booked_request, host_info, request, reservation, site_info, Loaded, LoadedPlacement,
     READINESS_TTL,
 };
-use crate::state::App;
+use crate::state::Ctx;
 
 /// Fills in a host's live fields (connection, heartbeat, usage, state
 /// derived from liveness) and its allocation.
-pub fn host_view(app: &App, mut h: Host, alloc: Option<&Allocation>) -> Host {
+pub fn host_view(app: &Ctx, mut h: Host, alloc: Option<&Allocation>) -> Host {
     let live = app.hub.view(&h.id, app.liveness_window());
     h.connected = live.is_some();
     if let Some(l) = &live {
@@ -47,7 +47,7 @@ pub fn host_view(app: &App, mut h: Host, alloc: Option<&Allocation>) -> Host {
 impl LoadedPlacement {
     /// What is allocated on each host (by host name), from the engine's
     /// in-memory books: no scan of the VMs in the store.
-    pub async fn allocations(&self, app: &App) -> ApiResult<HashMap<String, Allocation>> {
+    pub async fn allocations(&self, app: &Ctx) -> ApiResult<HashMap<String, Allocation>> {
         self.with_engine(app, |e| {
             e.hosts()
                 .map(|h| {
@@ -69,7 +69,7 @@ impl LoadedPlacement {
     /// A host joined, connected or was changed: update it in the loaded
     /// engine, keeping its allocations, instead of a rebuild (which costs
     /// O(hosts + VMs), once per host when 100,000 hosts join).
-    pub fn upsert_host(&self, app: &App, h: &Host) {
+    pub fn upsert_host(&self, app: &Ctx, h: &Host) {
         let info = host_info(&host_view(app, h.clone(), None), &self.config);
         let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = g.as_mut() {
@@ -99,7 +99,7 @@ impl LoadedPlacement {
     /// throughout), and after the delete the engine is dropped, so the next
     /// decision rebuilds without it. The VM index is counted as well (a VM
     /// recorded on the host is refused even if the engine did not book it).
-    pub async fn remove_host<F>(&self, app: &App, h: &Host, delete: F) -> ApiResult<()>
+    pub async fn remove_host<F>(&self, app: &Ctx, h: &Host, delete: F) -> ApiResult<()>
     where
         F: std::future::Future<Output = ApiResult<()>>,
     {
@@ -146,7 +146,7 @@ impl LoadedPlacement {
     /// Runs `f` on an up-to-date engine.
     pub async fn with_engine<T>(
         &self,
-        app: &App,
+        app: &Ctx,
         f: impl FnOnce(&mut Engine) -> T,
     ) -> ApiResult<T> {
         let missing = || {
@@ -176,7 +176,7 @@ impl LoadedPlacement {
         Ok(f(&mut l.engine))
     }
 
-    async fn build(&self, app: &App) -> ApiResult<Loaded> {
+    async fn build(&self, app: &Ctx) -> ApiResult<Loaded> {
         let providers: HashMap<String, Provider> = app
             .store
             .list_providers()
@@ -245,7 +245,7 @@ impl LoadedPlacement {
 /// a second. (Before, every host was looked up by name here and by id in
 /// the hub, and that pass, at 100,000 hosts, held every VM create behind
 /// it for tens of milliseconds.)
-fn refresh_readiness(app: &App, l: &mut Loaded, all: bool) {
+fn refresh_readiness(app: &Ctx, l: &mut Loaded, all: bool) {
     let window = app.liveness_window();
     for (id, alive) in app.hub.liveness_changes(window, all) {
         let Some(name) = l.names.get(&id) else {

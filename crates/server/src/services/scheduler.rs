@@ -24,10 +24,10 @@ use crate::error::ApiResult;
 use crate::registry::marks::Marks;
 use crate::registry::placement;
 use crate::services::desired::{desired_for, desired_vm};
-use crate::state::App;
+use crate::state::Ctx;
 
 /// Runs the scheduler until the process ends.
-pub async fn run(app: App) {
+pub async fn run(app: Ctx) {
     let mut last_full: Option<std::time::Instant> = None;
     loop {
         // Every 30 s a pass recomputes every connected host's desired
@@ -50,10 +50,10 @@ pub async fn run(app: App) {
 
 /// One reconciliation pass.
 ///
-/// Hosts whose VMs changed were marked (`AppState::mark_host`, `mark_vm`);
+/// Hosts whose VMs changed were marked (`ControlPlane::mark_host`, `mark_vm`);
 /// only their desired state is recomputed (of `mark_vm`, only those VMs),
 /// unless `full`.
-pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
+pub async fn pass(app: &Ctx, full: bool) -> ApiResult<()> {
     place_pending(app).await?;
     let hosts = if full {
         app.take_marked_hosts();
@@ -86,7 +86,7 @@ pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
     Ok(())
 }
 
-async fn place_pending(app: &App) -> ApiResult<()> {
+async fn place_pending(app: &Ctx) -> ApiResult<()> {
     let pending = app.vms.ids_in_phase(VmPhase::Pending);
     if pending.is_empty() {
         return Ok(());
@@ -104,7 +104,7 @@ async fn place_pending(app: &App) -> ApiResult<()> {
     Ok(())
 }
 
-async fn place_one(app: &App, id: String) -> ApiResult<()> {
+async fn place_one(app: &Ctx, id: String) -> ApiResult<()> {
     // Re-read under the VM's lock: it may have changed since the list.
     let _guard = app.lock_vm(&id).await;
     let mut vm = app.vm(&id)?;
@@ -143,7 +143,7 @@ pub enum Decision {
 /// Places a pending VM through the engine and fills in its status; stores
 /// nothing. Used by the scheduler's passes and by `POST /vms`, which places
 /// a VM at once so that creating and scheduling it is one durable write.
-pub async fn decide(app: &App, vm: &mut Vm) -> ApiResult<Decision> {
+pub async fn decide(app: &Ctx, vm: &mut Vm) -> ApiResult<Decision> {
     let outcome = match placement::request(vm, app.placement.config.weights) {
         Err(e) => Err(format!("invalid placement rules: {e}")),
         Ok(req) => {
@@ -197,7 +197,7 @@ pub async fn decide(app: &App, vm: &mut Vm) -> ApiResult<Decision> {
 
 /// Sends the host its whole desired state if it changed since the last
 /// send (to a protocol 3 agent: what changed).
-pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
+pub async fn sync_host(app: &Ctx, host_id: &str) -> ApiResult<()> {
     sync_host_marked(app, host_id, &Marks::All).await
 }
 
@@ -205,7 +205,7 @@ pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
 /// only those VMs are recomputed (a host packed with hundreds of VMs costs
 /// one VM per change, not hundreds), unless the host must be sent its whole
 /// state or takes part in a migration (whose roles span VMs and hosts).
-pub async fn sync_host_marked(app: &App, host_id: &str, marks: &Marks) -> ApiResult<()> {
+pub async fn sync_host_marked(app: &Ctx, host_id: &str, marks: &Marks) -> ApiResult<()> {
     let plan = crate::services::distribution::plan_for(app, host_id).await?;
     // Generations grow with wall-clock time, so they keep increasing across
     // control-plane restarts.

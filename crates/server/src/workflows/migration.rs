@@ -39,7 +39,7 @@ use virt8ra_placement::Engine;
 
 use crate::error::{ApiError, ApiResult};
 use crate::registry::placement;
-use crate::state::App;
+use crate::state::Ctx;
 
 /// Giving up on a target that does not get ready.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -128,7 +128,7 @@ fn live_incompatibility(vm: &Vm, src: &Host, dst: &Host) -> Option<String> {
     None
 }
 
-fn protocol_ok(app: &App, h: &Host) -> ApiResult<()> {
+fn protocol_ok(app: &Ctx, h: &Host) -> ApiResult<()> {
     let v = app.hub.protocol(&h.id);
     match v {
         None => Err(ApiError::Conflict(format!(
@@ -387,7 +387,7 @@ fn first_phase(mode: MigrationMode) -> MigrationPhase {
 
 /// Validates and starts a migration of VM `key`; returns it as recorded.
 pub async fn start(
-    app: &App,
+    app: &Ctx,
     key: &str,
     req: &MigrationCreate,
     exclude: &[String],
@@ -465,7 +465,7 @@ pub async fn start(
 }
 
 /// Resumes every unfinished migration (control-plane start).
-pub async fn resume_all(app: &App) -> ApiResult<()> {
+pub async fn resume_all(app: &Ctx) -> ApiResult<()> {
     for m in app.store.list_migrations(None, true).await? {
         tracing::info!(migration = %m.id, vm = %m.vm, phase = m.phase.as_str(), "resuming migration");
         app.migrations.set_active(&m);
@@ -474,7 +474,7 @@ pub async fn resume_all(app: &App) -> ApiResult<()> {
     Ok(())
 }
 
-async fn sync_hosts(app: &App, m: &Migration) {
+async fn sync_hosts(app: &Ctx, m: &Migration) {
     for h in [&m.source.host_id, &m.target.host_id] {
         if let Err(e) = crate::services::scheduler::sync_host(app, h).await {
             tracing::warn!(host = %h, error = %e, "sending desired state");
@@ -486,7 +486,7 @@ async fn sync_hosts(app: &App, m: &Migration) {
 
 /// Records a new phase durably (with the VM when it changes too).
 async fn advance(
-    app: &App,
+    app: &Ctx,
     m: &mut Migration,
     phase: MigrationPhase,
     message: String,
@@ -521,7 +521,7 @@ async fn advance(
 }
 
 /// Runs one migration to its end.
-async fn drive(app: App, id: String) {
+async fn drive(app: Ctx, id: String) {
     let mut entered = Instant::now();
     let mut last_progress: Option<(u64, Instant)> = None;
     let mut last_saved = Instant::now();
@@ -555,7 +555,7 @@ async fn drive(app: App, id: String) {
     }
 }
 
-async fn load_vm(app: &App, m: &Migration) -> ApiResult<Vm> {
+async fn load_vm(app: &Ctx, m: &Migration) -> ApiResult<Vm> {
     Ok(app.store.get_vm(&m.vm_id).await?)
 }
 
@@ -580,7 +580,7 @@ fn failure(r: &Option<MigrationReport>) -> Option<String> {
 /// Reads the agents' reports and notes progress (for the API; a transfer
 /// that stops moving is given up).
 fn observe(
-    app: &App,
+    app: &Ctx,
     m: &mut Migration,
     entered: Instant,
     last_progress: &mut Option<(u64, Instant)>,
@@ -612,7 +612,7 @@ fn observe(
 /// One look at a migration: act on what the agents reported, by the step
 /// of the diagram in the module documentation it is at.
 async fn step(
-    app: &App,
+    app: &Ctx,
     m: &mut Migration,
     entered: Instant,
     last_progress: &mut Option<(u64, Instant)>,
@@ -632,7 +632,7 @@ async fn step(
 
 /// Live, `preparing_target`: the target's endpoints are known -> the
 /// source sends disk and memory (`transferring`).
-async fn live_preparing(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+async fn live_preparing(app: &Ctx, m: &mut Migration, o: &Observed) -> ApiResult<()> {
     if let Some(e) = failure(&o.dst) {
         return rollback(app, m, format!("the target could not get ready: {e}")).await;
     }
@@ -656,7 +656,7 @@ async fn live_preparing(app: &App, m: &mut Migration, o: &Observed) -> ApiResult
 }
 
 /// Live, `transferring`: the target resumed the guest -> commit.
-async fn live_transferring(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+async fn live_transferring(app: &Ctx, m: &mut Migration, o: &Observed) -> ApiResult<()> {
     if o.dst
         .as_ref()
         .is_some_and(|r| r.state == MigrationAgentState::Resumed)
@@ -683,7 +683,7 @@ async fn live_transferring(app: &App, m: &mut Migration, o: &Observed) -> ApiRes
 
 /// Cold, `transferring`: the source uploaded the disks -> verify them
 /// ([`verify_upload`]).
-async fn cold_transferring(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+async fn cold_transferring(app: &Ctx, m: &mut Migration, o: &Observed) -> ApiResult<()> {
     if let Some(e) = failure(&o.src) {
         return rollback(app, m, format!("the source could not send the disk: {e}")).await;
     }
@@ -706,7 +706,7 @@ async fn cold_transferring(app: &App, m: &mut Migration, o: &Observed) -> ApiRes
 /// verified -> the target fetches them (`preparing_target`), corrupt ->
 /// rollback.
 async fn verify_upload(
-    app: &App,
+    app: &Ctx,
     m: &mut Migration,
     disk: &StagedDisk,
     reported: &[StagedDisk],
@@ -761,7 +761,7 @@ async fn verify_upload(
 
 /// Cold, `preparing_target`: the target fetched and adopted the disks ->
 /// commit.
-async fn cold_preparing(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+async fn cold_preparing(app: &Ctx, m: &mut Migration, o: &Observed) -> ApiResult<()> {
     if let Some(e) = failure(&o.dst) {
         return rollback(app, m, format!("the target could not take the disk: {e}")).await;
     }
@@ -787,7 +787,7 @@ async fn cold_preparing(app: &App, m: &mut Migration, o: &Observed) -> ApiResult
 
 /// `switching_over` (after the commit point): the target runs the VM ->
 /// remove the source copy (`cleaning_up`).
-async fn switching_over(app: &App, m: &mut Migration) -> ApiResult<()> {
+async fn switching_over(app: &Ctx, m: &mut Migration) -> ApiResult<()> {
     // Cold: wait until the target runs the VM (or holds it stopped).
     let vm = load_vm(app, m).await?;
     let settled = m.mode == MigrationMode::Live
@@ -808,7 +808,7 @@ async fn switching_over(app: &App, m: &mut Migration) -> ApiResult<()> {
 }
 
 /// `cleaning_up`: the source copy is gone -> `completed`.
-async fn cleaning_up(app: &App, m: &mut Migration) -> ApiResult<()> {
+async fn cleaning_up(app: &Ctx, m: &mut Migration) -> ApiResult<()> {
     if app
         .migrations
         .gone_since(&m.source.host_id, &m.vm_id, since_instant(m))
@@ -830,7 +830,7 @@ async fn cleaning_up(app: &App, m: &mut Migration) -> ApiResult<()> {
 
 /// `rolling_back` (undo): the target copy is gone -> `failed`, and the
 /// source resumes.
-async fn rolling_back(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<()> {
+async fn rolling_back(app: &Ctx, m: &mut Migration, o: &Observed) -> ApiResult<()> {
     // The target's copy must be gone before the source may run again.
     let target_engaged = o.dst.is_some() || m.mode == MigrationMode::Live;
     if !target_engaged
@@ -849,7 +849,7 @@ async fn rolling_back(app: &App, m: &mut Migration, o: &Observed) -> ApiResult<(
 
 /// Ends a migration (completed or failed): the VM is free again, the staged
 /// disk and the target reservation go.
-async fn finish(app: &App, m: &mut Migration, phase: MigrationPhase, msg: String) -> ApiResult<()> {
+async fn finish(app: &Ctx, m: &mut Migration, phase: MigrationPhase, msg: String) -> ApiResult<()> {
     remove_staged(app, &m.id).await;
     let _g = app.lock_vm(&m.vm_id).await;
     let mut vm = load_vm(app, m).await?;
@@ -872,7 +872,7 @@ fn since_instant(m: &Migration) -> Instant {
 }
 
 /// The commit point: the VM belongs to the target host from now on.
-async fn commit(app: &App, m: &mut Migration) -> ApiResult<()> {
+async fn commit(app: &Ctx, m: &mut Migration) -> ApiResult<()> {
     let _g = app.lock_vm(&m.vm_id).await;
     let mut vm = load_vm(app, m).await?;
     let dst = app.store.get_host(&m.target.host_id).await?;
@@ -904,7 +904,7 @@ async fn commit(app: &App, m: &mut Migration) -> ApiResult<()> {
     advance(app, m, MigrationPhase::SwitchingOver, msg, Some(&vm)).await
 }
 
-async fn rollback(app: &App, m: &mut Migration, why: String) -> ApiResult<()> {
+async fn rollback(app: &Ctx, m: &mut Migration, why: String) -> ApiResult<()> {
     m.error = Some(why.clone());
     advance(
         app,
@@ -918,12 +918,12 @@ async fn rollback(app: &App, m: &mut Migration, why: String) -> ApiResult<()> {
 
 /// The staged file of `key`: a migration's or export's id (its boot disk),
 /// or `ID.N` (data disk N of a cold migration).
-pub fn staging_path(app: &App, key: &str) -> std::path::PathBuf {
+pub fn staging_path(app: &Ctx, key: &str) -> std::path::PathBuf {
     app.data_dir.join("staging").join(format!("{key}.qcow2"))
 }
 
 /// Removes every file staged for migration `id` (boot and data disks).
-pub async fn remove_staged(app: &App, id: &str) {
+pub async fn remove_staged(app: &Ctx, id: &str) {
     let _ = tokio::fs::remove_file(staging_path(app, id)).await;
     for i in 0..virt8ra_api::validate::MAX_DATA_DISKS {
         let _ = tokio::fs::remove_file(staging_path(app, &format!("{id}.{i}"))).await;
@@ -933,7 +933,7 @@ pub async fn remove_staged(app: &App, id: &str) {
 /// Checks each data disk staged for `id` (`ID.N`) against what the host
 /// reported; the inner error says which one is corrupt.
 async fn verify_staged_data(
-    app: &App,
+    app: &Ctx,
     id: &str,
     reported: &[StagedDisk],
 ) -> ApiResult<Result<Vec<virt8ra_api::StagedDiskSum>, String>> {
@@ -956,7 +956,7 @@ async fn verify_staged_data(
 }
 
 /// An export's upload finished (or failed): verify and record it.
-pub async fn finish_export(app: &App, r: &MigrationReport) -> ApiResult<()> {
+pub async fn finish_export(app: &Ctx, r: &MigrationReport) -> ApiResult<()> {
     let Some(mut e) = app.migrations.export(&r.migration_id) else {
         return Ok(());
     };
