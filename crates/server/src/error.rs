@@ -53,3 +53,11 @@ impl From<StoreError> for ApiError {
         }
     }
 }
+
+/// Turns "not found" of a referenced resource into a 400 that says how to
+/// find what exists.
+pub fn missing_ref(kind: &str, name: &str, list_cmd: &str) -> ApiError {
+    ApiError::Invalid(format!(
+        "{kind} '{name}' not found; `virt8ra {list_cmd} list` shows what exists"
+    ))
+}

@@ -415,8 +415,8 @@ async fn create_replicas(
         vc.data_disks = data_disks.clone();
         // Each disk at least its image's size (what the agent creates).
         let mut spec = vc.spec();
-        super::vms::disks_fit_images(app, &mut spec, &image, &data_image_ids).await?;
-        let vm = super::vms::new_vm(
+        crate::services::vms::disks_fit_images(app, &mut spec, &image, &data_image_ids).await?;
+        let vm = crate::services::vms::new_vm(
             &vc.name,
             spec,
             true,
@@ -436,7 +436,7 @@ async fn create_replicas(
     view(app, &rec).await
 }
 
-/// The disk one replica books, as its VM will ([`super::vms::disks_fit_images`]):
+/// The disk one replica books, as its VM will ([`crate::services::vms::disks_fit_images`]):
 /// the boot disk at least its image's virtual size, each data disk (a copy
 /// of an image) at least 1 GiB and its image's size. An image not imported
 /// yet (a remote catalog's) counts as small; its VM books its real size.

@@ -93,13 +93,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     }
 }
 
-/// Turns "not found" of a referenced resource into a 400 that says how to
-/// find what exists.
-pub fn missing_ref(kind: &str, name: &str, list_cmd: &str) -> ApiError {
-    ApiError::Invalid(format!(
-        "{kind} '{name}' not found; `virt8ra {list_cmd} list` shows what exists"
-    ))
-}
+pub use crate::error::missing_ref;
 
 /// A body of raw bytes (`application/octet-stream`), documented as a
 /// binary string (`Vec<u8>` would be documented as an array of integers).

@@ -12,3 +12,4 @@ pub mod images;
 pub mod placement;
 pub mod reports;
 pub mod scheduler;
+pub mod vms;
