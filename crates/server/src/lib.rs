@@ -7,6 +7,12 @@
 //! and work in flight resumes: pending VMs are placed by the next scheduler
 //! pass, and agents get their desired state again when they reconnect.
 //!
+//! The code is in layers that import only downward: [`http`] (routes,
+//! handlers, the error mapping) over [`workflows`] (migration) over
+//! [`services`] (the rules and the store calls) over [`state`] (the shared
+//! [`state::Ctx`]) over [`registry`] (in-memory state); see
+//! docs/ARCHITECTURE.md. This file is start-up only.
+//!
 //! With `--tls-cert` and `--tls-key` everything is served over HTTPS (and
 //! WSS), see [`tls`]; the control plane's own outbound fetches (catalogs,
 //! image imports from URLs) trust the public web roots plus `--ca-cert`.

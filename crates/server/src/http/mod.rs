@@ -1,6 +1,6 @@
 //! The HTTP layer: the API under `/api/v1`.
 //!
-//! Routing ([`routes`]), extractors ([`extract`]), authentication
+//! Routing ([`mod@routes`]), extractors ([`extract`]), authentication
 //! ([`auth`]), the OpenAPI document ([`openapi`]), the one mapping of the
 //! domain error to a status code and JSON body ([`error`]), and the
 //! handlers, one module per resource. A handler parses the request, calls

@@ -7,7 +7,7 @@
 //! whether it needs a token; [`Bearer`] then adds what is the same for every
 //! operation (the 401 and 403 answers of those that need a token, operation
 //! ids unique across the document), so that no annotation can forget them.
-//! A test checks the document against the route table ([`super::routes`]):
+//! A test checks the document against the route table ([`super::routes()`]):
 //! the same operations, every path parameter a segment of its path, and
 //! security exactly where the router asks for a token.
 

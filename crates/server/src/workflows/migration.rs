@@ -24,6 +24,17 @@
 //! good unless rolled back, and a rollback resumes it only after the target
 //! host confirmed its copy is gone. The commit point is the atomic write that
 //! moves the VM to the target host; after it the workflow only goes forward.
+//!
+//! In code: [`start`] decides and records the migration; `drive` calls
+//! `step` on every report or tick, and `step` runs the function of the
+//! current state: `live_preparing`, `live_transferring`,
+//! `cold_transferring` (with `verify_upload`), `cold_preparing`,
+//! `switching_over`, `cleaning_up`, and the undo state `rolling_back`.
+//! They move on with `advance`, `commit` (the commit point) or `rollback`
+//! (the undo step), and end with `finish`. The agents learn their parts
+//! from their desired state, whose migration roles
+//! `services::desired::apply_roles` derives from the records kept in
+//! `registry::migrations`.
 
 use std::time::{Duration, Instant};
 
