@@ -652,7 +652,7 @@ async fn handle_migration_report(
     let r2 = r.clone();
     app.migrations.note_report(host_id, r);
     if is_export {
-        if let Err(e) = crate::workflows::migration::finish_export(app, &r2).await {
+        if let Err(e) = crate::workflows::export::finish(app, &r2).await {
             tracing::warn!(export = %r2.migration_id, error = %e, "recording an export");
         }
     }

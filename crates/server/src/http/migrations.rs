@@ -6,15 +6,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
-use chrono::Utc;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use virt8ra_api::{
-    EvacuateRequest, Evacuation, HostState, Migration, MigrationCreate, MigrationPhase, Page,
-    Rebalance, RebalanceGoal, RebalanceMove, RebalanceRequest, VmExport, VmPhase,
+    EvacuateRequest, Evacuation, Migration, MigrationCreate, MigrationPhase, Page, Rebalance,
+    RebalanceGoal, RebalanceMove, RebalanceRequest, VmExport,
 };
-use virt8ra_store::VmFilter;
 
 use super::extract::{Body, Query};
 use crate::error::{ApiError, ApiResult};
@@ -114,54 +112,6 @@ pub async fn history(
     Ok(Json(items))
 }
 
-async fn evacuate(
-    app: &Ctx,
-    what: &str,
-    host_ids: Vec<String>,
-    req: EvacuateRequest,
-) -> ApiResult<Evacuation> {
-    if host_ids.is_empty() {
-        return Err(ApiError::Conflict(format!("{what} has no hosts")));
-    }
-    // No new VMs land on hosts being emptied.
-    let mut names = Vec::new();
-    for id in &host_ids {
-        let mut h = app.store.get_host(id).await?;
-        names.push(h.name.clone());
-        if h.state == HostState::Ready {
-            h.state = HostState::Maintenance;
-            app.update_host(&h).await?;
-            app.placement.upsert_host(app, &h);
-        }
-    }
-    let mut out = Evacuation::default();
-    for id in &host_ids {
-        let vms = app.vms.list(&VmFilter {
-            host_id: Some(id.clone()),
-            ..Default::default()
-        });
-        for vm in vms {
-            if matches!(
-                vm.status.phase,
-                VmPhase::Deleting | VmPhase::Deleted | VmPhase::Pending
-            ) {
-                continue;
-            }
-            let r = MigrationCreate {
-                mode: req.mode,
-                ..Default::default()
-            };
-            match migration::start(app, &vm.id, &r, &names).await {
-                Ok(m) => out.migrations.push(m),
-                Err(e) => {
-                    out.refused.insert(vm.name.clone(), e.to_string());
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[utoipa::path(post, path = "/api/v1/hosts/{key}/evacuate", tag = "migrations", request_body = EvacuateRequest,
     params(("key" = String, Path, description = "Host name or id")),
     responses((status = 202, body = Evacuation, description = "The host is put in maintenance; one migration per VM, or why a VM cannot move"),
@@ -174,7 +124,9 @@ pub async fn evacuate_host(
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
     let h = app.store.get_host(&key).await?;
-    let out = evacuate(&app, &format!("host {}", h.name), vec![h.id], req).await?;
+    let out =
+        crate::workflows::evacuation::evacuate(&app, &format!("host {}", h.name), vec![h.id], req)
+            .await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
 
@@ -198,7 +150,8 @@ pub async fn evacuate_site(
         .filter(|h| h.site == s.name)
         .map(|h| h.id)
         .collect();
-    let out = evacuate(&app, &format!("site {}", s.name), hosts, req).await?;
+    let out = crate::workflows::evacuation::evacuate(&app, &format!("site {}", s.name), hosts, req)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
 
@@ -222,7 +175,9 @@ pub async fn evacuate_provider(
         .filter(|h| h.provider == p.name)
         .map(|h| h.id)
         .collect();
-    let out = evacuate(&app, &format!("provider {}", p.name), hosts, req).await?;
+    let out =
+        crate::workflows::evacuation::evacuate(&app, &format!("provider {}", p.name), hosts, req)
+            .await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
 
@@ -236,50 +191,7 @@ pub async fn export(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<VmExport>)> {
-    let vm = app.store.get_vm(&key).await?;
-    if vm.status.phase != VmPhase::Stopped || vm.status.host_id.is_none() {
-        return Err(ApiError::Conflict(format!(
-            "VM '{}' is {}; stop it first (`virt8ra vm stop {} --wait`), its disk must be quiet to export",
-            vm.name,
-            vm.status.phase.as_str(),
-            vm.name
-        )));
-    }
-    if let Some(m) = &vm.status.migration {
-        return Err(ApiError::Conflict(format!(
-            "VM '{}' is being migrated (migration {m})",
-            vm.name
-        )));
-    }
-    if app
-        .migrations
-        .active_exports()
-        .iter()
-        .any(|e| e.vm_id == vm.id)
-    {
-        return Err(ApiError::Conflict(format!(
-            "VM '{}' is being exported already",
-            vm.name
-        )));
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    let e = VmExport {
-        url_path: format!("/api/v1/staging/{id}"),
-        id,
-        vm_id: vm.id.clone(),
-        vm: vm.name.clone(),
-        state: "uploading".into(),
-        sha256: None,
-        size_bytes: None,
-        error: None,
-        data_disks: vec![],
-        created_at: Utc::now(),
-    };
-    app.store.put_export(&e).await?;
-    app.migrations.set_export(&e);
-    if let Some(h) = &vm.status.host_id {
-        crate::services::scheduler::sync_host(&app, h).await?;
-    }
+    let e = crate::workflows::export::start(&app, &key).await?;
     Ok((StatusCode::ACCEPTED, Json(e)))
 }
 
@@ -304,15 +216,7 @@ pub async fn delete_export(
     State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let mut e = app.store.get_export(&id).await?;
-    migration::remove_staged(&app, &e.id).await;
-    if e.state == "uploading" {
-        e.state = "failed".into();
-        e.error = Some("cancelled".into());
-    }
-    e.state = format!("{} (removed)", e.state.trim_end_matches(" (removed)"));
-    app.store.put_export(&e).await?;
-    app.migrations.set_export(&e);
+    crate::workflows::export::cancel(&app, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -943,7 +943,7 @@ pub async fn remove_staged(app: &Ctx, id: &str) {
 
 /// Checks each data disk staged for `id` (`ID.N`) against what the host
 /// reported; the inner error says which one is corrupt.
-async fn verify_staged_data(
+pub(crate) async fn verify_staged_data(
     app: &Ctx,
     id: &str,
     reported: &[StagedDisk],
@@ -964,68 +964,4 @@ async fn verify_staged_data(
         });
     }
     Ok(Ok(sums))
-}
-
-/// An export's upload finished (or failed): verify and record it.
-pub async fn finish_export(app: &Ctx, r: &MigrationReport) -> ApiResult<()> {
-    let Some(mut e) = app.migrations.export(&r.migration_id) else {
-        return Ok(());
-    };
-    match (r.state, &r.disk) {
-        (MigrationAgentState::Sent, Some(disk)) => {
-            let (sha, size) =
-                crate::services::images::sha256_file(&staging_path(app, &e.id)).await?;
-            let wanted = match app.store.get_vm(&e.vm_id).await {
-                Ok(vm) => vm.spec.data_disks.len(),
-                Err(_) => r.data_disks.len(),
-            };
-            let verdict = if sha != disk.sha256 || size != disk.size_bytes {
-                Err(format!(
-                    "the uploaded disk is corrupt (sha256 {sha}, expected {})",
-                    disk.sha256
-                ))
-            } else if r.data_disks.len() != wanted {
-                Err(format!(
-                    "the host sent {} data disk(s); the VM has {wanted}",
-                    r.data_disks.len()
-                ))
-            } else {
-                verify_staged_data(app, &e.id, &r.data_disks).await?
-            };
-            match verdict {
-                Ok(sums) => {
-                    e.state = "ready".into();
-                    e.sha256 = Some(sha);
-                    e.size_bytes = Some(size);
-                    e.data_disks = sums
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, d)| virt8ra_api::ExportedDisk {
-                            url_path: virt8ra_api::protocol::data_disk_path(&e.url_path, i),
-                            sha256: d.sha256,
-                            size_bytes: d.size_bytes,
-                        })
-                        .collect();
-                }
-                Err(why) => {
-                    e.state = "failed".into();
-                    e.error = Some(why);
-                }
-            }
-        }
-        (MigrationAgentState::Failed, _) => {
-            e.state = "failed".into();
-            e.error = r.error.clone();
-        }
-        _ => return Ok(()),
-    }
-    app.store.put_export(&e).await?;
-    app.migrations.set_export(&e);
-    app.migrations.forget_reports(&e.id);
-    if let Ok(vm) = app.store.get_vm(&e.vm_id).await {
-        if let Some(h) = vm.status.host_id {
-            let _ = crate::services::scheduler::sync_host(app, &h).await;
-        }
-    }
-    Ok(())
 }

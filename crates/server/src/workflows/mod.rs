@@ -5,4 +5,6 @@
 //! Workflows call services ([`crate::services`]) and the registry; nothing
 //! below imports a workflow.
 
+pub mod evacuation;
+pub mod export;
 pub mod migration;
