@@ -94,7 +94,7 @@ pub struct ServerArgs {
 /// How an operator makes the control plane trust a server it fetches from.
 pub const CA_HINT: &str = "start the control plane with --ca-cert FILE, the CA that signed it";
 
-/// Builds the control plane's state on `data_dir`: opens (and migrates) the
+/// Builds the control plane's state on `data_dir`: opens (and upgrades) the
 /// database and makes sure an admin token exists. Returns the admin token if
 /// it was created now (it is shown once).
 pub async fn open(
