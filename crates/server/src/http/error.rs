@@ -43,3 +43,40 @@ impl IntoResponse for ApiError {
         (status, axum::Json(body)).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virt8ra_store::StoreError;
+
+    /// A store failure is a 500 whose message is the whole cause, and the
+    /// cause stays reachable as the error's source (not flattened).
+    #[test]
+    fn a_store_failure_is_a_500_that_keeps_its_cause() {
+        let e: ApiError = StoreError::db("write VM", std::io::Error::other("disk full")).into();
+        assert_eq!(
+            status_and_code(&e),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+        assert_eq!(
+            e.to_string(),
+            "internal error: database error: write VM: disk full"
+        );
+        let src = std::error::Error::source(&e).expect("the store error is kept");
+        assert!(src.downcast_ref::<StoreError>().is_some());
+        let cause = std::error::Error::source(src).map(|c| c.to_string());
+        assert_eq!(cause.as_deref(), Some("disk full"));
+    }
+
+    /// What clients see of a store's not-found and conflict: 404 and 409
+    /// with the store's words.
+    #[test]
+    fn not_found_and_conflict_keep_their_codes_and_words() {
+        let e: ApiError = StoreError::not_found("VM", "web").into();
+        assert_eq!(status_and_code(&e), (StatusCode::NOT_FOUND, "not_found"));
+        assert_eq!(e.to_string(), "VM 'web' not found");
+        let e: ApiError = StoreError::Conflict("name taken".into()).into();
+        assert_eq!(status_and_code(&e), (StatusCode::CONFLICT, "conflict"));
+        assert_eq!(e.to_string(), "name taken");
+    }
+}
