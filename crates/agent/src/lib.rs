@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use virt8ra_api::{AgentJoin, AgentJoined, ErrorBody};
+use virt8ra_api::{AgentJoin, AgentJoined, ErrorBody, HostInventory};
 use virt8ra_tls::Trust;
 
 pub mod channel;
@@ -223,30 +223,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     // The virtual networks first: a rebooted host has lost its bridges
     // and taps, and VMs on networks need their taps before QEMU starts.
-    let dd = data_dir.clone();
-    match tokio::task::spawn_blocking(move || network::apply_stored(&dd)).await {
-        Ok(Ok(c)) if !c.0.is_empty() => {
-            tracing::info!(changes = c.0.len(), "network state re-applied")
-        }
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "stored network state not applied"),
-        Err(e) => tracing::warn!(error = %e, "network state task failed"),
-    }
-
-    let driver: Arc<dyn driver::Driver> = if args.driver == "sim" {
-        tracing::warn!("simulated driver: VMs exist only in memory (scale tests only)");
-        Arc::new(driver::sim::SimDriver::new(
-            data_dir.join("vms"),
-            args.memory_mib.unwrap_or(64 * 1024),
-            driver::sim::SimTimings::default(),
-        ))
-    } else {
-        Arc::new(
-            driver::qemu::QemuDriver::new(data_dir.join("vms"), accel)
-                .await
-                .context("start the QEMU driver")?,
-        )
-    };
+    reapply_networks(&data_dir).await;
+    let driver = start_driver(&args, &data_dir, accel).await?;
     let name = args.name.clone().unwrap_or_else(inventory::hostname);
     let mut inv = inventory::collect(
         &name,
@@ -273,37 +251,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "host inventory"
     );
 
-    let cred_path = data_dir.join("credentials.json");
-    let creds = match load_credentials(&cred_path)? {
-        Some(c) => c,
-        None => {
-            let Some(token) = &join_token else {
-                bail!(
-                    "this agent has not joined yet: pass --join-token-file FILE (or VIRT8RA_JOIN_TOKEN); create one with `virt8ra host join-token create --site SITE`"
-                );
-            };
-            let joined = join(
-                &args.server,
-                token,
-                &AgentJoin {
-                    name: name.clone(),
-                    inventory: inv.clone(),
-                },
-                &trust,
-            )
-            .await?;
-            let c = Credentials {
-                server: args.server.clone(),
-                host_id: joined.host_id,
-                host_name: joined.host_name,
-                site: joined.site,
-                host_token: joined.host_token,
-            };
-            save_credentials(&cred_path, &c)?;
-            println!("joined as host {} at site {}", c.host_name, c.site);
-            c
-        }
-    };
+    let creds = credentials(&args, &data_dir, join_token.as_deref(), &name, &inv, &trust).await?;
 
     let images = Arc::new(images::ImageCache::new(
         data_dir.join("images"),
@@ -352,6 +300,80 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Applies the network state kept from the last run (see [`network`]).
+async fn reapply_networks(data_dir: &Path) {
+    let dd = data_dir.to_path_buf();
+    match tokio::task::spawn_blocking(move || network::apply_stored(&dd)).await {
+        Ok(Ok(c)) if !c.0.is_empty() => {
+            tracing::info!(changes = c.0.len(), "network state re-applied")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "stored network state not applied"),
+        Err(e) => tracing::warn!(error = %e, "network state task failed"),
+    }
+}
+
+async fn start_driver(
+    args: &AgentArgs,
+    data_dir: &Path,
+    accel: driver::qemu::AccelChoice,
+) -> anyhow::Result<Arc<dyn driver::Driver>> {
+    if args.driver == "sim" {
+        tracing::warn!("simulated driver: VMs exist only in memory (scale tests only)");
+        return Ok(Arc::new(driver::sim::SimDriver::new(
+            data_dir.join("vms"),
+            args.memory_mib.unwrap_or(64 * 1024),
+            driver::sim::SimTimings::default(),
+        )));
+    }
+    Ok(Arc::new(
+        driver::qemu::QemuDriver::new(data_dir.join("vms"), accel)
+            .await
+            .context("start the QEMU driver")?,
+    ))
+}
+
+/// The host's credentials: kept from an earlier join, or got by joining
+/// with the join token now (and kept).
+async fn credentials(
+    args: &AgentArgs,
+    data_dir: &Path,
+    join_token: Option<&str>,
+    name: &str,
+    inv: &HostInventory,
+    trust: &Trust,
+) -> anyhow::Result<Credentials> {
+    let cred_path = data_dir.join("credentials.json");
+    if let Some(c) = load_credentials(&cred_path)? {
+        return Ok(c);
+    }
+    let Some(token) = join_token else {
+        bail!(
+            "this agent has not joined yet: pass --join-token-file FILE (or VIRT8RA_JOIN_TOKEN); create one with `virt8ra host join-token create --site SITE`"
+        );
+    };
+    let joined = join(
+        &args.server,
+        token,
+        &AgentJoin {
+            name: name.to_string(),
+            inventory: inv.clone(),
+        },
+        trust,
+    )
+    .await?;
+    let c = Credentials {
+        server: args.server.clone(),
+        host_id: joined.host_id,
+        host_name: joined.host_name,
+        site: joined.site,
+        host_token: joined.host_token,
+    };
+    save_credentials(&cred_path, &c)?;
+    println!("joined as host {} at site {}", c.host_name, c.site);
+    Ok(c)
 }
 
 async fn shutdown_signal() {

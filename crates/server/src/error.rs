@@ -1,9 +1,11 @@
-//! One HTTP-agnostic error type for the control plane, turned into an HTTP
-//! answer with a JSON body (`{"error": {"code", "message"}}`) at the boundary.
+//! The control plane's domain error: what went wrong, in words a client
+//! can act on, with the cause kept as a source where there is one.
+//!
+//! It knows nothing of HTTP: the HTTP layer maps each variant to a status
+//! code and the JSON error body (`{"error": {"code", "message"}}`) in one
+//! place ([`crate::http::error`]). Services, workflows and the registry
+//! return it; the messages are the ones clients see.
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use virt8ra_api::{ErrorBody, ErrorDetail};
 use virt8ra_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,28 +35,13 @@ pub enum ApiError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The store failed: its message says what it was doing, the source
+    /// (kept, not flattened into a string) why.
+    #[error("internal error: {}", .0.chain())]
+    Store(#[source] StoreError),
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
-
-impl ApiError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
-        match self {
-            ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::UnsupportedMediaType(_) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-            }
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        }
-    }
-}
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -62,23 +49,15 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             StoreError::Conflict(m) => ApiError::Conflict(m),
             // The whole chain: the message names what failed, its sources why.
-            StoreError::Db { .. } => ApiError::Internal(e.chain()),
+            StoreError::Db { .. } => ApiError::Store(e),
         }
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
-        }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: code.to_string(),
-                message: self.to_string(),
-            },
-        };
-        (status, axum::Json(body)).into_response()
-    }
+/// Turns "not found" of a referenced resource into a 400 that says how to
+/// find what exists.
+pub fn missing_ref(kind: &str, name: &str, list_cmd: &str) -> ApiError {
+    ApiError::Invalid(format!(
+        "{kind} '{name}' not found; `virt8ra {list_cmd} list` shows what exists"
+    ))
 }

@@ -56,7 +56,7 @@ fn load_or_create(path: &Path) -> anyhow::Result<[u8; 32]> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut secret = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
-            crate::write_secret(path, &hex::encode(secret))?;
+            crate::keys::write_secret(path, &hex::encode(secret))?;
             Ok(secret)
         }
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
@@ -118,6 +118,27 @@ fn tighten(path: &Path) -> std::io::Result<()> {
             tighten(&entry?.path())?;
         }
     }
+    Ok(())
+}
+
+/// Writes a secret readable by the owner only (mode 0600), durably and
+/// atomically (a reader sees the old file or the new one).
+pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    // A leftover temporary file may have a wider mode: start afresh.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("write {}", tmp.display()))?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
     Ok(())
 }
 

@@ -7,6 +7,12 @@
 //! and work in flight resumes: pending VMs are placed by the next scheduler
 //! pass, and agents get their desired state again when they reconnect.
 //!
+//! The code is in layers that import only downward: [`http`] (routes,
+//! handlers, the error mapping) over [`workflows`] (migration) over
+//! [`services`] (the rules and the store calls) over [`state`] (the shared
+//! [`state::Ctx`]) over [`registry`] (in-memory state); see
+//! docs/ARCHITECTURE.md. This file is start-up only.
+//!
 //! With `--tls-cert` and `--tls-key` everything is served over HTTPS (and
 //! WSS), see [`tls`]; the control plane's own outbound fetches (catalogs,
 //! image imports from URLs) trust the public web roots plus `--ca-cert`.
@@ -21,21 +27,18 @@ use chrono::Utc;
 use virt8ra_serve as serve;
 use virt8ra_store::{CachedStore, SqliteStore, Store, TokenKind};
 
-pub mod api;
-pub mod auth;
-pub mod distribution;
+use crate::registry::placement::{LoadedPlacement, PlacementConfig};
+
 pub mod error;
-pub mod hub;
-pub mod index;
+pub mod http;
 pub mod keys;
-pub mod migration;
-pub mod placement;
-pub mod scheduler;
-pub mod staging;
+pub mod registry;
+pub mod services;
 pub mod state;
 pub mod tls;
+pub mod workflows;
 
-pub use state::{App, AppState};
+pub use state::{ControlPlane, Ctx};
 
 /// `virt8ra server`.
 #[derive(Debug, Clone, clap::Args)]
@@ -91,15 +94,16 @@ pub struct ServerArgs {
 /// How an operator makes the control plane trust a server it fetches from.
 pub const CA_HINT: &str = "start the control plane with --ca-cert FILE, the CA that signed it";
 
-/// Builds the control plane's state on `data_dir`: opens (and migrates) the
+/// Builds the control plane's state on `data_dir`: opens (and upgrades) the
 /// database and makes sure an admin token exists. Returns the admin token if
 /// it was created now (it is shown once).
 pub async fn open(
     data_dir: &Path,
     heartbeat: Duration,
-    placement_config: placement::PlacementConfig,
+    placement_config: PlacementConfig,
+    max_image_virtual_size: u64,
     trust: virt8ra_tls::Trust,
-) -> anyhow::Result<(App, Option<String>)> {
+) -> anyhow::Result<(Ctx, Option<String>)> {
     // The owner's alone (0700, files 0600), an older one tightened.
     keys::private_dir(data_dir)?;
     let images_dir = data_dir.join("images");
@@ -114,9 +118,9 @@ pub async fn open(
     let store: Arc<dyn Store> = Arc::new(CachedStore::new(store).await?);
     let created = ensure_admin_token(store.as_ref(), data_dir).await?;
     store.purge_join_tokens(Utc::now()).await?;
-    let hosts = index::HostIndex::load(store.list_hosts().await?);
+    let hosts = registry::index::HostIndex::load(store.list_hosts().await?);
     // Every VM into memory before serving: reads are answered from there.
-    let vms = index::VmIndex::load(
+    let vms = registry::index::VmIndex::load(
         store
             .list_vms(&virt8ra_store::VmFilter {
                 include_deleted: true,
@@ -124,15 +128,15 @@ pub async fn open(
             })
             .await?,
     );
-    let app = Arc::new(AppState {
+    let app = Arc::new(ControlPlane {
         store,
-        hub: hub::Hub::default(),
+        hub: registry::hub::Hub::default(),
         data_dir: data_dir.to_path_buf(),
         images_dir,
         heartbeat_interval: heartbeat,
         wake: tokio::sync::Notify::new(),
         vm_locks: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
-        placement: placement::Placement::new(placement_config),
+        placement: LoadedPlacement::new(placement_config),
         started: std::time::Instant::now(),
         marked_hosts: Default::default(),
         deleting_hosts: Default::default(),
@@ -144,6 +148,7 @@ pub async fn open(
         trust,
         catalog_key,
         site_key,
+        max_image_virtual_size,
     });
     Ok((app, created))
 }
@@ -152,32 +157,13 @@ async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Resul
     if store.count_tokens(TokenKind::Admin).await? > 0 {
         return Ok(None);
     }
-    let secret = auth::new_secret();
+    let secret = http::auth::new_secret();
     let path = data_dir.join("admin.token");
-    write_secret(&path, &secret)?;
-    store.create_token(&auth::admin_record(&secret)).await?;
+    keys::write_secret(&path, &secret)?;
+    store
+        .create_token(&http::auth::admin_record(&secret))
+        .await?;
     Ok(Some(secret))
-}
-
-/// Writes a secret readable by the owner only (mode 0600), durably and
-/// atomically (a reader sees the old file or the new one).
-pub(crate) fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    // A leftover temporary file may have a wider mode: start afresh.
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("write {}", tmp.display()))?;
-    f.write_all(secret.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
-    Ok(())
 }
 
 /// Runs the control plane until the process is stopped.
@@ -212,13 +198,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             args.max_image_virtual_size_gib
         );
     }
-    api::images::set_max_virtual_size(args.max_image_virtual_size_gib << 30);
     if !virt8ra_image::sandboxed() {
         tracing::warn!(
             "no Landlock on this kernel: qemu-img checks and converts received images unconfined"
         );
     }
-    let cfg = placement::PlacementConfig {
+    let cfg = PlacementConfig {
         cpu_overcommit: args.cpu_overcommit,
         memory_overcommit: args.memory_overcommit,
         ..Default::default()
@@ -237,6 +222,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         &args.data_dir,
         Duration::from_secs(args.heartbeat_interval.max(1)),
         cfg,
+        args.max_image_virtual_size_gib << 30,
         trust,
     )
     .await?;
@@ -270,7 +256,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     serve::serve(
         listener,
         server_tls.map(|t| t as Arc<dyn serve::Handshake>),
-        api::router(app),
+        http::router(app),
         limits,
         shutdown_signal(),
     )
@@ -280,12 +266,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
 
 /// The control plane's own work: unfinished migrations resume, the
 /// scheduler and the token purge run (in tasks of the current runtime).
-async fn start_work(app: &App) -> anyhow::Result<()> {
-    migration::resume_all(app)
+async fn start_work(app: &Ctx) -> anyhow::Result<()> {
+    workflows::migration::resume_all(app)
         .await
         .context("resume unfinished migrations")?;
-    tokio::spawn(scheduler::run(app.clone()));
-    tokio::spawn(api::tokens::purge_periodically(app.clone()));
+    tokio::spawn(services::scheduler::run(app.clone()));
+    tokio::spawn(http::tokens::purge_periodically(app.clone()));
     Ok(())
 }
 
@@ -294,14 +280,14 @@ async fn start_work(app: &App) -> anyhow::Result<()> {
 /// runtime, and returns at once: for the in-process test harness
 /// (`crates/testkit`), which stops it, or crashes it, by dropping that
 /// runtime.
-pub async fn start_on(app: &App, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+pub async fn start_on(app: &Ctx, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     start_work(app).await?;
     let limits = serve::Limits {
         header_timeout: Duration::from_secs(10),
         max_connections: 10_000,
         busy_message: "the control plane has --max-connections open connections; try again later",
     };
-    let router = api::router(app.clone());
+    let router = http::router(app.clone());
     tokio::spawn(serve::serve(
         listener,
         None,

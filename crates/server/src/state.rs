@@ -1,5 +1,12 @@
-//! The control plane's shared state: the store, the agent hub, and the
-//! scheduler's wake-up signal.
+//! The control plane's shared state ([`ControlPlane`], shared as [`Ctx`]):
+//! the store, the registry's in-memory state (hub, indexes, migrations in
+//! flight, the loaded placement engine), and the scheduler's wake-up
+//! signal. Every layer above takes a `&Ctx`.
+//!
+//! Its layer is between the services and the registry: it may use the
+//! registry and the store, never a service, a workflow or the HTTP layer.
+//! (Named so as not to be confused with `virt8ra_api::App`, a deployed
+//! appliance.)
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,21 +16,15 @@ use tokio::sync::{Mutex, Notify};
 use virt8ra_api::protocol::ImageRef;
 use virt8ra_store::Store;
 
-use crate::hub::Hub;
-use crate::placement::Placement;
+use crate::registry::hub::Hub;
+use crate::registry::marks::Marks;
+use crate::registry::migrations::Migrations;
+use crate::registry::placement::LoadedPlacement;
 
-pub type App = Arc<AppState>;
+/// The shared state as every handler, service and workflow holds it.
+pub type Ctx = Arc<ControlPlane>;
 
-/// What changed on a marked host.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Marks {
-    /// Anything: recompute the host's whole desired state.
-    All,
-    /// These VMs (by id) only.
-    Vms(std::collections::HashSet<String>),
-}
-
-pub struct AppState {
+pub struct ControlPlane {
     pub store: Arc<dyn Store>,
     pub hub: Hub,
     pub data_dir: PathBuf,
@@ -38,7 +39,7 @@ pub struct AppState {
     /// store's group commits).
     pub vm_locks: Vec<Mutex<()>>,
     /// The placement engine, loaded with the topology.
-    pub placement: Placement,
+    pub placement: LoadedPlacement,
     pub started: std::time::Instant,
     /// Hosts whose desired state may have changed since the last pass, and
     /// which of their VMs (see [`Marks`]).
@@ -49,12 +50,12 @@ pub struct AppState {
     /// Every durable VM change, for watchers (`GET /api/v1/watch`).
     pub changes: tokio::sync::broadcast::Sender<virt8ra_api::WatchEvent>,
     /// Migrations and exports under way.
-    pub migrations: crate::migration::Migrations,
+    pub migrations: Migrations,
     /// Every VM, in memory: serves reads; written through after each
-    /// durable write (see [`crate::index`]).
-    pub vms: crate::index::VmIndex,
+    /// durable write (see [`crate::registry::index`]).
+    pub vms: crate::registry::index::VmIndex,
     /// Every host, in memory, written through like `vms`.
-    pub hosts: crate::index::HostIndex,
+    pub hosts: crate::registry::index::HostIndex,
     /// Images as the agent protocol names them, by image id. An image id
     /// always names the same bytes, so entries never go stale.
     pub image_refs: std::sync::Mutex<std::collections::HashMap<String, ImageRef>>,
@@ -67,9 +68,12 @@ pub struct AppState {
     /// The key each site's shared secret is derived from
     /// (`DATA_DIR/site.key`; see [`crate::keys::site_secret`]).
     pub site_key: [u8; 32],
+    /// The largest virtual size (bytes) of an image accepted on upload or
+    /// import (`--max-image-virtual-size-gib`).
+    pub max_image_virtual_size: u64,
 }
 
-impl AppState {
+impl ControlPlane {
     /// Stores a new VM with its first events, indexes it and tells watchers.
     pub async fn create_vm(
         &self,

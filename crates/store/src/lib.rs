@@ -9,8 +9,8 @@
 //!
 //! Rows keep a few indexed columns (id, name, foreign keys, phase) for lookups
 //! and constraints, and the whole resource as JSON in `body`, so adding a field
-//! to a resource needs no schema migration; schema changes that do need one are
-//! numbered migrations in [`schema`].
+//! to a resource needs no schema upgrade; schema changes that do need one are
+//! numbered upgrades in [`schema`].
 //!
 //! This file only declares the modules and re-exports what callers use:
 //! the trait in `store.rs`, its error in `error.rs`, its records in

@@ -1,10 +1,11 @@
-//! Versioned schema migrations.
+//! Versioned schema upgrades. (Called upgrades, not migrations: in virt8ra
+//! a migration moves a VM between hosts.)
 //!
 //! Each entry is applied once, in order, inside one transaction together with
 //! the bump of `PRAGMA user_version`; a database newer than this build is
-//! refused rather than guessed at. Never edit a released migration: add one.
+//! refused rather than guessed at. Never edit a released upgrade: add one.
 
-pub const MIGRATIONS: &[(&str, &str)] = &[
+pub const UPGRADES: &[(&str, &str)] = &[
     (
         "initial schema",
         r#"

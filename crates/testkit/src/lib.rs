@@ -159,7 +159,7 @@ pub struct ControlPlane {
     /// This control plane's fail points (the same across restarts).
     pub faults: Arc<FailPoints>,
     addr: SocketAddr,
-    app: Option<(virt8ra_server::App, tokio::runtime::Handle)>,
+    app: Option<(virt8ra_server::Ctx, tokio::runtime::Handle)>,
     instance: Option<Instance>,
     http: reqwest::blocking::Client,
 }
@@ -305,7 +305,7 @@ impl Drop for ControlPlane {
     }
 }
 
-type Booted = (virt8ra_server::App, SocketAddr, tokio::runtime::Handle);
+type Booted = (virt8ra_server::Ctx, SocketAddr, tokio::runtime::Handle);
 
 fn boot(
     data_dir: &Path,
@@ -318,6 +318,7 @@ fn boot(
             &dir,
             HEARTBEAT,
             Default::default(),
+            virt8ra_image::DEFAULT_MAX_VIRTUAL_SIZE,
             virt8ra_tls::Trust::public(),
         )
         .await?;

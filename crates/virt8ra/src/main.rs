@@ -136,7 +136,7 @@ fn main() {
                 Ok(())
             }
             Top::Openapi => {
-                println!("{}", virt8ra_server::api::openapi::document());
+                println!("{}", virt8ra_server::http::openapi::document());
                 Ok(())
             }
             Top::Bench(b) => virt8ra_bench::run(b, cli.global.output).await,

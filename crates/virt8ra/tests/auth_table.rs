@@ -1,5 +1,5 @@
 //! The authentication table: every route of the control plane's route table
-//! (`virt8ra_server::api::routes`, the only source the router is built from)
+//! (`virt8ra_server::http::routes`, the only source the router is built from)
 //! is called on a real control plane with no credential, a malformed
 //! `Authorization` header, an unknown token, a join token, a host token and
 //! the admin token, and the answer must match who the table says may call
@@ -17,7 +17,7 @@ mod common;
 
 use common::{Cluster, TOPOLOGY};
 use serde_json::{json, Value};
-use virt8ra_server::api::{routes, Access};
+use virt8ra_server::http::{routes, Access};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cred {

@@ -12,7 +12,7 @@ use rusqlite::Connection;
 
 use super::rows::db;
 use crate::error::{Result, StoreError};
-use crate::schema::MIGRATIONS;
+use crate::schema::UPGRADES;
 
 /// A write job: runs inside the writer's batch transaction and returns a
 /// finisher that delivers its result once the batch's commit is known.
@@ -86,7 +86,8 @@ fn configure(conn: &Connection) -> Result<()> {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and migrates it.
+    /// Opens (creating if needed) the database at `path` and upgrades its
+    /// schema.
     pub fn open(path: &Path) -> Result<SqliteStore> {
         let mut conn = Connection::open(path).map_err(db("open"))?;
         configure(&conn)?;
@@ -97,7 +98,7 @@ impl SqliteStore {
             .map_err(db("open"))?;
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(db("open"))?;
-        migrate(&mut conn)?;
+        upgrade_schema(&mut conn)?;
         let mut readers = Vec::new();
         for _ in 0..READERS {
             let r = Connection::open(path).map_err(db("open"))?;
@@ -118,7 +119,7 @@ impl SqliteStore {
     pub fn in_memory() -> Result<SqliteStore> {
         let mut conn = Connection::open_in_memory().map_err(db("in_memory"))?;
         configure(&conn)?;
-        migrate(&mut conn)?;
+        upgrade_schema(&mut conn)?;
         Self::start(conn, Vec::new(), None)
     }
 
@@ -299,33 +300,35 @@ fn checkpointer(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
     }
 }
 
-pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
-    migrate_to(conn, MIGRATIONS.len())
+/// Brings a database's schema up to this build's version.
+pub(super) fn upgrade_schema(conn: &mut Connection) -> Result<()> {
+    upgrade_schema_to(conn, UPGRADES.len())
 }
 
-/// Applies the migrations a database lacks up to the first `upto` of them.
-pub(super) fn migrate_to(conn: &mut Connection, upto: usize) -> Result<()> {
+/// Applies the schema upgrades a database lacks, up to the first `upto`
+/// of them.
+pub(super) fn upgrade_schema_to(conn: &mut Connection, upto: usize) -> Result<()> {
     let current: u32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(db("schema migration"))?;
-    let latest = MIGRATIONS.len() as u32;
+        .map_err(db("schema upgrade"))?;
+    let latest = UPGRADES.len() as u32;
     if current > latest {
         return Err(StoreError::db_failure(format!(
             "database schema version {current} is newer than this build understands ({latest}); \
              run a newer virt8ra"
         )));
     }
-    for (i, (_name, sql)) in MIGRATIONS
+    for (i, (_name, sql)) in UPGRADES
         .iter()
         .enumerate()
         .take(upto)
         .skip(current as usize)
     {
-        let tx = conn.transaction().map_err(db("schema migration"))?;
-        tx.execute_batch(sql).map_err(db("schema migration"))?;
+        let tx = conn.transaction().map_err(db("schema upgrade"))?;
+        tx.execute_batch(sql).map_err(db("schema upgrade"))?;
         tx.pragma_update(None, "user_version", (i + 1) as u32)
-            .map_err(db("schema migration"))?;
-        tx.commit().map_err(db("schema migration"))?;
+            .map_err(db("schema upgrade"))?;
+        tx.commit().map_err(db("schema upgrade"))?;
     }
     Ok(())
 }

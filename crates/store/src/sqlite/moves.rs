@@ -1,5 +1,5 @@
 //! VM migrations: moves of a VM from one host to another, each stored with
-//! the VM that names it. (Schema migrations are in [`crate::schema`].)
+//! the VM that names it. (Schema upgrades are in [`crate::schema`].)
 
 use rusqlite::{params, OptionalExtension};
 use virt8ra_api::{Migration, Vm};

@@ -5,13 +5,13 @@ use chrono::Utc;
 use rusqlite::{params, Connection};
 use virt8ra_api::*;
 
-use super::engine::{migrate, migrate_to, unguarded};
+use super::engine::{unguarded, upgrade_schema, upgrade_schema_to};
 use super::rows::db;
 use super::vms::GET_VM_SQL;
 use super::SqliteStore;
 use crate::error::StoreError;
 use crate::records::{TokenKind, TokenRecord, VmFilter};
-use crate::schema::MIGRATIONS;
+use crate::schema::UPGRADES;
 use crate::store::Store;
 
 /// Lookups that run per request or per migration step use indexes: a
@@ -20,7 +20,7 @@ use crate::store::Store;
 fn lookups_by_key_use_indexes() {
     let dir = tempfile::tempdir().unwrap();
     let mut conn = Connection::open(dir.path().join("t.db")).unwrap();
-    migrate(&mut conn).unwrap();
+    upgrade_schema(&mut conn).unwrap();
     let plan = |sql: &str| -> String {
         let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
         let rows = st
@@ -394,7 +394,7 @@ async fn state_survives_reopen() {
         s.create_provider(&provider("p")).await.unwrap();
     }
     let s = SqliteStore::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as u32);
+    assert_eq!(s.schema_version().unwrap(), UPGRADES.len() as u32);
     assert_eq!(s.list_providers().await.unwrap().len(), 1);
 }
 
@@ -406,7 +406,7 @@ async fn upgrade_keeps_vm_events_in_order() {
     let path = dir.path().join("db.sqlite");
     {
         let mut c = Connection::open(&path).unwrap();
-        migrate_to(&mut c, MIGRATIONS.len() - 1).unwrap();
+        upgrade_schema_to(&mut c, UPGRADES.len() - 1).unwrap();
         for (vm, seq, msg) in [("b", 1, "b1"), ("a", 2, "a2"), ("a", 1, "a1")] {
             c.execute(
                 "INSERT INTO vm_events (vm_id, seq, at, phase, message) \
@@ -417,7 +417,7 @@ async fn upgrade_keeps_vm_events_in_order() {
         }
     }
     let s = SqliteStore::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as u32);
+    assert_eq!(s.schema_version().unwrap(), UPGRADES.len() as u32);
     let msgs = |evs: Vec<VmEvent>| evs.into_iter().map(|e| e.message).collect::<Vec<_>>();
     assert_eq!(msgs(s.vm_events("a").await.unwrap()), ["a1", "a2"]);
     assert_eq!(msgs(s.vm_events("b").await.unwrap()), ["b1"]);

@@ -1,7 +1,7 @@
 //! The in-memory VM index that serves reads.
 //!
 //! Every VM the store holds is also here, loaded once at start-up and written
-//! through on every durable write (`AppState::create_vm` / `update_vm`, after
+//! through on every durable write (`ControlPlane::create_vm` / `update_vm`, after
 //! the store has committed and before the caller is answered). `GET` of one
 //! VM, list pages with their filters and cursor, the scheduler's pending and
 //! per-host views and the agents' desired state are all answered from here,

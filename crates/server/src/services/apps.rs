@@ -7,12 +7,10 @@
 //! whether every replica fits, as one all-or-nothing batch of the placement
 //! engine. Then each replica becomes an ordinary VM pinned to its location,
 //! and the scheduler places it within the location through the engine.
+//! The handlers are in [`crate::http::apps`].
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use virt8ra_api::{
@@ -20,37 +18,35 @@ use virt8ra_api::{
     PowerState, Vm, VmCreate, VmPhase,
 };
 
-use super::Body;
-use crate::auth::Admin;
 use crate::error::{ApiError, ApiResult};
-use crate::state::App;
+use crate::state::Ctx;
 
-const KIND: &str = "app";
+pub const KIND: &str = "app";
 pub const MAX_LOCATIONS: usize = 32;
 pub const MAX_REPLICAS_PER_LOCATION: u32 = 16;
 
 /// What the store keeps of an app; its VMs' state is read live.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct AppRecord {
-    id: String,
-    name: String,
-    appliance: String,
-    images: Vec<String>,
-    params: BTreeMap<String, serde_json::Value>,
-    locations: Vec<AppLocation>,
+pub struct AppRecord {
+    pub id: String,
+    pub name: String,
+    pub appliance: String,
+    pub images: Vec<String>,
+    pub params: BTreeMap<String, serde_json::Value>,
+    pub locations: Vec<AppLocation>,
     /// (VM id, location)
-    vms: Vec<(String, String)>,
+    pub vms: Vec<(String, String)>,
     #[serde(default)]
-    deleting: bool,
+    pub deleting: bool,
     #[serde(default)]
-    labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     #[serde(default)]
-    ssh_authorized_keys: Vec<String>,
-    created_at: DateTime<Utc>,
+    pub ssh_authorized_keys: Vec<String>,
+    pub created_at: DateTime<Utc>,
 }
 
 /// Resolves a location: a site, else a provider, else a country code.
-async fn resolve_location(app: &App, loc: &str) -> ApiResult<(LocationKind, String)> {
+pub async fn resolve_location(app: &Ctx, loc: &str) -> ApiResult<(LocationKind, String)> {
     if loc.is_empty() {
         return Err(ApiError::Invalid("an empty location".into()));
     }
@@ -80,7 +76,7 @@ async fn resolve_location(app: &App, loc: &str) -> ApiResult<(LocationKind, Stri
     )))
 }
 
-fn slug(loc: &str) -> String {
+pub fn slug(loc: &str) -> String {
     loc.to_ascii_lowercase()
         .bytes()
         .map(|b| {
@@ -95,7 +91,7 @@ fn slug(loc: &str) -> String {
         .to_string()
 }
 
-async fn load(app: &App, key: &str) -> ApiResult<AppRecord> {
+pub async fn load(app: &Ctx, key: &str) -> ApiResult<AppRecord> {
     let body = app
         .store
         .get_doc(KIND, key)
@@ -104,14 +100,14 @@ async fn load(app: &App, key: &str) -> ApiResult<AppRecord> {
     serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))
 }
 
-async fn save(app: &App, r: &AppRecord) -> ApiResult<()> {
+pub async fn save(app: &Ctx, r: &AppRecord) -> ApiResult<()> {
     let body = serde_json::to_string(r).map_err(|e| ApiError::Internal(e.to_string()))?;
     app.store.put_doc(KIND, &r.id, &r.name, &body).await?;
     Ok(())
 }
 
 /// The app with its VMs' live state and the status of each location.
-async fn view(app: &App, r: &AppRecord) -> ApiResult<AppView> {
+pub async fn view(app: &Ctx, r: &AppRecord) -> ApiResult<AppView> {
     let mut vms = Vec::new();
     for (id, loc) in &r.vms {
         let vm = match app.store.get_vm(id).await {
@@ -155,7 +151,7 @@ async fn view(app: &App, r: &AppRecord) -> ApiResult<AppView> {
     })
 }
 
-fn status_of(vms: &[&AppVm], wanted: u32, deleting: bool) -> String {
+pub fn status_of(vms: &[&AppVm], wanted: u32, deleting: bool) -> String {
     if deleting {
         if vms.iter().all(|v| v.phase == VmPhase::Deleted) {
             "deleted"
@@ -172,23 +168,50 @@ fn status_of(vms: &[&AppVm], wanted: u32, deleting: bool) -> String {
     .to_string()
 }
 
-#[utoipa::path(post, path = "/api/v1/apps", tag = "apps", request_body = AppCreate,
-    responses((status = 201, body = virt8ra_api::App), (status = 400, body = virt8ra_api::ErrorBody),
-              (status = 409, body = virt8ra_api::ErrorBody)),
-    security(("bearer" = [])))]
-/// Deploys an appliance at every location, all or nothing.
-pub async fn create(
-    _: Admin,
-    State(app): State<App>,
-    Body(req): Body<AppCreate>,
-) -> ApiResult<(StatusCode, Json<AppView>)> {
-    let view = deploy(&app, req).await?;
-    Ok((StatusCode::CREATED, Json(view)))
-}
-
 /// The deployment itself, for the API handler and for other callers in
 /// the control plane (e.g. declarative apply).
-pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
+pub async fn deploy(app: &Ctx, req: AppCreate) -> ApiResult<AppView> {
+    check_create(app, &req).await?;
+    let (entry, catalog) = crate::services::catalog::resolve(app, &req.appliance).await?;
+    let params = entry
+        .appliance
+        .resolve_params(&req.params)
+        .map_err(ApiError::Invalid)?;
+    let t = entry.appliance.render(&params);
+    let locs = resolve_locations(app, &req.locations).await?;
+    let replicas = replica_requests(app, &req, &locs, &t).await?;
+    check_fit(app, &req.name, &entry, t.disk_gib, &replicas).await?;
+    // Images: local, or imported from the appliance's catalog and verified.
+    let images = crate::services::catalog::ensure_images(app, &entry, catalog.as_ref()).await?;
+    let now = Utc::now();
+    let rec = AppRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: req.name.clone(),
+        appliance: format!("{}/{}", entry.catalog, entry.appliance.key()),
+        images: images.clone(),
+        params,
+        locations: locs
+            .iter()
+            .map(|(given, kind, _)| AppLocation {
+                location: given.clone(),
+                kind: *kind,
+                replicas: req.replicas_per_location,
+                running: 0,
+                status: String::new(),
+            })
+            .collect(),
+        vms: Vec::new(),
+        deleting: false,
+        labels: req.labels.clone(),
+        ssh_authorized_keys: req.ssh_authorized_keys.clone(),
+        created_at: now,
+    };
+    create_replicas(app, rec, &images, &replicas).await
+}
+
+/// The request's own rules: a valid name, labels and keys, 1 to
+/// [`MAX_LOCATIONS`] locations, a replica count in range, a free name.
+pub async fn check_create(app: &Ctx, req: &AppCreate) -> ApiResult<()> {
     validate::name("app", &req.name).map_err(ApiError::Invalid)?;
     validate::labels(&req.labels).map_err(ApiError::Invalid)?;
     validate::ssh_keys("ssh_authorized_keys", &req.ssh_authorized_keys)
@@ -215,16 +238,16 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
             req.name
         )));
     }
-    let (entry, catalog) = super::catalog::resolve(app, &req.appliance).await?;
-    let params = entry
-        .appliance
-        .resolve_params(&req.params)
-        .map_err(ApiError::Invalid)?;
-    let t = entry.appliance.render(&params);
+    Ok(())
+}
 
-    // Locations, each once.
+/// Each location resolved to a site, provider or country, each once.
+pub async fn resolve_locations(
+    app: &Ctx,
+    given: &[String],
+) -> ApiResult<Vec<(String, LocationKind, String)>> {
     let mut locs: Vec<(String, LocationKind, String)> = Vec::new();
-    for l in &req.locations {
+    for l in given {
         let (kind, resolved) = resolve_location(app, l.trim()).await?;
         if locs.iter().any(|(_, k, r)| *k == kind && *r == resolved) {
             return Err(ApiError::Invalid(format!("location '{l}' is named twice")));
@@ -232,9 +255,20 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         locs.push((l.trim().to_string(), kind, resolved));
     }
 
+    Ok(locs)
+}
+
+/// The replicas as VM requests, pinned to their locations; each valid and
+/// its name free.
+pub async fn replica_requests(
+    app: &Ctx,
+    req: &AppCreate,
+    locs: &[(String, LocationKind, String)],
+    t: &virt8ra_api::market::VmTemplate,
+) -> ApiResult<Vec<(String, VmCreate)>> {
     // The replicas as VM requests; all names must be free.
     let mut replicas: Vec<(String, VmCreate)> = Vec::new();
-    for (given, kind, resolved) in &locs {
+    for (given, kind, resolved) in locs {
         for i in 1..=req.replicas_per_location {
             let name = format!("{}-{}-{i}", req.name, slug(given));
             let mut placement = PlacementConstraints::default();
@@ -280,9 +314,19 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         }
     }
 
-    // All replicas must fit at once (a dry run of one batch), with the
-    // disks they will book.
-    let replica_disk = replica_disk_gib(app, &entry, t.disk_gib).await?;
+    Ok(replicas)
+}
+
+/// All replicas must fit at once (a dry run of one batch of the placement
+/// engine), with the disks they will book; nothing is booked.
+pub async fn check_fit(
+    app: &Ctx,
+    name: &str,
+    entry: &virt8ra_api::CatalogEntry,
+    disk_gib: u64,
+    replicas: &[(String, VmCreate)],
+) -> ApiResult<()> {
+    let replica_disk = replica_disk_gib(app, entry, disk_gib).await?;
     let requests: Vec<(String, virt8ra_placement::Request)> = replicas
         .iter()
         .enumerate()
@@ -296,7 +340,7 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
                 vc.placement.clone(),
                 app.placement.config.weights,
             )
-            .map(|r| (format!("app-dry-run-{}-{i}", req.name), r))
+            .map(|r| (format!("app-dry-run-{name}-{i}"), r))
             .map_err(|e| ApiError::Invalid(format!("placement: {e}")))
         })
         .collect::<ApiResult<_>>()?;
@@ -314,12 +358,21 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
         let (loc, vc) = &replicas[e.replica.min(replicas.len().saturating_sub(1))];
         return Err(ApiError::Conflict(format!(
             "app {} cannot be deployed: replica {} at location '{loc}' fits nowhere: {}; nothing was created",
-            req.name, vc.name, e.why
+            name, vc.name, e.why
         )));
     }
 
-    // Images: local, or imported from the appliance's catalog and verified.
-    let images = super::catalog::ensure_images(app, &entry, catalog.as_ref()).await?;
+    Ok(())
+}
+
+/// Stores the app's record, then its replicas as VMs with the appliance's
+/// images (the first the boot disk, the others data disks, in order).
+pub async fn create_replicas(
+    app: &Ctx,
+    mut rec: AppRecord,
+    images: &[String],
+    replicas: &[(String, VmCreate)],
+) -> ApiResult<AppView> {
     let image_id = images
         .first()
         .cloned()
@@ -336,39 +389,16 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
     }
     let data_image_ids: Vec<Option<String>> = images[1..].iter().cloned().map(Some).collect();
 
-    let now = Utc::now();
-    let mut rec = AppRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        name: req.name.clone(),
-        appliance: format!("{}/{}", entry.catalog, entry.appliance.key()),
-        images: images.clone(),
-        params,
-        locations: locs
-            .iter()
-            .map(|(given, kind, _)| AppLocation {
-                location: given.clone(),
-                kind: *kind,
-                replicas: req.replicas_per_location,
-                running: 0,
-                status: String::new(),
-            })
-            .collect(),
-        vms: Vec::new(),
-        deleting: false,
-        labels: req.labels.clone(),
-        ssh_authorized_keys: req.ssh_authorized_keys.clone(),
-        created_at: now,
-    };
     // The record first, so a crash part-way leaves an app that can be deleted.
     let mut vms: Vec<Vm> = Vec::with_capacity(replicas.len());
-    for (loc, vc) in &replicas {
+    for (loc, vc) in replicas {
         let mut vc = vc.clone();
         vc.image = image.name.clone();
         vc.data_disks = data_disks.clone();
         // Each disk at least its image's size (what the agent creates).
         let mut spec = vc.spec();
-        super::vms::disks_fit_images(app, &mut spec, &image, &data_image_ids).await?;
-        let vm = super::vms::new_vm(
+        crate::services::vms::disks_fit_images(app, &mut spec, &image, &data_image_ids).await?;
+        let vm = crate::services::vms::new_vm(
             &vc.name,
             spec,
             true,
@@ -388,12 +418,12 @@ pub async fn deploy(app: &App, req: AppCreate) -> ApiResult<AppView> {
     view(app, &rec).await
 }
 
-/// The disk one replica books, as its VM will ([`super::vms::disks_fit_images`]):
+/// The disk one replica books, as its VM will ([`crate::services::vms::disks_fit_images`]):
 /// the boot disk at least its image's virtual size, each data disk (a copy
 /// of an image) at least 1 GiB and its image's size. An image not imported
 /// yet (a remote catalog's) counts as small; its VM books its real size.
-async fn replica_disk_gib(
-    app: &App,
+pub async fn replica_disk_gib(
+    app: &Ctx,
     entry: &virt8ra_api::CatalogEntry,
     boot_gib: u64,
 ) -> ApiResult<u64> {
@@ -416,25 +446,8 @@ async fn replica_disk_gib(
     Ok(total)
 }
 
-#[utoipa::path(get, path = "/api/v1/apps", tag = "apps",
-    responses((status = 200, body = Vec<virt8ra_api::App>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Vec<AppView>>> {
-    let mut out = Vec::new();
-    for body in app.store.list_docs(KIND).await? {
-        let r: AppRecord = serde_json::from_str(&body)
-            .map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))?;
-        let v = view(&app, &r).await?;
-        if v.status == "deleted" {
-            app.store.delete_doc(KIND, &r.id).await?;
-            continue;
-        }
-        out.push(v);
-    }
-    Ok(Json(out))
-}
-
 /// The app by name or id, with its VMs and the status per location.
-pub async fn get(app: &App, key: &str) -> ApiResult<AppView> {
+pub async fn get(app: &Ctx, key: &str) -> ApiResult<AppView> {
     let r = load(app, key).await?;
     let v = view(app, &r).await?;
     if v.status == "deleted" {
@@ -444,33 +457,8 @@ pub async fn get(app: &App, key: &str) -> ApiResult<AppView> {
     Ok(v)
 }
 
-#[utoipa::path(get, path = "/api/v1/apps/{key}", tag = "apps",
-    params(("key" = String, Path, description = "Name or id")),
-    responses((status = 200, body = virt8ra_api::App), (status = 404, body = virt8ra_api::ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn show(
-    _: Admin,
-    State(app): State<App>,
-    Path(key): Path<String>,
-) -> ApiResult<Json<AppView>> {
-    Ok(Json(get(&app, &key).await?))
-}
-
-#[utoipa::path(delete, path = "/api/v1/apps/{key}", tag = "apps",
-    params(("key" = String, Path, description = "Name or id")),
-    responses((status = 202, body = virt8ra_api::App, description = "Every VM is being deleted; the app disappears when they are gone"),
-              (status = 404, body = virt8ra_api::ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn delete(
-    _: Admin,
-    State(app): State<App>,
-    Path(key): Path<String>,
-) -> ApiResult<(StatusCode, Json<AppView>)> {
-    Ok((StatusCode::ACCEPTED, Json(remove(&app, &key).await?)))
-}
-
 /// Deletes every VM of the app (images stay cached everywhere).
-pub async fn remove(app: &App, key: &str) -> ApiResult<AppView> {
+pub async fn remove(app: &Ctx, key: &str) -> ApiResult<AppView> {
     let mut r = load(app, key).await?;
     if !r.deleting {
         r.deleting = true;
@@ -483,7 +471,7 @@ pub async fn remove(app: &App, key: &str) -> ApiResult<AppView> {
     view(app, &r).await
 }
 
-async fn delete_vm(app: &App, id: &str, app_name: &str) -> ApiResult<()> {
+pub async fn delete_vm(app: &Ctx, id: &str, app_name: &str) -> ApiResult<()> {
     let _g = app.lock_vm(id).await;
     let mut vm = match app.store.get_vm(id).await {
         Ok(v) => v,

@@ -1,126 +1,21 @@
-//! The HTTP API under `/api/v1`.
-//!
-//! Handlers validate, record intent in the store, wake the scheduler and
-//! answer. They never wait for an agent to act (the console read is the one
-//! exception: it is a read of the agent's disk) and never retry.
+//! The route table: every method and path of the API, who may call it
+//! ([`Access`]) and its handler; the router is built from it alone.
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::handler::Handler;
-use axum::http::request::Parts;
 use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
-use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
-use crate::state::App;
-
-pub mod agent;
-pub mod apps;
-pub mod catalog;
-pub mod hosts;
-pub mod images;
-pub mod migrations;
-pub mod openapi;
-pub mod providers;
-pub mod relay;
-pub mod sites;
-pub mod tokens;
-pub mod vms;
-pub mod watch;
-
-/// A JSON body whose every rejection has our error body: 413 when it is
-/// larger than the body limit, 415 when its content type is not JSON, 400
-/// for the rest (bad syntax, unknown field, wrong type).
-pub struct Body<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
-    type Rejection = ApiError;
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Body(v)),
-            Err(rej) => Err(match rej.status() {
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
-                    "the JSON body is larger than the {} KiB this endpoint takes",
-                    JSON_BODY_LIMIT >> 10
-                )),
-                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(
-                    "the body must be JSON: send `Content-Type: application/json`".into(),
-                ),
-                _ => ApiError::Invalid(rej.body_text()),
-            }),
-        }
-    }
-}
-
-/// The largest JSON body (and any body not streamed to disk) taken.
-pub const JSON_BODY_LIMIT: usize = 1024 * 1024;
-
-/// Refuses a binary upload whose `Content-Type` says it is something else
-/// (415). A missing one is taken as binary: the agent's chunked staging
-/// uploads send none.
-pub fn octet_stream(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-    let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE) else {
-        return Ok(());
-    };
-    let essence = ct
-        .to_str()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim();
-    if essence.eq_ignore_ascii_case("application/octet-stream") {
-        return Ok(());
-    }
-    Err(ApiError::UnsupportedMediaType(format!(
-        "the body is sent as {:?}; send the raw bytes as `Content-Type: application/octet-stream` \
-         (with curl: --data-binary @FILE -H 'Content-Type: application/octet-stream')",
-        String::from_utf8_lossy(ct.as_bytes())
-    )))
-}
-
-/// Query parameters, with a 400 on anything malformed.
-pub struct Query<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(v)) => Ok(Query(v)),
-            Err(rej) => Err(ApiError::Invalid(rej.body_text())),
-        }
-    }
-}
-
-/// A WebSocket upgrade; a request that is not one gets a 400 with our error
-/// body (axum's own rejection is plain text).
-pub struct Upgrade(pub WebSocketUpgrade);
-
-impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match WebSocketUpgrade::from_request_parts(parts, state).await {
-            Ok(ws) => Ok(Upgrade(ws)),
-            Err(rej) => Err(ApiError::Invalid(format!(
-                "this endpoint is a WebSocket: {}",
-                rej.body_text()
-            ))),
-        }
-    }
-}
-
-/// Turns "not found" of a referenced resource into a 400 that says how to
-/// find what exists.
-pub fn missing_ref(kind: &str, name: &str, list_cmd: &str) -> ApiError {
-    ApiError::Invalid(format!(
-        "{kind} '{name}' not found; `virt8ra {list_cmd} list` shows what exists"
-    ))
-}
+use super::extract::JSON_BODY_LIMIT;
+use super::system::{healthz, method_not_allowed, metrics, not_found};
+use super::{
+    agent, apps, catalog, hosts, images, migrations, openapi, providers, relay, sites, tokens, vms,
+    watch,
+};
+use crate::state::Ctx;
 
 /// Who may call a route: the credential its handler's auth extractor
-/// (`crate::auth`) accepts. The table below says it for every route so that
+/// (`crate::http::auth`) accepts. The table below says it for every route so that
 /// tests can call each one with every kind of credential and check the
 /// answer, and so that the OpenAPI document's security can be checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +46,7 @@ pub struct Route {
     /// The full path, as in the OpenAPI document (`{name}` for a segment).
     pub path: &'static str,
     pub access: Access,
-    pub handler: MethodRouter<App>,
+    pub handler: MethodRouter<Ctx>,
 }
 
 impl Route {
@@ -162,7 +57,7 @@ impl Route {
         handler: H,
     ) -> Route
     where
-        H: Handler<T, App>,
+        H: Handler<T, Ctx>,
         T: 'static,
     {
         Route {
@@ -174,19 +69,19 @@ impl Route {
     }
 }
 
-fn get<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn get<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::GET, MethodFilter::GET), path, a, h)
 }
-fn post<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn post<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::POST, MethodFilter::POST), path, a, h)
 }
-fn put<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn put<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::PUT, MethodFilter::PUT), path, a, h)
 }
-fn patch<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn patch<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::PATCH, MethodFilter::PATCH), path, a, h)
 }
-fn delete<H: Handler<T, App>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
+fn delete<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -> Route {
     Route::new((Method::DELETE, MethodFilter::DELETE), path, a, h)
 }
 
@@ -297,7 +192,7 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
-pub fn router(app: App) -> Router {
+pub fn router(app: Ctx) -> Router {
     let mut router = Router::new();
     for r in routes() {
         // Several methods on one path merge into one method router.
@@ -308,42 +203,4 @@ pub fn router(app: App) -> Router {
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(app)
-}
-
-#[utoipa::path(get, path = "/healthz", tag = "system",
-    responses((status = 200, description = "The control plane is alive", body = virt8ra_api::Health)))]
-pub async fn healthz() -> axum::Json<virt8ra_api::Health> {
-    axum::Json(virt8ra_api::Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    })
-}
-
-#[utoipa::path(get, path = "/api/v1/metrics", tag = "system",
-    responses((status = 200, body = virt8ra_api::Metrics)), security(("bearer" = [])))]
-pub async fn metrics(
-    _: crate::auth::Admin,
-    axum::extract::State(app): axum::extract::State<App>,
-) -> axum::Json<virt8ra_api::Metrics> {
-    axum::Json(virt8ra_api::Metrics {
-        agents_connected: app.hub.connected_count() as u64,
-        heartbeats_received: app.hub.heartbeats(),
-        uptime_s: app.started.elapsed().as_secs_f64(),
-        heartbeat_interval_s: app.heartbeat_interval.as_secs(),
-        relay_bytes: app.migrations.relay.bytes(),
-        relay_connections: app.migrations.relay.connections(),
-    })
-}
-
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
-}
-
-/// A path that exists, called with a method it does not take (the router
-/// adds the `Allow` header listing the ones it does).
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::MethodNotAllowed(format!(
-        "{} does not take {method}; the Allow header lists the methods it does",
-        uri.path()
-    ))
 }

@@ -9,11 +9,11 @@ use serde::Deserialize;
 use virt8ra_api::{validate, Host, HostState, HostUpdate, JoinToken, JoinTokenCreate, Page};
 use virt8ra_store::{StoreError, TokenKind, TokenRecord};
 
-use super::{missing_ref, Body, Query};
-use crate::auth::{self, Admin};
+use super::extract::{missing_ref, Body, Query};
 use crate::error::{ApiError, ApiResult};
-use crate::scheduler::host_view;
-use crate::state::App;
+use crate::http::auth::{self, Admin};
+use crate::services::placement::host_view;
+use crate::state::Ctx;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -29,7 +29,7 @@ pub struct HostQuery {
     responses((status = 200, body = Page<Host>)), security(("bearer" = [])))]
 pub async fn list(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Query(q): Query<HostQuery>,
 ) -> ApiResult<Json<Page<Host>>> {
     let alloc = app.placement.allocations(&app).await?;
@@ -55,7 +55,7 @@ pub async fn list(
     }))
 }
 
-async fn load(app: &App, key: &str) -> ApiResult<Host> {
+async fn load(app: &Ctx, key: &str) -> ApiResult<Host> {
     let h = app.host(key)?;
     let a = app.placement.allocations(app).await?.get(&h.name).copied();
     Ok(host_view(app, h, a.as_ref()))
@@ -67,7 +67,7 @@ async fn load(app: &App, key: &str) -> ApiResult<Host> {
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Host>> {
     Ok(Json(load(&app, &key).await?))
@@ -80,7 +80,7 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn update(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<HostUpdate>,
 ) -> ApiResult<Json<Host>> {
@@ -128,7 +128,7 @@ pub async fn update(
     security(("bearer" = [])))]
 pub async fn delete(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     let h = app.host(&key)?;
@@ -147,7 +147,7 @@ pub async fn delete(
     security(("bearer" = [])))]
 pub async fn create_join_token(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(req): Body<JoinTokenCreate>,
 ) -> ApiResult<(StatusCode, Json<JoinToken>)> {
     validate::join_token(&req).map_err(ApiError::Invalid)?;

@@ -19,9 +19,7 @@
 //! either side closes (a relayed connection closes as a whole). Bytes relayed
 //! are counted for `/api/v1/metrics`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -32,38 +30,14 @@ use tokio::sync::oneshot;
 use virt8ra_api::protocol::{ServerMessage, RELAY_STREAMS};
 use virt8ra_api::{MigrationMode, MigrationPhase};
 
-use crate::auth::HostAuth;
 use crate::error::{ApiError, ApiResult};
-use crate::state::App;
+use crate::http::auth::HostAuth;
+use crate::state::Ctx;
 
 /// How long the source's connection waits for the target to dial in.
 const TARGET_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Key = (String, String, String);
-
-/// Connections waiting for their target side, and counters.
-#[derive(Default)]
-pub struct Relays {
-    pending: Mutex<HashMap<Key, oneshot::Sender<WebSocket>>>,
-    bytes: AtomicU64,
-    connections: AtomicU64,
-}
-
-impl Relays {
-    /// Bytes relayed (both directions) since the control plane started.
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Connections relayed (both sides joined) since the control plane started.
-    pub fn connections(&self) -> u64 {
-        self.connections.load(Ordering::Relaxed)
-    }
-
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Key, oneshot::Sender<WebSocket>>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
+use crate::registry::relays::Key;
 
 fn valid_conn_id(s: &str) -> bool {
     !s.is_empty()
@@ -80,10 +54,10 @@ fn valid_conn_id(s: &str) -> bool {
               (status = 404, body = virt8ra_api::ErrorBody), (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn relay(
-    State(app): State<App>,
+    State(app): State<Ctx>,
     host: HostAuth,
     Path((migration_id, stream, conn_id)): Path<(String, String, String)>,
-    super::Upgrade(ws): super::Upgrade,
+    super::extract::Upgrade(ws): super::extract::Upgrade,
 ) -> ApiResult<Response> {
     if !virt8ra_api::protocol::is_relay_stream(&stream) {
         return Err(ApiError::Invalid(format!(
@@ -163,7 +137,7 @@ pub async fn relay(
 
 /// The source's socket: waits for the target's, then pumps between them.
 async fn source_side(
-    app: App,
+    app: Ctx,
     key: Key,
     mut source: WebSocket,
     target: oneshot::Receiver<WebSocket>,
@@ -179,11 +153,11 @@ async fn source_side(
         }
     };
     let relays = &app.migrations.relay;
-    relays.connections.fetch_add(1, Ordering::Relaxed);
+    relays.connected();
     tracing::debug!(migration = %key.0, stream = %key.1, conn = %key.2, "relay: connected");
     let (mut s_tx, mut s_rx) = source.split();
     let (mut t_tx, mut t_rx) = target.split();
-    let bytes = &relays.bytes;
+    let bytes = relays.byte_counter();
     tokio::select! {
         _ = pump(&mut s_rx, &mut t_tx, bytes) => {}
         _ = pump(&mut t_rx, &mut s_tx, bytes) => {}

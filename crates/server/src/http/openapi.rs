@@ -7,16 +7,15 @@
 //! whether it needs a token; [`Bearer`] then adds what is the same for every
 //! operation (the 401 and 403 answers of those that need a token, operation
 //! ids unique across the document), so that no annotation can forget them.
-//! A test checks the document against the route table ([`super::routes`]):
+//! A test checks the document against the route table ([`super::routes()`]):
 //! the same operations, every path parameter a segment of its path, and
 //! security exactly where the router asks for a token.
 
 use axum::Json;
 use utoipa::openapi::path::{Operation, ParameterIn, PathItem};
-use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder, Schema};
-use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::{Modify, OpenApi};
 
 use super::{
     agent, apps, catalog, hosts, images, migrations, providers, relay, sites, tokens, vms, watch,
@@ -30,7 +29,7 @@ use super::{
         license(name = "Apache-2.0")
     ),
     paths(
-        super::healthz, serve, super::metrics,
+        super::system::healthz, serve, super::system::metrics,
         providers::list, providers::create, providers::show, providers::update, providers::delete,
         sites::list, sites::create, sites::show, sites::update, sites::delete,
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,
@@ -62,21 +61,6 @@ use super::{
     )
 )]
 pub struct ApiDoc;
-
-/// A body of raw bytes (`application/octet-stream`), documented as a
-/// binary string (`Vec<u8>` would be documented as an array of integers).
-pub struct Binary;
-
-impl PartialSchema for Binary {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
-            .into()
-    }
-}
-
-impl ToSchema for Binary {}
 
 /// The bearer security scheme, and what every operation has in common.
 struct Bearer;
@@ -214,7 +198,7 @@ mod tests {
 
     use utoipa::OpenApi;
 
-    use crate::api::{routes, Access};
+    use crate::http::{routes, Access};
 
     fn doc() -> Value {
         serde_json::to_value(super::ApiDoc::openapi()).unwrap()
@@ -254,7 +238,7 @@ mod tests {
             "a (method, path) is in the table twice"
         );
         // Axum panics on a conflicting route: building proves there is none.
-        let mut router = axum::Router::<crate::state::App>::new();
+        let mut router = axum::Router::<crate::state::Ctx>::new();
         for r in table {
             router = router.route(r.path, r.handler);
         }

@@ -7,14 +7,14 @@ use chrono::Utc;
 use virt8ra_api::{validate, Page, Site, SiteCreate, SiteUpdate};
 use virt8ra_store::StoreError;
 
-use super::{missing_ref, Body};
-use crate::auth::Admin;
+use super::extract::{missing_ref, Body};
 use crate::error::{ApiError, ApiResult};
-use crate::state::App;
+use crate::http::auth::Admin;
+use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/sites", tag = "sites",
     responses((status = 200, body = Page<Site>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Site>>> {
+pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Site>>> {
     Ok(Json(Page {
         items: app.store.list_sites().await?,
         next_cursor: None,
@@ -27,7 +27,7 @@ pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Site>
     security(("bearer" = [])))]
 pub async fn create(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(req): Body<SiteCreate>,
 ) -> ApiResult<(StatusCode, Json<Site>)> {
     validate::site(&req).map_err(ApiError::Invalid)?;
@@ -62,7 +62,7 @@ pub async fn create(
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Site>> {
     Ok(Json(app.store.get_site(&key).await?))
@@ -75,7 +75,7 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn update(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<SiteUpdate>,
 ) -> ApiResult<Json<Site>> {
@@ -122,7 +122,7 @@ pub async fn update(
     security(("bearer" = [])))]
 pub async fn delete(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     let s = app.store.get_site(&key).await?;

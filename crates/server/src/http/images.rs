@@ -7,28 +7,26 @@
 //! qcow2 data file could otherwise make qemu-img copy a host file, the
 //! admin token say, into a stored image that anyone can then download.
 
-use std::path::{Path as FsPath, PathBuf};
-
 use axum::body::Body as RawBody;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::Utc;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use virt8ra_api::{validate, Image, Page};
 
-use super::Query;
-use crate::auth::{Admin, AdminOrHost};
+use super::extract::Query;
 use crate::error::{ApiError, ApiResult};
-use crate::state::App;
+use crate::http::auth::{Admin, AdminOrHost};
+use crate::services::images::{check_new, import_from_url, ingest, Meta, TempFile};
+use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/images", tag = "images",
     responses((status = 200, body = Page<Image>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Image>>> {
+pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Image>>> {
     Ok(Json(Page {
         items: app.store.list_images().await?,
         next_cursor: None,
@@ -41,7 +39,7 @@ pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Image
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Image>> {
     Ok(Json(app.store.get_image(&key).await?))
@@ -54,7 +52,7 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn delete(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     let i = app.store.get_image(&key).await?;
@@ -86,30 +84,20 @@ pub struct UploadQuery {
     pub version: Option<String>,
 }
 
-/// Removes a temporary file when dropped, unless it was kept.
-struct TempFile(Option<PathBuf>);
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 #[utoipa::path(post, path = "/api/v1/images", tag = "images", params(UploadQuery),
-    request_body(content = inline(super::openapi::Binary), content_type = "application/octet-stream",
+    request_body(content = inline(super::extract::Binary), content_type = "application/octet-stream",
                  description = "The disk image: qcow2, raw, VMDK, VHD or VHDX"),
     responses((status = 201, body = Image), (status = 400, body = virt8ra_api::ErrorBody),
               (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn upload(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Query(q): Query<UploadQuery>,
     headers: HeaderMap,
     body: RawBody,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
-    super::octet_stream(&headers)?;
+    super::extract::octet_stream(&headers)?;
     let arch = check_new(&app, &q.name, q.arch.as_deref(), q.version.as_deref()).await?;
     let mut labels = std::collections::BTreeMap::new();
     for pair in q.labels.iter().flat_map(|l| l.split(',')) {
@@ -163,124 +151,6 @@ pub async fn upload(
     .map(|i| (StatusCode::CREATED, Json(i)))
 }
 
-/// What an import knows about the image besides its bytes.
-pub struct Meta {
-    pub id: String,
-    pub name: String,
-    pub arch: String,
-    pub version: Option<String>,
-    pub provenance: String,
-    /// sha256 of the file as received, before any conversion.
-    pub source_sha256: Option<String>,
-    pub labels: std::collections::BTreeMap<String, String>,
-}
-
-/// The largest virtual size an imported image may have
-/// (`--max-image-virtual-size-gib`). Process-wide: one control plane runs
-/// per process, and `run` sets it before serving.
-static MAX_VIRTUAL_SIZE: std::sync::atomic::AtomicU64 =
-    std::sync::atomic::AtomicU64::new(virt8ra_image::DEFAULT_MAX_VIRTUAL_SIZE);
-
-pub fn set_max_virtual_size(bytes: u64) {
-    MAX_VIRTUAL_SIZE.store(bytes, std::sync::atomic::Ordering::Relaxed);
-}
-
-pub fn max_virtual_size() -> u64 {
-    MAX_VIRTUAL_SIZE.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// A refused image is the sender's problem (400); anything else ours.
-fn image_error(e: virt8ra_image::ImageError) -> ApiError {
-    match e {
-        virt8ra_image::ImageError::Refused(m) => ApiError::Invalid(m),
-        virt8ra_image::ImageError::Internal(m) => ApiError::Internal(m),
-    }
-}
-
-/// Checks, converts (to qcow2), hashes and stores a received file. Every
-/// file is hostile until [`virt8ra_image::inspect`] passed it: the format
-/// from its bytes, no reference to another file, `qemu-img check`, the
-/// virtual-size limit; a conversion runs sandboxed and its output is
-/// inspected again. A refused file leaves nothing behind.
-pub async fn ingest(app: &App, upload: &FsPath, m: Meta) -> ApiResult<Image> {
-    let id = m.id.clone();
-    let limit = max_virtual_size();
-    let info = virt8ra_image::inspect(upload, &virt8ra_image::Policy::import(limit))
-        .await
-        .map_err(image_error)?;
-    let stored = if info.format == virt8ra_image::Format::Qcow2 {
-        upload.to_path_buf()
-    } else {
-        let out = app.images_dir.join(format!("convert-{id}.qcow2"));
-        virt8ra_image::convert_to_qcow2(upload, &info, &out, limit)
-            .await
-            .map_err(image_error)?;
-        out
-    };
-    let _stored_guard = TempFile(Some(stored.clone()));
-    let (sha, size) = sha256_file(&stored).await?;
-    let final_path = app.images_dir.join(format!("{sha}.qcow2"));
-    tokio::fs::rename(&stored, &final_path)
-        .await
-        .map_err(|e| ApiError::Internal(format!("store image: {e}")))?;
-    let image = Image {
-        id: m.id,
-        name: m.name,
-        sha256: sha,
-        format: "qcow2".into(),
-        source_format: info.format.qemu_name().to_string(),
-        size_bytes: size,
-        virtual_size_bytes: info.virtual_size,
-        arch: m.arch,
-        source_sha256: m.source_sha256,
-        labels: m.labels,
-        created_at: Utc::now(),
-        version: m.version,
-        provenance: Some(m.provenance),
-        sites: vec![],
-    };
-    app.store.create_image(&image).await?;
-    Ok(image)
-}
-
-/// Validates the name, arch and version of a new image; returns the arch.
-pub async fn check_new(
-    app: &App,
-    name: &str,
-    arch: Option<&str>,
-    version: Option<&str>,
-) -> ApiResult<String> {
-    validate::name("image", name).map_err(ApiError::Invalid)?;
-    let arch = arch.unwrap_or("x86_64").to_string();
-    if !["x86_64", "aarch64", "riscv64"].contains(&arch.as_str()) {
-        return Err(ApiError::Invalid(format!(
-            "unknown arch {arch:?}: use x86_64, aarch64 or riscv64"
-        )));
-    }
-    if let Some(v) = version {
-        validate_version(v)?;
-    }
-    if app.store.get_image(name).await.is_ok() {
-        return Err(ApiError::Conflict(format!("image '{name}' already exists")));
-    }
-    Ok(arch)
-}
-
-/// A version tag: 1-32 characters of letters, digits, `.`, `-`, `+`.
-pub fn validate_version(v: &str) -> ApiResult<()> {
-    let ok = !v.is_empty()
-        && v.len() <= 32
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'+');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::Invalid(format!(
-            "invalid version {v:?}: use 1-32 letters, digits, '.', '-' or '+'"
-        )))
-    }
-}
-
 #[utoipa::path(post, path = "/api/v1/images/import", tag = "images",
     request_body = virt8ra_api::ImageImportUrl,
     responses((status = 201, body = Image), (status = 400, body = virt8ra_api::ErrorBody),
@@ -288,8 +158,8 @@ pub fn validate_version(v: &str) -> ApiResult<()> {
     security(("bearer" = [])))]
 pub async fn import_url(
     _: Admin,
-    State(app): State<App>,
-    super::Body(req): super::Body<virt8ra_api::ImageImportUrl>,
+    State(app): State<Ctx>,
+    super::extract::Body(req): super::extract::Body<virt8ra_api::ImageImportUrl>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
     let arch = check_new(&app, &req.name, req.arch.as_deref(), req.version.as_deref()).await?;
     let i = import_from_url(
@@ -308,152 +178,6 @@ pub async fn import_url(
     )
     .await?;
     Ok((StatusCode::CREATED, Json(i)))
-}
-
-/// How many times a broken download is resumed before the import gives up.
-const URL_ATTEMPTS: u32 = 5;
-
-/// Downloads `url` (resuming a broken transfer with range requests), checks
-/// its sha256 when one is expected, and stores it like an upload.
-pub async fn import_from_url(
-    app: &App,
-    url: &str,
-    expected_sha: Option<&str>,
-    m: Meta,
-) -> ApiResult<Image> {
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|e| ApiError::Invalid(format!("invalid URL {url:?}: {e}")))?;
-    if parsed.scheme() != "http" && parsed.scheme() != "https" {
-        return Err(ApiError::Invalid(format!(
-            "invalid URL {url:?}: only http and https are supported"
-        )));
-    }
-    if let Some(e) = expected_sha {
-        if e.len() != 64 || !e.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ApiError::Invalid(format!(
-                "invalid sha256 {e:?}: 64 hex digits"
-            )));
-        }
-    }
-    let dest = app.images_dir.join(format!("download-{}", m.id));
-    let _guard = TempFile(Some(dest.clone()));
-    let have = download_resuming(&app.trust, url, &dest).await?;
-    if have == 0 {
-        return Err(ApiError::Invalid(format!("{url} sent no data")));
-    }
-    let (sha, _) = sha256_file(&dest).await?;
-    if let Some(e) = expected_sha {
-        if !sha.eq_ignore_ascii_case(e) {
-            return Err(ApiError::Invalid(format!(
-                "checksum mismatch: {url} sent data with sha256 {sha}, expected {e}; the download was discarded"
-            )));
-        }
-    }
-    ingest(app, &dest, m).await
-}
-
-/// Downloads `url` into `dest`; returns the byte count.
-async fn download_resuming(trust: &virt8ra_tls::Trust, url: &str, dest: &FsPath) -> ApiResult<u64> {
-    let client = trust
-        .http()
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut f = tokio::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(dest)
-        .await
-        .map_err(|e| ApiError::Internal(format!("create {}: {e}", dest.display())))?;
-    let mut have: u64 = 0;
-    let mut last_err = String::new();
-    for attempt in 0..URL_ATTEMPTS {
-        if attempt > 0 {
-            tracing::info!(url, offset = have, attempt, "resuming the image download");
-            tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
-        }
-        let mut rb = client.get(url);
-        if have > 0 {
-            rb = rb.header(reqwest::header::RANGE, format!("bytes={have}-"));
-        }
-        let resp = match rb.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                // A certificate problem does not go away by trying again.
-                if let Some(why) = trust.explain(&e, url) {
-                    return Err(ApiError::Invalid(format!("cannot fetch {url}: {why}")));
-                }
-                last_err = format!("cannot fetch {url}: {}", trust.describe(&e, url));
-                continue;
-            }
-        };
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(ApiError::Invalid(format!("{url} answered {status}")));
-        }
-        if have > 0 && status != reqwest::StatusCode::PARTIAL_CONTENT {
-            // No range support: start over.
-            have = 0;
-            f.set_len(0)
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            f.seek(std::io::SeekFrom::Start(0))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-        }
-        let total = resp.content_length().map(|n| n + have);
-        let mut stream = resp.bytes_stream();
-        let mut broke = false;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(c) => {
-                    f.write_all(&c)
-                        .await
-                        .map_err(|e| ApiError::Internal(format!("write download: {e}")))?;
-                    have += c.len() as u64;
-                }
-                Err(e) => {
-                    last_err = format!("transfer from {url} broke at {have} bytes: {e}");
-                    broke = true;
-                    break;
-                }
-            }
-        }
-        if !broke && total.is_none_or(|t| have >= t) {
-            f.sync_all()
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            return Ok(have);
-        }
-        if !broke {
-            last_err = format!("{url} ended the transfer early, at {have} bytes");
-        }
-    }
-    Err(ApiError::Invalid(format!(
-        "{last_err} (gave up after {URL_ATTEMPTS} attempts)"
-    )))
-}
-
-pub async fn sha256_file(path: &FsPath) -> ApiResult<(String, u64)> {
-    let mut f = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| ApiError::Internal(format!("open {}: {e}", path.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n_total = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .await
-            .map_err(|e| ApiError::Internal(format!("read {}: {e}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        n_total += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((hex::encode(h.finalize()), n_total))
 }
 
 /// Parses `Range: bytes=START-` (the only form agents send, to resume).
@@ -475,13 +199,13 @@ fn range_start(headers: &HeaderMap) -> ApiResult<Option<u64>> {
 
 #[utoipa::path(get, path = "/api/v1/images/{key}/data", tag = "images",
     params(("key" = String, Path, description = "Name or id")),
-    responses((status = 200, description = "The qcow2 file", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
-              (status = 206, description = "The rest of the file from the requested offset", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+    responses((status = 200, description = "The qcow2 file", body = inline(super::extract::Binary), content_type = "application/octet-stream"),
+              (status = 206, description = "The rest of the file from the requested offset", body = inline(super::extract::Binary), content_type = "application/octet-stream"),
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(
     AdminOrHost(host): AdminOrHost,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -489,14 +213,10 @@ pub async fn download(
     serve_file(&app, &i, &headers, &host.unwrap_or_else(|| "admin".into())).await
 }
 
-pub fn valid_sha(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 /// Serves an image's file (from `Range: bytes=START-` if asked), counting
 /// the bytes sent under `who`.
 pub async fn serve_file(
-    app: &App,
+    app: &Ctx,
     i: &Image,
     headers: &HeaderMap,
     who: &str,
@@ -589,7 +309,7 @@ fn count_transfer(who: &str, n: u64) {
     responses((status = 200, body = virt8ra_api::ImageTransfers)), security(("bearer" = [])))]
 pub async fn transfers(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
 ) -> ApiResult<Json<virt8ra_api::ImageTransfers>> {
     let by_id = TRANSFERS.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut out = virt8ra_api::ImageTransfers::default();
@@ -612,9 +332,9 @@ pub async fn transfers(
     security(("bearer" = [])))]
 pub async fn replicate(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
-    super::Body(req): super::Body<virt8ra_api::ImageReplicate>,
+    super::extract::Body(req): super::extract::Body<virt8ra_api::ImageReplicate>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
     let mut i = app.store.get_image(&key).await?;
     if req.sites.is_empty() {
@@ -625,7 +345,7 @@ pub async fn replicate(
         match app.store.get_site(s).await {
             Ok(site) => sites.push(site.name),
             Err(virt8ra_store::StoreError::NotFound { .. }) => {
-                return Err(super::missing_ref("site", s, "site"))
+                return Err(super::extract::missing_ref("site", s, "site"))
             }
             Err(e) => return Err(e.into()),
         }
@@ -641,7 +361,7 @@ pub async fn replicate(
         i.sites.sort();
         app.store.update_image(&i).await?;
     }
-    crate::distribution::invalidate();
+    crate::services::distribution::invalidate();
     for h in app.store.list_hosts().await? {
         if i.sites.contains(&h.site) {
             app.mark_host(&h.id);

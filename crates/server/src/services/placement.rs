@@ -9,81 +9,45 @@
 //! is evacuated is updated in place, a finished migration frees its target
 //! reservation and books the VM where it now runs, and host readiness (from
 //! heartbeats) is refreshed at most once a second.
+//!
+//! The engine and its books are in-memory state
+//! ([`crate::registry::placement`]); this module adds what needs the rest of
+//! the control plane: loading the engine from the store and the indexes,
+//! host readiness from the hub, and a host's live view ([`host_view`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
-use virt8ra_api::{
-    Allocation, Host, HostState, Hypervisor, PlacementConstraints, Provider, Site, Vm, VmPhase,
-};
-use virt8ra_placement::{Engine, HostInfo, Request, Resources, SiteInfo, Weights};
+use virt8ra_api::{Allocation, Host, HostState, Provider, VmPhase};
+use virt8ra_placement::{Engine, HostInfo, SiteInfo};
 use virt8ra_store::VmFilter;
 
 use crate::error::{ApiError, ApiResult};
-use crate::scheduler::host_view;
-use crate::state::App;
+use crate::registry::placement::{
+    booked_request, host_info, request, reservation, site_info, Loaded, LoadedPlacement,
+    READINESS_TTL,
+};
+use crate::state::Ctx;
 
-/// Operator settings for placement.
-#[derive(Debug, Clone, Copy)]
-pub struct PlacementConfig {
-    pub cpu_overcommit: f64,
-    pub memory_overcommit: f64,
-    pub weights: Weights,
-}
-
-impl Default for PlacementConfig {
-    fn default() -> Self {
-        PlacementConfig {
-            cpu_overcommit: 4.0,
-            memory_overcommit: 1.0,
-            weights: Weights::default(),
-        }
+/// Fills in a host's live fields (connection, heartbeat, usage, state
+/// derived from liveness) and its allocation.
+pub fn host_view(app: &Ctx, mut h: Host, alloc: Option<&Allocation>) -> Host {
+    let live = app.hub.view(&h.id, app.liveness_window());
+    h.connected = live.is_some();
+    if let Some(l) = &live {
+        h.last_heartbeat = Some(l.last_beat_at);
+        h.usage = l.usage.clone();
     }
-}
-
-pub struct Placement {
-    pub config: PlacementConfig,
-    loaded: Mutex<Option<Loaded>>,
-    /// Held while the engine is rebuilt, so that callers who find it
-    /// missing wait for one rebuild instead of each making their own (at a
-    /// million VMs a rebuild holds a copy of every allocation, and a few at
-    /// once took gigabytes).
-    building: tokio::sync::Mutex<()>,
-}
-
-struct Loaded {
-    engine: Engine,
-    /// Host name -> (id, operator state), for readiness.
-    hosts: HashMap<String, (String, HostState)>,
-    /// Host id -> name (the hub names hosts by id).
-    names: HashMap<String, String>,
-    /// When readiness was last refreshed from the hub.
-    refreshed: Option<std::time::Instant>,
-}
-
-/// How stale host readiness may be for a decision. Liveness itself is
-/// judged over three heartbeat intervals, so this changes little; it keeps
-/// the hub's pass over its connections off the path of every single
-/// placement.
-const READINESS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
-
-impl Placement {
-    pub fn new(config: PlacementConfig) -> Placement {
-        Placement {
-            config,
-            loaded: Mutex::new(None),
-            building: tokio::sync::Mutex::new(()),
-        }
+    if h.state == HostState::Ready && !live.as_ref().is_some_and(|l| l.alive) {
+        h.state = HostState::Unreachable;
     }
+    h.allocated = alloc.copied().unwrap_or_default();
+    h
+}
 
-    /// The topology changed: rebuild before the next decision.
-    pub fn invalidate(&self) {
-        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
+impl LoadedPlacement {
     /// What is allocated on each host (by host name), from the engine's
     /// in-memory books: no scan of the VMs in the store.
-    pub async fn allocations(&self, app: &App) -> ApiResult<HashMap<String, Allocation>> {
+    pub async fn allocations(&self, app: &Ctx) -> ApiResult<HashMap<String, Allocation>> {
         self.with_engine(app, |e| {
             e.hosts()
                 .map(|h| {
@@ -105,7 +69,7 @@ impl Placement {
     /// A host joined, connected or was changed: update it in the loaded
     /// engine, keeping its allocations, instead of a rebuild (which costs
     /// O(hosts + VMs), once per host when 100,000 hosts join).
-    pub fn upsert_host(&self, app: &App, h: &Host) {
+    pub fn upsert_host(&self, app: &Ctx, h: &Host) {
         let info = host_info(&host_view(app, h.clone(), None), &self.config);
         let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = g.as_mut() {
@@ -124,43 +88,6 @@ impl Placement {
         app.hub.rejudge_later(&h.id);
     }
 
-    /// Books `vm` where it is now (its host in the index), or frees its
-    /// allocation when it has no host any more: after a migration moved it,
-    /// instead of a rebuild, which costs O(hosts + VMs) per migration.
-    pub fn rebook(&self, vm: &Vm) {
-        let mut g = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(l) = g.as_mut() else {
-            return;
-        };
-        let host = vm
-            .status
-            .host_id
-            .as_ref()
-            .filter(|_| vm.status.phase != VmPhase::Deleted)
-            .and_then(|id| l.names.get(id));
-        let Some(host) = host else {
-            l.engine.release(&vm.id);
-            return;
-        };
-        let req = booked_request(vm, self.config.weights);
-        if l.engine.commit(&vm.id, host, &req).is_err() {
-            // A host the engine does not know: rebuild before the next decision.
-            *g = None;
-        }
-    }
-
-    /// Frees a VM's allocation (it was deleted).
-    pub fn release(&self, vm_id: &str) {
-        if let Some(l) = self
-            .loaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            l.engine.release(vm_id);
-        }
-    }
-
     /// Deletes host `h` with `delete` (the store's delete) unless VMs are
     /// placed on it, or capacity is held on it for a migration: then it is
     /// left as it was and the count is the error.
@@ -172,7 +99,7 @@ impl Placement {
     /// throughout), and after the delete the engine is dropped, so the next
     /// decision rebuilds without it. The VM index is counted as well (a VM
     /// recorded on the host is refused even if the engine did not book it).
-    pub async fn remove_host<F>(&self, app: &App, h: &Host, delete: F) -> ApiResult<()>
+    pub async fn remove_host<F>(&self, app: &Ctx, h: &Host, delete: F) -> ApiResult<()>
     where
         F: std::future::Future<Output = ApiResult<()>>,
     {
@@ -219,7 +146,7 @@ impl Placement {
     /// Runs `f` on an up-to-date engine.
     pub async fn with_engine<T>(
         &self,
-        app: &App,
+        app: &Ctx,
         f: impl FnOnce(&mut Engine) -> T,
     ) -> ApiResult<T> {
         let missing = || {
@@ -249,7 +176,7 @@ impl Placement {
         Ok(f(&mut l.engine))
     }
 
-    async fn build(&self, app: &App) -> ApiResult<Loaded> {
+    async fn build(&self, app: &Ctx) -> ApiResult<Loaded> {
         let providers: HashMap<String, Provider> = app
             .store
             .list_providers()
@@ -310,37 +237,6 @@ impl Placement {
     }
 }
 
-/// The engine's key for the capacity a migration holds on its target,
-/// beside the VM's own allocation on its source.
-pub fn reservation(vm_id: &str, migration_id: &str) -> String {
-    format!("{vm_id}/migration/{migration_id}")
-}
-
-/// Whether an engine key is a migration's reservation, not a VM.
-pub fn is_reservation(key: &str) -> bool {
-    key.contains("/migration/")
-}
-
-/// The request under which an existing VM's capacity is booked: its own,
-/// or, for a spec from an older rule set that no longer validates, its
-/// resources alone (its capacity stays accounted).
-fn booked_request(vm: &Vm, weights: Weights) -> Request {
-    request(vm, weights).unwrap_or_else(|_| {
-        Request::new(resources(vm), PlacementConstraints::default(), weights)
-            .unwrap_or_else(|_| unreachable_request(vm))
-    })
-}
-
-fn unreachable_request(vm: &Vm) -> Request {
-    Request {
-        res: resources(vm),
-        c: PlacementConstraints::default(),
-        latency: None,
-        latency_from: None,
-        weights: Weights::default(),
-    }
-}
-
 /// Host readiness follows heartbeats and the operator's state. The hub
 /// hands out only the hosts whose liveness changed since the last refresh
 /// (`all`: every connected host, for an engine just built), so a refresh
@@ -349,7 +245,7 @@ fn unreachable_request(vm: &Vm) -> Request {
 /// a second. (Before, every host was looked up by name here and by id in
 /// the hub, and that pass, at 100,000 hosts, held every VM create behind
 /// it for tens of milliseconds.)
-fn refresh_readiness(app: &App, l: &mut Loaded, all: bool) {
+fn refresh_readiness(app: &Ctx, l: &mut Loaded, all: bool) {
     let window = app.liveness_window();
     for (id, alive) in app.hub.liveness_changes(window, all) {
         let Some(name) = l.names.get(&id) else {
@@ -362,64 +258,5 @@ fn refresh_readiness(app: &App, l: &mut Loaded, all: bool) {
         if l.engine.host(name).is_some_and(|h| h.info.ready != ready) {
             let _ = l.engine.set_ready(name, ready);
         }
-    }
-}
-
-pub fn resources(vm: &Vm) -> Resources {
-    Resources {
-        vcpus: vm.spec.vcpus,
-        memory_mib: vm.spec.memory_mib,
-        disk_gib: vm.spec.total_disk_gib(),
-    }
-}
-
-/// The placement request of a VM (validated).
-pub fn request(vm: &Vm, defaults: Weights) -> Result<Request, String> {
-    Request::new(resources(vm), vm.spec.placement.clone(), defaults)
-}
-
-pub fn site_info(s: &Site, p: Option<&Provider>) -> SiteInfo {
-    SiteInfo {
-        name: s.name.clone(),
-        provider: s.provider.clone(),
-        provider_country: p.map(|p| p.country.clone()).unwrap_or_default(),
-        provider_jurisdiction: p.map(|p| p.jurisdiction.clone()).unwrap_or_default(),
-        country: s.country.clone(),
-        tier: s.tier,
-        lat: s.latitude,
-        lon: s.longitude,
-        carbon: s.facts.grid_gco2_per_kwh,
-        pue: s.facts.pue,
-        price_vcpu_hour: s.facts.price_vcpu_hour,
-        price_gib_hour: s.facts.price_gib_hour,
-        access_latency_ms: s.facts.access_latency_ms,
-        labels: s.labels.clone(),
-    }
-}
-
-pub fn host_info(h: &Host, cfg: &PlacementConfig) -> HostInfo {
-    let inv = &h.inventory;
-    HostInfo {
-        name: h.name.clone(),
-        site: h.site.clone(),
-        arch: inv.arch.clone(),
-        vcpus: inv.vcpus,
-        memory_mib: inv.memory_mib,
-        disk_gib: inv.disk_gib,
-        cpu_flags: inv.cpu_flags.clone(),
-        accelerators: inv.accelerators.clone(),
-        kvm: inv.hypervisor == Hypervisor::Kvm,
-        confidential: inv
-            .cpu_flags
-            .iter()
-            .filter_map(|f| match f.as_str() {
-                "sev_snp" => Some("sev-snp".to_string()),
-                "tdx_guest" | "tdx" => Some("tdx".to_string()),
-                _ => None,
-            })
-            .collect(),
-        ready: h.state == HostState::Ready,
-        cpu_ratio: h.cpu_overcommit.unwrap_or(cfg.cpu_overcommit),
-        mem_ratio: h.memory_overcommit.unwrap_or(cfg.memory_overcommit),
     }
 }

@@ -12,9 +12,9 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 use virt8ra_api::WatchEvent;
 
-use super::Query;
-use crate::auth::Admin;
-use crate::state::App;
+use super::extract::Query;
+use crate::http::auth::Admin;
+use crate::state::Ctx;
 
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -61,7 +61,7 @@ fn event(ev: &WatchEvent) -> Event {
     security(("bearer" = [])))]
 pub async fn watch(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Query(q): Query<WatchQuery>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let rx = app.changes.subscribe();

@@ -6,20 +6,18 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
-use chrono::Utc;
 use serde::Deserialize;
 use virt8ra_api::{
-    EvacuateRequest, Evacuation, HostState, Migration, MigrationCreate, MigrationPhase, Page,
-    Rebalance, RebalanceGoal, RebalanceMove, RebalanceRequest, VmExport, VmPhase,
+    EvacuateRequest, Evacuation, Migration, MigrationCreate, MigrationPhase, Page, Rebalance,
+    RebalanceGoal, RebalanceMove, RebalanceRequest, VmExport,
 };
-use virt8ra_store::VmFilter;
 
-use super::{Body, Query};
-use crate::auth::{Admin, AdminOrHost, HostAuth};
+use super::extract::{Body, Query};
 use crate::error::{ApiError, ApiResult};
-use crate::migration;
-use crate::staging::{self, ChunkError};
-use crate::state::App;
+use crate::http::auth::{Admin, AdminOrHost, HostAuth};
+use crate::services::staging::{self, ChunkError};
+use crate::state::Ctx;
+use crate::workflows::migration;
 
 #[utoipa::path(post, path = "/api/v1/vms/{key}/migrate", tag = "migrations", request_body = MigrationCreate,
     params(("key" = String, Path, description = "VM name or id")),
@@ -29,7 +27,7 @@ use crate::state::App;
     security(("bearer" = [])))]
 pub async fn create(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<MigrationCreate>,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
@@ -54,7 +52,7 @@ pub struct MigrationQuery {
     security(("bearer" = [])))]
 pub async fn list(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Query(q): Query<MigrationQuery>,
 ) -> ApiResult<Json<Page<Migration>>> {
     let vm_id = match &q.vm {
@@ -73,7 +71,7 @@ pub async fn list(
 }
 
 /// Running migrations' progress lives in memory; the store has it with a delay.
-fn fresher(app: &App, items: &mut [Migration]) {
+fn fresher(app: &Ctx, items: &mut [Migration]) {
     let live = app.migrations.active();
     for m in items.iter_mut() {
         if let Some(l) = live.iter().find(|l| l.id == m.id) {
@@ -88,7 +86,7 @@ fn fresher(app: &App, items: &mut [Migration]) {
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Migration>> {
     if let Some(m) = app.migrations.active().into_iter().find(|m| m.id == id) {
@@ -104,61 +102,13 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn history(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<Migration>>> {
     let vm = app.store.get_vm(&key).await?;
     let mut items = app.store.list_migrations(Some(&vm.id), false).await?;
     fresher(&app, &mut items);
     Ok(Json(items))
-}
-
-async fn evacuate(
-    app: &App,
-    what: &str,
-    host_ids: Vec<String>,
-    req: EvacuateRequest,
-) -> ApiResult<Evacuation> {
-    if host_ids.is_empty() {
-        return Err(ApiError::Conflict(format!("{what} has no hosts")));
-    }
-    // No new VMs land on hosts being emptied.
-    let mut names = Vec::new();
-    for id in &host_ids {
-        let mut h = app.store.get_host(id).await?;
-        names.push(h.name.clone());
-        if h.state == HostState::Ready {
-            h.state = HostState::Maintenance;
-            app.update_host(&h).await?;
-            app.placement.upsert_host(app, &h);
-        }
-    }
-    let mut out = Evacuation::default();
-    for id in &host_ids {
-        let vms = app.vms.list(&VmFilter {
-            host_id: Some(id.clone()),
-            ..Default::default()
-        });
-        for vm in vms {
-            if matches!(
-                vm.status.phase,
-                VmPhase::Deleting | VmPhase::Deleted | VmPhase::Pending
-            ) {
-                continue;
-            }
-            let r = MigrationCreate {
-                mode: req.mode,
-                ..Default::default()
-            };
-            match migration::start(app, &vm.id, &r, &names).await {
-                Ok(m) => out.migrations.push(m),
-                Err(e) => {
-                    out.refused.insert(vm.name.clone(), e.to_string());
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 #[utoipa::path(post, path = "/api/v1/hosts/{key}/evacuate", tag = "migrations", request_body = EvacuateRequest,
@@ -168,12 +118,14 @@ async fn evacuate(
     security(("bearer" = [])))]
 pub async fn evacuate_host(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
     let h = app.store.get_host(&key).await?;
-    let out = evacuate(&app, &format!("host {}", h.name), vec![h.id], req).await?;
+    let out =
+        crate::workflows::evacuation::evacuate(&app, &format!("host {}", h.name), vec![h.id], req)
+            .await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
 
@@ -184,7 +136,7 @@ pub async fn evacuate_host(
     security(("bearer" = [])))]
 pub async fn evacuate_site(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
@@ -197,7 +149,8 @@ pub async fn evacuate_site(
         .filter(|h| h.site == s.name)
         .map(|h| h.id)
         .collect();
-    let out = evacuate(&app, &format!("site {}", s.name), hosts, req).await?;
+    let out = crate::workflows::evacuation::evacuate(&app, &format!("site {}", s.name), hosts, req)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
 
@@ -208,7 +161,7 @@ pub async fn evacuate_site(
     security(("bearer" = [])))]
 pub async fn evacuate_provider(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
@@ -221,7 +174,9 @@ pub async fn evacuate_provider(
         .filter(|h| h.provider == p.name)
         .map(|h| h.id)
         .collect();
-    let out = evacuate(&app, &format!("provider {}", p.name), hosts, req).await?;
+    let out =
+        crate::workflows::evacuation::evacuate(&app, &format!("provider {}", p.name), hosts, req)
+            .await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
 
@@ -232,53 +187,10 @@ pub async fn evacuate_provider(
     security(("bearer" = [])))]
 pub async fn export(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<VmExport>)> {
-    let vm = app.store.get_vm(&key).await?;
-    if vm.status.phase != VmPhase::Stopped || vm.status.host_id.is_none() {
-        return Err(ApiError::Conflict(format!(
-            "VM '{}' is {}; stop it first (`virt8ra vm stop {} --wait`), its disk must be quiet to export",
-            vm.name,
-            vm.status.phase.as_str(),
-            vm.name
-        )));
-    }
-    if let Some(m) = &vm.status.migration {
-        return Err(ApiError::Conflict(format!(
-            "VM '{}' is being migrated (migration {m})",
-            vm.name
-        )));
-    }
-    if app
-        .migrations
-        .active_exports()
-        .iter()
-        .any(|e| e.vm_id == vm.id)
-    {
-        return Err(ApiError::Conflict(format!(
-            "VM '{}' is being exported already",
-            vm.name
-        )));
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    let e = VmExport {
-        url_path: format!("/api/v1/staging/{id}"),
-        id,
-        vm_id: vm.id.clone(),
-        vm: vm.name.clone(),
-        state: "uploading".into(),
-        sha256: None,
-        size_bytes: None,
-        error: None,
-        data_disks: vec![],
-        created_at: Utc::now(),
-    };
-    app.store.put_export(&e).await?;
-    app.migrations.set_export(&e);
-    if let Some(h) = &vm.status.host_id {
-        crate::scheduler::sync_host(&app, h).await?;
-    }
+    let e = crate::workflows::export::start(&app, &key).await?;
     Ok((StatusCode::ACCEPTED, Json(e)))
 }
 
@@ -288,7 +200,7 @@ pub async fn export(
     security(("bearer" = [])))]
 pub async fn show_export(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<VmExport>> {
     Ok(Json(app.store.get_export(&id).await?))
@@ -300,24 +212,16 @@ pub async fn show_export(
     security(("bearer" = [])))]
 pub async fn delete_export(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let mut e = app.store.get_export(&id).await?;
-    migration::remove_staged(&app, &e.id).await;
-    if e.state == "uploading" {
-        e.state = "failed".into();
-        e.error = Some("cancelled".into());
-    }
-    e.state = format!("{} (removed)", e.state.trim_end_matches(" (removed)"));
-    app.store.put_export(&e).await?;
-    app.migrations.set_export(&e);
+    crate::workflows::export::cancel(&app, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Whether `host_id` may upload to staging area `id`: the source host of an
 /// active migration, or the host of an export's VM.
-async fn may_upload(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
+async fn may_upload(app: &Ctx, host_id: &str, key: &str) -> ApiResult<()> {
     let (id, _) = staging_key(key)?;
     let mig = app.migrations.active().into_iter().find(|m| m.id == id);
     if let Some(m) = mig {
@@ -345,7 +249,7 @@ async fn may_upload(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
 /// `preparing_target`, when the target is told where to fetch it). An
 /// export's staged disk is read by the admin (`vm export`), never by a
 /// host; and no other host reads anyone's disk.
-fn may_download(app: &App, host_id: &str, key: &str) -> ApiResult<()> {
+fn may_download(app: &Ctx, host_id: &str, key: &str) -> ApiResult<()> {
     let (id, _) = staging_key(key)?;
     let fetching = app.migrations.active().into_iter().any(|m| {
         m.id == id
@@ -389,21 +293,21 @@ pub struct UploadAt {
 }
 
 #[utoipa::path(put, path = "/api/v1/staging/{id}", tag = "agent", params(("id" = String, Path), UploadAt),
-    request_body(content = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+    request_body(content = inline(super::extract::Binary), content_type = "application/octet-stream"),
     responses((status = 200, description = "Chunk stored durably"), (status = 403, body = virt8ra_api::ErrorBody),
               (status = 404, body = virt8ra_api::ErrorBody, description = "Not a staging id"),
               (status = 409, body = virt8ra_api::ErrorBody, description = "Offset is not the staged size")),
     security(("bearer" = [])))]
 pub async fn upload(
     host: HostAuth,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
     Query(q): Query<UploadAt>,
     headers: HeaderMap,
     body: RawBody,
 ) -> ApiResult<Json<serde_json::Value>> {
     may_upload(&app, &host.host_id, &id).await?;
-    super::octet_stream(&headers)?;
+    super::extract::octet_stream(&headers)?;
     let path = migration::staging_path(&app, &id);
     let bytes = staging::write_chunk(&path, q.offset, body.into_data_stream())
         .await
@@ -421,7 +325,7 @@ pub async fn upload(
     security(("bearer" = [])))]
 pub async fn staged(
     who: AdminOrHost,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     valid_id(&id)?;
@@ -441,13 +345,13 @@ fn valid_id(key: &str) -> ApiResult<()> {
 }
 
 #[utoipa::path(get, path = "/api/v1/staging/{id}", tag = "migrations", params(("id" = String, Path)),
-    responses((status = 200, description = "The staged disk (qcow2); `Range: bytes=N-` resumes", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
-              (status = 206, description = "The rest of the staged disk from the requested offset", body = inline(super::openapi::Binary), content_type = "application/octet-stream"),
+    responses((status = 200, description = "The staged disk (qcow2); `Range: bytes=N-` resumes", body = inline(super::extract::Binary), content_type = "application/octet-stream"),
+              (status = 206, description = "The rest of the staged disk from the requested offset", body = inline(super::extract::Binary), content_type = "application/octet-stream"),
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(
     who: AdminOrHost,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
@@ -470,7 +374,7 @@ pub async fn download(
     security(("bearer" = [])))]
 pub async fn rebalance(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(req): Body<RebalanceRequest>,
 ) -> ApiResult<Json<Rebalance>> {
     use virt8ra_placement::rebalance::Goal;
@@ -496,7 +400,7 @@ pub async fn rebalance(
     let mut out = Rebalance::default();
     for m in plan.moves {
         // Capacity held for migrations under way is not a VM to move.
-        if crate::placement::is_reservation(&m.vm) {
+        if crate::registry::placement::is_reservation(&m.vm) {
             continue;
         }
         let name = app.vm(&m.vm).map(|v| v.name).unwrap_or(m.vm.clone());

@@ -6,14 +6,14 @@ use axum::Json;
 use chrono::Utc;
 use virt8ra_api::{validate, Page, Provider, ProviderCreate, ProviderUpdate};
 
-use super::Body;
-use crate::auth::Admin;
+use super::extract::Body;
 use crate::error::{ApiError, ApiResult};
-use crate::state::App;
+use crate::http::auth::Admin;
+use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/providers", tag = "providers",
     responses((status = 200, body = Page<Provider>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Provider>>> {
+pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Provider>>> {
     Ok(Json(Page {
         items: app.store.list_providers().await?,
         next_cursor: None,
@@ -26,7 +26,7 @@ pub async fn list(_: Admin, State(app): State<App>) -> ApiResult<Json<Page<Provi
     security(("bearer" = [])))]
 pub async fn create(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Body(req): Body<ProviderCreate>,
 ) -> ApiResult<(StatusCode, Json<Provider>)> {
     validate::provider(&req).map_err(ApiError::Invalid)?;
@@ -49,7 +49,7 @@ pub async fn create(
     security(("bearer" = [])))]
 pub async fn show(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Provider>> {
     Ok(Json(app.store.get_provider(&key).await?))
@@ -62,7 +62,7 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn update(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<ProviderUpdate>,
 ) -> ApiResult<Json<Provider>> {
@@ -95,7 +95,7 @@ pub async fn update(
     security(("bearer" = [])))]
 pub async fn delete(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
     let p = app.store.get_provider(&key).await?;

@@ -23,7 +23,7 @@ use virt8ra_api::protocol::ImageRef;
 use virt8ra_api::HostState;
 
 use crate::error::ApiResult;
-use crate::state::App;
+use crate::state::Ctx;
 
 #[derive(Default)]
 struct View {
@@ -50,7 +50,7 @@ pub fn invalidate() {
     *VIEW.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
-async fn view(app: &App) -> ApiResult<Arc<View>> {
+async fn view(app: &Ctx) -> ApiResult<Arc<View>> {
     let version = app.hosts.version();
     if let Some(c) = VIEW.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
         if c.hosts_version == version || c.at.elapsed() < TTL {
@@ -105,7 +105,7 @@ pub struct HostPlan {
     pub prestage: Vec<ImageRef>,
 }
 
-pub async fn plan_for(app: &App, host_id: &str) -> ApiResult<HostPlan> {
+pub async fn plan_for(app: &Ctx, host_id: &str) -> ApiResult<HostPlan> {
     let v = view(app).await?;
     let mut plan = HostPlan {
         sources: vec![],

@@ -19,19 +19,19 @@ use virt8ra_api::protocol::{negotiate, AgentMessage, ServerMessage, PROTOCOL_VER
 use virt8ra_api::{validate, AgentJoin, AgentJoined, Host, HostState};
 use virt8ra_store::{TokenKind, TokenRecord};
 
-use super::{vms, Body};
-use crate::auth::{self, HostAuth, JoinAuth};
+use super::extract::Body;
 use crate::error::{ApiError, ApiResult};
-use crate::hub::{ConsoleReply, Outbox};
-use crate::scheduler;
-use crate::state::App;
+use crate::http::auth::{self, HostAuth, JoinAuth};
+use crate::registry::hub::{ConsoleReply, Outbox};
+use crate::services::scheduler;
+use crate::state::Ctx;
 
 #[utoipa::path(post, path = "/api/v1/agent/join", tag = "agent", request_body = AgentJoin,
     responses((status = 201, body = AgentJoined), (status = 400, body = virt8ra_api::ErrorBody),
               (status = 401, body = virt8ra_api::ErrorBody), (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn join(
-    State(app): State<App>,
+    State(app): State<Ctx>,
     JoinAuth(token): JoinAuth,
     Body(req): Body<AgentJoin>,
 ) -> ApiResult<(StatusCode, Json<AgentJoined>)> {
@@ -87,9 +87,9 @@ pub async fn join(
     responses((status = 101, description = "WebSocket upgrade; see the agent protocol")),
     security(("bearer" = [])))]
 pub async fn connect(
-    State(app): State<App>,
+    State(app): State<Ctx>,
     auth: HostAuth,
-    super::Upgrade(ws): super::Upgrade,
+    super::extract::Upgrade(ws): super::extract::Upgrade,
 ) -> ApiResult<Response> {
     // The host must still exist (a deleted host's tokens are revoked too).
     let host = app.host(&auth.host_id)?;
@@ -103,7 +103,7 @@ pub async fn connect(
 
 /// Protocol v1: one WebSocket per host. Frames are pumped into a
 /// transport-independent [`host_session`].
-async fn session(app: App, host_id: String, socket: WebSocket) {
+async fn session(app: Ctx, host_id: String, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     let (in_tx, in_rx) = flume::bounded::<AgentMessage>(INBOX);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ServerMessage>();
@@ -152,7 +152,7 @@ async fn session(app: App, host_id: String, socket: WebSocket) {
 
 /// The secret of the host's site (see [`crate::keys::site_secret`]), for
 /// its image service and its requests to its peers'.
-async fn site_secret(app: &App, host_id: &str) -> Option<String> {
+async fn site_secret(app: &Ctx, host_id: &str) -> Option<String> {
     let site = app.host(host_id).ok()?.site;
     match app.store.get_site(&site).await {
         Ok(s) => Some(crate::keys::site_secret(&app.site_key, &s.id)),
@@ -175,7 +175,7 @@ const INBOX: usize = 1024;
 /// hub connection id once registered, so that the transport can record
 /// quiet heartbeats itself (see [`beat_inline`]).
 async fn host_session(
-    app: &App,
+    app: &Ctx,
     host_id: &str,
     inbox: flume::Receiver<AgentMessage>,
     outbox: Outbox,
@@ -312,10 +312,10 @@ const MUX_WRITE_BATCH: usize = 256;
               (status = 400, body = virt8ra_api::ErrorBody), (status = 401, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn mux(
-    State(app): State<App>,
+    State(app): State<Ctx>,
     _auth: HostAuth,
-    super::Query(q): super::Query<MuxQuery>,
-    super::Upgrade(ws): super::Upgrade,
+    super::extract::Query(q): super::extract::Query<MuxQuery>,
+    super::extract::Upgrade(ws): super::extract::Upgrade,
 ) -> ApiResult<Response> {
     if q.version != MUX_VERSION {
         return Err(ApiError::Invalid(format!(
@@ -336,7 +336,7 @@ pub async fn mux(
 
 /// The multiplexed transport: demultiplexes channel frames into one
 /// [`host_session`] per attached host, and multiplexes their answers.
-async fn mux_session(app: App, socket: WebSocket) {
+async fn mux_session(app: Ctx, socket: WebSocket) {
     use std::collections::HashMap;
     let (mut sink, mut stream) = socket.split();
     let (down_tx, mut down_rx) = mpsc::unbounded_channel::<MuxDown>();
@@ -492,7 +492,7 @@ struct MuxChannel {
 /// has already taken may still be in progress and hold an older heartbeat;
 /// the hub keeps the usage of the highest `seq` (see `Live::beat`). Gives
 /// the message back when it is anything else, for the session.
-fn beat_inline(app: &App, chan: &MuxChannel, msg: AgentMessage) -> Option<AgentMessage> {
+fn beat_inline(app: &Ctx, chan: &MuxChannel, msg: AgentMessage) -> Option<AgentMessage> {
     let conn = chan.conn.load(Ordering::Acquire);
     if conn == 0 || !chan.tx.is_empty() {
         return Some(msg);
@@ -534,7 +534,7 @@ const MAX_BATCH: usize = 1024;
 /// applied concurrently, so that the changes they carry share the store's
 /// group commits instead of waiting for one fsync each; a report equal to
 /// the last one seen writes nothing.
-async fn handle_batch(app: &App, host_id: &str, msgs: Vec<AgentMessage>) {
+async fn handle_batch(app: &Ctx, host_id: &str, msgs: Vec<AgentMessage>) {
     use std::collections::HashMap;
     use virt8ra_api::protocol::{AgentVmPhase, VmReport};
     let mut reports: Vec<VmReport> = Vec::new();
@@ -593,14 +593,14 @@ async fn handle_batch(app: &App, host_id: &str, msgs: Vec<AgentMessage>) {
     use futures_util::StreamExt;
     futures_util::stream::iter(reports)
         .for_each_concurrent(256, |r| async move {
-            if let Err(e) = vms::apply_report(app, host_id, &r).await {
+            if let Err(e) = crate::services::reports::apply_report(app, host_id, &r).await {
                 tracing::warn!(host = %host_id, error = %e, "applying a VM report");
             }
         })
         .await;
     if let Some(present) = present {
         app.migrations.note_present(host_id, &present);
-        if let Err(e) = vms::confirm_deletions(app, host_id, &present).await {
+        if let Err(e) = crate::services::reports::confirm_deletions(app, host_id, &present).await {
             tracing::warn!(host = %host_id, error = %e, "confirming deletions");
         }
     }
@@ -609,7 +609,7 @@ async fn handle_batch(app: &App, host_id: &str, msgs: Vec<AgentMessage>) {
     }
 }
 
-async fn handle(app: &App, host_id: &str, msg: AgentMessage) -> ApiResult<()> {
+async fn handle(app: &Ctx, host_id: &str, msg: AgentMessage) -> ApiResult<()> {
     match msg {
         AgentMessage::Hello { .. } => {}
         // Taken in batches by `handle_batch`.
@@ -640,7 +640,7 @@ async fn handle(app: &App, host_id: &str, msg: AgentMessage) -> ApiResult<()> {
 }
 
 async fn handle_migration_report(
-    app: &App,
+    app: &Ctx,
     host_id: &str,
     r: virt8ra_api::protocol::MigrationReport,
 ) {
@@ -652,7 +652,7 @@ async fn handle_migration_report(
     let r2 = r.clone();
     app.migrations.note_report(host_id, r);
     if is_export {
-        if let Err(e) = crate::migration::finish_export(app, &r2).await {
+        if let Err(e) = crate::workflows::export::finish(app, &r2).await {
             tracing::warn!(export = %r2.migration_id, error = %e, "recording an export");
         }
     }

@@ -6,7 +6,7 @@
 //! timer and whenever it is woken (a VM was created, a host connected).
 //!
 //! Placement itself is the pure engine of `virt8ra-placement`, kept loaded
-//! in memory by [`crate::placement`]: it returns a host and why, or, when
+//! in memory by [`crate::services::placement`]: it returns a host and why, or, when
 //! nothing fits, how many hosts each rule excluded; that explanation stays on
 //! the VM while it is pending, and the VM is retried on every pass (so it is
 //! placed as soon as capacity appears).
@@ -16,32 +16,18 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use virt8ra_api::protocol::{DesiredDisk, DesiredVm, ImageRef};
-use virt8ra_api::{Allocation, Host, HostState, Vm, VmPhase};
+use virt8ra_api::protocol::ImageRef;
+use virt8ra_api::{Vm, VmPhase};
 use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
-use crate::placement;
-use crate::state::{App, Marks};
-
-/// Fills in a host's live fields (connection, heartbeat, usage, state
-/// derived from liveness) and its allocation.
-pub fn host_view(app: &App, mut h: Host, alloc: Option<&Allocation>) -> Host {
-    let live = app.hub.view(&h.id, app.liveness_window());
-    h.connected = live.is_some();
-    if let Some(l) = &live {
-        h.last_heartbeat = Some(l.last_beat_at);
-        h.usage = l.usage.clone();
-    }
-    if h.state == HostState::Ready && !live.as_ref().is_some_and(|l| l.alive) {
-        h.state = HostState::Unreachable;
-    }
-    h.allocated = alloc.copied().unwrap_or_default();
-    h
-}
+use crate::registry::marks::Marks;
+use crate::registry::placement;
+use crate::services::desired::{desired_for, desired_vm};
+use crate::state::Ctx;
 
 /// Runs the scheduler until the process ends.
-pub async fn run(app: App) {
+pub async fn run(app: Ctx) {
     let mut last_full: Option<std::time::Instant> = None;
     loop {
         // Every 30 s a pass recomputes every connected host's desired
@@ -64,10 +50,10 @@ pub async fn run(app: App) {
 
 /// One reconciliation pass.
 ///
-/// Hosts whose VMs changed were marked (`AppState::mark_host`, `mark_vm`);
+/// Hosts whose VMs changed were marked (`ControlPlane::mark_host`, `mark_vm`);
 /// only their desired state is recomputed (of `mark_vm`, only those VMs),
 /// unless `full`.
-pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
+pub async fn pass(app: &Ctx, full: bool) -> ApiResult<()> {
     place_pending(app).await?;
     let hosts = if full {
         app.take_marked_hosts();
@@ -100,7 +86,7 @@ pub async fn pass(app: &App, full: bool) -> ApiResult<()> {
     Ok(())
 }
 
-async fn place_pending(app: &App) -> ApiResult<()> {
+async fn place_pending(app: &Ctx) -> ApiResult<()> {
     let pending = app.vms.ids_in_phase(VmPhase::Pending);
     if pending.is_empty() {
         return Ok(());
@@ -118,7 +104,7 @@ async fn place_pending(app: &App) -> ApiResult<()> {
     Ok(())
 }
 
-async fn place_one(app: &App, id: String) -> ApiResult<()> {
+async fn place_one(app: &Ctx, id: String) -> ApiResult<()> {
     // Re-read under the VM's lock: it may have changed since the list.
     let _guard = app.lock_vm(&id).await;
     let mut vm = app.vm(&id)?;
@@ -126,14 +112,14 @@ async fn place_one(app: &App, id: String) -> ApiResult<()> {
         return Ok(());
     }
     match decide(app, &mut vm).await? {
-        Placement::Placed { host_id, event } => {
+        Decision::Placed { host_id, event } => {
             if let Err(e) = app.update_vm(&vm, Some(&event)).await {
                 app.placement.release(&vm.id);
                 return Err(e.into());
             }
             app.mark_vm(&host_id, &vm.id);
         }
-        Placement::Unplaced { why, changed } => {
+        Decision::Unplaced { why, changed } => {
             if changed {
                 app.update_vm(&vm, Some(&format!("not placed: {why}")))
                     .await?;
@@ -144,10 +130,10 @@ async fn place_one(app: &App, id: String) -> ApiResult<()> {
 }
 
 /// What [`decide`] did with a pending VM.
-pub enum Placement {
+pub enum Decision {
     /// Capacity is committed in the engine on `host_id` and the VM's status
     /// says `scheduled` there; the caller stores it, and releases the
-    /// capacity (`Placement::release`) if that fails.
+    /// capacity (`LoadedPlacement::release`) if that fails.
     Placed { host_id: String, event: String },
     /// Nothing fits; `placement_reason` holds why (`changed` when that is
     /// news).
@@ -157,7 +143,7 @@ pub enum Placement {
 /// Places a pending VM through the engine and fills in its status; stores
 /// nothing. Used by the scheduler's passes and by `POST /vms`, which places
 /// a VM at once so that creating and scheduling it is one durable write.
-pub async fn decide(app: &App, vm: &mut Vm) -> ApiResult<Placement> {
+pub async fn decide(app: &Ctx, vm: &mut Vm) -> ApiResult<Decision> {
     let outcome = match placement::request(vm, app.placement.config.weights) {
         Err(e) => Err(format!("invalid placement rules: {e}")),
         Ok(req) => {
@@ -178,7 +164,7 @@ pub async fn decide(app: &App, vm: &mut Vm) -> ApiResult<Placement> {
                 // The engine knows a host the index does not: rebuild it.
                 app.placement.release(&vm.id);
                 app.placement.invalidate();
-                return Ok(Placement::Unplaced {
+                return Ok(Decision::Unplaced {
                     why: format!("host {} is gone; retrying", d.host),
                     changed: false,
                 });
@@ -193,7 +179,7 @@ pub async fn decide(app: &App, vm: &mut Vm) -> ApiResult<Placement> {
             vm.status.placement_reason = Some(d.reason.clone());
             vm.status.last_error = None;
             vm.updated_at = Utc::now();
-            Ok(Placement::Placed {
+            Ok(Decision::Placed {
                 host_id: h.id.clone(),
                 event: format!("scheduled: {}", d.reason),
             })
@@ -204,103 +190,14 @@ pub async fn decide(app: &App, vm: &mut Vm) -> ApiResult<Placement> {
                 vm.status.placement_reason = Some(why.clone());
                 vm.updated_at = Utc::now();
             }
-            Ok(Placement::Unplaced { why, changed })
+            Ok(Decision::Unplaced { why, changed })
         }
     }
-}
-
-/// The VMs a host should run, as the agent protocol carries them: those
-/// placed on it, with the migration roles of those on the move, and those
-/// migrating to it.
-pub async fn desired_for(
-    app: &App,
-    host_id: &str,
-    plan: &crate::distribution::HostPlan,
-) -> ApiResult<Vec<DesiredVm>> {
-    let vms = app.vms.list(&VmFilter {
-        host_id: Some(host_id.to_string()),
-        ..Default::default()
-    });
-    let mut images: HashMap<String, ImageRef> = HashMap::new();
-    let mut out = Vec::new();
-    for vm in vms {
-        if matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted) {
-            continue;
-        }
-        if let Some(d) = desired_vm(app, &vm, &mut images).await? {
-            out.push(d);
-        }
-    }
-    crate::migration::apply_roles(app, host_id, &mut out, &mut images).await?;
-    // Where this host fetches images: its site's copy first.
-    for d in &mut out {
-        d.set_image_sources(&plan.sources);
-    }
-    Ok(out)
-}
-
-/// One VM as the agent protocol carries it (`None` without an image).
-pub async fn desired_vm(
-    app: &App,
-    vm: &Vm,
-    images: &mut HashMap<String, ImageRef>,
-) -> ApiResult<Option<DesiredVm>> {
-    let Some(image_id) = vm.status.image_id.clone() else {
-        return Ok(None);
-    };
-    let image = image_ref_of(app, &image_id, images).await?;
-    let mut data_disks = Vec::with_capacity(vm.spec.data_disks.len());
-    for (i, disk) in vm.spec.data_disks.iter().enumerate() {
-        let image = match vm.status.data_image_ids.get(i).cloned().flatten() {
-            Some(id) => Some(image_ref_of(app, &id, images).await?),
-            None => None,
-        };
-        data_disks.push(DesiredDisk {
-            image,
-            size_gib: disk.size_gib.unwrap_or(0),
-        });
-    }
-    Ok(Some(DesiredVm {
-        id: vm.id.clone(),
-        name: vm.name.clone(),
-        vcpus: vm.spec.vcpus,
-        memory_mib: vm.spec.memory_mib,
-        disk_gib: vm.spec.disk_gib,
-        image,
-        user_data: vm.spec.user_data.clone(),
-        ports: vm.spec.ports.clone(),
-        power: vm.power,
-        reboot_generation: vm.reboot_generation,
-        stop_timeout_s: vm.stop_timeout_s,
-        machine: vm.status.machine.clone(),
-        site: vm.status.site.clone(),
-        ssh_authorized_keys: vm.spec.ssh_authorized_keys.clone(),
-        network: vm.spec.network.clone(),
-        migration: None,
-        data_disks,
-    }))
-}
-
-/// What the agent is told of image `id` (from the pass's, then the
-/// control plane's, memory before the store).
-async fn image_ref_of(
-    app: &App,
-    id: &str,
-    images: &mut HashMap<String, ImageRef>,
-) -> ApiResult<ImageRef> {
-    if let Some(r) = images.get(id).cloned().or_else(|| app.image_ref(id)) {
-        return Ok(r);
-    }
-    let i = app.store.get_image(id).await?;
-    let r = crate::distribution::image_ref(&i);
-    app.remember_image_ref(&r);
-    images.insert(id.to_string(), r.clone());
-    Ok(r)
 }
 
 /// Sends the host its whole desired state if it changed since the last
 /// send (to a protocol 3 agent: what changed).
-pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
+pub async fn sync_host(app: &Ctx, host_id: &str) -> ApiResult<()> {
     sync_host_marked(app, host_id, &Marks::All).await
 }
 
@@ -308,8 +205,8 @@ pub async fn sync_host(app: &App, host_id: &str) -> ApiResult<()> {
 /// only those VMs are recomputed (a host packed with hundreds of VMs costs
 /// one VM per change, not hundreds), unless the host must be sent its whole
 /// state or takes part in a migration (whose roles span VMs and hosts).
-pub async fn sync_host_marked(app: &App, host_id: &str, marks: &Marks) -> ApiResult<()> {
-    let plan = crate::distribution::plan_for(app, host_id).await?;
+pub async fn sync_host_marked(app: &Ctx, host_id: &str, marks: &Marks) -> ApiResult<()> {
+    let plan = crate::services::distribution::plan_for(app, host_id).await?;
     // Generations grow with wall-clock time, so they keep increasing across
     // control-plane restarts.
     let generation = Utc::now().timestamp_micros().max(0) as u64;

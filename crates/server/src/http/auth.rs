@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use virt8ra_store::{TokenKind, TokenRecord};
 
 use crate::error::ApiError;
-use crate::state::App;
+use crate::state::Ctx;
 
 pub fn new_secret() -> String {
     let mut b = [0u8; 32];
@@ -60,7 +60,7 @@ pub fn admin_record(secret: &str) -> TokenRecord {
 }
 
 /// Looks up a presented token; unknown and expired tokens are refused alike.
-pub async fn authenticate(app: &App, token: &str) -> Result<TokenRecord, ApiError> {
+pub async fn authenticate(app: &Ctx, token: &str) -> Result<TokenRecord, ApiError> {
     let rec = app
         .store
         .find_token(&hash(token))
@@ -74,7 +74,7 @@ pub async fn authenticate(app: &App, token: &str) -> Result<TokenRecord, ApiErro
     Ok(rec)
 }
 
-async fn require(parts: &Parts, app: &App, kinds: &[TokenKind]) -> Result<TokenRecord, ApiError> {
+async fn require(parts: &Parts, app: &Ctx, kinds: &[TokenKind]) -> Result<TokenRecord, ApiError> {
     let token = bearer(parts)?;
     let rec = authenticate(app, token).await?;
     if kinds.contains(&rec.kind) {
@@ -90,9 +90,9 @@ async fn require(parts: &Parts, app: &App, kinds: &[TokenKind]) -> Result<TokenR
 /// An operator holding the admin token.
 pub struct Admin;
 
-impl FromRequestParts<App> for Admin {
+impl FromRequestParts<Ctx> for Admin {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, app: &Ctx) -> Result<Self, Self::Rejection> {
         require(parts, app, &[TokenKind::Admin]).await?;
         Ok(Admin)
     }
@@ -103,9 +103,9 @@ pub struct HostAuth {
     pub host_id: String,
 }
 
-impl FromRequestParts<App> for HostAuth {
+impl FromRequestParts<Ctx> for HostAuth {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, app: &Ctx) -> Result<Self, Self::Rejection> {
         let rec = require(parts, app, &[TokenKind::Host]).await?;
         let host_id = rec
             .host_id
@@ -117,9 +117,9 @@ impl FromRequestParts<App> for HostAuth {
 /// A joining agent, by its join token.
 pub struct JoinAuth(pub TokenRecord);
 
-impl FromRequestParts<App> for JoinAuth {
+impl FromRequestParts<Ctx> for JoinAuth {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, app: &Ctx) -> Result<Self, Self::Rejection> {
         let rec = require(parts, app, &[TokenKind::Join]).await?;
         if rec.uses_left == Some(0) {
             return Err(ApiError::Unauthorized("join token is used up".into()));
@@ -131,9 +131,9 @@ impl FromRequestParts<App> for JoinAuth {
 /// Either the admin or a host (image downloads).
 pub struct AdminOrHost(pub Option<String>);
 
-impl FromRequestParts<App> for AdminOrHost {
+impl FromRequestParts<Ctx> for AdminOrHost {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, app: &Ctx) -> Result<Self, Self::Rejection> {
         let rec = require(parts, app, &[TokenKind::Admin, TokenKind::Host]).await?;
         Ok(AdminOrHost(rec.host_id))
     }

@@ -21,16 +21,16 @@ use chrono::Utc;
 use virt8ra_api::{AdminToken, JoinTokenInfo, Page};
 use virt8ra_store::TokenKind;
 
-use crate::auth::{self, Admin};
 use crate::error::{ApiError, ApiResult};
-use crate::state::App;
+use crate::http::auth::{self, Admin};
+use crate::state::Ctx;
 
 /// How often expired join tokens are purged.
 pub const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Purges expired join tokens every [`PURGE_INTERVAL`], for as long as the
 /// control plane runs.
-pub async fn purge_periodically(app: App) {
+pub async fn purge_periodically(app: Ctx) {
     loop {
         tokio::time::sleep(PURGE_INTERVAL).await;
         match app.store.purge_join_tokens(Utc::now()).await {
@@ -48,7 +48,7 @@ pub async fn purge_periodically(app: App) {
     security(("bearer" = [])))]
 pub async fn list_join_tokens(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
 ) -> ApiResult<Json<Page<JoinTokenInfo>>> {
     app.store.purge_join_tokens(Utc::now()).await?;
     let items = app
@@ -78,7 +78,7 @@ pub async fn list_join_tokens(
     security(("bearer" = [])))]
 pub async fn revoke_join_token(
     _: Admin,
-    State(app): State<App>,
+    State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     if app.store.delete_token(TokenKind::Join, &id).await? {
@@ -100,14 +100,14 @@ static ROTATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
                description = "The new admin token, shown once (also written to DATA_DIR/admin.token); the old one is refused from now on"),
               (status = 401, body = virt8ra_api::ErrorBody), (status = 403, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn rotate_admin_token(_: Admin, State(app): State<App>) -> ApiResult<Json<AdminToken>> {
+pub async fn rotate_admin_token(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<AdminToken>> {
     let _one = ROTATION.lock().await;
     let secret = auth::new_secret();
     let path = app.data_dir.join("admin.token");
     // The new file first, beside the old one: if it cannot be written,
     // nothing has changed.
     let staged = app.data_dir.join("admin.token.new");
-    if let Err(e) = crate::write_secret(&staged, &secret) {
+    if let Err(e) = crate::keys::write_secret(&staged, &secret) {
         tracing::error!(error = %format!("{e:#}"), "admin token rotation: writing the new token file");
         return Err(ApiError::Internal(
             "the new admin token could not be saved; nothing changed (the control plane's log says why)"

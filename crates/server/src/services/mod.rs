@@ -1,0 +1,19 @@
+//! The control plane's rules and its store calls, one module per concern:
+//! placement and scheduling, the desired state sent to agents, agents'
+//! reports, VMs, images (ingest and distribution), the marketplace's
+//! catalogs and apps.
+//!
+//! No HTTP types here: the HTTP layer ([`crate::http`]) and the workflows
+//! ([`crate::workflows`]) call these functions; they call the registry
+//! ([`crate::registry`]), the state and the store.
+
+pub mod apps;
+pub mod catalog;
+pub mod desired;
+pub mod distribution;
+pub mod images;
+pub mod placement;
+pub mod reports;
+pub mod scheduler;
+pub mod staging;
+pub mod vms;
