@@ -731,6 +731,12 @@ fn a_nic_that_moves_is_followed_by_the_forwarding_entries() {
         ours(&w, 2).contains(&tap_name("nic-b")),
         "the new tap is there"
     );
+    // A migrated guest announces itself (QEMU sends its MAC out after a
+    // live migration); the stand-in does the same by sending first, so
+    // host 2's bridge learns the MAC on its port instead of keeping what
+    // it learned before the move (the VXLAN port). Without that the
+    // test depended on the stand-in happening to send something.
+    let _ = ping(&moved, ip("10.50.0.11"));
     // Host 0's guest may still have the old neighbour entry: same MAC, so
     // it goes on working once the overlay sends the MAC to host 2.
     assert!(
