@@ -514,6 +514,23 @@ pub struct VmSpec {
     /// boot disk and the NoCloud seed: `vdc`, `vdd`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_disks: Vec<DataDisk>,
+    /// NICs on virtual networks, as asked for (the addresses given are in
+    /// `status.nics`). None: the guest has one user-mode NIC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicRequest>,
+}
+
+/// A NIC asked for at `vm create`: the network it joins and, optionally,
+/// the address it must have (else the network's lowest free one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicRequest {
+    /// Network name or id.
+    #[schema(min_length = 1)]
+    pub network: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 impl VmSpec {
@@ -580,6 +597,10 @@ pub struct VmCreate {
     /// Disks after the boot disk (at most 8): copies of images or blank.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_disks: Vec<DataDisk>,
+    /// NICs on virtual networks (at most 8), in the order the guest sees
+    /// them. Without any, the guest has one user-mode NIC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicRequest>,
     /// Start the VM once placed (default true).
     #[serde(default = "default_true")]
     pub start: bool,
@@ -615,6 +636,7 @@ impl VmCreate {
             ssh_authorized_keys: self.ssh_authorized_keys.clone(),
             network: self.network.clone(),
             data_disks: self.data_disks.clone(),
+            nics: self.nics.clone(),
         }
     }
 }
@@ -758,6 +780,36 @@ pub struct NetworkSpan {
     /// Site names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<String>,
+}
+
+/// What `network create` sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    /// 1-63 lowercase letters, digits and `-`, not starting or ending with `-`.
+    #[schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+    pub name: String,
+    /// The subnet, e.g. `10.20.0.0/24` (no host bits; /8 to /30).
+    pub cidr: String,
+    /// Default: the subnet's first address. Ignored with `no_gateway`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// A plain layer 2 segment: no gateway, no DHCP, no NAT on the hosts.
+    #[serde(default)]
+    pub no_gateway: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub dns: Vec<std::net::Ipv4Addr>,
+    /// Default 1450 (1500 less VXLAN's headers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub span: NetworkSpan,
+    /// Outbound traffic leaves through each host's own address (default
+    /// true; needs a gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<bool>,
 }
 
 /// A virtual network: a private layer 2 segment with one IPv4 subnet that

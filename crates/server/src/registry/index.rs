@@ -397,6 +397,7 @@ mod tests {
                 ssh_authorized_keys: vec![],
                 network: None,
                 data_disks: vec![],
+                nics: vec![],
             },
             power: PowerState::Running,
             reboot_generation: 0,

@@ -289,6 +289,7 @@ pub async fn replica_requests(
                 ssh_authorized_keys: req.ssh_authorized_keys.clone(),
                 network: None,
                 data_disks: vec![],
+                nics: vec![],
                 start: true,
                 labels: [("virt8ra.io/app".to_string(), req.name.clone())]
                     .into_iter()

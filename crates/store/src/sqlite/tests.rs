@@ -66,6 +66,7 @@ fn vm(name: &str) -> Vm {
             ssh_authorized_keys: vec![],
             network: None,
             data_disks: vec![],
+            nics: vec![],
         },
         power: PowerState::Running,
         reboot_generation: 0,
