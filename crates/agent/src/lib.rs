@@ -238,6 +238,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
     );
     inv.machine_types = driver.machine_types();
+    match network::tunnel::public_key(&data_dir.join(network::DIR)) {
+        Ok(k) => inv.tunnel_public_key = Some(k),
+        Err(e) => {
+            tracing::warn!(error = %e, "no tunnel key: this host cannot join encrypted networks")
+        }
+    }
     if let Some(a) = &args.migration_address {
         if a.is_empty() || a.contains(['/', ' ']) {
             bail!("--migration-address {a:?} is not an address");

@@ -31,8 +31,10 @@ pub const VXLAN_PORT: u16 = 4789;
 /// Largest VXLAN network identifier (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 /// The MTU a network gets when none is given: 1500 less VXLAN's 50 bytes
-/// of outer headers, so an overlay frame fits a standard underlay.
-pub const DEFAULT_MTU: u32 = 1450;
+/// of outer headers and the tunnel's 60 ([`TUNNEL_OVERHEAD`]), so an
+/// overlay frame fits a standard underlay also between sites, where it
+/// travels encrypted.
+pub const DEFAULT_MTU: u32 = 1390;
 pub const MIN_MTU: u32 = 576;
 pub const MAX_MTU: u32 = 9000;
 /// Prefix of every network device the agent creates. Bridges are
@@ -64,6 +66,21 @@ impl Ipv4Cidr {
             ));
         }
         Ok(c)
+    }
+
+    /// The network of `prefix` bits that holds `addr` (host bits cleared).
+    pub fn containing(addr: Ipv4Addr, prefix: u8) -> Result<Ipv4Cidr, String> {
+        if prefix > 32 {
+            return Err(format!("prefix length /{prefix} is over 32"));
+        }
+        Ok(Ipv4Cidr { addr, prefix }.first())
+    }
+
+    fn first(self) -> Ipv4Cidr {
+        Ipv4Cidr {
+            addr: self.network(),
+            prefix: self.prefix,
+        }
     }
 
     pub fn prefix(&self) -> u8 {
@@ -350,6 +367,120 @@ pub struct HostNetworkState {
     pub underlay: Ipv4Addr,
     #[serde(default)]
     pub networks: Vec<HostNetwork>,
+    /// The encrypted tunnels to hosts at other sites, if this host has
+    /// any. With it, a peer's address ([`Peer::underlay`], [`FdbEntry::peer`])
+    /// may be a tunnel address: VXLAN traffic to it goes through the tunnel
+    /// interface, and the VXLAN devices take their source address from
+    /// the route (the underlay address or this host's tunnel address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelState>,
+}
+
+/// The UDP port of the tunnels when none is given (WireGuard's).
+pub const TUNNEL_PORT: u16 = 51820;
+/// The tunnel interface, one per host (all networks share it).
+pub const TUNNEL_INTERFACE: &str = "v8w0";
+/// WireGuard's outer headers over IPv4: IP 20, UDP 8, WireGuard 32.
+pub const TUNNEL_OVERHEAD: u32 = 60;
+
+/// This host's end of the encrypted tunnels (WireGuard) to hosts at other
+/// sites. Keys are made on the hosts: the control plane knows only public
+/// keys. Each host has an address inside the tunnels, in one prefix shared
+/// by all hosts ([`TunnelState::prefix`]); a peer's tunnel traffic is
+/// accepted from its address only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelState {
+    /// This host's address inside the tunnels.
+    pub address: Ipv4Addr,
+    /// The prefix length of the tunnel addresses (routed through the
+    /// tunnel interface).
+    pub prefix: u8,
+    /// The UDP port this host's tunnel listens on.
+    pub listen_port: u16,
+    #[serde(default)]
+    pub peers: Vec<TunnelPeer>,
+}
+
+/// A host at another site that this host talks to through the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelPeer {
+    pub host: String,
+    /// Its WireGuard public key (base64, 32 bytes).
+    pub public_key: String,
+    /// Where its tunnel listens (its underlay address and port).
+    pub endpoint: std::net::SocketAddrV4,
+    /// Its address inside the tunnels.
+    pub address: Ipv4Addr,
+}
+
+impl TunnelState {
+    /// Whether the tunnel can be set up: addresses inside the prefix and
+    /// unique, keys well formed and unique, no endpoint twice.
+    pub fn validate(&self, underlay: Ipv4Addr) -> Result<(), String> {
+        let net = Ipv4Cidr::containing(self.address, self.prefix)
+            .map_err(|e| format!("tunnel address {}: {e}", self.address))?;
+        if !(8..=30).contains(&self.prefix) || !net.is_host(self.address) {
+            return Err(format!(
+                "tunnel address {}/{} is not a host address of a /8 to /30",
+                self.address, self.prefix
+            ));
+        }
+        if self.listen_port == 0 {
+            return Err("tunnel listen port 0 is not allowed".into());
+        }
+        let mut addresses = BTreeSet::from([self.address]);
+        let mut keys = BTreeSet::new();
+        let mut endpoints = BTreeSet::new();
+        for p in &self.peers {
+            let key = decode_key(&p.public_key)
+                .map_err(|e| format!("tunnel peer {}: public key {e}", p.host))?;
+            if !keys.insert(key) {
+                return Err(format!(
+                    "tunnel peer {}: public key is listed twice",
+                    p.host
+                ));
+            }
+            if !net.is_host(p.address) || !addresses.insert(p.address) {
+                return Err(format!(
+                    "tunnel peer {}: address {} is outside {net}, or taken",
+                    p.host, p.address
+                ));
+            }
+            if *p.endpoint.ip() == underlay || !endpoints.insert(p.endpoint) {
+                return Err(format!(
+                    "tunnel peer {}: endpoint {} is this host's or listed twice",
+                    p.host, p.endpoint
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TunnelState {
+    fn cidr(&self) -> Option<Ipv4Cidr> {
+        Ipv4Cidr::containing(self.address, self.prefix).ok()
+    }
+
+    /// Whether `ip` is a tunnel address (inside the tunnels' prefix).
+    pub fn holds(&self, ip: Ipv4Addr) -> bool {
+        self.cidr().is_some_and(|c| c.contains(ip))
+    }
+
+    fn overlaps(&self, other: &Ipv4Cidr) -> bool {
+        self.cidr().is_some_and(|c| c.overlaps(other))
+    }
+}
+
+/// The 32 bytes of a WireGuard key written in base64.
+pub fn decode_key(s: &str) -> Result<[u8; 32], String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|e| format!("is not base64: {e}"))?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("has {} bytes, not 32", bytes.len()))
 }
 
 impl NetworkSpec {
@@ -445,6 +576,9 @@ impl HostNetworkState {
     /// one of them may have a gateway there: the host routes to a
     /// gateway's subnet, and one routing table holds one route per subnet.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = &self.tunnel {
+            t.validate(self.underlay)?;
+        }
         let mut ids = BTreeSet::new();
         let mut vnis = BTreeMap::new();
         let mut bridges = BTreeMap::new();
@@ -471,6 +605,12 @@ impl HostNetworkState {
                 ));
             }
             if net.gateway.is_some() {
+                if let Some(t) = self.tunnel.as_ref().filter(|t| t.overlaps(&net.cidr)) {
+                    return Err(format!(
+                        "network {} ({}) overlaps the tunnel addresses {}/{}",
+                        net.name, net.cidr, t.address, t.prefix
+                    ));
+                }
                 if let Some(o) = routed.iter().find(|o| o.cidr.overlaps(&net.cidr)) {
                     return Err(format!(
                         "networks {} ({}) and {} ({}) overlap and both have a gateway on this host",
@@ -535,6 +675,14 @@ impl HostNetworkState {
                     "network {}: peer {} has this host's own underlay address {}",
                     net.name, p.host, p.underlay
                 ));
+            }
+            if let Some(t) = self.tunnel.as_ref().filter(|t| t.holds(p.underlay)) {
+                if !t.peers.iter().any(|tp| tp.address == p.underlay) {
+                    return Err(format!(
+                        "network {}: peer {} at tunnel address {} is no tunnel peer",
+                        net.name, p.host, p.underlay
+                    ));
+                }
             }
             if !peers.insert(p.underlay) {
                 return Err(format!(

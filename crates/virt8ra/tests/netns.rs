@@ -353,6 +353,7 @@ fn host_state(host: usize, nets: &[&Net]) -> HostNetworkState {
     HostNetworkState {
         underlay: underlay(host),
         networks,
+        tunnel: None,
     }
 }
 
@@ -581,6 +582,7 @@ fn removals_leave_nothing_behind() {
     let empty = HostNetworkState {
         underlay: underlay(0),
         networks: vec![],
+        tunnel: None,
     };
     for h in 0..3 {
         let empty = HostNetworkState {
@@ -988,4 +990,228 @@ async fn a_qemu_guest_on_a_tap_gets_its_lease_and_is_reached_across_vxlan() {
         reached,
         "a guest on host 1 cannot reach the QEMU guest on host 0"
     );
+}
+
+/// Sites for the tunnel test: hosts 0 and 2 share site A (a trusted
+/// fabric: plain VXLAN between them), host 1 is at site B (encrypted).
+fn site_of(host: usize) -> char {
+    if host == 1 {
+        'B'
+    } else {
+        'A'
+    }
+}
+
+fn tunnel_address(host: usize) -> Ipv4Addr {
+    Ipv4Addr::new(100, 64, 0, host as u8 + 1)
+}
+
+/// Where `from` sends VXLAN traffic for `to`: its underlay address within
+/// a site, its tunnel address between sites.
+fn vxlan_remote(from: usize, to: usize) -> Ipv4Addr {
+    if site_of(from) == site_of(to) {
+        underlay(to)
+    } else {
+        tunnel_address(to)
+    }
+}
+
+/// `host_state`, with a tunnel to every host at another site and the
+/// peers there reached through it.
+fn tunnel_host_state(host: usize, nets: &[&Net], keys: &[String]) -> HostNetworkState {
+    let mut s = host_state(host, nets);
+    for hn in &mut s.networks {
+        for p in &mut hn.peers {
+            let to: usize = p.host.trim_start_matches("host").parse().unwrap();
+            p.underlay = vxlan_remote(host, to);
+        }
+        for f in &mut hn.fdb {
+            let to = (0..3).find(|h| underlay(*h) == f.peer).unwrap();
+            f.peer = vxlan_remote(host, to);
+        }
+    }
+    s.tunnel = Some(virt8ra_api::TunnelState {
+        address: tunnel_address(host),
+        prefix: 24,
+        listen_port: virt8ra_api::TUNNEL_PORT,
+        peers: (0..3)
+            .filter(|h| site_of(*h) != site_of(host))
+            .map(|h| virt8ra_api::TunnelPeer {
+                host: format!("host{h}"),
+                public_key: keys[h].clone(),
+                endpoint: std::net::SocketAddrV4::new(underlay(h), virt8ra_api::TUNNEL_PORT),
+                address: tunnel_address(h),
+            })
+            .collect(),
+    });
+    s
+}
+
+/// Captures the frames on `dev` of namespace `ns` for `secs` seconds
+/// (an AF_PACKET socket, as tcpdump uses) and counts those carrying
+/// `marker`, and the UDP datagrams to or from the tunnel port.
+fn capture(ns: &str, dev: &str, secs: f64, marker: &str) -> std::process::Child {
+    const SNIFF: &str = r#"
+import socket, sys, time, json
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+s.bind((sys.argv[1], 0))
+s.settimeout(0.1)
+marker, port = sys.argv[3].encode(), int(sys.argv[4])
+end = time.time() + float(sys.argv[2])
+frames = hits = tunnel = 0
+print("capturing", flush=True)
+while time.time() < end:
+    try:
+        d = s.recv(65535)
+    except socket.timeout:
+        continue
+    frames += 1
+    hits += marker in d
+    if d[12:14] == b"\x08\x00" and d[23] == 17:
+        o = 14 + (d[14] & 15) * 4
+        if port in (int.from_bytes(d[o:o+2], "big"), int.from_bytes(d[o+2:o+4], "big")):
+            tunnel += 1
+print(json.dumps({"frames": frames, "marker": hits, "tunnel": tunnel}), flush=True)
+"#;
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", SNIFF, dev])
+        .arg(secs.to_string())
+        .arg(marker)
+        .arg(virt8ra_api::TUNNEL_PORT.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn capture_result(mut c: std::process::Child) -> serde_json::Value {
+    use std::io::Read;
+    c.wait().unwrap();
+    let mut out = String::new();
+    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let last = out.lines().last().unwrap_or_default().to_string();
+    serde_json::from_str(&last).unwrap_or_else(|e| panic!("capture printed {out:?}: {e}"))
+}
+
+/// Sends `marker` in UDP datagrams from guest namespace `from` to `to`.
+fn send_marker(from: &str, to: Ipv4Addr, marker: &str) {
+    let script = "import socket,sys,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor _ in range(20):\n    s.sendto(sys.argv[2].encode()*4,(sys.argv[1],9999)); time.sleep(0.02)\n";
+    must(&[
+        "ip",
+        "netns",
+        "exec",
+        from,
+        "python3",
+        "-c",
+        script,
+        &to.to_string(),
+        marker,
+    ]);
+}
+
+/// Issue 27, item 3: traffic that leaves a site travels encrypted. Host 1
+/// is at another site than hosts 0 and 2: the network's frames to and
+/// from it go through the hosts' tunnels (userspace WireGuard, the
+/// agent's own data path), while hosts 0 and 2 talk plain VXLAN. Guests
+/// reach each other either way; a capture on host 1's underlay link sees
+/// the tunnel's datagrams and never the marker the guests send, while the
+/// same capture on host 2's link (the plain path, the control) does.
+#[test]
+fn traffic_between_sites_is_encrypted_and_within_a_site_is_not() {
+    let Some(mut w) = World::new("t") else { return };
+    let mut net = blue();
+    net.spec.mtu = virt8ra_api::DEFAULT_MTU;
+    let mut keys = Vec::new();
+    for h in 0..3 {
+        let dir = w.data_dir(h).join("network");
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("tunnel.key");
+        let out = must(&[BIN, "tunnel", "genkey", key.to_str().unwrap()]);
+        keys.push(out.trim().to_string());
+    }
+    // Each host's data plane stays up (`--hold`): the tunnel lives in its
+    // process, as in the agent's.
+    let mut held = Vec::new();
+    for h in 0..3 {
+        let file = w.dir.path().join(format!("desired-{h}.json"));
+        let state = tunnel_host_state(h, &[&net], &keys);
+        std::fs::write(&file, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+        let data = w.data_dir(h);
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &w.hosts[h],
+                BIN,
+                "agent-network-apply",
+                "--hold",
+            ])
+            .arg("--desired")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(&data)
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            use std::io::BufRead;
+            if err.read_line(&mut line).unwrap() == 0 {
+                panic!("apply on host {h} ended: {seen}");
+            }
+            seen.push_str(&line);
+            if line.contains("change(s)") {
+                break;
+            }
+        }
+        held.push(child);
+    }
+    let guests: Vec<String> = net
+        .nics
+        .iter()
+        .map(|(h, id, a)| w.guest(*h, id, &net.spec, Some(ip(a))))
+        .collect();
+    for (i, g) in guests.iter().enumerate() {
+        for (j, (_, _, a)) in net.nics.iter().enumerate() {
+            if i != j {
+                assert!(ping(g, ip(a)), "guest {i} cannot ping {a}");
+            }
+        }
+    }
+    let tunnel = must(&["ip", "-n", &w.hosts[0], "-o", "addr", "show", "dev", "v8w0"]);
+    assert!(tunnel.contains("100.64.0.1/24"), "{tunnel}");
+
+    let marker = format!("V8-PLAINTEXT-{}", std::process::id());
+    let ul = w.namespaces[0].clone();
+    let site_b = capture(&ul, "p1", 4.0, &marker);
+    let site_a = capture(&ul, "p2", 4.0, &marker);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    send_marker(&guests[0], ip("10.50.0.12"), &marker);
+    send_marker(&guests[0], ip("10.50.0.13"), &marker);
+    send_marker(&guests[2], ip("10.50.0.12"), &marker);
+    let (b, a) = (capture_result(site_b), capture_result(site_a));
+    assert_eq!(b["marker"], 0, "plaintext on the link between sites: {b}");
+    assert!(
+        b["tunnel"].as_u64().unwrap() >= 40,
+        "the guests' datagrams to host 1 went through the tunnel: {b}"
+    );
+    assert!(
+        a["marker"].as_u64().unwrap() >= 20,
+        "the control: the plain VXLAN path within site A carries the marker: {a}"
+    );
+
+    // The tunnel's counters: both of host 1's peers sent and received.
+    for mut c in held {
+        must(&["kill", "-TERM", &c.id().to_string()]);
+        c.wait().unwrap();
+        let mut out = String::new();
+        use std::io::Read;
+        c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        let stats: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("{}"))
+            .unwrap_or_else(|e| panic!("stats {out:?}: {e}"));
+        let peers = stats["peers"].as_array().cloned().unwrap_or_default();
+        assert!(!peers.is_empty(), "{stats}");
+    }
 }

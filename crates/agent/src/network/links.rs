@@ -155,7 +155,7 @@ fn keep_if<'a>(
 pub fn ensure_network(
     links: &BTreeMap<String, Link>,
     hn: &HostNetwork,
-    underlay: Ipv4Addr,
+    local: Option<Ipv4Addr>,
     changes: &mut Changes,
 ) -> Result<bool> {
     let net = &hn.network;
@@ -186,7 +186,9 @@ pub fn ensure_network(
     }
     settle(br, &names.bridge, net.mtu, None, changes)?;
 
-    let local = underlay.to_string();
+    // Without a local address the source comes from the route: the
+    // underlay address, or the tunnel address for a peer behind the tunnel.
+    let local = local.map(|a| a.to_string()).unwrap_or_default();
     let want = (
         u64::from(net.vni),
         local.clone(),
@@ -202,24 +204,23 @@ pub fn ensure_network(
     if vx.is_none() {
         let vni = net.vni.to_string();
         let port = VXLAN_PORT.to_string();
-        changes.run(
-            "ip",
-            &[
-                "link",
-                "add",
-                "name",
-                &names.vxlan,
-                "type",
-                "vxlan",
-                "id",
-                &vni,
-                "local",
-                &local,
-                "dstport",
-                &port,
-                "nolearning",
-            ],
-        )?;
+        let mut args = vec![
+            "link",
+            "add",
+            "name",
+            &names.vxlan,
+            "type",
+            "vxlan",
+            "id",
+            &vni,
+            "dstport",
+            &port,
+            "nolearning",
+        ];
+        if !local.is_empty() {
+            args.extend(["local", local.as_str()]);
+        }
+        changes.run("ip", &args)?;
     }
     settle(vx, &names.vxlan, net.mtu, Some(&names.bridge), changes)?;
 

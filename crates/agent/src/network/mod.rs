@@ -38,6 +38,7 @@ pub mod dhcp;
 pub mod fdb;
 pub mod firewall;
 pub mod links;
+pub mod tunnel;
 
 pub use cmd::{Changes, NetError};
 
@@ -55,8 +56,11 @@ pub fn reconcile(desired: &HostNetworkState, data_dir: &Path) -> cmd::Result<Cha
     let mut links = links::observe()?;
     links::remove_unwanted(&mut links, &links::wanted(&desired.networks), &mut changes)?;
     let mut bridges = Vec::new();
+    // The tunnel first: VXLAN devices send to peers behind it.
+    tunnel::ensure(&data_dir.join(DIR), desired.tunnel.as_ref(), &mut changes)?;
+    let local = desired.tunnel.is_none().then_some(desired.underlay);
     for hn in &desired.networks {
-        let created = links::ensure_network(&links, hn, desired.underlay, &mut changes)?;
+        let created = links::ensure_network(&links, hn, local, &mut changes)?;
         links::ensure_address(hn, &mut changes)?;
         fdb::ensure(hn, &mut changes)?;
         let bridge = device_names(&hn.network.id).bridge;
@@ -143,6 +147,7 @@ mod tests {
         HostNetworkState {
             underlay: underlay.parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST),
             networks: vec![],
+            tunnel: None,
         }
     }
 
