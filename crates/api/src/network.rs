@@ -320,6 +320,15 @@ pub struct LocalNic {
     pub tap: String,
     pub mac: MacAddr,
     pub ip: Ipv4Addr,
+    /// Its security group: what may reach it. None: what comes from the
+    /// network's own subnet. Replies to its own connections and its
+    /// published ports always pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<IngressRule>>,
+    /// Its ports the host publishes on its own address (the network needs
+    /// a gateway: the host routes to the guest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<PublishedPort>,
 }
 
 /// Another host that carries the network: where its VXLAN traffic goes.
@@ -584,6 +593,7 @@ impl HostNetworkState {
         let mut bridges = BTreeMap::new();
         let mut macs = BTreeMap::new();
         let mut taps = BTreeSet::new();
+        let mut published = BTreeSet::new();
         let mut routed: Vec<&NetworkSpec> = Vec::new();
         for hn in &self.networks {
             let net = &hn.network;
@@ -625,7 +635,7 @@ impl HostNetworkState {
                     net.name
                 ));
             }
-            self.validate_members(hn, &mut macs, &mut taps)?;
+            self.validate_members(hn, &mut macs, &mut taps, &mut published)?;
         }
         Ok(())
     }
@@ -635,11 +645,19 @@ impl HostNetworkState {
         hn: &'a HostNetwork,
         macs: &mut BTreeMap<MacAddr, &'a str>,
         taps: &mut BTreeSet<&'a str>,
+        published: &mut BTreeSet<(Option<Ipv4Addr>, Protocol, u16)>,
     ) -> Result<(), String> {
         let net = &hn.network;
         let mut ips = BTreeMap::new();
         for nic in &hn.nics {
             nic_address(&nic.id, nic.mac, nic.ip, net)?;
+            validate_nic_security(&nic.id, nic.ingress.as_deref(), &nic.publish, published)?;
+            if !nic.publish.is_empty() && net.gateway.is_none() {
+                return Err(format!(
+                    "NIC {}: network {} has no gateway, so the host cannot publish its ports",
+                    nic.id, net.name
+                ));
+            }
             if !nic.tap.starts_with(TAP_PREFIX)
                 || nic.tap.len() > 15
                 || !nic
@@ -770,6 +788,9 @@ pub fn allocate_ip(
         net.name, net.cidr
     ))
 }
+
+mod security;
+pub use security::*;
 
 #[cfg(test)]
 mod tests;

@@ -328,6 +328,8 @@ fn host_state(host: usize, nets: &[&Net]) -> HostNetworkState {
                     tap: tap_name(id),
                     mac: mac_for_nic(id),
                     ip: ip.parse().unwrap(),
+                    ingress: None,
+                    publish: vec![],
                 })
                 .collect(),
             peers: n
@@ -1214,4 +1216,153 @@ fn traffic_between_sites_is_encrypted_and_within_a_site_is_not() {
         let peers = stats["peers"].as_array().cloned().unwrap_or_default();
         assert!(!peers.is_empty(), "{stats}");
     }
+}
+
+/// A server started in a namespace; stopped when dropped.
+struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Serves TCP `ports` in namespace `ns`: each connection gets `PORT` back.
+fn serve_tcp(ns: &str, ports: &[u16]) -> Served {
+    const SERVE: &str = r#"
+import socket, sys, threading
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(16)
+    while True:
+        c, _ = s.accept(); c.sendall(str(port).encode()); c.close()
+for p in sys.argv[1:]:
+    threading.Thread(target=serve, args=(int(p),)).start()
+print("serving", flush=True)
+"#;
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "python3", "-c", SERVE]);
+    c.args(ports.iter().map(|p| p.to_string()));
+    let mut child = c.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "serving");
+    Served(child)
+}
+
+/// What a TCP connection from `ns` to `to:port` reads (`None`: it could
+/// not connect within 2 s).
+fn tcp_read(ns: &str, to: Ipv4Addr, port: u16) -> Option<String> {
+    const CONNECT: &str = r#"
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
+    print("ok", s.recv(64).decode())
+except Exception as e:
+    print("fail", e)
+"#;
+    let out = must(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "python3",
+        "-c",
+        CONNECT,
+        &to.to_string(),
+        &port.to_string(),
+    ]);
+    out.trim().strip_prefix("ok ").map(str::to_string)
+}
+
+/// Issue 27, item 4: a published port is reached from another namespace
+/// through the host's address, and a security group lets in what its
+/// rules name and drops the rest, from guests of the same network too
+/// (bridged frames); a NIC without rules takes its network's members.
+#[test]
+fn a_published_port_is_reached_and_a_security_group_filters() {
+    let Some(mut w) = World::new("s") else { return };
+    let mut net = blue();
+    net.hosts = vec![0, 1];
+    net.nics.truncate(2);
+    let guarded = |h: usize| {
+        let mut s = host_state(h, &[&net]);
+        for nic in &mut s.networks[0].nics {
+            if nic.id == "nic-a" {
+                nic.ingress = Some(vec![serde_json::from_str(
+                    r#"{"protocol":"tcp","ports":"22"}"#,
+                )
+                .unwrap()]);
+                nic.publish = vec!["8080:80".parse().unwrap()];
+            }
+        }
+        s
+    };
+    // As on a host where br_netfilter is off: the data plane turns it on.
+    let nf = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    for h in 0..2 {
+        let off = format!("echo 0 > {nf}");
+        must(&["ip", "netns", "exec", &w.hosts[h], "sh", "-c", &off]);
+        w.apply(h, &guarded(h));
+        let now = must(&["ip", "netns", "exec", &w.hosts[h], "cat", nf]);
+        assert_eq!(now.trim(), "1", "host {h}");
+    }
+    let a = w.guest(0, "nic-a", &net.spec, Some(ip("10.50.0.11")));
+    let b = w.guest(1, "nic-b", &net.spec, Some(ip("10.50.0.12")));
+    let _served_a = serve_tcp(&a, &[22, 23, 80]);
+    let _served_b = serve_tcp(&b, &[22]);
+
+    // Let in: tcp/22 from anyone, replies to a's own connections.
+    assert_eq!(tcp_read(&b, ip("10.50.0.11"), 22).as_deref(), Some("22"));
+    assert_eq!(tcp_read(&a, ip("10.50.0.12"), 22).as_deref(), Some("22"));
+    assert!(ping(&a, ip("10.50.0.12")), "b takes its network's members");
+    // Dropped: another port, ICMP, and port 80 unless published.
+    assert_eq!(
+        tcp_read(&b, ip("10.50.0.11"), 23),
+        None,
+        "tcp/23 is not let in"
+    );
+    assert_eq!(
+        tcp_read(&b, ip("10.50.0.11"), 80),
+        None,
+        "80 only published"
+    );
+    assert!(!ping(&b, ip("10.50.0.11")), "ICMP is not let in");
+
+    // Published: a client outside every network reaches a's port 80
+    // through host 0's underlay address, port 8080.
+    let ul = w.namespaces[0].clone();
+    must(&[
+        "ip",
+        "-n",
+        &ul,
+        "addr",
+        "add",
+        "192.168.77.100/24",
+        "dev",
+        "ul",
+    ]);
+    assert_eq!(tcp_read(&ul, underlay(0), 8080).as_deref(), Some("80"));
+    assert_eq!(tcp_read(&ul, underlay(0), 8081), None);
+    assert_eq!(
+        tcp_read(&ul, underlay(1), 8080),
+        None,
+        "host 1 publishes nothing"
+    );
+
+    // Without the rules, a takes its members again (ICMP, port 23) and
+    // the published port is gone; nothing else changed on a second apply.
+    w.apply(0, &host_state(0, &[&net]));
+    assert!(ping(&b, ip("10.50.0.11")), "members reach a again");
+    assert_eq!(tcp_read(&b, ip("10.50.0.11"), 23).as_deref(), Some("23"));
+    assert_eq!(
+        tcp_read(&ul, underlay(0), 8080),
+        None,
+        "no longer published"
+    );
+    assert!(w.apply(0, &host_state(0, &[&net])).is_empty());
 }

@@ -78,6 +78,7 @@ pub fn reconcile(desired: &HostNetworkState, data_dir: &Path) -> cmd::Result<Cha
     dhcp::remove_unwanted(&dhcp_root, &bridges, &mut changes)?;
     firewall::ensure(&desired.networks, &mut changes)?;
     firewall::ensure_forwarding(&desired.networks, &mut changes)?;
+    firewall::ensure_bridge_filtering(&desired.networks, &mut changes)?;
     Ok(changes)
 }
 

@@ -199,6 +199,8 @@ fn local_nic(id: &str, addr: &str) -> LocalNic {
         tap: tap_name(id),
         mac: mac_for_nic(id),
         ip: ip(addr),
+        ingress: None,
+        publish: vec![],
     }
 }
 
