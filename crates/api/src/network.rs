@@ -409,6 +409,11 @@ pub struct TunnelState {
     pub listen_port: u16,
     #[serde(default)]
     pub peers: Vec<TunnelPeer>,
+    /// This host relays between peers (hosts that cannot reach each other
+    /// directly, such as two behind NAT, talk through it): it forwards
+    /// between tunnel addresses.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 /// A host at another site that this host talks to through the tunnel.
@@ -418,10 +423,21 @@ pub struct TunnelPeer {
     pub host: String,
     /// Its WireGuard public key (base64, 32 bytes).
     pub public_key: String,
-    /// Where its tunnel listens (its underlay address and port).
-    pub endpoint: std::net::SocketAddrV4,
+    /// Where its tunnel listens (its underlay address and port). None: it
+    /// has no address this host can reach (it is behind NAT); it dials in,
+    /// and its endpoint is learnt from its first authenticated packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<std::net::SocketAddrV4>,
     /// Its address inside the tunnels.
     pub address: Ipv4Addr,
+    /// Tunnel addresses of other hosts reached through this peer, which
+    /// relays for them (they are behind NAT, or this host is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays_for: Vec<Ipv4Addr>,
+    /// Seconds between keepalives to it (this host is behind NAT and must
+    /// keep its mapping open); none: no keepalives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u16>,
 }
 
 impl TunnelState {
@@ -451,16 +467,26 @@ impl TunnelState {
                     p.host
                 ));
             }
-            if !net.is_host(p.address) || !addresses.insert(p.address) {
-                return Err(format!(
-                    "tunnel peer {}: address {} is outside {net}, or taken",
-                    p.host, p.address
-                ));
+            for a in std::iter::once(&p.address).chain(&p.relays_for) {
+                if !net.is_host(*a) || !addresses.insert(*a) {
+                    return Err(format!(
+                        "tunnel peer {}: address {a} is outside {net}, or taken",
+                        p.host
+                    ));
+                }
             }
-            if *p.endpoint.ip() == underlay || !endpoints.insert(p.endpoint) {
+            if let Some(e) = p.endpoint {
+                if *e.ip() == underlay || !endpoints.insert(e) {
+                    return Err(format!(
+                        "tunnel peer {}: endpoint {e} is this host's or listed twice",
+                        p.host
+                    ));
+                }
+            }
+            if p.keepalive == Some(0) {
                 return Err(format!(
-                    "tunnel peer {}: endpoint {} is this host's or listed twice",
-                    p.host, p.endpoint
+                    "tunnel peer {}: keepalive must be 1-65535 seconds, or none",
+                    p.host
                 ));
             }
         }
@@ -695,7 +721,11 @@ impl HostNetworkState {
                 ));
             }
             if let Some(t) = self.tunnel.as_ref().filter(|t| t.holds(p.underlay)) {
-                if !t.peers.iter().any(|tp| tp.address == p.underlay) {
+                let reached = t
+                    .peers
+                    .iter()
+                    .any(|tp| tp.address == p.underlay || tp.relays_for.contains(&p.underlay));
+                if !reached {
                     return Err(format!(
                         "network {}: peer {} at tunnel address {} is no tunnel peer",
                         net.name, p.host, p.underlay

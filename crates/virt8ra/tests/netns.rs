@@ -1041,10 +1041,16 @@ fn tunnel_host_state(host: usize, nets: &[&Net], keys: &[String]) -> HostNetwork
             .map(|h| virt8ra_api::TunnelPeer {
                 host: format!("host{h}"),
                 public_key: keys[h].clone(),
-                endpoint: std::net::SocketAddrV4::new(underlay(h), virt8ra_api::TUNNEL_PORT),
+                endpoint: Some(std::net::SocketAddrV4::new(
+                    underlay(h),
+                    virt8ra_api::TUNNEL_PORT,
+                )),
                 address: tunnel_address(h),
+                relays_for: vec![],
+                keepalive: None,
             })
             .collect(),
+        relay: false,
     });
     s
 }
@@ -1132,44 +1138,9 @@ fn traffic_between_sites_is_encrypted_and_within_a_site_is_not() {
     }
     // Each host's data plane stays up (`--hold`): the tunnel lives in its
     // process, as in the agent's.
-    let mut held = Vec::new();
-    for h in 0..3 {
-        let file = w.dir.path().join(format!("desired-{h}.json"));
-        let state = tunnel_host_state(h, &[&net], &keys);
-        std::fs::write(&file, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
-        let data = w.data_dir(h);
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &w.hosts[h],
-                BIN,
-                "agent-network-apply",
-                "--hold",
-            ])
-            .arg("--desired")
-            .arg(&file)
-            .arg("--data-dir")
-            .arg(&data)
-            .stderr(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        loop {
-            let mut line = String::new();
-            use std::io::BufRead;
-            if err.read_line(&mut line).unwrap() == 0 {
-                panic!("apply on host {h} ended: {seen}");
-            }
-            seen.push_str(&line);
-            if line.contains("change(s)") {
-                break;
-            }
-        }
-        held.push(child);
-    }
+    let held: Vec<Served> = (0..3)
+        .map(|h| hold_apply(&w, h, &tunnel_host_state(h, &[&net], &keys)))
+        .collect();
     let guests: Vec<String> = net
         .nics
         .iter()
@@ -1204,13 +1175,13 @@ fn traffic_between_sites_is_encrypted_and_within_a_site_is_not() {
         "the control: the plain VXLAN path within site A carries the marker: {a}"
     );
 
-    // The tunnel's counters: both of host 1's peers sent and received.
+    // Each tunnel's counters, printed when it stops: it had peers.
     for mut c in held {
-        must(&["kill", "-TERM", &c.id().to_string()]);
-        c.wait().unwrap();
+        must(&["kill", "-TERM", &c.0.id().to_string()]);
+        c.0.wait().unwrap();
         let mut out = String::new();
         use std::io::Read;
-        c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        c.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
         let stats: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or("{}"))
             .unwrap_or_else(|e| panic!("stats {out:?}: {e}"));
         let peers = stats["peers"].as_array().cloned().unwrap_or_default();
@@ -1365,4 +1336,200 @@ fn a_published_port_is_reached_and_a_security_group_filters() {
         "no longer published"
     );
     assert!(w.apply(0, &host_state(0, &[&net])).is_empty());
+}
+
+/// Runs the data plane on `host` with `state` and keeps it running
+/// (`--hold`: the tunnel lives in its process); returns once applied.
+fn hold_apply(w: &World, host: usize, state: &HostNetworkState) -> Served {
+    use std::io::BufRead;
+    let file = w.dir.path().join(format!("desired-{host}.json"));
+    std::fs::write(&file, serde_json::to_vec_pretty(state).unwrap()).unwrap();
+    let mut served = Served(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &w.hosts[host],
+                BIN,
+                "agent-network-apply",
+                "--hold",
+            ])
+            .arg("--desired")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(w.data_dir(host))
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = std::io::BufReader::new(served.0.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            panic!("apply on host {host} ended: {seen}");
+        }
+        seen.push_str(&line);
+        if line.contains("change(s)") {
+            return served;
+        }
+    }
+}
+
+/// Issue 27, item 3: a host behind NAT (no address its peers can reach)
+/// joins through a relay. Host 2 sits behind a NAT router; it dials host 0
+/// (keepalives hold the mapping open), host 0 learns its endpoint from its
+/// packets and forwards between it and host 1, which reaches host 2 only
+/// through host 0. Every guest pings every other, all encrypted.
+#[test]
+fn a_host_behind_nat_joins_through_a_relay() {
+    let Some(mut w) = World::new("n") else { return };
+    // Host 2 moves behind a NAT router: a private link 10.9.0.0/24, the
+    // router masquerading onto the underlay at 192.168.77.50.
+    let h2 = w.hosts[2].clone();
+    let ul = w.namespaces[0].clone();
+    let r = w.add_ns("rtr");
+    must(&["ip", "-n", &h2, "link", "del", "eth0"]);
+    must(&[
+        "ip", "-n", &r, "link", "add", "eth0", "type", "veth", "peer", "name", "pr", "netns", &ul,
+    ]);
+    must(&["ip", "-n", &ul, "link", "set", "pr", "master", "ul", "up"]);
+    must(&[
+        "ip",
+        "-n",
+        &r,
+        "addr",
+        "add",
+        "192.168.77.50/24",
+        "dev",
+        "eth0",
+    ]);
+    must(&["ip", "-n", &r, "link", "set", "eth0", "up"]);
+    must(&[
+        "ip", "-n", &r, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns", &h2,
+    ]);
+    must(&["ip", "-n", &r, "addr", "add", "10.9.0.1/24", "dev", "lan"]);
+    must(&["ip", "-n", &r, "link", "set", "lan", "up"]);
+    must(&["ip", "-n", &h2, "addr", "add", "10.9.0.2/24", "dev", "eth0"]);
+    must(&["ip", "-n", &h2, "link", "set", "eth0", "up"]);
+    must(&[
+        "ip", "-n", &h2, "route", "add", "default", "via", "10.9.0.1",
+    ]);
+    must(&[
+        "ip",
+        "netns",
+        "exec",
+        &r,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    must(&[
+        "ip", "netns", "exec", &r, "nft",
+        "add table ip nat; add chain ip nat post { type nat hook postrouting priority srcnat; }; add rule ip nat post oifname eth0 masquerade",
+    ]);
+    let private = ip("10.9.0.2");
+    // Host 2 reaches host 0, host 0 cannot reach host 2.
+    assert!(ping(&h2, underlay(0)));
+    assert!(!ping(&w.hosts[0], private));
+
+    let mut net = blue();
+    net.spec.mtu = virt8ra_api::DEFAULT_MTU;
+    // No NAT, which would turn forwarding on by itself: the relay must.
+    net.nat = false;
+    let keys: Vec<String> = (0..3)
+        .map(|h| {
+            let dir = w.data_dir(h).join("network");
+            std::fs::create_dir_all(&dir).unwrap();
+            let key = dir.join("tunnel.key");
+            must(&[BIN, "tunnel", "genkey", key.to_str().unwrap()])
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let peer =
+        |h: usize, reachable: bool, relays_for: Vec<Ipv4Addr>, keepalive| virt8ra_api::TunnelPeer {
+            host: format!("host{h}"),
+            public_key: keys[h].clone(),
+            endpoint: reachable
+                .then(|| std::net::SocketAddrV4::new(underlay(h), virt8ra_api::TUNNEL_PORT)),
+            address: tunnel_address(h),
+            relays_for,
+            keepalive,
+        };
+    // Every peer at another site: reached at its tunnel address.
+    let state = |h: usize, peers: Vec<virt8ra_api::TunnelPeer>, relay: bool| {
+        let mut s = host_state(h, &[&net]);
+        if h == 2 {
+            s.underlay = private;
+        }
+        for hn in &mut s.networks {
+            for p in &mut hn.peers {
+                let to: usize = p.host.trim_start_matches("host").parse().unwrap();
+                p.underlay = tunnel_address(to);
+            }
+            for f in &mut hn.fdb {
+                let to = (0..3).find(|h| underlay(*h) == f.peer).unwrap();
+                f.peer = tunnel_address(to);
+            }
+        }
+        s.tunnel = Some(virt8ra_api::TunnelState {
+            address: tunnel_address(h),
+            prefix: 24,
+            listen_port: virt8ra_api::TUNNEL_PORT,
+            peers,
+            relay,
+        });
+        s
+    };
+    let _held = [
+        hold_apply(
+            &w,
+            0,
+            &state(
+                0,
+                vec![peer(1, true, vec![], None), peer(2, false, vec![], None)],
+                true,
+            ),
+        ),
+        hold_apply(
+            &w,
+            1,
+            &state(1, vec![peer(0, true, vec![tunnel_address(2)], None)], false),
+        ),
+        hold_apply(
+            &w,
+            2,
+            &state(
+                2,
+                vec![peer(0, true, vec![tunnel_address(1)], Some(1))],
+                false,
+            ),
+        ),
+    ];
+    let guests: Vec<String> = net
+        .nics
+        .iter()
+        .map(|(h, id, a)| w.guest(*h, id, &net.spec, Some(ip(a))))
+        .collect();
+    for (i, g) in guests.iter().enumerate() {
+        for (j, (_, _, a)) in net.nics.iter().enumerate() {
+            if i != j {
+                assert!(
+                    ping(g, ip(a)),
+                    "guest {i} cannot ping {a} (host 2 is behind NAT)"
+                );
+            }
+        }
+    }
+    let fwd = must(&[
+        "ip",
+        "netns",
+        "exec",
+        &w.hosts[0],
+        "cat",
+        "/proc/sys/net/ipv4/ip_forward",
+    ]);
+    assert_eq!(fwd.trim(), "1", "the relay forwards");
 }

@@ -213,13 +213,18 @@ pub fn ensure_bridge_filtering(networks: &[HostNetwork], changes: &mut Changes) 
     Ok(())
 }
 
-/// Turns on IPv4 forwarding if a network NATs or a NIC publishes a port
-/// (never off: other software on the host may need it).
-pub fn ensure_forwarding(networks: &[HostNetwork], changes: &mut Changes) -> Result<()> {
+/// Turns on IPv4 forwarding if a network NATs, a NIC publishes a port or
+/// the host relays between tunnel peers (never off: other software on the
+/// host may need it).
+pub fn ensure_forwarding(
+    networks: &[HostNetwork],
+    relay: bool,
+    changes: &mut Changes,
+) -> Result<()> {
     let publishes = networks
         .iter()
         .any(|n| n.nics.iter().any(|nic| !nic.publish.is_empty()));
-    if !publishes && !networks.iter().any(|n| n.nat) {
+    if !relay && !publishes && !networks.iter().any(|n| n.nat) {
         return Ok(());
     }
     let path = "/proc/sys/net/ipv4/ip_forward";

@@ -77,7 +77,8 @@ pub fn reconcile(desired: &HostNetworkState, data_dir: &Path) -> cmd::Result<Cha
     }
     dhcp::remove_unwanted(&dhcp_root, &bridges, &mut changes)?;
     firewall::ensure(&desired.networks, &mut changes)?;
-    firewall::ensure_forwarding(&desired.networks, &mut changes)?;
+    let relay = desired.tunnel.as_ref().is_some_and(|t| t.relay);
+    firewall::ensure_forwarding(&desired.networks, relay, &mut changes)?;
     firewall::ensure_bridge_filtering(&desired.networks, &mut changes)?;
     Ok(changes)
 }

@@ -71,12 +71,16 @@ fn peer_specs(want: &TunnelState) -> Result<Vec<PeerSpec>> {
             Ok(PeerSpec {
                 public_key: keys::parse_public(&p.public_key)
                     .map_err(|e| NetError(format!("tunnel peer {}: {e}", p.host)))?,
-                endpoint: Some(SocketAddr::V4(p.endpoint)),
-                allowed_ips: vec![Cidr {
-                    addr: IpAddr::V4(p.address),
-                    prefix: 32,
-                }],
-                persistent_keepalive: None,
+                endpoint: p.endpoint.map(SocketAddr::V4),
+                // Its own address and those of the hosts it relays for.
+                allowed_ips: std::iter::once(&p.address)
+                    .chain(&p.relays_for)
+                    .map(|a| Cidr {
+                        addr: IpAddr::V4(*a),
+                        prefix: 32,
+                    })
+                    .collect(),
+                persistent_keepalive: p.keepalive,
             })
         })
         .collect()

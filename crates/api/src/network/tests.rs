@@ -424,9 +424,12 @@ fn tunneled() -> HostNetworkState {
             peers: vec![TunnelPeer {
                 host: "h2".into(),
                 public_key: KEY_A.into(),
-                endpoint: "192.168.0.2:51820".parse().expect("endpoint"),
+                endpoint: Some("192.168.0.2:51820".parse().expect("endpoint")),
                 address: ip("100.64.0.2"),
+                relays_for: vec![],
+                keepalive: None,
             }],
+            relay: false,
         }),
     }
 }
@@ -435,7 +438,7 @@ fn tunneled() -> HostNetworkState {
 fn tunnel_state_validation() {
     tunneled().validate().expect("valid tunneled state");
     type Edit = fn(&mut HostNetworkState);
-    let cases: [(Edit, &str); 8] = [
+    let cases: [(Edit, &str); 10] = [
         (
             |s| s.tunnel.as_mut().expect("tunnel").peers[0].public_key = "short".into(),
             "public key is not base64",
@@ -455,7 +458,7 @@ fn tunnel_state_validation() {
         (
             |s| {
                 s.tunnel.as_mut().expect("tunnel").peers[0].endpoint =
-                    "192.168.0.1:51820".parse().expect("endpoint")
+                    Some("192.168.0.1:51820".parse().expect("endpoint"))
             },
             "is this host's",
         ),
@@ -465,7 +468,7 @@ fn tunnel_state_validation() {
                 let mut p = t.peers[0].clone();
                 p.host = "h4".into();
                 p.address = ip("100.64.0.4");
-                p.endpoint = "192.168.0.4:51820".parse().expect("endpoint");
+                p.endpoint = Some("192.168.0.4:51820".parse().expect("endpoint"));
                 t.peers.push(p);
             },
             "public key is listed twice",
@@ -477,6 +480,14 @@ fn tunnel_state_validation() {
         (
             |s| s.tunnel.as_mut().expect("tunnel").listen_port = 0,
             "listen port 0",
+        ),
+        (
+            |s| s.tunnel.as_mut().expect("tunnel").peers[0].relays_for = vec![ip("100.64.0.1")],
+            "address 100.64.0.1 is outside 100.64.0.0/10, or taken",
+        ),
+        (
+            |s| s.tunnel.as_mut().expect("tunnel").peers[0].keepalive = Some(0),
+            "keepalive must be",
         ),
     ];
     for (edit, want) in cases {
@@ -496,8 +507,10 @@ fn tunnel_state_validation() {
     t.peers.push(TunnelPeer {
         host: "h4".into(),
         public_key: KEY_B.into(),
-        endpoint: "192.168.0.4:51820".parse().expect("endpoint"),
+        endpoint: None,
         address: ip("100.64.0.4"),
+        relays_for: vec![ip("100.64.0.5")],
+        keepalive: Some(25),
     });
     s.validate().expect("two peers");
 }
