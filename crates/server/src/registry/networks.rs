@@ -124,7 +124,7 @@ pub fn narrow(c: &mut PlacementConstraints, name: &str, span: &NetworkSpan) -> R
         if let Some(p) = pin {
             if !reach.contains(p) {
                 return Err(format!(
-                    "network '{name}' reaches only {what} {reach_text}, but the VM's placement pins {what} {p}"
+                    "network '{name}' reaches only {what} {reach_text}, but the VM's placement is pinned to {p}"
                 ));
             }
         }
