@@ -506,6 +506,25 @@ mod netapi {
                 json!({"name": "pl-site", "cidr": "10.9.0.0/24", "span": {"sites": ["pl-gdansk"]}}),
             ),
         );
+        // A dry run says where its network lets it go.
+        let plan = c.ok(
+            "POST",
+            "/api/v1/vms/plan",
+            Some(json!({"name": "p", "image": "tiny", "nics": [{"network": "pl-site"}]})),
+        );
+        assert_eq!(plan["site"], "pl-gdansk", "{plan}");
+        assert_error(
+            c.api(
+                "POST",
+                "/api/v1/vms/plan",
+                Some(
+                    json!({"name": "p", "image": "tiny", "placement": {"country": "DE"},
+                            "nics": [{"network": "pl-site"}]}),
+                ),
+            ),
+            400,
+            "network 'pl-site' does not reach any site",
+        );
         for i in 0..4 {
             c.ok("POST", "/api/v1/vms", Some(json!({"name": format!("w{i}"), "image": "tiny", "memory_mib": 64, "nics": [{"network": "es-pl"}]})));
         }

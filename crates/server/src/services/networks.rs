@@ -290,6 +290,27 @@ pub async fn resolve_nics(app: &Ctx, req: &VmCreate) -> ApiResult<Vec<NicPlan>> 
     Ok(out)
 }
 
+/// The placement request of a VM being planned (`vm plan`): `own` (its
+/// own rules) narrowed by the spans of the networks its NICs name, which
+/// are checked as at create.
+pub async fn planned_request(
+    app: &Ctx,
+    req: &VmCreate,
+    own: virt8ra_placement::Request,
+) -> ApiResult<virt8ra_placement::Request> {
+    if req.nics.is_empty() {
+        return Ok(own);
+    }
+    let nics = resolve_nics(app, req).await?;
+    let mut c = own.c.clone();
+    for (i, n) in nics.iter().enumerate() {
+        narrow(&mut c, &n.network.name, &n.network.span)
+            .map_err(|e| ApiError::Invalid(format!("nics[{i}]: {e}")))?;
+    }
+    virt8ra_placement::Request::new(own.res, c, app.placement.config.weights)
+        .map_err(|e| ApiError::Invalid(format!("placement: {e}")))
+}
+
 /// NIC `i` on `net` with address `ip`, against the NICs before it.
 pub fn check_nic(
     i: usize,
