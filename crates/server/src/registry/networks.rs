@@ -274,7 +274,7 @@ mod tests {
         };
         let e = narrow(&mut c, "net-fr", &span(&["FR"], &[], &[])).unwrap_err();
         assert!(
-            e.contains("network 'net-fr'") && e.contains("pins countries DE"),
+            e.contains("network 'net-fr'") && e.contains("pinned to DE"),
             "{e}"
         );
         let mut c = PlacementConstraints {

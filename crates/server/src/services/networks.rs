@@ -223,9 +223,21 @@ pub async fn get(app: &Ctx, key: &str) -> ApiResult<Network> {
     Ok(app.store.get_network(key).await?)
 }
 
-/// Deletes a network; refused (409, naming the VMs) while NICs are on it.
+/// Deletes a network; refused (409, naming the VMs) while NICs are on it,
+/// or while a VM with a NIC on it is being created. Under the IPAM lock:
+/// a create that picked an address on the network holds a reservation
+/// until its VM is written (so the delete sees it), and a create that
+/// picks after the delete finds the network gone (so no lease outlives
+/// its network).
 pub async fn delete(app: &Ctx, key: &str) -> ApiResult<()> {
     let n = app.store.get_network(key).await?;
+    let _one = app.ipam.pick.lock().await;
+    if !app.ipam.reserved(&n.id).is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "network '{}' is getting a NIC of a VM being created; try again",
+            n.name
+        )));
+    }
     app.store.delete_network(&n.id).await?;
     app.placement.spans.remove(&n.id);
     Ok(())
@@ -480,6 +492,13 @@ async fn pick(app: &Ctx, vm: &mut Vm, nics: &[NicPlan]) -> ApiResult<Vec<(String
     let mut picked = Vec::with_capacity(nics.len());
     for (p, nic) in nics.iter().zip(vm.status.nics.iter_mut()) {
         let id = &p.network.id;
+        if app.placement.spans.get(id).is_none() {
+            release_all(app, &picked);
+            return Err(ApiError::Invalid(format!(
+                "network '{}' was deleted while the VM was being created",
+                p.network.name
+            )));
+        }
         let reserved = app.ipam.reserved(id);
         let mut used: BTreeSet<Ipv4Addr> = match app.store.used_ips(id).await {
             Ok(u) => u,
