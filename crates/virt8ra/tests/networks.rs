@@ -621,6 +621,17 @@ mod netapi {
         let again = c.ok("POST", "/api/v1/vms", Some(json!({"name": "db2", "image": "tiny", "memory_mib": 64, "nics": [{"network": "pl-site", "ip": "10.9.0.50"}, {"network": "es-pl", "ip": ip}]})));
         assert_eq!(again["status"]["nics"][0]["ip"], "10.9.0.50");
         assert_eq!(again["status"]["nics"][1]["ip"], ip);
+
+        // Evacuating the Polish host moves what may go to Spain, and
+        // leaves db2, whose network reaches only that site, saying why.
+        c.wait_phase("db2", "running", Duration::from_secs(60));
+        let ev = c.ok("POST", "/api/v1/hosts/sim-2/evacuate", Some(json!({})));
+        let why = ev["refused"]["db2"].as_str().unwrap_or_default();
+        assert!(why.contains("'pl-site': sites pl-gdansk"), "{ev}");
+        for m in ev["migrations"].as_array().unwrap() {
+            assert_ne!(m["vm"], "db2");
+            assert_eq!(m["target"]["site"], "es-logrono", "{m}");
+        }
     }
 
     /// `apply -f` with a network and two VMs on it: created in order
