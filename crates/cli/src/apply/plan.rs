@@ -267,6 +267,7 @@ pub(crate) struct Plan {
     pub(super) providers: Vec<Step<Providers>>,
     pub(super) sites: Vec<Step<Sites>>,
     pub(super) images: Vec<Step<Images>>,
+    pub(super) networks: Vec<Step<Networks>>,
     pub(super) vms: Vec<Step<Vms>>,
     pub(super) apps: Vec<Step<Apps>>,
 }
@@ -276,6 +277,7 @@ impl Plan {
         let mut r = rows(&self.providers);
         r.extend(rows(&self.sites));
         r.extend(rows(&self.images));
+        r.extend(rows(&self.networks));
         r.extend(rows(&self.vms));
         r.extend(rows(&self.apps));
         r
@@ -334,6 +336,21 @@ pub(super) fn check_references(
                 v.name,
                 v.image
             ));
+        }
+        for (j, n) in v.nics.iter().enumerate() {
+            let known = doc.networks.iter().any(|d| d.name == n.network)
+                || live
+                    .networks
+                    .iter()
+                    .any(|l| l.name == n.network || l.id == n.network);
+            if !known {
+                errs.push(format!(
+                    "{}: vm {}: nics[{j}]: network {:?} is neither declared nor known to the control plane",
+                    lines.at("vms", i, Some("nics")),
+                    v.name,
+                    n.network
+                ));
+            }
         }
         if let Some(s) = &v.placement.site {
             if !site_known(s) {
@@ -498,6 +515,7 @@ pub(super) struct LiveState {
     pub(super) providers: Vec<Provider>,
     pub(super) sites: Vec<Site>,
     pub(super) images: Vec<Image>,
+    pub(super) networks: Vec<Network>,
     pub(super) vms: Vec<Vm>,
     pub(super) hosts: Vec<virt8ra_api::Host>,
 }
@@ -529,10 +547,13 @@ pub(super) fn settled_apps(
 }
 
 /// Asks the control plane to check each VM's placement rules (a dry run of
-/// placement: nothing is created).
+/// placement: nothing is created), with the NICs on networks that exist
+/// (one declared in the file is not created yet; a name neither declared
+/// nor known is reported by [`check_references`]).
 pub(super) async fn check_vm_rules(
     c: &Client,
     doc: &FileDoc,
+    networks: &[Network],
     lines: &Lines,
     errs: &mut Vec<String>,
 ) -> anyhow::Result<()> {
@@ -540,7 +561,13 @@ pub(super) async fn check_vm_rules(
         if validate::vm(v).is_err() {
             continue; // already reported
         }
-        if let Err(e) = c.post::<PlacementPlan>("/vms/plan", v).await {
+        let mut v = v.clone();
+        v.nics.retain(|n| {
+            networks
+                .iter()
+                .any(|l| l.name == n.network || l.id == n.network)
+        });
+        if let Err(e) = c.post::<PlacementPlan>("/vms/plan", &v).await {
             let msg = format!("{e:#}");
             if msg.contains("cannot reach the control plane") {
                 return Err(e);

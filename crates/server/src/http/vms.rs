@@ -305,6 +305,8 @@ pub async fn plan(
 ) -> ApiResult<Json<PlacementPlan>> {
     validate::vm(&req).map_err(ApiError::Invalid)?;
     let r = check_rules(&app, &req)?;
+    // Where its networks reach, too.
+    let r = crate::services::networks::planned_request(&app, &req, r).await?;
     let out = app.placement.with_engine(&app, |e| e.place(&r)).await?;
     Ok(Json(match out {
         Ok(d) => PlacementPlan {
