@@ -34,13 +34,8 @@ pub async fn publish(
 ) -> ApiResult<(StatusCode, Json<Appliance>)> {
     a.validate().map_err(ApiError::Invalid)?;
     for img in &mut a.images {
-        let i = match app.store.get_image(&img.name).await {
-            Ok(i) => i,
-            Err(virt8ra_store::StoreError::NotFound { .. }) => {
-                return Err(super::extract::missing_ref("image", &img.name, "image"))
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let i = app.store.get_image(&img.name).await;
+        let i = i.map_err(super::extract::missing_ref)?;
         if !img.sha256.is_empty() && img.sha256 != i.sha256 {
             return Err(ApiError::Invalid(format!(
                 "image {}: the definition names sha256 {}, the image store has {}",
@@ -98,7 +93,13 @@ pub async fn show(
 ) -> ApiResult<Json<CatalogEntry>> {
     match resolve(&app, &key).await {
         Ok((e, _)) => Ok(Json(e)),
-        Err(ApiError::Invalid(m)) => Err(ApiError::NotFound(m)),
+        // The path names it: not there is a 404 (with the same words).
+        Err(ApiError::BadRef { kind, name, .. }) => Err(ApiError::NotFound {
+            kind,
+            name,
+            hint: Some("; `virt8ra appliance list` shows what exists"),
+        }),
+        Err(ApiError::Invalid(m)) => Err(ApiError::Missing(m)),
         Err(e) => Err(e),
     }
 }
@@ -115,7 +116,7 @@ pub async fn unpublish(
     if app.store.delete_doc(APPLIANCE, &key).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::NotFound(format!(
+        Err(ApiError::Missing(format!(
             "appliance '{key}' is not published here (name it as NAME@VERSION)"
         )))
     }
@@ -161,7 +162,7 @@ pub async fn image_data(
         .iter()
         .any(|a| a.images.iter().any(|i| i.sha256 == sha));
     if !published {
-        return Err(ApiError::NotFound(format!(
+        return Err(ApiError::Missing(format!(
             "no published appliance has image {sha}"
         )));
     }
@@ -171,7 +172,7 @@ pub async fn image_data(
         .await?
         .into_iter()
         .find(|i| i.sha256 == sha)
-        .ok_or_else(|| ApiError::NotFound(format!("image {sha} is no longer stored")))?;
+        .ok_or_else(|| ApiError::Missing(format!("image {sha} is no longer stored")))?;
     super::images::serve_file(&app, &image, &headers, "catalog").await
 }
 

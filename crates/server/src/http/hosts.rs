@@ -7,7 +7,7 @@ use axum::Json;
 use chrono::{Duration, Utc};
 use serde::Deserialize;
 use virt8ra_api::{validate, Host, HostState, HostUpdate, JoinToken, JoinTokenCreate, Page};
-use virt8ra_store::{StoreError, TokenKind, TokenRecord};
+use virt8ra_store::{TokenKind, TokenRecord};
 
 use super::extract::{missing_ref, Body, Query};
 use crate::error::{ApiError, ApiResult};
@@ -151,11 +151,7 @@ pub async fn create_join_token(
     Body(req): Body<JoinTokenCreate>,
 ) -> ApiResult<(StatusCode, Json<JoinToken>)> {
     validate::join_token(&req).map_err(ApiError::Invalid)?;
-    let site = match app.store.get_site(&req.site).await {
-        Ok(s) => s,
-        Err(StoreError::NotFound { .. }) => return Err(missing_ref("site", &req.site, "site")),
-        Err(e) => return Err(e.into()),
-    };
+    let site = app.store.get_site(&req.site).await.map_err(missing_ref)?;
     let secret = auth::new_secret();
     let ttl = req.ttl_s.unwrap_or(3600);
     let max_uses = req.max_uses.unwrap_or(1);

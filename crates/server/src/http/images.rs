@@ -342,13 +342,8 @@ pub async fn replicate(
     }
     let mut sites = Vec::new();
     for s in &req.sites {
-        match app.store.get_site(s).await {
-            Ok(site) => sites.push(site.name),
-            Err(virt8ra_store::StoreError::NotFound { .. }) => {
-                return Err(super::extract::missing_ref("site", s, "site"))
-            }
-            Err(e) => return Err(e.into()),
-        }
+        let site = app.store.get_site(s).await;
+        sites.push(site.map_err(super::extract::missing_ref)?.name);
     }
     let mut changed = false;
     for s in sites {

@@ -13,7 +13,7 @@ use virt8ra_api::{
 };
 
 use super::extract::{Body, Query};
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::http::auth::{Admin, AdminOrHost, HostAuth};
 use crate::services::staging::{self, ChunkError};
 use crate::state::Ctx;
@@ -275,11 +275,11 @@ fn staging_key(key: &str) -> ApiResult<(&str, Option<usize>)> {
             Ok(n) if n < virt8ra_api::validate::MAX_DATA_DISKS && n.to_string() == suffix => {
                 (id, Some(n))
             }
-            _ => return Err(ApiError::NotFound(format!("staged disk '{key}' not found"))),
+            _ => return Err(ApiError::not_found(Kind::StagedDisk, key)),
         },
     };
     if uuid::Uuid::parse_str(id).is_err() {
-        return Err(ApiError::NotFound(format!("staged disk '{key}' not found")));
+        return Err(ApiError::not_found(Kind::StagedDisk, key));
     }
     Ok((id, disk))
 }
@@ -362,7 +362,7 @@ pub async fn download(
     let path = migration::staging_path(&app, &id);
     let f = tokio::fs::File::open(&path)
         .await
-        .map_err(|_| ApiError::NotFound(format!("staged disk '{id}' not found")))?;
+        .map_err(|_| ApiError::not_found(Kind::StagedDisk, id))?;
     let (f, status, hdrs) = super::images::ranged(f, &headers).await?;
     let body = RawBody::from_stream(tokio_util::io::ReaderStream::new(f));
     Ok(super::images::respond(status, body, hdrs))

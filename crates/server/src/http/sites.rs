@@ -5,7 +5,6 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
 use virt8ra_api::{validate, Page, Site, SiteCreate, SiteUpdate};
-use virt8ra_store::StoreError;
 
 use super::extract::{missing_ref, Body};
 use crate::error::{ApiError, ApiResult};
@@ -31,13 +30,11 @@ pub async fn create(
     Body(req): Body<SiteCreate>,
 ) -> ApiResult<(StatusCode, Json<Site>)> {
     validate::site(&req).map_err(ApiError::Invalid)?;
-    let provider = match app.store.get_provider(&req.provider).await {
-        Ok(p) => p,
-        Err(StoreError::NotFound { .. }) => {
-            return Err(missing_ref("provider", &req.provider, "provider"))
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let provider = app
+        .store
+        .get_provider(&req.provider)
+        .await
+        .map_err(missing_ref)?;
     let s = Site {
         id: uuid::Uuid::new_v4().to_string(),
         name: req.name,

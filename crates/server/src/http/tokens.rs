@@ -21,7 +21,7 @@ use chrono::Utc;
 use virt8ra_api::{AdminToken, JoinTokenInfo, Page};
 use virt8ra_store::TokenKind;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::http::auth::{self, Admin};
 use crate::state::Ctx;
 
@@ -85,9 +85,13 @@ pub async fn revoke_join_token(
         tracing::info!(token = %id, "join token revoked");
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::NotFound(format!(
-            "join token '{id}' not found (used up, expired or revoked?); `virt8ra host join-token list` shows the live ones"
-        )))
+        Err(ApiError::NotFound {
+            kind: Kind::JoinToken,
+            name: id,
+            hint: Some(
+                " (used up, expired or revoked?); `virt8ra host join-token list` shows the live ones",
+            ),
+        })
     }
 }
 

@@ -18,7 +18,7 @@ use virt8ra_api::{
     PowerState, Vm, VmCreate, VmPhase,
 };
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::state::Ctx;
 
 pub const KIND: &str = "app";
@@ -96,7 +96,7 @@ pub async fn load(app: &Ctx, key: &str) -> ApiResult<AppRecord> {
         .store
         .get_doc(KIND, key)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("app '{key}' not found")))?;
+        .ok_or_else(|| ApiError::not_found(Kind::App, key))?;
     serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))
 }
 
@@ -453,7 +453,7 @@ pub async fn get(app: &Ctx, key: &str) -> ApiResult<AppView> {
     let v = view(app, &r).await?;
     if v.status == "deleted" {
         app.store.delete_doc(KIND, &r.id).await?;
-        return Err(ApiError::NotFound(format!("app '{key}' not found")));
+        return Err(ApiError::not_found(Kind::App, key));
     }
     Ok(v)
 }

@@ -9,7 +9,7 @@ use chrono::Utc;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use virt8ra_api::{version_cmp, Appliance, Catalog, CatalogEntry, CatalogIndex, SignedCatalog};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::state::Ctx;
 
 pub const APPLIANCE: &str = "appliance";
@@ -103,10 +103,10 @@ pub async fn resolve(app: &Ctx, key: &str) -> ApiResult<(CatalogEntry, Option<Ca
             .cmp(&(a.catalog == LOCAL))
             .then_with(|| version_cmp(&b.appliance.version, &a.appliance.version))
     });
-    found.into_iter().next().ok_or_else(|| {
-        ApiError::Invalid(format!(
-            "appliance '{key}' not found; `virt8ra appliance list` shows what exists"
-        ))
+    found.into_iter().next().ok_or_else(|| ApiError::BadRef {
+        field: None,
+        kind: Kind::Appliance,
+        name: key.to_string(),
     })
 }
 
@@ -212,7 +212,7 @@ pub async fn get_catalog(app: &Ctx, name: &str) -> ApiResult<Catalog> {
         .store
         .get_doc(CATALOG, name)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("catalog '{name}' not found")))?;
+        .ok_or_else(|| ApiError::not_found(Kind::Catalog, name))?;
     serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("corrupt catalog: {e}")))
 }
 

@@ -48,7 +48,7 @@ use virt8ra_api::{
 };
 use virt8ra_placement::Engine;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::registry::placement;
 use crate::state::Ctx;
 
@@ -208,10 +208,10 @@ fn choose_target(
                 vm.name
             )));
         }
-        let host = e.host(h).ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "host '{h}' not found; `virt8ra host list` shows what exists"
-            ))
+        let host = e.host(h).ok_or_else(|| ApiError::NotFound {
+            kind: Kind::Host,
+            name: h.clone(),
+            hint: Some("; `virt8ra host list` shows what exists"),
         })?;
         if let Err(rule) = e.check_host(host, &r) {
             return Err(ApiError::Conflict(format!(
