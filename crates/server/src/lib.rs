@@ -142,6 +142,7 @@ pub async fn open(
         deleting_hosts: Default::default(),
         changes: tokio::sync::broadcast::channel(4096).0,
         migrations: Default::default(),
+        staging: Default::default(),
         vms,
         hosts,
         image_refs: Default::default(),

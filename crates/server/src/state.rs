@@ -20,6 +20,7 @@ use crate::registry::hub::Hub;
 use crate::registry::marks::Marks;
 use crate::registry::migrations::Migrations;
 use crate::registry::placement::LoadedPlacement;
+use crate::registry::staging::StagingLocks;
 
 /// The shared state as every handler, service and workflow holds it.
 pub type Ctx = Arc<ControlPlane>;
@@ -51,6 +52,8 @@ pub struct ControlPlane {
     pub changes: tokio::sync::broadcast::Sender<virt8ra_api::WatchEvent>,
     /// Migrations and exports under way.
     pub migrations: Migrations,
+    /// The locks of staged disk files (see [`crate::services::staging`]).
+    pub staging: StagingLocks,
     /// Every VM, in memory: serves reads; written through after each
     /// durable write (see [`crate::registry::index`]).
     pub vms: crate::registry::index::VmIndex,

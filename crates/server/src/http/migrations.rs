@@ -309,7 +309,7 @@ pub async fn upload(
     may_upload(&app, &host.host_id, &id).await?;
     super::extract::octet_stream(&headers)?;
     let path = migration::staging_path(&app, &id);
-    let bytes = staging::write_chunk(&path, q.offset, body.into_data_stream())
+    let bytes = staging::write_chunk(&app.staging, &path, q.offset, body.into_data_stream())
         .await
         .map_err(|e| match e {
             ChunkError::Offset { .. } => ApiError::Conflict(e.to_string()),
@@ -336,7 +336,7 @@ pub async fn staged(
         }
     }
     let path = migration::staging_path(&app, &id);
-    let have = staging::staged_size(&path).await;
+    let have = staging::staged_size(&app.staging, &path).await;
     Ok(Json(serde_json::json!({ "bytes": have })))
 }
 
