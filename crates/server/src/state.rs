@@ -21,6 +21,7 @@ use crate::registry::marks::Marks;
 use crate::registry::migrations::Migrations;
 use crate::registry::placement::LoadedPlacement;
 use crate::registry::staging::StagingLocks;
+use crate::registry::transfers::Transfers;
 
 /// The shared state as every handler, service and workflow holds it.
 pub type Ctx = Arc<ControlPlane>;
@@ -54,6 +55,8 @@ pub struct ControlPlane {
     pub migrations: Migrations,
     /// The locks of staged disk files (see [`crate::services::staging`]).
     pub staging: StagingLocks,
+    /// Image bytes served, by who fetched them.
+    pub transfers: Transfers,
     /// Every VM, in memory: serves reads; written through after each
     /// durable write (see [`crate::registry::index`]).
     pub vms: crate::registry::index::VmIndex,

@@ -280,8 +280,7 @@ pub async fn events(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<VmEvent>>> {
-    let vm = app.vm(&key)?;
-    Ok(Json(app.store.vm_events(&vm.id).await?))
+    Ok(Json(crate::services::vms::events(&app, &key).await?))
 }
 
 fn refuse_while_migrating(vm: &Vm) -> ApiResult<()> {

@@ -1,7 +1,7 @@
 //! In-memory state of the control plane that knows nothing of HTTP or of
 //! the services above it: the agent hub, the VM and host indexes, the
-//! loaded placement engine, migrations in flight, relays, marks and the
-//! locks of staged disk files.
+//! loaded placement engine, migrations in flight, relays, marks, the
+//! locks of staged disk files and the image bytes served.
 //!
 //! Everything here is rebuilt from the store and from the agents after a
 //! restart; nothing here imports `services`, `workflows` or `http`.
@@ -13,3 +13,4 @@ pub mod migrations;
 pub mod placement;
 pub mod relays;
 pub mod staging;
+pub mod transfers;

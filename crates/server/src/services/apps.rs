@@ -448,6 +448,22 @@ pub async fn replica_disk_gib(
 }
 
 /// The app by name or id, with its VMs and the status per location.
+/// Every app; an app whose VMs are all gone is forgotten as it is listed.
+pub async fn list_all(app: &Ctx) -> ApiResult<Vec<AppView>> {
+    let mut out = Vec::new();
+    for body in app.store.list_docs(KIND).await? {
+        let r: AppRecord = serde_json::from_str(&body)
+            .map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))?;
+        let v = view(app, &r).await?;
+        if v.status == "deleted" {
+            app.store.delete_doc(KIND, &r.id).await?;
+            continue;
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
 pub async fn get(app: &Ctx, key: &str) -> ApiResult<AppView> {
     let r = load(app, key).await?;
     let v = view(app, &r).await?;

@@ -21,6 +21,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::registry::staging::StagingLocks;
+use crate::state::Ctx;
 
 /// Why a chunk was not stored.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,12 @@ async fn size_of(path: &Path) -> u64 {
         .await
         .map(|m| m.len())
         .unwrap_or(0)
+}
+
+/// The staged file of `key`: a migration's or export's id (its boot disk),
+/// or `ID.N` (data disk N of a cold migration).
+pub fn staging_path(app: &Ctx, key: &str) -> PathBuf {
+    app.data_dir.join("staging").join(format!("{key}.qcow2"))
 }
 
 /// The bytes staged in `path`, once no chunk is being written to it.

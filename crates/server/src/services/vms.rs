@@ -211,3 +211,9 @@ pub fn new_vm(
         updated_at: now,
     }
 }
+
+/// VM `key`'s events, oldest first.
+pub async fn events(app: &Ctx, key: &str) -> ApiResult<Vec<virt8ra_api::VmEvent>> {
+    let vm = app.vm(key)?;
+    Ok(app.store.vm_events(&vm.id).await?)
+}

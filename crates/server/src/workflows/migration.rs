@@ -52,6 +52,10 @@ use crate::error::{ApiError, ApiResult, Kind};
 use crate::registry::placement;
 use crate::state::Ctx;
 
+/// Where a migration's disks are staged (kept here for the workflows that
+/// name it so; the path is the staging service's).
+pub use crate::services::staging::staging_path;
+
 /// Giving up on a target that does not get ready.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Giving up on a transfer that makes no progress.
@@ -944,12 +948,6 @@ async fn rollback(app: &Ctx, m: &mut Migration, why: String) -> ApiResult<()> {
         None,
     )
     .await
-}
-
-/// The staged file of `key`: a migration's or export's id (its boot disk),
-/// or `ID.N` (data disk N of a cold migration).
-pub fn staging_path(app: &Ctx, key: &str) -> std::path::PathBuf {
-    app.data_dir.join("staging").join(format!("{key}.qcow2"))
 }
 
 /// Removes every file staged for migration `id` (boot and data disks).
