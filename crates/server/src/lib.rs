@@ -144,6 +144,8 @@ pub async fn open(
         migrations: Default::default(),
         staging: Default::default(),
         transfers: Default::default(),
+        distribution: Default::default(),
+        token_rotation: Default::default(),
         vms,
         hosts,
         image_refs: Default::default(),

@@ -16,6 +16,7 @@ use tokio::sync::{Mutex, Notify};
 use virt8ra_api::protocol::ImageRef;
 use virt8ra_store::Store;
 
+use crate::registry::distribution::ViewCache;
 use crate::registry::hub::Hub;
 use crate::registry::marks::Marks;
 use crate::registry::migrations::Migrations;
@@ -57,6 +58,11 @@ pub struct ControlPlane {
     pub staging: StagingLocks,
     /// Image bytes served, by who fetched them.
     pub transfers: Transfers,
+    /// The last view of site-local image distribution.
+    pub distribution: ViewCache,
+    /// One admin-token rotation at a time, so that the token file always
+    /// holds the token the database has.
+    pub token_rotation: tokio::sync::Mutex<()>,
     /// Every VM, in memory: serves reads; written through after each
     /// durable write (see [`crate::registry::index`]).
     pub vms: crate::registry::index::VmIndex,

@@ -353,7 +353,7 @@ pub async fn replicate(app: &Ctx, key: &str, sites: &[String]) -> ApiResult<Imag
         i.sites.sort();
         app.store.update_image(&i).await?;
     }
-    crate::services::distribution::invalidate();
+    crate::services::distribution::invalidate(app);
     for h in app.store.list_hosts().await? {
         if i.sites.contains(&h.site) {
             app.mark_host(&h.id);

@@ -155,15 +155,12 @@ pub async fn revoke_join_token(app: &Ctx, id: &str) -> ApiResult<()> {
     }
 }
 
-/// One rotation at a time, so that the file always holds the token the
-/// database has.
-static ROTATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// Replaces the admin token with a new one, returned (its only copy but
 /// `DATA_DIR/admin.token`). If the new file cannot be written, nothing
 /// changes.
 pub async fn rotate_admin_token(app: &Ctx) -> ApiResult<String> {
-    let _one = ROTATION.lock().await;
+    // One at a time, so that the file always holds the database's token.
+    let _one = app.token_rotation.lock().await;
     let secret = new_secret();
     let path = app.data_dir.join("admin.token");
     // The new file first, beside the old one: if it cannot be written,
