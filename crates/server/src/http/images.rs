@@ -2,7 +2,8 @@
 //! (`<sha256>.qcow2`) and served to agents, who verify the checksum.
 //!
 //! Every image that comes in (upload, URL import, remote catalog, a VM
-//! import bundle's disk, which the CLI uploads) goes through [`ingest`],
+//! import bundle's disk, which the CLI uploads) goes through
+//! [`crate::services::images::ingest`],
 //! which treats it as hostile (see `virt8ra_image`): a VMDK extent or a
 //! qcow2 data file could otherwise make qemu-img copy a host file, the
 //! admin token say, into a stored image that anyone can then download.
