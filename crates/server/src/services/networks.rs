@@ -32,7 +32,7 @@ use virt8ra_api::{
 };
 use virt8ra_store::{StoreError, VmFilter};
 
-use crate::error::{missing_ref, ApiError, ApiResult};
+use crate::error::{missing_ref_in, ApiError, ApiResult};
 use crate::registry::networks::{narrow, span_reaches, span_text};
 use crate::registry::placement::site_info;
 use crate::state::Ctx;
@@ -144,8 +144,8 @@ async fn check_span_refs(app: &Ctx, s: &NetworkSpan) -> ApiResult<()> {
     for p in &s.providers {
         match app.store.get_provider(p).await {
             Ok(_) => {}
-            Err(StoreError::NotFound { .. }) => {
-                return Err(missing_ref("span.providers: provider", p, "provider"))
+            Err(e @ StoreError::NotFound { .. }) => {
+                return Err(missing_ref_in("span.providers", e))
             }
             Err(e) => return Err(e.into()),
         }
@@ -153,9 +153,7 @@ async fn check_span_refs(app: &Ctx, s: &NetworkSpan) -> ApiResult<()> {
     for name in &s.sites {
         let site = match app.store.get_site(name).await {
             Ok(x) => x,
-            Err(StoreError::NotFound { .. }) => {
-                return Err(missing_ref("span.sites: site", name, "site"))
-            }
+            Err(e @ StoreError::NotFound { .. }) => return Err(missing_ref_in("span.sites", e)),
             Err(e) => return Err(e.into()),
         };
         if !s.countries.is_empty() && !s.countries.contains(&site.country) {
@@ -279,12 +277,8 @@ pub async fn resolve_nics(app: &Ctx, req: &VmCreate) -> ApiResult<Vec<NicPlan>> 
     for (i, r) in req.nics.iter().enumerate() {
         let network = match app.store.get_network(&r.network).await {
             Ok(n) => n,
-            Err(StoreError::NotFound { .. }) => {
-                return Err(missing_ref(
-                    &format!("nics[{i}]: network"),
-                    &r.network,
-                    "network",
-                ))
+            Err(e @ StoreError::NotFound { .. }) => {
+                return Err(missing_ref_in(&format!("nics[{i}]"), e))
             }
             Err(e) => return Err(e.into()),
         };
