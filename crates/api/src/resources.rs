@@ -786,6 +786,26 @@ pub struct NetworkSpan {
     pub sites: Vec<String>,
 }
 
+impl NetworkSpan {
+    /// The span in words: `countries FR, DE; sites fr-paris`, or `anywhere`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            ("countries", &self.countries),
+            ("providers", &self.providers),
+            ("sites", &self.sites),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k} {}", v.join(", ")))
+        .collect();
+        if parts.is_empty() {
+            "anywhere".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
 /// What `network create` sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
