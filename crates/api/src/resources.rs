@@ -289,6 +289,12 @@ pub struct Host {
     /// Memory overcommit ratio for this host; the control plane's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_overcommit: Option<f64>,
+    /// The host's address inside the encrypted tunnels between sites
+    /// (100.64.0.0/10), given by the control plane once its agent reports a
+    /// tunnel key; it never changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub tunnel_address: Option<std::net::Ipv4Addr>,
     pub created_at: DateTime<Utc>,
 }
 

@@ -18,3 +18,4 @@ pub mod placement;
 pub mod relays;
 pub mod staging;
 pub mod transfers;
+pub mod tunnels;
