@@ -20,5 +20,6 @@ pub mod scheduler;
 pub mod staging;
 pub mod tokens;
 pub mod topology;
+pub mod tunnels;
 pub mod uploads;
 pub mod vms;
