@@ -18,7 +18,13 @@
 //! from those files, never from here, so no import runs in a circle.
 
 mod cached;
+mod codec;
+#[cfg(test)]
+mod conformance;
 mod error;
+#[cfg(any(test, feature = "test-util"))]
+pub mod pgtest;
+mod postgres;
 mod records;
 pub mod schema;
 mod sqlite;
@@ -26,6 +32,7 @@ mod store;
 
 pub use cached::CachedStore;
 pub use error::{ErrorSource, Result, StoreError};
+pub use postgres::{parse_url as parse_postgres_url, redact_url, PgStore};
 pub use records::{TokenKind, TokenRecord, VmFilter};
 pub use sqlite::SqliteStore;
 pub use store::Store;
