@@ -145,6 +145,31 @@ impl PgCluster {
         self.url(&name)
     }
 
+    /// Runs `sql` on the database at `url` (one of this cluster's) with
+    /// psql; its rows, unaligned, `|` between columns.
+    pub fn psql(&self, url: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url,
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// A server program, run as the cluster's owner.
     fn program(&self, name: &str) -> Command {
         let path = self.bin.join(name);

@@ -150,10 +150,13 @@ impl PgStore {
             .map_err(|e| StoreError::db("cannot make the connection pool", e))?;
         let store = PgStore { pool };
         let mut c = store.pool.get().await.map_err(|e| {
-            StoreError::db(
-                format!("cannot connect to PostgreSQL at {}", redact_url(url)),
-                e,
-            )
+            // The driver's layers each repeat their cause in their own
+            // message: the innermost one says it all, once.
+            StoreError::db_failure(format!(
+                "cannot connect to PostgreSQL at {}: {}",
+                redact_url(url),
+                root_cause(&e)
+            ))
         })?;
         upgrade_schema_to(&mut c, upto).await?;
         Ok(store)
@@ -184,6 +187,15 @@ impl PgStore {
         let c = self.client().await?;
         current_version(&c).await
     }
+}
+
+/// The innermost cause of `e`.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// Commits `tx`; `op` names the write in an error.
