@@ -271,7 +271,13 @@ impl Drop for PgCluster {
 
 fn find_bin() -> PathBuf {
     if let Some(dir) = std::env::var_os("VIRT8RA_PG_BIN") {
-        return PathBuf::from(dir);
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("initdb").exists() && dir.join("pg_ctl").exists(),
+            "VIRT8RA_PG_BIN={} has no initdb and pg_ctl: {MISSING}",
+            dir.display()
+        );
+        return dir;
     }
     let debian = Path::new(DEBIAN_BIN);
     if debian.join("initdb").exists() {
@@ -291,14 +297,15 @@ fn find_bin() -> PathBuf {
     found.sort();
     match found.pop() {
         Some((_, bin)) => bin,
-        None => panic!(
-            "PostgreSQL's server programs (initdb, pg_ctl) are not installed: the store's \
-             tests run against a PostgreSQL 15 of their own. Install postgresql-15 \
-             (Debian: apt-get install postgresql-15; scripts/deps.sh does it), or set \
-             VIRT8RA_PG_BIN to the directory that has initdb and pg_ctl"
-        ),
+        None => panic!("PostgreSQL's server programs are not in {DEBIAN_BIN}: {MISSING}"),
     }
 }
+
+/// What to do when the server programs are missing.
+const MISSING: &str = "the store's tests and the PostgreSQL end-to-end test run a \
+    PostgreSQL 15 of their own (initdb, pg_ctl). Install postgresql-15 (Debian: apt-get \
+    install postgresql-15; scripts/deps.sh does it), or set VIRT8RA_PG_BIN to the directory \
+    that has initdb and pg_ctl";
 
 fn running_as_root() -> bool {
     // /proc/self belongs to the process's effective user.
