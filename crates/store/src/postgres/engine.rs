@@ -11,7 +11,7 @@ use deadpool_postgres::{
     GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
 };
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
+use tokio_postgres::{NoTls, Statement};
 
 use super::rows::db;
 use crate::error::{Result, StoreError};
@@ -35,7 +35,7 @@ const RETRIES: u32 = 5;
 
 /// The advisory lock that orders writes (see [`Lock`]); any constant,
 /// the same in every build.
-const WRITE_LOCK: i64 = 0x7669_7274_3872_6101;
+pub(super) const WRITE_LOCK: i64 = 0x7669_7274_3872_6101;
 
 /// The advisory lock held while the schema is upgraded, so that two
 /// control planes starting on one database do not both upgrade it.
@@ -172,14 +172,16 @@ impl PgStore {
 
     /// Begins a write transaction on `c`, ordered by `lock`.
     pub(super) async fn begin<'c>(c: &'c mut Object, lock: Lock) -> Result<Transaction<'c>> {
-        let tx = c.transaction().await.map_err(db("begin"))?;
-        let sql = match lock {
-            Lock::Shared => "SELECT pg_advisory_xact_lock_shared($1)",
-            Lock::Exclusive => "SELECT pg_advisory_xact_lock($1)",
-        };
-        let st = tx.prepare_cached(sql).await.map_err(db("begin"))?;
-        tx.execute(&st, &[&WRITE_LOCK]).await.map_err(db("begin"))?;
+        let tx = Self::begin_unlocked(c).await?;
+        take_lock(&tx, lock).await?;
         Ok(tx)
+    }
+
+    /// Begins a write transaction on `c` that has not taken its lock yet:
+    /// the hot paths send the lock together with their first statements
+    /// (see [`lock_statement`]).
+    pub(super) async fn begin_unlocked<'c>(c: &'c mut Object) -> Result<Transaction<'c>> {
+        c.transaction().await.map_err(db("begin"))
     }
 
     /// The schema version the database is at.
@@ -187,6 +189,31 @@ impl PgStore {
         let c = self.client().await?;
         current_version(&c).await
     }
+}
+
+/// Takes the write lock ([`Lock`]) in `tx`.
+pub(super) async fn take_lock(tx: &Transaction<'_>, lock: Lock) -> Result<()> {
+    let st = lock_statement(tx, lock).await?;
+    tx.execute(&st, &[&WRITE_LOCK]).await.map_err(db("begin"))?;
+    Ok(())
+}
+
+/// The statement that takes the write lock, to be run with [`WRITE_LOCK`]
+/// as its parameter. The hot paths pipeline it with their own statements:
+/// statements of one connection polled in order are sent in that order
+/// without waiting for answers, and PostgreSQL runs them in that order,
+/// so the lock and the write's statements cost one round trip (a VM
+/// create or update is three: BEGIN, those, COMMIT; not five). They
+/// prepare every statement first (from the connection's cache), then run
+/// them with `tokio::join!(biased; ...)`, and read the answers in order:
+/// a statement that fails aborts the transaction, and the ones after it
+/// fail only because of it, so the first error in order is the answer.
+pub(super) async fn lock_statement(tx: &Transaction<'_>, lock: Lock) -> Result<Statement> {
+    let sql = match lock {
+        Lock::Shared => "SELECT pg_advisory_xact_lock_shared($1)",
+        Lock::Exclusive => "SELECT pg_advisory_xact_lock($1)",
+    };
+    tx.prepare_cached(sql).await.map_err(db("begin"))
 }
 
 /// The innermost cause of `e`.

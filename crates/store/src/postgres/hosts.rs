@@ -1,9 +1,10 @@
 //! Hosts, created together with their credential and the use of the join
 //! token that admitted them.
 
+use tokio_postgres::types::ToSql;
 use virt8ra_api::Host;
 
-use super::engine::{commit, retry, Lock, PgStore};
+use super::engine::{commit, lock_statement, retry, Lock, PgStore, WRITE_LOCK};
 use super::rows::{conflict_or_db, db, delete_row, get_body, list_bodies, to_json};
 use super::tokens::insert_token;
 use crate::error::{Result, StoreError};
@@ -63,19 +64,25 @@ pub(super) async fn create_host(
 pub(super) async fn update_host(store: &PgStore, h: &Host) -> Result<()> {
     // Hosts' snapshots and state changes come at thousands a second: a
     // cached statement.
+    // The lock and the UPDATE in one round trip (see `lock_statement`).
     let body = to_json(h)?;
     retry(|| async {
         let mut c = store.client().await?;
-        let tx = PgStore::begin(&mut c, Lock::Shared).await?;
-        let st = tx
+        let tx = PgStore::begin_unlocked(&mut c).await?;
+        let lock = lock_statement(&tx, Lock::Shared).await?;
+        let update = tx
             .prepare_cached("UPDATE hosts SET body = $2 WHERE id = $1")
             .await
             .map_err(db("update_host"))?;
-        let n = tx
-            .execute(&st, &[&h.id, &body])
-            .await
-            .map_err(db("update_host"))?;
-        if n == 0 {
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&WRITE_LOCK];
+        let row_params: [&(dyn ToSql + Sync); 2] = [&h.id, &body];
+        let (locked, updated) = tokio::join!(
+            biased;
+            tx.execute(&lock, &lock_params),
+            tx.execute(&update, &row_params),
+        );
+        locked.map_err(db("begin"))?;
+        if updated.map_err(db("update_host"))? == 0 {
             return Err(StoreError::not_found("host", h.id.clone()));
         }
         commit(tx, "update_host").await
