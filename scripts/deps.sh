@@ -7,13 +7,16 @@
 # iproute2 (ip, bridge), nftables (nft) and dnsmasq-base (DHCP); and for the
 # tunnel's tests and benchmark (crates/tunnel): ping, tcpdump, iperf3,
 # python3, and boringtun-cli (the baseline and the interop peer; cached in
-# ~/.cargo/bin).
+# ~/.cargo/bin); and PostgreSQL's server programs (postgresql: initdb,
+# pg_ctl), which the store's tests and the PostgreSQL end-to-end test run
+# a throwaway cluster of their own with (no system service is used).
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for p in qemu-system-x86 qemu-utils syslinux syslinux-common mtools dosfstools busybox-static cpio gzip \
-         dropbear-bin openssh-client iproute2 nftables dnsmasq-base iputils-ping tcpdump iperf3 python3; do
+         dropbear-bin openssh-client iproute2 nftables dnsmasq-base iputils-ping tcpdump iperf3 python3 \
+         postgresql; do
   have "$p" || need+=("$p")
 done
 # Installing qemu-system-x86 alone can remove a newer qemu-utils (from

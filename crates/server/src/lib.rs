@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use virt8ra_serve as serve;
-use virt8ra_store::{CachedStore, SqliteStore, Store, TokenKind};
+use virt8ra_store::{CachedStore, PgStore, SqliteStore, Store, TokenKind};
 
 use crate::registry::placement::{LoadedPlacement, PlacementConfig};
 
@@ -53,6 +53,11 @@ pub struct ServerArgs {
         env = "VIRT8RA_DATA_DIR"
     )]
     pub data_dir: PathBuf,
+    /// The database: a PostgreSQL URL, postgres://USER[:PASSWORD]@HOST[:PORT]/DB
+    /// (or postgresql://). Without it: SQLite, virt8ra.db in --data-dir.
+    /// Logs and errors show it with the password replaced by ***.
+    #[arg(long, env = "VIRT8RA_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
     /// Seconds between agent heartbeats; a host is unreachable after three missed ones.
     #[arg(long, default_value_t = 5)]
     pub heartbeat_interval: u64,
@@ -94,11 +99,52 @@ pub struct ServerArgs {
 /// How an operator makes the control plane trust a server it fetches from.
 pub const CA_HINT: &str = "start the control plane with --ca-cert FILE, the CA that signed it";
 
-/// Builds the control plane's state on `data_dir`: opens (and upgrades) the
-/// database and makes sure an admin token exists. Returns the admin token if
-/// it was created now (it is shown once).
+/// Builds the control plane's state on `data_dir`, its database SQLite
+/// there: see [`open_with`].
 pub async fn open(
     data_dir: &Path,
+    heartbeat: Duration,
+    placement_config: PlacementConfig,
+    max_image_virtual_size: u64,
+    trust: virt8ra_tls::Trust,
+) -> anyhow::Result<(Ctx, Option<String>)> {
+    open_with(
+        data_dir,
+        None,
+        heartbeat,
+        placement_config,
+        max_image_virtual_size,
+        trust,
+    )
+    .await
+}
+
+/// Opens the store: PostgreSQL at `database` when given (a URL), else
+/// SQLite in `data_dir`; either upgraded to this build's schema, with the
+/// hot collections cached in memory (see `virt8ra_store::CachedStore`).
+async fn open_store(data_dir: &Path, database: Option<&str>) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match database {
+        Some(url) => {
+            // The store's errors show the URL redacted, never the password.
+            let store = PgStore::connect(url).await?;
+            tracing::info!(database = %virt8ra_store::redact_url(url), "store: PostgreSQL");
+            Arc::new(CachedStore::new(store).await?)
+        }
+        None => {
+            let store = SqliteStore::open(&data_dir.join("virt8ra.db"))
+                .with_context(|| format!("open database in {}", data_dir.display()))?;
+            Arc::new(CachedStore::new(store).await?)
+        }
+    })
+}
+
+/// Builds the control plane's state on `data_dir`: opens (and upgrades) the
+/// database (PostgreSQL at `database`, else SQLite in `data_dir`) and makes
+/// sure an admin token exists. Returns the admin token if it was created
+/// now (it is shown once).
+pub async fn open_with(
+    data_dir: &Path,
+    database: Option<&str>,
     heartbeat: Duration,
     placement_config: PlacementConfig,
     max_image_virtual_size: u64,
@@ -111,11 +157,7 @@ pub async fn open(
     // Made here, once, never in a request.
     let catalog_key = keys::catalog_key(data_dir)?;
     let site_key = keys::site_key(data_dir)?;
-    let store = SqliteStore::open(&data_dir.join("virt8ra.db"))
-        .with_context(|| format!("open database in {}", data_dir.display()))?;
-    // Providers, sites, images and tokens are read on every request: from
-    // memory (see `virt8ra_store::CachedStore`).
-    let store: Arc<dyn Store> = Arc::new(CachedStore::new(store).await?);
+    let store = open_store(data_dir, database).await?;
     let created = ensure_admin_token(store.as_ref(), data_dir).await?;
     store.purge_join_tokens(Utc::now()).await?;
     let hosts = registry::index::HostIndex::load(store.list_hosts().await?);
@@ -229,8 +271,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert (the certificate chain)"),
     };
     let trust = virt8ra_tls::Trust::new(args.ca_cert.as_deref(), CA_HINT)?;
-    let (app, created) = open(
+    let (app, created) = open_with(
         &args.data_dir,
+        args.database.as_deref(),
         Duration::from_secs(args.heartbeat_interval.max(1)),
         cfg,
         args.max_image_virtual_size_gib << 30,

@@ -165,7 +165,7 @@ impl SqliteStore {
     /// Runs a write on the writer thread. It is committed together with the
     /// other writes queued at the same time (group commit), and its result is
     /// delivered only once that commit is durable.
-    pub(super) async fn write<T, F>(&self, f: F) -> Result<T>
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
@@ -189,7 +189,7 @@ impl SqliteStore {
     }
 
     /// Runs a read on the reader connection (a blocking thread).
-    pub(super) async fn read<T, F>(&self, f: F) -> Result<T>
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
@@ -307,7 +307,7 @@ pub(super) fn upgrade_schema(conn: &mut Connection) -> Result<()> {
 
 /// Applies the schema upgrades a database lacks, up to the first `upto`
 /// of them.
-pub(super) fn upgrade_schema_to(conn: &mut Connection, upto: usize) -> Result<()> {
+pub(crate) fn upgrade_schema_to(conn: &mut Connection, upto: usize) -> Result<()> {
     let current: u32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(db("schema upgrade"))?;
@@ -318,14 +318,15 @@ pub(super) fn upgrade_schema_to(conn: &mut Connection, upto: usize) -> Result<()
              run a newer virt8ra"
         )));
     }
-    for (i, (_name, sql)) in UPGRADES
+    for (i, upgrade) in UPGRADES
         .iter()
         .enumerate()
         .take(upto)
         .skip(current as usize)
     {
         let tx = conn.transaction().map_err(db("schema upgrade"))?;
-        tx.execute_batch(sql).map_err(db("schema upgrade"))?;
+        tx.execute_batch(upgrade.sqlite)
+            .map_err(db("schema upgrade"))?;
         tx.pragma_update(None, "user_version", (i + 1) as u32)
             .map_err(db("schema upgrade"))?;
         tx.commit().map_err(db("schema upgrade"))?;

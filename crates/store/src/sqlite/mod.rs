@@ -43,6 +43,8 @@ mod vms;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+pub(crate) use engine::upgrade_schema_to;
 pub use engine::SqliteStore;
 
 #[async_trait]
