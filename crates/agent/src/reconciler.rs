@@ -448,6 +448,16 @@ impl Reconciler {
             // task (a process of simulated hosts holds a million).
             match Box::pin(self.step(&d, &mut cached)).await {
                 Ok(()) => failures = 0,
+                Err(e) if e.is::<WaitingForNetwork>() => {
+                    tracing::info!(vm = %d.name, "{e}");
+                    let local = cached.clone().unwrap_or_default();
+                    self.report(&id, AgentVmPhase::Provisioning, Some(e.to_string()), &local);
+                    tokio::select! {
+                        _ = rx.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(vm = %d.name, error = %e, "VM step failed; will retry");
@@ -518,6 +528,9 @@ impl Reconciler {
             let data = self.data_disks(d, self.driver.needs_image()).await?;
             let mut cfg = self.config(d, base.clone(), &local.ports, data);
             cfg.machine = local.machine.clone();
+            if matches!(role, virt8ra_api::protocol::MigrationRole::Incoming { .. }) {
+                self.taps_ready(d)?;
+            }
             mover.ensure_job(&self.driver, d, cfg, role, Some(base));
             return Ok(());
         }
@@ -556,6 +569,7 @@ impl Reconciler {
                     if state == DriverVmState::Running {
                         tracing::warn!(vm = %d.name, "VM process went away; starting it again");
                     }
+                    self.taps_ready(d)?;
                     self.driver.start(&cfg).await?;
                     tracing::info!(vm = %d.name, "VM started");
                 } else if d.reboot_generation > local.reboot_generation {
@@ -628,12 +642,49 @@ impl Reconciler {
             },
             machine: d.machine.clone(),
             data_disks,
-            // The control plane sends no NICs yet (issue 27's next step):
-            // every VM keeps the user-mode NIC.
-            nics: Vec::new(),
+            nics: d
+                .nics
+                .iter()
+                .map(|n| crate::driver::NicConfig {
+                    tap: n.tap.clone(),
+                    mac: n.mac,
+                })
+                .collect(),
+        }
+    }
+
+    /// Fails with [`WaitingForNetwork`] while a tap the VM's NICs need is
+    /// not there yet. QEMU must not start without it: as root it would
+    /// create a tap of that name itself, on no bridge, and the guest would
+    /// boot cut off from its network.
+    fn taps_ready(&self, d: &DesiredVm) -> Result<(), WaitingForNetwork> {
+        if !self.driver.uses_taps() {
+            return Ok(());
+        }
+        match d.nics.iter().find(|n| !crate::network::tap_exists(&n.tap)) {
+            None => Ok(()),
+            Some(n) => Err(WaitingForNetwork(format!(
+                "waiting for tap {} of NIC {} (network {}): the host's network state \
+                 has not created it yet",
+                n.tap, n.id, n.network
+            ))),
         }
     }
 }
+
+/// A VM's tap is not there yet: the step is retried within a second, not
+/// with the backoff of a failure (the network state that makes the tap
+/// comes over the same channel, just before or just after the VM).
+#[derive(Debug)]
+pub struct WaitingForNetwork(pub String);
+
+impl std::fmt::Display for WaitingForNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WaitingForNetwork {}
 
 /// Picks a free loopback port for each guest port.
 fn allocate_ports(guest_ports: &[u16]) -> std::io::Result<Vec<(u16, u16)>> {

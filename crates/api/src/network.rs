@@ -346,7 +346,9 @@ pub struct HostNetwork {
 #[serde(deny_unknown_fields)]
 pub struct HostNetworkState {
     /// This host's underlay address: the source of its VXLAN traffic and
-    /// the address its peers send to.
+    /// the address its peers send to. `0.0.0.0`: the host has none (its
+    /// agent was started without `--address`), so it carries its networks
+    /// for its own guests only: no VXLAN device, no peers, no remote MACs.
     pub underlay: Ipv4Addr,
     #[serde(default)]
     pub networks: Vec<HostNetwork>,
@@ -527,6 +529,13 @@ impl HostNetworkState {
                     nic.id, nic.ip, net.name
                 ));
             }
+        }
+        if self.underlay.is_unspecified() && (!hn.peers.is_empty() || !hn.fdb.is_empty()) {
+            return Err(format!(
+                "network {}: this host has no underlay address, so it can have no peers or \
+                 remote MACs (start its agent with --address)",
+                net.name
+            ));
         }
         let mut peers = BTreeSet::new();
         for p in &hn.peers {

@@ -148,6 +148,11 @@ pub trait Driver: Send + Sync + 'static {
     fn needs_image(&self) -> bool {
         true
     }
+    /// Whether VMs' NICs on virtual networks are host taps that must exist
+    /// before the VM starts (QEMU; the simulated driver has none).
+    fn uses_taps(&self) -> bool {
+        false
+    }
     /// Concrete machine types this host can run (empty: not QEMU).
     fn machine_types(&self) -> Vec<String> {
         Vec::new()

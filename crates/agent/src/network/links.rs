@@ -74,12 +74,15 @@ pub fn is_ours(name: &str) -> bool {
 }
 
 /// The names of the devices the desired networks need.
-pub fn wanted(networks: &[HostNetwork]) -> Vec<String> {
+pub fn wanted(networks: &[HostNetwork], underlay: Ipv4Addr) -> Vec<String> {
     let mut out = Vec::new();
     for hn in networks {
         let n = device_names(&hn.network.id);
         out.push(n.bridge);
-        out.push(n.vxlan);
+        // Without an underlay address the host has no overlay: no VXLAN.
+        if !underlay.is_unspecified() {
+            out.push(n.vxlan);
+        }
         out.extend(hn.nics.iter().map(|nic| nic.tap.clone()));
     }
     out
@@ -185,7 +188,28 @@ pub fn ensure_network(
         )?;
     }
     settle(br, &names.bridge, net.mtu, None, changes)?;
+    if !underlay.is_unspecified() {
+        ensure_vxlan(links, hn, underlay, changes)?;
+    }
+    for nic in &hn.nics {
+        let tap = keep_if(links, &nic.tap, |l| l.tap, changes)?;
+        if tap.is_none() {
+            changes.run("ip", &["tuntap", "add", "dev", &nic.tap, "mode", "tap"])?;
+        }
+        settle(tap, &nic.tap, net.mtu, Some(&names.bridge), changes)?;
+    }
+    Ok(created)
+}
 
+/// The network's VXLAN device on its bridge, from this host's `underlay`.
+fn ensure_vxlan(
+    links: &BTreeMap<String, Link>,
+    hn: &HostNetwork,
+    underlay: Ipv4Addr,
+    changes: &mut Changes,
+) -> Result<()> {
+    let net = &hn.network;
+    let names = device_names(&net.id);
     let local = underlay.to_string();
     let want = (
         u64::from(net.vni),
@@ -221,16 +245,7 @@ pub fn ensure_network(
             ],
         )?;
     }
-    settle(vx, &names.vxlan, net.mtu, Some(&names.bridge), changes)?;
-
-    for nic in &hn.nics {
-        let tap = keep_if(links, &nic.tap, |l| l.tap, changes)?;
-        if tap.is_none() {
-            changes.run("ip", &["tuntap", "add", "dev", &nic.tap, "mode", "tap"])?;
-        }
-        settle(tap, &nic.tap, net.mtu, Some(&names.bridge), changes)?;
-    }
-    Ok(created)
+    settle(vx, &names.vxlan, net.mtu, Some(&names.bridge), changes)
 }
 
 /// The bridge carries the gateway's address (and nothing else of ours).

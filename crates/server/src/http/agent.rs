@@ -191,6 +191,7 @@ async fn host_session(
                 protocol,
                 min_protocol,
                 inventory,
+                ..
             })) => (min_protocol, protocol, inventory),
             Ok(Ok(_)) => return reject("the first message must be hello".into()),
             _ => return,
