@@ -145,6 +145,7 @@ pub async fn open(
         vms,
         hosts,
         image_refs: Default::default(),
+        netplane: Default::default(),
         trust,
         catalog_key,
         site_key,

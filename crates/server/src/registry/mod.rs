@@ -9,5 +9,6 @@ pub mod hub;
 pub mod index;
 pub mod marks;
 pub mod migrations;
+pub mod netplane;
 pub mod placement;
 pub mod relays;

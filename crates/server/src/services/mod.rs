@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod desired;
 pub mod distribution;
 pub mod images;
+pub mod netplane;
 pub mod placement;
 pub mod reports;
 pub mod scheduler;
