@@ -195,7 +195,32 @@ pub fn vm(v: &VmCreate) -> Result<(), String> {
         }
     }
     data_disks(&v.data_disks)?;
+    nics(&v.nics)?;
     labels(&v.labels)
+}
+
+/// A VM's NICs as asked for: at most [`MAX_INTERFACES`], each naming a
+/// network, no network twice (the control plane checks the rest: that the
+/// networks exist, do not overlap, and have the addresses asked for).
+pub fn nics(nics: &[crate::NicRequest]) -> Result<(), String> {
+    if nics.len() > MAX_INTERFACES {
+        return Err(format!(
+            "nics: {} NICs; at most {MAX_INTERFACES} are allowed",
+            nics.len()
+        ));
+    }
+    for (i, n) in nics.iter().enumerate() {
+        if n.network.trim().is_empty() {
+            return Err(format!("nics[{i}]: name a network"));
+        }
+        if let Some(j) = nics[..i].iter().position(|o| o.network == n.network) {
+            return Err(format!(
+                "nics[{i}]: network '{}' is already the network of nics[{j}]; a VM has at most one NIC per network",
+                n.network
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// At most this many data disks per VM.

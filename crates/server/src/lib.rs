@@ -128,6 +128,9 @@ pub async fn open(
             })
             .await?,
     );
+    let placement = LoadedPlacement::new(placement_config);
+    // Networks' spans before anything is placed (see `registry::networks`).
+    placement.spans.load(&store.list_networks().await?);
     let app = Arc::new(ControlPlane {
         store,
         hub: registry::hub::Hub::default(),
@@ -136,7 +139,8 @@ pub async fn open(
         heartbeat_interval: heartbeat,
         wake: tokio::sync::Notify::new(),
         vm_locks: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
-        placement: LoadedPlacement::new(placement_config),
+        placement,
+        ipam: Default::default(),
         started: std::time::Instant::now(),
         marked_hosts: Default::default(),
         deleting_hosts: Default::default(),

@@ -40,6 +40,8 @@ pub struct ControlPlane {
     pub vm_locks: Vec<Mutex<()>>,
     /// The placement engine, loaded with the topology.
     pub placement: LoadedPlacement,
+    /// Addresses being given to NICs of VMs not yet written.
+    pub ipam: crate::registry::networks::Ipam,
     pub started: std::time::Instant,
     /// Hosts whose desired state may have changed since the last pass, and
     /// which of their VMs (see [`Marks`]).

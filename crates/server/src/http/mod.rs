@@ -20,6 +20,7 @@ pub mod extract;
 pub mod hosts;
 pub mod images;
 pub mod migrations;
+pub mod networks;
 pub mod openapi;
 pub mod providers;
 pub mod relay;

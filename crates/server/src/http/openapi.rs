@@ -18,7 +18,8 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    agent, apps, catalog, hosts, images, migrations, providers, relay, sites, tokens, vms, watch,
+    agent, apps, catalog, hosts, images, migrations, networks, providers, relay, sites, tokens,
+    vms, watch,
 };
 
 #[derive(OpenApi)]
@@ -39,6 +40,7 @@ use super::{
         catalog::public_key, catalog::image_data, catalog::add, catalog::refresh,
         catalog::list_catalogs, catalog::remove,
         apps::create, apps::list, apps::show, apps::delete,
+        networks::list, networks::create, networks::show, networks::delete,
         vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events, watch::watch,
         migrations::create, migrations::list, migrations::show, migrations::history,
         migrations::evacuate_host, migrations::evacuate_site, migrations::evacuate_provider, migrations::rebalance,
@@ -54,6 +56,7 @@ use super::{
         (name = "hosts", description = "Bare-metal hosts, registered by their agents"),
         (name = "images", description = "Content-addressed disk images"),
         (name = "vms", description = "Virtual machines"),
+        (name = "networks", description = "Virtual networks: private layer 2 segments with an IPv4 subnet, across hosts, sites and providers"),
         (name = "migrations", description = "Moving VMs between hosts, sites, providers and countries; evacuation; export"),
         (name = "marketplace", description = "Appliances and signed catalogs"),
         (name = "apps", description = "One appliance deployed at several locations"),

@@ -9,8 +9,8 @@ use axum::Router;
 use super::extract::JSON_BODY_LIMIT;
 use super::system::{healthz, method_not_allowed, metrics, not_found};
 use super::{
-    agent, apps, catalog, hosts, images, migrations, openapi, providers, relay, sites, tokens, vms,
-    watch,
+    agent, apps, catalog, hosts, images, migrations, networks, openapi, providers, relay, sites,
+    tokens, vms, watch,
 };
 use crate::state::Ctx;
 
@@ -135,6 +135,10 @@ pub fn routes() -> Vec<Route> {
         post("/api/v1/apps", Admin, apps::create),
         get("/api/v1/apps/{key}", Admin, apps::show),
         delete("/api/v1/apps/{key}", Admin, apps::delete),
+        get("/api/v1/networks", Admin, networks::list),
+        post("/api/v1/networks", Admin, networks::create),
+        get("/api/v1/networks/{key}", Admin, networks::show),
+        delete("/api/v1/networks/{key}", Admin, networks::delete),
         get("/api/v1/vms", Admin, vms::list),
         post("/api/v1/vms", Admin, vms::create),
         post("/api/v1/vms/plan", Admin, vms::plan),

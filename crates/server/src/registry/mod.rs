@@ -1,6 +1,7 @@
 //! In-memory state of the control plane that knows nothing of HTTP or of
 //! the services above it: the agent hub, the VM and host indexes, the
-//! loaded placement engine, migrations in flight, relays and marks.
+//! loaded placement engine, networks' spans and IPAM reservations,
+//! migrations in flight, relays and marks.
 //!
 //! Everything here is rebuilt from the store and from the agents after a
 //! restart; nothing here imports `services`, `workflows` or `http`.
@@ -10,5 +11,6 @@ pub mod index;
 pub mod marks;
 pub mod migrations;
 pub mod netplane;
+pub mod networks;
 pub mod placement;
 pub mod relays;

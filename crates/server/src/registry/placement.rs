@@ -14,6 +14,8 @@ use virt8ra_api::Host;
 use virt8ra_api::{HostState, Hypervisor, PlacementConstraints, Provider, Site, Vm, VmPhase};
 use virt8ra_placement::{Engine, HostInfo, Request, Resources, SiteInfo, Weights};
 
+use crate::registry::networks::NetworkSpans;
+
 /// Operator settings for placement.
 #[derive(Debug, Clone, Copy)]
 pub struct PlacementConfig {
@@ -40,6 +42,9 @@ pub struct LoadedPlacement {
     /// million VMs a rebuild holds a copy of every allocation, and a few at
     /// once took gigabytes).
     pub(crate) building: tokio::sync::Mutex<()>,
+    /// Where each virtual network reaches: a VM with NICs is placed only
+    /// where all its networks do (see [`LoadedPlacement::request`]).
+    pub spans: NetworkSpans,
 }
 
 pub(crate) struct Loaded {
@@ -63,6 +68,7 @@ impl LoadedPlacement {
             config,
             loaded: Mutex::new(None),
             building: tokio::sync::Mutex::new(()),
+            spans: NetworkSpans::default(),
         }
     }
 
@@ -89,11 +95,31 @@ impl LoadedPlacement {
             l.engine.release(&vm.id);
             return;
         };
-        let req = booked_request(vm, self.config.weights);
+        let req = self.booked_request(vm);
         if l.engine.commit(&vm.id, host, &req).is_err() {
             // A host the engine does not know: rebuild before the next decision.
             *g = None;
         }
+    }
+
+    /// The placement request of a VM (validated): its own rules narrowed
+    /// by the spans of its NICs' networks. Every decision about a VM that
+    /// exists (the scheduler's, a migration's, a rebalance's from the
+    /// booked requests) starts here, so none can leave a network's span.
+    pub fn request(&self, vm: &Vm) -> Result<Request, String> {
+        let c = self.spans.constraints(vm)?;
+        Request::new(resources(vm), c, self.config.weights)
+    }
+
+    /// The request under which an existing VM's capacity is booked: its own,
+    /// or, for a spec from an older rule set that no longer validates, its
+    /// resources alone (its capacity stays accounted).
+    pub(crate) fn booked_request(&self, vm: &Vm) -> Request {
+        let weights = self.config.weights;
+        self.request(vm).unwrap_or_else(|_| {
+            Request::new(resources(vm), PlacementConstraints::default(), weights)
+                .unwrap_or_else(|_| unreachable_request(vm))
+        })
     }
 
     /// Frees a VM's allocation (it was deleted).
@@ -120,16 +146,6 @@ pub fn is_reservation(key: &str) -> bool {
     key.contains("/migration/")
 }
 
-/// The request under which an existing VM's capacity is booked: its own,
-/// or, for a spec from an older rule set that no longer validates, its
-/// resources alone (its capacity stays accounted).
-pub(crate) fn booked_request(vm: &Vm, weights: Weights) -> Request {
-    request(vm, weights).unwrap_or_else(|_| {
-        Request::new(resources(vm), PlacementConstraints::default(), weights)
-            .unwrap_or_else(|_| unreachable_request(vm))
-    })
-}
-
 fn unreachable_request(vm: &Vm) -> Request {
     Request {
         res: resources(vm),
@@ -146,11 +162,6 @@ pub fn resources(vm: &Vm) -> Resources {
         memory_mib: vm.spec.memory_mib,
         disk_gib: vm.spec.total_disk_gib(),
     }
-}
-
-/// The placement request of a VM (validated).
-pub fn request(vm: &Vm, defaults: Weights) -> Result<Request, String> {
-    Request::new(resources(vm), vm.spec.placement.clone(), defaults)
 }
 
 pub fn site_info(s: &Site, p: Option<&Provider>) -> SiteInfo {

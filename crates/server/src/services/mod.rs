@@ -1,7 +1,7 @@
 //! The control plane's rules and its store calls, one module per concern:
 //! placement and scheduling, the desired state sent to agents, agents'
-//! reports, VMs, images (ingest and distribution), the marketplace's
-//! catalogs and apps.
+//! reports, VMs, virtual networks and IPAM, images (ingest and
+//! distribution), the marketplace's catalogs and apps.
 //!
 //! No HTTP types here: the HTTP layer ([`crate::http`]) and the workflows
 //! ([`crate::workflows`]) call these functions; they call the registry
@@ -13,6 +13,7 @@ pub mod desired;
 pub mod distribution;
 pub mod images;
 pub mod netplane;
+pub mod networks;
 pub mod placement;
 pub mod reports;
 pub mod scheduler;

@@ -23,8 +23,7 @@ use virt8ra_store::VmFilter;
 
 use crate::error::{ApiError, ApiResult};
 use crate::registry::placement::{
-    booked_request, host_info, request, reservation, site_info, Loaded, LoadedPlacement,
-    READINESS_TTL,
+    host_info, reservation, site_info, Loaded, LoadedPlacement, READINESS_TTL,
 };
 use crate::state::Ctx;
 
@@ -209,7 +208,7 @@ impl LoadedPlacement {
             let Some(host) = vm.status.host_id.as_deref().and_then(|id| by_id.get(id)) else {
                 continue;
             };
-            let _ = e.commit(&vm.id, host, &booked_request(&vm, self.config.weights));
+            let _ = e.commit(&vm.id, host, &self.booked_request(&vm));
         }
         // Capacity held on the targets of migrations under way.
         for m in app.migrations.active() {
@@ -217,7 +216,7 @@ impl LoadedPlacement {
                 by_id.get(m.target.host_id.as_str()),
                 app.store.get_vm(&m.vm_id).await,
             ) {
-                if let Ok(req) = request(&vm, self.config.weights) {
+                if let Ok(req) = self.request(&vm) {
                     let _ = e.commit(&reservation(&vm.id, &m.id), host, &req);
                 }
             }

@@ -22,7 +22,6 @@ use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
 use crate::registry::marks::Marks;
-use crate::registry::placement;
 use crate::services::desired::{desired_for, desired_vm};
 use crate::state::Ctx;
 
@@ -146,7 +145,7 @@ pub enum Decision {
 /// nothing. Used by the scheduler's passes and by `POST /vms`, which places
 /// a VM at once so that creating and scheduling it is one durable write.
 pub async fn decide(app: &Ctx, vm: &mut Vm) -> ApiResult<Decision> {
-    let outcome = match placement::request(vm, app.placement.config.weights) {
+    let outcome = match app.placement.request(vm) {
         Err(e) => Err(format!("invalid placement rules: {e}")),
         Ok(req) => {
             app.placement

@@ -1,12 +1,14 @@
 //! Virtual machines: the rules of a new VM (its spec, its image and data
-//! disks, its placement rules and pins) and its creation, placed at once
-//! when it fits.
+//! disks, its placement rules and pins, its NICs: see
+//! [`crate::services::networks`]) and its creation, placed at once when it
+//! fits.
 
 use chrono::Utc;
 use virt8ra_api::{validate, PowerState, Vm, VmCreate, VmPhase, VmStatus};
 use virt8ra_store::StoreError;
 
 use crate::error::{missing_ref, ApiError, ApiResult};
+use crate::services::networks;
 use crate::services::scheduler::{decide, Decision};
 use crate::state::Ctx;
 
@@ -26,6 +28,7 @@ pub async fn create(app: &Ctx, req: &VmCreate) -> ApiResult<Vm> {
         Err(e) => return Err(e.into()),
     };
     let data_image_ids = data_images(app, &req.data_disks).await?;
+    let nics = networks::resolve_nics(app, req).await?;
     if let Some(s) = &req.placement.site {
         if let Err(StoreError::NotFound { .. }) = app.store.get_site(s).await {
             return Err(missing_ref("site", s, "site"));
@@ -47,6 +50,7 @@ pub async fn create(app: &Ctx, req: &VmCreate) -> ApiResult<Vm> {
         &image.id,
         data_image_ids,
     );
+    networks::attach(&mut vm, &nics);
     // Placed at once when it fits, so that the VM is created and scheduled
     // in one durable write; otherwise it stays pending with the reason and
     // the scheduler retries it.
@@ -61,11 +65,12 @@ pub async fn create(app: &Ctx, req: &VmCreate) -> ApiResult<Vm> {
         }
     };
     let events: Vec<&str> = events.iter().map(String::as_str).collect();
-    if let Err(e) = app.create_vm(&vm, &events).await {
+    // With its NICs' addresses, leased in the same write.
+    if let Err(e) = networks::create_vm(app, &mut vm, &nics, &events).await {
         if placed.is_some() {
             app.placement.release(&vm.id);
         }
-        return Err(e.into());
+        return Err(e);
     }
     if let Some(h) = &placed {
         app.mark_vm(h, &vm.id);

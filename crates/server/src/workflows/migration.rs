@@ -49,6 +49,7 @@ use virt8ra_api::{
 use virt8ra_placement::Engine;
 
 use crate::error::{ApiError, ApiResult};
+use crate::registry::networks::{span_reaches, span_text};
 use crate::registry::placement;
 use crate::state::Ctx;
 
@@ -179,9 +180,14 @@ fn choose_target(
     src_name: &str,
     exclude: &[String],
     reservation: &str,
-    weights: virt8ra_placement::Weights,
+    pl: &placement::LoadedPlacement,
 ) -> Result<(String, String), ApiError> {
-    let mut c = vm.spec.placement.clone();
+    // Its own rules narrowed by its networks' spans: no move leaves a network.
+    let mut c = pl
+        .spans
+        .constraints(vm)
+        .map_err(|e| ApiError::Conflict(format!("cannot move VM '{}': {e}", vm.name)))?;
+    outside_networks(e, pl, vm, req)?;
     let pin = |field: &mut Option<String>, want: &Option<String>, what: &str| {
         if let Some(w) = want {
             match field {
@@ -199,7 +205,7 @@ fn choose_target(
     pin(&mut c.site, &req.to_site, "site")?;
     pin(&mut c.provider, &req.to_provider, "provider")?;
     pin(&mut c.country, &req.to_country, "country")?;
-    let r = virt8ra_placement::Request::new(placement::resources(vm), c, weights)
+    let r = virt8ra_placement::Request::new(placement::resources(vm), c, pl.config.weights)
         .map_err(|e| ApiError::Invalid(format!("placement: {e}")))?;
     if let Some(h) = &req.to_host {
         if h == src_name {
@@ -214,10 +220,12 @@ fn choose_target(
             ))
         })?;
         if let Err(rule) = e.check_host(host, &r) {
+            let site = e.site_of(host);
+            let why = outside_network(pl, vm, &site.name, &site.provider, &site.country)
+                .unwrap_or_else(|| rule.describe().to_string());
             return Err(ApiError::Conflict(format!(
-                "cannot move VM '{}' to host {h}: {}",
-                vm.name,
-                rule.describe()
+                "cannot move VM '{}' to host {h}: {why}",
+                vm.name
             )));
         }
         let site = e.site_of(host).name.clone();
@@ -244,12 +252,92 @@ fn choose_target(
             Ok((d.host, d.reason))
         }
         Err(u) => Err(ApiError::Conflict(format!(
-            "no host can take VM '{}' under its placement rules{}: {}",
+            "no host can take VM '{}' under its placement rules{}{}: {}",
             vm.name,
+            spans_text(pl, vm),
             selector_text(req),
             u.message
         ))),
     }
+}
+
+/// Why a move to a site (named, at `provider`, in `country`) would take
+/// the VM off one of its networks, naming the network.
+fn outside_network(
+    pl: &placement::LoadedPlacement,
+    vm: &Vm,
+    site: &str,
+    provider: &str,
+    country: &str,
+) -> Option<String> {
+    let nets = pl.spans.of_vm(vm).ok()?;
+    let n = nets
+        .iter()
+        .find(|n| !span_reaches(&n.span, site, provider, country))?;
+    Some(format!(
+        "its network '{}' does not reach site {site} ({provider}, {country}); the network spans {}",
+        n.name,
+        span_text(&n.span)
+    ))
+}
+
+/// Refuses a move asked to a site, provider or country that one of the
+/// VM's networks does not reach, naming the network.
+fn outside_networks(
+    e: &Engine,
+    pl: &placement::LoadedPlacement,
+    vm: &Vm,
+    req: &MigrationCreate,
+) -> ApiResult<()> {
+    if vm.status.nics.is_empty() {
+        return Ok(());
+    }
+    let refuse = |what: String| {
+        Err(ApiError::Conflict(format!(
+            "cannot move VM '{}' to {what}",
+            vm.name
+        )))
+    };
+    if let Some(s) = req.to_site.as_deref().and_then(|s| e.site(s)) {
+        if let Some(why) = outside_network(pl, vm, &s.name, &s.provider, &s.country) {
+            return refuse(format!("site {}: {why}", s.name));
+        }
+    }
+    let nets = pl.spans.of_vm(vm).map_err(ApiError::Internal)?;
+    for n in &nets {
+        fn off<'a>(want: &'a Option<String>, reach: &[String]) -> Option<&'a String> {
+            want.as_ref()
+                .filter(|w| !reach.is_empty() && !reach.contains(w))
+        }
+        if let Some(c) = off(&req.to_country, &n.span.countries) {
+            return refuse(format!(
+                "country {c}: its network '{}' does not reach it; the network spans {}",
+                n.name,
+                span_text(&n.span)
+            ));
+        }
+        if let Some(p) = off(&req.to_provider, &n.span.providers) {
+            return refuse(format!(
+                "provider {p}: its network '{}' does not reach it; the network spans {}",
+                n.name,
+                span_text(&n.span)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// ` and the spans of its networks (NAME: SPAN, ...)`, for a VM with NICs.
+fn spans_text(pl: &placement::LoadedPlacement, vm: &Vm) -> String {
+    let nets = pl.spans.of_vm(vm).unwrap_or_default();
+    if nets.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = nets
+        .iter()
+        .map(|n| format!("'{}': {}", n.name, span_text(&n.span)))
+        .collect();
+    format!(" and the spans of its networks ({})", each.join(", "))
 }
 
 fn selector_text(req: &MigrationCreate) -> String {
@@ -427,11 +515,18 @@ pub async fn start(
     protocol_ok(app, &src)?;
     let mig_id = uuid::Uuid::new_v4().to_string();
     let reservation = placement::reservation(&vm.id, &mig_id);
-    let weights = app.placement.config.weights;
     let (dst_name, reason) = app
         .placement
         .with_engine(app, |e| {
-            choose_target(e, &vm, req, &src.name, exclude, &reservation, weights)
+            choose_target(
+                e,
+                &vm,
+                req,
+                &src.name,
+                exclude,
+                &reservation,
+                &app.placement,
+            )
         })
         .await??;
     let release = || app.placement.release(&reservation);

@@ -1,0 +1,62 @@
+//! Virtual networks over HTTP: create, list, show, delete. The rules (and
+//! IPAM) are in [`crate::services::networks`].
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use virt8ra_api::{Network, NetworkCreate, Page};
+
+use super::extract::Body;
+use crate::error::ApiResult;
+use crate::http::auth::Admin;
+use crate::services::networks;
+use crate::state::Ctx;
+
+#[utoipa::path(get, path = "/api/v1/networks", tag = "networks",
+    responses((status = 200, body = Page<Network>)), security(("bearer" = [])))]
+pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Network>>> {
+    Ok(Json(Page {
+        items: networks::list(&app).await?,
+        next_cursor: None,
+    }))
+}
+
+#[utoipa::path(post, path = "/api/v1/networks", tag = "networks", request_body = NetworkCreate,
+    responses((status = 201, body = Network),
+              (status = 400, body = virt8ra_api::ErrorBody, description = "A field is invalid (the message names it), or the span names a provider or site that does not exist or a site outside the span's countries or providers"),
+              (status = 409, body = virt8ra_api::ErrorBody, description = "A network of this name exists")),
+    security(("bearer" = [])))]
+pub async fn create(
+    _: Admin,
+    State(app): State<Ctx>,
+    Body(req): Body<NetworkCreate>,
+) -> ApiResult<(StatusCode, Json<Network>)> {
+    let n = networks::create(&app, &req).await?;
+    Ok((StatusCode::CREATED, Json(n)))
+}
+
+#[utoipa::path(get, path = "/api/v1/networks/{key}", tag = "networks",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Network), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show(
+    _: Admin,
+    State(app): State<Ctx>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Network>> {
+    Ok(Json(networks::get(&app, &key).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/networks/{key}", tag = "networks",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 204), (status = 404, body = virt8ra_api::ErrorBody),
+              (status = 409, body = virt8ra_api::ErrorBody, description = "VMs still have NICs on the network (the message names them)")),
+    security(("bearer" = [])))]
+pub async fn delete(
+    _: Admin,
+    State(app): State<Ctx>,
+    Path(key): Path<String>,
+) -> ApiResult<StatusCode> {
+    networks::delete(&app, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
