@@ -27,6 +27,7 @@ pub mod config;
 pub mod host;
 pub mod image;
 pub mod migrate;
+pub mod network;
 pub mod output;
 pub mod progress;
 pub mod provider;
@@ -41,6 +42,7 @@ use admin_token::{admin_token, AdminTokenCmd};
 use host::{host, HostCmd};
 use image::{image, ImageCmd};
 use migrate::{migration, MigrationCmd};
+use network::{network, NetworkCmd};
 use provider::{provider, ProviderCmd};
 use site::{site, SiteCmd};
 use vm::{vm, VmCmd};
@@ -86,6 +88,9 @@ pub enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Virtual networks: private subnets across hosts, sites and providers.
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Migrations of VMs between hosts, sites, providers and countries.
     #[command(subcommand)]
     Migration(MigrationCmd),
@@ -109,7 +114,7 @@ pub enum Command {
         #[command(flatten)]
         wait: WaitOpts,
     },
-    /// Bring providers, sites, images and VMs to the state a YAML file declares.
+    /// Bring providers, sites, images, networks, VMs and apps to the state a YAML file declares.
     Apply(apply::ApplyArgs),
     /// Apps: one appliance deployed at several locations, managed as one unit.
     #[command(subcommand)]
@@ -157,6 +162,7 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::Host(h) => host(&c, o, h).await,
         Command::Image(i) => image(&c, o, i).await,
         Command::Vm(v) => vm(&c, o, v).await,
+        Command::Network(n) => network(&c, o, n).await,
         Command::Migration(m) => migration(&c, o, m).await,
         Command::Rebalance {
             goal,

@@ -67,10 +67,12 @@ impl Plan {
         exec_forward(x, &self.providers).await?;
         exec_forward(x, &self.sites).await?;
         exec_forward(x, &self.images).await?;
+        exec_forward(x, &self.networks).await?;
         exec_forward(x, &self.vms).await?;
         exec_forward(x, &self.apps).await?;
         exec_delete(x, &self.apps).await?;
         exec_delete(x, &self.vms).await?;
+        exec_delete(x, &self.networks).await?;
         exec_delete(x, &self.images).await?;
         exec_delete(x, &self.sites).await?;
         exec_delete(x, &self.providers).await

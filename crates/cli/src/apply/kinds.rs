@@ -172,6 +172,70 @@ impl Kind for Images {
     }
 }
 
+pub(crate) struct Networks;
+
+/// Networks carry no labels: nothing marks one as apply's, so `--prune`
+/// never deletes a network.
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+/// The network a declaration makes, with the control plane's defaults
+/// filled in (gateway: the subnet's first address; MTU 1450; NAT when there
+/// is a gateway), so a second apply of the same file compares equal.
+fn network_view(d: &NetworkCreate) -> Value {
+    let cidr: Option<virt8ra_api::Ipv4Cidr> = d.cidr.trim().parse().ok();
+    let gateway = match (d.no_gateway, d.gateway, cidr) {
+        (true, ..) => None,
+        (false, Some(g), _) => Some(g),
+        (false, None, Some(c)) => Some(std::net::Ipv4Addr::from(u32::from(c.network()) + 1)),
+        (false, None, None) => None,
+    };
+    json!({"cidr": cidr.map(|c| c.to_string()).unwrap_or_else(|| d.cidr.clone()),
+           "gateway": gateway, "dns": d.dns,
+           "mtu": d.mtu.unwrap_or(virt8ra_api::DEFAULT_MTU),
+           "nat": d.nat.unwrap_or(gateway.is_some()), "span": d.span})
+}
+
+impl Kind for Networks {
+    const KIND: &'static str = "network";
+    const SECTION: &'static str = "networks";
+    // Networks are immutable for now: any change is a plan error.
+    const IMMUTABLE: &'static [&'static str] = &["cidr", "gateway", "dns", "mtu", "nat", "span"];
+    const REPLACE: bool = false;
+    type Decl = NetworkCreate;
+    type Live = Network;
+
+    fn name(d: &NetworkCreate) -> &str {
+        &d.name
+    }
+    fn live_name(l: &Network) -> &str {
+        &l.name
+    }
+    fn live_labels(_: &Network) -> &BTreeMap<String, String> {
+        &NO_LABELS
+    }
+    fn view(d: &NetworkCreate) -> Value {
+        network_view(d)
+    }
+    fn live_view(l: &Network) -> Value {
+        json!({"cidr": l.cidr, "gateway": l.gateway, "dns": l.dns, "mtu": l.mtu,
+               "nat": l.nat, "span": l.span})
+    }
+    async fn list(c: &Client) -> anyhow::Result<Vec<Network>> {
+        Ok(c.get::<Page<Network>>("/networks").await?.items)
+    }
+    async fn create(c: &Client, d: &NetworkCreate) -> anyhow::Result<()> {
+        c.post::<Network>("/networks", d).await.map(drop)
+    }
+    async fn update(_: &Client, d: &NetworkCreate, _: &Network) -> anyhow::Result<()> {
+        bail!("network {} has nothing that changes in place", d.name)
+    }
+    async fn delete(c: &Client, l: &Network, _: Duration) -> anyhow::Result<()> {
+        c.delete(&format!("/networks/{}", seg(&l.id)))
+            .await
+            .map(drop)
+    }
+}
+
 pub(crate) struct Vms;
 
 impl Kind for Vms {
@@ -189,6 +253,7 @@ impl Kind for Vms {
         "ports",
         "labels",
         "data_disks",
+        "nics",
     ];
     const REPLACE: bool = false;
     const REPLACE_ON_REQUEST: bool = true;
@@ -208,16 +273,16 @@ impl Kind for Vms {
         json!({"vcpus": d.vcpus, "memory_mib": d.memory_mib, "disk_gib": d.disk_gib,
                "image": d.image, "placement": d.placement, "user_data": d.user_data,
                "ssh_authorized_keys": d.ssh_authorized_keys, "network": d.network,
-               "ports": d.ports, "data_disks": d.data_disks, "labels": d.labels,
-               "start": d.start})
+               "ports": d.ports, "data_disks": d.data_disks, "nics": d.nics,
+               "labels": d.labels, "start": d.start})
     }
     fn live_view(l: &Vm) -> Value {
         let s = &l.spec;
         json!({"vcpus": s.vcpus, "memory_mib": s.memory_mib, "disk_gib": s.disk_gib,
                "image": s.image, "placement": s.placement, "user_data": s.user_data,
                "ssh_authorized_keys": s.ssh_authorized_keys, "network": s.network,
-               "ports": s.ports, "data_disks": s.data_disks, "labels": user_labels(&l.labels),
-               "start": l.power == PowerState::Running})
+               "ports": s.ports, "data_disks": s.data_disks, "nics": s.nics,
+               "labels": user_labels(&l.labels), "start": l.power == PowerState::Running})
     }
     async fn list(c: &Client) -> anyhow::Result<Vec<Vm>> {
         let mut items: Vec<Vm> = Vec::new();

@@ -1,12 +1,12 @@
 //! `virt8ra apply -f FILE.yaml`: infrastructure as code.
 //!
-//! The file declares providers, sites, images, VMs and apps (deployments of
-//! an appliance at several locations). `apply` reads what exists through the
+//! The file declares providers, sites, images, networks, VMs and apps
+//! (deployments of an appliance at several locations). `apply` reads what exists through the
 //! API, computes a plan (per resource: `create`, `update`, `replace`,
 //! `delete` or `unchanged`, with the changed fields), validates the whole
 //! file and the whole plan, and only then makes the changes: creates and
-//! updates in the order providers → sites → images → VMs → apps, deletions
-//! in the reverse order. A second apply of the same file
+//! updates in the order providers → sites → images → networks → VMs →
+//! apps, deletions in the reverse order. A second apply of the same file
 //! changes nothing and says so. `--dry-run` prints the plan and changes
 //! nothing.
 //!
@@ -27,6 +27,12 @@
 //!   labels) is a plan error that names
 //!   the field: nothing is changed. With `--replace`, such a VM change is a
 //!   `replace` instead (deleted, waited for, created again: its disk is lost).
+//! - Networks (`networks:`, the fields of the API's network create request)
+//!   are immutable for now: a declared network whose definition differs
+//!   from the existing one (compared with the control plane's defaults
+//!   filled in) is a plan error naming the field. Networks carry no labels,
+//!   so `--prune` never deletes one. VMs declare `nics:`; a VM's network
+//!   must be declared or exist.
 //! - Apps: an entry has the fields of the deploy request (`appliance`,
 //!   `name`, `locations`, `replicas_per_location`, `params`,
 //!   `ssh_authorized_keys`, `labels`). The
@@ -58,9 +64,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use virt8ra_api::{
-    validate, App, AppCreate, CatalogEntry, Image, Page, PlacementPlan, PowerState, Provider,
-    ProviderCreate, ProviderUpdate, Site, SiteCreate, SiteUpdate, Vm, VmAction, VmActionRequest,
-    VmCreate, VmPhase,
+    validate, App, AppCreate, CatalogEntry, Image, Network, NetworkCreate, Page, PlacementPlan,
+    PowerState, Provider, ProviderCreate, ProviderUpdate, Site, SiteCreate, SiteUpdate, Vm,
+    VmAction, VmActionRequest, VmCreate, VmPhase,
 };
 
 use crate::client::{seg, Client};
@@ -84,7 +90,7 @@ pub const MANAGED_VALUE: &str = "apply";
 
 #[derive(Debug, Clone, Args)]
 pub struct ApplyArgs {
-    /// The YAML file that declares providers, sites, images, VMs and apps.
+    /// The YAML file that declares providers, sites, images, networks, VMs and apps.
     #[arg(short = 'f', long = "file")]
     pub file: PathBuf,
     /// Print the plan and change nothing.
@@ -140,6 +146,7 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         providers: Providers::list(c).await?,
         sites: Sites::list(c).await?,
         images: Images::list(c).await?,
+        networks: Networks::list(c).await?,
         vms: Vms::list(c).await?,
         hosts: c.get::<Page<virt8ra_api::Host>>("/hosts").await?.items,
     };
@@ -172,6 +179,7 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         providers: plan_kind::<Providers>(&doc.providers, &live.providers, &a, &lines, &mut errs),
         sites: plan_kind::<Sites>(&doc.sites, &live.sites, &a, &lines, &mut errs),
         images: plan_kind::<Images>(&images, &live.images, &a, &lines, &mut errs),
+        networks: plan_kind::<Networks>(&doc.networks, &live.networks, &a, &lines, &mut errs),
         vms: plan_kind::<Vms>(
             &at_least_images(&doc.vms, &live.images),
             &settled_vms,

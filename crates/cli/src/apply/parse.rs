@@ -17,6 +17,9 @@ pub(super) struct FileDoc {
     pub(super) sites: Vec<SiteCreate>,
     #[serde(default, deserialize_with = "list")]
     pub(super) images: Vec<ImageEntry>,
+    /// Virtual networks: the network create request's fields.
+    #[serde(default, deserialize_with = "list")]
+    pub(super) networks: Vec<NetworkCreate>,
     #[serde(default, deserialize_with = "list")]
     pub(super) vms: Vec<VmCreate>,
     /// App deployments: the deploy request's fields.
@@ -127,6 +130,7 @@ pub(super) const VM_FIELDS: &[(&str, &str)] = &[
     ("site", "site"),
     ("provider", "provider"),
     ("placement", "placement"),
+    ("nics", "nics"),
 ];
 
 /// Reads and checks the file. Errors name the file and line.
@@ -188,6 +192,12 @@ pub(super) fn check_entries(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>
         lines,
         errs,
     );
+    dupes(
+        "networks",
+        doc.networks.iter().map(|s| s.name.as_str()),
+        lines,
+        errs,
+    );
     dupes("vms", doc.vms.iter().map(|s| s.name.as_str()), lines, errs);
     dupes(
         "apps",
@@ -219,6 +229,24 @@ pub(super) fn check_entries(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>
         }
     }
     check_images(doc, lines, errs);
+    check_networks(doc, lines, errs);
+}
+
+/// Checks what of each network entry needs no control plane: its name and
+/// subnet (the control plane checks the rest before anything changes).
+fn check_networks(doc: &FileDoc, lines: &Lines, errs: &mut Vec<String>) {
+    for (i, n) in doc.networks.iter().enumerate() {
+        if let Err(e) = validate::name("network", &n.name) {
+            errs.push(format!("{}: {e}", lines.at("networks", i, Some("name"))));
+        }
+        if let Err(e) = n.cidr.trim().parse::<virt8ra_api::Ipv4Cidr>() {
+            errs.push(format!(
+                "{}: network {}: cidr: {e}",
+                lines.at("networks", i, Some("cidr")),
+                n.name
+            ));
+        }
+    }
 }
 
 /// Checks each app entry: its name, appliance, locations, replicas,

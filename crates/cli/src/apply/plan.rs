@@ -267,6 +267,7 @@ pub(crate) struct Plan {
     pub(super) providers: Vec<Step<Providers>>,
     pub(super) sites: Vec<Step<Sites>>,
     pub(super) images: Vec<Step<Images>>,
+    pub(super) networks: Vec<Step<Networks>>,
     pub(super) vms: Vec<Step<Vms>>,
     pub(super) apps: Vec<Step<Apps>>,
 }
@@ -276,6 +277,7 @@ impl Plan {
         let mut r = rows(&self.providers);
         r.extend(rows(&self.sites));
         r.extend(rows(&self.images));
+        r.extend(rows(&self.networks));
         r.extend(rows(&self.vms));
         r.extend(rows(&self.apps));
         r
@@ -334,6 +336,21 @@ pub(super) fn check_references(
                 v.name,
                 v.image
             ));
+        }
+        for (j, n) in v.nics.iter().enumerate() {
+            let known = doc.networks.iter().any(|d| d.name == n.network)
+                || live
+                    .networks
+                    .iter()
+                    .any(|l| l.name == n.network || l.id == n.network);
+            if !known {
+                errs.push(format!(
+                    "{}: vm {}: nics[{j}]: network {:?} is neither declared nor known to the control plane",
+                    lines.at("vms", i, Some("nics")),
+                    v.name,
+                    n.network
+                ));
+            }
         }
         if let Some(s) = &v.placement.site {
             if !site_known(s) {
@@ -498,6 +515,7 @@ pub(super) struct LiveState {
     pub(super) providers: Vec<Provider>,
     pub(super) sites: Vec<Site>,
     pub(super) images: Vec<Image>,
+    pub(super) networks: Vec<Network>,
     pub(super) vms: Vec<Vm>,
     pub(super) hosts: Vec<virt8ra_api::Host>,
 }

@@ -118,6 +118,7 @@ pub(crate) fn show_vm(v: &Vm) {
         ("data disks", data_disk_summary(&v.spec.data_disks)),
         ("ssh keys", ssh_key_summary(&v.spec.ssh_authorized_keys)),
         ("network", network_summary(v.spec.network.as_ref())),
+        ("nics", crate::network::nics_summary(&s.nics)),
         (
             "ports",
             if s.ports.is_empty() {

@@ -46,6 +46,10 @@ pub struct SpecArgs {
     /// repeatable, in order (replaces the spec file's data_disks).
     #[arg(long = "data-disk", value_name = "image=NAME,size_gib=N")]
     data_disks: Vec<String>,
+    /// A NIC on a virtual network: `NAME` or `NAME,ip=ADDRESS` (repeatable,
+    /// in the order the guest sees them; replaces the spec file's nics).
+    #[arg(long = "network", value_name = "NAME[,ip=ADDR]")]
+    networks: Vec<String>,
     /// Create it stopped.
     #[arg(long)]
     pub(crate) no_start: bool,
@@ -169,6 +173,15 @@ pub(crate) fn build_spec(name: Option<String>, a: &SpecArgs) -> anyhow::Result<s
             .map(|d| data_disk_arg(d))
             .collect::<anyhow::Result<Vec<_>>>()?;
         set("data_disks", serde_json::json!(disks));
+    }
+    if !a.networks.is_empty() {
+        let nics = a
+            .networks
+            .iter()
+            .map(|n| crate::network::nic_arg(n))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        validate::nics(&nics).map_err(|e| anyhow::anyhow!("--network: {e}"))?;
+        set("nics", serde_json::json!(nics));
     }
     if a.no_start {
         set("start", false.into());
