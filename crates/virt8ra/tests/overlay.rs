@@ -239,7 +239,8 @@ fn fdb(ns: &str) -> String {
 #[test]
 fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
     let Some(mut u) = Underlay::new() else { return };
-    let hosts: Vec<String> = (0..3).map(|i| u.add_host(i)).collect();
+    // Three hosts, and a fourth that joins later to take a live migration.
+    let hosts: Vec<String> = (0..4).map(|i| u.add_host(i)).collect();
     let image = common::test_image();
     let mut c = Cluster::start_on(&u.addr(1));
     c.create_topology();
@@ -283,6 +284,13 @@ fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
     let mut vms = Vec::new();
     for (i, (_, _, site, ..)) in TOPOLOGY.iter().enumerate() {
         let name = format!("g{i}");
+        // g1 is pinned to its country, not its site, so that it may move
+        // to the fourth host (at another provider in DE) later.
+        let pin = if i == 1 {
+            ["--country", "DE"]
+        } else {
+            ["--site", site]
+        };
         let vm: Value = serde_json::from_str(&c.cli_ok(&[
             "vm",
             "create",
@@ -291,8 +299,8 @@ fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
             "test",
             "--memory-mib",
             "128",
-            "--site",
-            site,
+            pin[0],
+            pin[1],
             "--network",
             &format!("ovl,ip={}", IPS[i]),
             "--user-data",
@@ -338,7 +346,7 @@ fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
     }
     // Each host has the tap of its guest, and sends the others' MACs to
     // their hosts' addresses.
-    for (i, ns) in hosts.iter().enumerate() {
+    for (i, ns) in hosts.iter().enumerate().take(3) {
         let links = our_links(ns);
         let tap = virt8ra_api::tap_name(nics[i]["id"].as_str().unwrap());
         for dev in [&names.bridge, &names.vxlan, &tap] {
@@ -419,6 +427,95 @@ fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
         let now = round(&c, g);
         wait_pings(&c, g, now + 2, &IPS[..2], &[]);
     }
+
+    live_migration_keeps_the_address_and_the_peers_follow(&mut c, &u, &hosts, &nics);
     drop(c);
     drop(u);
+}
+
+/// g1 moves live from host 1 to a fourth host, at another provider in the
+/// same country: it keeps its MAC and address, host 1 keeps nothing of the
+/// network, host 0 sends g1's MAC to the fourth host, and the guests
+/// reach each other again.
+fn live_migration_keeps_the_address_and_the_peers_follow(
+    c: &mut Cluster,
+    u: &Underlay,
+    hosts: &[String],
+    nics: &[Value],
+) {
+    c.ok(
+        "POST",
+        "/api/v1/providers",
+        Some(serde_json::json!({"name": "provider-de2", "country": "DE"})),
+    );
+    c.ok(
+        "POST",
+        "/api/v1/sites",
+        Some(
+            serde_json::json!({"name": "de-berlin", "provider": "provider-de2",
+            "country": "DE", "city": "Berlin", "latitude": 52.52, "longitude": 13.405}),
+        ),
+    );
+    start_agent_in(c, "host-3", &hosts[3], Some("de-berlin"), &u.addr(13));
+    c.wait_hosts_ready(4);
+    // A host that carries no network is sent no network state (it would
+    // have come right after the connect).
+    std::thread::sleep(Duration::from_secs(3));
+    let log = std::fs::read_to_string(c.dir.path().join("agent-host-3.log")).unwrap();
+    assert!(!log.contains("network state applied"), "{log}");
+    assert!(our_links(&hosts[3]).is_empty());
+    let before = round(c, "g1");
+    let m: Value = serde_json::from_str(&c.cli_ok(&[
+        "vm",
+        "migrate",
+        "g1",
+        "--to-host",
+        "host-3",
+        "--mode",
+        "live",
+        "--wait",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(m["mode"], "live", "{m}");
+    assert_eq!(m["target"]["provider"], "provider-de2", "{m}");
+    let vm = c.vm("g1");
+    assert_eq!(vm["status"]["host"], "host-3", "{vm}");
+    let nic = &vm["status"]["nics"][0];
+    assert_eq!(nic["ip"], IPS[1], "the address stays: {vm}");
+    assert_eq!(nic["mac"], nics[1]["mac"], "the MAC stays: {vm}");
+    let mac = nic["mac"].as_str().unwrap().to_string();
+    let tap = virt8ra_api::tap_name(nic["id"].as_str().unwrap());
+    wait_until_explained(
+        "the overlay to follow g1 to host 3",
+        Duration::from_secs(60),
+        || {
+            let entry = format!("{mac} dev ");
+            let to3 = fdb(&hosts[0])
+                .lines()
+                .any(|l| l.starts_with(&entry) && l.contains(&format!("dst {} ", u.addr(13))));
+            let left = our_links(&hosts[1]).is_empty();
+            let here = our_links(&hosts[3]).contains(&tap);
+            (to3 && left && here).then_some(())
+        },
+        || {
+            format!(
+                "host 0 fdb:\n{}\nhost 1: {:?}\nhost 3: {:?}\n{}",
+                fdb(&hosts[0]),
+                our_links(&hosts[1]),
+                our_links(&hosts[3]),
+                c.logs_tail(30)
+            )
+        },
+    );
+    // The guest went on (no boot at the target) and both reach each other.
+    wait_pings(c, "g1", before, &IPS[..2], &[]);
+    let now = round(c, "g0");
+    wait_pings(c, "g0", now, &IPS[..2], &[]);
+    assert!(
+        !c.console("g1").contains("VIRT8RA-GUEST-BOOTED"),
+        "g1 rebooted at the target"
+    );
 }
