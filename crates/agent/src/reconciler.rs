@@ -639,6 +639,7 @@ impl Reconciler {
                 user_data: d.user_data.clone(),
                 ssh_authorized_keys: d.ssh_authorized_keys.clone(),
                 network: d.network.clone(),
+                first_mac: d.nics.first().map(|n| n.mac.to_string()),
             },
             machine: d.machine.clone(),
             data_disks,

@@ -82,6 +82,10 @@ pub struct GuestContext {
     pub ssh_authorized_keys: Vec<String>,
     /// Network configuration; `None` leaves the image's default.
     pub network: Option<virt8ra_api::NetworkConfig>,
+    /// The MAC of the VM's first NIC on a virtual network, which a network
+    /// configuration entry without a match means; `None`: the user-mode
+    /// NIC's (`cloudinit::FIRST_NIC_MAC`).
+    pub first_mac: Option<String>,
 }
 
 /// What a driver observes of one VM.
