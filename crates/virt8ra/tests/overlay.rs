@@ -13,7 +13,10 @@
 //! Then: a VM is deleted and its host keeps nothing of the network (no
 //! tap, bridge, VXLAN device, DHCP server or nftables table) while the
 //! others' forwarding entries stop pointing at it; an agent restart leaves
-//! the guests reachable.
+//! the guests reachable; a live migration to a fourth host (another
+//! provider) keeps the guest's MAC and address and the entries follow it;
+//! and a host whose agent has no `--address` serves its own guest alone,
+//! and both sides say it needs one.
 //!
 //! Needs root (network namespaces); without it the test says so and
 //! passes. Every namespace and link it makes goes when it ends, also on
@@ -133,13 +136,20 @@ impl Underlay {
 /// Joins (with `site`) or restarts (without) agent `name` inside `ns`,
 /// reached by the others at `address`. The child is `ip netns exec`,
 /// which execs the agent, so killing it kills the agent.
-fn start_agent_in(c: &mut Cluster, name: &str, ns: &str, site: Option<&str>, address: &str) {
+fn start_agent_in(
+    c: &mut Cluster,
+    name: &str,
+    ns: &str,
+    site: Option<&str>,
+    address: Option<&str>,
+) {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns, bin(), "agent", "--server", &c.url])
         .args(["--name", name, "--data-dir"])
         .arg(c.agent_dir(name))
         .args(["--vcpus", "2", "--memory-mib", "1024", "--disk-gib", "20"])
-        .args(["--accel", "emulation", "--address", address])
+        .args(["--accel", "emulation"])
+        .args(address.iter().flat_map(|a| ["--address", a]))
         .env("VIRT8RA_LOG", "info");
     if let Some(site) = site {
         let t = c.ok(
@@ -239,8 +249,9 @@ fn fdb(ns: &str) -> String {
 #[test]
 fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
     let Some(mut u) = Underlay::new() else { return };
-    // Three hosts, and a fourth that joins later to take a live migration.
-    let hosts: Vec<String> = (0..4).map(|i| u.add_host(i)).collect();
+    // Three hosts, a fourth that joins later to take a live migration, and
+    // a fifth that joins without --address.
+    let hosts: Vec<String> = (0..5).map(|i| u.add_host(i)).collect();
     let image = common::test_image();
     let mut c = Cluster::start_on(&u.addr(1));
     c.create_topology();
@@ -250,7 +261,7 @@ fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
             &format!("host-{i}"),
             &hosts[i],
             Some(site),
-            &u.addr(10 + i as u8),
+            Some(&u.addr(10 + i as u8)),
         );
     }
     c.wait_hosts_ready(3);
@@ -411,7 +422,7 @@ fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
 
     // An agent restart leaves the guests reachable.
     c.kill_agent("host-0");
-    start_agent_in(&mut c, "host-0", &hosts[0], None, &u.addr(10));
+    start_agent_in(&mut c, "host-0", &hosts[0], None, Some(&u.addr(10)));
     c.wait_hosts_ready(3);
     wait_until(
         "host-0's agent to say the network is as it was",
@@ -429,6 +440,7 @@ fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
     }
 
     live_migration_keeps_the_address_and_the_peers_follow(&mut c, &u, &hosts, &nics);
+    a_host_without_an_address_serves_only_its_own_guests(&mut c, &u, &hosts, &script);
     drop(c);
     drop(u);
 }
@@ -456,7 +468,7 @@ fn live_migration_keeps_the_address_and_the_peers_follow(
             "country": "DE", "city": "Berlin", "latitude": 52.52, "longitude": 13.405}),
         ),
     );
-    start_agent_in(c, "host-3", &hosts[3], Some("de-berlin"), &u.addr(13));
+    start_agent_in(c, "host-3", &hosts[3], Some("de-berlin"), Some(&u.addr(13)));
     c.wait_hosts_ready(4);
     // A host that carries no network is sent no network state (it would
     // have come right after the connect).
@@ -518,4 +530,83 @@ fn live_migration_keeps_the_address_and_the_peers_follow(
         !c.console("g1").contains("VIRT8RA-GUEST-BOOTED"),
         "g1 rebooted at the target"
     );
+}
+
+/// A fifth host, whose agent has no `--address` (as behind NAT): its
+/// guest still gets its lease and its bridge, tap and DHCP from its own
+/// host, but the host has no VXLAN device, no other host sends anything to
+/// it, and both the control plane and the agent say it needs `--address`.
+fn a_host_without_an_address_serves_only_its_own_guests(
+    c: &mut Cluster,
+    u: &Underlay,
+    hosts: &[String],
+    script: &std::path::Path,
+) {
+    c.ok(
+        "POST",
+        "/api/v1/sites",
+        Some(
+            serde_json::json!({"name": "es-madrid", "provider": "provider-es",
+            "country": "ES", "city": "Madrid", "latitude": 40.42, "longitude": -3.70}),
+        ),
+    );
+    start_agent_in(c, "host-4", &hosts[4], Some("es-madrid"), None);
+    c.wait_hosts_ready(5);
+    let vm: Value = serde_json::from_str(&c.cli_ok(&[
+        "vm",
+        "create",
+        "g4",
+        "--image",
+        "test",
+        "--memory-mib",
+        "128",
+        "--site",
+        "es-madrid",
+        "--network",
+        "ovl",
+        "--user-data",
+        script.to_str().unwrap(),
+        "--wait",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(vm["status"]["host"], "host-4", "{vm}");
+    // No address asked for: the network's lowest free one.
+    let nic = vm["status"]["nics"][0].clone();
+    assert_eq!(nic["ip"], "10.77.0.2", "{vm}");
+    let mac = nic["mac"].as_str().unwrap().to_string();
+    let lease = "VIRT8RA-NET eth0 addr=10.77.0.2/24 gw=10.77.0.1";
+    wait_until_explained(
+        "g4's DHCP lease from its own host",
+        BOOT,
+        || c.console("g4").contains(lease).then_some(()),
+        || format!("{}\n{}", c.console("g4"), c.logs_tail(40)),
+    );
+    let names = virt8ra_api::device_names(nic["network_id"].as_str().unwrap());
+    let links = our_links(&hosts[4]);
+    let tap = virt8ra_api::tap_name(nic["id"].as_str().unwrap());
+    assert!(
+        links.contains(&names.bridge) && links.contains(&tap) && !links.contains(&names.vxlan),
+        "host 4 has a bridge and a tap but no VXLAN: {links:?}"
+    );
+    // g4 reaches nobody on the other hosts.
+    let now = round(c, "g4");
+    wait_pings(c, "g4", now, &[], &IPS[..2]);
+    for i in [0, 3] {
+        let f = fdb(&hosts[i]);
+        assert!(
+            !f.lines()
+                .any(|l| l.contains(" dst ") && (l.contains(&mac) || l.contains(&u.addr(14)))),
+            "host {i} sends to host 4:\n{f}"
+        );
+    }
+    let server = std::fs::read_to_string(c.dir.path().join("server.log")).unwrap();
+    assert!(
+        server.contains("has no address other hosts reach it at (start its agent with --address"),
+        "the control plane does not say it: {}",
+        c.logs_tail(20)
+    );
+    let agent = std::fs::read_to_string(c.dir.path().join("agent-host-4.log")).unwrap();
+    assert!(agent.contains("--address"), "{agent}");
 }
