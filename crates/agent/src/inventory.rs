@@ -109,6 +109,7 @@ pub fn collect(
         migration_relay: true,
         protocol: 0,
         image_service: None,
+        tunnel_public_key: None,
     }
 }
 

@@ -246,6 +246,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
     );
     inv.machine_types = driver.machine_types();
+    match network::tunnel::public_key(&data_dir.join(network::DIR)) {
+        Ok(k) => inv.tunnel_public_key = Some(k),
+        Err(e) => {
+            tracing::warn!(error = %e, "no tunnel key: this host cannot join encrypted networks")
+        }
+    }
     // The older name of --address, in the environment too.
     let address = args
         .migration_address

@@ -69,6 +69,7 @@ impl SimSpec {
             migration_relay: false,
             protocol: 0,
             image_service: None,
+            tunnel_public_key: None,
         }
     }
 }

@@ -31,8 +31,10 @@ pub const VXLAN_PORT: u16 = 4789;
 /// Largest VXLAN network identifier (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;
 /// The MTU a network gets when none is given: 1500 less VXLAN's 50 bytes
-/// of outer headers, so an overlay frame fits a standard underlay.
-pub const DEFAULT_MTU: u32 = 1450;
+/// of outer headers and the tunnel's 60 ([`TUNNEL_OVERHEAD`]), so an
+/// overlay frame fits a standard underlay also between sites, where it
+/// travels encrypted.
+pub const DEFAULT_MTU: u32 = 1390;
 pub const MIN_MTU: u32 = 576;
 pub const MAX_MTU: u32 = 9000;
 /// Prefix of every network device the agent creates. Bridges are
@@ -64,6 +66,21 @@ impl Ipv4Cidr {
             ));
         }
         Ok(c)
+    }
+
+    /// The network of `prefix` bits that holds `addr` (host bits cleared).
+    pub fn containing(addr: Ipv4Addr, prefix: u8) -> Result<Ipv4Cidr, String> {
+        if prefix > 32 {
+            return Err(format!("prefix length /{prefix} is over 32"));
+        }
+        Ok(Ipv4Cidr { addr, prefix }.first())
+    }
+
+    fn first(self) -> Ipv4Cidr {
+        Ipv4Cidr {
+            addr: self.network(),
+            prefix: self.prefix,
+        }
     }
 
     pub fn prefix(&self) -> u8 {
@@ -303,6 +320,15 @@ pub struct LocalNic {
     pub tap: String,
     pub mac: MacAddr,
     pub ip: Ipv4Addr,
+    /// Its security group: what may reach it. None: what comes from the
+    /// network's own subnet. Replies to its own connections and its
+    /// published ports always pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<IngressRule>>,
+    /// Its ports the host publishes on its own address (the network needs
+    /// a gateway: the host routes to the guest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<PublishedPort>,
 }
 
 /// Another host that carries the network: where its VXLAN traffic goes.
@@ -347,11 +373,152 @@ pub struct HostNetwork {
 pub struct HostNetworkState {
     /// This host's underlay address: the source of its VXLAN traffic and
     /// the address its peers send to. `0.0.0.0`: the host has none (its
-    /// agent was started without `--address`), so it carries its networks
-    /// for its own guests only: no VXLAN device, no peers, no remote MACs.
+    /// agent was started without `--address`), so, without a tunnel, it
+    /// carries its networks for its own guests only: no VXLAN device, no
+    /// peers, no remote MACs.
     pub underlay: Ipv4Addr,
     #[serde(default)]
     pub networks: Vec<HostNetwork>,
+    /// The encrypted tunnels to hosts at other sites, if this host has
+    /// any. With it, a peer's address ([`Peer::underlay`], [`FdbEntry::peer`])
+    /// may be a tunnel address: VXLAN traffic to it goes through the tunnel
+    /// interface, and the VXLAN devices take their source address from
+    /// the route (the underlay address or this host's tunnel address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelState>,
+}
+
+/// The UDP port of the tunnels when none is given (WireGuard's).
+pub const TUNNEL_PORT: u16 = 51820;
+/// The tunnel interface, one per host (all networks share it).
+pub const TUNNEL_INTERFACE: &str = "v8w0";
+/// WireGuard's outer headers over IPv4: IP 20, UDP 8, WireGuard 32.
+pub const TUNNEL_OVERHEAD: u32 = 60;
+
+/// This host's end of the encrypted tunnels (WireGuard) to hosts at other
+/// sites. Keys are made on the hosts: the control plane knows only public
+/// keys. Each host has an address inside the tunnels, in one prefix shared
+/// by all hosts ([`TunnelState::prefix`]); a peer's tunnel traffic is
+/// accepted from its address only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelState {
+    /// This host's address inside the tunnels.
+    pub address: Ipv4Addr,
+    /// The prefix length of the tunnel addresses (routed through the
+    /// tunnel interface).
+    pub prefix: u8,
+    /// The UDP port this host's tunnel listens on.
+    pub listen_port: u16,
+    #[serde(default)]
+    pub peers: Vec<TunnelPeer>,
+    /// This host relays between peers (hosts that cannot reach each other
+    /// directly, such as two behind NAT, talk through it): it forwards
+    /// between tunnel addresses.
+    #[serde(default)]
+    pub relay: bool,
+}
+
+/// A host at another site that this host talks to through the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelPeer {
+    pub host: String,
+    /// Its WireGuard public key (base64, 32 bytes).
+    pub public_key: String,
+    /// Where its tunnel listens (its underlay address and port). None: it
+    /// has no address this host can reach (it is behind NAT); it dials in,
+    /// and its endpoint is learnt from its first authenticated packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<std::net::SocketAddrV4>,
+    /// Its address inside the tunnels.
+    pub address: Ipv4Addr,
+    /// Tunnel addresses of other hosts reached through this peer, which
+    /// relays for them (they are behind NAT, or this host is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays_for: Vec<Ipv4Addr>,
+    /// Seconds between keepalives to it (this host is behind NAT and must
+    /// keep its mapping open); none: no keepalives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u16>,
+}
+
+impl TunnelState {
+    /// Whether the tunnel can be set up: addresses inside the prefix and
+    /// unique, keys well formed and unique, no endpoint twice.
+    pub fn validate(&self, underlay: Ipv4Addr) -> Result<(), String> {
+        let net = Ipv4Cidr::containing(self.address, self.prefix)
+            .map_err(|e| format!("tunnel address {}: {e}", self.address))?;
+        if !(8..=30).contains(&self.prefix) || !net.is_host(self.address) {
+            return Err(format!(
+                "tunnel address {}/{} is not a host address of a /8 to /30",
+                self.address, self.prefix
+            ));
+        }
+        if self.listen_port == 0 {
+            return Err("tunnel listen port 0 is not allowed".into());
+        }
+        let mut addresses = BTreeSet::from([self.address]);
+        let mut keys = BTreeSet::new();
+        let mut endpoints = BTreeSet::new();
+        for p in &self.peers {
+            let key = decode_key(&p.public_key)
+                .map_err(|e| format!("tunnel peer {}: public key {e}", p.host))?;
+            if !keys.insert(key) {
+                return Err(format!(
+                    "tunnel peer {}: public key is listed twice",
+                    p.host
+                ));
+            }
+            for a in std::iter::once(&p.address).chain(&p.relays_for) {
+                if !net.is_host(*a) || !addresses.insert(*a) {
+                    return Err(format!(
+                        "tunnel peer {}: address {a} is outside {net}, or taken",
+                        p.host
+                    ));
+                }
+            }
+            if let Some(e) = p.endpoint {
+                if *e.ip() == underlay || !endpoints.insert(e) {
+                    return Err(format!(
+                        "tunnel peer {}: endpoint {e} is this host's or listed twice",
+                        p.host
+                    ));
+                }
+            }
+            if p.keepalive == Some(0) {
+                return Err(format!(
+                    "tunnel peer {}: keepalive must be 1-65535 seconds, or none",
+                    p.host
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TunnelState {
+    fn cidr(&self) -> Option<Ipv4Cidr> {
+        Ipv4Cidr::containing(self.address, self.prefix).ok()
+    }
+
+    /// Whether `ip` is a tunnel address (inside the tunnels' prefix).
+    pub fn holds(&self, ip: Ipv4Addr) -> bool {
+        self.cidr().is_some_and(|c| c.contains(ip))
+    }
+
+    fn overlaps(&self, other: &Ipv4Cidr) -> bool {
+        self.cidr().is_some_and(|c| c.overlaps(other))
+    }
+}
+
+/// The 32 bytes of a WireGuard key written in base64.
+pub fn decode_key(s: &str) -> Result<[u8; 32], String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|e| format!("is not base64: {e}"))?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| format!("has {} bytes, not 32", bytes.len()))
 }
 
 impl NetworkSpec {
@@ -447,11 +614,15 @@ impl HostNetworkState {
     /// one of them may have a gateway there: the host routes to a
     /// gateway's subnet, and one routing table holds one route per subnet.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = &self.tunnel {
+            t.validate(self.underlay)?;
+        }
         let mut ids = BTreeSet::new();
         let mut vnis = BTreeMap::new();
         let mut bridges = BTreeMap::new();
         let mut macs = BTreeMap::new();
         let mut taps = BTreeSet::new();
+        let mut published = BTreeSet::new();
         let mut routed: Vec<&NetworkSpec> = Vec::new();
         for hn in &self.networks {
             let net = &hn.network;
@@ -473,6 +644,12 @@ impl HostNetworkState {
                 ));
             }
             if net.gateway.is_some() {
+                if let Some(t) = self.tunnel.as_ref().filter(|t| t.overlaps(&net.cidr)) {
+                    return Err(format!(
+                        "network {} ({}) overlaps the tunnel addresses {}/{}",
+                        net.name, net.cidr, t.address, t.prefix
+                    ));
+                }
                 if let Some(o) = routed.iter().find(|o| o.cidr.overlaps(&net.cidr)) {
                     return Err(format!(
                         "networks {} ({}) and {} ({}) overlap and both have a gateway on this host",
@@ -487,7 +664,7 @@ impl HostNetworkState {
                     net.name
                 ));
             }
-            self.validate_members(hn, &mut macs, &mut taps)?;
+            self.validate_members(hn, &mut macs, &mut taps, &mut published)?;
         }
         Ok(())
     }
@@ -497,11 +674,19 @@ impl HostNetworkState {
         hn: &'a HostNetwork,
         macs: &mut BTreeMap<MacAddr, &'a str>,
         taps: &mut BTreeSet<&'a str>,
+        published: &mut BTreeSet<(Option<Ipv4Addr>, Protocol, u16)>,
     ) -> Result<(), String> {
         let net = &hn.network;
         let mut ips = BTreeMap::new();
         for nic in &hn.nics {
             nic_address(&nic.id, nic.mac, nic.ip, net)?;
+            validate_nic_security(&nic.id, nic.ingress.as_deref(), &nic.publish, published)?;
+            if !nic.publish.is_empty() && net.gateway.is_none() {
+                return Err(format!(
+                    "NIC {}: network {} has no gateway, so the host cannot publish its ports",
+                    nic.id, net.name
+                ));
+            }
             if !nic.tap.starts_with(TAP_PREFIX)
                 || nic.tap.len() > 15
                 || !nic
@@ -530,7 +715,10 @@ impl HostNetworkState {
                 ));
             }
         }
-        if self.underlay.is_unspecified() && (!hn.peers.is_empty() || !hn.fdb.is_empty()) {
+        // Without an underlay address and without a tunnel (through which a
+        // host behind NAT reaches its peers) there is no overlay.
+        let no_overlay = self.underlay.is_unspecified() && self.tunnel.is_none();
+        if no_overlay && (!hn.peers.is_empty() || !hn.fdb.is_empty()) {
             return Err(format!(
                 "network {}: this host has no underlay address, so it can have no peers or \
                  remote MACs (start its agent with --address)",
@@ -544,6 +732,18 @@ impl HostNetworkState {
                     "network {}: peer {} has this host's own underlay address {}",
                     net.name, p.host, p.underlay
                 ));
+            }
+            if let Some(t) = self.tunnel.as_ref().filter(|t| t.holds(p.underlay)) {
+                let reached = t
+                    .peers
+                    .iter()
+                    .any(|tp| tp.address == p.underlay || tp.relays_for.contains(&p.underlay));
+                if !reached {
+                    return Err(format!(
+                        "network {}: peer {} at tunnel address {} is no tunnel peer",
+                        net.name, p.host, p.underlay
+                    ));
+                }
             }
             if !peers.insert(p.underlay) {
                 return Err(format!(
@@ -631,6 +831,9 @@ pub fn allocate_ip(
         net.name, net.cidr
     ))
 }
+
+mod security;
+pub use security::*;
 
 #[cfg(test)]
 mod tests;

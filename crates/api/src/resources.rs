@@ -224,6 +224,10 @@ pub struct HostInventory {
     /// hosts of its site, if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_service: Option<String>,
+    /// The host's WireGuard public key (base64) for the encrypted tunnels
+    /// between sites; the private key never leaves the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -805,7 +809,8 @@ pub struct NetworkCreate {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(value_type = Vec<String>)]
     pub dns: Vec<std::net::Ipv4Addr>,
-    /// Default 1450 (1500 less VXLAN's headers).
+    /// Default 1390 (1500 less VXLAN's 50 bytes of headers and the
+    /// encrypted tunnel's 60 between sites).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
     #[serde(default)]

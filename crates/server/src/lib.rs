@@ -146,6 +146,10 @@ pub async fn open(
         deleting_hosts: Default::default(),
         changes: tokio::sync::broadcast::channel(4096).0,
         migrations: Default::default(),
+        staging: Default::default(),
+        transfers: Default::default(),
+        distribution: Default::default(),
+        token_rotation: Default::default(),
         vms,
         hosts,
         image_refs: Default::default(),
@@ -162,11 +166,11 @@ async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Resul
     if store.count_tokens(TokenKind::Admin).await? > 0 {
         return Ok(None);
     }
-    let secret = http::auth::new_secret();
+    let secret = services::tokens::new_secret();
     let path = data_dir.join("admin.token");
     keys::write_secret(&path, &secret)?;
     store
-        .create_token(&http::auth::admin_record(&secret))
+        .create_token(&services::tokens::admin_record(&secret))
         .await?;
     Ok(Some(secret))
 }
@@ -276,7 +280,7 @@ async fn start_work(app: &Ctx) -> anyhow::Result<()> {
         .await
         .context("resume unfinished migrations")?;
     tokio::spawn(services::scheduler::run(app.clone()));
-    tokio::spawn(http::tokens::purge_periodically(app.clone()));
+    tokio::spawn(services::tokens::purge_periodically(app.clone()));
     Ok(())
 }
 

@@ -16,10 +16,13 @@ use tokio::sync::{Mutex, Notify};
 use virt8ra_api::protocol::ImageRef;
 use virt8ra_store::Store;
 
+use crate::registry::distribution::ViewCache;
 use crate::registry::hub::Hub;
 use crate::registry::marks::Marks;
 use crate::registry::migrations::Migrations;
 use crate::registry::placement::LoadedPlacement;
+use crate::registry::staging::StagingLocks;
+use crate::registry::transfers::Transfers;
 
 /// The shared state as every handler, service and workflow holds it.
 pub type Ctx = Arc<ControlPlane>;
@@ -53,6 +56,15 @@ pub struct ControlPlane {
     pub changes: tokio::sync::broadcast::Sender<virt8ra_api::WatchEvent>,
     /// Migrations and exports under way.
     pub migrations: Migrations,
+    /// The locks of staged disk files (see [`crate::services::staging`]).
+    pub staging: StagingLocks,
+    /// Image bytes served, by who fetched them.
+    pub transfers: Transfers,
+    /// The last view of site-local image distribution.
+    pub distribution: ViewCache,
+    /// One admin-token rotation at a time, so that the token file always
+    /// holds the token the database has.
+    pub token_rotation: tokio::sync::Mutex<()>,
     /// Every VM, in memory: serves reads; written through after each
     /// durable write (see [`crate::registry::index`]).
     pub vms: crate::registry::index::VmIndex,

@@ -60,7 +60,8 @@ pub async fn run(cmd: TunnelCmd) -> Result<(), crate::Error> {
     }
 }
 
-async fn wait_for_signal() {
+/// Returns at SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

@@ -46,6 +46,11 @@ enum Top {
         /// The agent's data directory (DHCP servers keep their files there).
         #[arg(long, default_value = "/var/lib/virt8ra/agent")]
         data_dir: std::path::PathBuf,
+        /// Stay until SIGTERM or SIGINT, as the agent would: a tunnel in
+        /// the state lives only while its process does. At the end, print
+        /// the tunnel's counters as one JSON object on stdout.
+        #[arg(long)]
+        hold: bool,
     },
     /// Print the OpenAPI document of the control plane's API.
     Openapi,
@@ -118,7 +123,11 @@ fn main() {
                 a.ca_cert = virt8ra_cli::ca_cert(&cli.global);
                 virt8ra_agent::run(a).await
             }
-            Top::AgentNetworkApply { desired, data_dir } => {
+            Top::AgentNetworkApply {
+                desired,
+                data_dir,
+                hold,
+            } => {
                 let state = virt8ra_agent::network::read_state(&desired)?;
                 let changes = virt8ra_agent::network::reconcile(&state, &data_dir)?;
                 // Kept like a state from the control plane (same
@@ -133,6 +142,12 @@ fn main() {
                     println!("{c}");
                 }
                 eprintln!("{} change(s)", changes.0.len());
+                if hold {
+                    virt8ra_tunnel::cmd::wait_for_signal().await;
+                    if let Some(stats) = virt8ra_agent::network::tunnel::stats() {
+                        println!("{}", serde_json::to_string(&stats)?);
+                    }
+                }
                 Ok(())
             }
             Top::Openapi => {

@@ -14,9 +14,11 @@
 //! `#[cfg(test)]` (tests may reach across). Run it for one crate with
 //! `cargo test -p virt8ra --test imports -- agent`.
 //!
-//! Two more rules are checked on the same parse: the control plane's
+//! Three more rules are checked on the same parse: the control plane's
 //! layers import only downward (`http` -> `workflows` -> `services` ->
-//! `state` -> `registry`, see docs/ARCHITECTURE.md), and no production
+//! `state` -> `registry`, see docs/ARCHITECTURE.md), its HTTP layer does
+//! not touch the store (a handler parses, calls a service and serializes;
+//! the rules and the store calls are the services'), and no production
 //! function in the workspace is over 150 lines (a function that long is
 //! several steps that want names of their own).
 
@@ -510,22 +512,29 @@ fn the_server_layers_import_only_downward() {
     );
 }
 
-/// The layer check itself: a service that names the HTTP layer is caught.
-#[test]
-fn the_layer_check_finds_an_upward_import() {
+/// A server crate in a temporary directory: `src/lib.rs` with an `http`
+/// and a `services` module, each with a `vms` file for the test to write.
+/// Returns the directory (removed when dropped) and its `src`.
+fn server_tree() -> (tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().expect("tempdir");
     let src = d.path().join("src");
     for dir in ["http", "services"] {
         std::fs::create_dir_all(src.join(dir)).expect("mkdir");
+        std::fs::write(src.join(dir).join("mod.rs"), "pub mod vms;\n").expect("write");
     }
+    std::fs::write(src.join("lib.rs"), "pub mod http;\npub mod services;\n").expect("write");
+    (d, src)
+}
+
+/// The layer check itself: a service that names the HTTP layer is caught.
+#[test]
+fn the_layer_check_finds_an_upward_import() {
+    let (_d, src) = server_tree();
     let write = |f: &str, s: &str| std::fs::write(src.join(f), s).expect("write");
-    write("lib.rs", "pub mod http;\npub mod services;\n");
-    write("http/mod.rs", "pub mod vms;\n");
     write(
         "http/vms.rs",
         "fn h() { crate::services::vms::create(); }\n",
     );
-    write("services/mod.rs", "pub mod vms;\n");
     write("services/vms.rs", "pub fn create() {}\n");
     assert!(upward_edges(&src, &graph(&src)).is_empty());
     write(
@@ -533,6 +542,127 @@ fn the_layer_check_finds_an_upward_import() {
         "pub fn create() {}\nfn f() -> crate::http::vms::Body { todo!() }\n",
     );
     assert_eq!(upward_edges(&src, &graph(&src)).len(), 1);
+}
+
+/// What the HTTP layer may name of the store crate: the types its
+/// extractors and queries carry (a token's kind and record in `auth.rs`,
+/// the VM index's filter in `vms.rs`). Anything else of the store, and
+/// any `.store` field (the store itself), belongs in a service.
+const HTTP_STORE_TYPES: &[&str] = &["TokenKind", "TokenRecord", "VmFilter"];
+
+/// The places in one file's items that touch the store: a `.store` field
+/// (a method call `.store(…)`, such as an atomic's, is not one) or a
+/// `virt8ra_store::` path to something not in [`HTTP_STORE_TYPES`];
+/// `#[cfg(test)]` code left out.
+fn store_uses(file: &Path, items: &[syn::Item], out: &mut Vec<String>) {
+    fn scan(file: &Path, ts: TokenStream, out: &mut Vec<String>) {
+        let toks: Vec<TokenTree> = ts.into_iter().collect();
+        for (i, t) in toks.iter().enumerate() {
+            match t {
+                TokenTree::Group(g) => scan(file, g.stream(), out),
+                TokenTree::Ident(id) if id == "store" => {
+                    let dot =
+                        i > 0 && matches!(&toks[i - 1], TokenTree::Punct(p) if p.as_char() == '.');
+                    let call = matches!(toks.get(i + 1), Some(TokenTree::Group(g))
+                        if g.delimiter() == proc_macro2::Delimiter::Parenthesis);
+                    if dot && !call {
+                        let line = id.span().start().line;
+                        out.push(format!("  {}:{line} .store", file.display()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut paths = Vec::new();
+    for item in items {
+        match item {
+            syn::Item::Mod(m) if is_cfg_test(&m.attrs) => continue,
+            syn::Item::Fn(f) if is_cfg_test(&f.attrs) => continue,
+            syn::Item::Mod(m) => {
+                if let Some((_, inner)) = &m.content {
+                    store_uses(file, inner, out);
+                }
+                continue;
+            }
+            syn::Item::Use(u) => use_paths(&u.tree, &mut Vec::new(), &mut paths),
+            other => {
+                token_paths(other.to_token_stream(), &mut paths);
+                scan(file, other.to_token_stream(), out);
+            }
+        }
+    }
+    for p in paths {
+        let allowed = p
+            .get(1)
+            .is_some_and(|t| HTTP_STORE_TYPES.contains(&t.as_str()));
+        if p.first().map(String::as_str) == Some("virt8ra_store") && !allowed {
+            out.push(format!("  {}: {}", file.display(), p.join("::")));
+        }
+    }
+}
+
+/// The store uses of every file of the server's HTTP layer under `src`.
+fn http_store_uses(src: &Path) -> Vec<String> {
+    let http = src.join("http");
+    let mut out = Vec::new();
+    for file in production_files(src) {
+        if file.starts_with(&http) {
+            store_uses(&file, &parse(&file).items, &mut out);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_server_http_layer_does_not_touch_the_store() {
+    let src = crates_dir().join("server").join("src");
+    let uses = http_store_uses(&src);
+    assert!(
+        uses.is_empty(),
+        "crates/server/src/http touches the store; move the rule and the store call into a \
+         service (crates/server/src/services) and call that:\n{}",
+        uses.join("\n")
+    );
+}
+
+/// The store check itself: a handler's `.store` call and a store item
+/// other than the allowed types are caught, through a `use` and a path in
+/// a body; an atomic's `.store(…)`, the allowed types, test code and files
+/// outside `http/` are not.
+#[test]
+fn the_store_check_finds_a_store_call_in_a_handler() {
+    let (_d, src) = server_tree();
+    let write = |f: &str, s: &str| std::fs::write(src.join(f), s).expect("write");
+    write(
+        "services/vms.rs",
+        "pub async fn get(app: &Ctx) { app.store.get_vm(\"x\").await; }\n",
+    );
+    let clean = "use virt8ra_store::{TokenKind, VmFilter};\n\
+         async fn h(app: Ctx) { crate::services::vms::get(&app).await; a.store(1, Ordering::Release); }\n\
+         #[cfg(test)]\nmod tests { use virt8ra_store::StoreError; fn t(app: Ctx) { app.store.x(); } }\n";
+    write("http/vms.rs", clean);
+    assert_eq!(http_store_uses(&src), Vec::<String>::new());
+    write(
+        "http/vms.rs",
+        &format!(
+            "{clean}use virt8ra_store::StoreError;\n\
+             async fn g(app: Ctx) {{ let _ = app.store.get_vm(\"x\").await; }}\n\
+             fn f() -> virt8ra_store::Result<()> {{ Ok(()) }}\n"
+        ),
+    );
+    let uses = http_store_uses(&src);
+    assert_eq!(uses.len(), 3, "{uses:?}");
+    assert!(uses.iter().any(|u| u.ends_with(":6 .store")), "{uses:?}");
+    assert!(
+        uses.iter()
+            .any(|u| u.ends_with("virt8ra_store::StoreError")),
+        "{uses:?}"
+    );
+    assert!(
+        uses.iter().any(|u| u.ends_with("virt8ra_store::Result")),
+        "{uses:?}"
+    );
 }
 
 /// The longest a production function may be, in lines.

@@ -388,6 +388,7 @@ fn hosts_share_one_connection_and_each_needs_its_own_credential() {
         migration_address: None,
         protocol: 0,
         image_service: None,
+        tunnel_public_key: None,
         migration_relay: false,
     };
     let join = |name: &str| {

@@ -19,7 +19,7 @@
 //!   serve its own guests only.
 
 use sha2::{Digest, Sha256};
-use virt8ra_api::{device_names, gateway_mac, HostNetwork};
+use virt8ra_api::{device_names, gateway_mac, HostNetwork, IngressRule, Protocol};
 
 use super::cmd::{self, Changes, Result};
 
@@ -43,10 +43,69 @@ fn ip_table(networks: &[HostNetwork]) -> Option<String> {
             ));
         }
     }
+    let (guards, dnat) = nic_rules(networks);
+    if !guards.is_empty() {
+        fwd.push_str("\t\tct state established,related accept\n");
+        fwd.push_str(&guards);
+    }
     Some(format!(
         "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{fwd}\t}}\n\
+         \tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n{dnat}\t}}\n\
          \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{nat}\t}}\n"
     ))
+}
+
+/// Each local NIC's security group and published ports: the rules that
+/// let in what may reach it and drop the rest (forward chain; bridged
+/// frames pass it too, see [`ensure_bridge_filtering`]), and the DNAT
+/// rules of its published ports (prerouting).
+fn nic_rules(networks: &[HostNetwork]) -> (String, String) {
+    let mut fwd = String::new();
+    let mut dnat = String::new();
+    for hn in networks {
+        let br = device_names(&hn.network.id).bridge;
+        for nic in &hn.nics {
+            let to = format!("oifname \"{br}\" ip daddr {}", nic.ip);
+            match &nic.ingress {
+                None => fwd.push_str(&format!("\t\t{to} ip saddr {} accept\n", hn.network.cidr)),
+                Some(rules) => {
+                    for r in rules {
+                        fwd.push_str(&format!(
+                            "\t\t{to} ip saddr {}{} accept\n",
+                            r.from,
+                            matcher(r)
+                        ));
+                    }
+                }
+            }
+            for p in &nic.publish {
+                let proto = p.protocol.as_str();
+                fwd.push_str(&format!(
+                    "\t\t{to} ct status dnat {proto} dport {} accept\n",
+                    p.guest_port
+                ));
+                let on = match p.address {
+                    Some(a) => format!("ip daddr {a}"),
+                    None => "fib daddr type local".to_string(),
+                };
+                dnat.push_str(&format!(
+                    "\t\t{on} {proto} dport {} dnat to {}:{}\n",
+                    p.host_port, nic.ip, p.guest_port
+                ));
+            }
+            fwd.push_str(&format!("\t\t{to} drop\n"));
+        }
+    }
+    (fwd, dnat)
+}
+
+/// The protocol and port part of an ingress rule.
+fn matcher(r: &IngressRule) -> String {
+    match (r.protocol, r.ports) {
+        (Protocol::Any, _) => String::new(),
+        (p, Some(ports)) => format!(" {} dport {ports}", p.as_str()),
+        (p, None) => format!(" meta l4proto {}", p.as_str()),
+    }
 }
 
 fn bridge_table(networks: &[HostNetwork]) -> Option<String> {
@@ -128,10 +187,44 @@ pub fn ensure(networks: &[HostNetwork], changes: &mut Changes) -> Result<()> {
     apply("bridge", bridge_table(networks), changes)
 }
 
-/// Turns on IPv4 forwarding if a network NATs (never off: other software
-/// on the host may need it).
-pub fn ensure_forwarding(networks: &[HostNetwork], changes: &mut Changes) -> Result<()> {
-    if !networks.iter().any(|n| n.nat) {
+/// Makes bridged IPv4 frames pass the `ip` tables' forward hook
+/// (br_netfilter, per network namespace) once a NIC is here, so that its
+/// security group applies to frames from guests on the same network too,
+/// local or behind VXLAN. Never turned off: other software on the host
+/// may need it.
+pub fn ensure_bridge_filtering(networks: &[HostNetwork], changes: &mut Changes) -> Result<()> {
+    if networks.iter().all(|n| n.nics.is_empty()) {
+        return Ok(());
+    }
+    let path = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if !std::path::Path::new(path).exists() {
+        // Not loaded yet: loading makes it appear (0 in new namespaces).
+        let _ = cmd::output("modprobe", &["br_netfilter"]);
+    }
+    let now = std::fs::read_to_string(path).map_err(|e| {
+        cmd::NetError(format!(
+            "read {path}: {e} (security groups need the kernel's br_netfilter)"
+        ))
+    })?;
+    if now.trim() != "1" {
+        std::fs::write(path, "1").map_err(|e| cmd::NetError(format!("write {path}: {e}")))?;
+        changes.note("sysctl net.bridge.bridge-nf-call-iptables=1".into());
+    }
+    Ok(())
+}
+
+/// Turns on IPv4 forwarding if a network NATs, a NIC publishes a port or
+/// the host relays between tunnel peers (never off: other software on the
+/// host may need it).
+pub fn ensure_forwarding(
+    networks: &[HostNetwork],
+    relay: bool,
+    changes: &mut Changes,
+) -> Result<()> {
+    let publishes = networks
+        .iter()
+        .any(|n| n.nics.iter().any(|nic| !nic.publish.is_empty()));
+    if !relay && !publishes && !networks.iter().any(|n| n.nat) {
         return Ok(());
     }
     let path = "/proc/sys/net/ipv4/ip_forward";
@@ -200,5 +293,52 @@ mod tests {
         // its table, and an unchanged one does not.
         assert_ne!(hash(&ip), hash(&ip_table(&plain).unwrap_or_default()));
         assert_eq!(hash(&ip), hash(&ip_table(&routed).unwrap_or_default()));
+    }
+
+    fn nic(id: &str, ip: &str) -> virt8ra_api::LocalNic {
+        virt8ra_api::LocalNic {
+            id: id.into(),
+            vm: id.into(),
+            tap: virt8ra_api::tap_name(id),
+            mac: virt8ra_api::mac_for_nic(id),
+            ip: ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            ingress: None,
+            publish: vec![],
+        }
+    }
+
+    #[test]
+    fn security_groups_and_published_ports_become_rules() {
+        let mut n = hn("gw", Some("10.1.0.1"), true);
+        let mut guarded = nic("a", "10.1.0.5");
+        guarded.ingress = serde_json::from_str(
+            r#"[{"protocol":"tcp","ports":"22"},{"from":"192.0.2.0/24","protocol":"icmp"}]"#,
+        )
+        .ok();
+        guarded.publish = vec!["8080:80".parse().unwrap_or_else(|e: String| panic!("{e}"))];
+        n.nics = vec![guarded, nic("b", "10.1.0.6")];
+        let ip = ip_table(&[n]).unwrap_or_default();
+        let br = device_names("gw").bridge;
+        let to = |a: &str| format!("oifname \"{br}\" ip daddr {a}");
+        for want in [
+            "ct state established,related accept".to_string(),
+            format!("{} ip saddr 0.0.0.0/0 tcp dport 22 accept", to("10.1.0.5")),
+            format!(
+                "{} ip saddr 192.0.2.0/24 meta l4proto icmp accept",
+                to("10.1.0.5")
+            ),
+            format!("{} ct status dnat tcp dport 80 accept", to("10.1.0.5")),
+            format!("{} drop", to("10.1.0.5")),
+            "fib daddr type local tcp dport 8080 dnat to 10.1.0.5:80".to_string(),
+            // Without rules: the network's members.
+            format!("{} ip saddr 10.1.0.0/24 accept", to("10.1.0.6")),
+            format!("{} drop", to("10.1.0.6")),
+        ] {
+            assert!(ip.contains(&want), "{want:?} missing from {ip}");
+        }
+        // The default rule comes before its drop.
+        let allow = ip.find(&format!("{} ip saddr", to("10.1.0.6")));
+        let drop = ip.find(&format!("{} drop", to("10.1.0.6")));
+        assert!(allow < drop, "{ip}");
     }
 }

@@ -74,13 +74,37 @@ pub fn is_ours(name: &str) -> bool {
 }
 
 /// The names of the devices the desired networks need.
-pub fn wanted(networks: &[HostNetwork], underlay: Ipv4Addr) -> Vec<String> {
+/// Whether and from where a host's networks send VXLAN to other hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vxlan {
+    /// No overlay: the host has no underlay address (its agent has no
+    /// `--address`) and no tunnel, so no VXLAN device.
+    Off,
+    /// From this, the host's underlay address.
+    From(Ipv4Addr),
+    /// From the address the route picks: with a tunnel, the underlay
+    /// address or the tunnel address for a peer behind the tunnel.
+    Routed,
+}
+
+impl Vxlan {
+    pub fn of(state: &virt8ra_api::HostNetworkState) -> Vxlan {
+        if state.tunnel.is_some() {
+            Vxlan::Routed
+        } else if state.underlay.is_unspecified() {
+            Vxlan::Off
+        } else {
+            Vxlan::From(state.underlay)
+        }
+    }
+}
+
+pub fn wanted(networks: &[HostNetwork], vxlan: Vxlan) -> Vec<String> {
     let mut out = Vec::new();
     for hn in networks {
         let n = device_names(&hn.network.id);
         out.push(n.bridge);
-        // Without an underlay address the host has no overlay: no VXLAN.
-        if !underlay.is_unspecified() {
+        if vxlan != Vxlan::Off {
             out.push(n.vxlan);
         }
         out.extend(hn.nics.iter().map(|nic| nic.tap.clone()));
@@ -158,7 +182,7 @@ fn keep_if<'a>(
 pub fn ensure_network(
     links: &BTreeMap<String, Link>,
     hn: &HostNetwork,
-    underlay: Ipv4Addr,
+    vxlan: Vxlan,
     changes: &mut Changes,
 ) -> Result<bool> {
     let net = &hn.network;
@@ -188,8 +212,10 @@ pub fn ensure_network(
         )?;
     }
     settle(br, &names.bridge, net.mtu, None, changes)?;
-    if !underlay.is_unspecified() {
-        ensure_vxlan(links, hn, underlay, changes)?;
+    match vxlan {
+        Vxlan::Off => {}
+        Vxlan::From(a) => ensure_vxlan(links, hn, Some(a), changes)?,
+        Vxlan::Routed => ensure_vxlan(links, hn, None, changes)?,
     }
     for nic in &hn.nics {
         let tap = keep_if(links, &nic.tap, |l| l.tap, changes)?;
@@ -201,16 +227,18 @@ pub fn ensure_network(
     Ok(created)
 }
 
-/// The network's VXLAN device on its bridge, from this host's `underlay`.
+/// The network's VXLAN device on its bridge, sending from `local`, or
+/// without a local address, from the one the route picks (the underlay
+/// address, or the tunnel address for a peer behind the tunnel).
 fn ensure_vxlan(
     links: &BTreeMap<String, Link>,
     hn: &HostNetwork,
-    underlay: Ipv4Addr,
+    local: Option<Ipv4Addr>,
     changes: &mut Changes,
 ) -> Result<()> {
     let net = &hn.network;
     let names = device_names(&net.id);
-    let local = underlay.to_string();
+    let local = local.map(|a| a.to_string()).unwrap_or_default();
     let want = (
         u64::from(net.vni),
         local.clone(),
@@ -226,24 +254,23 @@ fn ensure_vxlan(
     if vx.is_none() {
         let vni = net.vni.to_string();
         let port = VXLAN_PORT.to_string();
-        changes.run(
-            "ip",
-            &[
-                "link",
-                "add",
-                "name",
-                &names.vxlan,
-                "type",
-                "vxlan",
-                "id",
-                &vni,
-                "local",
-                &local,
-                "dstport",
-                &port,
-                "nolearning",
-            ],
-        )?;
+        let mut args = vec![
+            "link",
+            "add",
+            "name",
+            &names.vxlan,
+            "type",
+            "vxlan",
+            "id",
+            &vni,
+            "dstport",
+            &port,
+            "nolearning",
+        ];
+        if !local.is_empty() {
+            args.extend(["local", local.as_str()]);
+        }
+        changes.run("ip", &args)?;
     }
     settle(vx, &names.vxlan, net.mtu, Some(&names.bridge), changes)
 }

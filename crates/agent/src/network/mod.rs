@@ -38,6 +38,7 @@ pub mod dhcp;
 pub mod fdb;
 pub mod firewall;
 pub mod links;
+pub mod tunnel;
 
 pub use cmd::{Changes, NetError};
 
@@ -53,13 +54,16 @@ pub fn reconcile(desired: &HostNetworkState, data_dir: &Path) -> cmd::Result<Cha
     let dhcp_root = data_dir.join(DIR).join("dhcp");
     let mut changes = Changes::default();
     let mut links = links::observe()?;
-    let wanted = links::wanted(&desired.networks, desired.underlay);
+    let vxlan = links::Vxlan::of(desired);
+    let wanted = links::wanted(&desired.networks, vxlan);
     links::remove_unwanted(&mut links, &wanted, &mut changes)?;
     let mut bridges = Vec::new();
+    // The tunnel first: VXLAN devices send to peers behind it.
+    tunnel::ensure(&data_dir.join(DIR), desired.tunnel.as_ref(), &mut changes)?;
     for hn in &desired.networks {
-        let created = links::ensure_network(&links, hn, desired.underlay, &mut changes)?;
+        let created = links::ensure_network(&links, hn, vxlan, &mut changes)?;
         links::ensure_address(hn, &mut changes)?;
-        if !desired.underlay.is_unspecified() {
+        if vxlan != links::Vxlan::Off {
             fdb::ensure(hn, &mut changes)?;
         }
         let bridge = device_names(&hn.network.id).bridge;
@@ -76,7 +80,9 @@ pub fn reconcile(desired: &HostNetworkState, data_dir: &Path) -> cmd::Result<Cha
     }
     dhcp::remove_unwanted(&dhcp_root, &bridges, &mut changes)?;
     firewall::ensure(&desired.networks, &mut changes)?;
-    firewall::ensure_forwarding(&desired.networks, &mut changes)?;
+    let relay = desired.tunnel.as_ref().is_some_and(|t| t.relay);
+    firewall::ensure_forwarding(&desired.networks, relay, &mut changes)?;
+    firewall::ensure_bridge_filtering(&desired.networks, &mut changes)?;
     Ok(changes)
 }
 
@@ -164,6 +170,7 @@ mod tests {
         HostNetworkState {
             underlay: underlay.parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST),
             networks: vec![],
+            tunnel: None,
         }
     }
 

@@ -199,6 +199,8 @@ fn local_nic(id: &str, addr: &str) -> LocalNic {
         tap: tap_name(id),
         mac: mac_for_nic(id),
         ip: ip(addr),
+        ingress: None,
+        publish: vec![],
     }
 }
 
@@ -233,6 +235,7 @@ fn host_state_validation() {
     let ok = HostNetworkState {
         underlay: ip("192.168.0.1"),
         networks: vec![a.clone(), b.clone()],
+        tunnel: None,
     };
     ok.validate().expect("valid state");
     let json = serde_json::to_string(&ok).expect("serialize");
@@ -395,6 +398,7 @@ fn the_network_state_message_round_trips() {
         state: HostNetworkState {
             underlay: ip("192.168.0.1"),
             networks: vec![host_net("a", "10.0.0.0/24", 1, Some("10.0.0.1"))],
+            tunnel: None,
         },
     };
     let text = serde_json::to_string(&m).expect("serialize");
@@ -406,4 +410,121 @@ fn the_network_state_message_round_trips() {
         serde_json::from_str::<ServerMessage>(&text).expect("parse"),
         m
     );
+}
+
+const KEY_A: &str = "YWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWE=";
+const KEY_B: &str = "YmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmJiYmI=";
+
+fn tunneled() -> HostNetworkState {
+    let mut a = host_net("a", "10.0.0.0/24", 1, Some("10.0.0.1"));
+    // One peer through the tunnel, one on the plain underlay.
+    a.peers = vec![
+        Peer {
+            host: "h2".into(),
+            underlay: ip("100.64.0.2"),
+        },
+        Peer {
+            host: "h3".into(),
+            underlay: ip("192.168.0.3"),
+        },
+    ];
+    HostNetworkState {
+        underlay: ip("192.168.0.1"),
+        networks: vec![a],
+        tunnel: Some(TunnelState {
+            address: ip("100.64.0.1"),
+            prefix: 10,
+            listen_port: TUNNEL_PORT,
+            peers: vec![TunnelPeer {
+                host: "h2".into(),
+                public_key: KEY_A.into(),
+                endpoint: Some("192.168.0.2:51820".parse().expect("endpoint")),
+                address: ip("100.64.0.2"),
+                relays_for: vec![],
+                keepalive: None,
+            }],
+            relay: false,
+        }),
+    }
+}
+
+#[test]
+fn tunnel_state_validation() {
+    tunneled().validate().expect("valid tunneled state");
+    type Edit = fn(&mut HostNetworkState);
+    let cases: [(Edit, &str); 10] = [
+        (
+            |s| s.tunnel.as_mut().expect("tunnel").peers[0].public_key = "short".into(),
+            "public key is not base64",
+        ),
+        (
+            |s| s.tunnel.as_mut().expect("tunnel").peers[0].public_key = "YWFh".into(),
+            "has 3 bytes, not 32",
+        ),
+        (
+            |s| s.tunnel.as_mut().expect("tunnel").peers[0].address = ip("10.9.0.2"),
+            "outside 100.64.0.0/10",
+        ),
+        (
+            |s| s.tunnel.as_mut().expect("tunnel").peers[0].address = ip("100.64.0.1"),
+            "or taken",
+        ),
+        (
+            |s| {
+                s.tunnel.as_mut().expect("tunnel").peers[0].endpoint =
+                    Some("192.168.0.1:51820".parse().expect("endpoint"))
+            },
+            "is this host's",
+        ),
+        (
+            |s| {
+                let t = s.tunnel.as_mut().expect("tunnel");
+                let mut p = t.peers[0].clone();
+                p.host = "h4".into();
+                p.address = ip("100.64.0.4");
+                p.endpoint = Some("192.168.0.4:51820".parse().expect("endpoint"));
+                t.peers.push(p);
+            },
+            "public key is listed twice",
+        ),
+        (
+            |s| s.networks[0].peers[0].underlay = ip("100.64.0.9"),
+            "at tunnel address 100.64.0.9 is no tunnel peer",
+        ),
+        (
+            |s| s.tunnel.as_mut().expect("tunnel").listen_port = 0,
+            "listen port 0",
+        ),
+        (
+            |s| s.tunnel.as_mut().expect("tunnel").peers[0].relays_for = vec![ip("100.64.0.1")],
+            "address 100.64.0.1 is outside 100.64.0.0/10, or taken",
+        ),
+        (
+            |s| s.tunnel.as_mut().expect("tunnel").peers[0].keepalive = Some(0),
+            "keepalive must be",
+        ),
+    ];
+    for (edit, want) in cases {
+        let mut s = tunneled();
+        edit(&mut s);
+        let e = s.validate().expect_err(want);
+        assert!(e.contains(want), "{e:?} should say {want:?}");
+    }
+    // A routed network inside the tunnels' prefix would take their route.
+    let mut s = tunneled();
+    s.networks[0] = host_net("a", "100.64.8.0/24", 1, Some("100.64.8.1"));
+    let e = s.validate().expect_err("overlap");
+    assert!(e.contains("overlaps the tunnel addresses"), "{e}");
+    // A second distinct key is fine.
+    let mut s = tunneled();
+    let t = s.tunnel.as_mut().expect("tunnel");
+    t.peers.push(TunnelPeer {
+        host: "h4".into(),
+        public_key: KEY_B.into(),
+        endpoint: None,
+        address: ip("100.64.0.4"),
+        relays_for: vec![ip("100.64.0.5")],
+        keepalive: Some(25),
+    });
+    s.validate().expect("two peers");
 }

@@ -179,7 +179,7 @@ pub(crate) struct Networks;
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 /// The network a declaration makes, with the control plane's defaults
-/// filled in (gateway: the subnet's first address; MTU 1450; NAT when there
+/// filled in (gateway: the subnet's first address; MTU 1390; NAT when there
 /// is a gateway), so a second apply of the same file compares equal.
 fn network_view(d: &NetworkCreate) -> Value {
     let cidr: Option<virt8ra_api::Ipv4Cidr> = d.cidr.trim().parse().ok();

@@ -151,7 +151,7 @@ pub async fn run(c: &Client, o: Format, a: ApplyArgs) -> anyhow::Result<()> {
         hosts: c.get::<Page<virt8ra_api::Host>>("/hosts").await?.items,
     };
     let live_apps = Apps::list(c).await?;
-    check_vm_rules(c, &doc, &lines, &mut errs).await?;
+    check_vm_rules(c, &doc, &live.networks, &lines, &mut errs).await?;
     let apps = resolve_apps(c, &doc, &lines, &mut errs).await?;
     let settled_apps = settled_apps(&doc, &live_apps, &lines, &mut errs);
     // A VM on its way out is neither compared nor deleted again; declaring

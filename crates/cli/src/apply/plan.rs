@@ -547,10 +547,13 @@ pub(super) fn settled_apps(
 }
 
 /// Asks the control plane to check each VM's placement rules (a dry run of
-/// placement: nothing is created).
+/// placement: nothing is created), with the NICs on networks that exist
+/// (one declared in the file is not created yet; a name neither declared
+/// nor known is reported by [`check_references`]).
 pub(super) async fn check_vm_rules(
     c: &Client,
     doc: &FileDoc,
+    networks: &[Network],
     lines: &Lines,
     errs: &mut Vec<String>,
 ) -> anyhow::Result<()> {
@@ -558,7 +561,13 @@ pub(super) async fn check_vm_rules(
         if validate::vm(v).is_err() {
             continue; // already reported
         }
-        if let Err(e) = c.post::<PlacementPlan>("/vms/plan", v).await {
+        let mut v = v.clone();
+        v.nics.retain(|n| {
+            networks
+                .iter()
+                .any(|l| l.name == n.network || l.id == n.network)
+        });
+        if let Err(e) = c.post::<PlacementPlan>("/vms/plan", &v).await {
             let msg = format!("{e:#}");
             if msg.contains("cannot reach the control plane") {
                 return Err(e);

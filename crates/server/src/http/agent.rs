@@ -16,14 +16,14 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use virt8ra_api::mux::{MuxDown, MuxUp, MUX_VERSION};
 use virt8ra_api::protocol::{negotiate, AgentMessage, ServerMessage, PROTOCOL_VERSION};
-use virt8ra_api::{validate, AgentJoin, AgentJoined, Host, HostState};
-use virt8ra_store::{TokenKind, TokenRecord};
+use virt8ra_api::{AgentJoin, AgentJoined};
+use virt8ra_store::TokenKind;
 
 use super::extract::Body;
 use crate::error::{ApiError, ApiResult};
-use crate::http::auth::{self, HostAuth, JoinAuth};
+use crate::http::auth::{HostAuth, JoinAuth};
 use crate::registry::hub::{ConsoleReply, Outbox};
-use crate::services::scheduler;
+use crate::services::{scheduler, tokens, topology};
 use crate::state::Ctx;
 
 #[utoipa::path(post, path = "/api/v1/agent/join", tag = "agent", request_body = AgentJoin,
@@ -35,50 +35,14 @@ pub async fn join(
     JoinAuth(token): JoinAuth,
     Body(req): Body<AgentJoin>,
 ) -> ApiResult<(StatusCode, Json<AgentJoined>)> {
-    validate::name("host", &req.name).map_err(ApiError::Invalid)?;
-    let site_name = token
-        .site
-        .clone()
-        .ok_or_else(|| ApiError::Internal("join token without site".into()))?;
-    let site = app.store.get_site(&site_name).await?;
-    let host = Host {
-        id: uuid::Uuid::new_v4().to_string(),
-        name: req.name,
-        site: site.name.clone(),
-        provider: site.provider.clone(),
-        country: site.country.clone(),
-        inventory: req.inventory,
-        state: HostState::Ready,
-        connected: false,
-        last_heartbeat: None,
-        usage: Default::default(),
-        allocated: Default::default(),
-        cpu_overcommit: None,
-        memory_overcommit: None,
-        created_at: Utc::now(),
-    };
-    let secret = auth::new_secret();
-    let rec = TokenRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        kind: TokenKind::Host,
-        hash: auth::hash(&secret),
-        site: None,
-        host_id: Some(host.id.clone()),
-        expires_at: None,
-        uses_left: None,
-        created_at: Utc::now(),
-    };
-    app.store.create_host(&host, &rec, &token.id).await?;
-    app.hosts.put(&host);
-    app.placement.upsert_host(&app, &host);
-    tracing::info!(host = %host.name, site = %site.name, "host joined");
+    let j = topology::join(&app, &token, req).await?;
     Ok((
         StatusCode::CREATED,
         Json(AgentJoined {
-            host_id: host.id,
-            host_name: host.name,
-            site: site.name,
-            host_token: secret,
+            host_id: j.host.id,
+            host_name: j.host.name,
+            site: j.site,
+            host_token: j.secret,
         }),
     ))
 }
@@ -150,19 +114,6 @@ async fn session(app: Ctx, host_id: String, socket: WebSocket) {
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
 
-/// The secret of the host's site (see [`crate::keys::site_secret`]), for
-/// its image service and its requests to its peers'.
-async fn site_secret(app: &Ctx, host_id: &str) -> Option<String> {
-    let site = app.host(host_id).ok()?.site;
-    match app.store.get_site(&site).await {
-        Ok(s) => Some(crate::keys::site_secret(&app.site_key, &s.id)),
-        Err(e) => {
-            tracing::warn!(error = %e, site, "no site secret for the welcome");
-            None
-        }
-    }
-}
-
 /// Messages queued per host before its transport waits. A flume channel,
 /// not tokio's: tokio's allocates a block of 32 messages per channel up
 /// front, 4 KiB per host at 100,000 hosts; flume's queue grows on demand.
@@ -229,7 +180,7 @@ async fn host_session(
         protocol: version,
         host_id: host_id.to_string(),
         heartbeat_interval_s: app.heartbeat_interval.as_secs().max(1),
-        site_secret: site_secret(app, host_id).await,
+        site_secret: topology::site_secret(app, host_id).await,
     });
     drop(outbox);
     crate::services::netplane::host_connected(app, host_id, networks);
@@ -407,7 +358,7 @@ async fn mux_session(app: Ctx, socket: WebSocket) {
                     ));
                     continue;
                 }
-                let host_id = match auth::authenticate(&app, &host_token).await {
+                let host_id = match tokens::authenticate(&app, &host_token).await {
                     Ok(rec) if rec.kind == TokenKind::Host => rec.host_id,
                     Ok(_) => None,
                     Err(e) => {

@@ -14,7 +14,7 @@ use axum::Json;
 use virt8ra_api::{App as AppView, AppCreate};
 
 use super::extract::Body;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::http::auth::Admin;
 use crate::services::apps::*;
 use crate::state::Ctx;
@@ -36,18 +36,7 @@ pub async fn create(
 #[utoipa::path(get, path = "/api/v1/apps", tag = "apps",
     responses((status = 200, body = Vec<virt8ra_api::App>)), security(("bearer" = [])))]
 pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<AppView>>> {
-    let mut out = Vec::new();
-    for body in app.store.list_docs(KIND).await? {
-        let r: AppRecord = serde_json::from_str(&body)
-            .map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))?;
-        let v = view(&app, &r).await?;
-        if v.status == "deleted" {
-            app.store.delete_doc(KIND, &r.id).await?;
-            continue;
-        }
-        out.push(v);
-    }
-    Ok(Json(out))
+    Ok(Json(list_all(&app).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/apps/{key}", tag = "apps",

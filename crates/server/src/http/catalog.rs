@@ -11,14 +11,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use virt8ra_api::{Appliance, Catalog, CatalogCreate, CatalogEntry, SignedCatalog};
 
 use super::extract::Body;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::http::auth::Admin;
-use crate::services::catalog::*;
+use crate::services::catalog;
 use crate::state::Ctx;
 
 #[utoipa::path(post, path = "/api/v1/appliances", tag = "marketplace", request_body = Appliance,
@@ -30,36 +29,9 @@ use crate::state::Ctx;
 pub async fn publish(
     _: Admin,
     State(app): State<Ctx>,
-    Body(mut a): Body<Appliance>,
+    Body(a): Body<Appliance>,
 ) -> ApiResult<(StatusCode, Json<Appliance>)> {
-    a.validate().map_err(ApiError::Invalid)?;
-    for img in &mut a.images {
-        let i = match app.store.get_image(&img.name).await {
-            Ok(i) => i,
-            Err(virt8ra_store::StoreError::NotFound { .. }) => {
-                return Err(super::extract::missing_ref("image", &img.name, "image"))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if !img.sha256.is_empty() && img.sha256 != i.sha256 {
-            return Err(ApiError::Invalid(format!(
-                "image {}: the definition names sha256 {}, the image store has {}",
-                img.name, img.sha256, i.sha256
-            )));
-        }
-        img.sha256 = i.sha256;
-        img.size_bytes = i.size_bytes;
-        img.arch = i.arch;
-        img.url = None;
-    }
-    let key = a.key();
-    if app.store.get_doc(APPLIANCE, &key).await?.is_some() {
-        return Err(ApiError::Conflict(format!(
-            "appliance {key} is already published; publish a new version"
-        )));
-    }
-    let body = serde_json::to_string(&a).map_err(|e| ApiError::Internal(e.to_string()))?;
-    app.store.put_doc(APPLIANCE, &key, &key, &body).await?;
+    let a = catalog::publish(&app, a).await?;
     Ok((StatusCode::CREATED, Json(a)))
 }
 
@@ -68,23 +40,7 @@ pub async fn publish(
 /// Every appliance this control plane can deploy: its own and those of the
 /// catalogs it trusts.
 pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<CatalogEntry>>> {
-    let mut out: Vec<CatalogEntry> = local_appliances(&app)
-        .await?
-        .into_iter()
-        .map(|a| CatalogEntry {
-            catalog: LOCAL.into(),
-            appliance: a,
-        })
-        .collect();
-    for c in catalogs(&app).await? {
-        for a in c.appliances {
-            out.push(CatalogEntry {
-                catalog: c.name.clone(),
-                appliance: a,
-            });
-        }
-    }
-    Ok(Json(out))
+    Ok(Json(catalog::entries(&app).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/appliances/{key}", tag = "marketplace",
@@ -96,11 +52,7 @@ pub async fn show(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<CatalogEntry>> {
-    match resolve(&app, &key).await {
-        Ok((e, _)) => Ok(Json(e)),
-        Err(ApiError::Invalid(m)) => Err(ApiError::NotFound(m)),
-        Err(e) => Err(e),
-    }
+    Ok(Json(catalog::entry(&app, &key).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/appliances/{key}", tag = "marketplace",
@@ -112,20 +64,15 @@ pub async fn unpublish(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
-    if app.store.delete_doc(APPLIANCE, &key).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::NotFound(format!(
-            "appliance '{key}' is not published here (name it as NAME@VERSION)"
-        )))
-    }
+    catalog::unpublish(&app, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/api/v1/catalog", tag = "marketplace",
     responses((status = 200, body = SignedCatalog, description = "The signed index; no token needed")))]
 /// This control plane's catalog, signed, for other control planes (public).
 pub async fn serve(State(app): State<Ctx>) -> ApiResult<Json<SignedCatalog>> {
-    Ok(Json(signed_index(&app).await?))
+    Ok(Json(catalog::signed_index(&app).await?))
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -139,7 +86,7 @@ pub struct CatalogKey {
 /// The catalog's public key, for operators to pass to other control planes
 /// out of band (admin only: trust must not come from the same channel).
 pub async fn public_key(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<CatalogKey>> {
-    let key = signing_key(&app);
+    let key = catalog::signing_key(&app);
     Ok(Json(CatalogKey {
         public_key: hex::encode(key.verifying_key().to_bytes()),
     }))
@@ -156,22 +103,7 @@ pub async fn image_data(
     Path(sha): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let published = local_appliances(&app)
-        .await?
-        .iter()
-        .any(|a| a.images.iter().any(|i| i.sha256 == sha));
-    if !published {
-        return Err(ApiError::NotFound(format!(
-            "no published appliance has image {sha}"
-        )));
-    }
-    let image = app
-        .store
-        .list_images()
-        .await?
-        .into_iter()
-        .find(|i| i.sha256 == sha)
-        .ok_or_else(|| ApiError::NotFound(format!("image {sha} is no longer stored")))?;
+    let image = catalog::published_image(&app, &sha).await?;
     super::images::serve_file(&app, &image, &headers, "catalog").await
 }
 
@@ -186,28 +118,7 @@ pub async fn add(
     State(app): State<Ctx>,
     Body(req): Body<CatalogCreate>,
 ) -> ApiResult<(StatusCode, Json<Catalog>)> {
-    virt8ra_api::validate::name("catalog", &req.name).map_err(ApiError::Invalid)?;
-    if req.name == LOCAL {
-        return Err(ApiError::Invalid(format!(
-            "'{LOCAL}' names this control plane's own catalog"
-        )));
-    }
-    if app.store.get_doc(CATALOG, &req.name).await?.is_some() {
-        return Err(ApiError::Conflict(format!(
-            "catalog '{}' already exists",
-            req.name
-        )));
-    }
-    let appliances = fetch_verified(&app.trust, &req.url, &req.public_key).await?;
-    let c = Catalog {
-        name: req.name,
-        url: req.url,
-        public_key: req.public_key.trim().to_lowercase(),
-        appliances,
-        fetched_at: Utc::now(),
-    };
-    let body = serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?;
-    app.store.put_doc(CATALOG, &c.name, &c.name, &body).await?;
+    let c = catalog::add(&app, req).await?;
     Ok((StatusCode::CREATED, Json(c)))
 }
 
@@ -223,18 +134,13 @@ pub async fn refresh(
     State(app): State<Ctx>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Catalog>> {
-    let mut c = get_catalog(&app, &name).await?;
-    c.appliances = fetch_verified(&app.trust, &c.url, &c.public_key).await?;
-    c.fetched_at = Utc::now();
-    let body = serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?;
-    app.store.put_doc(CATALOG, &c.name, &c.name, &body).await?;
-    Ok(Json(c))
+    Ok(Json(catalog::refresh(&app, &name).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/catalogs", tag = "marketplace",
     responses((status = 200, body = Vec<Catalog>)), security(("bearer" = [])))]
 pub async fn list_catalogs(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<Catalog>>> {
-    Ok(Json(catalogs(&app).await?))
+    Ok(Json(catalog::catalogs(&app).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/catalogs/{name}", tag = "marketplace",
@@ -246,7 +152,6 @@ pub async fn remove(
     State(app): State<Ctx>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let c = get_catalog(&app, &name).await?;
-    app.store.delete_doc(CATALOG, &c.name).await?;
+    catalog::remove(&app, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

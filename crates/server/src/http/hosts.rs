@@ -4,15 +4,13 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use chrono::{Duration, Utc};
 use serde::Deserialize;
-use virt8ra_api::{validate, Host, HostState, HostUpdate, JoinToken, JoinTokenCreate, Page};
-use virt8ra_store::{StoreError, TokenKind, TokenRecord};
+use virt8ra_api::{Host, HostState, HostUpdate, JoinToken, JoinTokenCreate, Page};
 
-use super::extract::{missing_ref, Body, Query};
-use crate::error::{ApiError, ApiResult};
-use crate::http::auth::{self, Admin};
-use crate::services::placement::host_view;
+use super::extract::{Body, Query};
+use crate::error::ApiResult;
+use crate::http::auth::Admin;
+use crate::services::{tokens, topology};
 use crate::state::Ctx;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -32,33 +30,16 @@ pub async fn list(
     State(app): State<Ctx>,
     Query(q): Query<HostQuery>,
 ) -> ApiResult<Json<Page<Host>>> {
-    let alloc = app.placement.allocations(&app).await?;
-    // From memory: the host index, the hub and the engine's books.
-    let items = app
-        .hosts
-        .all()
-        .into_iter()
-        .map(|h| {
-            let a = alloc.get(&h.name).copied();
-            host_view(&app, (*h).clone(), a.as_ref())
-        })
-        .filter(|h| {
-            q.site.as_ref().is_none_or(|s| *s == h.site)
-                && q.provider.as_ref().is_none_or(|s| *s == h.provider)
-                && q.country.as_ref().is_none_or(|s| *s == h.country)
-                && q.state.is_none_or(|s| s == h.state)
-        })
-        .collect();
+    let filter = topology::HostFilter {
+        site: q.site,
+        provider: q.provider,
+        country: q.country,
+        state: q.state,
+    };
     Ok(Json(Page {
-        items,
+        items: topology::hosts(&app, &filter).await?,
         next_cursor: None,
     }))
-}
-
-async fn load(app: &Ctx, key: &str) -> ApiResult<Host> {
-    let h = app.host(key)?;
-    let a = app.placement.allocations(app).await?.get(&h.name).copied();
-    Ok(host_view(app, h, a.as_ref()))
 }
 
 #[utoipa::path(get, path = "/api/v1/hosts/{key}", tag = "hosts",
@@ -70,7 +51,7 @@ pub async fn show(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Host>> {
-    Ok(Json(load(&app, &key).await?))
+    Ok(Json(topology::host(&app, &key).await?))
 }
 
 #[utoipa::path(patch, path = "/api/v1/hosts/{key}", tag = "hosts", request_body = HostUpdate,
@@ -84,41 +65,7 @@ pub async fn update(
     Path(key): Path<String>,
     Body(req): Body<HostUpdate>,
 ) -> ApiResult<Json<Host>> {
-    if req.state == Some(HostState::Unreachable) {
-        return Err(ApiError::Invalid(
-            "state 'unreachable' is set by the control plane; use ready, disabled or maintenance"
-                .into(),
-        ));
-    }
-    for (what, v) in [
-        ("cpu_overcommit", req.cpu_overcommit),
-        ("memory_overcommit", req.memory_overcommit),
-    ] {
-        if let Some(v) = v {
-            if !(0.1..=64.0).contains(&v) {
-                return Err(ApiError::Invalid(format!("{what} {v} is outside 0.1..64")));
-            }
-        }
-    }
-    if req.state.is_none() && req.cpu_overcommit.is_none() && req.memory_overcommit.is_none() {
-        return Err(ApiError::Invalid(
-            "nothing to change: give state, cpu_overcommit or memory_overcommit".into(),
-        ));
-    }
-    let mut h = app.host(&key)?;
-    if let Some(s) = req.state {
-        h.state = s;
-    }
-    if req.cpu_overcommit.is_some() {
-        h.cpu_overcommit = req.cpu_overcommit;
-    }
-    if req.memory_overcommit.is_some() {
-        h.memory_overcommit = req.memory_overcommit;
-    }
-    app.update_host(&h).await?;
-    app.placement.upsert_host(&app, &h);
-    app.wake.notify_one();
-    Ok(Json(load(&app, &h.id).await?))
+    Ok(Json(topology::update_host(&app, &key, req).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/hosts/{key}", tag = "hosts",
@@ -131,14 +78,7 @@ pub async fn delete(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let h = app.host(&key)?;
-    app.placement
-        .remove_host(&app, &h, async {
-            app.store.delete_host(&h.id).await?;
-            app.hosts.remove(&h.id);
-            Ok(())
-        })
-        .await?;
+    topology::delete_host(&app, &key).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -150,35 +90,6 @@ pub async fn create_join_token(
     State(app): State<Ctx>,
     Body(req): Body<JoinTokenCreate>,
 ) -> ApiResult<(StatusCode, Json<JoinToken>)> {
-    validate::join_token(&req).map_err(ApiError::Invalid)?;
-    let site = match app.store.get_site(&req.site).await {
-        Ok(s) => s,
-        Err(StoreError::NotFound { .. }) => return Err(missing_ref("site", &req.site, "site")),
-        Err(e) => return Err(e.into()),
-    };
-    let secret = auth::new_secret();
-    let ttl = req.ttl_s.unwrap_or(3600);
-    let max_uses = req.max_uses.unwrap_or(1);
-    let expires_at = Utc::now() + Duration::seconds(ttl as i64);
-    let rec = TokenRecord {
-        id: uuid::Uuid::new_v4().to_string(),
-        kind: TokenKind::Join,
-        hash: auth::hash(&secret),
-        site: Some(site.name.clone()),
-        host_id: None,
-        expires_at: Some(expires_at),
-        uses_left: Some(max_uses),
-        created_at: Utc::now(),
-    };
-    app.store.create_token(&rec).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(JoinToken {
-            id: rec.id,
-            site: site.name,
-            token: secret,
-            expires_at,
-            max_uses,
-        }),
-    ))
+    let t = tokens::create_join_token(&app, &req).await?;
+    Ok((StatusCode::CREATED, Json(t)))
 }

@@ -2,7 +2,8 @@
 //! (`<sha256>.qcow2`) and served to agents, who verify the checksum.
 //!
 //! Every image that comes in (upload, URL import, remote catalog, a VM
-//! import bundle's disk, which the CLI uploads) goes through [`ingest`],
+//! import bundle's disk, which the CLI uploads) goes through
+//! [`crate::services::images::ingest`],
 //! which treats it as hostile (see `virt8ra_image`): a VMDK extent or a
 //! qcow2 data file could otherwise make qemu-img copy a host file, the
 //! admin token say, into a stored image that anyone can then download.
@@ -14,21 +15,21 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
-use virt8ra_api::{validate, Image, Page};
+use tokio::io::AsyncSeekExt;
+use virt8ra_api::{Image, Page};
 
 use super::extract::Query;
 use crate::error::{ApiError, ApiResult};
 use crate::http::auth::{Admin, AdminOrHost};
-use crate::services::images::{check_new, import_from_url, ingest, Meta, TempFile};
+use crate::services::images;
+use crate::services::uploads;
 use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/images", tag = "images",
     responses((status = 200, body = Page<Image>)), security(("bearer" = [])))]
 pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Image>>> {
     Ok(Json(Page {
-        items: app.store.list_images().await?,
+        items: images::list(&app).await?,
         next_cursor: None,
     }))
 }
@@ -42,7 +43,7 @@ pub async fn show(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Image>> {
-    Ok(Json(app.store.get_image(&key).await?))
+    Ok(Json(images::get(&app, &key).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/images/{key}", tag = "images",
@@ -55,18 +56,7 @@ pub async fn delete(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let i = app.store.get_image(&key).await?;
-    app.store.delete_image(&i.id).await?;
-    // Keep the file if another image record has the same content.
-    let same = app
-        .store
-        .list_images()
-        .await?
-        .iter()
-        .any(|o| o.sha256 == i.sha256);
-    if !same {
-        let _ = tokio::fs::remove_file(app.images_dir.join(format!("{}.qcow2", i.sha256))).await;
-    }
+    images::delete(&app, &key).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -98,57 +88,14 @@ pub async fn upload(
     body: RawBody,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
     super::extract::octet_stream(&headers)?;
-    let arch = check_new(&app, &q.name, q.arch.as_deref(), q.version.as_deref()).await?;
-    let mut labels = std::collections::BTreeMap::new();
-    for pair in q.labels.iter().flat_map(|l| l.split(',')) {
-        let Some((k, v)) = pair.split_once('=') else {
-            return Err(ApiError::Invalid(format!(
-                "label {pair:?} must be KEY=VALUE"
-            )));
-        };
-        labels.insert(k.to_string(), v.to_string());
-    }
-    validate::labels(&labels).map_err(ApiError::Invalid)?;
-    let id = uuid::Uuid::new_v4().to_string();
-    let upload = app.images_dir.join(format!("upload-{id}"));
-    let _upload_guard = TempFile(Some(upload.clone()));
-    let mut f = tokio::fs::File::create(&upload)
-        .await
-        .map_err(|e| ApiError::Internal(format!("create {}: {e}", upload.display())))?;
-    let mut stream = body.into_data_stream();
-    let mut received: u64 = 0;
-    let mut source_hash = Sha256::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::Invalid(format!("upload interrupted: {e}")))?;
-        received += chunk.len() as u64;
-        source_hash.update(&chunk);
-        f.write_all(&chunk)
-            .await
-            .map_err(|e| ApiError::Internal(format!("write upload: {e}")))?;
-    }
-    f.sync_all()
-        .await
-        .map_err(|e| ApiError::Internal(format!("sync upload: {e}")))?;
-    drop(f);
-    if received == 0 {
-        return Err(ApiError::Invalid("the upload is empty".into()));
-    }
-
-    ingest(
-        &app,
-        &upload,
-        Meta {
-            id,
-            name: q.name,
-            arch,
-            version: q.version,
-            provenance: "upload".into(),
-            source_sha256: Some(hex::encode(source_hash.finalize())),
-            labels,
-        },
-    )
-    .await
-    .map(|i| (StatusCode::CREATED, Json(i)))
+    let q = uploads::ImageUpload {
+        name: q.name,
+        arch: q.arch,
+        labels: q.labels,
+        version: q.version,
+    };
+    let i = uploads::upload_image(&app, q, body.into_data_stream()).await?;
+    Ok((StatusCode::CREATED, Json(i)))
 }
 
 #[utoipa::path(post, path = "/api/v1/images/import", tag = "images",
@@ -161,22 +108,7 @@ pub async fn import_url(
     State(app): State<Ctx>,
     super::extract::Body(req): super::extract::Body<virt8ra_api::ImageImportUrl>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
-    let arch = check_new(&app, &req.name, req.arch.as_deref(), req.version.as_deref()).await?;
-    let i = import_from_url(
-        &app,
-        &req.url,
-        req.sha256.as_deref(),
-        Meta {
-            id: uuid::Uuid::new_v4().to_string(),
-            name: req.name,
-            arch,
-            version: req.version,
-            provenance: req.url.clone(),
-            source_sha256: None,
-            labels: Default::default(),
-        },
-    )
-    .await?;
+    let i = images::import_url(&app, req).await?;
     Ok((StatusCode::CREATED, Json(i)))
 }
 
@@ -209,7 +141,7 @@ pub async fn download(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let i = app.store.get_image(&key).await?;
+    let i = images::get(&app, &key).await?;
     serve_file(&app, &i, &headers, &host.unwrap_or_else(|| "admin".into())).await
 }
 
@@ -230,10 +162,10 @@ pub async fn serve_file(
         header::HeaderName::from_static("x-virt8ra-sha256"),
         i.sha256.clone(),
     ));
-    let who = who.to_string();
+    let (app, who) = (app.clone(), who.to_string());
     let stream = tokio_util::io::ReaderStream::new(f).inspect(move |c| {
         if let Ok(c) = c {
-            count_transfer(&who, c.len() as u64);
+            app.transfers.add(&who, c.len() as u64);
         }
     });
     Ok(respond(status, RawBody::from_stream(stream), hdrs))
@@ -295,33 +227,13 @@ pub(crate) fn respond(
     resp
 }
 
-/// Bytes of image data the control plane served, by host id (`admin` for
-/// operators). Process-wide: one control plane runs per process.
-static TRANSFERS: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-
-fn count_transfer(who: &str, n: u64) {
-    let mut t = TRANSFERS.lock().unwrap_or_else(|p| p.into_inner());
-    *t.entry(who.to_string()).or_default() += n;
-}
-
 #[utoipa::path(get, path = "/api/v1/images/transfers", tag = "images",
     responses((status = 200, body = virt8ra_api::ImageTransfers)), security(("bearer" = [])))]
 pub async fn transfers(
     _: Admin,
     State(app): State<Ctx>,
 ) -> ApiResult<Json<virt8ra_api::ImageTransfers>> {
-    let by_id = TRANSFERS.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut out = virt8ra_api::ImageTransfers::default();
-    for (id, n) in by_id {
-        let name = match app.store.get_host(&id).await {
-            Ok(h) => h.name,
-            Err(_) => id,
-        };
-        *out.long_link_bytes_by_host.entry(name).or_default() += n;
-        out.long_link_bytes += n;
-    }
-    Ok(Json(out))
+    Ok(Json(images::transfers(&app).await))
 }
 
 #[utoipa::path(post, path = "/api/v1/images/{key}/replicate", tag = "images",
@@ -336,37 +248,6 @@ pub async fn replicate(
     Path(key): Path<String>,
     super::extract::Body(req): super::extract::Body<virt8ra_api::ImageReplicate>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
-    let mut i = app.store.get_image(&key).await?;
-    if req.sites.is_empty() {
-        return Err(ApiError::Invalid("name at least one site".into()));
-    }
-    let mut sites = Vec::new();
-    for s in &req.sites {
-        match app.store.get_site(s).await {
-            Ok(site) => sites.push(site.name),
-            Err(virt8ra_store::StoreError::NotFound { .. }) => {
-                return Err(super::extract::missing_ref("site", s, "site"))
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let mut changed = false;
-    for s in sites {
-        if !i.sites.contains(&s) {
-            i.sites.push(s);
-            changed = true;
-        }
-    }
-    if changed {
-        i.sites.sort();
-        app.store.update_image(&i).await?;
-    }
-    crate::services::distribution::invalidate();
-    for h in app.store.list_hosts().await? {
-        if i.sites.contains(&h.site) {
-            app.mark_host(&h.id);
-        }
-    }
-    app.wake.notify_one();
+    let i = images::replicate(&app, &key, &req.sites).await?;
     Ok((StatusCode::ACCEPTED, Json(i)))
 }

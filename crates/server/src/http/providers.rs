@@ -3,19 +3,19 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use chrono::Utc;
-use virt8ra_api::{validate, Page, Provider, ProviderCreate, ProviderUpdate};
+use virt8ra_api::{Page, Provider, ProviderCreate, ProviderUpdate};
 
 use super::extract::Body;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::http::auth::Admin;
+use crate::services::topology;
 use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/providers", tag = "providers",
     responses((status = 200, body = Page<Provider>)), security(("bearer" = [])))]
 pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Provider>>> {
     Ok(Json(Page {
-        items: app.store.list_providers().await?,
+        items: topology::providers(&app).await?,
         next_cursor: None,
     }))
 }
@@ -29,17 +29,7 @@ pub async fn create(
     State(app): State<Ctx>,
     Body(req): Body<ProviderCreate>,
 ) -> ApiResult<(StatusCode, Json<Provider>)> {
-    validate::provider(&req).map_err(ApiError::Invalid)?;
-    let p = Provider {
-        id: uuid::Uuid::new_v4().to_string(),
-        name: req.name,
-        country: req.country,
-        jurisdiction: req.jurisdiction,
-        labels: req.labels,
-        created_at: Utc::now(),
-    };
-    app.store.create_provider(&p).await?;
-    app.placement.invalidate();
+    let p = topology::create_provider(&app, req).await?;
     Ok((StatusCode::CREATED, Json(p)))
 }
 
@@ -52,7 +42,7 @@ pub async fn show(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Provider>> {
-    Ok(Json(app.store.get_provider(&key).await?))
+    Ok(Json(topology::provider(&app, &key).await?))
 }
 
 #[utoipa::path(patch, path = "/api/v1/providers/{key}", tag = "providers", request_body = ProviderUpdate,
@@ -66,26 +56,7 @@ pub async fn update(
     Path(key): Path<String>,
     Body(req): Body<ProviderUpdate>,
 ) -> ApiResult<Json<Provider>> {
-    let mut p = app.store.get_provider(&key).await?;
-    if let Some(c) = req.country {
-        p.country = c;
-    }
-    if let Some(j) = req.jurisdiction {
-        p.jurisdiction = j;
-    }
-    if let Some(l) = req.labels {
-        p.labels = l;
-    }
-    validate::provider(&ProviderCreate {
-        name: p.name.clone(),
-        country: p.country.clone(),
-        jurisdiction: p.jurisdiction.clone(),
-        labels: p.labels.clone(),
-    })
-    .map_err(ApiError::Invalid)?;
-    app.store.update_provider(&p).await?;
-    app.placement.invalidate();
-    Ok(Json(p))
+    Ok(Json(topology::update_provider(&app, &key, req).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/providers/{key}", tag = "providers",
@@ -98,8 +69,6 @@ pub async fn delete(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let p = app.store.get_provider(&key).await?;
-    app.store.delete_provider(&p.id).await?;
-    app.placement.invalidate();
+    topology::delete_provider(&app, &key).await?;
     Ok(StatusCode::NO_CONTENT)
 }

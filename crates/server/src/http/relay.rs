@@ -74,7 +74,7 @@ pub async fn relay(
         .active()
         .into_iter()
         .find(|m| m.id == migration_id)
-        .ok_or_else(|| ApiError::NotFound(format!("no active migration {migration_id}")))?;
+        .ok_or_else(|| ApiError::Missing(format!("no active migration {migration_id}")))?;
     if m.mode != MigrationMode::Live || !m.relay {
         return Err(ApiError::Conflict(format!(
             "migration {migration_id} is not relayed through the control plane"
@@ -120,7 +120,7 @@ pub async fn relay(
         Ok(ws.on_upgrade(move |socket| source_side(app, key, socket, rx)))
     } else if host.host_id == m.target.host_id {
         let tx = app.migrations.relay.pending().remove(&key).ok_or_else(|| {
-            ApiError::NotFound(format!(
+            ApiError::Missing(format!(
                 "no relay connection {conn_id} waits for the target"
             ))
         })?;

@@ -3,20 +3,19 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use chrono::Utc;
-use virt8ra_api::{validate, Page, Site, SiteCreate, SiteUpdate};
-use virt8ra_store::StoreError;
+use virt8ra_api::{Page, Site, SiteCreate, SiteUpdate};
 
-use super::extract::{missing_ref, Body};
-use crate::error::{ApiError, ApiResult};
+use super::extract::Body;
+use crate::error::ApiResult;
 use crate::http::auth::Admin;
+use crate::services::topology;
 use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/sites", tag = "sites",
     responses((status = 200, body = Page<Site>)), security(("bearer" = [])))]
 pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Site>>> {
     Ok(Json(Page {
-        items: app.store.list_sites().await?,
+        items: topology::sites(&app).await?,
         next_cursor: None,
     }))
 }
@@ -30,29 +29,7 @@ pub async fn create(
     State(app): State<Ctx>,
     Body(req): Body<SiteCreate>,
 ) -> ApiResult<(StatusCode, Json<Site>)> {
-    validate::site(&req).map_err(ApiError::Invalid)?;
-    let provider = match app.store.get_provider(&req.provider).await {
-        Ok(p) => p,
-        Err(StoreError::NotFound { .. }) => {
-            return Err(missing_ref("provider", &req.provider, "provider"))
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let s = Site {
-        id: uuid::Uuid::new_v4().to_string(),
-        name: req.name,
-        provider: provider.name,
-        country: req.country,
-        city: req.city,
-        latitude: req.latitude,
-        longitude: req.longitude,
-        tier: req.tier,
-        facts: req.facts,
-        labels: req.labels,
-        created_at: Utc::now(),
-    };
-    app.store.create_site(&s).await?;
-    app.placement.invalidate();
+    let s = topology::create_site(&app, req).await?;
     Ok((StatusCode::CREATED, Json(s)))
 }
 
@@ -65,7 +42,7 @@ pub async fn show(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Site>> {
-    Ok(Json(app.store.get_site(&key).await?))
+    Ok(Json(topology::site(&app, &key).await?))
 }
 
 #[utoipa::path(patch, path = "/api/v1/sites/{key}", tag = "sites", request_body = SiteUpdate,
@@ -79,40 +56,7 @@ pub async fn update(
     Path(key): Path<String>,
     Body(req): Body<SiteUpdate>,
 ) -> ApiResult<Json<Site>> {
-    let mut s = app.store.get_site(&key).await?;
-    if let Some(v) = req.city {
-        s.city = v;
-    }
-    if let Some(v) = req.latitude {
-        s.latitude = v;
-    }
-    if let Some(v) = req.longitude {
-        s.longitude = v;
-    }
-    if let Some(v) = req.tier {
-        s.tier = v;
-    }
-    if let Some(v) = req.facts {
-        s.facts = v;
-    }
-    if let Some(v) = req.labels {
-        s.labels = v;
-    }
-    validate::site(&SiteCreate {
-        name: s.name.clone(),
-        provider: s.provider.clone(),
-        country: s.country.clone(),
-        city: s.city.clone(),
-        latitude: s.latitude,
-        longitude: s.longitude,
-        tier: s.tier,
-        facts: s.facts.clone(),
-        labels: s.labels.clone(),
-    })
-    .map_err(ApiError::Invalid)?;
-    app.store.update_site(&s).await?;
-    app.placement.invalidate();
-    Ok(Json(s))
+    Ok(Json(topology::update_site(&app, &key, req).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/sites/{key}", tag = "sites",
@@ -125,8 +69,6 @@ pub async fn delete(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let s = app.store.get_site(&key).await?;
-    app.store.delete_site(&s.id).await?;
-    app.placement.invalidate();
+    topology::delete_site(&app, &key).await?;
     Ok(StatusCode::NO_CONTENT)
 }

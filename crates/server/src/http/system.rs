@@ -30,7 +30,7 @@ pub async fn metrics(
 }
 
 pub(super) async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
+    ApiError::Missing(format!("no such endpoint: {}", uri.path()))
 }
 
 /// A path that exists, called with a method it does not take (the router

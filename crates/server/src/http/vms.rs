@@ -16,7 +16,7 @@ use virt8ra_api::{
 use virt8ra_store::VmFilter;
 
 use super::extract::{Body, Query};
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::http::auth::Admin;
 use crate::state::Ctx;
 
@@ -130,7 +130,7 @@ pub async fn delete(
     let _g = app.lock_vm(&id).await;
     let mut vm = app.vm(&id)?;
     if vm.status.phase == VmPhase::Deleted {
-        return Err(ApiError::NotFound(format!("VM '{key}' not found")));
+        return Err(ApiError::not_found(Kind::Vm, key));
     }
     if vm.status.phase == VmPhase::Deleting {
         return Ok((StatusCode::ACCEPTED, Json(vm)));
@@ -280,8 +280,7 @@ pub async fn events(
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<VmEvent>>> {
-    let vm = app.vm(&key)?;
-    Ok(Json(app.store.vm_events(&vm.id).await?))
+    Ok(Json(crate::services::vms::events(&app, &key).await?))
 }
 
 fn refuse_while_migrating(vm: &Vm) -> ApiResult<()> {
@@ -305,6 +304,8 @@ pub async fn plan(
 ) -> ApiResult<Json<PlacementPlan>> {
     validate::vm(&req).map_err(ApiError::Invalid)?;
     let r = check_rules(&app, &req)?;
+    // Where its networks reach, too.
+    let r = crate::services::networks::planned_request(&app, &req, r).await?;
     let out = app.placement.with_engine(&app, |e| e.place(&r)).await?;
     Ok(Json(match out {
         Ok(d) => PlacementPlan {

@@ -756,6 +756,7 @@ mod tests {
         let state = |u: &str| virt8ra_api::HostNetworkState {
             underlay: u.parse().expect("addr"),
             networks: vec![],
+            tunnel: None,
         };
         assert!(
             !hub.send_network_state("h", state("192.0.2.1"), || 1),

@@ -124,7 +124,7 @@ pub fn narrow(c: &mut PlacementConstraints, name: &str, span: &NetworkSpan) -> R
         if let Some(p) = pin {
             if !reach.contains(p) {
                 return Err(format!(
-                    "network '{name}' reaches only {what} {reach_text}, but the VM's placement pins {what} {p}"
+                    "network '{name}' reaches only {what} {reach_text}, but the VM's placement is pinned to {p}"
                 ));
             }
         }
@@ -274,7 +274,7 @@ mod tests {
         };
         let e = narrow(&mut c, "net-fr", &span(&["FR"], &[], &[])).unwrap_err();
         assert!(
-            e.contains("network 'net-fr'") && e.contains("pins countries DE"),
+            e.contains("network 'net-fr'") && e.contains("pinned to DE"),
             "{e}"
         );
         let mut c = PlacementConstraints {

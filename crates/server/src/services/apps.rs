@@ -18,7 +18,7 @@ use virt8ra_api::{
     PowerState, Vm, VmCreate, VmPhase,
 };
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::state::Ctx;
 
 pub const KIND: &str = "app";
@@ -96,7 +96,7 @@ pub async fn load(app: &Ctx, key: &str) -> ApiResult<AppRecord> {
         .store
         .get_doc(KIND, key)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("app '{key}' not found")))?;
+        .ok_or_else(|| ApiError::not_found(Kind::App, key))?;
     serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))
 }
 
@@ -448,12 +448,28 @@ pub async fn replica_disk_gib(
 }
 
 /// The app by name or id, with its VMs and the status per location.
+/// Every app; an app whose VMs are all gone is forgotten as it is listed.
+pub async fn list_all(app: &Ctx) -> ApiResult<Vec<AppView>> {
+    let mut out = Vec::new();
+    for body in app.store.list_docs(KIND).await? {
+        let r: AppRecord = serde_json::from_str(&body)
+            .map_err(|e| ApiError::Internal(format!("corrupt app record: {e}")))?;
+        let v = view(app, &r).await?;
+        if v.status == "deleted" {
+            app.store.delete_doc(KIND, &r.id).await?;
+            continue;
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
 pub async fn get(app: &Ctx, key: &str) -> ApiResult<AppView> {
     let r = load(app, key).await?;
     let v = view(app, &r).await?;
     if v.status == "deleted" {
         app.store.delete_doc(KIND, &r.id).await?;
-        return Err(ApiError::NotFound(format!("app '{key}' not found")));
+        return Err(ApiError::not_found(Kind::App, key));
     }
     Ok(v)
 }

@@ -7,9 +7,11 @@ use std::collections::BTreeMap;
 
 use chrono::Utc;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
-use virt8ra_api::{version_cmp, Appliance, Catalog, CatalogEntry, CatalogIndex, SignedCatalog};
+use virt8ra_api::{
+    version_cmp, Appliance, Catalog, CatalogCreate, CatalogEntry, CatalogIndex, SignedCatalog,
+};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{missing_ref, ApiError, ApiResult, Kind};
 use crate::state::Ctx;
 
 pub const APPLIANCE: &str = "appliance";
@@ -103,10 +105,10 @@ pub async fn resolve(app: &Ctx, key: &str) -> ApiResult<(CatalogEntry, Option<Ca
             .cmp(&(a.catalog == LOCAL))
             .then_with(|| version_cmp(&b.appliance.version, &a.appliance.version))
     });
-    found.into_iter().next().ok_or_else(|| {
-        ApiError::Invalid(format!(
-            "appliance '{key}' not found; `virt8ra appliance list` shows what exists"
-        ))
+    found.into_iter().next().ok_or_else(|| ApiError::BadRef {
+        field: None,
+        kind: Kind::Appliance,
+        name: key.to_string(),
     })
 }
 
@@ -212,7 +214,7 @@ pub async fn get_catalog(app: &Ctx, name: &str) -> ApiResult<Catalog> {
         .store
         .get_doc(CATALOG, name)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("catalog '{name}' not found")))?;
+        .ok_or_else(|| ApiError::not_found(Kind::Catalog, name))?;
     serde_json::from_str(&body).map_err(|e| ApiError::Internal(format!("corrupt catalog: {e}")))
 }
 
@@ -290,4 +292,148 @@ pub async fn ensure_images(
         ids.push(i.id);
     }
     Ok(ids)
+}
+
+/// Publishes appliance `a` in this control plane's catalog. Its images
+/// must be in the image store (a missing one is a 400); their sha256,
+/// size and arch are filled in.
+pub async fn publish(app: &Ctx, mut a: Appliance) -> ApiResult<Appliance> {
+    a.validate().map_err(ApiError::Invalid)?;
+    for img in &mut a.images {
+        let i = app.store.get_image(&img.name).await;
+        let i = i.map_err(missing_ref)?;
+        if !img.sha256.is_empty() && img.sha256 != i.sha256 {
+            return Err(ApiError::Invalid(format!(
+                "image {}: the definition names sha256 {}, the image store has {}",
+                img.name, img.sha256, i.sha256
+            )));
+        }
+        img.sha256 = i.sha256;
+        img.size_bytes = i.size_bytes;
+        img.arch = i.arch;
+        img.url = None;
+    }
+    let key = a.key();
+    if app.store.get_doc(APPLIANCE, &key).await?.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "appliance {key} is already published; publish a new version"
+        )));
+    }
+    let body = serde_json::to_string(&a).map_err(|e| ApiError::Internal(e.to_string()))?;
+    app.store.put_doc(APPLIANCE, &key, &key, &body).await?;
+    Ok(a)
+}
+
+/// Every appliance this control plane can deploy: its own and those of the
+/// catalogs it trusts.
+pub async fn entries(app: &Ctx) -> ApiResult<Vec<CatalogEntry>> {
+    let mut out: Vec<CatalogEntry> = local_appliances(app)
+        .await?
+        .into_iter()
+        .map(|a| CatalogEntry {
+            catalog: LOCAL.into(),
+            appliance: a,
+        })
+        .collect();
+    for c in catalogs(app).await? {
+        for a in c.appliances {
+            out.push(CatalogEntry {
+                catalog: c.name.clone(),
+                appliance: a,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Appliance `key` (`[CATALOG/]NAME[@VERSION]`), as the path names it:
+/// not there is a 404.
+pub async fn entry(app: &Ctx, key: &str) -> ApiResult<CatalogEntry> {
+    match resolve(app, key).await {
+        Ok((e, _)) => Ok(e),
+        Err(ApiError::BadRef { kind, name, .. }) => Err(ApiError::NotFound {
+            kind,
+            name,
+            hint: Some("; `virt8ra appliance list` shows what exists"),
+        }),
+        Err(ApiError::Invalid(m)) => Err(ApiError::Missing(m)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes local appliance `key` (`NAME@VERSION`) out of the catalog.
+pub async fn unpublish(app: &Ctx, key: &str) -> ApiResult<()> {
+    if app.store.delete_doc(APPLIANCE, key).await? {
+        Ok(())
+    } else {
+        Err(ApiError::Missing(format!(
+            "appliance '{key}' is not published here (name it as NAME@VERSION)"
+        )))
+    }
+}
+
+/// The stored image of a published appliance by its sha256: what the
+/// public catalog serves (nothing else).
+pub async fn published_image(app: &Ctx, sha: &str) -> ApiResult<virt8ra_api::Image> {
+    let published = local_appliances(app)
+        .await?
+        .iter()
+        .any(|a| a.images.iter().any(|i| i.sha256 == sha));
+    if !published {
+        return Err(ApiError::Missing(format!(
+            "no published appliance has image {sha}"
+        )));
+    }
+    app.store
+        .list_images()
+        .await?
+        .into_iter()
+        .find(|i| i.sha256 == sha)
+        .ok_or_else(|| ApiError::Missing(format!("image {sha} is no longer stored")))
+}
+
+/// Adds another provider's catalog, trusted with the given key. It is
+/// fetched and verified now; a catalog that does not verify is refused.
+pub async fn add(app: &Ctx, req: CatalogCreate) -> ApiResult<Catalog> {
+    virt8ra_api::validate::name("catalog", &req.name).map_err(ApiError::Invalid)?;
+    if req.name == LOCAL {
+        return Err(ApiError::Invalid(format!(
+            "'{LOCAL}' names this control plane's own catalog"
+        )));
+    }
+    if app.store.get_doc(CATALOG, &req.name).await?.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "catalog '{}' already exists",
+            req.name
+        )));
+    }
+    let appliances = fetch_verified(&app.trust, &req.url, &req.public_key).await?;
+    let c = Catalog {
+        name: req.name,
+        url: req.url,
+        public_key: req.public_key.trim().to_lowercase(),
+        appliances,
+        fetched_at: Utc::now(),
+    };
+    let body = serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?;
+    app.store.put_doc(CATALOG, &c.name, &c.name, &body).await?;
+    Ok(c)
+}
+
+/// Fetches catalog `name` again; on a verification failure the last
+/// verified copy stays.
+pub async fn refresh(app: &Ctx, name: &str) -> ApiResult<Catalog> {
+    let mut c = get_catalog(app, name).await?;
+    c.appliances = fetch_verified(&app.trust, &c.url, &c.public_key).await?;
+    c.fetched_at = Utc::now();
+    let body = serde_json::to_string(&c).map_err(|e| ApiError::Internal(e.to_string()))?;
+    app.store.put_doc(CATALOG, &c.name, &c.name, &body).await?;
+    Ok(c)
+}
+
+/// Removes catalog `name`.
+pub async fn remove(app: &Ctx, name: &str) -> ApiResult<()> {
+    let c = get_catalog(app, name).await?;
+    app.store.delete_doc(CATALOG, &c.name).await?;
+    Ok(())
 }

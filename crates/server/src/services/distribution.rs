@@ -14,48 +14,29 @@
 //! behind an `Arc`, and rebuilt at most once a second and only when a host
 //! changed (the index's version) or an image was replicated (`invalidate`),
 //! so a scheduler pass over many hosts costs one lookup per host, not a scan.
+//! The cache is the control plane's (`registry::distribution`).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use virt8ra_api::protocol::ImageRef;
 use virt8ra_api::HostState;
 
 use crate::error::ApiResult;
+use crate::registry::distribution::View;
 use crate::state::Ctx;
 
-#[derive(Default)]
-struct View {
-    /// host id -> site name
-    site_of: HashMap<String, String>,
-    /// site -> image services (host name, host id, URL), by host name
-    services: HashMap<String, Vec<(String, String, String)>>,
-    /// site -> images replicated there
-    prestage: HashMap<String, Vec<ImageRef>>,
-}
-
-struct Cached {
-    at: Instant,
-    /// The host index's version the view was built from.
-    hosts_version: u64,
-    view: Arc<View>,
-}
-
-static VIEW: Mutex<Option<Cached>> = Mutex::new(None);
 const TTL: Duration = Duration::from_secs(1);
 
 /// Forgets the cached view (after a replicate or an image change).
-pub fn invalidate() {
-    *VIEW.lock().unwrap_or_else(|p| p.into_inner()) = None;
+pub fn invalidate(app: &Ctx) {
+    app.distribution.invalidate();
 }
 
 async fn view(app: &Ctx) -> ApiResult<Arc<View>> {
     let version = app.hosts.version();
-    if let Some(c) = VIEW.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        if c.hosts_version == version || c.at.elapsed() < TTL {
-            return Ok(c.view.clone());
-        }
+    if let Some(v) = app.distribution.get(version, TTL) {
+        return Ok(v);
     }
     let mut v = View::default();
     for h in app.hosts.all() {
@@ -79,11 +60,7 @@ async fn view(app: &Ctx) -> ApiResult<Arc<View>> {
         }
     }
     let view = Arc::new(v);
-    *VIEW.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cached {
-        at: Instant::now(),
-        hosts_version: version,
-        view: view.clone(),
-    });
+    app.distribution.put(version, view.clone());
     Ok(view)
 }
 

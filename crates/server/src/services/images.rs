@@ -1,5 +1,6 @@
 //! Images: received once, checked, converted to qcow2, hashed and stored
-//! by content address (`<sha256>.qcow2`).
+//! by content address (`<sha256>.qcow2`); listed, deleted, replicated to
+//! sites, and the bytes served counted.
 //!
 //! Every image that comes in (upload, URL import, remote catalog, a VM
 //! import bundle's disk, which the CLI uploads) goes through [`ingest`],
@@ -15,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use virt8ra_api::{validate, Image};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{missing_ref, ApiError, ApiResult};
 use crate::state::Ctx;
 
 /// Removes a temporary file when dropped, unless it was kept.
@@ -282,4 +283,96 @@ pub async fn sha256_file(path: &FsPath) -> ApiResult<(String, u64)> {
 /// Whether `s` is a sha256 in hex.
 pub fn valid_sha(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Imports an image from a URL (checked against `req.sha256` if given).
+pub async fn import_url(app: &Ctx, req: virt8ra_api::ImageImportUrl) -> ApiResult<Image> {
+    let arch = check_new(app, &req.name, req.arch.as_deref(), req.version.as_deref()).await?;
+    import_from_url(
+        app,
+        &req.url,
+        req.sha256.as_deref(),
+        Meta {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: req.name,
+            arch,
+            version: req.version,
+            provenance: req.url.clone(),
+            source_sha256: None,
+            labels: Default::default(),
+        },
+    )
+    .await
+}
+
+pub async fn list(app: &Ctx) -> ApiResult<Vec<Image>> {
+    Ok(app.store.list_images().await?)
+}
+
+pub async fn get(app: &Ctx, key: &str) -> ApiResult<Image> {
+    Ok(app.store.get_image(key).await?)
+}
+
+/// Deletes an image record, and its file unless another record has the
+/// same content.
+pub async fn delete(app: &Ctx, key: &str) -> ApiResult<()> {
+    let i = app.store.get_image(key).await?;
+    app.store.delete_image(&i.id).await?;
+    let same = app
+        .store
+        .list_images()
+        .await?
+        .iter()
+        .any(|o| o.sha256 == i.sha256);
+    if !same {
+        let _ = tokio::fs::remove_file(app.images_dir.join(format!("{}.qcow2", i.sha256))).await;
+    }
+    Ok(())
+}
+
+/// Adds `sites` (each must exist; a missing one is a 400) to the sites an
+/// image is kept at, and has their hosts fetch it on the next pass.
+pub async fn replicate(app: &Ctx, key: &str, sites: &[String]) -> ApiResult<Image> {
+    let mut i = app.store.get_image(key).await?;
+    if sites.is_empty() {
+        return Err(ApiError::Invalid("name at least one site".into()));
+    }
+    let mut names = Vec::new();
+    for s in sites {
+        let site = app.store.get_site(s).await;
+        names.push(site.map_err(missing_ref)?.name);
+    }
+    let mut changed = false;
+    for s in names {
+        if !i.sites.contains(&s) {
+            i.sites.push(s);
+            changed = true;
+        }
+    }
+    if changed {
+        i.sites.sort();
+        app.store.update_image(&i).await?;
+    }
+    crate::services::distribution::invalidate(app);
+    for h in app.store.list_hosts().await? {
+        if i.sites.contains(&h.site) {
+            app.mark_host(&h.id);
+        }
+    }
+    app.wake.notify_one();
+    Ok(i)
+}
+
+/// The image bytes served so far, by host name (`admin` for operators).
+pub async fn transfers(app: &Ctx) -> virt8ra_api::ImageTransfers {
+    let mut out = virt8ra_api::ImageTransfers::default();
+    for (id, n) in app.transfers.snapshot() {
+        let name = match app.store.get_host(&id).await {
+            Ok(h) => h.name,
+            Err(_) => id,
+        };
+        *out.long_link_bytes_by_host.entry(name).or_default() += n;
+        out.long_link_bytes += n;
+    }
+    out
 }

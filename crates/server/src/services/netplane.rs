@@ -128,6 +128,9 @@ pub fn host_state(
     let state = HostNetworkState {
         underlay: own.unwrap_or(Ipv4Addr::UNSPECIFIED),
         networks: out,
+        // The encrypted tunnels between sites are the agent's already; the
+        // control plane does not assign tunnel addresses yet.
+        tunnel: None,
     };
     if let Err(e) = state.validate() {
         notes.push(format!("the agent will refuse this state: {e}"));
@@ -170,6 +173,10 @@ fn members(
                 tap: tap_name(&p.nic.id),
                 mac,
                 ip: p.nic.ip,
+                // No security group or published port in the API yet: the
+                // agent's default (the network's members only).
+                ingress: None,
+                publish: Vec::new(),
             });
         }
         let Some(own) = own else { continue };

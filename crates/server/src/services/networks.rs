@@ -32,7 +32,7 @@ use virt8ra_api::{
 };
 use virt8ra_store::{StoreError, VmFilter};
 
-use crate::error::{missing_ref, ApiError, ApiResult};
+use crate::error::{missing_ref_in, ApiError, ApiResult};
 use crate::registry::networks::{narrow, span_reaches, span_text};
 use crate::registry::placement::site_info;
 use crate::state::Ctx;
@@ -144,8 +144,8 @@ async fn check_span_refs(app: &Ctx, s: &NetworkSpan) -> ApiResult<()> {
     for p in &s.providers {
         match app.store.get_provider(p).await {
             Ok(_) => {}
-            Err(StoreError::NotFound { .. }) => {
-                return Err(missing_ref("span.providers: provider", p, "provider"))
+            Err(e @ StoreError::NotFound { .. }) => {
+                return Err(missing_ref_in("span.providers", e))
             }
             Err(e) => return Err(e.into()),
         }
@@ -153,9 +153,7 @@ async fn check_span_refs(app: &Ctx, s: &NetworkSpan) -> ApiResult<()> {
     for name in &s.sites {
         let site = match app.store.get_site(name).await {
             Ok(x) => x,
-            Err(StoreError::NotFound { .. }) => {
-                return Err(missing_ref("span.sites: site", name, "site"))
-            }
+            Err(e @ StoreError::NotFound { .. }) => return Err(missing_ref_in("span.sites", e)),
             Err(e) => return Err(e.into()),
         };
         if !s.countries.is_empty() && !s.countries.contains(&site.country) {
@@ -223,9 +221,21 @@ pub async fn get(app: &Ctx, key: &str) -> ApiResult<Network> {
     Ok(app.store.get_network(key).await?)
 }
 
-/// Deletes a network; refused (409, naming the VMs) while NICs are on it.
+/// Deletes a network; refused (409, naming the VMs) while NICs are on it,
+/// or while a VM with a NIC on it is being created. Under the IPAM lock:
+/// a create that picked an address on the network holds a reservation
+/// until its VM is written (so the delete sees it), and a create that
+/// picks after the delete finds the network gone (so no lease outlives
+/// its network).
 pub async fn delete(app: &Ctx, key: &str) -> ApiResult<()> {
     let n = app.store.get_network(key).await?;
+    let _one = app.ipam.pick.lock().await;
+    if !app.ipam.reserved(&n.id).is_empty() {
+        return Err(ApiError::Conflict(format!(
+            "network '{}' is getting a NIC of a VM being created; try again",
+            n.name
+        )));
+    }
     app.store.delete_network(&n.id).await?;
     app.placement.spans.remove(&n.id);
     Ok(())
@@ -267,12 +277,8 @@ pub async fn resolve_nics(app: &Ctx, req: &VmCreate) -> ApiResult<Vec<NicPlan>> 
     for (i, r) in req.nics.iter().enumerate() {
         let network = match app.store.get_network(&r.network).await {
             Ok(n) => n,
-            Err(StoreError::NotFound { .. }) => {
-                return Err(missing_ref(
-                    &format!("nics[{i}]: network"),
-                    &r.network,
-                    "network",
-                ))
+            Err(e @ StoreError::NotFound { .. }) => {
+                return Err(missing_ref_in(&format!("nics[{i}]"), e))
             }
             Err(e) => return Err(e.into()),
         };
@@ -288,6 +294,27 @@ pub async fn resolve_nics(app: &Ctx, req: &VmCreate) -> ApiResult<Vec<NicPlan>> 
         check_reach(app, &req.placement, &out).await?;
     }
     Ok(out)
+}
+
+/// The placement request of a VM being planned (`vm plan`): `own` (its
+/// own rules) narrowed by the spans of the networks its NICs name, which
+/// are checked as at create.
+pub async fn planned_request(
+    app: &Ctx,
+    req: &VmCreate,
+    own: virt8ra_placement::Request,
+) -> ApiResult<virt8ra_placement::Request> {
+    if req.nics.is_empty() {
+        return Ok(own);
+    }
+    let nics = resolve_nics(app, req).await?;
+    let mut c = own.c.clone();
+    for (i, n) in nics.iter().enumerate() {
+        narrow(&mut c, &n.network.name, &n.network.span)
+            .map_err(|e| ApiError::Invalid(format!("nics[{i}]: {e}")))?;
+    }
+    virt8ra_placement::Request::new(own.res, c, app.placement.config.weights)
+        .map_err(|e| ApiError::Invalid(format!("placement: {e}")))
 }
 
 /// NIC `i` on `net` with address `ip`, against the NICs before it.
@@ -459,6 +486,13 @@ async fn pick(app: &Ctx, vm: &mut Vm, nics: &[NicPlan]) -> ApiResult<Vec<(String
     let mut picked = Vec::with_capacity(nics.len());
     for (p, nic) in nics.iter().zip(vm.status.nics.iter_mut()) {
         let id = &p.network.id;
+        if app.placement.spans.get(id).is_none() {
+            release_all(app, &picked);
+            return Err(ApiError::Invalid(format!(
+                "network '{}' was deleted while the VM was being created",
+                p.network.name
+            )));
+        }
         let reserved = app.ipam.reserved(id);
         let mut used: BTreeSet<Ipv4Addr> = match app.store.used_ips(id).await {
             Ok(u) => u,
@@ -536,13 +570,13 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_the_first_host_a_1450_mtu_and_nat() {
+    fn defaults_are_the_first_host_the_default_mtu_and_nat() {
         let c = check(&req(
             serde_json::json!({"name": "n", "cidr": "10.1.0.0/24"}),
         ))
         .unwrap();
         assert_eq!(c.gateway, Some(Ipv4Addr::new(10, 1, 0, 1)));
-        assert_eq!((c.mtu, c.nat), (1450, true));
+        assert_eq!((c.mtu, c.nat), (DEFAULT_MTU, true));
         let c = check(&req(
             serde_json::json!({"name": "n", "cidr": "10.1.0.0/24", "no_gateway": true}),
         ))

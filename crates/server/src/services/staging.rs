@@ -11,15 +11,17 @@
 //! are staged"). So every write of a file, and every read of its size, holds
 //! that file's lock, and a chunk that does not arrive whole is cut off
 //! again: the staged size is always the end of the last whole chunk, and a
-//! writer that asks for it waits for the one under way.
+//! writer that asks for it waits for the one under way. The locks are the
+//! control plane's ([`StagingLocks`], in its state), one per file.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use crate::registry::staging::StagingLocks;
+use crate::state::Ctx;
 
 /// Why a chunk was not stored.
 #[derive(Debug, thiserror::Error)]
@@ -41,45 +43,6 @@ pub enum ChunkError {
     },
 }
 
-/// One lock per staged file (by path). A file is a file however many
-/// control planes one process runs (the in-process tests run several), so
-/// the path is the key. Entries are removed when no writer holds them.
-static LOCKS: LazyLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> =
-    LazyLock::new(Default::default);
-
-/// Holds the lock of one staged file; drops its entry when the last
-/// holder goes.
-struct Held {
-    path: PathBuf,
-    lock: Arc<tokio::sync::Mutex<()>>,
-    _guard: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let mut m = LOCKS.lock().unwrap_or_else(|p| p.into_inner());
-        // Ours, the map's, and the guard's: nobody else waits for it.
-        if Arc::strong_count(&self.lock) <= 3 {
-            m.remove(&self.path);
-        }
-    }
-}
-
-async fn hold(path: &Path) -> Held {
-    let lock = LOCKS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(path.to_path_buf())
-        .or_default()
-        .clone();
-    let guard = lock.clone().lock_owned().await;
-    Held {
-        path: path.to_path_buf(),
-        lock,
-        _guard: guard,
-    }
-}
-
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ChunkError + 'a {
     move |source| ChunkError::Io {
         op,
@@ -95,9 +58,15 @@ async fn size_of(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The staged file of `key`: a migration's or export's id (its boot disk),
+/// or `ID.N` (data disk N of a cold migration).
+pub fn staging_path(app: &Ctx, key: &str) -> PathBuf {
+    app.data_dir.join("staging").join(format!("{key}.qcow2"))
+}
+
 /// The bytes staged in `path`, once no chunk is being written to it.
-pub async fn staged_size(path: &Path) -> u64 {
-    let _held = hold(path).await;
+pub async fn staged_size(locks: &StagingLocks, path: &Path) -> u64 {
+    let _held = locks.hold(path).await;
     size_of(path).await
 }
 
@@ -105,12 +74,17 @@ pub async fn staged_size(path: &Path) -> u64 {
 /// returns the staged size after it. Refuses a chunk that does not start at
 /// the staged size, and keeps nothing of a chunk that does not arrive
 /// whole.
-pub async fn write_chunk<S, E>(path: &Path, offset: u64, body: S) -> Result<u64, ChunkError>
+pub async fn write_chunk<S, E>(
+    locks: &StagingLocks,
+    path: &Path,
+    offset: u64,
+    body: S,
+) -> Result<u64, ChunkError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let _held = hold(path).await;
+    let _held = locks.hold(path).await;
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir)
             .await
@@ -165,6 +139,7 @@ where
 mod tests {
     use super::*;
     use futures_util::stream;
+    use std::sync::Arc;
     use std::time::Duration;
 
     fn chunk(b: &'static [u8]) -> Result<Bytes, String> {
@@ -174,42 +149,44 @@ mod tests {
     #[tokio::test]
     async fn chunks_append_in_order_and_a_wrong_offset_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
+        let locks = StagingLocks::default();
         let p = dir.path().join("staging/m.qcow2");
         assert_eq!(
-            write_chunk(&p, 0, stream::iter([chunk(b"abc")]))
+            write_chunk(&locks, &p, 0, stream::iter([chunk(b"abc")]))
                 .await
                 .unwrap(),
             3
         );
-        let e = write_chunk(&p, 0, stream::iter([chunk(b"abc")]))
+        let e = write_chunk(&locks, &p, 0, stream::iter([chunk(b"abc")]))
             .await
             .unwrap_err();
         assert_eq!(
             e.to_string(),
             "offset 0 but 3 bytes are staged; resume from 3"
         );
-        assert!(write_chunk(&p, 9, stream::iter([chunk(b"x")]))
+        assert!(write_chunk(&locks, &p, 9, stream::iter([chunk(b"x")]))
             .await
             .is_err());
         assert_eq!(
-            write_chunk(&p, 3, stream::iter([chunk(b"de")]))
+            write_chunk(&locks, &p, 3, stream::iter([chunk(b"de")]))
                 .await
                 .unwrap(),
             5
         );
         assert_eq!(std::fs::read(&p).unwrap(), b"abcde");
-        assert_eq!(staged_size(&p).await, 5);
+        assert_eq!(staged_size(&locks, &p).await, 5);
     }
 
     #[tokio::test]
     async fn an_interrupted_chunk_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
+        let locks = StagingLocks::default();
         let p = dir.path().join("m.qcow2");
-        write_chunk(&p, 0, stream::iter([chunk(b"abc")]))
+        write_chunk(&locks, &p, 0, stream::iter([chunk(b"abc")]))
             .await
             .unwrap();
         let broken = stream::iter([chunk(b"half"), Err("connection reset".to_string())]);
-        let e = write_chunk(&p, 3, broken).await.unwrap_err();
+        let e = write_chunk(&locks, &p, 3, broken).await.unwrap_err();
         assert!(matches!(e, ChunkError::Interrupted(_)), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), b"abc");
     }
@@ -219,18 +196,23 @@ mod tests {
     #[tokio::test]
     async fn a_second_writer_waits_and_sees_the_first_writers_size() {
         let dir = tempfile::tempdir().unwrap();
+        let locks = StagingLocks::default();
         let p = dir.path().join("m.qcow2");
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(4);
         let slow = tokio_stream_from(rx);
+        let locks = Arc::new(locks);
+        let (l1, l2, l3) = (locks.clone(), locks.clone(), locks.clone());
         let p1 = p.clone();
-        let first = tokio::spawn(async move { write_chunk(&p1, 0, slow).await });
+        let first = tokio::spawn(async move { write_chunk(&l1, &p1, 0, slow).await });
         tx.send(chunk(b"one")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let p2 = p.clone();
         let second =
-            tokio::spawn(async move { write_chunk(&p2, 0, stream::iter([chunk(b"two")])).await });
+            tokio::spawn(
+                async move { write_chunk(&l2, &p2, 0, stream::iter([chunk(b"two")])).await },
+            );
         let p3 = p.clone();
-        let size = tokio::spawn(async move { staged_size(&p3).await });
+        let size = tokio::spawn(async move { staged_size(&l3, &p3).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!second.is_finished() && !size.is_finished(), "did not wait");
         tx.send(chunk(b"more")).await.unwrap();
@@ -243,10 +225,7 @@ mod tests {
         );
         assert_eq!(size.await.unwrap(), 7);
         assert_eq!(std::fs::read(&p).unwrap(), b"onemore");
-        assert!(
-            !LOCKS.lock().unwrap().contains_key(&p),
-            "a lock entry leaked"
-        );
+        assert!(locks.is_empty(), "a lock entry leaked");
     }
 
     fn tokio_stream_from(

@@ -7,7 +7,7 @@ use chrono::Utc;
 use virt8ra_api::{validate, PowerState, Vm, VmCreate, VmPhase, VmStatus};
 use virt8ra_store::StoreError;
 
-use crate::error::{missing_ref, ApiError, ApiResult};
+use crate::error::{missing_ref, missing_ref_in, ApiError, ApiResult};
 use crate::services::networks;
 use crate::services::scheduler::{decide, Decision};
 use crate::state::Ctx;
@@ -24,19 +24,19 @@ pub async fn create(app: &Ctx, req: &VmCreate) -> ApiResult<Vm> {
     check_rules(app, req)?;
     let image = match app.store.get_image(&req.image).await {
         Ok(i) => i,
-        Err(StoreError::NotFound { .. }) => return Err(missing_ref("image", &req.image, "image")),
+        Err(e @ StoreError::NotFound { .. }) => return Err(missing_ref(e)),
         Err(e) => return Err(e.into()),
     };
     let data_image_ids = data_images(app, &req.data_disks).await?;
     let nics = networks::resolve_nics(app, req).await?;
     if let Some(s) = &req.placement.site {
-        if let Err(StoreError::NotFound { .. }) = app.store.get_site(s).await {
-            return Err(missing_ref("site", s, "site"));
+        if let Err(e @ StoreError::NotFound { .. }) = app.store.get_site(s).await {
+            return Err(missing_ref(e));
         }
     }
     if let Some(p) = &req.placement.provider {
-        if let Err(StoreError::NotFound { .. }) = app.store.get_provider(p).await {
-            return Err(missing_ref("provider", p, "provider"));
+        if let Err(e @ StoreError::NotFound { .. }) = app.store.get_provider(p).await {
+            return Err(missing_ref(e));
         }
     }
     let mut spec = req.spec();
@@ -161,17 +161,11 @@ pub async fn data_images(
             ids.push(None);
             continue;
         };
-        match app.store.get_image(name).await {
-            Ok(img) => ids.push(Some(img.id)),
-            Err(StoreError::NotFound { .. }) => {
-                return Err(missing_ref(
-                    &format!("data_disks[{i}]: image"),
-                    name,
-                    "image",
-                ))
-            }
-            Err(e) => return Err(e.into()),
-        }
+        let img = app.store.get_image(name).await;
+        ids.push(Some(
+            img.map_err(|e| missing_ref_in(&format!("data_disks[{i}]"), e))?
+                .id,
+        ));
     }
     Ok(ids)
 }
@@ -221,4 +215,10 @@ pub fn new_vm(
         created_at: now,
         updated_at: now,
     }
+}
+
+/// VM `key`'s events, oldest first.
+pub async fn events(app: &Ctx, key: &str) -> ApiResult<Vec<virt8ra_api::VmEvent>> {
+    let vm = app.vm(key)?;
+    Ok(app.store.vm_events(&vm.id).await?)
 }

@@ -16,7 +16,19 @@ use virt8ra_api::{EvacuateRequest, Evacuation, HostState, MigrationCreate, VmPha
 use virt8ra_store::VmFilter;
 
 use crate::error::{ApiError, ApiResult};
+use crate::services::topology::{self, Of};
 use crate::state::Ctx;
+
+/// Evacuates host, site or provider `key` (see [`evacuate`]).
+pub async fn evacuate_of(
+    app: &Ctx,
+    of: Of,
+    key: &str,
+    req: EvacuateRequest,
+) -> ApiResult<Evacuation> {
+    let s = topology::scope(app, of, key).await?;
+    evacuate(app, &s.what, s.host_ids, req).await
+}
 
 /// Puts the hosts in maintenance, then starts a migration for each VM on
 /// them (to any host but these); `what` names them in errors.

@@ -48,10 +48,14 @@ use virt8ra_api::{
 };
 use virt8ra_placement::Engine;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, Kind};
 use crate::registry::networks::{span_reaches, span_text};
 use crate::registry::placement;
 use crate::state::Ctx;
+
+/// Where a migration's disks are staged (kept here for the workflows that
+/// name it so; the path is the staging service's).
+pub use crate::services::staging::staging_path;
 
 /// Giving up on a target that does not get ready.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -214,10 +218,10 @@ fn choose_target(
                 vm.name
             )));
         }
-        let host = e.host(h).ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "host '{h}' not found; `virt8ra host list` shows what exists"
-            ))
+        let host = e.host(h).ok_or_else(|| ApiError::NotFound {
+            kind: Kind::Host,
+            name: h.clone(),
+            hint: Some("; `virt8ra host list` shows what exists"),
         })?;
         if let Err(rule) = e.check_host(host, &r) {
             let site = e.site_of(host);
@@ -1039,12 +1043,6 @@ async fn rollback(app: &Ctx, m: &mut Migration, why: String) -> ApiResult<()> {
         None,
     )
     .await
-}
-
-/// The staged file of `key`: a migration's or export's id (its boot disk),
-/// or `ID.N` (data disk N of a cold migration).
-pub fn staging_path(app: &Ctx, key: &str) -> std::path::PathBuf {
-    app.data_dir.join("staging").join(format!("{key}.qcow2"))
 }
 
 /// Removes every file staged for migration `id` (boot and data disks).

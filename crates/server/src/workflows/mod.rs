@@ -8,3 +8,4 @@
 pub mod evacuation;
 pub mod export;
 pub mod migration;
+pub mod rebalance;

@@ -473,6 +473,7 @@ async fn join_token_uses_are_counted() {
             migration_relay: false,
             protocol: 0,
             image_service: None,
+            tunnel_public_key: None,
         },
         state: HostState::Ready,
         connected: false,
