@@ -278,6 +278,15 @@ impl Channel {
     /// is applied), and the data plane would otherwise remove every `v8`
     /// device of this network namespace, which may be another agent's.
     async fn network_state(&self, generation: u64, state: virt8ra_api::HostNetworkState) {
+        if !self.driver.uses_taps() {
+            // Simulated hosts: their VMs have no taps, and many of them
+            // share one network namespace, which none may change.
+            tracing::debug!(
+                generation,
+                "network state ignored: this driver has no data plane"
+            );
+            return;
+        }
         let data_dir = self.data_dir.clone();
         if state.underlay.is_unspecified() && !state.networks.is_empty() {
             tracing::warn!(
