@@ -439,6 +439,7 @@ fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
         wait_pings(&c, g, now + 2, &IPS[..2], &[]);
     }
 
+    a_control_plane_restart_sends_a_newer_state(&mut c);
     live_migration_keeps_the_address_and_the_peers_follow(&mut c, &u, &hosts, &nics);
     a_host_without_an_address_serves_only_its_own_guests(&mut c, &u, &hosts, &script);
     drop(c);
@@ -609,4 +610,67 @@ fn a_host_without_an_address_serves_only_its_own_guests(
     );
     let agent = std::fs::read_to_string(c.dir.path().join("agent-host-4.log")).unwrap();
     assert!(agent.contains("--address"), "{agent}");
+}
+
+/// The generations of the network states agent `name` applied, in order
+/// (from its log, without the terminal's colour codes).
+fn applied_generations(c: &Cluster, name: &str) -> Vec<u64> {
+    let log =
+        std::fs::read_to_string(c.dir.path().join(format!("agent-{name}.log"))).unwrap_or_default();
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for e in chars.by_ref() {
+                if e == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(ch);
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| l.contains("network state applied"))
+        .filter_map(|l| {
+            let g = l.split("generation=").nth(1)?;
+            g.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// The control plane restarts: its agents reconnect and are sent their
+/// network state again, with a generation above the last one they
+/// applied (from the clock: nothing of it was kept), so they take it; the
+/// guests keep reaching each other.
+fn a_control_plane_restart_sends_a_newer_state(c: &mut Cluster) {
+    let before: Vec<u64> = (0..2)
+        .map(|i| {
+            let g = applied_generations(c, &format!("host-{i}"));
+            *g.last()
+                .unwrap_or_else(|| panic!("host-{i} applied no network state"))
+        })
+        .collect();
+    c.kill_server();
+    c.start_server();
+    c.wait_hosts_ready(3);
+    for (i, last) in before.iter().enumerate() {
+        let name = format!("host-{i}");
+        wait_until_explained(
+            &format!("{name} to apply a newer network state"),
+            Duration::from_secs(60),
+            || {
+                applied_generations(c, &name)
+                    .last()
+                    .is_some_and(|g| g > last)
+                    .then_some(())
+            },
+            || c.logs_tail(30),
+        );
+    }
+    for g in ["g0", "g1"] {
+        let now = round(c, g);
+        wait_pings(c, g, now + 1, &IPS[..2], &[]);
+    }
 }
