@@ -838,4 +838,105 @@ mod tests {
         until("x runs", || driver.is_running("x")).await;
         assert_eq!(persisted(tmp.path()), ["x"]);
     }
+
+    /// The simulated driver, but with taps, as QEMU's: a VM with NICs
+    /// must wait for them.
+    struct WithTaps(Arc<SimDriver>);
+
+    #[async_trait::async_trait]
+    impl Driver for WithTaps {
+        fn name(&self) -> &'static str {
+            "sim-with-taps"
+        }
+        fn hypervisor(&self) -> virt8ra_api::Hypervisor {
+            self.0.hypervisor()
+        }
+        fn version(&self) -> String {
+            self.0.version()
+        }
+        fn vm_dir(&self, id: &str) -> PathBuf {
+            self.0.vm_dir(id)
+        }
+        fn needs_image(&self) -> bool {
+            false
+        }
+        fn uses_taps(&self) -> bool {
+            true
+        }
+        fn default_machine_type(&self) -> Option<String> {
+            self.0.default_machine_type()
+        }
+        async fn prepare(&self, cfg: &VmConfig) -> crate::driver::Result<()> {
+            self.0.prepare(cfg).await
+        }
+        async fn start(&self, cfg: &VmConfig) -> crate::driver::Result<()> {
+            self.0.start(cfg).await
+        }
+        async fn state(&self, id: &str) -> crate::driver::Result<DriverVmState> {
+            self.0.state(id).await
+        }
+        async fn stop(&self, id: &str, t: Duration) -> crate::driver::Result<()> {
+            self.0.stop(id, t).await
+        }
+        async fn reboot(&self, id: &str) -> crate::driver::Result<()> {
+            self.0.reboot(id).await
+        }
+        async fn destroy(&self, id: &str) -> crate::driver::Result<()> {
+            self.0.destroy(id).await
+        }
+        async fn list(&self) -> crate::driver::Result<Vec<String>> {
+            self.0.list().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vm_waits_for_its_tap_and_starts_once_it_is_there() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let sim = sim_driver(tmp.path(), 4096);
+        let images = Arc::new(
+            ImageCache::new(
+                tmp.path().join("images"),
+                "http://127.0.0.1:9",
+                "t",
+                &virt8ra_tls::Trust::public(),
+            )
+            .expect("cache"),
+        );
+        let (reports, _changes) = Reports::new();
+        let r = Reconciler::new(
+            tmp.path(),
+            Arc::new(WithTaps(sim.clone())),
+            images,
+            reports.clone(),
+        )
+        .expect("reconciler")
+        .with_recheck(Duration::from_millis(50));
+        let nic = |tap: &str| virt8ra_api::protocol::DesiredNic {
+            id: "nic-1".into(),
+            network: "net-1".into(),
+            mac: virt8ra_api::mac_for_nic("nic-1"),
+            ip: "10.0.0.5".parse().expect("ip"),
+            prefix: 24,
+            tap: tap.into(),
+        };
+        let mut d = dvm("x", PowerState::Running);
+        d.nics = vec![nic("v8t-notthere01")];
+        r.apply(1, vec![d.clone()]).await.expect("apply");
+        until("x says it waits for its tap", || {
+            reports.all().iter().any(|v| {
+                v.id == "x"
+                    && v.phase == AgentVmPhase::Provisioning
+                    && v.error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("waiting for tap v8t-notthere01"))
+            })
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!sim.is_running("x"), "QEMU would have made the tap itself");
+        // The tap appears (here: a device every namespace has).
+        d.nics = vec![nic("lo")];
+        r.apply(2, vec![d]).await.expect("apply");
+        until("x runs", || sim.is_running("x")).await;
+    }
 }
