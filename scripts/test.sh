@@ -46,7 +46,7 @@ if [ "$mode" = fast ]; then
   # In process (crates/testkit): the migration workflow failed and crashed
   # at every step and undo step, against simulated hosts.
   cargo test --locked -p virt8ra-testkit --tests
-  cargo test --locked -p virt8ra --test api --test sim --test imports --test auth_table \
+  cargo test --locked -p virt8ra --test api --test sim --test imports --test auth_table --test networks \
     --test http_limits --test ingest --test cli_progress "${features[@]}" -- --test-threads=2
   exit 0
 fi

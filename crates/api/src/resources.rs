@@ -293,6 +293,12 @@ pub struct Host {
     /// Memory overcommit ratio for this host; the control plane's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_overcommit: Option<f64>,
+    /// The host's address inside the encrypted tunnels between sites
+    /// (100.64.0.0/10), given by the control plane once its agent reports a
+    /// tunnel key; it never changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub tunnel_address: Option<std::net::Ipv4Addr>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -788,6 +794,26 @@ pub struct NetworkSpan {
     /// Site names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<String>,
+}
+
+impl NetworkSpan {
+    /// The span in words: `countries FR, DE; sites fr-paris`, or `anywhere`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            ("countries", &self.countries),
+            ("providers", &self.providers),
+            ("sites", &self.sites),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k} {}", v.join(", ")))
+        .collect();
+        if parts.is_empty() {
+            "anywhere".into()
+        } else {
+            parts.join("; ")
+        }
+    }
 }
 
 /// What `network create` sends.

@@ -131,6 +131,8 @@ pub async fn open(
     let placement = LoadedPlacement::new(placement_config);
     // Networks' spans before anything is placed (see `registry::networks`).
     placement.spans.load(&store.list_networks().await?);
+    let tunnels = registry::tunnels::TunnelAddresses::default();
+    tunnels.load(hosts.all().iter().filter_map(|h| h.tunnel_address));
     let app = Arc::new(ControlPlane {
         store,
         hub: registry::hub::Hub::default(),
@@ -141,6 +143,7 @@ pub async fn open(
         vm_locks: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
         placement,
         ipam: Default::default(),
+        tunnels,
         started: std::time::Instant::now(),
         marked_hosts: Default::default(),
         deleting_hosts: Default::default(),

@@ -45,6 +45,8 @@ pub struct ControlPlane {
     pub placement: LoadedPlacement,
     /// Addresses being given to NICs of VMs not yet written.
     pub ipam: crate::registry::networks::Ipam,
+    /// Hosts' addresses inside the tunnels between sites.
+    pub tunnels: crate::registry::tunnels::TunnelAddresses,
     pub started: std::time::Instant,
     /// Hosts whose desired state may have changed since the last pass, and
     /// which of their VMs (see [`Marks`]).

@@ -157,6 +157,7 @@ async fn host_session(
     match app.host(host_id) {
         Ok(mut h) => {
             h.inventory = *inventory;
+            topology::take_tunnel_address(app, &mut h);
             h.last_heartbeat = Some(Utc::now());
             if let Err(e) = Box::pin(app.update_host(&h)).await {
                 tracing::warn!(error = %e, "recording host inventory");

@@ -19,3 +19,4 @@ pub mod placement;
 pub mod relays;
 pub mod staging;
 pub mod transfers;
+pub mod tunnels;

@@ -49,7 +49,7 @@ use virt8ra_api::{
 use virt8ra_placement::Engine;
 
 use crate::error::{ApiError, ApiResult, Kind};
-use crate::registry::networks::{span_reaches, span_text};
+use crate::registry::networks::span_reaches;
 use crate::registry::placement;
 use crate::state::Ctx;
 
@@ -281,7 +281,7 @@ fn outside_network(
     Some(format!(
         "its network '{}' does not reach site {site} ({provider}, {country}); the network spans {}",
         n.name,
-        span_text(&n.span)
+        n.span.describe()
     ))
 }
 
@@ -317,14 +317,14 @@ fn outside_networks(
             return refuse(format!(
                 "country {c}: its network '{}' does not reach it; the network spans {}",
                 n.name,
-                span_text(&n.span)
+                n.span.describe()
             ));
         }
         if let Some(p) = off(&req.to_provider, &n.span.providers) {
             return refuse(format!(
                 "provider {p}: its network '{}' does not reach it; the network spans {}",
                 n.name,
-                span_text(&n.span)
+                n.span.describe()
             ));
         }
     }
@@ -339,7 +339,7 @@ fn spans_text(pl: &placement::LoadedPlacement, vm: &Vm) -> String {
     }
     let each: Vec<String> = nets
         .iter()
-        .map(|n| format!("'{}': {}", n.name, span_text(&n.span)))
+        .map(|n| format!("'{}': {}", n.name, n.span.describe()))
         .collect();
     format!(" and the spans of its networks ({})", each.join(", "))
 }

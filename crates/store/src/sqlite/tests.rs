@@ -482,6 +482,7 @@ async fn join_token_uses_are_counted() {
         allocated: Default::default(),
         cpu_overcommit: None,
         memory_overcommit: None,
+        tunnel_address: None,
         created_at: Utc::now(),
     };
     let tok = |n: &str| TokenRecord {
