@@ -204,9 +204,13 @@ pub struct HostInventory {
     /// Concrete QEMU machine types this host runs (e.g. `pc-i440fx-7.2`).
     #[serde(default)]
     pub machine_types: Vec<String>,
-    /// Address where peers reach this host's incoming live-migration
-    /// streams; none means they are relayed through the control plane (if
-    /// the agent can, `migration_relay`) or the host takes only cold ones.
+    /// The address other hosts reach this host at (`virt8ra agent
+    /// --address`, also `--migration-address`): where incoming
+    /// live-migration streams arrive and, when it is an IPv4 address, the
+    /// underlay of its virtual networks (VXLAN). None: live migrations to
+    /// it are relayed through the control plane (if the agent can,
+    /// `migration_relay`) or it takes only cold ones, and its virtual
+    /// networks reach only its own guests.
     #[serde(default)]
     pub migration_address: Option<String>,
     /// The agent can take live migrations relayed through the control plane

@@ -198,6 +198,7 @@ pub async fn open_with(
         vms,
         hosts,
         image_refs: Default::default(),
+        netplane: Default::default(),
         trust,
         catalog_key,
         site_key,

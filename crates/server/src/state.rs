@@ -72,6 +72,8 @@ pub struct ControlPlane {
     pub vms: crate::registry::index::VmIndex,
     /// Every host, in memory, written through like `vms`.
     pub hosts: crate::registry::index::HostIndex,
+    /// What the network plane computed last (see `services::netplane`).
+    pub netplane: crate::registry::netplane::NetPlane,
     /// Images as the agent protocol names them, by image id. An image id
     /// always names the same bytes, so entries never go stale.
     pub image_refs: std::sync::Mutex<std::collections::HashMap<String, ImageRef>>,

@@ -488,6 +488,10 @@ impl Driver for QemuDriver {
         Some(self.default_machine().to_string())
     }
 
+    fn uses_taps(&self) -> bool {
+        true
+    }
+
     fn migrator(&self) -> Option<&dyn super::Migrate> {
         Some(self)
     }

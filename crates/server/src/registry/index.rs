@@ -64,6 +64,46 @@ struct Inner {
     /// Name -> id of the last deleted VM of that name (history lookups).
     deleted_names: HashMap<String, Id>,
     sets: HashMap<(Dim, String), BTreeSet<Id>>,
+    /// Network id -> the VMs with a NIC on it that are neither being
+    /// deleted nor deleted (the members whose NICs the hosts plug in).
+    /// Empty, and never looked at, while no VM has a NIC.
+    by_network: HashMap<String, BTreeSet<Id>>,
+    /// Networks whose members changed (joined, left, moved, started or
+    /// ended a migration) since [`VmIndex::take_network_changes`].
+    net_changes: std::collections::BTreeSet<String>,
+}
+
+/// The networks whose hosts carry `vm`'s NICs (none for a VM without NICs,
+/// or one being deleted).
+fn member_networks(vm: &Vm) -> Vec<&str> {
+    if vm.status.nics.is_empty() || matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted)
+    {
+        return Vec::new();
+    }
+    let mut v: Vec<&str> = vm
+        .status
+        .nics
+        .iter()
+        .map(|n| n.network_id.as_str())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Whether a change from `old` to `new` changes what hosts carry for the
+/// VM's networks: membership, the host, a migration, the NICs.
+fn network_relevant(old: Option<&Vm>, new: &Vm) -> bool {
+    let Some(old) = old else {
+        return !new.status.nics.is_empty();
+    };
+    if old.status.nics.is_empty() && new.status.nics.is_empty() {
+        return false;
+    }
+    old.status.nics != new.status.nics
+        || old.status.host_id != new.status.host_id
+        || old.status.migration != new.status.migration
+        || member_networks(old).is_empty() != member_networks(new).is_empty()
 }
 
 impl Inner {
@@ -97,6 +137,41 @@ impl Inner {
 
     fn link_name(&mut self, id: &Id, vm: &Vm) {
         self.names_of(vm).insert(vm.name.clone(), id.clone());
+    }
+
+    /// Moves `id` from `old`'s networks to `new`'s and notes the networks
+    /// whose members changed (only when the change matters to them).
+    fn relink_networks(&mut self, id: &Id, old: Option<&Vm>, new: &Vm) {
+        if !network_relevant(old, new) {
+            return;
+        }
+        let before = old.map(member_networks).unwrap_or_default();
+        let after = member_networks(new);
+        for n in &before {
+            if !after.contains(n) {
+                if let Some(s) = self.by_network.get_mut(*n) {
+                    s.remove(id);
+                    if s.is_empty() {
+                        self.by_network.remove(*n);
+                    }
+                }
+            }
+        }
+        for n in &after {
+            self.by_network
+                .entry(n.to_string())
+                .or_default()
+                .insert(id.clone());
+        }
+        for n in before.into_iter().chain(after) {
+            self.net_changes.insert(n.to_string());
+        }
+        // A VM that only left (deleted) still changed its networks.
+        if let Some(o) = old {
+            for n in &o.status.nics {
+                self.net_changes.insert(n.network_id.clone());
+            }
+        }
     }
 
     /// Adds a VM not indexed yet, with `keys(vm)`.
@@ -133,6 +208,7 @@ impl VmIndex {
             for vm in vms {
                 let id: Id = Arc::from(vm.id.as_str());
                 g.link_keys(&id, keys(&vm), &vm);
+                g.relink_networks(&id, None, &vm);
                 g.by_id.insert(id, Arc::new(vm));
             }
         }
@@ -156,6 +232,7 @@ impl VmIndex {
         else {
             let id: Id = Arc::from(vm.id.as_str());
             g.link_keys(&id, new_keys, vm);
+            g.relink_networks(&id, None, vm);
             g.by_id.insert(id, new);
             return;
         };
@@ -171,7 +248,36 @@ impl VmIndex {
             g.unlink_name(&id, &old);
             g.link_name(&id, vm);
         }
+        g.relink_networks(&id, Some(&old), vm);
         g.by_id.insert(id, new);
+    }
+
+    /// The VMs with a NIC on network `network_id` (not being deleted).
+    pub fn on_network(&self, network_id: &str) -> Vec<Arc<Vm>> {
+        let g = self.read();
+        g.by_network
+            .get(network_id)
+            .map(|s| s.iter().filter_map(|id| g.by_id.get(id).cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether any VM has a NIC on a virtual network (while none does, the
+    /// network plane has nothing to do).
+    pub fn has_network_members(&self) -> bool {
+        !self.read().by_network.is_empty()
+    }
+
+    /// The networks whose members changed since the last call.
+    pub fn take_network_changes(&self) -> Vec<String> {
+        {
+            // The common case, no change (and no network at all): a read lock.
+            if self.read().net_changes.is_empty() {
+                return Vec::new();
+            }
+        }
+        std::mem::take(&mut self.write().net_changes)
+            .into_iter()
+            .collect()
     }
 
     /// By id, or by name (a live VM's name wins over a deleted one's).
@@ -536,5 +642,49 @@ mod tests {
         assert_eq!(idx.get("web").map(|v| v.id.clone()).as_deref(), Some("b"));
         assert_eq!(idx.get("a").map(|v| v.id.clone()).as_deref(), Some("a"));
         assert_eq!(idx.len(), 2);
+    }
+
+    #[test]
+    fn network_members_and_their_changes_are_tracked() {
+        let idx = VmIndex::default();
+        // VMs without NICs: nothing to track, nothing noted.
+        idx.put(&vm("plain", "plain", Some("s1"), VmPhase::Running));
+        assert!(!idx.has_network_members());
+        assert!(idx.take_network_changes().is_empty());
+        let nic = |id: &str, net: &str| virt8ra_api::VmNic {
+            id: id.into(),
+            network: net.into(),
+            network_id: net.into(),
+            mac: "02:00:00:00:00:01".into(),
+            ip: "10.0.0.5".parse().expect("ip"),
+            prefix: 24,
+        };
+        let mut a = vm("a", "a", Some("s1"), VmPhase::Scheduled);
+        a.status.nics = vec![nic("n1", "blue"), nic("n2", "red")];
+        idx.put(&a);
+        assert!(idx.has_network_members());
+        assert_eq!(idx.take_network_changes(), ["blue", "red"]);
+        assert!(idx.take_network_changes().is_empty(), "taken once");
+        // A change that does not move it is not news to its networks.
+        a.status.phase = VmPhase::Running;
+        idx.put(&a);
+        assert!(idx.take_network_changes().is_empty());
+        // Moving it is.
+        a.status.host_id = Some("other".into());
+        idx.put(&a);
+        assert_eq!(idx.take_network_changes(), ["blue", "red"]);
+        assert_eq!(idx.on_network("blue").len(), 1);
+        // Deleting it takes it off its networks, and that is news.
+        a.status.phase = VmPhase::Deleting;
+        idx.put(&a);
+        assert_eq!(idx.take_network_changes(), ["blue", "red"]);
+        assert!(idx.on_network("blue").is_empty());
+        assert!(!idx.has_network_members());
+        // Loading finds the members and notes their networks.
+        let mut b = vm("b", "b", Some("s1"), VmPhase::Running);
+        b.status.nics = vec![nic("n3", "blue")];
+        let idx = VmIndex::load(vec![b]);
+        assert_eq!(idx.take_network_changes(), ["blue"]);
+        assert_eq!(idx.on_network("blue").len(), 1);
     }
 }

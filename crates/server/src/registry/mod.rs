@@ -13,6 +13,7 @@ pub mod hub;
 pub mod index;
 pub mod marks;
 pub mod migrations;
+pub mod netplane;
 pub mod networks;
 pub mod placement;
 pub mod relays;

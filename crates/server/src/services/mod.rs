@@ -13,6 +13,7 @@ pub mod desired;
 pub mod distribution;
 pub mod images;
 pub mod migrations;
+pub mod netplane;
 pub mod networks;
 pub mod placement;
 pub mod reports;

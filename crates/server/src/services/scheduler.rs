@@ -54,6 +54,8 @@ pub async fn run(app: Ctx) {
 /// unless `full`.
 pub async fn pass(app: &Ctx, full: bool) -> ApiResult<()> {
     place_pending(app).await?;
+    // Network state first: a VM's taps before the VM (see `netplane`).
+    crate::services::netplane::flush(app).await;
     let hosts = if full {
         app.take_marked_hosts();
         // Deletions in flight, e.g. from before a restart of the control plane.
@@ -197,6 +199,7 @@ pub async fn decide(app: &Ctx, vm: &mut Vm) -> ApiResult<Decision> {
 /// Sends the host its whole desired state if it changed since the last
 /// send (to a protocol 3 agent: what changed).
 pub async fn sync_host(app: &Ctx, host_id: &str) -> ApiResult<()> {
+    crate::services::netplane::flush(app).await;
     sync_host_marked(app, host_id, &Marks::All).await
 }
 

@@ -113,7 +113,7 @@ fn live_incompatibility(vm: &Vm, src: &Host, dst: &Host) -> Option<String> {
     // migrations: their streams are relayed through the control plane.
     if dst.inventory.migration_address.is_none() && !dst.inventory.migration_relay {
         return Some(format!(
-            "host {} has no migration address (agent --migration-address) and its agent cannot relay live migrations; upgrade it",
+            "host {} has no migration address (agent --address) and its agent cannot relay live migrations; upgrade it",
             dst.name
         ));
     }
