@@ -242,6 +242,22 @@ fn our_links(ns: &str) -> Vec<String> {
         .collect()
 }
 
+/// Where host `from` sends VXLAN traffic for host `to`: its underlay
+/// address within a site, its tunnel address between sites (encrypted).
+fn reached_at(c: &Cluster, from: &str, to: &str) -> String {
+    let a = c.ok("GET", &format!("/api/v1/hosts/{from}"), None);
+    let b = c.ok("GET", &format!("/api/v1/hosts/{to}"), None);
+    let field = if a["site"] == b["site"] {
+        &b["inventory"]["migration_address"]
+    } else {
+        &b["tunnel_address"]
+    };
+    field
+        .as_str()
+        .unwrap_or_else(|| panic!("{to}: {b}"))
+        .to_string()
+}
+
 fn fdb(ns: &str) -> String {
     must(&["bridge", "-n", ns, "fdb", "show"])
 }
@@ -369,7 +385,7 @@ fn guests_on_three_hosts_reach_each_other_at_the_control_planes_addresses() {
                 "{} dev {} dst {}",
                 nic["mac"].as_str().unwrap(),
                 names.vxlan,
-                u.addr(10 + j as u8)
+                reached_at(&c, &format!("host-{i}"), &format!("host-{j}"))
             );
             assert!(f.contains(&entry), "host {i} has no {entry:?}:\n{f}");
         }
@@ -501,6 +517,7 @@ fn live_migration_keeps_the_address_and_the_peers_follow(
     assert_eq!(nic["mac"], nics[1]["mac"], "the MAC stays: {vm}");
     let mac = nic["mac"].as_str().unwrap().to_string();
     let tap = virt8ra_api::tap_name(nic["id"].as_str().unwrap());
+    let dst3 = reached_at(c, "host-0", "host-3");
     wait_until_explained(
         "the overlay to follow g1 to host 3",
         Duration::from_secs(60),
@@ -508,7 +525,7 @@ fn live_migration_keeps_the_address_and_the_peers_follow(
             let entry = format!("{mac} dev ");
             let to3 = fdb(&hosts[0])
                 .lines()
-                .any(|l| l.starts_with(&entry) && l.contains(&format!("dst {} ", u.addr(13))));
+                .any(|l| l.starts_with(&entry) && l.contains(&format!("dst {dst3} ")));
             let left = our_links(&hosts[1]).is_empty();
             let here = our_links(&hosts[3]).contains(&tap);
             (to3 && left && here).then_some(())

@@ -20,6 +20,9 @@ pub struct Carried {
     pub networks: BTreeSet<String>,
     /// Its underlay address then (`None`: it had none).
     pub underlay: Option<Ipv4Addr>,
+    /// Its tunnel's public key then: a new key (the agent's data was
+    /// wiped) must reach its peers like a new address.
+    pub tunnel_key: Option<String>,
 }
 
 #[derive(Default)]
@@ -118,6 +121,7 @@ mod tests {
             Carried {
                 networks: nets(&["n1"]),
                 underlay: None,
+                tunnel_key: None,
             },
         );
         p.set_carried(
@@ -125,6 +129,7 @@ mod tests {
             Carried {
                 networks: nets(&["n2"]),
                 underlay: None,
+                tunnel_key: None,
             },
         );
         assert_eq!(p.hosts_carrying(&nets(&["n1", "n3"])), vec!["a"]);

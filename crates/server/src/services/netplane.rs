@@ -40,6 +40,7 @@ use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
 use crate::registry::netplane::Carried;
+use crate::services::tunnels::{self, HostEnd};
 use crate::state::Ctx;
 
 /// A NIC and where its VM is: `host` runs it, `target` receives it in a
@@ -128,8 +129,7 @@ pub fn host_state(
     let state = HostNetworkState {
         underlay: own.unwrap_or(Ipv4Addr::UNSPECIFIED),
         networks: out,
-        // The encrypted tunnels between sites are the agent's already; the
-        // control plane does not assign tunnel addresses yet.
+        // Set by `tunnels::encrypt` where peers are at other sites.
         tunnel: None,
     };
     if let Err(e) = state.validate() {
@@ -406,11 +406,19 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
         p.target = targets.get(p.vm).and_then(|t| t.as_deref());
     }
     specs.load(app, &ids).await?;
-    let c = host_state(host, &underlays, &placed, &specs.0);
+    let mut c = host_state(host, &underlays, &placed, &specs.0);
+    encrypt_between_sites(app, host, &underlays, &mut c);
     let own = c.state.underlay;
     let own = (!own.is_unspecified()).then_some(own);
+    let key = app
+        .hosts
+        .get(host)
+        .and_then(|h| h.inventory.tunnel_public_key.clone());
     let before = app.netplane.carried(host);
-    if before.as_ref().is_none_or(|b| b.underlay != own) && !c.carried.is_empty() {
+    let moved = before
+        .as_ref()
+        .is_none_or(|b| b.underlay != own || b.tunnel_key != key);
+    if moved && !c.carried.is_empty() {
         for peer in app.netplane.hosts_carrying(&c.carried) {
             if peer != host {
                 app.netplane.mark(&peer);
@@ -422,6 +430,7 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
         Carried {
             networks: c.carried.clone(),
             underlay: own,
+            tunnel_key: key,
         },
     );
     // A host that carries nothing, was computed to carry nothing and
@@ -440,6 +449,38 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
         }
     }
     Ok(())
+}
+
+/// Routes `c`'s peers at other sites through the tunnels (see
+/// [`crate::services::tunnels`]), from what the hosts it names are.
+fn encrypt_between_sites(
+    app: &Ctx,
+    host: &str,
+    underlays: &HashMap<String, Option<Ipv4Addr>>,
+    c: &mut Computed,
+) {
+    let ends: HashMap<String, HostEnd> = underlays
+        .keys()
+        .filter_map(|h| {
+            let rec = app.hosts.get(h)?;
+            let tunnel = rec
+                .tunnel_address
+                .zip(rec.inventory.tunnel_public_key.clone());
+            Some((
+                h.clone(),
+                HostEnd {
+                    site: rec.site.clone(),
+                    underlay: underlays.get(h).copied().flatten(),
+                    tunnel,
+                },
+            ))
+        })
+        .collect();
+    c.notes.extend(tunnels::encrypt(host, &mut c.state, &ends));
+    if let Err(e) = c.state.validate() {
+        c.notes
+            .push(format!("the agent will refuse this state: {e}"));
+    }
 }
 
 #[cfg(test)]

@@ -192,7 +192,7 @@ impl Cluster {
     /// Starts a control plane on a fresh data directory, `server_args`
     /// passed to every start of it (e.g. `--database URL`).
     pub fn start_args(server_args: &[&str]) -> Cluster {
-        Cluster::start_with(false, server_args)
+        Cluster::start_with(false, server_args, "127.0.0.1")
     }
 
     /// Starts a control plane that serves HTTPS with a certificate from a
