@@ -27,5 +27,5 @@ mod store;
 pub use cached::CachedStore;
 pub use error::{ErrorSource, Result, StoreError};
 pub use records::{TokenKind, TokenRecord, VmFilter};
-pub use sqlite::SqliteStore;
+pub use sqlite::{CommitHook, SqliteStore};
 pub use store::Store;

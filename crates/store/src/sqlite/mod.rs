@@ -43,7 +43,7 @@ mod vms;
 #[cfg(test)]
 mod tests;
 
-pub use engine::SqliteStore;
+pub use engine::{CommitHook, SqliteStore};
 
 #[async_trait]
 impl Store for SqliteStore {
