@@ -234,6 +234,17 @@ impl Hub {
         }
     }
 
+    /// The connected hosts (by id) that heartbeated within `window`: one
+    /// pass under one lock (metrics count hosts by state at each scrape).
+    pub fn alive_hosts(&self, window: Duration) -> std::collections::HashSet<String> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .filter(|(_, l)| now.saturating_duration_since(l.last_beat) <= window)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub fn view(&self, host_id: &str, window: Duration) -> Option<LiveView> {
         self.lock().get(host_id).map(|l| LiveView {
             connected: true,
