@@ -7,13 +7,15 @@
 # iproute2 (ip, bridge), nftables (nft) and dnsmasq-base (DHCP); and for the
 # tunnel's tests and benchmark (crates/tunnel): ping, tcpdump, iperf3,
 # python3, and boringtun-cli (the baseline and the interop peer; cached in
-# ~/.cargo/bin).
+# ~/.cargo/bin); promtool (package prometheus), which the metrics test
+# checks the control plane's `GET /metrics` with.
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for p in qemu-system-x86 qemu-utils syslinux syslinux-common mtools dosfstools busybox-static cpio gzip \
-         dropbear-bin openssh-client iproute2 nftables dnsmasq-base iputils-ping tcpdump iperf3 python3; do
+         dropbear-bin openssh-client iproute2 nftables dnsmasq-base iputils-ping tcpdump iperf3 python3 \
+         prometheus; do
   have "$p" || need+=("$p")
 done
 # Installing qemu-system-x86 alone can remove a newer qemu-utils (from

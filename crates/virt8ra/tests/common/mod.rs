@@ -180,6 +180,12 @@ impl Cluster {
         Cluster::start_with(false, &[])
     }
 
+    /// Starts a control plane (plain HTTP) with extra arguments, passed to
+    /// every start of it.
+    pub fn start_args(server_args: &[&str]) -> Cluster {
+        Cluster::start_with(false, server_args)
+    }
+
     /// Starts a control plane that serves HTTPS with a certificate from a
     /// test CA made now; the CLI and agents of this cluster trust that CA.
     /// `server_args` are passed to every start of the control plane.
