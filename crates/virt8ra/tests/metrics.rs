@@ -130,10 +130,15 @@ fn scrape(url: &str, token: Option<&str>) -> (u16, String, String) {
 fn metrics_count_the_workload_with_bounded_labels() {
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let agent_metrics = format!("127.0.0.1:{}", free_port());
     let mut c = Cluster::start_args(&["--metrics-listen", &metrics_addr]);
     c.create_topology();
     for (i, (_, _, site, ..)) in TOPOLOGY.iter().enumerate() {
-        c.start_agent_with(&format!("sim-{i}"), Some(site), &["--driver", "sim"]);
+        let mut args = vec!["--driver", "sim"];
+        if i == 0 {
+            args.extend(["--metrics-listen", agent_metrics.as_str()]);
+        }
+        c.start_agent_with(&format!("sim-{i}"), Some(site), &args);
     }
     c.wait_hosts_ready(3);
     import_tiny_image(&c);
@@ -316,4 +321,28 @@ fn metrics_count_the_workload_with_bounded_labels() {
     let (s, _, body) = scrape(&format!("http://{metrics_addr}/api/v1/vms"), None);
     assert_eq!(s, 404, "{body}");
     assert!(body.contains("GET /metrics only"), "{body}");
+
+    // The agent's own metrics (sim-0 is the host in Spain, with both ES
+    // VMs): its capacity as it joined, and what runs there. Simulated VMs
+    // have no QEMU, so no per-VM series.
+    let (s, ctype, text) = scrape(&format!("http://{agent_metrics}/metrics"), None);
+    assert_eq!(s, 200, "{text}");
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    promtool_check(&text);
+    let a = samples(&text);
+    assert_eq!(value(&a, "virt8ra_agent_host_vcpus", &[]), Some(4.0));
+    assert_eq!(
+        value(&a, "virt8ra_agent_host_memory_bytes", &[]),
+        Some(2048.0 * 1024.0 * 1024.0)
+    );
+    let free = value(&a, "virt8ra_agent_host_memory_free_bytes", &[]).unwrap();
+    assert!(
+        free <= (2048.0 - 256.0) * 1024.0 * 1024.0,
+        "two 128 MiB VMs run there: {free}"
+    );
+    assert_eq!(value(&a, "virt8ra_agent_vms_running", &[]), Some(2.0));
+    assert!(
+        !a.iter().any(|(n, _, _)| n.starts_with("virt8ra_agent_vm_")),
+        "{text}"
+    );
 }
