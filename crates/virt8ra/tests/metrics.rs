@@ -346,3 +346,67 @@ fn metrics_count_the_workload_with_bounded_labels() {
         "{text}"
     );
 }
+
+#[test]
+fn the_agent_reports_its_qemu_cpu_time_and_memory_per_vm() {
+    let image = common::test_image();
+    let agent_metrics = format!("127.0.0.1:{}", free_port());
+    let mut c = Cluster::start();
+    c.create_topology();
+    let site = TOPOLOGY[0].2;
+    c.start_agent_with("qemu-0", Some(site), &["--metrics-listen", &agent_metrics]);
+    c.wait_hosts_ready(1);
+    c.cli_ok(&["image", "import", image.to_str().unwrap(), "--name", "test"]);
+    c.ok(
+        "POST",
+        "/api/v1/vms",
+        Some(json!({"name": "metrics-qemu", "image": "test", "memory_mib": 128})),
+    );
+    let vm = c.wait_phase("metrics-qemu", "running", Duration::from_secs(120));
+    let id = vm["id"].as_str().unwrap().to_string();
+    // QEMU boots the guest: its CPU time grows from one scrape to the next.
+    let cpu = |text: &str| {
+        value(
+            &samples(text),
+            "virt8ra_agent_vm_cpu_seconds_total",
+            &[("vm", id.as_str())],
+        )
+    };
+    let url = format!("http://{agent_metrics}/metrics");
+    let (s, _, first) = scrape(&url, None);
+    assert_eq!(s, 200, "{first}");
+    promtool_check(&first);
+    let before = cpu(&first).unwrap_or_else(|| panic!("no CPU time of {id}:\n{first}"));
+    assert!(before > 0.0, "{first}");
+    let rss = value(
+        &samples(&first),
+        "virt8ra_agent_vm_memory_resident_bytes",
+        &[("vm", id.as_str())],
+    )
+    .unwrap();
+    assert!(
+        rss > 16.0 * 1024.0 * 1024.0,
+        "QEMU holds a 128 MiB guest: {rss}"
+    );
+    let after = common::wait_until(
+        "the guest's CPU time to grow",
+        Duration::from_secs(30),
+        || {
+            let (_, _, text) = scrape(&url, None);
+            cpu(&text).filter(|v| *v > before)
+        },
+    );
+    assert!(after > before);
+    assert_eq!(
+        value(&samples(&first), "virt8ra_agent_vms_running", &[]),
+        Some(1.0)
+    );
+
+    // Deleted: its series go with it.
+    c.ok("DELETE", "/api/v1/vms/metrics-qemu", None);
+    c.wait_phase("metrics-qemu", "deleted", Duration::from_secs(60));
+    common::wait_until("the VM's series to go", Duration::from_secs(30), || {
+        let (_, _, text) = scrape(&url, None);
+        cpu(&text).is_none().then_some(())
+    });
+}
