@@ -275,6 +275,13 @@ fn metrics_count_the_workload_with_bounded_labels() {
     );
     assert_eq!(value(&m, "virt8ra_agents_connected", &[]), Some(3.0));
     assert!(value(&m, "virt8ra_heartbeats_received_total", &[]).unwrap() >= 3.0);
+    let lag = value(&m, "virt8ra_heartbeat_age_max_seconds", &[]).unwrap();
+    assert!((0.0..3.0).contains(&lag), "agents beat every second: {lag}");
+    // Simulated agents never download the image: nothing was served yet.
+    assert_eq!(
+        value(&m, "virt8ra_image_served_bytes_total", &[]),
+        Some(0.0)
+    );
     assert_eq!(
         value(
             &m,
@@ -364,6 +371,12 @@ fn the_agent_reports_its_qemu_cpu_time_and_memory_per_vm() {
     );
     let vm = c.wait_phase("metrics-qemu", "running", Duration::from_secs(120));
     let id = vm["id"].as_str().unwrap().to_string();
+    // The agent fetched the image from the control plane: long-link bytes.
+    let (s, _, cp) = scrape(&format!("{}/metrics", c.url), Some(&c.token));
+    assert_eq!(s, 200, "{cp}");
+    let served = value(&samples(&cp), "virt8ra_image_served_bytes_total", &[]).unwrap();
+    let size = std::fs::metadata(&image).unwrap().len() as f64;
+    assert!(served >= size, "served {served} of a {size}-byte image");
     // QEMU boots the guest: its CPU time grows from one scrape to the next.
     let cpu = |text: &str| {
         value(

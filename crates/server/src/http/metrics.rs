@@ -82,7 +82,7 @@ fn exposition(app: &Ctx) -> ApiResult<Response> {
 /// The VM counts are kept by the index as VMs change (one entry per phase
 /// and per site); hosts are counted in one pass over the host index.
 fn snapshot(app: &Ctx) -> Snapshot {
-    let alive = app.hub.alive_hosts(app.liveness_window());
+    let (alive, oldest_beat) = app.hub.alive_hosts(app.liveness_window());
     let mut states = [
         (HostState::Ready, 0u64),
         (HostState::Unreachable, 0),
@@ -107,6 +107,8 @@ fn snapshot(app: &Ctx) -> Snapshot {
         agents_connected: app.hub.connected_count() as u64,
         heartbeats: app.hub.heartbeats(),
         relay_bytes: app.migrations.relay.bytes(),
+        oldest_heartbeat: oldest_beat,
+        image_bytes_served: app.transfers.snapshot().values().sum(),
         uptime: app.started.elapsed(),
     }
 }

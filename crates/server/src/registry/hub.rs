@@ -234,15 +234,21 @@ impl Hub {
         }
     }
 
-    /// The connected hosts (by id) that heartbeated within `window`: one
-    /// pass under one lock (metrics count hosts by state at each scrape).
-    pub fn alive_hosts(&self, window: Duration) -> std::collections::HashSet<String> {
+    /// The connected hosts (by id) that heartbeated within `window`, and
+    /// the longest time since a connected host's last heartbeat: one pass
+    /// under one lock (metrics count hosts by state at each scrape).
+    pub fn alive_hosts(&self, window: Duration) -> (std::collections::HashSet<String>, Duration) {
         let now = Instant::now();
-        self.lock()
-            .iter()
-            .filter(|(_, l)| now.saturating_duration_since(l.last_beat) <= window)
-            .map(|(id, _)| id.clone())
-            .collect()
+        let mut oldest = Duration::ZERO;
+        let mut alive = std::collections::HashSet::new();
+        for (id, l) in self.lock().iter() {
+            let age = now.saturating_duration_since(l.last_beat);
+            oldest = oldest.max(age);
+            if age <= window {
+                alive.insert(id.clone());
+            }
+        }
+        (alive, oldest)
     }
 
     pub fn view(&self, host_id: &str, window: Duration) -> Option<LiveView> {

@@ -174,6 +174,10 @@ pub struct Snapshot {
     pub agents_connected: u64,
     pub heartbeats: u64,
     pub relay_bytes: u64,
+    /// The longest time since a connected agent's last heartbeat.
+    pub oldest_heartbeat: Duration,
+    /// Image bytes the control plane served (over the long link).
+    pub image_bytes_served: u64,
     pub uptime: Duration,
 }
 
@@ -414,6 +418,20 @@ fn scraped(s: Snapshot) -> Registry {
         ConstCounter::new(s.heartbeats),
     );
     r.register_with_unit(
+        "heartbeat_age_max",
+        "The longest time since a connected agent's last heartbeat (its lag; \
+         unreachable past three heartbeat intervals)",
+        Unit::Seconds,
+        Gauge::<f64, std::sync::atomic::AtomicU64>::default().tap(s.oldest_heartbeat.as_secs_f64()),
+    );
+    r.register_with_unit(
+        "image_served",
+        "Image bytes the control plane served, to hosts, the admin and other control planes: \
+         the long-link traffic that site-local distribution saves",
+        Unit::Bytes,
+        ConstCounter::new(s.image_bytes_served),
+    );
+    r.register_with_unit(
         "relay",
         "Bytes of live migrations relayed through the control plane",
         Unit::Bytes,
@@ -538,6 +556,8 @@ mod tests {
                 agents_connected: 3,
                 heartbeats: 42,
                 relay_bytes: 1000,
+                oldest_heartbeat: ms(700),
+                image_bytes_served: 16 << 20,
                 uptime: ms(1500),
             })
             .unwrap();
@@ -594,6 +614,11 @@ mod tests {
         assert_eq!(get(r#"virt8ra_hosts{state="unreachable"}"#), 0.0);
         assert_eq!(get("virt8ra_heartbeats_received_total"), 42.0);
         assert_eq!(get("virt8ra_relay_bytes_total"), 1000.0);
+        assert_eq!(get("virt8ra_heartbeat_age_max_seconds"), 0.7);
+        assert_eq!(
+            get("virt8ra_image_served_bytes_total"),
+            16.0 * 1024.0 * 1024.0
+        );
         assert_eq!(get("virt8ra_uptime_seconds"), 1.5);
     }
 }
