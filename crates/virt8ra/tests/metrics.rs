@@ -143,17 +143,23 @@ fn metrics_count_the_workload_with_bounded_labels() {
     c.wait_hosts_ready(3);
     import_tiny_image(&c);
 
-    // Four VMs that fit (two pinned to Spain), one that fits nowhere (more
-    // memory than any host has), one deleted again; and a lookup of a VM
-    // that does not exist, by a name only that lookup uses.
+    // Four VMs that fit (two pinned to Spain, one to Germany, one free),
+    // one that fits nowhere (more memory than any host has); the free one
+    // is migrated (cold: simulated hosts move VMs cold) and deleted; and a
+    // lookup of a VM that does not exist, by a name only that lookup uses.
     let mut names = Vec::new();
-    for (i, country) in ["ES", "ES", "DE", "PL"].iter().enumerate() {
+    for (i, country) in ["ES", "ES", "DE", ""].iter().enumerate() {
         let name = format!("metrics-vm-{i}");
+        let placement = if country.is_empty() {
+            json!({"countries": ["DE", "PL"]})
+        } else {
+            json!({"countries": [country]})
+        };
         let (s, v) = c.api(
             "POST",
             "/api/v1/vms",
             Some(json!({"name": name, "image": "tiny", "memory_mib": 128,
-                        "placement": {"countries": [country]}})),
+                        "placement": placement})),
         );
         assert_eq!(s, 201, "{v}");
         names.push(name);
@@ -168,6 +174,28 @@ fn metrics_count_the_workload_with_bounded_labels() {
     for n in &names[..4] {
         c.wait_phase(n, "running", Duration::from_secs(60));
     }
+    let from = c.vm("metrics-vm-3")["status"]["site"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let to = if from == "pl-gdansk" {
+        "de-frankfurt"
+    } else {
+        "pl-gdansk"
+    };
+    let out = c.cli_ok(&[
+        "vm",
+        "migrate",
+        "metrics-vm-3",
+        "--to-site",
+        to,
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    let mig: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(mig["phase"], "completed", "{mig}");
+    assert_eq!(mig["mode"], "cold", "{mig}");
     c.ok("DELETE", "/api/v1/vms/metrics-vm-3", None);
     c.wait_phase("metrics-vm-3", "deleted", Duration::from_secs(60));
     assert_error(
@@ -301,6 +329,37 @@ fn metrics_count_the_workload_with_bounded_labels() {
         "the huge VM is refused for memory"
     );
     assert!(value(&m, "virt8ra_store_commit_duration_seconds_count", &[]).unwrap() >= 5.0);
+
+    // The migration: its target chosen by the engine, started and ended.
+    assert_eq!(
+        value(
+            &m,
+            "virt8ra_placement_decisions_total",
+            &[("purpose", "migrate")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&m, "virt8ra_migrations_started_total", &[("mode", "cold")]),
+        Some(1.0)
+    );
+    let done = [("mode", "cold"), ("outcome", "completed")];
+    assert_eq!(
+        value(&m, "virt8ra_migrations_finished_total", &done),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&m, "virt8ra_migration_duration_seconds_count", &done),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "virt8ra_migrations_finished_total",
+            &[("outcome", "failed")]
+        ),
+        None
+    );
 
     // No label value names a VM, whatever paths were asked for.
     for (name, labels, _) in &m {
