@@ -45,6 +45,7 @@ pub mod durable;
 pub mod image_service;
 pub mod images;
 pub mod inventory;
+pub mod metrics;
 pub mod mover;
 pub mod net;
 pub mod network;
@@ -115,6 +116,11 @@ pub struct AgentArgs {
     /// http:// and the listen address).
     #[arg(long)]
     pub image_service_url: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`: each VM's QEMU CPU time
+    /// and memory, the host's capacity and what is free) on this address,
+    /// plain HTTP without a token.
+    #[arg(long, env = "VIRT8RA_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -294,6 +300,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let (reports, changes) = reconciler::Reports::new();
+    if let Some(listen) = &args.metrics_listen {
+        let source = metrics::Source {
+            driver: driver.clone(),
+            reports: reports.clone(),
+            inventory: inv.clone(),
+            data_dir: data_dir.clone(),
+        };
+        metrics::start(Arc::new(source), listen).await?;
+    }
     let rec = reconciler::Reconciler::new(&data_dir, driver.clone(), images, reports.clone())?;
     let mover = mover::Mover::new(&data_dir, &args.server, &creds.host_token, address, &trust)?;
     rec.set_mover(mover.clone());

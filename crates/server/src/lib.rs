@@ -94,6 +94,11 @@ pub struct ServerArgs {
     /// new connection is answered 503 and closed.
     #[arg(long, default_value_t = 10_000, env = "VIRT8RA_MAX_CONNECTIONS")]
     pub max_connections: usize,
+    /// Also serve `GET /metrics` (Prometheus) on this address, without a
+    /// token and without TLS, and nothing else there. `/metrics` on
+    /// --listen needs the admin token either way.
+    #[arg(long, env = "VIRT8RA_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How an operator makes the control plane trust a server it fetches from.
@@ -122,7 +127,11 @@ pub async fn open(
 /// Opens the store: PostgreSQL at `database` when given (a URL), else
 /// SQLite in `data_dir`; either upgraded to this build's schema, with the
 /// hot collections cached in memory (see `virt8ra_store::CachedStore`).
-async fn open_store(data_dir: &Path, database: Option<&str>) -> anyhow::Result<Arc<dyn Store>> {
+async fn open_store(
+    data_dir: &Path,
+    database: Option<&str>,
+    metrics: &Arc<registry::metrics::Metrics>,
+) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match database {
         Some(url) => {
             // The store's errors show the URL redacted, never the password.
@@ -133,6 +142,11 @@ async fn open_store(data_dir: &Path, database: Option<&str>) -> anyhow::Result<A
         None => {
             let store = SqliteStore::open(&data_dir.join("virt8ra.db"))
                 .with_context(|| format!("open database in {}", data_dir.display()))?;
+            // Commit latency from the writer thread (SQLite only so far).
+            let m = metrics.clone();
+            store.on_commit(Box::new(move |took, writes| m.commit(took, writes)));
+            // Providers, sites, images and tokens are read on every
+            // request: from memory (see `virt8ra_store::CachedStore`).
             Arc::new(CachedStore::new(store).await?)
         }
     })
@@ -157,7 +171,8 @@ pub async fn open_with(
     // Made here, once, never in a request.
     let catalog_key = keys::catalog_key(data_dir)?;
     let site_key = keys::site_key(data_dir)?;
-    let store = open_store(data_dir, database).await?;
+    let metrics = Arc::new(registry::metrics::Metrics::new());
+    let store = open_store(data_dir, database, &metrics).await?;
     let created = ensure_admin_token(store.as_ref(), data_dir).await?;
     store.purge_join_tokens(Utc::now()).await?;
     let hosts = registry::index::HostIndex::load(store.list_hosts().await?);
@@ -203,6 +218,7 @@ pub async fn open_with(
         catalog_key,
         site_key,
         max_image_virtual_size,
+        metrics,
     });
     Ok((app, created))
 }
@@ -304,6 +320,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
              migrations cross the network unencrypted; pass --tls-cert and --tls-key"
         );
     }
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(&app, addr, limits).await?;
+    }
     start_work(&app).await?;
     if let Some(server_tls) = &server_tls {
         tokio::spawn(reload_on_sighup(server_tls.clone()));
@@ -316,6 +335,26 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await;
+    Ok(())
+}
+
+/// `--metrics-listen`: `GET /metrics` without a token, in a task of its own.
+async fn serve_metrics(app: &Ctx, addr: SocketAddr, limits: serve::Limits) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-listen {addr}"))?;
+    let local = listener.local_addr()?;
+    println!("virt8ra metrics on http://{local}/metrics");
+    if !local.ip().is_loopback() {
+        tracing::info!(listen = %local, "metrics served without a token: keep this address on the monitoring network");
+    }
+    tokio::spawn(serve::serve(
+        listener,
+        None,
+        http::metrics::open_router(app.clone()),
+        limits,
+        std::future::pending(),
+    ));
     Ok(())
 }
 

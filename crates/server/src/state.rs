@@ -89,6 +89,8 @@ pub struct ControlPlane {
     /// The largest virtual size (bytes) of an image accepted on upload or
     /// import (`--max-image-virtual-size-gib`).
     pub max_image_virtual_size: u64,
+    /// Prometheus metrics (`GET /metrics`; see [`crate::registry::metrics`]).
+    pub metrics: Arc<crate::registry::metrics::Metrics>,
 }
 
 impl ControlPlane {

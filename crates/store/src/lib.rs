@@ -37,5 +37,5 @@ pub use cached::CachedStore;
 pub use error::{ErrorSource, Result, StoreError};
 pub use postgres::{parse_url as parse_postgres_url, redact_url, PgStore};
 pub use records::{TokenKind, TokenRecord, VmFilter};
-pub use sqlite::SqliteStore;
+pub use sqlite::{CommitHook, SqliteStore};
 pub use store::Store;

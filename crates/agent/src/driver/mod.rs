@@ -170,6 +170,11 @@ pub trait Driver: Send + Sync + 'static {
     fn migrator(&self) -> Option<&dyn Migrate> {
         None
     }
+    /// The pid of the VM's hypervisor process, if it runs one (metrics read
+    /// its `/proc`); `None` for a simulated VM.
+    fn pid(&self, _id: &str) -> Option<i32> {
+        None
+    }
     /// The host's usage as this driver accounts it, for heartbeats; `None`
     /// (real drivers) measures the machine (`inventory::usage`).
     fn usage(&self, _vms_running: u32) -> Option<virt8ra_api::HostUsage> {

@@ -468,6 +468,10 @@ impl Driver for QemuDriver {
         "qemu"
     }
 
+    fn pid(&self, id: &str) -> Option<i32> {
+        self.live_pid(id)
+    }
+
     fn hypervisor(&self) -> Hypervisor {
         self.hypervisor
     }

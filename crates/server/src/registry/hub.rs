@@ -280,6 +280,23 @@ impl Hub {
         }
     }
 
+    /// The connected hosts (by id) that heartbeated within `window`, and
+    /// the longest time since a connected host's last heartbeat: one pass
+    /// under one lock (metrics count hosts by state at each scrape).
+    pub fn alive_hosts(&self, window: Duration) -> (std::collections::HashSet<String>, Duration) {
+        let now = Instant::now();
+        let mut oldest = Duration::ZERO;
+        let mut alive = std::collections::HashSet::new();
+        for (id, l) in self.lock().iter() {
+            let age = now.saturating_duration_since(l.last_beat);
+            oldest = oldest.max(age);
+            if age <= window {
+                alive.insert(id.clone());
+            }
+        }
+        (alive, oldest)
+    }
+
     pub fn view(&self, host_id: &str, window: Duration) -> Option<LiveView> {
         self.lock().get(host_id).map(|l| LiveView {
             connected: true,

@@ -71,6 +71,8 @@ struct Inner {
     /// Networks whose members changed (joined, left, moved, started or
     /// ended a migration) since [`VmIndex::take_network_changes`].
     net_changes: std::collections::BTreeSet<String>,
+    /// VMs not deleted, by (site, provider, country) (for metrics).
+    placed: HashMap<Place, u64>,
 }
 
 /// The networks whose hosts carry `vm`'s NICs (none for a VM without NICs,
@@ -105,6 +107,35 @@ fn network_relevant(old: Option<&Vm>, new: &Vm) -> bool {
         || old.status.migration != new.status.migration
         || member_networks(old).is_empty() != member_networks(new).is_empty()
 }
+
+/// A VM's (site, provider, country).
+type Place = (String, String, String);
+
+/// Where a VM counts in `Inner::placed`: not deleted and at a site.
+fn place(vm: &Vm) -> Option<Place> {
+    let s = &vm.status;
+    if s.phase == VmPhase::Deleted {
+        return None;
+    }
+    Some((
+        s.site.clone()?,
+        s.provider.clone().unwrap_or_default(),
+        s.country.clone().unwrap_or_default(),
+    ))
+}
+
+/// Every phase, in the order metrics show them.
+const PHASES: [VmPhase; 9] = [
+    VmPhase::Pending,
+    VmPhase::Scheduled,
+    VmPhase::Provisioning,
+    VmPhase::Running,
+    VmPhase::Stopping,
+    VmPhase::Stopped,
+    VmPhase::Failed,
+    VmPhase::Deleting,
+    VmPhase::Deleted,
+];
 
 impl Inner {
     fn remove_from(&mut self, k: &(Dim, String), id: &Id) {
@@ -180,6 +211,25 @@ impl Inner {
             self.add_to(k, id);
         }
         self.link_name(id, vm);
+        self.count_place(None, place(vm));
+    }
+
+    /// Moves a VM's count from place `old` to `new`.
+    fn count_place(&mut self, old: Option<Place>, new: Option<Place>) {
+        if old == new {
+            return;
+        }
+        if let Some(o) = old {
+            if let Some(n) = self.placed.get_mut(&o) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.placed.remove(&o);
+                }
+            }
+        }
+        if let Some(n) = new {
+            *self.placed.entry(n).or_default() += 1;
+        }
     }
 }
 
@@ -243,6 +293,7 @@ impl VmIndex {
         for k in new_keys.into_iter().filter(|k| !old_keys.contains(k)) {
             g.add_to(k, &id);
         }
+        g.count_place(place(&old), place(vm));
         let deleted = |v: &Vm| v.status.phase == VmPhase::Deleted;
         if old.name != vm.name || deleted(&old) != deleted(vm) {
             g.unlink_name(&id, &old);
@@ -382,6 +433,27 @@ impl VmIndex {
                 }
             }
         }
+        out
+    }
+
+    /// How many VMs are in each phase (every phase, zeros included).
+    pub fn count_by_phase(&self) -> Vec<(&'static str, u64)> {
+        let g = self.read();
+        PHASES
+            .iter()
+            .map(|p| {
+                let n = g.sets.get(&(Dim::Phase, p.as_str().to_string()));
+                (p.as_str(), n.map_or(0, |s| s.len() as u64))
+            })
+            .collect()
+    }
+
+    /// How many VMs not deleted are at each (site, provider, country):
+    /// one entry per site, whatever the number of VMs.
+    pub fn count_by_site(&self) -> Vec<(Place, u64)> {
+        let g = self.read();
+        let mut out: Vec<(Place, u64)> = g.placed.iter().map(|(k, n)| (k.clone(), *n)).collect();
+        out.sort();
         out
     }
 
@@ -623,6 +695,34 @@ mod tests {
         idx.put(&vm("a", "va2", Some("s1"), VmPhase::Running));
         assert!(idx.get("va").is_none());
         assert_eq!(idx.get("va2").map(|v| v.id.clone()).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn counts_by_phase_and_site_follow_updates_and_skip_deleted_vms() {
+        let idx = VmIndex::load(vec![
+            vm("a", "va", Some("s1"), VmPhase::Running),
+            vm("b", "vb", Some("s1"), VmPhase::Stopped),
+            vm("c", "vc", None, VmPhase::Pending),
+        ]);
+        let site = |s: &str| (s.to_string(), "p".to_string(), "DE".to_string());
+        let phase = |p: &str| {
+            idx.count_by_phase()
+                .into_iter()
+                .find(|(n, _)| *n == p)
+                .map(|(_, n)| n)
+        };
+        assert_eq!(idx.count_by_site(), vec![(site("s1"), 2)]);
+        assert_eq!(phase("running"), Some(1));
+        assert_eq!(phase("deleted"), Some(0), "every phase is listed");
+        // c is placed on s2; b is deleted (no longer counted at s1); a moves.
+        idx.put(&vm("c", "vc", Some("s2"), VmPhase::Running));
+        idx.put(&vm("b", "vb", Some("s1"), VmPhase::Deleted));
+        assert_eq!(idx.count_by_site(), vec![(site("s1"), 1), (site("s2"), 1)]);
+        idx.put(&vm("a", "va", Some("s2"), VmPhase::Running));
+        assert_eq!(idx.count_by_site(), vec![(site("s2"), 2)], "s1 is gone");
+        assert_eq!(phase("running"), Some(2));
+        assert_eq!(phase("pending"), Some(0));
+        assert_eq!(phase("deleted"), Some(1));
     }
 
     #[test]

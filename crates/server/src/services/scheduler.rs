@@ -22,6 +22,7 @@ use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
 use crate::registry::marks::Marks;
+use crate::registry::metrics::{self, Purpose};
 use crate::services::desired::{desired_for, desired_vm};
 use crate::state::Ctx;
 
@@ -149,12 +150,14 @@ pub async fn decide(app: &Ctx, vm: &mut Vm) -> ApiResult<Decision> {
         Err(e) => Err(format!("invalid placement rules: {e}")),
         Ok(req) => {
             app.placement
-                .with_engine(app, |e| match e.place(&req) {
-                    Ok(d) => match e.commit(&vm.id, &d.host, &req) {
-                        Ok(()) => Ok(d),
-                        Err(err) => Err(err),
-                    },
-                    Err(u) => Err(u.message),
+                .with_engine(app, |e| {
+                    match metrics::timed(&app.metrics, Purpose::Schedule, || e.place(&req)) {
+                        Ok(d) => match e.commit(&vm.id, &d.host, &req) {
+                            Ok(()) => Ok(d),
+                            Err(err) => Err(err),
+                        },
+                        Err(u) => Err(u.message),
+                    }
                 })
                 .await?
         }

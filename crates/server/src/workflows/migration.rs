@@ -49,6 +49,7 @@ use virt8ra_api::{
 use virt8ra_placement::Engine;
 
 use crate::error::{ApiError, ApiResult, Kind};
+use crate::registry::metrics::{self, Purpose};
 use crate::registry::networks::span_reaches;
 use crate::registry::placement;
 use crate::state::Ctx;
@@ -184,8 +185,9 @@ fn choose_target(
     src_name: &str,
     exclude: &[String],
     reservation: &str,
-    pl: &placement::LoadedPlacement,
+    app: &Ctx,
 ) -> Result<(String, String), ApiError> {
+    let pl = &app.placement;
     // Its own rules narrowed by its networks' spans: no move leaves a network.
     let mut c = pl
         .spans
@@ -245,7 +247,7 @@ fn choose_target(
             restored.push(h.clone());
         }
     }
-    let out = e.place(&r);
+    let out = metrics::timed(&app.metrics, Purpose::Migrate, || e.place(&r));
     for h in restored {
         let _ = e.set_ready(&h, true);
     }
@@ -522,15 +524,7 @@ pub async fn start(
     let (dst_name, reason) = app
         .placement
         .with_engine(app, |e| {
-            choose_target(
-                e,
-                &vm,
-                req,
-                &src.name,
-                exclude,
-                &reservation,
-                &app.placement,
-            )
+            choose_target(e, &vm, req, &src.name, exclude, &reservation, app)
         })
         .await??;
     let release = || app.placement.release(&reservation);
@@ -583,6 +577,7 @@ pub async fn start(
         return Err(e.into());
     }
     app.migrations.set_active(&m);
+    app.metrics.migration_started(m.mode.as_str());
     app.vms.put(&vm);
     app.publish_vm(&vm);
     drop(_g);
@@ -638,6 +633,15 @@ async fn advance(
         .update_migration(m, vm, vm.map(|_| event.as_str()))
         .await?;
     app.migrations.set_active(m);
+    if phase.is_terminal() {
+        let ms = |v: Option<u64>| v.map(Duration::from_millis);
+        app.metrics.migration_finished(
+            m.mode.as_str(),
+            phase.as_str(),
+            ms(m.total_ms).unwrap_or_default(),
+            ms(m.downtime_ms).filter(|_| phase == MigrationPhase::Completed),
+        );
+    }
     if let Some(vm) = vm {
         app.vms.put(vm);
         app.publish_vm(vm);

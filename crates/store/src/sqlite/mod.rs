@@ -45,7 +45,7 @@ mod tests;
 
 #[cfg(test)]
 pub(crate) use engine::upgrade_schema_to;
-pub use engine::SqliteStore;
+pub use engine::{CommitHook, SqliteStore};
 
 #[async_trait]
 impl Store for SqliteStore {
