@@ -7,13 +7,18 @@
 # iproute2 (ip, bridge), nftables (nft) and dnsmasq-base (DHCP); and for the
 # tunnel's tests and benchmark (crates/tunnel): ping, tcpdump, iperf3,
 # python3, and boringtun-cli (the baseline and the interop peer; cached in
-# ~/.cargo/bin).
+# ~/.cargo/bin); PostgreSQL's server programs (postgresql: initdb,
+# pg_ctl), which the store's tests and the PostgreSQL end-to-end test run
+# a throwaway cluster of their own with (no system service is used); and
+# promtool (package prometheus), which the metrics test checks the control
+# plane's `GET /metrics` with.
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for p in qemu-system-x86 qemu-utils syslinux syslinux-common mtools dosfstools busybox-static cpio gzip \
-         dropbear-bin openssh-client iproute2 nftables dnsmasq-base iputils-ping tcpdump iperf3 python3; do
+         dropbear-bin openssh-client iproute2 nftables dnsmasq-base iputils-ping tcpdump iperf3 python3 \
+         postgresql prometheus; do
   have "$p" || need+=("$p")
 done
 # Installing qemu-system-x86 alone can remove a newer qemu-utils (from
@@ -43,6 +48,14 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get install -y -q --no-install-recommends --allow-downgrades \
       "qemu-system-x86=$v" "qemu-utils=$v" "${rest[@]}" >&2
   fi
+fi
+
+# The prometheus package is here only for its promtool: where systemd runs,
+# do not leave the Prometheus server it starts running (only when this
+# script installed it now, so an operator's own Prometheus is left alone).
+if [[ " ${need[*]-} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -46,8 +46,10 @@ if [ "$mode" = fast ]; then
   # In process (crates/testkit): the migration workflow failed and crashed
   # at every step and undo step, against simulated hosts.
   cargo test --locked -p virt8ra-testkit --tests
-  cargo test --locked -p virt8ra --test api --test sim --test imports --test auth_table \
+  cargo test --locked -p virt8ra --test api --test sim --test imports --test auth_table --test networks \
     --test http_limits --test ingest --test cli_progress "${features[@]}" -- --test-threads=2
+  # Prometheus metrics against simulated agents (its QEMU test is skipped).
+  cargo test --locked -p virt8ra --test metrics "${features[@]}" -- workload
   exit 0
 fi
 echo "== cargo test" >&2

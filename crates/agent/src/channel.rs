@@ -245,6 +245,7 @@ impl Channel {
             protocol: PROTOCOL_VERSION,
             min_protocol: MIN_PROTOCOL_VERSION,
             inventory: Box::new(self.inventory.clone()),
+            networks: crate::network::carries_networks(&self.data_dir),
         })?;
 
         // Welcome or reject.
@@ -346,14 +347,37 @@ impl Channel {
     /// Keeps and applies the host's network state (off the async
     /// threads: it runs commands). A failure is logged, not fatal to the
     /// channel: the state is kept and applied again at the next start.
+    ///
+    /// An empty state on a host that carries no network is not applied:
+    /// nothing of ours can be there to remove (a state is kept before it
+    /// is applied), and the data plane would otherwise remove every `v8`
+    /// device of this network namespace, which may be another agent's.
     async fn network_state(&self, generation: u64, state: virt8ra_api::HostNetworkState) {
+        if !self.driver.uses_taps() {
+            // Simulated hosts: their VMs have no taps, and many of them
+            // share one network namespace, which none may change.
+            tracing::debug!(
+                generation,
+                "network state ignored: this driver has no data plane"
+            );
+            return;
+        }
         let data_dir = self.data_dir.clone();
+        if state.underlay.is_unspecified() && !state.networks.is_empty() {
+            tracing::warn!(
+                "this host carries virtual networks but has no address other hosts reach it \
+                 at (agent --address IP): its guests reach only the guests of this host"
+            );
+        }
         let r = tokio::task::spawn_blocking(move || {
             let stored = crate::network::Stored { generation, state };
             if let Err(e) = stored.state.validate() {
                 return Err(crate::network::NetError(format!(
                     "network state {generation} refused: {e}"
                 )));
+            }
+            if stored.state.networks.is_empty() && !crate::network::carries_networks(&data_dir) {
+                return Ok(None);
             }
             if !crate::network::store(&data_dir, &stored)? {
                 return Ok(None);
@@ -365,7 +389,10 @@ impl Channel {
             Ok(Ok(Some(c))) => {
                 tracing::info!(generation, changes = c.0.len(), "network state applied")
             }
-            Ok(Ok(None)) => tracing::debug!(generation, "older network state ignored"),
+            Ok(Ok(None)) => tracing::debug!(
+                generation,
+                "network state older, or empty as before: nothing to do"
+            ),
             Ok(Err(e)) => tracing::warn!(generation, error = %e, "network state not applied"),
             Err(e) => tracing::warn!(generation, error = %e, "network state task failed"),
         }

@@ -47,6 +47,7 @@ pub mod image_service;
 pub mod images;
 pub mod inventory;
 pub mod liveness;
+pub mod metrics;
 pub mod mover;
 pub mod net;
 pub mod network;
@@ -96,10 +97,18 @@ pub struct AgentArgs {
     /// Report this much disk (GiB) instead of the data directory's filesystem.
     #[arg(long)]
     pub disk_gib: Option<u64>,
-    /// IP address (or name) where other hosts reach this one for incoming
-    /// live migrations. Without it (e.g. behind NAT) incoming live
-    /// migrations are relayed through the control plane.
-    #[arg(long, env = "VIRT8RA_MIGRATION_ADDRESS")]
+    /// The address other hosts reach this one at: the underlay of its
+    /// virtual networks (VXLAN between hosts; an IPv4 address) and where
+    /// incoming live migrations arrive (an address or a name).
+    /// `--migration-address` is another name for it. Without it (e.g.
+    /// behind NAT) incoming live migrations are relayed through the control
+    /// plane, and the host's virtual networks reach only its own guests.
+    #[arg(
+        long = "address",
+        alias = "migration-address",
+        env = "VIRT8RA_ADDRESS",
+        value_name = "IP"
+    )]
     pub migration_address: Option<String>,
     /// Serve this host's image cache to the other hosts of its site on this
     /// address (e.g. 10.0.0.5:8481), so images cross the long link once per site.
@@ -109,6 +118,11 @@ pub struct AgentArgs {
     /// http:// and the listen address).
     #[arg(long)]
     pub image_service_url: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`: each VM's QEMU CPU time
+    /// and memory, the host's capacity and what is free) on this address,
+    /// plain HTTP without a token.
+    #[arg(long, env = "VIRT8RA_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -246,9 +260,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "no tunnel key: this host cannot join encrypted networks")
         }
     }
-    if let Some(a) = &args.migration_address {
+    // The older name of --address, in the environment too.
+    let address = args
+        .migration_address
+        .clone()
+        .or_else(|| std::env::var("VIRT8RA_MIGRATION_ADDRESS").ok());
+    if let Some(a) = &address {
         if a.is_empty() || a.contains(['/', ' ']) {
-            bail!("--migration-address {a:?} is not an address");
+            bail!("--address {a:?} is not an address");
+        }
+        if a.parse::<std::net::Ipv4Addr>().is_err() {
+            tracing::warn!(
+                address = %a,
+                "--address is not an IPv4 address: live migrations use it, but this host's \
+                 virtual networks reach only its own guests (VXLAN needs an IPv4 underlay)"
+            );
         }
         inv.migration_address = Some(a.clone());
     }
@@ -276,14 +302,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let (reports, changes) = reconciler::Reports::new();
+    if let Some(listen) = &args.metrics_listen {
+        let source = metrics::Source {
+            driver: driver.clone(),
+            reports: reports.clone(),
+            inventory: inv.clone(),
+            data_dir: data_dir.clone(),
+        };
+        metrics::start(Arc::new(source), listen).await?;
+    }
     let rec = reconciler::Reconciler::new(&data_dir, driver.clone(), images, reports.clone())?;
-    let mover = mover::Mover::new(
-        &data_dir,
-        &args.server,
-        &creds.host_token,
-        args.migration_address.clone(),
-        &trust,
-    )?;
+    let mover = mover::Mover::new(&data_dir, &args.server, &creds.host_token, address, &trust)?;
     rec.set_mover(mover.clone());
     rec.resume().await?;
     let ch = channel::Channel {

@@ -329,7 +329,7 @@ impl Mover {
             (_, true) => "127.0.0.1",
             (Some(l), false) => l.as_str(),
             (None, false) => bail!(
-                "this host has no --migration-address, so it takes live migrations only relayed through the control plane"
+                "this host has no --address, so it takes live migrations only relayed through the control plane"
             ),
         };
         let endpoints = q.start_incoming(cfg, migration_id, listen).await?;

@@ -448,6 +448,16 @@ impl Reconciler {
             // task (a process of simulated hosts holds a million).
             match Box::pin(self.step(&d, &mut cached)).await {
                 Ok(()) => failures = 0,
+                Err(e) if e.is::<WaitingForNetwork>() => {
+                    tracing::info!(vm = %d.name, "{e}");
+                    let local = cached.clone().unwrap_or_default();
+                    self.report(&id, AgentVmPhase::Provisioning, Some(e.to_string()), &local);
+                    tokio::select! {
+                        _ = rx.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(vm = %d.name, error = %e, "VM step failed; will retry");
@@ -518,6 +528,9 @@ impl Reconciler {
             let data = self.data_disks(d, self.driver.needs_image()).await?;
             let mut cfg = self.config(d, base.clone(), &local.ports, data);
             cfg.machine = local.machine.clone();
+            if matches!(role, virt8ra_api::protocol::MigrationRole::Incoming { .. }) {
+                self.taps_ready(d)?;
+            }
             mover.ensure_job(&self.driver, d, cfg, role, Some(base));
             return Ok(());
         }
@@ -556,6 +569,7 @@ impl Reconciler {
                     if state == DriverVmState::Running {
                         tracing::warn!(vm = %d.name, "VM process went away; starting it again");
                     }
+                    self.taps_ready(d)?;
                     self.driver.start(&cfg).await?;
                     tracing::info!(vm = %d.name, "VM started");
                 } else if d.reboot_generation > local.reboot_generation {
@@ -625,15 +639,53 @@ impl Reconciler {
                 user_data: d.user_data.clone(),
                 ssh_authorized_keys: d.ssh_authorized_keys.clone(),
                 network: d.network.clone(),
+                first_mac: d.nics.first().map(|n| n.mac.to_string()),
             },
             machine: d.machine.clone(),
             data_disks,
-            // The control plane sends no NICs yet (issue 27's next step):
-            // every VM keeps the user-mode NIC.
-            nics: Vec::new(),
+            nics: d
+                .nics
+                .iter()
+                .map(|n| crate::driver::NicConfig {
+                    tap: n.tap.clone(),
+                    mac: n.mac,
+                })
+                .collect(),
+        }
+    }
+
+    /// Fails with [`WaitingForNetwork`] while a tap the VM's NICs need is
+    /// not there yet. QEMU must not start without it: as root it would
+    /// create a tap of that name itself, on no bridge, and the guest would
+    /// boot cut off from its network.
+    fn taps_ready(&self, d: &DesiredVm) -> Result<(), WaitingForNetwork> {
+        if !self.driver.uses_taps() {
+            return Ok(());
+        }
+        match d.nics.iter().find(|n| !crate::network::tap_exists(&n.tap)) {
+            None => Ok(()),
+            Some(n) => Err(WaitingForNetwork(format!(
+                "waiting for tap {} of NIC {} (network {}): the host's network state \
+                 has not created it yet",
+                n.tap, n.id, n.network
+            ))),
         }
     }
 }
+
+/// A VM's tap is not there yet: the step is retried within a second, not
+/// with the backoff of a failure (the network state that makes the tap
+/// comes over the same channel, just before or just after the VM).
+#[derive(Debug)]
+pub struct WaitingForNetwork(pub String);
+
+impl std::fmt::Display for WaitingForNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WaitingForNetwork {}
 
 /// Picks a free loopback port for each guest port.
 fn allocate_ports(guest_ports: &[u16]) -> std::io::Result<Vec<(u16, u16)>> {
@@ -785,5 +837,106 @@ mod tests {
         r.resume().await.expect("resume");
         until("x runs", || driver.is_running("x")).await;
         assert_eq!(persisted(tmp.path()), ["x"]);
+    }
+
+    /// The simulated driver, but with taps, as QEMU's: a VM with NICs
+    /// must wait for them.
+    struct WithTaps(Arc<SimDriver>);
+
+    #[async_trait::async_trait]
+    impl Driver for WithTaps {
+        fn name(&self) -> &'static str {
+            "sim-with-taps"
+        }
+        fn hypervisor(&self) -> virt8ra_api::Hypervisor {
+            self.0.hypervisor()
+        }
+        fn version(&self) -> String {
+            self.0.version()
+        }
+        fn vm_dir(&self, id: &str) -> PathBuf {
+            self.0.vm_dir(id)
+        }
+        fn needs_image(&self) -> bool {
+            false
+        }
+        fn uses_taps(&self) -> bool {
+            true
+        }
+        fn default_machine_type(&self) -> Option<String> {
+            self.0.default_machine_type()
+        }
+        async fn prepare(&self, cfg: &VmConfig) -> crate::driver::Result<()> {
+            self.0.prepare(cfg).await
+        }
+        async fn start(&self, cfg: &VmConfig) -> crate::driver::Result<()> {
+            self.0.start(cfg).await
+        }
+        async fn state(&self, id: &str) -> crate::driver::Result<DriverVmState> {
+            self.0.state(id).await
+        }
+        async fn stop(&self, id: &str, t: Duration) -> crate::driver::Result<()> {
+            self.0.stop(id, t).await
+        }
+        async fn reboot(&self, id: &str) -> crate::driver::Result<()> {
+            self.0.reboot(id).await
+        }
+        async fn destroy(&self, id: &str) -> crate::driver::Result<()> {
+            self.0.destroy(id).await
+        }
+        async fn list(&self) -> crate::driver::Result<Vec<String>> {
+            self.0.list().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vm_waits_for_its_tap_and_starts_once_it_is_there() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let sim = sim_driver(tmp.path(), 4096);
+        let images = Arc::new(
+            ImageCache::new(
+                tmp.path().join("images"),
+                "http://127.0.0.1:9",
+                "t",
+                &virt8ra_tls::Trust::public(),
+            )
+            .expect("cache"),
+        );
+        let (reports, _changes) = Reports::new();
+        let r = Reconciler::new(
+            tmp.path(),
+            Arc::new(WithTaps(sim.clone())),
+            images,
+            reports.clone(),
+        )
+        .expect("reconciler")
+        .with_recheck(Duration::from_millis(50));
+        let nic = |tap: &str| virt8ra_api::protocol::DesiredNic {
+            id: "nic-1".into(),
+            network: "net-1".into(),
+            mac: virt8ra_api::mac_for_nic("nic-1"),
+            ip: "10.0.0.5".parse().expect("ip"),
+            prefix: 24,
+            tap: tap.into(),
+        };
+        let mut d = dvm("x", PowerState::Running);
+        d.nics = vec![nic("v8t-notthere01")];
+        r.apply(1, vec![d.clone()]).await.expect("apply");
+        until("x says it waits for its tap", || {
+            reports.all().iter().any(|v| {
+                v.id == "x"
+                    && v.phase == AgentVmPhase::Provisioning
+                    && v.error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("waiting for tap v8t-notthere01"))
+            })
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!sim.is_running("x"), "QEMU would have made the tap itself");
+        // The tap appears (here: a device every namespace has).
+        d.nics = vec![nic("lo")];
+        r.apply(2, vec![d]).await.expect("apply");
+        until("x runs", || sim.is_running("x")).await;
     }
 }

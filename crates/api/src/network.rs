@@ -372,7 +372,10 @@ pub struct HostNetwork {
 #[serde(deny_unknown_fields)]
 pub struct HostNetworkState {
     /// This host's underlay address: the source of its VXLAN traffic and
-    /// the address its peers send to.
+    /// the address its peers send to. `0.0.0.0`: the host has none (its
+    /// agent was started without `--address`), so, without a tunnel, it
+    /// carries its networks for its own guests only: no VXLAN device, no
+    /// peers, no remote MACs.
     pub underlay: Ipv4Addr,
     #[serde(default)]
     pub networks: Vec<HostNetwork>,
@@ -711,6 +714,16 @@ impl HostNetworkState {
                     nic.id, nic.ip, net.name
                 ));
             }
+        }
+        // Without an underlay address and without a tunnel (through which a
+        // host behind NAT reaches its peers) there is no overlay.
+        let no_overlay = self.underlay.is_unspecified() && self.tunnel.is_none();
+        if no_overlay && (!hn.peers.is_empty() || !hn.fdb.is_empty()) {
+            return Err(format!(
+                "network {}: this host has no underlay address, so it can have no peers or \
+                 remote MACs (start its agent with --address)",
+                net.name
+            ));
         }
         let mut peers = BTreeSet::new();
         for p in &hn.peers {

@@ -75,6 +75,13 @@ pub enum AgentMessage {
         /// host's queue takes the size of the largest variant, and a
         /// control plane holds a queue per host.
         inventory: Box<HostInventory>,
+        /// The host carries virtual networks (its kept network state has
+        /// some): the control plane sends it its network state on connect
+        /// even when it should carry none now, so that what is left goes.
+        /// A host that never carried one is sent none (an added field:
+        /// absent when false, ignored by an older control plane).
+        #[serde(default, skip_serializing_if = "is_false")]
+        networks: bool,
     },
     Heartbeat {
         seq: u64,
@@ -249,6 +256,27 @@ pub struct DesiredVm {
     /// there are none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_disks: Vec<DesiredDisk>,
+    /// NICs on virtual networks, in order (the guest's eth0, eth1, ...;
+    /// added within v3: absent when there are none). None: the user-mode
+    /// NIC with the loopback port forwards, as before virtual networks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<DesiredNic>,
+}
+
+/// A VM's NIC on a virtual network as the agent plugs it in: QEMU opens
+/// `tap`, which the host's network state (`ServerMessage::NetworkState`)
+/// creates on the network's bridge; the guest sees `mac`, and the
+/// network's DHCP server on the host leases it `ip`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredNic {
+    pub id: String,
+    /// The network's id.
+    pub network: String,
+    pub mac: crate::network::MacAddr,
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    /// `v8t-...` ([`crate::network::tap_name`] of the NIC's id).
+    pub tap: String,
 }
 
 impl DesiredVm {
@@ -555,6 +583,47 @@ mod tests {
         assert_eq!(v["network"]["ethernets"][0]["dhcp4"], true);
         let back: DesiredVm = serde_json::from_value(v).expect("back");
         assert_eq!(back, d);
+    }
+
+    #[test]
+    fn nics_and_the_hello_networks_flag_are_optional_both_ways() {
+        // From an older control plane: no NICs (the user-mode NIC).
+        let raw = r#"{"id":"v","name":"web","vcpus":1,"memory_mib":128,"disk_gib":1,
+            "image":{"id":"i","name":"img","sha256":"00","size_bytes":1,"url_path":"/x"},
+            "power":"running","reboot_generation":0,"stop_timeout_s":30}"#;
+        let mut d: DesiredVm = serde_json::from_str(raw).expect("parse");
+        assert!(d.nics.is_empty());
+        let v = serde_json::to_value(&d).expect("json");
+        assert!(
+            v.get("nics").is_none(),
+            "nothing new for an older agent: {v}"
+        );
+        d.nics = vec![DesiredNic {
+            id: "nic-1".into(),
+            network: "net-1".into(),
+            mac: crate::network::mac_for_nic("nic-1"),
+            ip: "10.0.0.5".parse().expect("ip"),
+            prefix: 24,
+            tap: crate::network::tap_name("nic-1"),
+        }];
+        let v = serde_json::to_value(&d).expect("json");
+        assert_eq!(v["nics"][0]["tap"], crate::network::tap_name("nic-1"));
+        let back: DesiredVm = serde_json::from_value(v).expect("back");
+        assert_eq!(back, d);
+        // An older agent's hello: carries no networks.
+        let old = r#"{"type":"hello","protocol":3,"min_protocol":1,"inventory":{"hostname":"h",
+            "arch":"x86_64","vcpus":1,"memory_mib":1,"disk_gib":1,"cpu_model":"c",
+            "hypervisor":"emulation","agent_version":"0"}}"#;
+        let h: AgentMessage = serde_json::from_str(old).expect("old hello");
+        assert!(matches!(
+            h,
+            AgentMessage::Hello {
+                networks: false,
+                ..
+            }
+        ));
+        let text = serde_json::to_string(&h).expect("json");
+        assert!(!text.contains("networks"), "{text}");
     }
 
     #[test]

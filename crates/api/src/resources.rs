@@ -204,9 +204,13 @@ pub struct HostInventory {
     /// Concrete QEMU machine types this host runs (e.g. `pc-i440fx-7.2`).
     #[serde(default)]
     pub machine_types: Vec<String>,
-    /// Address where peers reach this host's incoming live-migration
-    /// streams; none means they are relayed through the control plane (if
-    /// the agent can, `migration_relay`) or the host takes only cold ones.
+    /// The address other hosts reach this host at (`virt8ra agent
+    /// --address`, also `--migration-address`): where incoming
+    /// live-migration streams arrive and, when it is an IPv4 address, the
+    /// underlay of its virtual networks (VXLAN). None: live migrations to
+    /// it are relayed through the control plane (if the agent can,
+    /// `migration_relay`) or it takes only cold ones, and its virtual
+    /// networks reach only its own guests.
     #[serde(default)]
     pub migration_address: Option<String>,
     /// The agent can take live migrations relayed through the control plane
@@ -289,6 +293,12 @@ pub struct Host {
     /// Memory overcommit ratio for this host; the control plane's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_overcommit: Option<f64>,
+    /// The host's address inside the encrypted tunnels between sites
+    /// (100.64.0.0/10), given by the control plane once its agent reports a
+    /// tunnel key; it never changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub tunnel_address: Option<std::net::Ipv4Addr>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -784,6 +794,26 @@ pub struct NetworkSpan {
     /// Site names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<String>,
+}
+
+impl NetworkSpan {
+    /// The span in words: `countries FR, DE; sites fr-paris`, or `anywhere`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            ("countries", &self.countries),
+            ("providers", &self.providers),
+            ("sites", &self.sites),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k} {}", v.join(", ")))
+        .collect();
+        if parts.is_empty() {
+            "anywhere".into()
+        } else {
+            parts.join("; ")
+        }
+    }
 }
 
 /// What `network create` sends.

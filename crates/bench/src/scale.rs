@@ -69,7 +69,8 @@ pub async fn run(
     load: &LoadArgs,
     progress: bool,
 ) -> anyhow::Result<ScaleReport> {
-    let scratch = Scratch::new()?;
+    let mut scratch = Scratch::new()?;
+    scratch.database = load.database.clone();
     let mut server = control_plane::start(&scratch)?;
     let out = tokio::select! {
         r = run_on(&scratch, &mut server, hosts, vms, load, Progress(progress)) => r,

@@ -65,7 +65,7 @@ fn show(n: &Network) {
         ("mtu", n.mtu.to_string()),
         ("vni", n.vni.to_string()),
         ("nat", if n.nat { "yes" } else { "no" }.into()),
-        ("span", span_summary(&n.span)),
+        ("span", n.span.describe()),
         ("created", n.created_at.to_rfc3339()),
     ])
 }
@@ -76,24 +76,6 @@ fn list(items: impl Iterator<Item = String>) -> String {
         "-".into()
     } else {
         v.join(", ")
-    }
-}
-
-/// `countries FR, DE; sites x`, or `anywhere`.
-pub(crate) fn span_summary(s: &NetworkSpan) -> String {
-    let parts: Vec<String> = [
-        ("countries", &s.countries),
-        ("providers", &s.providers),
-        ("sites", &s.sites),
-    ]
-    .into_iter()
-    .filter(|(_, v)| !v.is_empty())
-    .map(|(k, v)| format!("{k} {}", v.join(", ")))
-    .collect();
-    if parts.is_empty() {
-        "anywhere".into()
-    } else {
-        parts.join("; ")
     }
 }
 
@@ -140,7 +122,7 @@ pub(crate) async fn network(c: &Client, o: Format, cmd: NetworkCmd) -> anyhow::R
                                 n.cidr.clone(),
                                 n.gateway.map(|g| g.to_string()).unwrap_or("-".into()),
                                 n.mtu.to_string(),
-                                span_summary(&n.span),
+                                n.span.describe(),
                             ]
                         })
                         .collect(),

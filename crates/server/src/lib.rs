@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use virt8ra_serve as serve;
-use virt8ra_store::{CachedStore, SqliteStore, Store, TokenKind};
+use virt8ra_store::{CachedStore, PgStore, SqliteStore, Store, TokenKind};
 
 use crate::registry::placement::{LoadedPlacement, PlacementConfig};
 
@@ -53,6 +53,11 @@ pub struct ServerArgs {
         env = "VIRT8RA_DATA_DIR"
     )]
     pub data_dir: PathBuf,
+    /// The database: a PostgreSQL URL, postgres://USER[:PASSWORD]@HOST[:PORT]/DB
+    /// (or postgresql://). Without it: SQLite, virt8ra.db in --data-dir.
+    /// Logs and errors show it with the password replaced by ***.
+    #[arg(long, env = "VIRT8RA_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
     /// Seconds between agent heartbeats; a host is unreachable after three missed ones.
     #[arg(long, default_value_t = 5)]
     pub heartbeat_interval: u64,
@@ -89,16 +94,71 @@ pub struct ServerArgs {
     /// new connection is answered 503 and closed.
     #[arg(long, default_value_t = 10_000, env = "VIRT8RA_MAX_CONNECTIONS")]
     pub max_connections: usize,
+    /// Also serve `GET /metrics` (Prometheus) on this address, without a
+    /// token and without TLS, and nothing else there. `/metrics` on
+    /// --listen needs the admin token either way.
+    #[arg(long, env = "VIRT8RA_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How an operator makes the control plane trust a server it fetches from.
 pub const CA_HINT: &str = "start the control plane with --ca-cert FILE, the CA that signed it";
 
-/// Builds the control plane's state on `data_dir`: opens (and upgrades) the
-/// database and makes sure an admin token exists. Returns the admin token if
-/// it was created now (it is shown once).
+/// Builds the control plane's state on `data_dir`, its database SQLite
+/// there: see [`open_with`].
 pub async fn open(
     data_dir: &Path,
+    heartbeat: Duration,
+    placement_config: PlacementConfig,
+    max_image_virtual_size: u64,
+    trust: virt8ra_tls::Trust,
+) -> anyhow::Result<(Ctx, Option<String>)> {
+    open_with(
+        data_dir,
+        None,
+        heartbeat,
+        placement_config,
+        max_image_virtual_size,
+        trust,
+    )
+    .await
+}
+
+/// Opens the store: PostgreSQL at `database` when given (a URL), else
+/// SQLite in `data_dir`; either upgraded to this build's schema, with the
+/// hot collections cached in memory (see `virt8ra_store::CachedStore`).
+async fn open_store(
+    data_dir: &Path,
+    database: Option<&str>,
+    metrics: &Arc<registry::metrics::Metrics>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match database {
+        Some(url) => {
+            // The store's errors show the URL redacted, never the password.
+            let store = PgStore::connect(url).await?;
+            tracing::info!(database = %virt8ra_store::redact_url(url), "store: PostgreSQL");
+            Arc::new(CachedStore::new(store).await?)
+        }
+        None => {
+            let store = SqliteStore::open(&data_dir.join("virt8ra.db"))
+                .with_context(|| format!("open database in {}", data_dir.display()))?;
+            // Commit latency from the writer thread (SQLite only so far).
+            let m = metrics.clone();
+            store.on_commit(Box::new(move |took, writes| m.commit(took, writes)));
+            // Providers, sites, images and tokens are read on every
+            // request: from memory (see `virt8ra_store::CachedStore`).
+            Arc::new(CachedStore::new(store).await?)
+        }
+    })
+}
+
+/// Builds the control plane's state on `data_dir`: opens (and upgrades) the
+/// database (PostgreSQL at `database`, else SQLite in `data_dir`) and makes
+/// sure an admin token exists. Returns the admin token if it was created
+/// now (it is shown once).
+pub async fn open_with(
+    data_dir: &Path,
+    database: Option<&str>,
     heartbeat: Duration,
     placement_config: PlacementConfig,
     max_image_virtual_size: u64,
@@ -111,11 +171,8 @@ pub async fn open(
     // Made here, once, never in a request.
     let catalog_key = keys::catalog_key(data_dir)?;
     let site_key = keys::site_key(data_dir)?;
-    let store = SqliteStore::open(&data_dir.join("virt8ra.db"))
-        .with_context(|| format!("open database in {}", data_dir.display()))?;
-    // Providers, sites, images and tokens are read on every request: from
-    // memory (see `virt8ra_store::CachedStore`).
-    let store: Arc<dyn Store> = Arc::new(CachedStore::new(store).await?);
+    let metrics = Arc::new(registry::metrics::Metrics::new());
+    let store = open_store(data_dir, database, &metrics).await?;
     let created = ensure_admin_token(store.as_ref(), data_dir).await?;
     store.purge_join_tokens(Utc::now()).await?;
     let hosts = registry::index::HostIndex::load(store.list_hosts().await?);
@@ -131,6 +188,8 @@ pub async fn open(
     let placement = LoadedPlacement::new(placement_config);
     // Networks' spans before anything is placed (see `registry::networks`).
     placement.spans.load(&store.list_networks().await?);
+    let tunnels = registry::tunnels::TunnelAddresses::default();
+    tunnels.load(hosts.all().iter().filter_map(|h| h.tunnel_address));
     let app = Arc::new(ControlPlane {
         store,
         hub: registry::hub::Hub::default(),
@@ -141,6 +200,7 @@ pub async fn open(
         vm_locks: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
         placement,
         ipam: Default::default(),
+        tunnels,
         started: std::time::Instant::now(),
         marked_hosts: Default::default(),
         deleting_hosts: Default::default(),
@@ -153,10 +213,12 @@ pub async fn open(
         vms,
         hosts,
         image_refs: Default::default(),
+        netplane: Default::default(),
         trust,
         catalog_key,
         site_key,
         max_image_virtual_size,
+        metrics,
     });
     Ok((app, created))
 }
@@ -227,8 +289,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert (the certificate chain)"),
     };
     let trust = virt8ra_tls::Trust::new(args.ca_cert.as_deref(), CA_HINT)?;
-    let (app, created) = open(
+    let (app, created) = open_with(
         &args.data_dir,
+        args.database.as_deref(),
         Duration::from_secs(args.heartbeat_interval.max(1)),
         cfg,
         args.max_image_virtual_size_gib << 30,
@@ -258,6 +321,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
              migrations cross the network unencrypted; pass --tls-cert and --tls-key"
         );
     }
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(&app, addr, limits).await?;
+    }
     start_work(&app).await?;
     if let Some(server_tls) = &server_tls {
         tokio::spawn(reload_on_sighup(server_tls.clone()));
@@ -270,6 +336,26 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await;
+    Ok(())
+}
+
+/// `--metrics-listen`: `GET /metrics` without a token, in a task of its own.
+async fn serve_metrics(app: &Ctx, addr: SocketAddr, limits: serve::Limits) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-listen {addr}"))?;
+    let local = listener.local_addr()?;
+    println!("virt8ra metrics on http://{local}/metrics");
+    if !local.ip().is_loopback() {
+        tracing::info!(listen = %local, "metrics served without a token: keep this address on the monitoring network");
+    }
+    tokio::spawn(serve::serve(
+        listener,
+        None,
+        http::metrics::open_router(app.clone()),
+        limits,
+        std::future::pending(),
+    ));
     Ok(())
 }
 

@@ -45,6 +45,8 @@ pub struct ControlPlane {
     pub placement: LoadedPlacement,
     /// Addresses being given to NICs of VMs not yet written.
     pub ipam: crate::registry::networks::Ipam,
+    /// Hosts' addresses inside the tunnels between sites.
+    pub tunnels: crate::registry::tunnels::TunnelAddresses,
     pub started: std::time::Instant,
     /// Hosts whose desired state may have changed since the last pass, and
     /// which of their VMs (see [`Marks`]).
@@ -70,6 +72,8 @@ pub struct ControlPlane {
     pub vms: crate::registry::index::VmIndex,
     /// Every host, in memory, written through like `vms`.
     pub hosts: crate::registry::index::HostIndex,
+    /// What the network plane computed last (see `services::netplane`).
+    pub netplane: crate::registry::netplane::NetPlane,
     /// Images as the agent protocol names them, by image id. An image id
     /// always names the same bytes, so entries never go stale.
     pub image_refs: std::sync::Mutex<std::collections::HashMap<String, ImageRef>>,
@@ -85,6 +89,8 @@ pub struct ControlPlane {
     /// The largest virtual size (bytes) of an image accepted on upload or
     /// import (`--max-image-virtual-size-gib`).
     pub max_image_virtual_size: u64,
+    /// Prometheus metrics (`GET /metrics`; see [`crate::registry::metrics`]).
+    pub metrics: Arc<crate::registry::metrics::Metrics>,
 }
 
 impl ControlPlane {

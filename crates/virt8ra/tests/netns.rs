@@ -363,6 +363,24 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
 }
 
+/// A stand-in guest for each of `net`'s NICs, at its static address;
+/// asserts that each pings every other. Returns their namespaces.
+fn guests_ping_each_other(w: &mut World, net: &Net) -> Vec<String> {
+    let guests: Vec<String> = net
+        .nics
+        .iter()
+        .map(|(h, id, a)| w.guest(*h, id, &net.spec, Some(ip(a))))
+        .collect();
+    for (i, g) in guests.iter().enumerate() {
+        for (j, (_, _, a)) in net.nics.iter().enumerate() {
+            if i != j {
+                assert!(ping(g, ip(a)), "guest {i} cannot ping {a}");
+            }
+        }
+    }
+    guests
+}
+
 fn blue() -> Net {
     Net {
         spec: spec("net-blue", "10.50.0.0/24", 5001, Some("10.50.0.1")),
@@ -389,17 +407,8 @@ fn three_hosts_ping_over_vxlan_and_a_second_apply_changes_nothing() {
         let changes = w.apply(h, &host_state(h, &[&net]));
         assert!(!changes.is_empty(), "the first apply creates the devices");
     }
-    let guests: Vec<String> = net
-        .nics
-        .iter()
-        .map(|(h, id, a)| w.guest(*h, id, &net.spec, Some(ip(a))))
-        .collect();
+    let guests = guests_ping_each_other(&mut w, &net);
     for (i, g) in guests.iter().enumerate() {
-        for (j, (_, _, a)) in net.nics.iter().enumerate() {
-            if i != j {
-                assert!(ping(g, ip(a)), "guest {i} cannot ping {a}");
-            }
-        }
         assert!(
             ping(g, ip("10.50.0.1")),
             "guest {i} cannot ping its gateway"
@@ -1141,18 +1150,7 @@ fn traffic_between_sites_is_encrypted_and_within_a_site_is_not() {
     let held: Vec<Served> = (0..3)
         .map(|h| hold_apply(&w, h, &tunnel_host_state(h, &[&net], &keys)))
         .collect();
-    let guests: Vec<String> = net
-        .nics
-        .iter()
-        .map(|(h, id, a)| w.guest(*h, id, &net.spec, Some(ip(a))))
-        .collect();
-    for (i, g) in guests.iter().enumerate() {
-        for (j, (_, _, a)) in net.nics.iter().enumerate() {
-            if i != j {
-                assert!(ping(g, ip(a)), "guest {i} cannot ping {a}");
-            }
-        }
-    }
+    let guests = guests_ping_each_other(&mut w, &net);
     let tunnel = must(&["ip", "-n", &w.hosts[0], "-o", "addr", "show", "dev", "v8w0"]);
     assert!(tunnel.contains("100.64.0.1/24"), "{tunnel}");
 
@@ -1508,21 +1506,7 @@ fn a_host_behind_nat_joins_through_a_relay() {
             ),
         ),
     ];
-    let guests: Vec<String> = net
-        .nics
-        .iter()
-        .map(|(h, id, a)| w.guest(*h, id, &net.spec, Some(ip(a))))
-        .collect();
-    for (i, g) in guests.iter().enumerate() {
-        for (j, (_, _, a)) in net.nics.iter().enumerate() {
-            if i != j {
-                assert!(
-                    ping(g, ip(a)),
-                    "guest {i} cannot ping {a} (host 2 is behind NAT)"
-                );
-            }
-        }
-    }
+    guests_ping_each_other(&mut w, &net);
     let fwd = must(&[
         "ip",
         "netns",

@@ -501,6 +501,34 @@ mod netapi {
             c.start_agent_with(&format!("sim-{i}"), Some(site), &["--driver", "sim"]);
         }
         c.wait_hosts_ready(3);
+        // Each agent made a tunnel key and reported its public half; each
+        // host got its own address inside the tunnels, kept across a
+        // restart of the control plane.
+        let tunnels = |c: &Cluster| -> Vec<(String, String)> {
+            let hosts = c.ok("GET", "/api/v1/hosts", None);
+            let mut out: Vec<(String, String)> = hosts["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| {
+                    let key = h["inventory"]["tunnel_public_key"].as_str().unwrap_or("");
+                    assert_eq!(key.len(), 44, "a base64 WireGuard key: {h}");
+                    let a = h["tunnel_address"].as_str().unwrap_or("").to_string();
+                    assert!(a.starts_with("100."), "a tunnel address: {h}");
+                    (h["name"].as_str().unwrap().to_string(), a)
+                })
+                .collect();
+            out.sort();
+            out
+        };
+        let before = tunnels(&c);
+        let addresses: std::collections::BTreeSet<&String> =
+            before.iter().map(|(_, a)| a).collect();
+        assert_eq!(addresses.len(), 3, "distinct: {before:?}");
+        c.kill_server();
+        c.start_server();
+        c.wait_hosts_ready(3);
+        assert_eq!(tunnels(&c), before, "kept across a restart");
         import_tiny_image(&c);
         c.ok("POST", "/api/v1/networks", Some(json!({"name": "es-pl", "cidr": "10.8.0.0/24", "span": {"countries": ["ES", "PL"]}})));
         c.ok(

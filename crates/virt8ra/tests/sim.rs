@@ -413,6 +413,7 @@ fn hosts_share_one_connection_and_each_needs_its_own_credential() {
         protocol: PROTOCOL_VERSION,
         min_protocol: MIN_PROTOCOL_VERSION,
         inventory: Box::new(inventory.clone()),
+        networks: false,
     };
     let (a, b) = rt.block_on(async {
         let mut links = Vec::new();

@@ -12,7 +12,8 @@
 //!   cloud-init network-config version 2 document (`version: 2`,
 //!   `ethernets:` keyed by an id, each with its `match`). An entry the user
 //!   gave without a match means the VM's first NIC and is matched by its MAC
-//!   address, [`FIRST_NIC_MAC`], which the QEMU driver sets.
+//!   address: [`FIRST_NIC_MAC`], which the QEMU driver sets on the
+//!   user-mode NIC, or the MAC of the VM's first NIC on a virtual network.
 //!
 //! Written with mtools, so no mounting and no root privileges are needed.
 //!
@@ -75,12 +76,13 @@ pub fn meta_data(c: &GuestContext) -> String {
 }
 
 /// The `network-config` document (cloud-init network-config version 2).
-pub fn network_config(n: &NetworkConfig) -> String {
+/// `first_mac`: the MAC an entry without a match is matched by.
+pub fn network_config(n: &NetworkConfig, first_mac: &str) -> String {
     let mut s = String::from("version: 2\nethernets:\n");
     for (i, e) in n.ethernets.iter().enumerate() {
         let (name, mac) = match &e.match_ {
             Some(m) => (m.name.clone(), m.macaddress.clone()),
-            None => (None, Some(FIRST_NIC_MAC.to_string())),
+            None => (None, Some(first_mac.to_string())),
         };
         // The id: the interface's name when it is matched by name (the v2
         // convention), else one of our own.
@@ -139,7 +141,8 @@ pub async fn write_seed(dir: &Path, c: &GuestContext) -> Result<()> {
         .unwrap_or_else(|| "#cloud-config\n{}\n".to_string());
     std::fs::write(work.join("user-data"), user).map_err(io("write user-data"))?;
     if let Some(n) = &c.network {
-        std::fs::write(work.join("network-config"), network_config(n))
+        let first = c.first_mac.as_deref().unwrap_or(FIRST_NIC_MAC);
+        std::fs::write(work.join("network-config"), network_config(n, first))
             .map_err(io("write network-config"))?;
         files.push("network-config");
     }
@@ -289,7 +292,14 @@ mod tests {
 
     #[test]
     fn network_config_is_cloud_init_version_2() {
-        let doc = network_config(&sample_network());
+        // A VM on a virtual network: its first NIC's MAC instead.
+        let doc = network_config(&sample_network(), "02:aa:bb:cc:dd:ee");
+        let v = yaml(&doc);
+        assert_eq!(
+            v["ethernets"]["nic0"]["match"]["macaddress"],
+            "02:aa:bb:cc:dd:ee"
+        );
+        let doc = network_config(&sample_network(), FIRST_NIC_MAC);
         let v = yaml(&doc);
         assert_eq!(v["version"], 2);
         let eths = v["ethernets"].as_mapping().unwrap();
@@ -339,6 +349,7 @@ mod tests {
             user_data: Some("#!/bin/sh\necho hi\n".into()),
             ssh_authorized_keys: vec![KEY.into()],
             network: None,
+            first_mac: None,
         };
         write_seed(d.path(), &c).await.unwrap();
         let img = d.path().join("seed.img");
@@ -366,7 +377,7 @@ mod tests {
         write_seed(d.path(), &c).await.unwrap();
         assert_eq!(
             seed_file(img, "network-config").await,
-            Some(network_config(&sample_network()))
+            Some(network_config(&sample_network(), FIRST_NIC_MAC))
         );
         assert!(!d.path().join("seed.d").exists() && !d.path().join("seed.img.tmp").exists());
     }

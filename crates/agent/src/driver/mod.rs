@@ -82,6 +82,10 @@ pub struct GuestContext {
     pub ssh_authorized_keys: Vec<String>,
     /// Network configuration; `None` leaves the image's default.
     pub network: Option<virt8ra_api::NetworkConfig>,
+    /// The MAC of the VM's first NIC on a virtual network, which a network
+    /// configuration entry without a match means; `None`: the user-mode
+    /// NIC's (`cloudinit::FIRST_NIC_MAC`).
+    pub first_mac: Option<String>,
 }
 
 /// What a driver observes of one VM.
@@ -148,6 +152,11 @@ pub trait Driver: Send + Sync + 'static {
     fn needs_image(&self) -> bool {
         true
     }
+    /// Whether VMs' NICs on virtual networks are host taps that must exist
+    /// before the VM starts (QEMU; the simulated driver has none).
+    fn uses_taps(&self) -> bool {
+        false
+    }
     /// Concrete machine types this host can run (empty: not QEMU).
     fn machine_types(&self) -> Vec<String> {
         Vec::new()
@@ -159,6 +168,11 @@ pub trait Driver: Send + Sync + 'static {
     /// What moves this driver's VMs between hosts (migration, export);
     /// `None`: it cannot.
     fn migrator(&self) -> Option<&dyn Migrate> {
+        None
+    }
+    /// The pid of the VM's hypervisor process, if it runs one (metrics read
+    /// its `/proc`); `None` for a simulated VM.
+    fn pid(&self, _id: &str) -> Option<i32> {
         None
     }
     /// The host's usage as this driver accounts it, for heartbeats; `None`

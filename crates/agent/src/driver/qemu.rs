@@ -468,6 +468,10 @@ impl Driver for QemuDriver {
         "qemu"
     }
 
+    fn pid(&self, id: &str) -> Option<i32> {
+        self.live_pid(id)
+    }
+
     fn hypervisor(&self) -> Hypervisor {
         self.hypervisor
     }
@@ -486,6 +490,10 @@ impl Driver for QemuDriver {
 
     fn default_machine_type(&self) -> Option<String> {
         Some(self.default_machine().to_string())
+    }
+
+    fn uses_taps(&self) -> bool {
+        true
     }
 
     fn migrator(&self) -> Option<&dyn super::Migrate> {

@@ -74,12 +74,39 @@ pub fn is_ours(name: &str) -> bool {
 }
 
 /// The names of the devices the desired networks need.
-pub fn wanted(networks: &[HostNetwork]) -> Vec<String> {
+/// Whether and from where a host's networks send VXLAN to other hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vxlan {
+    /// No overlay: the host has no underlay address (its agent has no
+    /// `--address`) and no tunnel, so no VXLAN device.
+    Off,
+    /// From this, the host's underlay address.
+    From(Ipv4Addr),
+    /// From the address the route picks: with a tunnel, the underlay
+    /// address or the tunnel address for a peer behind the tunnel.
+    Routed,
+}
+
+impl Vxlan {
+    pub fn of(state: &virt8ra_api::HostNetworkState) -> Vxlan {
+        if state.tunnel.is_some() {
+            Vxlan::Routed
+        } else if state.underlay.is_unspecified() {
+            Vxlan::Off
+        } else {
+            Vxlan::From(state.underlay)
+        }
+    }
+}
+
+pub fn wanted(networks: &[HostNetwork], vxlan: Vxlan) -> Vec<String> {
     let mut out = Vec::new();
     for hn in networks {
         let n = device_names(&hn.network.id);
         out.push(n.bridge);
-        out.push(n.vxlan);
+        if vxlan != Vxlan::Off {
+            out.push(n.vxlan);
+        }
         out.extend(hn.nics.iter().map(|nic| nic.tap.clone()));
     }
     out
@@ -155,7 +182,7 @@ fn keep_if<'a>(
 pub fn ensure_network(
     links: &BTreeMap<String, Link>,
     hn: &HostNetwork,
-    local: Option<Ipv4Addr>,
+    vxlan: Vxlan,
     changes: &mut Changes,
 ) -> Result<bool> {
     let net = &hn.network;
@@ -185,9 +212,32 @@ pub fn ensure_network(
         )?;
     }
     settle(br, &names.bridge, net.mtu, None, changes)?;
+    match vxlan {
+        Vxlan::Off => {}
+        Vxlan::From(a) => ensure_vxlan(links, hn, Some(a), changes)?,
+        Vxlan::Routed => ensure_vxlan(links, hn, None, changes)?,
+    }
+    for nic in &hn.nics {
+        let tap = keep_if(links, &nic.tap, |l| l.tap, changes)?;
+        if tap.is_none() {
+            changes.run("ip", &["tuntap", "add", "dev", &nic.tap, "mode", "tap"])?;
+        }
+        settle(tap, &nic.tap, net.mtu, Some(&names.bridge), changes)?;
+    }
+    Ok(created)
+}
 
-    // Without a local address the source comes from the route: the
-    // underlay address, or the tunnel address for a peer behind the tunnel.
+/// The network's VXLAN device on its bridge, sending from `local`, or
+/// without a local address, from the one the route picks (the underlay
+/// address, or the tunnel address for a peer behind the tunnel).
+fn ensure_vxlan(
+    links: &BTreeMap<String, Link>,
+    hn: &HostNetwork,
+    local: Option<Ipv4Addr>,
+    changes: &mut Changes,
+) -> Result<()> {
+    let net = &hn.network;
+    let names = device_names(&net.id);
     let local = local.map(|a| a.to_string()).unwrap_or_default();
     let want = (
         u64::from(net.vni),
@@ -222,16 +272,7 @@ pub fn ensure_network(
         }
         changes.run("ip", &args)?;
     }
-    settle(vx, &names.vxlan, net.mtu, Some(&names.bridge), changes)?;
-
-    for nic in &hn.nics {
-        let tap = keep_if(links, &nic.tap, |l| l.tap, changes)?;
-        if tap.is_none() {
-            changes.run("ip", &["tuntap", "add", "dev", &nic.tap, "mode", "tap"])?;
-        }
-        settle(tap, &nic.tap, net.mtu, Some(&names.bridge), changes)?;
-    }
-    Ok(created)
+    settle(vx, &names.vxlan, net.mtu, Some(&names.bridge), changes)
 }
 
 /// The bridge carries the gateway's address (and nothing else of ours).

@@ -54,15 +54,18 @@ pub fn reconcile(desired: &HostNetworkState, data_dir: &Path) -> cmd::Result<Cha
     let dhcp_root = data_dir.join(DIR).join("dhcp");
     let mut changes = Changes::default();
     let mut links = links::observe()?;
-    links::remove_unwanted(&mut links, &links::wanted(&desired.networks), &mut changes)?;
+    let vxlan = links::Vxlan::of(desired);
+    let wanted = links::wanted(&desired.networks, vxlan);
+    links::remove_unwanted(&mut links, &wanted, &mut changes)?;
     let mut bridges = Vec::new();
     // The tunnel first: VXLAN devices send to peers behind it.
     tunnel::ensure(&data_dir.join(DIR), desired.tunnel.as_ref(), &mut changes)?;
-    let local = desired.tunnel.is_none().then_some(desired.underlay);
     for hn in &desired.networks {
-        let created = links::ensure_network(&links, hn, local, &mut changes)?;
+        let created = links::ensure_network(&links, hn, vxlan, &mut changes)?;
         links::ensure_address(hn, &mut changes)?;
-        fdb::ensure(hn, &mut changes)?;
+        if vxlan != links::Vxlan::Off {
+            fdb::ensure(hn, &mut changes)?;
+        }
         let bridge = device_names(&hn.network.id).bridge;
         let index = if created {
             links::observe()?
@@ -131,6 +134,24 @@ pub fn apply_stored(data_dir: &Path) -> cmd::Result<Changes> {
         Some(s) => reconcile(&s.state, data_dir),
         None => Ok(Changes::default()),
     }
+}
+
+/// Whether the host carries virtual networks: its kept network state has
+/// some (told to the control plane in `hello`).
+pub fn carries_networks(data_dir: &Path) -> bool {
+    matches!(load(data_dir), Ok(Some(s)) if !s.state.networks.is_empty())
+}
+
+/// Whether network device `name` exists in this network namespace (a
+/// VM's tap, before QEMU opens it).
+pub fn tap_exists(name: &str) -> bool {
+    // Interface names never hold '/', but a name is data: do not let one
+    // walk out of the directory.
+    !name.is_empty()
+        && !name.contains(['/', '\0'])
+        && name != "."
+        && name != ".."
+        && Path::new("/sys/class/net").join(name).exists()
 }
 
 /// Reads a desired state from a JSON file (the `agent network-apply`

@@ -292,6 +292,20 @@ fn host_state_validation() {
         &|s| s.networks[0].fdb[0].mac = mac_for_nic("n1"),
         "both local and remote",
     );
+    bad(
+        &|s| s.underlay = Ipv4Addr::UNSPECIFIED,
+        "no underlay address",
+    );
+    // Without an underlay: local NICs only, no peers or remote MACs.
+    let mut local = ok.clone();
+    local.underlay = Ipv4Addr::UNSPECIFIED;
+    for hn in &mut local.networks {
+        hn.peers.clear();
+        hn.fdb.clear();
+    }
+    local
+        .validate()
+        .expect("a host without an address carries locally");
     let unknown =
         serde_json::from_str::<HostNetworkState>(r#"{"underlay":"1.2.3.4","netwrks":[]}"#);
     assert!(unknown.is_err(), "unknown fields are refused");

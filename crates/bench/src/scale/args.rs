@@ -34,6 +34,11 @@ pub struct LoadArgs {
     /// lifecycle operations run.
     #[arg(long, default_value_t = 20.0)]
     pub list_rate: f64,
+    /// The control plane's database: a PostgreSQL URL (postgres://...) of
+    /// an empty database, passed to `server --database`; without it,
+    /// SQLite in the run's scratch directory.
+    #[arg(long)]
+    pub database: Option<String>,
 }
 
 impl LoadArgs {

@@ -39,7 +39,8 @@ impl Drop for Server {
 }
 
 /// Starts the control plane on `scratch`'s port, its data in `server/`
-/// and its log in `server.log` there.
+/// (its database there too, unless `scratch.database` names one) and its
+/// log in `server.log` there.
 pub fn start(scratch: &Scratch) -> anyhow::Result<Server> {
     let dir = scratch.dir();
     let exe = std::env::current_exe()?;
@@ -47,10 +48,14 @@ pub fn start(scratch: &Scratch) -> anyhow::Result<Server> {
         .create(true)
         .append(true)
         .open(dir.join("server.log"))?;
-    let child = Command::new(exe)
-        .args(["server", "--listen", &format!("127.0.0.1:{}", scratch.port)])
+    let mut cmd = Command::new(exe);
+    cmd.args(["server", "--listen", &format!("127.0.0.1:{}", scratch.port)])
         .arg("--data-dir")
-        .arg(dir.join("server"))
+        .arg(dir.join("server"));
+    if let Some(db) = &scratch.database {
+        cmd.arg("--database").arg(db);
+    }
+    let child = cmd
         .env("VIRT8RA_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
@@ -106,7 +111,8 @@ pub fn url(port: u16) -> String {
 pub struct Footprint {
     pub rss_bytes: u64,
     pub peak_rss_bytes: u64,
-    /// The database file and its WAL.
+    /// The database file and its WAL (0 on PostgreSQL, whose files are
+    /// the database server's).
     pub db_bytes: u64,
     pub wal_bytes: u64,
 }

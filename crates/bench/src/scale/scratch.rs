@@ -18,6 +18,8 @@ pub struct Scratch {
     /// image the VMs are made from.
     dir: TempDir,
     pub port: u16,
+    /// The control plane's `--database`, when not SQLite in `dir`.
+    pub database: Option<String>,
 }
 
 impl Scratch {
@@ -40,7 +42,12 @@ impl Scratch {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        Ok(Self { agents, dir, port })
+        Ok(Self {
+            agents,
+            dir,
+            port,
+            database: None,
+        })
     }
 
     /// The control plane's side: its data directory is `server/` in it.

@@ -229,13 +229,14 @@ async fn host_session(
         let _ = outbox.send(ServerMessage::Reject { reason });
     };
     // 1. Hello and version negotiation.
-    let (min, max, inventory) =
+    let (min, max, inventory, networks) =
         match tokio::time::timeout(Duration::from_secs(10), inbox.recv_async()).await {
             Ok(Ok(AgentMessage::Hello {
                 protocol,
                 min_protocol,
                 inventory,
-            })) => (min_protocol, protocol, inventory),
+                networks,
+            })) => (min_protocol, protocol, inventory, networks),
             Ok(Ok(_)) => return reject("the first message must be hello".into()),
             _ => return,
         };
@@ -249,6 +250,7 @@ async fn host_session(
     match app.host(host_id) {
         Ok(mut h) => {
             h.inventory = *inventory;
+            topology::take_tunnel_address(app, &mut h);
             h.last_heartbeat = Some(Utc::now());
             if let Err(e) = Box::pin(app.update_host(&h)).await {
                 tracing::warn!(error = %e, "recording host inventory");
@@ -275,6 +277,7 @@ async fn host_session(
         site_secret: topology::site_secret(app, host_id).await,
     });
     drop(outbox);
+    crate::services::netplane::host_connected(app, host_id, networks);
     // Boxed, here and below: a session lives as long as its host is
     // connected, and inlining these futures made each session's task 7 KiB.
     if let Err(e) = Box::pin(scheduler::sync_host(app, host_id)).await {

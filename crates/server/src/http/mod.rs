@@ -19,6 +19,7 @@ pub mod error;
 pub mod extract;
 pub mod hosts;
 pub mod images;
+pub mod metrics;
 pub mod migrations;
 pub mod networks;
 pub mod openapi;

@@ -30,7 +30,7 @@ use super::{
         license(name = "Apache-2.0")
     ),
     paths(
-        super::system::healthz, serve, super::system::metrics,
+        super::system::healthz, serve, super::system::metrics, super::metrics::scrape,
         providers::list, providers::create, providers::show, providers::update, providers::delete,
         sites::list, sites::create, sites::show, sites::update, sites::delete,
         hosts::list, hosts::show, hosts::update, hosts::delete, hosts::create_join_token,

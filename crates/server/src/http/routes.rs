@@ -9,8 +9,8 @@ use axum::Router;
 use super::extract::JSON_BODY_LIMIT;
 use super::system::{healthz, method_not_allowed, metrics, not_found};
 use super::{
-    agent, apps, catalog, hosts, images, migrations, networks, openapi, providers, relay, sites,
-    tokens, vms, watch,
+    agent, apps, catalog, hosts, images, metrics as prometheus, migrations, networks, openapi,
+    providers, relay, sites, tokens, vms, watch,
 };
 use crate::state::Ctx;
 
@@ -93,6 +93,7 @@ pub fn routes() -> Vec<Route> {
         get("/healthz", Anyone, healthz),
         get("/api/v1/openapi.json", Anyone, openapi::serve),
         get("/api/v1/metrics", Admin, metrics),
+        get("/metrics", Admin, prometheus::scrape),
         get("/api/v1/providers", Admin, providers::list),
         post("/api/v1/providers", Admin, providers::create),
         get("/api/v1/providers/{key}", Admin, providers::show),
@@ -206,5 +207,11 @@ pub fn router(app: Ctx) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        // Outermost, on every route and the fallbacks: counts and times
+        // each request by the route template matched.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            prometheus::track,
+        ))
         .with_state(app)
 }

@@ -71,6 +71,10 @@ struct Live {
     protocol: u32,
     /// Liveness as last handed out by [`Hub::liveness_changes`].
     judged_alive: bool,
+    /// A hash of the network state last sent on this connection.
+    net_sent: Option<u64>,
+    /// The agent said in its hello that it carries virtual networks.
+    net_reported: bool,
 }
 
 impl Live {
@@ -137,6 +141,8 @@ impl Hub {
                 reports: HashMap::new(),
                 protocol: 0,
                 judged_alive: false,
+                net_sent: None,
+                net_reported: false,
             },
         );
         id
@@ -160,6 +166,46 @@ impl Hub {
         if let Some(l) = self.lock().get_mut(host_id) {
             l.protocol = version;
         }
+    }
+
+    /// Records whether the host's agent said it carries virtual networks.
+    pub fn set_network_reported(&self, host_id: &str, carries: bool) {
+        if let Some(l) = self.lock().get_mut(host_id) {
+            l.net_reported = carries;
+        }
+    }
+
+    /// Whether the host's agent said on connect that it carries virtual
+    /// networks.
+    pub fn network_reported(&self, host_id: &str) -> bool {
+        self.lock().get(host_id).is_some_and(|l| l.net_reported)
+    }
+
+    /// Sends the host its network state unless the same state went out on
+    /// this connection already; `generation` is asked for only when it
+    /// goes. False when nothing was sent (the same, or not connected).
+    pub fn send_network_state(
+        &self,
+        host_id: &str,
+        state: virt8ra_api::HostNetworkState,
+        generation: impl FnOnce() -> u64,
+    ) -> bool {
+        let h = json_hash(&state);
+        let mut m = self.lock();
+        let Some(l) = m.get_mut(host_id) else {
+            return false;
+        };
+        if l.net_sent == Some(h) {
+            return false;
+        }
+        let ok = l.tx.send(ServerMessage::NetworkState {
+            generation: generation(),
+            state,
+        });
+        if ok {
+            l.net_sent = Some(h);
+        }
+        ok
     }
 
     /// The protocol version a connected host speaks.
@@ -232,6 +278,23 @@ impl Hub {
         if let Some(l) = self.lock().get_mut(host_id) {
             l.reports.remove(vm_id);
         }
+    }
+
+    /// The connected hosts (by id) that heartbeated within `window`, and
+    /// the longest time since a connected host's last heartbeat: one pass
+    /// under one lock (metrics count hosts by state at each scrape).
+    pub fn alive_hosts(&self, window: Duration) -> (std::collections::HashSet<String>, Duration) {
+        let now = Instant::now();
+        let mut oldest = Duration::ZERO;
+        let mut alive = std::collections::HashSet::new();
+        for (id, l) in self.lock().iter() {
+            let age = now.saturating_duration_since(l.last_beat);
+            oldest = oldest.max(age);
+            if age <= window {
+                alive.insert(id.clone());
+            }
+        }
+        (alive, oldest)
     }
 
     pub fn view(&self, host_id: &str, window: Duration) -> Option<LiveView> {
@@ -702,5 +765,44 @@ mod tests {
             rx.try_recv(),
             Ok(ServerMessage::DesiredState { .. })
         ));
+    }
+
+    #[test]
+    fn a_network_state_goes_once_per_change_and_again_on_a_new_connection() {
+        let hub = Hub::default();
+        let state = |u: &str| virt8ra_api::HostNetworkState {
+            underlay: u.parse().expect("addr"),
+            networks: vec![],
+            tunnel: None,
+        };
+        assert!(
+            !hub.send_network_state("h", state("192.0.2.1"), || 1),
+            "not connected"
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        hub.register("h", Outbox::Direct(tx));
+        assert!(!hub.network_reported("h"));
+        hub.set_network_reported("h", true);
+        assert!(hub.network_reported("h"));
+        assert!(hub.send_network_state("h", state("192.0.2.1"), || 5));
+        let mut asked = false;
+        assert!(!hub.send_network_state("h", state("192.0.2.1"), || {
+            asked = true;
+            6
+        }));
+        assert!(!asked, "no generation is used up for nothing");
+        assert!(hub.send_network_state("h", state("192.0.2.9"), || 7));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(ServerMessage::NetworkState { generation: 5, .. })
+        ));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(ServerMessage::NetworkState { generation: 7, .. })
+        ));
+        let (tx2, _rx2) = mpsc::unbounded_channel();
+        hub.register("h", Outbox::Direct(tx2));
+        assert!(!hub.network_reported("h"), "a new connection says anew");
+        assert!(hub.send_network_state("h", state("192.0.2.9"), || 8));
     }
 }

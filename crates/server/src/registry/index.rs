@@ -64,7 +64,78 @@ struct Inner {
     /// Name -> id of the last deleted VM of that name (history lookups).
     deleted_names: HashMap<String, Id>,
     sets: HashMap<(Dim, String), BTreeSet<Id>>,
+    /// Network id -> the VMs with a NIC on it that are neither being
+    /// deleted nor deleted (the members whose NICs the hosts plug in).
+    /// Empty, and never looked at, while no VM has a NIC.
+    by_network: HashMap<String, BTreeSet<Id>>,
+    /// Networks whose members changed (joined, left, moved, started or
+    /// ended a migration) since [`VmIndex::take_network_changes`].
+    net_changes: std::collections::BTreeSet<String>,
+    /// VMs not deleted, by (site, provider, country) (for metrics).
+    placed: HashMap<Place, u64>,
 }
+
+/// The networks whose hosts carry `vm`'s NICs (none for a VM without NICs,
+/// or one being deleted).
+fn member_networks(vm: &Vm) -> Vec<&str> {
+    if vm.status.nics.is_empty() || matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted)
+    {
+        return Vec::new();
+    }
+    let mut v: Vec<&str> = vm
+        .status
+        .nics
+        .iter()
+        .map(|n| n.network_id.as_str())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Whether a change from `old` to `new` changes what hosts carry for the
+/// VM's networks: membership, the host, a migration, the NICs.
+fn network_relevant(old: Option<&Vm>, new: &Vm) -> bool {
+    let Some(old) = old else {
+        return !new.status.nics.is_empty();
+    };
+    if old.status.nics.is_empty() && new.status.nics.is_empty() {
+        return false;
+    }
+    old.status.nics != new.status.nics
+        || old.status.host_id != new.status.host_id
+        || old.status.migration != new.status.migration
+        || member_networks(old).is_empty() != member_networks(new).is_empty()
+}
+
+/// A VM's (site, provider, country).
+type Place = (String, String, String);
+
+/// Where a VM counts in `Inner::placed`: not deleted and at a site.
+fn place(vm: &Vm) -> Option<Place> {
+    let s = &vm.status;
+    if s.phase == VmPhase::Deleted {
+        return None;
+    }
+    Some((
+        s.site.clone()?,
+        s.provider.clone().unwrap_or_default(),
+        s.country.clone().unwrap_or_default(),
+    ))
+}
+
+/// Every phase, in the order metrics show them.
+const PHASES: [VmPhase; 9] = [
+    VmPhase::Pending,
+    VmPhase::Scheduled,
+    VmPhase::Provisioning,
+    VmPhase::Running,
+    VmPhase::Stopping,
+    VmPhase::Stopped,
+    VmPhase::Failed,
+    VmPhase::Deleting,
+    VmPhase::Deleted,
+];
 
 impl Inner {
     fn remove_from(&mut self, k: &(Dim, String), id: &Id) {
@@ -99,12 +170,66 @@ impl Inner {
         self.names_of(vm).insert(vm.name.clone(), id.clone());
     }
 
+    /// Moves `id` from `old`'s networks to `new`'s and notes the networks
+    /// whose members changed (only when the change matters to them).
+    fn relink_networks(&mut self, id: &Id, old: Option<&Vm>, new: &Vm) {
+        if !network_relevant(old, new) {
+            return;
+        }
+        let before = old.map(member_networks).unwrap_or_default();
+        let after = member_networks(new);
+        for n in &before {
+            if !after.contains(n) {
+                if let Some(s) = self.by_network.get_mut(*n) {
+                    s.remove(id);
+                    if s.is_empty() {
+                        self.by_network.remove(*n);
+                    }
+                }
+            }
+        }
+        for n in &after {
+            self.by_network
+                .entry(n.to_string())
+                .or_default()
+                .insert(id.clone());
+        }
+        for n in before.into_iter().chain(after) {
+            self.net_changes.insert(n.to_string());
+        }
+        // A VM that only left (deleted) still changed its networks.
+        if let Some(o) = old {
+            for n in &o.status.nics {
+                self.net_changes.insert(n.network_id.clone());
+            }
+        }
+    }
+
     /// Adds a VM not indexed yet, with `keys(vm)`.
     fn link_keys(&mut self, id: &Id, keys: Vec<(Dim, String)>, vm: &Vm) {
         for k in keys {
             self.add_to(k, id);
         }
         self.link_name(id, vm);
+        self.count_place(None, place(vm));
+    }
+
+    /// Moves a VM's count from place `old` to `new`.
+    fn count_place(&mut self, old: Option<Place>, new: Option<Place>) {
+        if old == new {
+            return;
+        }
+        if let Some(o) = old {
+            if let Some(n) = self.placed.get_mut(&o) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.placed.remove(&o);
+                }
+            }
+        }
+        if let Some(n) = new {
+            *self.placed.entry(n).or_default() += 1;
+        }
     }
 }
 
@@ -133,6 +258,7 @@ impl VmIndex {
             for vm in vms {
                 let id: Id = Arc::from(vm.id.as_str());
                 g.link_keys(&id, keys(&vm), &vm);
+                g.relink_networks(&id, None, &vm);
                 g.by_id.insert(id, Arc::new(vm));
             }
         }
@@ -156,6 +282,7 @@ impl VmIndex {
         else {
             let id: Id = Arc::from(vm.id.as_str());
             g.link_keys(&id, new_keys, vm);
+            g.relink_networks(&id, None, vm);
             g.by_id.insert(id, new);
             return;
         };
@@ -166,12 +293,42 @@ impl VmIndex {
         for k in new_keys.into_iter().filter(|k| !old_keys.contains(k)) {
             g.add_to(k, &id);
         }
+        g.count_place(place(&old), place(vm));
         let deleted = |v: &Vm| v.status.phase == VmPhase::Deleted;
         if old.name != vm.name || deleted(&old) != deleted(vm) {
             g.unlink_name(&id, &old);
             g.link_name(&id, vm);
         }
+        g.relink_networks(&id, Some(&old), vm);
         g.by_id.insert(id, new);
+    }
+
+    /// The VMs with a NIC on network `network_id` (not being deleted).
+    pub fn on_network(&self, network_id: &str) -> Vec<Arc<Vm>> {
+        let g = self.read();
+        g.by_network
+            .get(network_id)
+            .map(|s| s.iter().filter_map(|id| g.by_id.get(id).cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether any VM has a NIC on a virtual network (while none does, the
+    /// network plane has nothing to do).
+    pub fn has_network_members(&self) -> bool {
+        !self.read().by_network.is_empty()
+    }
+
+    /// The networks whose members changed since the last call.
+    pub fn take_network_changes(&self) -> Vec<String> {
+        {
+            // The common case, no change (and no network at all): a read lock.
+            if self.read().net_changes.is_empty() {
+                return Vec::new();
+            }
+        }
+        std::mem::take(&mut self.write().net_changes)
+            .into_iter()
+            .collect()
     }
 
     /// By id, or by name (a live VM's name wins over a deleted one's).
@@ -276,6 +433,27 @@ impl VmIndex {
                 }
             }
         }
+        out
+    }
+
+    /// How many VMs are in each phase (every phase, zeros included).
+    pub fn count_by_phase(&self) -> Vec<(&'static str, u64)> {
+        let g = self.read();
+        PHASES
+            .iter()
+            .map(|p| {
+                let n = g.sets.get(&(Dim::Phase, p.as_str().to_string()));
+                (p.as_str(), n.map_or(0, |s| s.len() as u64))
+            })
+            .collect()
+    }
+
+    /// How many VMs not deleted are at each (site, provider, country):
+    /// one entry per site, whatever the number of VMs.
+    pub fn count_by_site(&self) -> Vec<(Place, u64)> {
+        let g = self.read();
+        let mut out: Vec<(Place, u64)> = g.placed.iter().map(|(k, n)| (k.clone(), *n)).collect();
+        out.sort();
         out
     }
 
@@ -520,6 +698,34 @@ mod tests {
     }
 
     #[test]
+    fn counts_by_phase_and_site_follow_updates_and_skip_deleted_vms() {
+        let idx = VmIndex::load(vec![
+            vm("a", "va", Some("s1"), VmPhase::Running),
+            vm("b", "vb", Some("s1"), VmPhase::Stopped),
+            vm("c", "vc", None, VmPhase::Pending),
+        ]);
+        let site = |s: &str| (s.to_string(), "p".to_string(), "DE".to_string());
+        let phase = |p: &str| {
+            idx.count_by_phase()
+                .into_iter()
+                .find(|(n, _)| *n == p)
+                .map(|(_, n)| n)
+        };
+        assert_eq!(idx.count_by_site(), vec![(site("s1"), 2)]);
+        assert_eq!(phase("running"), Some(1));
+        assert_eq!(phase("deleted"), Some(0), "every phase is listed");
+        // c is placed on s2; b is deleted (no longer counted at s1); a moves.
+        idx.put(&vm("c", "vc", Some("s2"), VmPhase::Running));
+        idx.put(&vm("b", "vb", Some("s1"), VmPhase::Deleted));
+        assert_eq!(idx.count_by_site(), vec![(site("s1"), 1), (site("s2"), 1)]);
+        idx.put(&vm("a", "va", Some("s2"), VmPhase::Running));
+        assert_eq!(idx.count_by_site(), vec![(site("s2"), 2)], "s1 is gone");
+        assert_eq!(phase("running"), Some(2));
+        assert_eq!(phase("pending"), Some(0));
+        assert_eq!(phase("deleted"), Some(1));
+    }
+
+    #[test]
     fn deleted_vms_are_hidden_and_free_their_name() {
         let idx = VmIndex::load(vec![vm("a", "web", Some("s1"), VmPhase::Running)]);
         assert_eq!(idx.get("web").map(|v| v.id.clone()).as_deref(), Some("a"));
@@ -536,5 +742,49 @@ mod tests {
         assert_eq!(idx.get("web").map(|v| v.id.clone()).as_deref(), Some("b"));
         assert_eq!(idx.get("a").map(|v| v.id.clone()).as_deref(), Some("a"));
         assert_eq!(idx.len(), 2);
+    }
+
+    #[test]
+    fn network_members_and_their_changes_are_tracked() {
+        let idx = VmIndex::default();
+        // VMs without NICs: nothing to track, nothing noted.
+        idx.put(&vm("plain", "plain", Some("s1"), VmPhase::Running));
+        assert!(!idx.has_network_members());
+        assert!(idx.take_network_changes().is_empty());
+        let nic = |id: &str, net: &str| virt8ra_api::VmNic {
+            id: id.into(),
+            network: net.into(),
+            network_id: net.into(),
+            mac: "02:00:00:00:00:01".into(),
+            ip: "10.0.0.5".parse().expect("ip"),
+            prefix: 24,
+        };
+        let mut a = vm("a", "a", Some("s1"), VmPhase::Scheduled);
+        a.status.nics = vec![nic("n1", "blue"), nic("n2", "red")];
+        idx.put(&a);
+        assert!(idx.has_network_members());
+        assert_eq!(idx.take_network_changes(), ["blue", "red"]);
+        assert!(idx.take_network_changes().is_empty(), "taken once");
+        // A change that does not move it is not news to its networks.
+        a.status.phase = VmPhase::Running;
+        idx.put(&a);
+        assert!(idx.take_network_changes().is_empty());
+        // Moving it is.
+        a.status.host_id = Some("other".into());
+        idx.put(&a);
+        assert_eq!(idx.take_network_changes(), ["blue", "red"]);
+        assert_eq!(idx.on_network("blue").len(), 1);
+        // Deleting it takes it off its networks, and that is news.
+        a.status.phase = VmPhase::Deleting;
+        idx.put(&a);
+        assert_eq!(idx.take_network_changes(), ["blue", "red"]);
+        assert!(idx.on_network("blue").is_empty());
+        assert!(!idx.has_network_members());
+        // Loading finds the members and notes their networks.
+        let mut b = vm("b", "b", Some("s1"), VmPhase::Running);
+        b.status.nics = vec![nic("n3", "blue")];
+        let idx = VmIndex::load(vec![b]);
+        assert_eq!(idx.take_network_changes(), ["blue"]);
+        assert_eq!(idx.on_network("blue").len(), 1);
     }
 }

@@ -176,24 +176,6 @@ pub fn span_reaches(span: &NetworkSpan, site: &str, provider: &str, country: &st
         && (span.countries.is_empty() || span.countries.iter().any(|c| c == country))
 }
 
-/// A span in words: `countries FR, DE; sites fr-paris`, or `anywhere`.
-pub fn span_text(span: &NetworkSpan) -> String {
-    let parts: Vec<String> = [
-        ("countries", &span.countries),
-        ("providers", &span.providers),
-        ("sites", &span.sites),
-    ]
-    .into_iter()
-    .filter(|(_, v)| !v.is_empty())
-    .map(|(k, v)| format!("{k} {}", v.join(", ")))
-    .collect();
-    if parts.is_empty() {
-        "anywhere".into()
-    } else {
-        parts.join("; ")
-    }
-}
-
 /// Addresses chosen for NICs of VMs being created, by network id, until
 /// their VM is written (or fails to be).
 #[derive(Debug, Default)]
@@ -302,7 +284,7 @@ mod tests {
         assert!(span_reaches(&s, "de-a", "p", "DE"));
         assert!(!span_reaches(&s, "de-b", "p", "DE"));
         assert!(!span_reaches(&s, "de-a", "p", "FR"));
-        assert_eq!(span_text(&s), "countries DE; sites de-a");
-        assert_eq!(span_text(&NetworkSpan::default()), "anywhere");
+        assert_eq!(s.describe(), "countries DE; sites de-a");
+        assert_eq!(NetworkSpan::default().describe(), "anywhere");
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use virt8ra_api::protocol::{
-    DesiredDisk, DesiredVm, ImageRef, MigrationRole, MigrationSide, StagedDisk,
+    DesiredDisk, DesiredNic, DesiredVm, ImageRef, MigrationRole, MigrationSide, StagedDisk,
 };
 use virt8ra_api::{MigrationMode, MigrationPhase, Vm, VmPhase};
 use virt8ra_store::VmFilter;
@@ -87,7 +87,29 @@ pub async fn desired_vm(
         network: vm.spec.network.clone(),
         migration: None,
         data_disks,
+        nics: vm.status.nics.iter().filter_map(desired_nic).collect(),
     }))
+}
+
+/// A NIC as the agent plugs it in. Its MAC was written by the control
+/// plane itself (`mac_for_nic`); one that does not parse is left out, with
+/// a warning, rather than fail the whole VM.
+fn desired_nic(n: &virt8ra_api::VmNic) -> Option<DesiredNic> {
+    let mac = match n.mac.parse() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(nic = %n.id, error = %e, "NIC left out of the desired state");
+            return None;
+        }
+    };
+    Some(DesiredNic {
+        id: n.id.clone(),
+        network: n.network_id.clone(),
+        mac,
+        ip: n.ip,
+        prefix: n.prefix,
+        tap: virt8ra_api::tap_name(&n.id),
+    })
 }
 
 /// What the agent is told of image `id` (from the pass's, then the

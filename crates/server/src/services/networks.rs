@@ -33,7 +33,7 @@ use virt8ra_api::{
 use virt8ra_store::{StoreError, VmFilter};
 
 use crate::error::{missing_ref_in, ApiError, ApiResult};
-use crate::registry::networks::{narrow, span_reaches, span_text};
+use crate::registry::networks::{narrow, span_reaches};
 use crate::registry::placement::site_info;
 use crate::state::Ctx;
 
@@ -412,7 +412,7 @@ async fn check_reach(app: &Ctx, own: &PlacementConstraints, nics: &[NicPlan]) ->
             return Err(ApiError::Invalid(format!(
                 "nics[{i}]: network '{}' does not reach any site the VM may run at{others}: the network spans {}",
                 n.network.name,
-                span_text(span)
+                span.describe()
             )));
         }
     }

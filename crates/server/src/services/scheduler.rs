@@ -22,6 +22,7 @@ use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
 use crate::registry::marks::Marks;
+use crate::registry::metrics::{self, Purpose};
 use crate::services::desired::{desired_for, desired_vm};
 use crate::state::Ctx;
 
@@ -54,6 +55,8 @@ pub async fn run(app: Ctx) {
 /// unless `full`.
 pub async fn pass(app: &Ctx, full: bool) -> ApiResult<()> {
     place_pending(app).await?;
+    // Network state first: a VM's taps before the VM (see `netplane`).
+    crate::services::netplane::flush(app).await;
     let hosts = if full {
         app.take_marked_hosts();
         // Deletions in flight, e.g. from before a restart of the control plane.
@@ -147,12 +150,14 @@ pub async fn decide(app: &Ctx, vm: &mut Vm) -> ApiResult<Decision> {
         Err(e) => Err(format!("invalid placement rules: {e}")),
         Ok(req) => {
             app.placement
-                .with_engine(app, |e| match e.place(&req) {
-                    Ok(d) => match e.commit(&vm.id, &d.host, &req) {
-                        Ok(()) => Ok(d),
-                        Err(err) => Err(err),
-                    },
-                    Err(u) => Err(u.message),
+                .with_engine(app, |e| {
+                    match metrics::timed(&app.metrics, Purpose::Schedule, || e.place(&req)) {
+                        Ok(d) => match e.commit(&vm.id, &d.host, &req) {
+                            Ok(()) => Ok(d),
+                            Err(err) => Err(err),
+                        },
+                        Err(u) => Err(u.message),
+                    }
                 })
                 .await?
         }
@@ -197,6 +202,7 @@ pub async fn decide(app: &Ctx, vm: &mut Vm) -> ApiResult<Decision> {
 /// Sends the host its whole desired state if it changed since the last
 /// send (to a protocol 3 agent: what changed).
 pub async fn sync_host(app: &Ctx, host_id: &str) -> ApiResult<()> {
+    crate::services::netplane::flush(app).await;
     sync_host_marked(app, host_id, &Marks::All).await
 }
 

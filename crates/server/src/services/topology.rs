@@ -274,7 +274,23 @@ pub async fn delete_host(app: &Ctx, key: &str) -> ApiResult<()> {
             app.hosts.remove(&h.id);
             Ok(())
         })
-        .await
+        .await?;
+    if let Some(a) = h.tunnel_address {
+        app.tunnels.give_back(a);
+    }
+    Ok(())
+}
+
+/// Gives `host` its tunnel address if its agent can run a tunnel (it
+/// reported a public key) and it has none yet; the caller writes the host.
+pub fn take_tunnel_address(app: &Ctx, host: &mut Host) {
+    if host.tunnel_address.is_some() || host.inventory.tunnel_public_key.is_none() {
+        return;
+    }
+    host.tunnel_address = app.tunnels.take();
+    if host.tunnel_address.is_none() {
+        tracing::warn!(host = %host.name, "no tunnel address left: the host cannot join encrypted networks");
+    }
 }
 
 /// A host joined with a join token of its site: the new host, its site's
@@ -308,11 +324,19 @@ pub async fn join(app: &Ctx, token: &TokenRecord, req: AgentJoin) -> ApiResult<J
         allocated: Default::default(),
         cpu_overcommit: None,
         memory_overcommit: None,
+        tunnel_address: None,
         created_at: Utc::now(),
     };
+    let mut host = host;
+    take_tunnel_address(app, &mut host);
     let secret = tokens::new_secret();
     let rec = tokens::host_record(&secret, &host.id);
-    app.store.create_host(&host, &rec, &token.id).await?;
+    if let Err(e) = app.store.create_host(&host, &rec, &token.id).await {
+        if let Some(a) = host.tunnel_address {
+            app.tunnels.give_back(a);
+        }
+        return Err(e.into());
+    }
     app.hosts.put(&host);
     app.placement.upsert_host(app, &host);
     tracing::info!(host = %host.name, site = %site.name, "host joined");

@@ -49,7 +49,8 @@ use virt8ra_api::{
 use virt8ra_placement::Engine;
 
 use crate::error::{ApiError, ApiResult, Kind};
-use crate::registry::networks::{span_reaches, span_text};
+use crate::registry::metrics::{self, Purpose};
+use crate::registry::networks::span_reaches;
 use crate::registry::placement;
 use crate::state::Ctx;
 
@@ -113,7 +114,7 @@ fn live_incompatibility(vm: &Vm, src: &Host, dst: &Host) -> Option<String> {
     // migrations: their streams are relayed through the control plane.
     if dst.inventory.migration_address.is_none() && !dst.inventory.migration_relay {
         return Some(format!(
-            "host {} has no migration address (agent --migration-address) and its agent cannot relay live migrations; upgrade it",
+            "host {} has no migration address (agent --address) and its agent cannot relay live migrations; upgrade it",
             dst.name
         ));
     }
@@ -184,8 +185,9 @@ fn choose_target(
     src_name: &str,
     exclude: &[String],
     reservation: &str,
-    pl: &placement::LoadedPlacement,
+    app: &Ctx,
 ) -> Result<(String, String), ApiError> {
+    let pl = &app.placement;
     // Its own rules narrowed by its networks' spans: no move leaves a network.
     let mut c = pl
         .spans
@@ -245,7 +247,7 @@ fn choose_target(
             restored.push(h.clone());
         }
     }
-    let out = e.place(&r);
+    let out = metrics::timed(&app.metrics, Purpose::Migrate, || e.place(&r));
     for h in restored {
         let _ = e.set_ready(&h, true);
     }
@@ -281,7 +283,7 @@ fn outside_network(
     Some(format!(
         "its network '{}' does not reach site {site} ({provider}, {country}); the network spans {}",
         n.name,
-        span_text(&n.span)
+        n.span.describe()
     ))
 }
 
@@ -317,14 +319,14 @@ fn outside_networks(
             return refuse(format!(
                 "country {c}: its network '{}' does not reach it; the network spans {}",
                 n.name,
-                span_text(&n.span)
+                n.span.describe()
             ));
         }
         if let Some(p) = off(&req.to_provider, &n.span.providers) {
             return refuse(format!(
                 "provider {p}: its network '{}' does not reach it; the network spans {}",
                 n.name,
-                span_text(&n.span)
+                n.span.describe()
             ));
         }
     }
@@ -339,7 +341,7 @@ fn spans_text(pl: &placement::LoadedPlacement, vm: &Vm) -> String {
     }
     let each: Vec<String> = nets
         .iter()
-        .map(|n| format!("'{}': {}", n.name, span_text(&n.span)))
+        .map(|n| format!("'{}': {}", n.name, n.span.describe()))
         .collect();
     format!(" and the spans of its networks ({})", each.join(", "))
 }
@@ -522,15 +524,7 @@ pub async fn start(
     let (dst_name, reason) = app
         .placement
         .with_engine(app, |e| {
-            choose_target(
-                e,
-                &vm,
-                req,
-                &src.name,
-                exclude,
-                &reservation,
-                &app.placement,
-            )
+            choose_target(e, &vm, req, &src.name, exclude, &reservation, app)
         })
         .await??;
     let release = || app.placement.release(&reservation);
@@ -583,6 +577,7 @@ pub async fn start(
         return Err(e.into());
     }
     app.migrations.set_active(&m);
+    app.metrics.migration_started(m.mode.as_str());
     app.vms.put(&vm);
     app.publish_vm(&vm);
     drop(_g);
@@ -638,6 +633,15 @@ async fn advance(
         .update_migration(m, vm, vm.map(|_| event.as_str()))
         .await?;
     app.migrations.set_active(m);
+    if phase.is_terminal() {
+        let ms = |v: Option<u64>| v.map(Duration::from_millis);
+        app.metrics.migration_finished(
+            m.mode.as_str(),
+            phase.as_str(),
+            ms(m.total_ms).unwrap_or_default(),
+            ms(m.downtime_ms).filter(|_| phase == MigrationPhase::Completed),
+        );
+    }
     if let Some(vm) = vm {
         app.vms.put(vm);
         app.publish_vm(vm);

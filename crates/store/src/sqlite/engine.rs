@@ -6,7 +6,8 @@
 
 use std::cell::Cell;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
@@ -17,6 +18,12 @@ use crate::schema::UPGRADES;
 /// A write job: runs inside the writer's batch transaction and returns a
 /// finisher that delivers its result once the batch's commit is known.
 type Job = Box<dyn FnOnce(&mut Connection) -> Box<dyn FnOnce(Result<()>) + Send> + Send>;
+
+/// Told of each commit of the writer thread: how long it took (from
+/// `BEGIN` to the end of `COMMIT`, the jobs' own work included) and how
+/// many writes it made durable. Runs on the writer thread: it must be
+/// quick (the control plane's metrics bump a histogram).
+pub type CommitHook = Box<dyn Fn(Duration, usize) + Send + Sync>;
 
 /// Most write jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -37,6 +44,9 @@ pub struct SqliteStore {
     /// the writer.
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set once by [`SqliteStore::on_commit`]; read by the writer thread
+    /// after each commit (an atomic load when unset).
+    commit_hook: Arc<OnceLock<CommitHook>>,
     /// Dropped with the last clone of the store, which ends the
     /// checkpointer thread.
     _checkpointer: Option<Arc<std::sync::mpsc::Sender<()>>>,
@@ -132,16 +142,25 @@ impl SqliteStore {
         // eight forms), so that none is parsed again.
         conn.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let commit_hook: Arc<OnceLock<CommitHook>> = Arc::default();
+        let hook = commit_hook.clone();
         std::thread::Builder::new()
             .name("virt8ra-store-writer".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(conn, rx, &hook))
             .map_err(|e| StoreError::db("cannot start the writer thread", e))?;
         Ok(SqliteStore {
             writer: tx,
             readers: Arc::new(readers.into_iter().map(Mutex::new).collect()),
             next_reader: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            commit_hook,
             _checkpointer: checkpointer,
         })
+    }
+
+    /// Calls `hook` after each commit of the writer thread (for metrics).
+    /// Only the first hook set is kept; false if one was set already.
+    pub fn on_commit(&self, hook: CommitHook) -> bool {
+        self.commit_hook.set(hook).is_ok()
     }
 
     /// The schema version the database is at.
@@ -165,7 +184,7 @@ impl SqliteStore {
     /// Runs a write on the writer thread. It is committed together with the
     /// other writes queued at the same time (group commit), and its result is
     /// delivered only once that commit is durable.
-    pub(super) async fn write<T, F>(&self, f: F) -> Result<T>
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
@@ -189,7 +208,7 @@ impl SqliteStore {
     }
 
     /// Runs a read on the reader connection (a blocking thread).
-    pub(super) async fn read<T, F>(&self, f: F) -> Result<T>
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
@@ -217,7 +236,7 @@ impl SqliteStore {
 /// (each job inside its own savepoint, so one job's failure undoes only that
 /// job, except the VM writes: see [`unguarded`]), commits once, then answers
 /// them all.
-fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>, hook: &OnceLock<CommitHook>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -226,6 +245,8 @@ fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        let began = Instant::now();
+        let writes = batch.len();
         let begun = exec_cached(&conn, "BEGIN IMMEDIATE");
         if let Err(e) = begun {
             for job in batch {
@@ -245,6 +266,8 @@ fn writer(mut conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
         };
         if commit.is_err() {
             let _ = exec_cached(&conn, "ROLLBACK");
+        } else if let Some(h) = hook.get() {
+            h(began.elapsed(), writes);
         }
         for f in finishers {
             f(match &commit {
@@ -307,7 +330,7 @@ pub(super) fn upgrade_schema(conn: &mut Connection) -> Result<()> {
 
 /// Applies the schema upgrades a database lacks, up to the first `upto`
 /// of them.
-pub(super) fn upgrade_schema_to(conn: &mut Connection, upto: usize) -> Result<()> {
+pub(crate) fn upgrade_schema_to(conn: &mut Connection, upto: usize) -> Result<()> {
     let current: u32 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(db("schema upgrade"))?;
@@ -318,14 +341,15 @@ pub(super) fn upgrade_schema_to(conn: &mut Connection, upto: usize) -> Result<()
              run a newer virt8ra"
         )));
     }
-    for (i, (_name, sql)) in UPGRADES
+    for (i, upgrade) in UPGRADES
         .iter()
         .enumerate()
         .take(upto)
         .skip(current as usize)
     {
         let tx = conn.transaction().map_err(db("schema upgrade"))?;
-        tx.execute_batch(sql).map_err(db("schema upgrade"))?;
+        tx.execute_batch(upgrade.sqlite)
+            .map_err(db("schema upgrade"))?;
         tx.pragma_update(None, "user_version", (i + 1) as u32)
             .map_err(db("schema upgrade"))?;
         tx.commit().map_err(db("schema upgrade"))?;

@@ -43,7 +43,9 @@ mod vms;
 #[cfg(test)]
 mod tests;
 
-pub use engine::SqliteStore;
+#[cfg(test)]
+pub(crate) use engine::upgrade_schema_to;
+pub use engine::{CommitHook, SqliteStore};
 
 #[async_trait]
 impl Store for SqliteStore {

@@ -1,12 +1,12 @@
-//! Helpers shared by the resource files: error mapping, JSON bodies,
-//! lookups by id or name, timestamps. They know no resource and import none
+//! Helpers shared by the resource files: error mapping, lookups by id or
+//! name (JSON bodies and timestamps are `crate::codec`'s, shared with
+//! PostgreSQL). They know no resource and import none
 //! of the resource files.
 
-use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
+pub(super) use crate::codec::{from_json, parse_ts, to_json, ts};
 use crate::error::{Result, StoreError};
 
 /// Maps a rusqlite error to a [`StoreError::Db`] that names `op` (the
@@ -19,14 +19,6 @@ pub(super) fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if f.code == rusqlite::ErrorCode::ConstraintViolation)
-}
-
-pub(super) fn to_json<T: Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| StoreError::db("encode", e))
-}
-
-pub(super) fn from_json<T: DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::db("corrupt row", e))
 }
 
 /// Finds a row by id or by name.
@@ -88,14 +80,4 @@ pub(super) fn conflict_or_db(
     } else {
         StoreError::db(op, e)
     }
-}
-
-pub(super) fn ts(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
-pub(super) fn parse_ts(s: &str) -> Result<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| StoreError::db(format!("corrupt timestamp {s:?}"), e))
 }

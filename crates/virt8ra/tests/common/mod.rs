@@ -130,6 +130,9 @@ pub struct Cluster {
     pub tls: Option<Tls>,
     /// Extra arguments for every start of the control plane.
     pub server_args: Vec<String>,
+    /// The address the control plane listens on (127.0.0.1, or an address
+    /// of a test-made bridge that agents in network namespaces reach).
+    pub listen: String,
     http: reqwest::blocking::Client,
 }
 
@@ -177,17 +180,29 @@ pub const TOPOLOGY: &[(&str, &str, &str, &str, f64, f64)] = &[
 impl Cluster {
     /// Starts a control plane on a fresh data directory.
     pub fn start() -> Cluster {
-        Cluster::start_with(false, &[])
+        Cluster::start_with(false, &[], "127.0.0.1")
+    }
+
+    /// Starts a control plane listening on `addr` (an address of a bridge
+    /// the test made; never a public one) instead of loopback.
+    pub fn start_on(addr: &str) -> Cluster {
+        Cluster::start_with(false, &[], addr)
+    }
+
+    /// Starts a control plane on a fresh data directory, `server_args`
+    /// passed to every start of it (e.g. `--database URL`).
+    pub fn start_args(server_args: &[&str]) -> Cluster {
+        Cluster::start_with(false, server_args, "127.0.0.1")
     }
 
     /// Starts a control plane that serves HTTPS with a certificate from a
     /// test CA made now; the CLI and agents of this cluster trust that CA.
     /// `server_args` are passed to every start of the control plane.
     pub fn start_tls(server_args: &[&str]) -> Cluster {
-        Cluster::start_with(true, server_args)
+        Cluster::start_with(true, server_args, "127.0.0.1")
     }
 
-    fn start_with(tls: bool, server_args: &[&str]) -> Cluster {
+    fn start_with(tls: bool, server_args: &[&str], listen: &str) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("virt8ra-e2e-")
             .tempdir()
@@ -204,7 +219,7 @@ impl Cluster {
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut c = Cluster {
-            url: format!("{scheme}://127.0.0.1:{port}"),
+            url: format!("{scheme}://{listen}:{port}"),
             dir,
             port,
             token: String::new(),
@@ -213,6 +228,7 @@ impl Cluster {
             http: https_client(tls.as_ref().map(|t| t.ca.as_path())),
             tls,
             server_args: server_args.iter().map(|s| s.to_string()).collect(),
+            listen: listen.to_string(),
         };
         c.start_server();
         c.token = std::fs::read_to_string(c.server_dir().join("admin.token"))
@@ -239,7 +255,11 @@ impl Cluster {
             .open(self.dir.path().join("server.log"))
             .unwrap();
         let child = Command::new(bin())
-            .args(["server", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args([
+                "server",
+                "--listen",
+                &format!("{}:{}", self.listen, self.port),
+            ])
             .arg("--data-dir")
             .arg(self.server_dir())
             .args(["--heartbeat-interval", "1"])
