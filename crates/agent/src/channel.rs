@@ -1,9 +1,11 @@
 //! The agent's one outbound channel to the control plane.
 //!
 //! A WebSocket dialled from the host, so a host behind NAT needs no inbound
-//! port. On any failure the agent waits (exponential backoff with jitter, at
-//! most 30 s) and dials again; meanwhile the reconciler keeps the VMs going
-//! from the local desired state.
+//! port. A connection that falls silent is found dead within three
+//! heartbeat intervals ([`crate::liveness`]) and dialled again at once; on
+//! any other failure the agent waits (exponential backoff with jitter, at
+//! most 10 s, [`MAX_REDIAL_WAIT`]) and dials again; meanwhile the
+//! reconciler keeps the VMs going from the local desired state.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use virt8ra_api::protocol::{
 use virt8ra_api::HostInventory;
 
 use crate::driver::Driver;
+use crate::liveness::{keepalive, Due, Liveness, DEAD_AFTER, DEFAULT_INTERVAL};
 use crate::reconciler::{Reconciler, Reports};
 
 pub struct Channel {
@@ -53,6 +56,8 @@ pub struct Link {
 pub type LinkTx = Arc<dyn Fn(AgentMessage) -> anyhow::Result<()> + Send + Sync>;
 
 /// Dials the host's own WebSocket (protocol v1) and pumps it into a [`Link`].
+/// The pump keeps the connection's liveness ([`crate::liveness`]): pings,
+/// a read deadline, TCP keepalive.
 pub async fn connect_ws(
     server: &str,
     host_token: &str,
@@ -70,45 +75,96 @@ pub async fn connect_ws(
         .connect_ws(req, Some(config))
         .await
         .map_err(|e| anyhow::anyhow!("connect {url}: {}", trust.describe(&e, &url)))?;
-    let (mut sink, mut stream) = ws.split();
-    let (tx, mut up) = mpsc::unbounded_channel::<AgentMessage>();
+    let (tx, up) = mpsc::unbounded_channel::<AgentMessage>();
     let (down, rx) = mpsc::unbounded_channel::<Box<ServerMessage>>();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                m = up.recv() => {
-                    let Some(m) = m else { break };
-                    let Ok(text) = serde_json::to_string(&m) else { continue };
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        break;
-                    }
-                }
-                m = stream.next() => {
-                    let text = match m {
-                        Some(Ok(Message::Text(t))) => t,
-                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                        Some(Ok(_)) => continue,
-                    };
-                    match serde_json::from_str::<ServerMessage>(&text) {
-                        Ok(m) => {
-                            if down.send(Box::new(m)).is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring a message this agent does not understand")
-                        }
-                    }
-                }
-            }
-        }
-        let _ = sink.close().await;
-    });
+    tokio::spawn(pump_ws(ws, up, down));
     let tx: LinkTx = Arc::new(move |m| {
         tx.send(m)
             .map_err(|_| anyhow::anyhow!("the connection to the control plane closed"))
     });
     Ok(Link { tx, rx })
+}
+
+/// Moves one host's messages between its WebSocket and its [`Link`] until
+/// either ends or the control plane falls silent for [`DEAD_AFTER`]
+/// heartbeat intervals. Frames already received are read before the
+/// deadline is looked at (`biased`), so an agent that was merely not
+/// scheduled for a while does not call a live link dead.
+async fn pump_ws(
+    mut ws: virt8ra_tls::WebSocket,
+    mut up: mpsc::UnboundedReceiver<AgentMessage>,
+    down: mpsc::UnboundedSender<Box<ServerMessage>>,
+) {
+    let mut live = Liveness::new(DEFAULT_INTERVAL);
+    keepalive(&ws, live.interval());
+    loop {
+        let out = tokio::select! {
+            biased;
+            m = ws.next() => {
+                live.heard();
+                let text = match m {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => continue,
+                };
+                match serde_json::from_str::<ServerMessage>(&text) {
+                    Ok(m) => {
+                        if let Some(every) = Liveness::interval_of(&m) {
+                            if live.learn(every) {
+                                keepalive(&ws, every);
+                            }
+                        }
+                        if down.send(Box::new(m)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring a message this agent does not understand")
+                    }
+                }
+                continue;
+            }
+            m = up.recv() => {
+                let Some(m) = m else { break };
+                let Ok(text) = serde_json::to_string(&m) else { continue };
+                Message::Text(text.into())
+            }
+            d = live.due() => match d {
+                Due::Ping => Message::Ping(Default::default()),
+                Due::Dead(silent) => {
+                    warn_dead(silent, live.interval(), "its channel");
+                    break;
+                }
+            },
+        };
+        // A write that cannot finish (the socket's buffer full on a dead
+        // link) is as dead as silence.
+        let limit = live.interval() * DEAD_AFTER;
+        match tokio::time::timeout(limit, ws.send(out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                warn_dead(
+                    limit,
+                    live.interval(),
+                    "its channel (a write never finished)",
+                );
+                break;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+}
+
+/// The log line of a connection found dead: how long it was silent.
+pub(crate) fn warn_dead(silent: Duration, every: Duration, what: &str) {
+    tracing::warn!(
+        silent_s = format!("{:.1}", silent.as_secs_f64()),
+        heartbeat_interval_s = every.as_secs(),
+        "nothing from the control plane for {:.1} s ({DEAD_AFTER} heartbeat intervals): \
+         {what} is dead; dropping the connection and dialling again",
+        silent.as_secs_f64()
+    );
 }
 
 impl Channel {
@@ -127,6 +183,14 @@ impl Channel {
     /// Runs over links that `connect` opens (one per session; reconnecting
     /// with backoff like [`Channel::run`]), e.g. channels of a multiplexed
     /// connection.
+    ///
+    /// After a healthy session (welcomed, and up for at least a heartbeat
+    /// interval) the first dial is at once; after a failed one the wait
+    /// grows ([`Backoff`], at most [`MAX_REDIAL_WAIT`] with jitter), counted
+    /// from when that attempt started, and a dial that hangs (its packets
+    /// dropped) is given up after [`DIAL_TIMEOUT`]. So attempts start at
+    /// most 10 s apart, and a control plane that comes back is found
+    /// within about 10 s.
     pub async fn run_over<F, Fut>(
         self,
         mut changes: mpsc::UnboundedReceiver<Box<VmReport>>,
@@ -135,36 +199,46 @@ impl Channel {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Link>>,
     {
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Backoff::default();
         loop {
             let started = std::time::Instant::now();
-            let r = match connect().await {
-                Ok(link) => self.session_over(link, &mut changes).await,
-                Err(e) => Err(e),
+            let mut welcomed = None;
+            let r = match tokio::time::timeout(DIAL_TIMEOUT, connect()).await {
+                Ok(Ok(link)) => self.session_over(link, &mut changes, &mut welcomed).await,
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(anyhow::anyhow!(
+                    "no connection to the control plane within {} s",
+                    DIAL_TIMEOUT.as_secs()
+                )),
             };
             match r {
-                Ok(()) => tracing::info!("control plane closed the channel"),
+                Ok(()) => tracing::info!("the channel to the control plane closed"),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "channel to the control plane failed")
                 }
             }
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = Duration::from_millis(500);
-            }
-            let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
-            let wait = backoff + Duration::from_millis(jitter);
+            let took = started.elapsed();
+            let wait = match welcomed {
+                Some(every) if took >= every => {
+                    backoff = Backoff::default();
+                    Duration::ZERO
+                }
+                _ => backoff.next(took),
+            };
             tracing::info!(retry_in_ms = wait.as_millis() as u64, "reconnecting");
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
 
     /// One session over a link: hello, welcome, then heartbeats, reports and
     /// the control plane's messages until the link closes.
+    /// `welcomed` gets the heartbeat interval once the control plane has
+    /// welcomed the host.
     async fn session_over(
         &self,
         link: Link,
         changes: &mut mpsc::UnboundedReceiver<Box<VmReport>>,
+        welcomed: &mut Option<Duration>,
     ) -> anyhow::Result<()> {
         let Link { tx, mut rx } = link;
         tx(AgentMessage::Hello {
@@ -197,6 +271,7 @@ impl Channel {
             Some(ServerMessage::Reject { reason }) => bail!("rejected: {reason}"),
             Some(_) => bail!("expected welcome"),
         };
+        *welcomed = Some(interval);
 
         // Drop changes queued while disconnected: the first heartbeat carries them all.
         while changes.try_recv().is_ok() {}
@@ -430,6 +505,42 @@ impl Channel {
     }
 }
 
+/// The longest wait between two dial attempts, jitter included.
+pub const MAX_REDIAL_WAIT: Duration = Duration::from_secs(10);
+
+/// How long one dial (TCP, TLS, WebSocket upgrade) may take: a dial whose
+/// packets are dropped would otherwise wait for the kernel's SYN retries
+/// (over two minutes).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Redial waits after failures: 0.5 s doubling up to two thirds of
+/// [`MAX_REDIAL_WAIT`], plus up to half as much again of jitter, so never
+/// over [`MAX_REDIAL_WAIT`] (issue 30 measured 45 s with the old 30 s cap
+/// plus jitter).
+struct Backoff {
+    base: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            base: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next attempt, the last one having taken
+    /// `took` (counted towards the wait); doubles the next one's base.
+    fn next(&mut self, took: Duration) -> Duration {
+        let half = self.base.as_millis() as u64 / 2;
+        let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..=half));
+        let wait = (self.base + jitter).min(MAX_REDIAL_WAIT);
+        self.base = (self.base * 2).min(MAX_REDIAL_WAIT * 2 / 3);
+        wait.saturating_sub(took)
+    }
+}
+
 /// Heartbeats of all the hosts in one process start on a shared grid of
 /// this step (and, their interval being whole seconds, stay on it), so that
 /// the hosts of one multiplexed connection send theirs a few dozen per
@@ -463,6 +574,25 @@ struct Beats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redial_waits_grow_and_never_pass_ten_seconds() {
+        for _ in 0..200 {
+            let mut b = Backoff::default();
+            let waits: Vec<Duration> = (0..12).map(|_| b.next(Duration::ZERO)).collect();
+            let ms = |d: &Duration| d.as_millis() as u64;
+            assert!((500..=750).contains(&ms(&waits[0])), "{waits:?}");
+            assert!((1000..=1500).contains(&ms(&waits[1])), "{waits:?}");
+            assert!(waits.iter().all(|w| *w <= MAX_REDIAL_WAIT), "{waits:?}");
+            // From the fifth on: at the cap, still spread by jitter.
+            assert!(waits[5..].iter().all(|w| ms(w) >= 6666), "{waits:?}");
+        }
+        // Time spent on the failed attempt counts towards the wait.
+        let mut b = Backoff::default();
+        assert_eq!(b.next(Duration::from_secs(1)), Duration::ZERO);
+        let w = b.next(Duration::from_millis(400));
+        assert!(w >= Duration::from_millis(600) && w <= Duration::from_millis(1100));
+    }
 
     #[test]
     fn heartbeats_start_on_a_shared_grid() {

@@ -76,6 +76,7 @@ const LIMITS: virt8ra_serve::Limits = virt8ra_serve::Limits {
     header_timeout: std::time::Duration::from_secs(10),
     max_connections: 1024,
     busy_message: "the image service has 1024 open connections; try again later",
+    tcp_keepalive: None,
 };
 
 /// Binds `listen` and serves until the process ends. Returns the bound address.

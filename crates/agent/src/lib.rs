@@ -25,7 +25,8 @@
 //! reconciler, then the mover and the relays, then the drivers; at the
 //! bottom the leaves every layer shares and which import nothing of the
 //! agent: [`durable`] (atomic, fsynced files), [`private`] (0700/0600),
-//! [`net`] (the control plane's URLs, request errors). The [`driver::Driver`]
+//! [`net`] (the control plane's URLs, request errors), [`liveness`] (read
+//! deadlines, pings and keepalive of the connections to the control plane). The [`driver::Driver`]
 //! trait says everything the agent needs of a driver (its callers never
 //! see the QEMU driver's type), and the types the drivers and the mover
 //! share (`driver::SendOutcome`) live in `driver/mod.rs`.
@@ -45,6 +46,7 @@ pub mod durable;
 pub mod image_service;
 pub mod images;
 pub mod inventory;
+pub mod liveness;
 pub mod metrics;
 pub mod mover;
 pub mod net;

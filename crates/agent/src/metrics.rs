@@ -95,6 +95,7 @@ pub async fn start(source: Arc<Source>, listen: &str) -> anyhow::Result<SocketAd
         header_timeout: std::time::Duration::from_secs(10),
         max_connections: 64,
         busy_message: "too many connections to the agent's metrics; try again later",
+        tcp_keepalive: None,
     };
     tokio::spawn(virt8ra_serve::serve(
         l,

@@ -27,6 +27,7 @@ use virt8ra_api::{AgentJoin, HostInventory, Hypervisor};
 
 use crate::channel::Link;
 use crate::driver::sim::{SimDriver, SimTimings};
+use crate::liveness::{keepalive, Due, Liveness, DEAD_AFTER, DEFAULT_INTERVAL};
 use crate::{channel, images, reconciler};
 use virt8ra_tls::Trust;
 
@@ -292,6 +293,120 @@ impl Drop for MuxChannel {
     }
 }
 
+/// Moves a mux connection's frames until it ends or the control plane
+/// falls silent for three heartbeat intervals ([`crate::liveness`]: one
+/// deadline, ping clock and keepalive for the connection, none per host).
+async fn pump(
+    mut ws: virt8ra_tls::WebSocket,
+    mut up_rx: mpsc::UnboundedReceiver<MuxUp>,
+    r: Arc<Mutex<Routes>>,
+) {
+    let mut live = Liveness::new(DEFAULT_INTERVAL);
+    keepalive(&ws, live.interval());
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            // Frames already received first, the deadline last (see
+            // `channel::pump_ws`).
+            biased;
+            m = ws.next() => {
+                live.heard();
+                let text = match m {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => continue,
+                };
+                match serde_json::from_str::<MuxDown>(&text) {
+                    Ok(MuxDown::Msg { ch, msg }) => {
+                        if let Some(every) = Liveness::interval_of(&msg) {
+                            if live.learn(every) {
+                                keepalive(&ws, every);
+                            }
+                        }
+                        if let Some(route) = lock_routes(&r).get(&ch) {
+                            let _ = route.tx.send(Box::new(msg));
+                        }
+                    }
+                    Ok(MuxDown::Closed { ch, reason }) => {
+                        tracing::info!(ch, reason, "mux channel closed");
+                        if let Some(route) = lock_routes(&r).remove(&ch) {
+                            route.open.store(false, Ordering::Release);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ignoring a mux frame"),
+                }
+            }
+            // Every frame queued meanwhile goes out with one flush
+            // (one write to the socket), not one each.
+            n = up_rx.recv_many(&mut batch, WRITE_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                // A task woken by another runs next on that worker,
+                // before the other tasks already ready there: this
+                // writer would write each host's frame the moment
+                // it was queued. Let them run first, so that the
+                // heartbeats due in one slot share one write.
+                if n < WRITE_BATCH {
+                    tokio::task::yield_now().await;
+                    while batch.len() < WRITE_BATCH {
+                        let Ok(m) = up_rx.try_recv() else { break };
+                        batch.push(m);
+                    }
+                }
+                let frames: Vec<Message> = batch
+                    .drain(..)
+                    .filter_map(|m| serde_json::to_string(&m).ok())
+                    .map(|t| Message::Text(t.into()))
+                    .collect();
+                if !write(&mut ws, frames, &live).await {
+                    break;
+                }
+            }
+            d = live.due() => match d {
+                Due::Ping => {
+                    if !write(&mut ws, vec![Message::Ping(Default::default())], &live).await {
+                        break;
+                    }
+                }
+                Due::Dead(silent) => {
+                    channel::warn_dead(silent, live.interval(), "this mux connection (all its hosts)");
+                    break;
+                }
+            },
+        }
+    }
+    // Every channel of this connection ends; their hosts reconnect.
+    for (_, route) in lock_routes(&r).drain() {
+        route.open.store(false, Ordering::Release);
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ws.close(None)).await;
+}
+
+/// Writes `frames` with one flush; false when the connection failed, or
+/// the write did not finish within three heartbeat intervals (the
+/// socket's buffer full on a dead link).
+async fn write(ws: &mut virt8ra_tls::WebSocket, frames: Vec<Message>, live: &Liveness) -> bool {
+    let limit = live.interval() * DEAD_AFTER;
+    let all = async {
+        for f in frames {
+            ws.feed(f).await?;
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(limit, all).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            channel::warn_dead(
+                limit,
+                live.interval(),
+                "this mux connection (a write never finished)",
+            );
+            false
+        }
+    }
+}
+
 impl Mux {
     pub fn new(server: &str) -> Arc<Mux> {
         Arc::new(Mux {
@@ -339,73 +454,9 @@ impl Mux {
             }
             Err(e) => return Err(anyhow::Error::new(e).context("connect (mux)")),
         };
-        let (mut sink, mut stream) = ws.split();
-        let (up, mut up_rx) = mpsc::unbounded_channel::<MuxUp>();
+        let (up, up_rx) = mpsc::unbounded_channel::<MuxUp>();
         let routes: Arc<Mutex<Routes>> = Default::default();
-        let r = routes.clone();
-        tokio::spawn(async move {
-            let mut batch = Vec::new();
-            loop {
-                tokio::select! {
-                    // Every frame queued meanwhile goes out with one flush
-                    // (one write to the socket), not one each.
-                    n = up_rx.recv_many(&mut batch, WRITE_BATCH) => {
-                        if n == 0 {
-                            break;
-                        }
-                        // A task woken by another runs next on that worker,
-                        // before the other tasks already ready there: this
-                        // writer would write each host's frame the moment
-                        // it was queued. Let them run first, so that the
-                        // heartbeats due in one slot share one write.
-                        if n < WRITE_BATCH {
-                            tokio::task::yield_now().await;
-                            while batch.len() < WRITE_BATCH {
-                                let Ok(m) = up_rx.try_recv() else { break };
-                                batch.push(m);
-                            }
-                        }
-                        let mut ok = true;
-                        for m in batch.drain(..) {
-                            let Ok(text) = serde_json::to_string(&m) else { continue };
-                            if sink.feed(Message::Text(text.into())).await.is_err() {
-                                ok = false;
-                                break;
-                            }
-                        }
-                        if !ok || sink.flush().await.is_err() {
-                            break;
-                        }
-                    }
-                    m = stream.next() => {
-                        let text = match m {
-                            Some(Ok(Message::Text(t))) => t,
-                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                            Some(Ok(_)) => continue,
-                        };
-                        match serde_json::from_str::<MuxDown>(&text) {
-                            Ok(MuxDown::Msg { ch, msg }) => {
-                                if let Some(route) = lock_routes(&r).get(&ch) {
-                                    let _ = route.tx.send(Box::new(msg));
-                                }
-                            }
-                            Ok(MuxDown::Closed { ch, reason }) => {
-                                tracing::info!(ch, reason, "mux channel closed");
-                                if let Some(route) = lock_routes(&r).remove(&ch) {
-                                    route.open.store(false, Ordering::Release);
-                                }
-                            }
-                            Err(e) => tracing::warn!(error = %e, "ignoring a mux frame"),
-                        }
-                    }
-                }
-            }
-            // Every channel of this connection ends; their hosts reconnect.
-            for (_, route) in lock_routes(&r).drain() {
-                route.open.store(false, Ordering::Release);
-            }
-            let _ = sink.close().await;
-        });
+        tokio::spawn(pump(ws, up_rx, routes.clone()));
         let c = Arc::new(MuxConn { up, routes });
         *g = Some(c.clone());
         Ok(Some(c))

@@ -22,6 +22,9 @@
 //!   included (the slot goes with the socket, so it is freed when the
 //!   socket closes, whoever holds it): past it a new connection is answered
 //!   503 and closed at once instead of holding a file descriptor and a task;
+//! - TCP keepalive per accepted socket when asked (the control plane: in
+//!   units of its heartbeat interval), so that an agent's channel to a
+//!   host that vanished is dropped by the kernel too;
 //! - graceful shutdown on SIGTERM or Ctrl-C: no new connections; requests
 //!   under way get up to 10 s to finish and idle connections close.
 //!   (`axum::serve` waited for ever, so one open `watch` stream kept a
@@ -71,6 +74,13 @@ pub struct Limits {
     /// The message of the 503 sent past `max_connections` (JSON-safe
     /// text: no quotes or backslashes).
     pub busy_message: &'static str,
+    /// TCP keepalive on every accepted socket, in units of this period
+    /// (the control plane's heartbeat interval): first probe after two
+    /// silent periods, then one a period, dead after three unanswered. The
+    /// agents' channels live on these sockets after their upgrade, and a
+    /// peer that vanished (power cut, partition) is otherwise kept until
+    /// the next write times out. `None`: the kernel's default (off).
+    pub tcp_keepalive: Option<Duration>,
 }
 
 /// Serves `router` on `listener` (over TLS with `tls`) until `shutdown`
@@ -115,6 +125,9 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        if let Some(every) = limits.tcp_keepalive {
+            keepalive(&tcp, every);
+        }
         tracker.spawn(connection(
             tcp,
             peer,
@@ -136,6 +149,17 @@ pub async fn serve(
             open = tracker.len(),
             "shutdown: requests still under way after {SHUTDOWN_GRACE:?} are cut"
         );
+    }
+}
+
+/// Sets TCP keepalive on an accepted socket (see [`Limits::tcp_keepalive`]).
+fn keepalive(tcp: &TcpStream, every: Duration) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(every * 2)
+        .with_interval(every)
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
     }
 }
 

@@ -261,6 +261,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         header_timeout: Duration::from_secs_f64(args.header_timeout),
         max_connections: args.max_connections,
         busy_message: "the control plane has --max-connections open connections; try again later",
+        tcp_keepalive: Some(Duration::from_secs(args.heartbeat_interval.max(1))),
     };
     if args.max_image_virtual_size_gib == 0 || args.max_image_virtual_size_gib > 1 << 24 {
         anyhow::bail!(
@@ -380,6 +381,7 @@ pub async fn start_on(app: &Ctx, listener: tokio::net::TcpListener) -> anyhow::R
         header_timeout: Duration::from_secs(10),
         max_connections: 10_000,
         busy_message: "the control plane has --max-connections open connections; try again later",
+        tcp_keepalive: Some(app.heartbeat_interval),
     };
     let router = http::router(app.clone());
     tokio::spawn(serve::serve(

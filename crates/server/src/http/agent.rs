@@ -66,13 +66,31 @@ pub async fn connect(
 }
 
 /// Protocol v1: one WebSocket per host. Frames are pumped into a
-/// transport-independent [`host_session`].
+/// transport-independent [`host_session`]; the pumps keep the
+/// connection's liveness: a ping every heartbeat interval from the writer,
+/// and a read deadline of [`DEAD_AFTER`] intervals in the reader (no
+/// message, no pong: the connection is closed and the host unregistered,
+/// hence unreachable, at once).
 async fn session(app: Ctx, host_id: String, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     let (in_tx, in_rx) = flume::bounded::<AgentMessage>(INBOX);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ServerMessage>();
-    let writer = tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
+    let every = app.heartbeat_interval;
+    let mut writer = tokio::spawn(async move {
+        let mut ping = pings(every);
+        loop {
+            let m = tokio::select! {
+                m = out_rx.recv() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
             let Ok(text) = serde_json::to_string(&m) else {
                 continue;
             };
@@ -88,7 +106,26 @@ async fn session(app: Ctx, host_id: String, socket: WebSocket) {
     let reader = {
         let host_id = host_id.clone();
         tokio::spawn(async move {
-            while let Some(Ok(msg)) = stream.next().await {
+            let mut deadline = Deadline::new(every * DEAD_AFTER);
+            loop {
+                let msg = tokio::select! {
+                    // Frames already received before the deadline.
+                    biased;
+                    m = stream.next() => match m {
+                        Some(Ok(m)) => m,
+                        _ => break,
+                    },
+                    silent = deadline.expired() => {
+                        tracing::warn!(
+                            host = %host_id,
+                            silent_s = format!("{:.1}", silent.as_secs_f64()),
+                            "agent channel silent for {DEAD_AFTER} heartbeat intervals \
+                             (no message, no pong): closing it; the host is unreachable"
+                        );
+                        break;
+                    }
+                };
+                deadline.heard();
                 let text = match msg {
                     Message::Text(t) => t,
                     Message::Close(_) => break,
@@ -110,8 +147,64 @@ async fn session(app: Ctx, host_id: String, socket: WebSocket) {
     host_session(&app, &host_id, in_rx, Outbox::Direct(out_tx), None).await;
     reader.abort();
     // The writer ends once every sender is gone (the hub's went with the
-    // unregistration); give it a moment to flush a rejection.
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // unregistration); give it a moment to flush a rejection, then stop
+    // it (on a dead link its last write may never finish).
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+/// Heartbeat intervals without a frame from an agent's connection (a
+/// message, a pong, a ping) after which the control plane closes it.
+pub const DEAD_AFTER: u32 = 3;
+
+/// The ping clock of a connection's writer: every `every`, the first one
+/// interval after the start, late ticks not caught up.
+fn pings(every: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+/// A connection's read deadline: one timer, moved on only when it fires
+/// (not for every frame: a mux connection carries thousands a second).
+struct Deadline {
+    after: Duration,
+    last: tokio::time::Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new(after: Duration) -> Deadline {
+        let last = tokio::time::Instant::now();
+        Deadline {
+            after,
+            last,
+            timer: Box::pin(tokio::time::sleep_until(last + after)),
+        }
+    }
+
+    /// A frame arrived.
+    fn heard(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+
+    /// Resolves, with how long it was silent, once nothing has been heard
+    /// for the deadline. Cancel-safe.
+    async fn expired(&mut self) -> Duration {
+        loop {
+            self.timer.as_mut().await;
+            let silent = self.last.elapsed();
+            if silent >= self.after {
+                return silent;
+            }
+            let at = self.last + self.after;
+            self.timer.as_mut().reset(at);
+        }
+    }
 }
 
 /// Messages queued per host before its transport waits. A flume channel,
@@ -292,43 +385,32 @@ pub async fn mux(
 /// [`host_session`] per attached host, and multiplexes their answers.
 async fn mux_session(app: Ctx, socket: WebSocket) {
     use std::collections::HashMap;
-    let (mut sink, mut stream) = socket.split();
-    let (down_tx, mut down_rx) = mpsc::unbounded_channel::<MuxDown>();
-    let writer = tokio::spawn(async move {
-        // Every frame queued meanwhile goes out with one flush (one write
-        // to the socket) instead of one each.
-        let mut batch = Vec::new();
-        while down_rx.recv_many(&mut batch, MUX_WRITE_BATCH).await > 0 {
-            // The task that queued the first frame woke this writer, which
-            // then runs next on that worker, before the other tasks already
-            // ready there (host sessions about to queue theirs): let them
-            // run first, so that their frames share this write.
-            if batch.len() < MUX_WRITE_BATCH {
-                tokio::task::yield_now().await;
-                while batch.len() < MUX_WRITE_BATCH {
-                    let Ok(m) = down_rx.try_recv() else { break };
-                    batch.push(m);
-                }
-            }
-            let mut ok = true;
-            for m in batch.drain(..) {
-                let Ok(text) = serde_json::to_string(&m) else {
-                    continue;
-                };
-                if sink.feed(Message::Text(text.into())).await.is_err() {
-                    ok = false;
-                    break;
-                }
-            }
-            if !ok || sink.flush().await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (sink, mut stream) = socket.split();
+    let (down_tx, down_rx) = mpsc::unbounded_channel::<MuxDown>();
+    let every = app.heartbeat_interval;
+    let mut writer = tokio::spawn(mux_writer(sink, down_rx, every));
     let mut channels: HashMap<u32, MuxChannel> = HashMap::new();
     let mut sessions = tokio::task::JoinSet::new();
-    while let Some(Ok(msg)) = stream.next().await {
+    // One read deadline for the connection, none per host.
+    let mut deadline = Deadline::new(every * DEAD_AFTER);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            m = stream.next() => match m {
+                Some(Ok(m)) => m,
+                _ => break,
+            },
+            silent = deadline.expired() => {
+                tracing::warn!(
+                    hosts = channels.len(),
+                    silent_s = format!("{:.1}", silent.as_secs_f64()),
+                    "mux connection silent for {DEAD_AFTER} heartbeat intervals \
+                     (no frame, no pong): closing it; its hosts are unreachable"
+                );
+                break;
+            }
+        };
+        deadline.heard();
         let text = match msg {
             Message::Text(t) => t,
             Message::Close(_) => break,
@@ -424,7 +506,65 @@ async fn mux_session(app: Ctx, socket: WebSocket) {
     drop(channels);
     while sessions.join_next().await.is_some() {}
     drop(down_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+/// A mux connection's writer: the sessions' frames, batched, and a ping
+/// every heartbeat interval.
+async fn mux_writer(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut down_rx: mpsc::UnboundedReceiver<MuxDown>,
+    every: Duration,
+) {
+    // One ping clock for the connection, none per host.
+    let mut ping = pings(every);
+    // Every frame queued meanwhile goes out with one flush (one write
+    // to the socket) instead of one each.
+    let mut batch = Vec::new();
+    loop {
+        let n = tokio::select! {
+            n = down_rx.recv_many(&mut batch, MUX_WRITE_BATCH) => n,
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        // The task that queued the first frame woke this writer, which
+        // then runs next on that worker, before the other tasks already
+        // ready there (host sessions about to queue theirs): let them
+        // run first, so that their frames share this write.
+        if batch.len() < MUX_WRITE_BATCH {
+            tokio::task::yield_now().await;
+            while batch.len() < MUX_WRITE_BATCH {
+                let Ok(m) = down_rx.try_recv() else { break };
+                batch.push(m);
+            }
+        }
+        let mut ok = true;
+        for m in batch.drain(..) {
+            let Ok(text) = serde_json::to_string(&m) else {
+                continue;
+            };
+            if sink.feed(Message::Text(text.into())).await.is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if !ok || sink.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
 }
 
 /// A channel of a mux connection, as its reader sees it.
