@@ -95,18 +95,6 @@ fn promtool_check(text: &str) {
     );
 }
 
-fn import_tiny_image(c: &Cluster) {
-    let img = c.dir.path().join("tiny.qcow2");
-    assert!(std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M")
-        .status()
-        .unwrap()
-        .success());
-    c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
-}
-
 fn scrape(url: &str, token: Option<&str>) -> (u16, String, String) {
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -141,7 +129,7 @@ fn metrics_count_the_workload_with_bounded_labels() {
         c.start_agent_with(&format!("sim-{i}"), Some(site), &args);
     }
     c.wait_hosts_ready(3);
-    import_tiny_image(&c);
+    c.import_tiny_image();
 
     // Four VMs that fit (two pinned to Spain, one to Germany, one free),
     // one that fits nowhere (more memory than any host has); the free one

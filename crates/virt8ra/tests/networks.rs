@@ -16,20 +16,6 @@ use std::time::Duration;
 use common::{assert_error, Cluster, TOPOLOGY};
 use serde_json::{json, Value};
 
-/// Imports an empty 16 MiB image as `tiny` (VMs need an image; simulated
-/// agents and pending VMs never read it).
-fn import_tiny_image(c: &Cluster) {
-    let img = c.dir.path().join("tiny.qcow2");
-    assert!(std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M")
-        .status()
-        .unwrap()
-        .success());
-    c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
-}
-
 fn names(c: &Cluster, path: &str) -> Vec<String> {
     c.ok("GET", path, None)["items"]
         .as_array()
@@ -235,7 +221,7 @@ mod netapi {
     fn bad_nics_are_refused_and_change_nothing() {
         let c = Cluster::start();
         c.create_topology();
-        import_tiny_image(&c);
+        c.import_tiny_image();
         let net = |name: &str, cidr: &str, span: Value| {
             c.ok(
                 "POST",
@@ -393,7 +379,7 @@ mod netapi {
     #[test]
     fn concurrent_creates_get_distinct_addresses_and_deletes_free_them() {
         let c = Cluster::start();
-        import_tiny_image(&c);
+        c.import_tiny_image();
         c.ok(
             "POST",
             "/api/v1/networks",
@@ -529,7 +515,7 @@ mod netapi {
         c.start_server();
         c.wait_hosts_ready(3);
         assert_eq!(tunnels(&c), before, "kept across a restart");
-        import_tiny_image(&c);
+        c.import_tiny_image();
         c.ok("POST", "/api/v1/networks", Some(json!({"name": "es-pl", "cidr": "10.8.0.0/24", "span": {"countries": ["ES", "PL"]}})));
         c.ok(
             "POST",
@@ -672,7 +658,7 @@ mod netapi {
     #[test]
     fn apply_declares_networks_and_nics() {
         let c = Cluster::start();
-        import_tiny_image(&c);
+        c.import_tiny_image();
         let file = c.dir.path().join("estate.yaml");
         let text = "networks:\n  - name: app\n    cidr: 10.30.0.0/24\n    dns: [9.9.9.9]\nvms:\n  - name: web\n    image: tiny\n    nics:\n      - network: app\n        ip: 10.30.0.20\n  - name: db\n    image: tiny\n    nics: [{network: app}]\n";
         std::fs::write(&file, text).unwrap();

@@ -17,20 +17,6 @@ use common::{bin, wait_until, Cluster, TOPOLOGY};
 use serde_json::{json, Value};
 use virt8ra_store::pgtest::PgCluster;
 
-/// Imports an empty 16 MiB image as `tiny`: the API needs an image for a
-/// VM; simulated agents never download it.
-fn import_tiny_image(c: &Cluster) {
-    let img = c.dir.path().join("tiny.qcow2");
-    assert!(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M")
-        .status()
-        .unwrap()
-        .success());
-    c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
-}
-
 /// The VMs `virt8ra vm list -o json` shows: name -> phase.
 fn listed(c: &Cluster) -> Vec<(String, String)> {
     let out: Value = serde_json::from_str(&c.cli_ok(&["vm", "list", "-o", "json"])).unwrap();
@@ -102,7 +88,7 @@ fn pg_control_plane_keeps_everything_across_restarts_and_concurrent_creates() {
         c.start_agent_with(&format!("sim-{i}"), Some(site), &["--driver", "sim"]);
     }
     c.wait_hosts_ready(2);
-    import_tiny_image(&c);
+    c.import_tiny_image();
     for name in ["web", "db", "cache"] {
         c.cli_ok(&[
             "vm",

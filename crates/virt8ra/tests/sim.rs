@@ -11,20 +11,6 @@ use std::time::Duration;
 use common::{assert_error, wait_until, Cluster, TOPOLOGY};
 use serde_json::json;
 
-/// Imports an empty 16 MiB image as `tiny`: the API needs an image for a
-/// VM; simulated agents never download it.
-fn import_tiny_image(c: &Cluster) {
-    let img = c.dir.path().join("tiny.qcow2");
-    assert!(std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M")
-        .status()
-        .unwrap()
-        .success());
-    c.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
-}
-
 #[test]
 fn simulated_agents_run_many_vms_through_the_real_control_plane() {
     let mut c = Cluster::start();
@@ -39,7 +25,7 @@ fn simulated_agents_run_many_vms_through_the_real_control_plane() {
     {
         assert_eq!(h["inventory"]["qemu_version"], "simulated");
     }
-    import_tiny_image(&c);
+    c.import_tiny_image();
 
     // Label selectors: no site carries rack=a, so every host is excluded by
     // that rule.
@@ -518,7 +504,7 @@ fn a_host_is_deleted_only_without_vms_and_placement_follows() {
     c.create_topology();
     c.start_agent_with("sim-0", Some(TOPOLOGY[0].2), &["--driver", "sim"]);
     c.wait_hosts_ready(1);
-    import_tiny_image(&c);
+    c.import_tiny_image();
     let create = |name: &str| {
         c.ok(
             "POST",

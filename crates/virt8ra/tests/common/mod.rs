@@ -460,6 +460,20 @@ impl Cluster {
     }
 
     /// Waits until `n` hosts are ready and connected.
+    /// Imports an empty 16 MiB image as `tiny`: the API needs an image for
+    /// a VM; simulated agents and pending VMs never read it.
+    pub fn import_tiny_image(&self) {
+        let img = self.dir.path().join("tiny.qcow2");
+        assert!(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("16M")
+            .status()
+            .unwrap()
+            .success());
+        self.cli_ok(&["image", "import", img.to_str().unwrap(), "--name", "tiny"]);
+    }
+
     pub fn wait_hosts_ready(&self, n: usize) {
         wait_until(
             &format!("{n} ready, connected hosts"),
