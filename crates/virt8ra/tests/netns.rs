@@ -242,22 +242,16 @@ fn removals_leave_nothing_behind() {
     }
 }
 
-/// (e) A host that lost every device and rule (a reboot) is rebuilt by
-/// the next apply, and its guests reach the others again; its DHCP server
-/// is restarted on the new bridge.
-#[test]
-fn a_rebooted_host_is_rebuilt() {
-    let Some(mut w) = World::new("e") else { return };
-    let net = blue();
+/// `net` on all three hosts, a guest on hosts 0 and 1 that reach each
+/// other, then host 1 "reboots": its devices and rules are gone (the
+/// guest's port stays, as QEMU would reopen its tap). Returns guest 0.
+fn guests_then_host_1_reboots(w: &mut World, net: &Net) -> String {
     for h in 0..3 {
-        w.apply(h, &host_state(h, &[&net]));
+        w.apply(h, &host_state(h, &[net]));
     }
     let g0 = w.guest(0, "nic-a", &net.spec, Some(ip("10.50.0.11")));
-    let _g1 = w.guest(1, "nic-b", &net.spec, Some(ip("10.50.0.12")));
+    w.guest(1, "nic-b", &net.spec, Some(ip("10.50.0.12")));
     assert!(ping(&g0, ip("10.50.0.12")));
-
-    // "Reboot" host 1: its devices and rules are gone (the guest's port
-    // stays, as QEMU would reopen its tap).
     let h1 = w.hosts[1].clone();
     let names = device_names("net-blue");
     for dev in [&names.vxlan, &names.bridge, &tap_name("nic-b")] {
@@ -265,6 +259,17 @@ fn a_rebooted_host_is_rebuilt() {
     }
     must(&["ip", "netns", "exec", &h1, "nft", "flush", "ruleset"]);
     assert!(!ping(&g0, ip("10.50.0.12")), "host 1 is down");
+    g0
+}
+
+/// (e) A host that lost every device and rule (a reboot) is rebuilt by
+/// the next apply, and its guests reach the others again; its DHCP server
+/// is restarted on the new bridge.
+#[test]
+fn a_rebooted_host_is_rebuilt() {
+    let Some(mut w) = World::new("e") else { return };
+    let net = blue();
+    let g0 = guests_then_host_1_reboots(&mut w, &net);
 
     let changes = w.apply(1, &host_state(1, &[&net]));
     assert!(
@@ -291,19 +296,8 @@ fn a_rebooted_host_is_rebuilt() {
 fn an_agent_start_rebuilds_the_kept_network_state() {
     let Some(mut w) = World::new("r") else { return };
     let net = blue();
-    for h in 0..3 {
-        w.apply(h, &host_state(h, &[&net]));
-    }
-    let g0 = w.guest(0, "nic-a", &net.spec, Some(ip("10.50.0.11")));
-    let _g1 = w.guest(1, "nic-b", &net.spec, Some(ip("10.50.0.12")));
-    assert!(ping(&g0, ip("10.50.0.12")));
+    let g0 = guests_then_host_1_reboots(&mut w, &net);
     let h1 = w.hosts[1].clone();
-    let names = device_names("net-blue");
-    for dev in [&names.vxlan, &names.bridge, &tap_name("nic-b")] {
-        must(&["ip", "-n", &h1, "link", "del", dev]);
-    }
-    must(&["ip", "netns", "exec", &h1, "nft", "flush", "ruleset"]);
-    assert!(!ping(&g0, ip("10.50.0.12")), "host 1 is down");
 
     let data = w.data_dir(1);
     let o = sh(&[

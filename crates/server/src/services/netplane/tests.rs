@@ -72,30 +72,26 @@ fn three() -> (HashMap<String, Option<Ipv4Addr>>, Vec<VmNic>) {
     )
 }
 
+/// NICs 0, 1 and 2 of VMs vm-a, vm-b and vm-c, on hosts a, b and c.
+fn one_each(n: &[VmNic]) -> Vec<PlacedNic<'_>> {
+    ["a", "b", "c"]
+        .into_iter()
+        .zip(["vm-a", "vm-b", "vm-c"])
+        .zip(n)
+        .map(|((host, vm), nic)| PlacedNic {
+            vm,
+            nic,
+            host,
+            target: None,
+        })
+        .collect()
+}
+
 #[test]
 fn each_host_carries_its_vms_networks_with_the_others_as_peers() {
     let (u, n) = three();
     let networks = nets(vec![network("blue", "10.0.0.0/24", Some("10.0.0.1"), 7)]);
-    let placed = [
-        PlacedNic {
-            vm: "vm-a",
-            nic: &n[0],
-            host: "a",
-            target: None,
-        },
-        PlacedNic {
-            vm: "vm-b",
-            nic: &n[1],
-            host: "b",
-            target: None,
-        },
-        PlacedNic {
-            vm: "vm-c",
-            nic: &n[2],
-            host: "c",
-            target: None,
-        },
-    ];
+    let placed = one_each(&n);
     let c = host_state("a", &u, &placed, &networks);
     assert!(c.notes.is_empty(), "{:?}", c.notes);
     assert_eq!(c.state.validate(), Ok(()));
@@ -198,26 +194,7 @@ fn a_host_without_an_address_carries_its_networks_locally_and_the_others_leave_i
     let (mut u, n) = three();
     u.insert("c".into(), None);
     let networks = nets(vec![network("blue", "10.0.0.0/24", Some("10.0.0.1"), 7)]);
-    let placed = [
-        PlacedNic {
-            vm: "vm-a",
-            nic: &n[0],
-            host: "a",
-            target: None,
-        },
-        PlacedNic {
-            vm: "vm-b",
-            nic: &n[1],
-            host: "b",
-            target: None,
-        },
-        PlacedNic {
-            vm: "vm-c",
-            nic: &n[2],
-            host: "c",
-            target: None,
-        },
-    ];
+    let placed = one_each(&n);
     let c = host_state("c", &u, &placed, &networks);
     assert_eq!(c.state.validate(), Ok(()));
     assert!(c.state.underlay.is_unspecified());
