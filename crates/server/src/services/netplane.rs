@@ -8,9 +8,20 @@
 //! on it and of those migrating to it (the target of a migration has the
 //! network, and the VM's taps, before the switch-over); its peers on a
 //! network are the other hosts that carry it, by underlay address; and it
-//! sends each remote NIC's MAC to the host its VM runs on (the commit of a
-//! migration moves the VM, so the entries follow it at the switch-over).
+//! sends each remote NIC's MAC to the host its VM runs on.
 //!
+//! While a VM migrates, the other hosts have no entry for its MACs, so
+//! its frames are flooded to every peer of the network (head-end
+//! replication), the source and the target among them: they reach the
+//! guest wherever it runs at that moment, and a connection to it flows
+//! again as soon as the guest resumes at the target (frames sent while it
+//! was paused wait in its tap), without waiting for the control plane to
+//! hear of the switch-over and for every peer to apply a new state. The
+//! VXLAN device cannot send a unicast MAC to two hosts: the kernel keeps
+//! one destination per unicast entry. A host where the guest is not
+//! running drops the copy. When the migration ends, the entries name the
+//! one host again.
+
 //! [`flush`] applies the rule where something changed, before the
 //! scheduler sends desired VMs (so an agent gets a VM's taps before the VM;
 //! it also waits for a missing tap itself). What changed comes from the VM
@@ -198,7 +209,9 @@ fn members(
                 )),
             }
         }
-        if !p.on(host) {
+        // While the VM moves, no entry: its frames are flooded to every
+        // peer, both its hosts among them (see the module doc).
+        if !p.on(host) && p.target.is_none() {
             if let Some(u) = addr(p.host).filter(|u| *u != own) {
                 fdb.insert(mac, u);
             }

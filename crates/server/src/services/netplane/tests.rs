@@ -164,8 +164,19 @@ fn a_migration_target_carries_the_network_and_entries_follow_the_switch_over() {
         "the source keeps its tap"
     );
     assert!(peers(&b.state.networks[0]).contains(&("d".into(), "192.0.2.4".into())));
+    // A third host has no entry for vm-b's MAC while it moves: its frames
+    // are flooded to every peer, both of vm-b's hosts among them.
     let a = host_state("a", &u, &moving, &networks);
-    assert!(fdb(&a.state.networks[0]).contains(&(mac("nic-b"), "192.0.2.2".into())));
+    let hn = &a.state.networks[0];
+    assert!(
+        !fdb(hn).iter().any(|(m, _)| *m == mac("nic-b")),
+        "{:?}",
+        fdb(hn)
+    );
+    for h in ["b", "d"] {
+        assert!(peers(hn).iter().any(|(p, _)| p == h), "{:?}", peers(hn));
+    }
+    assert!(fdb(hn).contains(&(mac("nic-c"), "192.0.2.3".into())));
     assert_eq!(a.state.validate(), Ok(()));
 
     // Switched over: vm-b is on d; b carries nothing more; a sends to d.
