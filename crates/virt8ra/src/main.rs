@@ -27,12 +27,38 @@ struct Cli {
     cmd: Top,
 }
 
+/// How the long-running commands write their log (to stderr).
+#[derive(clap::Args)]
+struct LogOpts {
+    /// `text` for people, `json` for log collectors: one JSON object per
+    /// line with the level, the time, the message and each field (vm,
+    /// host, migration, ...) as a key of its own.
+    #[arg(long, value_enum, default_value = "text", env = "VIRT8RA_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Top {
     /// Run the control plane.
-    Server(virt8ra_server::ServerArgs),
+    Server {
+        #[command(flatten)]
+        log: LogOpts,
+        #[command(flatten)]
+        args: virt8ra_server::ServerArgs,
+    },
     /// Run the host agent.
-    Agent(virt8ra_agent::AgentArgs),
+    Agent {
+        #[command(flatten)]
+        log: LogOpts,
+        #[command(flatten)]
+        args: virt8ra_agent::AgentArgs,
+    },
     /// Apply a host network state (JSON, `virt8ra_api::HostNetworkState`)
     /// to this host's network namespace once, print what changed, and keep
     /// it in the data directory for the agent to apply at start: the
@@ -65,13 +91,23 @@ enum Top {
     Client(virt8ra_cli::Command),
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VIRT8RA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.init(),
+        // Fields at the top level next to `message`, and the fields of
+        // the spans the event is in (a request's, a migration's) too.
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// `vm export VM -o DIR` names a directory, while `-o` everywhere else is
@@ -111,14 +147,14 @@ fn main() {
     };
     let result = rt.block_on(async move {
         match cli.cmd {
-            Top::Server(mut a) => {
-                init_logging();
+            Top::Server { log, args: mut a } => {
+                init_logging(log.log_format);
                 virt8ra_failpoint::announce();
                 a.ca_cert = virt8ra_cli::ca_cert(&cli.global);
                 virt8ra_server::run(a).await
             }
-            Top::Agent(mut a) => {
-                init_logging();
+            Top::Agent { log, args: mut a } => {
+                init_logging(log.log_format);
                 virt8ra_failpoint::announce();
                 a.ca_cert = virt8ra_cli::ca_cert(&cli.global);
                 virt8ra_agent::run(a).await
@@ -156,7 +192,7 @@ fn main() {
             }
             Top::Bench(b) => virt8ra_bench::run(b, cli.global.output).await,
             Top::Tunnel(t) => {
-                init_logging();
+                init_logging(LogFormat::Text);
                 virt8ra_tunnel::cmd::run(t).await.map_err(Into::into)
             }
             Top::Client(c) => virt8ra_cli::run(cli.global, c).await,
