@@ -69,3 +69,10 @@ if ! command -v boringtun-cli >/dev/null && [ ! -x "$HOME/.cargo/bin/boringtun-c
   echo "installing boringtun-cli 0.7.1 (cargo install, once)" >&2
   cargo install boringtun-cli --version 0.7.1 --locked >&2
 fi
+
+# cargo-deb builds the Debian package (scripts/build-deb.sh; the package
+# test). Built once, kept in ~/.cargo/bin like boringtun-cli.
+if ! command -v cargo-deb >/dev/null && [ ! -x "$HOME/.cargo/bin/cargo-deb" ]; then
+  echo "installing cargo-deb 3.8.0 (cargo install, once)" >&2
+  cargo install cargo-deb --version 3.8.0 --locked >&2
+fi

@@ -87,6 +87,12 @@ enum Top {
     /// will run it as a task).
     #[command(subcommand, hide = true)]
     Tunnel(virt8ra_tunnel::cmd::TunnelCmd),
+    /// Print a shell completion script: `virt8ra completions bash >
+    /// /etc/bash_completion.d/virt8ra` (the Debian package installs it).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     #[command(flatten)]
     Client(virt8ra_cli::Command),
 }
@@ -194,6 +200,16 @@ fn main() {
             Top::Tunnel(t) => {
                 init_logging(LogFormat::Text);
                 virt8ra_tunnel::cmd::run(t).await.map_err(Into::into)
+            }
+            Top::Completions { shell } => {
+                use clap::CommandFactory;
+                use std::io::Write;
+                // Into memory first: clap_complete panics on a write error
+                // (a closed pipe), which this way is an error instead.
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "virt8ra", &mut script);
+                std::io::stdout().write_all(&script)?;
+                Ok(())
             }
             Top::Client(c) => virt8ra_cli::run(cli.global, c).await,
         }
