@@ -14,7 +14,9 @@
 //!   does not. A second VM asking for host port 8080 is placed on the
 //!   other host, a third is left pending with a reason naming the port,
 //!   and moving the second onto the first's host is refused naming the
-//!   port and the VM that holds it.
+//!   port and the VM that holds it. Once the second is gone, the guest
+//!   moves live to the other host, and its published port and security
+//!   group move with it.
 //! - `bad_publish_and_ingress_requests_are_refused_and_change_nothing`:
 //!   the API's 400s (no namespaces, no guest).
 //! - `networks_with_the_same_cidr_keep_separate_conntrack_entries`: the
@@ -252,6 +254,47 @@ fn a_published_port_and_a_security_group_through_the_control_plane() {
     assert_eq!(c.vm("web2")["status"]["host"], format!("host-{}", 1 - w));
     // The page is still served where it was.
     assert!(http_get(&client, &here, 8080).is_some_and(|p| p.contains("hostname=web")));
+
+    // With web2 gone, web moves live to the other host, and its published
+    // port and security group go with it: the page is at the new host's
+    // address, no longer at the old one's, and tcp/81 is still dropped.
+    c.cli_ok(&["vm", "delete", "web2", "--wait"]);
+    let other = format!("host-{}", 1 - w);
+    c.cli_ok(&[
+        "vm",
+        "migrate",
+        "web",
+        "--to-host",
+        &other,
+        "--mode",
+        "live",
+        "--wait",
+    ]);
+    assert_eq!(c.vm("web")["status"]["host"], other.as_str());
+    let page = wait_page(&c, &client, &there, 8080, "web");
+    assert!(page.contains("hostname=web"), "{page}");
+    wait_until_explained(
+        "the old host to stop publishing 8080",
+        Duration::from_secs(60),
+        || http_get(&client, &here, 8080).is_none().then_some(()),
+        || c.logs_tail(40),
+    );
+    must(&[
+        "ip",
+        "-n",
+        &client,
+        "route",
+        "replace",
+        "10.78.0.0/24",
+        "via",
+        &there,
+    ]);
+    wait_page(&c, &client, "10.78.0.10", 80, "web");
+    assert_eq!(
+        http_get(&client, "10.78.0.10", 81),
+        None,
+        "the security group moved with web"
+    );
 }
 
 #[test]
