@@ -444,3 +444,56 @@ fn networks_with_the_same_cidr_keep_separate_conntrack_entries() {
     zones.sort();
     assert_eq!(zones, ["zone=6101", "zone=6102"], "{flow:#?}\n{table}");
 }
+
+/// `apply -f` declares a VM's published ports and security group: created
+/// as declared, a second run changes nothing (the fields read back as
+/// written), and a changed rule is an error naming the field, changing
+/// nothing. A bad rule in the file is an error with its line.
+#[test]
+fn apply_declares_published_ports_and_security_groups() {
+    let c = Cluster::start();
+    c.import_tiny_image();
+    let file = c.dir.path().join("estate.yaml");
+    let text = "networks:\n  - {name: front, cidr: 10.83.0.0/24}\n\
+                vms:\n  - name: web\n    image: tiny\n    nics: [{network: front}]\n    \
+                publish:\n      - {host_port: 8080, guest_port: 80}\n      \
+                - {host_port: 5353, guest_port: 53, protocol: udp, network: front}\n    \
+                ingress:\n      - {from: 0.0.0.0/0, protocol: tcp, ports: 80}\n      \
+                - {from: 192.0.2.0/24, protocol: icmp}\n";
+    std::fs::write(&file, text).unwrap();
+    let f = file.to_str().unwrap();
+    c.cli_ok(&["apply", "-f", f]);
+    let vm = c.vm("web");
+    assert_eq!(vm["spec"]["publish"][1]["protocol"], "udp", "{vm}");
+    assert_eq!(vm["spec"]["ingress"][0]["ports"], "80", "{vm}");
+    assert_eq!(
+        vm["status"]["nics"][0]["publish"][1]["host_port"], 5353,
+        "{vm}"
+    );
+    let again = c.cli_ok(&["apply", "-f", f]);
+    assert!(again.contains("no changes"), "{again}");
+
+    std::fs::write(&file, text.replace("ports: 80", "ports: 443")).unwrap();
+    let out = c.cli(&["apply", "-f", f]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("vm web: ingress cannot change in place"),
+        "{err}"
+    );
+    assert_eq!(c.vm("web")["spec"]["ingress"][0]["ports"], "80");
+
+    std::fs::write(
+        &file,
+        text.replace("protocol: icmp", "protocol: icmp, ports: 8"),
+    )
+    .unwrap();
+    let out = c.cli(&["apply", "-f", f, "--dry-run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("estate.yaml:")
+            && err.contains("vm web: ingress[1]: an ingress rule with ports"),
+        "{err}"
+    );
+}
