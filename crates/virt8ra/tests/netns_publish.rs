@@ -19,6 +19,9 @@
 //!   group move with it.
 //! - `bad_publish_and_ingress_requests_are_refused_and_change_nothing`:
 //!   the API's 400s (no namespaces, no guest).
+//! - `apply_declares_published_ports_and_security_groups`: `apply -f`.
+//! - `evacuation_and_cold_migration_keep_published_ports_apart`: with
+//!   simulated agents (no namespace, no guest).
 //! - `networks_with_the_same_cidr_keep_separate_conntrack_entries`: the
 //!   agent's data plane alone (`tests/netns/world.rs`), identical flows in
 //!   two networks with the same CIDR on one host are two entries, one per
@@ -496,4 +499,94 @@ fn apply_declares_published_ports_and_security_groups() {
             && err.contains("vm web: ingress[1]: an ingress rule with ports"),
         "{err}"
     );
+}
+
+/// Evacuation and cold migration keep published host ports apart too,
+/// through the real control plane with simulated agents (their VMs exist
+/// in memory; no namespace, no guest). Three hosts at one site; two VMs
+/// publish host port 8080, so they sit on two of them. Evacuating the
+/// first's host sends it to the third, not to the second (where packing
+/// would put it); with the third evacuated too it has nowhere to go, and
+/// the refusal names the port; a cold move onto a host holding the port
+/// is refused naming the port and its holder.
+#[test]
+fn evacuation_and_cold_migration_keep_published_ports_apart() {
+    let mut c = Cluster::start();
+    c.create_topology();
+    let site = TOPOLOGY[0].2;
+    for i in 0..3 {
+        c.start_agent_with(&format!("sim-{i}"), Some(site), &["--driver", "sim"]);
+    }
+    c.wait_hosts_ready(3);
+    c.import_tiny_image();
+    c.ok(
+        "POST",
+        "/api/v1/networks",
+        Some(json!({"name": "front", "cidr": "10.84.0.0/24"})),
+    );
+    let make = |name: &str| {
+        c.ok(
+            "POST",
+            "/api/v1/vms",
+            Some(json!({"name": name, "image": "tiny", "memory_mib": 64,
+                        "placement": {"site": site}, "nics": [{"network": "front"}],
+                        "publish": [{"host_port": 8080, "guest_port": 80}]})),
+        );
+        c.wait_phase(name, "running", Duration::from_secs(60))["status"]["host"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (x, y) = (make("a"), make("b"));
+    assert_ne!(x, y, "two VMs publishing 8080 on one host");
+    let z = (0..3)
+        .map(|i| format!("sim-{i}"))
+        .find(|h| *h != x && *h != y)
+        .unwrap();
+
+    let ev = c.ok(
+        "POST",
+        &format!("/api/v1/hosts/{x}/evacuate"),
+        Some(json!({})),
+    );
+    assert_eq!(ev["refused"], json!({}), "{ev}");
+    wait_until_explained(
+        "a to move off its evacuated host",
+        Duration::from_secs(120),
+        || {
+            let v = c.vm("a");
+            (v["status"]["host"] == z.as_str() && v["status"]["migration"].is_null()).then_some(())
+        },
+        || format!("{}\n{}", c.vm("a"), c.logs_tail(30)),
+    );
+
+    let ev = c.ok(
+        "POST",
+        &format!("/api/v1/hosts/{z}/evacuate"),
+        Some(json!({})),
+    );
+    let why = ev["refused"]["a"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("where host port 8080/tcp is already published"),
+        "{ev}"
+    );
+    assert_eq!(c.vm("a")["status"]["host"], z.as_str());
+
+    c.ok(
+        "PATCH",
+        &format!("/api/v1/hosts/{x}"),
+        Some(json!({"state": "ready"})),
+    );
+    let (s, v) = c.api(
+        "POST",
+        "/api/v1/vms/b/migrate",
+        Some(json!({"to_host": z, "mode": "cold"})),
+    );
+    assert_eq!(s, 409, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("host port 8080/tcp is already published there by VM 'a'"),
+        "{msg}"
+    );
+    assert_eq!(c.vm("b")["status"]["host"], y.as_str());
 }
