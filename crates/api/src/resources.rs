@@ -532,6 +532,85 @@ pub struct VmSpec {
     /// `status.nics`). None: the guest has one user-mode NIC.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicRequest>,
+    /// Guest ports published on the address of the host that runs the VM
+    /// (which NIC each went to is in `status.nics`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<VmPublish>,
+    /// The VM's security group: what may reach its NICs. None: what comes
+    /// from each NIC's own network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<crate::IngressRule>>,
+}
+
+/// A guest port the host that runs the VM publishes on its own address
+/// (`--publish [ADDR:]HOSTPORT:GUESTPORT[/udp]`): connections to
+/// `host_port` there go to `guest_port` of the VM's NIC on `network`. The
+/// host port follows the VM when it moves, and placement keeps two VMs
+/// from publishing the same one on one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmPublish {
+    /// The network (name or id) of the NIC that gets the connections.
+    /// Default: the first of the VM's networks that has a gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// One of the host's addresses; none: every address of the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub address: Option<std::net::Ipv4Addr>,
+    #[schema(minimum = 1, maximum = 65535)]
+    pub host_port: u16,
+    #[schema(minimum = 1, maximum = 65535)]
+    pub guest_port: u16,
+    /// `tcp` (the default) or `udp`.
+    #[serde(default = "default_tcp")]
+    pub protocol: crate::Protocol,
+}
+
+fn default_tcp() -> crate::Protocol {
+    crate::Protocol::Tcp
+}
+
+impl VmPublish {
+    /// The port as the host publishes it.
+    pub fn port(&self) -> crate::PublishedPort {
+        crate::PublishedPort {
+            address: self.address,
+            host_port: self.host_port,
+            guest_port: self.guest_port,
+            protocol: self.protocol,
+        }
+    }
+}
+
+impl std::str::FromStr for VmPublish {
+    type Err = String;
+
+    /// `[ADDR:]HOSTPORT:GUESTPORT[/tcp|udp][,network=NAME]`, as `vm create
+    /// --publish` takes it.
+    fn from_str(s: &str) -> Result<VmPublish, String> {
+        let (spec, network) = match s.split_once(',') {
+            None => (s, None),
+            Some((spec, rest)) => match rest.split_once('=') {
+                Some(("network", n)) if !n.is_empty() && !n.contains(',') => {
+                    (spec, Some(n.to_string()))
+                }
+                _ => {
+                    return Err(format!(
+                        "--publish {s:?}: after the port, only ,network=NAME may follow"
+                    ))
+                }
+            },
+        };
+        let p: crate::PublishedPort = spec.parse()?;
+        Ok(VmPublish {
+            network,
+            address: p.address,
+            host_port: p.host_port,
+            guest_port: p.guest_port,
+            protocol: p.protocol,
+        })
+    }
 }
 
 /// A NIC asked for at `vm create`: the network it joins and, optionally,
@@ -615,6 +694,18 @@ pub struct VmCreate {
     /// them. Without any, the guest has one user-mode NIC.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicRequest>,
+    /// Guest ports the host that runs the VM publishes on its own address
+    /// (at most 32; the VM needs a NIC on a network with a gateway). No two
+    /// VMs on one host publish the same host port: placement sees to it.
+    /// A VM without NICs forwards `ports` to the host's loopback instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<VmPublish>,
+    /// The VM's security group (at most 64 rules), applied to each of its
+    /// NICs: what may reach the guest. None: what comes from the NIC's
+    /// own network (its members). Replies to the guest's own connections
+    /// and its published ports always pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<crate::IngressRule>>,
     /// Start the VM once placed (default true).
     #[serde(default = "default_true")]
     pub start: bool,
@@ -651,6 +742,8 @@ impl VmCreate {
             network: self.network.clone(),
             data_disks: self.data_disks.clone(),
             nics: self.nics.clone(),
+            publish: self.publish.clone(),
+            ingress: self.ingress.clone(),
         }
     }
 }
@@ -777,6 +870,9 @@ pub struct VmNic {
     pub ip: std::net::Ipv4Addr,
     /// The network's prefix length.
     pub prefix: u8,
+    /// The ports published to this NIC (from `spec.publish`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<crate::PublishedPort>,
 }
 
 /// Where a network may reach: the countries, providers and sites whose

@@ -196,7 +196,24 @@ pub fn vm(v: &VmCreate) -> Result<(), String> {
     }
     data_disks(&v.data_disks)?;
     nics(&v.nics)?;
+    publish_and_ingress(&v.publish, v.ingress.as_deref(), !v.nics.is_empty())?;
     labels(&v.labels)
+}
+
+/// A VM's published ports and security group (see
+/// [`crate::validate_vm_security`]).
+pub fn publish_and_ingress(
+    publish: &[crate::VmPublish],
+    ingress: Option<&[crate::IngressRule]>,
+    has_nics: bool,
+) -> Result<(), String> {
+    let ports: Vec<crate::PublishedPort> = publish.iter().map(crate::VmPublish::port).collect();
+    let pairs: Vec<(Option<&str>, &crate::PublishedPort)> = publish
+        .iter()
+        .zip(&ports)
+        .map(|(p, port)| (p.network.as_deref(), port))
+        .collect();
+    crate::validate_vm_security(ingress, &pairs, has_nics)
 }
 
 /// A VM's NICs as asked for: at most [`MAX_INTERFACES`], each naming a

@@ -171,7 +171,14 @@ pub(crate) fn nics_summary(nics: &[VmNic]) -> String {
         return "-".into();
     }
     nics.iter()
-        .map(|n| format!("{} {} {}/{}", n.network, n.mac, n.ip, n.prefix))
+        .map(|n| {
+            let mut s = format!("{} {} {}/{}", n.network, n.mac, n.ip, n.prefix);
+            if !n.publish.is_empty() {
+                let each: Vec<String> = n.publish.iter().map(ToString::to_string).collect();
+                s.push_str(&format!(" (published {})", each.join(" ")));
+            }
+            s
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

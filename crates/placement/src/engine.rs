@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
 
-use virt8ra_api::Level;
+use virt8ra_api::{Level, PublishedPort};
 
 use crate::geo;
 use crate::model::{Host, HostInfo, Resources, SiteInfo};
@@ -202,6 +202,9 @@ pub struct Engine {
     host_class: Vec<u32>,
     host_by_name: HashMap<String, u32>,
     vms: HashMap<String, Placed>,
+    /// Per host, the host ports its VMs publish and which VM holds each
+    /// (only hosts with any: most VMs publish nothing).
+    published: HashMap<u32, Vec<(PublishedPort, String)>>,
     groups: HashMap<String, Group>,
     provider_mem: HashMap<String, u64>,
     measured: HashMap<(u32, String), f64>,
@@ -236,6 +239,7 @@ impl Engine {
             host_class: Vec::new(),
             host_by_name: HashMap::new(),
             vms: HashMap::new(),
+            published: HashMap::new(),
             groups: HashMap::new(),
             provider_mem: HashMap::new(),
             measured: HashMap::new(),
@@ -574,7 +578,34 @@ impl Engine {
         }
         self.check_groups(&host.info.name, site, r)?;
         check_features(&host.info, r)?;
-        check_capacity(host, &r.res)
+        check_capacity(host, &r.res)?;
+        match self.host_by_name.get(&host.info.name) {
+            Some(&id) if self.port_taken(id, r).is_some() => Err(Rule::Ports),
+            _ => Ok(()),
+        }
+    }
+
+    /// The first of `r`'s host ports that a VM on host `id` already
+    /// publishes, with that VM.
+    fn port_taken<'a>(&'a self, id: u32, r: &'a Request) -> Option<(&'a PublishedPort, &'a str)> {
+        if r.ports.is_empty() {
+            return None;
+        }
+        let held = self.published.get(&id)?;
+        r.ports.iter().find_map(|p| {
+            held.iter()
+                .find(|(q, _)| q.clashes(p))
+                .map(|(_, vm)| (p, vm.as_str()))
+        })
+    }
+
+    /// Which of `r`'s host ports is taken on `host`, and by which VM (the
+    /// engine's key: a VM id, or a migration's reservation), to name both
+    /// when a move there is refused.
+    pub fn port_clash(&self, host: &str, r: &Request) -> Option<(PublishedPort, String)> {
+        let id = *self.host_by_name.get(host)?;
+        self.port_taken(id, r)
+            .map(|(p, vm)| (p.clone(), vm.to_string()))
     }
 
     /// Chooses a host for `r` without allocating anything.
@@ -723,7 +754,9 @@ impl Engine {
         let need = r.res.memory_mib;
         let ok = |&&(_, _, hid): &&(u8, u64, u32)| {
             let h = &self.hosts[hid as usize];
-            check_capacity(h, &r.res).is_ok() && self.check_groups(&h.info.name, s, r).is_ok()
+            check_capacity(h, &r.res).is_ok()
+                && self.check_groups(&h.info.name, s, r).is_ok()
+                && self.port_taken(hid, r).is_none()
         };
         let c = &r.c;
         let any_feature = c.arch.is_some()
@@ -770,6 +803,16 @@ impl Engine {
     /// Counts, for every host, the first hard rule it breaks.
     pub fn explain(&self, r: &Request) -> Unplaceable {
         let mut counts: BTreeMap<Rule, usize> = BTreeMap::new();
+        // The host ports found taken, to name them.
+        let mut taken: BTreeSet<String> = BTreeSet::new();
+        let mut last_checks = |h: &Host, hid: u32| -> Option<Rule> {
+            if let Err(rule) = check_capacity(h, &r.res) {
+                return Some(rule);
+            }
+            let (p, _) = self.port_taken(hid, r)?;
+            taken.insert(p.host_side());
+            Some(Rule::Ports)
+        };
         for (si, site) in self.sites.iter().enumerate() {
             let n = self.site_hosts[si].len();
             if n == 0 {
@@ -798,8 +841,7 @@ impl Engine {
                         Err(rule) => *counts.entry(*rule).or_default() += ready,
                         Ok(()) => {
                             for &(_, _, hid) in c.free.iter().chain(&c.full) {
-                                if let Err(rule) = check_capacity(&self.hosts[hid as usize], &r.res)
-                                {
+                                if let Some(rule) = last_checks(&self.hosts[hid as usize], hid) {
                                     *counts.entry(rule).or_default() += 1;
                                 }
                             }
@@ -816,7 +858,7 @@ impl Engine {
                     rule
                 } else if let Err(rule) = verdicts[self.host_class[hid as usize] as usize] {
                     rule
-                } else if let Err(rule) = check_capacity(h, &r.res) {
+                } else if let Some(rule) = last_checks(h, hid) {
                     rule
                 } else {
                     // Cannot happen: place() would have found this host.
@@ -832,7 +874,14 @@ impl Engine {
         } else {
             let parts: Vec<String> = counts
                 .iter()
-                .map(|(rule, n)| format!("{} {}", thousands(*n), rule.describe()))
+                .map(|(rule, n)| match rule {
+                    Rule::Ports => format!(
+                        "{} where host port {} is already published",
+                        thousands(*n),
+                        taken.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                    _ => format!("{} {}", thousands(*n), rule.describe()),
+                })
                 .collect();
             format!("0 of {} hosts fit: {}", thousands(total), parts.join(", "))
         };
@@ -870,6 +919,10 @@ impl Engine {
             }
         }
         self.index(id);
+        if !r.ports.is_empty() {
+            let held = self.published.entry(id).or_default();
+            held.extend(r.ports.iter().map(|p| (p.clone(), vm.to_string())));
+        }
         let req = self.intern(r);
         self.vms.insert(
             vm.to_string(),
@@ -901,6 +954,14 @@ impl Engine {
         let Some(p) = self.vms.remove(vm) else {
             return;
         };
+        if !p.req.ports.is_empty() {
+            if let Some(held) = self.published.get_mut(&p.host) {
+                held.retain(|(_, holder)| holder != vm);
+                if held.is_empty() {
+                    self.published.remove(&p.host);
+                }
+            }
+        }
         self.unindex(p.host);
         let h = &mut self.hosts[p.host as usize];
         h.used.sub(&p.res);

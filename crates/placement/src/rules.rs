@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use virt8ra_api::validate::{COUNTRIES, EU};
-use virt8ra_api::{Level, PlacementConstraints, Strategy, Tier};
+use virt8ra_api::{Level, PlacementConstraints, PublishedPort, Strategy, Tier};
 
 use crate::geo;
 use crate::model::{Host, HostInfo, Resources, SiteInfo};
@@ -33,10 +33,11 @@ pub enum Rule {
     Vcpus,
     Memory,
     Disk,
+    Ports,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 17] = [
+    pub const ALL: [Rule; 18] = [
         Rule::Site,
         Rule::Provider,
         Rule::ProviderNationality,
@@ -54,6 +55,7 @@ impl Rule {
         Rule::Vcpus,
         Rule::Memory,
         Rule::Disk,
+        Rule::Ports,
     ];
 
     /// "N hosts <this>".
@@ -76,6 +78,7 @@ impl Rule {
             Rule::Vcpus => "short of vCPUs",
             Rule::Memory => "short of memory",
             Rule::Disk => "short of disk",
+            Rule::Ports => "where a host port it publishes is taken",
         }
     }
 
@@ -98,6 +101,7 @@ impl Rule {
             Rule::Vcpus => "vcpus",
             Rule::Memory => "memory",
             Rule::Disk => "disk",
+            Rule::Ports => "ports",
         }
     }
 }
@@ -148,6 +152,10 @@ pub struct Request {
     /// Name of the user location, for measured RTTs.
     pub latency_from: Option<String>,
     pub weights: Weights,
+    /// Host ports the VM publishes: no two VMs on one host may publish
+    /// the same (see [`PublishedPort::clashes`]). Host-level, like
+    /// capacity, so not part of [`Request::site_key`].
+    pub ports: Vec<PublishedPort>,
 }
 
 impl Request {
@@ -202,7 +210,14 @@ impl Request {
             c,
             latency,
             weights: w,
+            ports: Vec::new(),
         })
+    }
+
+    /// The request with the host ports the VM publishes.
+    pub fn with_ports(mut self, ports: Vec<PublishedPort>) -> Request {
+        self.ports = ports;
+        self
     }
 
     /// The key under which site-level results can be cached: everything but

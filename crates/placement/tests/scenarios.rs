@@ -375,3 +375,73 @@ fn hosts_without_a_free_vcpu_are_skipped_and_explained() {
     e.release("v0");
     assert_eq!(e.place(&vm(2)).unwrap().host, first);
 }
+
+/// Two VMs never publish one host port on one host: the second goes to
+/// the other host of the site, the third finds none and the refusal names
+/// the port; another protocol or another address of the host is another
+/// port, and a released VM frees its ports. Also with group rules (the
+/// explanation's per-host path) and in the oracle (`check_host`).
+#[test]
+fn published_host_ports_keep_vms_apart_and_name_the_port() {
+    let mut e = engine();
+    let p = |s: &str| s.parse::<virt8ra_api::PublishedPort>().unwrap();
+    let at = |ports: &[&str]| {
+        req(1, json(serde_json::json!({"site": "pl-gdansk"})))
+            .with_ports(ports.iter().map(|s| p(s)).collect())
+    };
+    let web = at(&["8080:80"]);
+    let first = e.place(&web).unwrap().host;
+    e.commit("web-1", &first, &web).unwrap();
+    let second = e.place(&web).unwrap().host;
+    assert_ne!(first, second, "packing would have chosen the same host");
+    e.commit("web-2", &second, &web).unwrap();
+    let u = e.place(&web).unwrap_err();
+    assert_eq!(u.counts, vec![(Rule::Site, 22), (Rule::Ports, 2)]);
+    assert!(
+        u.message
+            .ends_with("2 where host port 8080/tcp is already published"),
+        "{}",
+        u.message
+    );
+    // Only the clashing one is named, once.
+    let u = e.place(&at(&["9000:90", "8080:81"])).unwrap_err();
+    assert!(
+        u.message
+            .ends_with("host port 8080/tcp is already published"),
+        "{}",
+        u.message
+    );
+    // The same port by another protocol, or on one address while the
+    // taken one is on every address (clash) versus two addresses (none).
+    e.place(&at(&["8080:80/udp"])).unwrap();
+    e.place(&at(&["192.0.2.7:8080:80"])).unwrap_err();
+    let one = at(&["192.0.2.7:7000:70"]);
+    let h = e.place(&one).unwrap().host;
+    e.commit("one", &h, &one).unwrap();
+    let other = at(&["192.0.2.8:7000:70"]);
+    assert_eq!(e.place(&other).unwrap().host, h, "another address, packed");
+    // The oracle agrees, and names the holder.
+    let host = e.host(&first).unwrap();
+    assert_eq!(e.check_host(host, &web), Err(Rule::Ports));
+    let (port, holder) = e.port_clash(&first, &web).unwrap();
+    assert_eq!(
+        (port.host_side().as_str(), holder.as_str()),
+        ("8080/tcp", "web-1")
+    );
+    // With a group rule the explanation counts host by host: same answer.
+    let mut grouped = web.clone();
+    grouped.c.anti_affinity = Some(GroupRule {
+        group: "g".into(),
+        level: Level::Host,
+    });
+    let u = e.place(&grouped).unwrap_err();
+    assert!(u.message.contains("8080/tcp"), "{}", u.message);
+    // Released (deleted, or moved away): the port is free there again.
+    e.release("web-1");
+    assert_eq!(e.place(&web).unwrap().host, first);
+    assert_eq!(e.port_clash(&first, &web), None);
+    // Committing again (a rebook) does not count its own ports twice.
+    e.commit("web-2", &second, &web).unwrap();
+    e.release("web-2");
+    assert_eq!(e.port_clash(&second, &web), None);
+}

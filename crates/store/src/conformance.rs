@@ -215,6 +215,8 @@ pub(crate) fn vm(name: &str) -> Vm {
             network: None,
             data_disks: vec![],
             nics: vec![],
+            publish: vec![],
+            ingress: None,
         },
         power: PowerState::Running,
         reboot_generation: 0,
@@ -332,6 +334,7 @@ fn vm_on(name: &str, net: &str, ip: &str) -> Vm {
         mac: format!("52:54:00:00:00:{:02x}", name.len()),
         ip: ip.parse().unwrap(),
         prefix: 24,
+        publish: vec![],
     }];
     v
 }

@@ -13,6 +13,14 @@
 //! - `ip virt8ra`: guests' traffic leaving a network's subnet is
 //!   masqueraded (networks with `nat`); forwarding from one of our bridges
 //!   to another is dropped, so two networks meet only outside the host.
+//!   Traffic bridged within a network is tracked in a conntrack zone of
+//!   that network's own ([`zones`]): two networks with the same CIDR (and
+//!   the same addresses) on one host never share a connection's entry,
+//!   so one's replies cannot pass another's security group as
+//!   "established". What a guest sends to the gateway (routed: NAT out,
+//!   replies of published ports) stays in the host's zone, where the
+//!   other half of those connections is seen (on the host's own
+//!   interfaces), and one network per CIDR only has a gateway on a host.
 //! - `bridge virt8ra`: every host answers for the gateway with the same
 //!   MAC, so frames from or to that MAC, ARP for the gateway's address and
 //!   DHCP never cross the VXLAN device: each host's gateway and DHCP server
@@ -48,11 +56,53 @@ fn ip_table(networks: &[HostNetwork]) -> Option<String> {
         fwd.push_str("\t\tct state established,related accept\n");
         fwd.push_str(&guards);
     }
+    let zones = zone_rules(networks);
     Some(format!(
-        "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{fwd}\t}}\n\
+        "\tchain zones {{\n\t\ttype filter hook prerouting priority raw; policy accept;\n{zones}\t}}\n\
+         \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n{fwd}\t}}\n\
          \tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n{dnat}\t}}\n\
          \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{nat}\t}}\n"
     ))
+}
+
+/// The conntrack zone of each network on this host: its VNI folded into
+/// 1-65535 (zone 0 is the host's own), the next free one on a collision,
+/// in VNI order, so a network keeps its zone while the others change.
+pub fn zones(networks: &[HostNetwork]) -> Vec<(String, u16)> {
+    let mut by_vni: Vec<&HostNetwork> = networks.iter().collect();
+    by_vni.sort_by_key(|hn| hn.network.vni);
+    let mut used = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(by_vni.len());
+    for hn in by_vni {
+        let mut z = (hn.network.vni.saturating_sub(1) % 65535) as u16 + 1;
+        while !used.insert(z) {
+            z = if z == u16::MAX { 1 } else { z + 1 };
+        }
+        out.push((hn.network.id.clone(), z));
+    }
+    out
+}
+
+/// Sets each network's conntrack zone on what enters from its bridge
+/// (also bridged frames: br_netfilter gives them the bridge as input),
+/// before conntrack sees it (priority raw), except frames to the
+/// gateway's MAC: those are routed, and their other half is in zone 0.
+fn zone_rules(networks: &[HostNetwork]) -> String {
+    let mut out = String::new();
+    for (id, zone) in zones(networks) {
+        let Some(hn) = networks.iter().find(|hn| hn.network.id == id) else {
+            continue;
+        };
+        let br = device_names(&id).bridge;
+        let routed = match hn.network.gateway {
+            Some(_) => format!(" ether daddr != {}", gateway_mac(&id)),
+            None => String::new(),
+        };
+        out.push_str(&format!(
+            "\t\tiifname \"{br}\"{routed} ct zone set {zone}\n"
+        ));
+    }
+    out
 }
 
 /// Each local NIC's security group and published ports: the rules that
@@ -304,6 +354,33 @@ mod tests {
             ip: ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
             ingress: None,
             publish: vec![],
+        }
+    }
+
+    #[test]
+    fn each_network_has_a_zone_of_its_own_and_keeps_it() {
+        let mut a = hn("a", Some("10.1.0.1"), true);
+        a.network.vni = 7;
+        let mut b = hn("b", None, false);
+        b.network.vni = 65542; // folds onto 7
+        let mut c = hn("c", None, false);
+        c.network.vni = 8;
+        assert_eq!(
+            zones(&[b.clone(), a.clone(), c.clone()]),
+            [("a".into(), 7), ("c".into(), 8), ("b".into(), 9)]
+        );
+        assert_eq!(zones(&[b.clone(), a.clone()])[1], ("b".into(), 8));
+        let ip = ip_table(&[a, b]).unwrap_or_default();
+        let (bra, brb) = (device_names("a").bridge, device_names("b").bridge);
+        for want in [
+            "type filter hook prerouting priority raw".to_string(),
+            format!(
+                "iifname \"{bra}\" ether daddr != {} ct zone set 7",
+                gateway_mac("a")
+            ),
+            format!("iifname \"{brb}\" ct zone set 8"),
+        ] {
+            assert!(ip.contains(&want), "{want:?} missing from {ip}");
         }
     }
 

@@ -254,6 +254,8 @@ impl Kind for Vms {
         "labels",
         "data_disks",
         "nics",
+        "publish",
+        "ingress",
     ];
     const REPLACE: bool = false;
     const REPLACE_ON_REQUEST: bool = true;
@@ -274,6 +276,7 @@ impl Kind for Vms {
                "image": d.image, "placement": d.placement, "user_data": d.user_data,
                "ssh_authorized_keys": d.ssh_authorized_keys, "network": d.network,
                "ports": d.ports, "data_disks": d.data_disks, "nics": d.nics,
+               "publish": d.publish, "ingress": d.ingress,
                "labels": d.labels, "start": d.start})
     }
     fn live_view(l: &Vm) -> Value {
@@ -282,6 +285,7 @@ impl Kind for Vms {
                "image": s.image, "placement": s.placement, "user_data": s.user_data,
                "ssh_authorized_keys": s.ssh_authorized_keys, "network": s.network,
                "ports": s.ports, "data_disks": s.data_disks, "nics": s.nics,
+               "publish": s.publish, "ingress": s.ingress,
                "labels": user_labels(&l.labels), "start": l.power == PowerState::Running})
     }
     async fn list(c: &Client) -> anyhow::Result<Vec<Vm>> {

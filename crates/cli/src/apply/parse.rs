@@ -131,6 +131,8 @@ pub(super) const VM_FIELDS: &[(&str, &str)] = &[
     ("provider", "provider"),
     ("placement", "placement"),
     ("nics", "nics"),
+    ("publish", "publish"),
+    ("ingress", "ingress"),
 ];
 
 /// Reads and checks the file. Errors name the file and line.

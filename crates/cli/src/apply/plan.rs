@@ -562,11 +562,20 @@ pub(super) async fn check_vm_rules(
             continue; // already reported
         }
         let mut v = v.clone();
+        let declared = v.nics.len();
         v.nics.retain(|n| {
             networks
                 .iter()
                 .any(|l| l.name == n.network || l.id == n.network)
         });
+        if v.nics.len() < declared {
+            // Published ports may go to a NIC on a network not created
+            // yet, and a group needs a NIC: the create checks them.
+            v.publish.clear();
+            if v.nics.is_empty() {
+                v.ingress = None;
+            }
+        }
         if let Err(e) = c.post::<PlacementPlan>("/vms/plan", &v).await {
             let msg = format!("{e:#}");
             if msg.contains("cannot reach the control plane") {

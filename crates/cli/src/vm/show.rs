@@ -88,6 +88,44 @@ pub(crate) fn network_summary(n: Option<&NetworkConfig>) -> String {
         .join("; ")
 }
 
+/// The published ports, `HOST:HOSTPORT -> GUESTPORT/PROTO` on the host
+/// that runs the VM (its `--address`, else every address of it).
+pub(crate) fn published_summary(v: &Vm) -> String {
+    if v.spec.publish.is_empty() {
+        return "-".into();
+    }
+    let host = v.status.host.as_deref().unwrap_or("its host");
+    v.spec
+        .publish
+        .iter()
+        .map(|p| {
+            let at = p
+                .address
+                .map_or_else(|| host.to_string(), |a| a.to_string());
+            format!(
+                "{at}:{} -> {}/{}",
+                p.host_port,
+                p.guest_port,
+                p.protocol.as_str()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A security group on one line: its rules as `--allow` takes them.
+pub(crate) fn ingress_summary(rules: Option<&[IngressRule]>) -> String {
+    match rules {
+        None => "default (each NIC's own network)".into(),
+        Some([]) => "none (replies and published ports only)".into(),
+        Some(rs) => rs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
 pub(crate) fn show_vm(v: &Vm) {
     let s = &v.status;
     fields(vec![
@@ -119,6 +157,8 @@ pub(crate) fn show_vm(v: &Vm) {
         ("ssh keys", ssh_key_summary(&v.spec.ssh_authorized_keys)),
         ("network", network_summary(v.spec.network.as_ref())),
         ("nics", crate::network::nics_summary(&s.nics)),
+        ("published", published_summary(v)),
+        ("security group", ingress_summary(v.spec.ingress.as_deref())),
         (
             "ports",
             if s.ports.is_empty() {

@@ -50,6 +50,24 @@ pub struct SpecArgs {
     /// in the order the guest sees them; replaces the spec file's nics).
     #[arg(long = "network", value_name = "NAME[,ip=ADDR]")]
     networks: Vec<String>,
+    /// Publish a guest port on the address of the host that runs the VM:
+    /// `8080:80` (TCP), `5353:53/udp`, `192.0.2.7:8080:80` (that host
+    /// address only); `,network=NAME` picks the NIC (default: the first on
+    /// a network with a gateway). Needs `--network`; repeatable (replaces
+    /// the spec file's publish). A VM without NICs uses `--port`.
+    #[arg(
+        long = "publish",
+        value_name = "[ADDR:]HOSTPORT:GUESTPORT[/udp][,network=NAME]"
+    )]
+    publish: Vec<String>,
+    /// A rule of the VM's security group, applied to each of its NICs:
+    /// `CIDR[:PROTO[:PORTS]]`, e.g. `0.0.0.0/0:tcp:80`, `192.0.2.0/24:icmp`,
+    /// `10.0.0.0/8` (every protocol), `0.0.0.0/0:udp:5000-5010`; `none`
+    /// lets nothing in but replies and published ports. Repeatable
+    /// (replaces the spec file's ingress). Without any: what comes from
+    /// each NIC's own network.
+    #[arg(long = "allow", value_name = "CIDR[:PROTO[:PORTS]]")]
+    allow: Vec<String>,
     /// Create it stopped.
     #[arg(long)]
     pub(crate) no_start: bool,
@@ -120,6 +138,19 @@ pub fn ssh_keys(args: &[String]) -> anyhow::Result<Vec<String>> {
     Ok(keys)
 }
 
+/// The rules of `--allow` arguments (`none` alone: an empty group).
+pub fn allow_rules(args: &[String]) -> anyhow::Result<Vec<IngressRule>> {
+    if args.iter().any(|a| a == "none") {
+        if args.len() > 1 {
+            bail!("--allow none lets nothing in; it cannot be combined with other --allow rules");
+        }
+        return Ok(Vec::new());
+    }
+    args.iter()
+        .map(|a| a.parse::<IngressRule>().map_err(anyhow::Error::msg))
+        .collect()
+}
+
 /// Merges a spec file and flags into a VmCreate body.
 pub(crate) fn build_spec(name: Option<String>, a: &SpecArgs) -> anyhow::Result<serde_json::Value> {
     let mut spec: serde_json::Value = match &a.file {
@@ -183,8 +214,29 @@ pub(crate) fn build_spec(name: Option<String>, a: &SpecArgs) -> anyhow::Result<s
         validate::nics(&nics).map_err(|e| anyhow::anyhow!("--network: {e}"))?;
         set("nics", serde_json::json!(nics));
     }
+    if !a.publish.is_empty() {
+        let ports = a
+            .publish
+            .iter()
+            .map(|p| p.parse::<VmPublish>().map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        set("publish", serde_json::json!(ports));
+    }
+    if !a.allow.is_empty() {
+        set("ingress", serde_json::json!(allow_rules(&a.allow)?));
+    }
     if a.no_start {
         set("start", false.into());
+    }
+    let no_nics = obj
+        .get("nics")
+        .and_then(|n| n.as_array())
+        .is_none_or(|n| n.is_empty());
+    if no_nics && !a.publish.is_empty() {
+        bail!(
+            "--publish needs a NIC on a network with a gateway (--network NAME); \
+             a VM without NICs forwards guest ports to its host's loopback with --port"
+        );
     }
     let mut pins = obj
         .get("placement")
@@ -208,6 +260,65 @@ mod tests {
     use super::*;
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOiakisE7iP/Y3q4YCqhXcGDKYvynw8ekG2NX341waDN alice@example";
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: SpecArgs,
+    }
+
+    fn spec(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(std::iter::once("vm").chain(args.iter().copied()))?;
+        build_spec(Some("web".into()), &cli.a)
+    }
+
+    #[test]
+    fn publish_and_allow_flags_become_the_fields() {
+        let v = spec(&[
+            "--network",
+            "backend",
+            "--publish",
+            "8080:80",
+            "--publish",
+            "192.0.2.7:5353:53/udp,network=backend",
+            "--allow",
+            "0.0.0.0/0:tcp:80",
+            "--allow",
+            "192.0.2.0/24:icmp",
+        ])
+        .expect("spec");
+        assert_eq!(
+            v["publish"],
+            serde_json::json!([
+                {"host_port": 8080, "guest_port": 80, "protocol": "tcp"},
+                {"network": "backend", "address": "192.0.2.7", "host_port": 5353,
+                 "guest_port": 53, "protocol": "udp"}
+            ])
+        );
+        assert_eq!(
+            v["ingress"],
+            serde_json::json!([
+                {"from": "0.0.0.0/0", "protocol": "tcp", "ports": "80"},
+                {"from": "192.0.2.0/24", "protocol": "icmp"}
+            ])
+        );
+        let v = spec(&["--network", "b", "--allow", "none"]).expect("spec");
+        assert_eq!(v["ingress"], serde_json::json!([]));
+        for (args, want) in [
+            (
+                &["--publish", "8080:80"][..],
+                "--publish needs a NIC on a network with a gateway (--network NAME); a VM without NICs forwards guest ports to its host's loopback with --port",
+            ),
+            (&["--network", "b", "--publish", "80"], "--publish \"80\""),
+            (&["--network", "b", "--publish", "1:1,net=b"], "--publish \"1:1,net=b\": after the port"),
+            (&["--network", "b", "--allow", "none", "--allow", "10.0.0.0/8"], "--allow none"),
+            (&["--network", "b", "--allow", "0.0.0.0/0:icmp:7"], "--allow \"0.0.0.0/0:icmp:7\""),
+        ] {
+            let e = spec(args).expect_err(want).to_string();
+            assert!(e.starts_with(want), "{args:?}: {e}");
+        }
+    }
 
     #[test]
     fn ssh_key_arguments_are_lines_or_files() {

@@ -576,6 +576,8 @@ mod tests {
                 network: None,
                 data_disks: vec![],
                 nics: vec![],
+                publish: vec![],
+                ingress: None,
             },
             power: PowerState::Running,
             reboot_generation: 0,
@@ -758,6 +760,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             ip: "10.0.0.5".parse().expect("ip"),
             prefix: 24,
+            publish: vec![],
         };
         let mut a = vm("a", "a", Some("s1"), VmPhase::Scheduled);
         a.status.nics = vec![nic("n1", "blue"), nic("n2", "red")];

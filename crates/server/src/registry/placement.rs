@@ -108,7 +108,7 @@ impl LoadedPlacement {
     /// booked requests) starts here, so none can leave a network's span.
     pub fn request(&self, vm: &Vm) -> Result<Request, String> {
         let c = self.spans.constraints(vm)?;
-        Request::new(resources(vm), c, self.config.weights)
+        Ok(Request::new(resources(vm), c, self.config.weights)?.with_ports(published(vm)))
     }
 
     /// The request under which an existing VM's capacity is booked: its own,
@@ -119,6 +119,7 @@ impl LoadedPlacement {
         self.request(vm).unwrap_or_else(|_| {
             Request::new(resources(vm), PlacementConstraints::default(), weights)
                 .unwrap_or_else(|_| unreachable_request(vm))
+                .with_ports(published(vm))
         })
     }
 
@@ -153,7 +154,18 @@ fn unreachable_request(vm: &Vm) -> Request {
         latency: None,
         latency_from: None,
         weights: Weights::default(),
+        ports: Vec::new(),
     }
+}
+
+/// The host ports a VM publishes (placement keeps two VMs on one host
+/// from publishing the same).
+pub fn published(vm: &Vm) -> Vec<virt8ra_api::PublishedPort> {
+    vm.spec
+        .publish
+        .iter()
+        .map(virt8ra_api::VmPublish::port)
+        .collect()
 }
 
 pub fn resources(vm: &Vm) -> Resources {

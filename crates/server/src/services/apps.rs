@@ -290,6 +290,8 @@ pub async fn replica_requests(
                 network: None,
                 data_disks: vec![],
                 nics: vec![],
+                publish: vec![],
+                ingress: None,
                 start: true,
                 labels: [("virt8ra.io/app".to_string(), req.name.clone())]
                     .into_iter()

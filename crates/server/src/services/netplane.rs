@@ -33,6 +33,11 @@
 //! last sent. While no VM has a NIC, a pass costs two empty checks, and a
 //! host that never carried a network is never sent a state.
 //!
+//! Each local NIC carries its VM's security group (`spec.ingress`) and the
+//! ports published to it (`status.nics[].publish`, chosen at create), so
+//! the host that runs the VM enforces them, and they move with it: the
+//! target of a migration has them before the switch-over.
+//!
 //! A host without an address (`virt8ra agent --address`) carries its
 //! networks for its own guests only: its state has the unspecified
 //! underlay `0.0.0.0`, no VXLAN and no peers, and the other hosts leave it
@@ -44,8 +49,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use virt8ra_api::{
-    tap_name, FdbEntry, HostNetwork, HostNetworkState, LocalNic, MacAddr, Network, NetworkSpec,
-    Peer, Vm, VmNic, VmPhase,
+    tap_name, FdbEntry, HostNetwork, HostNetworkState, IngressRule, LocalNic, MacAddr, Network,
+    NetworkSpec, Peer, Vm, VmNic, VmPhase,
 };
 use virt8ra_store::VmFilter;
 
@@ -55,13 +60,15 @@ use crate::services::tunnels::{self, HostEnd};
 use crate::state::Ctx;
 
 /// A NIC and where its VM is: `host` runs it, `target` receives it in a
-/// migration that has not switched over yet.
+/// migration that has not switched over yet. `ingress`: its VM's security
+/// group (its published ports are on the NIC itself).
 #[derive(Debug, Clone, Copy)]
 pub struct PlacedNic<'a> {
     pub vm: &'a str,
     pub nic: &'a VmNic,
     pub host: &'a str,
     pub target: Option<&'a str>,
+    pub ingress: Option<&'a [IngressRule]>,
 }
 
 impl PlacedNic<'_> {
@@ -131,6 +138,7 @@ pub fn host_state(
         out.push(hn);
     }
     one_gateway_per_subnet(&mut out, &mut notes);
+    one_holder_per_port(&mut out, &mut notes);
     if own.is_none() && !out.is_empty() {
         notes.push(format!(
             "host {host} has no address other hosts reach it at (start its agent with \
@@ -184,10 +192,12 @@ fn members(
                 tap: tap_name(&p.nic.id),
                 mac,
                 ip: p.nic.ip,
-                // No security group or published port in the API yet: the
-                // agent's default (the network's members only).
-                ingress: None,
-                publish: Vec::new(),
+                // The VM's security group and the ports published to this
+                // NIC go wherever the VM runs (and to a migration's target
+                // before the switch-over, so they hold from its first
+                // packet there).
+                ingress: p.ingress.map(<[IngressRule]>::to_vec),
+                publish: p.nic.publish.clone(),
             });
         }
         let Some(own) = own else { continue };
@@ -256,6 +266,41 @@ fn one_gateway_per_subnet(out: &mut [HostNetwork], notes: &mut Vec<String>) {
             continue;
         }
         routed.push((n.name.clone(), n.cidr));
+    }
+}
+
+/// Placement keeps two VMs from publishing one host port on a host; should
+/// two NICs here still ask for one (or a NIC's network lost its gateway
+/// here, see [`one_gateway_per_subnet`]), the later ports are left out
+/// with a note, rather than the agent refusing the host's whole state.
+fn one_holder_per_port(out: &mut [HostNetwork], notes: &mut Vec<String>) {
+    let mut held: Vec<(virt8ra_api::PublishedPort, String)> = Vec::new();
+    for hn in out.iter_mut() {
+        let routed = hn.network.gateway.is_some();
+        for nic in &mut hn.nics {
+            nic.publish.retain(|p| {
+                if !routed {
+                    notes.push(format!(
+                        "NIC {} of VM {}: network {} has no gateway here; port {} not published",
+                        nic.id,
+                        nic.vm,
+                        hn.network.name,
+                        p.host_side()
+                    ));
+                    return false;
+                }
+                if let Some((_, other)) = held.iter().find(|(q, _)| q.clashes(p)) {
+                    notes.push(format!(
+                        "VM {} and VM {other} both publish host port {} here; only VM {other}'s is",
+                        nic.vm,
+                        p.host_side()
+                    ));
+                    return false;
+                }
+                held.push((p.clone(), nic.vm.clone()));
+                true
+            });
+        }
     }
 }
 
@@ -406,6 +451,7 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
                 nic,
                 host: h,
                 target: None,
+                ingress: vm.spec.ingress.as_deref(),
             });
         }
         for x in std::iter::once(h.to_string()).chain(target) {

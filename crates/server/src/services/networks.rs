@@ -28,7 +28,8 @@ use std::net::Ipv4Addr;
 use chrono::Utc;
 use virt8ra_api::{
     allocate_ip, mac_for_nic, validate, Ipv4Cidr, Network, NetworkCreate, NetworkSpan, NetworkSpec,
-    PlacementConstraints, Vm, VmCreate, VmNic, DEFAULT_MTU, MAX_MTU, MIN_MTU,
+    PlacementConstraints, PublishedPort, Vm, VmCreate, VmNic, VmPublish, DEFAULT_MTU, MAX_MTU,
+    MIN_MTU,
 };
 use virt8ra_store::{StoreError, VmFilter};
 
@@ -265,6 +266,8 @@ pub struct NicPlan {
     pub network: Network,
     pub spec: NetworkSpec,
     pub ip: Option<Ipv4Addr>,
+    /// The VM's ports published to this NIC.
+    pub publish: Vec<PublishedPort>,
 }
 
 /// Resolves and checks the NICs of a new VM, before anything is written:
@@ -288,12 +291,51 @@ pub async fn resolve_nics(app: &Ctx, req: &VmCreate) -> ApiResult<Vec<NicPlan>> 
             network,
             spec,
             ip: r.ip,
+            publish: Vec::new(),
         });
     }
+    assign_published(&req.publish, &mut out).map_err(ApiError::Invalid)?;
     if !out.is_empty() {
         check_reach(app, &req.placement, &out).await?;
     }
     Ok(out)
+}
+
+/// Gives each published port to its NIC: the one on the network it
+/// names (by name or id), else the first on a network with a gateway.
+/// The host routes to the guest, so that network needs a gateway.
+pub fn assign_published(publish: &[VmPublish], nics: &mut [NicPlan]) -> Result<(), String> {
+    for (i, p) in publish.iter().enumerate() {
+        let at = match &p.network {
+            Some(n) => nics
+                .iter()
+                .position(|x| x.network.name == *n || x.network.id == *n)
+                .ok_or_else(|| {
+                    format!(
+                        "publish[{i}]: network '{n}' is not the network of any of the VM's NICs"
+                    )
+                })?,
+            None => nics
+                .iter()
+                .position(|x| x.spec.gateway.is_some())
+                .ok_or_else(|| {
+                    format!(
+                        "publish[{i}]: none of the VM's networks has a gateway, so no host can \
+                         route to the guest; add a NIC on a network with one, or forward the \
+                         port to the host's loopback (ports, --port)"
+                    )
+                })?,
+        };
+        let nic = &mut nics[at];
+        if nic.spec.gateway.is_none() {
+            return Err(format!(
+                "publish[{i}]: network '{}' has no gateway, so no host can route to the guest on it",
+                nic.network.name
+            ));
+        }
+        nic.publish.push(p.port());
+    }
+    Ok(())
 }
 
 /// The placement request of a VM being planned (`vm plan`): `own` (its
@@ -314,6 +356,7 @@ pub async fn planned_request(
             .map_err(|e| ApiError::Invalid(format!("nics[{i}]: {e}")))?;
     }
     virt8ra_placement::Request::new(own.res, c, app.placement.config.weights)
+        .map(|r| r.with_ports(req.publish.iter().map(VmPublish::port).collect()))
         .map_err(|e| ApiError::Invalid(format!("placement: {e}")))
 }
 
@@ -433,6 +476,7 @@ pub fn attach(vm: &mut Vm, nics: &[NicPlan]) {
                 network_id: p.network.id.clone(),
                 ip: Ipv4Addr::UNSPECIFIED,
                 prefix: p.spec.cidr.prefix(),
+                publish: p.publish.clone(),
             }
         })
         .collect();
@@ -657,7 +701,40 @@ mod tests {
             network: net,
             spec,
             ip: None,
+            publish: vec![],
         }
+    }
+
+    #[test]
+    fn published_ports_go_to_the_named_network_or_the_first_with_a_gateway() {
+        let mut l2 = plan("l2", "10.9.0.0/24");
+        l2.spec.gateway = None;
+        let (a, b) = (plan("a", "10.0.0.0/24"), plan("b", "10.1.0.0/24"));
+        let p = |s: &str| s.parse::<VmPublish>().unwrap();
+        let mut nics = vec![l2.clone(), a.clone(), b.clone()];
+        assign_published(&[p("8080:80"), p("53:53/udp,network=b")], &mut nics).unwrap();
+        let got: Vec<usize> = nics.iter().map(|n| n.publish.len()).collect();
+        assert_eq!(got, [0, 1, 1], "default to a, the first with a gateway");
+        assert_eq!(nics[2].publish[0].to_string(), "53:53/udp");
+        // By id too.
+        let mut nics = vec![a.clone(), b.clone()];
+        assign_published(&[p("1:1,network=id-b")], &mut nics).unwrap();
+        assert_eq!(nics[1].publish.len(), 1);
+        let e = assign_published(&[p("1:1"), p("2:2,network=c")], &mut [a.clone()]).unwrap_err();
+        assert!(
+            e.starts_with("publish[1]: network 'c' is not the network"),
+            "{e}"
+        );
+        let e = assign_published(&[p("1:1,network=l2")], &mut [l2.clone(), a]).unwrap_err();
+        assert!(
+            e.starts_with("publish[0]: network 'l2' has no gateway"),
+            "{e}"
+        );
+        let e = assign_published(&[p("1:1")], &mut [l2]).unwrap_err();
+        assert!(
+            e.starts_with("publish[0]: none of the VM's networks has a gateway"),
+            "{e}"
+        );
     }
 
     #[test]

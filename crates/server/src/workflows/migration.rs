@@ -212,7 +212,8 @@ fn choose_target(
     pin(&mut c.provider, &req.to_provider, "provider")?;
     pin(&mut c.country, &req.to_country, "country")?;
     let r = virt8ra_placement::Request::new(placement::resources(vm), c, pl.config.weights)
-        .map_err(|e| ApiError::Invalid(format!("placement: {e}")))?;
+        .map_err(|e| ApiError::Invalid(format!("placement: {e}")))?
+        .with_ports(placement::published(vm));
     if let Some(h) = &req.to_host {
         if h == src_name {
             return Err(ApiError::Conflict(format!(
@@ -228,6 +229,7 @@ fn choose_target(
         if let Err(rule) = e.check_host(host, &r) {
             let site = e.site_of(host);
             let why = outside_network(pl, vm, &site.name, &site.provider, &site.country)
+                .or_else(|| port_taken(e, app, h, &r))
                 .unwrap_or_else(|| rule.describe().to_string());
             return Err(ApiError::Conflict(format!(
                 "cannot move VM '{}' to host {h}: {why}",
@@ -265,6 +267,22 @@ fn choose_target(
             u.message
         ))),
     }
+}
+
+/// Why host `h` cannot take the VM's published ports: which one, and the
+/// VM that holds it there.
+fn port_taken(e: &Engine, app: &Ctx, h: &str, r: &virt8ra_placement::Request) -> Option<String> {
+    let (port, holder) = e.port_clash(h, r)?;
+    let id = holder.split('/').next().unwrap_or(&holder);
+    let by = app
+        .vms
+        .get(id)
+        .map(|v| format!("VM '{}'", v.name))
+        .unwrap_or_else(|| "another VM".into());
+    Some(format!(
+        "host port {} is already published there by {by}",
+        port.host_side()
+    ))
 }
 
 /// Why a move to a site (named, at `provider`, in `country`) would take

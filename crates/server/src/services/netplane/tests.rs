@@ -25,6 +25,7 @@ fn nic(id: &str, network: &str, ip: &str) -> VmNic {
         mac: virt8ra_api::mac_for_nic(id).to_string(),
         ip: ip.parse().expect("ip"),
         prefix: 24,
+        publish: vec![],
     }
 }
 
@@ -83,6 +84,7 @@ fn one_each(n: &[VmNic]) -> Vec<PlacedNic<'_>> {
             nic,
             host,
             target: None,
+            ingress: None,
         })
         .collect()
 }
@@ -136,18 +138,21 @@ fn a_migration_target_carries_the_network_and_entries_follow_the_switch_over() {
             nic: &n[0],
             host: "a",
             target: None,
+            ingress: None,
         },
         PlacedNic {
             vm: "vm-b",
             nic: &n[1],
             host: "b",
             target: Some("d"),
+            ingress: None,
         },
         PlacedNic {
             vm: "vm-c",
             nic: &n[2],
             host: "c",
             target: None,
+            ingress: None,
         },
     ];
     let d = host_state("d", &u, &moving, &networks);
@@ -187,6 +192,7 @@ fn a_migration_target_carries_the_network_and_entries_follow_the_switch_over() {
             nic: &n[1],
             host: "d",
             target: None,
+            ingress: None,
         },
         moving[2],
     ];
@@ -245,18 +251,21 @@ fn clashes_on_one_host_are_resolved_so_the_agent_accepts_the_state() {
             nic: &n[0],
             host: "a",
             target: None,
+            ingress: None,
         },
         PlacedNic {
             vm: "vm-b",
             nic: &n[1],
             host: "b",
             target: None,
+            ingress: None,
         },
         PlacedNic {
             vm: "vm-r",
             nic: &red,
             host: "a",
             target: None,
+            ingress: None,
         },
     ];
     let a = host_state("a", &u, &placed, &networks);
@@ -294,22 +303,71 @@ fn the_state_is_the_same_whatever_the_order_of_the_input() {
             nic: &n[0],
             host: "a",
             target: None,
+            ingress: None,
         },
         PlacedNic {
             vm: "vm-b",
             nic: &n[1],
             host: "b",
             target: None,
+            ingress: None,
         },
         PlacedNic {
             vm: "vm-c",
             nic: &n[2],
             host: "c",
             target: None,
+            ingress: None,
         },
     ];
     let one = host_state("a", &u, &placed, &networks);
     placed.reverse();
     let two = host_state("a", &u, &placed, &networks);
     assert_eq!(one, two, "the agent is sent a state only when it changes");
+}
+
+/// A VM's security group and its NICs' published ports go to the host
+/// that runs it (and to a migration's target), not to its peers; two NICs
+/// on one host asking for one host port keep the first, with a note, so
+/// the agent does not refuse the whole state.
+#[test]
+fn security_groups_and_published_ports_go_where_the_vm_runs() {
+    let (u, mut n) = three();
+    let p = |s: &str| s.parse::<virt8ra_api::PublishedPort>().expect("port");
+    n[0].publish = vec![p("8080:80")];
+    n[1].publish = vec![p("8080:81"), p("53:53/udp")];
+    let rules: Vec<IngressRule> = vec!["0.0.0.0/0:tcp:80".parse().expect("rule")];
+    let networks = nets(vec![network("blue", "10.0.0.0/24", Some("10.0.0.1"), 7)]);
+    let mut placed = one_each(&n);
+    placed[0].ingress = Some(&rules);
+    placed[0].target = Some("d");
+    for host in ["a", "d"] {
+        let c = host_state(host, &u, &placed, &networks);
+        assert!(c.notes.is_empty(), "{host}: {:?}", c.notes);
+        let nic = &c.state.networks[0].nics[0];
+        assert_eq!(nic.ingress.as_deref(), Some(&rules[..]), "{host}");
+        assert_eq!(nic.publish, [p("8080:80")], "{host}");
+        assert_eq!(c.state.validate(), Ok(()));
+    }
+    // b's NIC: its own ports, the default group.
+    let b = host_state("b", &u, &placed, &networks);
+    let nic = &b.state.networks[0].nics[0];
+    assert_eq!((nic.ingress.is_none(), nic.publish.len()), (true, 2));
+    // vm-b on host a too: its 8080/tcp clashes with vm-a's and is left out.
+    placed[1].host = "a";
+    let c = host_state("a", &u, &placed, &networks);
+    assert_eq!(c.state.validate(), Ok(()));
+    let published: Vec<String> = c.state.networks[0]
+        .nics
+        .iter()
+        .flat_map(|x| x.publish.iter().map(|p| p.to_string()))
+        .collect();
+    assert_eq!(published, ["8080:80/tcp", "53:53/udp"]);
+    assert!(
+        c.notes
+            .iter()
+            .any(|x| x.contains("VM vm-b and VM vm-a both publish host port 8080/tcp")),
+        "{:?}",
+        c.notes
+    );
 }
