@@ -106,6 +106,21 @@ pub struct Hub {
     /// nobody reads liveness.
     rejudge: Mutex<std::collections::HashSet<String>>,
     console: Mutex<HashMap<u64, oneshot::Sender<ConsoleReply>>>,
+    /// Numbers the computations of desired states in the order they
+    /// began ([`Hub::ticket`]).
+    tickets: AtomicU64,
+}
+
+/// What became of a desired state handed to [`Hub::deliver_desired_vms`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Sent,
+    /// Nothing differs from what the host was sent, or it is not connected.
+    NotSent,
+    /// Its computation began before that of the state the host was last
+    /// sent: it may be older than that one (read before a change that one
+    /// saw), so it was dropped; the caller computes the host again.
+    Stale,
 }
 
 /// What the API shows of a host's connection.
@@ -371,10 +386,41 @@ impl Hub {
         changed: Option<&std::collections::HashSet<String>>,
         prestage: Vec<ImageRef>,
     ) -> bool {
+        let ticket = self.ticket();
+        self.deliver_desired_vms(ticket, host_id, generation, vms, changed, prestage)
+            == Delivery::Sent
+    }
+
+    /// A number for a computation of a desired state that begins now:
+    /// later computations get larger ones.
+    pub fn ticket(&self) -> u64 {
+        self.tickets.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// [`Hub::send_desired_vms`] for a state whose computation began with
+    /// `ticket`. Two computations for one host may run at once (a
+    /// scheduler pass, a migration's own step): one that began before the
+    /// state last sent may hold VMs as they were before it (a migration's
+    /// role missing), and diffed against what was sent it would undo that
+    /// state (bench scale on PostgreSQL: a cold migration's source was told
+    /// to run the VM again mid-move and exported its disk twice). It is
+    /// [`Delivery::Stale`] instead.
+    pub fn deliver_desired_vms(
+        &self,
+        ticket: u64,
+        host_id: &str,
+        generation: u64,
+        vms: Vec<DesiredVm>,
+        changed: Option<&std::collections::HashSet<String>>,
+        prestage: Vec<ImageRef>,
+    ) -> Delivery {
         let mut m = self.lock();
         let Some(l) = m.get_mut(host_id) else {
-            return false;
+            return Delivery::NotSent;
         };
+        if l.sent.as_ref().is_some_and(|s| ticket < s.ticket) {
+            return Delivery::Stale;
+        }
         let prestage_hash = json_hash(&prestage);
         let Some(sent) = l
             .sent
@@ -382,7 +428,7 @@ impl Hub {
             .filter(|_| l.protocol >= DESIRED_CHANGES_PROTOCOL_VERSION)
         else {
             if changed.is_some() {
-                return false;
+                return Delivery::NotSent;
             }
             let hashes: HashMap<String, u64> =
                 vms.iter().map(|v| (v.id.clone(), json_hash(v))).collect();
@@ -392,7 +438,7 @@ impl Hub {
             ));
             if l.protocol < DESIRED_CHANGES_PROTOCOL_VERSION && l.last_desired == Some(fingerprint)
             {
-                return false;
+                return Delivery::NotSent;
             }
             let ok = l.tx.send(ServerMessage::DesiredState {
                 generation,
@@ -404,12 +450,13 @@ impl Hub {
                 if l.protocol >= DESIRED_CHANGES_PROTOCOL_VERSION {
                     l.sent = Some(Sent {
                         generation,
+                        ticket,
                         vms: hashes,
                         prestage: prestage_hash,
                     });
                 }
             }
-            return ok;
+            return sent_if(ok);
         };
         let mut upsert = Vec::new();
         let mut present: std::collections::HashSet<String> = Default::default();
@@ -442,11 +489,12 @@ impl Hub {
             prestage
         });
         if upsert.is_empty() && remove.is_empty() && prestage.is_none() {
-            return false;
+            return Delivery::NotSent;
         }
         let base = sent.generation;
         let generation = generation.max(base + 1);
         sent.generation = generation;
+        sent.ticket = ticket;
         let ok = l.tx.send(ServerMessage::DesiredChanges {
             generation,
             base,
@@ -458,7 +506,7 @@ impl Hub {
             // The transport is gone; the next connection starts over.
             l.sent = None;
         }
-        ok
+        sent_if(ok)
     }
 
     /// Whether the next desired state sent to this host must be computed
@@ -530,9 +578,19 @@ impl Hub {
     }
 }
 
+fn sent_if(ok: bool) -> Delivery {
+    if ok {
+        Delivery::Sent
+    } else {
+        Delivery::NotSent
+    }
+}
+
 /// What a protocol 3 agent was sent on its connection.
 struct Sent {
     generation: u64,
+    /// The [`Hub::ticket`] of the computation it came from.
+    ticket: u64,
     /// VM id -> hash of the `DesiredVm` sent.
     vms: HashMap<String, u64>,
     prestage: u64,
@@ -686,6 +744,36 @@ mod tests {
             ));
         }
         assert!(rx.try_recv().is_err());
+    }
+
+    /// A computation begun before the state last sent is dropped, however
+    /// the clock went: it may hold VMs as they were before that state.
+    #[test]
+    fn a_state_computed_before_the_last_one_sent_is_stale() {
+        use virt8ra_api::PowerState::*;
+        let hub = Hub::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        hub.register("h", Outbox::Direct(tx));
+        hub.set_protocol("h", 3);
+        let before = hub.ticket();
+        let after = hub.ticket();
+        let sent = hub.deliver_desired_vms(after, "h", 10, vec![dvm("a", Stopped)], None, vec![]);
+        assert_eq!(sent, Delivery::Sent);
+        assert!(rx.try_recv().is_ok());
+        // Older (the VM still running, say): not sent, and what was sent
+        // is still what the next state is diffed against.
+        let late = hub.deliver_desired_vms(before, "h", 20, vec![dvm("a", Running)], None, vec![]);
+        assert_eq!(late, Delivery::Stale);
+        assert!(rx.try_recv().is_err());
+        let again = hub.ticket();
+        assert_eq!(
+            hub.deliver_desired_vms(again, "h", 5, vec![dvm("a", Stopped)], None, vec![]),
+            Delivery::NotSent
+        );
+        assert_eq!(
+            hub.deliver_desired_vms(hub.ticket(), "h", 5, vec![dvm("a", Running)], None, vec![]),
+            Delivery::Sent
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use virt8ra_api::{Vm, VmPhase};
 use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
+use crate::registry::hub::Delivery;
 use crate::registry::marks::Marks;
 use crate::registry::metrics::{self, Purpose};
 use crate::services::desired::{desired_for, desired_vm};
@@ -211,6 +212,8 @@ pub async fn sync_host(app: &Ctx, host_id: &str) -> ApiResult<()> {
 /// one VM per change, not hundreds), unless the host must be sent its whole
 /// state or takes part in a migration (whose roles span VMs and hosts).
 pub async fn sync_host_marked(app: &Ctx, host_id: &str, marks: &Marks) -> ApiResult<()> {
+    // Before anything is read: see `Hub::deliver_desired_vms`.
+    let ticket = app.hub.ticket();
     let plan = crate::services::distribution::plan_for(app, host_id).await?;
     // Generations grow with wall-clock time, so they keep increasing across
     // control-plane restarts.
@@ -241,7 +244,14 @@ pub async fn sync_host_marked(app: &Ctx, host_id: &str, marks: &Marks) -> ApiRes
             out
         }
     };
-    app.hub
-        .send_desired_vms(host_id, generation, vms, only, plan.prestage);
+    let sent = app
+        .hub
+        .deliver_desired_vms(ticket, host_id, generation, vms, only, plan.prestage);
+    if sent == Delivery::Stale {
+        // Another computation, begun later, was sent first: this one may
+        // be older than it. Compute the host again from what is known now.
+        app.mark_host(host_id);
+        app.wake.notify_one();
+    }
     Ok(())
 }
