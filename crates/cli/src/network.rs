@@ -133,9 +133,10 @@ pub(crate) async fn network(c: &Client, o: Format, cmd: NetworkCmd) -> anyhow::R
             let n: Network = c.get(&format!("/networks/{}", seg(&name))).await?;
             let hosts: Page<NetworkHost> =
                 c.get(&format!("/networks/{}/hosts", seg(&name))).await?;
-            // The network, and the hosts that carry it with their paths.
+            // The network, and the hosts that carry it with their paths
+            // (left out when none does, like the API's empty fields).
             let mut v = serde_json::to_value(&n)?;
-            if let Some(m) = v.as_object_mut() {
+            if let (Some(m), false) = (v.as_object_mut(), hosts.items.is_empty()) {
                 m.insert("hosts".into(), serde_json::to_value(&hosts.items)?);
             }
             emit(o, &v, |_| {

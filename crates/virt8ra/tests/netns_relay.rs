@@ -339,6 +339,9 @@ fn a_host_behind_nat_joins_through_the_relay_the_control_plane_chose() {
     );
     let shown = c.cli_ok(&["network", "show", "rly"]);
     assert!(shown.contains("relayed via host-1"), "{shown}");
+    let shown: Value =
+        serde_json::from_str(&c.cli_ok(&["network", "show", "rly", "-o", "json"])).unwrap();
+    assert_eq!(shown["hosts"], hosts["items"], "{shown}");
     let shown = c.cli_ok(&["host", "show", "host-2"]);
     assert!(shown.contains("relayed via host-1"), "{shown}");
     // Host 2 sends nothing to the others' underlay addresses: its only
