@@ -77,12 +77,23 @@ impl OverlayRelays {
         }
     }
 
-    /// Whether the choices are due to be made again: the hosts changed
-    /// since (`version`), or `every` passed (liveness changes without a
-    /// write). Records the check.
-    pub fn due(&self, version: u64, every: std::time::Duration) -> bool {
+    /// Whether the choices are due to be made again: `now` (a relay
+    /// went), the hosts changed since (`version`) and `gap` passed (so
+    /// that joins in bulk cost one choice per `gap`, not one per join),
+    /// or `every` passed (liveness changes without a write). Records it.
+    pub fn due(
+        &self,
+        now: bool,
+        version: u64,
+        gap: std::time::Duration,
+        every: std::time::Duration,
+    ) -> bool {
         let mut c = lock(&self.checked);
-        let due = c.is_none_or(|(v, at)| v != version || at.elapsed() >= every);
+        let due = now
+            || c.is_none_or(|(v, at)| {
+                let e = at.elapsed();
+                (v != version && e >= gap) || e >= every
+            });
         if due {
             *c = Some((version, Instant::now()));
         }
@@ -109,9 +120,14 @@ mod tests {
         assert!(!r.set_served("a", true));
         assert!(r.set_served("a", true));
         assert!(r.set_served("a", false));
-        let d = std::time::Duration::from_secs(3600);
-        assert!(r.due(1, d));
-        assert!(!r.due(1, d));
-        assert!(r.due(2, d), "the hosts changed");
+        let (zero, hour) = (
+            std::time::Duration::ZERO,
+            std::time::Duration::from_secs(3600),
+        );
+        assert!(r.due(false, 1, zero, hour), "the first time");
+        assert!(!r.due(false, 1, zero, hour));
+        assert!(r.due(false, 2, zero, hour), "the hosts changed");
+        assert!(!r.due(false, 3, hour, hour), "changed, but too soon");
+        assert!(r.due(true, 3, hour, hour), "a relay went");
     }
 }

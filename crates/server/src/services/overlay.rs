@@ -8,13 +8,14 @@
 //! relay sees the traffic it forwards as its tunnel decrypts it, so it
 //! must be a host that may carry it). The choice is made when the host's
 //! state is first computed, and checked on each network pass while any
-//! host is behind NAT (none: nothing is done): a relay that went down, was deleted or lost its address is
-//! replaced at once; the hosts changed, or ten seconds passed, and the
-//! choices are made again, so a better one (a host that joined at the
-//! host's site, a nearer one that came back up) is taken. A full choice
-//! looks at every host once.
-//! Each change marks the host, its old and new relays and every host
-//! that carries its networks, whose states route through the relay.
+//! host is behind NAT (none: nothing is done): a relay that went down,
+//! was deleted or lost its address is replaced at once; when the hosts
+//! changed (at most once a second) or ten seconds passed, the choices are
+//! made again, so a better one (a host that joined at the host's site, a
+//! nearer one that came back up) is taken. A full choice looks at every
+//! host once. Each change marks the host, its old and new relays and
+//! every host that carries its networks, whose states route through the
+//! relay.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -30,6 +31,9 @@ use crate::state::Ctx;
 /// How often the choices are made again when nothing forces it, so that
 /// a better relay that came up (an agent that reconnected) is taken.
 const RECHOOSE_EVERY: Duration = Duration::from_secs(10);
+/// The least time between two choices made because the hosts changed: a
+/// full choice looks at every host.
+const RECHOOSE_GAP: Duration = Duration::from_secs(1);
 
 /// A host's underlay address: its inventory's address, when it is IPv4.
 pub fn underlay(h: &Host) -> Option<Ipv4Addr> {
@@ -163,24 +167,28 @@ fn still_relays(app: &Ctx, r: &str) -> bool {
         .is_some_and(|h| underlay(&h).is_some() && has_tunnel(&h) && is_up(app, &h))
 }
 
-/// Makes the choices again where due (see the module doc): when the
-/// hosts changed, a relay went, a host has none, or every
-/// [`RECHOOSE_EVERY`] (a better relay came up); otherwise a pass costs a
-/// look at each chosen relay.
+/// Makes the choices again where due (see the module doc): when a relay
+/// went, when the hosts changed (at most every [`RECHOOSE_GAP`]), and
+/// every [`RECHOOSE_EVERY`] (a better relay came up, a host without one
+/// may have one now); otherwise a pass costs a look at each chosen relay.
 pub async fn refresh(app: &Ctx) -> ApiResult<()> {
     let known = app.netplane.relays.hosts();
     if known.is_empty() {
         return Ok(());
     }
-    let broken = known.iter().any(|h| {
+    let gone = known.iter().any(|h| {
         app.netplane
             .relays
             .get(h)
             .flatten()
-            .is_none_or(|r| !still_relays(app, &r))
+            .is_some_and(|r| !still_relays(app, &r))
     });
-    let due = app.netplane.relays.due(app.hosts.version(), RECHOOSE_EVERY);
-    if !broken && !due {
+    let version = app.hosts.version();
+    if !app
+        .netplane
+        .relays
+        .due(gone, version, RECHOOSE_GAP, RECHOOSE_EVERY)
+    {
         return Ok(());
     }
     let at = locations(app).await?;
