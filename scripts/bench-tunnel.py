@@ -12,7 +12,19 @@ JSON object. Needs root, iperf3, ping, and boringtun-cli (installed with
 `cargo install boringtun-cli --locked` if missing). The namespaces are
 removed at exit, also on failure.
 
-    sudo scripts/bench-tunnel.py [--runs 3] [--duration 10] [--bin target/release/virt8ra]
+With --relay it measures the relay instead (a host behind NAT reached
+through a relay): three namespaces, A and B each linked only to R, which
+routes between the two links, and in the same run
+  - plain:   A -> B, routed by R,
+  - direct:  `virt8ra tunnel run` on A and B, peers of each other (R
+             routes their encrypted datagrams),
+  - relayed: `virt8ra tunnel run` on A, R and B; A and B are peers of R
+             only, which decrypts, forwards between tunnel addresses and
+             encrypts again (what the control plane sets up for a host
+             behind NAT: `relays_for` on A's and B's peer R).
+No boringtun there.
+
+    sudo scripts/bench-tunnel.py [--runs 3] [--duration 10] [--bin target/release/virt8ra] [--relay]
 """
 
 import argparse
@@ -40,8 +52,13 @@ def ns(name, *args, **kw):
     return run("ip", "netns", "exec", name, *args, **kw)
 
 
+R = "v8bench-r"
+R_UNDER_A, R_UNDER_B, B_UNDER_R = "192.168.78.3", "192.168.79.3", "192.168.79.2"
+R_TUN = "10.77.0.3"
+
+
 def cleanup():
-    for n in (A, B):
+    for n in (A, B, R):
         run("ip", "netns", "del", n, check=False)
 
 
@@ -95,7 +112,7 @@ def link_up(name, dev):
 
 def keys(binary, d):
     out = {}
-    for side in "ab":
+    for side in "abr":
         path = os.path.join(d, side + ".key")
         pub = run(binary, "tunnel", "genkey", path).stdout.strip()
         out[side] = (path, pub)
@@ -117,6 +134,80 @@ def start_virt8ra(binary, d, k):
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_for("the virt8ra tunnel in " + n, lambda: link_up(n, "v8bwg"))
     return procs
+
+
+def setup_relay():
+    """A - R - B: A and B each on a link of their own to R, which routes."""
+    cleanup()
+    for n in (A, B, R):
+        run("ip", "netns", "add", n)
+        run("ip", "-n", n, "link", "set", "lo", "up")
+    run("ip", "link", "add", "va", "netns", A, "type", "veth", "peer", "name", "ra", "netns", R)
+    run("ip", "link", "add", "vb", "netns", B, "type", "veth", "peer", "name", "rb", "netns", R)
+    for n, dev, addr in ((A, "va", A_UNDER), (R, "ra", R_UNDER_A), (R, "rb", R_UNDER_B), (B, "vb", B_UNDER_R)):
+        run("ip", "-n", n, "addr", "add", addr + "/24", "dev", dev)
+        run("ip", "-n", n, "link", "set", dev, "up")
+    run("ip", "-n", A, "route", "add", "192.168.79.0/24", "via", R_UNDER_A)
+    run("ip", "-n", B, "route", "add", "192.168.78.0/24", "via", R_UNDER_B)
+    for k in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0"):
+        ns(R, "sysctl", "-qw", k)
+
+
+def start_tunnels(binary, d, k, ends):
+    """`ends`: (side, namespace, own tunnel address, [(peer side, endpoint, allowed)])."""
+    procs = []
+    for side, n, own, peers in ends:
+        cfg = os.path.join(d, side + ".yaml")
+        with open(cfg, "w") as f:
+            f.write(f"interface: v8bwg\nprivate_key_file: {k[side][0]}\nlisten_port: 51820\n"
+                    f"address: {own}/24\npeers:\n")
+            for peer, endpoint, allowed in peers:
+                f.write(f"  - public_key: \"{k[peer][1]}\"\n    endpoint: {endpoint}:51820\n"
+                        f"    allowed_ips: [{', '.join(a + '/32' for a in allowed)}]\n")
+        procs.append(subprocess.Popen(["ip", "netns", "exec", n, binary, "tunnel", "run", "--config", cfg],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for("the virt8ra tunnel in " + n, lambda: link_up(n, "v8bwg"))
+    return procs
+
+
+def relay_main(args):
+    results = {}
+    try:
+        setup_relay()
+        with tempfile.TemporaryDirectory() as d:
+            k = keys(args.bin, d)
+            measure("plain", B_UNDER_R, args, results)
+            procs = start_tunnels(args.bin, d, k, [
+                ("a", A, A_TUN, [("b", B_UNDER_R, [B_TUN])]),
+                ("b", B, B_TUN, [("a", A_UNDER, [A_TUN])]),
+            ])
+            try:
+                measure("direct", B_TUN, args, results)
+            finally:
+                stop(procs)
+            procs = start_tunnels(args.bin, d, k, [
+                ("r", R, R_TUN, [("a", A_UNDER, [A_TUN]), ("b", B_UNDER_R, [B_TUN])]),
+                ("a", A, A_TUN, [("r", R_UNDER_A, [R_TUN, B_TUN])]),
+                ("b", B, B_TUN, [("r", R_UNDER_B, [R_TUN, A_TUN])]),
+            ])
+            try:
+                measure("relayed", B_TUN, args, results)
+            finally:
+                stop(procs)
+    finally:
+        cleanup()
+    plain_rtt = results["plain"]["rtt_ms_median"]
+    for r in results.values():
+        r["added_rtt_ms"] = round(r["rtt_ms_median"] - plain_rtt, 3)
+    ratio = results["relayed"]["gbit_s_median"] / max(results["direct"]["gbit_s_median"], 1e-9)
+    print(f"{'path':<10} {'TCP Gbit/s (median)':>20} {'RTT ms (median)':>16} {'added ms':>9}")
+    for name, r in results.items():
+        print(f"{name:<10} {r['gbit_s_median']:>20.3f} {r['rtt_ms_median']:>16.3f} {r['added_rtt_ms']:>9.3f}")
+    print(f"relayed / direct throughput: {ratio:.2f}x")
+    load = open("/proc/loadavg").read().split()[:3]
+    print(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
+                      "loadavg": load, "runs": args.runs, "duration_s": args.duration, "mode": "relay",
+                      "results": results, "ratio_relayed_vs_direct": round(ratio, 2)}))
 
 
 def hexkey(b64):
@@ -171,12 +262,15 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--bin", default="target/release/virt8ra")
+    p.add_argument("--relay", action="store_true", help="measure the relay (see above)")
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, TUN)")
     for tool in ("iperf3", "ping", "ip"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing (scripts/deps.sh installs it)")
+    if args.relay:
+        return relay_main(args)
     bt = shutil.which("boringtun-cli") or os.path.expanduser("~/.cargo/bin/boringtun-cli")
     if not os.path.exists(bt):
         subprocess.run(["cargo", "install", "boringtun-cli", "--locked"], check=True)

@@ -13,6 +13,7 @@ pub mod market;
 pub mod migration;
 pub mod mux;
 pub mod network;
+pub mod overlay;
 pub mod protocol;
 pub mod resources;
 pub mod validate;
@@ -21,6 +22,7 @@ pub use guest::*;
 pub use market::*;
 pub use migration::*;
 pub use network::*;
+pub use overlay::*;
 pub use resources::*;
 
 /// The body of every error answer of the API.

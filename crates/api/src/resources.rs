@@ -299,6 +299,10 @@ pub struct Host {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = Ipv4)]
     pub tunnel_address: Option<std::net::Ipv4Addr>,
+    /// How the other hosts reach it over the virtual networks (direct,
+    /// or relayed through which host); filled in when it is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<crate::overlay::HostOverlay>,
     pub created_at: DateTime<Utc>,
 }
 

@@ -87,6 +87,30 @@ fn host_row(h: &Host) -> Vec<String> {
     ]
 }
 
+/// How the other hosts reach a host: `direct`, `relayed via HOST`,
+/// `isolated`, with its tunnel address.
+pub(crate) fn reach(
+    r: virt8ra_api::Reachability,
+    via: Option<&str>,
+    tunnel: Option<std::net::Ipv4Addr>,
+) -> String {
+    let how = match r {
+        virt8ra_api::Reachability::Direct => "direct".to_string(),
+        virt8ra_api::Reachability::Relayed => format!("relayed via {}", via.unwrap_or("?")),
+        virt8ra_api::Reachability::Isolated => "isolated (no address, no relay)".to_string(),
+    };
+    match tunnel {
+        Some(t) => format!("{how}, tunnel {t}"),
+        None => how,
+    }
+}
+
+fn overlay(o: Option<&virt8ra_api::HostOverlay>) -> String {
+    o.map_or("-".into(), |o| {
+        reach(o.reachable, o.relayed_via.as_deref(), o.tunnel_address)
+    })
+}
+
 pub(crate) async fn host(c: &Client, o: Format, cmd: HostCmd) -> anyhow::Result<()> {
     let show = |h: &Host| {
         fields(vec![
@@ -97,6 +121,7 @@ pub(crate) async fn host(c: &Client, o: Format, cmd: HostCmd) -> anyhow::Result<
             ("country", h.country.clone()),
             ("state", h.state.as_str().into()),
             ("connected", h.connected.to_string()),
+            ("overlay", overlay(h.overlay.as_ref())),
             ("last heartbeat", ago(&h.last_heartbeat)),
             ("arch", h.inventory.arch.clone()),
             ("hypervisor", h.inventory.hypervisor.as_str().into()),

@@ -131,7 +131,36 @@ pub(crate) async fn network(c: &Client, o: Format, cmd: NetworkCmd) -> anyhow::R
         }
         NetworkCmd::Show { name } => {
             let n: Network = c.get(&format!("/networks/{}", seg(&name))).await?;
-            emit(o, &n, show)
+            let hosts: Page<NetworkHost> =
+                c.get(&format!("/networks/{}/hosts", seg(&name))).await?;
+            // The network, and the hosts that carry it with their paths
+            // (left out when none does, like the API's empty fields).
+            let mut v = serde_json::to_value(&n)?;
+            if let (Some(m), false) = (v.as_object_mut(), hosts.items.is_empty()) {
+                m.insert("hosts".into(), serde_json::to_value(&hosts.items)?);
+            }
+            emit(o, &v, |_| {
+                show(&n);
+                println!();
+                table(
+                    &["host", "site", "reached"],
+                    hosts
+                        .items
+                        .iter()
+                        .map(|h| {
+                            vec![
+                                h.host.clone(),
+                                h.site.clone(),
+                                crate::host::reach(
+                                    h.reachable,
+                                    h.relayed_via.as_deref(),
+                                    h.tunnel_address,
+                                ),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
         }
         NetworkCmd::Delete { name } => {
             c.delete(&format!("/networks/{}", seg(&name))).await?;

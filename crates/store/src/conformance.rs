@@ -279,6 +279,7 @@ fn host(n: &str) -> Host {
         cpu_overcommit: None,
         memory_overcommit: None,
         tunnel_address: None,
+        overlay: None,
         created_at: Utc::now(),
     }
 }

@@ -1,10 +1,11 @@
-//! Virtual networks over HTTP: create, list, show, delete. The rules (and
+//! Virtual networks over HTTP: create, list, show, delete, and the hosts
+//! that carry one with their paths (direct or relayed). The rules (and
 //! IPAM) are in [`crate::services::networks`].
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use virt8ra_api::{Network, NetworkCreate, Page};
+use virt8ra_api::{Network, NetworkCreate, NetworkHost, Page};
 
 use super::extract::Body;
 use crate::error::ApiResult;
@@ -45,6 +46,24 @@ pub async fn show(
     Path(key): Path<String>,
 ) -> ApiResult<Json<Network>> {
     Ok(Json(networks::get(&app, &key).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/networks/{key}/hosts", tag = "networks",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = Page<NetworkHost>,
+               description = "The hosts that carry the network now (they run or receive a VM with a NIC on it), each with how the others reach it: directly, or relayed through which host"),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn hosts(
+    _: Admin,
+    State(app): State<Ctx>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Page<NetworkHost>>> {
+    let n = networks::get(&app, &key).await?;
+    Ok(Json(Page {
+        items: crate::services::overlay::network_hosts(&app, &n.id),
+        next_cursor: None,
+    }))
 }
 
 #[utoipa::path(delete, path = "/api/v1/networks/{key}", tag = "networks",

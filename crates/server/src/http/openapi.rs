@@ -40,7 +40,7 @@ use super::{
         catalog::public_key, catalog::image_data, catalog::add, catalog::refresh,
         catalog::list_catalogs, catalog::remove,
         apps::create, apps::list, apps::show, apps::delete,
-        networks::list, networks::create, networks::show, networks::delete,
+        networks::list, networks::create, networks::show, networks::delete, networks::hosts,
         vms::list, vms::create, vms::plan, vms::show, vms::delete, vms::action, vms::console, vms::events, watch::watch,
         migrations::create, migrations::list, migrations::show, migrations::history,
         migrations::evacuate_host, migrations::evacuate_site, migrations::evacuate_provider, migrations::rebalance,

@@ -139,6 +139,7 @@ pub fn routes() -> Vec<Route> {
         get("/api/v1/networks", Admin, networks::list),
         post("/api/v1/networks", Admin, networks::create),
         get("/api/v1/networks/{key}", Admin, networks::show),
+        get("/api/v1/networks/{key}/hosts", Admin, networks::hosts),
         delete("/api/v1/networks/{key}", Admin, networks::delete),
         get("/api/v1/vms", Admin, vms::list),
         post("/api/v1/vms", Admin, vms::create),

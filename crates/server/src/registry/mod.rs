@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod migrations;
 pub mod netplane;
 pub mod networks;
+pub mod overlay;
 pub mod placement;
 pub mod relays;
 pub mod staging;

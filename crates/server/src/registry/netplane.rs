@@ -33,6 +33,8 @@ pub struct NetPlane {
     /// network anywhere: the common case) takes no lock.
     any_dirty: AtomicBool,
     generations: Mutex<HashMap<String, u64>>,
+    /// The relays of hosts behind NAT.
+    pub relays: crate::registry::overlay::OverlayRelays,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -15,6 +15,7 @@ pub mod images;
 pub mod migrations;
 pub mod netplane;
 pub mod networks;
+pub mod overlay;
 pub mod placement;
 pub mod reports;
 pub mod scheduler;

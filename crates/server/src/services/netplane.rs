@@ -38,11 +38,15 @@
 //! the host that runs the VM enforces them, and they move with it: the
 //! target of a migration has them before the switch-over.
 //!
-//! A host without an address (`virt8ra agent --address`) carries its
-//! networks for its own guests only: its state has the unspecified
-//! underlay `0.0.0.0`, no VXLAN and no peers, and the other hosts leave it
-//! out. The control plane logs it; relaying such hosts' traffic is later
-//! work.
+//! A host without an address (`virt8ra agent --address`, behind NAT) has
+//! the unspecified underlay `0.0.0.0` in its state. With a tunnel, it is
+//! named by its tunnel address here, and reached through a relay
+//! ([`crate::services::overlay`], [`crate::services::tunnels`]): the
+//! relay's state is computed again whenever the relayed host's is sent
+//! changed (the hosts it talks to may have changed). Without a tunnel, or
+//! without a relay, it carries its networks for its own guests only (no
+//! VXLAN, no peers), the other hosts leave it out, and the control plane
+//! logs why.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -56,6 +60,7 @@ use virt8ra_store::VmFilter;
 
 use crate::error::ApiResult;
 use crate::registry::netplane::Carried;
+use crate::services::overlay;
 use crate::services::tunnels::{self, HostEnd};
 use crate::state::Ctx;
 
@@ -333,6 +338,9 @@ pub fn host_connected(app: &Ctx, host_id: &str, reports: bool) {
 /// changed since the last flush (see the module doc). Runs before desired
 /// VMs are sent.
 pub async fn flush(app: &Ctx) {
+    if let Err(e) = overlay::refresh(app).await {
+        tracing::warn!(error = %e, "overlay relays not checked; retrying");
+    }
     let changed = app.vms.take_network_changes();
     let mut hosts: BTreeSet<String> = app.netplane.take_marked().into_iter().collect();
     if changed.is_empty() && hosts.is_empty() {
@@ -427,8 +435,14 @@ fn inputs(app: &Ctx, host: &str) -> (Vec<Arc<Vm>>, HashMap<String, Option<String
 
 /// A host's underlay address: its inventory's address, when it is IPv4.
 fn underlay_of(app: &Ctx, host: &str) -> Option<Ipv4Addr> {
+    overlay::underlay(&*app.hosts.get(host)?)
+}
+
+/// Where the rule names a host: its underlay address, or behind NAT its
+/// tunnel address (reached through its relay, see `tunnels`).
+fn reach_of(app: &Ctx, host: &str) -> Option<Ipv4Addr> {
     let h = app.hosts.get(host)?;
-    h.inventory.migration_address.as_deref()?.parse().ok()
+    overlay::underlay(&h).or_else(|| h.tunnel_address.filter(|_| overlay::needs_relay(&h)))
 }
 
 /// Computes `host`'s state and sends it if its connection was not sent
@@ -437,7 +451,7 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
     let (vms, targets) = inputs(app, host);
     let mut placed = Vec::new();
     let mut underlays: HashMap<String, Option<Ipv4Addr>> = HashMap::new();
-    underlays.insert(host.to_string(), underlay_of(app, host));
+    underlays.insert(host.to_string(), reach_of(app, host));
     let mut ids = BTreeSet::new();
     for vm in &vms {
         let Some(h) = vm.status.host_id.as_deref() else {
@@ -455,9 +469,7 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
             });
         }
         for x in std::iter::once(h.to_string()).chain(target) {
-            underlays
-                .entry(x)
-                .or_insert_with_key(|x| underlay_of(app, x));
+            underlays.entry(x).or_insert_with_key(|x| reach_of(app, x));
         }
     }
     // The targets borrow from `targets`, which outlives `placed`.
@@ -466,7 +478,7 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
     }
     specs.load(app, &ids).await?;
     let mut c = host_state(host, &underlays, &placed, &specs.0);
-    encrypt_between_sites(app, host, &underlays, &mut c);
+    encrypt_between_sites(app, host, underlays.keys(), &mut c).await?;
     let own = c.state.underlay;
     let own = (!own.is_unspecified()).then_some(own);
     let key = app
@@ -492,9 +504,16 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
             tunnel_key: key,
         },
     );
-    // A host that carries nothing, was computed to carry nothing and
-    // says it carries nothing is sent nothing.
-    if c.state.networks.is_empty() && before.is_none() && !app.hub.network_reported(host) {
+    let relays = c.state.tunnel.as_ref().is_some_and(|t| t.relay);
+    let relayed = app.netplane.relays.set_served(host, relays);
+    // A host that carries nothing, was computed to carry nothing, says it
+    // carries nothing and relays for nobody (nor did) is sent nothing.
+    if c.state.networks.is_empty()
+        && before.is_none()
+        && !app.hub.network_reported(host)
+        && !relays
+        && !relayed
+    {
         return Ok(());
     }
     let networks = c.state.networks.len();
@@ -502,7 +521,11 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
         .hub
         .send_network_state(host, c.state, || app.netplane.next_generation(host))
     {
-        tracing::info!(host = %host, networks, "network state sent");
+        tracing::info!(host = %host, networks, relays, "network state sent");
+        // The hosts it talks to may have changed: so may its relay's.
+        if let Some(r) = app.netplane.relays.get(host).flatten() {
+            app.netplane.mark(&r);
+        }
         for n in &c.notes {
             tracing::warn!(host = %host, "{n}");
         }
@@ -510,36 +533,56 @@ async fn sync_host(app: &Ctx, host: &str, specs: &mut NetworkCache) -> ApiResult
     Ok(())
 }
 
-/// Routes `c`'s peers at other sites through the tunnels (see
-/// [`crate::services::tunnels`]), from what the hosts it names are.
-fn encrypt_between_sites(
+/// Routes `c`'s peers at other sites, behind NAT or relayed through
+/// the tunnels (see [`crate::services::tunnels`]), from what the hosts it
+/// names (`named`), their relays, and the hosts `host` relays for are.
+async fn encrypt_between_sites(
     app: &Ctx,
     host: &str,
-    underlays: &HashMap<String, Option<Ipv4Addr>>,
+    named: impl Iterator<Item = &String>,
     c: &mut Computed,
-) {
-    let ends: HashMap<String, HostEnd> = underlays
-        .keys()
-        .filter_map(|h| {
-            let rec = app.hosts.get(h)?;
-            let tunnel = rec
-                .tunnel_address
-                .zip(rec.inventory.tunnel_public_key.clone());
-            Some((
-                h.clone(),
-                HostEnd {
-                    site: rec.site.clone(),
-                    underlay: underlays.get(h).copied().flatten(),
-                    tunnel,
-                },
-            ))
-        })
-        .collect();
-    c.notes.extend(tunnels::encrypt(host, &mut c.state, &ends));
+) -> ApiResult<()> {
+    let relayed = overlay::relayed_by(app, host);
+    let mut names: BTreeSet<String> = named.cloned().collect();
+    names.insert(host.to_string());
+    for r in &relayed {
+        names.insert(r.host.clone());
+        names.extend(r.talks_to.iter().cloned());
+    }
+    let end = |rec: &virt8ra_api::Host, relay: Option<String>| HostEnd {
+        site: rec.site.clone(),
+        underlay: overlay::underlay(rec),
+        tunnel: rec
+            .tunnel_address
+            .zip(rec.inventory.tunnel_public_key.clone()),
+        relay,
+    };
+    let mut ends: HashMap<String, HostEnd> = HashMap::new();
+    let mut relays = BTreeSet::new();
+    for h in &names {
+        let Some(rec) = app.hosts.get(h) else {
+            continue;
+        };
+        let nets = (h == host).then_some(&c.carried);
+        let relay = overlay::relay_of(app, h, nets).await?;
+        relays.extend(relay.clone());
+        ends.insert(h.clone(), end(&rec, relay));
+    }
+    for r in relays {
+        if let (false, Some(rec)) = (ends.contains_key(&r), app.hosts.get(&r)) {
+            ends.insert(r, end(&rec, None));
+        }
+    }
+    c.notes
+        .extend(tunnels::encrypt(host, &mut c.state, &ends, &relayed));
+    if underlay_of(app, host).is_none() {
+        c.state.underlay = Ipv4Addr::UNSPECIFIED;
+    }
     if let Err(e) = c.state.validate() {
         c.notes
             .push(format!("the agent will refuse this state: {e}"));
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -208,7 +208,7 @@ pub async fn hosts(app: &Ctx, q: &HostFilter) -> ApiResult<Vec<Host>> {
         .into_iter()
         .map(|h| {
             let a = alloc.get(&h.name).copied();
-            host_view(app, (*h).clone(), a.as_ref())
+            with_overlay(app, host_view(app, (*h).clone(), a.as_ref()))
         })
         .filter(|h| {
             q.site.as_ref().is_none_or(|s| *s == h.site)
@@ -223,7 +223,13 @@ pub async fn hosts(app: &Ctx, q: &HostFilter) -> ApiResult<Vec<Host>> {
 pub async fn host(app: &Ctx, key: &str) -> ApiResult<Host> {
     let h = app.host(key)?;
     let a = app.placement.allocations(app).await?.get(&h.name).copied();
-    Ok(host_view(app, h, a.as_ref()))
+    Ok(with_overlay(app, host_view(app, h, a.as_ref())))
+}
+
+/// `h` with how the other hosts reach it over the overlay.
+fn with_overlay(app: &Ctx, mut h: Host) -> Host {
+    h.overlay = Some(crate::services::overlay::reachability(app, &h));
+    h
 }
 
 /// Changes a host's state or overcommit. `unreachable` is the control
@@ -325,6 +331,7 @@ pub async fn join(app: &Ctx, token: &TokenRecord, req: AgentJoin) -> ApiResult<J
         cpu_overcommit: None,
         memory_overcommit: None,
         tunnel_address: None,
+        overlay: None,
         created_at: Utc::now(),
     };
     let mut host = host;
