@@ -207,6 +207,13 @@ fn check_estate(c: &Cluster, disk: &Path) {
         (&s["provider"], &s["city"], &s["facts"]["pue"]),
         (&json!("provider-es"), &json!("Logroño"), &json!(1.2))
     );
+    assert_eq!(s["tier"], "edge");
+    let lab = c.ok("GET", "/api/v1/networks/lab", None);
+    assert_eq!(
+        (&lab["mtu"], &lab["gateway"], &lab["nat"]),
+        (&json!(9000), &Value::Null, &json!(false)),
+        "{lab}"
+    );
     let img = c.ok("GET", "/api/v1/images/disk", None);
     assert_eq!(img["source_sha256"], sha256_hex(disk), "{img}");
     let n = c.ok("GET", "/api/v1/networks/backend", None);
@@ -224,7 +231,16 @@ fn check_estate(c: &Cluster, disk: &Path) {
         (&de["status"]["phase"], &de["status"]["site"]),
         (&json!("running"), &json!("de-frankfurt"))
     );
+    assert_eq!(
+        de["spec"]["placement"]["anti_affinity"],
+        json!({"group": "web", "level": "site"})
+    );
+    assert_eq!(
+        de["spec"]["ssh_authorized_keys"].as_array().map(Vec::len),
+        Some(1)
+    );
     let db = c.vm("db-pl");
+    assert_eq!(db["spec"]["data_disks"], json!([{"size_gib": 2}]), "{db}");
     assert_eq!(
         (&db["power"], &db["status"]["country"]),
         (&json!("stopped"), &json!("PL"))
