@@ -552,3 +552,39 @@ fn modules_over_https_and_an_image_from_a_url() {
     let inv: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(inv["_meta"]["hostvars"], json!({}), "{inv}");
 }
+
+/// The Python the installed Ansible runs on (the last parenthesis of the
+/// `python version` line of `ansible --version`).
+fn ansible_python() -> String {
+    let out = Command::new("ansible").arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("python version"))
+        .unwrap_or_else(|| panic!("no python version in: {text}"));
+    let start = line.rfind('(').unwrap() + 1;
+    let end = line.rfind(')').unwrap();
+    line[start..end].to_string()
+}
+
+/// The collection's Python unit tests (ansible/tests/unit: comparison
+/// rules, the API's defaults, the HTTP client's errors against a real
+/// socket), with the Python Ansible uses.
+#[test]
+fn python_unit_tests_of_the_collection() {
+    if !have_ansible() {
+        eprintln!("skipping: ansible is not installed (scripts/deps.sh installs Debian's ansible)");
+        return;
+    }
+    let root = repo_root();
+    let out = Command::new(ansible_python())
+        .args(["-m", "unittest", "discover", "-v", "-s"])
+        .arg(root.join("ansible/tests/unit"))
+        .env("PYTHONPATH", root.join("ansible"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("\nOK"), "{err}");
+}

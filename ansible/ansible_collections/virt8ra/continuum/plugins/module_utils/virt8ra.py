@@ -230,6 +230,20 @@ def _number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _same(x, y):
+    """Equal as JSON values: numbers as numbers, but a bool is no number
+    (Python's True == 1 is not the API's)."""
+    if isinstance(x, bool) or isinstance(y, bool):
+        return type(x) is type(y) and x == y
+    if _number(x) and _number(y):
+        return float(x) == float(y)
+    if isinstance(x, list) and isinstance(y, list):
+        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
+    if isinstance(x, dict) and isinstance(y, dict):
+        return set(x) == set(y) and all(_same(x[k], y[k]) for k in x)
+    return x == y
+
+
 def diff(live, declared):
     """Field-by-field differences, as `virt8ra apply` computes them: a list
     of {field, from, to} sorted by field."""
@@ -239,12 +253,7 @@ def diff(live, declared):
     out = []
     for k in sorted(set(a) | set(b)):
         x, y = a.get(k), b.get(k)
-        if x == [] and y is None or y == [] and x is None:
-            same = True
-        elif _number(x) and _number(y):
-            same = float(x) == float(y)
-        else:
-            same = x == y
+        same = (x == [] and y is None) or (y == [] and x is None) or _same(x, y)
         if not same:
             out.append({"field": k, "from": x, "to": y})
     return out
