@@ -296,6 +296,50 @@ fn check_inventory(c: &Cluster) {
     );
 }
 
+/// A VM whose spec changed is recreated only when asked (`recreate`), and
+/// not in check mode; then it has a new id and the new spec, and runs.
+fn check_recreate(c: &Cluster) {
+    let vm = |mem: u32, extra: &str| {
+        format!(
+            r#"{{"name": "re", "image": "disk", "memory_mib": {mem}, "placement": {{"country": "PL"}}{extra}}}"#
+        )
+    };
+    let (ok, _, text) = adhoc(&mut ansible(c, "ansible"), "vm", &vm(128, ""));
+    assert!(ok, "{text}");
+    let id = c.vm("re")["id"].clone();
+    let (ok, res, text) = adhoc(&mut ansible(c, "ansible"), "vm", &vm(192, ""));
+    assert!(!ok, "{text}");
+    assert_eq!(
+        res["changes"],
+        json!([{"field": "memory_mib", "from": 128, "to": 192}]),
+        "{text}"
+    );
+    let mut check = ansible(c, "ansible");
+    check.arg("--check");
+    let (ok, res, text) = adhoc(&mut check, "vm", &vm(192, r#", "recreate": true"#));
+    assert!(ok && res["changed"] == true, "{text}");
+    assert_eq!(c.vm("re")["id"], id, "--check recreated it");
+    let (ok, res, text) = adhoc(
+        &mut ansible(c, "ansible"),
+        "vm",
+        &vm(192, r#", "recreate": true"#),
+    );
+    assert!(ok && res["changed"] == true, "{text}");
+    let now = c.vm("re");
+    assert_ne!(now["id"], id);
+    assert_eq!(
+        (&now["spec"]["memory_mib"], &now["status"]["phase"]),
+        (&json!(192), &json!("running"))
+    );
+    let (ok, _, text) = adhoc(
+        &mut ansible(c, "ansible"),
+        "vm",
+        r#"{"name": "re", "state": "absent"}"#,
+    );
+    assert!(ok, "{text}");
+    assert_eq!(c.vm("re")["status"]["phase"], "deleted");
+}
+
 #[test]
 fn playbooks_create_compare_check_and_delete_an_estate() {
     if !have_ansible() {
@@ -413,6 +457,7 @@ fn playbooks_create_compare_check_and_delete_an_estate() {
     assert_eq!(snapshot(&c), before);
 
     check_inventory(&c);
+    check_recreate(&c);
 
     let gone = playbook(&c, "absent.yml", &[]);
     assert!(gone.ok, "{}\n{}", gone.text, c.logs_tail(30));
