@@ -33,7 +33,9 @@ options:
     type: str
     required: true
   src:
-    description: Path of the disk image file to upload.
+    description:
+      - Path of the disk image file to upload, on the machine that runs the module. A relative
+        path is relative to the directory Ansible runs in, not to the playbook (use C({{ playbook_dir }})).
     type: path
   image_url:
     description: An http(s) URL the control plane downloads the image from.
@@ -69,7 +71,7 @@ EXAMPLES = r"""
 - name: Upload a disk from the controller
   virt8ra.continuum.image:
     name: debian
-    src: disks/debian.qcow2
+    src: "{{ playbook_dir }}/disks/debian.qcow2"
 
 - name: Let the control plane fetch one
   virt8ra.continuum.image:
