@@ -23,16 +23,21 @@ use common::{repo_root, wait_until, Cluster, Proc};
 use serde_json::{json, Value};
 
 fn have_ansible() -> bool {
-    ["ansible-playbook", "ansible-inventory", "ansible-doc"]
-        .iter()
-        .all(|p| {
-            Command::new(p)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
+    [
+        "ansible",
+        "ansible-playbook",
+        "ansible-inventory",
+        "ansible-doc",
+    ]
+    .iter()
+    .all(|p| {
+        Command::new(p)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
 }
 
 fn playbooks() -> PathBuf {
@@ -344,7 +349,7 @@ fn check_recreate(c: &Cluster) {
 fn playbooks_create_compare_check_and_delete_an_estate() {
     if !have_ansible() {
         eprintln!(
-            "skipping: ansible-playbook, ansible-inventory or ansible-doc is not installed \
+            "skipping: ansible, ansible-playbook, ansible-inventory or ansible-doc is not installed \
              (scripts/deps.sh installs Debian's ansible)"
         );
         return;
