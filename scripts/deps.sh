@@ -11,14 +11,15 @@
 # pg_ctl), which the store's tests and the PostgreSQL end-to-end test run
 # a throwaway cluster of their own with (no system service is used); and
 # promtool (package prometheus), which the metrics test checks the control
-# plane's `GET /metrics` with.
+# plane's `GET /metrics` with; and Ansible (ansible-core 2.14 in Debian 12),
+# which the collection's end-to-end test (ansible/, tests/ansible.rs) runs.
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for p in qemu-system-x86 qemu-utils syslinux syslinux-common mtools dosfstools busybox-static cpio gzip \
          dropbear-bin openssh-client iproute2 nftables dnsmasq-base iputils-ping tcpdump iperf3 python3 \
-         postgresql prometheus; do
+         postgresql prometheus ansible; do
   have "$p" || need+=("$p")
 done
 # Installing qemu-system-x86 alone can remove a newer qemu-utils (from

@@ -50,6 +50,8 @@ if [ "$mode" = fast ]; then
     --test http_limits --test ingest --test cli_progress "${features[@]}" -- --test-threads=2
   # Prometheus metrics against simulated agents (its QEMU test is skipped).
   cargo test --locked -p virt8ra --test metrics "${features[@]}" -- workload
+  # The Ansible collection (ansible/) with ansible-playbook, simulated agents.
+  cargo test --locked -p virt8ra --test ansible "${features[@]}"
   exit 0
 fi
 echo "== cargo test" >&2
