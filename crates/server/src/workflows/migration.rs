@@ -490,6 +490,7 @@ fn new_record(
         disk_sha256: None,
         disk_bytes: None,
         data_disks: vec![],
+        evacuation: None,
         created_at: now,
         updated_at: now,
         finished_at: None,
@@ -549,7 +550,7 @@ pub async fn start(
         }
     };
     let now = Utc::now();
-    let m = new_record(
+    let mut m = new_record(
         &mig_id,
         &vm,
         req.mode,
@@ -557,6 +558,10 @@ pub async fn start(
         (&src, &dst),
         reason,
     );
+    // Only an evacuation excludes hosts: the residency trail says so.
+    if !exclude.is_empty() {
+        m.evacuation = Some(format!("host(s) {}", exclude.join(", ")));
+    }
     vm.status.migration = Some(mig_id.clone());
     vm.updated_at = now;
     let event = format!(
