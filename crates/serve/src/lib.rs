@@ -42,6 +42,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use hyper::body::Incoming;
+use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -236,6 +238,12 @@ async fn http<I>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
+    // Handlers (the audit log) see who called as axum's `ConnectInfo`.
+    let router = tower::ServiceExt::map_request(router, move |mut req: Request<Incoming>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        req
+    });
     let conn = builder
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(router))
         .with_upgrades();

@@ -32,6 +32,9 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
 async fn require(parts: &Parts, app: &Ctx, kinds: &[TokenKind]) -> Result<TokenRecord, ApiError> {
     let token = bearer(parts)?;
     let rec = tokens::authenticate(app, token).await?;
+    if let Some(slot) = parts.extensions.get::<super::audit::ActorSlot>() {
+        slot.set(&rec); // the audit log's actor
+    }
     if kinds.contains(&rec.kind) {
         Ok(rec)
     } else {
