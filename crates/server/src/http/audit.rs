@@ -20,7 +20,6 @@
 //! events and residency trails.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
@@ -29,45 +28,15 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
-use futures_util::stream;
 use serde::Deserialize;
-use virt8ra_api::{AuditActor, AuditRecord, Page, UsageReport, VmHistory};
-use virt8ra_store::{TokenKind, TokenRecord};
+use virt8ra_api::{AuditRecord, Page, UsageReport, VmHistory};
 
 use super::extract::{Query, JSON_BODY_LIMIT};
 use crate::error::{ApiError, ApiResult};
-use crate::http::auth::Admin;
+use crate::http::auth::{ActorSlot, Admin};
 use crate::registry::metrics::UNMATCHED_ROUTE;
 use crate::services::{audit, usage};
 use crate::state::Ctx;
-
-/// Who made the call, filled by the authentication extractor.
-#[derive(Clone, Default)]
-pub struct ActorSlot(Arc<Mutex<Option<AuditActor>>>);
-
-impl ActorSlot {
-    /// Records the token the call presented.
-    pub fn set(&self, t: &TokenRecord) {
-        let actor = AuditActor {
-            token_id: Some(t.id.clone()),
-            token_kind: Some(t.kind.as_str().to_string()),
-            host_id: t.host_id.clone().filter(|_| t.kind == TokenKind::Host),
-            user: None,
-            project: None,
-        };
-        if let Ok(mut a) = self.0.lock() {
-            *a = Some(actor);
-        }
-    }
-
-    fn take(&self) -> AuditActor {
-        self.0
-            .lock()
-            .ok()
-            .and_then(|mut a| a.take())
-            .unwrap_or_default()
-    }
-}
 
 /// The request id header.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -255,56 +224,20 @@ pub async fn list(
         cursor: q.cursor.as_deref(),
     };
     match q.format.as_deref() {
-        None | Some("json") => {
-            let f = audit::filter(&query, 100)?;
-            Ok(Json(audit::page(&app, &f).await?).into_response())
-        }
+        None | Some("json") => Ok(Json(audit::page(&app, &query).await?).into_response()),
         Some("jsonl") => {
-            let f = audit::filter(&query, audit::MAX_PAGE)?;
-            Ok(jsonl(app, f, q.limit))
+            let lines = audit::export(&app, &query)?;
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/jsonl")],
+                Body::from_stream(lines),
+            )
+                .into_response())
         }
         Some(other) => Err(ApiError::Invalid(format!(
             "format {other:?} is neither json nor jsonl"
         ))),
     }
-}
-
-/// Every record that matches, a page at a time, as JSON lines (at most
-/// `cap` records when given).
-fn jsonl(app: Ctx, f: virt8ra_store::AuditFilter, cap: Option<usize>) -> Response {
-    let state = (Some(f), cap.unwrap_or(usize::MAX));
-    let pages = stream::unfold(state, move |(f, left)| {
-        let app = app.clone();
-        async move {
-            let mut f = f?;
-            if left == 0 {
-                return None;
-            }
-            f.limit = f.limit.min(left);
-            match app.store.list_audit(&f).await {
-                Err(e) => Some((Err(std::io::Error::other(e.to_string())), (None, 0))),
-                Ok(items) => {
-                    let full = items.len() == f.limit;
-                    let mut out = String::new();
-                    for r in &items {
-                        if let Ok(line) = serde_json::to_string(r) {
-                            out.push_str(&line);
-                            out.push('\n');
-                        }
-                    }
-                    f.after_seq = items.last().map(|r| r.seq).or(f.after_seq);
-                    let next = (full && !items.is_empty()).then_some(f);
-                    Some((Ok(out), (next, left - items.len())))
-                }
-            }
-        }
-    });
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/jsonl")],
-        Body::from_stream(pages),
-    )
-        .into_response()
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{key}/history", tag = "audit",

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use futures_util::stream::{self, Stream};
 use virt8ra_api::{AuditRecord, Page};
 use virt8ra_store::AuditFilter;
 
@@ -83,13 +84,46 @@ pub fn filter(q: &Query<'_>, default_limit: usize) -> ApiResult<AuditFilter> {
     })
 }
 
-/// One page, oldest first.
-pub async fn page(app: &Ctx, f: &AuditFilter) -> ApiResult<Page<AuditRecord>> {
-    let items = app.store.list_audit(f).await?;
+/// One page, oldest first (100 records unless the query says).
+pub async fn page(app: &Ctx, q: &Query<'_>) -> ApiResult<Page<AuditRecord>> {
+    let f = filter(q, 100)?;
+    let items = app.store.list_audit(&f).await?;
     let next_cursor = (items.len() == f.limit)
         .then(|| items.last().map(|r| r.seq.to_string()))
         .flatten();
     Ok(Page { items, next_cursor })
+}
+
+/// Every record that matches (at most `limit`, when the query gives one)
+/// as JSON lines, read a page at a time as the stream is consumed.
+pub fn export(
+    app: &Ctx,
+    q: &Query<'_>,
+) -> ApiResult<impl Stream<Item = Result<String, std::io::Error>> + Send + 'static> {
+    let f = filter(q, MAX_PAGE)?;
+    let left = q.limit.unwrap_or(usize::MAX);
+    let app = app.clone();
+    Ok(stream::unfold((Some(f), left), move |(f, left)| {
+        let app = app.clone();
+        async move {
+            let mut f = f.filter(|_| left > 0)?;
+            f.limit = f.limit.min(left);
+            let items = match app.store.list_audit(&f).await {
+                Ok(items) => items,
+                Err(e) => return Some((Err(std::io::Error::other(e.to_string())), (None, 0))),
+            };
+            let mut out = String::new();
+            for r in &items {
+                if let Ok(line) = serde_json::to_string(r) {
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            }
+            let full = !items.is_empty() && items.len() == f.limit;
+            f.after_seq = items.last().map(|r| r.seq).or(f.after_seq);
+            Some((Ok(out), (full.then_some(f), left - items.len())))
+        }
+    }))
 }
 
 /// Appends a record durably.
