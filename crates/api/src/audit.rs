@@ -63,6 +63,10 @@ pub struct AuditActor {
 pub enum ResidencyReason {
     /// Placed when it was created.
     Created,
+    /// Placed when it was created from imported disks (`vm import`: the
+    /// VM carries the label `virt8ra.io/imported-from`, which says where
+    /// they came from).
+    Imported,
     /// Placed later (it was pending), or placed again after losing its host.
     Placed,
     LiveMigration,
@@ -77,6 +81,7 @@ impl ResidencyReason {
     pub fn as_str(self) -> &'static str {
         match self {
             ResidencyReason::Created => "created",
+            ResidencyReason::Imported => "imported",
             ResidencyReason::Placed => "placed",
             ResidencyReason::LiveMigration => "live_migration",
             ResidencyReason::ColdMigration => "cold_migration",

@@ -202,6 +202,14 @@ async fn the_residency_trail_follows_the_vms_writes_and_outlives_it<B: Backend>(
     let t = s.vm_residency("vm-db").await.unwrap();
     assert_eq!(t.len(), 1);
     assert_eq!(t[0].reason, ResidencyReason::Created);
+    // One made by `vm import` says so, and where its disks came from.
+    let mut imp = placed(vm("imp"), "h1", "ES");
+    imp.labels
+        .insert("virt8ra.io/imported-from".into(), "bundle of VM x".into());
+    s.create_vm(&imp, &["created"]).await.unwrap();
+    let t = s.vm_residency("vm-imp").await.unwrap();
+    assert_eq!(t[0].reason, ResidencyReason::Imported);
+    assert_eq!(t[0].detail, "imported: bundle of VM x");
 }
 
 async fn exports_add_a_copy_to_the_trail<B: Backend>() {

@@ -21,6 +21,10 @@ pub(crate) enum Why<'a> {
     Migration(&'a Migration),
 }
 
+/// The label `vm import` puts on the VM it creates (where its disks came
+/// from).
+pub(crate) const IMPORTED_FROM: &str = "virt8ra.io/imported-from";
+
 /// The trail's copy name of the VM itself.
 pub(crate) const VM_COPY: &str = "vm";
 
@@ -56,7 +60,10 @@ pub(crate) struct Change {
 /// on a create.
 pub(crate) fn change(vm: &Vm, why: Why<'_>, at: DateTime<Utc>) -> Change {
     let (reason, detail) = match why {
-        Why::Create => (ResidencyReason::Created, "placed when created".to_string()),
+        Why::Create => match vm.labels.get(IMPORTED_FROM) {
+            Some(from) => (ResidencyReason::Imported, format!("imported: {from}")),
+            None => (ResidencyReason::Created, "placed when created".to_string()),
+        },
         Why::Update => (ResidencyReason::Placed, "placed by the scheduler".into()),
         Why::Migration(m) => migration_reason(m),
     };

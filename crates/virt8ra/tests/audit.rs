@@ -324,12 +324,48 @@ fn a_vm_moved_across_three_countries_shows_them_all_and_its_usage_agrees() {
     }
     assert!(iv[2].get("to").is_none());
 
+    // Exported: a copy staged on the control plane for as long as the
+    // export is kept (the CLI removes it once downloaded).
+    c.cli_ok(&["vm", "stop", "nomad", "--wait"]);
+    let bundle = c.dir.path().join("bundle");
+    c.cli_ok(&["vm", "export", "nomad", "-o", bundle.to_str().unwrap()]);
     // Deleted: the trail stays, its last interval closed.
     c.cli_ok(&["vm", "delete", "nomad", "--wait"]);
     let h = c.ok("GET", "/api/v1/vms/nomad/history", None);
-    let iv = h["intervals"].as_array().unwrap();
-    assert_eq!(iv.len(), 3);
+    let all = h["intervals"].as_array().unwrap();
+    assert_eq!(all.len(), 4, "{h:#}");
+    let export = &all[3];
+    assert!(
+        export["copy"].as_str().unwrap().starts_with("export:"),
+        "{h:#}"
+    );
+    assert_eq!(export["reason"], "export");
+    assert!(
+        export.get("site").is_none() && export.get("to").is_some(),
+        "{h:#}"
+    );
+    let iv: Vec<Value> = all.iter().filter(|i| i["copy"] == "vm").cloned().collect();
     assert_eq!(iv[2]["ended_by"], "deleted");
+    // Imported again: a new VM whose trail starts by saying where from.
+    c.cli_ok(&[
+        "vm",
+        "import",
+        bundle.to_str().unwrap(),
+        "--name",
+        "again",
+        "--no-start",
+    ]);
+    let again = wait_until("the import to be placed", Duration::from_secs(60), || {
+        let h = c.ok("GET", "/api/v1/vms/again/history", None);
+        (!h["intervals"].as_array().unwrap().is_empty()).then_some(h)
+    });
+    let first = &again["intervals"][0];
+    assert_eq!(first["reason"], "imported", "{again:#}");
+    let detail = first["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("VM nomad") && detail.contains("pl-gdansk"),
+        "{detail}"
+    );
 
     // Usage agrees with the trail: per site, hours = to - from, and the
     // price and carbon follow from the site's facts.
@@ -382,6 +418,7 @@ fn a_vm_moved_across_three_countries_shows_them_all_and_its_usage_agrees() {
     // The moves are in the audit log under the VM.
     let moves: Vec<Value> = audit_list(&c, &["--resource", "vms/nomad/migrate"]);
     assert_eq!(moves.len(), 2);
+    c.cli_ok(&["vm", "delete", "again", "--wait"]);
     assert!(
         moves
             .iter()
