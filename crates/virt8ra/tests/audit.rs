@@ -1,9 +1,9 @@
 //! The audit log, the residency trail and showback, end to end: a scripted
 //! session of changing calls is in the audit log in order, with who made
 //! each and how it ended (refusals too), and survives a kill -9 of the
-//! control plane; a real guest moved across three countries by cold
-//! migrations shows all three in its history, and its usage agrees with
-//! that history.
+//! control plane; a real guest moved across three countries (a cold
+//! migration, then an evacuation) shows all three in its history, with
+//! its export and its re-import, and its usage agrees with that history.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -283,7 +283,11 @@ fn a_vm_moved_across_three_countries_shows_them_all_and_its_usage_agrees() {
         c.cli_ok(&["host", "set-state", h, "ready"]);
     }
     cold_migrate(&c, "nomad", "host-de");
-    cold_migrate(&c, "nomad", "host-pl");
+    // Then to Poland by evacuating its host (Spain closed meanwhile).
+    c.cli_ok(&["host", "set-state", "host-es", "maintenance"]);
+    c.cli_ok(&["host", "evacuate", "host-de", "--mode", "cold", "--wait"]);
+    c.wait_phase("nomad", "running", BOOT);
+    c.cli_ok(&["host", "set-state", "host-es", "ready"]);
 
     let h: Value =
         serde_json::from_str(&c.cli_ok(&["vm", "history", "nomad", "-o", "json"])).unwrap();
@@ -304,12 +308,14 @@ fn a_vm_moved_across_three_countries_shows_them_all_and_its_usage_agrees() {
         [
             ("ES", "es-logrono", "created"),
             ("DE", "de-frankfurt", "cold_migration"),
-            ("PL", "pl-gdansk", "cold_migration"),
+            ("PL", "pl-gdansk", "evacuation"),
         ],
         "{h:#}"
     );
     assert_eq!(iv[1]["provider"], "provider-de");
     assert_eq!(iv[2]["host"], "host-pl");
+    let why = iv[2]["detail"].as_str().unwrap();
+    assert!(why.contains("evacuating host(s) host-de"), "{why}");
     assert_eq!(
         (iv[0]["vcpus"].as_u64(), iv[0]["memory_mib"].as_u64()),
         (Some(1), Some(256))
@@ -417,14 +423,12 @@ fn a_vm_moved_across_three_countries_shows_them_all_and_its_usage_agrees() {
     assert!(u["total"]["vcpu_hours"].as_f64().unwrap() >= t);
     // The moves are in the audit log under the VM.
     let moves: Vec<Value> = audit_list(&c, &["--resource", "vms/nomad/migrate"]);
-    assert_eq!(moves.len(), 2);
+    assert_eq!(moves.len(), 1);
+    let evac = audit_list(&c, &["--resource", "hosts/host-de/evacuate"]);
+    assert_eq!(evac.len(), 1);
     c.cli_ok(&["vm", "delete", "again", "--wait"]);
-    assert!(
-        moves
-            .iter()
-            .all(|m| m["status"] == 202 || m["status"] == 201),
-        "{moves:#?}"
-    );
+    assert_eq!(moves[0]["status"], 202, "{moves:#?}");
+    assert_eq!(evac[0]["status"], 202, "{evac:#?}");
     common::assert_error(
         c.api("GET", "/api/v1/usage?month=2026-13", None),
         400,
