@@ -181,15 +181,54 @@ async fn close_open(
     r.try_get(0).map_err(db("residency"))
 }
 
-async fn insert(tx: &Transaction<'_>, mut i: ResidencyInterval, seq: i64) -> Result<()> {
-    i.seq = seq as u64;
-    tx.execute(
-        "INSERT INTO vm_residency (vm_id, seq, copy, from_at, to_at, body)
-         VALUES ($1, $2, $3, $4, NULL, $5)",
-        &[&i.vm_id, &seq, &i.copy, &ts(&i.from), &to_json(&i)?],
-    )
-    .await
-    .map_err(db("residency"))?;
+/// Inserts an open interval: `(vm_id, seq, copy, from_at, body)`.
+pub(super) const INSERT_INTERVAL_SQL: &str =
+    "INSERT INTO vm_residency (vm_id, seq, copy, from_at, to_at, body)
+     VALUES ($1, $2, $3, $4, NULL, $5)";
+
+/// The parameters of [`INSERT_INTERVAL_SQL`] for interval `seq`.
+pub(super) struct NewInterval {
+    vm_id: String,
+    seq: i64,
+    copy: String,
+    from: String,
+    body: String,
+}
+
+impl NewInterval {
+    fn of(mut i: ResidencyInterval, seq: i64) -> Result<NewInterval> {
+        i.seq = seq as u64;
+        Ok(NewInterval {
+            body: to_json(&i)?,
+            from: ts(&i.from),
+            vm_id: i.vm_id,
+            seq,
+            copy: i.copy,
+        })
+    }
+
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 5] {
+        [&self.vm_id, &self.seq, &self.copy, &self.from, &self.body]
+    }
+}
+
+/// The first interval of a VM created placed (none for a pending one),
+/// for `create_vm` to send with its other statements.
+pub(super) fn first_interval(vm: &Vm) -> Result<Option<NewInterval>> {
+    if !residency::moved(None, "", vm) {
+        return Ok(None);
+    }
+    residency::change(vm, Why::Create, Utc::now())
+        .open
+        .map(|i| NewInterval::of(i, 1))
+        .transpose()
+}
+
+async fn insert(tx: &Transaction<'_>, i: ResidencyInterval, seq: i64) -> Result<()> {
+    let n = NewInterval::of(i, seq)?;
+    tx.execute(INSERT_INTERVAL_SQL, &n.params())
+        .await
+        .map_err(db("residency"))?;
     Ok(())
 }
 
@@ -198,10 +237,8 @@ async fn insert(tx: &Transaction<'_>, mut i: ResidencyInterval, seq: i64) -> Res
 pub(super) async fn sync_vm(tx: &Transaction<'_>, vm: &Vm, why: Why<'_>) -> Result<()> {
     let at = Utc::now();
     let change = residency::change(vm, why, at);
-    let next = match why {
-        Why::Create => 1,
-        _ => close_open(tx, &vm.id, residency::VM_COPY, &change.ended_by, &at).await?,
-    };
+    // (A create sends its first interval itself: `first_interval`.)
+    let next = close_open(tx, &vm.id, residency::VM_COPY, &change.ended_by, &at).await?;
     match change.open {
         Some(i) => insert(tx, i, next).await,
         None => Ok(()),

@@ -121,6 +121,9 @@ async fn sync_if_moved(
 pub(super) async fn create_vm(store: &PgStore, vm: &Vm, events: &[&str]) -> Result<()> {
     let body = to_json(vm)?;
     let events: Vec<&str> = events.to_vec();
+    // Where it is placed, if it is: the first interval of its residency
+    // trail, sent with the row and the events (no round trip of its own).
+    let first = super::audit::first_interval(vm)?;
     retry(|| async {
         let mut c = store.client().await?;
         let tx = PgStore::begin_unlocked(&mut c).await?;
@@ -131,6 +134,10 @@ pub(super) async fn create_vm(store: &PgStore, vm: &Vm, events: &[&str]) -> Resu
             .map_err(db("create_vm"))?;
         let insert_events = tx
             .prepare_cached(INSERT_EVENTS_SQL)
+            .await
+            .map_err(db("create_vm"))?;
+        let insert_interval = tx
+            .prepare_cached(super::audit::INSERT_INTERVAL_SQL)
             .await
             .map_err(db("create_vm"))?;
         let (phase, at) = (vm.status.phase.as_str(), ts(&Utc::now()));
@@ -148,11 +155,17 @@ pub(super) async fn create_vm(store: &PgStore, vm: &Vm, events: &[&str]) -> Resu
         ];
         let lock_params: [Param<'_>; 1] = [&WRITE_LOCK];
         let event_params: [Param<'_>; 4] = [&vm.id, &at, &phase, &events];
-        let (locked, inserted, evented) = tokio::join!(
+        let (locked, inserted, evented, trailed) = tokio::join!(
             biased;
             tx.execute(&lock, &lock_params),
             tx.execute(&insert, &vm_params),
             tx.execute(&insert_events, &event_params),
+            async {
+                match &first {
+                    Some(i) => tx.execute(&insert_interval, &i.params()).await,
+                    None => Ok(0),
+                }
+            },
         );
         locked.map_err(db("begin"))?;
         inserted.map_err(|e| {
@@ -161,11 +174,9 @@ pub(super) async fn create_vm(store: &PgStore, vm: &Vm, events: &[&str]) -> Resu
             })
         })?;
         evented.map_err(db("create_vm"))?;
+        trailed.map_err(db("create_vm"))?;
         if !vm.status.nics.is_empty() {
             super::networks::sync_leases(&tx, vm).await?;
-        }
-        if residency::moved(None, "", vm) {
-            super::audit::sync_vm(&tx, vm, Why::Create).await?;
         }
         commit(tx, "create_vm").await
     })
