@@ -29,6 +29,8 @@
 //!   under way get up to 10 s to finish and idle connections close.
 //!   (`axum::serve` waited for ever, so one open `watch` stream kept a
 //!   stopped server running.)
+//! - the peer's address in every request, as axum's `ConnectInfo` (what
+//!   `axum::serve` with connect info gave): the audit log records it.
 //!
 //! At start the soft limit on open files is raised to the hard one (as Go
 //! programs do), since a service manager's default soft limit of 1,024
