@@ -109,6 +109,10 @@ fn changing_calls_are_audited_in_order_and_survive_a_kill() {
         Some("not-a-token"),
     );
     assert_eq!(s, 401);
+    // A body over the limit: refused by the handler, its caller known.
+    let big = json!({"name": "p-big", "country": "ES", "pad": "x".repeat(2 << 20)});
+    let (s, _) = call(&c, "POST", "/api/v1/providers", Some(big), "big");
+    assert_eq!(s, 413);
     // The last call before the kill is a success; kill -9 right after it.
     let (s, _) = call(
         &c,
@@ -142,6 +146,7 @@ fn changing_calls_are_audited_in_order_and_survive_a_kill() {
         ("DELETE", "sites/es-1", 204),
         ("DELETE", "sites/es-1", 404),
         ("DELETE", "providers/p-es", 401),
+        ("POST", "providers", 413),
         ("POST", "providers/p-de", 201),
     ]
     .iter()
@@ -153,7 +158,7 @@ fn changing_calls_are_audited_in_order_and_survive_a_kill() {
     let seqs: Vec<u64> = recs.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(recs[1]["request_id"], "s2");
-    assert_eq!(recs[9]["request_id"], "last");
+    assert_eq!(recs[10]["request_id"], "last");
     assert_eq!(recs[3]["route"], "/api/v1/sites/{key}");
     for (i, r) in recs.iter().enumerate() {
         assert!(
@@ -169,9 +174,9 @@ fn changing_calls_are_audited_in_order_and_survive_a_kill() {
     }
     // Filters: by resource (and what is under it), by actor kind, by time.
     assert_eq!(audit_list(&c, &["--resource", "sites/es-1"]).len(), 5);
-    assert_eq!(audit_list(&c, &["--actor", "admin"]).len(), 9);
+    assert_eq!(audit_list(&c, &["--actor", "admin"]).len(), 10);
     let mid = recs[5]["at"].as_str().unwrap();
-    assert_eq!(audit_list(&c, &["--all", "--since", mid]).len(), 5);
+    assert_eq!(audit_list(&c, &["--all", "--since", mid]).len(), 6);
     let page = c.ok("GET", "/api/v1/audit?limit=4", None);
     assert_eq!(page["items"].as_array().unwrap().len(), 4);
     let next = page["next_cursor"].as_str().unwrap();
@@ -200,8 +205,8 @@ fn changing_calls_are_audited_in_order_and_survive_a_kill() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(exported.len(), 10, "queries are not recorded: {lines}");
-    assert_eq!(exported[..10], recs[..]);
+    assert_eq!(exported.len(), 11, "queries are not recorded: {lines}");
+    assert_eq!(exported[..], recs[..]);
     let cli_export = c.cli_ok(&["audit", "export", "--resource", "providers/p-de"]);
     assert_eq!(cli_export.lines().count(), 1);
     // Only the admin reads it.

@@ -101,7 +101,14 @@ async fn created_name(req: Request) -> Result<(Request, Option<String>), Respons
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    if !json || req.method() != Method::POST {
+    // A body declared too large is left to the handler, which refuses it
+    // (413) after the token was checked, so the record names the caller.
+    let too_large = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n > JSON_BODY_LIMIT);
+    if !json || too_large || req.method() != Method::POST {
         return Ok((req, from_query));
     }
     let (parts, body) = req.into_parts();
