@@ -8,6 +8,7 @@
 //! Request bodies reject unknown fields (`deny_unknown_fields`): a typo in a
 //! field name is an error, never a silently ignored setting.
 
+pub mod audit;
 pub mod guest;
 pub mod market;
 pub mod migration;
@@ -18,6 +19,7 @@ pub mod protocol;
 pub mod resources;
 pub mod validate;
 
+pub use audit::*;
 pub use guest::*;
 pub use market::*;
 pub use migration::*;

@@ -242,6 +242,9 @@ pub struct Migration {
     /// verified, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_disks: Vec<StagedDiskSum>,
+    /// Set when the migration is part of an evacuation: the hosts emptied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evacuation: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[serde(default)]

@@ -88,6 +88,9 @@ pub struct SiteFacts {
     /// Price per GiB of memory per hour, in EUR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price_gib_hour: Option<f64>,
+    /// Price per GiB of disk per hour, in EUR (showback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_disk_gib_hour: Option<f64>,
     /// Round-trip time from the site's edge router to its hosts, in ms
     /// (added to the distance model; default 1 ms core, 0.5 ms edge).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -141,6 +141,7 @@ pub fn site(s: &SiteCreate) -> Result<(), String> {
     for (what, v) in [
         ("price_vcpu_hour", f.price_vcpu_hour),
         ("price_gib_hour", f.price_gib_hour),
+        ("price_disk_gib_hour", f.price_disk_gib_hour),
     ] {
         if let Some(v) = v {
             if !(0.0..=1000.0).contains(&v) {

@@ -22,6 +22,7 @@ use virt8ra_api::*;
 pub mod admin_token;
 pub mod app;
 pub mod apply;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod host;
@@ -128,6 +129,16 @@ pub enum Command {
     /// The admin token.
     #[command(subcommand)]
     AdminToken(AdminTokenCmd),
+    /// The audit log: every changing call, who made it and how it ended.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
+    /// Showback: each VM's vCPU-, memory- and disk-hours in a month, what
+    /// they cost at the sites' prices and the carbon they emitted.
+    Usage {
+        /// YYYY-MM (default: this month, up to now).
+        #[arg(long)]
+        month: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -191,5 +202,7 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::Appliance(a) => app::appliance(&c, o, a).await,
         Command::Catalog(k) => app::catalog(&c, o, k).await,
         Command::AdminToken(a) => admin_token(&c, o, a).await,
+        Command::Audit(a) => audit::audit(&c, o, a).await,
+        Command::Usage { month } => audit::usage(&c, o, month.as_deref()).await,
     }
 }

@@ -560,9 +560,31 @@ async fn image_of(c: &Client, o: Format, name: &str, file: &Path) -> anyhow::Res
     c.upload(&format!("/images?name={}", seg(name)), file).await
 }
 
+/// The label an imported VM carries: where its disks came from (its
+/// residency trail starts with an `imported` interval that says so).
+pub const IMPORTED_FROM: &str = "virt8ra.io/imported-from";
+
+/// Where a bundle's VM was when it was exported.
+fn bundle_origin(m: &Manifest) -> String {
+    let p = &m.provenance;
+    let at = [&p.site, &p.provider, &p.country]
+        .iter()
+        .filter_map(|v| v.as_deref())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "bundle of VM {} ({}) exported {} from {at} by {}",
+        m.vm.name,
+        m.vm.id,
+        p.exported_at.to_rfc3339(),
+        p.control_plane
+    )
+}
+
 pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm> {
     // Each disk with its sha256 (computed once): the boot disk, then data disks.
     let mut data_files: Vec<(PathBuf, String)> = Vec::new();
+    let mut origin = format!("disk file {}", a.path.display());
     let ((disk, sha), spec, name) = if a.path.is_dir() {
         let mpath = a.path.join("manifest.json");
         let raw = std::fs::read(&mpath).with_context(|| {
@@ -609,6 +631,7 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
         }
         let disk = files.remove(0);
         data_files = files;
+        origin = bundle_origin(&m);
         (disk, Some(m.vm.spec), a.name.clone().unwrap_or(m.vm.name))
     } else if a.path.is_file() {
         detect_format(&a.path, a.format.as_deref())?;
@@ -636,6 +659,7 @@ pub async fn import(c: &Client, o: Format, a: &ImportArgs) -> anyhow::Result<Vm>
         "image": image.name,
         "start": !a.no_start,
         "disk_gib": image.virtual_size_bytes.div_ceil(1 << 30).max(1),
+        "labels": {IMPORTED_FROM: origin.chars().take(253).collect::<String>()},
     });
     if let Some(s) = spec {
         let obj = body.as_object_mut().context("body")?;

@@ -36,6 +36,9 @@ pub enum SiteCmd {
         /// EUR per GiB-hour.
         #[arg(long)]
         price_gib_hour: Option<f64>,
+        /// EUR per GiB of disk per hour (showback).
+        #[arg(long)]
+        price_disk_gib_hour: Option<f64>,
         /// A label placement rules can select on, KEY=VALUE (repeatable).
         #[arg(long = "label")]
         labels: Vec<String>,
@@ -86,6 +89,7 @@ pub(crate) async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<
             pue,
             price_vcpu_hour,
             price_gib_hour,
+            price_disk_gib_hour,
             labels,
         } => {
             let mut label_map = std::collections::BTreeMap::new();
@@ -116,6 +120,7 @@ pub(crate) async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<
                             pue,
                             price_vcpu_hour,
                             price_gib_hour,
+                            price_disk_gib_hour,
                             access_latency_ms: None,
                         },
                         labels: label_map,

@@ -29,6 +29,8 @@
 //!   under way get up to 10 s to finish and idle connections close.
 //!   (`axum::serve` waited for ever, so one open `watch` stream kept a
 //!   stopped server running.)
+//! - the peer's address in every request, as axum's `ConnectInfo` (what
+//!   `axum::serve` with connect info gave): the audit log records it.
 //!
 //! At start the soft limit on open files is raised to the hard one (as Go
 //! programs do), since a service manager's default soft limit of 1,024
@@ -42,6 +44,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use hyper::body::Incoming;
+use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -236,6 +240,12 @@ async fn http<I>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
+    // Handlers (the audit log) see who called as axum's `ConnectInfo`.
+    let router = tower::ServiceExt::map_request(router, move |mut req: Request<Incoming>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        req
+    });
     let conn = builder
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(router))
         .with_upgrades();

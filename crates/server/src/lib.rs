@@ -99,6 +99,54 @@ pub struct ServerArgs {
     /// --listen needs the admin token either way.
     #[arg(long, env = "VIRT8RA_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Delete audit records older than this many days (checked hourly).
+    /// Without it the audit log keeps every record.
+    #[arg(long, env = "VIRT8RA_AUDIT_RETENTION_DAYS")]
+    pub audit_retention_days: Option<u32>,
+    /// Showback's power model: watts a placed vCPU draws.
+    #[arg(long, default_value_t = services::usage::DEFAULT_POWER.watts_per_vcpu)]
+    pub power_watts_per_vcpu: f64,
+    /// Watts a GiB of a placed VM's memory draws.
+    #[arg(long, default_value_t = services::usage::DEFAULT_POWER.watts_per_gib_memory)]
+    pub power_watts_per_gib_memory: f64,
+    /// Watts a GiB of a placed VM's disk draws.
+    #[arg(long, default_value_t = services::usage::DEFAULT_POWER.watts_per_gib_disk)]
+    pub power_watts_per_gib_disk: f64,
+    /// The PUE taken for a site that gives none.
+    #[arg(long, default_value_t = services::usage::DEFAULT_POWER.default_pue)]
+    pub power_default_pue: f64,
+}
+
+/// The audit log's retention and showback's power model, as the operator
+/// set them (checked before anything starts).
+fn accounting(args: &ServerArgs) -> anyhow::Result<virt8ra_api::PowerModel> {
+    if args.audit_retention_days == Some(0) {
+        anyhow::bail!("--audit-retention-days must be at least 1 (without it, records are kept)");
+    }
+    for (what, v) in [
+        ("--power-watts-per-vcpu", args.power_watts_per_vcpu),
+        (
+            "--power-watts-per-gib-memory",
+            args.power_watts_per_gib_memory,
+        ),
+        ("--power-watts-per-gib-disk", args.power_watts_per_gib_disk),
+    ] {
+        if !(0.0..=1000.0).contains(&v) {
+            anyhow::bail!("{what} {v} is outside 0..1000");
+        }
+    }
+    if !(1.0..=5.0).contains(&args.power_default_pue) {
+        anyhow::bail!(
+            "--power-default-pue {} is outside 1.0..5.0",
+            args.power_default_pue
+        );
+    }
+    Ok(virt8ra_api::PowerModel {
+        watts_per_vcpu: args.power_watts_per_vcpu,
+        watts_per_gib_memory: args.power_watts_per_gib_memory,
+        watts_per_gib_disk: args.power_watts_per_gib_disk,
+        default_pue: args.power_default_pue,
+    })
 }
 
 /// How an operator makes the control plane trust a server it fetches from.
@@ -219,6 +267,7 @@ pub async fn open_with(
         site_key,
         max_image_virtual_size,
         metrics,
+        power: Default::default(),
     });
     Ok((app, created))
 }
@@ -257,6 +306,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     if args.max_connections == 0 {
         anyhow::bail!("--max-connections must be at least 1");
     }
+    let power = accounting(&args)?;
     let limits = serve::Limits {
         header_timeout: Duration::from_secs_f64(args.header_timeout),
         max_connections: args.max_connections,
@@ -325,6 +375,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         serve_metrics(&app, addr, limits).await?;
     }
     start_work(&app).await?;
+    let _ = app.power.set(power);
+    if let Some(days) = args.audit_retention_days {
+        services::audit::keep_for(&app, days);
+    }
     if let Some(server_tls) = &server_tls {
         tokio::spawn(reload_on_sighup(server_tls.clone()));
     }

@@ -91,6 +91,9 @@ pub struct ControlPlane {
     pub max_image_virtual_size: u64,
     /// Prometheus metrics (`GET /metrics`; see [`crate::registry::metrics`]).
     pub metrics: Arc<crate::registry::metrics::Metrics>,
+    /// The showback's power model, when the operator set one (`--power-*`;
+    /// else `services::usage::DEFAULT_POWER`).
+    pub power: std::sync::OnceLock<virt8ra_api::PowerModel>,
 }
 
 impl ControlPlane {

@@ -27,10 +27,14 @@ use std::net::Ipv4Addr;
 use std::sync::RwLock;
 
 use async_trait::async_trait;
-use virt8ra_api::{Host, Image, Migration, Network, Provider, Site, Vm, VmEvent, VmExport};
+use chrono::{DateTime, Utc};
+use virt8ra_api::{
+    AuditRecord, Host, Image, Migration, Network, Provider, ResidencyInterval, Site, Vm, VmEvent,
+    VmExport,
+};
 
 use crate::error::{Result, StoreError};
-use crate::records::{TokenKind, TokenRecord, VmFilter};
+use crate::records::{AuditFilter, TokenKind, TokenRecord, VmFilter};
 use crate::store::Store;
 
 /// A resource kept in a [`Catalog`]: found by id or name, listed by name.
@@ -367,6 +371,30 @@ impl<S: Store> Store for CachedStore<S> {
 
     async fn get_export(&self, id: &str) -> Result<VmExport> {
         self.inner.get_export(id).await
+    }
+
+    async fn append_audit(&self, r: &AuditRecord) -> Result<u64> {
+        self.inner.append_audit(r).await
+    }
+
+    async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        self.inner.list_audit(f).await
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<usize> {
+        self.inner.prune_audit(before).await
+    }
+
+    async fn vm_residency(&self, vm_id: &str) -> Result<Vec<ResidencyInterval>> {
+        self.inner.vm_residency(vm_id).await
+    }
+
+    async fn residency_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<ResidencyInterval>> {
+        self.inner.residency_between(from, to).await
     }
 
     async fn create_token(&self, t: &TokenRecord) -> Result<()> {

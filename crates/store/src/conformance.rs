@@ -34,6 +34,8 @@ pub(crate) trait Backend: Send + Sync + Sized + 'static {
     async fn open(&self) -> Self::S;
     /// Runs statements that return nothing.
     async fn exec(s: &Self::S, sql: &'static str);
+    /// The same, with the database's refusal as the error's text.
+    async fn try_exec(s: &Self::S, sql: &'static str) -> Result<(), String>;
     /// The text in the first column of the one row `sql` returns.
     async fn text(s: &Self::S, sql: &'static str) -> String;
     /// The schema version the database is at.
@@ -57,6 +59,11 @@ impl Backend for Sqlite {
         s.write(move |c| c.execute_batch(sql).map_err(|e| StoreError::db("test", e)))
             .await
             .unwrap()
+    }
+    async fn try_exec(s: &SqliteStore, sql: &'static str) -> Result<(), String> {
+        s.write(move |c| c.execute_batch(sql).map_err(|e| StoreError::db("test", e)))
+            .await
+            .map_err(|e| e.chain())
     }
     async fn text(s: &SqliteStore, sql: &'static str) -> String {
         s.read(move |c| {
@@ -87,6 +94,13 @@ impl Backend for Postgres {
     }
     async fn exec(s: &PgStore, sql: &'static str) {
         s.client().await.unwrap().batch_execute(sql).await.unwrap()
+    }
+    async fn try_exec(s: &PgStore, sql: &'static str) -> Result<(), String> {
+        let c = s.client().await.unwrap();
+        c.batch_execute(sql).await.map_err(|e| {
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string())
+        })
     }
     async fn text(s: &PgStore, sql: &'static str) -> String {
         let c = s.client().await.unwrap();
@@ -152,6 +166,9 @@ both!(
     deletes_are_refused_while_something_uses_the_resource,
     migrations_are_one_active_per_vm_and_written_with_it,
 );
+
+#[path = "conformance_audit.rs"]
+mod audit;
 
 pub(crate) fn provider(name: &str) -> Provider {
     Provider {
@@ -371,6 +388,7 @@ fn migration(id: &str, vm: &Vm) -> Migration {
         disk_sha256: None,
         disk_bytes: None,
         data_disks: vec![],
+        evacuation: None,
         created_at: Utc::now(),
         updated_at: Utc::now(),
         finished_at: None,

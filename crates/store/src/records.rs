@@ -62,3 +62,20 @@ pub struct VmFilter {
     pub after_id: Option<String>,
     pub limit: Option<usize>,
 }
+
+/// Filters for reading the audit log, oldest first. `None` matches
+/// everything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Records at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Records before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// A token id, or a token kind (`admin`, `host`, `join`).
+    pub actor: Option<String>,
+    /// This resource (`vms/web`) and everything under it (`vms/web/migrate`).
+    pub resource: Option<String>,
+    /// Records after this sequence number (cursor pagination).
+    pub after_seq: Option<u64>,
+    pub limit: usize,
+}

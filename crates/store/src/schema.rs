@@ -300,4 +300,69 @@ CREATE UNIQUE INDEX nic_leases_mac ON nic_leases(network, mac);
 CREATE INDEX nic_leases_vm ON nic_leases(vm);
 "#,
     },
+    Upgrade {
+        name: "the audit log and the VMs' residency trail",
+        sqlite: r#"
+-- Append-only: no statement of virt8ra updates a record, and this trigger
+-- refuses any that tries; the one DELETE is the operator's retention
+-- (`--audit-retention-days`), of records older than it. AUTOINCREMENT:
+-- a sequence number is never handed out twice, also after a retention.
+CREATE TABLE audit_log (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       TEXT NOT NULL,
+    actor    TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    body     TEXT NOT NULL
+);
+CREATE INDEX audit_log_at ON audit_log(at);
+CREATE INDEX audit_log_resource ON audit_log(resource);
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'the audit log is append-only');
+END;
+-- Where each VM's data has been: written in the transaction of the VM
+-- write that moved it, kept after the VM is deleted. `to_at` is set once,
+-- when the interval closes.
+CREATE TABLE vm_residency (
+    vm_id   TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    copy    TEXT NOT NULL,
+    from_at TEXT NOT NULL,
+    to_at   TEXT,
+    body    TEXT NOT NULL,
+    PRIMARY KEY (vm_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX vm_residency_from ON vm_residency(from_at);
+"#,
+        postgres: r#"
+CREATE TABLE audit_log (
+    seq      BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at       TEXT COLLATE "C" NOT NULL,
+    actor    TEXT COLLATE "C" NOT NULL,
+    kind     TEXT COLLATE "C" NOT NULL,
+    resource TEXT COLLATE "C" NOT NULL,
+    body     TEXT NOT NULL
+);
+CREATE INDEX audit_log_at ON audit_log(at);
+CREATE INDEX audit_log_resource ON audit_log(resource);
+CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the audit log is append-only';
+END;
+$$;
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
+CREATE TABLE vm_residency (
+    vm_id   TEXT COLLATE "C" NOT NULL,
+    seq     BIGINT NOT NULL,
+    copy    TEXT COLLATE "C" NOT NULL,
+    from_at TEXT COLLATE "C" NOT NULL,
+    to_at   TEXT COLLATE "C",
+    body    TEXT NOT NULL,
+    PRIMARY KEY (vm_id, seq)
+);
+CREATE INDEX vm_residency_from ON vm_residency(from_at);
+"#,
+    },
 ];

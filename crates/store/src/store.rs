@@ -6,10 +6,13 @@ use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use virt8ra_api::{Host, Image, Migration, Network, Provider, Site, Vm, VmEvent, VmExport};
+use virt8ra_api::{
+    AuditRecord, Host, Image, Migration, Network, Provider, ResidencyInterval, Site, Vm, VmEvent,
+    VmExport,
+};
 
 use crate::error::Result;
-use crate::records::{TokenKind, TokenRecord, VmFilter};
+use crate::records::{AuditFilter, TokenKind, TokenRecord, VmFilter};
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -119,6 +122,26 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces every token of `t.kind` with `t`, in one transaction (the
     /// admin token's rotation: the old one stops working at the commit).
     async fn replace_tokens(&self, t: &TokenRecord) -> Result<()>;
+
+    // the audit log and the residency trail
+    /// Appends a record (its `seq` is ignored) durably; returns the
+    /// sequence number it got. There is no update: records are never
+    /// changed.
+    async fn append_audit(&self, r: &AuditRecord) -> Result<u64>;
+    /// Oldest first, at most `f.limit`.
+    async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>>;
+    /// Retention: deletes the records older than `before` (the operator's
+    /// `--audit-retention-days`; nothing else deletes). How many went.
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<usize>;
+    /// The VM's residency trail, oldest first (written by the VM, migration
+    /// and export writes themselves; kept after the VM is deleted).
+    async fn vm_residency(&self, vm_id: &str) -> Result<Vec<ResidencyInterval>>;
+    /// Every interval of every VM that overlaps `[from, to)`, by VM and seq.
+    async fn residency_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<ResidencyInterval>>;
 
     // documents: resources kept whole as JSON under a kind, with a unique
     // name per kind (catalogs, appliances, apps)

@@ -253,6 +253,25 @@ impl Fixture {
         if vm["status"]["phase"] != "running" {
             return Err(format!("the VM is {}", vm["status"]["phase"]));
         }
+        // The residency trail agrees with the VM's record, whatever crashed:
+        // one open interval of the VM, on its host, after contiguous ones.
+        let h = self
+            .cp
+            .ok("GET", "/api/v1/vms/v/history", None)
+            .map_err(|e| e.to_string())?;
+        let trail: Vec<&Value> = h["intervals"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["copy"] == "vm")
+            .collect();
+        let open: Vec<&&Value> = trail.iter().filter(|i| i.get("to").is_none()).collect();
+        if open.len() != 1 || open[0]["host_id"] != vm["status"]["host_id"] {
+            return Err(format!("the residency trail disagrees with the VM: {h}"));
+        }
+        if trail.windows(2).any(|w| w[0]["to"] != w[1]["from"]) {
+            return Err(format!("the residency trail has a gap: {h}"));
+        }
         if !self.settled() {
             return Err("a migration is unfinished".into());
         }

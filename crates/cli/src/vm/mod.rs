@@ -87,6 +87,11 @@ pub enum VmCmd {
     Events {
         name: String,
     },
+    /// Where the VM's data has been: every host, site, provider and
+    /// country, from when to when and why (its residency trail).
+    History {
+        name: String,
+    },
     /// Move the VM to another host, site, provider or country (live when
     /// possible); without a target the placement engine picks one.
     Migrate {
@@ -242,6 +247,7 @@ pub(crate) async fn vm(c: &Client, o: Format, cmd: VmCmd) -> anyhow::Result<()> 
             };
             emit(o, &v, show_vm)
         }
+        VmCmd::History { name } => crate::audit::vm_history(c, o, &name).await,
         VmCmd::Events { name } => {
             let ev: Vec<VmEvent> = c.get(&format!("/vms/{}/events", seg(&name))).await?;
             emit(o, &ev, |ev| {

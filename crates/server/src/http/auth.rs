@@ -2,8 +2,11 @@
 //! and admits the kinds of token its endpoints take (the tokens themselves,
 //! and how they are checked, are [`crate::services::tokens`]'s).
 
+use std::sync::{Arc, Mutex};
+
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use virt8ra_api::AuditActor;
 use virt8ra_store::{TokenKind, TokenRecord};
 
 use crate::error::ApiError;
@@ -32,6 +35,9 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
 async fn require(parts: &Parts, app: &Ctx, kinds: &[TokenKind]) -> Result<TokenRecord, ApiError> {
     let token = bearer(parts)?;
     let rec = tokens::authenticate(app, token).await?;
+    if let Some(slot) = parts.extensions.get::<ActorSlot>() {
+        slot.set(&rec); // the audit log's actor
+    }
     if kinds.contains(&rec.kind) {
         Ok(rec)
     } else {
@@ -39,6 +45,36 @@ async fn require(parts: &Parts, app: &Ctx, kinds: &[TokenKind]) -> Result<TokenR
             "a {} token cannot do this",
             rec.kind.as_str()
         )))
+    }
+}
+
+/// Who made the call: the audit middleware (`http::audit`) puts one in
+/// each changing request, and [`require`] fills it.
+#[derive(Clone, Default)]
+pub struct ActorSlot(Arc<Mutex<Option<AuditActor>>>);
+
+impl ActorSlot {
+    /// Records the token the call presented.
+    pub fn set(&self, t: &TokenRecord) {
+        let actor = AuditActor {
+            token_id: Some(t.id.clone()),
+            token_kind: Some(t.kind.as_str().to_string()),
+            host_id: t.host_id.clone().filter(|_| t.kind == TokenKind::Host),
+            user: None,
+            project: None,
+        };
+        if let Ok(mut a) = self.0.lock() {
+            *a = Some(actor);
+        }
+    }
+
+    /// Who it was (nobody, when no valid token was presented).
+    pub fn take(&self) -> AuditActor {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut a| a.take())
+            .unwrap_or_default()
     }
 }
 

@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod apps;
+pub mod audit;
 pub mod auth;
 pub mod catalog;
 pub mod error;

@@ -18,8 +18,8 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    agent, apps, catalog, hosts, images, migrations, networks, providers, relay, sites, tokens,
-    vms, watch,
+    agent, apps, audit, catalog, hosts, images, migrations, networks, providers, relay, sites,
+    tokens, vms, watch,
 };
 
 #[derive(OpenApi)]
@@ -48,6 +48,7 @@ use super::{
         migrations::download, migrations::upload, migrations::staged,
         agent::join, agent::connect, agent::mux, relay::relay,
         tokens::list_join_tokens, tokens::revoke_join_token, tokens::rotate_admin_token,
+        audit::list, audit::history, audit::usage,
     ),
     modifiers(&Bearer),
     tags(
@@ -61,6 +62,7 @@ use super::{
         (name = "marketplace", description = "Appliances and signed catalogs"),
         (name = "apps", description = "One appliance deployed at several locations"),
         (name = "agent", description = "Host agents' endpoints"),
+        (name = "audit", description = "Who did what (the audit log), where each VM's data has been (its residency trail), and what the use cost in money and carbon (showback)"),
     )
 )]
 pub struct ApiDoc;

@@ -9,8 +9,8 @@ use axum::Router;
 use super::extract::JSON_BODY_LIMIT;
 use super::system::{healthz, method_not_allowed, metrics, not_found};
 use super::{
-    agent, apps, catalog, hosts, images, metrics as prometheus, migrations, networks, openapi,
-    providers, relay, sites, tokens, vms, watch,
+    agent, apps, audit, catalog, hosts, images, metrics as prometheus, migrations, networks,
+    openapi, providers, relay, sites, tokens, vms, watch,
 };
 use crate::state::Ctx;
 
@@ -195,6 +195,9 @@ pub fn routes() -> Vec<Route> {
             Admin,
             tokens::rotate_admin_token,
         ),
+        get("/api/v1/audit", Admin, audit::list),
+        get("/api/v1/vms/{key}/history", Admin, audit::history),
+        get("/api/v1/usage", Admin, audit::usage),
     ]
 }
 
@@ -208,6 +211,12 @@ pub fn router(app: Ctx) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        // Request ids, and every changing call in the audit log before
+        // its answer leaves (`http::audit`).
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            audit::record,
+        ))
         // Outermost, on every route and the fallbacks: counts and times
         // each request by the route template matched.
         .layer(axum::middleware::from_fn_with_state(

@@ -8,6 +8,7 @@
 //! ([`crate::registry`]), the state and the store.
 
 pub mod apps;
+pub mod audit;
 pub mod catalog;
 pub mod desired;
 pub mod distribution;
@@ -24,4 +25,5 @@ pub mod tokens;
 pub mod topology;
 pub mod tunnels;
 pub mod uploads;
+pub mod usage;
 pub mod vms;

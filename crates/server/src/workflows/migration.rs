@@ -508,6 +508,7 @@ fn new_record(
         disk_sha256: None,
         disk_bytes: None,
         data_disks: vec![],
+        evacuation: None,
         created_at: now,
         updated_at: now,
         finished_at: None,
@@ -567,7 +568,7 @@ pub async fn start(
         }
     };
     let now = Utc::now();
-    let m = new_record(
+    let mut m = new_record(
         &mig_id,
         &vm,
         req.mode,
@@ -575,6 +576,10 @@ pub async fn start(
         (&src, &dst),
         reason,
     );
+    // Only an evacuation excludes hosts: the residency trail says so.
+    if !exclude.is_empty() {
+        m.evacuation = Some(format!("host(s) {}", exclude.join(", ")));
+    }
     vm.status.migration = Some(mig_id.clone());
     vm.updated_at = now;
     let event = format!(

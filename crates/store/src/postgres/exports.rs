@@ -18,6 +18,8 @@ pub(super) async fn put_export(store: &PgStore, e: &VmExport) -> Result<()> {
         )
         .await
         .map_err(db("put_export"))?;
+        // Where the exported copy is: in the same transaction.
+        super::audit::sync_export(&tx, e).await?;
         commit(tx, "put_export").await
     })
     .await

@@ -7,6 +7,7 @@ use super::engine::{commit, retry, Lock, PgStore};
 use super::rows::{conflict_or_db, db, from_json, texts, to_json, ts};
 use super::vms::write_vm;
 use crate::error::{Result, StoreError};
+use crate::residency::Why;
 
 pub(super) async fn create_migration(
     store: &PgStore,
@@ -35,7 +36,7 @@ pub(super) async fn create_migration(
                 format!("VM '{}' is already being migrated", m.vm)
             })
         })?;
-        write_vm(&tx, vm, &vbody, Some(event)).await?;
+        write_vm(&tx, vm, &vbody, Some(event), Why::Migration(m)).await?;
         commit(tx, "create_migration").await
     })
     .await
@@ -63,7 +64,7 @@ pub(super) async fn update_migration(
             return Err(StoreError::not_found("migration", m.id.clone()));
         }
         if let Some((vm, body)) = &vm {
-            write_vm(&tx, vm, body, event).await?;
+            write_vm(&tx, vm, body, event, Why::Migration(m)).await?;
         }
         commit(tx, "update_migration").await
     })

@@ -11,14 +11,20 @@ use super::engine::{commit, lock_statement, retry, take_lock, Lock, PgStore, WRI
 use super::rows::{conflict_or_db, db, from_json, parse_ts, texts, to_json, ts};
 use crate::error::{Result, StoreError};
 use crate::records::VmFilter;
+use crate::residency::{self, Why};
 
 /// A VM by id or by name; a live VM's name wins over a deleted one's.
 pub(super) const GET_VM_SQL: &str =
     "SELECT body FROM vms WHERE id = $1 OR name = $1 ORDER BY (phase = 'deleted') LIMIT 1";
 
-const UPDATE_VM_SQL: &str = "UPDATE vms SET host_id = $2, site = $3, provider = $4, country = $5,
+/// Returns the VM's host and phase before the write: a write that moves
+/// the VM (or deletes it) writes its residency trail too. The sub-select
+/// locks the row, so what it returns is the version this write replaces.
+const UPDATE_VM_SQL: &str = "UPDATE vms v SET host_id = $2, site = $3, provider = $4, country = $5,
                                           body = $6, phase = $7, image_id = $8
-                           WHERE id = $1";
+                           FROM (SELECT id, host_id, phase FROM vms WHERE id = $1 FOR UPDATE) old
+                           WHERE v.id = old.id
+                           RETURNING old.host_id, old.phase";
 
 /// Numbered after the VM's last event: run after the VM's row is locked
 /// by its UPDATE, so that the writes of one VM number their events one
@@ -46,17 +52,18 @@ pub(super) async fn write_vm(
     vm: &Vm,
     body: &str,
     event: Option<&str>,
+    why: Why<'_>,
 ) -> Result<()> {
     let st = tx
         .prepare_cached(UPDATE_VM_SQL)
         .await
         .map_err(db("write_vm"))?;
     let phase = vm.status.phase.as_str();
-    let n = tx
-        .execute(&st, &update_params(vm, &body, &phase))
+    let rows = tx
+        .query(&st, &update_params(vm, &body, &phase))
         .await
         .map_err(db("write_vm"))?;
-    found(n, vm)?;
+    sync_if_moved(tx, &rows, vm, why).await?;
     if !vm.status.nics.is_empty() {
         super::networks::sync_leases(tx, vm).await?;
     }
@@ -88,10 +95,22 @@ fn update_params<'a>(vm: &'a Vm, body: &'a &str, phase: &'a &str) -> [Param<'a>;
     ]
 }
 
-/// An UPDATE of `vm` that changed no row: it is not there.
-fn found(n: u64, vm: &Vm) -> Result<()> {
-    if n == 0 {
+/// After the UPDATE of `vm` (its `rows`: the old host and phase): not
+/// found when it changed no row, and the residency trail written when the
+/// VM moved.
+async fn sync_if_moved(
+    tx: &Transaction<'_>,
+    rows: &[tokio_postgres::Row],
+    vm: &Vm,
+    why: Why<'_>,
+) -> Result<()> {
+    let Some(old) = rows.first() else {
         return Err(StoreError::not_found("VM", vm.id.clone()));
+    };
+    let host: Option<String> = old.try_get(0).map_err(db("write_vm"))?;
+    let phase: String = old.try_get(1).map_err(db("write_vm"))?;
+    if residency::moved(host.as_deref(), &phase, vm) {
+        super::audit::sync_vm(tx, vm, why).await?;
     }
     Ok(())
 }
@@ -102,6 +121,9 @@ fn found(n: u64, vm: &Vm) -> Result<()> {
 pub(super) async fn create_vm(store: &PgStore, vm: &Vm, events: &[&str]) -> Result<()> {
     let body = to_json(vm)?;
     let events: Vec<&str> = events.to_vec();
+    // Where it is placed, if it is: the first interval of its residency
+    // trail, sent with the row and the events (no round trip of its own).
+    let first = super::audit::first_interval(vm)?;
     retry(|| async {
         let mut c = store.client().await?;
         let tx = PgStore::begin_unlocked(&mut c).await?;
@@ -112,6 +134,10 @@ pub(super) async fn create_vm(store: &PgStore, vm: &Vm, events: &[&str]) -> Resu
             .map_err(db("create_vm"))?;
         let insert_events = tx
             .prepare_cached(INSERT_EVENTS_SQL)
+            .await
+            .map_err(db("create_vm"))?;
+        let insert_interval = tx
+            .prepare_cached(super::audit::INSERT_INTERVAL_SQL)
             .await
             .map_err(db("create_vm"))?;
         let (phase, at) = (vm.status.phase.as_str(), ts(&Utc::now()));
@@ -129,11 +155,17 @@ pub(super) async fn create_vm(store: &PgStore, vm: &Vm, events: &[&str]) -> Resu
         ];
         let lock_params: [Param<'_>; 1] = [&WRITE_LOCK];
         let event_params: [Param<'_>; 4] = [&vm.id, &at, &phase, &events];
-        let (locked, inserted, evented) = tokio::join!(
+        let (locked, inserted, evented, trailed) = tokio::join!(
             biased;
             tx.execute(&lock, &lock_params),
             tx.execute(&insert, &vm_params),
             tx.execute(&insert_events, &event_params),
+            async {
+                match &first {
+                    Some(i) => tx.execute(&insert_interval, &i.params()).await,
+                    None => Ok(0),
+                }
+            },
         );
         locked.map_err(db("begin"))?;
         inserted.map_err(|e| {
@@ -142,6 +174,7 @@ pub(super) async fn create_vm(store: &PgStore, vm: &Vm, events: &[&str]) -> Resu
             })
         })?;
         evented.map_err(db("create_vm"))?;
+        trailed.map_err(db("create_vm"))?;
         if !vm.status.nics.is_empty() {
             super::networks::sync_leases(&tx, vm).await?;
         }
@@ -160,7 +193,7 @@ pub(super) async fn update_vm(store: &PgStore, vm: &Vm, event: Option<&str>) -> 
         let tx = PgStore::begin_unlocked(&mut c).await?;
         if !vm.status.nics.is_empty() {
             take_lock(&tx, Lock::Shared).await?;
-            write_vm(&tx, vm, &body, event).await?;
+            write_vm(&tx, vm, &body, event, Why::Update).await?;
             return commit(tx, "update_vm").await;
         }
         let lock = lock_statement(&tx, Lock::Shared).await?;
@@ -179,7 +212,7 @@ pub(super) async fn update_vm(store: &PgStore, vm: &Vm, event: Option<&str>) -> 
         let (locked, updated, evented) = tokio::join!(
             biased;
             tx.execute(&lock, &lock_params),
-            tx.execute(&update, &row_params),
+            tx.query(&update, &row_params),
             async {
                 match event {
                     Some(e) => tx.execute(&append, &[&vm.id, &at, &phase, &e]).await,
@@ -188,8 +221,9 @@ pub(super) async fn update_vm(store: &PgStore, vm: &Vm, event: Option<&str>) -> 
             },
         );
         locked.map_err(db("begin"))?;
-        found(updated.map_err(db("write_vm"))?, vm)?;
+        let updated = updated.map_err(db("write_vm"))?;
         evented.map_err(db("insert_event"))?;
+        sync_if_moved(&tx, &updated, vm, Why::Update).await?;
         commit(tx, "update_vm").await
     })
     .await

@@ -3,7 +3,7 @@
 use rusqlite::{params, OptionalExtension};
 use virt8ra_api::VmExport;
 
-use super::engine::SqliteStore;
+use super::engine::{atomic, SqliteStore};
 use super::rows::{db, from_json, to_json};
 use crate::error::{Result, StoreError};
 
@@ -11,13 +11,16 @@ pub(super) async fn put_export(store: &SqliteStore, e: &VmExport) -> Result<()> 
     let e = e.clone();
     store
         .write(move |c| {
-            c.execute(
-                "INSERT INTO exports (id, vm_id, body) VALUES (?1, ?2, ?3)
-             ON CONFLICT(id) DO UPDATE SET body = excluded.body",
-                params![e.id, e.vm_id, to_json(&e)?],
-            )
-            .map_err(db("put_export"))?;
-            Ok(())
+            atomic(c, |tx| {
+                tx.execute(
+                    "INSERT INTO exports (id, vm_id, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                    params![e.id, e.vm_id, to_json(&e)?],
+                )
+                .map_err(db("put_export"))?;
+                // Where the exported copy is: in the same transaction.
+                super::audit::sync_export(tx, &e)
+            })
         })
         .await
 }

@@ -10,23 +10,27 @@
 //!
 //! One file per resource ([`providers`], [`sites`], [`hosts`], [`images`],
 //! [`vms`], [`moves`] (VM migrations), [`networks`] (with their address
-//! leases), [`exports`], [`tokens`], [`documents`]) holds that resource's SQL; [`engine`] holds the
+//! leases), [`exports`], [`audit`] (the audit log and the residency trail), [`tokens`], [`documents`]) holds that resource's SQL; [`engine`] holds the
 //! connections, the writer thread and the checkpointer; [`rows`] the helpers
 //! the resource files share. This file only routes each [`Store`] method to
 //! its resource file. Imports run one way: this file to the resource files,
-//! those to `engine` and `rows` (and `hosts` to `tokens`, `moves` to `vms`, `vms` to `networks`).
+//! those to `engine` and `rows` (and `hosts` to `tokens`, `moves` to `vms`, `vms` to `networks`, `vms`, `moves` and `exports` to `audit`).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use virt8ra_api::{Host, Image, Migration, Network, Provider, Site, Vm, VmEvent, VmExport};
+use virt8ra_api::{
+    AuditRecord, Host, Image, Migration, Network, Provider, ResidencyInterval, Site, Vm, VmEvent,
+    VmExport,
+};
 
 use crate::error::Result;
-use crate::records::{TokenKind, TokenRecord, VmFilter};
+use crate::records::{AuditFilter, TokenKind, TokenRecord, VmFilter};
 use crate::store::Store;
 
+mod audit;
 mod documents;
 mod engine;
 mod exports;
@@ -245,5 +249,29 @@ impl Store for SqliteStore {
 
     async fn delete_doc(&self, kind: &str, id: &str) -> Result<bool> {
         documents::delete_doc(self, kind, id).await
+    }
+
+    async fn append_audit(&self, r: &AuditRecord) -> Result<u64> {
+        audit::append_audit(self, r).await
+    }
+
+    async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        audit::list_audit(self, f).await
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<usize> {
+        audit::prune_audit(self, before).await
+    }
+
+    async fn vm_residency(&self, vm_id: &str) -> Result<Vec<ResidencyInterval>> {
+        audit::vm_residency(self, vm_id).await
+    }
+
+    async fn residency_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<ResidencyInterval>> {
+        audit::residency_between(self, from, to).await
     }
 }

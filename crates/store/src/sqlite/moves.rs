@@ -8,6 +8,7 @@ use super::engine::{atomic, SqliteStore};
 use super::rows::{conflict_or_db, db, from_json, to_json, ts};
 use super::vms::write_vm;
 use crate::error::{Result, StoreError};
+use crate::residency::Why;
 
 pub(super) async fn create_migration(
     store: &SqliteStore,
@@ -26,7 +27,7 @@ pub(super) async fn create_migration(
         .map_err(|e| {
             conflict_or_db(e, "create_migration", || format!("VM '{}' is already being migrated", m.vm))
         })?;
-        write_vm(tx, &vm, &body, Some(&event))?;
+        write_vm(tx, &vm, &body, Some(&event), Why::Migration(&m))?;
         Ok(())
         })
     })
@@ -54,7 +55,7 @@ pub(super) async fn update_migration(
                     return Err(StoreError::not_found("migration", m.id));
                 }
                 if let (Some(vm), Some(body)) = (vm, body) {
-                    write_vm(tx, &vm, &body, event.as_deref())?;
+                    write_vm(tx, &vm, &body, event.as_deref(), Why::Migration(&m))?;
                 }
                 Ok(())
             })

@@ -10,26 +10,39 @@ use super::engine::{atomic, unguarded, SqliteStore};
 use super::rows::{conflict_or_db, db, from_json, parse_ts, to_json, ts};
 use crate::error::{Result, StoreError};
 use crate::records::VmFilter;
+use crate::residency::{self, Why};
 
 /// A VM by id or by name; a live VM's name wins over a deleted one's.
 pub(super) const GET_VM_SQL: &str =
     "SELECT body FROM vms WHERE id = ?1 OR name = ?1 ORDER BY (phase = 'deleted') LIMIT 1";
 
 /// Replaces a VM row (`body` is its JSON), and appends an event when given.
-pub(super) fn write_vm(tx: &Connection, vm: &Vm, body: &str, event: Option<&str>) -> Result<()> {
+pub(super) fn write_vm(
+    tx: &Connection,
+    vm: &Vm,
+    body: &str,
+    event: Option<&str>,
+    why: Why<'_>,
+) -> Result<()> {
     // An UPDATE that names an indexed column rewrites that column's index
     // entry even when the value is the same: setting phase (in the partial
     // name index's condition) or image_id on every write dirtied another
     // index page per write. So those two are set only when they changed.
-    let old: Option<(String, Option<String>)> = tx
-        .prepare_cached("SELECT phase, image_id FROM vms WHERE id = ?1")
+    // The old host too: a write that moves the VM (or deletes it) writes
+    // its residency trail.
+    type Old = (String, Option<String>, Option<String>);
+    let old: Option<Old> = tx
+        .prepare_cached("SELECT phase, image_id, host_id FROM vms WHERE id = ?1")
         .map_err(db("write_vm"))?
-        .query_row([&vm.id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row([&vm.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()
         .map_err(db("write_vm"))?;
-    let Some((phase, image_id)) = old else {
+    let Some((phase, image_id, old_host)) = old else {
         return Err(StoreError::not_found("VM", vm.id.clone()));
     };
+    if residency::moved(old_host.as_deref(), &phase, vm) {
+        super::audit::sync_vm(tx, vm, why)?;
+    }
     if !vm.status.nics.is_empty() {
         super::networks::sync_leases(tx, vm)?;
     }
@@ -109,6 +122,9 @@ pub(super) async fn create_vm(store: &SqliteStore, vm: &Vm, events: &[&str]) -> 
                 if !vm.status.nics.is_empty() {
                     super::networks::sync_leases(tx, &vm)?;
                 }
+                if residency::moved(None, "", &vm) {
+                    super::audit::sync_vm(tx, &vm, Why::Create)?;
+                }
                 Ok(())
             };
             // A VM with NICs takes leases, which may conflict after its row
@@ -153,7 +169,7 @@ pub(super) async fn update_vm(store: &SqliteStore, vm: &Vm, event: Option<&str>)
     let event = event.map(str::to_string);
     store
         .write(move |c| {
-            let job = |tx: &Connection| write_vm(tx, &vm, &body, event.as_deref());
+            let job = |tx: &Connection| write_vm(tx, &vm, &body, event.as_deref(), Why::Update);
             // Leases may conflict after the VM's row changed (see create_vm).
             if vm.status.nics.is_empty() {
                 unguarded(c, job)
