@@ -115,6 +115,11 @@ pub struct Site {
     /// Free-form labels that placement rules can select on.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The operator trusts the network between the site's hosts: virtual
+    /// networks use plain VXLAN between them. Otherwise (the default) they
+    /// are encrypted within the site too, as between sites.
+    #[serde(default)]
+    pub trusted_fabric: bool,
     pub created_at: DateTime<Utc>,
 }
 
@@ -141,6 +146,9 @@ pub struct SiteCreate {
     pub facts: SiteFacts,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Plain VXLAN between the site's hosts (see [`Site::trusted_fabric`]).
+    #[serde(default)]
+    pub trusted_fabric: bool,
 }
 
 fn default_tier() -> Tier {
@@ -165,6 +173,8 @@ pub struct SiteUpdate {
     pub facts: Option<SiteFacts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_fabric: Option<bool>,
 }
 
 // -------------------------------------------------------------------- hosts

@@ -42,6 +42,11 @@ pub enum SiteCmd {
         /// A label placement rules can select on, KEY=VALUE (repeatable).
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// The network between the site's hosts is trusted: virtual
+        /// networks use plain VXLAN between them instead of the encrypted
+        /// tunnels used everywhere else.
+        #[arg(long)]
+        trusted_fabric: bool,
     },
     List,
     Show {
@@ -74,6 +79,15 @@ pub(crate) async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<
             ("tier", s.tier.as_str().into()),
             ("carbon gCO2/kWh", opt(&s.facts.grid_gco2_per_kwh)),
             ("pue", opt(&s.facts.pue)),
+            (
+                "trusted fabric",
+                if s.trusted_fabric {
+                    "yes (plain VXLAN)"
+                } else {
+                    "no (encrypted)"
+                }
+                .into(),
+            ),
         ])
     };
     match cmd {
@@ -91,6 +105,7 @@ pub(crate) async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<
             price_gib_hour,
             price_disk_gib_hour,
             labels,
+            trusted_fabric,
         } => {
             let mut label_map = std::collections::BTreeMap::new();
             for l in &labels {
@@ -124,6 +139,7 @@ pub(crate) async fn site(c: &Client, o: Format, cmd: SiteCmd) -> anyhow::Result<
                             access_latency_ms: None,
                         },
                         labels: label_map,
+                        trusted_fabric,
                     },
                 )
                 .await?;

@@ -193,6 +193,7 @@ fn site(name: &str, provider: &str) -> Site {
         tier: Tier::Core,
         facts: Default::default(),
         labels: Default::default(),
+        trusted_fabric: false,
         created_at: Utc::now(),
     }
 }

@@ -81,12 +81,13 @@ impl Kind for Sites {
     fn view(d: &SiteCreate) -> Value {
         json!({"provider": d.provider, "country": d.country, "city": d.city,
                "latitude": d.latitude, "longitude": d.longitude, "tier": d.tier,
-               "facts": d.facts, "labels": d.labels})
+               "facts": d.facts, "labels": d.labels, "trusted_fabric": d.trusted_fabric})
     }
     fn live_view(l: &Site) -> Value {
         json!({"provider": l.provider, "country": l.country, "city": l.city,
                "latitude": l.latitude, "longitude": l.longitude, "tier": l.tier,
-               "facts": l.facts, "labels": user_labels(&l.labels)})
+               "facts": l.facts, "labels": user_labels(&l.labels),
+               "trusted_fabric": l.trusted_fabric})
     }
     async fn list(c: &Client) -> anyhow::Result<Vec<Site>> {
         Ok(c.get::<Page<Site>>("/sites").await?.items)
@@ -104,6 +105,7 @@ impl Kind for Sites {
             tier: Some(d.tier),
             facts: Some(d.facts.clone()),
             labels: Some(keep_marker(&d.labels, &l.labels)),
+            trusted_fabric: Some(d.trusted_fabric),
         };
         c.request::<Site>(
             Method::PATCH,

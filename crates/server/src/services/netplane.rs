@@ -549,8 +549,10 @@ async fn encrypt_between_sites(
         names.insert(r.host.clone());
         names.extend(r.talks_to.iter().cloned());
     }
+    let trusted = overlay::trusted_fabrics(app).await?;
     let end = |rec: &virt8ra_api::Host, relay: Option<String>| HostEnd {
         site: rec.site.clone(),
+        trusted_fabric: trusted.contains(&rec.site),
         underlay: overlay::underlay(rec),
         tunnel: rec
             .tunnel_address

@@ -67,6 +67,19 @@ async fn locations(app: &Ctx) -> ApiResult<HashMap<String, (f64, f64)>> {
         .collect())
 }
 
+/// The names of the sites marked as trusted fabrics (plain VXLAN between
+/// their hosts; see [`crate::services::tunnels`]).
+pub async fn trusted_fabrics(app: &Ctx) -> ApiResult<std::collections::HashSet<String>> {
+    Ok(app
+        .store
+        .list_sites()
+        .await?
+        .into_iter()
+        .filter(|s| s.trusted_fabric)
+        .map(|s| s.name)
+        .collect())
+}
+
 fn place(h: &Host, at: &HashMap<String, (f64, f64)>) -> Place {
     Place {
         host: h.id.clone(),

@@ -151,6 +151,7 @@ pub async fn create_site(app: &Ctx, req: SiteCreate) -> ApiResult<Site> {
         tier: req.tier,
         facts: req.facts,
         labels: req.labels,
+        trusted_fabric: req.trusted_fabric,
         created_at: Utc::now(),
     };
     app.store.create_site(&s).await?;
@@ -159,13 +160,15 @@ pub async fn create_site(app: &Ctx, req: SiteCreate) -> ApiResult<Site> {
 }
 
 pub async fn update_site(app: &Ctx, key: &str, req: SiteUpdate) -> ApiResult<Site> {
-    update(app, key, |s: &mut Site| {
+    let trust = req.trusted_fabric;
+    let site = update(app, key, |s: &mut Site| {
         set(&mut s.city, req.city);
         set(&mut s.latitude, req.latitude);
         set(&mut s.longitude, req.longitude);
         set(&mut s.tier, req.tier);
         set(&mut s.facts, req.facts);
         set(&mut s.labels, req.labels);
+        set(&mut s.trusted_fabric, req.trusted_fabric);
         validate::site(&SiteCreate {
             name: s.name.clone(),
             provider: s.provider.clone(),
@@ -176,10 +179,19 @@ pub async fn update_site(app: &Ctx, key: &str, req: SiteUpdate) -> ApiResult<Sit
             tier: s.tier,
             facts: s.facts.clone(),
             labels: s.labels.clone(),
+            trusted_fabric: s.trusted_fabric,
         })
         .map_err(ApiError::Invalid)
     })
-    .await
+    .await?;
+    if trust.is_some() {
+        // Plain VXLAN or tunnels between its hosts: their network states.
+        for h in app.hosts.all().iter().filter(|h| h.site == site.name) {
+            app.netplane.mark(&h.id);
+        }
+        app.wake.notify_one();
+    }
+    Ok(site)
 }
 
 pub async fn delete_site(app: &Ctx, key: &str) -> ApiResult<()> {

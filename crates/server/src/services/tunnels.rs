@@ -3,10 +3,11 @@
 //! peer, and the tunnel it runs; and which host relays for a host that no
 //! other host can reach (behind NAT).
 //!
-//! Pure rules over the hosts' ends ([`HostEnd`]). Within a site the hosts
-//! share a fabric the site's operator trusts, and VXLAN goes to a peer's
-//! underlay address in the clear. Between sites it never does: a peer at
-//! another site is reached at its tunnel address (the VXLAN device routes
+//! Pure rules over the hosts' ends ([`HostEnd`]). Within a site marked as
+//! a trusted fabric (`Site::trusted_fabric`: the operator vouches for the
+//! network between its hosts) VXLAN goes to a peer's underlay address in
+//! the clear. Anywhere else it never does, within an unmarked site (the
+//! default) as between sites: a peer is reached at its tunnel address (the VXLAN device routes
 //! it into the tunnel), which needs a tunnel at both ends (an agent that
 //! reported a public key, a host that was given a tunnel address). A peer
 //! at another site without one is left out of the network on this host,
@@ -45,6 +46,8 @@ pub const NAT_KEEPALIVE: u16 = 25;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostEnd {
     pub site: String,
+    /// Its site is a trusted fabric: plain VXLAN to the site's other hosts.
+    pub trusted_fabric: bool,
     /// Where other hosts reach it (`--address`), if anywhere.
     pub underlay: Option<Ipv4Addr>,
     /// Its tunnel address and public key, if it can run a tunnel.
@@ -84,7 +87,12 @@ fn route<'a>(
     plain: bool,
 ) -> Route<'a> {
     let ((f, fe), (t, te)) = (from, to);
-    if plain && fe.underlay.is_some() && te.underlay.is_some() && fe.site == te.site {
+    if plain
+        && fe.underlay.is_some()
+        && te.underlay.is_some()
+        && fe.site == te.site
+        && fe.trusted_fabric
+    {
         return Route::Plain;
     }
     if fe.tunnel.is_none() || te.tunnel.is_none() {

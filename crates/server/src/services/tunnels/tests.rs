@@ -67,6 +67,7 @@ fn state() -> HostNetworkState {
 fn end(site: &str, n: u8, tunnel: bool) -> HostEnd {
     HostEnd {
         site: site.into(),
+        trusted_fabric: true,
         underlay: Some(Ipv4Addr::new(192, 168, 0, n)),
         tunnel: tunnel.then(|| (Ipv4Addr::new(100, 64, 0, n), KEY.to_string())),
         relay: None,
@@ -101,6 +102,42 @@ fn peers_at_other_sites_go_through_the_tunnel() {
     s.validate().unwrap();
 }
 
+/// A site that is not marked as a trusted fabric gets tunnels between its
+/// own hosts too; without a tunnel, its hosts do not share the network.
+#[test]
+fn within_a_site_that_is_not_a_trusted_fabric_the_tunnel_is_used() {
+    let untrusted = |site: &str, n: u8, tunnel: bool| {
+        let (_, e) = host(n, site, false);
+        HostEnd {
+            trusted_fabric: false,
+            tunnel: e.tunnel.filter(|_| tunnel),
+            ..e
+        }
+    };
+    let ends: HashMap<String, HostEnd> = [
+        ("h1", untrusted("a", 1, true)),
+        ("h2", untrusted("a", 2, true)),
+        ("h3", untrusted("b", 3, true)),
+    ]
+    .into_iter()
+    .map(|(h, e)| (h.to_string(), e))
+    .collect();
+    let mut s = state();
+    assert!(encrypt("h1", &mut s, &ends, &[]).is_empty());
+    let hn = &s.networks[0];
+    assert_eq!(hn.peers[0].underlay, ip("100.64.0.2"), "same site: tunnel");
+    assert_eq!(hn.peers[1].underlay, ip("100.64.0.3"));
+    assert_eq!(s.tunnel.as_ref().unwrap().peers.len(), 2);
+    s.validate().unwrap();
+
+    let mut ends = ends;
+    ends.insert("h2".into(), untrusted("a", 2, false));
+    let mut s = state();
+    let notes = encrypt("h1", &mut s, &ends, &[]);
+    assert!(notes[0].contains("has no tunnel"), "{notes:?}");
+    assert!(s.networks[0].peers.iter().all(|p| p.host != "h2"));
+}
+
 #[test]
 fn no_tunnel_at_either_end_leaves_the_peer_out_never_plain() {
     for (own, other) in [(true, false), (false, true)] {
@@ -130,6 +167,7 @@ fn host(n: u8, site: &str, nat: bool) -> (String, HostEnd) {
         format!("h{n}"),
         HostEnd {
             site: site.into(),
+            trusted_fabric: true,
             underlay: (!nat).then(|| Ipv4Addr::new(192, 168, 0, n)),
             tunnel: Some((Ipv4Addr::new(100, 64, 0, n), key(n))),
             relay: None,
