@@ -15,6 +15,7 @@ pub mod mux;
 pub mod network;
 pub mod protocol;
 pub mod resources;
+pub mod tenancy;
 pub mod validate;
 
 pub use guest::*;
@@ -22,6 +23,7 @@ pub use market::*;
 pub use migration::*;
 pub use network::*;
 pub use resources::*;
+pub use tenancy::*;
 
 /// The body of every error answer of the API.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]

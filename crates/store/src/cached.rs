@@ -526,6 +526,7 @@ mod tests {
             expires_at: None,
             uses_left: Some(1),
             created_at: Utc::now(),
+            grant: None,
         };
         s.create_token(&tok("a", TokenKind::Admin, "ha"))
             .await
@@ -557,6 +558,7 @@ mod tests {
             expires_at: None,
             uses_left: None,
             created_at: Utc::now(),
+            grant: None,
         };
         s.create_token(&tok("old", "h-old")).await.expect("create");
         // Cached by the lookup.

@@ -36,6 +36,6 @@ mod store;
 pub use cached::CachedStore;
 pub use error::{ErrorSource, Result, StoreError};
 pub use postgres::{parse_url as parse_postgres_url, redact_url, PgStore};
-pub use records::{TokenKind, TokenRecord, VmFilter};
+pub use records::{TokenGrant, TokenKind, TokenRecord, VmFilter};
 pub use sqlite::{CommitHook, SqliteStore};
 pub use store::Store;

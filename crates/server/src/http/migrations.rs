@@ -13,8 +13,9 @@ use virt8ra_api::{
 };
 
 use super::extract::{Body, Query};
-use crate::error::ApiResult;
-use crate::http::auth::{Admin, AdminOrHost, HostAuth};
+use crate::error::{ApiError, ApiResult, Kind};
+use crate::http::auth::{Admin, AdminOrHost, Caller, HostAuth, Infra, Reader, Writer};
+use crate::http::vms::tenant_vm;
 use crate::services::topology::Of;
 use crate::services::{migrations, uploads};
 use crate::state::Ctx;
@@ -27,11 +28,12 @@ use crate::workflows::{evacuation, migration, rebalance};
               (status = 409, body = virt8ra_api::ErrorBody, description = "No allowed or compatible target, or the VM cannot move now")),
     security(("bearer" = [])))]
 pub async fn create(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<MigrationCreate>,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
+    tenant_vm(&app, &c, &key)?;
     let m = migration::start(&app, &key, &req, &[]).await?;
     Ok((StatusCode::ACCEPTED, Json(m)))
 }
@@ -80,10 +82,11 @@ pub async fn show(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn history(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<Migration>>> {
+    tenant_vm(&app, &c, &key)?;
     Ok(Json(migrations::history(&app, &key).await?))
 }
 
@@ -93,11 +96,12 @@ pub async fn history(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn evacuate_host(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
+    operates(&app, &c, Of::Host, &key).await?;
     let out = evacuation::evacuate_of(&app, Of::Host, &key, req).await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
@@ -108,11 +112,12 @@ pub async fn evacuate_host(
               (status = 409, body = virt8ra_api::ErrorBody, description = "The site has no hosts")),
     security(("bearer" = [])))]
 pub async fn evacuate_site(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
+    operates(&app, &c, Of::Site, &key).await?;
     let out = evacuation::evacuate_of(&app, Of::Site, &key, req).await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
@@ -123,11 +128,12 @@ pub async fn evacuate_site(
               (status = 409, body = virt8ra_api::ErrorBody, description = "The provider has no hosts")),
     security(("bearer" = [])))]
 pub async fn evacuate_provider(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
+    operates(&app, &c, Of::Provider, &key).await?;
     let out = evacuation::evacuate_of(&app, Of::Provider, &key, req).await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
@@ -138,10 +144,11 @@ pub async fn evacuate_provider(
               (status = 404, body = virt8ra_api::ErrorBody), (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn export(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<VmExport>)> {
+    tenant_vm(&app, &c, &key)?;
     let e = crate::workflows::export::start(&app, &key).await?;
     Ok((StatusCode::ACCEPTED, Json(e)))
 }
@@ -151,11 +158,44 @@ pub async fn export(
     responses((status = 200, body = VmExport), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show_export(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<VmExport>> {
-    Ok(Json(migrations::export(&app, &id).await?))
+    Ok(Json(tenant_export(&app, &c, &id).await?))
+}
+
+/// The export `id` if the caller sees its VM's project (else a 404).
+async fn tenant_export(app: &Ctx, c: &Caller, id: &str) -> ApiResult<VmExport> {
+    let e = migrations::export(app, id).await?;
+    // The index keeps deleted VMs, so an export's VM is always found.
+    let project = app.vms.get(&e.vm_id).map(|v| v.project.clone());
+    match project {
+        Some(p) if c.sees(&p) => Ok(e),
+        None if c.is_platform() => Ok(e),
+        _ => Err(ApiError::not_found(Kind::Export, id)),
+    }
+}
+
+/// `Ok` if the caller manages the provider of the host, site or provider
+/// `key` (platform admins: every one); another provider's is a 404.
+pub async fn operates(app: &Ctx, c: &Caller, of: Of, key: &str) -> ApiResult<()> {
+    if c.operator_of().is_none() {
+        return Ok(());
+    }
+    let (provider, kind) = match of {
+        Of::Host => (
+            app.hosts
+                .get(key)
+                .ok_or_else(|| ApiError::not_found(Kind::Host, key))?
+                .provider
+                .clone(),
+            Kind::Host,
+        ),
+        Of::Site => (app.store.get_site(key).await?.provider, Kind::Site),
+        Of::Provider => (app.store.get_provider(key).await?.name, Kind::Provider),
+    };
+    c.check_provider(&provider, kind, key)
 }
 
 #[utoipa::path(delete, path = "/api/v1/exports/{id}", tag = "migrations",
@@ -163,10 +203,11 @@ pub async fn show_export(
     responses((status = 204, description = "The staged disk is removed"), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete_export(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
+    tenant_export(&app, &c, &id).await?;
     crate::workflows::export::cancel(&app, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

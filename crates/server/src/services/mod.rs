@@ -19,6 +19,7 @@ pub mod placement;
 pub mod reports;
 pub mod scheduler;
 pub mod staging;
+pub mod tenancy;
 pub mod tokens;
 pub mod topology;
 pub mod tunnels;

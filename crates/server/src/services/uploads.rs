@@ -28,6 +28,8 @@ pub struct ImageUpload {
     /// Labels, `KEY=VALUE` pairs separated by commas.
     pub labels: Option<String>,
     pub version: Option<String>,
+    /// The owning project; none: public.
+    pub project: Option<String>,
 }
 
 /// `KEY=VALUE,KEY=VALUE` as labels, checked.
@@ -72,6 +74,7 @@ where
             provenance: "upload".into(),
             source_sha256: Some(source_sha256),
             labels,
+            project: q.project,
         },
     )
     .await

@@ -7,7 +7,7 @@ use chrono::Utc;
 use virt8ra_api::{validate, PowerState, Vm, VmCreate, VmPhase, VmStatus};
 use virt8ra_store::StoreError;
 
-use crate::error::{missing_ref, missing_ref_in, ApiError, ApiResult};
+use crate::error::{missing_ref, missing_ref_in, ApiError, ApiResult, Kind};
 use crate::services::networks;
 use crate::services::scheduler::{decide, Decision};
 use crate::state::Ctx;
@@ -19,9 +19,10 @@ pub const DEFAULT_STOP_TIMEOUT_S: u32 = 30;
 /// at once when it fits (so that creating and scheduling it is one durable
 /// write), otherwise pending with the reason, which the scheduler retries.
 /// Bad input is an error and writes nothing.
-pub async fn create(app: &Ctx, req: &VmCreate) -> ApiResult<Vm> {
+pub async fn create(app: &Ctx, req: &VmCreate, project: &str) -> ApiResult<Vm> {
     validate::vm(req).map_err(ApiError::Invalid)?;
     check_rules(app, req)?;
+    check_visible(app, req, project).await?;
     let image = match app.store.get_image(&req.image).await {
         Ok(i) => i,
         Err(e @ StoreError::NotFound { .. }) => return Err(missing_ref(e)),
@@ -50,6 +51,7 @@ pub async fn create(app: &Ctx, req: &VmCreate) -> ApiResult<Vm> {
         &image.id,
         data_image_ids,
     );
+    vm.project = project.to_string();
     networks::attach(&mut vm, &nics);
     // Placed at once when it fits, so that the VM is created and scheduled
     // in one durable write; otherwise it stays pending with the reason and
@@ -170,6 +172,45 @@ pub async fn data_images(
     Ok(ids)
 }
 
+/// The images and networks a new VM of `project` names must be the
+/// project's own or public (images without a project); another project's
+/// are answered as missing, as if they did not exist.
+pub async fn check_visible(app: &Ctx, req: &VmCreate, project: &str) -> ApiResult<()> {
+    let images = std::iter::once(("image".to_string(), Some(&req.image))).chain(
+        req.data_disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("data_disks[{i}]"), d.image.as_ref())),
+    );
+    for (field, name) in images {
+        let Some(name) = name else { continue };
+        match app.store.get_image(name).await {
+            Ok(i) if i.project.as_deref().is_some_and(|p| p != project) => {
+                return Err(ApiError::BadRef {
+                    field: Some(field),
+                    kind: Kind::Image,
+                    name: name.clone(),
+                })
+            }
+            // A missing one is answered where it is read.
+            _ => {}
+        }
+    }
+    for (i, n) in req.nics.iter().enumerate() {
+        match app.store.get_network(&n.network).await {
+            Ok(net) if net.project != project => {
+                return Err(ApiError::BadRef {
+                    field: Some(format!("nics[{i}]")),
+                    kind: Kind::Network,
+                    name: n.network.clone(),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A new VM in phase `pending`. Its id is a UUIDv7: ids grow with time, so
 /// lists (ordered by id) come in creation order and the store's inserts
 /// land at the end of its indexes instead of at random pages.
@@ -194,6 +235,7 @@ pub fn new_vm(
         reboot_generation: 0,
         stop_timeout_s: DEFAULT_STOP_TIMEOUT_S,
         labels,
+        project: virt8ra_api::DEFAULT_PROJECT.to_string(),
         status: VmStatus {
             phase: VmPhase::Pending,
             host: None,
