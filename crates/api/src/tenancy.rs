@@ -86,6 +86,9 @@ pub struct Project {
     /// the user a member with at least the token's role).
     #[serde(default)]
     pub members: Vec<Member>,
+    /// Its limits (`virt8ra quota set`); none: unlimited.
+    #[serde(default, skip_serializing_if = "Quota::is_empty")]
+    pub quota: Quota,
     pub created_at: DateTime<Utc>,
 }
 
@@ -177,4 +180,86 @@ pub struct Whoami {
     pub user: Option<String>,
     pub scope: String,
     pub role: Role,
+}
+
+/// Limits of a project's use (none: unlimited).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// Boot and data disks, GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<u64>,
+}
+
+/// A project's quota: limits over all its VMs that are not deleted, and
+/// per country (ISO code) over those placed there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default)]
+    pub total: QuotaLimits,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub countries: std::collections::BTreeMap<String, QuotaLimits>,
+}
+
+impl Quota {
+    pub fn is_empty(&self) -> bool {
+        self.total == QuotaLimits::default() && self.countries.is_empty()
+    }
+}
+
+/// What a project's VMs use (VMs not deleted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub vms: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, o: &Usage) {
+        self.vcpus += o.vcpus;
+        self.memory_mib += o.memory_mib;
+        self.disk_gib += o.disk_gib;
+        self.vms += o.vms;
+    }
+
+    /// The first limit of `l` that `self` plus `more` would exceed, in
+    /// words (`vcpus: 20 of 20 in use, 1 more asked`).
+    pub fn exceeds(&self, more: &Usage, l: &QuotaLimits) -> Option<String> {
+        for (what, used, add, limit) in [
+            ("vcpus", self.vcpus, more.vcpus, l.vcpus),
+            ("memory_mib", self.memory_mib, more.memory_mib, l.memory_mib),
+            ("disk_gib", self.disk_gib, more.disk_gib, l.disk_gib),
+            ("vms", self.vms, more.vms, l.vms),
+        ] {
+            if let Some(limit) = limit {
+                if used.saturating_add(add) > limit {
+                    return Some(format!(
+                        "{what}: {used} of {limit} in use, {add} more asked"
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A project's quota with its use against each limit
+/// (`GET /api/v1/projects/{key}/quota`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QuotaReport {
+    pub project: String,
+    pub quota: Quota,
+    pub usage: Usage,
+    /// Use per country where the project's VMs are placed.
+    #[serde(default)]
+    pub usage_by_country: std::collections::BTreeMap<String, Usage>,
 }

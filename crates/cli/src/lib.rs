@@ -147,6 +147,9 @@ pub enum Command {
     Token(tenancy::TokenCmd),
     /// Who the token in use is: its user, scope and role.
     Whoami,
+    /// Projects' quotas and their use.
+    #[command(subcommand)]
+    Quota(tenancy::QuotaCmd),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -215,5 +218,6 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::User(x) => tenancy::user(&c, o, x).await,
         Command::Token(x) => tenancy::token(&c, o, x).await,
         Command::Whoami => tenancy::whoami(&c, o).await,
+        Command::Quota(x) => tenancy::quota(&c, o, x).await,
     }
 }

@@ -313,3 +313,106 @@ mod tests {
         assert!(parse_ttl("").is_err());
     }
 }
+
+#[derive(Debug, Subcommand)]
+pub enum QuotaCmd {
+    /// Sets limits of a project (those not given stay as they are); with
+    /// --country, the limits of its VMs placed in that country.
+    Set {
+        project: String,
+        #[arg(long)]
+        vcpus: Option<u64>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        disk_gib: Option<u64>,
+        #[arg(long)]
+        vms: Option<u64>,
+        /// ISO country code: set this country's limits.
+        #[arg(long)]
+        country: Option<String>,
+        /// Remove every limit (of --country only, when given) first.
+        #[arg(long)]
+        clear: bool,
+    },
+    /// A project's limits and its use against each (default: --project).
+    Show { project: Option<String> },
+}
+
+fn show_quota(r: &QuotaReport) {
+    let lim = |l: Option<u64>| l.map_or("-".to_string(), |v| v.to_string());
+    let rows = |u: &Usage, l: &QuotaLimits| {
+        vec![
+            ("vcpus", u.vcpus, l.vcpus),
+            ("memory_mib", u.memory_mib, l.memory_mib),
+            ("disk_gib", u.disk_gib, l.disk_gib),
+            ("vms", u.vms, l.vms),
+        ]
+    };
+    let mut out = Vec::new();
+    for (what, used, limit) in rows(&r.usage, &r.quota.total) {
+        out.push(vec![
+            "all".into(),
+            what.into(),
+            used.to_string(),
+            lim(limit),
+        ]);
+    }
+    let mut countries: Vec<&String> = r.quota.countries.keys().collect();
+    countries.extend(r.usage_by_country.keys());
+    countries.sort();
+    countries.dedup();
+    for c in countries {
+        let u = r.usage_by_country.get(c).copied().unwrap_or_default();
+        let l = r.quota.countries.get(c).cloned().unwrap_or_default();
+        for (what, used, limit) in rows(&u, &l) {
+            out.push(vec![c.clone(), what.into(), used.to_string(), lim(limit)]);
+        }
+    }
+    println!("project {}", r.project);
+    table(&["where", "resource", "used", "limit"], out);
+}
+
+pub(crate) async fn quota(c: &Client, o: Format, cmd: QuotaCmd) -> anyhow::Result<()> {
+    match cmd {
+        QuotaCmd::Set {
+            project,
+            vcpus,
+            memory_mib,
+            disk_gib,
+            vms,
+            country,
+            clear,
+        } => {
+            let path = format!("/projects/{}/quota", seg(&project));
+            let mut q = c.get::<QuotaReport>(&path).await?.quota;
+            let l = match &country {
+                Some(cc) => q.countries.entry(cc.to_uppercase()).or_default(),
+                None => &mut q.total,
+            };
+            if clear {
+                *l = QuotaLimits::default();
+            }
+            for (slot, v) in [
+                (&mut l.vcpus, vcpus),
+                (&mut l.memory_mib, memory_mib),
+                (&mut l.disk_gib, disk_gib),
+                (&mut l.vms, vms),
+            ] {
+                if v.is_some() {
+                    *slot = v;
+                }
+            }
+            q.countries.retain(|_, l| *l != QuotaLimits::default());
+            let r: QuotaReport = c.request(reqwest::Method::PUT, &path, Some(&q)).await?;
+            emit(o, &r, show_quota)
+        }
+        QuotaCmd::Show { project } => {
+            let Some(p) = project.or_else(|| c.project().map(str::to_string)) else {
+                bail!("name the project: virt8ra quota show PROJECT (or --project)");
+            };
+            let r: QuotaReport = c.get(&format!("/projects/{}/quota", seg(&p))).await?;
+            emit(o, &r, show_quota)
+        }
+    }
+}

@@ -91,6 +91,8 @@ pub struct ControlPlane {
     pub max_image_virtual_size: u64,
     /// Prometheus metrics (`GET /metrics`; see [`crate::registry::metrics`]).
     pub metrics: Arc<crate::registry::metrics::Metrics>,
+    /// Projects' quotas (see [`crate::registry::quotas`]).
+    pub quotas: crate::registry::quotas::Quotas,
 }
 
 impl ControlPlane {

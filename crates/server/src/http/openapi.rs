@@ -52,6 +52,7 @@ use super::{
         tenancy::list_projects, tenancy::create_project, tenancy::show_project, tenancy::delete_project,
         tenancy::list_users, tenancy::create_user, tenancy::show_user, tenancy::delete_user,
         tenancy::list_tokens, tenancy::create_token, tenancy::revoke_token,
+        tenancy::show_quota, tenancy::set_quota,
     ),
     modifiers(&Bearer),
     tags(

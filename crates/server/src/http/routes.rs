@@ -220,6 +220,8 @@ pub fn routes() -> Vec<Route> {
         post("/api/v1/projects", Admin, tenancy::create_project),
         get("/api/v1/projects/{key}", Read, tenancy::show_project),
         delete("/api/v1/projects/{key}", Admin, tenancy::delete_project),
+        get("/api/v1/projects/{key}/quota", Read, tenancy::show_quota),
+        put("/api/v1/projects/{key}/quota", Admin, tenancy::set_quota),
         get("/api/v1/users", Admin, tenancy::list_users),
         post("/api/v1/users", Admin, tenancy::create_user),
         get("/api/v1/users/{key}", Admin, tenancy::show_user),

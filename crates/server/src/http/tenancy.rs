@@ -6,14 +6,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use virt8ra_api::{
-    ApiToken, ApiTokenCreate, ApiTokenInfo, Org, OrgCreate, Page, Project, ProjectCreate, Role,
-    User, UserCreate, Whoami,
+    ApiToken, ApiTokenCreate, ApiTokenInfo, Org, OrgCreate, Page, Project, ProjectCreate, Quota,
+    QuotaReport, Role, User, UserCreate, Whoami,
 };
 
 use super::extract::Body;
 use crate::error::{ApiResult, Kind};
 use crate::http::auth::{Admin, Grant, ProjectAdmin, Reader, VmReader};
-use crate::services::tenancy;
+use crate::services::{quotas, tenancy};
 use crate::state::Ctx;
 
 fn page<T>(items: Vec<T>) -> Json<Page<T>> {
@@ -224,4 +224,34 @@ pub async fn revoke_token(
 ) -> ApiResult<StatusCode> {
     tenancy::revoke_token(&app, &c, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{key}/quota", tag = "tenants",
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = QuotaReport, description = "The quota and the use against each limit"),
+              (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show_quota(
+    Reader(c): Reader,
+    State(app): State<Ctx>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<QuotaReport>> {
+    let p = tenancy::project(&app, &key).await?;
+    c.check(&p.name, Kind::Other("project"), &key)?;
+    Ok(Json(quotas::report(&app, &p.name)))
+}
+
+#[utoipa::path(put, path = "/api/v1/projects/{key}/quota", tag = "tenants", request_body = Quota,
+    params(("key" = String, Path, description = "Name or id")),
+    responses((status = 200, body = QuotaReport, description = "The new quota (it replaces the old one) and the use"),
+              (status = 400, body = virt8ra_api::ErrorBody), (status = 404, body = virt8ra_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn set_quota(
+    _: Admin,
+    State(app): State<Ctx>,
+    Path(key): Path<String>,
+    Body(req): Body<Quota>,
+) -> ApiResult<Json<QuotaReport>> {
+    let p = tenancy::set_quota(&app, &key, req).await?;
+    Ok(Json(quotas::report(&app, &p.name)))
 }

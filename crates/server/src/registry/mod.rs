@@ -17,6 +17,7 @@ pub mod migrations;
 pub mod netplane;
 pub mod networks;
 pub mod placement;
+pub mod quotas;
 pub mod relays;
 pub mod staging;
 pub mod transfers;

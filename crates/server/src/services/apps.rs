@@ -416,6 +416,14 @@ pub async fn create_replicas(
         rec.vms.push((vm.id.clone(), loc.clone()));
         vms.push(vm);
     }
+    // The project's quota, for every replica at once (held until they are
+    // written).
+    let _booking = crate::services::quotas::book(app, &rec.project).await;
+    let mut more = virt8ra_api::Usage::default();
+    for vm in &vms {
+        more.add(&crate::services::quotas::size_of(&vm.spec));
+    }
+    crate::services::quotas::check(app, &rec.project, &more, None)?;
     save(app, &rec).await?;
     for vm in &vms {
         app.create_vm(vm, &[&format!("created by app {}", rec.name)])

@@ -16,6 +16,7 @@ pub mod migrations;
 pub mod netplane;
 pub mod networks;
 pub mod placement;
+pub mod quotas;
 pub mod reports;
 pub mod scheduler;
 pub mod staging;

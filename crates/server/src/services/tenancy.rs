@@ -15,8 +15,8 @@
 
 use chrono::Utc;
 use virt8ra_api::{
-    ApiToken, ApiTokenCreate, ApiTokenInfo, Member, Org, OrgCreate, Project, ProjectCreate, Role,
-    User, UserCreate, DEFAULT_ORG, DEFAULT_PROJECT,
+    ApiToken, ApiTokenCreate, ApiTokenInfo, Member, Org, OrgCreate, Project, ProjectCreate, Quota,
+    Role, User, UserCreate, DEFAULT_ORG, DEFAULT_PROJECT,
 };
 use virt8ra_store::{Store, TokenGrant, TokenKind, TokenRecord, VmFilter};
 
@@ -86,6 +86,7 @@ pub async fn ensure_default(store: &dyn Store) -> anyhow::Result<()> {
             name: DEFAULT_PROJECT.into(),
             org: DEFAULT_ORG.into(),
             members: vec![],
+            quota: Default::default(),
             created_at: now,
         };
         store
@@ -93,6 +94,34 @@ pub async fn ensure_default(store: &dyn Store) -> anyhow::Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// Every project's quota, for the in-memory registry.
+pub async fn load_quotas(store: &dyn Store) -> anyhow::Result<crate::registry::quotas::Quotas> {
+    let mut out = Vec::new();
+    for body in store.list_docs(PROJECT).await? {
+        let p: Project = serde_json::from_str(&body)?;
+        out.push((p.name, p.quota));
+    }
+    Ok(crate::registry::quotas::Quotas::load(out))
+}
+
+/// Sets project `key`'s quota (replacing the old one; an empty one
+/// removes every limit). Lowering a limit below the use refuses nothing
+/// that exists; new VMs are refused until the use is under it.
+pub async fn set_quota(app: &Ctx, key: &str, q: Quota) -> ApiResult<Project> {
+    for c in q.countries.keys() {
+        virt8ra_api::validate::country(c)
+            .map_err(|e| ApiError::Invalid(format!("quota countries: {e}")))?;
+    }
+    let _one = TENANCY_LOCK.lock().await;
+    let mut p = project(app, key).await?;
+    p.quota = q;
+    app.store
+        .put_doc(PROJECT, &p.id, &p.name, &to_json(&p)?)
+        .await?;
+    app.quotas.set(&p.name, p.quota.clone());
+    Ok(p)
 }
 
 // organisations
@@ -144,6 +173,7 @@ pub async fn create_project(app: &Ctx, req: &ProjectCreate) -> ApiResult<Project
         name: req.name.clone(),
         org: o.name,
         members: vec![],
+        quota: Default::default(),
         created_at: Utc::now(),
     };
     app.store

@@ -8,8 +8,8 @@ use virt8ra_api::{validate, PowerState, Vm, VmCreate, VmPhase, VmStatus};
 use virt8ra_store::StoreError;
 
 use crate::error::{missing_ref, missing_ref_in, ApiError, ApiResult, Kind};
-use crate::services::networks;
 use crate::services::scheduler::{decide, Decision};
+use crate::services::{networks, quotas};
 use crate::state::Ctx;
 
 /// Seconds a guest is given to power down before it is forced off.
@@ -53,6 +53,10 @@ pub async fn create(app: &Ctx, req: &VmCreate, project: &str) -> ApiResult<Vm> {
     );
     vm.project = project.to_string();
     networks::attach(&mut vm, &nics);
+    // The project's quota: checked, and held until the VM is indexed.
+    let more = quotas::size_of(&vm.spec);
+    let _booking = quotas::book(app, project).await;
+    quotas::check(app, project, &more, None)?;
     // Placed at once when it fits, so that the VM is created and scheduled
     // in one durable write; otherwise it stays pending with the reason and
     // the scheduler retries it.
@@ -66,6 +70,14 @@ pub async fn create(app: &Ctx, req: &VmCreate, project: &str) -> ApiResult<Vm> {
             None
         }
     };
+    // Its country's limits, where it went (or is pinned).
+    let country = vm.status.country.clone().or(req.placement.country.clone());
+    if let Err(e) = quotas::check(app, project, &more, country.as_deref()) {
+        if placed.is_some() {
+            app.placement.release(&vm.id);
+        }
+        return Err(e);
+    }
     let events: Vec<&str> = events.iter().map(String::as_str).collect();
     // With its NICs' addresses, leased in the same write.
     if let Err(e) = networks::create_vm(app, &mut vm, &nics, &events).await {
