@@ -221,6 +221,29 @@ fn country_limits_hold_at_create_and_for_migrations() {
         Some(&token),
     );
     assert_eq!(s, 202, "{v}");
+    // The project follows its migration (as `vm migrate --wait` does);
+    // another project does not see it.
+    let mig = v["id"].as_str().unwrap().to_string();
+    let (s, m) = c.api_raw(
+        "GET",
+        &format!("/api/v1/migrations/{mig}"),
+        None,
+        Some(&token),
+    );
+    assert_eq!(s, 200, "{m}");
+    let (s, l) = c.api_raw("GET", "/api/v1/migrations", None, Some(&token));
+    assert_eq!((s, l["items"].as_array().unwrap().len()), (200, 1), "{l}");
+    c.cli_ok(&["project", "create", "other"]);
+    let other = member_token(&c, "otto", "other");
+    let (s, _) = c.api_raw(
+        "GET",
+        &format!("/api/v1/migrations/{mig}"),
+        None,
+        Some(&other),
+    );
+    assert_eq!(s, 404);
+    let (s, l) = c.api_raw("GET", "/api/v1/migrations", None, Some(&other));
+    assert_eq!((s, l["items"].as_array().unwrap().len()), (200, 0), "{l}");
     common::wait_until("e1 in PL", Duration::from_secs(120), || {
         (c.vm("e1")["status"]["country"] == "PL").then_some(())
     });

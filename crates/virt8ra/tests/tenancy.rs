@@ -175,12 +175,52 @@ fn make_resources(w: &World, who: &str, token: &str) {
     );
 }
 
+/// Watches with `token` until the VM `last` shows up; returns the names of
+/// the VMs whose events came.
+fn watch_until(c: &Cluster, token: &str, last: &str) -> std::thread::JoinHandle<Vec<String>> {
+    let (url, token, last) = (c.url.clone(), token.to_string(), last.to_string());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let resp = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+            .get(format!("{url}/api/v1/watch"))
+            .bearer_auth(token)
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        ready_tx.send(()).unwrap();
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(resp).lines() {
+            let line = line.unwrap();
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let ev: Value = serde_json::from_str(data.trim()).unwrap();
+            let name = ev["vm"]["name"].as_str().unwrap_or_default().to_string();
+            seen.push(name.clone());
+            if name == last {
+                break;
+            }
+        }
+        seen
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    h
+}
+
 #[test]
 fn two_projects_see_only_their_own_resources_through_the_same_cli_and_api() {
     let w = world();
     let c = &w.c;
-    make_resources(&w, "a", &w.a);
+    // A's watcher sees A's VMs' events, never B's (B's VM is made first).
+    let watcher = watch_until(c, &w.a, "vm-a");
     make_resources(&w, "b", &w.b);
+    make_resources(&w, "a", &w.a);
+    let seen = watcher.join().unwrap();
+    assert!(seen.iter().all(|n| n == "vm-a"), "{seen:?}");
     // And one the admin makes without a project: the default project's.
     c.cli_ok(&[
         "vm",

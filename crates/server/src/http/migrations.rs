@@ -54,12 +54,17 @@ pub struct MigrationQuery {
               (status = 404, body = virt8ra_api::ErrorBody, description = "The `vm` filter names no VM")),
     security(("bearer" = [])))]
 pub async fn list(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Query(q): Query<MigrationQuery>,
 ) -> ApiResult<Json<Page<Migration>>> {
+    if let Some(vm) = &q.vm {
+        tenant_vm(&app, &c, vm)?;
+    }
+    let mut items = migrations::list(&app, q.vm.as_deref(), q.active).await?;
+    items.retain(|m| sees_vm(&app, &c, &m.vm_id));
     Ok(Json(Page {
-        items: migrations::list(&app, q.vm.as_deref(), q.active).await?,
+        items,
         next_cursor: None,
     }))
 }
@@ -69,11 +74,24 @@ pub async fn list(
     responses((status = 200, body = Migration), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Migration>> {
-    Ok(Json(migrations::get(&app, &id).await?))
+    let m = migrations::get(&app, &id).await?;
+    if !sees_vm(&app, &c, &m.vm_id) {
+        return Err(ApiError::not_found(Kind::Migration, id));
+    }
+    Ok(Json(m))
+}
+
+/// Whether the caller sees VM `vm_id`'s project (and, for a platform
+/// admin who picked a project, whether it is that project's).
+fn sees_vm(app: &Ctx, c: &Caller, vm_id: &str) -> bool {
+    match app.vms.get(vm_id) {
+        Some(v) => c.sees(&v.project) && c.list_project().is_none_or(|p| p == v.project),
+        None => c.is_platform(),
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{key}/migrations", tag = "migrations",
