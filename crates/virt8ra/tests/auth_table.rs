@@ -61,11 +61,14 @@ fn expect(access: Access, cred: Cred) -> Expect {
             };
         }
         Cred::Join => matches!(access, Anyone | Join),
-        Cred::Host => matches!(access, Anyone | Host | AdminOrHost),
+        Cred::Host => matches!(access, Anyone | Host | AdminOrHost | ReadOrHost),
         Cred::Admin => !matches!(access, Join | Host),
-        Cred::ProjectAdmin => matches!(access, Anyone | Read | VmRead | Write | ProjectAdmin),
-        Cred::Member => matches!(access, Anyone | Read | VmRead | Write),
-        Cred::Viewer => matches!(access, Anyone | Read | VmRead),
+        Cred::ProjectAdmin => matches!(
+            access,
+            Anyone | Read | VmRead | Write | ProjectAdmin | ReadOrHost
+        ),
+        Cred::Member => matches!(access, Anyone | Read | VmRead | Write | ReadOrHost),
+        Cred::Viewer => matches!(access, Anyone | Read | VmRead | ReadOrHost),
         Cred::Operator => matches!(access, Anyone | VmRead | Infra),
     };
     if accepted {
@@ -248,6 +251,7 @@ fn every_route_answers_each_credential_as_its_table_entry_says() {
         Access::Write,
         Access::ProjectAdmin,
         Access::Infra,
+        Access::ReadOrHost,
     ] {
         assert!(table.iter().any(|r| r.access == a), "no route with {a:?}");
     }

@@ -839,3 +839,44 @@ fn a_project_admin_manages_its_projects_tokens_only() {
     );
     assert_eq!(s, 403);
 }
+
+/// A project exports its VM and downloads the disk; another project
+/// cannot see the export nor download it.
+#[test]
+fn a_project_downloads_its_own_exports_only() {
+    let w = world();
+    let c = &w.c;
+    make_resources(&w, "a", &w.a);
+    c.wait_phase("vm-a", "running", Duration::from_secs(60));
+    let out = cli_as(c, &w.a, None, &["vm", "stop", "vm-a", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (s, e) = c.api_raw("POST", "/api/v1/vms/vm-a/export", None, Some(&w.a));
+    assert_eq!(s, 202, "{e}");
+    let id = e["id"].as_str().unwrap().to_string();
+    let ready = common::wait_until("the export", Duration::from_secs(120), || {
+        let (s, e) = c.api_raw("GET", &format!("/api/v1/exports/{id}"), None, Some(&w.a));
+        assert_eq!(s, 200, "{e}");
+        assert_ne!(e["state"], "failed", "{e}");
+        (e["state"] == "ready").then_some(e)
+    });
+    let url = format!("{}{}", c.url, ready["url_path"].as_str().unwrap());
+    let http = common::https_client(None);
+    let get = |token: &str| http.get(&url).bearer_auth(token).send().unwrap();
+    let mine = get(&w.a);
+    assert_eq!(mine.status().as_u16(), 200);
+    let bytes = mine.bytes().unwrap();
+    assert_eq!(bytes.len() as u64, ready["size_bytes"].as_u64().unwrap());
+    // B: the export and its disk do not exist.
+    let (s, _) = c.api_raw("GET", &format!("/api/v1/exports/{id}"), None, Some(&w.b));
+    assert_eq!(s, 404);
+    assert_eq!(get(&w.b).status().as_u16(), 404);
+    let (s, _) = c.api_raw("DELETE", &format!("/api/v1/exports/{id}"), None, Some(&w.b));
+    assert_eq!(s, 404);
+    // A's export is still there.
+    let (s, _) = c.api_raw("GET", &format!("/api/v1/exports/{id}"), None, Some(&w.a));
+    assert_eq!(s, 200);
+}

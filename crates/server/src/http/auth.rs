@@ -136,6 +136,7 @@ pub fn permits(access: Access, grant: &Grant) -> bool {
             _ => false,
         },
         Infra => matches!(grant, Grant::Platform | Grant::Operator { .. }),
+        ReadOrHost => reader(grant) || matches!(grant, Grant::Host(_)),
     }
 }
 
@@ -286,6 +287,11 @@ extractor!(
     /// A project admin (its tokens) or a platform admin.
     ProjectAdmin,
     Access::ProjectAdmin
+);
+extractor!(
+    /// A reader of a project's resources, or a host (staged disks).
+    ReaderOrHost,
+    Access::ReadOrHost
 );
 extractor!(
     /// A manager of sites and hosts: a provider operator (its provider's

@@ -14,7 +14,9 @@ use virt8ra_api::{
 
 use super::extract::{Body, Query};
 use crate::error::{ApiError, ApiResult, Kind};
-use crate::http::auth::{Admin, AdminOrHost, Caller, HostAuth, Infra, Reader, Writer};
+use crate::http::auth::{
+    Admin, AdminOrHost, Caller, Grant, HostAuth, Infra, Reader, ReaderOrHost, Writer,
+};
 use crate::http::vms::tenant_vm;
 use crate::services::topology::Of;
 use crate::services::{migrations, uploads};
@@ -281,12 +283,24 @@ pub async fn staged(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(
-    who: AdminOrHost,
+    ReaderOrHost(c): ReaderOrHost,
     State(app): State<Ctx>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let f = uploads::open_staged(&app, who.0.as_deref(), &id).await?;
+    let host = match &c.grant {
+        Grant::Host(h) => Some(h.as_str()),
+        Grant::Platform => None,
+        // A project downloads its exports' disks, nothing else staged.
+        _ => {
+            let (export, _) = uploads::staging_key(&id)?;
+            tenant_export(&app, &c, export)
+                .await
+                .map_err(|_| ApiError::not_found(Kind::StagedDisk, &id))?;
+            None
+        }
+    };
+    let f = uploads::open_staged(&app, host, &id).await?;
     let (f, status, hdrs) = super::images::ranged(f, &headers).await?;
     let body = RawBody::from_stream(tokio_util::io::ReaderStream::new(f));
     Ok(super::images::respond(status, body, hdrs))

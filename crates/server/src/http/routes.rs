@@ -46,6 +46,9 @@ pub enum Access {
     /// Manages sites and hosts (`auth::Infra`): provider operators (their
     /// provider's only) and platform admins.
     Infra,
+    /// [`Access::Read`] or a host token (`auth::ReaderOrHost`): staged
+    /// disks, which hosts fetch and projects download (their exports).
+    ReadOrHost,
 }
 
 impl Access {
@@ -104,7 +107,8 @@ fn delete<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -
 /// and nothing else, so a route cannot be missing from it.
 pub fn routes() -> Vec<Route> {
     use Access::{
-        Admin, AdminOrHost, Anyone, Host, Infra, Join, ProjectAdmin, Read, VmRead, Write,
+        Admin, AdminOrHost, Anyone, Host, Infra, Join, ProjectAdmin, Read, ReadOrHost, VmRead,
+        Write,
     };
     vec![
         get("/healthz", Anyone, healthz),
@@ -189,7 +193,7 @@ pub fn routes() -> Vec<Route> {
         ),
         get("/api/v1/exports/{id}", Read, migrations::show_export),
         delete("/api/v1/exports/{id}", Write, migrations::delete_export),
-        get("/api/v1/staging/{id}", AdminOrHost, migrations::download),
+        get("/api/v1/staging/{id}", ReadOrHost, migrations::download),
         put("/api/v1/staging/{id}", Host, migrations::upload),
         get(
             "/api/v1/staging/{id}/status",

@@ -214,7 +214,7 @@ fn may_download(app: &Ctx, host_id: &str, key: &str) -> ApiResult<()> {
 
 /// A staging key: a migration's or export's id, or `ID.N` for data disk N
 /// of a cold migration. Anything else is not found.
-fn staging_key(key: &str) -> ApiResult<(&str, Option<usize>)> {
+pub fn staging_key(key: &str) -> ApiResult<(&str, Option<usize>)> {
     let (id, disk) = match key.split_once('.') {
         None => (key, None),
         Some((id, suffix)) => match suffix.parse::<usize>() {
