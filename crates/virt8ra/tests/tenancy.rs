@@ -838,6 +838,20 @@ fn a_project_admin_manages_its_projects_tokens_only() {
         Some(&admin_a),
     );
     assert_eq!(s, 403);
+    // A platform admin's token is the platform's: it does what the admin
+    // token does. Only platform admins may hold one.
+    c.cli_ok(&["user", "create", "pat", "--platform-admin"]);
+    let pat = cli_json(&c, &c.token, &["token", "create", "--user", "pat"]);
+    assert_eq!(pat["scope"], "platform", "{pat}");
+    let (s, v) = c.api_raw(
+        "POST",
+        "/api/v1/providers",
+        Some(json!({"name": "pat-provider", "country": "FR"}).to_string()),
+        pat["token"].as_str(),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = c.api("POST", "/api/v1/tokens", Some(json!({"user": "amy"})));
+    assert_eq!(s, 400, "{v}");
 }
 
 /// A project exports its VM and downloads the disk; another project

@@ -12,11 +12,11 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use virt8ra_api::{Role, DEFAULT_PROJECT, PROJECT_HEADER};
-use virt8ra_store::{TokenKind, TokenRecord};
+use virt8ra_api::{Role, PROJECT_HEADER};
+use virt8ra_store::TokenRecord;
 
 use crate::error::{ApiError, ApiResult, Kind};
-use crate::http::routes::Access;
+pub use crate::services::access::{Caller, Grant};
 use crate::services::tokens;
 use crate::state::Ctx;
 
@@ -39,76 +39,48 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
         .ok_or_else(|| ApiError::Unauthorized("Authorization header must be 'Bearer TOKEN'".into()))
 }
 
-/// What a token lets its holder do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Grant {
-    /// Everything: the admin token, and platform admins' tokens.
-    Platform,
-    /// One project's resources, with a role in it.
-    Project { project: String, role: Role },
-    /// One provider's sites and hosts, and the VMs on its hosts as metadata.
-    Operator { provider: String },
-    /// An agent's credential (host id).
-    Host(String),
-    /// A join token (registers hosts; see [`JoinAuth`]).
+/// Who may call a route: the credential its handler's auth extractor
+/// (below) accepts. The route table (`crate::http::routes`) says it for
+/// every route so that tests can call each one with every kind of
+/// credential and check the answer, and so that the OpenAPI document's
+/// security can be checked; [`permits`] decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No credential: health, the OpenAPI document, and the signed catalog
+    /// with its images (public by design: other control planes fetch them).
+    Anyone,
+    /// A join token (`auth::JoinAuth`).
     Join,
+    /// A host token (`auth::HostAuth`).
+    Host,
+    /// The admin token (`auth::Admin`).
+    Admin,
+    /// The admin token or a host token (`auth::AdminOrHost`).
+    AdminOrHost,
+    /// Reads a project's resources (`auth::Reader`): any role of a project
+    /// (its own project's only) and platform admins.
+    Read,
+    /// Reads VMs (`auth::VmReader`): as [`Access::Read`], and provider
+    /// operators (the VMs on their hosts, as metadata).
+    VmRead,
+    /// Changes a project's resources (`auth::Writer`): project members and
+    /// admins, platform admins; never viewers.
+    Write,
+    /// Manages a project's tokens (`auth::ProjectAdmin`): project admins
+    /// and platform admins.
+    ProjectAdmin,
+    /// Manages sites and hosts (`auth::Infra`): provider operators (their
+    /// provider's only) and platform admins.
+    Infra,
+    /// [`Access::Read`] or a host token (`auth::ReaderOrHost`): staged
+    /// disks, which hosts fetch and projects download (their exports).
+    ReadOrHost,
 }
 
-/// The authenticated caller of a request: the "who" of the audit trail.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub token_id: String,
-    /// The user who owns the token (none for the admin, join and host tokens).
-    pub user: Option<String>,
-    pub grant: Grant,
-    /// The project the call is about: a project token's own; for a platform
-    /// admin, the one the `X-Virt8ra-Project` header picked, if any.
-    pub project: Option<String>,
-    /// The stored token (join tokens' remaining uses, host tokens' host).
-    pub record: TokenRecord,
-}
-
-impl Grant {
-    fn of(rec: &TokenRecord) -> ApiResult<Grant> {
-        Ok(match rec.kind {
-            TokenKind::Admin => Grant::Platform,
-            TokenKind::Join => Grant::Join,
-            TokenKind::Host => Grant::Host(
-                rec.host_id
-                    .clone()
-                    .ok_or_else(|| ApiError::Internal("host token without host".into()))?,
-            ),
-            TokenKind::User => {
-                let g = rec
-                    .grant
-                    .as_ref()
-                    .ok_or_else(|| ApiError::Internal("user token without a grant".into()))?;
-                let role = Role::parse(&g.role)
-                    .ok_or_else(|| ApiError::Internal(format!("token role {:?}", g.role)))?;
-                match g.scope.split_once(':') {
-                    Some(("project", p)) => Grant::Project {
-                        project: p.to_string(),
-                        role,
-                    },
-                    Some(("provider", p)) => Grant::Operator {
-                        provider: p.to_string(),
-                    },
-                    _ if g.scope == "platform" => Grant::Platform,
-                    _ => return Err(ApiError::Internal(format!("token scope {:?}", g.scope))),
-                }
-            }
-        })
-    }
-
-    /// The holder, in the words of a refusal ("a project viewer token").
-    fn describe(&self) -> String {
-        match self {
-            Grant::Platform => "platform".into(),
-            Grant::Project { role, .. } => format!("project {}", role.as_str()),
-            Grant::Operator { .. } => "provider operator".into(),
-            Grant::Host(_) => "host".into(),
-            Grant::Join => "join".into(),
-        }
+impl Access {
+    /// Whether a caller must present a bearer token.
+    pub fn needs_token(self) -> bool {
+        self != Access::Anyone
     }
 }
 
@@ -187,62 +159,6 @@ async fn picked_project(parts: &Parts, app: &Ctx, grant: &Grant) -> ApiResult<Op
             Ok(Some(p.name))
         }
         _ => Ok(None),
-    }
-}
-
-impl Caller {
-    pub fn is_platform(&self) -> bool {
-        self.grant == Grant::Platform
-    }
-
-    /// Whether the caller may see (and, where its role lets it, change) a
-    /// resource owned by `project`.
-    pub fn sees(&self, project: &str) -> bool {
-        match &self.grant {
-            Grant::Platform => true,
-            Grant::Project { project: p, .. } => p == project,
-            _ => false,
-        }
-    }
-
-    /// `Ok` if the caller sees `project`'s resource `key` of `kind`, else
-    /// the 404 it would get if the resource did not exist.
-    pub fn check(&self, project: &str, kind: Kind, key: &str) -> ApiResult<()> {
-        if self.sees(project) {
-            Ok(())
-        } else {
-            Err(ApiError::not_found(kind, key))
-        }
-    }
-
-    /// The project whose resources a list shows (none: every project's,
-    /// for a platform admin who picked none).
-    pub fn list_project(&self) -> Option<&str> {
-        self.project.as_deref()
-    }
-
-    /// The project that owns what the caller creates.
-    pub fn owner(&self) -> String {
-        self.project
-            .clone()
-            .unwrap_or_else(|| DEFAULT_PROJECT.to_string())
-    }
-
-    /// The provider an operator token is scoped to.
-    pub fn operator_of(&self) -> Option<&str> {
-        match &self.grant {
-            Grant::Operator { provider } => Some(provider),
-            _ => None,
-        }
-    }
-
-    /// `Ok` if the caller may manage provider `provider`'s sites and hosts
-    /// (platform admins: every provider's), else the 404 for `key`.
-    pub fn check_provider(&self, provider: &str, kind: Kind, key: &str) -> ApiResult<()> {
-        match self.operator_of() {
-            Some(p) if p != provider => Err(ApiError::not_found(kind, key)),
-            _ => Ok(()),
-        }
     }
 }
 

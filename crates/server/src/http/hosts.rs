@@ -108,7 +108,7 @@ pub async fn create_join_token(
 ) -> ApiResult<(StatusCode, Json<JoinToken>)> {
     if let Some(op) = c.operator_of() {
         // Another provider's site is, to an operator, one that does not exist.
-        let site = app.store.get_site(&req.site).await.ok();
+        let site = topology::site(&app, &req.site).await.ok();
         if site.is_none_or(|s| s.provider != op) {
             return Err(ApiError::BadRef {
                 field: Some("site".into()),

@@ -18,7 +18,7 @@ use crate::http::auth::{
     Admin, AdminOrHost, Caller, Grant, HostAuth, Infra, Reader, ReaderOrHost, Writer,
 };
 use crate::http::vms::tenant_vm;
-use crate::services::topology::Of;
+use crate::services::topology::{self, Of};
 use crate::services::{migrations, uploads};
 use crate::state::Ctx;
 use crate::workflows::{evacuation, migration, rebalance};
@@ -212,8 +212,8 @@ pub async fn operates(app: &Ctx, c: &Caller, of: Of, key: &str) -> ApiResult<()>
                 .clone(),
             Kind::Host,
         ),
-        Of::Site => (app.store.get_site(key).await?.provider, Kind::Site),
-        Of::Provider => (app.store.get_provider(key).await?.name, Kind::Provider),
+        Of::Site => (topology::site(app, key).await?.provider, Kind::Site),
+        Of::Provider => (topology::provider(app, key).await?.name, Kind::Provider),
     };
     c.check_provider(&provider, kind, key)
 }

@@ -6,6 +6,7 @@ use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 
+pub use super::auth::Access;
 use super::extract::JSON_BODY_LIMIT;
 use super::system::{healthz, method_not_allowed, metrics, not_found};
 use super::{
@@ -13,50 +14,6 @@ use super::{
     providers, relay, sites, tenancy, tokens, vms, watch,
 };
 use crate::state::Ctx;
-
-/// Who may call a route: the credential its handler's auth extractor
-/// (`crate::http::auth`) accepts. The table below says it for every route so that
-/// tests can call each one with every kind of credential and check the
-/// answer, and so that the OpenAPI document's security can be checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// No credential: health, the OpenAPI document, and the signed catalog
-    /// with its images (public by design: other control planes fetch them).
-    Anyone,
-    /// A join token (`auth::JoinAuth`).
-    Join,
-    /// A host token (`auth::HostAuth`).
-    Host,
-    /// The admin token (`auth::Admin`).
-    Admin,
-    /// The admin token or a host token (`auth::AdminOrHost`).
-    AdminOrHost,
-    /// Reads a project's resources (`auth::Reader`): any role of a project
-    /// (its own project's only) and platform admins.
-    Read,
-    /// Reads VMs (`auth::VmReader`): as [`Access::Read`], and provider
-    /// operators (the VMs on their hosts, as metadata).
-    VmRead,
-    /// Changes a project's resources (`auth::Writer`): project members and
-    /// admins, platform admins; never viewers.
-    Write,
-    /// Manages a project's tokens (`auth::ProjectAdmin`): project admins
-    /// and platform admins.
-    ProjectAdmin,
-    /// Manages sites and hosts (`auth::Infra`): provider operators (their
-    /// provider's only) and platform admins.
-    Infra,
-    /// [`Access::Read`] or a host token (`auth::ReaderOrHost`): staged
-    /// disks, which hosts fetch and projects download (their exports).
-    ReadOrHost,
-}
-
-impl Access {
-    /// Whether a caller must present a bearer token.
-    pub fn needs_token(self) -> bool {
-        self != Access::Anyone
-    }
-}
 
 /// One method on one path, who may call it, and its handler.
 pub struct Route {

@@ -7,6 +7,7 @@
 //! ([`crate::workflows`]) call these functions; they call the registry
 //! ([`crate::registry`]), the state and the store.
 
+pub mod access;
 pub mod apps;
 pub mod catalog;
 pub mod desired;

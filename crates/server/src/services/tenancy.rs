@@ -21,7 +21,7 @@ use virt8ra_api::{
 use virt8ra_store::{Store, TokenGrant, TokenKind, TokenRecord, VmFilter};
 
 use crate::error::{missing_ref, ApiError, ApiResult, Kind};
-use crate::http::auth::{Caller, Grant};
+use crate::services::access::{Caller, Grant};
 use crate::services::tokens::{hash, new_secret};
 use crate::state::Ctx;
 
