@@ -166,19 +166,55 @@ fn country_limits_hold_at_create_and_for_migrations() {
     c.import_tiny_image();
     c.cli_ok(&["project", "create", "q"]);
     let token = member_token(&c, "quinn", "q");
-    // Only the Spanish host at first: e1 goes there.
+    c.cli_ok(&["quota", "set", "q", "--country", "DE", "--vms", "1"]);
+    // Only the Spanish host at first: e1 goes there, and two VMs pinned to
+    // DE wait (a pending VM is in no country yet, so both are admitted).
     c.start_agent_with("sim-es", Some(TOPOLOGY[0].2), &["--driver", "sim"]);
     c.wait_hosts_ready(1);
     assert_eq!(create(&c, &token, "e1", None).0, 201);
     c.wait_phase("e1", "running", Duration::from_secs(60));
+    for name in ["late1", "late2"] {
+        assert_eq!(create(&c, &token, name, Some("DE")).0, 201);
+    }
     for (i, (_, _, site, ..)) in TOPOLOGY.iter().enumerate().skip(1) {
         c.start_agent_with(&format!("sim-{i}"), Some(site), &["--driver", "sim"]);
     }
     c.wait_hosts_ready(3);
-    c.cli_ok(&["quota", "set", "q", "--country", "DE", "--vms", "1"]);
+    // The scheduler places one of them in DE; the other stays pending,
+    // saying which quota holds it.
+    let held = common::wait_until("one late VM placed", Duration::from_secs(60), || {
+        let phases: Vec<Value> = ["late1", "late2"].iter().map(|n| c.vm(n)).collect();
+        let running = phases
+            .iter()
+            .filter(|v| v["status"]["phase"] == "running")
+            .count();
+        let pending: Vec<&Value> = phases
+            .iter()
+            .filter(|v| v["status"]["phase"] == "pending")
+            .collect();
+        (running == 1 && pending.len() == 1).then(|| pending[0].clone())
+    });
+    assert!(
+        held["status"]["placement_reason"]
+            .as_str()
+            .unwrap()
+            .contains("quota of project 'q' in DE exceeded: vms: 1 of 1"),
+        "{held}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        c.vm(held["name"].as_str().unwrap())["status"]["phase"],
+        "pending"
+    );
+    let (s, v) = c.api_raw(
+        "DELETE",
+        &format!("/api/v1/vms/{}", held["name"].as_str().unwrap()),
+        None,
+        Some(&token),
+    );
+    assert_eq!(s, 202, "{v}");
 
-    // At create: one VM pinned to DE fits, a second does not.
-    assert_eq!(create(&c, &token, "d1", Some("DE")).0, 201);
+    // At create: a VM pinned to DE does not fit any more.
     let (s, v) = create(&c, &token, "d2", Some("DE"));
     assert_eq!(s, 409, "{v}");
     assert!(
@@ -188,7 +224,6 @@ fn country_limits_hold_at_create_and_for_migrations() {
             .contains("quota of project 'q' in DE exceeded: vms: 1 of 1"),
         "{v}"
     );
-    c.wait_phase("d1", "running", Duration::from_secs(60));
 
     // A migration into DE would exceed it: refused, and e1 stays where it is.
     let (s, v) = c.api_raw(

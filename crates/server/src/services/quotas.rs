@@ -7,8 +7,10 @@
 //! create in line sees this one, and concurrent creates cannot together
 //! exceed a limit. A project without a quota takes no lock. The country
 //! limits are checked where the country is known: at create, for a VM
-//! placed at once or pinned to a country, and when a migration (or an
-//! evacuation's) would move a VM into another country.
+//! placed at once or pinned to a country; when the scheduler places a
+//! pending VM (one that would exceed its country's limit stays pending,
+//! saying why); and when a migration (or an evacuation's) would move a VM
+//! into another country.
 
 use std::collections::BTreeMap;
 
@@ -85,6 +87,22 @@ fn exceeded(project: &str, country: Option<&str>, why: &str) -> ApiError {
         "quota of project '{project}'{} exceeded: {why} (`virt8ra quota show {project}`)",
         country.map(|c| format!(" in {c}")).unwrap_or_default()
     ))
+}
+
+/// Why `vm`, placed by the scheduler in `country`, may not go there: its
+/// project's limit in that country (none when it fits or has no limit).
+/// The caller holds [`book`] until the placement is written.
+pub fn country_refusal(app: &Ctx, vm: &Vm, country: &str) -> Option<String> {
+    let limits = app
+        .quotas
+        .get(&vm.project)?
+        .countries
+        .get(country)
+        .cloned()?;
+    let (_, by_country) = usage(app, &vm.project);
+    let used = by_country.get(country).copied().unwrap_or_default();
+    used.exceeds(&size_of(&vm.spec), &limits)
+        .map(|why| exceeded(&vm.project, Some(country), &why).to_string())
 }
 
 /// Whether moving `vm` to `country` keeps its project's quota there
