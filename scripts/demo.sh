@@ -146,6 +146,19 @@ say "Portability: a VM moves live to another provider, and its data's rules hold
 "$BIN" vm migrations roamer
 "$BIN" vm migrate demo-vm --to-country DE || echo "(refused: demo-vm's data must stay in Poland)"
 
+say "Tenants: two projects that cannot see each other"
+for p in team-a team-b; do "$BIN" project create "$p" >/dev/null; done
+"$BIN" user create ana >/dev/null
+"$BIN" user create ben >/dev/null
+TOKEN_A=$("$BIN" token create --user ana --project team-a --role member 2>/dev/null)
+TOKEN_B=$("$BIN" token create --user ben --project team-b --role member 2>/dev/null)
+VIRT8RA_TOKEN=$TOKEN_A "$BIN" vm create a-web --image busybox --memory-mib 128 --no-start >/dev/null
+VIRT8RA_TOKEN=$TOKEN_B "$BIN" vm create b-web --image busybox --memory-mib 128 --no-start >/dev/null
+echo "ana (team-a) sees:"; VIRT8RA_TOKEN=$TOKEN_A "$BIN" vm list
+echo "ben (team-b) sees:"; VIRT8RA_TOKEN=$TOKEN_B "$BIN" vm list
+VIRT8RA_TOKEN=$TOKEN_A "$BIN" vm show b-web 2>&1 || true
+echo "the admin picks a project with --project:"; "$BIN" --project team-b vm list
+
 say "The continuum is running"
 cat <<EOT
 Try it yourself:

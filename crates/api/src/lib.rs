@@ -17,6 +17,7 @@ pub mod network;
 pub mod overlay;
 pub mod protocol;
 pub mod resources;
+pub mod tenancy;
 pub mod validate;
 
 pub use audit::*;
@@ -26,6 +27,7 @@ pub use migration::*;
 pub use network::*;
 pub use overlay::*;
 pub use resources::*;
+pub use tenancy::*;
 
 /// The body of every error answer of the API.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]

@@ -258,6 +258,9 @@ pub struct App {
     /// The SSH keys given to every replica.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_authorized_keys: Vec<String>,
+    /// The project that owns the app (and its VMs).
+    #[serde(default = "crate::tenancy::default_project")]
+    pub project: String,
     pub created_at: DateTime<Utc>,
 }
 

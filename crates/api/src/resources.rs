@@ -366,6 +366,10 @@ pub struct Image {
     /// Sites where the image is pre-staged (`image replicate`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<String>,
+    /// The project that owns the image; none: public (every project may
+    /// use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 /// Bytes of image data served, by source (`/api/v1/images/transfers`).
@@ -983,6 +987,9 @@ pub struct Network {
     pub span: NetworkSpan,
     /// Outbound traffic leaves through each host's own address (NAT).
     pub nat: bool,
+    /// The project that owns the network.
+    #[serde(default = "crate::tenancy::default_project")]
+    pub project: String,
     pub created_at: DateTime<Utc>,
 }
 
@@ -999,6 +1006,9 @@ pub struct Vm {
     pub stop_timeout_s: u32,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The project that owns the VM.
+    #[serde(default = "crate::tenancy::default_project")]
+    pub project: String,
     pub status: VmStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

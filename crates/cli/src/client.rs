@@ -10,6 +10,8 @@ use virt8ra_api::ErrorBody;
 pub struct Client {
     base: String,
     token: String,
+    /// Sent as `X-Virt8ra-Project` (`--project`, `VIRT8RA_PROJECT`).
+    project: Option<String>,
     trust: virt8ra_tls::Trust,
     http: reqwest::Client,
 }
@@ -21,6 +23,7 @@ impl Client {
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
+            project: None,
             http: trust.http_client()?,
             trust,
         })
@@ -60,6 +63,28 @@ impl Client {
         Ok(resp)
     }
 
+    /// The same client, picking `project` for every call (a platform
+    /// admin's lists show that project's resources, creates belong to it;
+    /// a project token's calls must name its own project).
+    pub fn with_project(mut self, project: Option<String>) -> Client {
+        self.project = project.filter(|p| !p.is_empty());
+        self
+    }
+
+    /// The token and the picked project on a request.
+    fn authorize(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let rb = rb.bearer_auth(&self.token);
+        match &self.project {
+            Some(p) => rb.header(virt8ra_api::PROJECT_HEADER, p),
+            None => rb,
+        }
+    }
+
+    /// The project picked with `--project` / `VIRT8RA_PROJECT`.
+    pub fn project(&self) -> Option<&str> {
+        self.project.as_deref()
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }
@@ -69,8 +94,8 @@ impl Client {
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let resp = rb
-            .bearer_auth(&self.token)
+        let resp = self
+            .authorize(rb)
             .send()
             .await
             .map_err(|e| self.send_error(e))?;
@@ -83,7 +108,7 @@ impl Client {
             .map(|b| b.error.message)
             .unwrap_or_else(|_| format!("{status}: {}", text.trim()));
         if status == StatusCode::UNAUTHORIZED {
-            bail!("{msg} (set VIRT8RA_TOKEN to the admin token)");
+            bail!("{msg} (set VIRT8RA_TOKEN to the admin token or a valid API token)");
         }
         bail!("{msg}")
     }
@@ -107,9 +132,7 @@ impl Client {
     /// A GET that answers `None` on 404.
     pub async fn get_opt<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Option<T>> {
         let resp = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(&self.token)
+            .authorize(self.http.get(self.url(path)))
             .send()
             .await
             .map_err(|e| self.send_error(e))?;

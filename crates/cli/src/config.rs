@@ -59,5 +59,9 @@ pub(crate) fn connect(g: &GlobalOpts) -> anyhow::Result<Client> {
         })?;
     let ca = ca_cert(g).or(cfg.ca_cert);
     let trust = virt8ra_tls::Trust::new(ca.as_deref(), CA_HINT)?;
-    Client::new(&url, token.trim(), trust)
+    let project = g
+        .project
+        .clone()
+        .or_else(|| std::env::var("VIRT8RA_PROJECT").ok());
+    Ok(Client::new(&url, token.trim(), trust)?.with_project(project))
 }

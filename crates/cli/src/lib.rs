@@ -33,6 +33,7 @@ pub mod output;
 pub mod progress;
 pub mod provider;
 pub mod site;
+pub mod tenancy;
 pub mod vm;
 
 pub use config::ca_cert;
@@ -56,6 +57,10 @@ pub struct GlobalOpts {
     /// API token [env: VIRT8RA_TOKEN]
     #[arg(long, global = true)]
     pub token: Option<String>,
+    /// The project of tenant commands: lists show its resources, creates
+    /// belong to it (a project token's is its own) [env: VIRT8RA_PROJECT]
+    #[arg(long, global = true)]
+    pub project: Option<String>,
     /// CA certificate (PEM) to trust besides the public web roots, for an
     /// https control plane (and, for `server` and `agent`, for what they
     /// fetch) [env: VIRT8RA_CA_CERT]
@@ -139,6 +144,23 @@ pub enum Command {
         #[arg(long)]
         month: Option<String>,
     },
+    /// Organisations: they hold projects.
+    #[command(subcommand)]
+    Org(tenancy::OrgCmd),
+    /// Projects: the tenants that own VMs, apps, images and networks.
+    #[command(subcommand)]
+    Project(tenancy::ProjectCmd),
+    /// Users: people who hold API tokens.
+    #[command(subcommand)]
+    User(tenancy::UserCmd),
+    /// API tokens of users, scoped to a project, a provider or the platform.
+    #[command(subcommand)]
+    Token(tenancy::TokenCmd),
+    /// Who the token in use is: its user, scope and role.
+    Whoami,
+    /// Projects' quotas and their use.
+    #[command(subcommand)]
+    Quota(tenancy::QuotaCmd),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -204,5 +226,11 @@ pub async fn run(g: GlobalOpts, cmd: Command) -> anyhow::Result<()> {
         Command::AdminToken(a) => admin_token(&c, o, a).await,
         Command::Audit(a) => audit::audit(&c, o, a).await,
         Command::Usage { month } => audit::usage(&c, o, month.as_deref()).await,
+        Command::Org(x) => tenancy::org(&c, o, x).await,
+        Command::Project(x) => tenancy::project(&c, o, x).await,
+        Command::User(x) => tenancy::user(&c, o, x).await,
+        Command::Token(x) => tenancy::token(&c, o, x).await,
+        Command::Whoami => tenancy::whoami(&c, o).await,
+        Command::Quota(x) => tenancy::quota(&c, o, x).await,
     }
 }

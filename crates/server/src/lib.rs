@@ -222,6 +222,8 @@ pub async fn open_with(
     let metrics = Arc::new(registry::metrics::Metrics::new());
     let store = open_store(data_dir, database, &metrics).await?;
     let created = ensure_admin_token(store.as_ref(), data_dir).await?;
+    services::tenancy::ensure_default(store.as_ref()).await?;
+    let quotas = services::tenancy::load_quotas(store.as_ref()).await?;
     store.purge_join_tokens(Utc::now()).await?;
     let hosts = registry::index::HostIndex::load(store.list_hosts().await?);
     // Every VM into memory before serving: reads are answered from there.
@@ -268,6 +270,7 @@ pub async fn open_with(
         max_image_virtual_size,
         metrics,
         power: Default::default(),
+        quotas,
     });
     Ok((app, created))
 }

@@ -94,6 +94,8 @@ pub struct ControlPlane {
     /// The showback's power model, when the operator set one (`--power-*`;
     /// else `services::usage::DEFAULT_POWER`).
     pub power: std::sync::OnceLock<virt8ra_api::PowerModel>,
+    /// Projects' quotas (see [`crate::registry::quotas`]).
+    pub quotas: crate::registry::quotas::Quotas,
 }
 
 impl ControlPlane {

@@ -12,10 +12,11 @@
 //!   written through: the cache is updated after the inner store committed,
 //!   under one lock per collection held across the write, so the cache sees
 //!   writes in their durable order.
-//! - Tokens are cached on first use, admin and host tokens only (a join
+//! - Tokens are cached on first use, admin, host and user tokens (a join
 //!   token's remaining uses change with every join, so those are always read
-//!   from the database). A deleted host's tokens leave the cache with it,
-//!   and a rotated admin token with its rotation.
+//!   from the database). A deleted host's tokens leave the cache with it, a
+//!   rotated admin token with its rotation, and a revoked user token (also
+//!   one deleted with its user or project) with its deletion.
 //!
 //! This assumes one control plane process owns the database (true of the
 //! embedded SQLite store). A highly available control plane with several
@@ -148,7 +149,7 @@ pub struct CachedStore<S> {
 }
 
 fn cacheable(t: &TokenRecord) -> bool {
-    matches!(t.kind, TokenKind::Admin | TokenKind::Host)
+    matches!(t.kind, TokenKind::Admin | TokenKind::Host | TokenKind::User)
 }
 
 impl<S: Store> CachedStore<S> {
@@ -554,6 +555,7 @@ mod tests {
             expires_at: None,
             uses_left: Some(1),
             created_at: Utc::now(),
+            grant: None,
         };
         s.create_token(&tok("a", TokenKind::Admin, "ha"))
             .await
@@ -572,6 +574,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_revoked_user_token_stops_working_at_once() {
+        let s = CachedStore::new(SqliteStore::in_memory().expect("store"))
+            .await
+            .expect("cached");
+        let t = TokenRecord {
+            id: "u1".into(),
+            kind: TokenKind::User,
+            hash: "h-u1".into(),
+            site: None,
+            host_id: None,
+            expires_at: None,
+            uses_left: None,
+            created_at: Utc::now(),
+            grant: Some(crate::TokenGrant {
+                user: "ana".into(),
+                scope: "project:p".into(),
+                role: "member".into(),
+                name: "ci".into(),
+            }),
+        };
+        s.create_token(&t).await.expect("create");
+        assert_eq!(s.find_token("h-u1").await.expect("find"), Some(t.clone()));
+        assert!(s.tokens.read().expect("lock").contains_key("h-u1"));
+        assert!(s.delete_token(TokenKind::User, "u1").await.expect("delete"));
+        assert!(s.find_token("h-u1").await.expect("find").is_none());
+        assert!(!s.tokens.read().expect("lock").contains_key("h-u1"));
+    }
+
+    #[tokio::test]
     async fn a_replaced_admin_token_stops_working_at_once() {
         let s = CachedStore::new(SqliteStore::in_memory().expect("store"))
             .await
@@ -585,6 +616,7 @@ mod tests {
             expires_at: None,
             uses_left: None,
             created_at: Utc::now(),
+            grant: None,
         };
         s.create_token(&tok("old", "h-old")).await.expect("create");
         // Cached by the lookup.

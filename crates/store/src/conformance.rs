@@ -165,6 +165,8 @@ both!(
     one_address_goes_to_one_of_many_concurrent_creates,
     deletes_are_refused_while_something_uses_the_resource,
     migrations_are_one_active_per_vm_and_written_with_it,
+    user_tokens_keep_their_grant_and_others_have_none,
+    vm_list_filters_by_project_with_default_for_older_rows,
 );
 
 #[path = "conformance_audit.rs"]
@@ -214,6 +216,7 @@ fn image(name: &str) -> Image {
         version: None,
         provenance: None,
         sites: vec![],
+        project: None,
     }
 }
 
@@ -240,6 +243,7 @@ pub(crate) fn vm(name: &str) -> Vm {
         reboot_generation: 0,
         stop_timeout_s: 30,
         labels: Default::default(),
+        project: virt8ra_api::DEFAULT_PROJECT.into(),
         status: VmStatus {
             phase: VmPhase::Pending,
             host: None,
@@ -312,6 +316,7 @@ fn host_token(n: &str) -> TokenRecord {
         expires_at: None,
         uses_left: None,
         created_at: Utc::now(),
+        grant: None,
     }
 }
 
@@ -325,6 +330,7 @@ fn join_token(id: &str, uses: Option<u32>) -> TokenRecord {
         expires_at: None,
         uses_left: uses,
         created_at: Utc::now(),
+        grant: None,
     }
 }
 
@@ -339,6 +345,7 @@ fn network(name: &str) -> Network {
         vni: 0,
         span: NetworkSpan::default(),
         nat: true,
+        project: virt8ra_api::DEFAULT_PROJECT.into(),
         created_at: Utc::now(),
     }
 }
@@ -1185,4 +1192,97 @@ async fn migrations_are_one_active_per_vm_and_written_with_it<B: Backend>() {
         .await
         .unwrap_err();
     assert_eq!(e.to_string(), "migration 'nope' not found");
+}
+
+/// A user token's owner, scope, role and name come back as written; the
+/// other kinds have no grant; revoking (deleting) one leaves the others.
+async fn user_tokens_keep_their_grant_and_others_have_none<B: Backend>() {
+    let b = B::new();
+    let s = b.open().await;
+    let user = |id: &str, scope: &str, role: &str| TokenRecord {
+        kind: TokenKind::User,
+        site: None,
+        expires_at: Some(Utc::now() + chrono::Duration::days(30)),
+        grant: Some(crate::TokenGrant {
+            user: "ana".into(),
+            scope: scope.into(),
+            role: role.into(),
+            name: format!("{id}-name"),
+        }),
+        ..join_token(id, None)
+    };
+    let a = user("u1", "project:shop", "member");
+    let o = user("u2", "provider:p1", "operator");
+    s.create_token(&a).await.unwrap();
+    s.create_token(&o).await.unwrap();
+    s.create_token(&join_token("j1", Some(1))).await.unwrap();
+    let got = s.find_token("hash-u1").await.unwrap().unwrap();
+    // Timestamps are kept to the microsecond.
+    assert_eq!(got.grant, a.grant);
+    assert_eq!(got.kind, TokenKind::User);
+    assert!(got.expires_at.is_some());
+    assert_eq!(s.find_token("hash-j1").await.unwrap().unwrap().grant, None);
+    let listed: Vec<_> = s
+        .list_tokens(TokenKind::User)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.id, t.grant.map(|g| g.scope)))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("u1".to_string(), Some("project:shop".to_string())),
+            ("u2".to_string(), Some("provider:p1".to_string()))
+        ]
+    );
+    assert!(s.delete_token(TokenKind::User, "u1").await.unwrap());
+    assert!(s.find_token("hash-u1").await.unwrap().is_none());
+    assert!(s.find_token("hash-u2").await.unwrap().is_some());
+    // Purging join tokens leaves user tokens, expired or not.
+    assert_eq!(
+        s.purge_join_tokens(Utc::now() + chrono::Duration::days(60))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(s.count_tokens(TokenKind::User).await.unwrap(), 1);
+}
+
+/// The store's VM list filters by project; a row written before VMs had
+/// a project (no `project` in its body) is the `default` project's.
+async fn vm_list_filters_by_project_with_default_for_older_rows<B: Backend>() {
+    let b = B::new();
+    let s = b.open().await;
+    for (name, project) in [("a1", "a"), ("b1", "b"), ("d1", "default")] {
+        let mut v = vm(name);
+        v.project = project.into();
+        s.create_vm(&v, &[]).await.unwrap();
+    }
+    B::exec(
+        &s,
+        "UPDATE vms SET body = replace(body, '\"project\":\"default\",', '') WHERE name = 'd1'",
+    )
+    .await;
+    let names = |p: &str| {
+        let f = VmFilter {
+            project: Some(p.into()),
+            ..Default::default()
+        };
+        let s = &s;
+        async move {
+            s.list_vms(&f)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|v| v.name)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(names("a").await, ["a1"]);
+    assert_eq!(names("b").await, ["b1"]);
+    let d = s.get_vm("d1").await.unwrap();
+    assert_eq!(d.project, "default", "the older row reads as default's");
+    assert_eq!(names("default").await, ["d1"]);
+    assert!(names("c").await.is_empty());
 }

@@ -37,6 +37,6 @@ mod store;
 pub use cached::CachedStore;
 pub use error::{ErrorSource, Result, StoreError};
 pub use postgres::{parse_url as parse_postgres_url, redact_url, PgStore};
-pub use records::{AuditFilter, TokenKind, TokenRecord, VmFilter};
+pub use records::{AuditFilter, TokenGrant, TokenKind, TokenRecord, VmFilter};
 pub use sqlite::{CommitHook, SqliteStore};
 pub use store::Store;

@@ -13,6 +13,8 @@ pub enum TokenKind {
     Join,
     /// The credential of one host's agent.
     Host,
+    /// A person's API token: what it may do is its [`TokenGrant`].
+    User,
 }
 
 impl TokenKind {
@@ -21,6 +23,7 @@ impl TokenKind {
             TokenKind::Admin => "admin",
             TokenKind::Join => "join",
             TokenKind::Host => "host",
+            TokenKind::User => "user",
         }
     }
     pub fn parse(s: &str) -> Option<TokenKind> {
@@ -28,6 +31,7 @@ impl TokenKind {
             "admin" => TokenKind::Admin,
             "join" => TokenKind::Join,
             "host" => TokenKind::Host,
+            "user" => TokenKind::User,
             _ => return None,
         })
     }
@@ -46,6 +50,33 @@ pub struct TokenRecord {
     pub expires_at: Option<DateTime<Utc>>,
     pub uses_left: Option<u32>,
     pub created_at: DateTime<Utc>,
+    /// Whose token it is and what it may do (user tokens).
+    pub grant: Option<TokenGrant>,
+}
+
+/// A user token's owner, scope and role. The scope is `platform`,
+/// `project:NAME` or `provider:NAME`; the role `admin`, `member`, `viewer`
+/// (project scopes) or `operator` (provider scopes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// The owner's user name.
+    pub user: String,
+    pub scope: String,
+    pub role: String,
+    /// The name its owner gave it (unique per user is not enforced).
+    pub name: String,
+}
+
+/// A grant from its four stored columns (user, scope, role, name): all
+/// four or none.
+pub(crate) fn grant_of(cols: [Option<String>; 4]) -> Option<TokenGrant> {
+    let [user, scope, role, name] = cols;
+    Some(TokenGrant {
+        user: user?,
+        scope: scope?,
+        role: role?,
+        name: name?,
+    })
 }
 
 /// Filters for listing VMs. `None` matches everything.
@@ -56,6 +87,8 @@ pub struct VmFilter {
     pub provider: Option<String>,
     pub country: Option<String>,
     pub phase: Option<VmPhase>,
+    /// The project (name) owning the VM; a VM without one is `default`'s.
+    pub project: Option<String>,
     /// Include VMs in phase `deleted` (default: no).
     pub include_deleted: bool,
     /// Return VMs whose id sorts after this one (cursor pagination).

@@ -301,6 +301,24 @@ CREATE INDEX nic_leases_vm ON nic_leases(vm);
 "#,
     },
     Upgrade {
+        name: "user tokens: owner, scope, role and name",
+        sqlite: r#"
+-- A person's API token: its owner (a user's name), its scope (platform,
+-- project:NAME or provider:NAME), its role in that scope and its name.
+-- Admin, join and host tokens leave them NULL.
+ALTER TABLE tokens ADD COLUMN user_name TEXT;
+ALTER TABLE tokens ADD COLUMN scope TEXT;
+ALTER TABLE tokens ADD COLUMN role TEXT;
+ALTER TABLE tokens ADD COLUMN token_name TEXT;
+"#,
+        postgres: r#"
+ALTER TABLE tokens ADD COLUMN user_name TEXT COLLATE "C";
+ALTER TABLE tokens ADD COLUMN scope TEXT COLLATE "C";
+ALTER TABLE tokens ADD COLUMN role TEXT COLLATE "C";
+ALTER TABLE tokens ADD COLUMN token_name TEXT COLLATE "C";
+"#,
+    },
+    Upgrade {
         name: "the audit log and the VMs' residency trail",
         sqlite: r#"
 -- Append-only: no statement of virt8ra updates a record, and this trigger

@@ -1,9 +1,12 @@
 //! The authentication table: every route of the control plane's route table
 //! (`virt8ra_server::http::routes`, the only source the router is built from)
 //! is called on a real control plane with no credential, a malformed
-//! `Authorization` header, an unknown token, a join token, a host token and
-//! the admin token, and the answer must match who the table says may call
-//! it. A route that lets a credential through that its table entry does not
+//! `Authorization` header, an unknown token, a join token, a host token,
+//! the admin token, and user tokens of a project's admin, member and
+//! viewer and of a provider's operator, and the answer must match who the
+//! table says may call it (the table names the permission every route
+//! needs; the router is built from the table alone, so a route cannot
+//! ship without one). A route that lets a credential through that its table entry does not
 //! accept, or refuses one it does, fails the test, whatever the route.
 //!
 //! Path parameters are filled with values that name nothing, and bodies are
@@ -27,6 +30,10 @@ enum Cred {
     Join,
     Host,
     Admin,
+    ProjectAdmin,
+    Member,
+    Viewer,
+    Operator,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +61,15 @@ fn expect(access: Access, cred: Cred) -> Expect {
             };
         }
         Cred::Join => matches!(access, Anyone | Join),
-        Cred::Host => matches!(access, Anyone | Host | AdminOrHost),
-        Cred::Admin => matches!(access, Anyone | Admin | AdminOrHost),
+        Cred::Host => matches!(access, Anyone | Host | AdminOrHost | ReadOrHost),
+        Cred::Admin => !matches!(access, Join | Host),
+        Cred::ProjectAdmin => matches!(
+            access,
+            Anyone | Read | VmRead | Write | ProjectAdmin | ReadOrHost
+        ),
+        Cred::Member => matches!(access, Anyone | Read | VmRead | Write | ReadOrHost),
+        Cred::Viewer => matches!(access, Anyone | Read | VmRead | ReadOrHost),
+        Cred::Operator => matches!(access, Anyone | VmRead | Infra),
     };
     if accepted {
         Expect::Allowed
@@ -104,10 +118,33 @@ fn host_token(c: &Cluster) -> String {
     v["host_token"].as_str().unwrap().to_string()
 }
 
+/// A user token of `role` in project `auth-table`, or of the operator of
+/// the first provider.
+fn user_token(c: &Cluster, role: &str) -> String {
+    let user = format!("auth-table-{role}");
+    c.ok("POST", "/api/v1/users", Some(json!({"name": user})));
+    let body = if role == "operator" {
+        json!({"user": user, "provider": TOPOLOGY[0].0})
+    } else {
+        json!({"user": user, "project": "auth-table", "role": role})
+    };
+    c.ok("POST", "/api/v1/tokens", Some(body))["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn every_route_answers_each_credential_as_its_table_entry_says() {
     let c = Cluster::start();
     c.create_topology();
+    c.ok(
+        "POST",
+        "/api/v1/projects",
+        Some(json!({"name": "auth-table"})),
+    );
+    let [project_admin, member, viewer, operator] =
+        ["admin", "member", "viewer", "operator"].map(|r| user_token(&c, r));
     let host = host_token(&c);
     let join = c.ok(
         "POST",
@@ -128,6 +165,10 @@ fn every_route_answers_each_credential_as_its_table_entry_says() {
             Cred::Join => Some(format!("Bearer {join}")),
             Cred::Host => Some(format!("Bearer {host}")),
             Cred::Admin => Some(format!("Bearer {admin}")),
+            Cred::ProjectAdmin => Some(format!("Bearer {project_admin}")),
+            Cred::Member => Some(format!("Bearer {member}")),
+            Cred::Viewer => Some(format!("Bearer {viewer}")),
+            Cred::Operator => Some(format!("Bearer {operator}")),
         }
     };
     let http = common::https_client(None);
@@ -138,6 +179,10 @@ fn every_route_answers_each_credential_as_its_table_entry_says() {
         Cred::Join,
         Cred::Host,
         Cred::Admin,
+        Cred::ProjectAdmin,
+        Cred::Member,
+        Cred::Viewer,
+        Cred::Operator,
     ];
 
     let table = routes();
@@ -201,6 +246,12 @@ fn every_route_answers_each_credential_as_its_table_entry_says() {
         Access::Host,
         Access::Admin,
         Access::AdminOrHost,
+        Access::Read,
+        Access::VmRead,
+        Access::Write,
+        Access::ProjectAdmin,
+        Access::Infra,
+        Access::ReadOrHost,
     ] {
         assert!(table.iter().any(|r| r.access == a), "no route with {a:?}");
     }

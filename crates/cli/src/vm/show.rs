@@ -131,6 +131,7 @@ pub(crate) fn show_vm(v: &Vm) {
     fields(vec![
         ("name", v.name.clone()),
         ("id", v.id.clone()),
+        ("project", v.project.clone()),
         ("phase", s.phase.as_str().into()),
         (
             "power (desired)",

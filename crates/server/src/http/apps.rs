@@ -15,7 +15,8 @@ use virt8ra_api::{App as AppView, AppCreate};
 
 use super::extract::Body;
 use crate::error::ApiResult;
-use crate::http::auth::Admin;
+use crate::error::Kind;
+use crate::http::auth::{Caller, Reader, Writer};
 use crate::services::apps::*;
 use crate::state::Ctx;
 
@@ -25,18 +26,27 @@ use crate::state::Ctx;
     security(("bearer" = [])))]
 /// Deploys an appliance at every location, all or nothing.
 pub async fn create(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Body(req): Body<AppCreate>,
 ) -> ApiResult<(StatusCode, Json<AppView>)> {
-    let view = deploy(&app, req).await?;
+    let view = deploy(&app, req, &c.owner()).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 #[utoipa::path(get, path = "/api/v1/apps", tag = "apps",
     responses((status = 200, body = Vec<virt8ra_api::App>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<AppView>>> {
-    Ok(Json(list_all(&app).await?))
+pub async fn list(Reader(c): Reader, State(app): State<Ctx>) -> ApiResult<Json<Vec<AppView>>> {
+    let mut apps = list_all(&app).await?;
+    apps.retain(|a| c.sees(&a.project) && c.list_project().is_none_or(|p| p == a.project));
+    Ok(Json(apps))
+}
+
+/// The app `key` if the caller sees its project (else a 404).
+async fn tenant_app(app: &Ctx, c: &Caller, key: &str) -> ApiResult<AppRecord> {
+    let r = load(app, key).await?;
+    c.check(&r.project, Kind::App, key)?;
+    Ok(r)
 }
 
 #[utoipa::path(get, path = "/api/v1/apps/{key}", tag = "apps",
@@ -44,10 +54,11 @@ pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<AppVie
     responses((status = 200, body = virt8ra_api::App), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<AppView>> {
+    tenant_app(&app, &c, &key).await?;
     Ok(Json(get(&app, &key).await?))
 }
 
@@ -57,9 +68,10 @@ pub async fn show(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<AppView>)> {
+    tenant_app(&app, &c, &key).await?;
     Ok((StatusCode::ACCEPTED, Json(remove(&app, &key).await?)))
 }

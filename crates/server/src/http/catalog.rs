@@ -16,7 +16,7 @@ use virt8ra_api::{Appliance, Catalog, CatalogCreate, CatalogEntry, SignedCatalog
 
 use super::extract::Body;
 use crate::error::ApiResult;
-use crate::http::auth::Admin;
+use crate::http::auth::{Admin, Reader};
 use crate::services::catalog;
 use crate::state::Ctx;
 
@@ -39,7 +39,7 @@ pub async fn publish(
     responses((status = 200, body = Vec<CatalogEntry>)), security(("bearer" = [])))]
 /// Every appliance this control plane can deploy: its own and those of the
 /// catalogs it trusts.
-pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<CatalogEntry>>> {
+pub async fn list(_: Reader, State(app): State<Ctx>) -> ApiResult<Json<Vec<CatalogEntry>>> {
     Ok(Json(catalog::entries(&app).await?))
 }
 
@@ -48,7 +48,7 @@ pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Vec<Catalo
     responses((status = 200, body = CatalogEntry), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    _: Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<CatalogEntry>> {

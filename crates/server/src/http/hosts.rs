@@ -8,8 +8,8 @@ use serde::Deserialize;
 use virt8ra_api::{Host, HostState, HostUpdate, JoinToken, JoinTokenCreate, Page};
 
 use super::extract::{Body, Query};
-use crate::error::ApiResult;
-use crate::http::auth::Admin;
+use crate::error::{ApiError, ApiResult, Kind};
+use crate::http::auth::{Caller, Infra};
 use crate::services::{tokens, topology};
 use crate::state::Ctx;
 
@@ -26,13 +26,20 @@ pub struct HostQuery {
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", params(HostQuery),
     responses((status = 200, body = Page<Host>)), security(("bearer" = [])))]
 pub async fn list(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Query(q): Query<HostQuery>,
 ) -> ApiResult<Json<Page<Host>>> {
+    let op = c.operator_of().map(str::to_string);
+    if op.is_some() && q.provider.is_some() && q.provider != op {
+        return Ok(Json(Page {
+            items: vec![],
+            next_cursor: None,
+        }));
+    }
     let filter = topology::HostFilter {
         site: q.site,
-        provider: q.provider,
+        provider: op.or(q.provider),
         country: q.country,
         state: q.state,
     };
@@ -47,11 +54,18 @@ pub async fn list(
     responses((status = 200, body = Host), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Host>> {
-    Ok(Json(topology::host(&app, &key).await?))
+    Ok(Json(operated_host(&app, &c, &key).await?))
+}
+
+/// The host `key` if the caller manages its provider (else a 404).
+async fn operated_host(app: &Ctx, c: &Caller, key: &str) -> ApiResult<Host> {
+    let h = topology::host(app, key).await?;
+    c.check_provider(&h.provider, Kind::Host, key)?;
+    Ok(h)
 }
 
 #[utoipa::path(patch, path = "/api/v1/hosts/{key}", tag = "hosts", request_body = HostUpdate,
@@ -60,11 +74,12 @@ pub async fn show(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn update(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<HostUpdate>,
 ) -> ApiResult<Json<Host>> {
+    operated_host(&app, &c, &key).await?;
     Ok(Json(topology::update_host(&app, &key, req).await?))
 }
 
@@ -74,10 +89,11 @@ pub async fn update(
               (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
+    operated_host(&app, &c, &key).await?;
     topology::delete_host(&app, &key).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -86,10 +102,21 @@ pub async fn delete(
     responses((status = 201, body = JoinToken), (status = 400, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn create_join_token(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Body(req): Body<JoinTokenCreate>,
 ) -> ApiResult<(StatusCode, Json<JoinToken>)> {
+    if let Some(op) = c.operator_of() {
+        // Another provider's site is, to an operator, one that does not exist.
+        let site = topology::site(&app, &req.site).await.ok();
+        if site.is_none_or(|s| s.provider != op) {
+            return Err(ApiError::BadRef {
+                field: Some("site".into()),
+                kind: Kind::Site,
+                name: req.site.clone(),
+            });
+        }
+    }
     let t = tokens::create_join_token(&app, &req).await?;
     Ok((StatusCode::CREATED, Json(t)))
 }

@@ -19,19 +19,42 @@ use tokio::io::AsyncSeekExt;
 use virt8ra_api::{Image, Page};
 
 use super::extract::Query;
-use crate::error::{ApiError, ApiResult};
-use crate::http::auth::{Admin, AdminOrHost};
+use crate::error::{ApiError, ApiResult, Kind};
+use crate::http::auth::{Admin, AdminOrHost, Caller, Grant, Reader, Writer};
 use crate::services::images;
 use crate::services::uploads;
 use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/images", tag = "images",
     responses((status = 200, body = Page<Image>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Image>>> {
+pub async fn list(Reader(c): Reader, State(app): State<Ctx>) -> ApiResult<Json<Page<Image>>> {
+    let mut items = images::list(&app).await?;
+    // Public images and the project's own (a platform admin who picked a
+    // project: that project's and the public ones).
+    items.retain(|i| {
+        i.project
+            .as_deref()
+            .is_none_or(|p| c.sees(p) && c.list_project().is_none_or(|l| l == p))
+    });
     Ok(Json(Page {
-        items: images::list(&app).await?,
+        items,
         next_cursor: None,
     }))
+}
+
+/// The image `key` if the caller sees it (public, or its project's).
+async fn tenant_image(app: &Ctx, c: &Caller, key: &str) -> ApiResult<Image> {
+    let i = images::get(app, key).await?;
+    if let Some(p) = &i.project {
+        c.check(p, Kind::Image, key)?;
+    }
+    Ok(i)
+}
+
+/// The project a new image belongs to: a project token's; a platform
+/// admin's pick, or none (public).
+fn image_owner(c: &Caller) -> Option<String> {
+    c.project.clone()
 }
 
 #[utoipa::path(get, path = "/api/v1/images/{key}", tag = "images",
@@ -39,11 +62,11 @@ pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Image
     responses((status = 200, body = Image), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Image>> {
-    Ok(Json(images::get(&app, &key).await?))
+    Ok(Json(tenant_image(&app, &c, &key).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/images/{key}", tag = "images",
@@ -52,10 +75,17 @@ pub async fn show(
               (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
+    let i = tenant_image(&app, &c, &key).await?;
+    if i.project.is_none() && matches!(c.grant, Grant::Project { .. }) {
+        return Err(ApiError::Forbidden(format!(
+            "image '{}' is public: only a platform admin can delete it",
+            i.name
+        )));
+    }
     images::delete(&app, &key).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -81,7 +111,7 @@ pub struct UploadQuery {
               (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn upload(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Query(q): Query<UploadQuery>,
     headers: HeaderMap,
@@ -93,6 +123,7 @@ pub async fn upload(
         arch: q.arch,
         labels: q.labels,
         version: q.version,
+        project: image_owner(&c),
     };
     let i = uploads::upload_image(&app, q, body.into_data_stream()).await?;
     Ok((StatusCode::CREATED, Json(i)))
@@ -104,11 +135,11 @@ pub async fn upload(
               (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn import_url(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     super::extract::Body(req): super::extract::Body<virt8ra_api::ImageImportUrl>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
-    let i = images::import_url(&app, req).await?;
+    let i = images::import_url(&app, req, image_owner(&c)).await?;
     Ok((StatusCode::CREATED, Json(i)))
 }
 

@@ -13,9 +13,12 @@ use virt8ra_api::{
 };
 
 use super::extract::{Body, Query};
-use crate::error::ApiResult;
-use crate::http::auth::{Admin, AdminOrHost, HostAuth};
-use crate::services::topology::Of;
+use crate::error::{ApiError, ApiResult, Kind};
+use crate::http::auth::{
+    Admin, AdminOrHost, Caller, Grant, HostAuth, Infra, Reader, ReaderOrHost, Writer,
+};
+use crate::http::vms::tenant_vm;
+use crate::services::topology::{self, Of};
 use crate::services::{migrations, uploads};
 use crate::state::Ctx;
 use crate::workflows::{evacuation, migration, rebalance};
@@ -27,11 +30,12 @@ use crate::workflows::{evacuation, migration, rebalance};
               (status = 409, body = virt8ra_api::ErrorBody, description = "No allowed or compatible target, or the VM cannot move now")),
     security(("bearer" = [])))]
 pub async fn create(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<MigrationCreate>,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
+    tenant_vm(&app, &c, &key)?;
     let m = migration::start(&app, &key, &req, &[]).await?;
     Ok((StatusCode::ACCEPTED, Json(m)))
 }
@@ -52,12 +56,17 @@ pub struct MigrationQuery {
               (status = 404, body = virt8ra_api::ErrorBody, description = "The `vm` filter names no VM")),
     security(("bearer" = [])))]
 pub async fn list(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Query(q): Query<MigrationQuery>,
 ) -> ApiResult<Json<Page<Migration>>> {
+    if let Some(vm) = &q.vm {
+        tenant_vm(&app, &c, vm)?;
+    }
+    let mut items = migrations::list(&app, q.vm.as_deref(), q.active).await?;
+    items.retain(|m| sees_vm(&app, &c, &m.vm_id));
     Ok(Json(Page {
-        items: migrations::list(&app, q.vm.as_deref(), q.active).await?,
+        items,
         next_cursor: None,
     }))
 }
@@ -67,11 +76,24 @@ pub async fn list(
     responses((status = 200, body = Migration), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Migration>> {
-    Ok(Json(migrations::get(&app, &id).await?))
+    let m = migrations::get(&app, &id).await?;
+    if !sees_vm(&app, &c, &m.vm_id) {
+        return Err(ApiError::not_found(Kind::Migration, id));
+    }
+    Ok(Json(m))
+}
+
+/// Whether the caller sees VM `vm_id`'s project (and, for a platform
+/// admin who picked a project, whether it is that project's).
+fn sees_vm(app: &Ctx, c: &Caller, vm_id: &str) -> bool {
+    match app.vms.get(vm_id) {
+        Some(v) => c.sees(&v.project) && c.list_project().is_none_or(|p| p == v.project),
+        None => c.is_platform(),
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{key}/migrations", tag = "migrations",
@@ -80,10 +102,11 @@ pub async fn show(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn history(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<Migration>>> {
+    tenant_vm(&app, &c, &key)?;
     Ok(Json(migrations::history(&app, &key).await?))
 }
 
@@ -93,11 +116,12 @@ pub async fn history(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn evacuate_host(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
+    operates(&app, &c, Of::Host, &key).await?;
     let out = evacuation::evacuate_of(&app, Of::Host, &key, req).await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
@@ -108,11 +132,12 @@ pub async fn evacuate_host(
               (status = 409, body = virt8ra_api::ErrorBody, description = "The site has no hosts")),
     security(("bearer" = [])))]
 pub async fn evacuate_site(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
+    operates(&app, &c, Of::Site, &key).await?;
     let out = evacuation::evacuate_of(&app, Of::Site, &key, req).await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
@@ -123,11 +148,12 @@ pub async fn evacuate_site(
               (status = 409, body = virt8ra_api::ErrorBody, description = "The provider has no hosts")),
     security(("bearer" = [])))]
 pub async fn evacuate_provider(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<EvacuateRequest>,
 ) -> ApiResult<(StatusCode, Json<Evacuation>)> {
+    operates(&app, &c, Of::Provider, &key).await?;
     let out = evacuation::evacuate_of(&app, Of::Provider, &key, req).await?;
     Ok((StatusCode::ACCEPTED, Json(out)))
 }
@@ -138,10 +164,11 @@ pub async fn evacuate_provider(
               (status = 404, body = virt8ra_api::ErrorBody), (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn export(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<VmExport>)> {
+    tenant_vm(&app, &c, &key)?;
     let e = crate::workflows::export::start(&app, &key).await?;
     Ok((StatusCode::ACCEPTED, Json(e)))
 }
@@ -151,11 +178,44 @@ pub async fn export(
     responses((status = 200, body = VmExport), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show_export(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<VmExport>> {
-    Ok(Json(migrations::export(&app, &id).await?))
+    Ok(Json(tenant_export(&app, &c, &id).await?))
+}
+
+/// The export `id` if the caller sees its VM's project (else a 404).
+async fn tenant_export(app: &Ctx, c: &Caller, id: &str) -> ApiResult<VmExport> {
+    let e = migrations::export(app, id).await?;
+    // The index keeps deleted VMs, so an export's VM is always found.
+    let project = app.vms.get(&e.vm_id).map(|v| v.project.clone());
+    match project {
+        Some(p) if c.sees(&p) => Ok(e),
+        None if c.is_platform() => Ok(e),
+        _ => Err(ApiError::not_found(Kind::Export, id)),
+    }
+}
+
+/// `Ok` if the caller manages the provider of the host, site or provider
+/// `key` (platform admins: every one); another provider's is a 404.
+pub async fn operates(app: &Ctx, c: &Caller, of: Of, key: &str) -> ApiResult<()> {
+    if c.operator_of().is_none() {
+        return Ok(());
+    }
+    let (provider, kind) = match of {
+        Of::Host => (
+            app.hosts
+                .get(key)
+                .ok_or_else(|| ApiError::not_found(Kind::Host, key))?
+                .provider
+                .clone(),
+            Kind::Host,
+        ),
+        Of::Site => (topology::site(app, key).await?.provider, Kind::Site),
+        Of::Provider => (topology::provider(app, key).await?.name, Kind::Provider),
+    };
+    c.check_provider(&provider, kind, key)
 }
 
 #[utoipa::path(delete, path = "/api/v1/exports/{id}", tag = "migrations",
@@ -163,10 +223,11 @@ pub async fn show_export(
     responses((status = 204, description = "The staged disk is removed"), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete_export(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
+    tenant_export(&app, &c, &id).await?;
     crate::workflows::export::cancel(&app, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -222,12 +283,24 @@ pub async fn staged(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(
-    who: AdminOrHost,
+    ReaderOrHost(c): ReaderOrHost,
     State(app): State<Ctx>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let f = uploads::open_staged(&app, who.0.as_deref(), &id).await?;
+    let host = match &c.grant {
+        Grant::Host(h) => Some(h.as_str()),
+        Grant::Platform => None,
+        // A project downloads its exports' disks, nothing else staged.
+        _ => {
+            let (export, _) = uploads::staging_key(&id)?;
+            tenant_export(&app, &c, export)
+                .await
+                .map_err(|_| ApiError::not_found(Kind::StagedDisk, &id))?;
+            None
+        }
+    };
+    let f = uploads::open_staged(&app, host, &id).await?;
     let (f, status, hdrs) = super::images::ranged(f, &headers).await?;
     let body = RawBody::from_stream(tokio_util::io::ReaderStream::new(f));
     Ok(super::images::respond(status, body, hdrs))

@@ -29,6 +29,7 @@ pub mod relay;
 pub mod routes;
 pub mod sites;
 pub mod system;
+pub mod tenancy;
 pub mod tokens;
 pub mod vms;
 pub mod watch;

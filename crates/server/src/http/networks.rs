@@ -8,16 +8,18 @@ use axum::Json;
 use virt8ra_api::{Network, NetworkCreate, NetworkHost, Page};
 
 use super::extract::Body;
-use crate::error::ApiResult;
-use crate::http::auth::Admin;
+use crate::error::{ApiResult, Kind};
+use crate::http::auth::{Reader, Writer};
 use crate::services::networks;
 use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/networks", tag = "networks",
     responses((status = 200, body = Page<Network>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Network>>> {
+pub async fn list(Reader(c): Reader, State(app): State<Ctx>) -> ApiResult<Json<Page<Network>>> {
+    let mut items = networks::list(&app).await?;
+    items.retain(|n| c.sees(&n.project) && c.list_project().is_none_or(|p| p == n.project));
     Ok(Json(Page {
-        items: networks::list(&app).await?,
+        items,
         next_cursor: None,
     }))
 }
@@ -28,11 +30,11 @@ pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Netwo
               (status = 409, body = virt8ra_api::ErrorBody, description = "A network of this name exists")),
     security(("bearer" = [])))]
 pub async fn create(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Body(req): Body<NetworkCreate>,
 ) -> ApiResult<(StatusCode, Json<Network>)> {
-    let n = networks::create(&app, &req).await?;
+    let n = networks::create(&app, &req, &c.owner()).await?;
     Ok((StatusCode::CREATED, Json(n)))
 }
 
@@ -41,11 +43,13 @@ pub async fn create(
     responses((status = 200, body = Network), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Network>> {
-    Ok(Json(networks::get(&app, &key).await?))
+    let n = networks::get(&app, &key).await?;
+    c.check(&n.project, Kind::Network, &key)?;
+    Ok(Json(n))
 }
 
 #[utoipa::path(get, path = "/api/v1/networks/{key}/hosts", tag = "networks",
@@ -55,11 +59,12 @@ pub async fn show(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn hosts(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Page<NetworkHost>>> {
     let n = networks::get(&app, &key).await?;
+    c.check(&n.project, Kind::Network, &key)?;
     Ok(Json(Page {
         items: crate::services::overlay::network_hosts(&app, &n.id),
         next_cursor: None,
@@ -72,10 +77,12 @@ pub async fn hosts(
               (status = 409, body = virt8ra_api::ErrorBody, description = "VMs still have NICs on the network (the message names them)")),
     security(("bearer" = [])))]
 pub async fn delete(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
+    let n = networks::get(&app, &key).await?;
+    c.check(&n.project, Kind::Network, &key)?;
     networks::delete(&app, &key).await?;
     Ok(StatusCode::NO_CONTENT)
 }

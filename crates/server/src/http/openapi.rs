@@ -19,14 +19,14 @@ use utoipa::{Modify, OpenApi};
 
 use super::{
     agent, apps, audit, catalog, hosts, images, migrations, networks, providers, relay, sites,
-    tokens, vms, watch,
+    tenancy, tokens, vms, watch,
 };
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "virt8ra",
-        description = "Sovereign multi-provider cloud-edge control plane. Every call needs `Authorization: Bearer TOKEN` except /healthz, this document, and, public by design, this control plane's signed catalog (/api/v1/catalog) and its published images (/api/v1/catalog/images/{sha256}), which other control planes fetch and verify with the catalog's public key (given out of band: /api/v1/catalog/key needs the admin token). A missing, malformed, unknown or expired token is answered 401, a valid token of a kind the operation does not accept 403.",
+        description = "Sovereign multi-provider cloud-edge control plane. Every call needs `Authorization: Bearer TOKEN` except /healthz, this document, and, public by design, this control plane's signed catalog (/api/v1/catalog) and its published images (/api/v1/catalog/images/{sha256}), which other control planes fetch and verify with the catalog's public key (given out of band: /api/v1/catalog/key needs the admin token). A missing, malformed, unknown, expired or revoked token is answered 401, a valid token of a kind or role the operation does not accept 403. A user token is scoped to a project (role viewer, member or admin), to a provider (operator) or to the platform; a project token sees only its project's resources, and another project's are answered 404. A platform admin picks the project of a call with the `X-Virt8ra-Project` header (lists show that project's, creates belong to it; without it, creates belong to `default`).",
         license(name = "Apache-2.0")
     ),
     paths(
@@ -49,6 +49,11 @@ use super::{
         agent::join, agent::connect, agent::mux, relay::relay,
         tokens::list_join_tokens, tokens::revoke_join_token, tokens::rotate_admin_token,
         audit::list, audit::history, audit::usage,
+        tenancy::whoami, tenancy::list_orgs, tenancy::create_org, tenancy::show_org, tenancy::delete_org,
+        tenancy::list_projects, tenancy::create_project, tenancy::show_project, tenancy::delete_project,
+        tenancy::list_users, tenancy::create_user, tenancy::show_user, tenancy::delete_user,
+        tenancy::list_tokens, tenancy::create_token, tenancy::revoke_token,
+        tenancy::show_quota, tenancy::set_quota,
     ),
     modifiers(&Bearer),
     tags(
@@ -63,6 +68,7 @@ use super::{
         (name = "apps", description = "One appliance deployed at several locations"),
         (name = "agent", description = "Host agents' endpoints"),
         (name = "audit", description = "Who did what (the audit log), where each VM's data has been (its residency trail), and what the use cost in money and carbon (showback)"),
+        (name = "tenants", description = "Organisations, projects, users and their scoped API tokens"),
     )
 )]
 pub struct ApiDoc;

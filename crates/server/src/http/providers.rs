@@ -6,16 +6,20 @@ use axum::Json;
 use virt8ra_api::{Page, Provider, ProviderCreate, ProviderUpdate};
 
 use super::extract::Body;
-use crate::error::ApiResult;
-use crate::http::auth::Admin;
+use crate::error::{ApiError, ApiResult, Kind};
+use crate::http::auth::{Admin, Infra};
 use crate::services::topology;
 use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/providers", tag = "providers",
     responses((status = 200, body = Page<Provider>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Provider>>> {
+pub async fn list(Infra(c): Infra, State(app): State<Ctx>) -> ApiResult<Json<Page<Provider>>> {
+    let mut items = topology::providers(&app).await?;
+    if let Some(op) = c.operator_of() {
+        items.retain(|p| p.name == op);
+    }
     Ok(Json(Page {
-        items: topology::providers(&app).await?,
+        items,
         next_cursor: None,
     }))
 }
@@ -38,11 +42,13 @@ pub async fn create(
     responses((status = 200, body = Provider), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Provider>> {
-    Ok(Json(topology::provider(&app, &key).await?))
+    let p = topology::provider(&app, &key).await?;
+    c.check_provider(&p.name, Kind::Provider, &key)?;
+    Ok(Json(p))
 }
 
 #[utoipa::path(patch, path = "/api/v1/providers/{key}", tag = "providers", request_body = ProviderUpdate,
@@ -51,11 +57,15 @@ pub async fn show(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn update(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<ProviderUpdate>,
 ) -> ApiResult<Json<Provider>> {
+    let p = topology::provider(&app, &key)
+        .await
+        .map_err(|_| ApiError::not_found(Kind::Provider, &key))?;
+    c.check_provider(&p.name, Kind::Provider, &key)?;
     Ok(Json(topology::update_provider(&app, &key, req).await?))
 }
 

@@ -6,39 +6,14 @@ use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 
+pub use super::auth::Access;
 use super::extract::JSON_BODY_LIMIT;
 use super::system::{healthz, method_not_allowed, metrics, not_found};
 use super::{
     agent, apps, audit, catalog, hosts, images, metrics as prometheus, migrations, networks,
-    openapi, providers, relay, sites, tokens, vms, watch,
+    openapi, providers, relay, sites, tenancy, tokens, vms, watch,
 };
 use crate::state::Ctx;
-
-/// Who may call a route: the credential its handler's auth extractor
-/// (`crate::http::auth`) accepts. The table below says it for every route so that
-/// tests can call each one with every kind of credential and check the
-/// answer, and so that the OpenAPI document's security can be checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// No credential: health, the OpenAPI document, and the signed catalog
-    /// with its images (public by design: other control planes fetch them).
-    Anyone,
-    /// A join token (`auth::JoinAuth`).
-    Join,
-    /// A host token (`auth::HostAuth`).
-    Host,
-    /// The admin token (`auth::Admin`).
-    Admin,
-    /// The admin token or a host token (`auth::AdminOrHost`).
-    AdminOrHost,
-}
-
-impl Access {
-    /// Whether a caller must present a bearer token.
-    pub fn needs_token(self) -> bool {
-        self != Access::Anyone
-    }
-}
 
 /// One method on one path, who may call it, and its handler.
 pub struct Route {
@@ -88,38 +63,41 @@ fn delete<H: Handler<T, Ctx>, T: 'static>(path: &'static str, a: Access, h: H) -
 /// Every route of the control plane. [`router`] is built from this table
 /// and nothing else, so a route cannot be missing from it.
 pub fn routes() -> Vec<Route> {
-    use Access::{Admin, AdminOrHost, Anyone, Host, Join};
+    use Access::{
+        Admin, AdminOrHost, Anyone, Host, Infra, Join, ProjectAdmin, Read, ReadOrHost, VmRead,
+        Write,
+    };
     vec![
         get("/healthz", Anyone, healthz),
         get("/api/v1/openapi.json", Anyone, openapi::serve),
         get("/api/v1/metrics", Admin, metrics),
         get("/metrics", Admin, prometheus::scrape),
-        get("/api/v1/providers", Admin, providers::list),
+        get("/api/v1/providers", Infra, providers::list),
         post("/api/v1/providers", Admin, providers::create),
-        get("/api/v1/providers/{key}", Admin, providers::show),
-        patch("/api/v1/providers/{key}", Admin, providers::update),
+        get("/api/v1/providers/{key}", Infra, providers::show),
+        patch("/api/v1/providers/{key}", Infra, providers::update),
         delete("/api/v1/providers/{key}", Admin, providers::delete),
-        get("/api/v1/sites", Admin, sites::list),
-        post("/api/v1/sites", Admin, sites::create),
-        get("/api/v1/sites/{key}", Admin, sites::show),
-        patch("/api/v1/sites/{key}", Admin, sites::update),
-        delete("/api/v1/sites/{key}", Admin, sites::delete),
-        get("/api/v1/hosts", Admin, hosts::list),
-        get("/api/v1/hosts/{key}", Admin, hosts::show),
-        patch("/api/v1/hosts/{key}", Admin, hosts::update),
-        delete("/api/v1/hosts/{key}", Admin, hosts::delete),
-        post("/api/v1/join-tokens", Admin, hosts::create_join_token),
-        get("/api/v1/images", Admin, images::list),
-        post("/api/v1/images", Admin, images::upload),
-        get("/api/v1/images/{key}", Admin, images::show),
-        delete("/api/v1/images/{key}", Admin, images::delete),
+        get("/api/v1/sites", Infra, sites::list),
+        post("/api/v1/sites", Infra, sites::create),
+        get("/api/v1/sites/{key}", Infra, sites::show),
+        patch("/api/v1/sites/{key}", Infra, sites::update),
+        delete("/api/v1/sites/{key}", Infra, sites::delete),
+        get("/api/v1/hosts", Infra, hosts::list),
+        get("/api/v1/hosts/{key}", Infra, hosts::show),
+        patch("/api/v1/hosts/{key}", Infra, hosts::update),
+        delete("/api/v1/hosts/{key}", Infra, hosts::delete),
+        post("/api/v1/join-tokens", Infra, hosts::create_join_token),
+        get("/api/v1/images", Read, images::list),
+        post("/api/v1/images", Write, images::upload),
+        get("/api/v1/images/{key}", Read, images::show),
+        delete("/api/v1/images/{key}", Write, images::delete),
         get("/api/v1/images/{key}/data", AdminOrHost, images::download),
-        post("/api/v1/images/import", Admin, images::import_url),
+        post("/api/v1/images/import", Write, images::import_url),
         get("/api/v1/images/transfers", Admin, images::transfers),
         post("/api/v1/images/{key}/replicate", Admin, images::replicate),
-        get("/api/v1/appliances", Admin, catalog::list),
+        get("/api/v1/appliances", Read, catalog::list),
         post("/api/v1/appliances", Admin, catalog::publish),
-        get("/api/v1/appliances/{key}", Admin, catalog::show),
+        get("/api/v1/appliances/{key}", Read, catalog::show),
         delete("/api/v1/appliances/{key}", Admin, catalog::unpublish),
         get("/api/v1/catalog", Anyone, catalog::serve),
         get("/api/v1/catalog/key", Admin, catalog::public_key),
@@ -132,48 +110,48 @@ pub fn routes() -> Vec<Route> {
         post("/api/v1/catalogs", Admin, catalog::add),
         delete("/api/v1/catalogs/{name}", Admin, catalog::remove),
         post("/api/v1/catalogs/{name}/refresh", Admin, catalog::refresh),
-        get("/api/v1/apps", Admin, apps::list),
-        post("/api/v1/apps", Admin, apps::create),
-        get("/api/v1/apps/{key}", Admin, apps::show),
-        delete("/api/v1/apps/{key}", Admin, apps::delete),
-        get("/api/v1/networks", Admin, networks::list),
-        post("/api/v1/networks", Admin, networks::create),
-        get("/api/v1/networks/{key}", Admin, networks::show),
-        get("/api/v1/networks/{key}/hosts", Admin, networks::hosts),
-        delete("/api/v1/networks/{key}", Admin, networks::delete),
-        get("/api/v1/vms", Admin, vms::list),
-        post("/api/v1/vms", Admin, vms::create),
-        post("/api/v1/vms/plan", Admin, vms::plan),
-        get("/api/v1/watch", Admin, watch::watch),
-        get("/api/v1/vms/{key}", Admin, vms::show),
-        delete("/api/v1/vms/{key}", Admin, vms::delete),
-        post("/api/v1/vms/{key}/actions", Admin, vms::action),
-        get("/api/v1/vms/{key}/console", Admin, vms::console),
-        get("/api/v1/vms/{key}/events", Admin, vms::events),
-        post("/api/v1/vms/{key}/migrate", Admin, migrations::create),
-        get("/api/v1/vms/{key}/migrations", Admin, migrations::history),
-        post("/api/v1/vms/{key}/export", Admin, migrations::export),
-        get("/api/v1/migrations", Admin, migrations::list),
+        get("/api/v1/apps", Read, apps::list),
+        post("/api/v1/apps", Write, apps::create),
+        get("/api/v1/apps/{key}", Read, apps::show),
+        delete("/api/v1/apps/{key}", Write, apps::delete),
+        get("/api/v1/networks", Read, networks::list),
+        post("/api/v1/networks", Write, networks::create),
+        get("/api/v1/networks/{key}", Read, networks::show),
+        get("/api/v1/networks/{key}/hosts", Read, networks::hosts),
+        delete("/api/v1/networks/{key}", Write, networks::delete),
+        get("/api/v1/vms", VmRead, vms::list),
+        post("/api/v1/vms", Write, vms::create),
+        post("/api/v1/vms/plan", Write, vms::plan),
+        get("/api/v1/watch", Read, watch::watch),
+        get("/api/v1/vms/{key}", VmRead, vms::show),
+        delete("/api/v1/vms/{key}", Write, vms::delete),
+        post("/api/v1/vms/{key}/actions", Write, vms::action),
+        get("/api/v1/vms/{key}/console", Read, vms::console),
+        get("/api/v1/vms/{key}/events", Read, vms::events),
+        post("/api/v1/vms/{key}/migrate", Write, migrations::create),
+        get("/api/v1/vms/{key}/migrations", Read, migrations::history),
+        post("/api/v1/vms/{key}/export", Write, migrations::export),
+        get("/api/v1/migrations", Read, migrations::list),
         post("/api/v1/rebalance", Admin, migrations::rebalance),
-        get("/api/v1/migrations/{id}", Admin, migrations::show),
+        get("/api/v1/migrations/{id}", Read, migrations::show),
         post(
             "/api/v1/hosts/{key}/evacuate",
-            Admin,
+            Infra,
             migrations::evacuate_host,
         ),
         post(
             "/api/v1/sites/{key}/evacuate",
-            Admin,
+            Infra,
             migrations::evacuate_site,
         ),
         post(
             "/api/v1/providers/{key}/evacuate",
-            Admin,
+            Infra,
             migrations::evacuate_provider,
         ),
-        get("/api/v1/exports/{id}", Admin, migrations::show_export),
-        delete("/api/v1/exports/{id}", Admin, migrations::delete_export),
-        get("/api/v1/staging/{id}", AdminOrHost, migrations::download),
+        get("/api/v1/exports/{id}", Read, migrations::show_export),
+        delete("/api/v1/exports/{id}", Write, migrations::delete_export),
+        get("/api/v1/staging/{id}", ReadOrHost, migrations::download),
         put("/api/v1/staging/{id}", Host, migrations::upload),
         get(
             "/api/v1/staging/{id}/status",
@@ -198,6 +176,24 @@ pub fn routes() -> Vec<Route> {
         get("/api/v1/audit", Admin, audit::list),
         get("/api/v1/vms/{key}/history", Admin, audit::history),
         get("/api/v1/usage", Admin, audit::usage),
+        get("/api/v1/whoami", VmRead, tenancy::whoami),
+        get("/api/v1/orgs", Admin, tenancy::list_orgs),
+        post("/api/v1/orgs", Admin, tenancy::create_org),
+        get("/api/v1/orgs/{key}", Admin, tenancy::show_org),
+        delete("/api/v1/orgs/{key}", Admin, tenancy::delete_org),
+        get("/api/v1/projects", Read, tenancy::list_projects),
+        post("/api/v1/projects", Admin, tenancy::create_project),
+        get("/api/v1/projects/{key}", Read, tenancy::show_project),
+        delete("/api/v1/projects/{key}", Admin, tenancy::delete_project),
+        get("/api/v1/projects/{key}/quota", Read, tenancy::show_quota),
+        put("/api/v1/projects/{key}/quota", Admin, tenancy::set_quota),
+        get("/api/v1/users", Admin, tenancy::list_users),
+        post("/api/v1/users", Admin, tenancy::create_user),
+        get("/api/v1/users/{key}", Admin, tenancy::show_user),
+        delete("/api/v1/users/{key}", Admin, tenancy::delete_user),
+        get("/api/v1/tokens", ProjectAdmin, tenancy::list_tokens),
+        post("/api/v1/tokens", ProjectAdmin, tenancy::create_token),
+        delete("/api/v1/tokens/{id}", ProjectAdmin, tenancy::revoke_token),
     ]
 }
 

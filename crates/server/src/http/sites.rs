@@ -6,16 +6,20 @@ use axum::Json;
 use virt8ra_api::{Page, Site, SiteCreate, SiteUpdate};
 
 use super::extract::Body;
-use crate::error::ApiResult;
-use crate::http::auth::Admin;
+use crate::error::{ApiResult, Kind};
+use crate::http::auth::{Caller, Infra};
 use crate::services::topology;
 use crate::state::Ctx;
 
 #[utoipa::path(get, path = "/api/v1/sites", tag = "sites",
     responses((status = 200, body = Page<Site>)), security(("bearer" = [])))]
-pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Site>>> {
+pub async fn list(Infra(c): Infra, State(app): State<Ctx>) -> ApiResult<Json<Page<Site>>> {
+    let mut items = topology::sites(&app).await?;
+    if let Some(op) = c.operator_of() {
+        items.retain(|s| s.provider == op);
+    }
     Ok(Json(Page {
-        items: topology::sites(&app).await?,
+        items,
         next_cursor: None,
     }))
 }
@@ -25,10 +29,19 @@ pub async fn list(_: Admin, State(app): State<Ctx>) -> ApiResult<Json<Page<Site>
               (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn create(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Body(req): Body<SiteCreate>,
 ) -> ApiResult<(StatusCode, Json<Site>)> {
+    // An operator's sites are its provider's (another provider is, to it,
+    // a provider that does not exist).
+    if c.operator_of().is_some_and(|op| op != req.provider) {
+        return Err(crate::error::ApiError::BadRef {
+            field: Some("provider".into()),
+            kind: Kind::Provider,
+            name: req.provider,
+        });
+    }
     let s = topology::create_site(&app, req).await?;
     Ok((StatusCode::CREATED, Json(s)))
 }
@@ -38,11 +51,18 @@ pub async fn create(
     responses((status = 200, body = Site), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Site>> {
-    Ok(Json(topology::site(&app, &key).await?))
+    Ok(Json(operated_site(&app, &c, &key).await?))
+}
+
+/// The site `key` if the caller manages its provider (else a 404).
+async fn operated_site(app: &Ctx, c: &Caller, key: &str) -> ApiResult<Site> {
+    let s = topology::site(app, key).await?;
+    c.check_provider(&s.provider, Kind::Site, key)?;
+    Ok(s)
 }
 
 #[utoipa::path(patch, path = "/api/v1/sites/{key}", tag = "sites", request_body = SiteUpdate,
@@ -51,11 +71,12 @@ pub async fn show(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn update(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<SiteUpdate>,
 ) -> ApiResult<Json<Site>> {
+    operated_site(&app, &c, &key).await?;
     Ok(Json(topology::update_site(&app, &key, req).await?))
 }
 
@@ -65,10 +86,11 @@ pub async fn update(
               (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete(
-    _: Admin,
+    Infra(c): Infra,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<StatusCode> {
+    operated_site(&app, &c, &key).await?;
     topology::delete_site(&app, &key).await?;
     Ok(StatusCode::NO_CONTENT)
 }

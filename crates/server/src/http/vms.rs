@@ -17,7 +17,7 @@ use virt8ra_store::VmFilter;
 
 use super::extract::{Body, Query};
 use crate::error::{ApiError, ApiResult, Kind};
-use crate::http::auth::Admin;
+use crate::http::auth::{Caller, Reader, VmReader, Writer};
 use crate::state::Ctx;
 
 use crate::services::vms::{check_rules, DEFAULT_STOP_TIMEOUT_S};
@@ -46,7 +46,7 @@ pub struct VmQuery {
     responses((status = 200, body = Page<Vm>), (status = 400, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list(
-    _: Admin,
+    VmReader(c): VmReader,
     State(app): State<Ctx>,
     Query(q): Query<VmQuery>,
 ) -> ApiResult<Json<Page<Arc<Vm>>>> {
@@ -61,20 +61,53 @@ pub async fn list(
     }
     // From the in-memory index: no database round trip, and serialized
     // from the index's shared copies, not from a deep copy of each VM.
-    let items: Vec<Arc<Vm>> = app.vms.list(&VmFilter {
+    // A project's VMs through the index's set of that project (a page
+    // costs its size, whatever the number of projects); an operator's,
+    // through its provider's set, as metadata.
+    let op = c.operator_of().map(str::to_string);
+    if op.is_some() && q.provider.is_some() && q.provider != op {
+        return Ok(Json(Page {
+            items: vec![],
+            next_cursor: None,
+        }));
+    }
+    let mut items: Vec<Arc<Vm>> = app.vms.list(&VmFilter {
         host_id: q.host,
         site: q.site,
-        provider: q.provider,
+        provider: op.clone().or(q.provider),
         country: q.country,
         phase: q.phase,
+        project: c.list_project().map(str::to_string),
         include_deleted: q.include_deleted,
         after_id: q.cursor,
         limit: Some(limit),
     });
+    if op.is_some() {
+        items = items.into_iter().map(|v| Arc::new(metadata(&v))).collect();
+    }
     let next_cursor = (items.len() == limit)
         .then(|| items.last().map(|v| v.id.clone()))
         .flatten();
     Ok(Json(Page { items, next_cursor }))
+}
+
+/// What a provider operator sees of a VM on its hosts: no user data,
+/// SSH keys, guest network configuration or labels.
+fn metadata(vm: &Vm) -> Vm {
+    let mut v = vm.clone();
+    v.spec.user_data = None;
+    v.spec.ssh_authorized_keys.clear();
+    v.spec.network = None;
+    v.labels.clear();
+    v
+}
+
+/// The VM `key` if the caller may see it: its project's (platform admins:
+/// every VM). Another project's VM is answered as if it did not exist.
+pub fn tenant_vm(app: &Ctx, c: &Caller, key: &str) -> ApiResult<Vm> {
+    let vm = app.vm(key)?;
+    c.check(&vm.project, Kind::Vm, key)?;
+    Ok(vm)
 }
 
 /// A cursor is the id of the last VM of the page it followed (a UUID in
@@ -96,11 +129,11 @@ fn check_cursor(c: &str) -> ApiResult<()> {
               (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn create(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Body(req): Body<VmCreate>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
-    let vm = crate::services::vms::create(&app, &req).await?;
+    let vm = crate::services::vms::create(&app, &req, &c.owner()).await?;
     Ok((StatusCode::CREATED, Json(vm)))
 }
 
@@ -109,11 +142,18 @@ pub async fn create(
     responses((status = 200, body = Vm), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
-    _: Admin,
+    VmReader(c): VmReader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vm>> {
-    Ok(Json(app.vm(&key)?))
+    if let Some(op) = c.operator_of() {
+        let vm = app.vm(&key)?;
+        if vm.status.provider.as_deref() != Some(op) {
+            return Err(ApiError::not_found(Kind::Vm, key));
+        }
+        return Ok(Json(metadata(&vm)));
+    }
+    Ok(Json(tenant_vm(&app, &c, &key)?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/vms/{key}", tag = "vms",
@@ -122,11 +162,11 @@ pub async fn show(
               (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Vm>)> {
-    let id = app.vm(&key)?.id;
+    let id = tenant_vm(&app, &c, &key)?.id;
     let _g = app.lock_vm(&id).await;
     let mut vm = app.vm(&id)?;
     if vm.status.phase == VmPhase::Deleted {
@@ -160,7 +200,7 @@ pub async fn delete(
               (status = 404, body = virt8ra_api::ErrorBody), (status = 409, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn action(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Body(req): Body<VmActionRequest>,
@@ -175,7 +215,7 @@ pub async fn action(
             )));
         }
     }
-    let id = app.vm(&key)?.id;
+    let id = tenant_vm(&app, &c, &key)?.id;
     let _g = app.lock_vm(&id).await;
     let mut vm = app.vm(&id)?;
     if matches!(vm.status.phase, VmPhase::Deleting | VmPhase::Deleted) {
@@ -240,7 +280,7 @@ pub struct ConsoleQuery {
               (status = 409, body = virt8ra_api::ErrorBody), (status = 503, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn console(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
     Query(q): Query<ConsoleQuery>,
@@ -251,7 +291,7 @@ pub async fn console(
             "bytes {max} is outside 1..4194304"
         )));
     }
-    let vm = app.vm(&key)?;
+    let vm = tenant_vm(&app, &c, &key)?;
     let host_id = vm.status.host_id.clone().ok_or_else(|| {
         ApiError::Conflict(format!(
             "VM '{}' has not been placed on a host yet, so it has no console",
@@ -276,10 +316,11 @@ pub async fn console(
     responses((status = 200, body = Vec<VmEvent>), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn events(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Vec<VmEvent>>> {
+    tenant_vm(&app, &c, &key)?;
     Ok(Json(crate::services::vms::events(&app, &key).await?))
 }
 
@@ -298,11 +339,12 @@ fn refuse_while_migrating(vm: &Vm) -> ApiResult<()> {
               (status = 400, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn plan(
-    _: Admin,
+    Writer(c): Writer,
     State(app): State<Ctx>,
     Body(req): Body<VmCreate>,
 ) -> ApiResult<Json<PlacementPlan>> {
     validate::vm(&req).map_err(ApiError::Invalid)?;
+    crate::services::vms::check_visible(&app, &req, &c.owner()).await?;
     let r = check_rules(&app, &req)?;
     // Where its networks reach, too.
     let r = crate::services::networks::planned_request(&app, &req, r).await?;

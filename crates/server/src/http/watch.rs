@@ -13,7 +13,7 @@ use tokio::sync::broadcast::error::RecvError;
 use virt8ra_api::WatchEvent;
 
 use super::extract::Query;
-use crate::http::auth::Admin;
+use crate::http::auth::Reader;
 use crate::state::Ctx;
 
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
@@ -28,12 +28,14 @@ pub struct WatchQuery {
     pub name: Option<String>,
 }
 
-fn wanted(ev: &WatchEvent, q: &WatchQuery) -> bool {
+/// Whether a watcher of `project` (none: every project's) and `q` wants `ev`.
+fn wanted(ev: &WatchEvent, q: &WatchQuery, project: Option<&str>) -> bool {
     match ev {
         WatchEvent::Resync { .. } => true,
         WatchEvent::Vm { vm } => {
             let s = &vm.status;
-            q.site.as_ref().is_none_or(|x| s.site.as_ref() == Some(x))
+            project.is_none_or(|p| vm.project == p)
+                && q.site.as_ref().is_none_or(|x| s.site.as_ref() == Some(x))
                 && q.provider
                     .as_ref()
                     .is_none_or(|x| s.provider.as_ref() == Some(x))
@@ -60,20 +62,26 @@ fn event(ev: &WatchEvent) -> Event {
                body = virt8ra_api::WatchEvent, content_type = "text/event-stream")),
     security(("bearer" = [])))]
 pub async fn watch(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Query(q): Query<WatchQuery>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let rx = app.changes.subscribe();
-    let stream = futures_util::stream::unfold((rx, q), |(mut rx, q)| async move {
-        loop {
-            let ev = match rx.recv().await {
-                Ok(ev) => ev,
-                Err(RecvError::Lagged(missed)) => WatchEvent::Resync { missed },
-                Err(RecvError::Closed) => return None,
-            };
-            if wanted(&ev, &q) {
-                return Some((Ok(event(&ev)), (rx, q)));
+    // A project token watches its project's VMs; a platform admin every
+    // project's, or the one it picked.
+    let project = c.list_project().map(str::to_string);
+    let stream = futures_util::stream::unfold((rx, q), move |(mut rx, q)| {
+        let project = project.clone();
+        async move {
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(RecvError::Lagged(missed)) => WatchEvent::Resync { missed },
+                    Err(RecvError::Closed) => return None,
+                };
+                if wanted(&ev, &q, project.as_deref()) {
+                    return Some((Ok(event(&ev)), (rx, q)));
+                }
             }
         }
     });

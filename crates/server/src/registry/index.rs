@@ -10,7 +10,7 @@
 //!
 //! Lists are ordered by VM id (the cursor is the last id of the previous
 //! page). Each filterable attribute (host, site, provider, country, phase,
-//! and "not deleted") has its own ordered set of ids; a page walks the
+//! project, and "not deleted") has its own ordered set of ids; a page walks the
 //! smallest set that applies, from the cursor on, and checks the other
 //! filters on each VM, so a page costs about its size whatever the total.
 
@@ -32,12 +32,14 @@ enum Dim {
     Provider,
     Country,
     Phase,
+    /// The owning project: a tenant's list walks its project's set.
+    Project,
     /// Every VM not in phase `deleted` (the default listing).
     Live,
 }
 
 fn keys(vm: &Vm) -> Vec<(Dim, String)> {
-    let mut out = Vec::with_capacity(6);
+    let mut out = Vec::with_capacity(7);
     let s = &vm.status;
     for (d, v) in [
         (Dim::Host, &s.host_id),
@@ -50,6 +52,7 @@ fn keys(vm: &Vm) -> Vec<(Dim, String)> {
         }
     }
     out.push((Dim::Phase, s.phase.as_str().to_string()));
+    out.push((Dim::Project, vm.project.clone()));
     if s.phase != VmPhase::Deleted {
         out.push((Dim::Live, String::new()));
     }
@@ -368,6 +371,9 @@ impl VmIndex {
         if let Some(p) = f.phase {
             wanted.push((Dim::Phase, p.as_str().to_string()));
         }
+        if let Some(p) = &f.project {
+            wanted.push((Dim::Project, p.clone()));
+        }
         let hide_deleted = !f.include_deleted && f.phase != Some(VmPhase::Deleted);
         if hide_deleted {
             wanted.push((Dim::Live, String::new()));
@@ -390,6 +396,7 @@ impl VmIndex {
                     .as_ref()
                     .is_none_or(|v| s.country.as_ref() == Some(v))
                 && f.phase.is_none_or(|p| s.phase == p)
+                && f.project.as_ref().is_none_or(|p| &vm.project == p)
                 && (!hide_deleted || s.phase != VmPhase::Deleted)
         };
         let mut out = Vec::new();
@@ -601,6 +608,7 @@ mod tests {
                 nics: vec![],
             },
             labels: Default::default(),
+            project: "default".into(),
             created_at: Utc::now(),
             updated_at: Utc::now(),
         }
@@ -608,6 +616,53 @@ mod tests {
 
     fn ids(v: &[Arc<Vm>]) -> Vec<&str> {
         v.iter().map(|v| v.id.as_str()).collect()
+    }
+
+    /// A project's list walks that project's set: a page of a small
+    /// project among many VMs looks at the project's VMs only, and a VM
+    /// that changes project moves between the sets.
+    #[test]
+    fn project_lists_walk_the_projects_own_set() {
+        let mut vms = Vec::new();
+        for i in 0..1000 {
+            let mut v = vm(
+                &format!("{i:04}"),
+                &format!("v{i}"),
+                Some("s1"),
+                VmPhase::Running,
+            );
+            v.project = if i % 100 == 7 { "small" } else { "big" }.into();
+            vms.push(v);
+        }
+        let idx = VmIndex::load(vms);
+        let small = VmFilter {
+            project: Some("small".into()),
+            limit: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(ids(&idx.list(&small)), ["0007", "0107", "0207"]);
+        {
+            let g = idx.read();
+            let set = g
+                .sets
+                .get(&(Dim::Project, "small".to_string()))
+                .expect("set");
+            assert_eq!(set.len(), 10, "the page walks a set of 10, not of 1000");
+        }
+        let next = VmFilter {
+            after_id: Some("0907".into()),
+            ..small.clone()
+        };
+        assert!(idx.list(&next).is_empty());
+        let mut moved = (*idx.get("0001").expect("vm")).clone();
+        moved.project = "small".into();
+        idx.put(&moved);
+        assert_eq!(ids(&idx.list(&small)), ["0001", "0007", "0107"]);
+        let nobody = VmFilter {
+            project: Some("nobody".into()),
+            ..Default::default()
+        };
+        assert!(idx.list(&nobody).is_empty());
     }
 
     #[test]

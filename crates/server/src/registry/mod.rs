@@ -18,6 +18,7 @@ pub mod netplane;
 pub mod networks;
 pub mod overlay;
 pub mod placement;
+pub mod quotas;
 pub mod relays;
 pub mod staging;
 pub mod transfers;

@@ -42,6 +42,9 @@ pub struct AppRecord {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub ssh_authorized_keys: Vec<String>,
+    /// The project that owns the app and its VMs.
+    #[serde(default = "virt8ra_api::default_project")]
+    pub project: String,
     pub created_at: DateTime<Utc>,
 }
 
@@ -147,6 +150,7 @@ pub async fn view(app: &Ctx, r: &AppRecord) -> ApiResult<AppView> {
         status,
         labels: r.labels.clone(),
         ssh_authorized_keys: r.ssh_authorized_keys.clone(),
+        project: r.project.clone(),
         created_at: r.created_at,
     })
 }
@@ -170,7 +174,7 @@ pub fn status_of(vms: &[&AppVm], wanted: u32, deleting: bool) -> String {
 
 /// The deployment itself, for the API handler and for other callers in
 /// the control plane (e.g. declarative apply).
-pub async fn deploy(app: &Ctx, req: AppCreate) -> ApiResult<AppView> {
+pub async fn deploy(app: &Ctx, req: AppCreate, project: &str) -> ApiResult<AppView> {
     check_create(app, &req).await?;
     let (entry, catalog) = crate::services::catalog::resolve(app, &req.appliance).await?;
     let params = entry
@@ -204,6 +208,7 @@ pub async fn deploy(app: &Ctx, req: AppCreate) -> ApiResult<AppView> {
         deleting: false,
         labels: req.labels.clone(),
         ssh_authorized_keys: req.ssh_authorized_keys.clone(),
+        project: project.to_string(),
         created_at: now,
     };
     create_replicas(app, rec, &images, &replicas).await
@@ -401,7 +406,7 @@ pub async fn create_replicas(
         // Each disk at least its image's size (what the agent creates).
         let mut spec = vc.spec();
         crate::services::vms::disks_fit_images(app, &mut spec, &image, &data_image_ids).await?;
-        let vm = crate::services::vms::new_vm(
+        let mut vm = crate::services::vms::new_vm(
             &vc.name,
             spec,
             true,
@@ -409,9 +414,18 @@ pub async fn create_replicas(
             &image.id,
             data_image_ids.clone(),
         );
+        vm.project = rec.project.clone();
         rec.vms.push((vm.id.clone(), loc.clone()));
         vms.push(vm);
     }
+    // The project's quota, for every replica at once (held until they are
+    // written).
+    let _booking = crate::services::quotas::book(app, &rec.project).await;
+    let mut more = virt8ra_api::Usage::default();
+    for vm in &vms {
+        more.add(&crate::services::quotas::size_of(&vm.spec));
+    }
+    crate::services::quotas::check(app, &rec.project, &more, None)?;
     save(app, &rec).await?;
     for vm in &vms {
         app.create_vm(vm, &[&format!("created by app {}", rec.name)])
@@ -452,6 +466,11 @@ pub async fn replica_disk_gib(
 /// The app by name or id, with its VMs and the status per location.
 /// Every app; an app whose VMs are all gone is forgotten as it is listed.
 pub async fn list_all(app: &Ctx) -> ApiResult<Vec<AppView>> {
+    list(app).await
+}
+
+/// Every app (see [`list_all`]).
+pub async fn list(app: &Ctx) -> ApiResult<Vec<AppView>> {
     let mut out = Vec::new();
     for body in app.store.list_docs(KIND).await? {
         let r: AppRecord = serde_json::from_str(&body)

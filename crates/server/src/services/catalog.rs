@@ -264,6 +264,8 @@ pub async fn ensure_images(
                 provenance: format!("catalog {}: {url}", c.name),
                 source_sha256: None,
                 labels: Default::default(),
+                // A catalog's images are public, like the catalog.
+                project: None,
             },
         )
         .await

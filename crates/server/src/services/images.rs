@@ -39,6 +39,8 @@ pub struct Meta {
     /// sha256 of the file as received, before any conversion.
     pub source_sha256: Option<String>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The owning project; none: public.
+    pub project: Option<String>,
 }
 
 /// A refused image is the sender's problem (400); anything else ours.
@@ -90,6 +92,7 @@ pub async fn ingest(app: &Ctx, upload: &FsPath, m: Meta) -> ApiResult<Image> {
         version: m.version,
         provenance: Some(m.provenance),
         sites: vec![],
+        project: m.project,
     };
     app.store.create_image(&image).await?;
     Ok(image)
@@ -286,7 +289,11 @@ pub fn valid_sha(s: &str) -> bool {
 }
 
 /// Imports an image from a URL (checked against `req.sha256` if given).
-pub async fn import_url(app: &Ctx, req: virt8ra_api::ImageImportUrl) -> ApiResult<Image> {
+pub async fn import_url(
+    app: &Ctx,
+    req: virt8ra_api::ImageImportUrl,
+    project: Option<String>,
+) -> ApiResult<Image> {
     let arch = check_new(app, &req.name, req.arch.as_deref(), req.version.as_deref()).await?;
     import_from_url(
         app,
@@ -300,6 +307,7 @@ pub async fn import_url(app: &Ctx, req: virt8ra_api::ImageImportUrl) -> ApiResul
             provenance: req.url.clone(),
             source_sha256: None,
             labels: Default::default(),
+            project,
         },
     )
     .await

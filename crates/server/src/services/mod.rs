@@ -7,6 +7,7 @@
 //! ([`crate::workflows`]) call these functions; they call the registry
 //! ([`crate::registry`]), the state and the store.
 
+pub mod access;
 pub mod apps;
 pub mod audit;
 pub mod catalog;
@@ -18,9 +19,11 @@ pub mod netplane;
 pub mod networks;
 pub mod overlay;
 pub mod placement;
+pub mod quotas;
 pub mod reports;
 pub mod scheduler;
 pub mod staging;
+pub mod tenancy;
 pub mod tokens;
 pub mod topology;
 pub mod tunnels;

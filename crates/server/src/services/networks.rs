@@ -177,7 +177,7 @@ async fn check_span_refs(app: &Ctx, s: &NetworkSpan) -> ApiResult<()> {
 
 /// Creates a network. Bad input is a 400 naming the field; a name in use
 /// is a 409. Nothing is written unless everything holds.
-pub async fn create(app: &Ctx, req: &NetworkCreate) -> ApiResult<Network> {
+pub async fn create(app: &Ctx, req: &NetworkCreate, project: &str) -> ApiResult<Network> {
     let ok = check(req).map_err(ApiError::Invalid)?;
     check_span_refs(app, &req.span).await?;
     match app.store.get_network(&req.name).await {
@@ -200,6 +200,7 @@ pub async fn create(app: &Ctx, req: &NetworkCreate) -> ApiResult<Network> {
         vni: 0,
         span: req.span.clone(),
         nat: ok.nat,
+        project: project.to_string(),
         created_at: Utc::now(),
     };
     // Its span is known to placement before any VM can name it.
@@ -693,6 +694,7 @@ mod tests {
             vni: 1,
             span: Default::default(),
             nat: false,
+            project: "default".into(),
             created_at: Utc::now(),
         };
         let mut spec = spec_of(&net).unwrap();

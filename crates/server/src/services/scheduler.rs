@@ -114,8 +114,23 @@ async fn place_one(app: &Ctx, id: String) -> ApiResult<()> {
     if vm.status.phase != VmPhase::Pending {
         return Ok(());
     }
+    // Held, for a project with a quota, until the placement is written.
+    let _booking = crate::services::quotas::book(app, &vm.project).await;
     match decide(app, &mut vm).await? {
         Decision::Placed { host_id, event } => {
+            let country = vm.status.country.clone().unwrap_or_default();
+            if let Some(why) = crate::services::quotas::country_refusal(app, &vm, &country) {
+                // Not there: it stays pending, saying why.
+                app.placement.release(&vm.id);
+                let mut pending = app.vm(&id)?;
+                if pending.status.placement_reason.as_deref() != Some(why.as_str()) {
+                    pending.status.placement_reason = Some(why.clone());
+                    pending.updated_at = Utc::now();
+                    app.update_vm(&pending, Some(&format!("not placed: {why}")))
+                        .await?;
+                }
+                return Ok(());
+            }
             if let Err(e) = app.update_vm(&vm, Some(&event)).await {
                 app.placement.release(&vm.id);
                 return Err(e.into());

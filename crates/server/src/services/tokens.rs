@@ -51,6 +51,7 @@ fn record(kind: TokenKind, secret: &str) -> TokenRecord {
         expires_at: None,
         uses_left: None,
         created_at: Utc::now(),
+        grant: None,
     }
 }
 

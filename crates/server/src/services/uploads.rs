@@ -28,6 +28,8 @@ pub struct ImageUpload {
     /// Labels, `KEY=VALUE` pairs separated by commas.
     pub labels: Option<String>,
     pub version: Option<String>,
+    /// The owning project; none: public.
+    pub project: Option<String>,
 }
 
 /// `KEY=VALUE,KEY=VALUE` as labels, checked.
@@ -72,6 +74,7 @@ where
             provenance: "upload".into(),
             source_sha256: Some(source_sha256),
             labels,
+            project: q.project,
         },
     )
     .await
@@ -211,7 +214,7 @@ fn may_download(app: &Ctx, host_id: &str, key: &str) -> ApiResult<()> {
 
 /// A staging key: a migration's or export's id, or `ID.N` for data disk N
 /// of a cold migration. Anything else is not found.
-fn staging_key(key: &str) -> ApiResult<(&str, Option<usize>)> {
+pub fn staging_key(key: &str) -> ApiResult<(&str, Option<usize>)> {
     let (id, disk) = match key.split_once('.') {
         None => (key, None),
         Some((id, suffix)) => match suffix.parse::<usize>() {

@@ -94,12 +94,12 @@ pub async fn report(app: &Ctx, month: Option<&str>) -> ApiResult<UsageReport> {
         .map(|s| (s.name, s.facts))
         .collect();
     let power = app.power.get().copied().unwrap_or(DEFAULT_POWER);
-    // The grouping key: the VM's `project` label for now (projects as
-    // resources replace it).
+    // The grouping key: the VM's project ("-" for a VM no longer in the
+    // index: deleted before the month's report was asked for).
     let group_of = |vm_id: &str| {
         app.vms
             .get(vm_id)
-            .and_then(|v| v.labels.get("project").cloned())
+            .map(|v| v.project.clone())
             .unwrap_or_else(|| "-".into())
     };
     Ok(showback(

@@ -7,9 +7,9 @@ use chrono::Utc;
 use virt8ra_api::{validate, PowerState, Vm, VmCreate, VmPhase, VmStatus};
 use virt8ra_store::StoreError;
 
-use crate::error::{missing_ref, missing_ref_in, ApiError, ApiResult};
-use crate::services::networks;
+use crate::error::{missing_ref, missing_ref_in, ApiError, ApiResult, Kind};
 use crate::services::scheduler::{decide, Decision};
+use crate::services::{networks, quotas};
 use crate::state::Ctx;
 
 /// Seconds a guest is given to power down before it is forced off.
@@ -19,9 +19,10 @@ pub const DEFAULT_STOP_TIMEOUT_S: u32 = 30;
 /// at once when it fits (so that creating and scheduling it is one durable
 /// write), otherwise pending with the reason, which the scheduler retries.
 /// Bad input is an error and writes nothing.
-pub async fn create(app: &Ctx, req: &VmCreate) -> ApiResult<Vm> {
+pub async fn create(app: &Ctx, req: &VmCreate, project: &str) -> ApiResult<Vm> {
     validate::vm(req).map_err(ApiError::Invalid)?;
     check_rules(app, req)?;
+    check_visible(app, req, project).await?;
     let image = match app.store.get_image(&req.image).await {
         Ok(i) => i,
         Err(e @ StoreError::NotFound { .. }) => return Err(missing_ref(e)),
@@ -50,7 +51,12 @@ pub async fn create(app: &Ctx, req: &VmCreate) -> ApiResult<Vm> {
         &image.id,
         data_image_ids,
     );
+    vm.project = project.to_string();
     networks::attach(&mut vm, &nics);
+    // The project's quota: checked, and held until the VM is indexed.
+    let more = quotas::size_of(&vm.spec);
+    let _booking = quotas::book(app, project).await;
+    quotas::check(app, project, &more, None)?;
     // Placed at once when it fits, so that the VM is created and scheduled
     // in one durable write; otherwise it stays pending with the reason and
     // the scheduler retries it.
@@ -64,6 +70,14 @@ pub async fn create(app: &Ctx, req: &VmCreate) -> ApiResult<Vm> {
             None
         }
     };
+    // Its country's limits, where it went (or is pinned).
+    let country = vm.status.country.clone().or(req.placement.country.clone());
+    if let Err(e) = quotas::check(app, project, &more, country.as_deref()) {
+        if placed.is_some() {
+            app.placement.release(&vm.id);
+        }
+        return Err(e);
+    }
     let events: Vec<&str> = events.iter().map(String::as_str).collect();
     // With its NICs' addresses, leased in the same write.
     if let Err(e) = networks::create_vm(app, &mut vm, &nics, &events).await {
@@ -170,6 +184,45 @@ pub async fn data_images(
     Ok(ids)
 }
 
+/// The images and networks a new VM of `project` names must be the
+/// project's own or public (images without a project); another project's
+/// are answered as missing, as if they did not exist.
+pub async fn check_visible(app: &Ctx, req: &VmCreate, project: &str) -> ApiResult<()> {
+    let images = std::iter::once(("image".to_string(), Some(&req.image))).chain(
+        req.data_disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("data_disks[{i}]"), d.image.as_ref())),
+    );
+    for (field, name) in images {
+        let Some(name) = name else { continue };
+        match app.store.get_image(name).await {
+            Ok(i) if i.project.as_deref().is_some_and(|p| p != project) => {
+                return Err(ApiError::BadRef {
+                    field: Some(field),
+                    kind: Kind::Image,
+                    name: name.clone(),
+                })
+            }
+            // A missing one is answered where it is read.
+            _ => {}
+        }
+    }
+    for (i, n) in req.nics.iter().enumerate() {
+        match app.store.get_network(&n.network).await {
+            Ok(net) if net.project != project => {
+                return Err(ApiError::BadRef {
+                    field: Some(format!("nics[{i}]")),
+                    kind: Kind::Network,
+                    name: n.network.clone(),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A new VM in phase `pending`. Its id is a UUIDv7: ids grow with time, so
 /// lists (ordered by id) come in creation order and the store's inserts
 /// land at the end of its indexes instead of at random pages.
@@ -194,6 +247,7 @@ pub fn new_vm(
         reboot_generation: 0,
         stop_timeout_s: DEFAULT_STOP_TIMEOUT_S,
         labels,
+        project: virt8ra_api::DEFAULT_PROJECT.to_string(),
         status: VmStatus {
             phase: VmPhase::Pending,
             host: None,

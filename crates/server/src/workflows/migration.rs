@@ -558,6 +558,11 @@ pub async fn start(
         release();
         return Err(e);
     }
+    // The project's quota in the target's country.
+    if let Err(e) = crate::services::quotas::check_move(app, &vm, &dst.country).await {
+        release();
+        return Err(e);
+    }
     let why_not_live = live_incompatibility(&vm, &src, &dst);
     let relay_live = dst.inventory.migration_address.is_none();
     let (mode, mode_reason) = match choose_mode(req.mode, why_not_live, relay_live, &vm, &dst) {

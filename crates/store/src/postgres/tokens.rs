@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 use super::engine::{commit, retry, Lock, PgStore};
 use super::rows::{db, parse_ts, ts};
 use crate::error::{Result, StoreError};
-use crate::records::{TokenKind, TokenRecord};
+use crate::records::{grant_of, TokenKind, TokenRecord};
 
 pub(super) async fn create_token(store: &PgStore, t: &TokenRecord) -> Result<()> {
     retry(|| async {
@@ -110,7 +110,8 @@ pub(super) async fn count_tokens(store: &PgStore, kind: TokenKind) -> Result<usi
     Ok(n as usize)
 }
 
-const TOKEN_COLUMNS: &str = "id, kind, hash, site, host_id, expires_at, uses_left, created_at";
+const TOKEN_COLUMNS: &str = "id, kind, hash, site, host_id, expires_at, uses_left, created_at, \
+     user_name, scope, role, token_name";
 
 fn token_record(r: &Row) -> Result<TokenRecord> {
     let get = |e| StoreError::db("corrupt token row", e);
@@ -128,13 +129,20 @@ fn token_record(r: &Row) -> Result<TokenRecord> {
         expires_at: expires.as_deref().map(parse_ts).transpose()?,
         uses_left: uses.map(|u| u.clamp(0, u32::MAX as i64) as u32),
         created_at: parse_ts(&created)?,
+        grant: grant_of([
+            r.try_get(8).map_err(get)?,
+            r.try_get(9).map_err(get)?,
+            r.try_get(10).map_err(get)?,
+            r.try_get(11).map_err(get)?,
+        ]),
     })
 }
 
 pub(super) async fn insert_token(c: &impl GenericClient, t: &TokenRecord) -> Result<()> {
     c.execute(
-        "INSERT INTO tokens (id, kind, hash, site, host_id, expires_at, uses_left, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO tokens (id, kind, hash, site, host_id, expires_at, uses_left, created_at,
+                             user_name, scope, role, token_name)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         &[
             &t.id,
             &t.kind.as_str(),
@@ -144,6 +152,10 @@ pub(super) async fn insert_token(c: &impl GenericClient, t: &TokenRecord) -> Res
             &t.expires_at.as_ref().map(ts),
             &t.uses_left.map(i64::from),
             &ts(&t.created_at),
+            &t.grant.as_ref().map(|g| g.user.as_str()),
+            &t.grant.as_ref().map(|g| g.scope.as_str()),
+            &t.grant.as_ref().map(|g| g.role.as_str()),
+            &t.grant.as_ref().map(|g| g.name.as_str()),
         ],
     )
     .await

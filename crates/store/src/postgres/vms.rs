@@ -253,6 +253,12 @@ pub(super) async fn list_vms(store: &PgStore, f: &VmFilter) -> Result<Vec<Vm>> {
     add("provider", f.provider.clone(), &mut sql);
     add("country", f.country.clone(), &mut sql);
     add("phase", f.phase.map(|p| p.as_str().to_string()), &mut sql);
+    // Not a column, as in SQLite's.
+    add(
+        "COALESCE(body::jsonb ->> 'project', 'default')",
+        f.project.clone(),
+        &mut sql,
+    );
     if let Some(after) = &f.after_id {
         args.push(after.clone());
         sql.push_str(&format!(" AND id > ${}", args.len()));

@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::engine::{atomic, SqliteStore};
 use super::rows::{db, parse_ts, ts};
 use crate::error::{Result, StoreError};
-use crate::records::{TokenKind, TokenRecord};
+use crate::records::{grant_of, TokenKind, TokenRecord};
 
 pub(super) async fn create_token(store: &SqliteStore, t: &TokenRecord) -> Result<()> {
     let t = t.clone();
@@ -108,7 +108,8 @@ pub(super) async fn count_tokens(store: &SqliteStore, kind: TokenKind) -> Result
         .await
 }
 
-const TOKEN_COLUMNS: &str = "id, kind, hash, site, host_id, expires_at, uses_left, created_at";
+const TOKEN_COLUMNS: &str = "id, kind, hash, site, host_id, expires_at, uses_left, created_at, \
+     user_name, scope, role, token_name";
 
 type TokenRow = (
     String,
@@ -119,6 +120,7 @@ type TokenRow = (
     Option<String>,
     Option<i64>,
     String,
+    [Option<String>; 4],
 );
 
 fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
@@ -131,11 +133,12 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRow> {
         r.get(5)?,
         r.get(6)?,
         r.get(7)?,
+        [r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?],
     ))
 }
 
 fn token_record(row: TokenRow) -> Result<TokenRecord> {
-    let (id, kind, hash, site, host_id, exp, uses, created) = row;
+    let (id, kind, hash, site, host_id, exp, uses, created, grant) = row;
     Ok(TokenRecord {
         id,
         kind: TokenKind::parse(&kind)
@@ -146,13 +149,15 @@ fn token_record(row: TokenRow) -> Result<TokenRecord> {
         expires_at: exp.as_deref().map(parse_ts).transpose()?,
         uses_left: uses.map(|u| u.max(0) as u32),
         created_at: parse_ts(&created)?,
+        grant: grant_of(grant),
     })
 }
 
 pub(super) fn insert_token(c: &Connection, t: &TokenRecord) -> Result<()> {
     c.execute(
-        "INSERT INTO tokens (id, kind, hash, site, host_id, expires_at, uses_left, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO tokens (id, kind, hash, site, host_id, expires_at, uses_left, created_at,
+                             user_name, scope, role, token_name)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             t.id,
             t.kind.as_str(),
@@ -161,7 +166,11 @@ pub(super) fn insert_token(c: &Connection, t: &TokenRecord) -> Result<()> {
             t.host_id,
             t.expires_at.as_ref().map(ts),
             t.uses_left,
-            ts(&t.created_at)
+            ts(&t.created_at),
+            t.grant.as_ref().map(|g| &g.user),
+            t.grant.as_ref().map(|g| &g.scope),
+            t.grant.as_ref().map(|g| &g.role),
+            t.grant.as_ref().map(|g| &g.name),
         ],
     )
     .map_err(db("insert_token"))?;

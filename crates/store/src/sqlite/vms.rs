@@ -214,6 +214,13 @@ pub(super) async fn list_vms(store: &SqliteStore, f: &VmFilter) -> Result<Vec<Vm
             add("provider", &f.provider, &mut sql);
             add("country", &f.country, &mut sql);
             add("phase", &f.phase.map(|p| p.as_str().to_string()), &mut sql);
+            // Not a column: the store's list is not the hot path (the
+            // control plane's index serves lists), so the body is read.
+            add(
+                "COALESCE(json_extract(body, '$.project'), 'default')",
+                &f.project,
+                &mut sql,
+            );
             if let Some(after) = &f.after_id {
                 args.push(after.clone());
                 sql.push_str(&format!(" AND id > ?{}", args.len()));

@@ -13,6 +13,7 @@ fn network(id: &str, cidr: &str, gateway: Option<&str>, vni: u32) -> Network {
         vni,
         span: Default::default(),
         nat: gateway.is_some(),
+        project: "default".into(),
         created_at: chrono::Utc::now(),
     }
 }
