@@ -39,6 +39,7 @@ pub mod fdb;
 pub mod firewall;
 pub mod links;
 pub mod tunnel;
+pub mod wg_kernel;
 
 pub use cmd::{Changes, NetError};
 

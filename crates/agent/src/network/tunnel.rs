@@ -1,7 +1,7 @@
 //! This host's end of the encrypted tunnels to hosts at other sites
 //! (issue 27, item 3): one WireGuard interface, `v8w0`, run in this process
-//! by `virt8ra_tunnel` (a userspace data path: these hosts have no kernel
-//! WireGuard).
+//! by `virt8ra_tunnel` (a userspace data path), or by the kernel where it
+//! has WireGuard ([`super::wg_kernel`]: the same state, set with `wg`).
 //!
 //! Keys are made here and never leave the host: the private key is
 //! `DATA/network/tunnel.key` (mode 0600, made at the agent's first start),
@@ -91,6 +91,12 @@ fn peer_specs(want: &TunnelState) -> Result<Vec<PeerSpec>> {
 /// address or port restarts it. `dir`: the data plane's directory, which
 /// holds the key.
 pub fn ensure(dir: &Path, want: Option<&TunnelState>, changes: &mut Changes) -> Result<()> {
+    if super::wg_kernel::enabled() {
+        if want.is_some() {
+            public_key(dir)?;
+        }
+        return super::wg_kernel::ensure(&key_path(dir), want, MTU, changes);
+    }
     let mut slot = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
     let Some(want) = want else {
         if let Some(r) = slot.take() {
@@ -150,7 +156,8 @@ pub fn ensure(dir: &Path, want: Option<&TunnelState>, changes: &mut Changes) -> 
     Ok(())
 }
 
-/// The running tunnel's counters (none without a tunnel).
+/// The running tunnel's counters (none without a tunnel, or with the
+/// kernel's: `wg show` has them).
 pub fn stats() -> Option<virt8ra_tunnel::TunnelStats> {
     let slot = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
     slot.as_ref().map(|r| r.handle.stats())
