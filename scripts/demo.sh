@@ -156,6 +156,7 @@ VIRT8RA_TOKEN=$TOKEN_A "$BIN" vm create a-web --image busybox --memory-mib 128 -
 VIRT8RA_TOKEN=$TOKEN_B "$BIN" vm create b-web --image busybox --memory-mib 128 --no-start >/dev/null
 echo "ana (team-a) sees:"; VIRT8RA_TOKEN=$TOKEN_A "$BIN" vm list
 echo "ben (team-b) sees:"; VIRT8RA_TOKEN=$TOKEN_B "$BIN" vm list
+echo "ana asks for team-b's b-web (answered as if it did not exist):"
 VIRT8RA_TOKEN=$TOKEN_A "$BIN" vm show b-web 2>&1 || true
 echo "the admin picks a project with --project:"; "$BIN" --project team-b vm list
 
