@@ -250,6 +250,16 @@ fn two_projects_see_only_their_own_resources_through_the_same_cli_and_api() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("not found"), "{err}");
+        // Its own VM's residency trail, not the other's.
+        let h = cli_json(c, token, &["vm", "history", &format!("vm-{me}")]);
+        assert_eq!(h["vm"], format!("vm-{me}"), "{h}");
+        let (s, v) = c.api_raw(
+            "GET",
+            &format!("/api/v1/vms/vm-{other}/history"),
+            None,
+            Some(token),
+        );
+        assert_eq!(s, 404, "{v}");
         // Nor can its image or network be used.
         let (s, v) = c.api_raw(
             "POST",

@@ -32,8 +32,8 @@ use serde::Deserialize;
 use virt8ra_api::{AuditRecord, Page, UsageReport, VmHistory};
 
 use super::extract::{Query, JSON_BODY_LIMIT};
-use crate::error::{ApiError, ApiResult};
-use crate::http::auth::{ActorSlot, Admin};
+use crate::error::{ApiError, ApiResult, Kind};
+use crate::http::auth::{ActorSlot, Admin, Reader};
 use crate::registry::metrics::UNMATCHED_ROUTE;
 use crate::services::{audit, usage};
 use crate::state::Ctx;
@@ -252,11 +252,21 @@ pub async fn list(
     responses((status = 200, body = VmHistory), (status = 404, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn history(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<VmHistory>> {
-    Ok(Json(usage::history(&app, &key).await?))
+    let h = usage::history(&app, &key).await?;
+    if !c.is_platform() {
+        // A project sees its own VMs' trails; another project's VM, or
+        // one deleted (its owner no longer known here), is not found.
+        let owner = app.vms.get(&h.vm_id).map(|v| v.project.clone());
+        match owner {
+            Some(p) => c.check(&p, Kind::Vm, &key)?,
+            None => return Err(ApiError::not_found(Kind::Vm, &key)),
+        }
+    }
+    Ok(Json(h))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]

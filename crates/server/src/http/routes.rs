@@ -174,7 +174,7 @@ pub fn routes() -> Vec<Route> {
             tokens::rotate_admin_token,
         ),
         get("/api/v1/audit", Admin, audit::list),
-        get("/api/v1/vms/{key}/history", Admin, audit::history),
+        get("/api/v1/vms/{key}/history", Read, audit::history),
         get("/api/v1/usage", Admin, audit::usage),
         get("/api/v1/whoami", VmRead, tenancy::whoami),
         get("/api/v1/orgs", Admin, tenancy::list_orgs),
