@@ -21,6 +21,10 @@ pub struct AuditFilterArgs {
     /// A resource (e.g. vms/web): it and everything under it.
     #[arg(long)]
     pub resource: Option<String>,
+    /// Calls made with a token of this user (one project's calls: the
+    /// global --project).
+    #[arg(long)]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,6 +58,7 @@ fn query(f: &AuditFilterArgs) -> String {
         ("until", &f.until),
         ("actor", &f.actor),
         ("resource", &f.resource),
+        ("user", &f.user),
     ] {
         if let Some(v) = v {
             q.push(format!("{k}={}", seg(v)));

@@ -72,6 +72,28 @@ async fn audit_records_are_appended_in_order_and_found_by_filter<B: Backend>() {
     assert_eq!(s.list_audit(&f).await.unwrap().len(), 1);
     f.actor = Some("adm".into());
     assert_eq!(s.list_audit(&f).await.unwrap().len(), 4);
+    // By the user a token belongs to and the project it is scoped to.
+    let mut ana = record(5, "t-ana", "user", "vms/shop-web", 201);
+    ana.actor.user = Some("ana".into());
+    ana.actor.project = Some("shop".into());
+    let mut ben = record(6, "t-ben", "user", "vms/lab-web", 201);
+    ben.actor.user = Some("ben".into());
+    ben.actor.project = Some("lab".into());
+    for r in [&ana, &ben] {
+        s.append_audit(r).await.unwrap();
+    }
+    let mut f = filter();
+    f.user = Some("ana".into());
+    let got = s.list_audit(&f).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].request_id, "req-5");
+    let mut f = filter();
+    f.project = Some("lab".into());
+    let got = s.list_audit(&f).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].actor.user.as_deref(), Some("ben"));
+    f.user = Some("ana".into());
+    assert!(s.list_audit(&f).await.unwrap().is_empty());
     // A time window: since is inclusive, until exclusive.
     let mut f = filter();
     f.since = Some(recs[1].at);

@@ -108,6 +108,10 @@ pub struct AuditFilter {
     pub actor: Option<String>,
     /// This resource (`vms/web`) and everything under it (`vms/web/migrate`).
     pub resource: Option<String>,
+    /// Calls made with a token of this user.
+    pub user: Option<String>,
+    /// Calls made with a token scoped to this project.
+    pub project: Option<String>,
     /// Records after this sequence number (cursor pagination).
     pub after_seq: Option<u64>,
     pub limit: usize,

@@ -250,6 +250,16 @@ fn two_projects_see_only_their_own_resources_through_the_same_cli_and_api() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("not found"), "{err}");
+        // The audit log of its own project's calls: its user's, no other.
+        let log = cli_json(c, token, &["audit", "list"]);
+        let users: std::collections::BTreeSet<&str> = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["actor"]["user"].as_str().unwrap_or("-"))
+            .collect();
+        let mine = if me == "a" { "alice" } else { "bob" };
+        assert_eq!(users, [mine].into(), "{log}");
         // Its own VM's residency trail, not the other's.
         let h = cli_json(c, token, &["vm", "history", &format!("vm-{me}")]);
         assert_eq!(h["vm"], format!("vm-{me}"), "{h}");
@@ -297,6 +307,22 @@ fn two_projects_see_only_their_own_resources_through_the_same_cli_and_api() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The admin reads one project's calls with --project, one user's with
+    // --user.
+    let out = cli_as(c, &c.token, Some("b"), &["audit", "list", "-o", "json"]);
+    assert!(out.status.success());
+    let log: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = log.as_array().unwrap();
+    assert!(
+        !items.is_empty() && items.iter().all(|r| r["actor"]["project"] == "b"),
+        "{log}"
+    );
+    let log = cli_json(c, &c.token, &["audit", "list", "--user", "alice"]);
+    let items = log.as_array().unwrap();
+    assert!(
+        !items.is_empty() && items.iter().all(|r| r["actor"]["user"] == "alice"),
+        "{log}"
+    );
     // The admin sees every VM, and one project's with --project.
     let all = names(&cli_json(c, &c.token, &["vm", "list"]));
     assert_eq!(all, ["vm-a", "vm-admin", "vm-b"]);

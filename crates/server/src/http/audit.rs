@@ -200,6 +200,8 @@ pub struct AuditQuery {
     pub actor: Option<String>,
     /// A resource as recorded (`vms/web`): it and everything under it.
     pub resource: Option<String>,
+    /// Calls made with a token of this user.
+    pub user: Option<String>,
     /// Page size, at most 1000 (default 100; with `format=jsonl`, the
     /// export's size, default all).
     pub limit: Option<usize>,
@@ -218,7 +220,7 @@ pub struct AuditQuery {
         (status = 400, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Response> {
@@ -227,6 +229,10 @@ pub async fn list(
         until: q.until.as_deref(),
         actor: q.actor.as_deref(),
         resource: q.resource.as_deref(),
+        user: q.user.as_deref(),
+        // A project's token reads the calls made with its project's
+        // tokens; a platform admin all, or one project's (`--project`).
+        project: c.list_project(),
         limit: q.limit,
         cursor: q.cursor.as_deref(),
     };

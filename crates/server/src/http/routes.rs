@@ -173,7 +173,7 @@ pub fn routes() -> Vec<Route> {
             Admin,
             tokens::rotate_admin_token,
         ),
-        get("/api/v1/audit", Admin, audit::list),
+        get("/api/v1/audit", Read, audit::list),
         get("/api/v1/vms/{key}/history", Read, audit::history),
         get("/api/v1/usage", Admin, audit::usage),
         get("/api/v1/whoami", VmRead, tenancy::whoami),

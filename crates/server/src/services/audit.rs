@@ -38,6 +38,8 @@ pub struct Query<'a> {
     pub until: Option<&'a str>,
     pub actor: Option<&'a str>,
     pub resource: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub project: Option<&'a str>,
     pub limit: Option<usize>,
     pub cursor: Option<&'a str>,
 }
@@ -79,6 +81,8 @@ pub fn filter(q: &Query<'_>, default_limit: usize) -> ApiResult<AuditFilter> {
         until,
         actor: q.actor.map(str::to_string),
         resource: resource.filter(|r| !r.is_empty()),
+        user: q.user.map(str::to_string),
+        project: q.project.map(str::to_string),
         after_seq,
         limit,
     })

@@ -54,6 +54,14 @@ fn audit_where(f: &AuditFilter) -> (String, Vec<String>) {
         let p = arg(a.clone());
         sql += &format!(" AND (actor = {p} OR kind = {p})");
     }
+    // The user and the project are inside the record's body (no column
+    // of their own: these queries are rare, and come with a time range).
+    for (k, v) in [("user", &f.user), ("project", &f.project)] {
+        if let Some(v) = v {
+            let p = arg(v.clone());
+            sql += &format!(" AND (body::jsonb #>> '{{actor,{k}}}') = {p}");
+        }
+    }
     if let Some(r) = &f.resource {
         let (p, lo, hi) = (arg(r.clone()), arg(format!("{r}/")), arg(format!("{r}0")));
         sql += &format!(" AND (resource = {p} OR (resource >= {lo} AND resource < {hi}))");

@@ -50,6 +50,14 @@ fn audit_where(f: &AuditFilter) -> (String, Vec<String>) {
         let p = arg(a.clone());
         sql += &format!(" AND (actor = {p} OR kind = {p})");
     }
+    // The user and the project are inside the record's body (no column
+    // of their own: these queries are rare, and come with a time range).
+    for (k, v) in [("user", &f.user), ("project", &f.project)] {
+        if let Some(v) = v {
+            let p = arg(v.clone());
+            sql += &format!(" AND json_extract(body, '$.actor.{k}') = {p}");
+        }
+    }
     if let Some(r) = &f.resource {
         // The resource and what is under it: "vms/web/..." sorts between
         // "vms/web/" and "vms/web0" ('0' follows '/').
