@@ -164,8 +164,8 @@ pub struct UsageAmounts {
 pub struct VmUsage {
     pub vm_id: String,
     pub vm: String,
-    /// The key rows are totalled by (today: the VM's id; with projects,
-    /// its project).
+    /// The key rows are totalled by: the VM's project (`-` for a VM
+    /// deleted before the report was asked for).
     pub group: String,
     #[serde(flatten)]
     pub amounts: UsageAmounts,

@@ -260,6 +260,12 @@ fn two_projects_see_only_their_own_resources_through_the_same_cli_and_api() {
             .collect();
         let mine = if me == "a" { "alice" } else { "bob" };
         assert_eq!(users, [mine].into(), "{log}");
+        // Showback of its own VMs only, totalled as its own.
+        let u = cli_json(c, token, &["usage"]);
+        let rows = u["vms"].as_array().unwrap();
+        assert!(!rows.is_empty(), "{u}");
+        assert!(rows.iter().all(|v| v["group"] == me), "{u}");
+        assert_eq!(u["total"], u["groups"][me], "{u}");
         // Its own VM's residency trail, not the other's.
         let h = cli_json(c, token, &["vm", "history", &format!("vm-{me}")]);
         assert_eq!(h["vm"], format!("vm-{me}"), "{h}");

@@ -33,7 +33,7 @@ use virt8ra_api::{AuditRecord, Page, UsageReport, VmHistory};
 
 use super::extract::{Query, JSON_BODY_LIMIT};
 use crate::error::{ApiError, ApiResult, Kind};
-use crate::http::auth::{ActorSlot, Admin, Reader};
+use crate::http::auth::{ActorSlot, Reader};
 use crate::registry::metrics::UNMATCHED_ROUTE;
 use crate::services::{audit, usage};
 use crate::state::Ctx;
@@ -287,11 +287,17 @@ pub struct UsageQuery {
     responses((status = 200, body = UsageReport), (status = 400, body = virt8ra_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn usage(
-    _: Admin,
+    Reader(c): Reader,
     State(app): State<Ctx>,
     Query(q): Query<UsageQuery>,
 ) -> ApiResult<Json<UsageReport>> {
-    Ok(Json(usage::report(&app, q.month.as_deref()).await?))
+    let mut r = usage::report(&app, q.month.as_deref()).await?;
+    // A project's token, or the admin with `--project`: that project's
+    // rows, and its total.
+    if let Some(p) = c.list_project() {
+        usage::only_project(&mut r, p);
+    }
+    Ok(Json(r))
 }
 
 #[cfg(test)]

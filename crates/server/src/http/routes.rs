@@ -175,7 +175,7 @@ pub fn routes() -> Vec<Route> {
         ),
         get("/api/v1/audit", Read, audit::list),
         get("/api/v1/vms/{key}/history", Read, audit::history),
-        get("/api/v1/usage", Admin, audit::usage),
+        get("/api/v1/usage", Read, audit::usage),
         get("/api/v1/whoami", VmRead, tenancy::whoami),
         get("/api/v1/orgs", Admin, tenancy::list_orgs),
         post("/api/v1/orgs", Admin, tenancy::create_org),

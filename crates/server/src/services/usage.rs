@@ -112,6 +112,14 @@ pub async fn report(app: &Ctx, month: Option<&str>) -> ApiResult<UsageReport> {
     ))
 }
 
+/// Cuts a report to one project's VMs: its rows, its group, and its
+/// total as the report's.
+pub fn only_project(r: &mut UsageReport, project: &str) {
+    r.vms.retain(|v| v.group == project);
+    r.groups.retain(|g, _| g == project);
+    r.total = r.groups.get(project).cloned().unwrap_or_default();
+}
+
 /// Adds `b` into `a`.
 fn add(a: &mut UsageAmounts, b: &UsageAmounts) {
     a.vcpu_hours += b.vcpu_hours;
@@ -365,6 +373,15 @@ mod tests {
         // The default PUE: 10.2 W * 2 h * 1.6.
         assert!(close(r.vms[1].amounts.energy_kwh, 0.03264));
         assert_eq!(r.groups.len(), 2);
+        // Cut to one group (a project's view): its rows and its total.
+        let mut one = r.clone();
+        only_project(&mut one, "id-b");
+        assert_eq!(one.vms.len(), 1);
+        assert_eq!(one.vms[0].vm, "b");
+        assert_eq!(one.groups.keys().collect::<Vec<_>>(), ["id-b"]);
+        assert_eq!(one.total, r.groups["id-b"]);
+        only_project(&mut one, "nobody");
+        assert!(one.vms.is_empty() && one.total.vcpu_hours == 0.0);
     }
 
     #[test]
