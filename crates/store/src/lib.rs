@@ -20,6 +20,7 @@
 //! the encoding both backends share in `codec.rs`. Modules import
 //! from those files, never from here, so no import runs in a circle.
 
+mod audit_query;
 mod cached;
 mod codec;
 #[cfg(test)]

@@ -9,6 +9,7 @@ use virt8ra_api::{AuditRecord, ResidencyInterval, Vm, VmExport};
 
 use super::engine::SqliteStore;
 use super::rows::{db, from_json, to_json, ts};
+use crate::audit_query::{audit_where, Dialect};
 use crate::error::Result;
 use crate::records::AuditFilter;
 use crate::residency::{self, Why};
@@ -31,47 +32,15 @@ pub(super) async fn append_audit(store: &SqliteStore, r: &AuditRecord) -> Result
         .await
 }
 
-/// The WHERE clause of an audit query and its parameters, shared in shape
-/// with PostgreSQL's (`?N` here).
-fn audit_where(f: &AuditFilter) -> (String, Vec<String>) {
-    let mut sql = String::from(" WHERE 1=1");
-    let mut args: Vec<String> = Vec::new();
-    let mut arg = |v: String| {
-        args.push(v);
-        format!("?{}", args.len())
-    };
-    if let Some(t) = f.since {
-        sql += &format!(" AND at >= {}", arg(ts(&t)));
-    }
-    if let Some(t) = f.until {
-        sql += &format!(" AND at < {}", arg(ts(&t)));
-    }
-    if let Some(a) = &f.actor {
-        let p = arg(a.clone());
-        sql += &format!(" AND (actor = {p} OR kind = {p})");
-    }
-    // The user and the project are inside the record's body (no column
-    // of their own: these queries are rare, and come with a time range).
-    for (k, v) in [("user", &f.user), ("project", &f.project)] {
-        if let Some(v) = v {
-            let p = arg(v.clone());
-            sql += &format!(" AND json_extract(body, '$.actor.{k}') = {p}");
-        }
-    }
-    if let Some(r) = &f.resource {
-        // The resource and what is under it: "vms/web/..." sorts between
-        // "vms/web/" and "vms/web0" ('0' follows '/').
-        let (p, lo, hi) = (arg(r.clone()), arg(format!("{r}/")), arg(format!("{r}0")));
-        sql += &format!(" AND (resource = {p} OR (resource >= {lo} AND resource < {hi}))");
-    }
-    if let Some(s) = f.after_seq {
-        sql += &format!(" AND seq > {}", arg(s.to_string()));
-    }
-    (sql, args)
-}
+/// SQLite's spelling of an audit query (see [`crate::audit_query`]).
+const DIALECT: Dialect = Dialect {
+    param: |n| format!("?{n}"),
+    actor_field: |k| format!("json_extract(body, '$.actor.{k}')"),
+    as_seq: |p| p,
+};
 
 pub(super) async fn list_audit(store: &SqliteStore, f: &AuditFilter) -> Result<Vec<AuditRecord>> {
-    let (clause, args) = audit_where(f);
+    let (clause, args) = audit_where(f, &DIALECT);
     let sql = format!(
         "SELECT seq, body FROM audit_log{clause} ORDER BY seq LIMIT {}",
         f.limit
