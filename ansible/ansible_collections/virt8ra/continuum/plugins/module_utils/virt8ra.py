@@ -273,6 +273,23 @@ def fixed_message(kind, name, fixed, hint):
     return "%s %s: %s; %s" % (kind, name, "; ".join(parts), hint)
 
 
+def refuse_fixed(module, kind, name, changes, hint, recreate):
+    """Fails on changes the API cannot make in place, unless the task asks
+    for the resource to be recreated (then the caller deletes and creates)."""
+    if not recreate:
+        module.fail_json(msg=fixed_message(kind, name, changes, hint), changes=changes)
+
+
+def create_and_exit(module, result, key, want, make):
+    """The resource does not exist: `make()` creates it (not in check mode),
+    the result says so and the module ends."""
+    result["changed"] = True
+    if not module.check_mode:
+        result[key] = make()
+    diff_result(module, result, None, want)
+    module.exit_json(**result)
+
+
 def diff_result(module, result, before, after):
     """Adds Ansible's before/after diff when asked for (--diff)."""
     if module._diff:

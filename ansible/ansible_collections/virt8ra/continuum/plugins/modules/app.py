@@ -99,13 +99,14 @@ changes:
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.virt8ra.continuum.plugins.module_utils.virt8ra import (
     AUTH_ARGS,
-    Virt8raError,
+    create_and_exit,
     diff,
     diff_result,
-    fixed_message,
+    refuse_fixed,
     run_module,
     seg,
     user_labels,
+    Virt8raError,
     wait_for,
 )
 
@@ -205,20 +206,17 @@ def run(module, c):
             "replicas_per_location": p["replicas_per_location"], "params": params,
             "ssh_authorized_keys": p["ssh_authorized_keys"], "labels": p["labels"]}
     if live is None:
-        result["changed"] = True
-        if not module.check_mode:
-            result["app"] = create(module, c, appliance)
-        diff_result(module, result, None, want)
-        module.exit_json(**result)
+        create_and_exit(
+            module, result, "app", want, lambda: create(module, c, appliance)
+        )
     result["changes"] = diff(view(live), want)
     result["app"] = live
     if result["changes"]:
-        if not p["recreate"]:
-            module.fail_json(
-                msg=fixed_message("app", p["name"], result["changes"],
-                                  "delete the app first, declare it under a new name, or set recreate: true"),
-                changes=result["changes"],
-            )
+        refuse_fixed(
+            module, "app", p["name"], result["changes"],
+            "delete the app first, declare it under a new name, or set recreate: true",
+            p["recreate"],
+        )
         result["changed"] = True
         if not module.check_mode:
             delete(module, c, live)

@@ -97,9 +97,10 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.virt8ra.continuum.plugins.module_utils.virt8ra import (
     AUTH_ARGS,
+    create_and_exit,
     diff,
     diff_result,
-    fixed_message,
+    refuse_fixed,
     run_module,
     seg,
     sha256_file,
@@ -148,24 +149,17 @@ def run(module, c):
             module.fail_json(msg="image %s: %s has sha256 %s, not %s" % (p["name"], p["src"], have, p["sha256"]))
         want["sha256"] = have
     if live is None:
-        result["changed"] = True
-        if not module.check_mode:
-            result["image"] = create(module, c)
-        diff_result(module, result, None, want)
-        module.exit_json(**result)
+        create_and_exit(module, result, "image", want, lambda: create(module, c))
     # Without a declared sum, a URL's content is not known here.
     cmp = dict(want) if want["sha256"] else {"arch": want["arch"]}
     result["changes"] = diff(dict((k, view(live)[k]) for k in cmp), cmp)
     result["image"] = live
     if result["changes"]:
-        if not p["recreate"]:
-            module.fail_json(
-                msg=fixed_message(
-                    "image", p["name"], result["changes"],
-                    "delete the image first, declare it under a new name, or set recreate: true",
-                ),
-                changes=result["changes"],
-            )
+        refuse_fixed(
+            module, "image", p["name"], result["changes"],
+            "delete the image first, declare it under a new name, or set recreate: true",
+            p["recreate"],
+        )
         result["changed"] = True
         if not module.check_mode:
             c.delete("/images/" + seg(live["id"]))

@@ -102,10 +102,11 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.converters import to_text
 from ansible_collections.virt8ra.continuum.plugins.module_utils.virt8ra import (
     AUTH_ARGS,
+    create_and_exit,
     diff,
     diff_result,
-    fixed_message,
     prune,
+    refuse_fixed,
     run_module,
     seg,
 )
@@ -160,22 +161,15 @@ def run(module, c):
         module.exit_json(**result)
     want = declared(p)
     if live is None:
-        result["changed"] = True
-        if not module.check_mode:
-            result["network"] = create(module, c)
-        diff_result(module, result, None, want)
-        module.exit_json(**result)
+        create_and_exit(module, result, "network", want, lambda: create(module, c))
     result["changes"] = diff(view(live), want)
     result["network"] = live
     if result["changes"]:
-        if not p["recreate"]:
-            module.fail_json(
-                msg=fixed_message(
-                    "network", p["name"], result["changes"],
-                    "networks are immutable: delete it first, declare it under a new name, or set recreate: true",
-                ),
-                changes=result["changes"],
-            )
+        refuse_fixed(
+            module, "network", p["name"], result["changes"],
+            "networks are immutable: delete it first, declare it under a new name, or set recreate: true",
+            p["recreate"],
+        )
         result["changed"] = True
         if not module.check_mode:
             c.delete("/networks/" + seg(live["id"]))

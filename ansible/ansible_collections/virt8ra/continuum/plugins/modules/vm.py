@@ -156,14 +156,15 @@ changes:
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.virt8ra.continuum.plugins.module_utils.virt8ra import (
     AUTH_ARGS,
-    Virt8raError,
+    create_and_exit,
     diff,
     diff_result,
-    fixed_message,
     prune,
+    refuse_fixed,
     run_module,
     seg,
     user_labels,
+    Virt8raError,
     wait_for,
 )
 
@@ -285,22 +286,15 @@ def run(module, c):
         module.fail_json(msg="vm %s is being deleted; run again once it is gone" % p["name"])
     want = declared(c, p)
     if live is None:
-        result["changed"] = True
-        if not module.check_mode:
-            result["vm"] = create(module, c)
-        diff_result(module, result, None, want)
-        module.exit_json(**result)
+        create_and_exit(module, result, "vm", want, lambda: create(module, c))
     result["changes"] = diff(view(live), want)
     result["vm"] = live
     if result["changes"]:
-        if not p["recreate"]:
-            module.fail_json(
-                msg=fixed_message(
-                    "vm", p["name"], result["changes"],
-                    "delete the VM first, declare it under a new name, or set recreate: true (its disk is lost)",
-                ),
-                changes=result["changes"],
-            )
+        refuse_fixed(
+            module, "vm", p["name"], result["changes"],
+            "delete the VM first, declare it under a new name, or set recreate: true (its disk is lost)",
+            p["recreate"],
+        )
         result["changed"] = True
         if not module.check_mode:
             delete(module, c, live)
